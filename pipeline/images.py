@@ -1,0 +1,169 @@
+"""Find image files and decode them safely into uint8 RGB arrays of the model's input size.
+
+Every failure becomes an ImageError whose message is a one-line reason; nothing here ever
+takes a batch down. Decoding reads the file once, hashes those bytes (for duplicate
+detection and catalogs) and decodes from memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import signal
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError, PipelineError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+DEFAULT_MAX_PIXELS = 150_000_000  # larger images are refused as possible decompression bombs
+DEFAULT_DECODE_TIMEOUT = 30.0  # seconds
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def find_images(roots: Iterable[Path | str]) -> list[Path]:
+    """Absolute paths of image files under each root (recursive, sorted, extensions case-insensitive).
+
+    A root may also be a single image file. Symlinked files are listed (a broken one fails at
+    decode time with its reason); symlinked folders are not followed, so cycles cannot occur.
+    """
+    found: set[Path] = set()
+    for root in roots:
+        root = Path(root)
+        if root.is_file():
+            found.add(root.absolute())
+            continue
+        if not root.is_dir():
+            raise PipelineError(f"folder not found: {root}")
+        for dirpath, dirnames, filenames in os.walk(root, onerror=None):
+            dirnames.sort()
+            base = Path(dirpath).absolute()
+            found.update(base / f for f in filenames if is_image_name(f))
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One decoded image: pixels at the model's input size, and the facts of its file."""
+
+    pixels: np.ndarray  # uint8 [size, size, 3], RGB
+    content_hash: str  # blake2b-128 of the file bytes
+    size: int  # bytes
+    mtime: float
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _on_alarm(signum, frame):  # pragma: no cover - runs inside the signal
+    raise _Timeout()
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: alpha composited over white, 16-bit scaled, CMYK/palette converted."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if im.mode != "F" and arr.max(initial=0) > 255:  # 16-bit data: keep the full range
+            arr = arr / 257.0
+        im = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, rgba)
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def decode_bytes(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """uint8 RGB [size, size, 3] from encoded image bytes; raises ImageError with a reason."""
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height > max_pixels:
+                    raise ImageError(
+                        f"image too large: {im.width}x{im.height} pixels exceeds the limit of {max_pixels} "
+                        "(possible decompression bomb)"
+                    )
+                if im.format == "JPEG":
+                    im.draft(im.mode, (size, size))  # decode at 1/2, 1/4, 1/8 scale when still >= size
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                im = to_rgb(im)
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+                return np.asarray(im, dtype=np.uint8)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image (Pillow cannot identify the format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image too large (possible decompression bomb): {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "truncated" in msg:
+            raise ImageError(f"truncated image ({msg})") from None
+        raise ImageError(f"corrupt image ({msg})") from None
+    except MemoryError:
+        raise ImageError("out of memory while decoding") from None
+
+
+def read_file(path: Path) -> tuple[bytes, os.stat_result]:
+    """The bytes and stat of a file, with one-line reasons for the usual failures."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            return f.read(), st
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ImageError("broken symbolic link") from None
+        raise ImageError("file not found (deleted during the run?)") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except IsADirectoryError:
+        raise ImageError("is a directory") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read file ({exc.strerror or exc})") from None
+
+
+def load_image(
+    path: Path | str,
+    size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    timeout: float | None = None,
+) -> Decoded:
+    """Read, hash and decode one image file. `timeout` (seconds) uses SIGALRM: main thread only."""
+    path = Path(path)
+    data, st = read_file(path)
+    content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
+    if timeout:
+        previous = signal.signal(signal.SIGALRM, _on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        pixels = decode_bytes(data, size, max_pixels)
+    except _Timeout:
+        raise ImageError(f"decoding took longer than {timeout:g} s; skipped") from None
+    finally:
+        if timeout:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    return Decoded(pixels, content_hash, st.st_size, st.st_mtime)
+
+
+def iter_chunks(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]

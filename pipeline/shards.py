@@ -1,0 +1,167 @@
+"""The HDF5 shard format: one file per shard of images, written atomically, read or streamed.
+
+Schema (version 1), file `shard-NNNNN.h5`:
+  features  float32 [n, dim]   L2-normalised features, row i belongs to paths[i]
+  paths     utf-8 str [n]      absolute image paths
+  hashes    str [n]            blake2b-128 of each file's bytes
+  sizes     int64 [n]          file size in bytes
+  mtimes    float64 [n]        file modification time (seconds since the epoch)
+  errors/paths, errors/reasons utf-8 str [m]  files of this shard that could not be used
+  attrs: schema_version, model_name, model_sha256, recipe (JSON of ModelInfo), dim, count,
+         error_count, created (ISO 8601 UTC), pipeline_version
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from . import __version__
+from .errors import ModelMismatchError, PipelineError
+from .fsutil import publish, temp_path
+from .model import ModelInfo
+
+SCHEMA_VERSION = 1
+SHARD_RE = re.compile(r"^shard-(\d{5,})\.h5$")
+_STR = h5py.string_dtype("utf-8")
+
+
+@dataclass
+class ShardData:
+    """The rows of one shard, in memory."""
+
+    features: np.ndarray
+    paths: list[str]
+    hashes: list[str]
+    sizes: np.ndarray
+    mtimes: np.ndarray
+    error_paths: list[str]
+    error_reasons: list[str]
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path
+    count: int
+    error_count: int
+    model_name: str
+    model_sha256: str
+    dim: int
+    created: str
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:05d}.h5"
+
+
+def list_shards(features_dir: Path) -> list[Path]:
+    """Completed shards of a features folder, in order (temporary files are ignored)."""
+    if not features_dir.is_dir():
+        return []
+    return sorted(p for p in features_dir.iterdir() if SHARD_RE.match(p.name))
+
+
+def next_shard_number(features_dir: Path) -> int:
+    numbers = [int(SHARD_RE.match(p.name).group(1)) for p in list_shards(features_dir)]
+    return max(numbers, default=-1) + 1
+
+
+def write_shard(path: Path, data: ShardData, model: ModelInfo) -> None:
+    """Write a shard to a temporary name, fsync, then rename: a reader never sees half a shard."""
+    n = len(data.paths)
+    assert data.features.shape == (n, model.dim), f"features {data.features.shape} != ({n}, {model.dim})"
+    tmp = temp_path(path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=data.features.astype(np.float32, copy=False))
+            f.create_dataset("paths", data=np.array(data.paths, dtype=object), dtype=_STR)
+            f.create_dataset("hashes", data=np.array(data.hashes, dtype=object), dtype=_STR)
+            f.create_dataset("sizes", data=np.asarray(data.sizes, dtype=np.int64))
+            f.create_dataset("mtimes", data=np.asarray(data.mtimes, dtype=np.float64))
+            errors = f.create_group("errors")
+            errors.create_dataset("paths", data=np.array(data.error_paths, dtype=object), dtype=_STR)
+            errors.create_dataset("reasons", data=np.array(data.error_reasons, dtype=object), dtype=_STR)
+            f.attrs.update(
+                schema_version=SCHEMA_VERSION,
+                model_name=model.name,
+                model_sha256=model.weights_sha256,
+                recipe=json.dumps(asdict(model)),
+                dim=model.dim,
+                count=n,
+                error_count=len(data.error_paths),
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                pipeline_version=__version__,
+            )
+        publish(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _open(path: Path) -> h5py.File:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise PipelineError(f"cannot read shard {path}: {exc}") from None
+    version = int(f.attrs.get("schema_version", -1))
+    if version != SCHEMA_VERSION:
+        f.close()
+        raise PipelineError(f"shard {path} has schema version {version}; this pipeline reads {SCHEMA_VERSION}")
+    return f
+
+
+def _strings(ds: h5py.Dataset) -> list[str]:
+    return [s for s in ds.asstr()[()]] if len(ds) else []
+
+
+def shard_info(path: Path) -> ShardInfo:
+    with _open(path) as f:
+        a = f.attrs
+        return ShardInfo(path, int(a["count"]), int(a["error_count"]), str(a["model_name"]),
+                         str(a["model_sha256"]), int(a["dim"]), str(a["created"]))
+
+
+def read_shard(path: Path, features: bool = True) -> ShardData:
+    """All rows of a shard; `features=False` skips the feature matrix (for bookkeeping)."""
+    with _open(path) as f:
+        return ShardData(
+            features=f["features"][()] if features else np.zeros((0, int(f.attrs["dim"])), np.float32),
+            paths=_strings(f["paths"]),
+            hashes=_strings(f["hashes"]),
+            sizes=f["sizes"][()],
+            mtimes=f["mtimes"][()],
+            error_paths=_strings(f["errors/paths"]),
+            error_reasons=_strings(f["errors/reasons"]),
+        )
+
+
+def read_rows(path: Path, rows: np.ndarray) -> np.ndarray:
+    """Feature rows (sorted, unique indices) of one shard, without reading the rest."""
+    with _open(path) as f:
+        return f["features"][np.asarray(rows, dtype=np.int64)] if len(rows) else np.zeros((0, int(f.attrs["dim"])), np.float32)
+
+
+def check_model(infos: list[ShardInfo], model_sha256: str | None = None) -> None:
+    """All shards must come from one model (and from `model_sha256` when given)."""
+    expected = model_sha256 or (infos[0].model_sha256 if infos else None)
+    for info in infos:
+        if info.model_sha256 != expected:
+            raise ModelMismatchError(
+                f"shard {info.path.name} was made by model {info.model_name} (weights sha256 "
+                f"{info.model_sha256[:12]}), expected weights sha256 {expected[:12]}; "
+                "use a separate features folder per model"
+            )
+
+
+def iter_features(paths: list[Path]) -> Iterator[tuple[ShardInfo, np.ndarray, list[str]]]:
+    """Stream (info, features, paths) shard by shard: only one shard is in memory at a time."""
+    for path in paths:
+        data = read_shard(path)
+        yield shard_info(path), data.features, data.paths
