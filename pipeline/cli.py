@@ -97,7 +97,7 @@ def extract(
     threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: one per core).")] = 0,
     device: Annotated[str, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu).")] = "cpu",
     timeout: Annotated[float, typer.Option(help="Seconds allowed to decode one image.")] = 30.0,
-    strict: Annotated[bool, typer.Option(help=f"Exit {EXIT_STRICT_FAILURES} if any image failed.")] = False,
+    strict: Annotated[bool, typer.Option(help=f"Exit {EXIT_STRICT_FAILURES} if any image of the folder failed (this run or earlier).")] = False,
     progress: ProgressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -118,7 +118,7 @@ def extract(
     else:
         for line in summary_lines(report):
             typer.echo(line, err=True)
-    if strict and report.failed:
+    if strict and report.failed_total:
         raise typer.Exit(EXIT_STRICT_FAILURES)
 
 

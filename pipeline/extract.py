@@ -42,6 +42,7 @@ class ExtractReport:
     extracted: int = 0
     failed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
+    failed_total: int = 0  # every file of the folder that could not be used, this run or earlier
     shards_written: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -52,7 +53,7 @@ class ExtractReport:
     def to_dict(self) -> dict:
         return {
             "features_dir": self.features_dir, "found": self.found, "already_done": self.already_done,
-            "extracted": self.extracted, "failed": self.failed, "shards_written": self.shards_written,
+            "extracted": self.extracted, "failed": self.failed, "failed_total": self.failed_total, "shards_written": self.shards_written,
             "seconds": round(self.seconds, 3), "images_per_second": round(self.images_per_second, 2),
             "failures": [{"path": p, "reason": r} for p, r in self.failures],
         }
@@ -178,7 +179,7 @@ def extract(
             _run(todo, out, model_path, info, report, workers=workers, batch_size=batch_size,
                  shard_size=shard_size, threads=threads, device=device,
                  settings=DecodeSettings(info.input_size, max_pixels, timeout), progress=progress)
-        write_errors_file(out)
+        report.failed_total = write_errors_file(out)
     report.seconds = time.monotonic() - start
     return report
 
@@ -227,8 +228,10 @@ def summary_lines(report: ExtractReport, max_failures: int = 50) -> list[str]:
         f"{report.failed} failed, {len(report.shards_written)} shards written to {report.features_dir} "
         f"in {report.seconds:.1f} s ({report.images_per_second:.1f} img/s)"
     ]
+    if report.failed_total:
+        lines.append(f"{report.failed_total} files could not be used ({report.failed} in this run), "
+                     f"all listed in {Path(report.features_dir) / ERRORS_FILE}")
     if report.failures:
-        lines.append(f"{report.failed} files could not be used (all listed in {Path(report.features_dir) / ERRORS_FILE}):")
         lines += [f"  {p}: {r}" for p, r in report.failures[:max_failures]]
         if report.failed > max_failures:
             lines.append(f"  ... and {report.failed - max_failures} more")

@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import signal
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from .errors import ImageError, PipelineError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-DEFAULT_MAX_PIXELS = 150_000_000  # larger images are refused as possible decompression bombs
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's decompression-bomb threshold
 DEFAULT_DECODE_TIMEOUT = 30.0  # seconds
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
@@ -63,7 +64,7 @@ class Decoded:
     mtime: float
 
 
-class _Timeout(Exception):
+class _Timeout(BaseException):  # BaseException: no library "except Exception" swallows it
     pass
 
 
@@ -126,6 +127,8 @@ def read_file(path: Path) -> tuple[bytes, os.stat_result]:
     """The bytes and stat of a file, with one-line reasons for the usual failures."""
     try:
         st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError("not a regular file")
         with open(path, "rb") as f:
             return f.read(), st
     except FileNotFoundError:
@@ -148,22 +151,18 @@ def load_image(
 ) -> Decoded:
     """Read, hash and decode one image file. `timeout` (seconds) uses SIGALRM: main thread only."""
     path = Path(path)
-    data, st = read_file(path)
-    content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
     if timeout:
         previous = signal.signal(signal.SIGALRM, _on_alarm)
         signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
+        data, st = read_file(path)
+        content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
         pixels = decode_bytes(data, size, max_pixels)
     except _Timeout:
-        raise ImageError(f"decoding took longer than {timeout:g} s; skipped") from None
+        raise ImageError(f"reading and decoding took longer than {timeout:g} s; skipped") from None
     finally:
         if timeout:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
     return Decoded(pixels, content_hash, st.st_size, st.st_mtime)
 
-
-def iter_chunks(items: list, n: int) -> Iterator[list]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]

@@ -54,11 +54,16 @@ class Searcher:
             self.index = faiss.read_index(str(self.version_dir / INDEX_FILE))
         except (OSError, ValueError, RuntimeError) as exc:
             raise PipelineError(f"index at {self.version_dir} is missing or corrupt: {str(exc).strip().splitlines()[-1]}") from None
+        try:
+            # Opened now so that this version stays readable even if a later build prunes it.
+            self._db = sqlite3.connect(f"file:{self.version_dir / IDS_FILE}?mode=ro", uri=True, check_same_thread=False)
+            self._db.execute("SELECT 1 FROM images LIMIT 1").fetchall()
+        except sqlite3.Error as exc:
+            raise PipelineError(f"id table of {self.version_dir} is missing or corrupt: {exc}") from None
         self.nprobe = self.meta.get("nprobe")
         self._model_arg = model
         self._threads = threads
         self._model: FeatureModel | None = None
-        self._db: sqlite3.Connection | None = None
 
     @property
     def model(self) -> FeatureModel:
@@ -79,8 +84,6 @@ class Searcher:
         return int(self.index.ntotal)
 
     def _paths(self, ids: np.ndarray) -> dict[int, str]:
-        if self._db is None:
-            self._db = sqlite3.connect(f"file:{self.version_dir / IDS_FILE}?mode=ro", uri=True, check_same_thread=False)
         wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
         out: dict[int, str] = {}
         for start in range(0, len(wanted), 500):

@@ -1,0 +1,145 @@
+"""Small data made by the tests: tiny VGG-shaped weights and images with real structure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.model import VGG16_BLOCKS, ConvLayer, build_feature_graph, save_model
+
+TINY_WIDTHS = (8, 16, 32, 64, 64)  # output channels per block (VGG16: 64, 128, 256, 512, 512)
+TINY_SIZE = 32
+
+
+def tiny_layers(seed: int = 0, widths: tuple[int, ...] = TINY_WIDTHS) -> list[ConvLayer]:
+    """VGG16-shaped conv layers (13 convs in 5 blocks) with He-initialised random weights."""
+    rng = np.random.default_rng(seed)
+    layers, in_ch = [], 3
+    for b, (n, width) in enumerate(zip(VGG16_BLOCKS, widths)):
+        for c in range(n):
+            std = np.sqrt(2.0 / (in_ch * 9))
+            if b == 0 and c == 0:
+                std /= 128.0  # raw pixels minus the mean are in the +-128 range
+            kernel = rng.normal(0, std, (width, in_ch, 3, 3)).astype(np.float32)
+            bias = rng.normal(0, 0.01, width).astype(np.float32)
+            layers.append((f"block{b + 1}_conv{c + 1}", kernel, bias))
+            in_ch = width
+    return layers
+
+
+def write_tiny_model(path: Path, seed: int = 0, name: str = "tiny-vgg") -> Path:
+    model, _ = build_feature_graph(tiny_layers(seed), name=name, input_size=TINY_SIZE)
+    save_model(model, path)
+    return path
+
+
+def pattern(seed: int, size: tuple[int, int] = (96, 72)) -> np.ndarray:
+    """A smooth random picture around a random colour (uint8 RGB, H x W).
+
+    Distinct per seed and it survives crops and rescales, so even a random-weight tiny model
+    retrieves it (checked: 40 of 40 centre crops find their original with tiny_layers(0)).
+    """
+    rng = np.random.default_rng(seed)
+    colour = rng.integers(0, 256, 3)
+    coarse = np.clip(colour + rng.normal(0, 50, (4, 4, 3)), 0, 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC))
+
+
+def save_pattern(path: Path, seed: int, size: tuple[int, int] = (96, 72), **save_args) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pattern(seed, size)).save(path, **save_args)
+    return path
+
+
+def centre_crop(src: Path, dst: Path, frac: float = 0.8) -> Path:
+    with Image.open(src) as im:
+        w, h = im.size
+        dw, dh = round(w * (1 - frac) / 2), round(h * (1 - frac) / 2)
+        im.crop((dw, dh, w - dw, h - dh)).save(dst)
+    return dst
+
+
+def write_bad_corpus(root: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Every kind of awkward input. Returns (decodable name -> note, undecodable name -> reason word)."""
+    import os
+
+    from PIL import ImageDraw
+
+    root.mkdir(parents=True, exist_ok=True)
+    good: dict[str, str] = {}
+    bad: dict[str, str] = {}
+    base = Image.fromarray(pattern(100, (80, 60)))
+
+    (root / "zero.jpg").write_bytes(b"")
+    bad["zero.jpg"] = "empty"
+    base.save(root / "full.jpg", quality=90)
+    data = (root / "full.jpg").read_bytes()
+    (root / "full.jpg").unlink()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    bad["truncated.jpg"] = "truncated"
+    (root / "text.jpg").write_text("this is not an image\n")
+    bad["text.jpg"] = "not an image"
+
+    rgba = base.convert("RGBA")
+    rgba.putalpha(Image.new("L", base.size, 0))
+    rgba.save(root / "alpha.png")
+    good["alpha.png"] = "fully transparent: composited on white"
+    base.convert("P", palette=Image.Palette.ADAPTIVE).save(root / "palette.gif")
+    good["palette.gif"] = "palette"
+    frames = [Image.fromarray(pattern(s, (40, 30))).convert("P") for s in (101, 102)]
+    frames[0].save(root / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    good["animated.gif"] = "animated: first frame"
+    base.convert("CMYK").save(root / "cmyk.jpg")
+    good["cmyk.jpg"] = "CMYK"
+    Image.fromarray((np.linspace(0, 65535, 64 * 48).reshape(48, 64)).astype(np.uint16)).save(root / "gray16.png")
+    good["gray16.png"] = "16-bit"
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(root / "one_pixel.png")
+    good["one_pixel.png"] = "1x1"
+    Image.new("1", (9500, 9500)).save(root / "bomb.png")  # 90.25M pixels > Pillow's 89.5M limit
+    bad["bomb.png"] = "too large"
+    rotated = Image.new("RGB", (64, 32), (0, 0, 255))
+    ImageDraw.Draw(rotated).rectangle((0, 0, 31, 31), fill=(255, 0, 0))  # left half red, right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    rotated.save(root / "exif_rotated.jpg", exif=exif, quality=95)
+    good["exif_rotated.jpg"] = "EXIF orientation 6"
+    base.save(root / "猫 photo ü.jpg")
+    good["猫 photo ü.jpg"] = "unicode and spaces"
+    base.save(root / "UPPER.JPG")
+    good["UPPER.JPG"] = "upper-case extension"
+    os.symlink(root / "does-not-exist.jpg", root / "broken_link.jpg")
+    bad["broken_link.jpg"] = "broken symbolic link"
+    Image.fromarray(pattern(103)).save(root / "locked.png")
+    os.chmod(root / "locked.png", 0)
+    if os.geteuid() == 0:  # root reads anything: the file is then simply a good image
+        good["locked.png"] = "unreadable for others; root can read it"
+    else:
+        bad["locked.png"] = "permission denied"
+    (root / "notes.txt").write_text("ignored: not an image extension")
+    return good, bad
+
+
+def clustered_vectors(n: int, dim: int = 64, clusters: int = 20, seed: int = 0) -> np.ndarray:
+    """Seeded unit vectors around random centres: structured like real features, unlike uniform noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    x = centres[rng.integers(0, clusters, n)] + 0.5 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_synthetic_shards(features_dir: Path, vectors: np.ndarray, shard_size: int, model_sha: str = "f" * 64) -> list[str]:
+    """Real shard files holding `vectors`, with made-up paths /synthetic/NNNNNNN.jpg."""
+    from pipeline.model import ModelInfo
+    from pipeline.shards import ShardData, shard_name, write_shard
+
+    features_dir.mkdir(parents=True, exist_ok=True)
+    info = ModelInfo(name="synthetic", weights_sha256=model_sha, input_size=TINY_SIZE, dim=vectors.shape[1])
+    paths = [f"/synthetic/{i:07d}.jpg" for i in range(len(vectors))]
+    for s, start in enumerate(range(0, len(vectors), shard_size)):
+        rows = slice(start, start + shard_size)
+        n = len(paths[rows])
+        write_shard(features_dir / shard_name(s), ShardData(vectors[rows], paths[rows], ["0" * 32] * n,
+                    np.zeros(n, np.int64), np.zeros(n), [], []), info)
+    return paths

@@ -1,0 +1,83 @@
+"""Decoding: every mode to RGB, every failure to a one-line reason."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import save_pattern, write_bad_corpus
+from pipeline.errors import ImageError, PipelineError
+from pipeline.images import find_images, load_image
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    good, bad = write_bad_corpus(root)
+    return root, good, bad
+
+
+def test_find_images_recursive_case_insensitive(gallery, tmp_path):
+    found = find_images([gallery])
+    assert len(found) == 12
+    assert all(p.is_absolute() for p in found) and found == sorted(found)
+    assert {p.suffix for p in found} == {".jpg", ".PNG", ".jpeg", ".webp"}
+    assert find_images([found[0]]) == [found[0]]  # a single file is a root too
+    with pytest.raises(PipelineError, match="folder not found"):
+        find_images([tmp_path / "missing"])
+
+
+def test_every_good_file_decodes_to_rgb(corpus):
+    root, good, _ = corpus
+    for name in good:
+        d = load_image(root / name, 32)
+        assert d.pixels.shape == (32, 32, 3) and d.pixels.dtype == np.uint8, name
+        assert len(d.content_hash) == 32 and d.size == os.path.getsize(root / name)
+
+
+def test_every_bad_file_has_a_one_line_reason(corpus):
+    root, _, bad = corpus
+    for name, word in bad.items():
+        with pytest.raises(ImageError) as err:
+            load_image(root / name, 32)
+        assert word in str(err.value) and "\n" not in str(err.value), (name, str(err.value))
+
+
+def test_alpha_is_composited_on_white(corpus):
+    root, _, _ = corpus
+    assert (load_image(root / "alpha.png", 16).pixels == 255).all()
+
+
+def test_sixteen_bit_keeps_its_range(corpus):
+    px = load_image(corpus[0] / "gray16.png", 32).pixels
+    assert px.min() < 10 and px.max() > 245
+
+
+def test_exif_orientation_is_applied(corpus):
+    px = load_image(corpus[0] / "exif_rotated.jpg", 32).pixels.astype(int)
+    top, bottom = px[:12].mean(axis=(0, 1)), px[-12:].mean(axis=(0, 1))
+    assert top[0] > 200 and top[2] < 60  # the red half is on top after the rotation
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_large_jpeg_uses_draft_mode(tmp_path):
+    path = save_pattern(tmp_path / "big.jpg", 5, size=(2000, 1500), quality=90)
+    with Image.open(path) as im:
+        im.draft(im.mode, (64, 64))
+        assert im.size[0] < 2000  # Pillow can decode this file at reduced scale
+    assert load_image(path, 64).pixels.shape == (64, 64, 3)
+
+
+def test_lower_pixel_limit(tmp_path):
+    path = save_pattern(tmp_path / "p.png", 1)
+    with pytest.raises(ImageError, match="too large"):
+        load_image(path, 32, max_pixels=100)
+
+
+def test_fifo_is_not_read(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(ImageError, match="not a regular file"):
+        load_image(tmp_path / "pipe.jpg", 32, timeout=2)

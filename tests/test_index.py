@@ -1,0 +1,117 @@
+"""Index build: the right index by size, measured recall, custom factories, safe publishing."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import faiss
+import numpy as np
+import pytest
+
+from helpers import clustered_vectors, write_synthetic_shards
+from pipeline.errors import ModelMismatchError, PipelineError
+from pipeline.index import CURRENT_FILE, VERSIONS_DIR, build_index, current_version, plan_index
+from pipeline.search import Searcher
+
+
+def test_plan_by_size():
+    assert plan_index(500).factory == "Flat"
+    big = plan_index(1_000_000)
+    assert big.factory == "IVF4096,Flat" and 39 * 4096 <= big.train_size <= 256 * 4096
+    assert plan_index(50_000).factory == "IVF1024,Flat"  # 4*sqrt(50k) = 894 -> 1024, 50k/39 = 1282
+    assert plan_index(2000, flat_below=1000).nlist == 2000 // 39  # capped by the training rule
+    with pytest.raises(PipelineError, match="needs at least"):
+        plan_index(100, nlist=64)
+    with pytest.raises(PipelineError, match="no features"):
+        plan_index(0)
+
+
+def test_small_collection_is_exact(tmp_path):
+    vecs = clustered_vectors(300)
+    paths = write_synthetic_shards(tmp_path / "f", vecs, 128)
+    report = build_index(tmp_path / "f", tmp_path / "i", progress=False)
+    assert report.meta["factory"] == "Flat" and report.meta["recall_at_10"] == 1.0
+    assert "exact" in report.meta["reason"]
+    hits = Searcher(tmp_path / "i").search_vectors(vecs[:5], k=3)
+    assert [h[0].path for h in hits] == paths[:5]
+    assert hits[0][0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_ivf_path_tunes_nprobe_for_recall(tmp_path):
+    vecs = clustered_vectors(4000, clusters=50)
+    write_synthetic_shards(tmp_path / "f", vecs, 1000)
+    report = build_index(tmp_path / "f", tmp_path / "i", flat_below=1000, recall_queries=300, progress=False)
+    m = report.meta
+    assert m["factory"] == f"IVF{4000 // 39},Flat" and m["nlist"] == 4000 // 39
+    assert m["recall_at_10"] >= 0.95 and m["nprobe"] >= 1 and m["recall_queries"] == 300
+    sweep = m["nprobe_sweep"]
+    assert sweep[-1]["nprobe"] == m["nprobe"] and all(s["recall"] < 0.95 for s in sweep[:-1])
+    on_disk = json.loads((current_version(tmp_path / "i") / "meta.json").read_text())
+    assert on_disk["nprobe"] == m["nprobe"] and on_disk["count"] == 4000
+    assert [s["name"] for s in on_disk["shards"]] == [f"shard-0000{i}.h5" for i in range(4)]
+    searcher = Searcher(tmp_path / "i")
+    assert searcher.nprobe == m["nprobe"]
+    assert faiss.extract_index_ivf(searcher.index).metric_type == faiss.METRIC_INNER_PRODUCT
+
+
+def test_custom_factory(tmp_path):
+    vecs = clustered_vectors(2000)
+    paths = write_synthetic_shards(tmp_path / "f", vecs, 500)
+    report = build_index(tmp_path / "f", tmp_path / "i", factory="IVF16,SQ8", progress=False)
+    assert report.meta["factory"] == "IVF16,SQ8" and report.meta["nlist"] == 16
+    hits = Searcher(tmp_path / "i").search_vectors(vecs[:20], k=1)
+    assert np.mean([h[0].path == p for h, p in zip(hits, paths[:20])]) >= 0.8  # SQ8 is lossy
+    with pytest.raises(PipelineError, match="faiss cannot build factory"):
+        build_index(tmp_path / "f", tmp_path / "j", factory="NotAFactory", progress=False)
+
+
+def test_shards_of_two_models_are_refused(tmp_path):
+    write_synthetic_shards(tmp_path / "f", clustered_vectors(10), 10)
+    write_synthetic_shards(tmp_path / "g", clustered_vectors(10), 10, model_sha="a" * 64)
+    (tmp_path / "g" / "shard-00000.h5").rename(tmp_path / "f" / "shard-00001.h5")
+    with pytest.raises(ModelMismatchError, match="use a separate features folder per model"):
+        build_index(tmp_path / "f", tmp_path / "i", progress=False)
+
+
+def test_publishing_keeps_versions_and_old_readers(tmp_path):
+    vecs = clustered_vectors(200)
+    write_synthetic_shards(tmp_path / "f", vecs, 100)
+    build_index(tmp_path / "f", tmp_path / "i", progress=False)
+    first = Searcher(tmp_path / "i")
+    for _ in range(3):
+        build_index(tmp_path / "f", tmp_path / "i", keep=2, progress=False)
+    versions = sorted(p.name for p in (tmp_path / "i" / VERSIONS_DIR).iterdir())
+    assert len(versions) == 2
+    assert (tmp_path / "i" / CURRENT_FILE).read_text().strip() == versions[-1]
+    assert first.search_vectors(vecs[:1], k=1)[0][0].path == "/synthetic/0000000.jpg"  # still answers
+
+
+def test_readers_never_see_a_half_published_index(tmp_path):
+    vecs = clustered_vectors(500)
+    write_synthetic_shards(tmp_path / "f", vecs, 250)
+    build_index(tmp_path / "f", tmp_path / "i", progress=False)
+    stop = threading.Event()
+    errors: list[Exception] = []
+    opened = 0
+
+    def reader():
+        nonlocal opened
+        while not stop.is_set():
+            try:
+                s = Searcher(tmp_path / "i")
+                assert s.count == 500
+                assert s.search_vectors(vecs[:1], k=1)[0][0].path == "/synthetic/0000000.jpg"
+                opened += 1
+            except Exception as exc:  # noqa: BLE001 - any failure is the finding
+                errors.append(exc)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for _ in range(5):
+            build_index(tmp_path / "f", tmp_path / "i", keep=1, progress=False)
+    finally:
+        stop.set()
+        t.join()
+    assert not errors and opened > 0

@@ -1,0 +1,133 @@
+"""The feature graph computes the recipe: checked against an independent NumPy implementation."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper, numpy_helper
+
+from helpers import TINY_SIZE, tiny_layers, write_tiny_model
+from pipeline.errors import PipelineError
+from pipeline.model import (
+    VGG16_BLOCKS,
+    FeatureModel,
+    build_feature_graph,
+    layers_from_keras_h5,
+    layers_from_keras_onnx,
+    load_layers,
+    read_model_info,
+    weights_checksum,
+)
+
+
+def numpy_reference(images: np.ndarray, layers) -> np.ndarray:
+    """The recipe written out plainly: caffe preprocessing, VGG convs/pools, global max, L2."""
+    x = images.astype(np.float64)[..., ::-1] - np.array([103.939, 116.779, 123.68])  # RGB->BGR, minus mean
+    x = x.transpose(0, 3, 1, 2)  # NCHW
+    i = 0
+    for n in VGG16_BLOCKS:
+        for _ in range(n):
+            _, kernel, bias = layers[i]
+            i += 1
+            padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+            h, w = x.shape[2:]
+            out = np.zeros((x.shape[0], kernel.shape[0], h, w))
+            for dy in range(3):
+                for dx in range(3):
+                    out += np.einsum("nchw,oc->nohw", padded[:, :, dy:dy + h, dx:dx + w], kernel[:, :, dy, dx])
+            x = np.maximum(out + bias[None, :, None, None], 0)
+        h2, w2 = x.shape[2] // 2, x.shape[3] // 2
+        x = x[:, :, :h2 * 2, :w2 * 2].reshape(x.shape[0], x.shape[1], h2, 2, w2, 2).max(axis=(3, 5))
+    pooled = x.max(axis=(2, 3))
+    return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+
+
+@pytest.fixture(scope="module")
+def session(tiny_model):
+    return FeatureModel(tiny_model, threads=1)
+
+
+def test_graph_matches_numpy_reference(session):
+    images = np.random.default_rng(1).integers(0, 256, (3, TINY_SIZE, TINY_SIZE, 3), dtype=np.uint8)
+    got = session.embed(images)
+    want = numpy_reference(images, tiny_layers(0))
+    assert got.shape == (3, 64) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 4), st.sampled_from([32, 48, 64]), st.integers(0, 2**31 - 1))
+def test_any_batch_and_size_match_reference(session, n, size, seed):
+    images = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    np.testing.assert_allclose(session.embed(images), numpy_reference(images, tiny_layers(0)), rtol=1e-4, atol=1e-5)
+
+
+def test_metadata_records_recipe(tiny_model):
+    info = read_model_info(tiny_model)
+    assert info.name == "tiny-vgg"
+    assert info.weights_sha256 == weights_checksum(tiny_layers(0))
+    assert (info.input_size, info.dim) == (TINY_SIZE, 64)
+    assert "BGR" in info.preprocessing and "103.939" in info.preprocessing
+    assert "max" in info.pooling and "L2" in info.pooling
+    m = onnx.load(str(tiny_model))
+    assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_checksum_identifies_weights():
+    a, b = tiny_layers(0), tiny_layers(1)
+    assert weights_checksum(a) == weights_checksum(tiny_layers(0))
+    assert weights_checksum(a) != weights_checksum(b)
+
+
+def test_keras_h5_loader_transposes_hwio(tmp_path):
+    layers = tiny_layers(3)
+    path = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    with h5py.File(path, "w") as f:  # the Keras notop layout: group per layer, HWIO kernel
+        for name, kernel, bias in layers:
+            g = f.create_group(name).create_group(name)
+            g["kernel:0"] = kernel.transpose(2, 3, 1, 0)
+            g["bias:0"] = bias
+    loaded, origin = load_layers(path)
+    assert origin == str(path)
+    assert weights_checksum(loaded) == weights_checksum(layers)
+
+
+def test_tf2onnx_loader_reads_named_initializers(tmp_path):
+    layers = tiny_layers(4)
+    inits = []
+    for name, kernel, bias in layers:
+        inits.append(numpy_helper.from_array(kernel, f"functional_1/{name}_1/convolution/ReadVariableOp:0"))
+        inits.append(numpy_helper.from_array(bias, f"functional_1/{name}_1/Squeeze:0"))
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])], initializer=inits)
+    path = tmp_path / "keras.onnx"
+    onnx.save(helper.make_model(graph), path)
+    assert weights_checksum(layers_from_keras_onnx(path.read_bytes())) == weights_checksum(layers)
+
+
+def test_bad_weights_are_refused(tmp_path):
+    with pytest.raises(PipelineError, match="13 VGG16 conv layers"):
+        build_feature_graph(tiny_layers(0)[:-1])
+    with pytest.raises(PipelineError, match="not found"):
+        load_layers(tmp_path / "missing.h5")
+    (tmp_path / "w.txt").write_text("x")
+    with pytest.raises(PipelineError, match="unknown weights format"):
+        load_layers(tmp_path / "w.txt")
+
+
+def test_model_errors(tmp_path):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(PipelineError, match="could not be loaded"):
+        FeatureModel(garbage)
+    with pytest.raises(PipelineError, match="model file not found"):
+        FeatureModel(tmp_path / "nope.onnx")
+    with pytest.raises(PipelineError, match="no CUDA execution provider"):
+        FeatureModel(write_tiny_model(tmp_path / "t.onnx"), device="cuda")
