@@ -23,7 +23,8 @@ from .fsutil import atomic_write_text, exclusive_lock
 from .images import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, find_images
 from .model import FeatureModel, ModelInfo, read_model_info, resolve_model_path
 from .progress import Progress
-from .shards import ShardData, check_model, list_shards, next_shard_number, read_shard, shard_info, shard_name, write_shard
+from .shards import (ShardData, check_model, list_shards, next_shard_number, read_rows, read_shard, shard_info,
+                     shard_name, write_shard)
 
 LOG = logging.getLogger(__name__)
 ERRORS_FILE = "errors.jsonl"
@@ -39,7 +40,8 @@ class ExtractReport:
     features_dir: str
     found: int = 0
     already_done: int = 0
-    extracted: int = 0
+    extracted: int = 0  # images run through the model
+    duplicates: int = 0  # images whose identical content was already extracted: feature reused
     failed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
     failed_total: int = 0  # every file of the folder that could not be used, this run or earlier
@@ -53,7 +55,7 @@ class ExtractReport:
     def to_dict(self) -> dict:
         return {
             "features_dir": self.features_dir, "found": self.found, "already_done": self.already_done,
-            "extracted": self.extracted, "failed": self.failed, "failed_total": self.failed_total, "shards_written": self.shards_written,
+            "extracted": self.extracted, "duplicates": self.duplicates, "failed": self.failed, "failed_total": self.failed_total, "shards_written": self.shards_written,
             "seconds": round(self.seconds, 3), "images_per_second": round(self.images_per_second, 2),
             "failures": [{"path": p, "reason": r} for p, r in self.failures],
         }
@@ -77,14 +79,33 @@ class _ShardWriter:
         self.error_paths: list[str] = []
         self.error_reasons: list[str] = []
 
-    def add(self, paths: list[str], features: np.ndarray, decoded: list) -> None:
-        self.features.append(features)
-        self.paths += paths
-        self.hashes += [d.content_hash for d in decoded]
-        self.sizes += [d.size for d in decoded]
-        self.mtimes += [d.mtime for d in decoded]
-        if len(self.paths) >= self.shard_size:
-            self.flush()
+    def add(self, paths: list[str], features: np.ndarray, decoded: list) -> list[tuple[str, int]]:
+        """Queue rows (a shard never exceeds shard_size); returns (shard name, row) of each."""
+        where: list[tuple[str, int]] = []
+        start = 0
+        while start < len(paths):
+            take = min(self.shard_size - len(self.paths), len(paths) - start)
+            rows = slice(start, start + take)
+            where += [(shard_name(self.number), len(self.paths) + j) for j in range(take)]
+            self.features.append(features[rows])
+            self.paths += paths[rows]
+            self.hashes += [d.content_hash for d in decoded[rows]]
+            self.sizes += [d.size for d in decoded[rows]]
+            self.mtimes += [d.mtime for d in decoded[rows]]
+            start += take
+            if len(self.paths) >= self.shard_size:
+                self.flush()
+        return where
+
+    def row(self, name: str, row: int) -> np.ndarray:
+        """A feature row already given to this writer, pending or written."""
+        if name != shard_name(self.number):
+            return read_rows(self.out / name, np.array([row]))[0]
+        for block in self.features:
+            if row < len(block):
+                return block[row]
+            row -= len(block)
+        raise AssertionError(f"row {row} is not pending in {name}")
 
     def add_error(self, path: str, reason: str) -> None:
         self.error_paths.append(path)
@@ -117,16 +138,19 @@ def _validate(batch_size: int, shard_size: int, workers: int, threads: int, time
         raise PipelineError(f"--timeout must be positive (got {timeout})")
 
 
-def completed_paths(features_dir: Path, model_sha256: str) -> set[str]:
-    """Every path already recorded in a shard of this folder, as features or as a failure."""
+def scan_done(features_dir: Path, model_sha256: str) -> tuple[set[str], dict[str, tuple[str, int]]]:
+    """Paths already recorded in a shard (as features or failures), and content hash -> (shard, row)."""
     shards = list_shards(features_dir)
     check_model([shard_info(p) for p in shards], model_sha256)
     done: set[str] = set()
+    known: dict[str, tuple[str, int]] = {}
     for p in shards:
         data = read_shard(p, features=False)
         done.update(data.paths)
         done.update(data.error_paths)
-    return done
+        for row, h in enumerate(data.hashes):
+            known.setdefault(h, (p.name, row))
+    return done, known
 
 
 def write_errors_file(features_dir: Path) -> int:
@@ -171,12 +195,12 @@ def extract(
     start = time.monotonic()
     report = ExtractReport(features_dir=str(out), found=len(images))
     with exclusive_lock(out, "pipeline extract"):
-        done = completed_paths(out, info.weights_sha256)
+        done, known = scan_done(out, info.weights_sha256)
         todo = [str(p) for p in images if str(p) not in done]
         report.already_done = len(images) - len(todo)
         LOG.info("%d images found, %d already done, %d to extract", len(images), report.already_done, len(todo))
         if todo:
-            _run(todo, out, model_path, info, report, workers=workers, batch_size=batch_size,
+            _run(todo, known, out, model_path, info, report, workers=workers, batch_size=batch_size,
                  shard_size=shard_size, threads=threads, device=device,
                  settings=DecodeSettings(info.input_size, max_pixels, timeout), progress=progress)
         report.failed_total = write_errors_file(out)
@@ -184,38 +208,56 @@ def extract(
     return report
 
 
-def _run(todo: list[str], out: Path, model_path: Path, info: ModelInfo, report: ExtractReport, *,
-         workers: int, batch_size: int, shard_size: int, threads: int, device: str,
+def _run(todo: list[str], known: dict[str, tuple[str, int]], out: Path, model_path: Path, info: ModelInfo,
+         report: ExtractReport, *, workers: int, batch_size: int, shard_size: int, threads: int, device: str,
          settings: DecodeSettings, progress: bool | None) -> None:
+    """Decode `todo` in workers, run the model in batches, write shards; identical files run once."""
     fm = FeatureModel(model_path, threads=threads, device=device)
     writer = _ShardWriter(out, info, shard_size)
     size = info.input_size
     batch = np.empty((batch_size, size, size, 3), np.uint8)
-    batch_paths: list[str] = []
-    batch_decoded: list = []
+    batch_items: list[tuple[str, object]] = []  # (path, Decoded) of the rows of `batch`
+    waiting: dict[str, list[tuple[str, object]]] = {}  # hash -> copies of an image in the current batch
+
+    def add_copy(path: str, decoded, feature: np.ndarray) -> None:
+        writer.add([path], feature[None], [decoded])
+        report.duplicates += 1
+        bar.update(1)
 
     def run_batch() -> None:
-        n = len(batch_paths)
-        if n:
-            writer.add(list(batch_paths), fm.embed(batch[:n]), list(batch_decoded))
-            report.extracted += n
-            bar.update(n)
-            batch_paths.clear()
-            batch_decoded.clear()
+        n = len(batch_items)
+        if not n:
+            return
+        feats = fm.embed(batch[:n])
+        where = writer.add([p for p, _ in batch_items], feats, [d for _, d in batch_items])
+        report.extracted += n
+        bar.update(n)
+        for j, (_, d) in enumerate(batch_items):
+            known[d.content_hash] = where[j]
+            for path, copy in waiting.pop(d.content_hash, []):
+                add_copy(path, copy, feats[j])
+        batch_items.clear()
 
     with DecodePool(workers, settings) as pool, Progress(len(todo), "extract", enabled=progress) as bar:
         for i, decoded, error in pool.imap(todo):
+            path = todo[i]
             if error is not None:
-                writer.add_error(todo[i], error)
-                report.failures.append((todo[i], error))
+                writer.add_error(path, error)
+                report.failures.append((path, error))
                 report.failed += 1
                 bar.update(1, failed=1)
                 continue
-            batch[len(batch_paths)] = decoded.pixels
-            batch_paths.append(todo[i])
-            batch_decoded.append(decoded)
-            if len(batch_paths) == batch_size:
-                run_batch()
+            h = decoded.content_hash
+            if h in known:
+                add_copy(path, decoded, writer.row(*known[h]))
+            elif h in waiting:
+                waiting[h].append((path, decoded))
+            else:
+                waiting[h] = []
+                batch[len(batch_items)] = decoded.pixels
+                batch_items.append((path, decoded))
+                if len(batch_items) == batch_size:
+                    run_batch()
         run_batch()
     writer.flush()
     report.shards_written = writer.written
@@ -225,6 +267,7 @@ def summary_lines(report: ExtractReport, max_failures: int = 50) -> list[str]:
     """The end-of-run summary a person reads: counts, speed, and every failure with its reason."""
     lines = [
         f"{report.found} images found, {report.already_done} already done, {report.extracted} extracted, "
+        f"{report.duplicates} duplicates of extracted files, "
         f"{report.failed} failed, {len(report.shards_written)} shards written to {report.features_dir} "
         f"in {report.seconds:.1f} s ({report.images_per_second:.1f} img/s)"
     ]

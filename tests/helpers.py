@@ -143,3 +143,18 @@ def write_synthetic_shards(features_dir: Path, vectors: np.ndarray, shard_size: 
         write_shard(features_dir / shard_name(s), ShardData(vectors[rows], paths[rows], ["0" * 32] * n,
                     np.zeros(n, np.int64), np.zeros(n), [], []), info)
     return paths
+
+
+def misbehaving_decode(path: str, settings, use_alarm: bool):
+    """A decode function for DecodePool tests: files named *crash* kill the worker, *hang* never return."""
+    import os
+    import time
+
+    from pipeline.decode_pool import decode_one
+
+    name = Path(path).name
+    if "crash" in name:
+        os._exit(13)
+    if "hang" in name:
+        time.sleep(3600)
+    return decode_one(path, settings, use_alarm)
