@@ -64,8 +64,8 @@ class ExtractReport:
 class _ShardWriter:
     """Accumulates rows and failures; writes a shard each time `shard_size` images are ready."""
 
-    def __init__(self, out: Path, model: ModelInfo, shard_size: int) -> None:
-        self.out, self.model, self.shard_size = out, model, shard_size
+    def __init__(self, out: Path, model: ModelInfo, model_path: Path, shard_size: int) -> None:
+        self.out, self.model, self.model_path, self.shard_size = out, model, str(model_path), shard_size
         self.number = next_shard_number(out)
         self.written: list[str] = []
         self._reset()
@@ -118,7 +118,7 @@ class _ShardWriter:
         data = ShardData(features, self.paths, self.hashes, np.array(self.sizes, np.int64),
                          np.array(self.mtimes, np.float64), self.error_paths, self.error_reasons)
         path = self.out / shard_name(self.number)
-        write_shard(path, data, self.model)
+        write_shard(path, data, self.model, self.model_path)
         LOG.debug("wrote %s (%d images, %d failures)", path, len(self.paths), len(self.error_paths))
         self.written.append(path.name)
         self.number += 1
@@ -213,7 +213,7 @@ def _run(todo: list[str], known: dict[str, tuple[str, int]], out: Path, model_pa
          settings: DecodeSettings, progress: bool | None) -> None:
     """Decode `todo` in workers, run the model in batches, write shards; identical files run once."""
     fm = FeatureModel(model_path, threads=threads, device=device)
-    writer = _ShardWriter(out, info, shard_size)
+    writer = _ShardWriter(out, info, model_path, shard_size)
     size = info.input_size
     batch = np.empty((batch_size, size, size, 3), np.uint8)
     batch_items: list[tuple[str, object]] = []  # (path, Decoded) of the rows of `batch`

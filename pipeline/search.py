@@ -67,9 +67,12 @@ class Searcher:
 
     @property
     def model(self) -> FeatureModel:
-        """The feature model, loaded on first use and checked against the index."""
+        """The feature model (given, else the one recorded in the index, else the default), loaded on
+        first use and checked against the index."""
         if self._model is None:
-            fm = FeatureModel(self._model_arg, threads=self._threads)
+            recorded = self.meta["model"].get("path")
+            use = self._model_arg or (recorded if recorded and Path(recorded).is_file() else None)
+            fm = FeatureModel(use, threads=self._threads)
             want = self.meta["model"]
             if fm.info.weights_sha256 != want["weights_sha256"]:
                 raise ModelMismatchError(

@@ -7,7 +7,7 @@ Schema (version 1), file `shard-NNNNN.h5`:
   sizes     int64 [n]          file size in bytes
   mtimes    float64 [n]        file modification time (seconds since the epoch)
   errors/paths, errors/reasons utf-8 str [m]  files of this shard that could not be used
-  attrs: schema_version, model_name, model_sha256, recipe (JSON of ModelInfo), dim, count,
+  attrs: schema_version, model_name, model_sha256, model_path, recipe (JSON of ModelInfo), dim, count,
          error_count, created (ISO 8601 UTC), pipeline_version
 """
 
@@ -55,6 +55,7 @@ class ShardInfo:
     model_sha256: str
     dim: int
     created: str
+    model_path: str  # where the model file was when the shard was written (a hint for search)
 
 
 def shard_name(number: int) -> str:
@@ -73,7 +74,7 @@ def next_shard_number(features_dir: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def write_shard(path: Path, data: ShardData, model: ModelInfo) -> None:
+def write_shard(path: Path, data: ShardData, model: ModelInfo, model_path: str = "") -> None:
     """Write a shard to a temporary name, fsync, then rename: a reader never sees half a shard."""
     n = len(data.paths)
     assert data.features.shape == (n, model.dim), f"features {data.features.shape} != ({n}, {model.dim})"
@@ -92,6 +93,7 @@ def write_shard(path: Path, data: ShardData, model: ModelInfo) -> None:
                 schema_version=SCHEMA_VERSION,
                 model_name=model.name,
                 model_sha256=model.weights_sha256,
+                model_path=model_path,
                 recipe=json.dumps(asdict(model)),
                 dim=model.dim,
                 count=n,
@@ -125,7 +127,7 @@ def shard_info(path: Path) -> ShardInfo:
     with _open(path) as f:
         a = f.attrs
         return ShardInfo(path, int(a["count"]), int(a["error_count"]), str(a["model_name"]),
-                         str(a["model_sha256"]), int(a["dim"]), str(a["created"]))
+                         str(a["model_sha256"]), int(a["dim"]), str(a["created"]), str(a.get("model_path", "")))
 
 
 def read_shard(path: Path, features: bool = True) -> ShardData:

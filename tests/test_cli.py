@@ -97,3 +97,16 @@ def test_strict_exit_code(tmp_path, tiny_model):
     assert "broken.jpg: not an image" in run(*args).stderr
     rerun = run(*args, "--strict", code=3)  # nothing new to do, but the folder still holds a failure
     assert "1 files could not be used (0 in this run)" in rerun.stderr
+
+
+def test_search_uses_the_model_recorded_in_the_index(built, gallery):
+    query = sorted(gallery.rglob("*.jpg"))[0]
+    results = json.loads(run("search", query, "--index", built, "-k", "1", "--json").stdout)
+    assert results[0]["results"][0]["path"] == str(query)
+
+
+def test_every_command_has_help():
+    for cmd in (["--help"], ["extract", "--help"], ["build-index", "--help"], ["search", "--help"],
+                ["model", "--help"], ["model", "export", "--help"], ["model", "info", "--help"]):
+        out = run(*cmd).stdout
+        assert "Usage" in out and len(out.splitlines()) > 5, cmd
