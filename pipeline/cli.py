@@ -39,8 +39,22 @@ def main(
 ) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     fmt = "%(message)s" if sys.stderr.isatty() else "%(asctime)s %(levelname)s %(message)s"
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("faiss").setLevel(max(level, logging.WARNING))  # its loader chatters at INFO
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each record (test runners swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def _fail(exc: PipelineError) -> typer.Exit:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -48,7 +49,23 @@ class Searcher:
     """
 
     def __init__(self, index_dir: Path | str, model: Path | str | None = None, threads: int = 0) -> None:
-        self.version_dir = current_version(Path(index_dir))
+        for attempt in range(5):
+            try:
+                self.version_dir = current_version(Path(index_dir))
+                self._open()
+                break
+            except PipelineError:
+                # A newer build may have published and pruned this version between our reading
+                # CURRENT and opening it: resolve the pointer again, a few times.
+                if attempt == 4:
+                    raise
+                time.sleep(0.02)
+        self.nprobe = self.meta.get("nprobe")
+        self._model_arg = model
+        self._threads = threads
+        self._model: FeatureModel | None = None
+
+    def _open(self) -> None:
         try:
             self.meta = json.loads((self.version_dir / META_FILE).read_text())
             self.index = faiss.read_index(str(self.version_dir / INDEX_FILE))
@@ -60,10 +77,6 @@ class Searcher:
             self._db.execute("SELECT 1 FROM images LIMIT 1").fetchall()
         except sqlite3.Error as exc:
             raise PipelineError(f"id table of {self.version_dir} is missing or corrupt: {exc}") from None
-        self.nprobe = self.meta.get("nprobe")
-        self._model_arg = model
-        self._threads = threads
-        self._model: FeatureModel | None = None
 
     @property
     def model(self) -> FeatureModel:

@@ -109,7 +109,7 @@ def test_readers_never_see_a_half_published_index(tmp_path):
     t = threading.Thread(target=reader)
     t.start()
     try:
-        for _ in range(5):
+        for _ in range(10):
             build_index(tmp_path / "f", tmp_path / "i", keep=1, progress=False)
     finally:
         stop.set()
