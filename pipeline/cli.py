@@ -100,6 +100,31 @@ def model_info(model: ModelOpt = None) -> None:
         raise _fail(exc)
 
 
+@model_app.command("quantize")
+def model_quantize(
+    calibration: Annotated[list[Path], typer.Argument(help="Folders or images to calibrate on (a sample of your collection).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the int8 model.")] = Path("models/vgg16-int8.onnx"),
+    model: ModelOpt = None,
+    max_images: Annotated[int, typer.Option(help="Calibration images used (a seeded sample).")] = 64,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write an int8 copy of the model (static QDQ, per-channel weights): about 3x faster on CPU.
+
+    Use it with `pipeline extract --model models/vgg16-int8.onnx`; it is a different model
+    (own checksum), so its features go in their own features folder and index.
+    """
+    from .quantize import quantize_model
+
+    try:
+        info = quantize_model(calibration, out, model, max_images=max_images)
+    except PipelineError as exc:
+        raise _fail(exc)
+    if as_json:
+        _emit({"path": str(out), **vars(info)})
+    else:
+        typer.echo(f"wrote {out}: {info.short()}")
+
+
 @app.command()
 def extract(
     roots: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or image files.", show_default=False)],
