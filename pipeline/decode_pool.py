@@ -1,8 +1,10 @@
 """Decode images in worker processes, in parallel with inference, with bounded memory.
 
-Each worker talks to the parent over its own pipe (sends are synchronous, so a result sent
-before a crash is never lost); the parent keeps at most `prefetch` tasks outstanding per
-worker, so decoded images never pile up faster than the model eats them. A worker that dies
+Workers decode straight into slots of one shared-memory block (uint8, the model's input size)
+and tell the parent over their own pipe which slot holds which image; sends are small and
+synchronous, so a result sent before a crash is never lost. Each worker has at most
+`prefetch` tasks (and slots) outstanding, so memory stays flat whatever the collection size,
+and a slot is reused only after the consumer has taken its pixels. A worker that dies
 (a crashing decoder) or hangs (stuck in C code past the timeout) is replaced: the image it
 was on is reported as failed with the reason, the others it held are handed to the new worker.
 """
@@ -15,7 +17,10 @@ from multiprocessing.connection import Connection, wait
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from multiprocessing import shared_memory
+
+import numpy as np
 from typing import Callable, Iterator
 
 from .errors import ImageError
@@ -44,18 +49,27 @@ def decode_one(path: str, s: DecodeSettings, use_alarm: bool) -> tuple[Decoded |
         return None, f"unexpected error while decoding: {type(exc).__name__}: {exc}"
 
 
-def _worker(conn: Connection, settings: DecodeSettings, decode: DecodeFn) -> None:
+def _worker(conn: Connection, shm_name: str, n_slots: int, settings: DecodeSettings, decode: DecodeFn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C means
-    while True:
-        try:
-            task = conn.recv()
-        except EOFError:  # the parent is gone
-            return
-        if task is None:
-            return
-        index, path = task
-        decoded, error = decode(path, settings, True)
-        conn.send((index, decoded, error))
+    shm = shared_memory.SharedMemory(name=shm_name)  # the parent owns it and unlinks it
+    slots = np.ndarray((n_slots, settings.size, settings.size, 3), np.uint8, buffer=shm.buf)
+    try:
+        while True:
+            try:
+                task = conn.recv()
+            except EOFError:  # the parent is gone
+                return
+            if task is None:
+                return
+            index, path, slot = task
+            decoded, error = decode(path, settings, True)
+            if decoded is not None:
+                slots[slot] = decoded.pixels
+                decoded = replace(decoded, pixels=None)
+            conn.send((index, decoded, error))
+    finally:
+        del slots
+        shm.close()
 
 
 class DecodePool:
@@ -74,12 +88,19 @@ class DecodePool:
         self.ctx = mp.get_context("spawn")  # never fork a process that holds ONNX Runtime threads
         self.procs: list = [None] * workers
         self.conns: list[Connection | None] = [None] * workers
+        self.n_slots = workers * self.prefetch
+        self.shm = None
+        if workers:
+            size = settings.size
+            self.shm = shared_memory.SharedMemory(create=True, size=self.n_slots * size * size * 3)
+            self.slots = np.ndarray((self.n_slots, size, size, 3), np.uint8, buffer=self.shm.buf)
         for w in range(workers):
             self._start(w)
 
     def _start(self, w: int) -> None:
         parent, child = self.ctx.Pipe()
-        p = self.ctx.Process(target=_worker, args=(child, self.settings, self.decode), daemon=True)
+        p = self.ctx.Process(target=_worker, args=(child, self.shm.name, self.n_slots, self.settings, self.decode),
+                             daemon=True)
         p.start()
         child.close()
         self.procs[w], self.conns[w] = p, parent
@@ -103,6 +124,11 @@ class DecodePool:
     def close(self) -> None:
         for w in range(self.n):
             self._stop(w, kill=False)
+        if self.shm is not None:
+            del self.slots
+            self.shm.close()
+            self.shm.unlink()
+            self.shm = None
 
     def __enter__(self) -> "DecodePool":
         return self
@@ -111,59 +137,71 @@ class DecodePool:
         self.close()
 
     def imap(self, paths: list[str]) -> Iterator[tuple[int, Decoded | None, str | None]]:
-        """Yield (index into paths, decoded or None, error reason or None) for every path, once."""
+        """Yield (index into paths, decoded or None, error reason or None) for every path, once.
+
+        A yielded Decoded's pixels are valid until the next item is requested: copy them.
+        """
         if self.n == 0:
             for i, path in enumerate(paths):
                 yield (i, *self.decode(path, self.settings, False))
             return
         pending = deque(range(len(paths)))
-        outstanding: list[deque[int]] = [deque() for _ in range(self.n)]
+        free = deque(range(self.n_slots))
+        outstanding: list[deque[tuple[int, int]]] = [deque() for _ in range(self.n)]  # (index, slot)
         last_progress = [time.monotonic()] * self.n
 
         def feed(w: int) -> None:
             if not outstanding[w]:
                 last_progress[w] = time.monotonic()  # the hang clock starts with the first task
-            while pending and len(outstanding[w]) < self.prefetch:
-                i = pending.popleft()
-                outstanding[w].append(i)
-                self.conns[w].send((i, paths[i]))
+            while pending and free and len(outstanding[w]) < self.prefetch:
+                i, slot = pending.popleft(), free.popleft()
+                outstanding[w].append((i, slot))
+                self.conns[w].send((i, paths[i], slot))
 
-        def replace(w: int, why: str) -> int:
+        def replace_worker(w: int, why: str) -> int:
             """Fail the image worker w was on, restart it, hand its other images out again."""
-            failed = outstanding[w].popleft()
+            failed, slot = outstanding[w].popleft()
+            free.append(slot)
             LOG.warning("decoder worker %d replaced: %s (%s)", w, why, paths[failed])
             self._stop(w, kill=True)
-            pending.extendleft(reversed(outstanding[w]))
+            pending.extendleft(reversed([i for i, _ in outstanding[w]]))
+            free.extend(slot for _, slot in outstanding[w])
             outstanding[w].clear()
             self._start(w)
-            feed(w)
             return failed
 
         for w in range(self.n):
             feed(w)
         remaining = len(paths)
         while remaining:
-            ready = wait([c for c in self.conns], timeout=0.5)
+            ready = wait(list(self.conns), timeout=0.5)
             for w, conn in enumerate(self.conns):
                 if conn not in ready:
                     continue
+                slot = None
                 try:
                     i, decoded, error = conn.recv()
                 except (EOFError, OSError):  # died: every result it sent was read before this
                     self.procs[w].join(1)
                     code = self.procs[w].exitcode
-                    i = replace(w, f"decoder process died (exit code {code})")
+                    i = replace_worker(w, f"decoder process died (exit code {code})")
                     decoded, error = None, f"decoder crashed on this file (worker exit code {code})"
                 else:
-                    assert outstanding[w][0] == i, "a worker answers its tasks in order"
-                    outstanding[w].popleft()
+                    j, slot = outstanding[w].popleft()
+                    assert i == j, "a worker answers its tasks in order"
                     last_progress[w] = time.monotonic()
-                    feed(w)
+                    if decoded is not None:
+                        decoded = replace(decoded, pixels=self.slots[slot])
                 remaining -= 1
                 yield i, decoded, error
+                if slot is not None:
+                    free.append(slot)  # the consumer has copied the pixels by now
+                for v in range(self.n):
+                    feed(v)
             now = time.monotonic()
             for w in range(self.n):
                 if outstanding[w] and now - last_progress[w] > self.hard_timeout:
-                    i = replace(w, "decoder hung")
+                    i = replace_worker(w, "decoder hung")
                     remaining -= 1
                     yield i, None, f"decoding took longer than {self.hard_timeout:g} s; skipped"
+                    feed(w)

@@ -212,7 +212,12 @@ def _run(todo: list[str], known: dict[str, tuple[str, int]], out: Path, model_pa
          report: ExtractReport, *, workers: int, batch_size: int, shard_size: int, threads: int, device: str,
          settings: DecodeSettings, progress: bool | None) -> None:
     """Decode `todo` in workers, run the model in batches, write shards; identical files run once."""
-    fm = FeatureModel(model_path, threads=threads, device=device)
+    pool = DecodePool(workers, settings)  # workers start while the session loads
+    try:
+        fm = FeatureModel(model_path, threads=threads, device=device)
+    except BaseException:
+        pool.close()
+        raise
     writer = _ShardWriter(out, info, model_path, shard_size)
     size = info.input_size
     batch = np.empty((batch_size, size, size, 3), np.uint8)
@@ -238,7 +243,7 @@ def _run(todo: list[str], known: dict[str, tuple[str, int]], out: Path, model_pa
                 add_copy(path, copy, feats[j])
         batch_items.clear()
 
-    with DecodePool(workers, settings) as pool, Progress(len(todo), "extract", enabled=progress) as bar:
+    with pool, Progress(len(todo), "extract", enabled=progress) as bar:
         for i, decoded, error in pool.imap(todo):
             path = todo[i]
             if error is not None:

@@ -1,0 +1,201 @@
+"""Benchmark extraction: does `pipeline extract` run at the speed of its model, and what does int8 buy?
+
+Usage:
+  python scripts/fetch_photos.py --out bench-output/photos --count 300     # once: real 1-3 MP JPEGs
+  python scripts/bench_extract.py --photos bench-output/photos [--limit 300] [--sweep]
+
+Measures in one run, on the same photos and model files:
+  (a) the bare ONNX Runtime session (default options) on pre-decoded 224x224 batches;
+  (b) the full `pipeline extract` command (a fresh process: start-up, decoding, shards included);
+  (c) the seed article's approach without PyTorch: one process, Pillow full decode + nearest
+      resize, one image per model call;
+  and the same (a)/(b) for the int8 model, plus the cosine similarity of int8 to fp32 features.
+Targets: (b) >= 0.90 x (a); int8 (b) >= 1.7 x fp32 (b); mean cosine int8/fp32 >= 0.98.
+--sweep also times batch sizes and thread counts of the bare session, and decode workers of (b).
+Writes JSON (--json-out) and appends a table to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.images import load_image  # noqa: E402
+from pipeline.shards import list_shards, read_shard  # noqa: E402
+
+
+def bare_session(model: Path, threads: int = 0) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+
+
+def time_bare(model: Path, pixels: np.ndarray, batch: int, threads: int = 0) -> float:
+    """Images per second of session.run over pre-decoded batches (after one warm-up batch)."""
+    sess = bare_session(model, threads)
+    name = sess.get_inputs()[0].name
+    sess.run(None, {name: pixels[:batch]})
+    t0 = time.perf_counter()
+    for i in range(0, len(pixels), batch):
+        sess.run(None, {name: pixels[i:i + batch]})
+    return len(pixels) / (time.perf_counter() - t0)
+
+
+def time_extract(model: Path, photo_dir: Path, out: Path, extra: list[str]) -> tuple[float, float]:
+    """Wall seconds and images per second of a whole `pipeline extract` process."""
+    cmd = [sys.executable, "-m", "pipeline", "-q", "extract", str(photo_dir), "--out", str(out),
+           "--model", str(model), "--no-progress", "--json", *extra]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t0
+    report = json.loads(res.stdout)
+    assert report["failed"] == 0, report["failures"]
+    return wall, (report["extracted"] + report["duplicates"]) / wall
+
+
+def time_seed(model: Path, files: list[Path]) -> float:
+    """The seed's loop: full decode, 224x224 nearest resize, one image per call, one process."""
+    sess = bare_session(model)
+    name = sess.get_inputs()[0].name
+    t0 = time.perf_counter()
+    for f in files:
+        img = np.asarray(Image.open(f).convert("RGB").resize((224, 224), Image.Resampling.NEAREST))
+        sess.run(None, {name: img[None]})
+    return len(files) / (time.perf_counter() - t0)
+
+
+def shard_features(features_dir: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for p in list_shards(features_dir):
+        d = read_shard(p)
+        out.update(zip(d.paths, d.features))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--photos", type=Path, default=ROOT / "bench-output" / "photos")
+    ap.add_argument("--limit", type=int, default=300)
+    ap.add_argument("--model", type=Path, default=ROOT / "models" / "vgg16.onnx")
+    ap.add_argument("--int8", type=Path, default=ROOT / "models" / "vgg16-int8.onnx")
+    ap.add_argument("--batch-size", type=int, default=8, help="batch of (a); (b) uses the extract default")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--json-out", type=Path, default=ROOT / "bench-output" / "bench_extract.json")
+    ap.add_argument("--no-doc", action="store_true", help="do not append to docs/benchmarks.md")
+    args = ap.parse_args()
+    files = sorted(args.photos.glob("*.jpg"))[: args.limit]
+    if not files:
+        sys.exit(f"no photos in {args.photos}: run scripts/fetch_photos.py first")
+    for m in (args.model, args.int8):
+        if not m.is_file():
+            sys.exit(f"{m} is missing: run `pipeline model export` / `pipeline model quantize`")
+    mp = [Image.open(f).size for f in files]
+    res: dict = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "onnxruntime": ort.__version__,
+        "photos": len(files),
+        "megapixels_mean": round(float(np.mean([w * h for w, h in mp])) / 1e6, 2),
+        "command": "python scripts/bench_extract.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        photo_dir = tmp / "photos"
+        photo_dir.mkdir()
+        for f in files:
+            (photo_dir / f.name).symlink_to(f.resolve())
+        t0 = time.perf_counter()
+        pixels = np.stack([load_image(f, 224).pixels for f in files])
+        res["decode_one_core_img_s"] = round(len(files) / (time.perf_counter() - t0), 1)
+        print(f"decode (draft mode, one core): {res['decode_one_core_img_s']} img/s", flush=True)
+
+        for tag, model in (("fp32", args.model), ("int8", args.int8)):
+            a = time_bare(model, pixels, args.batch_size)
+            print(f"{tag} (a) bare session, batch {args.batch_size}: {a:.2f} img/s", flush=True)
+            wall, b = time_extract(model, photo_dir, tmp / f"features-{tag}", [])
+            print(f"{tag} (b) pipeline extract: {b:.2f} img/s ({wall:.1f} s wall)", flush=True)
+            res[tag] = {"bare_img_s": round(a, 2), "extract_img_s": round(b, 2), "extract_wall_s": round(wall, 1),
+                        "ratio_extract_to_bare": round(b / a, 3)}
+        c = time_seed(args.model, files)
+        print(f"fp32 (c) seed approach: {c:.2f} img/s", flush=True)
+        res["fp32"]["seed_img_s"] = round(c, 2)
+        f32, i8 = shard_features(tmp / "features-fp32"), shard_features(tmp / "features-int8")
+        cos = np.array([float(np.dot(f32[p], i8[p])) for p in f32])
+        res["int8"]["cosine_to_fp32_mean"] = round(float(cos.mean()), 4)
+        res["int8"]["cosine_to_fp32_min"] = round(float(cos.min()), 4)
+        res["int8"]["speedup_extract"] = round(res["int8"]["extract_img_s"] / res["fp32"]["extract_img_s"], 3)
+        res["targets"] = {
+            "extract_ge_0.90_bare": res["fp32"]["ratio_extract_to_bare"] >= 0.90,
+            "int8_ge_1.7x": res["int8"]["speedup_extract"] >= 1.7,
+            "int8_cosine_ge_0.98": res["int8"]["cosine_to_fp32_mean"] >= 0.98,
+        }
+        if args.sweep:
+            sweep = []
+            sub = pixels[:48]
+            for tag, model in (("fp32", args.model), ("int8", args.int8)):
+                for threads in (0, 1):
+                    for batch in (1, 4, 8, 16, 32):
+                        r = time_bare(model, sub, batch, threads)
+                        sweep.append({"model": tag, "threads": threads, "batch": batch, "img_s": round(r, 2)})
+                        print(f"sweep {tag} threads={threads} batch={batch}: {r:.2f} img/s", flush=True)
+            sub_dir = tmp / "sub"
+            sub_dir.mkdir()
+            for f in files[:96]:
+                (sub_dir / f.name).symlink_to(f.resolve())
+            for workers in (1, 2):
+                for batch in (8, 16):
+                    _, r = time_extract(args.int8, sub_dir, tmp / f"sw-{workers}-{batch}",
+                                        ["--workers", str(workers), "--batch-size", str(batch)])
+                    sweep.append({"model": "int8", "extract_workers": workers, "batch": batch, "img_s": round(r, 2)})
+                    print(f"sweep extract int8 workers={workers} batch={batch}: {r:.2f} img/s", flush=True)
+            res["sweep"] = sweep
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(res, indent=2))
+    f, i = res["fp32"], res["int8"]
+    table = [
+        f"\n### Extraction — {res['date']} ({res['machine']}, onnxruntime {res['onnxruntime']})\n",
+        f"`{res['command']}` — {res['photos']} real photos, {res['megapixels_mean']} MP on average "
+        f"(decode alone: {res['decode_one_core_img_s']} img/s on one core).\n",
+        "| model | (a) bare session img/s | (b) `pipeline extract` img/s | (b)/(a) | (c) seed approach img/s |",
+        "|---|---|---|---|---|",
+        f"| fp32 | {f['bare_img_s']} | {f['extract_img_s']} | {f['ratio_extract_to_bare']} | {f['seed_img_s']} |",
+        f"| int8 | {i['bare_img_s']} | {i['extract_img_s']} | {i['ratio_extract_to_bare']} | |",
+        "",
+        f"int8 vs fp32, end to end: **{i['speedup_extract']}x**; cosine of int8 to fp32 features: mean "
+        f"**{i['cosine_to_fp32_mean']}**, min {i['cosine_to_fp32_min']}. Targets met: "
+        + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in res["targets"].items()) + ".",
+    ]
+    if args.sweep:
+        table += ["", "| sweep | threads / workers | batch | img/s |", "|---|---|---|---|"]
+        table += [f"| {s['model']} {'extract' if 'extract_workers' in s else 'bare'} | "
+                  f"{s.get('threads', s.get('extract_workers'))} | {s['batch']} | {s['img_s']} |" for s in res["sweep"]]
+    text = "\n".join(table) + "\n"
+    print(text)
+    if not args.no_doc:
+        doc = ROOT / "docs" / "benchmarks.md"
+        if not doc.exists():
+            doc.parent.mkdir(parents=True, exist_ok=True)
+            doc.write_text("# Benchmarks\n\nFigures measured on the project's 2-core machine; each section names the "
+                           "command that produced it. Ratios are measured within one run.\n")
+        with doc.open("a") as fh:
+            fh.write(text)
+
+
+if __name__ == "__main__":
+    main()
