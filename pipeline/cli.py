@@ -170,6 +170,7 @@ def build_index(
     nprobe: Annotated[Optional[int], typer.Option(help="Lists searched per query (default: smallest reaching --target-recall).")] = None,
     target_recall: Annotated[float, typer.Option(help="Recall@10 against exact search that nprobe must reach.")] = 0.95,
     flat_below: Annotated[int, typer.Option(help="Use exact search for collections smaller than this.")] = 20_000,
+    max_memory: Annotated[Optional[str], typer.Option(help="Memory budget of the index, e.g. 4G: compress (SQ8, OPQ+PQ) to fit.")] = None,
     keep: Annotated[int, typer.Option(help="Published versions to keep.")] = 3,
     progress: ProgressOpt = None,
     as_json: JsonOpt = False,
@@ -179,7 +180,7 @@ def build_index(
 
     try:
         report = run_build(features, out, factory=factory, nlist=nlist, nprobe=nprobe, target_recall=target_recall,
-                           flat_below=flat_below, keep=keep, progress=progress)
+                           flat_below=flat_below, max_memory=max_memory, keep=keep, progress=progress)
     except PipelineError as exc:
         raise _fail(exc)
     m = report.meta

@@ -39,33 +39,75 @@ DEFAULT_FLAT_BELOW = 20_000  # under this, exact search over 512-d is about a mi
 @dataclass(frozen=True)
 class IndexPlan:
     factory: str
-    nlist: int  # 0 for exact (flat) indexes
+    nlist: int  # 0 when the index has no IVF layer
     train_size: int
     reason: str
+    bytes_estimate: int = 0  # memory of the filled index, estimated before building it
 
 
-def plan_index(n: int, *, factory: str | None = None, nlist: int | None = None,
-               flat_below: int = DEFAULT_FLAT_BELOW, train_per_list: int = 64) -> IndexPlan:
-    """Choose the index for n vectors, with the reasoning (faiss guidance: nlist 4..16 x sqrt(n))."""
+def parse_size(text: str) -> int:
+    """'16G', '500M', '2.5GB', '1024' -> bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(float(t))
+    except ValueError:
+        raise PipelineError(f"cannot read memory size {text!r}: use e.g. 500M or 16G") from None
+
+
+def code_bytes(factory: str, dim: int) -> int:
+    """Bytes per stored vector of the codes of a factory string (Flat, SQ8 or PQm; 8 more for IVF ids)."""
+    last = factory.split(",")[-1]
+    per = 4 * dim if last == "Flat" else dim if last == "SQ8" else int(last[2:].split("x")[0]) if last.startswith("PQ") else 4 * dim
+    return per + (8 if "IVF" in factory else 0)
+
+
+def plan_index(n: int, dim: int = 512, *, factory: str | None = None, nlist: int | None = None,
+               flat_below: int = DEFAULT_FLAT_BELOW, train_per_list: int = 64,
+               max_memory: int | str | None = None) -> IndexPlan:
+    """Choose the index for n vectors of `dim`, with the reasoning.
+
+    Exact (Flat) below `flat_below`; else IVF with nlist the power of two >= 4 sqrt(n) (faiss
+    guidance: 4..16 sqrt(n)), capped so each list has >= 39 training points. With `max_memory`
+    (bytes), the vectors are compressed (SQ8, then OPQ+PQ with fewer bytes) until the index fits.
+    """
     if n < 1:
         raise PipelineError("no features to index: the shards hold no images")
+    if isinstance(max_memory, str):
+        max_memory = parse_size(max_memory)
     if factory:
         nl = _nlist_of(factory)
-        train = min(n, max(MIN_POINTS_PER_LIST, train_per_list) * nl) if nl else min(n, 100_000)
-        return IndexPlan(factory, nl, train, f"factory {factory!r} given with --factory")
-    if nlist is None:
-        if n < flat_below:
-            return IndexPlan("Flat", 0, 0, f"{n} vectors < {flat_below}: exact inner-product search is fast "
-                                           "at this size, so no IVF (Flat)")
-        nlist = 2 ** math.ceil(math.log2(4 * math.sqrt(n)))  # smallest power of two >= 4 sqrt(n)
-        nlist = min(nlist, n // MIN_POINTS_PER_LIST)
-        reason = f"{n} vectors: nlist {nlist} (about 4*sqrt(N) = {4 * math.sqrt(n):.0f}, at least {MIN_POINTS_PER_LIST} training points per list)"
+        compressed = code_bytes(factory, dim) < 4 * dim
+        train = min(n, max(max(MIN_POINTS_PER_LIST, train_per_list) * nl, 20_000 if compressed else 0) or 100_000)
+        return IndexPlan(factory, nl, train, f"factory {factory!r} given with --factory",
+                         n * code_bytes(factory, dim) + nl * dim * 4)
+    if nlist is None and n < flat_below:
+        ivf, nlist, reason = "", 0, (f"{n} vectors < {flat_below}: exact inner-product search is fast at this "
+                                      "size, so no IVF")
     else:
-        reason = f"nlist {nlist} given with --nlist"
-    if nlist < 1 or nlist * MIN_POINTS_PER_LIST > n:
-        raise PipelineError(f"nlist {nlist} needs at least {max(nlist, 1) * MIN_POINTS_PER_LIST} vectors to train; have {n}")
-    train = min(n, max(MIN_POINTS_PER_LIST, train_per_list) * nlist)
-    return IndexPlan(f"IVF{nlist},Flat", nlist, train, reason)
+        if nlist is None:
+            nlist = min(2 ** math.ceil(math.log2(4 * math.sqrt(n))), n // MIN_POINTS_PER_LIST)
+            reason = (f"{n} vectors: nlist {nlist} (about 4*sqrt(N) = {4 * math.sqrt(n):.0f}, "
+                      f"at least {MIN_POINTS_PER_LIST} training points per list)")
+        else:
+            reason = f"nlist {nlist} given with --nlist"
+        if nlist < 1 or nlist * MIN_POINTS_PER_LIST > n:
+            raise PipelineError(f"nlist {nlist} needs at least {max(nlist, 1) * MIN_POINTS_PER_LIST} vectors to train; have {n}")
+        ivf = f"IVF{nlist},"
+    codes = ["Flat", "SQ8"] + [f"PQ{m}" for m in (64, 32, 16, 8) if dim % m == 0]
+    for code in codes:
+        fac = (f"OPQ{code[2:]}," if code.startswith("PQ") else "") + ivf + code
+        need = n * code_bytes(fac, dim) + nlist * dim * 4
+        if max_memory is None or need <= max_memory:
+            break
+    else:
+        raise PipelineError(f"{n} vectors do not fit in {max_memory / 2**20:.0f} MiB even as {fac} "
+                            f"({need / 2**20:.0f} MiB); raise --max-memory")
+    compressed = code != "Flat"
+    if compressed:
+        reason += f"; flat vectors need {n * 4 * dim / 2**20:.0f} MiB > --max-memory, so {code} codes ({need / 2**20:.0f} MiB)"
+    train = min(n, max(max(MIN_POINTS_PER_LIST, train_per_list) * nlist, 20_000 if compressed else 0))
+    return IndexPlan(fac, nlist, train, reason, need)
 
 
 def _nlist_of(factory: str) -> int:
@@ -135,6 +177,7 @@ def build_index(
     train_per_list: int = 64,
     target_recall: float = 0.95,
     recall_queries: int = 1000,
+    max_memory: int | str | None = None,
     keep: int = 3,
     seed: int = 0,
     progress: bool | None = None,
@@ -154,8 +197,9 @@ def build_index(
     check_model(infos)
     infos = [i for i in infos if i.count > 0]
     n = sum(i.count for i in infos)
-    plan = plan_index(n, factory=factory, nlist=nlist, flat_below=flat_below, train_per_list=train_per_list)
-    dim = infos[0].dim if infos else 0
+    dim = infos[0].dim
+    plan = plan_index(n, dim, factory=factory, nlist=nlist, flat_below=flat_below, train_per_list=train_per_list,
+                      max_memory=max_memory)
     LOG.info("index plan: %s (%s)", plan.factory, plan.reason)
     try:
         index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
@@ -213,6 +257,7 @@ def build_index(
                 "dim": dim,
                 "metric": "inner_product",
                 "factory": plan.factory,
+                "bytes_estimate": plan.bytes_estimate,
                 "nlist": plan.nlist,
                 "reason": plan.reason,
                 "train_size": plan.train_size if not index_is_flat(plan) else 0,
@@ -239,6 +284,7 @@ def build_index(
 
 
 def index_is_flat(plan: IndexPlan) -> bool:
+    """Exact search: nothing to train, recall 1 by construction."""
     return plan.factory == "Flat"
 
 

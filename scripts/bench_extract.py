@@ -98,7 +98,10 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--json-out", type=Path, default=ROOT / "bench-output" / "bench_extract.json")
     ap.add_argument("--no-doc", action="store_true", help="do not append to docs/benchmarks.md")
+    ap.add_argument("--render", type=Path, help="only print and record the table of an earlier JSON result")
     args = ap.parse_args()
+    if args.render:
+        return publish(json.loads(args.render.read_text()), args.no_doc)
     files = sorted(args.photos.glob("*.jpg"))[: args.limit]
     if not files:
         sys.exit(f"no photos in {args.photos}: run scripts/fetch_photos.py first")
@@ -167,6 +170,11 @@ def main() -> None:
             res["sweep"] = sweep
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(res, indent=2))
+    publish(res, args.no_doc)
+
+
+def publish(res: dict, no_doc: bool) -> None:
+    """Print the table of a result and append it to docs/benchmarks.md."""
     f, i = res["fp32"], res["int8"]
     table = [
         f"\n### Extraction — {res['date']} ({res['machine']}, onnxruntime {res['onnxruntime']})\n",
@@ -181,13 +189,13 @@ def main() -> None:
         f"**{i['cosine_to_fp32_mean']}**, min {i['cosine_to_fp32_min']}. Targets met: "
         + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in res["targets"].items()) + ".",
     ]
-    if args.sweep:
+    if "sweep" in res:
         table += ["", "| sweep | threads / workers | batch | img/s |", "|---|---|---|---|"]
         table += [f"| {s['model']} {'extract' if 'extract_workers' in s else 'bare'} | "
                   f"{s.get('threads', s.get('extract_workers'))} | {s['batch']} | {s['img_s']} |" for s in res["sweep"]]
     text = "\n".join(table) + "\n"
     print(text)
-    if not args.no_doc:
+    if not no_doc:
         doc = ROOT / "docs" / "benchmarks.md"
         if not doc.exists():
             doc.parent.mkdir(parents=True, exist_ok=True)

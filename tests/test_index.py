@@ -11,7 +11,7 @@ import pytest
 
 from helpers import clustered_vectors, write_synthetic_shards
 from pipeline.errors import ModelMismatchError, PipelineError
-from pipeline.index import CURRENT_FILE, VERSIONS_DIR, build_index, current_version, plan_index
+from pipeline.index import CURRENT_FILE, VERSIONS_DIR, build_index, current_version, parse_size, plan_index
 from pipeline.search import Searcher
 
 
@@ -25,6 +25,21 @@ def test_plan_by_size():
         plan_index(100, nlist=64)
     with pytest.raises(PipelineError, match="no features"):
         plan_index(0)
+
+
+def test_max_memory_picks_compressed_codes():
+    flat = plan_index(1_000_000, 512)
+    assert flat.bytes_estimate == 1_000_000 * (2048 + 8) + 4096 * 512 * 4
+    assert plan_index(1_000_000, 512, max_memory="1500M").factory == "IVF4096,SQ8"
+    small = plan_index(1_000_000, 512, max_memory="100M")
+    assert small.factory == "OPQ64,IVF4096,PQ64" and small.bytes_estimate <= 100 * 2**20
+    assert "--max-memory" in small.reason
+    assert plan_index(1_000_000, 512, max_memory="40M").factory == "OPQ16,IVF4096,PQ16"
+    with pytest.raises(PipelineError, match="do not fit"):
+        plan_index(1_000_000, 512, max_memory="1M")
+    with pytest.raises(PipelineError, match="cannot read memory size"):
+        parse_size("lots")
+    assert parse_size("2G") == 2 * 2**30 and parse_size("1.5GiB") == int(1.5 * 2**30) and parse_size("1000") == 1000
 
 
 def test_small_collection_is_exact(tmp_path):
@@ -64,6 +79,14 @@ def test_custom_factory(tmp_path):
     assert np.mean([h[0].path == p for h, p in zip(hits, paths[:20])]) >= 0.8  # SQ8 is lossy
     with pytest.raises(PipelineError, match="faiss cannot build factory"):
         build_index(tmp_path / "f", tmp_path / "j", factory="NotAFactory", progress=False)
+
+
+def test_max_memory_build(tmp_path):
+    vecs = clustered_vectors(2000)
+    write_synthetic_shards(tmp_path / "f", vecs, 1000)
+    report = build_index(tmp_path / "f", tmp_path / "i", flat_below=1000, max_memory=200_000, progress=False)
+    assert report.meta["factory"] == "IVF51,SQ8" and report.meta["bytes_estimate"] <= 200_000
+    assert report.meta["recall_at_10"] >= 0.8  # SQ8 codes, tuned nprobe
 
 
 def test_shards_of_two_models_are_refused(tmp_path):
