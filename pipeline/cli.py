@@ -196,20 +196,37 @@ def build_index(
 
 @app.command()
 def search(
-    queries: Annotated[list[Path], typer.Argument(help="Query images.", show_default=False)],
-    index: Annotated[Path, typer.Option("--index", "-i", help="Index folder written by `pipeline build-index`.")],
+    queries: Annotated[Optional[list[Path]], typer.Argument(help="Query images, or folders of them (batch mode).", show_default=False)] = None,
+    index: Annotated[Path, typer.Option("--index", "-i", help="Index folder written by `pipeline build-index`.")] = ...,
     k: Annotated[int, typer.Option("-k", help="Results per query.")] = 10,
+    like: Annotated[Optional[list[Path]], typer.Option("--like", help="Query by an indexed image (its stored feature; no model run). Repeatable.")] = None,
     nprobe: Annotated[Optional[int], typer.Option(help="Override the index's tuned nprobe.")] = None,
+    min_score: Annotated[Optional[float], typer.Option(help="Drop results below this cosine score.")] = None,
+    exclude_self: Annotated[bool, typer.Option(help="Drop the query file itself and byte-identical copies of it.")] = False,
+    sheet: Annotated[Optional[Path], typer.Option("--sheet", help="Write a PNG contact sheet of the results.")] = None,
     model: ModelOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print the K most similar indexed images (rank, cosine score, path) for each query image."""
+    """Print the K most similar indexed images (rank, cosine score, path) for each query."""
+    from .images import find_images
     from .search import Searcher
 
     if k < 1:
         raise _fail(PipelineError(f"-k must be at least 1 (got {k})"))
+    if not queries and not like:
+        raise _fail(PipelineError("give query images or folders, or --like PATH"))
     try:
-        results = Searcher(index, model=model).search(queries, k=k, nprobe=nprobe)
+        searcher = Searcher(index, model=model)
+        results = []
+        if queries:
+            files = [q for q in queries if not q.is_dir()] + find_images([q for q in queries if q.is_dir()])
+            results += searcher.search(files, k=k, nprobe=nprobe, min_score=min_score, exclude_self=exclude_self)
+        if like:
+            results += searcher.search_like(like, k=k, nprobe=nprobe, min_score=min_score, exclude_self=exclude_self)
+        if sheet is not None:
+            from .sheet import contact_sheet
+
+            contact_sheet(results, sheet, k)
     except PipelineError as exc:
         raise _fail(exc)
     if as_json:
@@ -224,5 +241,7 @@ def search(
     for r in results:
         if r.error:
             typer.echo(f"error: query {r.query}: {r.error}", err=True)
+    if sheet is not None:
+        typer.echo(f"contact sheet: {sheet}", err=True)
     if any(r.error for r in results):
         raise typer.Exit(1)

@@ -2,7 +2,7 @@
 
 Layout of an index folder:
   CURRENT                 name of the published version (replaced by rename)
-  versions/<version>/     index.faiss, ids.sqlite (id -> path), meta.json
+  versions/<version>/     index.faiss, ids.sqlite (id -> path, content hash), meta.json
 Readers resolve CURRENT once and keep that version; a build never touches a published version.
 """
 
@@ -12,8 +12,10 @@ import json
 import logging
 import math
 import os
+import queue
 import shutil
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -124,20 +126,6 @@ class IndexReport:
     meta: dict
 
 
-def exact_topk(queries: np.ndarray, infos: list[ShardInfo], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k of `queries` over all shards, streamed (one shard in memory)."""
-    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
-    offset = 0
-    for info in infos:
-        feats = read_shard(info.path).features
-        if len(feats):
-            d, i = faiss.knn(queries, feats, min(k, len(feats)), metric=faiss.METRIC_INNER_PRODUCT)
-            heap.add_result(d, np.where(i >= 0, i + offset, -1))
-        offset += info.count
-    heap.finalize()
-    return heap.D, heap.I
-
-
 def recall_at(found: np.ndarray, truth: np.ndarray, query_ids: np.ndarray, k: int) -> float:
     """Mean fraction of the true top-k neighbours found, the query itself left out of both lists."""
     total = 0.0
@@ -149,21 +137,23 @@ def recall_at(found: np.ndarray, truth: np.ndarray, query_ids: np.ndarray, k: in
 
 
 def tune_nprobe(index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, nlist: int,
-                k: int = 10, target: float = 0.95) -> tuple[int, float, float, list[dict]]:
-    """Smallest nprobe (powers of two) whose recall@k reaches `target`; returns it, the recall, ms/query."""
-    ivf = faiss.extract_index_ivf(index)
+                k: int = 10, target: float = 0.95, nprobe: int | None = None) -> tuple[int, float, float, list[dict]]:
+    """Smallest nprobe (powers of two) whose recall@k reaches `target` (or just the given `nprobe`).
+
+    Returns nprobe, its recall, ms per query and every setting tried. The index is not modified
+    (search parameters are passed per call), so it may be serialised at the same time.
+    """
     tried = []
-    nprobe = 1
+    probe = nprobe or 1
     while True:
-        ivf.nprobe = nprobe
         t0 = time.perf_counter()
-        _, found = index.search(queries, k + 1)
+        _, found = index.search(queries, k + 1, params=faiss.SearchParametersIVF(nprobe=probe))
         ms = (time.perf_counter() - t0) * 1000 / len(queries)
         rec = recall_at(found, truth, query_ids, k)
-        tried.append({"nprobe": nprobe, "recall": round(rec, 4), "ms_per_query": round(ms, 4)})
-        if rec >= target or nprobe >= nlist:
-            return nprobe, rec, ms, tried
-        nprobe = min(nprobe * 2, nlist)
+        tried.append({"nprobe": probe, "recall": round(rec, 4), "ms_per_query": round(ms, 4)})
+        if nprobe or rec >= target or probe >= nlist:
+            return probe, rec, ms, tried
+        probe = min(probe * 2, nlist)
 
 
 def build_index(
@@ -211,10 +201,17 @@ def build_index(
 
     with exclusive_lock(out_dir, "pipeline build-index"):
         t0 = time.monotonic()
-        if not index.is_trained:
-            picks = np.sort(rng.choice(n, size=plan.train_size, replace=False))  # uniform over all shards
-            LOG.info("training on %d vectors", len(picks))
-            index.train(_rows_by_id(infos, picks))
+        queries = q_ids = None
+        if not index_is_flat(plan):  # recall queries: database vectors, drawn with the training sample
+            n_q = min(recall_queries, n)
+            picks = np.sort(rng.choice(n, size=max(n_q, 0 if index.is_trained else plan.train_size), replace=False))
+            sample = _rows_by_id(infos, picks)
+            q_pos = np.sort(rng.choice(len(picks), size=n_q, replace=False))
+            q_ids, queries = picks[q_pos], np.ascontiguousarray(sample[q_pos])
+            if not index.is_trained:
+                LOG.info("training on %d vectors", len(sample))
+                index.train(sample)
+            del sample
         timings["train_s"] = time.monotonic() - t0
 
         versions = out_dir / VERSIONS_DIR
@@ -224,28 +221,20 @@ def build_index(
         tmp.mkdir()
         try:
             t0 = time.monotonic()
-            db = sqlite3.connect(tmp / IDS_FILE)
-            db.execute("PRAGMA journal_mode=OFF")
-            db.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT NOT NULL)")
-            next_id = 0
-            with Progress(n, "index", enabled=progress) as bar:
-                for info in infos:
-                    data = read_shard(info.path)
-                    index.add(np.ascontiguousarray(data.features, dtype=np.float32))
-                    db.executemany("INSERT INTO images VALUES (?, ?)", zip(range(next_id, next_id + info.count), data.paths))
-                    next_id += info.count
-                    bar.update(info.count)
-            db.execute("CREATE INDEX images_path ON images(path)")
-            db.commit()
-            db.close()
+            truth, ids_writer = _fill(index, infos, tmp / IDS_FILE, queries, 10, progress)
             timings["add_s"] = time.monotonic() - t0
             assert index.ntotal == n, f"index holds {index.ntotal} vectors, expected {n}"
 
             t0 = time.monotonic()
-            tuning = _measure(index, infos, plan, nprobe, target_recall, recall_queries, rng)
+            index_writer = _Background(faiss.write_index, index, str(tmp / INDEX_FILE))
+            if queries is None:
+                tuning = {"nprobe": None, "recall_at_10": 1.0, "recall_note": "exact search"}
+            else:
+                tuning = _tune(index, plan, queries, q_ids, truth, nprobe, target_recall)
             timings["tune_s"] = time.monotonic() - t0
-
-            faiss.write_index(index, str(tmp / INDEX_FILE))
+            index_writer.join()
+            ids_writer.join()
+            timings["write_s"] = time.monotonic() - t0
             meta = {
                 "schema_version": META_SCHEMA,
                 "pipeline_version": __version__,
@@ -260,7 +249,7 @@ def build_index(
                 "bytes_estimate": plan.bytes_estimate,
                 "nlist": plan.nlist,
                 "reason": plan.reason,
-                "train_size": plan.train_size if not index_is_flat(plan) else 0,
+                "train_size": 0 if index_is_flat(plan) or plan.train_size == 0 else plan.train_size,
                 **tuning,
                 "build_seconds": round(time.monotonic() - t_start, 3),
                 "timings": {k: round(v, 3) for k, v in timings.items()},
@@ -288,37 +277,99 @@ def index_is_flat(plan: IndexPlan) -> bool:
     return plan.factory == "Flat"
 
 
-def _measure(index, infos: list[ShardInfo], plan: IndexPlan, nprobe: int | None, target: float,
-             n_queries: int, rng: np.random.Generator) -> dict:
-    """Recall@10 against exact search on sampled database vectors, and the nprobe that reaches target."""
-    if index_is_flat(plan):
-        return {"nprobe": None, "recall_at_10": 1.0, "recall_note": "exact search"}
-    n = index.ntotal
-    q_ids = np.sort(rng.choice(n, size=min(n_queries, n), replace=False))
-    queries = _rows_by_id(infos, q_ids)
+class _Background(threading.Thread):
+    """Run fn(*args) in a thread (faiss and sqlite release the GIL); join() re-raises its error."""
+
+    def __init__(self, fn, *args) -> None:
+        super().__init__(daemon=True)
+        self.fn, self.args, self.error = fn, args, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.fn(*self.args)
+        except BaseException as exc:  # handed to the joining thread
+            self.error = exc
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self.error is not None:
+            raise self.error
+
+
+def _fill(index, infos: list[ShardInfo], ids_path: Path, queries: np.ndarray | None, k: int,
+          progress: bool | None) -> tuple[np.ndarray | None, _Background]:
+    """Add every shard to the index, streaming; meanwhile a thread reads the next shard and writes the
+    id table. With `queries`, the exact top-(k+1) of each query is gathered on the way (for recall).
+    Returns the exact neighbour ids and the id-table thread (join it before publishing)."""
+    features: queue.Queue = queue.Queue(maxsize=2)  # at most two shards in memory beyond the index
+
+    def read_and_record() -> None:
+        db = sqlite3.connect(ids_path)
+        try:
+            db.execute("PRAGMA journal_mode=OFF")
+            db.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT NOT NULL, hash TEXT NOT NULL)")
+            next_id = 0
+            for info in infos:
+                data = read_shard(info.path)
+                features.put(data.features)
+                db.executemany("INSERT INTO images VALUES (?, ?, ?)",
+                               zip(range(next_id, next_id + info.count), data.paths, data.hashes))
+                next_id += info.count
+            db.execute("CREATE INDEX images_path ON images(path)")
+            db.commit()
+        except BaseException:
+            features.put(None)  # unblock the consumer; join() re-raises
+            raise
+        finally:
+            db.close()
+
+    reader = _Background(read_and_record)
+    heap = faiss.ResultHeap(len(queries), k + 1, keep_max=True) if queries is not None else None
+    offset = 0
+    with Progress(sum(i.count for i in infos), "index", enabled=progress) as bar:
+        for info in infos:
+            feats = features.get()
+            if feats is None:
+                reader.join()
+            feats = np.ascontiguousarray(feats, dtype=np.float32)
+            index.add(feats)
+            if heap is not None:
+                d, i = faiss.knn(queries, feats, min(k + 1, len(feats)), metric=faiss.METRIC_INNER_PRODUCT)
+                heap.add_result(d, np.where(i >= 0, i + offset, -1))
+            offset += len(feats)
+            bar.update(len(feats))
+    if heap is None:
+        return None, reader
+    heap.finalize()
+    return heap.I, reader
+
+
+def _tune(index, plan: IndexPlan, queries: np.ndarray, q_ids: np.ndarray, truth: np.ndarray,
+          nprobe: int | None, target: float) -> dict:
+    """Recall@10 against exact search, and the nprobe that reaches `target` (IVF indexes)."""
     k = 10
-    _, truth = exact_topk(queries, infos, k + 1)
-    if nprobe is not None or not plan.nlist:
-        if plan.nlist:
-            faiss.extract_index_ivf(index).nprobe = nprobe
+    if plan.nlist:
+        nprobe, rec, ms, tried = tune_nprobe(index, queries, q_ids, truth, plan.nlist, k, target, nprobe)
+    else:
         t0 = time.perf_counter()
         _, found = index.search(queries, k + 1)
         ms = (time.perf_counter() - t0) * 1000 / len(queries)
         rec, tried = recall_at(found, truth, q_ids, k), []
-    else:
-        nprobe, rec, ms, tried = tune_nprobe(index, queries, q_ids, truth, plan.nlist, k, target)
     LOG.info("nprobe %s: recall@10 %.3f, %.3f ms/query (%d queries)", nprobe, rec, ms, len(q_ids))
     return {"nprobe": nprobe, "recall_at_10": round(rec, 4), "target_recall": target,
             "recall_queries": len(q_ids), "query_ms": round(ms, 4), "nprobe_sweep": tried}
 
 
 def _rows_by_id(infos: list[ShardInfo], ids: np.ndarray) -> np.ndarray:
-    """Feature rows by global id (sorted), read shard by shard."""
+    """Feature rows by global id (sorted), read shard by shard (whole shards when many rows are wanted)."""
     starts = np.concatenate([[0], np.cumsum([i.count for i in infos])])
     parts = []
     for s, info in enumerate(infos):
         rows = ids[(ids >= starts[s]) & (ids < starts[s + 1])] - starts[s]
-        if len(rows):
+        if len(rows) > info.count // 8:
+            parts.append(read_shard(info.path).features[rows])
+        elif len(rows):
             parts.append(read_rows(info.path, rows))
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 

@@ -1,4 +1,8 @@
-"""The search stage: load a published index and its model once, answer top-k queries by image."""
+"""The search stage: load a published index and its model once, answer top-k queries.
+
+Queries are image files (run through the model in batches, then through faiss in one call)
+or already-indexed paths (`like`: their stored vector is used, no model run).
+"""
 
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ class Hit:
 class QueryResult:
     query: str
     hits: list[Hit] = field(default_factory=list)
-    error: str | None = None  # set when the query image could not be used
+    error: str | None = None  # set when the query could not be used
 
     def to_dict(self) -> dict:
         d: dict = {"query": self.query, "results": [vars(h) for h in self.hits]}
@@ -41,18 +45,39 @@ class QueryResult:
         return d
 
 
+def _read_index(path: str, mmap_lists: bool, mmap_codes: bool):
+    """Read a faiss index, memory-mapping IVF lists or flat codes where faiss supports it."""
+    if mmap_lists or mmap_codes:
+        try:
+            flag = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap_lists else faiss.IO_FLAG_MMAP_IFC
+            return faiss.read_index(path, flag)
+        except RuntimeError:
+            LOG.debug("faiss cannot memory-map %s; reading it into memory", path)
+    return faiss.read_index(path)
+
+
+@dataclass(frozen=True)
+class _Query:
+    """What a query is matched against when excluding itself: its path and content hash."""
+
+    path: str
+    content_hash: str | None
+
+
 class Searcher:
     """A published index, its id -> path table and the model that made its features.
 
     The index version is resolved once at construction: a later publish does not affect this
-    Searcher. The model must carry the same weights checksum as the index, else ModelMismatchError.
+    Searcher. IVF and flat indexes are memory-mapped (loading is near-instant, pages come in on
+    use). The model must carry the weights checksum recorded in the index, else ModelMismatchError.
     """
 
-    def __init__(self, index_dir: Path | str, model: Path | str | None = None, threads: int = 0) -> None:
+    def __init__(self, index_dir: Path | str, model: Path | str | None = None, threads: int = 0,
+                 mmap: bool = True) -> None:
         for attempt in range(5):
             try:
                 self.version_dir = current_version(Path(index_dir))
-                self._open()
+                self._open(mmap)
                 break
             except PipelineError:
                 # A newer build may have published and pruned this version between our reading
@@ -64,11 +89,13 @@ class Searcher:
         self._model_arg = model
         self._threads = threads
         self._model: FeatureModel | None = None
+        self._direct_map = False
 
-    def _open(self) -> None:
+    def _open(self, mmap: bool) -> None:
+        path = str(self.version_dir / INDEX_FILE)
         try:
             self.meta = json.loads((self.version_dir / META_FILE).read_text())
-            self.index = faiss.read_index(str(self.version_dir / INDEX_FILE))
+            self.index = _read_index(path, mmap and bool(self.meta.get("nlist")), mmap and not self.meta.get("nlist"))
         except (OSError, ValueError, RuntimeError) as exc:
             raise PipelineError(f"index at {self.version_dir} is missing or corrupt: {str(exc).strip().splitlines()[-1]}") from None
         try:
@@ -99,44 +126,98 @@ class Searcher:
     def count(self) -> int:
         return int(self.index.ntotal)
 
-    def _paths(self, ids: np.ndarray) -> dict[int, str]:
+    def _rows(self, ids: np.ndarray) -> dict[int, tuple[str, str]]:
+        """id -> (path, content hash) for the given ids (-1 ignored)."""
         wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
-        out: dict[int, str] = {}
+        out: dict[int, tuple[str, str]] = {}
         for start in range(0, len(wanted), 500):
             chunk = wanted[start:start + 500]
-            rows = self._db.execute(f"SELECT id, path FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-            out.update(rows)
+            rows = self._db.execute(
+                f"SELECT id, path, hash FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            out.update((i, (p, h)) for i, p, h in rows)
         return out
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 10, nprobe: int | None = None) -> list[list[Hit]]:
-        """Top-k hits for each feature vector (rows of an [n, dim] float32 array)."""
-        if k < 1:
-            raise PipelineError(f"k must be at least 1 (got {k})")
+    def _search(self, vectors: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
         nprobe = nprobe or self.nprobe
         params = faiss.SearchParametersIVF(nprobe=int(nprobe)) if nprobe and self.meta.get("nlist") else None
-        scores, ids = self.index.search(np.ascontiguousarray(vectors, np.float32), min(k, self.count), params=params)
-        paths = self._paths(ids)
-        return [
-            [Hit(r + 1, paths[int(i)], float(s)) for r, (s, i) in enumerate(zip(srow, irow)) if i >= 0]
-            for srow, irow in zip(scores, ids)
-        ]
+        return self.index.search(np.ascontiguousarray(vectors, np.float32), min(k, self.count), params=params)
+
+    def search_vectors(self, vectors: np.ndarray, k: int = 10, nprobe: int | None = None,
+                       min_score: float | None = None, exclude: Sequence[_Query | None] | None = None) -> list[list[Hit]]:
+        """Top-k hits for each feature vector; `exclude[i]` drops hits that are that query's own file
+        (same path) or a byte-identical copy (same content hash)."""
+        if k < 1:
+            raise PipelineError(f"k must be at least 1 (got {k})")
+        exclude = exclude or [None] * len(vectors)
+        fetch = k + (8 if any(exclude) else 0)
+        while True:
+            scores, ids = self._search(vectors, fetch, nprobe)
+            rows = self._rows(ids)
+            out, short = [], False
+            for srow, irow, ex in zip(scores, ids, exclude):
+                hits = []
+                for s, i in zip(srow, irow):
+                    if i < 0 or (min_score is not None and s < min_score):
+                        continue
+                    path, content_hash = rows[int(i)]
+                    if ex is not None and (path == ex.path or content_hash == ex.content_hash):
+                        continue
+                    hits.append(Hit(len(hits) + 1, path, float(s)))
+                out.append(hits[:k])
+                # Too many excluded copies: ask faiss for more, unless it already gave all it has.
+                short |= len(hits) < k and (irow >= 0).all() and fetch < self.count
+            if not short:
+                return out
+            fetch = min(fetch * 4, self.count)
 
     def search(self, images: Sequence[Path | str], k: int = 10, nprobe: int | None = None,
-               batch_size: int = 8) -> list[QueryResult]:
+               min_score: float | None = None, exclude_self: bool = False, batch_size: int = 8) -> list[QueryResult]:
         """Top-k for each query image; a query that cannot be decoded gets an error, the rest still answer."""
         if k < 1:
             raise PipelineError(f"k must be at least 1 (got {k})")
         size = self.model.info.input_size
         results: dict[int, QueryResult] = {}
-        good: list[tuple[int, np.ndarray]] = []
+        good: list[tuple[int, np.ndarray, _Query]] = []
         for i, path in enumerate(images):
             try:
-                good.append((i, load_image(path, size).pixels))
+                decoded = load_image(path, size)
             except ImageError as exc:
                 results[i] = QueryResult(str(path), error=str(exc))
+                continue
+            good.append((i, decoded.pixels, _Query(str(Path(path).absolute()), decoded.content_hash)))
         for start in range(0, len(good), batch_size):
             chunk = good[start:start + batch_size]
-            feats = self.model.embed(np.stack([px for _, px in chunk]))
-            for (i, _), hits in zip(chunk, self.search_vectors(feats, k, nprobe)):
+            feats = self.model.embed(np.stack([px for _, px, _ in chunk]))
+            excl = [q for _, _, q in chunk] if exclude_self else None
+            for (i, _, _), hits in zip(chunk, self.search_vectors(feats, k, nprobe, min_score, excl)):
                 results[i] = QueryResult(str(images[i]), hits)
         return [results[i] for i in range(len(images))]
+
+    def search_like(self, paths: Sequence[Path | str], k: int = 10, nprobe: int | None = None,
+                    min_score: float | None = None, exclude_self: bool = False) -> list[QueryResult]:
+        """Top-k for images already in the index, from their stored vectors (no model run)."""
+        results: dict[int, QueryResult] = {}
+        found: list[tuple[int, np.ndarray, _Query]] = []
+        for i, p in enumerate(paths):
+            key = str(Path(p).absolute())
+            row = self._db.execute("SELECT id, hash FROM images WHERE path = ?", (key,)).fetchone()
+            if row is None:
+                results[i] = QueryResult(str(p), error="not in the index (--like takes an indexed image path)")
+                continue
+            found.append((i, self._vector(row[0]), _Query(key, row[1])))
+        if found:
+            vecs = np.stack([v for _, v, _ in found])
+            excl = [q for _, _, q in found] if exclude_self else None
+            for (i, _, _), hits in zip(found, self.search_vectors(vecs, k, nprobe, min_score, excl)):
+                results[i] = QueryResult(str(paths[i]), hits)
+        return [results[i] for i in range(len(paths))]
+
+    def _vector(self, idx: int) -> np.ndarray:
+        """The stored (for compressed indexes: decoded) vector of an indexed image."""
+        if not self._direct_map:
+            try:
+                faiss.extract_index_ivf(self.index).make_direct_map()
+            except RuntimeError:
+                pass  # not an IVF index: reconstruct works directly
+            self._direct_map = True
+        return self.index.reconstruct(int(idx))

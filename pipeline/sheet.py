@@ -1,0 +1,73 @@
+"""Contact sheets of search results (Pillow only): one row per query, its top-k beside it.
+
+Each tile shows the picture (fitted, aspect kept) with rank, score and file name under it.
+A result file that cannot be read gets a grey placeholder tile, never an error.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from .errors import ImageError
+from .fsutil import atomic_write_bytes
+from .images import read_file, to_rgb
+from .search import QueryResult
+
+PAD = 8
+CAPTION = 30  # two lines of the default font
+BACKGROUND = (255, 255, 255)
+PLACEHOLDER = (200, 200, 200)
+
+
+def sheet_size(n_queries: int, k: int, thumb: int = 160) -> tuple[int, int]:
+    """Pixel size of a sheet of n_queries rows of 1 + k tiles."""
+    return PAD + (k + 1) * (thumb + PAD), PAD + n_queries * (thumb + CAPTION + PAD)
+
+
+def _tile(path: str, thumb: int) -> Image.Image | None:
+    try:
+        data, _ = read_file(Path(path))
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft("RGB", (thumb, thumb))
+            im = to_rgb(ImageOps.exif_transpose(im))
+            im.thumbnail((thumb, thumb))
+            return im.copy()
+    except (ImageError, OSError, ValueError, SyntaxError):
+        return None
+
+
+def _fit(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> str:
+    while text and draw.textlength(text, font=font) > width:
+        text = text[:-2] + "…" if len(text) > 2 else ""
+    return text
+
+
+def contact_sheet(results: Sequence[QueryResult], out: Path | str, k: int, thumb: int = 160) -> tuple[int, int]:
+    """Write a PNG contact sheet of `results` (k result columns) to `out`; returns its size."""
+    size = sheet_size(len(results), k, thumb)
+    sheet = Image.new("RGB", size, BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for row, result in enumerate(results):
+        y = PAD + row * (thumb + CAPTION + PAD)
+        cells = [(result.query, "query")] + [(h.path, f"#{h.rank}  {h.score:.3f}") for h in result.hits[:k]]
+        for col, (path, label) in enumerate(cells):
+            x = PAD + col * (thumb + PAD)
+            im = _tile(path, thumb)
+            if im is None:
+                draw.rectangle((x, y, x + thumb - 1, y + thumb - 1), fill=PLACEHOLDER)
+                draw.text((x + 6, y + thumb // 2 - 6), "unreadable", fill=(90, 90, 90), font=font)
+            else:
+                sheet.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
+            if col == 0:
+                draw.rectangle((x - 3, y - 3, x + thumb + 2, y + thumb + 2), outline=(220, 40, 40), width=2)
+            draw.text((x, y + thumb + 3), _fit(label, font, thumb, draw), fill=(0, 0, 0), font=font)
+            draw.text((x, y + thumb + 16), _fit(Path(path).name, font, thumb, draw), fill=(70, 70, 70), font=font)
+    buf = io.BytesIO()
+    sheet.save(buf, "PNG")
+    atomic_write_bytes(Path(out), buf.getvalue())
+    return size
