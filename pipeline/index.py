@@ -126,34 +126,45 @@ class IndexReport:
     meta: dict
 
 
-def recall_at(found: np.ndarray, truth: np.ndarray, query_ids: np.ndarray, k: int) -> float:
-    """Mean fraction of the true top-k neighbours found, the query itself left out of both lists."""
-    total = 0.0
-    for q, f, t in zip(query_ids, found, truth):
+def recall_at(found: np.ndarray, truth: np.ndarray, query_ids: np.ndarray, k: int) -> np.ndarray:
+    """Per query, the fraction of its true top-k neighbours found (the query itself left out of both)."""
+    out = np.empty(len(query_ids))
+    for j, (q, f, t) in enumerate(zip(query_ids, found, truth)):
         t = [x for x in t if x != q and x >= 0][:k]
         f = {x for x in f if x != q and x >= 0}
-        total += len(f.intersection(t)) / max(1, len(t))
-    return total / len(query_ids)
+        out[j] = len(f.intersection(t)) / max(1, len(t))
+    return out
+
+
+def lower_bound(per_query: np.ndarray) -> float:
+    """One-sided 95% lower confidence bound of mean recall (normal approximation)."""
+    return float(per_query.mean() - 1.645 * per_query.std(ddof=1) / np.sqrt(len(per_query))) if len(per_query) > 1 else float(per_query.mean())
+
+
+NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
 def tune_nprobe(index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, nlist: int,
                 k: int = 10, target: float = 0.95, nprobe: int | None = None) -> tuple[int, float, float, list[dict]]:
-    """Smallest nprobe (powers of two) whose recall@k reaches `target` (or just the given `nprobe`).
+    """Smallest nprobe whose recall@k reaches `target` with 95% confidence (or just the given `nprobe`).
 
-    Returns nprobe, its recall, ms per query and every setting tried. The index is not modified
-    (search parameters are passed per call), so it may be serialised at the same time.
+    "With confidence": the lower bound of the mean over the sampled queries must reach the
+    target, so that new queries get the target recall too, not just these. Returns nprobe, its
+    mean recall, ms per query and every setting tried. The index is not modified (parameters
+    are passed per call), so it may be serialised at the same time.
     """
+    grid = [nprobe] if nprobe else [p for p in NPROBE_GRID if p < nlist] + [nlist]
     tried = []
-    probe = nprobe or 1
-    while True:
+    for probe in grid:
         t0 = time.perf_counter()
         _, found = index.search(queries, k + 1, params=faiss.SearchParametersIVF(nprobe=probe))
         ms = (time.perf_counter() - t0) * 1000 / len(queries)
-        rec = recall_at(found, truth, query_ids, k)
-        tried.append({"nprobe": probe, "recall": round(rec, 4), "ms_per_query": round(ms, 4)})
-        if nprobe or rec >= target or probe >= nlist:
-            return probe, rec, ms, tried
-        probe = min(probe * 2, nlist)
+        per_query = recall_at(found, truth, query_ids, k)
+        tried.append({"nprobe": probe, "recall": round(float(per_query.mean()), 4),
+                      "recall_lower_bound": round(lower_bound(per_query), 4), "ms_per_query": round(ms, 4)})
+        if lower_bound(per_query) >= target:
+            break
+    return probe, float(per_query.mean()), ms, tried
 
 
 def build_index(
@@ -202,16 +213,19 @@ def build_index(
     with exclusive_lock(out_dir, "pipeline build-index"):
         t0 = time.monotonic()
         queries = q_ids = None
-        if not index_is_flat(plan):  # recall queries: database vectors, drawn with the training sample
+        held_out = False
+        if not index_is_flat(plan):
             n_q = min(recall_queries, n)
-            picks = np.sort(rng.choice(n, size=max(n_q, 0 if index.is_trained else plan.train_size), replace=False))
-            sample = _rows_by_id(infos, picks)
-            q_pos = np.sort(rng.choice(len(picks), size=n_q, replace=False))
-            q_ids, queries = picks[q_pos], np.ascontiguousarray(sample[q_pos])
+            train_ids = np.sort(rng.choice(n, size=0 if index.is_trained else plan.train_size, replace=False))
+            # Recall queries: vectors the quantizer was not trained on (k-means fits its own training
+            # points better, which would flatter the recall), unless training used nearly all of them.
+            rest = np.setdiff1d(np.arange(n), train_ids, assume_unique=True)
+            held_out = len(rest) >= n_q
+            q_ids = np.sort(rng.choice(rest if held_out else np.arange(n), size=n_q, replace=False))
+            queries = _rows_by_id(infos, q_ids)
             if not index.is_trained:
-                LOG.info("training on %d vectors", len(sample))
-                index.train(sample)
-            del sample
+                LOG.info("training on %d vectors", len(train_ids))
+                index.train(_rows_by_id(infos, train_ids))
         timings["train_s"] = time.monotonic() - t0
 
         versions = out_dir / VERSIONS_DIR
@@ -230,7 +244,8 @@ def build_index(
             if queries is None:
                 tuning = {"nprobe": None, "recall_at_10": 1.0, "recall_note": "exact search"}
             else:
-                tuning = _tune(index, plan, queries, q_ids, truth, nprobe, target_recall)
+                tuning = {**_tune(index, plan, queries, q_ids, truth, nprobe, target_recall),
+                          "recall_queries_held_out_from_training": held_out}
             timings["tune_s"] = time.monotonic() - t0
             index_writer.join()
             ids_writer.join()
@@ -355,7 +370,7 @@ def _tune(index, plan: IndexPlan, queries: np.ndarray, q_ids: np.ndarray, truth:
         t0 = time.perf_counter()
         _, found = index.search(queries, k + 1)
         ms = (time.perf_counter() - t0) * 1000 / len(queries)
-        rec, tried = recall_at(found, truth, q_ids, k), []
+        rec, tried = float(recall_at(found, truth, q_ids, k).mean()), []
     LOG.info("nprobe %s: recall@10 %.3f, %.3f ms/query (%d queries)", nprobe, rec, ms, len(q_ids))
     return {"nprobe": nprobe, "recall_at_10": round(rec, 4), "target_recall": target,
             "recall_queries": len(q_ids), "query_ms": round(ms, 4), "nprobe_sweep": tried}

@@ -61,7 +61,8 @@ def test_ivf_path_tunes_nprobe_for_recall(tmp_path):
     assert m["factory"] == f"IVF{4000 // 39},Flat" and m["nlist"] == 4000 // 39
     assert m["recall_at_10"] >= 0.95 and m["nprobe"] >= 1 and m["recall_queries"] == 300
     sweep = m["nprobe_sweep"]
-    assert sweep[-1]["nprobe"] == m["nprobe"] and all(s["recall"] < 0.95 for s in sweep[:-1])
+    assert sweep[-1]["nprobe"] == m["nprobe"] and sweep[-1]["recall_lower_bound"] >= 0.95
+    assert all(s["recall_lower_bound"] < 0.95 for s in sweep[:-1])
     on_disk = json.loads((current_version(tmp_path / "i") / "meta.json").read_text())
     assert on_disk["nprobe"] == m["nprobe"] and on_disk["count"] == 4000
     assert [s["name"] for s in on_disk["shards"]] == [f"shard-0000{i}.h5" for i in range(4)]
@@ -138,3 +139,14 @@ def test_readers_never_see_a_half_published_index(tmp_path):
         stop.set()
         t.join()
     assert not errors and opened > 0
+
+
+def test_recall_leaves_the_query_out():
+    from pipeline.index import lower_bound, recall_at
+
+    truth = np.array([[7, 1, 2, 3], [1, 2, 3, 4]])
+    found = np.array([[7, 1, 2, 9], [9, 8, 3, 1]])
+    per_query = recall_at(found, truth, np.array([7, 5]), k=3)
+    np.testing.assert_allclose(per_query, [2 / 3, 2 / 3])  # query 7 is not its own neighbour
+    assert lower_bound(np.array([1.0, 1.0, 1.0])) == 1.0
+    assert lower_bound(np.array([0.9, 1.0] * 50)) < 0.95
