@@ -1,7 +1,7 @@
 """The `pipeline` command: a thin typer layer over the library (one library call per command).
 
 Exit codes: 0 success; 1 an error the user can fix (message on stderr); 2 bad usage;
-3 --strict and some images failed; 75 another run holds the lock (try again later).
+3 --strict and some images cannot be used; 75 another run holds the lock (try again later).
 """
 
 from __future__ import annotations
@@ -245,3 +245,42 @@ def search(
         typer.echo(f"contact sheet: {sheet}", err=True)
     if any(r.error for r in results):
         raise typer.Exit(1)
+
+
+@app.command()
+def rebuild(
+    roots: Annotated[list[Path], typer.Argument(help="Image folders of the collection.", show_default=False)],
+    workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Holds features/ and index/.")],
+    model: ModelOpt = None,
+    keep: Annotated[int, typer.Option(help="Published index versions to keep.")] = 3,
+    compact_below: Annotated[float, typer.Option(help="Rewrite shards whose live fraction is below this.")] = 0.5,
+    workers: Annotated[Optional[int], typer.Option(help="Decode processes. Default: cores/2.", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 8,
+    shard_size: Annotated[int, typer.Option(help="Images per shard (the unit of resume).")] = 512,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: one per core).")] = 0,
+    log_file: Annotated[Optional[Path], typer.Option(help="Also append timestamped log lines to this file.")] = None,
+    strict: Annotated[bool, typer.Option(help=f"Exit {EXIT_STRICT_FAILURES} if any image of the collection cannot be used.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The nightly job: incremental extract, compact, build and publish the index, prune old versions.
+
+    Safe for cron: no prompts; only new and changed images go through the model; a second run
+    started while one is going exits at once with code 75; a killed run leaves the published
+    index as it was and the next run picks up the work.
+    """
+    from .rebuild import rebuild as run_rebuild
+
+    if log_file is not None:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger().addHandler(handler)
+    try:
+        report = run_rebuild(roots, workdir, model, keep=keep, compact_below=compact_below, workers=workers,
+                             batch_size=batch_size, shard_size=shard_size, threads=threads, progress=False)
+    except PipelineError as exc:
+        logging.getLogger("pipeline").error("rebuild failed: %s", exc)
+        raise _fail(exc)
+    if as_json:
+        _emit(report.to_dict())
+    if strict and report.extract.failed_total:
+        raise typer.Exit(EXIT_STRICT_FAILURES)

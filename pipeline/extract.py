@@ -1,9 +1,11 @@
 """The extraction stage: image folders -> decode workers -> feature model -> HDF5 shards.
 
-Resumable and incremental by construction: the features folder is a list of completed shards;
-every path already in a shard (as features or as a recorded failure) is skipped, so a rerun
-after a crash, or after new images arrive, does only the missing work. A lock keeps two runs
-from writing to one folder at once.
+Incremental and resumable: the catalog (catalog.py) remembers every image's size, mtime,
+content hash and where its feature lives, so a rerun decodes only new and changed files, runs
+the model only on contents it has never seen (moved, renamed and duplicate files reuse their
+feature), and marks deleted files gone. Shards are written atomically and recorded in the
+catalog right after; a run killed at any point loses at most the shard in progress. A lock keeps
+two runs from writing to one folder at once.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .catalog import Catalog
 from .decode_pool import DecodePool, DecodeSettings
 from .errors import PipelineError
 from .fsutil import atomic_write_text, exclusive_lock
 from .images import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, find_images
 from .model import FeatureModel, ModelInfo, read_model_info, resolve_model_path
 from .progress import Progress
-from .shards import (ShardData, check_model, list_shards, next_shard_number, read_rows, read_shard, shard_info,
-                     shard_name, write_shard)
+from .shards import ShardData, check_model, list_shards, next_shard_number, read_rows, shard_info, shard_name, write_shard
 
 LOG = logging.getLogger(__name__)
 ERRORS_FILE = "errors.jsonl"
@@ -39,12 +41,16 @@ def default_workers() -> int:
 class ExtractReport:
     features_dir: str
     found: int = 0
-    already_done: int = 0
+    unchanged: int = 0  # same size and mtime as recorded: not even decoded
+    new: int = 0
+    changed: int = 0
+    moved: int = 0  # new paths whose content was recorded under a path that is gone: feature kept
+    deleted: int = 0  # recorded paths that are gone (and whose content did not move)
     extracted: int = 0  # images run through the model
     duplicates: int = 0  # images whose identical content was already extracted: feature reused
     failed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
-    failed_total: int = 0  # every file of the folder that could not be used, this run or earlier
+    failed_total: int = 0  # every current file of the folder that could not be used
     shards_written: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -53,19 +59,29 @@ class ExtractReport:
         return self.extracted / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
-        return {
-            "features_dir": self.features_dir, "found": self.found, "already_done": self.already_done,
-            "extracted": self.extracted, "duplicates": self.duplicates, "failed": self.failed, "failed_total": self.failed_total, "shards_written": self.shards_written,
-            "seconds": round(self.seconds, 3), "images_per_second": round(self.images_per_second, 2),
-            "failures": [{"path": p, "reason": r} for p, r in self.failures],
-        }
+        d = {k: v for k, v in vars(self).items() if k != "failures"}
+        d["seconds"] = round(self.seconds, 3)
+        d["images_per_second"] = round(self.images_per_second, 2)
+        d["failures"] = [{"path": p, "reason": r} for p, r in self.failures]
+        return d
 
 
-class _ShardWriter:
-    """Accumulates rows and failures; writes a shard each time `shard_size` images are ready."""
+@dataclass(frozen=True)
+class RowMeta:
+    """The file facts stored with a feature row (Decoded has the same attributes)."""
 
-    def __init__(self, out: Path, model: ModelInfo, model_path: Path, shard_size: int) -> None:
+    content_hash: str
+    size: int
+    mtime: float
+
+
+class ShardWriter:
+    """Accumulates rows and failures; writes a shard each time `shard_size` images are ready and
+    records it in the catalog at once."""
+
+    def __init__(self, out: Path, model: ModelInfo, model_path: Path | str, shard_size: int, catalog: Catalog) -> None:
         self.out, self.model, self.model_path, self.shard_size = out, model, str(model_path), shard_size
+        self.catalog = catalog
         self.number = next_shard_number(out)
         self.written: list[str] = []
         self._reset()
@@ -73,13 +89,10 @@ class _ShardWriter:
     def _reset(self) -> None:
         self.features: list[np.ndarray] = []
         self.paths: list[str] = []
-        self.hashes: list[str] = []
-        self.sizes: list[int] = []
-        self.mtimes: list[float] = []
-        self.error_paths: list[str] = []
-        self.error_reasons: list[str] = []
+        self.metas: list = []
+        self.errors: list[tuple[str, int | None, float | None, str]] = []  # path, size, mtime, reason
 
-    def add(self, paths: list[str], features: np.ndarray, decoded: list) -> list[tuple[str, int]]:
+    def add(self, paths: list[str], features: np.ndarray, metas: list) -> list[tuple[str, int]]:
         """Queue rows (a shard never exceeds shard_size); returns (shard name, row) of each."""
         where: list[tuple[str, int]] = []
         start = 0
@@ -89,9 +102,7 @@ class _ShardWriter:
             where += [(shard_name(self.number), len(self.paths) + j) for j in range(take)]
             self.features.append(features[rows])
             self.paths += paths[rows]
-            self.hashes += [d.content_hash for d in decoded[rows]]
-            self.sizes += [d.size for d in decoded[rows]]
-            self.mtimes += [d.mtime for d in decoded[rows]]
+            self.metas += metas[rows]
             start += take
             if len(self.paths) >= self.shard_size:
                 self.flush()
@@ -107,20 +118,24 @@ class _ShardWriter:
             row -= len(block)
         raise AssertionError(f"row {row} is not pending in {name}")
 
-    def add_error(self, path: str, reason: str) -> None:
-        self.error_paths.append(path)
-        self.error_reasons.append(reason)
+    def add_error(self, path: str, reason: str, stat: tuple[int | None, float | None]) -> None:
+        self.errors.append((path, stat[0], stat[1], reason))
 
     def flush(self) -> None:
-        if not self.paths and not self.error_paths:
+        if not self.paths and not self.errors:
             return
         features = np.concatenate(self.features) if self.features else np.zeros((0, self.model.dim), np.float32)
-        data = ShardData(features, self.paths, self.hashes, np.array(self.sizes, np.int64),
-                         np.array(self.mtimes, np.float64), self.error_paths, self.error_reasons)
-        path = self.out / shard_name(self.number)
-        write_shard(path, data, self.model, self.model_path)
-        LOG.debug("wrote %s (%d images, %d failures)", path, len(self.paths), len(self.error_paths))
-        self.written.append(path.name)
+        data = ShardData(features, self.paths, [m.content_hash for m in self.metas],
+                         np.array([m.size for m in self.metas], np.int64),
+                         np.array([m.mtime for m in self.metas], np.float64),
+                         [e[0] for e in self.errors], [e[3] for e in self.errors])
+        name = shard_name(self.number)
+        write_shard(self.out / name, data, self.model, self.model_path)
+        self.catalog.record_shard(
+            name, [(p, m.size, m.mtime, m.content_hash, r) for r, (p, m) in enumerate(zip(self.paths, self.metas))],
+            self.errors)
+        LOG.debug("wrote %s (%d images, %d failures)", name, len(self.paths), len(self.errors))
+        self.written.append(name)
         self.number += 1
         self._reset()
 
@@ -138,30 +153,24 @@ def _validate(batch_size: int, shard_size: int, workers: int, threads: int, time
         raise PipelineError(f"--timeout must be positive (got {timeout})")
 
 
-def scan_done(features_dir: Path, model_sha256: str) -> tuple[set[str], dict[str, tuple[str, int]]]:
-    """Paths already recorded in a shard (as features or failures), and content hash -> (shard, row)."""
-    shards = list_shards(features_dir)
-    check_model([shard_info(p) for p in shards], model_sha256)
-    done: set[str] = set()
-    known: dict[str, tuple[str, int]] = {}
-    for p in shards:
-        data = read_shard(p, features=False)
-        done.update(data.paths)
-        done.update(data.error_paths)
-        for row, h in enumerate(data.hashes):
-            known.setdefault(h, (p.name, row))
-    return done, known
+def write_errors_file(features_dir: Path, catalog: Catalog) -> int:
+    """Rewrite errors.jsonl beside the shards: every current file that could not be used, and why."""
+    failures = catalog.failures()
+    atomic_write_text(features_dir / ERRORS_FILE, "".join(
+        json.dumps({"path": p, "reason": r}, ensure_ascii=False) + "\n" for p, r in failures))
+    return len(failures)
 
 
-def write_errors_file(features_dir: Path) -> int:
-    """Rewrite errors.jsonl beside the shards: every file that could not be used, with its reason."""
-    lines = []
-    for p in list_shards(features_dir):
-        data = read_shard(p, features=False)
-        lines += [json.dumps({"path": ep, "reason": er, "shard": p.name}, ensure_ascii=False)
-                  for ep, er in zip(data.error_paths, data.error_reasons)]
-    atomic_write_text(features_dir / ERRORS_FILE, "".join(line + "\n" for line in lines))
-    return len(lines)
+def _stat(path: Path) -> tuple[int | None, float | None]:
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime
+    except OSError:
+        return None, None
+
+
+def _under(path: str, scopes: list[str]) -> bool:
+    return any(path == s or path.startswith(s.rstrip(os.sep) + os.sep) for s in scopes)
 
 
 def extract(
@@ -178,10 +187,12 @@ def extract(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool | None = None,
 ) -> ExtractReport:
-    """Extract features of every image under `roots` into shards in `out`, skipping finished work.
+    """Bring the shards in `out` up to date with the images under `roots`, doing only new work.
 
     workers: decode processes (0 decodes in this process); threads: ONNX Runtime intra-op
     threads (0 = one per core); progress: a bar (None = only when stderr is a terminal).
+    Recorded images under `roots` that no longer exist are marked gone; images recorded under
+    other roots are left alone.
     """
     workers = default_workers() if workers is None else workers
     _validate(batch_size, shard_size, workers, threads, timeout)
@@ -194,39 +205,63 @@ def extract(
         raise PipelineError(f"no image files found under {', '.join(map(str, roots))} (looked for {exts})")
     start = time.monotonic()
     report = ExtractReport(features_dir=str(out), found=len(images))
-    with exclusive_lock(out, "pipeline extract"):
-        done, known = scan_done(out, info.weights_sha256)
-        todo = [str(p) for p in images if str(p) not in done]
-        report.already_done = len(images) - len(todo)
-        LOG.info("%d images found, %d already done, %d to extract", len(images), report.already_done, len(todo))
+    with exclusive_lock(out, "pipeline extract"), Catalog(out) as catalog:
+        check_model([shard_info(p) for p in list_shards(out)], info.weights_sha256)
+        catalog.reconcile()
+        entries = catalog.entries()
+        stats = {str(p): _stat(p) for p in images}
+        todo, changed = [], set()
+        for path, st in stats.items():
+            e = entries.get(path)
+            recorded = e is not None and e.status != "gone"
+            if recorded and st[0] is not None and (e.size, e.mtime) == st:
+                report.unchanged += 1
+                continue
+            todo.append(path)
+            if recorded:
+                changed.add(path)
+        scopes = [str(Path(r).absolute()) for r in roots]
+        missing = {p for p, e in entries.items() if e.status != "gone" and p not in stats and _under(p, scopes)}
+        LOG.info("%d images found: %d unchanged, %d to decode, %d recorded ones missing",
+                 len(images), report.unchanged, len(todo), len(missing))
+        moved_from: set[str] = set()
         if todo:
-            _run(todo, known, out, model_path, info, report, workers=workers, batch_size=batch_size,
-                 shard_size=shard_size, threads=threads, device=device,
+            _run(todo, stats, changed, missing, moved_from, catalog, out, model_path, info, report,
+                 workers=workers, batch_size=batch_size, shard_size=shard_size, threads=threads, device=device,
                  settings=DecodeSettings(info.input_size, max_pixels, timeout), progress=progress)
-        report.failed_total = write_errors_file(out)
+        catalog.mark_gone(missing)
+        report.changed = len(changed)
+        report.deleted = len(missing - moved_from)
+        report.new = len(todo) - report.changed - report.moved
+        report.failed_total = write_errors_file(out, catalog)
     report.seconds = time.monotonic() - start
     return report
 
 
-def _run(todo: list[str], known: dict[str, tuple[str, int]], out: Path, model_path: Path, info: ModelInfo,
-         report: ExtractReport, *, workers: int, batch_size: int, shard_size: int, threads: int, device: str,
-         settings: DecodeSettings, progress: bool | None) -> None:
-    """Decode `todo` in workers, run the model in batches, write shards; identical files run once."""
+def _run(todo: list[str], stats: dict, changed: set[str], missing: set[str], moved_from: set[str], catalog: Catalog,
+         out: Path, model_path: Path, info: ModelInfo, report: ExtractReport, *, workers: int, batch_size: int,
+         shard_size: int, threads: int, device: str, settings: DecodeSettings, progress: bool | None) -> None:
+    """Decode `todo` in workers, run the model in batches, write shards; known contents run no model."""
+    known = catalog.live_by_hash()  # content hash -> (shard, row, path), including missing paths
     pool = DecodePool(workers, settings)  # workers start while the session loads
     try:
         fm = FeatureModel(model_path, threads=threads, device=device)
     except BaseException:
         pool.close()
         raise
-    writer = _ShardWriter(out, info, model_path, shard_size)
+    writer = ShardWriter(out, info, model_path, shard_size, catalog)
     size = info.input_size
     batch = np.empty((batch_size, size, size, 3), np.uint8)
     batch_items: list[tuple[str, object]] = []  # (path, Decoded) of the rows of `batch`
     waiting: dict[str, list[tuple[str, object]]] = {}  # hash -> copies of an image in the current batch
 
-    def add_copy(path: str, decoded, feature: np.ndarray) -> None:
+    def add_copy(path: str, decoded, feature: np.ndarray, source: str) -> None:
         writer.add([path], feature[None], [decoded])
-        report.duplicates += 1
+        if source in missing and path not in changed:
+            report.moved += 1
+            moved_from.add(source)
+        else:
+            report.duplicates += 1
         bar.update(1)
 
     def run_batch() -> None:
@@ -237,24 +272,25 @@ def _run(todo: list[str], known: dict[str, tuple[str, int]], out: Path, model_pa
         where = writer.add([p for p, _ in batch_items], feats, [d for _, d in batch_items])
         report.extracted += n
         bar.update(n)
-        for j, (_, d) in enumerate(batch_items):
-            known[d.content_hash] = where[j]
-            for path, copy in waiting.pop(d.content_hash, []):
-                add_copy(path, copy, feats[j])
+        for j, (path, d) in enumerate(batch_items):
+            known[d.content_hash] = (*where[j], path)
+            for copy_path, copy in waiting.pop(d.content_hash, []):
+                add_copy(copy_path, copy, feats[j], path)
         batch_items.clear()
 
     with pool, Progress(len(todo), "extract", enabled=progress) as bar:
         for i, decoded, error in pool.imap(todo):
             path = todo[i]
             if error is not None:
-                writer.add_error(path, error)
+                writer.add_error(path, error, stats[path])
                 report.failures.append((path, error))
                 report.failed += 1
                 bar.update(1, failed=1)
                 continue
             h = decoded.content_hash
             if h in known:
-                add_copy(path, decoded, writer.row(*known[h]))
+                shard, row, source = known[h]
+                add_copy(path, decoded, writer.row(shard, row), source)
             elif h in waiting:
                 waiting[h].append((path, decoded))
             else:
@@ -270,18 +306,18 @@ def _run(todo: list[str], known: dict[str, tuple[str, int]], out: Path, model_pa
 
 def summary_lines(report: ExtractReport, max_failures: int = 50) -> list[str]:
     """The end-of-run summary a person reads: counts, speed, and every failure with its reason."""
+    r = report
     lines = [
-        f"{report.found} images found, {report.already_done} already done, {report.extracted} extracted, "
-        f"{report.duplicates} duplicates of extracted files, "
-        f"{report.failed} failed, {len(report.shards_written)} shards written to {report.features_dir} "
-        f"in {report.seconds:.1f} s ({report.images_per_second:.1f} img/s)"
+        f"{r.found} images found: {r.new} new, {r.changed} changed, {r.moved} moved, {r.unchanged} unchanged; "
+        f"{r.deleted} deleted",
+        f"{r.extracted} run through the model ({r.images_per_second:.1f} img/s), {r.duplicates} duplicates reused, "
+        f"{r.failed} failed; {len(r.shards_written)} shards written to {r.features_dir} in {r.seconds:.1f} s",
     ]
-    if report.failed_total:
-        lines.append(f"{report.failed_total} files could not be used ({report.failed} in this run), "
-                     f"all listed in {Path(report.features_dir) / ERRORS_FILE}")
-    if report.failures:
-        lines += [f"  {p}: {r}" for p, r in report.failures[:max_failures]]
-        if report.failed > max_failures:
-            lines.append(f"  ... and {report.failed - max_failures} more")
+    if r.failed_total:
+        lines.append(f"{r.failed_total} files could not be used ({r.failed} in this run), "
+                     f"all listed in {Path(r.features_dir) / ERRORS_FILE}")
+    if r.failures:
+        lines += [f"  {p}: {reason}" for p, reason in r.failures[:max_failures]]
+        if r.failed > max_failures:
+            lines.append(f"  ... and {r.failed - max_failures} more")
     return lines
-

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import tempfile
 from contextlib import contextmanager
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import BusyError
+
+LOG = logging.getLogger(__name__)
 
 
 def fsync_dir(path: Path) -> None:
@@ -60,7 +63,8 @@ def atomic_write_text(final: Path, text: str) -> None:
 def exclusive_lock(directory: Path, what: str) -> Iterator[None]:
     """Hold `directory/.lock` (flock) for the duration; a second holder gets BusyError at once.
 
-    The kernel drops a flock when its process dies, so a killed run never leaves a stale lock.
+    The kernel drops a flock when its process dies, so a killed run never leaves a stale lock;
+    the pid it wrote tells the next holder that it is taking over from a run that did not finish.
     """
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -72,8 +76,14 @@ def exclusive_lock(directory: Path, what: str) -> Iterator[None]:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
                 raise BusyError(f"{what} is already running on {directory} (pid {holder}); try again later") from None
             raise
+        previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if previous:  # the holder died without releasing: the kernel dropped its flock, we take over
+            LOG.warning("%s: a previous run (pid %s) on %s did not finish; taking over its lock", what, previous, directory)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # a clean exit leaves no pid behind
     finally:
         os.close(fd)

@@ -27,6 +27,7 @@ import numpy as np
 from . import __version__
 from .errors import PipelineError
 from .fsutil import atomic_write_text, exclusive_lock, fsync_dir
+from .catalog import CATALOG_FILE, Catalog
 from .progress import Progress
 from .shards import ShardInfo, check_model, list_shards, read_rows, read_shard, shard_info
 
@@ -194,11 +195,11 @@ def build_index(
     shards = list_shards(features_dir)
     if not shards:
         raise PipelineError(f"no shards in {features_dir}: run `pipeline extract` first")
-    infos = [shard_info(p) for p in shards]
-    check_model(infos)
-    infos = [i for i in infos if i.count > 0]
-    n = sum(i.count for i in infos)
-    dim = infos[0].dim
+    all_infos = [shard_info(p) for p in shards]
+    check_model(all_infos)
+    parts, digest = _live_parts(features_dir, all_infos)
+    n = sum(len(rows) for _, rows in parts)
+    dim = all_infos[0].dim
     plan = plan_index(n, dim, factory=factory, nlist=nlist, flat_below=flat_below, train_per_list=train_per_list,
                       max_memory=max_memory)
     LOG.info("index plan: %s (%s)", plan.factory, plan.reason)
@@ -222,10 +223,10 @@ def build_index(
             rest = np.setdiff1d(np.arange(n), train_ids, assume_unique=True)
             held_out = len(rest) >= n_q
             q_ids = np.sort(rng.choice(rest if held_out else np.arange(n), size=n_q, replace=False))
-            queries = _rows_by_id(infos, q_ids)
+            queries = _rows_by_id(parts, q_ids)
             if not index.is_trained:
                 LOG.info("training on %d vectors", len(train_ids))
-                index.train(_rows_by_id(infos, train_ids))
+                index.train(_rows_by_id(parts, train_ids))
         timings["train_s"] = time.monotonic() - t0
 
         versions = out_dir / VERSIONS_DIR
@@ -235,7 +236,7 @@ def build_index(
         tmp.mkdir()
         try:
             t0 = time.monotonic()
-            truth, ids_writer = _fill(index, infos, tmp / IDS_FILE, queries, 10, progress)
+            truth, ids_writer = _fill(index, parts, tmp / IDS_FILE, queries, 10, progress)
             timings["add_s"] = time.monotonic() - t0
             assert index.ntotal == n, f"index holds {index.ntotal} vectors, expected {n}"
 
@@ -255,8 +256,8 @@ def build_index(
                 "pipeline_version": __version__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "version": version,
-                "model": {"name": infos[-1].model_name, "weights_sha256": infos[-1].model_sha256,
-                          "path": infos[-1].model_path},
+                "model": {"name": all_infos[-1].model_name, "weights_sha256": all_infos[-1].model_sha256,
+                          "path": all_infos[-1].model_path},
                 "count": n,
                 "dim": dim,
                 "metric": "inner_product",
@@ -269,7 +270,8 @@ def build_index(
                 "build_seconds": round(time.monotonic() - t_start, 3),
                 "timings": {k: round(v, 3) for k, v in timings.items()},
                 "features_dir": str(features_dir.resolve()),
-                "shards": [{"name": i.path.name, "count": i.count, "created": i.created} for i in infos],
+                "shards": [{"name": i.path.name, "count": len(rows), "created": i.created} for i, rows in parts],
+                "live_digest": digest,
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
             for f in tmp.iterdir():
@@ -312,7 +314,17 @@ class _Background(threading.Thread):
             raise self.error
 
 
-def _fill(index, infos: list[ShardInfo], ids_path: Path, queries: np.ndarray | None, k: int,
+def _live_parts(features_dir: Path, infos: list[ShardInfo]) -> tuple[list[tuple[ShardInfo, np.ndarray]], str | None]:
+    """The rows to index, per shard: the catalog's live rows (deleted, changed and moved-away images
+    left out), or every row when the folder has no catalog. Also the catalog's live digest."""
+    if not (features_dir / CATALOG_FILE).exists():
+        return [(i, np.arange(i.count)) for i in infos if i.count], None
+    with Catalog(features_dir) as catalog:
+        live, digest = catalog.live_rows(), catalog.live_digest()
+    return [(i, live[i.path.name]) for i in infos if len(live.get(i.path.name, ()))], digest
+
+
+def _fill(index, parts: list[tuple[ShardInfo, np.ndarray]], ids_path: Path, queries: np.ndarray | None, k: int,
           progress: bool | None) -> tuple[np.ndarray | None, _Background]:
     """Add every shard to the index, streaming; meanwhile a thread reads the next shard and writes the
     id table. With `queries`, the exact top-(k+1) of each query is gathered on the way (for recall).
@@ -325,12 +337,13 @@ def _fill(index, infos: list[ShardInfo], ids_path: Path, queries: np.ndarray | N
             db.execute("PRAGMA journal_mode=OFF")
             db.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT NOT NULL, hash TEXT NOT NULL)")
             next_id = 0
-            for info in infos:
+            for info, rows in parts:
                 data = read_shard(info.path)
-                features.put(data.features)
+                features.put(data.features[rows])
                 db.executemany("INSERT INTO images VALUES (?, ?, ?)",
-                               zip(range(next_id, next_id + info.count), data.paths, data.hashes))
-                next_id += info.count
+                               zip(range(next_id, next_id + len(rows)), (data.paths[r] for r in rows),
+                                   (data.hashes[r] for r in rows)))
+                next_id += len(rows)
             db.execute("CREATE INDEX images_path ON images(path)")
             db.commit()
         except BaseException:
@@ -342,8 +355,8 @@ def _fill(index, infos: list[ShardInfo], ids_path: Path, queries: np.ndarray | N
     reader = _Background(read_and_record)
     heap = faiss.ResultHeap(len(queries), k + 1, keep_max=True) if queries is not None else None
     offset = 0
-    with Progress(sum(i.count for i in infos), "index", enabled=progress) as bar:
-        for info in infos:
+    with Progress(sum(len(rows) for _, rows in parts), "index", enabled=progress) as bar:
+        for _ in parts:
             feats = features.get()
             if feats is None:
                 reader.join()
@@ -376,17 +389,18 @@ def _tune(index, plan: IndexPlan, queries: np.ndarray, q_ids: np.ndarray, truth:
             "recall_queries": len(q_ids), "query_ms": round(ms, 4), "nprobe_sweep": tried}
 
 
-def _rows_by_id(infos: list[ShardInfo], ids: np.ndarray) -> np.ndarray:
-    """Feature rows by global id (sorted), read shard by shard (whole shards when many rows are wanted)."""
-    starts = np.concatenate([[0], np.cumsum([i.count for i in infos])])
-    parts = []
-    for s, info in enumerate(infos):
-        rows = ids[(ids >= starts[s]) & (ids < starts[s + 1])] - starts[s]
-        if len(rows) > info.count // 8:
-            parts.append(read_shard(info.path).features[rows])
-        elif len(rows):
-            parts.append(read_rows(info.path, rows))
-    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+def _rows_by_id(parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray) -> np.ndarray:
+    """Feature rows by global id (sorted; ids count the indexed rows in order), read shard by shard
+    (whole shards when many of their rows are wanted)."""
+    starts = np.concatenate([[0], np.cumsum([len(rows) for _, rows in parts])])
+    out = []
+    for s, (info, rows) in enumerate(parts):
+        wanted = rows[ids[(ids >= starts[s]) & (ids < starts[s + 1])] - starts[s]]
+        if len(wanted) > info.count // 8:
+            out.append(read_shard(info.path).features[wanted])
+        elif len(wanted):
+            out.append(read_rows(info.path, wanted))
+    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 
 
 def current_version(index_dir: Path) -> Path:

@@ -130,6 +130,12 @@ def shard_info(path: Path) -> ShardInfo:
                          str(a["model_sha256"]), int(a["dim"]), str(a["created"]), str(a.get("model_path", "")))
 
 
+def shard_model(path: Path) -> tuple[ModelInfo, str]:
+    """The model a shard was made with (its recipe) and the model file path it recorded."""
+    with _open(path) as f:
+        return ModelInfo(**json.loads(f.attrs["recipe"])), str(f.attrs.get("model_path", ""))
+
+
 def read_shard(path: Path, features: bool = True) -> ShardData:
     """All rows of a shard; `features=False` skips the feature matrix (for bookkeeping)."""
     with _open(path) as f:

@@ -67,7 +67,7 @@ def test_duplicates_run_once_and_stay_findable(tmp_path, tiny_model):
     assert (report.extracted, report.duplicates) == (2, 2)
     (tmp_path / "imgs" / "later_copy.png").write_bytes(src.read_bytes())  # a copy of an earlier shard's image
     again = extract([tmp_path / "imgs"], tmp_path / "f", tiny_model, workers=0, progress=False)
-    assert (again.extracted, again.duplicates, again.already_done) == (0, 1, 4)
+    assert (again.extracted, again.duplicates, again.unchanged) == (0, 1, 4)
     paths, feats, _ = all_rows(tmp_path / "f")
     by_name = {Path(p).name: f for p, f in zip(paths, feats)}
     assert len(paths) == 5
@@ -79,7 +79,7 @@ def test_rerun_does_only_missing_work(tmp_path, tiny_model, gallery):
     first = extract([gallery], tmp_path / "f", tiny_model, workers=1, shard_size=5, progress=False)
     assert first.extracted == 12 and len(first.shards_written) == 3
     again = extract([gallery], tmp_path / "f", tiny_model, workers=1, shard_size=5, progress=False)
-    assert (again.extracted, again.already_done, again.shards_written) == (0, 12, [])
+    assert (again.extracted, again.unchanged, again.shards_written) == (0, 12, [])
     list_shards(tmp_path / "f")[-1].unlink()  # as if the run had died before its last shard
     (tmp_path / "f" / ".shard-00003.h5.abc.tmp").write_bytes(b"half a shard")  # and left a temporary
     resumed = extract([gallery], tmp_path / "f", tiny_model, workers=1, shard_size=5, progress=False)

@@ -1,0 +1,116 @@
+"""The nightly job in one call: incremental extract -> compact shards -> build index -> publish.
+
+Layout of a workdir: features/ (shards, catalog.sqlite, errors.jsonl), index/ (CURRENT,
+versions/). A lock on the workdir makes a second run exit at once (BusyError, exit 75); a run
+killed at any moment leaves the published index untouched and the next run picks up the work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .catalog import Catalog
+from .errors import PipelineError
+from .extract import ExtractReport, RowMeta, ShardWriter, extract
+from .fsutil import exclusive_lock
+from .index import META_FILE, build_index, current_version
+from .shards import read_shard, shard_model
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class RebuildReport:
+    extract: ExtractReport
+    compacted: list[str]
+    index_built: bool
+    index_meta: dict
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"extract": self.extract.to_dict(), "compacted_shards": self.compacted,
+                "index_built": self.index_built, "index": self.index_meta, "seconds": round(self.seconds, 3)}
+
+
+def compact(features_dir: Path, below: float = 0.5, shard_size: int = 512) -> list[str]:
+    """Rewrite the live rows of shards whose live fraction is under `below` into new shards, then
+    delete those shards. The caller holds the features folder's lock. Returns the retired names.
+
+    Crash-safe: new shards are recorded before old ones are retired; a shard left behind with
+    no live rows is retired by the next compaction, and never indexed meanwhile.
+    """
+    with Catalog(features_dir) as catalog:
+        live = catalog.live_rows()
+        victims = [name for name, n in sorted(catalog.shard_rows().items())
+                   if len(live.get(name, ())) < below * n or n == 0]
+        if not victims:
+            return []
+        info, model_path = shard_model(features_dir / victims[0])
+        writer = ShardWriter(features_dir, info, model_path, shard_size, catalog)
+        for name in victims:
+            rows = live.get(name, np.zeros(0, np.int64))
+            if len(rows):
+                d = read_shard(features_dir / name)
+                writer.add([d.paths[r] for r in rows], d.features[rows],
+                           [RowMeta(d.hashes[r], int(d.sizes[r]), float(d.mtimes[r])) for r in rows])
+        writer.flush()
+        catalog.retire(victims)
+    LOG.info("compacted %d shard(s) with under %.0f%% live rows into %d", len(victims), below * 100, len(writer.written))
+    return victims
+
+
+def rebuild(
+    roots: list[Path | str],
+    workdir: Path | str,
+    model: Path | str | None = None,
+    *,
+    keep: int = 3,
+    compact_below: float = 0.5,
+    target_recall: float = 0.95,
+    **extract_options,
+) -> RebuildReport:
+    """Bring workdir's features and published index up to date with the images under `roots`."""
+    if not 0 <= compact_below <= 1:
+        raise PipelineError(f"--compact-below must be between 0 and 1 (got {compact_below})")
+    workdir = Path(workdir)
+    features, index_dir = workdir / "features", workdir / "index"
+    start = time.monotonic()
+    with exclusive_lock(workdir, "pipeline rebuild"):
+        LOG.info("rebuild started: %s -> %s", ", ".join(map(str, roots)), workdir)
+        t = time.monotonic()
+        ex = extract(roots, features, model, **extract_options)
+        LOG.info("extract: %d new, %d changed, %d moved, %d deleted, %d unchanged; %d through the model, "
+                 "%d failed (%.1f s)", ex.new, ex.changed, ex.moved, ex.deleted, ex.unchanged, ex.extracted,
+                 ex.failed, time.monotonic() - t)
+        for path, reason in ex.failures:
+            LOG.warning("could not use %s: %s", path, reason)
+        with exclusive_lock(features, "pipeline extract"):
+            compacted = compact(features, compact_below, extract_options.get("shard_size", 512))
+        with Catalog(features) as catalog:
+            digest = catalog.live_digest()
+        published = _published_meta(index_dir)
+        if published.get("live_digest") == digest:
+            LOG.info("index is up to date (%s): nothing to build", published.get("version"))
+            built, meta = False, published
+        else:
+            t = time.monotonic()
+            meta = build_index(features, index_dir, keep=keep, target_recall=target_recall, progress=False).meta
+            built = True
+            LOG.info("published index %s: %d images, %s (%.1f s)", meta["version"], meta["count"], meta["factory"],
+                     time.monotonic() - t)
+    report = RebuildReport(ex, compacted, built, meta, time.monotonic() - start)
+    LOG.info("rebuild finished in %.1f s", report.seconds)
+    return report
+
+
+def _published_meta(index_dir: Path) -> dict:
+    try:
+        return json.loads((current_version(index_dir) / META_FILE).read_text())
+    except (PipelineError, OSError, ValueError):
+        return {}
