@@ -258,6 +258,7 @@ def rebuild(
     batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 8,
     shard_size: Annotated[int, typer.Option(help="Images per shard (the unit of resume).")] = 512,
     threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: one per core).")] = 0,
+    flat_below: Annotated[int, typer.Option(help="Use exact search for collections smaller than this.")] = 20_000,
     log_file: Annotated[Optional[Path], typer.Option(help="Also append timestamped log lines to this file.")] = None,
     strict: Annotated[bool, typer.Option(help=f"Exit {EXIT_STRICT_FAILURES} if any image of the collection cannot be used.")] = False,
     as_json: JsonOpt = False,
@@ -275,7 +276,8 @@ def rebuild(
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger().addHandler(handler)
     try:
-        report = run_rebuild(roots, workdir, model, keep=keep, compact_below=compact_below, workers=workers,
+        report = run_rebuild(roots, workdir, model, keep=keep, compact_below=compact_below, flat_below=flat_below,
+                             workers=workers,
                              batch_size=batch_size, shard_size=shard_size, threads=threads, progress=False)
     except PipelineError as exc:
         logging.getLogger("pipeline").error("rebuild failed: %s", exc)

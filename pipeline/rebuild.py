@@ -19,7 +19,7 @@ from .catalog import Catalog
 from .errors import PipelineError
 from .extract import ExtractReport, RowMeta, ShardWriter, extract
 from .fsutil import exclusive_lock
-from .index import META_FILE, build_index, current_version
+from .index import DEFAULT_FLAT_BELOW, META_FILE, build_index, current_version
 from .shards import read_shard, shard_model
 
 LOG = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def rebuild(
     keep: int = 3,
     compact_below: float = 0.5,
     target_recall: float = 0.95,
+    flat_below: int = DEFAULT_FLAT_BELOW,
     **extract_options,
 ) -> RebuildReport:
     """Bring workdir's features and published index up to date with the images under `roots`."""
@@ -100,7 +101,8 @@ def rebuild(
             built, meta = False, published
         else:
             t = time.monotonic()
-            meta = build_index(features, index_dir, keep=keep, target_recall=target_recall, progress=False).meta
+            meta = build_index(features, index_dir, keep=keep, target_recall=target_recall, flat_below=flat_below,
+                               progress=False).meta
             built = True
             LOG.info("published index %s: %d images, %s (%.1f s)", meta["version"], meta["count"], meta["factory"],
                      time.monotonic() - t)

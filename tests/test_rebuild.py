@@ -112,7 +112,7 @@ def test_overlapping_run_exits_75_and_stale_lock_is_taken_over(tmp_path, tiny_mo
 
 def _rebuild_cmd(root: Path, work: Path, model: Path) -> list[str]:
     return [sys.executable, "-m", "pipeline", "rebuild", str(root), "--workdir", str(work), "--model", str(model),
-            "--workers", "1", "--batch-size", "2", "--shard-size", "3", "--compact-below", "0.7"]
+            "--workers", "1", "--batch-size", "2", "--shard-size", "3", "--compact-below", "0.7", "--flat-below", "30"]
 
 
 def test_kill_at_any_moment(tmp_path, tiny_model):
@@ -120,13 +120,13 @@ def test_kill_at_any_moment(tmp_path, tiny_model):
     still answers, a rerun completes, and then every live image is indexed exactly once."""
     rng = random.Random(0)
     root, work = tmp_path / "photos", tmp_path / "work"
-    make_collection(root, range(24))
+    make_collection(root, range(40))  # >= 39: an IVF index, so kills also land in k-means training
     cmd = _rebuild_cmd(root, work, tiny_model)
     t0 = time.monotonic()
     subprocess.run(cmd, check=True, capture_output=True)
     full = time.monotonic() - t0
     next_seed = 1000
-    for round_ in range(8):
+    for round_ in range(10):
         files = sorted(root.rglob("*.png"))  # change the collection: add, delete, rename
         for p in rng.sample(files, 2):
             p.unlink()
@@ -135,7 +135,7 @@ def test_kill_at_any_moment(tmp_path, tiny_model):
         make_collection(root, range(next_seed, next_seed + 4))
         next_seed += 4
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(full * (round_ + 0.5) / 8)
+        time.sleep(full * (round_ + 0.5) / 10)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         searcher = Searcher(work / "index", model=tiny_model)  # (a) the published index still answers
