@@ -51,21 +51,24 @@ def part_1m(workdir: Path, n: int, seed: int) -> dict:
     data = np.concatenate([read_shard(p).features for p in list_shards(features)])
     _, truth = faiss.knn(queries, data, 10, metric=faiss.METRIC_INNER_PRODUCT)
     del data
-    searcher.search_vectors(queries[:10], 10)  # warm the mapped pages a little
-    lat = []
-    found = []
-    for q in queries:
+    cold, lat, found = [], [], []
+    for q in queries:  # first pass: the mapped lists are touched for the first time
         t = time.perf_counter()
         hits = searcher.search_vectors(q[None], 10)[0]
-        lat.append((time.perf_counter() - t) * 1000)
+        cold.append((time.perf_counter() - t) * 1000)
         found.append([int(Path(h.path).stem) for h in hits])
+    for q in queries:  # second pass: a warm server
+        t = time.perf_counter()
+        searcher.search_vectors(q[None], 10)
+        lat.append((time.perf_counter() - t) * 1000)
     recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]))
     t = time.perf_counter()
     searcher.search_vectors(queries, 10)
     qps = len(queries) / (time.perf_counter() - t)
     return {"n": searcher.count, "factory": searcher.meta["factory"], "nprobe": searcher.nprobe,
             "load_ms": round(load_s * 1000, 1), "p50_ms": round(float(np.percentile(lat, 50)), 3),
-            "p99_ms": round(float(np.percentile(lat, 99)), 3), "batch_qps": round(qps),
+            "p99_ms": round(float(np.percentile(lat, 99)), 3), "cold_p50_ms": round(float(np.percentile(cold, 50)), 3),
+            "cold_p99_ms": round(float(np.percentile(cold, 99)), 3), "batch_qps": round(qps),
             "recall_at_10": round(recall, 4)}
 
 
@@ -124,8 +127,10 @@ def main() -> None:
         f"`{res['command']}`\n",
         f"{a['n']:,} synthetic vectors ({a['factory']}, tuned nprobe {a['nprobe']}), through `Searcher` "
         "(memory-mapped index, id -> path look-up included), 1,000 held-out queries:\n",
-        "| load | single query p50 | p99 | batch of 1,000 | recall@10 vs exact |", "|---|---|---|---|---|",
-        f"| {a['load_ms']} ms | **{a['p50_ms']} ms** | {a['p99_ms']} ms | {a['batch_qps']} queries/s | **{a['recall_at_10']}** |",
+        "| load | single query p50 (warm) | p99 (warm) | first touch p50 / p99 | batch of 1,000 | recall@10 vs exact |",
+        "|---|---|---|---|---|---|",
+        f"| {a['load_ms']} ms | **{a['p50_ms']} ms** | {a['p99_ms']} ms | {a['cold_p50_ms']} / {a['cold_p99_ms']} ms | "
+        f"{a['batch_qps']} queries/s | **{a['recall_at_10']}** |",
         "",
         f"Real sample collection ({r['images']} images), one image query: a whole `pipeline search` process "
         f"takes {r['process_s']} s = Python start-up and imports + load index {r['load_index_ms']} ms + load model "
