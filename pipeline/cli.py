@@ -286,3 +286,32 @@ def rebuild(
         _emit(report.to_dict())
     if strict and report.extract.failed_total:
         raise typer.Exit(EXIT_STRICT_FAILURES)
+
+
+@app.command("eval")
+def eval_(
+    index: Annotated[Path, typer.Option("--index", "-i", help="Index folder to evaluate.")],
+    groundtruth: Annotated[Path, typer.Option("--groundtruth", "-g", help='JSON list of {"query", "positives", "ignore"}.')],
+    queries: Annotated[Path, typer.Option("--queries", "-q", help="Folder holding the query images.")],
+    root: Annotated[Optional[Path], typer.Option(help="Folder the positives are named relative to (default: common folder of the indexed paths).")] = None,
+    nprobe: Annotated[Optional[int], typer.Option(help="Override the index's tuned nprobe.")] = None,
+    exact: Annotated[bool, typer.Option(help="Probe every IVF list (exact search for IVF-Flat), for comparison.")] = False,
+    per_query: Annotated[Optional[Path], typer.Option("--per-query", help="Write one CSV row per query here.")] = None,
+    model: ModelOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure retrieval quality against ground truth: mAP, recall@1/5/10, precision@1/5/10."""
+    from .evaluate import evaluate, write_per_query
+
+    try:
+        report = evaluate(index, groundtruth, queries, model=model, nprobe=nprobe, exact=exact, root=root)
+    except PipelineError as exc:
+        raise _fail(exc)
+    if per_query is not None:
+        write_per_query(report, per_query)
+    d = report.to_dict()
+    if as_json:
+        _emit(d)
+    else:
+        typer.echo(f"{d['queries']} queries: mAP {d['mAP']:.4f}, recall@1 {d['recall@1']:.4f}, "
+                   f"recall@5 {d['recall@5']:.4f}, recall@10 {d['recall@10']:.4f}, precision@5 {d['precision@5']:.4f}")
