@@ -35,7 +35,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from benchlib import record, targets_line  # noqa: E402
 from pipeline.images import load_image  # noqa: E402
 from pipeline.shards import list_shards, read_shard  # noqa: E402
 
@@ -186,23 +188,13 @@ def publish(res: dict, no_doc: bool) -> None:
         f"| int8 | {i['bare_img_s']} | {i['extract_img_s']} | {i['ratio_extract_to_bare']} | |",
         "",
         f"int8 vs fp32, end to end: **{i['speedup_extract']}x**; cosine of int8 to fp32 features: mean "
-        f"**{i['cosine_to_fp32_mean']}**, min {i['cosine_to_fp32_min']}. Targets met: "
-        + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in res["targets"].items()) + ".",
+        f"**{i['cosine_to_fp32_mean']}**, min {i['cosine_to_fp32_min']}. " + targets_line(res["targets"]),
     ]
     if "sweep" in res:
         table += ["", "| sweep | threads / workers | batch | img/s |", "|---|---|---|---|"]
         table += [f"| {s['model']} {'extract' if 'extract_workers' in s else 'bare'} | "
                   f"{s.get('threads', s.get('extract_workers'))} | {s['batch']} | {s['img_s']} |" for s in res["sweep"]]
-    text = "\n".join(table) + "\n"
-    print(text)
-    if not no_doc:
-        doc = ROOT / "docs" / "benchmarks.md"
-        if not doc.exists():
-            doc.parent.mkdir(parents=True, exist_ok=True)
-            doc.write_text("# Benchmarks\n\nFigures measured on the project's 2-core machine; each section names the "
-                           "command that produced it. Ratios are measured within one run.\n")
-        with doc.open("a") as fh:
-            fh.write(text)
+    record("\n".join(table) + "\n", no_doc)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from benchlib import record, targets_line  # noqa: E402
 from pipeline.model import ModelInfo  # noqa: E402
 from pipeline.shards import ShardData, list_shards, shard_name, write_shard  # noqa: E402
 
@@ -176,12 +178,9 @@ def main() -> None:
         f"({res['rss_over_index']}x). nprobe {res['nprobe']} (tuned: recall@10 {res['tuned_recall_at_10']}); on 1,000 "
         f"held-out queries: recall@10 {res['heldout_recall_at_10']}, {res['batch_qps']} queries/s in one batch, "
         f"single query p50 {res['latency_ms_p50']} ms / p99 {res['latency_ms_p99']} ms (one thread). "
-        "Targets met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in res["targets"].items()) + ".",
+        + targets_line(res["targets"]),
     ]) + "\n"
-    print(text)
-    if not args.no_doc:
-        with (ROOT / "docs" / "benchmarks.md").open("a") as fh:
-            fh.write(text)
+    record(text, args.no_doc)
 
 
 if __name__ == "__main__":

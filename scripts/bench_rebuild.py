@@ -25,7 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from benchlib import record  # noqa: E402
 from pipeline.index import IDS_FILE, current_version  # noqa: E402
 
 
@@ -83,11 +85,7 @@ def main() -> None:
               f"{r['unchanged']} | {r['extracted']} | {'yes' if r['index_built'] else 'no (up to date)'} |"
               for r in res["runs"]]
     lines += ["", f"Afterwards the index holds exactly the live files: {'yes' if exact else 'NO'}."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_doc:
-        with (ROOT / "docs" / "benchmarks.md").open("a") as fh:
-            fh.write(text)
+    record("\n".join(lines) + "\n", args.no_doc)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_index import DIM, clustered  # noqa: E402
+from benchlib import record, targets_line  # noqa: E402
 from pipeline.images import load_image  # noqa: E402
 from pipeline.search import Searcher  # noqa: E402
 from pipeline.shards import list_shards, read_shard  # noqa: E402
@@ -138,12 +139,9 @@ def main() -> None:
         f"A warm `Searcher` answers in {r['warm_query_ms']} ms, of which the model's inference is "
         f"{r['warm_model_ms']} ms: **{r['warm_overhead_ms']} ms** beyond it (decode, batching, faiss, ids).",
         "",
-        "Targets met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in res["targets"].items()) + ".",
+        targets_line(res["targets"]),
     ]) + "\n"
-    print(text)
-    if not args.no_doc:
-        with (ROOT / "docs" / "benchmarks.md").open("a") as fh:
-            fh.write(text)
+    record(text, args.no_doc)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,102 @@
+"""Make a held-out transformed-copy set (like shared/eval/copies-dev, from other pictures).
+
+Usage: python scripts/make_heldout.py --out bench-output/heldout [--pictures 40]
+
+Pictures: distinct ones from Debian's mate-backgrounds and plasma-workspace-wallpapers (fetched
+by scripts/fetch_photos.py's cache; copies-dev uses other packages), long side 640, JPEG q90, in
+db/. Queries: 4 per picture, each two random transformations in sequence, named like
+copies-dev (`pic0007_crop70+jpeg15.jpg`). Writes groundtruth.json. Seeded; never committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from fetch_photos import debian_pictures  # noqa: E402
+
+
+def crop(im, frac, off=False, rng=None):
+    w, h = im.size
+    cw, ch = int(w * frac), int(h * frac)
+    x = rng.randint(0, w - cw) if off else (w - cw) // 2
+    y = rng.randint(0, h - ch) if off else (h - ch) // 2
+    return im.crop((x, y, x + cw, y + ch))
+
+
+def jpeg(im, q):
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=q)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def text(im, rng):
+    im = im.copy()
+    d = ImageDraw.Draw(im)
+    w, h = im.size
+    d.rectangle((0, int(h * 0.75), w, h), fill=(255, 255, 255))
+    d.text((10, int(h * 0.8)), "SAMPLE TEXT 2026 " * 3, fill=(220, 0, 0))
+    return im
+
+
+def border(im):
+    w, h = im.size
+    small = im.resize((int(w * 0.8), int(h * 0.8)))
+    return ImageOps.expand(small, border=(int(w * 0.1), int(h * 0.1)), fill=(240, 240, 240))
+
+
+TRANSFORMS = {
+    "crop70": lambda im, r: crop(im, 0.7),
+    "crop50off": lambda im, r: crop(im, 0.6, off=True, rng=r),
+    "small160": lambda im, r: im.resize((160, max(1, round(160 * im.height / im.width)))),
+    "jpeg15": lambda im, r: jpeg(im, 15),
+    "rot10": lambda im, r: im.rotate(10, resample=Image.Resampling.BILINEAR, expand=False),
+    "flip": lambda im, r: ImageOps.mirror(im),
+    "gray": lambda im, r: ImageOps.grayscale(im).convert("RGB"),
+    "bright": lambda im, r: ImageEnhance.Contrast(ImageEnhance.Brightness(im).enhance(1.4)).enhance(0.6),
+    "blur": lambda im, r: im.filter(ImageFilter.GaussianBlur(3)),
+    "text": lambda im, r: text(im, r),
+    "border": lambda im, r: border(im),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench-output" / "heldout")
+    ap.add_argument("--cache", type=Path, default=ROOT / "bench-output" / "debian-wallpapers")
+    ap.add_argument("--pictures", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    rng = random.Random(args.seed)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    sources = debian_pictures(args.cache)
+    rng.shuffle(sources)
+    (args.out / "db").mkdir(parents=True, exist_ok=True)
+    (args.out / "queries").mkdir(parents=True, exist_ok=True)
+    gt = []
+    for i, src in enumerate(sources[: args.pictures]):
+        im = Image.open(src).convert("RGB")
+        im.thumbnail((640, 640), Image.Resampling.LANCZOS)
+        name = f"pic{i:04d}"
+        im.save(args.out / "db" / f"{name}.jpg", quality=90)
+        for _ in range(4):
+            a, b = rng.sample(sorted(TRANSFORMS), 2)
+            q = TRANSFORMS[b](TRANSFORMS[a](im, rng), rng)
+            qname = f"{name}_{a}+{b}.jpg"
+            q.save(args.out / "queries" / qname, quality=90)
+            gt.append({"query": qname, "positives": [f"{name}.jpg"]})
+    (args.out / "groundtruth.json").write_text(json.dumps(gt, indent=1))
+    print(f"{min(args.pictures, len(sources))} pictures, {len(gt)} queries in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

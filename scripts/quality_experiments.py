@@ -1,0 +1,172 @@
+"""Measure feature-recipe upgrades on labelled data: input size/aspect, pooling, query expansion.
+
+Usage:
+  python scripts/make_heldout.py --out bench-output/heldout     # once: our own held-out copy set
+  python scripts/quality_experiments.py [--sets holidays,copies,heldout] [--sizes squash224,long320,long448]
+
+Reads ../shared/eval/ when present (says so and skips those sets when absent). For each input
+policy, the VGG16 conv maps (block5_conv3 after ReLU) of every image are computed once, at the
+image's own aspect ratio for `longN` policies (one image per call: no padding); the pooling
+variants (MAC = the seed's global max, SPoC sum, GeM p=3, R-MAC) and average query expansion
+are then scored with exact cosine ranking and the same metrics as `pipeline eval`.
+Writes bench-output/quality.json and prints a Markdown table (for docs/quality.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.evaluate import score  # noqa: E402
+from pipeline.images import read_file, to_rgb  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "eval"
+
+
+def maps_session(model_path: Path) -> ort.InferenceSession:
+    """The feature model with block5_conv3's ReLU output exposed (before any pooling)."""
+    m = onnx.load(str(model_path))
+    m.graph.output.append(helper.make_tensor_value_info("block5_conv3/relu", TensorProto.FLOAT, None))
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def load(path: Path, policy: str) -> np.ndarray:
+    import io
+
+    from PIL import ImageOps
+
+    data, _ = read_file(path)
+    with Image.open(io.BytesIO(data)) as im:
+        im = to_rgb(ImageOps.exif_transpose(im))
+        if policy.startswith("squash"):
+            s = int(policy[6:])
+            im = im.resize((s, s), Image.Resampling.BILINEAR)
+        else:
+            s = int(policy[4:])
+            scale = s / max(im.size)
+            im = im.resize((max(32, round(im.width * scale)), max(32, round(im.height * scale))), Image.Resampling.BILINEAR)
+        return np.asarray(im, np.uint8)
+
+
+def rmac_regions(h: int, w: int, levels: int = 3) -> list[tuple[int, int, int, int]]:
+    """R-MAC regions (Tolias et al. 2016): square regions at `levels` scales, ~40% overlap."""
+    regions = [(0, 0, h, w)]
+    m = min(h, w)
+    for level in range(1, levels + 1):
+        size = max(1, int(2 * m / (level + 1)))
+        ny = max(1, round((h - size) / (size * 0.6)) + 1) if h > size else 1
+        nx = max(1, round((w - size) / (size * 0.6)) + 1) if w > size else 1
+        ys = np.linspace(0, h - size, ny).astype(int) if ny > 1 else [max(0, (h - size) // 2)]
+        xs = np.linspace(0, w - size, nx).astype(int) if nx > 1 else [max(0, (w - size) // 2)]
+        regions += [(y, x, min(h, y + size), min(w, x + size)) for y in ys for x in xs]
+    return regions
+
+
+def l2n(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def pool_all(fmap: np.ndarray) -> dict[str, np.ndarray]:
+    """Every pooling variant of one [C, h, w] map, L2-normalised."""
+    c = fmap.reshape(fmap.shape[0], -1)
+    out = {"mac": l2n(c.max(1)), "spoc": l2n(c.sum(1)), "gem3": l2n(np.cbrt(np.mean(np.maximum(c, 1e-6) ** 3, 1)))}
+    regs = [l2n(fmap[:, y0:y1, x0:x1].reshape(fmap.shape[0], -1).max(1)) for y0, x0, y1, x1 in rmac_regions(*fmap.shape[1:])]
+    out["rmac"] = l2n(np.sum(regs, 0))
+    return out
+
+
+def features(sess, files: list[Path], policy: str, cache: Path) -> tuple[dict[str, np.ndarray], float]:
+    """Pooled features of files (cached per policy); returns them and seconds per image."""
+    if cache.exists():
+        d = np.load(cache)
+        return {k: d[k] for k in d.files if k != "spi"}, float(d["spi"])
+    pooled: dict[str, list] = {}
+    t0 = time.perf_counter()
+    for f in files:
+        fmap = sess.run(["block5_conv3/relu"], {"image": load(f, policy)[None]})[0][0]
+        for k, v in pool_all(fmap).items():
+            pooled.setdefault(k, []).append(v)
+    spi = (time.perf_counter() - t0) / len(files)
+    out = {k: np.stack(v).astype(np.float32) for k, v in pooled.items()}
+    np.savez(cache, spi=spi, **out)
+    return out, spi
+
+
+def rank(q: np.ndarray, db: np.ndarray, names: list[str], qnames: list[str], qe: int = 0) -> list[list[str]]:
+    sims = q @ db.T
+    if qe:  # average query expansion: the query and its top-qe results (never itself), re-normalised
+        own = sims.copy()
+        index = {n: i for i, n in enumerate(names)}
+        for j, n in enumerate(qnames):
+            if n in index:
+                own[j, index[n]] = -np.inf
+        top = np.argsort(-own, axis=1)[:, :qe]
+        q2 = l2n(q + db[top].sum(1))
+        sims = q2 @ db.T
+    return [[names[i] for i in np.argsort(-row)] for row in sims]
+
+
+def datasets(heldout: Path) -> dict[str, tuple[list[Path], list[Path], list[dict]]]:
+    """name -> (database files, query files, ground truth)."""
+    out = {}
+    if (SHARED / "holidays-dev").is_dir():
+        gt = json.loads((SHARED / "holidays-dev" / "groundtruth.json").read_text())
+        db = sorted((SHARED / "holidays-dev" / "images").iterdir())
+        out["holidays"] = (db, [SHARED / "holidays-dev" / "images" / e["query"] for e in gt], gt)
+    else:
+        print(f"{SHARED} not found: skipping the shared evaluation sets")
+    if (SHARED / "copies-dev").is_dir():
+        gt = json.loads((SHARED / "copies-dev" / "groundtruth.json").read_text())
+        out["copies"] = (sorted((SHARED / "copies-dev" / "db").iterdir()),
+                         [SHARED / "copies-dev" / "queries" / e["query"] for e in gt], gt)
+    if (heldout / "groundtruth.json").exists():
+        gt = json.loads((heldout / "groundtruth.json").read_text())
+        out["heldout"] = (sorted((heldout / "db").iterdir()), [heldout / "queries" / e["query"] for e in gt], gt)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=ROOT / "models" / "vgg16.onnx")
+    ap.add_argument("--sizes", default="squash224,long320,long448")
+    ap.add_argument("--sets", default="holidays,copies,heldout")
+    ap.add_argument("--heldout", type=Path, default=ROOT / "bench-output" / "heldout")
+    ap.add_argument("--cache", type=Path, default=ROOT / "bench-output" / "quality-cache")
+    args = ap.parse_args()
+    args.cache.mkdir(parents=True, exist_ok=True)
+    sess = maps_session(args.model)
+    results = []
+    for name, (db, queries, gt) in datasets(args.heldout).items():
+        if name not in args.sets.split(","):
+            continue
+        files = sorted(set(db) | set(queries))
+        pos = {f: i for i, f in enumerate(files)}
+        names = [f.name for f in db]
+        for policy in args.sizes.split(","):
+            feats, spi = features(sess, files, policy, args.cache / f"{name}-{policy}.npz")
+            for pooling, x in feats.items():
+                dbx, qx = x[[pos[f] for f in db]], x[[pos[f] for f in queries]]
+                for qe in (0, 1, 2):
+                    rankings = {e["query"]: r for e, r in zip(gt, rank(qx, dbx, names, [e["query"] for e in gt], qe))}
+                    rep = score(rankings, gt).to_dict()
+                    row = {"set": name, "input": policy, "pooling": pooling, "qe": qe, "ms_per_image": round(spi * 1000),
+                           "mAP": rep["mAP"], "recall@1": rep["recall@1"]}
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+    (ROOT / "bench-output" / "quality.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
