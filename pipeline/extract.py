@@ -206,7 +206,7 @@ def extract(
     start = time.monotonic()
     report = ExtractReport(features_dir=str(out), found=len(images))
     with exclusive_lock(out, "pipeline extract"), Catalog(out) as catalog:
-        check_model([shard_info(p) for p in list_shards(out)], info.weights_sha256)
+        check_model([shard_info(p) for p in list_shards(out)], info.checksum)
         catalog.reconcile()
         entries = catalog.entries()
         stats = {str(p): _stat(p) for p in images}

@@ -256,7 +256,7 @@ def build_index(
                 "pipeline_version": __version__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "version": version,
-                "model": {"name": all_infos[-1].model_name, "weights_sha256": all_infos[-1].model_sha256,
+                "model": {"name": all_infos[-1].model_name, "checksum": all_infos[-1].model_sha256,
                           "path": all_infos[-1].model_path},
                 "count": n,
                 "dim": dim,

@@ -69,8 +69,16 @@ class ModelInfo:
                 "make one with `pipeline model export`"
             ) from None
 
+    @property
+    def checksum(self) -> str:
+        """Identity of the features this model makes: its weights and its whole recipe. Shards and
+        indexes record it; features are only ever compared with features of the same checksum."""
+        recipe = "|".join([self.weights_sha256, str(self.input_size), str(self.dim), self.preprocessing,
+                           self.pooling, self.resize])
+        return hashlib.sha256(recipe.encode()).hexdigest()
+
     def short(self) -> str:
-        return f"{self.name} (weights sha256 {self.weights_sha256[:12]})"
+        return f"{self.name} (checksum {self.checksum[:12]})"
 
 
 # ---------------------------------------------------------------- weights sources
@@ -186,15 +194,47 @@ def weights_checksum(layers: list[ConvLayer]) -> str:
 # ---------------------------------------------------------------- graph
 
 
-def build_feature_graph(layers: list[ConvLayer], name: str = "vgg16-imagenet-gmp", input_size: int = 224):
+POOLINGS = {
+    "max": "global max pooling of block5_conv3, L2-normalised",
+    "rmac": "R-MAC: max pooling of block5_conv3 over a fixed grid of regions at 3 scales (Tolias et al. 2016), "
+            "each L2-normalised, summed, L2-normalised",
+}
+PROFILES = {  # name -> (input_size, pooling); see docs/quality.md for how they were measured
+    "seed": (224, "max"),
+    "best": (224, "rmac"),
+}
+DEFAULT_PROFILE = "best"
+
+
+def rmac_regions(h: int, w: int, levels: int = 3) -> list[tuple[int, int, int, int]]:
+    """R-MAC regions (y0, x0, y1, x1) of an h x w map: the whole map, then square regions of side
+    2*min(h,w)/(l+1) at levels l = 1..levels, spread evenly with about 40% overlap."""
+    regions = [(0, 0, h, w)]
+    m = min(h, w)
+    for level in range(1, levels + 1):
+        size = max(1, int(2 * m / (level + 1)))
+        ny = max(1, round((h - size) / (size * 0.6)) + 1) if h > size else 1
+        nx = max(1, round((w - size) / (size * 0.6)) + 1) if w > size else 1
+        ys = np.linspace(0, h - size, ny).astype(int) if ny > 1 else [max(0, (h - size) // 2)]
+        xs = np.linspace(0, w - size, nx).astype(int) if nx > 1 else [max(0, (w - size) // 2)]
+        regions += [(int(y), int(x), min(h, int(y) + size), min(w, int(x) + size)) for y in ys for x in xs]
+    return regions
+
+
+def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_size: int = 224,
+                        pooling: str = "max"):
     """The ONNX feature graph (opset 17) for the given VGG-shaped conv layers.
 
-    Height and width are dynamic (the conv base accepts any size); `input_size` is the size
-    the recipe resizes images to, recorded in the metadata.
+    pooling "max": global max pooling, height and width dynamic (the conv base accepts any
+    size). pooling "rmac": R-MAC over regions fixed for `input_size` (so the input is
+    input_size x input_size). `input_size` is the size the recipe resizes images to.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    if pooling not in POOLINGS:
+        raise PipelineError(f"unknown pooling {pooling!r}: use {' or '.join(POOLINGS)}")
+    name = name or ("vgg16-imagenet-gmp" if pooling == "max" else f"vgg16-imagenet-rmac{input_size}")
     layers = _check_layers(layers)
     nodes = [
         helper.make_node("Cast", ["image"], ["x_float"], to=TensorProto.FLOAT),
@@ -220,26 +260,45 @@ def build_feature_graph(layers: list[ConvLayer], name: str = "vgg16-imagenet-gmp
                 helper.make_node("Relu", [f"{lname}/conv"], [f"{lname}/relu"]),
             ]
             x = f"{lname}/relu"
+        if b == len(VGG16_BLOCKS) - 1 and pooling == "rmac":
+            break  # R-MAC pools block5_conv3 itself
         pool = f"block{b + 1}_pool"
         nodes.append(helper.make_node("MaxPool", [x], [pool], kernel_shape=[2, 2], strides=[2, 2], name=pool))
         x = pool
     dim = layers[-1][1].shape[0]
-    nodes += [
-        helper.make_node("GlobalMaxPool", [x], ["gmp"]),
-        helper.make_node("Flatten", ["gmp"], ["pooled"], axis=1),
-        helper.make_node("ReduceL2", ["pooled"], ["norm"], axes=[1], keepdims=1),
-        helper.make_node("Max", ["norm", "l2_eps"], ["norm_safe"]),
-        helper.make_node("Div", ["pooled", "norm_safe"], ["features"]),
-    ]
+
+    def l2(src: str, dst: str) -> list:
+        return [helper.make_node("ReduceL2", [src], [f"{dst}/norm"], axes=[1], keepdims=1),
+                helper.make_node("Max", [f"{dst}/norm", "l2_eps"], [f"{dst}/safe"]),
+                helper.make_node("Div", [src, f"{dst}/safe"], [dst])]
+
+    if pooling == "max":
+        nodes += [helper.make_node("GlobalMaxPool", [x], ["gmp"]),
+                  helper.make_node("Flatten", ["gmp"], ["pooled"], axis=1), *l2("pooled", "features")]
+        height = width = None
+    else:
+        side = input_size // 16  # block5_conv3 comes after four 2x2 pools
+        regional = []
+        for r, (y0, x0, y1, x1) in enumerate(rmac_regions(side, side)):
+            inits += [numpy_helper.from_array(np.array(v, np.int64), f"region{r}/{k}")
+                      for k, v in (("starts", [y0, x0]), ("ends", [y1, x1]), ("axes", [2, 3]))]
+            nodes += [helper.make_node("Slice", [x, f"region{r}/starts", f"region{r}/ends", f"region{r}/axes"],
+                                       [f"region{r}/map"]),
+                      helper.make_node("ReduceMax", [f"region{r}/map"], [f"region{r}/max"], axes=[2, 3], keepdims=0),
+                      *l2(f"region{r}/max", f"region{r}/vec")]
+            regional.append(f"region{r}/vec")
+        nodes += [helper.make_node("Sum", regional, ["pooled"]), *l2("pooled", "features")]
+        height = width = input_size
     graph = helper.make_graph(
         nodes, name,
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", "height", "width", 3])],
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", height or "height", width or "width", 3])],
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", dim])],
         initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="pipeline")
     model.ir_version = 8
-    info = ModelInfo(name=name, weights_sha256=weights_checksum(layers), input_size=input_size, dim=dim)
+    info = ModelInfo(name=name, weights_sha256=weights_checksum(layers), input_size=input_size, dim=dim,
+                     pooling=POOLINGS[pooling])
     for key, value in info.to_metadata().items():
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model)
@@ -253,10 +312,18 @@ def save_model(model, out: Path) -> None:
     atomic_write_bytes(Path(out), model.SerializeToString())
 
 
-def export_model(out: Path = DEFAULT_MODEL_PATH, source: Path | None = None, input_size: int = 224) -> ModelInfo:
-    """Write the ImageNet VGG16 feature model to `out` from a weights source (see load_layers)."""
+def export_model(out: Path = DEFAULT_MODEL_PATH, source: Path | None = None, profile: str = DEFAULT_PROFILE,
+                 input_size: int | None = None, pooling: str | None = None) -> ModelInfo:
+    """Write the ImageNet VGG16 feature model to `out` from a weights source (see load_layers).
+
+    `profile` picks the recipe ("seed": the classic 224 squash + global max pooling; "best":
+    the best measured, see docs/quality.md); `input_size` / `pooling` override it.
+    """
+    if profile not in PROFILES:
+        raise PipelineError(f"unknown profile {profile!r}: use {', '.join(PROFILES)}")
+    size, pool = PROFILES[profile]
     layers, origin = load_layers(source)
-    model, info = build_feature_graph(layers, input_size=input_size)
+    model, info = build_feature_graph(layers, input_size=input_size or size, pooling=pooling or pool)
     model.metadata_props.add(key="pipeline.weights_source", value=origin)
     save_model(model, out)
     LOG.info("wrote %s: %s from %s", out, info.short(), origin)

@@ -114,9 +114,9 @@ class Searcher:
             use = self._model_arg or (recorded if recorded and Path(recorded).is_file() else None)
             fm = FeatureModel(use, threads=self._threads)
             want = self.meta["model"]
-            if fm.info.weights_sha256 != want["weights_sha256"]:
+            if fm.info.checksum != want["checksum"]:
                 raise ModelMismatchError(
-                    f"the index was built with model {want['name']} (weights sha256 {want['weights_sha256'][:12]}) "
+                    f"the index was built with model {want['name']} (checksum {want['checksum'][:12]}) "
                     f"but {fm.path} is {fm.info.short()}; rebuild the index or pass the right --model"
                 )
             self._model = fm

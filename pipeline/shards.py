@@ -7,7 +7,8 @@ Schema (version 1), file `shard-NNNNN.h5`:
   sizes     int64 [n]          file size in bytes
   mtimes    float64 [n]        file modification time (seconds since the epoch)
   errors/paths, errors/reasons utf-8 str [m]  files of this shard that could not be used
-  attrs: schema_version, model_name, model_sha256, model_path, recipe (JSON of ModelInfo), dim, count,
+  attrs: schema_version, model_name, model_sha256 (ModelInfo.checksum: weights and recipe), model_path,
+         recipe (JSON of ModelInfo), dim, count,
          error_count, created (ISO 8601 UTC), pipeline_version
 """
 
@@ -92,7 +93,7 @@ def write_shard(path: Path, data: ShardData, model: ModelInfo, model_path: str =
             f.attrs.update(
                 schema_version=SCHEMA_VERSION,
                 model_name=model.name,
-                model_sha256=model.weights_sha256,
+                model_sha256=model.checksum,
                 model_path=model_path,
                 recipe=json.dumps(asdict(model)),
                 dim=model.dim,

@@ -8,6 +8,7 @@ if [ ! -x .venv/bin/python ]; then "${PYTHON:-python3}" -m venv .venv; fi
 export PATH="$PWD/.venv/bin:$PATH"
 [ -f models/vgg16.onnx ] || pipeline model export --out models/vgg16.onnx
 out=demo-output
+rm -rf "$out"  # a fresh run each time (an older run may hold features of another model recipe)
 pipeline extract samples/gallery --out "$out/features"
 pipeline build-index "$out/features" --out "$out/index"
 pipeline search samples/queries/*_crop80.jpg samples/queries/*_mirror.jpg --index "$out/index" -k 4

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.evaluate import score  # noqa: E402
 from pipeline.images import read_file, to_rgb  # noqa: E402
+from pipeline.model import rmac_regions  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "eval"
 
@@ -58,20 +59,6 @@ def load(path: Path, policy: str) -> np.ndarray:
             scale = s / max(im.size)
             im = im.resize((max(32, round(im.width * scale)), max(32, round(im.height * scale))), Image.Resampling.BILINEAR)
         return np.asarray(im, np.uint8)
-
-
-def rmac_regions(h: int, w: int, levels: int = 3) -> list[tuple[int, int, int, int]]:
-    """R-MAC regions (Tolias et al. 2016): square regions at `levels` scales, ~40% overlap."""
-    regions = [(0, 0, h, w)]
-    m = min(h, w)
-    for level in range(1, levels + 1):
-        size = max(1, int(2 * m / (level + 1)))
-        ny = max(1, round((h - size) / (size * 0.6)) + 1) if h > size else 1
-        nx = max(1, round((w - size) / (size * 0.6)) + 1) if w > size else 1
-        ys = np.linspace(0, h - size, ny).astype(int) if ny > 1 else [max(0, (h - size) // 2)]
-        xs = np.linspace(0, w - size, nx).astype(int) if nx > 1 else [max(0, (w - size) // 2)]
-        regions += [(y, x, min(h, y + size), min(w, x + size)) for y in ys for x in xs]
-    return regions
 
 
 def l2n(x: np.ndarray) -> np.ndarray:

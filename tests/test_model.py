@@ -20,12 +20,14 @@ from pipeline.model import (
     layers_from_keras_onnx,
     load_layers,
     read_model_info,
+    rmac_regions,
+    save_model,
     weights_checksum,
 )
 
 
-def numpy_reference(images: np.ndarray, layers) -> np.ndarray:
-    """The recipe written out plainly: caffe preprocessing, VGG convs/pools, global max, L2."""
+def numpy_reference(images: np.ndarray, layers, pooling: str = "max") -> np.ndarray:
+    """The recipe written out plainly: caffe preprocessing, VGG convs/pools, global max (or R-MAC), L2."""
     x = images.astype(np.float64)[..., ::-1] - np.array([103.939, 116.779, 123.68])  # RGB->BGR, minus mean
     x = x.transpose(0, 3, 1, 2)  # NCHW
     i = 0
@@ -40,6 +42,12 @@ def numpy_reference(images: np.ndarray, layers) -> np.ndarray:
                 for dx in range(3):
                     out += np.einsum("nchw,oc->nohw", padded[:, :, dy:dy + h, dx:dx + w], kernel[:, :, dy, dx])
             x = np.maximum(out + bias[None, :, None, None], 0)
+        if pooling == "rmac" and i == len(layers):  # R-MAC on block5_conv3, before its pool
+            vec = np.zeros(x.shape[:2])
+            for y0, x0, y1, x1 in rmac_regions(*x.shape[2:]):
+                r = x[:, :, y0:y1, x0:x1].max(axis=(2, 3))
+                vec += r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
+            return vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
         h2, w2 = x.shape[2] // 2, x.shape[3] // 2
         x = x[:, :, :h2 * 2, :w2 * 2].reshape(x.shape[0], x.shape[1], h2, 2, w2, 2).max(axis=(3, 5))
     pooled = x.max(axis=(2, 3))
@@ -65,6 +73,16 @@ def test_graph_matches_numpy_reference(session):
 def test_any_batch_and_size_match_reference(session, n, size, seed):
     images = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     np.testing.assert_allclose(session.embed(images), numpy_reference(images, tiny_layers(0)), rtol=1e-4, atol=1e-5)
+
+
+def test_rmac_graph_matches_numpy_reference(tmp_path):
+    model, info = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac")
+    save_model(model, tmp_path / "rmac.onnx")
+    images = np.random.default_rng(2).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    got = FeatureModel(tmp_path / "rmac.onnx").embed(images)
+    np.testing.assert_allclose(got, numpy_reference(images, tiny_layers(0), "rmac"), rtol=1e-4, atol=1e-5)
+    assert len(rmac_regions(4, 4)) > 3 and "R-MAC" in info.pooling
+    assert info.checksum != build_feature_graph(tiny_layers(0), input_size=64)[1].checksum
 
 
 def test_metadata_records_recipe(tiny_model):

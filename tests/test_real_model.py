@@ -43,10 +43,13 @@ def test_published_imagenet_biases():
     assert layers["block5_conv3"][0] == pytest.approx(0.18837857, abs=1e-7)
 
 
-def test_real_model_checksum_and_recipe(real_model):
+def test_real_model_checksum_and_recipe(real_model, tmp_path):
     info = read_model_info(real_model)
     assert info.weights_sha256 == IMAGENET_VGG16_SHA256
-    assert (info.input_size, info.dim, info.name) == (224, 512, "vgg16-imagenet-gmp")
+    assert (info.input_size, info.dim, info.name) == (224, 512, "vgg16-imagenet-rmac224")  # the default profile
+    seed = export_model(tmp_path / "seed.onnx", profile="seed")
+    assert (seed.input_size, seed.name, seed.weights_sha256) == (224, "vgg16-imagenet-gmp", IMAGENET_VGG16_SHA256)
+    assert seed.checksum != info.checksum  # same weights, other recipe: features never mixed
 
 
 def test_centre_crops_find_their_originals(real_model, tmp_path):
