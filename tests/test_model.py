@@ -16,6 +16,7 @@ from pipeline.model import (
     VGG16_BLOCKS,
     FeatureModel,
     build_feature_graph,
+    export_model,
     layers_from_keras_h5,
     layers_from_keras_onnx,
     load_layers,
@@ -114,6 +115,11 @@ def test_keras_h5_loader_transposes_hwio(tmp_path):
     loaded, origin = load_layers(path)
     assert origin == str(path)
     assert weights_checksum(loaded) == weights_checksum(layers)
+    best = export_model(tmp_path / "best.onnx", path, profile="best")
+    assert (best.input_size, best.weights_sha256) == (320, weights_checksum(layers)) and "R-MAC" in best.pooling
+    assert read_model_info(tmp_path / "best.onnx").checksum == best.checksum
+    with pytest.raises(PipelineError, match="unknown profile"):
+        export_model(tmp_path / "x.onnx", path, profile="turbo")
 
 
 def test_tf2onnx_loader_reads_named_initializers(tmp_path):
