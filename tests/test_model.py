@@ -115,9 +115,9 @@ def test_keras_h5_loader_transposes_hwio(tmp_path):
     loaded, origin = load_layers(path)
     assert origin == str(path)
     assert weights_checksum(loaded) == weights_checksum(layers)
-    best = export_model(tmp_path / "best.onnx", path, profile="best")
-    assert (best.input_size, best.weights_sha256) == (320, weights_checksum(layers)) and "R-MAC" in best.pooling
-    assert read_model_info(tmp_path / "best.onnx").checksum == best.checksum
+    large = export_model(tmp_path / "large.onnx", path, profile="large")
+    assert (large.input_size, large.weights_sha256) == (320, weights_checksum(layers)) and "R-MAC" in large.pooling
+    assert read_model_info(tmp_path / "large.onnx").checksum == large.checksum
     with pytest.raises(PipelineError, match="unknown profile"):
         export_model(tmp_path / "x.onnx", path, profile="turbo")
 
