@@ -19,7 +19,6 @@ import re
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
@@ -168,9 +167,3 @@ def check_model(infos: list[ShardInfo], model_sha256: str | None = None) -> None
                 "use a separate features folder per model"
             )
 
-
-def iter_features(paths: list[Path]) -> Iterator[tuple[ShardInfo, np.ndarray, list[str]]]:
-    """Stream (info, features, paths) shard by shard: only one shard is in memory at a time."""
-    for path in paths:
-        data = read_shard(path)
-        yield shard_info(path), data.features, data.paths
