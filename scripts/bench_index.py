@@ -64,8 +64,9 @@ def make_shards(features: Path, n: int, shard_size: int, seed: int) -> np.ndarra
         m = min(shard_size, n - start)
         vecs = clustered(m, centres, rng)
         paths = [f"/synthetic/{start + i:08d}.jpg" for i in range(m)]
-        write_shard(features / shard_name(s), ShardData(vecs, paths, ["0" * 32] * m, np.zeros(m, np.int64),
-                                                          np.zeros(m), [], []), info)
+        hashes = [f"{start + i:032x}" for i in range(m)]  # distinct, like real files
+        write_shard(features / shard_name(s), ShardData(vecs, paths, hashes, np.zeros(m, np.int64), np.zeros(m), [], []),
+                    info)
     return centres
 
 

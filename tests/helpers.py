@@ -140,7 +140,8 @@ def write_synthetic_shards(features_dir: Path, vectors: np.ndarray, shard_size: 
     for s, start in enumerate(range(0, len(vectors), shard_size)):
         rows = slice(start, start + shard_size)
         n = len(paths[rows])
-        write_shard(features_dir / shard_name(s), ShardData(vectors[rows], paths[rows], ["0" * 32] * n,
+        write_shard(features_dir / shard_name(s), ShardData(vectors[rows], paths[rows],
+                    [f"{start + i:032x}" for i in range(n)],
                     np.zeros(n, np.int64), np.zeros(n), [], []), info)
     return paths
 

@@ -68,6 +68,10 @@ def test_ivf_path_tunes_nprobe_for_recall(tmp_path):
     assert [s["name"] for s in on_disk["shards"]] == [f"shard-0000{i}.h5" for i in range(4)]
     searcher = Searcher(tmp_path / "i")
     assert searcher.nprobe == m["nprobe"]
+    like = searcher.search_like(["/synthetic/0000005.jpg"], k=3)[0].hits  # stored vector, memory-mapped IVF
+    assert like[0].path == "/synthetic/0000005.jpg" and like[0].score == pytest.approx(1.0, abs=1e-5)
+    others = searcher.search_like(["/synthetic/0000005.jpg"], k=3, exclude_self=True)[0].hits
+    assert len(others) == 3 and "/synthetic/0000005.jpg" not in [h.path for h in others]
     assert faiss.extract_index_ivf(searcher.index).metric_type == faiss.METRIC_INNER_PRODUCT
 
 
