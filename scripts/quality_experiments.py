@@ -42,7 +42,7 @@ def maps_session(weights: Path | None) -> ort.InferenceSession:
     return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def load(path: Path, policy: str) -> np.ndarray:
+def load(path: Path, policy: str, flip: bool = False) -> np.ndarray:
     import io
 
     from PIL import ImageOps
@@ -50,6 +50,8 @@ def load(path: Path, policy: str) -> np.ndarray:
     data, _ = read_file(path)
     with Image.open(io.BytesIO(data)) as im:
         im = to_rgb(ImageOps.exif_transpose(im))
+        if flip:
+            im = ImageOps.mirror(im)
         if policy.startswith("squash"):
             s = int(policy[6:])
             im = im.resize((s, s), Image.Resampling.BILINEAR)
@@ -73,7 +75,7 @@ def pool_all(fmap: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def features(sess, files: list[Path], policy: str, cache: Path) -> tuple[dict[str, np.ndarray], float]:
+def features(sess, files: list[Path], policy: str, cache: Path, flip: bool = False) -> tuple[dict[str, np.ndarray], float]:
     """Pooled features of files (cached per policy); returns them and seconds per image."""
     if cache.exists():
         d = np.load(cache)
@@ -81,7 +83,7 @@ def features(sess, files: list[Path], policy: str, cache: Path) -> tuple[dict[st
     pooled: dict[str, list] = {}
     t0 = time.perf_counter()
     for f in files:
-        fmap = sess.run(["block5_conv3/relu"], {"image": load(f, policy)[None]})[0][0]
+        fmap = sess.run(["block5_conv3/relu"], {"image": load(f, policy, flip)[None]})[0][0]
         for k, v in pool_all(fmap).items():
             pooled.setdefault(k, []).append(v)
     spi = (time.perf_counter() - t0) / len(files)
@@ -145,15 +147,19 @@ def main() -> None:
         names = [f.name for f in db]
         qnames = [e["query"] for e in gt]
 
-        def evaluate(policy: str, pooling: str, x: np.ndarray, spi: float, qe: int = 0, dba: int = 0) -> None:
+        def evaluate(policy: str, pooling: str, x: np.ndarray, spi: float, qe: int = 0, dba: int = 0,
+                     qflip: np.ndarray | None = None) -> None:
             dbx, qx = x[[pos[f] for f in db]], x[[pos[f] for f in queries]]
+            if qflip is not None:  # query-side augmentation: the query and its mirror image, summed
+                qx = l2n(qx + qflip)
             if dba:  # database-side augmentation: each vector averaged with its top-dba neighbours
                 sims = dbx @ dbx.T
                 np.fill_diagonal(sims, -np.inf)
                 dbx = l2n(dbx + dbx[np.argsort(-sims, axis=1)[:, :dba]].sum(1))
             rankings = dict(zip(qnames, rank(qx, dbx, names, qnames, qe)))
             rep = score(rankings, gt).to_dict()
-            row = {"set": name, "input": policy, "pooling": pooling + (f"+DBA{dba}" if dba else ""), "qe": qe,
+            row = {"set": name, "input": policy, "qe": qe,
+                   "pooling": pooling + (f"+DBA{dba}" if dba else "") + ("+qflip" if qflip is not None else ""),
                    "ms_per_image": round(spi * 1000), "mAP": rep["mAP"], "recall@1": rep["recall@1"]}
             results.append(row)
             print(json.dumps(row), flush=True)
@@ -167,6 +173,11 @@ def main() -> None:
                     evaluate(policy, pooling, x, spi, qe)
                 for dba in (1, 2):
                     evaluate(policy, pooling, x, spi, 0, dba)
+        if "squash224" in cached:
+            flipped, fspi = features(sess, queries, "squash224", args.cache / f"{name}-squash224-flipq.npz", flip=True)
+            feats, spi = cached["squash224"]
+            for pooling in feats:
+                evaluate("squash224", pooling, feats[pooling], spi + fspi, qflip=flipped[pooling])
         policies = list(cached)
         for a, b in zip(policies, policies[1:]):  # multi-scale: the two inputs' features summed
             (fa, sa), (fb, sb) = cached[a], cached[b]
