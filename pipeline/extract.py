@@ -221,6 +221,12 @@ def extract(
             if recorded:
                 changed.add(path)
         scopes = [str(Path(r).absolute()) for r in roots]
+        for scope in scopes:  # an unmounted disk must not read as "all its images were deleted"
+            if not any(_under(p, [scope]) for p in stats):
+                recorded = sum(1 for p, e in entries.items() if e.status == "live" and _under(p, [scope]))
+                if recorded:
+                    raise PipelineError(f"{scope} holds no images now but {recorded} were recorded there; "
+                                        "is it unmounted? (delete its images one by one, or use another features folder)")
         missing = {p for p, e in entries.items() if e.status != "gone" and p not in stats and _under(p, scopes)}
         LOG.info("%d images found: %d unchanged, %d to decode, %d recorded ones missing",
                  len(images), report.unchanged, len(todo), len(missing))

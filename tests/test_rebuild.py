@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from helpers import save_pattern
 from pipeline.cli import app
+from pipeline.errors import PipelineError
 from pipeline.fsutil import exclusive_lock
 from pipeline.index import IDS_FILE, current_version
 from pipeline.rebuild import rebuild
@@ -68,6 +69,18 @@ def test_incremental_rebuild(tmp_path, tiny_model):
     for old, new in renamed.items():
         hits = searcher.search([new], k=3)[0].hits
         assert hits[0].path == new and all(h.path != old for h in hits)
+
+
+def test_an_emptied_root_is_refused_not_wiped(tmp_path, tiny_model):
+    a, b, work = tmp_path / "a", tmp_path / "b", tmp_path / "work"
+    make_collection(a, range(3))
+    make_collection(b, range(10, 13))
+    rebuild([a, b], work, tiny_model, workers=0)
+    for p in b.iterdir():
+        p.unlink()  # as if b's disk were not mounted
+    with pytest.raises(PipelineError, match="is it unmounted"):
+        rebuild([a, b], work, tiny_model, workers=0)
+    assert len(indexed_paths(work / "index")) == 6  # the published index is untouched
 
 
 def test_changed_file_is_extracted_again(tmp_path, tiny_model):
