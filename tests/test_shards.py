@@ -1,0 +1,49 @@
+"""The shard format round-trips whatever it is given, and says what made it."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.errors import PipelineError
+from pipeline.model import ModelInfo
+from pipeline.shards import ShardData, list_shards, read_rows, read_shard, shard_info, shard_model, write_shard
+
+INFO = ModelInfo(name="m", weights_sha256="w" * 64, input_size=32, dim=8)
+names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=40)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(names, max_size=12, unique=True), st.lists(st.tuples(names, names), max_size=4), st.integers(0, 2**32 - 1))
+def test_round_trip(paths, errors, seed):
+    rng = np.random.default_rng(seed)
+    n = len(paths)
+    data = ShardData(rng.normal(size=(n, 8)).astype(np.float32), paths, [f"{i:032x}" for i in range(n)],
+                     rng.integers(0, 2**40, n), rng.uniform(0, 2e9, n), [e[0] for e in errors], [e[1] for e in errors])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "shard-00000.h5"
+        write_shard(path, data, INFO, "/models/m.onnx")
+        back = read_shard(path)
+        np.testing.assert_array_equal(back.features, data.features)
+        assert back.paths == paths and back.hashes == data.hashes
+        np.testing.assert_array_equal(back.sizes, data.sizes)
+        np.testing.assert_array_equal(back.mtimes, data.mtimes)
+        assert (back.error_paths, back.error_reasons) == (data.error_paths, data.error_reasons)
+        info = shard_info(path)
+        assert (info.count, info.error_count, info.model_sha256, info.dim) == (n, len(errors), INFO.checksum, 8)
+        assert shard_model(path) == (INFO, "/models/m.onnx")
+        if n:
+            rows = np.unique([0, n - 1])
+            np.testing.assert_array_equal(read_rows(path, rows), data.features[rows])
+        assert list_shards(Path(tmp)) == [path] and not list(Path(tmp).glob(".*tmp"))
+
+
+def test_unreadable_shard_is_a_clear_error(tmp_path):
+    (tmp_path / "shard-00000.h5").write_bytes(b"not hdf5")
+    with pytest.raises(PipelineError, match="cannot read shard"):
+        shard_info(tmp_path / "shard-00000.h5")
