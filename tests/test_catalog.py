@@ -1,0 +1,45 @@
+"""The catalog recovers from every crash point: orphan shards imported, retired ones deleted,
+removed ones forgotten."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.catalog import Catalog
+from pipeline.model import ModelInfo
+from pipeline.shards import ShardData, shard_name, write_shard
+
+INFO = ModelInfo(name="m", weights_sha256="w" * 64, input_size=32, dim=4)
+
+
+def shard(tmp_path, number: int, paths: list[str], errors: list[str] = ()) -> None:
+    n = len(paths)
+    write_shard(tmp_path / shard_name(number), ShardData(np.eye(n, 4, dtype=np.float32), paths, [p[-1] * 32 for p in paths],
+                np.full(n, 10), np.full(n, 1.5), list(errors), ["bad"] * len(errors)), INFO)
+
+
+def test_orphan_shard_is_imported(tmp_path):
+    shard(tmp_path, 0, ["/a/1", "/a/2"], ["/a/broken"])  # written, then the run died before recording it
+    with Catalog(tmp_path) as c:
+        assert c.reconcile() == 1
+        e = c.entries()
+        assert (e["/a/1"].status, e["/a/1"].size, e["/a/1"].mtime, e["/a/1"].hash) == ("live", 10, 1.5, "1" * 32)
+        assert e["/a/broken"].status == "failed" and c.failures() == [("/a/broken", "bad")]
+        assert {k: list(v) for k, v in c.live_rows().items()} == {"shard-00000.h5": [0, 1]}
+        assert c.reconcile() == 0  # recorded now
+        assert c.live_by_hash()["2" * 32] == ("shard-00000.h5", 1, "/a/2")
+
+
+def test_retired_and_removed_shards(tmp_path):
+    shard(tmp_path, 0, ["/a/1"])
+    shard(tmp_path, 1, ["/a/2"])
+    with Catalog(tmp_path) as c:
+        c.reconcile()
+        before = c.live_digest()
+        c.mark_gone(["/a/1"])
+        assert c.live_digest() != before and "shard-00000.h5" not in c.live_rows()
+        c.retire(["shard-00000.h5"])
+        assert not (tmp_path / shard_name(0)).exists() and set(c.shard_rows()) == {"shard-00001.h5"}
+        (tmp_path / shard_name(1)).unlink()  # removed by hand: its images must be extracted again
+        c.reconcile()
+        assert "/a/2" not in c.entries() and c.shard_rows() == {}
