@@ -112,8 +112,9 @@ def decode_bytes(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
         raise
     except UnidentifiedImageError:
         raise ImageError("not an image (Pillow cannot identify the format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"image too large (possible decompression bomb): {exc}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"image too large: over {min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)} pixels "
+                         "(possible decompression bomb)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "truncated" in msg:
