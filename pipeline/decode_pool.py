@@ -27,6 +27,8 @@ from .errors import ImageError
 from .images import Decoded, load_image
 
 LOG = logging.getLogger(__name__)
+READY = (-1, None, None)  # a worker's first message
+STARTUP_GRACE = 60.0  # seconds a new worker may take to start (imports) before it counts as hung
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ def _worker(conn: Connection, shm_name: str, n_slots: int, settings: DecodeSetti
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C means
     shm = shared_memory.SharedMemory(name=shm_name)  # the parent owns it and unlinks it
     slots = np.ndarray((n_slots, settings.size, settings.size, 3), np.uint8, buffer=shm.buf)
+    conn.send(READY)  # imports done: from now on the parent's hang clock is fair
     try:
         while True:
             try:
@@ -88,6 +91,7 @@ class DecodePool:
         self.ctx = mp.get_context("spawn")  # never fork a process that holds ONNX Runtime threads
         self.procs: list = [None] * workers
         self.conns: list[Connection | None] = [None] * workers
+        self.ready: list[bool] = [False] * workers
         self.n_slots = workers * self.prefetch
         self.shm = None
         if workers:
@@ -104,6 +108,7 @@ class DecodePool:
         p.start()
         child.close()
         self.procs[w], self.conns[w] = p, parent
+        self.ready[w] = False
 
     def _stop(self, w: int, kill: bool) -> None:
         p, conn = self.procs[w], self.conns[w]
@@ -187,6 +192,10 @@ class DecodePool:
                     i = replace_worker(w, f"decoder process died (exit code {code})")
                     decoded, error = None, f"decoder crashed on this file (worker exit code {code})"
                 else:
+                    if i == READY[0]:
+                        self.ready[w] = True
+                        last_progress[w] = time.monotonic()
+                        continue
                     j, slot = outstanding[w].popleft()
                     assert i == j, "a worker answers its tasks in order"
                     last_progress[w] = time.monotonic()
@@ -200,7 +209,8 @@ class DecodePool:
                     feed(v)
             now = time.monotonic()
             for w in range(self.n):
-                if outstanding[w] and now - last_progress[w] > self.hard_timeout:
+                limit = self.hard_timeout + (0 if self.ready[w] else STARTUP_GRACE)
+                if outstanding[w] and now - last_progress[w] > limit:
                     i = replace_worker(w, "decoder hung")
                     remaining -= 1
                     yield i, None, f"decoding took longer than {self.hard_timeout:g} s; skipped"
