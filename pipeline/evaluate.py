@@ -114,7 +114,7 @@ def evaluate(index_dir: Path | str, groundtruth: Path | str, queries: Path | str
     gt = load_groundtruth(Path(groundtruth))
     queries = Path(queries)
     searcher = Searcher(index_dir, model=model)
-    all_paths = [p for (p,) in searcher._db.execute("SELECT path FROM images")]
+    all_paths = searcher.indexed_paths()
     root = str(Path(root).absolute()) if root else os.path.commonpath(all_paths) if len(all_paths) > 1 else str(Path(all_paths[0]).parent)
     files = [queries / e["query"] for e in gt]
     missing = [str(f) for f in files if not f.is_file()]

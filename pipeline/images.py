@@ -90,6 +90,15 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def decode_bytes(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """uint8 RGB [size, size, 3] from encoded image bytes; raises ImageError with a reason."""
+    im = decode_rgb(data, size, max_pixels).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def decode_rgb(data: bytes, draft: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A loaded RGB image, upright (EXIF orientation applied), from encoded bytes; raises ImageError.
+
+    `draft`: JPEGs may be decoded at 1/2, 1/4 or 1/8 scale as long as both sides stay >= draft.
+    """
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:
@@ -101,13 +110,10 @@ def decode_bytes(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
                         f"image too large: {im.width}x{im.height} pixels exceeds the limit of {max_pixels} "
                         "(possible decompression bomb)"
                     )
-                if im.format == "JPEG":
-                    im.draft(im.mode, (size, size))  # decode at 1/2, 1/4, 1/8 scale when still >= size
+                if im.format == "JPEG" and draft:
+                    im.draft(im.mode, (draft, draft))
                 im.load()
-                im = ImageOps.exif_transpose(im)
-                im = to_rgb(im)
-                im = im.resize((size, size), Image.Resampling.BILINEAR)
-                return np.asarray(im, dtype=np.uint8)
+                return to_rgb(ImageOps.exif_transpose(im))
     except ImageError:
         raise
     except UnidentifiedImageError:

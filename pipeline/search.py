@@ -126,6 +126,10 @@ class Searcher:
     def count(self) -> int:
         return int(self.index.ntotal)
 
+    def indexed_paths(self) -> list[str]:
+        """Every indexed path, in id order."""
+        return [p for (p,) in self._db.execute("SELECT path FROM images ORDER BY id")]
+
     def _rows(self, ids: np.ndarray) -> dict[int, tuple[str, str]]:
         """id -> (path, content hash) for the given ids (-1 ignored)."""
         wanted = sorted({int(i) for i in ids.ravel() if i >= 0})

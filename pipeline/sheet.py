@@ -10,11 +10,11 @@ import io
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
 from .errors import ImageError
 from .fsutil import atomic_write_bytes
-from .images import read_file, to_rgb
+from .images import decode_rgb, read_file
 from .search import QueryResult
 
 PAD = 8
@@ -30,14 +30,11 @@ def sheet_size(n_queries: int, k: int, thumb: int = 160) -> tuple[int, int]:
 
 def _tile(path: str, thumb: int) -> Image.Image | None:
     try:
-        data, _ = read_file(Path(path))
-        with Image.open(io.BytesIO(data)) as im:
-            im.draft("RGB", (thumb, thumb))
-            im = to_rgb(ImageOps.exif_transpose(im))
-            im.thumbnail((thumb, thumb))
-            return im.copy()
-    except (ImageError, OSError, ValueError, SyntaxError):
+        im = decode_rgb(read_file(Path(path))[0], draft=thumb)
+    except ImageError:
         return None
+    im.thumbnail((thumb, thumb))
+    return im
 
 
 def _fit(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> str:

@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
-from PIL import Image
+from PIL import Image, ImageOps
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.evaluate import score  # noqa: E402
-from pipeline.images import read_file, to_rgb  # noqa: E402
+from pipeline.images import decode_rgb, read_file  # noqa: E402
 from pipeline.model import build_feature_graph, load_layers, rmac_regions  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "eval"
@@ -43,23 +43,17 @@ def maps_session(weights: Path | None) -> ort.InferenceSession:
 
 
 def load(path: Path, policy: str, flip: bool = False) -> np.ndarray:
-    import io
-
-    from PIL import ImageOps
-
-    data, _ = read_file(path)
-    with Image.open(io.BytesIO(data)) as im:
-        im = to_rgb(ImageOps.exif_transpose(im))
-        if flip:
-            im = ImageOps.mirror(im)
-        if policy.startswith("squash"):
-            s = int(policy[6:])
-            im = im.resize((s, s), Image.Resampling.BILINEAR)
-        else:
-            s = int(policy[4:])
-            scale = s / max(im.size)
-            im = im.resize((max(32, round(im.width * scale)), max(32, round(im.height * scale))), Image.Resampling.BILINEAR)
-        return np.asarray(im, np.uint8)
+    im = decode_rgb(read_file(path)[0])  # full-size decode (no draft), as when the figures were made
+    if flip:
+        im = ImageOps.mirror(im)
+    if policy.startswith("squash"):
+        s = int(policy[6:])
+        im = im.resize((s, s), Image.Resampling.BILINEAR)
+    else:
+        s = int(policy[4:])
+        scale = s / max(im.size)
+        im = im.resize((max(32, round(im.width * scale)), max(32, round(im.height * scale))), Image.Resampling.BILINEAR)
+    return np.asarray(im, np.uint8)
 
 
 def l2n(x: np.ndarray) -> np.ndarray:
