@@ -114,9 +114,11 @@ class Searcher:
             use = self._model_arg or (recorded if recorded and Path(recorded).is_file() else None)
             fm = FeatureModel(use, threads=self._threads)
             want = self.meta["model"]
-            if fm.info.checksum != want["checksum"]:
+            expected = want.get("checksum")
+            if fm.info.checksum != expected:
+                made_by = f"checksum {expected[:12]}" if expected else "no checksum: an older index format"
                 raise ModelMismatchError(
-                    f"the index was built with model {want['name']} (checksum {want['checksum'][:12]}) "
+                    f"the index was built with model {want.get('name', '?')} ({made_by}) "
                     f"but {fm.path} is {fm.info.short()}; rebuild the index or pass the right --model"
                 )
             self._model = fm

@@ -88,6 +88,11 @@ def test_contact_sheet(indexed, tmp_path):
 def test_error_cases_are_one_line(indexed, tmp_path, gallery):
     index, _, first = indexed
     version = current_version(index)
+    meta = json.loads((version / "meta.json").read_text())
+    del meta["model"]["checksum"]  # an index written before model checksums existed
+    (version / "meta.json").write_text(json.dumps(meta))
+    result = cli("search", first, "--index", index, code=1)
+    assert "an older index format" in result.stderr and result.stderr.count("\n") == 1
     (version / "index.faiss").write_bytes(b"garbage")
     result = cli("search", first, "--index", index, code=1)
     assert "missing or corrupt" in result.stderr and result.stderr.count("\n") == 1
