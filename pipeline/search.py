@@ -151,7 +151,8 @@ class Searcher:
     def search_vectors(self, vectors: np.ndarray, k: int = 10, nprobe: int | None = None,
                        min_score: float | None = None, exclude: Sequence[_Query | None] | None = None) -> list[list[Hit]]:
         """Top-k hits for each feature vector; `exclude[i]` drops hits that are that query's own file
-        (same path) or a byte-identical copy (same content hash)."""
+        (same path) or a byte-identical copy (same content hash). A high `min_score` costs no more
+        than a plain search: faiss is asked for more only while the last score fetched passes it."""
         if k < 1:
             raise PipelineError(f"k must be at least 1 (got {k})")
         exclude = exclude or [None] * len(vectors)
@@ -170,8 +171,10 @@ class Searcher:
                         continue
                     hits.append(Hit(len(hits) + 1, path, float(s)))
                 out.append(hits[:k])
-                # Too many excluded copies: ask faiss for more, unless it already gave all it has.
-                short |= len(hits) < k and (irow >= 0).all() and fetch < self.count
+                # Too many excluded copies: ask faiss for more, unless it already gave all it has or
+                # the scores (sorted) already fell below min_score, so that more cannot pass it.
+                short |= (len(hits) < k and (irow >= 0).all() and fetch < self.count
+                          and (min_score is None or srow[-1] >= min_score))
             if not short:
                 return out
             fetch = min(fetch * 4, self.count)

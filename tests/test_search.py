@@ -6,10 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from helpers import write_synthetic_shards
 from pipeline.cli import app
 from pipeline.extract import extract
 from pipeline.index import build_index, current_version
@@ -98,3 +100,37 @@ def test_error_cases_are_one_line(indexed, tmp_path, gallery):
     assert "missing or corrupt" in result.stderr and result.stderr.count("\n") == 1
     result = cli("search", "--index", index, code=1)
     assert "give query images" in result.stderr
+
+
+class _CountingIndex:
+    """Wraps a faiss index and records the k of every search: the deterministic cost of a query."""
+
+    def __init__(self, index) -> None:
+        self.index, self.asked = index, []
+
+    def __getattr__(self, name):
+        return getattr(self.index, name)
+
+    def search(self, x, k, params=None):
+        self.asked.append(k)
+        return self.index.search(x, k, params=params)
+
+
+@pytest.mark.parametrize("flat_below", [100_000, 1000], ids=["flat", "ivf"])
+def test_high_min_score_costs_no_more_than_a_plain_search(tmp_path, flat_below):
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(50_000, 32)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    paths = write_synthetic_shards(tmp_path / "f", vecs, 10_000)
+    build_index(tmp_path / "f", tmp_path / "i", flat_below=flat_below, nlist=None if flat_below > 50_000 else 64,
+                recall_queries=200, progress=False)
+    searcher = Searcher(tmp_path / "i")
+    searcher.index = counting = _CountingIndex(searcher.index)
+    queries = np.concatenate([vecs[:1], rng.normal(size=(3, 32)).astype(np.float32)])
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    plain = searcher.search_vectors(queries, k=10)
+    plain_cost, counting.asked = sum(counting.asked), []
+    strict = searcher.search_vectors(queries, k=10, min_score=0.99)
+    assert sum(counting.asked) <= plain_cost == 10
+    assert [[h.path for h in hits] for hits in strict] == [[paths[0]], [], [], []]
+    assert all(h.score >= 0.99 for hits in strict for h in hits) and plain[0][0].path == paths[0]
