@@ -21,6 +21,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .errors import PipelineError, write_error
 from .shards import list_shards, read_shard
 
 LOG = logging.getLogger(__name__)
@@ -35,24 +36,43 @@ class Entry:
     status: str
 
 
+def _catalog_error(path: Path, exc: sqlite3.Error) -> PipelineError:
+    """The one-line message for a catalog that cannot be opened: full disk, unwritable, or damaged."""
+    if getattr(exc, "sqlite_errorname", "") in ("SQLITE_FULL", "SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_IOERR"):
+        return write_error(path, exc, "`pipeline extract`")
+    return PipelineError(f"{path} is damaged ({exc}): delete it (and any {CATALOG_FILE}-wal/-shm beside it) "
+                         "and rerun `pipeline extract`, which rebuilds it from the shards")
+
+
 class Catalog:
     """Open (creating if needed) the catalog of a features folder. Use under the folder's lock."""
 
     def __init__(self, features_dir: Path) -> None:
         self.dir = Path(features_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.dir / CATALOG_FILE)
-        self.db.execute("PRAGMA journal_mode=WAL")  # a killed writer loses at most its open transaction
-        self.db.executescript(
-            """
-            CREATE TABLE IF NOT EXISTS images (
-                path TEXT PRIMARY KEY, size INTEGER, mtime REAL, hash TEXT,
-                shard TEXT, row INTEGER, status TEXT NOT NULL, error TEXT);
-            CREATE INDEX IF NOT EXISTS images_hash ON images(hash);
-            CREATE INDEX IF NOT EXISTS images_shard ON images(shard);
-            CREATE TABLE IF NOT EXISTS shards (name TEXT PRIMARY KEY, rows INTEGER NOT NULL, state TEXT NOT NULL);
-            """
-        )
+        path = self.dir / CATALOG_FILE
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(self.dir, exc, "`pipeline extract`") from None
+        try:
+            self.db = sqlite3.connect(path)
+            # Damage is found here, once (about 0.5 s per million images), not midway through a run.
+            problems = [row for (row,) in self.db.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError(problems[0])
+            self.db.execute("PRAGMA journal_mode=WAL")  # a killed writer loses at most its open transaction
+            self.db.executescript(
+                """
+                CREATE TABLE IF NOT EXISTS images (
+                    path TEXT PRIMARY KEY, size INTEGER, mtime REAL, hash TEXT,
+                    shard TEXT, row INTEGER, status TEXT NOT NULL, error TEXT);
+                CREATE INDEX IF NOT EXISTS images_hash ON images(hash);
+                CREATE INDEX IF NOT EXISTS images_shard ON images(shard);
+                CREATE TABLE IF NOT EXISTS shards (name TEXT PRIMARY KEY, rows INTEGER NOT NULL, state TEXT NOT NULL);
+                """
+            )
+        except sqlite3.Error as exc:
+            raise _catalog_error(path, exc) from None
 
     def close(self) -> None:
         self.db.close()

@@ -2,6 +2,9 @@
 
 Exit codes: 0 success; 1 an error the user can fix (message on stderr); 2 bad usage;
 3 --strict and some images cannot be used; 75 another run holds the lock (try again later).
+The library translates what the environment can do to it (damaged or unwritable files, a full
+disk) into PipelineError where it happens; anything else is a bug, reported as one "internal
+error" line (exit 1) whose traceback -v shows.
 """
 
 from __future__ import annotations
@@ -12,11 +15,31 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 
-from .errors import PipelineError
+from .errors import PipelineError, cause, write_error
+
+
+class _Commands(TyperGroup):
+    """The last resort: an exception that no library function translated is a bug, but it still
+    gets one line on stderr and exit 1; the traceback goes to the log with -v."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:
+            logging.getLogger("pipeline").debug("internal error", exc_info=True)
+            typer.echo(f"error: internal error ({type(exc).__name__}: {cause(exc)}); please report it; "
+                       "rerun with -v for the traceback", err=True)
+            raise typer.Exit(1) from None
+
 
 app = typer.Typer(
+    cls=_Commands,
     help="Search by image: extract VGG16 features, build a FAISS index, find look-alikes.",
     no_args_is_help=True,
     add_completion=False,
@@ -275,7 +298,10 @@ def rebuild(
     from .rebuild import rebuild as run_rebuild
 
     if log_file is not None:
-        handler = logging.FileHandler(log_file)
+        try:
+            handler = logging.FileHandler(log_file)
+        except OSError as exc:
+            raise _fail(write_error(log_file, exc, "`pipeline rebuild`"))
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger().addHandler(handler)
     try:
@@ -308,10 +334,10 @@ def eval_(
 
     try:
         report = evaluate(index, groundtruth, queries, model=model, nprobe=nprobe, exact=exact, root=root)
+        if per_query is not None:
+            write_per_query(report, per_query)
     except PipelineError as exc:
         raise _fail(exc)
-    if per_query is not None:
-        write_per_query(report, per_query)
     d = report.to_dict()
     if as_json:
         _emit(d)

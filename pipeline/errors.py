@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import re
+from pathlib import Path
+
 
 class PipelineError(Exception):
     """A problem the user can fix (missing folder, wrong model, bad option); one clear sentence."""
@@ -21,3 +25,24 @@ class BusyError(PipelineError):
 
 class ImageError(Exception):
     """One image could not be decoded; the message is the one-line reason recorded for it."""
+
+
+def cause(exc: BaseException) -> str:
+    """What went wrong, in a few words: an OSError's strerror (its message repeats the path), a faiss
+    error without its C++ location, the last line of anything else."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)  # KeyError quotes its message
+    lines = text.strip().splitlines()
+    last = lines[-1].strip() if lines else type(exc).__name__
+    return re.sub(r"^Error in .*? at \S+:\d+: (Error: '.*?' failed: )?", "", last)
+
+
+def write_error(path: Path | str, exc: Exception, rerun: str = "the command") -> PipelineError:
+    """A failed write of one of our files (OSError, sqlite3 or faiss error) as one sentence: which
+    file, why, what to do. A full disk says so: it is the commonest cause, and the fix is simple."""
+    if (getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL"
+            or "No space left on device" in str(exc)):
+        return PipelineError(f"the disk is full: cannot write {path}; free some space and rerun {rerun}")
+    return PipelineError(f"cannot write {path}: {cause(exc)}; "
+                         f"choose a writable folder (or fix its permissions) and rerun {rerun}")

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import PipelineError
+from .errors import PipelineError, write_error
 
 KS = (1, 5, 10)
 
@@ -77,6 +77,9 @@ def score(rankings: dict[str, list[str]], groundtruth: list[dict], ks: Sequence[
         drop = set(entry.get("ignore", ())) | {q}
         ranked = [item for item in rankings[q] if item not in drop]
         positives -= drop
+        if not positives:
+            raise PipelineError(f"ground truth query {q}: no positive left once the query itself and its ignored "
+                                "files are left out; give it another positive or remove it")
         per_query.append(QueryScore(q, len(positives), average_precision(ranked, positives),
                                     first_positive_rank(ranked, positives),
                                     {k: precision_at(ranked, positives, k) for k in ks}))
@@ -132,8 +135,11 @@ def evaluate(index_dir: Path | str, groundtruth: Path | str, queries: Path | str
 
 
 def write_per_query(report: EvalReport, path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["query", "positives", "ap", "first_positive_rank", *[f"precision@{k}" for k in KS]])
-        for s in report.per_query:
-            w.writerow([s.query, s.positives, f"{s.ap:.4f}", s.first_positive or "", *[f"{s.precision[k]:.4f}" for k in KS]])
+    try:
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["query", "positives", "ap", "first_positive_rank", *[f"precision@{k}" for k in KS]])
+            for s in report.per_query:
+                w.writerow([s.query, s.positives, f"{s.ap:.4f}", s.first_positive or "", *[f"{s.precision[k]:.4f}" for k in KS]])
+    except OSError as exc:
+        raise write_error(path, exc, "`pipeline eval --per-query`") from None

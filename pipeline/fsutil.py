@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import BusyError
+from .errors import BusyError, write_error
 
 LOG = logging.getLogger(__name__)
 
@@ -45,14 +45,18 @@ def publish(tmp: Path, final: Path) -> None:
 
 
 def atomic_write_bytes(final: Path, data: bytes) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(final)
+    """Write `final` whole or not at all; a failure (full disk, no permission) is a PipelineError."""
     try:
-        tmp.write_bytes(data)
-        publish(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path(final)
+        try:
+            tmp.write_bytes(data)
+            publish(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise write_error(final, exc) from None
 
 
 def atomic_write_text(final: Path, text: str) -> None:
@@ -66,8 +70,11 @@ def exclusive_lock(directory: Path, what: str) -> Iterator[None]:
     The kernel drops a flock when its process dies, so a killed run never leaves a stale lock;
     the pid it wrote tells the next holder that it is taking over from a run that did not finish.
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise write_error(directory, exc, f"`{what}`") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 
 from . import __version__
-from .errors import PipelineError
+from .errors import PipelineError, cause, write_error
 from .fsutil import atomic_write_text, exclusive_lock, fsync_dir
 from .catalog import CATALOG_FILE, Catalog
 from .progress import Progress
@@ -230,11 +230,10 @@ def build_index(
         timings["train_s"] = time.monotonic() - t0
 
         versions = out_dir / VERSIONS_DIR
-        versions.mkdir(parents=True, exist_ok=True)
         version = datetime.now(timezone.utc).strftime("v%Y%m%dT%H%M%S%fZ")
         tmp = versions / f".tmp-{version}-{os.getpid()}"
-        tmp.mkdir()
         try:
+            tmp.mkdir(parents=True)
             t0 = time.monotonic()
             truth, ids_writer = _fill(index, parts, tmp / IDS_FILE, queries, 10, progress)
             timings["add_s"] = time.monotonic() - t0
@@ -248,7 +247,10 @@ def build_index(
                 tuning = {**_tune(index, plan, queries, q_ids, truth, nprobe, target_recall),
                           "recall_queries_held_out_from_training": held_out}
             timings["tune_s"] = time.monotonic() - t0
-            index_writer.join()
+            try:
+                index_writer.join()
+            except RuntimeError as exc:  # faiss: the file could not be written
+                raise write_error(out_dir, exc, "`pipeline build-index`") from None
             ids_writer.join()
             timings["write_s"] = time.monotonic() - t0
             meta = {
@@ -280,8 +282,10 @@ def build_index(
             final = versions / version
             os.rename(tmp, final)
             fsync_dir(versions)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, (OSError, sqlite3.Error)):
+                raise write_error(out_dir, exc, "`pipeline build-index`") from None
             raise
         atomic_write_text(out_dir / CURRENT_FILE, version + "\n")
         prune_versions(out_dir, keep)
@@ -408,13 +412,19 @@ def current_version(index_dir: Path) -> Path:
     pointer = index_dir / CURRENT_FILE
     if not index_dir.is_dir():
         raise PipelineError(f"index folder not found: {index_dir}")
+    fix = (f"run `pipeline build-index` (or `pipeline rebuild`) to publish a new version, or write the name "
+           f"of one of {index_dir / VERSIONS_DIR}/* into it")
     try:
         version = pointer.read_text().strip()
     except FileNotFoundError:
         raise PipelineError(f"{index_dir} holds no published index (no {CURRENT_FILE} file); run `pipeline build-index`") from None
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8
+        raise PipelineError(f"{pointer} is damaged ({cause(exc)}); {fix}") from None
+    if not version or not version.isprintable() or version != Path(version).name or version.startswith("."):
+        raise PipelineError(f"{pointer} is damaged: it names {version[:40]!r}, not a version folder; {fix}")
     path = index_dir / VERSIONS_DIR / version
     if not path.is_dir():
-        raise PipelineError(f"{index_dir}/{CURRENT_FILE} points to {version}, which does not exist")
+        raise PipelineError(f"{pointer} names version {version}, which does not exist; {fix}")
     return path
 
 

@@ -7,7 +7,6 @@ killed at any moment leaves the published index untouched and the next run picks
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ from .catalog import Catalog
 from .errors import PipelineError
 from .extract import ExtractReport, RowMeta, ShardWriter, extract
 from .fsutil import exclusive_lock
-from .index import DEFAULT_FLAT_BELOW, META_FILE, build_index, current_version
+from .index import CURRENT_FILE, DEFAULT_FLAT_BELOW, build_index
+from .search import Searcher
 from .shards import read_shard, shard_model
 
 LOG = logging.getLogger(__name__)
@@ -112,7 +112,11 @@ def rebuild(
 
 
 def _published_meta(index_dir: Path) -> dict:
+    """The published version's meta; {} when there is none or it does not open (a damaged index is
+    replaced by a new build even when the features did not change)."""
     try:
-        return json.loads((current_version(index_dir) / META_FILE).read_text())
-    except (PipelineError, OSError, ValueError):
+        return Searcher(index_dir).meta
+    except PipelineError as exc:
+        if (index_dir / CURRENT_FILE).exists():
+            LOG.warning("the published index cannot be used, building a new one: %s", exc)
         return {}

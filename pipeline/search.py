@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -17,7 +16,7 @@ from typing import Sequence
 import faiss
 import numpy as np
 
-from .errors import ImageError, ModelMismatchError, PipelineError
+from .errors import ImageError, ModelMismatchError, PipelineError, cause
 from .images import load_image
 from .index import IDS_FILE, INDEX_FILE, META_FILE, current_version
 from .model import FeatureModel
@@ -75,16 +74,16 @@ class Searcher:
     def __init__(self, index_dir: Path | str, model: Path | str | None = None, threads: int = 0,
                  mmap: bool = True) -> None:
         for attempt in range(5):
+            self.version_dir = current_version(Path(index_dir))
             try:
-                self.version_dir = current_version(Path(index_dir))
                 self._open(mmap)
                 break
             except PipelineError:
                 # A newer build may have published and pruned this version between our reading
-                # CURRENT and opening it: resolve the pointer again, a few times.
-                if attempt == 4:
+                # CURRENT and opening it: then CURRENT names another version, to try in turn. A
+                # damaged version that is still current is reported at once.
+                if attempt == 4 or current_version(Path(index_dir)) == self.version_dir:
                     raise
-                time.sleep(0.02)
         self.nprobe = self.meta.get("nprobe")
         self._model_arg = model
         self._threads = threads
@@ -92,18 +91,37 @@ class Searcher:
         self._direct_map = False
 
     def _open(self, mmap: bool) -> None:
-        path = str(self.version_dir / INDEX_FILE)
+        meta_path, index_path = self.version_dir / META_FILE, self.version_dir / INDEX_FILE
         try:
-            self.meta = json.loads((self.version_dir / META_FILE).read_text())
-            self.index = _read_index(path, mmap)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise PipelineError(f"index at {self.version_dir} is missing or corrupt: {str(exc).strip().splitlines()[-1]}") from None
+            self.meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON
+            raise self._damaged(meta_path, exc) from None
+        if not isinstance(self.meta, dict) or not isinstance(self.meta.get("model"), dict):
+            raise self._damaged(meta_path, "not an index description")
+        try:
+            self.index = _read_index(str(index_path), mmap)
+        except RuntimeError as exc:
+            raise self._damaged(index_path, exc) from None
         try:
             # Opened now so that this version stays readable even if a later build prunes it.
             self._db = sqlite3.connect(f"file:{self.version_dir / IDS_FILE}?mode=ro", uri=True, check_same_thread=False)
-            self._db.execute("SELECT 1 FROM images LIMIT 1").fetchall()
         except sqlite3.Error as exc:
-            raise PipelineError(f"id table of {self.version_dir} is missing or corrupt: {exc}") from None
+            raise self._damaged(self.version_dir / IDS_FILE, exc) from None
+        self._query("SELECT 1 FROM images LIMIT 1")
+
+    @staticmethod
+    def _damaged(path: Path, why: Exception | str) -> PipelineError:
+        why = cause(why) if isinstance(why, Exception) else why
+        return PipelineError(f"{path} is missing or corrupt ({why}); rebuild the index with "
+                             "`pipeline build-index` (or `pipeline rebuild`)")
+
+    def _query(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        """Rows of the id table. Damage can show only when a damaged page is read, so it is
+        translated on every query, not just at opening."""
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise self._damaged(self.version_dir / IDS_FILE, exc) from None
 
     @property
     def model(self) -> FeatureModel:
@@ -130,7 +148,7 @@ class Searcher:
 
     def indexed_paths(self) -> list[str]:
         """Every indexed path, in id order."""
-        return [p for (p,) in self._db.execute("SELECT path FROM images ORDER BY id")]
+        return [p for (p,) in self._query("SELECT path FROM images ORDER BY id")]
 
     def _rows(self, ids: np.ndarray) -> dict[int, tuple[str, str]]:
         """id -> (path, content hash) for the given ids (-1 ignored)."""
@@ -138,9 +156,10 @@ class Searcher:
         out: dict[int, tuple[str, str]] = {}
         for start in range(0, len(wanted), 500):
             chunk = wanted[start:start + 500]
-            rows = self._db.execute(
-                f"SELECT id, path, hash FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            rows = self._query(f"SELECT id, path, hash FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk)
             out.update((i, (p, h)) for i, p, h in rows)
+        if len(out) < len(wanted):
+            raise self._damaged(self.version_dir / IDS_FILE, f"{len(wanted) - len(out)} ids the index returned are not in it")
         return out
 
     def _search(self, vectors: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -209,7 +228,7 @@ class Searcher:
         found: list[tuple[int, np.ndarray, _Query]] = []
         for i, p in enumerate(paths):
             key = str(Path(p).absolute())
-            row = self._db.execute("SELECT id, hash FROM images WHERE path = ?", (key,)).fetchone()
+            row = next(iter(self._query("SELECT id, hash FROM images WHERE path = ?", (key,))), None)
             if row is None:
                 results[i] = QueryResult(str(p), error="not in the index (--like takes an indexed image path)")
                 continue

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
 
 from . import __version__
-from .errors import ModelMismatchError, PipelineError
+from .errors import ModelMismatchError, PipelineError, cause, write_error
 from .fsutil import publish, temp_path
 from .model import ModelInfo
 
@@ -78,7 +80,10 @@ def write_shard(path: Path, data: ShardData, model: ModelInfo, model_path: str =
     """Write a shard to a temporary name, fsync, then rename: a reader never sees half a shard."""
     n = len(data.paths)
     assert data.features.shape == (n, model.dim), f"features {data.features.shape} != ({n}, {model.dim})"
-    tmp = temp_path(path)
+    try:
+        tmp = temp_path(path)
+    except OSError as exc:
+        raise write_error(path, exc, "`pipeline extract`") from None
     try:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("features", data=data.features.astype(np.float32, copy=False))
@@ -102,21 +107,26 @@ def write_shard(path: Path, data: ShardData, model: ModelInfo, model_path: str =
                 pipeline_version=__version__,
             )
         publish(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc, "`pipeline extract`") from None
         raise
 
 
-def _open(path: Path) -> h5py.File:
+@contextmanager
+def _open(path: Path) -> Iterator[h5py.File]:
+    """A shard opened for reading. Damage (unreadable, truncated, overwritten, a dataset or attribute
+    missing) raises PipelineError naming the shard and the fix, wherever in the reading it shows."""
     try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise PipelineError(f"cannot read shard {path}: {exc}") from None
-    version = int(f.attrs.get("schema_version", -1))
-    if version != SCHEMA_VERSION:
-        f.close()
-        raise PipelineError(f"shard {path} has schema version {version}; this pipeline reads {SCHEMA_VERSION}")
-    return f
+        with h5py.File(path, "r") as f:
+            version = int(f.attrs.get("schema_version", -1))
+            if version != SCHEMA_VERSION:
+                raise PipelineError(f"shard {path} has schema version {version}; this pipeline reads {SCHEMA_VERSION}")
+            yield f
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise PipelineError(f"cannot read shard {path} ({cause(exc)}): it is damaged; delete it and rerun "
+                            "`pipeline extract` (its images are extracted again)") from None
 
 
 def _strings(ds: h5py.Dataset) -> list[str]:

@@ -1,0 +1,132 @@
+"""Damaged or unwritable files never give a traceback: every command exits 1 with one line that names
+the file and says what to do, or recovers by itself (exit 0); nothing that was intact is lost."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from helpers import save_pattern
+from pipeline.cli import app
+from pipeline.index import CURRENT_FILE, current_version
+from pipeline.search import Searcher
+
+runner = CliRunner()
+
+COMMANDS = ("extract", "build-index", "search", "like", "rebuild", "eval")
+DAMAGES = ("truncate", "random", "delete")
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory, tiny_model) -> Path:
+    """A workdir made by `pipeline rebuild`: two shards plus one holding a failure, a catalog,
+    errors.jsonl, locks, a published index; and a ground truth over the same gallery."""
+    root = tmp_path_factory.mktemp("pristine")
+    for i in range(12):
+        save_pattern(root / "gallery" / f"img{i:02d}.png", seed=i)
+    (root / "gallery" / "broken.jpg").write_text("not an image")
+    (root / "gt.json").write_text(json.dumps([{"query": "img00.png", "positives": ["img01.png"]}]))
+    result = runner.invoke(app, ["rebuild", str(root / "gallery"), "--workdir", str(root / "work"),
+                                 "--model", str(tiny_model), "--workers", "0", "--shard-size", "6"])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    return root
+
+
+def command(name: str, root: Path, work: Path, model: Path) -> list[str]:
+    gallery, features, index = root / "gallery", work / "features", work / "index"
+    query = gallery / "img00.png"
+    return [str(a) for a in {
+        "extract": ["extract", gallery, "--out", features, "--model", model, "--workers", "0", "--shard-size", "6"],
+        "build-index": ["build-index", features, "--out", index],
+        "search": ["search", query, "--index", index, "--model", model],
+        "like": ["search", "--like", query, "--index", index],
+        "rebuild": ["rebuild", gallery, "--workdir", work, "--model", model, "--workers", "0", "--shard-size", "6"],
+        "eval": ["eval", "--index", index, "--groundtruth", root / "gt.json", "--queries", gallery, "--model", model],
+    }[name]]
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "random":
+        path.write_bytes(np.random.default_rng(len(data)).bytes(max(len(data), 16)))
+    else:
+        path.unlink()
+
+
+def kind(rel: str) -> str:
+    name = Path(rel).name
+    if name.startswith("shard-"):
+        return "shard"
+    return {"catalog.sqlite": "catalog", "errors.jsonl": "errors", ".lock": "lock", CURRENT_FILE: "current"}.get(name, "version")
+
+
+def expected_exit(rel: str, how: str, cmd: str) -> int:
+    """0 where the product recovers by itself, 1 where the user must act (the message says how)."""
+    k = kind(rel)
+    if k in ("errors", "lock"):
+        return 0  # errors.jsonl is rewritten by every extract; a lock file only holds a pid
+    if k == "shard":
+        # Search reads only the index, so it still answers. A deleted shard is forgotten and its images
+        # are extracted again (build-index alone indexes the other shards); a damaged one needs the user.
+        return 0 if cmd in ("search", "like", "eval") or how == "delete" else 1
+    if k == "catalog":
+        # A deleted catalog is rebuilt from the shards (it is derived state); a corrupt one is not
+        # deleted behind the user's back.
+        return 0 if cmd in ("search", "like", "eval") or how == "delete" else 1
+    # CURRENT or a file of the published version: readers need the user; build-index and rebuild
+    # publish a new version (rebuild notices that the published one does not open).
+    return 0 if cmd in ("extract", "build-index", "rebuild") else 1
+
+
+def files_of(work: Path) -> list[str]:
+    return sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file())
+
+
+REWRITTEN = ("catalog.sqlite", "errors.jsonl", ".lock", CURRENT_FILE)  # files a run legitimately rewrites
+
+
+def test_the_fixture_has_every_kind_of_file(pristine):
+    names = files_of(pristine / "work")
+    assert {kind(n) for n in names} == {"shard", "catalog", "errors", "lock", "current", "version"}
+    assert sum(kind(n) == "shard" for n in names) >= 2 and sum(kind(n) == "version" for n in names) == 3
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_every_command_against_every_damaged_file(pristine, tiny_model, tmp_path, how):
+    for rel in files_of(pristine / "work"):
+        for cmd in COMMANDS:
+            work = tmp_path / f"{cmd}-{rel.replace('/', '_')}"
+            shutil.copytree(pristine / "work", work)
+            damage(work / rel, how)
+            intact = {n: (work / n).read_bytes() for n in files_of(work)
+                      if n != rel and Path(n).name not in REWRITTEN}
+            result = runner.invoke(app, command(cmd, pristine, work, tiny_model))
+            where = (rel, how, cmd, result.exit_code, result.stderr)
+            assert isinstance(result.exception, (SystemExit, type(None))), (*where, result.exception)
+            assert "Traceback" not in result.output + result.stderr and "internal error" not in result.stderr, where
+            assert result.exit_code == expected_exit(rel, how, cmd), where
+            errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+            if result.exit_code:
+                assert len(errors) == 1 and "`pipeline " in errors[0], where
+                assert Path(rel).name in errors[0] or kind(rel) == "version" and "versions/" in errors[0], where
+            else:
+                assert not errors, where
+            for name, data in intact.items():  # nothing intact is lost
+                assert (work / name).read_bytes() == data, (*where, name)
+            if kind(rel) == "errors" and cmd in ("extract", "rebuild"):  # rewritten whole
+                assert (work / rel).read_bytes() == (pristine / "work" / rel).read_bytes(), where
+            if kind(rel) not in ("current", "version") or cmd in ("build-index", "rebuild"):  # the index answers
+                searcher = Searcher(work / "index")
+                answer = searcher.search_like(searcher.indexed_paths()[:1], k=3)[0]
+                assert answer.hits and not answer.error, where
+            shutil.rmtree(work)
