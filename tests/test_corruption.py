@@ -130,3 +130,107 @@ def test_every_command_against_every_damaged_file(pristine, tiny_model, tmp_path
                 answer = searcher.search_like(searcher.indexed_paths()[:1], k=3)[0]
                 assert answer.hits and not answer.error, where
             shutil.rmtree(work)
+
+
+def one_error(result, code: int = 1) -> str:
+    """The single `error:` line of a failed command (no traceback, no internal error)."""
+    assert result.exit_code == code and isinstance(result.exception, SystemExit), (result.stderr, result.exception)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr and "internal error" not in result.stderr, result.stderr
+    return errors[0]
+
+
+@pytest.fixture()
+def work(pristine, tmp_path) -> Path:
+    return Path(shutil.copytree(pristine / "work", tmp_path / "work"))
+
+
+@pytest.mark.parametrize("name", ["v20990101T000000000000Z", "../..", "../../index", ".tmp-v1-1", ""])
+def test_current_naming_a_missing_or_escaping_version(pristine, work, name):
+    (work / "index" / CURRENT_FILE).write_text(name + "\n")
+    line = one_error(runner.invoke(app, command("like", pristine, work, Path())))
+    assert f"{work / 'index' / CURRENT_FILE} " in line and "`pipeline build-index`" in line
+    assert runner.invoke(app, command("build-index", pristine, work, Path())).exit_code == 0  # publishing repairs it
+    assert Searcher(work / "index").count == 12
+
+
+@pytest.mark.parametrize("missing", ["hashes", "features", "errors/reasons"])
+def test_shard_missing_a_dataset_and_the_advice_that_fixes_it(pristine, work, tiny_model, missing):
+    shard = work / "features" / "shard-00000.h5"
+    with h5py.File(shard, "r+") as f:
+        del f[missing]
+    line = one_error(runner.invoke(app, command("build-index", pristine, work, tiny_model)))
+    assert str(shard) in line and missing.split("/")[-1] in line and "delete it and rerun `pipeline extract`" in line
+    shard.unlink()  # what the message says to do
+    out = runner.invoke(app, [*command("extract", pristine, work, tiny_model), "--json"])
+    assert out.exit_code == 0 and json.loads(out.stdout)["extracted"] == 6  # its images, extracted again
+    assert runner.invoke(app, command("build-index", pristine, work, tiny_model)).exit_code == 0
+    assert runner.invoke(app, command("search", pristine, work, tiny_model)).exit_code == 0
+    assert Searcher(work / "index").count == 12
+
+
+def test_corrupt_catalog_and_the_advice_that_fixes_it(pristine, work, tiny_model):
+    catalog = work / "features" / "catalog.sqlite"
+    damage(catalog, "random")
+    line = one_error(runner.invoke(app, command("extract", pristine, work, tiny_model)))
+    assert str(catalog) in line and "delete it" in line
+    catalog.unlink()
+    out = runner.invoke(app, [*command("extract", pristine, work, tiny_model), "--json"])
+    report = json.loads(out.stdout)
+    assert out.exit_code == 0 and report["extracted"] == 0 and report["unchanged"] == 12  # rebuilt from the shards
+
+
+def test_full_disk_says_so_and_keeps_what_was_published(pristine, work, tiny_model, tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    published = current_version(work / "index")
+    monkeypatch.setattr(os, "fsync", full)  # where a full disk shows on a real filesystem too
+    line = one_error(runner.invoke(app, ["extract", str(pristine / "gallery"), "--out", str(tmp_path / "f"),
+                                         "--model", str(tiny_model), "--workers", "0"]))
+    assert "the disk is full" in line and "shard-00000.h5" in line and "`pipeline extract`" in line
+    assert not [p for p in (tmp_path / "f").iterdir() if p.suffix in (".h5", ".tmp")]  # no half-written shard
+    line = one_error(runner.invoke(app, command("build-index", pristine, work, tiny_model)))
+    assert "the disk is full" in line and "`pipeline build-index`" in line
+    monkeypatch.undo()
+    assert current_version(work / "index") == published and [p.name for p in (work / "index" / "versions").iterdir()] == [published.name]
+    assert Searcher(work / "index").count == 12
+
+
+def test_unwritable_outputs(pristine, work, tiny_model, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    gallery, model = str(pristine / "gallery"), str(tiny_model)
+    cases = [
+        ["extract", gallery, "--out", str(blocker / "features"), "--model", model, "--workers", "0"],
+        ["build-index", str(work / "features"), "--out", str(blocker / "index")],
+        ["rebuild", gallery, "--workdir", str(blocker / "work"), "--model", model, "--workers", "0"],
+        ["rebuild", gallery, "--workdir", str(work), "--model", model, "--log-file", str(blocker / "log")],
+        [*command("eval", pristine, work, tiny_model), "--per-query", str(blocker / "rows.csv")],
+        [*command("eval", pristine, work, tiny_model), "--per-query", str(tmp_path)],  # a folder
+    ]
+    for args in cases:
+        line = one_error(runner.invoke(app, args))
+        assert "cannot write" in line and "`pipeline " in line, (args, line)
+
+
+def test_groundtruth_query_whose_only_positive_is_itself(pristine, work, tiny_model, tmp_path):
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps([{"query": "img00.png", "positives": ["img00.png"]}]))
+    args = ["eval", "--index", str(work / "index"), "--groundtruth", str(gt), "--queries", str(pristine / "gallery"),
+            "--model", str(tiny_model)]
+    assert "img00.png: no positive left" in one_error(runner.invoke(app, args))
+
+
+def test_an_untranslated_error_is_one_internal_error_line_and_v_shows_the_traceback(pristine, work, monkeypatch):
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr("pipeline.index.build_index", bug)
+    args = command("build-index", pristine, work, Path())
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.stderr.splitlines() == [
+        "error: internal error (ZeroDivisionError: a bug); please report it; rerun with -v for the traceback"]
+    verbose = runner.invoke(app, ["-v", *args])
+    assert verbose.exit_code == 1 and "Traceback" in verbose.stderr and "ZeroDivisionError: a bug" in verbose.stderr
