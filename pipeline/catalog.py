@@ -37,8 +37,8 @@ class Entry:
 
 
 def _catalog_error(path: Path, exc: sqlite3.Error) -> PipelineError:
-    """The one-line message for a catalog that cannot be opened: full disk, unwritable, or damaged."""
-    if getattr(exc, "sqlite_errorname", "") in ("SQLITE_FULL", "SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_IOERR"):
+    """The one-line message for a catalog that cannot be opened: damaged, or a full disk, or unwritable."""
+    if getattr(exc, "sqlite_errorname", None) not in (None, "SQLITE_CORRUPT", "SQLITE_NOTADB"):
         return write_error(path, exc, "`pipeline extract`")
     return PipelineError(f"{path} is damaged ({exc}): delete it (and any {CATALOG_FILE}-wal/-shm beside it) "
                          "and rerun `pipeline extract`, which rebuilds it from the shards")
