@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import sqlite3
 from pathlib import Path
 
 import h5py
@@ -27,8 +28,8 @@ DAMAGES = ("truncate", "random", "delete")
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory, tiny_model) -> Path:
-    """A workdir made by `pipeline rebuild`: two shards plus one holding a failure, a catalog,
-    errors.jsonl, locks, a published index; and a ground truth over the same gallery."""
+    """A workdir made by `pipeline rebuild`: two shards (one also records a failure), a catalog with
+    its -wal and -shm, errors.jsonl, locks, a published index; and a ground truth over the gallery."""
     root = tmp_path_factory.mktemp("pristine")
     for i in range(12):
         save_pattern(root / "gallery" / f"img{i:02d}.png", seed=i)
@@ -37,6 +38,14 @@ def pristine(tmp_path_factory, tiny_model) -> Path:
     result = runner.invoke(app, ["rebuild", str(root / "gallery"), "--workdir", str(root / "work"),
                                  "--model", str(tiny_model), "--workers", "0", "--shard-size", "6"])
     assert result.exit_code == 0, (result.stderr, result.exception)
+    # A run killed after a catalog write leaves catalog.sqlite-wal and -shm beside it: keep that state.
+    db = sqlite3.connect(root / "work" / "features" / "catalog.sqlite")
+    with db:
+        db.execute("UPDATE images SET status = status")
+    shutil.copytree(root / "work", root / "killed")
+    db.close()  # checkpoints and removes the -wal of the original, not of the copy
+    shutil.rmtree(root / "work")
+    (root / "killed").rename(root / "work")
     return root
 
 
@@ -67,14 +76,17 @@ def kind(rel: str) -> str:
     name = Path(rel).name
     if name.startswith("shard-"):
         return "shard"
-    return {"catalog.sqlite": "catalog", "errors.jsonl": "errors", ".lock": "lock", CURRENT_FILE: "current"}.get(name, "version")
+    return {"catalog.sqlite": "catalog", "catalog.sqlite-wal": "journal", "catalog.sqlite-shm": "journal",
+            "errors.jsonl": "errors", ".lock": "lock", CURRENT_FILE: "current"}.get(name, "version")
 
 
 def expected_exit(rel: str, how: str, cmd: str) -> int:
     """0 where the product recovers by itself, 1 where the user must act (the message says how)."""
     k = kind(rel)
-    if k in ("errors", "lock"):
-        return 0  # errors.jsonl is rewritten by every extract; a lock file only holds a pid
+    if k in ("errors", "lock", "journal"):
+        # errors.jsonl is rewritten by every extract; a lock file only holds a pid; SQLite drops a
+        # damaged -wal (what it held was also in the shards, and extract imports them again) and rebuilds -shm.
+        return 0
     if k == "shard":
         # Search reads only the index, so it still answers. A deleted shard is forgotten and its images
         # are extracted again (build-index alone indexes the other shards); a damaged one needs the user.
@@ -92,12 +104,12 @@ def files_of(work: Path) -> list[str]:
     return sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file())
 
 
-REWRITTEN = ("catalog.sqlite", "errors.jsonl", ".lock", CURRENT_FILE)  # files a run legitimately rewrites
+REWRITTEN = ("catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm", "errors.jsonl", ".lock", CURRENT_FILE)  # rewritten by a run
 
 
 def test_the_fixture_has_every_kind_of_file(pristine):
     names = files_of(pristine / "work")
-    assert {kind(n) for n in names} == {"shard", "catalog", "errors", "lock", "current", "version"}
+    assert {kind(n) for n in names} == {"shard", "catalog", "journal", "errors", "lock", "current", "version"}
     assert sum(kind(n) == "shard" for n in names) >= 2 and sum(kind(n) == "version" for n in names) == 3
 
 
