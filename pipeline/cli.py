@@ -34,7 +34,7 @@ class _Commands(TyperGroup):
         except Exception as exc:
             logging.getLogger("pipeline").debug("internal error", exc_info=True)
             typer.echo(f"error: internal error ({type(exc).__name__}: {cause(exc)}); please report it; "
-                       "rerun with -v for the traceback", err=True)
+                       "rerun as `pipeline -v ...` for the traceback", err=True)
             raise typer.Exit(1) from None
 
 
