@@ -56,7 +56,7 @@ class Catalog:
             raise write_error(self.dir, exc, "`pipeline extract`") from None
         try:
             self.db = sqlite3.connect(path)
-            # Damage is found here, once (about 0.5 s per million images), not midway through a run.
+            # Damage is found here, once (under 0.5 s per million images), not midway through a run.
             problems = [row for (row,) in self.db.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
                 raise sqlite3.DatabaseError(problems[0])
