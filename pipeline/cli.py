@@ -29,6 +29,9 @@ EXIT_STRICT_FAILURES = 3
 
 ModelOpt = Annotated[Optional[Path], typer.Option("--model", help="Feature model (default: models/vgg16.onnx).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout, nothing else there.")]
+RetryFailedOpt = Annotated[bool, typer.Option(
+    "--retry-failed", help="Try every file that failed before again now (default: transient failures with back-off, "
+    "others once the file changes).")]
 ProgressOpt = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (default: only on a terminal).", show_default=False)]
 
 
@@ -140,6 +143,7 @@ def extract(
     device: Annotated[str, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu).")] = "cpu",
     timeout: Annotated[float, typer.Option(help="Seconds allowed to decode one image.")] = 30.0,
     strict: Annotated[bool, typer.Option(help=f"Exit {EXIT_STRICT_FAILURES} if any image of the folder failed (this run or earlier).")] = False,
+    retry_failed: RetryFailedOpt = False,
     progress: ProgressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -152,7 +156,8 @@ def extract(
 
     try:
         report = run_extract(roots, out, model, workers=workers, batch_size=batch_size, shard_size=shard_size,
-                             threads=threads, device=device, timeout=timeout, progress=progress)
+                             threads=threads, device=device, timeout=timeout, retry_failed=retry_failed,
+                             progress=progress)
     except PipelineError as exc:
         raise _fail(exc)
     if as_json:
@@ -264,6 +269,7 @@ def rebuild(
     flat_below: Annotated[int, typer.Option(help="Use exact search for collections smaller than this.")] = 20_000,
     log_file: Annotated[Optional[Path], typer.Option(help="Also append timestamped log lines to this file.")] = None,
     strict: Annotated[bool, typer.Option(help=f"Exit {EXIT_STRICT_FAILURES} if any image of the collection cannot be used.")] = False,
+    retry_failed: RetryFailedOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """The nightly job: incremental extract, compact, build and publish the index, prune old versions.
@@ -281,7 +287,8 @@ def rebuild(
     try:
         report = run_rebuild(roots, workdir, model, keep=keep, compact_below=compact_below, flat_below=flat_below,
                              workers=workers,
-                             batch_size=batch_size, shard_size=shard_size, threads=threads, progress=False)
+                             batch_size=batch_size, shard_size=shard_size, threads=threads, retry_failed=retry_failed,
+                             progress=False)
     except PipelineError as exc:
         logging.getLogger("pipeline").error("rebuild failed: %s", exc)
         raise _fail(exc)

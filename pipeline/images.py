@@ -1,8 +1,9 @@
 """Find image files and decode them safely into uint8 RGB arrays of the model's input size.
 
-Every failure becomes an ImageError whose message is a one-line reason; nothing here ever
-takes a batch down. Decoding reads the file once, hashes those bytes (for duplicate
-detection and catalogs) and decodes from memory.
+Every failure becomes an ImageError whose message is a one-line reason (and whose `transient`
+flag says whether retrying the unchanged file may help); nothing here ever takes a batch down.
+Decoding reads the file once, hashes those bytes (for duplicate detection and catalogs) and
+decodes from memory.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def decode_rgb(data: bytes, draft: int | None = None, max_pixels: int = DEFAULT_
             raise ImageError(f"truncated image ({msg})") from None
         raise ImageError(f"corrupt image ({msg})") from None
     except MemoryError:
-        raise ImageError("out of memory while decoding") from None
+        raise ImageError("out of memory while decoding", transient=True) from None
 
 
 def read_file(path: Path) -> tuple[bytes, os.stat_result]:
@@ -140,14 +141,14 @@ def read_file(path: Path) -> tuple[bytes, os.stat_result]:
             return f.read(), st
     except FileNotFoundError:
         if os.path.islink(path):
-            raise ImageError("broken symbolic link") from None
-        raise ImageError("file not found (deleted during the run?)") from None
+            raise ImageError("broken symbolic link", transient=True) from None
+        raise ImageError("file not found (deleted during the run?)", transient=True) from None
     except PermissionError:
-        raise ImageError("permission denied") from None
+        raise ImageError("permission denied", transient=True) from None
     except IsADirectoryError:
         raise ImageError("is a directory") from None
     except OSError as exc:
-        raise ImageError(f"cannot read file ({exc.strerror or exc})") from None
+        raise ImageError(f"cannot read file ({exc.strerror or exc})", transient=True) from None
 
 
 def load_image(
@@ -166,7 +167,7 @@ def load_image(
         content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
         pixels = decode_bytes(data, size, max_pixels)
     except _Timeout:
-        raise ImageError(f"reading and decoding took longer than {timeout:g} s; skipped") from None
+        raise ImageError(f"reading and decoding took longer than {timeout:g} s; skipped", transient=True) from None
     finally:
         if timeout:
             signal.setitimer(signal.ITIMER_REAL, 0)
