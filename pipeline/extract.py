@@ -54,6 +54,7 @@ class ExtractReport:
     failed_total: int = 0  # every current file of the folder that could not be used
     retried: int = 0  # files that had failed in an earlier run, tried again
     still_failing: int = 0  # of those, the ones that failed again
+    unreadable_folders: list[tuple[str, str]] = field(default_factory=list)  # (folder, reason): images kept as they were
     shards_written: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -62,10 +63,11 @@ class ExtractReport:
         return self.extracted / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in vars(self).items() if k != "failures"}
+        d = {k: v for k, v in vars(self).items() if k not in ("failures", "unreadable_folders")}
         d["seconds"] = round(self.seconds, 3)
         d["images_per_second"] = round(self.images_per_second, 2)
         d["failures"] = [{"path": p, "reason": r} for p, r in self.failures]
+        d["unreadable_folders"] = [{"path": p, "reason": r} for p, r in self.unreadable_folders]
         return d
 
 
@@ -156,11 +158,14 @@ def _validate(batch_size: int, shard_size: int, workers: int, threads: int, time
         raise PipelineError(f"--timeout must be positive (got {timeout})")
 
 
-def write_errors_file(features_dir: Path, catalog: Catalog) -> int:
-    """Rewrite errors.jsonl beside the shards: every current file that could not be used, and why."""
+def write_errors_file(features_dir: Path, catalog: Catalog, unreadable: list[tuple[str, str]]) -> int:
+    """Rewrite errors.jsonl beside the shards: every folder that could not be listed and every current
+    file that could not be used, and why. Returns the number of files."""
     failures = catalog.failures()
+    folders = [(p, f"folder cannot be listed ({r}); the images recorded under it keep their state")
+               for p, r in unreadable]
     atomic_write_text(features_dir / ERRORS_FILE, "".join(
-        json.dumps({"path": p, "reason": r}, ensure_ascii=False) + "\n" for p, r in failures))
+        json.dumps({"path": p, "reason": r}, ensure_ascii=False) + "\n" for p, r in folders + failures))
     return len(failures)
 
 
@@ -208,19 +213,24 @@ def extract(
     Files that failed before are tried again when they changed, or when the failure was transient
     (ImageError.transient) and its back-off is over; `retry_failed` tries all of them now.
     Recorded images under `roots` that no longer exist are marked gone; images recorded under
-    other roots are left alone.
+    other roots, or under folders that cannot be listed (report.unreadable_folders), are left alone.
     """
     workers = default_workers() if workers is None else workers
     _validate(batch_size, shard_size, workers, threads, timeout)
     out = Path(out)
     model_path = resolve_model_path(model)
     info = read_model_info(model_path)
-    images = find_images(roots)
+    unreadable: list[tuple[str, str]] = []
+    images = find_images(roots, unreadable)
+    for folder, reason in unreadable:
+        LOG.warning("cannot list folder %s (%s): the images recorded under it keep their state", folder, reason)
     if not images:
+        if unreadable:
+            raise PipelineError(f"no image files found: cannot list {unreadable[0][0]} ({unreadable[0][1]})")
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise PipelineError(f"no image files found under {', '.join(map(str, roots))} (looked for {exts})")
     start = time.monotonic()
-    report = ExtractReport(features_dir=str(out), found=len(images))
+    report = ExtractReport(features_dir=str(out), found=len(images), unreadable_folders=unreadable)
     with exclusive_lock(out, "pipeline extract"), Catalog(out) as catalog:
         check_model([shard_info(p) for p in list_shards(out)], info.checksum)
         catalog.reconcile()
@@ -244,13 +254,16 @@ def extract(
                 todo.append(path)
                 changed.add(path)
         scopes = [str(Path(r).absolute()) for r in roots]
+        unseen = [folder for folder, _ in unreadable]  # what they hold is unknown: nothing there is gone
         for scope in scopes:  # an unmounted disk must not read as "all its images were deleted"
             if not any(_under(p, [scope]) for p in stats):
-                recorded = sum(1 for p, e in entries.items() if e.status == "live" and _under(p, [scope]))
+                recorded = sum(1 for p, e in entries.items()
+                               if e.status == "live" and _under(p, [scope]) and not _under(p, unseen))
                 if recorded:
                     raise PipelineError(f"{scope} holds no images now but {recorded} were recorded there; "
                                         "is it unmounted? (delete its images one by one, or use another features folder)")
-        missing = {p for p, e in entries.items() if e.status != "gone" and p not in stats and _under(p, scopes)}
+        missing = {p for p, e in entries.items()
+                   if e.status != "gone" and p not in stats and _under(p, scopes) and not _under(p, unseen)}
         LOG.info("%d images found: %d unchanged, %d to decode (%d failed before), %d recorded ones missing",
                  len(images), report.unchanged, len(todo), len(retried), len(missing))
         moved_from: set[str] = set()
@@ -264,7 +277,7 @@ def extract(
         report.still_failing = sum(1 for p, _ in report.failures if p in retried)
         report.deleted = len(missing - moved_from)
         report.new = len(todo) - report.changed - report.retried - report.moved
-        report.failed_total = write_errors_file(out, catalog)
+        report.failed_total = write_errors_file(out, catalog, unreadable)
     report.seconds = time.monotonic() - start
     return report
 
@@ -344,6 +357,10 @@ def summary_lines(report: ExtractReport, max_failures: int = 50) -> list[str]:
         f"{r.extracted} run through the model ({r.images_per_second:.1f} img/s), {r.duplicates} duplicates reused, "
         f"{r.failed} failed; {len(r.shards_written)} shards written to {r.features_dir} in {r.seconds:.1f} s",
     ]
+    if r.unreadable_folders:
+        lines.append(f"{len(r.unreadable_folders)} folders could not be listed; the images recorded under them "
+                     "keep their state:")
+        lines += [f"  {p}: {reason}" for p, reason in r.unreadable_folders]
     if r.retried:
         lines.append(f"{r.retried} files that had failed before were tried again: {r.retried - r.still_failing} "
                      f"recovered, {r.still_failing} still failing")

@@ -34,21 +34,34 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def find_images(roots: Iterable[Path | str]) -> list[Path]:
+def find_images(roots: Iterable[Path | str], unreadable: list[tuple[str, str]] | None = None) -> list[Path]:
     """Absolute paths of image files under each root (recursive, sorted, extensions case-insensitive).
 
     A root may also be a single image file. Symlinked files are listed (a broken one fails at
     decode time with its reason); symlinked folders are not followed, so cycles cannot occur.
+    Folders (roots included) that cannot be listed (permissions, I/O errors, a stale mount) are
+    appended to `unreadable` as (absolute path, reason): what they hold is unknown, not absent.
+    Without `unreadable` they are skipped.
     """
     found: set[Path] = set()
+
+    def cannot_list(exc: OSError) -> None:
+        if unreadable is not None:
+            unreadable.append((str(Path(exc.filename).absolute()), exc.strerror or str(exc)))
+
     for root in roots:
         root = Path(root)
-        if root.is_file():
-            found.add(root.absolute())
+        try:
+            if root.is_file():
+                found.add(root.absolute())
+                continue
+            is_dir = root.is_dir()
+        except OSError as exc:  # e.g. ESTALE, EIO (is_dir() swallows only "does not exist")
+            cannot_list(exc)
             continue
-        if not root.is_dir():
+        if not is_dir:
             raise PipelineError(f"folder not found: {root}")
-        for dirpath, dirnames, filenames in os.walk(root, onerror=None):
+        for dirpath, dirnames, filenames in os.walk(root, onerror=cannot_list):
             dirnames.sort()
             base = Path(dirpath).absolute()
             found.update(base / f for f in filenames if is_image_name(f))

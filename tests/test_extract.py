@@ -197,3 +197,36 @@ def test_retry_failed_from_the_cli(tmp_path, tiny_model):
     result = CliRunner().invoke(app, args + ["--retry-failed"])
     assert result.exit_code == 0, result.output
     assert "1 files that had failed before were tried again: 0 recovered, 1 still failing" in result.stderr
+
+
+def test_a_folder_that_cannot_be_listed_keeps_its_images(tmp_path, tiny_model, monkeypatch):
+    """The walk's error path, with the error injected (test_rebuild.py makes a really unreadable folder)."""
+    import errno
+
+    from typer.testing import CliRunner
+
+    from pipeline.catalog import Catalog
+    from pipeline.cli import app
+
+    for i in range(4):
+        save_pattern(tmp_path / "imgs" / "ab"[i % 2] / f"{i}.png", i)
+    extract([tmp_path / "imgs"], tmp_path / "f", tiny_model, workers=0, progress=False)
+    broken = tmp_path / "imgs" / "b"
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == broken:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = CliRunner().invoke(app, ["extract", str(tmp_path / "imgs"), "--out", str(tmp_path / "f"), "--model",
+                                      str(tiny_model), "--workers", "0", "--strict"])
+    assert result.exit_code == 3, result.output
+    assert f"{broken}: Input/output error" in result.stderr and "0 deleted" in result.stderr
+    listed = [json.loads(line) for line in (tmp_path / "f" / ERRORS_FILE).read_text().splitlines()]
+    assert listed == [{"path": str(broken), "reason": "folder cannot be listed (Input/output error); "
+                                                      "the images recorded under it keep their state"}]
+    with Catalog(tmp_path / "f") as catalog:
+        live = sorted(Path(p).name for p, e in catalog.entries().items() if e.status == "live")
+    assert live == ["0.png", "1.png", "2.png", "3.png"]

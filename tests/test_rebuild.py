@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from helpers import save_pattern
+from helpers import obey_file_modes, save_pattern
 from pipeline.cli import app
 from pipeline.errors import PipelineError
 from pipeline.fsutil import exclusive_lock
@@ -81,6 +82,43 @@ def test_an_emptied_root_is_refused_not_wiped(tmp_path, tiny_model):
     with pytest.raises(PipelineError, match="is it unmounted"):
         rebuild([a, b], work, tiny_model, workers=0)
     assert len(indexed_paths(work / "index")) == 6  # the published index is untouched
+
+
+def test_an_unreadable_folder_is_not_a_deletion(tmp_path, tiny_model):
+    """A folder the run cannot list, and a root it cannot list, keep their recorded images; the run
+    reports them and --strict exits 3. The folders are made unreadable for real (mode 000) and the
+    run, a subprocess, obeys file modes even as root (helpers.obey_file_modes drops the capabilities
+    that let root read anything); a probe proves the folder cannot be listed, or the test fails."""
+    photos, other, work = tmp_path / "photos", tmp_path / "other", tmp_path / "work"
+    make_collection(photos, range(3))
+    make_collection(photos / "locked", range(10, 13))
+    make_collection(other, range(20, 23))
+    rebuild([photos, other], work, tiny_model, workers=0)
+    make_collection(photos, range(30, 32))  # meanwhile two new images: the run has real work to do
+    cmd = [sys.executable, "-m", "pipeline", "rebuild", str(photos), str(other), "--workdir", str(work),
+           "--model", str(tiny_model), "--workers", "0", "--strict", "--json"]
+    os.chmod(photos / "locked", 0)
+    os.chmod(other, 0)
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import os, sys; os.listdir(sys.argv[1])", str(other)],
+                               preexec_fn=obey_file_modes, capture_output=True, text=True)
+        if "PermissionError" not in probe.stderr:
+            pytest.fail(f"cannot make an unreadable folder here (euid {os.geteuid()}): "
+                        f"{probe.stderr.strip() or 'mode 000 was listed anyway'}")
+        result = subprocess.run(cmd, preexec_fn=obey_file_modes, capture_output=True, text=True)
+    finally:
+        os.chmod(photos / "locked", 0o755)
+        os.chmod(other, 0o755)
+    assert result.returncode == 3, result.stderr
+    ex = json.loads(result.stdout)["extract"]
+    assert {u["path"] for u in ex["unreadable_folders"]} == {str(photos / "locked"), str(other)}
+    assert (ex["new"], ex["deleted"], ex["unchanged"]) == (2, 0, 3)
+    assert f"cannot list folder {photos / 'locked'} (Permission denied)" in result.stderr
+    assert sorted(indexed_paths(work / "index")) == live_files(tmp_path)  # nothing was taken for deleted
+    errors = [json.loads(line)["path"] for line in (work / "features" / "errors.jsonl").read_text().splitlines()]
+    assert errors == [str(photos / "locked"), str(other)]
+    readable = rebuild([photos, other], work, tiny_model, workers=0)  # listed again: nothing to redo
+    assert (readable.extract.unchanged, readable.extract.new, readable.extract.deleted) == (11, 0, 0)
 
 
 def test_changed_file_is_extracted_again(tmp_path, tiny_model):
