@@ -149,6 +149,15 @@ class Catalog:
             h.update(f"{path}\0{content}\n".encode())
         return h.hexdigest()
 
+    def live_snapshot(self) -> tuple[dict[str, np.ndarray], str]:
+        """live_rows() and live_digest() read in one transaction: rows recorded meanwhile by a running
+        extract are in both or in neither."""
+        self.db.execute("BEGIN")
+        try:
+            return self.live_rows(), self.live_digest()
+        finally:
+            self.db.execute("COMMIT")
+
     # ---------------------------------------------------------------- writing
 
     def _counter(self, name: str) -> int:
