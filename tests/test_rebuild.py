@@ -161,21 +161,38 @@ def test_overlapping_run_exits_75_and_stale_lock_is_taken_over(tmp_path, tiny_mo
     assert "did not finish" in result.stderr
 
 
-def _rebuild_cmd(root: Path, work: Path, model: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline", "rebuild", str(root), "--workdir", str(work), "--model", str(model),
-            "--workers", "1", "--batch-size", "2", "--shard-size", "3", "--compact-below", "0.7", "--flat-below", "30"]
+def _rebuild_cmd(root: Path, work: Path, model: Path, log: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "--verbose", "rebuild", str(root), "--workdir", str(work), "--model",
+            str(model), "--workers", "1", "--batch-size", "2", "--shard-size", "3", "--compact-below", "0.7",
+            "--flat-below", "30", "--log-file", str(log)]
+
+
+def _wait_for_log(log: Path, offset: int, text: str, proc: subprocess.Popen) -> None:
+    """Until the log, past `offset` (this run's lines), holds `text`: the run has reached that step."""
+    deadline = time.monotonic() + 120
+    while True:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            if text in f.read().decode():
+                return
+        assert proc.poll() is None, f"the run ended before logging {text!r}"
+        assert time.monotonic() < deadline, f"the run did not log {text!r} within 120 s"
+        time.sleep(0.005)
 
 
 def test_kill_at_any_moment(tmp_path, tiny_model):
     """SIGKILL rebuild at many moments over a changing collection; every time: the published index
-    still answers, a rerun completes, and then every live image is indexed exactly once."""
+    still answers, a rerun completes, and then every live image is indexed exactly once.
+
+    Each kill waits for a log line of a different step (lock taken, a shard written, extract done,
+    index planned, k-means training) and the killed run's exit status shows it was still running:
+    every kill lands in the work, none in start-up and none after the end."""
     rng = random.Random(0)
-    root, work = tmp_path / "photos", tmp_path / "work"
+    root, work, log = tmp_path / "photos", tmp_path / "work", tmp_path / "rebuild.log"
     make_collection(root, range(40))  # >= 39: an IVF index, so kills also land in k-means training
-    cmd = _rebuild_cmd(root, work, tiny_model)
-    t0 = time.monotonic()
+    cmd = _rebuild_cmd(root, work, tiny_model, log)
     subprocess.run(cmd, check=True, capture_output=True)
-    full = time.monotonic() - t0
+    steps = ["rebuild started", "wrote shard-", "extract:", "index plan", "training on"]
     next_seed = 1000
     for round_ in range(10):
         files = sorted(root.rglob("*.png"))  # change the collection: add, delete, rename
@@ -185,10 +202,11 @@ def test_kill_at_any_moment(tmp_path, tiny_model):
             p.rename(p.with_name(f"r{round_}_{p.name}"))
         make_collection(root, range(next_seed, next_seed + 4))
         next_seed += 4
+        offset = log.stat().st_size
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(full * (round_ + 0.5) / 10)
+        _wait_for_log(log, offset, steps[round_ % len(steps)], proc)
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert proc.wait() == -signal.SIGKILL, f"round {round_}: the run had ended before the kill"
         searcher = Searcher(work / "index", model=tiny_model)  # (a) the published index still answers
         assert len(searcher.search_vectors(np.ones((1, 64), np.float32) / 8, k=3)[0]) == 3
         subprocess.run(cmd, check=True, capture_output=True)  # (b) a rerun completes
