@@ -2,9 +2,9 @@
 
 The quantized file is a different model: its own name and weights checksum (over the
 quantized initializers), so shards and indexes never mix int8 and fp32 features silently.
-Whether int8 is faster depends on the CPU (VNNI / AVX-512 VNNI / AMX run int8 dot products
-natively; without them ONNX Runtime may gain nothing), so both models are timed where the
-quantization runs and the report says which one to use there.
+Whether int8 is faster depends on the CPU (its int8 instructions: AVX2, VNNI, AVX-512 VNNI,
+AMX) and on ONNX Runtime's kernels for it: 3x on one 2-core machine, nothing on another. So both
+models are timed where the quantization runs, and the report says which one to use there.
 """
 
 from __future__ import annotations
