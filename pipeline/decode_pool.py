@@ -176,8 +176,13 @@ class DecodePool:
                 last_progress[w] = time.monotonic()  # the hang clock starts with the first task
             while pending and free and len(outstanding[w]) < self.prefetch:
                 i, slot = pending.popleft(), free.popleft()
+                try:
+                    self.conns[w].send((i, paths[i], slot))
+                except OSError:  # it died since its last answer: the next wait() reports that, and it is replaced
+                    pending.appendleft(i)
+                    free.appendleft(slot)
+                    return
                 outstanding[w].append((i, slot))
-                self.conns[w].send((i, paths[i], slot))
 
         def replace_worker(w: int, why: str) -> int | None:
             """Fail the image worker w was on (None when it was idle), restart it, hand its other images out again."""

@@ -14,17 +14,17 @@ SETTINGS = DecodeSettings(16, 10**8, 30.0)
 
 
 def test_worker_dying_while_idle_is_replaced(tmp_path):
-    paths = [str(save_pattern(tmp_path / f"{i}.png", i)) for i in range(2)]
-    with DecodePool(2, SETTINGS, prefetch=1) as pool:  # worker i gets image i, nothing more
+    paths = [str(save_pattern(tmp_path / f"{i}.png", i)) for i in range(3)]
+    with DecodePool(2, SETTINGS, prefetch=1) as pool:  # worker i gets image i; image 2 waits
         out = {}
         for i, decoded, error in pool.imap(paths):
             out[i] = (decoded, error)
-            if len(out) == 1:  # worker i is now idle: kill it before asking for the next result
+            if len(out) == 1:  # worker i is idle now: it dies before the pool hands it image 2
                 pool.procs[i].kill()
                 pool.procs[i].join()
-        assert all(d is not None and e is None for d, e in out.values()) and set(out) == {0, 1}
+        assert set(out) == {0, 1, 2} and all(d is not None and e is None for d, e in out.values())
         again = list(pool.imap(paths))  # the pool still has two working decoders
-    assert sorted(i for i, _, _ in again) == [0, 1] and all(e is None for _, _, e in again)
+    assert sorted(i for i, _, _ in again) == [0, 1, 2] and all(e is None for _, _, e in again)
 
 
 UNSTARTABLE = '''
