@@ -237,7 +237,8 @@ class DecodePool:
             for w in range(self.n):
                 limit = self.hard_timeout + (0 if self.ready[w] else STARTUP_GRACE)
                 if outstanding[w] and now - last_progress[w] > limit:
-                    i = replace_worker(w, "decoder hung" if self.ready[w] else f"a worker gave no answer for {limit:g} s")
+                    why = "decoder hung" if self.ready[w] else f"a worker gave no answer for {limit:g} s"
+                    i = replace_worker(w, why)
                     remaining -= 1
                     yield i, None, f"decoding took longer than {self.hard_timeout:g} s; skipped"
                     feed(w)

@@ -48,7 +48,8 @@ class SpeedCheck:
         if self.use_int8:
             return f"int8 is {self.speedup:.1f}x faster here: use it"
         if self.speedup >= 1.05:
-            return f"int8 is only {self.speedup:.2f}x faster on this CPU: keep the fp32 model (int8 features are slightly less exact)"
+            return (f"int8 is only {self.speedup:.2f}x faster on this CPU: keep the fp32 model "
+                    "(int8 features are slightly less exact)")
         return f"int8 is no faster on this CPU ({self.speedup:.2f}x): keep the fp32 model"
 
     def to_dict(self) -> dict:
@@ -59,6 +60,8 @@ class SpeedCheck:
 
 @dataclass(frozen=True)
 class QuantizeReport:
+    """What `model quantize` made, and whether to use it on this machine."""
+
     info: ModelInfo  # of the int8 model
     speed: SpeedCheck
 
