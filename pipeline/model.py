@@ -366,9 +366,9 @@ def locate_model(path: Path | str | None) -> tuple[Path, str]:
         return candidate.resolve(), source
     if source == "--model":
         raise PipelineError(f"model file not found: {candidate}")
-    hint = "" if source == MODEL_ENV else " (and no ./models/vgg16.onnx here)"
-    raise PipelineError(f"model file not found: {candidate} (from {source}){hint}; "
-                        "create it with `pipeline model export`, or pass --model")
+    why = source if source == MODEL_ENV else f"{source}; no ./models/vgg16.onnx here either"
+    raise PipelineError(f"model file not found: {candidate} ({why}); create it with `pipeline model export`, "
+                        "or pass --model")
 
 
 def resolve_model_path(path: Path | str | None) -> Path:

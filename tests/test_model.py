@@ -212,5 +212,5 @@ def test_model_sources_in_order(user_env, tmp_path, tiny_model, monkeypatch):
     assert (model_info_cli()["source"], model_info_cli()["path"]) == ("PIPELINE_MODEL", str(tiny_model))
     assert model_info_cli("--model", checkout)["source"] == "--model"
     monkeypatch.setenv("PIPELINE_MODEL", str(tmp_path / "gone.onnx"))
-    with pytest.raises(PipelineError, match="gone.onnx .from PIPELINE_MODEL"):
+    with pytest.raises(PipelineError, match=r"gone.onnx \(PIPELINE_MODEL\)"):
         resolve_model_path(None)
