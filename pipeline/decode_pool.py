@@ -3,10 +3,13 @@
 Workers decode straight into slots of one shared-memory block (uint8, the model's input size)
 and tell the parent over their own pipe which slot holds which image; sends are small and
 synchronous, so a result sent before a crash is never lost. Each worker has at most
-`prefetch` tasks (and slots) outstanding, so memory stays flat whatever the collection size,
-and a slot is reused only after the consumer has taken its pixels. A worker that dies
-(a crashing decoder) or hangs (stuck in C code past the timeout) is replaced: the image it
+`prefetch` tasks (and slots) outstanding, so memory stays flat whatever the collection size;
+the parent copies the pixels out of a slot before it hands the image on, so a decoded array
+never points into shared memory (a 150 KB copy, nothing beside a VGG16 run). A worker that
+dies (a crashing decoder) or hangs (stuck in C code past the timeout) is replaced: the image it
 was on is reported as failed with the reason, the others it held are handed to the new worker.
+A worker that dies or hangs before it is ready (bad install, no memory) fails the whole run:
+every image would fail the same way.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from multiprocessing import shared_memory
 import numpy as np
 from typing import Callable, Iterator
 
-from .errors import ImageError
+from PIL import Image
+
+from .errors import ImageError, PipelineError
 from .images import Decoded, load_image
 
 LOG = logging.getLogger(__name__)
@@ -55,6 +60,7 @@ def _worker(conn: Connection, shm_name: str, n_slots: int, settings: DecodeSetti
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C means
     shm = shared_memory.SharedMemory(name=shm_name)  # the parent owns it and unlinks it
     slots = np.ndarray((n_slots, settings.size, settings.size, 3), np.uint8, buffer=shm.buf)
+    Image.init()  # Pillow imports its format plugins on first use: do it before the hang clock starts
     conn.send(READY)  # imports done: from now on the parent's hang clock is fair
     try:
         while True:
@@ -98,15 +104,24 @@ class DecodePool:
             size = settings.size
             self.shm = shared_memory.SharedMemory(create=True, size=self.n_slots * size * size * 3)
             self.slots = np.ndarray((self.n_slots, size, size, 3), np.uint8, buffer=self.shm.buf)
-        for w in range(workers):
-            self._start(w)
+        try:
+            for w in range(workers):
+                self._start(w)
+        except BaseException:
+            self.close()
+            raise
 
     def _start(self, w: int) -> None:
         parent, child = self.ctx.Pipe()
         p = self.ctx.Process(target=_worker, args=(child, self.shm.name, self.n_slots, self.settings, self.decode),
                              daemon=True)
-        p.start()
-        child.close()
+        try:
+            p.start()
+        except OSError as exc:  # no processes or memory left; EPIPE when the child died at once
+            parent.close()
+            raise PipelineError(f"decoder worker processes cannot start: {exc}") from None
+        finally:
+            child.close()
         self.procs[w], self.conns[w] = p, parent
         self.ready[w] = False
 
@@ -144,7 +159,8 @@ class DecodePool:
     def imap(self, paths: list[str]) -> Iterator[tuple[int, Decoded | None, ImageError | None]]:
         """Yield (index into paths, decoded or None, ImageError or None) for every path, once.
 
-        A yielded Decoded's pixels are valid until the next item is requested: copy them.
+        Yielded pixels are the caller's own array. Raises PipelineError when a worker dies or
+        hangs before it is ready: the decoders cannot run here at all.
         """
         if self.n == 0:
             for i, path in enumerate(paths):
@@ -160,14 +176,25 @@ class DecodePool:
                 last_progress[w] = time.monotonic()  # the hang clock starts with the first task
             while pending and free and len(outstanding[w]) < self.prefetch:
                 i, slot = pending.popleft(), free.popleft()
+                try:
+                    self.conns[w].send((i, paths[i], slot))
+                except OSError:  # it died since its last answer: the next wait() reports that, and it is replaced
+                    pending.appendleft(i)
+                    free.appendleft(slot)
+                    return
                 outstanding[w].append((i, slot))
-                self.conns[w].send((i, paths[i], slot))
 
-        def replace_worker(w: int, why: str) -> int:
-            """Fail the image worker w was on, restart it, hand its other images out again."""
-            failed, slot = outstanding[w].popleft()
-            free.append(slot)
-            LOG.warning("decoder worker %d replaced: %s (%s)", w, why, paths[failed])
+        def replace_worker(w: int, why: str) -> int | None:
+            """Fail the image worker w was on (None when it was idle), restart it, hand its other images out again."""
+            if not self.ready[w]:
+                self._stop(w, kill=True)
+                raise PipelineError(f"decoder worker processes cannot start: {why} before it was ready (its error, "
+                                    "if any, is above); use --workers 0 to decode in this process")
+            failed = None
+            if outstanding[w]:
+                failed, slot = outstanding[w].popleft()
+                free.append(slot)
+            LOG.warning("decoder worker %d replaced: %s (%s)", w, why, "idle" if failed is None else paths[failed])
             self._stop(w, kill=True)
             pending.extendleft(reversed([i for i, _ in outstanding[w]]))
             free.extend(slot for _, slot in outstanding[w])
@@ -183,7 +210,6 @@ class DecodePool:
             for w, conn in enumerate(self.conns):
                 if conn not in ready:
                     continue
-                slot = None
                 try:
                     i, decoded, error = conn.recv()
                 except (EOFError, OSError):  # died: every result it sent was read before this
@@ -201,18 +227,19 @@ class DecodePool:
                     assert i == j, "a worker answers its tasks in order"
                     last_progress[w] = time.monotonic()
                     if decoded is not None:
-                        decoded = replace(decoded, pixels=self.slots[slot])
-                remaining -= 1
-                yield i, decoded, error
-                if slot is not None:
-                    free.append(slot)  # the consumer has copied the pixels by now
+                        decoded = replace(decoded, pixels=self.slots[slot].copy())
+                    free.append(slot)
+                if i is not None:
+                    remaining -= 1
+                    yield i, decoded, error
                 for v in range(self.n):
                     feed(v)
             now = time.monotonic()
             for w in range(self.n):
                 limit = self.hard_timeout + (0 if self.ready[w] else STARTUP_GRACE)
                 if outstanding[w] and now - last_progress[w] > limit:
-                    i = replace_worker(w, "decoder hung")
+                    why = "decoder hung" if self.ready[w] else f"a worker gave no answer for {limit:g} s"
+                    i = replace_worker(w, why)
                     remaining -= 1
                     yield i, None, ImageError(f"decoding took longer than {self.hard_timeout:g} s; skipped",
                                                  transient=True)

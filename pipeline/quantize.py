@@ -2,6 +2,9 @@
 
 The quantized file is a different model: its own name and weights checksum (over the
 quantized initializers), so shards and indexes never mix int8 and fp32 features silently.
+Whether int8 is faster depends on the CPU (its int8 instructions: AVX2, VNNI, AVX-512 VNNI,
+AMX) and on ONNX Runtime's kernels for it: 3x on one 2-core machine, nothing on another. So both
+models are timed where the quantization runs, and the report says which one to use there.
 """
 
 from __future__ import annotations
@@ -9,15 +12,75 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from .errors import ImageError, PipelineError
 from .images import find_images, load_image
-from .model import ModelInfo, read_model_info, resolve_model_path, save_model
+from .model import FeatureModel, ModelInfo, read_model_info, resolve_model_path, save_model
 
 LOG = logging.getLogger(__name__)
+MIN_INT8_SPEEDUP = 1.2  # below this, int8 is not worth features slightly less exact than fp32's
+SPEED_BATCHES = 2  # timed batches per model, after one warm-up batch each
+
+
+@dataclass(frozen=True)
+class SpeedCheck:
+    """fp32 and int8 throughput measured on one machine, and the advice that follows from them."""
+
+    fp32_images_per_second: float
+    int8_images_per_second: float
+
+    @property
+    def speedup(self) -> float:
+        return self.int8_images_per_second / self.fp32_images_per_second
+
+    @property
+    def use_int8(self) -> bool:
+        return self.speedup >= MIN_INT8_SPEEDUP
+
+    @property
+    def advice(self) -> str:
+        if self.use_int8:
+            return f"int8 is {self.speedup:.1f}x faster here: use it"
+        if self.speedup >= 1.05:
+            return (f"int8 is only {self.speedup:.2f}x faster on this CPU: keep the fp32 model "
+                    "(int8 features are slightly less exact)")
+        return f"int8 is no faster on this CPU ({self.speedup:.2f}x): keep the fp32 model"
+
+    def to_dict(self) -> dict:
+        return {"fp32_images_per_second": round(self.fp32_images_per_second, 3),
+                "int8_images_per_second": round(self.int8_images_per_second, 3),
+                "speedup": round(self.speedup, 3), "use_int8": self.use_int8, "advice": self.advice}
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    """What `model quantize` made, and whether to use it on this machine."""
+
+    info: ModelInfo  # of the int8 model
+    speed: SpeedCheck
+
+
+def measure_speed(fp32: Path | str, int8: Path | str, batches: list[np.ndarray],
+                  timer: Callable[[], float] = time.perf_counter) -> SpeedCheck:
+    """Images per second of both models on `batches` here: one warm-up batch each (session start,
+    memory), then the batches timed in turns, fp32 then int8, so drifting load hits both alike."""
+    models = FeatureModel(fp32), FeatureModel(int8)
+    for m in models:
+        m.embed(batches[0])
+    seconds = [0.0, 0.0]
+    for batch in batches:
+        for k, m in enumerate(models):
+            t0 = timer()
+            m.embed(batch)
+            seconds[k] += timer() - t0
+    n = sum(len(b) for b in batches)
+    return SpeedCheck(n / seconds[0], n / seconds[1])
 
 
 def _calibration_batches(images: list[Path], size: int, batch_size: int = 8) -> list[np.ndarray]:
@@ -51,8 +114,9 @@ def quantize_model(
     *,
     max_images: int = 64,
     seed: int = 0,
-) -> ModelInfo:
-    """Write an int8 (QDQ, per-channel) copy of a feature model, calibrated on up to `max_images` images."""
+) -> QuantizeReport:
+    """Write an int8 (QDQ, per-channel) copy of a feature model, calibrated on up to `max_images` images,
+    then time both models on a few calibration batches (see measure_speed)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -103,4 +167,7 @@ def quantize_model(
     q.metadata_props.add(key="pipeline.base_weights_sha256", value=info.weights_sha256)
     save_model(q, Path(out))
     LOG.info("wrote %s: %s, calibrated on %d images", out, int8.short(), len(images))
-    return int8
+    speed = measure_speed(src, out, batches[:SPEED_BATCHES])
+    LOG.info("fp32 %.2f img/s, int8 %.2f img/s: %s", speed.fp32_images_per_second, speed.int8_images_per_second,
+             speed.advice)
+    return QuantizeReport(int8, speed)

@@ -3,8 +3,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from helpers import save_pattern, write_tiny_model
+
+# Property tests check results, never speed: no per-example deadline (200 ms by default) and no
+# "data generation too slow" check, both of which fail at random on a loaded machine.
+settings.register_profile("no-clock", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("no-clock")
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from helpers import centre_crop, save_pattern, write_tiny_model
@@ -105,8 +106,18 @@ def test_search_uses_the_model_recorded_in_the_index(built, gallery):
     assert results[0]["results"][0]["path"] == str(query)
 
 
+def command_paths(command, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command and group of the app, as the words that name it: a new one is found by itself."""
+    paths = [prefix]
+    for name, sub in getattr(command, "commands", {}).items():  # only groups have sub-commands
+        paths += command_paths(sub, prefix + (name,))
+    return paths
+
+
 def test_every_command_has_help():
-    for cmd in (["--help"], ["extract", "--help"], ["build-index", "--help"], ["search", "--help"],
-                ["model", "--help"], ["model", "export", "--help"], ["model", "info", "--help"]):
-        out = run(*cmd).stdout
-        assert "Usage" in out and len(out.splitlines()) > 5, cmd
+    commands = command_paths(typer.main.get_command(app))
+    assert {("rebuild",), ("eval",), ("model", "quantize"), ("model", "export"), ("model", "info")} <= set(commands)
+    for cmd in commands:
+        out = run(*cmd, "--help").stdout
+        usage = next(line for line in out.splitlines() if "Usage:" in line)
+        assert " ".join(cmd) in usage and len(out.splitlines()) > 5, (cmd, usage)

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from helpers import save_pattern, write_bad_corpus
+from pipeline import images
 from pipeline.errors import ImageError, PipelineError
-from pipeline.images import find_images, load_image
+from pipeline.images import find_images, load_image, to_rgb
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +64,17 @@ def test_exif_orientation_is_applied(corpus):
     assert bottom[2] > 200 and bottom[0] < 60
 
 
-def test_large_jpeg_uses_draft_mode(tmp_path):
+def test_large_jpeg_uses_draft_mode(tmp_path, monkeypatch):
     path = save_pattern(tmp_path / "big.jpg", 5, size=(2000, 1500), quality=90)
-    with Image.open(path) as im:
-        im.draft(im.mode, (64, 64))
-        assert im.size[0] < 2000  # Pillow can decode this file at reduced scale
+    decoded_sizes = []
+
+    def spy(im: Image.Image) -> Image.Image:  # sees the decoded image before the resize
+        decoded_sizes.append(im.size)
+        return to_rgb(im)
+
+    monkeypatch.setattr(images, "to_rgb", spy)
     assert load_image(path, 64).pixels.shape == (64, 64, 3)
+    assert decoded_sizes == [(250, 188)]  # decoded at 1/8 scale: the largest that keeps both sides >= 64
 
 
 def test_lower_pixel_limit(tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import h5py
 import numpy as np
 import onnx
@@ -9,8 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
+from typer.testing import CliRunner
 
 from helpers import TINY_SIZE, tiny_layers, write_tiny_model
+from pipeline.cli import app
 from pipeline.errors import PipelineError
 from pipeline.model import (
     VGG16_BLOCKS,
@@ -21,6 +26,7 @@ from pipeline.model import (
     layers_from_keras_onnx,
     load_layers,
     read_model_info,
+    resolve_model_path,
     rmac_regions,
     save_model,
     weights_checksum,
@@ -104,14 +110,19 @@ def test_checksum_identifies_weights():
     assert weights_checksum(a) != weights_checksum(b)
 
 
-def test_keras_h5_loader_transposes_hwio(tmp_path):
-    layers = tiny_layers(3)
-    path = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-    with h5py.File(path, "w") as f:  # the Keras notop layout: group per layer, HWIO kernel
+def write_keras_h5(path: Path, layers) -> Path:
+    """Weights in the layout of the Keras notop .h5: a group per layer, HWIO kernels."""
+    with h5py.File(path, "w") as f:
         for name, kernel, bias in layers:
             g = f.create_group(name).create_group(name)
             g["kernel:0"] = kernel.transpose(2, 3, 1, 0)
             g["bias:0"] = bias
+    return path
+
+
+def test_keras_h5_loader_transposes_hwio(tmp_path):
+    layers = tiny_layers(3)
+    path = write_keras_h5(tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", layers)
     loaded, origin = load_layers(path)
     assert origin == str(path)
     assert weights_checksum(loaded) == weights_checksum(layers)
@@ -155,3 +166,51 @@ def test_model_errors(tmp_path):
         FeatureModel(tmp_path / "nope.onnx")
     with pytest.raises(PipelineError, match="no CUDA execution provider"):
         FeatureModel(write_tiny_model(tmp_path / "t.onnx"), device="cuda")
+
+
+@pytest.fixture()
+def user_env(tmp_path, monkeypatch) -> Path:
+    """A home folder of the test's own, no model variables, and a current folder without models/."""
+    for name in ("PIPELINE_MODEL", "PIPELINE_HOME", "XDG_DATA_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    return tmp_path / "home"
+
+
+def model_info_cli(*args) -> dict:
+    result = CliRunner().invoke(app, ["model", "info", *map(str, args)])
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    return json.loads(result.stdout)
+
+
+def test_installed_user_finds_the_exported_model_from_any_folder(user_env, tmp_path, monkeypatch):
+    with pytest.raises(PipelineError, match="model file not found: .*/home/.local/share/pipeline/models/vgg16.onnx"):
+        resolve_model_path(None)
+    weights = write_keras_h5(tmp_path / "weights.h5", tiny_layers(0))
+    result = CliRunner().invoke(app, ["model", "export", "--weights", str(weights), "--profile", "seed"])
+    stored = user_env / ".local" / "share" / "pipeline" / "models" / "vgg16.onnx"
+    assert result.exit_code == 0 and f"wrote {stored} (user data folder)" in result.stdout, result.stdout
+    assert not (tmp_path / "elsewhere" / "models").exists()
+    monkeypatch.chdir(tmp_path)  # another folder: the same model
+    assert resolve_model_path(None) == stored
+    assert model_info_cli() == {**model_info_cli("--model", stored), "source": "user data folder"}
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    with pytest.raises(PipelineError, match="xdg/pipeline/models/vgg16.onnx"):
+        resolve_model_path(None)
+    monkeypatch.setenv("PIPELINE_HOME", str(tmp_path / "ph"))
+    with pytest.raises(PipelineError, match="ph/models/vgg16.onnx"):
+        resolve_model_path(None)
+
+
+def test_model_sources_in_order(user_env, tmp_path, tiny_model, monkeypatch):
+    checkout = write_tiny_model(tmp_path / "elsewhere" / "models" / "vgg16.onnx", seed=1)
+    assert model_info_cli()["source"] == "./models" and model_info_cli()["path"] == str(checkout)
+    monkeypatch.setenv("PIPELINE_MODEL", str(tiny_model))
+    assert (model_info_cli()["source"], model_info_cli()["path"]) == ("PIPELINE_MODEL", str(tiny_model))
+    assert model_info_cli("--model", checkout)["source"] == "--model"
+    monkeypatch.setenv("PIPELINE_MODEL", str(tmp_path / "gone.onnx"))
+    with pytest.raises(PipelineError, match=r"gone.onnx \(PIPELINE_MODEL\)"):
+        resolve_model_path(None)

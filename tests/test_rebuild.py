@@ -161,40 +161,54 @@ def test_overlapping_run_exits_75_and_stale_lock_is_taken_over(tmp_path, tiny_mo
     assert "did not finish" in result.stderr
 
 
-def _rebuild_cmd(root: Path, work: Path, model: Path, log: Path) -> list[str]:
+def _rebuild_cmd(root: Path, work: Path, model: Path) -> list[str]:
     return [sys.executable, "-m", "pipeline", "--verbose", "rebuild", str(root), "--workdir", str(work), "--model",
             str(model), "--workers", "1", "--batch-size", "2", "--shard-size", "3", "--compact-below", "0.7",
-            "--flat-below", "30", "--log-file", str(log)]
+            "--flat-below", "30"]
 
 
-def _wait_for_log(log: Path, offset: int, text: str, proc: subprocess.Popen) -> None:
-    """Until the log, past `offset` (this run's lines), holds `text`: the run has reached that step."""
-    deadline = time.monotonic() + 120
-    while True:
-        with open(log, "rb") as f:
-            f.seek(offset)
-            if text in f.read().decode():
-                return
-        assert proc.poll() is None, f"the run ended before logging {text!r}"
-        assert time.monotonic() < deadline, f"the run did not log {text!r} within 120 s"
-        time.sleep(0.005)
+STOP_AT_STEP = """
+import sys, time
+from pipeline import catalog, cli, extract, fsutil, index
+
+stop_name, stop_count, marker, steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], []
+
+def counted(owner, name):
+    real = getattr(owner, name)
+
+    def step(*args, **kwargs):
+        result = real(*args, **kwargs)
+        steps.append(name)
+        if name == stop_name and steps.count(name) == stop_count:  # stand still right after it until killed
+            open(marker, "w").close()
+            time.sleep(3600)
+        return result
+
+    setattr(owner, name, step)
+
+for owner, name in [(extract, "write_shard"), (catalog.Catalog, "record_shard"), (catalog.Catalog, "mark_gone"),
+                    (catalog.Catalog, "retire"), (fsutil, "publish"), (index, "_fill"), (index, "prune_versions")]:
+    counted(owner, name)
+cli.app(sys.argv[4:], prog_name="pipeline")
+"""
+KILL_POINTS = [("write_shard", 1), ("record_shard", 1), ("mark_gone", 1), ("publish", 1),  # extract, errors.jsonl
+               ("write_shard", 3), ("retire", 1),  # compaction
+               ("_fill", 1), ("publish", 2), ("prune_versions", 1),  # index: filled, CURRENT swapped, pruned
+               ("record_shard", 2)]
 
 
 def test_kill_at_any_moment(tmp_path, tiny_model):
-    """SIGKILL rebuild at many moments over a changing collection; every time: the published index
-    still answers, a rerun completes, and then every live image is indexed exactly once.
-
-    Each kill waits for a log line of a different step (lock taken, a shard written, extract done,
-    index planned, k-means training) and the killed run's exit status shows it was still running:
-    every kill lands in the work, none in start-up and none after the end."""
+    """SIGKILL rebuild right after each kind of step (shard written, recorded, files marked gone,
+    errors list, compaction, index filled, published, pruned) over a changing collection; every
+    time: the published index still answers, a rerun completes, and then every live image is
+    indexed exactly once. The kill waits for the step, not for a clock: every run is the same."""
     rng = random.Random(0)
-    root, work, log = tmp_path / "photos", tmp_path / "work", tmp_path / "rebuild.log"
-    make_collection(root, range(40))  # >= 39: an IVF index, so kills also land in k-means training
-    cmd = _rebuild_cmd(root, work, tiny_model, log)
+    root, work = tmp_path / "photos", tmp_path / "work"
+    make_collection(root, range(40))  # >= 39: an IVF index
+    cmd = _rebuild_cmd(root, work, tiny_model)
     subprocess.run(cmd, check=True, capture_output=True)
-    steps = ["rebuild started", "wrote shard-", "extract:", "index plan", "training on"]
     next_seed = 1000
-    for round_ in range(10):
+    for round_, (step, count) in enumerate(KILL_POINTS):
         files = sorted(root.rglob("*.png"))  # change the collection: add, delete, rename
         for p in rng.sample(files, 2):
             p.unlink()
@@ -202,13 +216,15 @@ def test_kill_at_any_moment(tmp_path, tiny_model):
             p.rename(p.with_name(f"r{round_}_{p.name}"))
         make_collection(root, range(next_seed, next_seed + 4))
         next_seed += 4
-        offset = log.stat().st_size
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for_log(log, offset, steps[round_ % len(steps)], proc)
+        marker = tmp_path / f"stopped-{round_}"
+        proc = subprocess.Popen([sys.executable, "-c", STOP_AT_STEP, step, str(count), str(marker), *cmd[3:]],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not marker.exists() and proc.poll() is None:  # at its step (or done: this run had no such step)
+            time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL, f"round {round_}: the run had ended before the kill"
         searcher = Searcher(work / "index", model=tiny_model)  # (a) the published index still answers
         assert len(searcher.search_vectors(np.ones((1, 64), np.float32) / 8, k=3)[0]) == 3
         subprocess.run(cmd, check=True, capture_output=True)  # (b) a rerun completes
         paths = indexed_paths(work / "index")  # (c) every live image once, nothing deleted
-        assert sorted(paths) == live_files(root), f"round {round_}"
+        assert sorted(paths) == live_files(root), f"round {round_}, killed after {step} #{count}"
