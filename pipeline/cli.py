@@ -15,9 +15,13 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
+
+try:  # typer >= 0.2x vendors click: its usage errors derive from TyperException
+    from typer import TyperException as _CliError
+except ImportError:  # older typer uses click itself
+    from click import ClickException as _CliError
 
 from .errors import PipelineError, cause, write_error
 
@@ -26,10 +30,10 @@ class _Commands(TyperGroup):
     """The last resort: an exception that no library function translated is a bug, but it still
     gets one line on stderr and exit 1; the traceback goes to the log with -v."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.Abort):
+        except (typer.Exit, typer.Abort, _CliError):  # the framework's own: usage errors exit 2, Ctrl-C aborts
             raise
         except Exception as exc:
             logging.getLogger("pipeline").debug("internal error", exc_info=True)

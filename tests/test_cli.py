@@ -121,3 +121,13 @@ def test_every_command_has_help():
         out = run(*cmd, "--help").stdout
         usage = next(line for line in out.splitlines() if "Usage:" in line)
         assert " ".join(cmd) in usage and len(out.splitlines()) > 5, (cmd, usage)
+
+
+def test_usage_errors_exit_2_not_internal_error(tmp_path):
+    """Usage mistakes belong to the command-line framework (exit 2), never to the last-resort handler."""
+    for args in (["extract", "--bogus"], ["search", "q.jpg"], ["build-index", str(tmp_path), "--out", str(tmp_path),
+                                                             "--keep", "many"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "internal error" not in result.output
+
