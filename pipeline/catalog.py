@@ -7,8 +7,10 @@ paths, hashes, sizes and mtimes, so a shard written just before a crash (not yet
 here) is imported on the next run, and a lost catalog is rebuilt from the shards.
 
 Tables:
-  images(path PK, size, mtime, hash, shard, row, status 'live'|'failed'|'gone', error)
+  images(path PK, size, mtime, hash, shard, row, status 'live'|'failed'|'gone', error,
+         ctime, transient, attempts, retry_run)   the last four: failures only (see record_shard)
   shards(name PK, rows, state 'active'|'retired')   retired = compacted away, file to delete
+  counters(name PK, value)                           'runs': extract runs so far (the retry clock)
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from .shards import list_shards, read_shard
 
 LOG = logging.getLogger(__name__)
 CATALOG_FILE = "catalog.sqlite"
+# Added after the first release: catalogs without them get them (ALTER TABLE) when opened.
+FAILURE_COLUMNS = {"ctime": "REAL", "transient": "INTEGER", "attempts": "INTEGER NOT NULL DEFAULT 0",
+                   "retry_run": "INTEGER"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,10 @@ class Entry:
     mtime: float | None
     hash: str | None
     status: str
+    ctime: float | None = None  # failures: with size and mtime, tells a new version of the file (or a chmod)
+    transient: bool | None = None  # failures: ImageError.transient (None: imported from a shard, unknown)
+    attempts: int = 0  # failures: runs in a row that failed on this file
+    retry_run: int | None = None  # transient failures: the run from which it is tried again
 
 
 class Catalog:
@@ -51,8 +60,15 @@ class Catalog:
             CREATE INDEX IF NOT EXISTS images_hash ON images(hash);
             CREATE INDEX IF NOT EXISTS images_shard ON images(shard);
             CREATE TABLE IF NOT EXISTS shards (name TEXT PRIMARY KEY, rows INTEGER NOT NULL, state TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
             """
         )
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(images)")}
+        with self.db:
+            for column, decl in FAILURE_COLUMNS.items():
+                if column not in have:
+                    self.db.execute(f"ALTER TABLE images ADD COLUMN {column} {decl}")
+        self.run = self._counter("runs")
 
     def close(self) -> None:
         self.db.close()
@@ -89,7 +105,7 @@ class Catalog:
             data = read_shard(path, features=False)
             rows = [(p, int(s), float(m), h, r) for r, (p, s, m, h) in
                     enumerate(zip(data.paths, data.sizes, data.mtimes, data.hashes))]
-            errors = [(p, None, None, reason) for p, reason in zip(data.error_paths, data.error_reasons)]
+            errors = [(p, None, None, None, reason, None) for p, reason in zip(data.error_paths, data.error_reasons)]
             self.record_shard(path.name, rows, errors)
             imported += 1
         if imported:
@@ -99,8 +115,9 @@ class Catalog:
     # ---------------------------------------------------------------- reading
 
     def entries(self) -> dict[str, Entry]:
-        return {p: Entry(s, m, h, st) for p, s, m, h, st in
-                self.db.execute("SELECT path, size, mtime, hash, status FROM images")}
+        return {p: Entry(s, m, h, st, c, None if t is None else bool(t), a, r) for p, s, m, h, st, c, t, a, r in
+                self.db.execute("SELECT path, size, mtime, hash, status, ctime, transient, attempts, retry_run "
+                                "FROM images")}
 
     def live_by_hash(self) -> dict[str, tuple[str, int, str]]:
         """content hash -> (shard, row, path) of a live feature with that content."""
@@ -132,19 +149,53 @@ class Catalog:
             h.update(f"{path}\0{content}\n".encode())
         return h.hexdigest()
 
+    def live_snapshot(self) -> tuple[dict[str, np.ndarray], str]:
+        """live_rows() and live_digest() read in one transaction: rows recorded meanwhile by a running
+        extract are in both or in neither."""
+        self.db.execute("BEGIN")
+        try:
+            return self.live_rows(), self.live_digest()
+        finally:
+            self.db.execute("COMMIT")
+
     # ---------------------------------------------------------------- writing
 
+    def _counter(self, name: str) -> int:
+        row = self.db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else 0
+
+    def begin_run(self) -> int:
+        """Count one more extract run (the clock of retry back-off) and return its number."""
+        with self.db:
+            self.db.execute("INSERT INTO counters VALUES ('runs', 1) "
+                            "ON CONFLICT(name) DO UPDATE SET value = value + 1")
+        self.run = self._counter("runs")
+        return self.run
+
     def record_shard(self, name: str, rows: Iterable[tuple[str, int, float, str, int]],
-                     errors: Iterable[tuple[str, int | None, float | None, str]]) -> None:
-        """In one transaction: the shard, its live rows (path, size, mtime, hash, row) and failures."""
+                     errors: Iterable[tuple[str, int | None, float | None, float | None, str, bool | None]]) -> None:
+        """In one transaction: the shard, its live rows (path, size, mtime, hash, row) and failures
+        (path, size, mtime, ctime, reason, transient).
+
+        A failure counts its attempts (failed runs in a row); a transient one is tried again
+        `2 ** (attempts - 1)` runs after this one: the next run, then 2, 4, 8... runs later.
+        """
         rows, errors = list(rows), list(errors)
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO shards VALUES (?, ?, 'active')", (name, len(rows)))
             self.db.executemany(
-                "INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?, ?, 'live', NULL)",
+                "INSERT OR REPLACE INTO images (path, size, mtime, hash, shard, row, status) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'live')",
                 [(p, s, m, h, name, r) for p, s, m, h, r in rows])
             self.db.executemany(
-                "INSERT OR REPLACE INTO images VALUES (?, ?, ?, NULL, NULL, NULL, 'failed', ?)", errors)
+                "INSERT OR REPLACE INTO images "
+                "(path, size, mtime, ctime, status, error, transient, attempts, retry_run) "
+                "SELECT :path, :size, :mtime, :ctime, 'failed', :error, :transient, a, "
+                "       CASE WHEN :transient THEN :run + (1 << (a - 1)) END "
+                "FROM (SELECT 1 + COALESCE((SELECT attempts FROM images WHERE path = :path AND status = 'failed'), 0)"
+                "      AS a)",
+                [{"path": p, "size": s, "mtime": m, "ctime": c, "error": e, "transient": t, "run": self.run}
+                 for p, s, m, c, e, t in errors])
 
     def mark_gone(self, paths: Iterable[str]) -> None:
         with self.db:

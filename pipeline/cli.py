@@ -1,7 +1,7 @@
 """The `pipeline` command: a thin typer layer over the library (one library call per command).
 
 Exit codes: 0 success; 1 an error the user can fix (message on stderr); 2 bad usage;
-3 --strict and some images cannot be used; 75 another run holds the lock (try again later).
+3 --strict and some images (or folders) cannot be used; 75 another run holds the lock (try again later).
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ EXIT_STRICT_FAILURES = 3
 
 ModelOpt = Annotated[Optional[Path], typer.Option("--model", help="Feature model (default: models/vgg16.onnx).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout, nothing else there.")]
+RetryFailedOpt = Annotated[bool, typer.Option(
+    "--retry-failed", help="Try every file that failed before again now (default: transient failures with back-off, "
+    "others once the file changes).")]
 ProgressOpt = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (default: only on a terminal).", show_default=False)]
 
 
@@ -130,7 +133,8 @@ def model_quantize(
 
 @app.command()
 def extract(
-    roots: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or image files.", show_default=False)],
+    roots: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or image files.", show_default=False,
+                                                readable=False)],  # an unreadable folder is reported, not a usage error
     out: Annotated[Path, typer.Option("--out", "-o", help="Features folder (HDF5 shards).")],
     model: ModelOpt = None,
     workers: Annotated[Optional[int], typer.Option(help="Decode processes (0: decode in-process). Default: cores/2.", show_default=False)] = None,
@@ -139,7 +143,8 @@ def extract(
     threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: one per core).")] = 0,
     device: Annotated[str, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu).")] = "cpu",
     timeout: Annotated[float, typer.Option(help="Seconds allowed to decode one image.")] = 30.0,
-    strict: Annotated[bool, typer.Option(help=f"Exit {EXIT_STRICT_FAILURES} if any image of the folder failed (this run or earlier).")] = False,
+    strict: Annotated[bool, typer.Option(help=f"Exit {EXIT_STRICT_FAILURES} if any image of the folder failed (this run or earlier) or a folder cannot be listed.")] = False,
+    retry_failed: RetryFailedOpt = False,
     progress: ProgressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -152,7 +157,8 @@ def extract(
 
     try:
         report = run_extract(roots, out, model, workers=workers, batch_size=batch_size, shard_size=shard_size,
-                             threads=threads, device=device, timeout=timeout, progress=progress)
+                             threads=threads, device=device, timeout=timeout, retry_failed=retry_failed,
+                             progress=progress)
     except PipelineError as exc:
         raise _fail(exc)
     if as_json:
@@ -160,7 +166,7 @@ def extract(
     else:
         for line in summary_lines(report):
             typer.echo(line, err=True)
-    if strict and report.failed_total:
+    if strict and (report.failed_total or report.unreadable_folders):
         raise typer.Exit(EXIT_STRICT_FAILURES)
 
 
@@ -252,7 +258,8 @@ def search(
 
 @app.command()
 def rebuild(
-    roots: Annotated[list[Path], typer.Argument(help="Image folders of the collection.", show_default=False)],
+    roots: Annotated[list[Path], typer.Argument(help="Image folders of the collection.", show_default=False,
+                                                readable=False)],  # an unreadable folder is reported, not a usage error
     workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Holds features/ and index/.")],
     model: ModelOpt = None,
     keep: Annotated[int, typer.Option(help="Published index versions to keep.")] = 3,
@@ -263,7 +270,8 @@ def rebuild(
     threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: one per core).")] = 0,
     flat_below: Annotated[int, typer.Option(help="Use exact search for collections smaller than this.")] = 20_000,
     log_file: Annotated[Optional[Path], typer.Option(help="Also append timestamped log lines to this file.")] = None,
-    strict: Annotated[bool, typer.Option(help=f"Exit {EXIT_STRICT_FAILURES} if any image of the collection cannot be used.")] = False,
+    strict: Annotated[bool, typer.Option(help=f"Exit {EXIT_STRICT_FAILURES} if any image of the collection cannot be used or a folder cannot be listed.")] = False,
+    retry_failed: RetryFailedOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """The nightly job: incremental extract, compact, build and publish the index, prune old versions.
@@ -281,13 +289,14 @@ def rebuild(
     try:
         report = run_rebuild(roots, workdir, model, keep=keep, compact_below=compact_below, flat_below=flat_below,
                              workers=workers,
-                             batch_size=batch_size, shard_size=shard_size, threads=threads, progress=False)
+                             batch_size=batch_size, shard_size=shard_size, threads=threads, retry_failed=retry_failed,
+                             progress=False)
     except PipelineError as exc:
         logging.getLogger("pipeline").error("rebuild failed: %s", exc)
         raise _fail(exc)
     if as_json:
         _emit(report.to_dict())
-    if strict and report.extract.failed_total:
+    if strict and (report.extract.failed_total or report.extract.unreadable_folders):
         raise typer.Exit(EXIT_STRICT_FAILURES)
 
 

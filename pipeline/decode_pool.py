@@ -38,17 +38,17 @@ class DecodeSettings:
     timeout: float
 
 
-DecodeFn = Callable[[str, DecodeSettings, bool], "tuple[Decoded | None, str | None]"]
+DecodeFn = Callable[[str, DecodeSettings, bool], "tuple[Decoded | None, ImageError | None]"]
 
 
-def decode_one(path: str, s: DecodeSettings, use_alarm: bool) -> tuple[Decoded | None, str | None]:
-    """Decode one file; (decoded, None) or (None, reason). SIGALRM timeouts only where `use_alarm`."""
+def decode_one(path: str, s: DecodeSettings, use_alarm: bool) -> tuple[Decoded | None, ImageError | None]:
+    """Decode one file; (decoded, None) or (None, error). SIGALRM timeouts only where `use_alarm`."""
     try:
         return load_image(path, s.size, s.max_pixels, s.timeout if use_alarm else None), None
     except ImageError as exc:
-        return None, str(exc)
-    except Exception as exc:  # a decoder bug must not take the run down; record it
-        return None, f"unexpected error while decoding: {type(exc).__name__}: {exc}"
+        return None, exc
+    except Exception as exc:  # a decoder bug must not take the run down; record it (a new version may fix it)
+        return None, ImageError(f"unexpected error while decoding: {type(exc).__name__}: {exc}", transient=True)
 
 
 def _worker(conn: Connection, shm_name: str, n_slots: int, settings: DecodeSettings, decode: DecodeFn) -> None:
@@ -141,8 +141,8 @@ class DecodePool:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def imap(self, paths: list[str]) -> Iterator[tuple[int, Decoded | None, str | None]]:
-        """Yield (index into paths, decoded or None, error reason or None) for every path, once.
+    def imap(self, paths: list[str]) -> Iterator[tuple[int, Decoded | None, ImageError | None]]:
+        """Yield (index into paths, decoded or None, ImageError or None) for every path, once.
 
         A yielded Decoded's pixels are valid until the next item is requested: copy them.
         """
@@ -190,7 +190,8 @@ class DecodePool:
                     self.procs[w].join(1)
                     code = self.procs[w].exitcode
                     i = replace_worker(w, f"decoder process died (exit code {code})")
-                    decoded, error = None, f"decoder crashed on this file (worker exit code {code})"
+                    decoded, error = None, ImageError(f"decoder crashed on this file (worker exit code {code})",
+                                                        transient=True)
                 else:
                     if i == READY[0]:
                         self.ready[w] = True
@@ -213,5 +214,6 @@ class DecodePool:
                 if outstanding[w] and now - last_progress[w] > limit:
                     i = replace_worker(w, "decoder hung")
                     remaining -= 1
-                    yield i, None, f"decoding took longer than {self.hard_timeout:g} s; skipped"
+                    yield i, None, ImageError(f"decoding took longer than {self.hard_timeout:g} s; skipped",
+                                                 transient=True)
                     feed(w)

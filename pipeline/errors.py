@@ -20,4 +20,13 @@ class BusyError(PipelineError):
 
 
 class ImageError(Exception):
-    """One image could not be decoded; the message is the one-line reason recorded for it."""
+    """One image could not be decoded; the message is the one-line reason recorded for it.
+
+    `transient`: the cause may pass without the file changing (a timeout under load, a crashed,
+    hung or out-of-memory decoder, a permission or I/O error), so later runs retry the file;
+    otherwise its content is bad (not an image, truncated, a bomb) and only a new version helps.
+    """
+
+    def __init__(self, reason: str, transient: bool = False) -> None:
+        super().__init__(reason)
+        self.transient = transient

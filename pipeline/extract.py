@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .catalog import Catalog
+from .catalog import Catalog, Entry
 from .decode_pool import DecodePool, DecodeSettings
-from .errors import PipelineError
+from .errors import ImageError, PipelineError
 from .fsutil import atomic_write_text, exclusive_lock
 from .images import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, find_images
 from .model import FeatureModel, ModelInfo, read_model_info, resolve_model_path
@@ -30,6 +30,7 @@ from .shards import ShardData, check_model, list_shards, next_shard_number, read
 
 LOG = logging.getLogger(__name__)
 ERRORS_FILE = "errors.jsonl"
+MAX_ATTEMPTS = 6  # a transient failure is tried at most this often (over 31 runs: 1, 2, 4, 8, 16 runs apart)
 
 
 def default_workers() -> int:
@@ -41,7 +42,7 @@ def default_workers() -> int:
 class ExtractReport:
     features_dir: str
     found: int = 0
-    unchanged: int = 0  # same size and mtime as recorded: not even decoded
+    unchanged: int = 0  # same size and mtime as recorded (or a failure not due for a retry): not even decoded
     new: int = 0
     changed: int = 0
     moved: int = 0  # new paths whose content was recorded under a path that is gone: feature kept
@@ -51,6 +52,9 @@ class ExtractReport:
     failed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
     failed_total: int = 0  # every current file of the folder that could not be used
+    retried: int = 0  # files that had failed in an earlier run, tried again
+    still_failing: int = 0  # of those, the ones that failed again
+    unreadable_folders: list[tuple[str, str]] = field(default_factory=list)  # (folder, reason): images kept as they were
     shards_written: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -59,10 +63,11 @@ class ExtractReport:
         return self.extracted / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in vars(self).items() if k != "failures"}
+        d = {k: v for k, v in vars(self).items() if k not in ("failures", "unreadable_folders")}
         d["seconds"] = round(self.seconds, 3)
         d["images_per_second"] = round(self.images_per_second, 2)
         d["failures"] = [{"path": p, "reason": r} for p, r in self.failures]
+        d["unreadable_folders"] = [{"path": p, "reason": r} for p, r in self.unreadable_folders]
         return d
 
 
@@ -90,7 +95,7 @@ class ShardWriter:
         self.features: list[np.ndarray] = []
         self.paths: list[str] = []
         self.metas: list = []
-        self.errors: list[tuple[str, int | None, float | None, str]] = []  # path, size, mtime, reason
+        self.errors: list[tuple] = []  # path, size, mtime, ctime, reason, transient
 
     def add(self, paths: list[str], features: np.ndarray, metas: list) -> list[tuple[str, int]]:
         """Queue rows (a shard never exceeds shard_size); returns (shard name, row) of each."""
@@ -118,8 +123,8 @@ class ShardWriter:
             row -= len(block)
         raise AssertionError(f"row {row} is not pending in {name}")
 
-    def add_error(self, path: str, reason: str, stat: tuple[int | None, float | None]) -> None:
-        self.errors.append((path, stat[0], stat[1], reason))
+    def add_error(self, path: str, error: ImageError, stat: tuple[int | None, float | None, float | None]) -> None:
+        self.errors.append((path, *stat, str(error), error.transient))
 
     def flush(self) -> None:
         if not self.paths and not self.errors:
@@ -128,7 +133,7 @@ class ShardWriter:
         data = ShardData(features, self.paths, [m.content_hash for m in self.metas],
                          np.array([m.size for m in self.metas], np.int64),
                          np.array([m.mtime for m in self.metas], np.float64),
-                         [e[0] for e in self.errors], [e[3] for e in self.errors])
+                         [e[0] for e in self.errors], [e[4] for e in self.errors])
         name = shard_name(self.number)
         write_shard(self.out / name, data, self.model, self.model_path)
         self.catalog.record_shard(
@@ -153,20 +158,33 @@ def _validate(batch_size: int, shard_size: int, workers: int, threads: int, time
         raise PipelineError(f"--timeout must be positive (got {timeout})")
 
 
-def write_errors_file(features_dir: Path, catalog: Catalog) -> int:
-    """Rewrite errors.jsonl beside the shards: every current file that could not be used, and why."""
+def write_errors_file(features_dir: Path, catalog: Catalog, unreadable: list[tuple[str, str]]) -> int:
+    """Rewrite errors.jsonl beside the shards: every folder that could not be listed and every current
+    file that could not be used, and why. Returns the number of files."""
     failures = catalog.failures()
+    folders = [(p, f"folder cannot be listed ({r}); the images recorded under it keep their state")
+               for p, r in unreadable]
     atomic_write_text(features_dir / ERRORS_FILE, "".join(
-        json.dumps({"path": p, "reason": r}, ensure_ascii=False) + "\n" for p, r in failures))
+        json.dumps({"path": p, "reason": r}, ensure_ascii=False) + "\n" for p, r in folders + failures))
     return len(failures)
 
 
-def _stat(path: Path) -> tuple[int | None, float | None]:
+def _stat(path: Path) -> tuple[int | None, float | None, float | None]:
+    """size, mtime, ctime (a chmod or chown changes only ctime)."""
     try:
         st = os.stat(path)
-        return st.st_size, st.st_mtime
+        return st.st_size, st.st_mtime, st.st_ctime
     except OSError:
-        return None, None
+        return None, None, None
+
+
+def _retry_due(e: Entry, st: tuple[int | None, float | None, float | None], run: int) -> bool:
+    """Whether a recorded failure is tried again in run `run`: its file changed (size, mtime or ctime),
+    its kind is unknown (imported from a shard), or it is transient, its back-off is over and it has
+    attempts left."""
+    if (e.size, e.mtime, e.ctime) != st or e.transient is None:
+        return True
+    return e.transient and e.attempts < MAX_ATTEMPTS and run >= e.retry_run
 
 
 def _under(path: str, scopes: list[str]) -> bool:
@@ -185,61 +203,81 @@ def extract(
     device: str = "cpu",
     timeout: float = DEFAULT_DECODE_TIMEOUT,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    retry_failed: bool = False,
     progress: bool | None = None,
 ) -> ExtractReport:
     """Bring the shards in `out` up to date with the images under `roots`, doing only new work.
 
     workers: decode processes (0 decodes in this process); threads: ONNX Runtime intra-op
     threads (0 = one per core); progress: a bar (None = only when stderr is a terminal).
+    Files that failed before are tried again when they changed, or when the failure was transient
+    (ImageError.transient) and its back-off is over; `retry_failed` tries all of them now.
     Recorded images under `roots` that no longer exist are marked gone; images recorded under
-    other roots are left alone.
+    other roots, or under folders that cannot be listed (report.unreadable_folders), are left alone.
     """
     workers = default_workers() if workers is None else workers
     _validate(batch_size, shard_size, workers, threads, timeout)
     out = Path(out)
     model_path = resolve_model_path(model)
     info = read_model_info(model_path)
-    images = find_images(roots)
+    unreadable: list[tuple[str, str]] = []
+    images = find_images(roots, unreadable)
+    for folder, reason in unreadable:
+        LOG.warning("cannot list folder %s (%s): the images recorded under it keep their state", folder, reason)
     if not images:
+        if unreadable:
+            raise PipelineError(f"no image files found: cannot list {unreadable[0][0]} ({unreadable[0][1]})")
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise PipelineError(f"no image files found under {', '.join(map(str, roots))} (looked for {exts})")
     start = time.monotonic()
-    report = ExtractReport(features_dir=str(out), found=len(images))
+    report = ExtractReport(features_dir=str(out), found=len(images), unreadable_folders=unreadable)
     with exclusive_lock(out, "pipeline extract"), Catalog(out) as catalog:
         check_model([shard_info(p) for p in list_shards(out)], info.checksum)
         catalog.reconcile()
+        run = catalog.begin_run()
         entries = catalog.entries()
         stats = {str(p): _stat(p) for p in images}
-        todo, changed = [], set()
+        todo, changed, retried = [], set(), set()
         for path, st in stats.items():
             e = entries.get(path)
-            recorded = e is not None and e.status != "gone"
-            if recorded and st[0] is not None and (e.size, e.mtime) == st:
+            if e is None or e.status == "gone":
+                todo.append(path)
+            elif e.status == "failed":
+                if retry_failed or _retry_due(e, st, run):
+                    todo.append(path)
+                    retried.add(path)
+                else:
+                    report.unchanged += 1
+            elif st[0] is not None and (e.size, e.mtime) == st[:2]:
                 report.unchanged += 1
-                continue
-            todo.append(path)
-            if recorded:
+            else:
+                todo.append(path)
                 changed.add(path)
         scopes = [str(Path(r).absolute()) for r in roots]
+        unseen = [folder for folder, _ in unreadable]  # what they hold is unknown: nothing there is gone
         for scope in scopes:  # an unmounted disk must not read as "all its images were deleted"
             if not any(_under(p, [scope]) for p in stats):
-                recorded = sum(1 for p, e in entries.items() if e.status == "live" and _under(p, [scope]))
+                recorded = sum(1 for p, e in entries.items()
+                               if e.status == "live" and _under(p, [scope]) and not _under(p, unseen))
                 if recorded:
                     raise PipelineError(f"{scope} holds no images now but {recorded} were recorded there; "
                                         "is it unmounted? (delete its images one by one, or use another features folder)")
-        missing = {p for p, e in entries.items() if e.status != "gone" and p not in stats and _under(p, scopes)}
-        LOG.info("%d images found: %d unchanged, %d to decode, %d recorded ones missing",
-                 len(images), report.unchanged, len(todo), len(missing))
+        missing = {p for p, e in entries.items()
+                   if e.status != "gone" and p not in stats and _under(p, scopes) and not _under(p, unseen)}
+        LOG.info("%d images found: %d unchanged, %d to decode (%d failed before), %d recorded ones missing",
+                 len(images), report.unchanged, len(todo), len(retried), len(missing))
         moved_from: set[str] = set()
-        if todo:
-            _run(todo, stats, changed, missing, moved_from, catalog, out, model_path, info, report,
+        if todo:  # changed | retried: the paths recorded before, never counted as moved
+            _run(todo, stats, changed | retried, missing, moved_from, catalog, out, model_path, info, report,
                  workers=workers, batch_size=batch_size, shard_size=shard_size, threads=threads, device=device,
                  settings=DecodeSettings(info.input_size, max_pixels, timeout), progress=progress)
         catalog.mark_gone(missing)
         report.changed = len(changed)
+        report.retried = len(retried)
+        report.still_failing = sum(1 for p, _ in report.failures if p in retried)
         report.deleted = len(missing - moved_from)
-        report.new = len(todo) - report.changed - report.moved
-        report.failed_total = write_errors_file(out, catalog)
+        report.new = len(todo) - report.changed - report.retried - report.moved
+        report.failed_total = write_errors_file(out, catalog, unreadable)
     report.seconds = time.monotonic() - start
     return report
 
@@ -289,7 +327,7 @@ def _run(todo: list[str], stats: dict, changed: set[str], missing: set[str], mov
             path = todo[i]
             if error is not None:
                 writer.add_error(path, error, stats[path])
-                report.failures.append((path, error))
+                report.failures.append((path, str(error)))
                 report.failed += 1
                 bar.update(1, failed=1)
                 continue
@@ -319,6 +357,13 @@ def summary_lines(report: ExtractReport, max_failures: int = 50) -> list[str]:
         f"{r.extracted} run through the model ({r.images_per_second:.1f} img/s), {r.duplicates} duplicates reused, "
         f"{r.failed} failed; {len(r.shards_written)} shards written to {r.features_dir} in {r.seconds:.1f} s",
     ]
+    if r.unreadable_folders:
+        lines.append(f"{len(r.unreadable_folders)} folders could not be listed; the images recorded under them "
+                     "keep their state:")
+        lines += [f"  {p}: {reason}" for p, reason in r.unreadable_folders]
+    if r.retried:
+        lines.append(f"{r.retried} files that had failed before were tried again: {r.retried - r.still_failing} "
+                     f"recovered, {r.still_failing} still failing")
     if r.failed_total:
         lines.append(f"{r.failed_total} files could not be used ({r.failed} in this run), "
                      f"all listed in {Path(r.features_dir) / ERRORS_FILE}")

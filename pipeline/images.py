@@ -1,8 +1,9 @@
 """Find image files and decode them safely into uint8 RGB arrays of the model's input size.
 
-Every failure becomes an ImageError whose message is a one-line reason; nothing here ever
-takes a batch down. Decoding reads the file once, hashes those bytes (for duplicate
-detection and catalogs) and decodes from memory.
+Every failure becomes an ImageError whose message is a one-line reason (and whose `transient`
+flag says whether retrying the unchanged file may help); nothing here ever takes a batch down.
+Decoding reads the file once, hashes those bytes (for duplicate detection and catalogs) and
+decodes from memory.
 """
 
 from __future__ import annotations
@@ -33,21 +34,34 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def find_images(roots: Iterable[Path | str]) -> list[Path]:
+def find_images(roots: Iterable[Path | str], unreadable: list[tuple[str, str]] | None = None) -> list[Path]:
     """Absolute paths of image files under each root (recursive, sorted, extensions case-insensitive).
 
     A root may also be a single image file. Symlinked files are listed (a broken one fails at
     decode time with its reason); symlinked folders are not followed, so cycles cannot occur.
+    Folders (roots included) that cannot be listed (permissions, I/O errors, a stale mount) are
+    appended to `unreadable` as (absolute path, reason): what they hold is unknown, not absent.
+    Without `unreadable` they are skipped.
     """
     found: set[Path] = set()
+
+    def cannot_list(exc: OSError) -> None:
+        if unreadable is not None:
+            unreadable.append((str(Path(exc.filename).absolute()), exc.strerror or str(exc)))
+
     for root in roots:
         root = Path(root)
-        if root.is_file():
-            found.add(root.absolute())
+        try:
+            if root.is_file():
+                found.add(root.absolute())
+                continue
+            is_dir = root.is_dir()
+        except OSError as exc:  # e.g. ESTALE, EIO (is_dir() swallows only "does not exist")
+            cannot_list(exc)
             continue
-        if not root.is_dir():
+        if not is_dir:
             raise PipelineError(f"folder not found: {root}")
-        for dirpath, dirnames, filenames in os.walk(root, onerror=None):
+        for dirpath, dirnames, filenames in os.walk(root, onerror=cannot_list):
             dirnames.sort()
             base = Path(dirpath).absolute()
             found.update(base / f for f in filenames if is_image_name(f))
@@ -127,7 +141,7 @@ def decode_rgb(data: bytes, draft: int | None = None, max_pixels: int = DEFAULT_
             raise ImageError(f"truncated image ({msg})") from None
         raise ImageError(f"corrupt image ({msg})") from None
     except MemoryError:
-        raise ImageError("out of memory while decoding") from None
+        raise ImageError("out of memory while decoding", transient=True) from None
 
 
 def read_file(path: Path) -> tuple[bytes, os.stat_result]:
@@ -140,14 +154,14 @@ def read_file(path: Path) -> tuple[bytes, os.stat_result]:
             return f.read(), st
     except FileNotFoundError:
         if os.path.islink(path):
-            raise ImageError("broken symbolic link") from None
-        raise ImageError("file not found (deleted during the run?)") from None
+            raise ImageError("broken symbolic link", transient=True) from None
+        raise ImageError("file not found (deleted during the run?)", transient=True) from None
     except PermissionError:
-        raise ImageError("permission denied") from None
+        raise ImageError("permission denied", transient=True) from None
     except IsADirectoryError:
         raise ImageError("is a directory") from None
     except OSError as exc:
-        raise ImageError(f"cannot read file ({exc.strerror or exc})") from None
+        raise ImageError(f"cannot read file ({exc.strerror or exc})", transient=True) from None
 
 
 def load_image(
@@ -166,7 +180,7 @@ def load_image(
         content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
         pixels = decode_bytes(data, size, max_pixels)
     except _Timeout:
-        raise ImageError(f"reading and decoding took longer than {timeout:g} s; skipped") from None
+        raise ImageError(f"reading and decoding took longer than {timeout:g} s; skipped", transient=True) from None
     finally:
         if timeout:
             signal.setitimer(signal.ITIMER_REAL, 0)

@@ -195,12 +195,10 @@ def build_index(
         raise PipelineError(f"--keep must be at least 1 (got {keep})")
     if not 0 < target_recall <= 1:
         raise PipelineError(f"--target-recall must be in (0, 1] (got {target_recall})")
-    shards = list_shards(features_dir)
-    if not shards:
+    all_infos, parts, digest = _live_parts(features_dir)
+    if not all_infos:
         raise PipelineError(f"no shards in {features_dir}: run `pipeline extract` first")
-    all_infos = [shard_info(p) for p in shards]
     check_model(all_infos)
-    parts, digest = _live_parts(features_dir, all_infos)
     n = sum(len(rows) for _, rows in parts)
     dim = all_infos[0].dim
     plan = plan_index(n, dim, factory=factory, nlist=nlist, flat_below=flat_below, train_per_list=train_per_list,
@@ -317,14 +315,28 @@ class _Background(threading.Thread):
             raise self.error
 
 
-def _live_parts(features_dir: Path, infos: list[ShardInfo]) -> tuple[list[tuple[ShardInfo, np.ndarray]], str | None]:
-    """The rows to index, per shard: the catalog's live rows (deleted, changed and moved-away images
-    left out), or every row when the folder has no catalog. Also the catalog's live digest."""
-    if not (features_dir / CATALOG_FILE).exists():
-        return [(i, np.arange(i.count)) for i in infos if i.count], None
-    with Catalog(features_dir) as catalog:
-        live, digest = catalog.live_rows(), catalog.live_digest()
-    return [(i, live[i.path.name]) for i in infos if len(live.get(i.path.name, ()))], digest
+def _live_parts(features_dir: Path) -> tuple[list[ShardInfo], list[tuple[ShardInfo, np.ndarray]], str | None]:
+    """Every shard, and the rows to index per shard: the catalog's live rows (deleted, changed and
+    moved-away images left out), or every row when the folder has no catalog. Also the catalog's
+    live digest.
+
+    An extract may be writing meanwhile (build-index does not wait for it): the live rows and the
+    digest are read in one transaction and before the shards are listed, so every shard they name
+    is listed and whatever the extract records later is wholly left out (the digest says so, and the
+    next rebuild builds again).
+    """
+    live = digest = None
+    if (features_dir / CATALOG_FILE).exists():
+        with Catalog(features_dir) as catalog:
+            live, digest = catalog.live_snapshot()
+    infos = [shard_info(p) for p in list_shards(features_dir)]
+    if live is None:
+        return infos, [(i, np.arange(i.count)) for i in infos if i.count], None
+    lost = sorted(set(live) - {i.path.name for i in infos})
+    if lost:
+        raise PipelineError(f"the catalog of {features_dir} records images in {lost[0]}, which is missing; "
+                            "run `pipeline extract` to reconcile it")
+    return infos, [(i, live[i.path.name]) for i in infos if len(live.get(i.path.name, ()))], digest
 
 
 def _fill(index, parts: list[tuple[ShardInfo, np.ndarray]], ids_path: Path, queries: np.ndarray | None, k: int,

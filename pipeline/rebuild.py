@@ -87,8 +87,9 @@ def rebuild(
         t = time.monotonic()
         ex = extract(roots, features, model, **extract_options)
         LOG.info("extract: %d new, %d changed, %d moved, %d deleted, %d unchanged; %d through the model, "
-                 "%d failed (%.1f s)", ex.new, ex.changed, ex.moved, ex.deleted, ex.unchanged, ex.extracted,
-                 ex.failed, time.monotonic() - t)
+                 "%d failed; %d earlier failures retried, %d still failing (%.1f s)", ex.new, ex.changed, ex.moved,
+                 ex.deleted, ex.unchanged, ex.extracted, ex.failed, ex.retried, ex.still_failing,
+                 time.monotonic() - t)
         for path, reason in ex.failures:
             LOG.warning("could not use %s: %s", path, reason)
         with exclusive_lock(features, "pipeline extract"):

@@ -1,11 +1,13 @@
 """The catalog recovers from every crash point: orphan shards imported, retired ones deleted,
-removed ones forgotten."""
+removed ones forgotten; an older catalog is migrated."""
 
 from __future__ import annotations
 
+import sqlite3
+
 import numpy as np
 
-from pipeline.catalog import Catalog
+from pipeline.catalog import CATALOG_FILE, Catalog, Entry
 from pipeline.model import ModelInfo
 from pipeline.shards import ShardData, shard_name, write_shard
 
@@ -43,3 +45,23 @@ def test_retired_and_removed_shards(tmp_path):
         (tmp_path / shard_name(1)).unlink()  # removed by hand: its images must be extracted again
         c.reconcile()
         assert "/a/2" not in c.entries() and c.shard_rows() == {}
+
+
+def test_catalog_of_an_older_version_is_migrated(tmp_path):
+    old = sqlite3.connect(tmp_path / CATALOG_FILE)  # the schema before failure classes and retries
+    old.executescript("""
+        CREATE TABLE images (path TEXT PRIMARY KEY, size INTEGER, mtime REAL, hash TEXT,
+                             shard TEXT, row INTEGER, status TEXT NOT NULL, error TEXT);
+        CREATE TABLE shards (name TEXT PRIMARY KEY, rows INTEGER NOT NULL, state TEXT NOT NULL);
+        INSERT INTO images VALUES ('/a/old', 5, 1.0, NULL, NULL, NULL, 'failed', 'corrupt image');
+        """)
+    old.close()
+    with Catalog(tmp_path) as c:
+        assert c.entries()["/a/old"] == Entry(5, 1.0, None, "failed", None, None, 0, None)  # kind unknown: retried
+        c.begin_run()
+        c.record_shard("shard-00000.h5", [], [("/a/old", 5, 1.0, 2.0, "timed out", True)])
+        c.begin_run()
+        c.record_shard("shard-00001.h5", [], [("/a/old", 5, 1.0, 2.0, "timed out", True)])
+        assert c.entries()["/a/old"] == Entry(5, 1.0, None, "failed", 2.0, True, 2, 4)  # run 2 + 2 runs of back-off
+    with Catalog(tmp_path) as c:  # reopening migrates nothing twice and keeps the run count
+        assert c.run == 2 and c.failures() == [("/a/old", "timed out")]

@@ -131,5 +131,102 @@ def test_pool_survives_crashing_and_hanging_decoders(tmp_path):
     with DecodePool(2, DecodeSettings(16, 10**8, 30.0), prefetch=2, decode=misbehaving_decode, hard_timeout=1.5) as pool:
         out = {Path(paths[i]).name: (d, e) for i, d, e in pool.imap(paths)}
     assert set(out) == set(names)
-    assert "crashed" in out["crash.png"][1] and "longer than" in out["hang.png"][1]
+    assert "crashed" in str(out["crash.png"][1]) and "longer than" in str(out["hang.png"][1])
+    assert out["crash.png"][1].transient and out["hang.png"][1].transient  # retried on later runs
     assert all(out[n][0] is not None for n in ("a.png", "b.png", "c.png", "d.png"))
+
+
+def test_timeouts_under_load_are_retried_on_the_next_run(tmp_path, tiny_model):
+    for i in range(3):
+        save_pattern(tmp_path / "imgs" / f"{i}.png", i)
+    loaded = extract([tmp_path / "imgs"], tmp_path / "f", tiny_model, workers=1, timeout=1e-6, progress=False)
+    assert loaded.failed == 3  # every decode ran past its (absurd) time limit: a transient failure
+    calm = extract([tmp_path / "imgs"], tmp_path / "f", tiny_model, workers=1, progress=False)
+    assert (calm.retried, calm.still_failing, calm.extracted, calm.new, calm.failed_total) == (3, 0, 3, 0, 0)
+
+
+def test_transient_failures_back_off_then_stop(tmp_path, tiny_model):
+    save_pattern(tmp_path / "imgs" / "good.png", 1)
+    link = tmp_path / "imgs" / "link.png"
+    os.symlink(tmp_path / "elsewhere.png", link)  # broken until its target appears (a disk not mounted yet)
+    retried_in = []
+    for run in range(1, 41):
+        report = extract([tmp_path / "imgs"], tmp_path / "f", tiny_model, workers=0, progress=False)
+        assert report.failed_total == 1 and report.still_failing == report.retried
+        if report.retried:
+            retried_in.append(run)
+    assert retried_in == [2, 4, 8, 16, 32]  # back-off doubling; 6 attempts, then only on a change
+    forced = extract([tmp_path / "imgs"], tmp_path / "f", tiny_model, workers=0, retry_failed=True, progress=False)
+    assert (forced.retried, forced.still_failing) == (1, 1)
+    save_pattern(tmp_path / "elsewhere.png", 2)
+    fixed = extract([tmp_path / "imgs"], tmp_path / "f", tiny_model, workers=0, progress=False)
+    assert (fixed.retried, fixed.still_failing, fixed.extracted, fixed.failed_total) == (1, 0, 1, 0)
+    assert sorted(Path(p).name for p in all_rows(tmp_path / "f")[0]) == ["good.png", "link.png"]
+
+
+def test_content_failures_wait_for_a_change_of_the_file(tmp_path, tiny_model):
+    save_pattern(tmp_path / "imgs" / "good.png", 1)
+    bad = tmp_path / "imgs" / "bad.png"
+    bad.write_text("not an image")
+    extract([tmp_path / "imgs"], tmp_path / "f", tiny_model, workers=0, progress=False)
+    for _ in range(3):  # bad content does not get better by itself
+        again = extract([tmp_path / "imgs"], tmp_path / "f", tiny_model, workers=0, progress=False)
+        assert (again.retried, again.unchanged, again.failed_total) == (0, 2, 1)
+    ctime = bad.stat().st_ctime
+    os.chmod(bad, 0o600)  # changes only ctime: e.g. a permission fixed by hand
+    assert bad.stat().st_ctime != ctime, "the chmod must change ctime for this test to mean anything"
+    chmodded = extract([tmp_path / "imgs"], tmp_path / "f", tiny_model, workers=0, progress=False)
+    assert (chmodded.retried, chmodded.still_failing, chmodded.changed, chmodded.new) == (1, 1, 0, 0)
+    save_pattern(bad, 2)
+    replaced = extract([tmp_path / "imgs"], tmp_path / "f", tiny_model, workers=0, progress=False)
+    assert (replaced.retried, replaced.still_failing, replaced.extracted, replaced.failed_total) == (1, 0, 1, 0)
+
+
+def test_retry_failed_from_the_cli(tmp_path, tiny_model):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    save_pattern(tmp_path / "imgs" / "good.png", 1)
+    (tmp_path / "imgs" / "bad.png").write_text("not an image")
+    args = ["extract", str(tmp_path / "imgs"), "--out", str(tmp_path / "f"), "--model", str(tiny_model),
+            "--workers", "0"]
+    CliRunner().invoke(app, args)
+    plain = json.loads(CliRunner().invoke(app, args + ["--json"]).stdout)
+    assert (plain["retried"], plain["still_failing"], plain["failed_total"]) == (0, 0, 1)
+    result = CliRunner().invoke(app, args + ["--retry-failed"])
+    assert result.exit_code == 0, result.output
+    assert "1 files that had failed before were tried again: 0 recovered, 1 still failing" in result.stderr
+
+
+def test_a_folder_that_cannot_be_listed_keeps_its_images(tmp_path, tiny_model, monkeypatch):
+    """The walk's error path, with the error injected (test_rebuild.py makes a really unreadable folder)."""
+    import errno
+
+    from typer.testing import CliRunner
+
+    from pipeline.catalog import Catalog
+    from pipeline.cli import app
+
+    for i in range(4):
+        save_pattern(tmp_path / "imgs" / "ab"[i % 2] / f"{i}.png", i)
+    extract([tmp_path / "imgs"], tmp_path / "f", tiny_model, workers=0, progress=False)
+    broken = tmp_path / "imgs" / "b"
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == broken:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = CliRunner().invoke(app, ["extract", str(tmp_path / "imgs"), "--out", str(tmp_path / "f"), "--model",
+                                      str(tiny_model), "--workers", "0", "--strict"])
+    assert result.exit_code == 3, result.output
+    assert f"{broken}: Input/output error" in result.stderr and "0 deleted" in result.stderr
+    listed = [json.loads(line) for line in (tmp_path / "f" / ERRORS_FILE).read_text().splitlines()]
+    assert listed == [{"path": str(broken), "reason": "folder cannot be listed (Input/output error); "
+                                                      "the images recorded under it keep their state"}]
+    with Catalog(tmp_path / "f") as catalog:
+        live = sorted(Path(p).name for p, e in catalog.entries().items() if e.status == "live")
+    assert live == ["0.png", "1.png", "2.png", "3.png"]

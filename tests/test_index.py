@@ -161,3 +161,35 @@ def test_recall_leaves_the_query_out():
     np.testing.assert_allclose(per_query, [2 / 3, 2 / 3])  # query 7 is not its own neighbour
     assert lower_bound(np.array([1.0, 1.0, 1.0])) == 1.0
     assert lower_bound(np.array([0.9, 1.0] * 50)) < 0.95
+
+
+def test_an_extract_during_the_build_is_wholly_in_or_out(tmp_path, tiny_model, monkeypatch):
+    """build-index does not wait for extract; an extract that records a shard while the build is
+    reading (run here at a fixed point of the build, the moment it starts reading shard headers)
+    must not give an index whose digest counts images it lacks: the next rebuild would call that
+    index up to date."""
+    import pipeline.index
+    from helpers import save_pattern
+    from pipeline.extract import extract
+    from pipeline.rebuild import rebuild
+
+    root, work = tmp_path / "photos", tmp_path / "work"
+    for i in range(4):
+        save_pattern(root / f"{i}.png", i)
+    extract([root], work / "features", tiny_model, workers=0, progress=False)
+    real_shard_info = pipeline.index.shard_info
+    interleaved = []
+
+    def shard_info_while_extract_runs(path):
+        if not interleaved:
+            for i in range(4, 7):
+                save_pattern(root / f"{i}.png", i)
+            interleaved.append(extract([root], work / "features", tiny_model, workers=0, progress=False))
+        return real_shard_info(path)
+
+    monkeypatch.setattr(pipeline.index, "shard_info", shard_info_while_extract_runs)
+    built = build_index(work / "features", work / "index")
+    assert interleaved[0].extracted == 3  # the extract did run in the middle of the build
+    monkeypatch.undo()
+    report = rebuild([root], work, tiny_model, workers=0)
+    assert report.index_built and report.index_meta["count"] == 7, built.meta["count"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from helpers import save_pattern
+from helpers import obey_file_modes, save_pattern
 from pipeline.cli import app
 from pipeline.errors import PipelineError
 from pipeline.fsutil import exclusive_lock
@@ -83,6 +84,43 @@ def test_an_emptied_root_is_refused_not_wiped(tmp_path, tiny_model):
     assert len(indexed_paths(work / "index")) == 6  # the published index is untouched
 
 
+def test_an_unreadable_folder_is_not_a_deletion(tmp_path, tiny_model):
+    """A folder the run cannot list, and a root it cannot list, keep their recorded images; the run
+    reports them and --strict exits 3. The folders are made unreadable for real (mode 000) and the
+    run, a subprocess, obeys file modes even as root (helpers.obey_file_modes drops the capabilities
+    that let root read anything); a probe proves the folder cannot be listed, or the test fails."""
+    photos, other, work = tmp_path / "photos", tmp_path / "other", tmp_path / "work"
+    make_collection(photos, range(3))
+    make_collection(photos / "locked", range(10, 13))
+    make_collection(other, range(20, 23))
+    rebuild([photos, other], work, tiny_model, workers=0)
+    make_collection(photos, range(30, 32))  # meanwhile two new images: the run has real work to do
+    cmd = [sys.executable, "-m", "pipeline", "rebuild", str(photos), str(other), "--workdir", str(work),
+           "--model", str(tiny_model), "--workers", "0", "--strict", "--json"]
+    os.chmod(photos / "locked", 0)
+    os.chmod(other, 0)
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import os, sys; os.listdir(sys.argv[1])", str(other)],
+                               preexec_fn=obey_file_modes, capture_output=True, text=True)
+        if "PermissionError" not in probe.stderr:
+            pytest.fail(f"cannot make an unreadable folder here (euid {os.geteuid()}): "
+                        f"{probe.stderr.strip() or 'mode 000 was listed anyway'}")
+        result = subprocess.run(cmd, preexec_fn=obey_file_modes, capture_output=True, text=True)
+    finally:
+        os.chmod(photos / "locked", 0o755)
+        os.chmod(other, 0o755)
+    assert result.returncode == 3, result.stderr
+    ex = json.loads(result.stdout)["extract"]
+    assert {u["path"] for u in ex["unreadable_folders"]} == {str(photos / "locked"), str(other)}
+    assert (ex["new"], ex["deleted"], ex["unchanged"]) == (2, 0, 3)
+    assert f"cannot list folder {photos / 'locked'} (Permission denied)" in result.stderr
+    assert sorted(indexed_paths(work / "index")) == live_files(tmp_path)  # nothing was taken for deleted
+    errors = [json.loads(line)["path"] for line in (work / "features" / "errors.jsonl").read_text().splitlines()]
+    assert errors == [str(photos / "locked"), str(other)]
+    readable = rebuild([photos, other], work, tiny_model, workers=0)  # listed again: nothing to redo
+    assert (readable.extract.unchanged, readable.extract.new, readable.extract.deleted) == (11, 0, 0)
+
+
 def test_changed_file_is_extracted_again(tmp_path, tiny_model):
     root, work = tmp_path / "photos", tmp_path / "work"
     make_collection(root, range(6))
@@ -123,21 +161,38 @@ def test_overlapping_run_exits_75_and_stale_lock_is_taken_over(tmp_path, tiny_mo
     assert "did not finish" in result.stderr
 
 
-def _rebuild_cmd(root: Path, work: Path, model: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline", "rebuild", str(root), "--workdir", str(work), "--model", str(model),
-            "--workers", "1", "--batch-size", "2", "--shard-size", "3", "--compact-below", "0.7", "--flat-below", "30"]
+def _rebuild_cmd(root: Path, work: Path, model: Path, log: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "--verbose", "rebuild", str(root), "--workdir", str(work), "--model",
+            str(model), "--workers", "1", "--batch-size", "2", "--shard-size", "3", "--compact-below", "0.7",
+            "--flat-below", "30", "--log-file", str(log)]
+
+
+def _wait_for_log(log: Path, offset: int, text: str, proc: subprocess.Popen) -> None:
+    """Until the log, past `offset` (this run's lines), holds `text`: the run has reached that step."""
+    deadline = time.monotonic() + 120
+    while True:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            if text in f.read().decode():
+                return
+        assert proc.poll() is None, f"the run ended before logging {text!r}"
+        assert time.monotonic() < deadline, f"the run did not log {text!r} within 120 s"
+        time.sleep(0.005)
 
 
 def test_kill_at_any_moment(tmp_path, tiny_model):
     """SIGKILL rebuild at many moments over a changing collection; every time: the published index
-    still answers, a rerun completes, and then every live image is indexed exactly once."""
+    still answers, a rerun completes, and then every live image is indexed exactly once.
+
+    Each kill waits for a log line of a different step (lock taken, a shard written, extract done,
+    index planned, k-means training) and the killed run's exit status shows it was still running:
+    every kill lands in the work, none in start-up and none after the end."""
     rng = random.Random(0)
-    root, work = tmp_path / "photos", tmp_path / "work"
+    root, work, log = tmp_path / "photos", tmp_path / "work", tmp_path / "rebuild.log"
     make_collection(root, range(40))  # >= 39: an IVF index, so kills also land in k-means training
-    cmd = _rebuild_cmd(root, work, tiny_model)
-    t0 = time.monotonic()
+    cmd = _rebuild_cmd(root, work, tiny_model, log)
     subprocess.run(cmd, check=True, capture_output=True)
-    full = time.monotonic() - t0
+    steps = ["rebuild started", "wrote shard-", "extract:", "index plan", "training on"]
     next_seed = 1000
     for round_ in range(10):
         files = sorted(root.rglob("*.png"))  # change the collection: add, delete, rename
@@ -147,10 +202,11 @@ def test_kill_at_any_moment(tmp_path, tiny_model):
             p.rename(p.with_name(f"r{round_}_{p.name}"))
         make_collection(root, range(next_seed, next_seed + 4))
         next_seed += 4
+        offset = log.stat().st_size
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(full * (round_ + 0.5) / 10)
+        _wait_for_log(log, offset, steps[round_ % len(steps)], proc)
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert proc.wait() == -signal.SIGKILL, f"round {round_}: the run had ended before the kill"
         searcher = Searcher(work / "index", model=tiny_model)  # (a) the published index still answers
         assert len(searcher.search_vectors(np.ones((1, 64), np.float32) / 8, k=3)[0]) == 3
         subprocess.run(cmd, check=True, capture_output=True)  # (b) a rerun completes
