@@ -268,13 +268,14 @@ class Catalog:
                     ELSE 'changed' END
                 FROM images AS i WHERE i.path = scan.path
                 """, {"retry_failed": retry_failed, "max_attempts": max_attempts, "run": run})
-            self.db.execute(
-                f"""
-                INSERT OR IGNORE INTO missing (path)
-                SELECT i.path FROM scopes AS s JOIN images AS i ON {_UNDER.format(p="i.path", f="s.")}
-                WHERE i.status != 'gone' AND NOT EXISTS (SELECT 1 FROM scan WHERE scan.path = i.path)
-                  AND NOT EXISTS (SELECT 1 FROM unseen AS u WHERE {_UNDER.format(p="i.path", f="u.")})
-                """)
+            for on in _EITHER_OF_UNDER:
+                self.db.execute(
+                    f"""
+                    INSERT OR IGNORE INTO missing (path)
+                    SELECT i.path FROM scopes AS s JOIN images AS i ON {on.format(p="i.path", f="s.")}
+                    WHERE i.status != 'gone' AND NOT EXISTS (SELECT 1 FROM scan WHERE scan.path = i.path)
+                      AND NOT EXISTS (SELECT 1 FROM unseen AS u WHERE {_UNDER.format(p="i.path", f="u.")})
+                    """)
         counts = dict(self.db.execute("SELECT kind, count(*) FROM scan GROUP BY kind"))
         counts["missing"] = self.db.execute("SELECT count(*) FROM missing").fetchone()[0]
         return {k: counts.get(k, 0) for k in ("new", "changed", "retried", "unchanged", "missing")}
@@ -287,10 +288,10 @@ class Catalog:
     def live_under(self, folder: str) -> int:
         """How many live images are recorded under `folder`, leaving out the unseen folders of the
         last compare_scan()."""
-        return self.db.execute(
-            f"""SELECT count(*) FROM images AS i WHERE i.status = 'live' AND {_UNDER.format(p='i.path', f=':')}
+        return sum(self.db.execute(
+            f"""SELECT count(*) FROM images AS i WHERE i.status = 'live' AND {on.format(p='i.path', f=':')}
                 AND NOT EXISTS (SELECT 1 FROM unseen AS u WHERE {_UNDER.format(p="i.path", f="u.")})""",
-            _folder_params(folder)).fetchone()[0]
+            _folder_params(folder)).fetchone()[0] for on in _EITHER_OF_UNDER)
 
     def scanned_todo(self, chunk: int) -> Iterator[list[tuple[str, str, int | None, float | None, float | None]]]:
         """The scanned files to decode (every kind but 'unchanged'), in path order, `chunk` at a time:
@@ -315,8 +316,11 @@ class Catalog:
 
 
 # A path p under a folder f (columns of a row of scopes or unseen, or the parameters of _folder_params):
-# p is f itself or starts with f + "/", which in text order is the range [lo, hi) and uses the index.
-_UNDER = "({p} = {f}folder OR ({p} >= {f}lo AND {p} < {f}hi))"
+# p is f itself, or starts with f + "/", which in text order is the range [lo, hi) and uses the index.
+# A query over many rows runs one half at a time (they never both hold): on an OR, SQLite gathers the
+# row ids of every match in memory to drop repeats.
+_EITHER_OF_UNDER = ("{p} = {f}folder", "({p} >= {f}lo AND {p} < {f}hi)")
+_UNDER = "(" + " OR ".join(_EITHER_OF_UNDER) + ")"
 
 
 def _folder_range(folder: str) -> tuple[str, str, str]:
