@@ -14,8 +14,8 @@ import json
 import logging
 import os
 import time
-from itertools import islice
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
