@@ -11,15 +11,23 @@ Tables:
          ctime, transient, attempts, retry_run)   the last four: failures only (see record_shard)
   shards(name PK, rows, state 'active'|'retired')   retired = compacted away, file to delete
   counters(name PK, value)                           'runs': extract runs so far (the retry clock)
+
+While an extract compares the folders with this record, TEMP tables (private to its connection, in
+SQLite's temporary file, dropped when it closes) hold the comparison: scan(path PK, size, mtime,
+ctime, kind), missing(path PK, moved), scopes and unseen(folder, lo, hi). Memory does not grow
+with the number of files.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from dataclasses import dataclass
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -139,20 +147,17 @@ class Catalog:
                 self.db.execute("SELECT path, size, mtime, hash, status, ctime, transient, attempts, retry_run "
                                 "FROM images")}
 
-    def live_by_hash(self) -> dict[str, tuple[str, int, str]]:
-        """content hash -> (shard, row, path) of a live feature with that content."""
-        out: dict[str, tuple[str, int, str]] = {}
-        for h, shard, row, path in self.db.execute(
-                "SELECT hash, shard, row, path FROM images WHERE status = 'live' ORDER BY shard, row"):
-            out.setdefault(h, (shard, row, path))
-        return out
+    def live_feature(self, content_hash: str) -> tuple[str, int, str] | None:
+        """(shard, row, path) of a live feature with this content, if any: an indexed look-up, so no
+        run holds a map of every hash."""
+        return self.db.execute("SELECT shard, row, path FROM images WHERE hash = ? AND status = 'live' "
+                               "ORDER BY shard, row LIMIT 1", (content_hash,)).fetchone()
 
     def live_rows(self) -> dict[str, np.ndarray]:
-        """shard name -> sorted rows that hold live features (the rows an index should contain)."""
-        rows: dict[str, list[int]] = {}
-        for shard, row in self.db.execute("SELECT shard, row FROM images WHERE status = 'live'"):
-            rows.setdefault(shard, []).append(row)
-        return {s: np.sort(np.array(r, dtype=np.int64)) for s, r in rows.items()}
+        """shard name -> sorted rows that hold live features (the rows an index should contain).
+        Read shard by shard: 8 bytes per live row in the end, no Python object per row."""
+        rows = self.db.execute("SELECT shard, row FROM images WHERE status = 'live' ORDER BY shard, row")
+        return {s: np.fromiter((r for _, r in group), np.int64) for s, group in groupby(rows, key=itemgetter(0))}
 
     def shard_rows(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT name, rows FROM shards WHERE state = 'active'"))
@@ -228,3 +233,120 @@ class Catalog:
         with self.db:
             self.db.executemany("UPDATE shards SET state = 'retired' WHERE name = ?", [(n,) for n in names])
         self.reconcile()
+
+    # ---------------------------------------------------------------- comparing the folders with the record
+
+    def begin_scan(self) -> None:
+        """Start a comparison: empty TEMP tables for the files found now."""
+        self.db.executescript(
+            """
+            DROP TABLE IF EXISTS temp.scan;
+            DROP TABLE IF EXISTS temp.missing;
+            CREATE TEMP TABLE scan (path TEXT PRIMARY KEY, size INTEGER, mtime REAL, ctime REAL,
+                                    kind TEXT NOT NULL DEFAULT 'new');
+            CREATE TEMP TABLE missing (path TEXT PRIMARY KEY, moved INTEGER NOT NULL DEFAULT 0);
+            """
+        )
+        for table in ("scopes", "unseen"):
+            self.db.execute(f"DROP TABLE IF EXISTS temp.{table}")
+            self.db.execute(f"CREATE TEMP TABLE {table} (folder TEXT NOT NULL, lo TEXT NOT NULL, hi TEXT NOT NULL)")
+
+    def add_scanned(self, files: Iterable[tuple[str, int | None, float | None, float | None]]) -> None:
+        """Files found: (path, size, mtime, ctime), None where stat failed. A path found twice counts once."""
+        with self.db:
+            self.db.executemany("INSERT OR IGNORE INTO scan (path, size, mtime, ctime) VALUES (?, ?, ?, ?)", files)
+
+    def scanned(self) -> int:
+        return self.db.execute("SELECT count(*) FROM scan").fetchone()[0]
+
+    def compare_scan(self, scopes: list[str], unseen: list[str], *, run: int, retry_failed: bool,
+                     max_attempts: int) -> dict[str, int]:
+        """Give every scanned file its kind and list the recorded files the scan did not find. Returns
+        the count of each kind ('new', 'changed', 'retried', 'unchanged') and of 'missing'.
+
+        new: never recorded, or recorded as gone. changed: live, and its size or mtime differ (or it
+        vanished before its stat). retried: failed before and tried again now: `retry_failed`, or its
+        file changed (size, mtime or ctime), or its kind of failure is unknown (imported from a shard),
+        or it is transient, its back-off is over (`run`) and it has attempts left. Everything else is
+        unchanged. missing: recorded (live or failed) under a folder of `scopes`, not under one of
+        `unseen` (folders that could not be listed: what they hold is unknown), and not found.
+        """
+        with self.db:
+            for table, folders in (("scopes", scopes), ("unseen", unseen)):
+                self.db.execute(f"DELETE FROM {table}")
+                self.db.executemany(f"INSERT INTO {table} VALUES (?, ?, ?)", map(_folder_range, folders))
+            self.db.execute(
+                """
+                UPDATE scan SET kind = CASE
+                    WHEN i.status = 'gone' THEN 'new'
+                    WHEN i.status = 'failed' THEN
+                        CASE WHEN :retry_failed OR i.size IS NOT scan.size OR i.mtime IS NOT scan.mtime
+                                  OR i.ctime IS NOT scan.ctime OR i.transient IS NULL
+                                  OR (i.transient AND i.attempts < :max_attempts AND :run >= i.retry_run)
+                             THEN 'retried' ELSE 'unchanged' END
+                    WHEN scan.size IS NOT NULL AND i.size = scan.size AND i.mtime = scan.mtime THEN 'unchanged'
+                    ELSE 'changed' END
+                FROM images AS i WHERE i.path = scan.path
+                """, {"retry_failed": retry_failed, "max_attempts": max_attempts, "run": run})
+            for on in _EITHER_OF_UNDER:
+                self.db.execute(
+                    f"""
+                    INSERT OR IGNORE INTO missing (path)
+                    SELECT i.path FROM scopes AS s JOIN images AS i ON {on.format(p="i.path", f="s.")}
+                    WHERE i.status != 'gone' AND NOT EXISTS (SELECT 1 FROM scan WHERE scan.path = i.path)
+                      AND NOT EXISTS (SELECT 1 FROM unseen AS u WHERE {_UNDER.format(p="i.path", f="u.")})
+                    """)
+        counts = dict(self.db.execute("SELECT kind, count(*) FROM scan GROUP BY kind"))
+        counts["missing"] = self.db.execute("SELECT count(*) FROM missing").fetchone()[0]
+        return {k: counts.get(k, 0) for k in ("new", "changed", "retried", "unchanged", "missing")}
+
+    def scanned_under(self, folder: str) -> bool:
+        """Whether the scan found a file under `folder` (or the file `folder` itself)."""
+        return self.db.execute(f"SELECT 1 FROM scan WHERE {_UNDER.format(p='path', f=':')} LIMIT 1",
+                               _folder_params(folder)).fetchone() is not None
+
+    def live_under(self, folder: str) -> int:
+        """How many live images are recorded under `folder`, leaving out the unseen folders of the
+        last compare_scan()."""
+        return sum(self.db.execute(
+            f"""SELECT count(*) FROM images AS i WHERE i.status = 'live' AND {on.format(p='i.path', f=':')}
+                AND NOT EXISTS (SELECT 1 FROM unseen AS u WHERE {_UNDER.format(p="i.path", f="u.")})""",
+            _folder_params(folder)).fetchone()[0] for on in _EITHER_OF_UNDER)
+
+    def scanned_todo(self, chunk: int) -> Iterator[list[tuple[str, str, int | None, float | None, float | None]]]:
+        """The scanned files to decode (every kind but 'unchanged'), in path order, `chunk` at a time:
+        (path, kind, size, mtime, ctime). Each chunk is its own query, so writes may come in between."""
+        last = ""
+        while rows := self.db.execute("SELECT path, kind, size, mtime, ctime FROM scan WHERE kind != 'unchanged' "
+                                      "AND path > ? ORDER BY path LIMIT ?", (last, chunk)).fetchall():
+            yield rows
+            last = rows[-1][0]
+
+    def note_moved(self, path: str) -> bool:
+        """If `path` is a missing file, note that its content was found under a new path; returns whether."""
+        with self.db:
+            return self.db.execute("UPDATE missing SET moved = 1 WHERE path = ?", (path,)).rowcount > 0
+
+    def mark_missing_gone(self) -> int:
+        """Mark every missing file gone; returns how many of them were deleted (not moved)."""
+        with self.db:
+            self.db.execute("UPDATE images SET status = 'gone', shard = NULL, row = NULL, error = NULL "
+                            "WHERE path IN (SELECT path FROM missing)")
+        return self.db.execute("SELECT count(*) FROM missing WHERE NOT moved").fetchone()[0]
+
+
+# A path p under a folder f (columns of a row of scopes or unseen, or the parameters of _folder_params):
+# p is f itself, or starts with f + "/", which in text order is the range [lo, hi) and uses the index.
+# A query over many rows runs one half at a time (they never both hold): on an OR, SQLite gathers the
+# row ids of every match in memory to drop repeats.
+_EITHER_OF_UNDER = ("{p} = {f}folder", "({p} >= {f}lo AND {p} < {f}hi)")
+_UNDER = "(" + " OR ".join(_EITHER_OF_UNDER) + ")"
+
+
+def _folder_range(folder: str) -> tuple[str, str, str]:
+    lo = folder.rstrip(os.sep) + os.sep
+    return folder, lo, lo[:-1] + chr(ord(os.sep) + 1)
+
+
+def _folder_params(folder: str) -> dict[str, str]:
+    return dict(zip(("folder", "lo", "hi"), _folder_range(folder)))

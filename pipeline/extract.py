@@ -15,15 +15,16 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
-from .catalog import Catalog, Entry
+from .catalog import Catalog
 from .decode_pool import DecodePool, DecodeSettings
 from .errors import ImageError, PipelineError
 from .fsutil import atomic_write_text, exclusive_lock
-from .images import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, find_images
+from .images import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, iter_images
 from .model import FeatureModel, ModelInfo, read_model_info, resolve_model_path
 from .progress import Progress
 from .shards import ShardData, check_model, list_shards, next_shard_number, read_rows, shard_info, shard_name, write_shard
@@ -31,6 +32,7 @@ from .shards import ShardData, check_model, list_shards, next_shard_number, read
 LOG = logging.getLogger(__name__)
 ERRORS_FILE = "errors.jsonl"
 MAX_ATTEMPTS = 6  # a transient failure is tried at most this often (over 31 runs: 1, 2, 4, 8, 16 runs apart)
+SCAN_CHUNK = 10_000  # files stat'ed, compared and decoded per step: what memory holds of the file list
 
 
 def default_workers() -> int:
@@ -145,7 +147,7 @@ class ShardWriter:
         self._reset()
 
 
-def _validate(batch_size: int, shard_size: int, workers: int, threads: int, timeout: float) -> None:
+def _validate(batch_size: int, shard_size: int, workers: int, threads: int, timeout: float, scan_chunk: int) -> None:
     if batch_size < 1:
         raise PipelineError(f"--batch-size must be at least 1 (got {batch_size})")
     if shard_size < 1:
@@ -156,6 +158,8 @@ def _validate(batch_size: int, shard_size: int, workers: int, threads: int, time
         raise PipelineError(f"--threads must be 0 (one per core) or more (got {threads})")
     if timeout <= 0:
         raise PipelineError(f"--timeout must be positive (got {timeout})")
+    if scan_chunk < 1:
+        raise PipelineError(f"scan_chunk must be at least 1 (got {scan_chunk})")
 
 
 def write_errors_file(features_dir: Path, catalog: Catalog, unreadable: list[tuple[str, str]]) -> int:
@@ -178,19 +182,6 @@ def _stat(path: Path) -> tuple[int | None, float | None, float | None]:
         return None, None, None
 
 
-def _retry_due(e: Entry, st: tuple[int | None, float | None, float | None], run: int) -> bool:
-    """Whether a recorded failure is tried again in run `run`: its file changed (size, mtime or ctime),
-    its kind is unknown (imported from a shard), or it is transient, its back-off is over and it has
-    attempts left."""
-    if (e.size, e.mtime, e.ctime) != st or e.transient is None:
-        return True
-    return e.transient and e.attempts < MAX_ATTEMPTS and run >= e.retry_run
-
-
-def _under(path: str, scopes: list[str]) -> bool:
-    return any(path == s or path.startswith(s.rstrip(os.sep) + os.sep) for s in scopes)
-
-
 def extract(
     roots: list[Path | str],
     out: Path | str,
@@ -204,6 +195,7 @@ def extract(
     timeout: float = DEFAULT_DECODE_TIMEOUT,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     retry_failed: bool = False,
+    scan_chunk: int = SCAN_CHUNK,
     progress: bool | None = None,
 ) -> ExtractReport:
     """Bring the shards in `out` up to date with the images under `roots`, doing only new work.
@@ -214,79 +206,62 @@ def extract(
     (ImageError.transient) and its back-off is over; `retry_failed` tries all of them now.
     Recorded images under `roots` that no longer exist are marked gone; images recorded under
     other roots, or under folders that cannot be listed (report.unreadable_folders), are left alone.
+    The folders are walked, stat'ed, compared with the catalog and decoded `scan_chunk` files at a
+    time; the comparison itself runs in SQLite, so memory does not grow with the number of files.
     """
     workers = default_workers() if workers is None else workers
-    _validate(batch_size, shard_size, workers, threads, timeout)
+    _validate(batch_size, shard_size, workers, threads, timeout, scan_chunk)
     out = Path(out)
     model_path = resolve_model_path(model)
     info = read_model_info(model_path)
     unreadable: list[tuple[str, str]] = []
-    images = find_images(roots, unreadable)
-    for folder, reason in unreadable:
-        LOG.warning("cannot list folder %s (%s): the images recorded under it keep their state", folder, reason)
-    if not images:
-        if unreadable:
-            raise PipelineError(f"no image files found: cannot list {unreadable[0][0]} ({unreadable[0][1]})")
-        exts = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise PipelineError(f"no image files found under {', '.join(map(str, roots))} (looked for {exts})")
+    images = iter_images(roots, unreadable)
     start = time.monotonic()
-    report = ExtractReport(features_dir=str(out), found=len(images), unreadable_folders=unreadable)
+    report = ExtractReport(features_dir=str(out), unreadable_folders=unreadable)
     with exclusive_lock(out, "pipeline extract"), Catalog(out) as catalog:
+        catalog.begin_scan()
+        while chunk := list(islice(images, scan_chunk)):
+            catalog.add_scanned([(str(p), *_stat(p)) for p in chunk])
+        for folder, reason in unreadable:
+            LOG.warning("cannot list folder %s (%s): the images recorded under it keep their state", folder, reason)
+        report.found = catalog.scanned()
+        if not report.found:
+            if unreadable:
+                raise PipelineError(f"no image files found: cannot list {unreadable[0][0]} ({unreadable[0][1]})")
+            exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+            raise PipelineError(f"no image files found under {', '.join(map(str, roots))} (looked for {exts})")
         check_model([shard_info(p) for p in list_shards(out)], info.checksum)
         catalog.reconcile()
         run = catalog.begin_run()
-        entries = catalog.entries()
-        stats = {str(p): _stat(p) for p in images}
-        todo, changed, retried = [], set(), set()
-        for path, st in stats.items():
-            e = entries.get(path)
-            if e is None or e.status == "gone":
-                todo.append(path)
-            elif e.status == "failed":
-                if retry_failed or _retry_due(e, st, run):
-                    todo.append(path)
-                    retried.add(path)
-                else:
-                    report.unchanged += 1
-            elif st[0] is not None and (e.size, e.mtime) == st[:2]:
-                report.unchanged += 1
-            else:
-                todo.append(path)
-                changed.add(path)
         scopes = [str(Path(r).absolute()) for r in roots]
         unseen = [folder for folder, _ in unreadable]  # what they hold is unknown: nothing there is gone
+        kinds = catalog.compare_scan(scopes, unseen, run=run, retry_failed=retry_failed, max_attempts=MAX_ATTEMPTS)
         for scope in scopes:  # an unmounted disk must not read as "all its images were deleted"
-            if not any(_under(p, [scope]) for p in stats):
-                recorded = sum(1 for p, e in entries.items()
-                               if e.status == "live" and _under(p, [scope]) and not _under(p, unseen))
+            if not catalog.scanned_under(scope):
+                recorded = catalog.live_under(scope)
                 if recorded:
                     raise PipelineError(f"{scope} holds no images now but {recorded} were recorded there; "
                                         "is it unmounted? (delete its images one by one, or use another features folder)")
-        missing = {p for p, e in entries.items()
-                   if e.status != "gone" and p not in stats and _under(p, scopes) and not _under(p, unseen)}
-        LOG.info("%d images found: %d unchanged, %d to decode (%d failed before), %d recorded ones missing",
-                 len(images), report.unchanged, len(todo), len(retried), len(missing))
-        moved_from: set[str] = set()
-        if todo:  # changed | retried: the paths recorded before, never counted as moved
-            _run(todo, stats, changed | retried, missing, moved_from, catalog, out, model_path, info, report,
-                 workers=workers, batch_size=batch_size, shard_size=shard_size, threads=threads, device=device,
+        report.unchanged, report.changed, report.retried = kinds["unchanged"], kinds["changed"], kinds["retried"]
+        todo = report.found - report.unchanged
+        LOG.info("%d images found: %d unchanged, %d to decode (%d failed before), %d recorded ones missing (%.1f s)",
+                 report.found, report.unchanged, todo, report.retried, kinds["missing"], time.monotonic() - start)
+        if todo:
+            _run(todo, catalog, out, model_path, info, report, scan_chunk=scan_chunk, workers=workers,
+                 batch_size=batch_size, shard_size=shard_size, threads=threads, device=device,
                  settings=DecodeSettings(info.input_size, max_pixels, timeout), progress=progress)
-        catalog.mark_gone(missing)
-        report.changed = len(changed)
-        report.retried = len(retried)
-        report.still_failing = sum(1 for p, _ in report.failures if p in retried)
-        report.deleted = len(missing - moved_from)
-        report.new = len(todo) - report.changed - report.retried - report.moved
+        report.deleted = catalog.mark_missing_gone()
+        report.new = todo - report.changed - report.retried - report.moved
         report.failed_total = write_errors_file(out, catalog, unreadable)
     report.seconds = time.monotonic() - start
     return report
 
 
-def _run(todo: list[str], stats: dict, changed: set[str], missing: set[str], moved_from: set[str], catalog: Catalog,
-         out: Path, model_path: Path, info: ModelInfo, report: ExtractReport, *, workers: int, batch_size: int,
-         shard_size: int, threads: int, device: str, settings: DecodeSettings, progress: bool | None) -> None:
-    """Decode `todo` in workers, run the model in batches, write shards; known contents run no model."""
-    known = catalog.live_by_hash()  # content hash -> (shard, row, path), including missing paths
+def _run(todo: int, catalog: Catalog, out: Path, model_path: Path, info: ModelInfo, report: ExtractReport, *,
+         scan_chunk: int, workers: int, batch_size: int, shard_size: int, threads: int, device: str,
+         settings: DecodeSettings, progress: bool | None) -> None:
+    """Decode the catalog's scanned_todo() in workers, run the model in batches, write shards; known
+    contents run no model."""
     pool = DecodePool(workers, settings)  # workers start while the session loads
     try:
         fm = FeatureModel(model_path, threads=threads, device=device)
@@ -296,14 +271,20 @@ def _run(todo: list[str], stats: dict, changed: set[str], missing: set[str], mov
     writer = ShardWriter(out, info, model_path, shard_size, catalog)
     size = info.input_size
     batch = np.empty((batch_size, size, size, 3), np.uint8)
-    batch_items: list[tuple[str, object]] = []  # (path, Decoded) of the rows of `batch`
-    waiting: dict[str, list[tuple[str, object]]] = {}  # hash -> copies of an image in the current batch
+    batch_items: list[tuple[str, bool, object]] = []  # (path, recorded before, Decoded) of the rows of `batch`
+    waiting: dict[str, list[tuple[str, bool, object]]] = {}  # hash -> copies of an image in the current batch
+    # content hash -> (shard, row, path) of features extracted in this run, for those whose shard is not
+    # recorded yet (the catalog answers for the others, missing paths included): under two shards' worth
+    fresh: dict[str, tuple[str, int, str]] = {}
 
-    def add_copy(path: str, decoded, feature: np.ndarray, source: str) -> None:
+    def known(content_hash: str) -> tuple[str, int, str] | None:
+        hit = fresh.get(content_hash)
+        return hit if hit is not None and hit[0] == shard_name(writer.number) else catalog.live_feature(content_hash)
+
+    def add_copy(path: str, recorded: bool, decoded, feature: np.ndarray, source: str) -> None:
         writer.add([path], feature[None], [decoded])
-        if source in missing and path not in changed:
+        if not recorded and catalog.note_moved(source):
             report.moved += 1
-            moved_from.add(source)
         else:
             report.duplicates += 1
         bar.update(1)
@@ -313,36 +294,42 @@ def _run(todo: list[str], stats: dict, changed: set[str], missing: set[str], mov
         if not n:
             return
         feats = fm.embed(batch[:n])
-        where = writer.add([p for p, _ in batch_items], feats, [d for _, d in batch_items])
+        where = writer.add([p for p, _, _ in batch_items], feats, [d for _, _, d in batch_items])
+        if len(fresh) >= 2 * shard_size:  # most are in recorded shards, which the catalog answers for
+            for h in [h for h, (shard, _, _) in fresh.items() if shard != shard_name(writer.number)]:
+                del fresh[h]
         report.extracted += n
         bar.update(n)
-        for j, (path, d) in enumerate(batch_items):
-            known[d.content_hash] = (*where[j], path)
-            for copy_path, copy in waiting.pop(d.content_hash, []):
-                add_copy(copy_path, copy, feats[j], path)
+        for j, (path, _, d) in enumerate(batch_items):
+            fresh[d.content_hash] = (*where[j], path)
+            for copy_path, recorded, copy in waiting.pop(d.content_hash, []):
+                add_copy(copy_path, recorded, copy, feats[j], path)
         batch_items.clear()
 
-    with pool, Progress(len(todo), "extract", enabled=progress) as bar:
-        for i, decoded, error in pool.imap(todo):
-            path = todo[i]
-            if error is not None:
-                writer.add_error(path, error, stats[path])
-                report.failures.append((path, str(error)))
-                report.failed += 1
-                bar.update(1, failed=1)
-                continue
-            h = decoded.content_hash
-            if h in known:
-                shard, row, source = known[h]
-                add_copy(path, decoded, writer.row(shard, row), source)
-            elif h in waiting:
-                waiting[h].append((path, decoded))
-            else:
-                waiting[h] = []
-                batch[len(batch_items)] = decoded.pixels
-                batch_items.append((path, decoded))
-                if len(batch_items) == batch_size:
-                    run_batch()
+    with pool, Progress(todo, "extract", enabled=progress) as bar:
+        for chunk in catalog.scanned_todo(scan_chunk):
+            for i, decoded, error in pool.imap([path for path, *_ in chunk]):
+                path, kind, *stat = chunk[i]
+                recorded = kind != "new"  # changed or retried: never counted as moved
+                if error is not None:
+                    writer.add_error(path, error, tuple(stat))
+                    report.failures.append((path, str(error)))
+                    report.failed += 1
+                    report.still_failing += kind == "retried"
+                    bar.update(1, failed=1)
+                    continue
+                h = decoded.content_hash
+                if (hit := known(h)) is not None:
+                    shard, row, source = hit
+                    add_copy(path, recorded, decoded, writer.row(shard, row), source)
+                elif h in waiting:
+                    waiting[h].append((path, recorded, decoded))
+                else:
+                    waiting[h] = []
+                    batch[len(batch_items)] = decoded.pixels
+                    batch_items.append((path, recorded, decoded))
+                    if len(batch_items) == batch_size:
+                        run_batch()
         run_batch()
     writer.flush()
     report.shards_written = writer.written

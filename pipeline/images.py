@@ -35,37 +35,53 @@ def is_image_name(name: str) -> bool:
 
 
 def find_images(roots: Iterable[Path | str], unreadable: list[tuple[str, str]] | None = None) -> list[Path]:
-    """Absolute paths of image files under each root (recursive, sorted, extensions case-insensitive).
+    """Absolute paths of image files under each root, sorted and without repeats: iter_images() as a
+    list, for the few callers whose file lists are small (queries, calibration images)."""
+    return sorted(set(iter_images(roots, unreadable)))
+
+
+def iter_images(roots: Iterable[Path | str], unreadable: list[tuple[str, str]] | None = None) -> Iterator[Path]:
+    """Absolute paths of image files under each root (recursive, extensions case-insensitive), yielded
+    folder by folder, in sorted order within each folder: memory holds one folder's names, never the
+    whole tree. A file under two overlapping roots is yielded twice.
 
     A root may also be a single image file. Symlinked files are listed (a broken one fails at
     decode time with its reason); symlinked folders are not followed, so cycles cannot occur.
     Folders (roots included) that cannot be listed (permissions, I/O errors, a stale mount) are
     appended to `unreadable` as (absolute path, reason): what they hold is unknown, not absent.
-    Without `unreadable` they are skipped.
+    Without `unreadable` they are skipped. A root that does not exist raises PipelineError at once,
+    before anything is yielded.
     """
-    found: set[Path] = set()
+    roots = [Path(r) for r in roots]
+    for root in roots:
+        try:
+            if not root.exists():
+                raise PipelineError(f"folder not found: {root}")
+        except OSError:  # e.g. ESTALE, EIO: the walk reports it as a folder it cannot list
+            pass
+    return _walk(roots, unreadable)
 
+
+def _walk(roots: list[Path], unreadable: list[tuple[str, str]] | None) -> Iterator[Path]:
     def cannot_list(exc: OSError) -> None:
         if unreadable is not None:
             unreadable.append((str(Path(exc.filename).absolute()), exc.strerror or str(exc)))
 
     for root in roots:
-        root = Path(root)
         try:
             if root.is_file():
-                found.add(root.absolute())
+                yield root.absolute()
                 continue
             is_dir = root.is_dir()
         except OSError as exc:  # e.g. ESTALE, EIO (is_dir() swallows only "does not exist")
             cannot_list(exc)
             continue
-        if not is_dir:
+        if not is_dir:  # removed since iter_images() looked
             raise PipelineError(f"folder not found: {root}")
         for dirpath, dirnames, filenames in os.walk(root, onerror=cannot_list):
             dirnames.sort()
             base = Path(dirpath).absolute()
-            found.update(base / f for f in filenames if is_image_name(f))
-    return sorted(found)
+            yield from (base / f for f in sorted(filenames) if is_image_name(f))
 
 
 @dataclass(frozen=True)

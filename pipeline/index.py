@@ -58,11 +58,22 @@ def parse_size(text: str) -> int:
         raise PipelineError(f"cannot read memory size {text!r}: use e.g. 500M or 16G") from None
 
 
-def code_bytes(factory: str, dim: int) -> int:
-    """Bytes per stored vector of the codes of a factory string (Flat, SQ8 or PQm; 8 more for IVF ids)."""
-    last = factory.split(",")[-1]
-    per = 4 * dim if last == "Flat" else dim if last == "SQ8" else int(last[2:].split("x")[0]) if last.startswith("PQ") else 4 * dim
-    return per + (8 if "IVF" in factory else 0)
+def factory_facts(factory: str, dim: int) -> tuple[int, int]:
+    """(nlist, bytes per stored vector) of a factory string, asked of the faiss object it builds
+    (never parsed by hand: 'IVF65536_HNSW32,Flat' has nlist 65536). IVF lists store an 8-byte id
+    beside each code."""
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise PipelineError(f"faiss cannot build factory {factory!r}: {str(exc).strip().splitlines()[-1]}") from None
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:  # no IVF layer
+        try:
+            return 0, int(index.sa_code_size())
+        except RuntimeError:
+            return 0, 4 * dim
+    return int(ivf.nlist), int(ivf.code_size) + 8
 
 
 def plan_index(n: int, dim: int = 512, *, factory: str | None = None, nlist: int | None = None,
@@ -79,11 +90,11 @@ def plan_index(n: int, dim: int = 512, *, factory: str | None = None, nlist: int
     if isinstance(max_memory, str):
         max_memory = parse_size(max_memory)
     if factory:
-        nl = _nlist_of(factory)
-        compressed = code_bytes(factory, dim) < 4 * dim
+        nl, per_vector = factory_facts(factory, dim)
+        compressed = per_vector - (8 if nl else 0) < 4 * dim
         train = min(n, max(max(MIN_POINTS_PER_LIST, train_per_list) * nl, 20_000 if compressed else 0) or 100_000)
         return IndexPlan(factory, nl, train, f"factory {factory!r} given with --factory",
-                         n * code_bytes(factory, dim) + nl * dim * 4)
+                         n * per_vector + nl * dim * 4)
     if nlist is None and n < flat_below:
         ivf, nlist, reason = "", 0, (f"{n} vectors < {flat_below}: exact inner-product search is fast at this "
                                       "size, so no IVF")
@@ -100,7 +111,7 @@ def plan_index(n: int, dim: int = 512, *, factory: str | None = None, nlist: int
     codes = ["Flat", "SQ8"] + [f"PQ{m}" for m in (64, 32, 16, 8) if dim % m == 0]
     for code in codes:
         fac = (f"OPQ{code[2:]}," if code.startswith("PQ") else "") + ivf + code
-        need = n * code_bytes(fac, dim) + nlist * dim * 4
+        need = n * factory_facts(fac, dim)[1] + nlist * dim * 4
         if max_memory is None or need <= max_memory:
             break
     else:
@@ -111,14 +122,6 @@ def plan_index(n: int, dim: int = 512, *, factory: str | None = None, nlist: int
         reason += f"; flat vectors need {n * 4 * dim / 2**20:.0f} MiB > --max-memory, so {code} codes ({need / 2**20:.0f} MiB)"
     train = min(n, max(max(MIN_POINTS_PER_LIST, train_per_list) * nlist, 20_000 if compressed else 0))
     return IndexPlan(fac, nlist, train, reason, need)
-
-
-def _nlist_of(factory: str) -> int:
-    for part in factory.split(","):
-        if part.startswith("IVF"):
-            digits = "".join(ch for ch in part[3:] if ch.isdigit())
-            return int(digits) if digits else 0
-    return 0
 
 
 @dataclass

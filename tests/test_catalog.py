@@ -29,7 +29,7 @@ def test_orphan_shard_is_imported(tmp_path):
         assert e["/a/broken"].status == "failed" and c.failures() == [("/a/broken", "bad")]
         assert {k: list(v) for k, v in c.live_rows().items()} == {"shard-00000.h5": [0, 1]}
         assert c.reconcile() == 0  # recorded now
-        assert c.live_by_hash()["2" * 32] == ("shard-00000.h5", 1, "/a/2")
+        assert c.live_feature("2" * 32) == ("shard-00000.h5", 1, "/a/2") and c.live_feature("3" * 32) is None
 
 
 def test_retired_and_removed_shards(tmp_path):

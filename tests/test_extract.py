@@ -258,3 +258,55 @@ def test_a_folder_that_cannot_be_listed_keeps_its_images(tmp_path, tiny_model, m
     with Catalog(tmp_path / "f") as catalog:
         live = sorted(Path(p).name for p, e in catalog.entries().items() if e.status == "live")
     assert live == ["0.png", "1.png", "2.png", "3.png"]
+
+
+def test_counts_do_not_depend_on_the_scan_chunk(tmp_path, tiny_model, monkeypatch):
+    """Walk, compare and decode 3 files at a time (folders of 2 to 6 images, shards of 4) and all at
+    once: the same counts, the same live images, for new, changed, moved, deleted, duplicate, failed
+    and unchanged files and a folder that cannot be listed."""
+    import errno
+    import shutil
+
+    from pipeline.catalog import Catalog
+
+    imgs = tmp_path / "imgs"
+    for folder, seeds in {"a": range(4), "b": range(4, 8), "c": range(8, 12), "e": range(20, 22)}.items():
+        for s in seeds:
+            save_pattern(imgs / folder / f"{s}.png", s)
+    extract([imgs], tmp_path / "small", tiny_model, workers=0, shard_size=4, scan_chunk=3, progress=False)
+    shutil.copytree(tmp_path / "small", tmp_path / "large")
+    for s, folder in ((0, "a"), (5, "b")):  # changed
+        save_pattern(imgs / folder / f"{s}.png", 200 + s)
+        os.utime(imgs / folder / f"{s}.png", (time.time() + 5, time.time() + 5))
+    for s in range(100, 103):  # new
+        save_pattern(imgs / "d" / f"new{s}.png", s)
+    (imgs / "a" / "1.png").unlink()  # deleted
+    (imgs / "c" / "9.png").unlink()
+    (imgs / "a" / "2.png").rename(imgs / "d" / "moved2.png")  # moved
+    (imgs / "c" / "10.png").rename(imgs / "a" / "moved10.png")
+    shutil.copy(imgs / "b" / "6.png", imgs / "d" / "copy6.png")  # a copy of an image recorded before
+    (imgs / "z").mkdir()
+    shutil.copy(imgs / "d" / "new100.png", imgs / "z" / "copy100.png")  # a copy of an image new in this run
+    (imgs / "d" / "bad.png").write_text("not an image")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == imgs / "e":
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    runs = {name: extract([imgs], tmp_path / name, tiny_model, workers=0, shard_size=4, batch_size=2,
+                          scan_chunk=chunk, progress=False) for name, chunk in (("small", 3), ("large", 10_000))}
+    counts = {name: (r.found, r.unchanged, r.new, r.changed, r.moved, r.deleted, r.extracted, r.duplicates, r.failed,
+                     r.unreadable_folders) for name, r in runs.items()}
+    assert counts["small"] == counts["large"] == (
+        16, 6, 6, 2, 2, 2, 5, 2, 1, [(str(imgs / "e"), "Input/output error")])
+    live = {}
+    for name in runs:
+        with Catalog(tmp_path / name) as catalog:
+            live[name] = sorted(p for p, e in catalog.entries().items() if e.status == "live")
+    assert live["small"] == live["large"] and len(live["small"]) == 15 + 2  # e's two images kept
+    monkeypatch.undo()
+    again = extract([imgs], tmp_path / "small", tiny_model, workers=0, shard_size=4, scan_chunk=3, progress=False)
+    assert (again.found, again.unchanged, again.new, again.deleted, again.extracted) == (18, 18, 0, 0, 0)

@@ -37,6 +37,13 @@ def test_max_memory_picks_compressed_codes():
     assert plan_index(1_000_000, 512, max_memory="40M").factory == "OPQ16,IVF4096,PQ16"
     with pytest.raises(PipelineError, match="do not fit"):
         plan_index(1_000_000, 512, max_memory="1M")
+    # nlist and code size are asked of faiss, never parsed from the string by hand
+    hnsw = plan_index(10_000_000, 512, factory="IVF65536_HNSW32,Flat")
+    assert hnsw.nlist == 65536 and hnsw.bytes_estimate == 10_000_000 * (2048 + 8) + 65536 * 512 * 4
+    assert plan_index(1_000_000, 512, factory="IVF1024,PQ32x4fs").bytes_estimate < 1_000_000 * 30
+    assert plan_index(1_000_000, 512, factory="HNSW32").nlist == 0
+    with pytest.raises(PipelineError, match="cannot build factory"):
+        plan_index(1_000_000, 512, factory="IVF12,Nonsense")
     with pytest.raises(PipelineError, match="cannot read memory size"):
         parse_size("lots")
     assert parse_size("2G") == 2 * 2**30 and parse_size("1.5GiB") == int(1.5 * 2**30) and parse_size("1000") == 1000
