@@ -405,27 +405,36 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             return await self._refuse(receive, send, int(declared) if declared.isdigit() else 0)
-        seen = 0
+        seen, more, started = 0, True, False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, more
             message = await receive()
             seen += len(message.get("body", b""))
+            more = message["type"] == "http.request" and message.get("more_body", False)
             if seen > self.limit:
                 raise _TooLarge
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._refuse(receive, send, seen)
+        async def answer(message) -> None:
+            nonlocal started
+            if seen > self.limit and not started:
+                return  # the app's answer to a cut-off body (FastAPI: 400) gives way to the 413
+            started = True
+            await send(message)
 
-    async def _refuse(self, receive, send, seen: int) -> None:
-        while seen < self.drain:
+        try:
+            await self.app(scope, counted, answer)
+        except _TooLarge:
+            pass
+        if seen > self.limit and not started:
+            await self._refuse(receive, send, seen, more)
+
+    async def _refuse(self, receive, send, seen: int, more: bool = True) -> None:
+        while more and seen < self.drain:
             message = await receive()
             seen += len(message.get("body", b""))
-            if message["type"] != "http.request" or not message.get("more_body"):
-                break
+            more = message["type"] == "http.request" and message.get("more_body", False)
         body = ('{"error": "request body too large: the limit is %d bytes"}' % self.limit).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
