@@ -324,7 +324,6 @@ def serve(
     except PipelineError as exc:
         raise _fail(exc)
     app_ = create_app(service, api_key=api_key, max_upload=int(max_upload_mb * 1024 * 1024))
-    logging.getLogger("pipeline").info("listening on http://%s:%d/", host, port)
     uvicorn.run(app_, host=host, port=port, log_config=None, timeout_graceful_shutdown=5)
 
 

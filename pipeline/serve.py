@@ -132,6 +132,13 @@ class MicroBatcher:
             self.batches += 1
             self.images += len(batch)
             last = len(batch)
+        while True:  # closed: whatever still waits is answered, not left hanging
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item[1].set_running_or_notify_cancel():
+                item[1].set_exception(BusyError("the service is shutting down; retry shortly"))
 
 
 class Service:
