@@ -187,7 +187,7 @@ def new_images(photos: Path, round_: int) -> list[Path]:
             w, h = im.size
             im = im.convert("RGB").rotate(90, expand=True).crop((w // 10, h // 10, w - w // 10, h - h // 10))
             im = Image.eval(im, lambda v, s=round_: min(255, v + 10 * (s + 1)))
-            dst = photos / "new" / f"round{round_}-{src.stem}.jpg"
+            dst = photos / "new" / f"{src.stem}_new{round_}.jpg"  # a copy of that original: a right answer for its queries
             dst.parent.mkdir(parents=True, exist_ok=True)
             im.save(dst, quality=90)
         out.append(dst)
