@@ -337,6 +337,42 @@ def rebuild(
         raise typer.Exit(EXIT_STRICT_FAILURES)
 
 
+@app.command()
+def serve(
+    index: Annotated[Path, typer.Option("--index", "-i", help="Index folder (the published version is followed as it changes).")],
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind. Anything but loopback needs --api-key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="PIPELINE_API_KEY", help="Key clients send in the X-API-Key header (or env PIPELINE_API_KEY).", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Most images per model call (concurrent queries are batched).")] = 8,
+    max_wait_ms: Annotated[float, typer.Option(help="Most milliseconds a batch waits to fill, under concurrent load only.")] = 5.0,
+    queue_size: Annotated[int, typer.Option("--queue", help="Images that may wait for the model; beyond it: 503 + Retry-After.")] = 64,
+    timeout: Annotated[float, typer.Option(help="Seconds a search may take before it is answered 503.")] = 30.0,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest request body (413 beyond).")] = 20.0,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: one per core).")] = 0,
+) -> None:
+    """Serve the index over HTTP: a web page at /, a JSON API under /api (see /openapi.json).
+
+    One warm model batches concurrent queries; a newly published index version (`pipeline
+    rebuild`) is picked up between requests. Needs the serve extra: pip install 'pipeline[serve]'.
+    """
+    try:
+        import uvicorn
+
+        from .serve import Service, create_app, is_loopback
+    except ImportError as exc:
+        raise _fail(PipelineError(f"pipeline serve needs the serve extra (pip install 'pipeline[serve]'): {exc}"))
+    if not is_loopback(host) and not api_key:
+        raise _fail(PipelineError(f"--host {host} exposes the service beyond this machine: give --api-key too"))
+    try:
+        service = Service(index, model, batch_size=batch_size, max_wait_ms=max_wait_ms, queue_size=queue_size,
+                          timeout=timeout, threads=threads).start()
+    except PipelineError as exc:
+        raise _fail(exc)
+    app_ = create_app(service, api_key=api_key, max_upload=int(max_upload_mb * 1024 * 1024))
+    uvicorn.run(app_, host=host, port=port, log_config=None, timeout_graceful_shutdown=5)
+
+
 @app.command("eval")
 def eval_(
     index: Annotated[Path, typer.Option("--index", "-i", help="Index folder to evaluate.")],

@@ -27,6 +27,7 @@ LOG = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Hit:
     rank: int
+    id: int  # the image's id in the index version (ids.sqlite); a service's handle for it
     path: str
     score: float
 
@@ -150,6 +151,10 @@ class Searcher:
         """Every indexed path, in id order."""
         return [p for (p,) in self._query("SELECT path FROM images ORDER BY id")]
 
+    def path_of(self, idx: int) -> str | None:
+        """The indexed path of an image id, None when this version has no such id."""
+        return self._rows(np.array([idx])).get(idx, (None,))[0]
+
     def _rows(self, ids: np.ndarray) -> dict[int, tuple[str, str]]:
         """id -> (path, content hash) for the given ids (-1 ignored)."""
         wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
@@ -188,7 +193,7 @@ class Searcher:
                     path, content_hash = rows[int(i)]
                     if ex is not None and (path == ex.path or content_hash == ex.content_hash):
                         continue
-                    hits.append(Hit(len(hits) + 1, path, float(s)))
+                    hits.append(Hit(len(hits) + 1, int(i), path, float(s)))
                 out.append(hits[:k])
                 # Too many excluded copies: ask faiss for more, unless it already gave all it has or
                 # the scores (sorted) already fell below min_score, so that more cannot pass it.

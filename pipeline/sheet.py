@@ -28,7 +28,8 @@ def sheet_size(n_queries: int, k: int, thumb: int = 160) -> tuple[int, int]:
     return PAD + (k + 1) * (thumb + PAD), PAD + n_queries * (thumb + CAPTION + PAD)
 
 
-def _tile(path: str, thumb: int) -> Image.Image | None:
+def thumbnail(path: str, thumb: int) -> Image.Image | None:
+    """The picture at `path` fitted in thumb x thumb (aspect kept), None when it cannot be read."""
     try:
         im = decode_rgb(read_file(Path(path))[0], draft=thumb)
     except ImageError:
@@ -54,7 +55,7 @@ def contact_sheet(results: Sequence[QueryResult], out: Path | str, k: int, thumb
         cells = [(result.query, "query")] + [(h.path, f"#{h.rank}  {h.score:.3f}") for h in result.hits[:k]]
         for col, (path, label) in enumerate(cells):
             x = PAD + col * (thumb + PAD)
-            im = _tile(path, thumb)
+            im = thumbnail(path, thumb)
             if im is None:
                 draw.rectangle((x, y, x + thumb - 1, y + thumb - 1), fill=PLACEHOLDER)
                 draw.text((x + 6, y + thumb // 2 - 6), "unreadable", fill=(90, 90, 90), font=font)
