@@ -152,8 +152,10 @@ class Searcher:
         return [p for (p,) in self._query("SELECT path FROM images ORDER BY id")]
 
     def path_of(self, idx: int) -> str | None:
-        """The indexed path of an image id, None when this version has no such id."""
-        return self._rows(np.array([idx])).get(idx, (None,))[0]
+        """The indexed path of an image id, None when this version has no such id (a client's id, unlike
+        one the index returned, may simply be wrong)."""
+        row = self._query("SELECT path FROM images WHERE id = ?", (int(idx),))
+        return row[0][0] if row else None
 
     def _rows(self, ids: np.ndarray) -> dict[int, tuple[str, str]]:
         """id -> (path, content hash) for the given ids (-1 ignored)."""
