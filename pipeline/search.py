@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import ImageError, ModelMismatchError, PipelineError, cause
 from .images import load_image
-from .index import IDS_FILE, INDEX_FILE, META_FILE, current_version
+from .index import CURRENT_FILE, IDS_FILE, INDEX_FILE, META_FILE, current_version
 from .model import FeatureModel
 
 LOG = logging.getLogger(__name__)
@@ -64,6 +64,14 @@ class _Query:
     content_hash: str | None
 
 
+def _pointer(index_dir: Path) -> str | None:
+    """What CURRENT says right now (None if unreadable): tells a concurrent publish from damage."""
+    try:
+        return (index_dir / CURRENT_FILE).read_text()
+    except (OSError, ValueError):
+        return None
+
+
 class Searcher:
     """A published index, its id -> path table and the model that made its features.
 
@@ -75,15 +83,16 @@ class Searcher:
     def __init__(self, index_dir: Path | str, model: Path | str | None = None, threads: int = 0,
                  mmap: bool = True) -> None:
         for attempt in range(5):
-            self.version_dir = current_version(Path(index_dir))
+            named = _pointer(Path(index_dir))
             try:
+                self.version_dir = current_version(Path(index_dir))
                 self._open(mmap)
                 break
             except PipelineError:
-                # A newer build may have published and pruned this version between our reading
-                # CURRENT and opening it: then CURRENT names another version, to try in turn. A
-                # damaged version that is still current is reported at once.
-                if attempt == 4 or current_version(Path(index_dir)) == self.version_dir:
+                # A newer build may have published and pruned the version CURRENT named, between our
+                # reading CURRENT and opening that version: then CURRENT names another one by now,
+                # to try in turn. A damaged version that is still current is reported at once.
+                if attempt == 4 or _pointer(Path(index_dir)) == named:
                     raise
         self.nprobe = self.meta.get("nprobe")
         self._model_arg = model

@@ -186,12 +186,12 @@ def counted(owner, name):
 
     setattr(owner, name, step)
 
-for owner, name in [(extract, "write_shard"), (catalog.Catalog, "record_shard"), (catalog.Catalog, "mark_gone"),
+for owner, name in [(extract, "write_shard"), (catalog.Catalog, "record_shard"), (catalog.Catalog, "mark_missing_gone"),
                     (catalog.Catalog, "retire"), (fsutil, "publish"), (index, "_fill"), (index, "prune_versions")]:
     counted(owner, name)
 cli.app(sys.argv[4:], prog_name="pipeline")
 """
-KILL_POINTS = [("write_shard", 1), ("record_shard", 1), ("mark_gone", 1), ("publish", 1),  # extract, errors.jsonl
+KILL_POINTS = [("write_shard", 1), ("record_shard", 1), ("mark_missing_gone", 1), ("publish", 1),  # extract, errors.jsonl
                ("write_shard", 3), ("retire", 1),  # compaction
                ("_fill", 1), ("publish", 2), ("prune_versions", 1),  # index: filled, CURRENT swapped, pruned
                ("record_shard", 2)]
