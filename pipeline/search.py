@@ -132,7 +132,7 @@ class Searcher:
         """Every indexed path, in id order."""
         return [p for (p,) in self._db.execute("SELECT path FROM images ORDER BY id")]
 
-    def _rows(self, ids: np.ndarray) -> dict[int, tuple[str, str]]:
+    def rows(self, ids: np.ndarray) -> dict[int, tuple[str, str]]:
         """id -> (path, content hash) for the given ids (-1 ignored)."""
         wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
         out: dict[int, tuple[str, str]] = {}
@@ -142,6 +142,12 @@ class Searcher:
                 f"SELECT id, path, hash FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk)
             out.update((i, (p, h)) for i, p, h in rows)
         return out
+
+    def same_content_ids(self) -> list[np.ndarray]:
+        """Ids of byte-identical files (same content hash), one sorted array per content indexed more than once."""
+        rows = self._db.execute("SELECT group_concat(id) FROM (SELECT id, hash FROM images ORDER BY id) "
+                                "GROUP BY hash HAVING count(*) > 1")
+        return [np.sort(np.array(ids.split(","), np.int64)) for (ids,) in rows]
 
     def _search(self, vectors: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
         nprobe = nprobe or self.nprobe
@@ -158,7 +164,7 @@ class Searcher:
         fetch = k + (8 if any(exclude) else 0)
         while True:
             scores, ids = self._search(vectors, fetch, nprobe)
-            rows = self._rows(ids)
+            rows = self.rows(ids)
             out, short = [], False
             for srow, irow, ex in zip(scores, ids, exclude):
                 hits = []
