@@ -72,7 +72,7 @@ def find_groups(
     min_size: int = 2,
     limit: int | None = None,
     nprobe: int | None = None,
-    rerank_margin: float = 0.05,
+    rerank_margin: float | None = None,
     progress: bool | None = None,
 ) -> list[DuplicateGroup]:
     """Every group of at least `min_size` near-duplicate images of the published index, largest first
@@ -80,7 +80,7 @@ def find_groups(
 
     `nprobe`: IVF lists compared with each list (default: the index's tuned nprobe).
     `rerank_margin`: for compressed codes, pairs whose decoded score is at least threshold minus this
-    are re-scored with the exact features from the shards.
+    are re-scored with the exact features from the shards (default: measured, see _code_error).
     """
     if not -1.0 <= threshold <= 1.0:
         raise PipelineError(f"--threshold is a cosine, in [-1, 1] (got {threshold})")
@@ -94,14 +94,17 @@ def find_groups(
     searcher = Searcher(index_dir)
     n = searcher.count
     exact = isinstance(searcher.index, (faiss.IndexFlat, faiss.IndexIVFFlat))
-    vectors = _index_vectors(searcher) if exact else _shard_vectors(searcher)
+    vectors = searcher.vectors if exact else _shard_vectors(searcher)
     parent = np.arange(n, dtype=np.int64)
-    cut = threshold if exact else threshold - rerank_margin
+    if not exact and rerank_margin is None:
+        rerank_margin = _code_error(searcher, vectors)
+        LOG.info("compressed codes: pairs re-ranked with exact features from %.3f below the threshold", rerank_margin)
     rerank = None if exact else (vectors, threshold)
+    cut = threshold if exact else threshold - rerank_margin
     found = buffered = 0
     pending: list[tuple[np.ndarray, np.ndarray]] = []
     with Progress(n, "duplicates", enabled=progress) as bar:
-        for a, b, done in _pairs_above(searcher.index, cut, nprobe or searcher.nprobe or 1):
+        for a, b, done in _pairs_above(searcher, cut, nprobe or searcher.nprobe or 1):
             pending.append((a, b))
             buffered += len(a)
             bar.update(done)
@@ -120,13 +123,16 @@ def find_groups(
     groups = np.split(members, splits) if len(members) else []
     LOG.info("duplicates: %d pairs at cosine >= %.3f, %d groups of >= %d images (%s, %.1f s)", found, threshold,
              len(groups), min_size, searcher.meta.get("factory"), time.monotonic() - t0)
-    return [_describe(searcher, vectors, g + 1, ids) for g, ids in enumerate(groups[:limit])]
+    groups = groups[:limit]
+    wanted = np.sort(np.concatenate(groups)) if groups else np.zeros(0, np.int64)
+    features = dict(zip(wanted.tolist(), vectors(wanted)))  # one read for all groups (shards: one pass)
+    return [_describe(searcher, features, g + 1, ids) for g, ids in enumerate(groups)]
 
 
-def _pairs_above(index, cut: float, nprobe: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+def _pairs_above(searcher: Searcher, cut: float, nprobe: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
     """(ids a, ids b, rows done) of every pair with score >= cut among the compared blocks; `rows done`
     counts the rows whose comparisons are complete (for progress), 0 until the last part of a block."""
-    parts, neighbours, decode = _partition(index, nprobe)
+    parts, neighbours, decode = _partition(searcher, nprobe)
     for p, ids in enumerate(parts):
         if not len(ids):
             continue
@@ -147,9 +153,10 @@ def _pairs_above(index, cut: float, nprobe: int) -> Iterator[tuple[np.ndarray, n
             chunk = []
 
 
-def _partition(index, nprobe: int):
+def _partition(searcher: Searcher, nprobe: int):
     """The blocks to compare: ids per part, the later parts each part is compared with (itself first),
     and a function decoding a part's vectors."""
+    index = searcher.index
     try:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:
@@ -157,8 +164,7 @@ def _partition(index, nprobe: int):
     if ivf is None:
         n = index.ntotal
         parts = [np.arange(s, min(s + FLAT_BLOCK, n)) for s in range(0, n, FLAT_BLOCK)]
-        return parts, [list(range(p, len(parts))) for p in range(len(parts))], \
-            lambda p: index.reconstruct_n(int(parts[p][0]), len(parts[p]))
+        return parts, [list(range(p, len(parts))) for p in range(len(parts))], lambda p: searcher.vectors(parts[p])
     lists = ivf.invlists
     parts = [faiss.rev_swig_ptr(lists.get_ids(l), lists.list_size(l)).copy() if lists.list_size(l) else
              np.zeros(0, np.int64) for l in range(ivf.nlist)]
@@ -170,18 +176,22 @@ def _partition(index, nprobe: int):
     neighbours: list[list[int]] = [[] for _ in range(ivf.nlist)]
     for l, m in near:
         neighbours[l].append(int(m))  # sorted, so each list comes first in its own row
-    if isinstance(ivf, faiss.IndexIVFFlat):
-        dim = ivf.d
+    if not isinstance(index, faiss.IndexIVFFlat):
+        return parts, neighbours, lambda p: searcher.vectors(parts[p])  # decoded, in the features' space
 
-        def decode(p: int) -> np.ndarray:
-            size = lists.list_size(p)
-            return faiss.rev_swig_ptr(lists.get_codes(p), size * ivf.code_size).view(np.float32).reshape(size, dim)
-    else:
-        ivf.make_direct_map()
-
-        def decode(p: int) -> np.ndarray:
-            return ivf.reconstruct_batch(parts[p])
+    def decode(p: int) -> np.ndarray:  # the list's codes are the features: a view, no copy
+        size = lists.list_size(p)
+        return faiss.rev_swig_ptr(lists.get_codes(p), size * ivf.code_size).view(np.float32).reshape(size, ivf.d)
     return parts, neighbours, decode
+
+
+def _code_error(searcher: Searcher, vectors, sample: int = 1000, seed: int = 0) -> float:
+    """How far scores of decoded codes stray from exact ones: 1.5 x the largest error over all pairs
+    of a seeded sample of indexed vectors (decoded from the index vs exact from the shards)."""
+    n = searcher.count
+    ids = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
+    decoded, exact = searcher.vectors(ids), vectors(ids)
+    return 1.5 * float(np.abs(decoded @ decoded.T - exact @ exact.T).max())
 
 
 def _merge(parent: np.ndarray, pending: list[tuple[np.ndarray, np.ndarray]], rerank) -> int:
@@ -233,15 +243,6 @@ def _roots(parent: np.ndarray) -> np.ndarray:
         parent = up
 
 
-def _index_vectors(searcher: Searcher):
-    """Vectors by id from a flat-coded index (its codes are the exact features)."""
-    try:
-        faiss.extract_index_ivf(searcher.index).make_direct_map()
-    except RuntimeError:
-        pass  # a flat index: reconstruct works directly
-    return lambda ids: searcher.index.reconstruct_batch(np.asarray(ids, np.int64))
-
-
 def _shard_vectors(searcher: Searcher):
     """Exact features by id, read from the shards the index was built from (for compressed codes).
     Ids count the indexed rows of meta.json's shards in order; rows are matched by path and hash."""
@@ -275,12 +276,12 @@ def _shard_vectors(searcher: Searcher):
     return vectors
 
 
-def _describe(searcher: Searcher, vectors, number: int, ids: np.ndarray) -> DuplicateGroup:
+def _describe(searcher: Searcher, features: dict[int, np.ndarray], number: int, ids: np.ndarray) -> DuplicateGroup:
     """A group's images with their file facts, best quality first, and their cosine to the first."""
     facts = searcher.rows(ids)
     files = sorted(((facts[int(i)][0], int(i), *_file_facts(facts[int(i)][0])) for i in ids),
                    key=lambda f: (-(f[2] or 0) * (f[3] or 0), -(f[4] or 0), f[0]))
-    v = vectors(np.array([f[1] for f in files]))
+    v = np.stack([features[f[1]] for f in files])
     scores = v @ v[0]
     return DuplicateGroup(number, [DuplicateImage(path, round(float(s), 4), w, h, size)
                                    for (path, _, w, h, size), s in zip(files, scores)])

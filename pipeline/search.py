@@ -216,7 +216,7 @@ class Searcher:
             if row is None:
                 results[i] = QueryResult(str(p), error="not in the index (--like takes an indexed image path)")
                 continue
-            found.append((i, self._vector(row[0]), _Query(key, row[1])))
+            found.append((i, self.vectors([row[0]])[0], _Query(key, row[1])))
         if found:
             vecs = np.stack([v for _, v, _ in found])
             excl = [q for _, _, q in found] if exclude_self else None
@@ -224,12 +224,12 @@ class Searcher:
                 results[i] = QueryResult(str(paths[i]), hits)
         return [results[i] for i in range(len(paths))]
 
-    def _vector(self, idx: int) -> np.ndarray:
-        """The stored (for compressed indexes: decoded) vector of an indexed image."""
+    def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The stored (for compressed indexes: decoded) vectors of indexed images, by id."""
         if not self._direct_map:
             try:
                 faiss.extract_index_ivf(self.index).make_direct_map()
             except RuntimeError:
                 pass  # not an IVF index: reconstruct works directly
             self._direct_map = True
-        return self.index.reconstruct(int(idx))
+        return self.index.reconstruct_batch(np.asarray(ids, np.int64))
