@@ -3,17 +3,15 @@
 A group is a connected component of the graph "cosine >= threshold" over every indexed image;
 byte-identical files (same content hash) are always in one group, whatever the threshold.
 
-Pairs are found without an N x N matrix, with the index's own partition, as a range search by
-blocks: each IVF inverted list is compared, by one matrix product, with itself and with the
-lists whose centroids are among the `nprobe` nearest to its centroid (each pair of lists once);
-a flat index is cut into blocks of rows, each compared with itself and every later block. Every
-pair above the threshold in the compared lists is kept (no k to choose, so a large group of
-copies is never cut at k neighbours), and memory is bounded by the block sizes, not by N. Why not
-faiss's range search with every indexed vector as a query: on this machine, 1M IVF queries at
-~1,000 queries/s take 16 minutes; one matrix product per list runs at BLAS speed
-(docs/benchmarks.md). A pair is missed only when its two images fall in lists that are not
-within `nprobe` of each other; near-duplicates are far closer than the 10th neighbour the
-tuned nprobe was chosen for, so the tuned nprobe is the default.
+Pairs are found without an N x N matrix, with the index's own partition, as a range search run for
+every image at once and grouped by IVF list (faiss contrib's big_batch_search idea): each vector
+probes its `nprobe` nearest centroids, as a search would, and each list is then compared, by
+matrix products, with all the vectors that probe it. Every pair above the threshold is kept (no k
+to choose, so a large group of copies is never cut at k neighbours); memory is bounded by the block
+sizes and the N x nprobe probe table, not by N^2. Why not faiss's range search with every indexed
+vector as a query: the same work one query at a time is several times slower on this machine
+(docs/benchmarks.md). A pair is missed only when neither image probes the other's list. A flat
+index is cut into blocks, each compared with every vector before its end.
 
 Flat-coded indexes (Flat, IVF...,Flat) hold the exact features, so their scores are exact.
 Compressed codes (SQ, PQ, or a pre-transform) are compared decoded, with a margin, and the
@@ -42,8 +40,7 @@ LOG = logging.getLogger(__name__)
 
 # Calibrated on ../shared/eval/copies-dev (docs/quality.md, "Near-duplicate groups").
 DEFAULT_THRESHOLD = 0.80
-FLAT_BLOCK = 4096  # rows per block of a flat index
-MAX_COLUMNS = 16384  # columns per matrix product: a block is at most rows x 16384 floats
+BLOCK_ROWS = 2048  # rows per matrix product (and per block of a flat index)
 FLUSH_PAIRS = 4_000_000  # pairs buffered before they are merged into the groups
 
 
@@ -130,59 +127,64 @@ def find_groups(
 
 
 def _pairs_above(searcher: Searcher, cut: float, nprobe: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """(ids a, ids b, rows done) of every pair with score >= cut among the compared blocks; `rows done`
-    counts the rows whose comparisons are complete (for progress), 0 until the last part of a block."""
-    parts, neighbours, decode = _partition(searcher, nprobe)
-    for p, ids in enumerate(parts):
-        if not len(ids):
+    """(ids a, ids b, rows done) of the pairs with score >= cut: for each bucket (an IVF list, or a block
+    of a flat index), the vectors that probe it against the bucket's vectors, by matrix products of at
+    most BLOCK_ROWS rows. `rows done` counts the bucket's rows (for progress) with its last product."""
+    buckets, probing, bucket_vectors, vectors, flat = _buckets(searcher, nprobe)
+    for m, ids in enumerate(buckets):
+        q = probing[m]
+        if not len(ids) or not len(q):
             continue
-        a = decode(p)
-        chunk: list[int] = []
-        todo = neighbours[p]
-        for k, q in enumerate(todo):
-            chunk.append(q)
-            if sum(len(parts[c]) for c in chunk) < MAX_COLUMNS and k + 1 < len(todo):
-                continue
-            b = np.concatenate([decode(c) for c in chunk])
-            hit = a @ b.T >= cut
-            if chunk[0] == p:  # the block against itself: each pair once, never an image with itself
-                hit[:, :len(ids)] = np.triu(hit[:, :len(ids)], 1)
+        b = bucket_vectors(m)
+        for r in range(0, len(q), BLOCK_ROWS):
+            qi = q[r:r + BLOCK_ROWS]
+            hit = vectors(qi) @ b.T >= cut
+            # never an image with itself; in a flat index each pair once (the smaller id probes)
+            hit &= (qi[:, None] < ids[None, :]) if flat else (qi[:, None] != ids[None, :])
             i, j = np.nonzero(hit)
-            b_ids = np.concatenate([parts[c] for c in chunk])
-            yield ids[i], b_ids[j], len(ids) if k + 1 == len(todo) else 0
-            chunk = []
+            yield qi[i], ids[j], len(ids) if r + BLOCK_ROWS >= len(q) else 0
 
 
-def _partition(searcher: Searcher, nprobe: int):
-    """The blocks to compare: ids per part, the later parts each part is compared with (itself first),
-    and a function decoding a part's vectors."""
+def _buckets(searcher: Searcher, nprobe: int):
+    """Buckets (ids), the ids that probe each bucket, functions giving a bucket's vectors and vectors by
+    id (in the space the index compares them in: decoded for compressed codes), and whether it is flat.
+
+    Flat index: blocks of BLOCK_ROWS ids, each probed by every id up to its end. IVF: the lists; each
+    vector probes its `nprobe` nearest centroids, as a search would (looked for among the 4 x nprobe
+    centroids nearest to its own list's: a vector's nearest centroids are next to the one it is in)."""
     index = searcher.index
     try:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:
-        ivf = None
-    if ivf is None:
         n = index.ntotal
-        parts = [np.arange(s, min(s + FLAT_BLOCK, n)) for s in range(0, n, FLAT_BLOCK)]
-        return parts, [list(range(p, len(parts))) for p in range(len(parts))], lambda p: searcher.vectors(parts[p])
+        blocks = [np.arange(s, min(s + BLOCK_ROWS, n)) for s in range(0, n, BLOCK_ROWS)]
+        probing = [np.arange(0, block[-1] + 1) for block in blocks]
+        return blocks, probing, lambda m: searcher.vectors(blocks[m]), searcher.vectors, True
     lists = ivf.invlists
-    parts = [faiss.rev_swig_ptr(lists.get_ids(l), lists.list_size(l)).copy() if lists.list_size(l) else
-             np.zeros(0, np.int64) for l in range(ivf.nlist)]
-    _, probe = ivf.quantizer.search(ivf.quantizer.reconstruct_n(0, ivf.nlist), min(nprobe, ivf.nlist))
-    near = np.concatenate([np.column_stack([np.repeat(np.arange(ivf.nlist), probe.shape[1]), probe.ravel()]),
-                           np.column_stack([np.arange(ivf.nlist)] * 2)])  # every list with itself, always
-    near = near[near[:, 1] >= 0]
-    near = np.unique(np.sort(near, axis=1), axis=0)  # a pair of lists once, in either direction
-    neighbours: list[list[int]] = [[] for _ in range(ivf.nlist)]
-    for l, m in near:
-        neighbours[l].append(int(m))  # sorted, so each list comes first in its own row
-    if not isinstance(index, faiss.IndexIVFFlat):
-        return parts, neighbours, lambda p: searcher.vectors(parts[p])  # decoded, in the features' space
-
-    def decode(p: int) -> np.ndarray:  # the list's codes are the features: a view, no copy
-        size = lists.list_size(p)
-        return faiss.rev_swig_ptr(lists.get_codes(p), size * ivf.code_size).view(np.float32).reshape(size, ivf.d)
-    return parts, neighbours, decode
+    ivf.make_direct_map()
+    lists_ids = [faiss.rev_swig_ptr(lists.get_ids(l), lists.list_size(l)).copy() if lists.list_size(l) else
+                 np.zeros(0, np.int64) for l in range(ivf.nlist)]
+    if isinstance(ivf, faiss.IndexIVFFlat):
+        def list_vectors(m: int) -> np.ndarray:  # the list's codes are the features: a view, no copy
+            size = lists.list_size(m)
+            return faiss.rev_swig_ptr(lists.get_codes(m), size * ivf.code_size).view(np.float32).reshape(size, ivf.d)
+    else:
+        def list_vectors(m: int) -> np.ndarray:
+            return ivf.reconstruct_batch(lists_ids[m])
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    nprobe = min(nprobe, ivf.nlist)
+    _, near = ivf.quantizer.search(centroids, min(ivf.nlist, 4 * nprobe))
+    probed, prober = [], []
+    for l, ids in enumerate(lists_ids):
+        if len(ids):
+            cand = near[l][near[l] >= 0]
+            top = np.argsort(-(list_vectors(l) @ centroids[cand].T), axis=1)[:, :nprobe]
+            probed.append(cand[top].ravel())
+            prober.append(np.repeat(ids, top.shape[1]))
+    probed_all = np.concatenate(probed)
+    order = np.argsort(probed_all, kind="stable")
+    probing = np.split(np.concatenate(prober)[order], np.searchsorted(probed_all[order], np.arange(1, ivf.nlist)))
+    return lists_ids, probing, list_vectors, ivf.reconstruct_batch, False
 
 
 def _code_error(searcher: Searcher, vectors, sample: int = 1000, seed: int = 0) -> float:

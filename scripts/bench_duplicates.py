@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shlex
 import sys
 import time
@@ -89,7 +90,13 @@ def main() -> None:
     features, index_dir = args.workdir / f"features-{args.n}", args.workdir / f"index-{args.n}"
     gflops = sgemm_gflops()
     t0 = time.perf_counter()
-    planted = make_planted(features, args.n, args.groups, args.shard_size, args.seed)
+    # Shards are written in a child process: a child's peak RSS counts the memory of the process it
+    # was started from, so the measuring process stays small.
+    maker = multiprocessing.get_context("spawn").Process(
+        target=make_planted, args=(features, args.n, args.groups, args.shard_size, args.seed))
+    maker.start()
+    maker.join()
+    planted = make_planted(features, args.n, args.groups, args.shard_size, args.seed)  # the shards exist: ids only
     print(f"shards ready in {time.perf_counter() - t0:.1f} s; host sgemm {gflops:.0f} GFLOP/s", flush=True)
     if not (index_dir / "CURRENT").exists():
         wall, rss, _ = run_measured([sys.executable, "-m", "pipeline", "-q", "build-index", str(features),

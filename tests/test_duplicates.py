@@ -14,6 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from helpers import clustered_vectors, save_pattern, write_synthetic_shards
+from pipeline import duplicates
 from pipeline.cli import app
 from pipeline.duplicates import DuplicateGroup, _roots, _union, find_groups
 from pipeline.errors import PipelineError
@@ -113,8 +114,11 @@ def _planted(n: int = 3000, seed: int = 0) -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "IVF16,SQ8", "PQ16x4"])
-def test_groups_equal_exact_components_for_every_index_kind(tmp_path, factory):
+@pytest.mark.parametrize("factory, small_blocks", [("Flat", False), ("IVF16,Flat", False), ("IVF16,SQ8", False),
+                                                  ("PQ16x4", False), ("Flat", True), ("IVF16,Flat", True)])
+def test_groups_equal_exact_components_for_every_index_kind(tmp_path, monkeypatch, factory, small_blocks):
+    if small_blocks:  # many blocks, and the vectors probing a list in many products
+        monkeypatch.setattr(duplicates, "BLOCK_ROWS", 50)
     vectors = _planted()
     threshold = 0.9
     truth = _exact_components(vectors, threshold)
@@ -131,6 +135,16 @@ def test_groups_equal_exact_components_for_every_index_kind(tmp_path, factory):
     # Compressed codes are re-ranked with the exact features: scores are exact for every kind.
     assert [i.score_to_first for i in first.images] == pytest.approx(vectors[ids] @ vectors[ids[0]], abs=1e-4)
     assert all(i.width is None and i.bytes is None for i in first.images)  # made-up paths: no file facts
+
+
+def test_ivf_with_few_probes_finds_parts_of_true_groups_and_the_planted_copies(tmp_path):
+    vectors = _planted()
+    truth = _exact_components(vectors, 0.9)
+    write_synthetic_shards(tmp_path / "f", vectors, shard_size=1000)
+    build_index(tmp_path / "f", tmp_path / "i", factory="IVF32,Flat", nprobe=2, progress=False)
+    found = {frozenset(int(Path(i.path).stem) for i in g.images) for g in find_groups(tmp_path / "i", 0.9, progress=False)}
+    assert all(any(f <= t for t in truth) for f in found)  # never a pair below the threshold
+    assert len(found & truth) >= 0.9 * len(truth)  # the close copies are in neighbouring lists
 
 
 def test_compressed_index_whose_shards_are_gone_is_a_clear_error(tmp_path):
