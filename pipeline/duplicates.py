@@ -40,7 +40,11 @@ LOG = logging.getLogger(__name__)
 
 # Calibrated on ../shared/eval/copies-dev (docs/quality.md, "Near-duplicate groups").
 DEFAULT_THRESHOLD = 0.80
-BLOCK_ROWS = 2048  # rows per matrix product (and per block of a flat index)
+# Lists each vector probes, at least: copies at cosine 0.8 are not close in the sense the tuned nprobe
+# (recall@10) is about. On 1M synthetic vectors (IVF4096) the share of planted copy-original pairs
+# found was 0.986 at nprobe 3 (the tuned one), 0.9991 at 16, 0.9998 at 32 (docs/benchmarks.md).
+MIN_NPROBE = 32
+BLOCK_ROWS = 2048  # rows and columns per matrix product (and rows per block of a flat index)
 FLUSH_PAIRS = 4_000_000  # pairs buffered before they are merged into the groups
 
 
@@ -75,7 +79,7 @@ def find_groups(
     """Every group of at least `min_size` near-duplicate images of the published index, largest first
     (at most `limit` groups). Reads only: nothing is deleted or moved.
 
-    `nprobe`: IVF lists compared with each list (default: the index's tuned nprobe).
+    `nprobe`: IVF lists each vector probes (default: the index's tuned nprobe, at least MIN_NPROBE).
     `rerank_margin`: for compressed codes, pairs whose decoded score is at least threshold minus this
     are re-scored with the exact features from the shards (default: measured, see _code_error).
     """
@@ -101,7 +105,7 @@ def find_groups(
     found = buffered = 0
     pending: list[tuple[np.ndarray, np.ndarray]] = []
     with Progress(n, "duplicates", enabled=progress) as bar:
-        for a, b, done in _pairs_above(searcher, cut, nprobe or searcher.nprobe or 1):
+        for a, b, done in _pairs_above(searcher, cut, nprobe or max(searcher.nprobe or 1, MIN_NPROBE)):
             pending.append((a, b))
             buffered += len(a)
             bar.update(done)
@@ -127,64 +131,64 @@ def find_groups(
 
 
 def _pairs_above(searcher: Searcher, cut: float, nprobe: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """(ids a, ids b, rows done) of the pairs with score >= cut: for each bucket (an IVF list, or a block
-    of a flat index), the vectors that probe it against the bucket's vectors, by matrix products of at
-    most BLOCK_ROWS rows. `rows done` counts the bucket's rows (for progress) with its last product."""
-    buckets, probing, bucket_vectors, vectors, flat = _buckets(searcher, nprobe)
-    for m, ids in enumerate(buckets):
-        q = probing[m]
-        if not len(ids) or not len(q):
-            continue
-        b = bucket_vectors(m)
-        for r in range(0, len(q), BLOCK_ROWS):
-            qi = q[r:r + BLOCK_ROWS]
-            hit = vectors(qi) @ b.T >= cut
-            # never an image with itself; in a flat index each pair once (the smaller id probes)
-            hit &= (qi[:, None] < ids[None, :]) if flat else (qi[:, None] != ids[None, :])
-            i, j = np.nonzero(hit)
-            yield qi[i], ids[j], len(ids) if r + BLOCK_ROWS >= len(q) else 0
+    """(ids a, ids b, rows done) of the pairs with score >= cut, by matrix products of at most
+    BLOCK_ROWS x BLOCK_ROWS; `rows done` counts the rows whose comparisons are all done (for progress)."""
+    for a_ids, a, b_ids, b, once, done in _comparisons(searcher, nprobe):
+        for r in range(0, len(a_ids), BLOCK_ROWS):
+            for c in range(0, len(b_ids), BLOCK_ROWS):
+                ra, cb = a_ids[r:r + BLOCK_ROWS], b_ids[c:c + BLOCK_ROWS]
+                hit = a[r:r + BLOCK_ROWS] @ b[c:c + BLOCK_ROWS].T >= cut
+                # never an image with itself; where both orders are compared, each pair once
+                hit &= (ra[:, None] < cb[None, :]) if once else (ra[:, None] != cb[None, :])
+                i, j = np.nonzero(hit)
+                yield ra[i], cb[j], 0
+        yield a_ids[:0], b_ids[:0], done
 
 
-def _buckets(searcher: Searcher, nprobe: int):
-    """Buckets (ids), the ids that probe each bucket, functions giving a bucket's vectors and vectors by
-    id (in the space the index compares them in: decoded for compressed codes), and whether it is flat.
+def _comparisons(searcher: Searcher, nprobe: int) -> Iterator[tuple]:
+    """The blocks to compare: (ids a, vectors a, ids b, vectors b, each pair compared in both orders,
+    rows done), vectors in the space the index compares them in (decoded for compressed codes).
 
-    Flat index: blocks of BLOCK_ROWS ids, each probed by every id up to its end. IVF: the lists; each
+    Flat index: blocks of BLOCK_ROWS ids, each against itself and every later block. IVF: each
     vector probes its `nprobe` nearest centroids, as a search would (looked for among the 4 x nprobe
-    centroids nearest to its own list's: a vector's nearest centroids are next to the one it is in)."""
+    centroids nearest to its own list's: a vector's nearest centroids are next to the one it is in),
+    and the vectors of each list are compared with every list they probe."""
     index = searcher.index
     try:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:
         n = index.ntotal
         blocks = [np.arange(s, min(s + BLOCK_ROWS, n)) for s in range(0, n, BLOCK_ROWS)]
-        probing = [np.arange(0, block[-1] + 1) for block in blocks]
-        return blocks, probing, lambda m: searcher.vectors(blocks[m]), searcher.vectors, True
+        for p, ids in enumerate(blocks):
+            a = searcher.vectors(ids)
+            for m in range(p, len(blocks)):
+                yield ids, a, blocks[m], a if m == p else searcher.vectors(blocks[m]), True, len(ids) * (m + 1 == len(blocks))
+        return
     lists = ivf.invlists
-    ivf.make_direct_map()
     lists_ids = [faiss.rev_swig_ptr(lists.get_ids(l), lists.list_size(l)).copy() if lists.list_size(l) else
                  np.zeros(0, np.int64) for l in range(ivf.nlist)]
-    if isinstance(ivf, faiss.IndexIVFFlat):
+    if isinstance(index, faiss.IndexIVFFlat):
         def list_vectors(m: int) -> np.ndarray:  # the list's codes are the features: a view, no copy
             size = lists.list_size(m)
             return faiss.rev_swig_ptr(lists.get_codes(m), size * ivf.code_size).view(np.float32).reshape(size, ivf.d)
     else:
+        ivf.make_direct_map()
+
         def list_vectors(m: int) -> np.ndarray:
             return ivf.reconstruct_batch(lists_ids[m])
     centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
     nprobe = min(nprobe, ivf.nlist)
     _, near = ivf.quantizer.search(centroids, min(ivf.nlist, 4 * nprobe))
-    probed, prober = [], []
     for l, ids in enumerate(lists_ids):
-        if len(ids):
-            cand = near[l][near[l] >= 0]
-            top = np.argsort(-(list_vectors(l) @ centroids[cand].T), axis=1)[:, :nprobe]
-            probed.append(cand[top].ravel())
-            prober.append(np.repeat(ids, top.shape[1]))
-    probed_all = np.concatenate(probed)
-    order = np.argsort(probed_all, kind="stable")
-    probing = np.split(np.concatenate(prober)[order], np.searchsorted(probed_all[order], np.arange(1, ivf.nlist)))
-    return lists_ids, probing, list_vectors, ivf.reconstruct_batch, False
+        if not len(ids):
+            continue
+        a = list_vectors(l)
+        cand = near[l][near[l] >= 0]
+        probes = cand[np.argsort(-(a @ centroids[cand].T), axis=1)[:, :nprobe]]
+        targets = [int(m) for m in np.unique(probes) if len(lists_ids[m])]
+        for k, m in enumerate(targets):
+            rows = np.flatnonzero((probes == m).any(axis=1))
+            yield ids[rows], a[rows], lists_ids[m], list_vectors(m), False, len(ids) * (k + 1 == len(targets))
 
 
 def _code_error(searcher: Searcher, vectors, sample: int = 1000, seed: int = 0) -> float:

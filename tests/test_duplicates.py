@@ -142,7 +142,8 @@ def test_ivf_with_few_probes_finds_parts_of_true_groups_and_the_planted_copies(t
     truth = _exact_components(vectors, 0.9)
     write_synthetic_shards(tmp_path / "f", vectors, shard_size=1000)
     build_index(tmp_path / "f", tmp_path / "i", factory="IVF32,Flat", nprobe=2, progress=False)
-    found = {frozenset(int(Path(i.path).stem) for i in g.images) for g in find_groups(tmp_path / "i", 0.9, progress=False)}
+    groups = find_groups(tmp_path / "i", 0.9, nprobe=2, progress=False)
+    found = {frozenset(int(Path(i.path).stem) for i in g.images) for g in groups}
     assert all(any(f <= t for t in truth) for f in found)  # never a pair below the threshold
     assert len(found & truth) >= 0.9 * len(truth)  # the close copies are in neighbouring lists
 
