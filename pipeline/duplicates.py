@@ -9,8 +9,8 @@ probes its `nprobe` nearest centroids, as a search would, and each list is then 
 matrix products, with all the vectors that probe it. Every pair above the threshold is kept (no k
 to choose, so a large group of copies is never cut at k neighbours); memory is bounded by the block
 sizes and the N x nprobe probe table, not by N^2. Why not faiss's range search with every indexed
-vector as a query: the same work one query at a time is several times slower on this machine
-(docs/benchmarks.md). A pair is missed only when neither image probes the other's list. A flat
+vector as a query: at the tuned nprobe it took 1,389 s for 1M vectors on this machine against
+118-395 s for the list-by-list products (docs/benchmarks.md). A pair is missed only when neither image probes the other's list. A flat
 index is cut into blocks, each compared with every vector before its end.
 
 Flat-coded indexes (Flat, IVF...,Flat) hold the exact features, so their scores are exact.
