@@ -291,6 +291,46 @@ def search(
 
 
 @app.command()
+def duplicates(
+    index: Annotated[Path, typer.Option("--index", "-i", help="Index folder written by `pipeline build-index`.")],
+    threshold: Annotated[Optional[float], typer.Option(help="Cosine at or above which two images are the same picture (default: the threshold calibrated on transformed copies, docs/quality.md).", show_default=False)] = None,
+    min_size: Annotated[int, typer.Option(help="Print only groups of at least this many images.")] = 2,
+    limit: Annotated[Optional[int], typer.Option(help="Print at most this many groups (largest first).")] = None,
+    nprobe: Annotated[Optional[int], typer.Option(help="IVF lists each image probes (default: the index's tuned nprobe, at least 32).")] = None,
+    sheet: Annotated[Optional[Path], typer.Option("--sheet", help="Write one PNG contact sheet per group into this folder.")] = None,
+    progress: ProgressOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print every group of near-duplicate images of the index (resized, recompressed, cropped copies).
+
+    A group is every image linked to another by cosine >= THRESHOLD (transitively); byte-identical
+    files are always one group. Largest groups first; in a group, the best-quality copy (most
+    pixels, then most bytes) first. Nothing is deleted or moved.
+    """
+    from .duplicates import DEFAULT_THRESHOLD, find_groups
+
+    try:
+        groups = find_groups(index, DEFAULT_THRESHOLD if threshold is None else threshold, min_size=min_size, limit=limit, nprobe=nprobe, progress=progress)
+        if sheet is not None:
+            from .sheet import group_sheets
+
+            group_sheets(groups, sheet)
+    except PipelineError as exc:
+        raise _fail(exc)
+    if as_json:
+        _emit([g.to_dict() for g in groups])
+    else:
+        for g in groups:
+            typer.echo(f"group {g.group}: {len(g.images)} images")
+            for im in g.images:
+                size = f"{im.width}x{im.height}" if im.width else "?"
+                typer.echo(f"  {im.score_to_first:.4f}  {size:>11}  {im.bytes if im.bytes is not None else '?':>10}  {im.path}")
+    typer.echo(f"{len(groups)} groups, {sum(len(g.images) for g in groups)} images", err=True)
+    if sheet is not None:
+        typer.echo(f"contact sheets: {sheet}", err=True)
+
+
+@app.command()
 def rebuild(
     roots: Annotated[list[Path], typer.Argument(help="Image folders of the collection.", show_default=False,
                                                 readable=False)],  # an unreadable folder is reported, not a usage error

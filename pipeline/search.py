@@ -166,7 +166,7 @@ class Searcher:
         row = self._query("SELECT path FROM images WHERE id = ?", (int(idx),))
         return row[0][0] if row else None
 
-    def _rows(self, ids: np.ndarray) -> dict[int, tuple[str, str]]:
+    def rows(self, ids: np.ndarray) -> dict[int, tuple[str, str]]:
         """id -> (path, content hash) for the given ids (-1 ignored)."""
         wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
         out: dict[int, tuple[str, str]] = {}
@@ -177,6 +177,12 @@ class Searcher:
         if len(out) < len(wanted):
             raise self._damaged(self.version_dir / IDS_FILE, f"{len(wanted) - len(out)} ids the index returned are not in it")
         return out
+
+    def same_content_ids(self) -> list[np.ndarray]:
+        """Ids of byte-identical files (same content hash), one sorted array per content indexed more than once."""
+        rows = self._db.execute("SELECT group_concat(id) FROM (SELECT id, hash FROM images ORDER BY id) "
+                                "GROUP BY hash HAVING count(*) > 1")
+        return [np.sort(np.array(ids.split(","), np.int64)) for (ids,) in rows]
 
     def _search(self, vectors: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
         nprobe = nprobe or self.nprobe
@@ -194,7 +200,7 @@ class Searcher:
         fetch = k + (8 if any(exclude) else 0)
         while True:
             scores, ids = self._search(vectors, fetch, nprobe)
-            rows = self._rows(ids)
+            rows = self.rows(ids)
             out, short = [], False
             for srow, irow, ex in zip(scores, ids, exclude):
                 hits = []
@@ -248,7 +254,7 @@ class Searcher:
             if row is None:
                 results[i] = QueryResult(str(p), error="not in the index (--like takes an indexed image path)")
                 continue
-            found.append((i, self._vector(row[0]), _Query(key, row[1])))
+            found.append((i, self.vectors([row[0]])[0], _Query(key, row[1])))
         if found:
             vecs = np.stack([v for _, v, _ in found])
             excl = [q for _, _, q in found] if exclude_self else None
@@ -256,12 +262,12 @@ class Searcher:
                 results[i] = QueryResult(str(paths[i]), hits)
         return [results[i] for i in range(len(paths))]
 
-    def _vector(self, idx: int) -> np.ndarray:
-        """The stored (for compressed indexes: decoded) vector of an indexed image."""
+    def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The stored (for compressed indexes: decoded) vectors of indexed images, by id."""
         if not self._direct_map:
             try:
                 faiss.extract_index_ivf(self.index).make_direct_map()
             except RuntimeError:
                 pass  # not an IVF index: reconstruct works directly
             self._direct_map = True
-        return self.index.reconstruct(int(idx))
+        return self.index.reconstruct_batch(np.asarray(ids, np.int64))
