@@ -221,9 +221,9 @@ class Searcher:
     def _vector(self, idx: int) -> np.ndarray:
         """The stored (for compressed indexes: decoded) vector of an indexed image."""
         if not self._direct_map:
-            try:
-                faiss.extract_index_ivf(self.index).make_direct_map()
+            try:  # ids are sparse (the catalog's): an IVF index finds them through a hash table
+                faiss.extract_index_ivf(self.index).set_direct_map_type(faiss.DirectMap.Hashtable)
             except RuntimeError:
-                pass  # not an IVF index: reconstruct works directly
+                pass  # not an IVF index: reconstruct works directly (IndexIDMap2 maps ids itself)
             self._direct_map = True
         return self.index.reconstruct(int(idx))
