@@ -186,13 +186,16 @@ def test_kill_at_any_moment(tmp_path, tiny_model):
 
     Each kill waits for a log line of a different step (lock taken, a shard written, extract done,
     index planned, k-means training) and the killed run's exit status shows it was still running:
-    every kill lands in the work, none in start-up and none after the end."""
+    every kill lands in the work, none in start-up and none after the end. Runs update the published
+    index (--retrain-above 100) except those killed in training (--retrain), so the kills after
+    "index plan" and "index: updating" land in an update."""
     rng = random.Random(0)
     root, work, log = tmp_path / "photos", tmp_path / "work", tmp_path / "rebuild.log"
     make_collection(root, range(40))  # >= 39: an IVF index, so kills also land in k-means training
     cmd = _rebuild_cmd(root, work, tiny_model, log)
     subprocess.run(cmd, check=True, capture_output=True)
-    steps = ["rebuild started", "wrote shard-", "extract:", "index plan", "training on"]
+    cmd += ["--retrain-above", "100"]
+    steps = ["rebuild started", "wrote shard-", "extract:", "index plan", "training on", "index: updating"]
     next_seed = 1000
     for round_ in range(10):
         files = sorted(root.rglob("*.png"))  # change the collection: add, delete, rename
@@ -203,12 +206,16 @@ def test_kill_at_any_moment(tmp_path, tiny_model):
         make_collection(root, range(next_seed, next_seed + 4))
         next_seed += 4
         offset = log.stat().st_size
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for_log(log, offset, steps[round_ % len(steps)], proc)
+        step = steps[round_ % len(steps)]
+        run = cmd + ["--retrain"] if step == "training on" else cmd
+        proc = subprocess.Popen(run, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_log(log, offset, step, proc)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL, f"round {round_}: the run had ended before the kill"
         searcher = Searcher(work / "index", model=tiny_model)  # (a) the published index still answers
         assert len(searcher.search_vectors(np.ones((1, 64), np.float32) / 8, k=3)[0]) == 3
-        subprocess.run(cmd, check=True, capture_output=True)  # (b) a rerun completes
+        subprocess.run(run, check=True, capture_output=True)  # (b) a rerun completes
         paths = indexed_paths(work / "index")  # (c) every live image once, nothing deleted
         assert sorted(paths) == live_files(root), f"round {round_}"
+        made_by = json.loads((current_version(work / "index") / "meta.json").read_text())["made_by"]
+        assert made_by == ("build" if step == "training on" else "update"), f"round {round_}"
