@@ -17,3 +17,18 @@ def record(text: str, no_doc: bool) -> None:
     if not no_doc:
         with DOC.open("a") as fh:
             fh.write(text)
+
+
+def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """The host's speed at the work faiss and numpy do most: float32 matrix products (best of `repeats`)."""
+    import time
+
+    import numpy as np
+
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
