@@ -300,11 +300,7 @@ def build_index(
                 "reason": plan.reason,
                 "train_size": 0 if index_is_flat(plan) or plan.train_size == 0 else plan.train_size,
                 **tuning,
-                "build_seconds": round(time.monotonic() - t_start, 3),
-                "timings": {k: round(v, 3) for k, v in timings.items()},
-                "features_dir": str(features_dir.resolve()),
-                "shards": [{"name": i.path.name, "count": len(rows), "created": i.created} for i, rows in parts],
-                "live_digest": digest,
+                **_made_from(features_dir, parts, digest, t_start, timings),
             }
             final = _publish(out_dir, tmp, meta, keep)
     LOG.info("published %s: %d vectors, %s, nprobe %s", final, n, plan.factory, meta.get("nprobe"))
@@ -335,6 +331,16 @@ def _new_version(out_dir: Path) -> Iterator[tuple[Path, str]]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _made_from(features_dir: Path, parts: list[tuple[ShardInfo, np.ndarray]], digest: str | None, t_start: float,
+               timings: dict[str, float]) -> dict:
+    """The meta.json fields that say from what and how fast a version was made."""
+    return {"build_seconds": round(time.monotonic() - t_start, 3),
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+            "features_dir": str(features_dir.resolve()),
+            "shards": [{"name": i.path.name, "count": len(rows), "created": i.created} for i, rows in parts],
+            "live_digest": digest}
 
 
 def _publish(out_dir: Path, tmp: Path, meta: dict, keep: int) -> Path:
@@ -487,11 +493,7 @@ def _update(base: _Base, out_dir: Path, parts: list[tuple[ShardInfo, np.ndarray]
             "added": len(base.added),
             "removed": len(base.removed),
             "changes_since_training": base.meta["changes_since_training"] + len(base.added) + len(base.removed),
-            "build_seconds": round(time.monotonic() - t_start, 3),
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-            "features_dir": str(features_dir.resolve()),
-            "shards": [{"name": i.path.name, "count": len(rows), "created": i.created} for i, rows in parts],
-            "live_digest": digest,
+            **_made_from(features_dir, parts, digest, t_start, timings),
         }
         final = _publish(out_dir, tmp, meta, keep)
     LOG.info("published %s: %d vectors, updated from %s, nprobe %s", final, len(ids), base.meta["version"],
