@@ -159,26 +159,39 @@ NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384,
 
 
 def tune_nprobe(index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, nlist: int,
-                k: int = 10, target: float = 0.95, nprobe: int | None = None) -> tuple[int, float, float, list[dict]]:
+                k: int = 10, target: float = 0.95, nprobe: int | None = None,
+                start: int | None = None) -> tuple[int, float, float, list[dict]]:
     """Smallest nprobe whose recall@k reaches `target` with 95% confidence (or just the given `nprobe`).
 
     "With confidence": the lower bound of the mean over the sampled queries must reach the
     target, so that new queries get the target recall too, not just these. Returns nprobe, its
     mean recall, ms per query and every setting tried. The index is not modified (parameters
-    are passed per call), so it may be serialised at the same time.
+    are passed per call), so it may be serialised at the same time. With `start` (the nprobe an
+    update's base version chose), the search walks down from there while the target holds, or up
+    until it does: two or three settings instead of the grid up to it.
     """
     grid = [nprobe] if nprobe else [p for p in NPROBE_GRID if p < nlist] + [nlist]
-    tried = []
-    for probe in grid:
+    results: dict[int, tuple[float, float, float]] = {}  # grid position -> mean recall, lower bound, ms
+
+    def reaches(j: int) -> bool:
         t0 = time.perf_counter()
-        _, found = index.search(queries, k + 1, params=faiss.SearchParametersIVF(nprobe=probe))
+        _, found = index.search(queries, k + 1, params=faiss.SearchParametersIVF(nprobe=grid[j]))
         ms = (time.perf_counter() - t0) * 1000 / len(queries)
         per_query = recall_at(found, truth, query_ids, k)
-        tried.append({"nprobe": probe, "recall": round(float(per_query.mean()), 4),
-                      "recall_lower_bound": round(lower_bound(per_query), 4), "ms_per_query": round(ms, 4)})
-        if lower_bound(per_query) >= target:
-            break
-    return probe, float(per_query.mean()), ms, tried
+        results[j] = (float(per_query.mean()), lower_bound(per_query), ms)
+        return results[j][1] >= target
+
+    j = next((i for i, p in enumerate(grid) if p >= start), len(grid) - 1) if start and not nprobe else 0
+    if reaches(j):
+        while j > 0 and reaches(j - 1):
+            j -= 1
+    else:
+        while j < len(grid) - 1 and not reaches(j + 1):
+            j += 1
+        j = min(j + 1, len(grid) - 1)
+    tried = [{"nprobe": grid[i], "recall": round(rec, 4), "recall_lower_bound": round(lb, 4), "ms_per_query": round(ms, 4)}
+             for i, (rec, lb, ms) in sorted(results.items())]
+    return grid[j], results[j][0], results[j][2], tried
 
 
 def build_index(
@@ -441,6 +454,7 @@ def _update(base: _Base, out_dir: Path, parts: list[tuple[ShardInfo, np.ndarray]
         index = faiss.read_index(str(base.dir / INDEX_FILE))  # into memory: the published file stays as it is
     except RuntimeError as exc:
         raise PipelineError(f"index at {base.dir} is corrupt: {str(exc).strip().splitlines()[-1]}") from None
+    timings["read_s"] = time.monotonic() - t_start
     nlist = base.meta["nlist"]
     if nlist:
         recall = np.load(base.dir / RECALL_FILE)
@@ -473,7 +487,7 @@ def _update(base: _Base, out_dir: Path, parts: list[tuple[ShardInfo, np.ndarray]
             # A query still counts if it is live and its first k+1 neighbours are still known exactly.
             ok = (depth >= 11) & ~np.isin(q_ids, base.removed)
             truth, scores, q_ids, queries, depth = heap.I[ok], heap.D[ok], q_ids[ok], queries[ok], depth[ok]
-            tuning = _tune(index, nlist, queries, q_ids, truth, nprobe, target)
+            tuning = _tune(index, nlist, queries, q_ids, truth, nprobe, target, base.meta["nprobe"])
             np.savez(tmp / RECALL_FILE, ids=q_ids, queries=queries, truth=truth, scores=scores, depth=depth)
         else:
             tuning = {"nprobe": None, "recall_at_10": 1.0, "recall_note": "exact search"}
@@ -600,11 +614,11 @@ def _add_truth(heap, queries: np.ndarray, feats: np.ndarray, ids: np.ndarray) ->
 
 
 def _tune(index, nlist: int, queries: np.ndarray, q_ids: np.ndarray, truth: np.ndarray,
-          nprobe: int | None, target: float) -> dict:
+          nprobe: int | None, target: float, start: int | None = None) -> dict:
     """Recall@10 against exact search, and the nprobe that reaches `target` (IVF indexes)."""
     k = 10
     if nlist:
-        nprobe, rec, ms, tried = tune_nprobe(index, queries, q_ids, truth, nlist, k, target, nprobe)
+        nprobe, rec, ms, tried = tune_nprobe(index, queries, q_ids, truth, nlist, k, target, nprobe, start)
     else:
         t0 = time.perf_counter()
         _, found = index.search(queries, k + 1)
