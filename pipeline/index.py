@@ -457,12 +457,13 @@ def _update(base: _Base, out_dir: Path, parts: list[tuple[ShardInfo, np.ndarray]
     timings["read_s"] = time.monotonic() - t_start
     nlist = base.meta["nlist"]
     if nlist:
-        recall = np.load(base.dir / RECALL_FILE)
-        q_ids, queries, depth = recall["ids"], recall["queries"], recall["depth"]
-        gone = np.isin(recall["truth"], base.removed)
+        with np.load(base.dir / RECALL_FILE) as recall:
+            q_ids, queries, depth, truth, scores = (recall[k] for k in ("ids", "queries", "depth", "truth", "scores"))
+        # Removed neighbours leave the lists; each list stays exact down to `depth` (the removed ones above it less).
+        gone = np.isin(truth, base.removed)
         depth = depth - (gone & (np.arange(gone.shape[1]) < depth[:, None])).sum(axis=1)
         heap = faiss.ResultHeap(len(q_ids), TRUTH_DEPTH, keep_max=True)
-        heap.add_result(np.where(gone, -np.inf, recall["scores"]).astype(np.float32), np.where(gone, -1, recall["truth"]))
+        heap.add_result(np.where(gone, -np.inf, scores).astype(np.float32), np.where(gone, -1, truth))
     with _new_version(out_dir) as (tmp, version):
         t0 = time.monotonic()
         index.remove_ids(base.removed)
