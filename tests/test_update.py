@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -82,6 +83,13 @@ def test_ivf_update_keeps_the_quantizer_and_answers_like_a_full_build(tmp_path):
     assert abs(updated["recall_at_10"] - full["recall_at_10"]) < 0.02
     for nprobe in (1, None, nlist):  # deleted images are gone from every list, at any nprobe
         assert not set(gone) & {p for row in top_paths(i, vecs[::200], 50, nprobe) for p in row}
+
+    live = [(n, vecs[int(p[11:18])] if int(p[11:18]) < len(vecs) else new[int(p[11:18]) - len(vecs) - 1000])
+            for p, n in id_table(i).items()]
+    live_ids, live_vecs = np.array([n for n, _ in live]), np.stack([v for _, v in live])
+    with np.load(current_version(i) / "recall.npz") as sample:  # its exact neighbours, updated, are exact
+        _, exact = faiss.knn(sample["queries"], live_vecs, 11, metric=faiss.METRIC_INNER_PRODUCT)
+        assert (sample["depth"] >= 11).all() and (sample["truth"][:, :11] == live_ids[exact]).all()
 
     after = id_table(i)  # stable ids: every surviving image keeps its id, deleted ones are gone
     assert {p: n for p, n in ids_before.items() if p not in gone} == {p: n for p, n in after.items() if p in ids_before}
