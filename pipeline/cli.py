@@ -60,6 +60,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 RetryFailedOpt = Annotated[bool, typer.Option(
     "--retry-failed", help="Try every file that failed before again now (default: transient failures with back-off, "
     "others once the file changes).")]
+RetrainAboveOpt = Annotated[float, typer.Option(
+    help="Train again (full build) once the images added and removed since the index's training exceed this "
+    "share of the images it was trained on.")]
 ProgressOpt = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (default: only on a terminal).", show_default=False)]
 
 
@@ -215,6 +218,10 @@ def build_index(
     flat_below: Annotated[int, typer.Option(help="Use exact search for collections smaller than this.")] = 20_000,
     max_memory: Annotated[Optional[str], typer.Option(help="Memory budget of the index, e.g. 4G: compress (SQ8, OPQ+PQ) to fit.")] = None,
     keep: Annotated[int, typer.Option(help="Published versions to keep.")] = 3,
+    update: Annotated[bool, typer.Option(
+        "--update", help="Make the new version from the published one (add new images, remove deleted ones, keep "
+        "the trained quantizer) when the same model and kind of index made it; else train again.")] = False,
+    retrain_above: RetrainAboveOpt = 0.2,
     progress: ProgressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -223,7 +230,8 @@ def build_index(
 
     try:
         report = run_build(features, out, factory=factory, nlist=nlist, nprobe=nprobe, target_recall=target_recall,
-                           flat_below=flat_below, max_memory=max_memory, keep=keep, progress=progress)
+                           flat_below=flat_below, max_memory=max_memory, keep=keep, progress=progress,
+                           update=update, retrain_above=retrain_above)
     except PipelineError as exc:
         raise _fail(exc)
     m = report.meta
@@ -231,6 +239,9 @@ def build_index(
         _emit({"version_dir": report.version_dir, **m})
         return
     typer.echo(f"index: {m['factory']} over {m['count']} images, dim {m['dim']} ({m['reason']})", err=True)
+    if m["made_by"] == "update":
+        typer.echo(f"updated from {m['base_version']}: {m['added']} added, {m['removed']} removed "
+                   f"({m['changes_since_training']} changes since training on {m['trained_count']})", err=True)
     if m.get("nprobe"):
         typer.echo(f"nprobe {m['nprobe']}: recall@10 {m['recall_at_10']:.3f} vs exact search, "
                    f"{m['query_ms']:.3f} ms/query", err=True)
@@ -343,6 +354,9 @@ def rebuild(
     shard_size: Annotated[int, typer.Option(help="Images per shard (the unit of resume).")] = 512,
     threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: one per core).")] = 0,
     flat_below: Annotated[int, typer.Option(help="Use exact search for collections smaller than this.")] = 20_000,
+    retrain: Annotated[bool, typer.Option(
+        "--retrain", help="Train and fill a new index even if the published one could be updated.")] = False,
+    retrain_above: RetrainAboveOpt = 0.2,
     log_file: Annotated[Optional[Path], typer.Option(help="Also append timestamped log lines to this file.")] = None,
     strict: Annotated[bool, typer.Option(help=f"Exit {EXIT_STRICT_FAILURES} if any image of the collection cannot be used or a folder cannot be listed.")] = False,
     retry_failed: RetryFailedOpt = False,
@@ -365,7 +379,7 @@ def rebuild(
         logging.getLogger().addHandler(handler)
     try:
         report = run_rebuild(roots, workdir, model, keep=keep, compact_below=compact_below, flat_below=flat_below,
-                             workers=workers,
+                             retrain=retrain, retrain_above=retrain_above, workers=workers,
                              batch_size=batch_size, shard_size=shard_size, threads=threads, retry_failed=retry_failed,
                              progress=False)
     except PipelineError as exc:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,8 @@ from PIL import Image as PILImage
 from .errors import PipelineError
 from .progress import Progress
 from .search import Searcher
-from .shards import read_rows, read_shard
+from .catalog import CATALOG_FILE
+from .shards import read_rows
 
 LOG = logging.getLogger(__name__)
 
@@ -93,35 +95,40 @@ def find_groups(
         raise PipelineError(f"--nprobe must be at least 1 (got {nprobe})")
     t0 = time.monotonic()
     searcher = Searcher(index_dir)
-    n = searcher.count
-    exact = isinstance(searcher.index, (faiss.IndexFlat, faiss.IndexIVFFlat))
+    ids = searcher.ids()  # sorted; ids are stable catalog ids, not positions: groups are formed over positions
+    n = len(ids)
+    base = searcher.index
+    if isinstance(base, faiss.IndexIDMap):  # a flat index keeps its ids in an id map
+        base = faiss.downcast_index(base.index)
+    exact = isinstance(base, (faiss.IndexFlat, faiss.IndexIVFFlat))
     vectors = searcher.vectors if exact else _shard_vectors(searcher)
     parent = np.arange(n, dtype=np.int64)
     if not exact and rerank_margin is None:
-        rerank_margin = _code_error(searcher, vectors)
+        rerank_margin = _code_error(searcher, ids, vectors)
         LOG.info("compressed codes: pairs re-ranked with exact features from %.3f below the threshold", rerank_margin)
     rerank = None if exact else (vectors, threshold)
     cut = threshold if exact else threshold - rerank_margin
     found = buffered = 0
     pending: list[tuple[np.ndarray, np.ndarray]] = []
     with Progress(n, "duplicates", enabled=progress) as bar:
-        for a, b, done in _pairs_above(searcher, cut, nprobe or max(searcher.nprobe or 1, MIN_NPROBE)):
-            pending.append((a, b))
+        for a, b, done in _pairs_above(searcher, ids, cut, nprobe or max(searcher.nprobe or 1, MIN_NPROBE)):
+            pending.append((np.searchsorted(ids, a), np.searchsorted(ids, b)))
             buffered += len(a)
             bar.update(done)
             if buffered >= FLUSH_PAIRS:
-                found += _merge(parent, pending, rerank)
+                found += _merge(parent, pending, rerank, ids)
                 pending, buffered = [], 0
-    found += _merge(parent, pending, rerank)
-    for ids in searcher.same_content_ids():
-        _union(parent, np.full(len(ids) - 1, ids[0]), ids[1:])
+    found += _merge(parent, pending, rerank, ids)
+    for same in searcher.same_content_ids():
+        pos = np.searchsorted(ids, same)
+        _union(parent, np.full(len(pos) - 1, pos[0]), pos[1:])
     roots = _roots(parent)
     sizes = np.bincount(roots, minlength=n)
     members = np.flatnonzero(sizes[roots] >= min_size)
     order = np.lexsort((members, roots[members], -sizes[roots[members]]))  # largest first, then by smallest id
     members = members[order]
     splits = np.flatnonzero(np.diff(roots[members])) + 1
-    groups = np.split(members, splits) if len(members) else []
+    groups = [ids[g] for g in np.split(members, splits)] if len(members) else []
     LOG.info("duplicates: %d pairs at cosine >= %.3f, %d groups of >= %d images (%s, %.1f s)", found, threshold,
              len(groups), min_size, searcher.meta.get("factory"), time.monotonic() - t0)
     groups = groups[:limit]
@@ -130,10 +137,10 @@ def find_groups(
     return [_describe(searcher, features, g + 1, ids) for g, ids in enumerate(groups)]
 
 
-def _pairs_above(searcher: Searcher, cut: float, nprobe: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+def _pairs_above(searcher: Searcher, ids: np.ndarray, cut: float, nprobe: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
     """(ids a, ids b, rows done) of the pairs with score >= cut, by matrix products of at most
     BLOCK_ROWS x BLOCK_ROWS; `rows done` counts the rows whose comparisons are all done (for progress)."""
-    for a_ids, a, b_ids, b, once, done in _comparisons(searcher, nprobe):
+    for a_ids, a, b_ids, b, once, done in _comparisons(searcher, ids, nprobe):
         for r in range(0, len(a_ids), BLOCK_ROWS):
             for c in range(0, len(b_ids), BLOCK_ROWS):
                 ra, cb = a_ids[r:r + BLOCK_ROWS], b_ids[c:c + BLOCK_ROWS]
@@ -145,7 +152,7 @@ def _pairs_above(searcher: Searcher, cut: float, nprobe: int) -> Iterator[tuple[
         yield a_ids[:0], b_ids[:0], done
 
 
-def _comparisons(searcher: Searcher, nprobe: int) -> Iterator[tuple]:
+def _comparisons(searcher: Searcher, ids: np.ndarray, nprobe: int) -> Iterator[tuple]:
     """The blocks to compare: (ids a, vectors a, ids b, vectors b, each pair compared in both orders,
     rows done), vectors in the space the index compares them in (decoded for compressed codes).
 
@@ -157,12 +164,11 @@ def _comparisons(searcher: Searcher, nprobe: int) -> Iterator[tuple]:
     try:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:
-        n = index.ntotal
-        blocks = [np.arange(s, min(s + BLOCK_ROWS, n)) for s in range(0, n, BLOCK_ROWS)]
-        for p, ids in enumerate(blocks):
-            a = searcher.vectors(ids)
+        blocks = [ids[s:s + BLOCK_ROWS] for s in range(0, len(ids), BLOCK_ROWS)]
+        for p, block in enumerate(blocks):
+            a = searcher.vectors(block)
             for m in range(p, len(blocks)):
-                yield ids, a, blocks[m], a if m == p else searcher.vectors(blocks[m]), True, len(ids) * (m + 1 == len(blocks))
+                yield block, a, blocks[m], a if m == p else searcher.vectors(blocks[m]), True, len(block) * (m + 1 == len(blocks))
         return
     lists = ivf.invlists
     lists_ids = [faiss.rev_swig_ptr(lists.get_ids(l), lists.list_size(l)).copy() if lists.list_size(l) else
@@ -172,15 +178,13 @@ def _comparisons(searcher: Searcher, nprobe: int) -> Iterator[tuple]:
             size = lists.list_size(m)
             return faiss.rev_swig_ptr(lists.get_codes(m), size * ivf.code_size).view(np.float32).reshape(size, ivf.d)
     else:
-        ivf.make_direct_map()
-
         def list_vectors(m: int) -> np.ndarray:
-            return ivf.reconstruct_batch(lists_ids[m])
+            return searcher.vectors(lists_ids[m])
     centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
     nprobe = min(nprobe, ivf.nlist)
     _, near = ivf.quantizer.search(centroids, min(ivf.nlist, 4 * nprobe))
-    for l, ids in enumerate(lists_ids):
-        if not len(ids):
+    for l, list_ids in enumerate(lists_ids):
+        if not len(list_ids):
             continue
         a = list_vectors(l)
         cand = near[l][near[l] >= 0]
@@ -188,21 +192,20 @@ def _comparisons(searcher: Searcher, nprobe: int) -> Iterator[tuple]:
         targets = [int(m) for m in np.unique(probes) if len(lists_ids[m])]
         for k, m in enumerate(targets):
             rows = np.flatnonzero((probes == m).any(axis=1))
-            yield ids[rows], a[rows], lists_ids[m], list_vectors(m), False, len(ids) * (k + 1 == len(targets))
+            yield list_ids[rows], a[rows], lists_ids[m], list_vectors(m), False, len(list_ids) * (k + 1 == len(targets))
 
 
-def _code_error(searcher: Searcher, vectors, sample: int = 1000, seed: int = 0) -> float:
+def _code_error(searcher: Searcher, ids: np.ndarray, vectors, sample: int = 1000, seed: int = 0) -> float:
     """How far scores of decoded codes stray from exact ones: 1.5 x the largest error over all pairs
     of a seeded sample of indexed vectors (decoded from the index vs exact from the shards)."""
-    n = searcher.count
-    ids = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
+    ids = np.sort(np.random.default_rng(seed).choice(ids, min(sample, len(ids)), replace=False))
     decoded, exact = searcher.vectors(ids), vectors(ids)
     return 1.5 * float(np.abs(decoded @ decoded.T - exact @ exact.T).max())
 
 
-def _merge(parent: np.ndarray, pending: list[tuple[np.ndarray, np.ndarray]], rerank) -> int:
-    """Join the groups of the pending pairs (first re-scored with exact features when `rerank` is
-    (vectors, threshold)); returns how many pairs were joined."""
+def _merge(parent: np.ndarray, pending: list[tuple[np.ndarray, np.ndarray]], rerank, ids: np.ndarray) -> int:
+    """Join the groups of the pending pairs (positions into `ids`; first re-scored with exact features
+    when `rerank` is (vectors by id, threshold)); returns how many pairs were joined."""
     if not pending:
         return 0
     a = np.concatenate([p[0] for p in pending])
@@ -210,7 +213,7 @@ def _merge(parent: np.ndarray, pending: list[tuple[np.ndarray, np.ndarray]], rer
     if rerank is not None and len(a):
         vectors, threshold = rerank
         involved, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
-        v = vectors(involved)
+        v = vectors(ids[involved])
         ia, ib = inverse[:len(a)], inverse[len(a):]
         keep = np.einsum("ij,ij->i", v[ia], v[ib]) >= threshold
         a, b = a[keep], b[keep]
@@ -250,36 +253,58 @@ def _roots(parent: np.ndarray) -> np.ndarray:
 
 
 def _shard_vectors(searcher: Searcher):
-    """Exact features by id, read from the shards the index was built from (for compressed codes).
-    Ids count the indexed rows of meta.json's shards in order; rows are matched by path and hash."""
-    meta = searcher.meta
-    features_dir = Path(meta["features_dir"])
-    starts = np.cumsum([0] + [s["count"] for s in meta["shards"]])
+    """Exact features by id, read from the shards of the features folder the index was built from
+    (for compressed codes): its catalog says where each stable id's row lives now (compaction may
+    have moved it since the build; the id still names the same file and content)."""
+    catalog = Path(searcher.meta["features_dir"]) / CATALOG_FILE
+    shards = searcher.meta["shards"]
+    if catalog.exists():
+        try:
+            db = sqlite3.connect(f"file:{catalog}?mode=ro", uri=True, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise PipelineError(f"cannot read {catalog} ({exc}): the exact features of a compressed index come "
+                                "from its features folder") from None
+    else:  # a features folder without a catalog: ids count every row of the index's shards in order
+        db, starts = None, np.cumsum([0] + [s["count"] for s in shards])
 
     def vectors(ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, np.int64)
-        out = np.empty((len(ids), meta["dim"]), np.float32)
-        facts = searcher.rows(ids)
-        for s, shard in enumerate(meta["shards"]):
-            sel = np.flatnonzero((ids >= starts[s]) & (ids < starts[s + 1]))
-            if not len(sel):
-                continue
-            path = features_dir / shard["name"]
-            try:
-                data = read_shard(path, features=False)
-            except PipelineError:
-                data = None
-            row_of = {} if data is None else {key: r for r, key in enumerate(zip(data.paths, data.hashes))}
-            rows = [row_of.get(facts[int(i)]) for i in ids[sel]]
-            if None in rows:
-                raise PipelineError(f"the features behind {searcher.version_dir} changed since it was built "
-                                    f"({path} is gone or rewritten): rebuild the index to re-rank its compressed codes")
-            rows = np.asarray(rows)
-            order = np.argsort(rows)
-            out[sel[order]] = read_rows(path, rows[order])
+        if db is None:
+            s = np.searchsorted(starts, ids, side="right") - 1
+            where = {int(i): (shards[j]["name"], int(i - starts[j])) for i, j in zip(ids, s)}
+        else:
+            where = _catalog_rows(db, catalog, ids)
+        if len(where) < len(set(ids.tolist())):
+            raise PipelineError(f"the features behind {searcher.version_dir} changed since it was built (some of its "
+                                "images are no longer live): rebuild the index to re-rank its compressed codes")
+        out = np.empty((len(ids), searcher.meta["dim"]), np.float32)
+        shard_of = np.array([where[int(i)][0] for i in ids])
+        row_of = np.array([where[int(i)][1] for i in ids], np.int64)
+        for shard in np.unique(shard_of):
+            sel = np.flatnonzero(shard_of == shard)
+            order = np.argsort(row_of[sel])
+            path = catalog.parent / str(shard)
+            if not path.is_file():
+                raise PipelineError(f"the features behind {searcher.version_dir} changed since it was built ({path} is "
+                                    "gone): rebuild the index to re-rank its compressed codes")
+            out[sel[order]] = read_rows(path, row_of[sel][order])
         return out
 
     return vectors
+
+
+def _catalog_rows(db: sqlite3.Connection, catalog: Path, ids: np.ndarray) -> dict[int, tuple[str, int]]:
+    """id -> (shard, row) of the live images among `ids`."""
+    where: dict[int, tuple[str, int]] = {}
+    try:
+        for start in range(0, len(ids), 500):
+            chunk = [int(i) for i in ids[start:start + 500]]
+            where.update((i, (s, r)) for i, s, r in db.execute(
+                f"SELECT id, shard, row FROM images WHERE status = 'live' AND id IN ({','.join('?' * len(chunk))})",
+                chunk))
+    except sqlite3.Error as exc:
+        raise PipelineError(f"cannot read {catalog} ({exc}); rerun `pipeline extract`") from None
+    return where
 
 
 def _describe(searcher: Searcher, features: dict[int, np.ndarray], number: int, ids: np.ndarray) -> DuplicateGroup:

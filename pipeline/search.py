@@ -178,6 +178,13 @@ class Searcher:
             raise self._damaged(self.version_dir / IDS_FILE, f"{len(wanted) - len(out)} ids the index returned are not in it")
         return out
 
+    def ids(self) -> np.ndarray:
+        """Every indexed id, sorted (stable catalog ids: sparse, not positions)."""
+        try:
+            return np.fromiter((i for (i,) in self._db.execute("SELECT id FROM images ORDER BY id")), np.int64)
+        except sqlite3.Error as exc:
+            raise self._damaged(self.version_dir / IDS_FILE, exc) from None
+
     def same_content_ids(self) -> list[np.ndarray]:
         """Ids of byte-identical files (same content hash), one sorted array per content indexed more than once."""
         rows = self._db.execute("SELECT group_concat(id) FROM (SELECT id, hash FROM images ORDER BY id) "
@@ -265,9 +272,9 @@ class Searcher:
     def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The stored (for compressed indexes: decoded) vectors of indexed images, by id."""
         if not self._direct_map:
-            try:
-                faiss.extract_index_ivf(self.index).make_direct_map()
+            try:  # ids are sparse (the catalog's): an IVF index finds them through a hash table
+                faiss.extract_index_ivf(self.index).set_direct_map_type(faiss.DirectMap.Hashtable)
             except RuntimeError:
-                pass  # not an IVF index: reconstruct works directly
+                pass  # not an IVF index: reconstruct works directly (IndexIDMap2 maps ids itself)
             self._direct_map = True
         return self.index.reconstruct_batch(np.asarray(ids, np.int64))

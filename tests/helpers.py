@@ -131,19 +131,22 @@ def clustered_vectors(n: int, dim: int = 64, clusters: int = 20, seed: int = 0) 
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def write_synthetic_shards(features_dir: Path, vectors: np.ndarray, shard_size: int, model_sha: str = "f" * 64) -> list[str]:
-    """Real shard files holding `vectors`, with made-up paths /synthetic/NNNNNNN.jpg."""
+def write_synthetic_shards(features_dir: Path, vectors: np.ndarray, shard_size: int, model_sha: str = "f" * 64,
+                           first: int = 0) -> list[str]:
+    """Real shard files holding `vectors`, with made-up paths /synthetic/NNNNNNN.jpg numbered from
+    `first`, after the shards already in the folder."""
     from pipeline.model import ModelInfo
-    from pipeline.shards import ShardData, shard_name, write_shard
+    from pipeline.shards import ShardData, next_shard_number, shard_name, write_shard
 
     features_dir.mkdir(parents=True, exist_ok=True)
     info = ModelInfo(name="synthetic", weights_sha256=model_sha, input_size=TINY_SIZE, dim=vectors.shape[1])
-    paths = [f"/synthetic/{i:07d}.jpg" for i in range(len(vectors))]
+    paths = [f"/synthetic/{i:07d}.jpg" for i in range(first, first + len(vectors))]
+    number = next_shard_number(features_dir)
     for s, start in enumerate(range(0, len(vectors), shard_size)):
         rows = slice(start, start + shard_size)
         n = len(paths[rows])
-        write_shard(features_dir / shard_name(s), ShardData(vectors[rows], paths[rows],
-                    [f"{start + i:032x}" for i in range(n)],
+        write_shard(features_dir / shard_name(number + s), ShardData(vectors[rows], paths[rows],
+                    [f"{first + start + i:032x}" for i in range(n)],
                     np.zeros(n, np.int64), np.zeros(n), [], []), info)
     return paths
 
