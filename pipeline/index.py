@@ -407,6 +407,7 @@ class _Base:
 
     dir: Path
     meta: dict
+    index: faiss.Index  # read into memory: the published file stays as it is
     added: np.ndarray
     removed: np.ndarray
 
@@ -436,6 +437,11 @@ def _update_base(out_dir: Path, checksum: str, kind: str, factory: str | None, n
                 db.close()
         except sqlite3.Error as exc:
             why = f"its id table cannot be read ({exc})"
+    if why is None:
+        try:
+            index = faiss.read_index(str(published / INDEX_FILE))
+        except RuntimeError as exc:  # damaged or missing: the full build replaces it
+            why = f"its index file cannot be read ({cause(exc)})"
     if why is not None:
         LOG.info("index: full build, not an update of %s: %s", published.name, why)
         return None
@@ -445,7 +451,7 @@ def _update_base(out_dir: Path, checksum: str, kind: str, factory: str | None, n
         LOG.info("index: full build: %d images added or removed since the index was trained on %d "
                  "(over --retrain-above %g)", changes, meta["trained_count"], retrain_above)
         return None
-    return _Base(published, meta, added, removed)
+    return _Base(published, meta, index, added, removed)
 
 
 def _update(base: _Base, out_dir: Path, parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, model: dict,
@@ -456,10 +462,7 @@ def _update(base: _Base, out_dir: Path, parts: list[tuple[ShardInfo, np.ndarray]
     t_start = time.monotonic()
     timings: dict[str, float] = {}
     LOG.info("index: updating %s (%d added, %d removed)", base.dir.name, len(base.added), len(base.removed))
-    try:
-        index = faiss.read_index(str(base.dir / INDEX_FILE))  # into memory: the published file stays as it is
-    except RuntimeError as exc:
-        raise PipelineError(f"index at {base.dir} is corrupt: {str(exc).strip().splitlines()[-1]}") from None
+    index = base.index
     timings["read_s"] = time.monotonic() - t_start
     nlist = base.meta["nlist"]
     if nlist:
