@@ -65,6 +65,14 @@ def connect(address: str):
     return ray
 
 
+def _get(ray, ref):
+    """ray.get, with our own one-line errors raised on a worker (a damaged shard, a full disk) as they are."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        raise exc.cause if isinstance(exc.cause, PipelineError) else exc
+
+
 class _Records:
     """Stands in for the catalog in a ShardWriter on a worker: keeps what the driver will record."""
 
@@ -148,7 +156,7 @@ def extract_on_ray(todo: int, catalog: Catalog, out: Path, model_path: Path, inf
     the model again (the same bits); it still counts as moved and keeps no second copy of anything.
     """
     ray = connect(address)
-    from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+    from ray.exceptions import RayActorError, WorkerCrashedError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
@@ -196,9 +204,7 @@ def extract_on_ray(todo: int, catalog: Catalog, out: Path, model_path: Path, inf
                 a, task = pending.pop(ref)
                 load[a] -= 1
                 try:
-                    result = ray.get(ref)
-                except RayTaskError as exc:  # raised by our code on the worker: a full disk, a damaged file
-                    raise exc.cause if isinstance(exc.cause, PipelineError) else exc
+                    result = _get(ray, ref)
                 except (RayActorError, WorkerCrashedError) as exc:
                     if len(task) > 1:
                         LOG.warning("a Ray worker died twice on a task of %d files; splitting it", len(task))
@@ -240,3 +246,62 @@ def _record(catalog: Catalog, result: dict, kinds: dict[str, str], report: Extra
     report.duplicates += result["duplicates"]
     bar.update(sum(len(rows) for _, rows, _ in result["shards"]) + len(result["failures"]),
                failed=len(result["failures"]))
+
+
+def fill_part(trained: np.ndarray, parts: list[tuple[str, np.ndarray]], start: int, queries: np.ndarray | None,
+              k: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """A Ray task: add the live rows of these shards, with ids from `start` on, to a copy of the trained
+    empty index (faiss.serialize_index). Returns the serialized partial index and, with `queries`, the
+    exact top-k distances and ids of each query among these rows (for recall)."""
+    index = faiss.deserialize_index(trained)
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True) if queries is not None else None
+    offset = start
+    for path, rows in parts:
+        feats = np.ascontiguousarray(read_shard(Path(path)).features[rows], dtype=np.float32)
+        index.add_with_ids(feats, np.arange(offset, offset + len(feats), dtype=np.int64))
+        if heap is not None:
+            d, i = faiss.knn(queries, feats, min(k, len(feats)), metric=faiss.METRIC_INNER_PRODUCT)
+            heap.add_result(d, np.where(i >= 0, i + offset, -1))
+        offset += len(feats)
+    if heap is None:
+        return faiss.serialize_index(index), None, None
+    heap.finalize()
+    return faiss.serialize_index(index), heap.D, heap.I
+
+
+def fill_on_ray(index, parts: list[tuple[ShardInfo, np.ndarray]], ids_path: Path, queries: np.ndarray | None, k: int,
+                progress: bool | None, *, address: str):
+    """What index._fill does, with the adding spread over the Ray cluster at `address`: the shards cut
+    into contiguous ranges (one per CPU of the cluster), each added to a partial IVF index by a task,
+    the partials merged here in id order (IndexIVF.merge_from keeps the ids), which gives the inverted
+    lists a local build gives, entry for entry. An exact (Flat) index has nothing to spread (under
+    20,000 vectors by default): it is filled here. Returns the exact neighbour ids of `queries` and
+    the thread writing the id table."""
+    from .index import _Background, _fill, write_ids
+
+    if faiss.try_extract_index_ivf(index) is None:
+        LOG.info("an exact index is filled here: it has no inverted lists to build in parallel")
+        return _fill(index, parts, ids_path, queries, k, progress)
+    ray = connect(address)
+    ids_writer = _Background(write_ids, parts, ids_path)
+    n_tasks = max(1, min(len(parts), int(ray.cluster_resources().get("CPU", 1))))
+    bounds = np.linspace(0, len(parts), n_tasks + 1).astype(int)
+    starts = np.concatenate([[0], np.cumsum([len(rows) for _, rows in parts])])
+    trained, q = ray.put(faiss.serialize_index(index)), ray.put(queries)
+    task = ray.remote(fill_part)
+    refs = [task.remote(trained, [(str(i.path), rows) for i, rows in parts[lo:hi]], int(starts[lo]), q, k + 1)
+            for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    LOG.info("filling the index on Ray: %d partial indexes over %d shards", len(refs), len(parts))
+    heap = faiss.ResultHeap(len(queries), k + 1, keep_max=True) if queries is not None else None
+    with Progress(int(starts[-1]), "index", enabled=progress) as bar:
+        for ref in refs:  # in id order: the merged lists keep the order of a local build
+            blob, d, i = _get(ray, ref)
+            partial_index = faiss.deserialize_index(blob)
+            bar.update(partial_index.ntotal)
+            index.merge_from(partial_index, 0)
+            if heap is not None:
+                heap.add_result(d, i)
+    if heap is None:
+        return None, ids_writer
+    heap.finalize()
+    return heap.I, ids_writer

@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import faiss
@@ -185,10 +186,21 @@ def build_index(
     max_memory: int | str | None = None,
     keep: int = 3,
     seed: int = 0,
+    ray: str | None = None,
     progress: bool | None = None,
 ) -> IndexReport:
-    """Build an index from every shard in `features_dir` and publish it as the current version of `out_dir`."""
+    """Build an index from every shard in `features_dir` and publish it as the current version of `out_dir`.
+
+    ray: the address of a Ray cluster ('auto', 'local', host:port) whose workers fill parts of an
+    IVF index in parallel, merged here into the index a local build makes (distributed.py).
+    """
     features_dir, out_dir = Path(features_dir), Path(out_dir)
+    fill = _fill
+    if ray is not None:
+        from .distributed import fill_on_ray, require_ray
+
+        require_ray()
+        fill = partial(fill_on_ray, address=ray)
     if not features_dir.is_dir():
         raise PipelineError(f"features folder not found: {features_dir}")
     if keep < 1:
@@ -236,7 +248,7 @@ def build_index(
         try:
             tmp.mkdir(parents=True)
             t0 = time.monotonic()
-            truth, ids_writer = _fill(index, parts, tmp / IDS_FILE, queries, 10, progress)
+            truth, ids_writer = fill(index, parts, tmp / IDS_FILE, queries, 10, progress)
             timings["add_s"] = time.monotonic() - t0
             assert index.ntotal == n, f"index holds {index.ntotal} vectors, expected {n}"
 
@@ -343,35 +355,39 @@ def _live_parts(features_dir: Path) -> tuple[list[ShardInfo], list[tuple[ShardIn
     return infos, [(i, live[i.path.name]) for i in infos if len(live.get(i.path.name, ()))], digest
 
 
+def write_ids(parts: list[tuple[ShardInfo, np.ndarray]], ids_path: Path, features: queue.Queue | None = None) -> None:
+    """Write the id table: id = position in the index (shards in order, their live rows in order).
+    With `features`, put each shard's live feature rows there on the way (None after an error)."""
+    db = sqlite3.connect(ids_path)
+    try:
+        db.execute("PRAGMA journal_mode=OFF")
+        db.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT NOT NULL, hash TEXT NOT NULL)")
+        next_id = 0
+        for info, rows in parts:
+            data = read_shard(info.path, features=features is not None)
+            if features is not None:
+                features.put(data.features[rows])
+            db.executemany("INSERT INTO images VALUES (?, ?, ?)",
+                           zip(range(next_id, next_id + len(rows)), (data.paths[r] for r in rows),
+                               (data.hashes[r] for r in rows)))
+            next_id += len(rows)
+        db.execute("CREATE INDEX images_path ON images(path)")
+        db.commit()
+    except BaseException:
+        if features is not None:
+            features.put(None)  # unblock the consumer; join() re-raises
+        raise
+    finally:
+        db.close()
+
+
 def _fill(index, parts: list[tuple[ShardInfo, np.ndarray]], ids_path: Path, queries: np.ndarray | None, k: int,
           progress: bool | None) -> tuple[np.ndarray | None, _Background]:
     """Add every shard to the index, streaming; meanwhile a thread reads the next shard and writes the
     id table. With `queries`, the exact top-(k+1) of each query is gathered on the way (for recall).
     Returns the exact neighbour ids and the id-table thread (join it before publishing)."""
     features: queue.Queue = queue.Queue(maxsize=2)  # at most two shards in memory beyond the index
-
-    def read_and_record() -> None:
-        db = sqlite3.connect(ids_path)
-        try:
-            db.execute("PRAGMA journal_mode=OFF")
-            db.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT NOT NULL, hash TEXT NOT NULL)")
-            next_id = 0
-            for info, rows in parts:
-                data = read_shard(info.path)
-                features.put(data.features[rows])
-                db.executemany("INSERT INTO images VALUES (?, ?, ?)",
-                               zip(range(next_id, next_id + len(rows)), (data.paths[r] for r in rows),
-                                   (data.hashes[r] for r in rows)))
-                next_id += len(rows)
-            db.execute("CREATE INDEX images_path ON images(path)")
-            db.commit()
-        except BaseException:
-            features.put(None)  # unblock the consumer; join() re-raises
-            raise
-        finally:
-            db.close()
-
-    reader = _Background(read_and_record)
+    reader = _Background(write_ids, parts, ids_path, features)
     heap = faiss.ResultHeap(len(queries), k + 1, keep_max=True) if queries is not None else None
     offset = 0
     with Progress(sum(len(rows) for _, rows in parts), "index", enabled=progress) as bar:

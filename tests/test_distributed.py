@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import save_pattern
+from helpers import clustered_vectors, save_pattern, write_synthetic_shards
 from pipeline import distributed
 from pipeline.catalog import Catalog
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
+from pipeline.index import build_index
+from pipeline.search import Searcher
 from pipeline.shards import list_shards, read_shard
 
 ray = pytest.importorskip("ray")
@@ -109,6 +111,8 @@ DRIVER = """
 import sys
 from pipeline import distributed
 from pipeline.extract import extract
+from pipeline.index import build_index
+from pipeline.search import Searcher
 from test_distributed import gated_decode
 import ray
 ray.init(address=sys.argv[1], log_to_driver=False)
@@ -142,7 +146,28 @@ def test_driver_killed_then_rerun(cluster, gallery, tiny_model, tmp_path):
     assert_each_once(features, 13)
 
 
+def test_ray_index_equals_local(cluster, tmp_path):
+    write_synthetic_shards(tmp_path / "f", clustered_vectors(4000, clusters=50), 500)
+    local = build_index(tmp_path / "f", tmp_path / "local", flat_below=1000, recall_queries=300, progress=False)
+    on_ray = build_index(tmp_path / "f", tmp_path / "ray", flat_below=1000, recall_queries=300, ray=cluster,
+                         progress=False)
+    for key in ("factory", "count", "nprobe", "recall_at_10"):
+        assert on_ray.meta[key] == local.meta[key]
+    a, b = (Path(r.version_dir) for r in (local, on_ray))
+    assert (a / "index.faiss").read_bytes() == (b / "index.faiss").read_bytes()  # same lists, same ids, same order
+    queries = [f"/synthetic/{i:07d}.jpg" for i in range(0, 4000, 97)]
+    assert Searcher(tmp_path / "local").search_like(queries, k=10) == Searcher(tmp_path / "ray").search_like(queries, k=10)
+
+
+def test_ray_exact_index_is_filled_by_the_driver(cluster, tmp_path):
+    write_synthetic_shards(tmp_path / "f", clustered_vectors(300), 100)
+    report = build_index(tmp_path / "f", tmp_path / "i", ray=cluster, progress=False)
+    assert report.meta["factory"] == "Flat" and report.meta["count"] == 300
+
+
 def test_missing_ray_is_one_line(monkeypatch, gallery, tiny_model, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(PipelineError, match=r"pip install 'pipeline\[ray\]'"):
         extract([gallery], tmp_path / "f", tiny_model, ray="auto", progress=False)
+    with pytest.raises(PipelineError, match=r"pip install 'pipeline\[ray\]'"):
+        build_index(tmp_path / "f", tmp_path / "i", ray="auto", progress=False)
