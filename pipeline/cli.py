@@ -60,6 +60,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 RetryFailedOpt = Annotated[bool, typer.Option(
     "--retry-failed", help="Try every file that failed before again now (default: transient failures with back-off, "
     "others once the file changes).")]
+RayOpt = Annotated[Optional[str], typer.Option("--ray", help="Run the heavy work on a Ray cluster (needs pipeline[ray]): auto (the cluster `ray start` runs here), local (start one in this process), or its address. The folders must be at the same path on every node.", show_default=False)]
 ProgressOpt = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (default: only on a terminal).", show_default=False)]
 
 
@@ -179,6 +180,7 @@ def extract(
     timeout: Annotated[float, typer.Option(help="Seconds allowed to decode one image.")] = 30.0,
     strict: Annotated[bool, typer.Option(help=f"Exit {EXIT_STRICT_FAILURES} if any image of the folder failed (this run or earlier) or a folder cannot be listed.")] = False,
     retry_failed: RetryFailedOpt = False,
+    ray: RayOpt = None,
     progress: ProgressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -192,7 +194,7 @@ def extract(
     try:
         report = run_extract(roots, out, model, workers=workers, batch_size=batch_size, shard_size=shard_size,
                              threads=threads, device=device, timeout=timeout, retry_failed=retry_failed,
-                             progress=progress)
+                             ray=ray, progress=progress)
     except PipelineError as exc:
         raise _fail(exc)
     if as_json:
@@ -215,6 +217,7 @@ def build_index(
     flat_below: Annotated[int, typer.Option(help="Use exact search for collections smaller than this.")] = 20_000,
     max_memory: Annotated[Optional[str], typer.Option(help="Memory budget of the index, e.g. 4G: compress (SQ8, OPQ+PQ) to fit.")] = None,
     keep: Annotated[int, typer.Option(help="Published versions to keep.")] = 3,
+    ray: RayOpt = None,
     progress: ProgressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -223,7 +226,7 @@ def build_index(
 
     try:
         report = run_build(features, out, factory=factory, nlist=nlist, nprobe=nprobe, target_recall=target_recall,
-                           flat_below=flat_below, max_memory=max_memory, keep=keep, progress=progress)
+                           flat_below=flat_below, max_memory=max_memory, keep=keep, ray=ray, progress=progress)
     except PipelineError as exc:
         raise _fail(exc)
     m = report.meta
@@ -306,6 +309,7 @@ def rebuild(
     log_file: Annotated[Optional[Path], typer.Option(help="Also append timestamped log lines to this file.")] = None,
     strict: Annotated[bool, typer.Option(help=f"Exit {EXIT_STRICT_FAILURES} if any image of the collection cannot be used or a folder cannot be listed.")] = False,
     retry_failed: RetryFailedOpt = False,
+    ray: RayOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The nightly job: incremental extract, compact, build and publish the index, prune old versions.
@@ -327,7 +331,7 @@ def rebuild(
         report = run_rebuild(roots, workdir, model, keep=keep, compact_below=compact_below, flat_below=flat_below,
                              workers=workers,
                              batch_size=batch_size, shard_size=shard_size, threads=threads, retry_failed=retry_failed,
-                             progress=False)
+                             ray=ray, progress=False)
     except PipelineError as exc:
         logging.getLogger("pipeline").error("rebuild failed: %s", exc)
         raise _fail(exc)

@@ -74,9 +74,12 @@ def rebuild(
     compact_below: float = 0.5,
     target_recall: float = 0.95,
     flat_below: int = DEFAULT_FLAT_BELOW,
+    ray: str | None = None,
     **extract_options,
 ) -> RebuildReport:
-    """Bring workdir's features and published index up to date with the images under `roots`."""
+    """Bring workdir's features and published index up to date with the images under `roots`.
+
+    ray: the address of a Ray cluster that extracts and fills the index (distributed.py)."""
     if not 0 <= compact_below <= 1:
         raise PipelineError(f"--compact-below must be between 0 and 1 (got {compact_below})")
     workdir = Path(workdir)
@@ -85,7 +88,7 @@ def rebuild(
     with exclusive_lock(workdir, "pipeline rebuild"):
         LOG.info("rebuild started: %s -> %s", ", ".join(map(str, roots)), workdir)
         t = time.monotonic()
-        ex = extract(roots, features, model, **extract_options)
+        ex = extract(roots, features, model, ray=ray, **extract_options)
         LOG.info("extract: %d new, %d changed, %d moved, %d deleted, %d unchanged; %d through the model, "
                  "%d failed; %d earlier failures retried, %d still failing (%.1f s)", ex.new, ex.changed, ex.moved,
                  ex.deleted, ex.unchanged, ex.extracted, ex.failed, ex.retried, ex.still_failing,
@@ -103,7 +106,7 @@ def rebuild(
         else:
             t = time.monotonic()
             meta = build_index(features, index_dir, keep=keep, target_recall=target_recall, flat_below=flat_below,
-                               progress=False).meta
+                               ray=ray, progress=False).meta
             built = True
             LOG.info("published index %s: %d images, %s (%.1f s)", meta["version"], meta["count"], meta["factory"],
                      time.monotonic() - t)

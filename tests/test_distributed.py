@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 
 from helpers import clustered_vectors, save_pattern, write_synthetic_shards
+from typer.testing import CliRunner
+
 from pipeline import distributed
+from pipeline.cli import app
 from pipeline.catalog import Catalog
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
@@ -109,7 +112,10 @@ def test_worker_killed_mid_task(cluster, gallery, tiny_model, tmp_path, monkeypa
 
 DRIVER = """
 import sys
+from typer.testing import CliRunner
+
 from pipeline import distributed
+from pipeline.cli import app
 from pipeline.extract import extract
 from pipeline.index import build_index
 from pipeline.search import Searcher
@@ -165,9 +171,22 @@ def test_ray_exact_index_is_filled_by_the_driver(cluster, tmp_path):
     assert report.meta["factory"] == "Flat" and report.meta["count"] == 300
 
 
+def test_nightly_job_on_ray_through_the_cli(cluster, gallery, tiny_model, tmp_path):
+    runs = {}
+    for name, extra in (("local", []), ("ray", ["--ray", cluster])):
+        result = CliRunner().invoke(app, ["rebuild", str(gallery), "--workdir", str(tmp_path / name), "--model",
+                                          str(tiny_model), "--workers", "0", "--shard-size", "5", *extra])
+        assert result.exit_code == 0, result.output
+        runs[name] = Searcher(tmp_path / name / "index").search(sorted(gallery.rglob("img0*")), k=5)
+    assert runs["ray"] == runs["local"]
+
+
 def test_missing_ray_is_one_line(monkeypatch, gallery, tiny_model, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(PipelineError, match=r"pip install 'pipeline\[ray\]'"):
         extract([gallery], tmp_path / "f", tiny_model, ray="auto", progress=False)
     with pytest.raises(PipelineError, match=r"pip install 'pipeline\[ray\]'"):
         build_index(tmp_path / "f", tmp_path / "i", ray="auto", progress=False)
+    result = CliRunner().invoke(app, ["extract", str(gallery), "--out", str(tmp_path / "f"), "--ray", "auto"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: --ray needs the ray package: pip install 'pipeline[ray]'"
