@@ -8,8 +8,9 @@ The driver alone writes the catalog: it records each shard as its task completes
 a killed driver loses at most the tasks in flight (a shard written but not recorded is imported by
 the next run's Catalog.reconcile()) and a rerun does only the rest. A task whose worker dies is
 retried once on a restarted actor (same shard name: a retry replaces, never duplicates); if it
-kills its worker again, it is split in halves down to single files, and a single file that kills
-its worker is recorded as failed (transient), like a crashed decoder in a local run.
+fails again, it is split in halves, each run alone on its actor, down to single files, and a single
+file that kills its worker twice is recorded as failed (transient), like a crashed decoder in a
+local run.
 
 Index: the driver trains the quantizer exactly as a local build does (same sample); Ray tasks add
 contiguous ranges of shards to copies of the trained empty index with the ids a local build gives
@@ -173,55 +174,55 @@ def extract_on_ray(todo: int, catalog: Catalog, out: Path, model_path: Path, inf
                             "features folder must be at the same path on every node (a shared filesystem)") from None
     LOG.info("extracting on Ray: %d node(s), one actor each, tasks of %d files", len(actors), shard_size)
     files = chain.from_iterable(catalog.scanned_todo(scan_chunk))
-    kinds: dict[str, str] = {}
     retry: deque[list[tuple]] = deque()  # files of tasks whose worker died twice, split in halves
     number = next_shard_number(out)
-    pending: dict = {}  # ObjectRef -> (actor, files)
+    pending: dict = {}  # ObjectRef -> (actor, files, weight)
     load = {a: 0 for a in actors}
-    crashed: list[tuple[str, ImageError, tuple]] = []
+    crashed: list[tuple] = []  # (path, kind, size, mtime, ctime) of files that killed their worker
 
     def submit() -> bool:
         nonlocal number
+        a = min(load, key=load.get)
+        weight = TASKS_PER_ACTOR if retry else 1  # a split task runs alone on its actor: if that dies, it is to blame
+        if load[a] + weight > TASKS_PER_ACTOR:
+            return False
         task = retry.popleft() if retry else list(islice(files, shard_size))
         if not task:
             return False
-        a = min(load, key=load.get)
-        for path, kind, *_ in task:
-            kinds[path] = kind
-        pending[a.extract.remote(str(out), number, task, batch_size)] = (a, task)
-        load[a] += 1
+        pending[a.extract.remote(str(out), number, task, batch_size)] = (a, task, weight)
+        load[a] += weight
         number += 1
         return True
 
     try:
         with Progress(todo, "extract", enabled=progress) as bar:
             while True:
-                while len(pending) < TASKS_PER_ACTOR * len(actors) and submit():
+                while submit():
                     pass
                 if not pending:
                     break
                 (ref,), _ = ray.wait(list(pending), num_returns=1)
-                a, task = pending.pop(ref)
-                load[a] -= 1
+                a, task, weight = pending.pop(ref)
+                load[a] -= weight
                 try:
                     result = _get(ray, ref)
                 except (RayActorError, WorkerCrashedError) as exc:
                     if len(task) > 1:
-                        LOG.warning("a Ray worker died twice on a task of %d files; splitting it", len(task))
+                        LOG.warning("a Ray worker died twice during a task of %d files; splitting it", len(task))
                         retry.extend([task[:len(task) // 2], task[len(task) // 2:]])
                     else:
-                        path, _, *stat = task[0]
-                        crashed.append((path, ImageError(f"the Ray worker extracting it died ({type(exc).__name__})",
-                                                         transient=True), tuple(stat)))
+                        LOG.warning("%s killed its Ray worker twice (%s)", task[0][0], type(exc).__name__)
+                        crashed += task
                     continue
-                _record(catalog, result, kinds, report, bar)
+                _record(catalog, result, {path: kind for path, kind, *_ in task}, report, bar)
             if crashed:  # recorded like a local run's failures: in a shard of their own, after the others
                 writer = ShardWriter(out, info, model_path, shard_size, catalog)
-                for path, error, stat in crashed:
-                    writer.add_error(path, error, stat)
+                error = ImageError("the Ray worker extracting it died, twice", transient=True)
+                for path, kind, *stat in crashed:
+                    writer.add_error(path, error, tuple(stat))
                     report.failures.append((path, str(error)))
                     report.failed += 1
-                    report.still_failing += kinds[path] == "retried"
+                    report.still_failing += kind == "retried"
                     bar.update(1, failed=1)
                 writer.flush()
                 report.shards_written += writer.written
@@ -231,7 +232,7 @@ def extract_on_ray(todo: int, catalog: Catalog, out: Path, model_path: Path, inf
 
 
 def _record(catalog: Catalog, result: dict, kinds: dict[str, str], report: ExtractReport, bar) -> None:
-    """Record a finished task's shard in the catalog and count it in the report."""
+    """Record a finished task's shard in the catalog and count it in the report (`kinds`: of its files)."""
     for name, rows, errors in result["shards"]:
         for path, _, _, content_hash, _ in rows:
             if kinds[path] == "new" and (hit := catalog.live_feature(content_hash)) is not None:

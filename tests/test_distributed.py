@@ -110,6 +110,27 @@ def test_worker_killed_mid_task(cluster, gallery, tiny_model, tmp_path, monkeypa
     assert_each_once(tmp_path / "f", 13)
 
 
+def killing_decode(path, settings, use_alarm):
+    """Decode as the pipeline does, but a file named poison* kills the process decoding it."""
+    from pipeline.decode_pool import decode_one
+
+    if Path(path).name.startswith("poison"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return decode_one(path, settings, use_alarm)
+
+
+def test_a_file_that_kills_its_worker_is_reported_not_retried_forever(cluster, gallery, tiny_model, tmp_path,
+                                                                      monkeypatch):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(distributed, "decode_one", killing_decode)
+    poison = save_pattern(gallery / "a" / "poison.png", seed=51)
+    report = extract([gallery], tmp_path / "f", tiny_model, workers=0, shard_size=4, ray=cluster, progress=False)
+    assert [p for p, _ in report.failures] == [str(poison)] and "Ray worker" in report.failures[0][1]
+    assert_each_once(tmp_path / "f", 12)
+    with Catalog(tmp_path / "f") as catalog:
+        assert [p for p, _ in catalog.failures()] == [str(poison)]
+
+
 DRIVER = """
 import sys
 from typer.testing import CliRunner
