@@ -216,9 +216,9 @@ def extract(
     workers = default_workers() if workers is None else workers
     _validate(batch_size, shard_size, workers, threads, timeout, scan_chunk)
     if ray is not None:
-        from .distributed import extract_on_ray, require_ray
+        from .distributed import connect, extract_on_ray
 
-        require_ray()
+        connect(ray)  # before any work: a cluster that cannot be reached is a one-line error at once
     out = Path(out)
     model_path = resolve_model_path(model)
     info = read_model_info(model_path)

@@ -197,9 +197,9 @@ def build_index(
     features_dir, out_dir = Path(features_dir), Path(out_dir)
     fill = _fill
     if ray is not None:
-        from .distributed import fill_on_ray, require_ray
+        from .distributed import connect, fill_on_ray
 
-        require_ray()
+        connect(ray)  # before any work: a cluster that cannot be reached is a one-line error at once
         fill = partial(fill_on_ray, address=ray)
     if not features_dir.is_dir():
         raise PipelineError(f"features folder not found: {features_dir}")
