@@ -158,7 +158,7 @@ def main() -> None:
                "merged index byte-equal to a single build": mg["bytes_equal"] and mg["search_equal"]}
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     record(f"""
-## Ray: extraction and index merge ({when}, scripts/bench_ray.py)
+### Ray: extraction and index merge — {when} (`scripts/bench_ray.py`)
 
 Host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy sgemm {gflops} GFLOP/s,
 load average {result['load_avg']:.1f} at the start (the machine is shared).
