@@ -8,9 +8,11 @@ here) is imported on the next run, and a lost catalog is rebuilt from the shards
 
 Tables:
   images(path PK, size, mtime, hash, shard, row, status 'live'|'failed'|'gone', error,
-         ctime, transient, attempts, retry_run)   the last four: failures only (see record_shard)
+         ctime, transient, attempts, retry_run,      these four: failures only (see record_shard)
+         id)                                         live rows: the stable id the index stores
   shards(name PK, rows, state 'active'|'retired')   retired = compacted away, file to delete
-  counters(name PK, value)                           'runs': extract runs so far (the retry clock)
+  counters(name PK, value)                           'runs': extract runs so far (the retry clock);
+                                                     'next_id': the next image id (never reused)
 
 While an extract compares the folders with this record, TEMP tables (private to its connection, in
 SQLite's temporary file, dropped when it closes) hold the comparison: scan(path PK, size, mtime,
@@ -94,6 +96,12 @@ class Catalog:
                 for column, decl in FAILURE_COLUMNS.items():
                     if column not in have:
                         self.db.execute(f"ALTER TABLE images ADD COLUMN {column} {decl}")
+                if "id" not in have:  # catalogs older than stable ids: number their rows once
+                    self.db.execute("ALTER TABLE images ADD COLUMN id INTEGER")
+                    self.db.execute("UPDATE images SET id = rowid WHERE status = 'live'")
+                    self.db.execute("INSERT OR REPLACE INTO counters "
+                                    "SELECT 'next_id', COALESCE(MAX(rowid) + 1, 0) FROM images")
+                self.db.execute("CREATE INDEX IF NOT EXISTS images_id ON images(id)")
             self.run = self._counter("runs")
         except sqlite3.Error as exc:
             raise _catalog_error(path, exc) from None
@@ -174,12 +182,21 @@ class Catalog:
             h.update(f"{path}\0{content}\n".encode())
         return h.hexdigest()
 
-    def live_snapshot(self) -> tuple[dict[str, np.ndarray], str]:
-        """live_rows() and live_digest() read in one transaction: rows recorded meanwhile by a running
+    def live_ids(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """shard name -> (sorted rows that hold live features, the stable id of each row)."""
+        cur = self.db.execute("SELECT shard, row, id FROM images WHERE status = 'live' ORDER BY shard, row")
+        out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for shard, group in groupby(cur, key=itemgetter(0)):
+            rows_ids = np.array([(r, i) for _, r, i in group], np.int64)
+            out[shard] = (rows_ids[:, 0], rows_ids[:, 1])
+        return out
+
+    def live_snapshot(self) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
+        """live_ids() and live_digest() read in one transaction: rows recorded meanwhile by a running
         extract are in both or in neither."""
         self.db.execute("BEGIN")
         try:
-            return self.live_rows(), self.live_digest()
+            return self.live_ids(), self.live_digest()
         finally:
             self.db.execute("COMMIT")
 
@@ -204,14 +221,23 @@ class Catalog:
 
         A failure counts its attempts (failed runs in a row); a transient one is tried again
         `2 ** (attempts - 1)` runs after this one: the next run, then 2, 4, 8... runs later.
+        A live row keeps the id of its path if that path is live with the same content (compaction,
+        a touched but unchanged file); any other row gets a new id, so an id always names one
+        path with one feature and the index can be updated by ids.
         """
         rows, errors = list(rows), list(errors)
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO shards VALUES (?, ?, 'active')", (name, len(rows)))
             self.db.executemany(
-                "INSERT OR REPLACE INTO images (path, size, mtime, hash, shard, row, status) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'live')",
-                [(p, s, m, h, name, r) for p, s, m, h, r in rows])
+                "INSERT OR REPLACE INTO images (path, size, mtime, hash, shard, row, status, id) "
+                "SELECT :p, :s, :m, :h, :shard, :r, 'live', "
+                "       (SELECT id FROM images WHERE path = :p AND hash = :h AND status = 'live')",
+                [{"p": p, "s": s, "m": m, "h": h, "shard": name, "r": r} for p, s, m, h, r in rows])
+            fresh = [r for (r,) in self.db.execute(
+                "SELECT rowid FROM images WHERE shard = ? AND status = 'live' AND id IS NULL ORDER BY row", (name,))]
+            first = self._counter("next_id")
+            self.db.executemany("UPDATE images SET id = ? WHERE rowid = ?", enumerate(fresh, first))
+            self.db.execute("UPDATE counters SET value = ? WHERE name = 'next_id'", (first + len(fresh),))
             self.db.executemany(
                 "INSERT OR REPLACE INTO images "
                 "(path, size, mtime, ctime, status, error, transient, attempts, retry_run) "

@@ -61,6 +61,9 @@ RetryFailedOpt = Annotated[bool, typer.Option(
     "--retry-failed", help="Try every file that failed before again now (default: transient failures with back-off, "
     "others once the file changes).")]
 RayOpt = Annotated[Optional[str], typer.Option("--ray", help="Run the heavy work on a Ray cluster (needs pipeline[ray]): auto (the cluster `ray start` runs here), local (start one in this process), or its address. The folders must be at the same path on every node.", show_default=False)]
+RetrainAboveOpt = Annotated[float, typer.Option(
+    help="Train again (full build) once the images added and removed since the index's training exceed this "
+    "share of the images it was trained on.")]
 ProgressOpt = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (default: only on a terminal).", show_default=False)]
 
 
@@ -218,6 +221,10 @@ def build_index(
     max_memory: Annotated[Optional[str], typer.Option(help="Memory budget of the index, e.g. 4G: compress (SQ8, OPQ+PQ) to fit.")] = None,
     keep: Annotated[int, typer.Option(help="Published versions to keep.")] = 3,
     ray: RayOpt = None,
+    update: Annotated[bool, typer.Option(
+        "--update", help="Make the new version from the published one (add new images, remove deleted ones, keep "
+        "the trained quantizer) when the same model and kind of index made it; else train again.")] = False,
+    retrain_above: RetrainAboveOpt = 0.2,
     progress: ProgressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -226,7 +233,8 @@ def build_index(
 
     try:
         report = run_build(features, out, factory=factory, nlist=nlist, nprobe=nprobe, target_recall=target_recall,
-                           flat_below=flat_below, max_memory=max_memory, keep=keep, ray=ray, progress=progress)
+                           flat_below=flat_below, max_memory=max_memory, keep=keep, ray=ray, progress=progress,
+                           update=update, retrain_above=retrain_above)
     except PipelineError as exc:
         raise _fail(exc)
     m = report.meta
@@ -234,6 +242,9 @@ def build_index(
         _emit({"version_dir": report.version_dir, **m})
         return
     typer.echo(f"index: {m['factory']} over {m['count']} images, dim {m['dim']} ({m['reason']})", err=True)
+    if m["made_by"] == "update":
+        typer.echo(f"updated from {m['base_version']}: {m['added']} added, {m['removed']} removed "
+                   f"({m['changes_since_training']} changes since training on {m['trained_count']})", err=True)
     if m.get("nprobe"):
         typer.echo(f"nprobe {m['nprobe']}: recall@10 {m['recall_at_10']:.3f} vs exact search, "
                    f"{m['query_ms']:.3f} ms/query", err=True)
@@ -294,6 +305,46 @@ def search(
 
 
 @app.command()
+def duplicates(
+    index: Annotated[Path, typer.Option("--index", "-i", help="Index folder written by `pipeline build-index`.")],
+    threshold: Annotated[Optional[float], typer.Option(help="Cosine at or above which two images are the same picture (default: the threshold calibrated on transformed copies, docs/quality.md).", show_default=False)] = None,
+    min_size: Annotated[int, typer.Option(help="Print only groups of at least this many images.")] = 2,
+    limit: Annotated[Optional[int], typer.Option(help="Print at most this many groups (largest first).")] = None,
+    nprobe: Annotated[Optional[int], typer.Option(help="IVF lists each image probes (default: the index's tuned nprobe, at least 32).")] = None,
+    sheet: Annotated[Optional[Path], typer.Option("--sheet", help="Write one PNG contact sheet per group into this folder.")] = None,
+    progress: ProgressOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print every group of near-duplicate images of the index (resized, recompressed, cropped copies).
+
+    A group is every image linked to another by cosine >= THRESHOLD (transitively); byte-identical
+    files are always one group. Largest groups first; in a group, the best-quality copy (most
+    pixels, then most bytes) first. Nothing is deleted or moved.
+    """
+    from .duplicates import DEFAULT_THRESHOLD, find_groups
+
+    try:
+        groups = find_groups(index, DEFAULT_THRESHOLD if threshold is None else threshold, min_size=min_size, limit=limit, nprobe=nprobe, progress=progress)
+        if sheet is not None:
+            from .sheet import group_sheets
+
+            group_sheets(groups, sheet)
+    except PipelineError as exc:
+        raise _fail(exc)
+    if as_json:
+        _emit([g.to_dict() for g in groups])
+    else:
+        for g in groups:
+            typer.echo(f"group {g.group}: {len(g.images)} images")
+            for im in g.images:
+                size = f"{im.width}x{im.height}" if im.width else "?"
+                typer.echo(f"  {im.score_to_first:.4f}  {size:>11}  {im.bytes if im.bytes is not None else '?':>10}  {im.path}")
+    typer.echo(f"{len(groups)} groups, {sum(len(g.images) for g in groups)} images", err=True)
+    if sheet is not None:
+        typer.echo(f"contact sheets: {sheet}", err=True)
+
+
+@app.command()
 def rebuild(
     roots: Annotated[list[Path], typer.Argument(help="Image folders of the collection.", show_default=False,
                                                 readable=False)],  # an unreadable folder is reported, not a usage error
@@ -306,6 +357,9 @@ def rebuild(
     shard_size: Annotated[int, typer.Option(help="Images per shard (the unit of resume).")] = 512,
     threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: one per core).")] = 0,
     flat_below: Annotated[int, typer.Option(help="Use exact search for collections smaller than this.")] = 20_000,
+    retrain: Annotated[bool, typer.Option(
+        "--retrain", help="Train and fill a new index even if the published one could be updated.")] = False,
+    retrain_above: RetrainAboveOpt = 0.2,
     log_file: Annotated[Optional[Path], typer.Option(help="Also append timestamped log lines to this file.")] = None,
     strict: Annotated[bool, typer.Option(help=f"Exit {EXIT_STRICT_FAILURES} if any image of the collection cannot be used or a folder cannot be listed.")] = False,
     retry_failed: RetryFailedOpt = False,
@@ -329,7 +383,7 @@ def rebuild(
         logging.getLogger().addHandler(handler)
     try:
         report = run_rebuild(roots, workdir, model, keep=keep, compact_below=compact_below, flat_below=flat_below,
-                             workers=workers,
+                             retrain=retrain, retrain_above=retrain_above, workers=workers,
                              batch_size=batch_size, shard_size=shard_size, threads=threads, retry_failed=retry_failed,
                              ray=ray, progress=False)
     except PipelineError as exc:
@@ -339,6 +393,42 @@ def rebuild(
         _emit(report.to_dict())
     if strict and (report.extract.failed_total or report.extract.unreadable_folders):
         raise typer.Exit(EXIT_STRICT_FAILURES)
+
+
+@app.command()
+def serve(
+    index: Annotated[Path, typer.Option("--index", "-i", help="Index folder (the published version is followed as it changes).")],
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind. Anything but loopback needs --api-key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="PIPELINE_API_KEY", help="Key clients send in the X-API-Key header (or env PIPELINE_API_KEY).", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Most images per model call (concurrent queries are batched).")] = 8,
+    max_wait_ms: Annotated[float, typer.Option(help="Most milliseconds a batch waits to fill, under concurrent load only.")] = 5.0,
+    queue_size: Annotated[int, typer.Option("--queue", help="Images that may wait for the model; beyond it: 503 + Retry-After.")] = 64,
+    timeout: Annotated[float, typer.Option(help="Seconds a search may take before it is answered 503.")] = 30.0,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest request body (413 beyond).")] = 20.0,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: one per core).")] = 0,
+) -> None:
+    """Serve the index over HTTP: a web page at /, a JSON API under /api (see /openapi.json).
+
+    One warm model batches concurrent queries; a newly published index version (`pipeline
+    rebuild`) is picked up between requests. Needs the serve extra: pip install 'pipeline[serve]'.
+    """
+    try:
+        import uvicorn
+
+        from .serve import Service, create_app, is_loopback
+    except ImportError as exc:
+        raise _fail(PipelineError(f"pipeline serve needs the serve extra (pip install 'pipeline[serve]'): {exc}"))
+    if not is_loopback(host) and not api_key:
+        raise _fail(PipelineError(f"--host {host} exposes the service beyond this machine: give --api-key too"))
+    try:
+        service = Service(index, model, batch_size=batch_size, max_wait_ms=max_wait_ms, queue_size=queue_size,
+                          timeout=timeout, threads=threads).start()
+    except PipelineError as exc:
+        raise _fail(exc)
+    app_ = create_app(service, api_key=api_key, max_upload=int(max_upload_mb * 1024 * 1024))
+    uvicorn.run(app_, host=host, port=port, log_config=None, timeout_graceful_shutdown=5)
 
 
 @app.command("eval")

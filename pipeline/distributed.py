@@ -249,20 +249,21 @@ def _record(catalog: Catalog, result: dict, kinds: dict[str, str], report: Extra
                failed=len(result["failures"]))
 
 
-def fill_part(trained: np.ndarray, parts: list[tuple[str, np.ndarray]], start: int, queries: np.ndarray | None,
+def fill_part(trained: np.ndarray, parts: list[tuple[str, np.ndarray]], ids: np.ndarray, queries: np.ndarray | None,
               k: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """A Ray task: add the live rows of these shards, with ids from `start` on, to a copy of the trained
-    empty index (faiss.serialize_index). Returns the serialized partial index and, with `queries`, the
-    exact top-k distances and ids of each query among these rows (for recall)."""
+    """A Ray task: add the live rows of these shards, under their stable `ids` (in order), to a copy of
+    the trained empty index (faiss.serialize_index). Returns the serialized partial index and, with
+    `queries`, the exact top-k distances and ids of each query among these rows (for recall)."""
     index = faiss.deserialize_index(trained)
     heap = faiss.ResultHeap(len(queries), k, keep_max=True) if queries is not None else None
-    offset = start
+    offset = 0
     for path, rows in parts:
         feats = np.ascontiguousarray(read_shard(Path(path)).features[rows], dtype=np.float32)
-        index.add_with_ids(feats, np.arange(offset, offset + len(feats), dtype=np.int64))
+        block = ids[offset:offset + len(feats)]
+        index.add_with_ids(feats, block)
         if heap is not None:
             d, i = faiss.knn(queries, feats, min(k, len(feats)), metric=faiss.METRIC_INNER_PRODUCT)
-            heap.add_result(d, np.where(i >= 0, i + offset, -1))
+            heap.add_result(d, np.where(i >= 0, block[i], -1))
         offset += len(feats)
     if heap is None:
         return faiss.serialize_index(index), None, None
@@ -270,30 +271,31 @@ def fill_part(trained: np.ndarray, parts: list[tuple[str, np.ndarray]], start: i
     return faiss.serialize_index(index), heap.D, heap.I
 
 
-def fill_on_ray(index, parts: list[tuple[ShardInfo, np.ndarray]], ids_path: Path, queries: np.ndarray | None, k: int,
-                progress: bool | None, *, address: str):
+def fill_on_ray(index, parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, ids_path: Path,
+                queries: np.ndarray | None, progress: bool | None, *, address: str):
     """What index._fill does, with the adding spread over the Ray cluster at `address`: the shards cut
     into contiguous ranges (one per CPU of the cluster), each added to a partial IVF index by a task,
     the partials merged here in id order (IndexIVF.merge_from keeps the ids), which gives the inverted
     lists a local build gives, entry for entry. An exact (Flat) index has nothing to spread (under
     20,000 vectors by default): it is filled here. Returns the exact neighbour ids of `queries` and
     the thread writing the id table."""
-    from .index import _Background, _fill, write_ids
+    from .index import TRUTH_DEPTH, _Background, _fill, write_ids
 
     if faiss.try_extract_index_ivf(index) is None:
         LOG.info("an exact index is filled here: it has no inverted lists to build in parallel")
-        return _fill(index, parts, ids_path, queries, k, progress)
+        return _fill(index, parts, ids, ids_path, queries, progress)
     ray = connect(address)
-    ids_writer = _Background(write_ids, parts, ids_path)
+    ids_writer = _Background(write_ids, parts, ids, ids_path)
     n_tasks = max(1, min(len(parts), int(ray.cluster_resources().get("CPU", 1))))
     bounds = np.linspace(0, len(parts), n_tasks + 1).astype(int)
     starts = np.concatenate([[0], np.cumsum([len(rows) for _, rows in parts])])
     trained, q = ray.put(faiss.serialize_index(index)), ray.put(queries)
     task = ray.remote(fill_part)
-    refs = [task.remote(trained, [(str(i.path), rows) for i, rows in parts[lo:hi]], int(starts[lo]), q, k + 1)
+    refs = [task.remote(trained, [(str(i.path), rows) for i, rows in parts[lo:hi]], ids[starts[lo]:starts[hi]], q,
+                        TRUTH_DEPTH)
             for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
     LOG.info("filling the index on Ray: %d partial indexes over %d shards", len(refs), len(parts))
-    heap = faiss.ResultHeap(len(queries), k + 1, keep_max=True) if queries is not None else None
+    heap = faiss.ResultHeap(len(queries), TRUTH_DEPTH, keep_max=True) if queries is not None else None
     with Progress(int(starts[-1]), "index", enabled=progress) as bar:
         for ref in refs:  # in id order: the merged lists keep the order of a local build
             blob, d, i = _get(ray, ref)
@@ -305,4 +307,4 @@ def fill_on_ray(index, parts: list[tuple[ShardInfo, np.ndarray]], ids_path: Path
     if heap is None:
         return None, ids_writer
     heap.finalize()
-    return heap.I, ids_writer
+    return (heap.I, heap.D), ids_writer

@@ -2,8 +2,13 @@
 
 Layout of an index folder:
   CURRENT                 name of the published version (replaced by rename)
-  versions/<version>/     index.faiss, ids.sqlite (id -> path, content hash), meta.json
+  versions/<version>/     index.faiss, ids.sqlite (id -> path, content hash), meta.json,
+                          recall.npz (IVF: the recall queries and their exact neighbours)
 Readers resolve CURRENT once and keep that version; a build never touches a published version.
+
+Ids are the catalog's stable image ids (sparse int64, never reused; positions are not ids), so a
+version can be made from the published one by removing and adding ids (an update) instead of
+training and filling a new index, and an id names the same image in every version.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import shutil
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import faiss
 import numpy as np
@@ -35,9 +42,15 @@ from .shards import ShardInfo, check_model, list_shards, read_rows, read_shard, 
 LOG = logging.getLogger(__name__)
 
 INDEX_FILE, IDS_FILE, META_FILE, CURRENT_FILE, VERSIONS_DIR = "index.faiss", "ids.sqlite", "meta.json", "CURRENT", "versions"
+RECALL_FILE = "recall.npz"
 META_SCHEMA = 1
 MIN_POINTS_PER_LIST = 39  # faiss warns below this many training points per centroid
 DEFAULT_FLAT_BELOW = 20_000  # under this, exact search over 512-d is about a millisecond: IVF buys nothing
+# An update keeps the trained quantizer while the images added and removed since its training stay
+# under this share of the trained count; beyond it the centroids drift from the data and lists grow
+# unbalanced (README: rebuild), so a full build trains again.
+DEFAULT_RETRAIN_ABOVE = 0.2
+TRUTH_DEPTH = 32  # exact neighbours kept per recall query: updates drop removed ones and stay exact to depth k+1
 
 
 @dataclass(frozen=True)
@@ -150,26 +163,39 @@ NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384,
 
 
 def tune_nprobe(index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, nlist: int,
-                k: int = 10, target: float = 0.95, nprobe: int | None = None) -> tuple[int, float, float, list[dict]]:
+                k: int = 10, target: float = 0.95, nprobe: int | None = None,
+                start: int | None = None) -> tuple[int, float, float, list[dict]]:
     """Smallest nprobe whose recall@k reaches `target` with 95% confidence (or just the given `nprobe`).
 
     "With confidence": the lower bound of the mean over the sampled queries must reach the
     target, so that new queries get the target recall too, not just these. Returns nprobe, its
     mean recall, ms per query and every setting tried. The index is not modified (parameters
-    are passed per call), so it may be serialised at the same time.
+    are passed per call), so it may be serialised at the same time. With `start` (the nprobe an
+    update's base version chose), the search walks down from there while the target holds, or up
+    until it does: two or three settings instead of the grid up to it.
     """
     grid = [nprobe] if nprobe else [p for p in NPROBE_GRID if p < nlist] + [nlist]
-    tried = []
-    for probe in grid:
+    results: dict[int, tuple[float, float, float]] = {}  # grid position -> mean recall, lower bound, ms
+
+    def reaches(j: int) -> bool:
         t0 = time.perf_counter()
-        _, found = index.search(queries, k + 1, params=faiss.SearchParametersIVF(nprobe=probe))
+        _, found = index.search(queries, k + 1, params=faiss.SearchParametersIVF(nprobe=grid[j]))
         ms = (time.perf_counter() - t0) * 1000 / len(queries)
         per_query = recall_at(found, truth, query_ids, k)
-        tried.append({"nprobe": probe, "recall": round(float(per_query.mean()), 4),
-                      "recall_lower_bound": round(lower_bound(per_query), 4), "ms_per_query": round(ms, 4)})
-        if lower_bound(per_query) >= target:
-            break
-    return probe, float(per_query.mean()), ms, tried
+        results[j] = (float(per_query.mean()), lower_bound(per_query), ms)
+        return results[j][1] >= target
+
+    j = next((i for i, p in enumerate(grid) if p >= start), len(grid) - 1) if start and not nprobe else 0
+    if reaches(j):
+        while j > 0 and reaches(j - 1):
+            j -= 1
+    else:
+        while j < len(grid) - 1 and not reaches(j + 1):
+            j += 1
+        j = min(j + 1, len(grid) - 1)
+    tried = [{"nprobe": grid[i], "recall": round(rec, 4), "recall_lower_bound": round(lb, 4), "ms_per_query": round(ms, 4)}
+             for i, (rec, lb, ms) in sorted(results.items())]
+    return grid[j], results[j][0], results[j][2], tried
 
 
 def build_index(
@@ -188,9 +214,15 @@ def build_index(
     seed: int = 0,
     ray: str | None = None,
     progress: bool | None = None,
+    update: bool = False,
+    retrain_above: float = DEFAULT_RETRAIN_ABOVE,
 ) -> IndexReport:
     """Build an index from every shard in `features_dir` and publish it as the current version of `out_dir`.
 
+    With `update`, the new version is made from the published one (remove the ids no longer live,
+    add the new ones, keep the trained quantizer, re-tune nprobe) when it was made by the same
+    model and kind of index and the changes since its training stay within `retrain_above` of
+    the count it was trained on; otherwise (and without `update`) a full build trains again.
     ray: the address of a Ray cluster ('auto', 'local', host:port) whose workers fill parts of an
     IVF index in parallel, merged here into the index a local build makes (distributed.py).
     """
@@ -207,7 +239,9 @@ def build_index(
         raise PipelineError(f"--keep must be at least 1 (got {keep})")
     if not 0 < target_recall <= 1:
         raise PipelineError(f"--target-recall must be in (0, 1] (got {target_recall})")
-    all_infos, parts, digest = _live_parts(features_dir)
+    if retrain_above < 0:
+        raise PipelineError(f"--retrain-above must be at least 0 (got {retrain_above})")
+    all_infos, parts, ids, digest = _live_parts(features_dir)
     if not all_infos:
         raise PipelineError(f"no shards in {features_dir}: run `pipeline extract` first")
     check_model(all_infos)
@@ -220,11 +254,20 @@ def build_index(
         index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise PipelineError(f"faiss cannot build factory {plan.factory!r}: {str(exc).strip().splitlines()[-1]}") from None
+    kind = index_kind(index)
+    if not plan.nlist:
+        index = faiss.IndexIDMap2(index)  # IVF stores ids itself; other indexes need the map
     rng = np.random.default_rng(seed)
     t_start = time.monotonic()
     timings: dict[str, float] = {}
+    model = {"name": all_infos[-1].model_name, "checksum": all_infos[-1].model_sha256, "path": all_infos[-1].model_path}
+    stable = digest is not None  # catalog ids; without a catalog, ids are positions and cannot be updated
 
     with exclusive_lock(out_dir, "pipeline build-index"):
+        base = _update_base(out_dir, model["checksum"], kind, factory, nlist, ids, retrain_above) \
+            if update and stable else None
+        if base is not None:
+            return _update(base, out_dir, parts, ids, model, features_dir, digest, nprobe, target_recall, keep)
         t0 = time.monotonic()
         queries = q_ids = None
         held_out = False
@@ -237,18 +280,15 @@ def build_index(
             held_out = len(rest) >= n_q
             q_ids = np.sort(rng.choice(rest if held_out else np.arange(n), size=n_q, replace=False))
             queries = _rows_by_id(parts, q_ids)
+            q_ids = ids[q_ids]  # positions -> the ids the index returns
             if not index.is_trained:
                 LOG.info("training on %d vectors", len(train_ids))
                 index.train(_rows_by_id(parts, train_ids))
         timings["train_s"] = time.monotonic() - t0
 
-        versions = out_dir / VERSIONS_DIR
-        version = datetime.now(timezone.utc).strftime("v%Y%m%dT%H%M%S%fZ")
-        tmp = versions / f".tmp-{version}-{os.getpid()}"
-        try:
-            tmp.mkdir(parents=True)
+        with _new_version(out_dir) as (tmp, version):
             t0 = time.monotonic()
-            truth, ids_writer = fill(index, parts, tmp / IDS_FILE, queries, 10, progress)
+            truth, ids_writer = fill(index, parts, ids, tmp / IDS_FILE, queries, progress)
             timings["add_s"] = time.monotonic() - t0
             assert index.ntotal == n, f"index holds {index.ntotal} vectors, expected {n}"
 
@@ -257,8 +297,10 @@ def build_index(
             if queries is None:
                 tuning = {"nprobe": None, "recall_at_10": 1.0, "recall_note": "exact search"}
             else:
-                tuning = {**_tune(index, plan, queries, q_ids, truth, nprobe, target_recall),
+                tuning = {**_tune(index, plan.nlist, queries, q_ids, truth[0], nprobe, target_recall),
                           "recall_queries_held_out_from_training": held_out}
+                np.savez(tmp / RECALL_FILE, ids=q_ids, queries=queries, truth=truth[0], scores=truth[1],
+                         depth=np.full(len(q_ids), TRUTH_DEPTH))
             timings["tune_s"] = time.monotonic() - t0
             try:
                 index_writer.join()
@@ -271,39 +313,77 @@ def build_index(
                 "pipeline_version": __version__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "version": version,
-                "model": {"name": all_infos[-1].model_name, "checksum": all_infos[-1].model_sha256,
-                          "path": all_infos[-1].model_path},
+                "model": model,
                 "count": n,
                 "dim": dim,
                 "metric": "inner_product",
                 "factory": plan.factory,
+                "kind": kind,
+                "ids": "catalog" if stable else "positions",
+                "made_by": "build",
+                "trained_count": n,
+                "changes_since_training": 0,
+                "base_version": None,
                 "bytes_estimate": plan.bytes_estimate,
                 "nlist": plan.nlist,
                 "reason": plan.reason,
                 "train_size": 0 if index_is_flat(plan) or plan.train_size == 0 else plan.train_size,
                 **tuning,
-                "build_seconds": round(time.monotonic() - t_start, 3),
-                "timings": {k: round(v, 3) for k, v in timings.items()},
-                "features_dir": str(features_dir.resolve()),
-                "shards": [{"name": i.path.name, "count": len(rows), "created": i.created} for i, rows in parts],
-                "live_digest": digest,
+                **_made_from(features_dir, parts, digest, t_start, timings),
             }
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            final = versions / version
-            os.rename(tmp, final)
-            fsync_dir(versions)
-        except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, (OSError, sqlite3.Error)):
-                raise write_error(out_dir, exc, "`pipeline build-index`") from None
-            raise
-        atomic_write_text(out_dir / CURRENT_FILE, version + "\n")
-        prune_versions(out_dir, keep)
+            final = _publish(out_dir, tmp, meta, keep)
     LOG.info("published %s: %d vectors, %s, nprobe %s", final, n, plan.factory, meta.get("nprobe"))
     return IndexReport(str(final), meta)
+
+
+def index_kind(index) -> str:
+    """What an update must keep of the published index (asked of faiss): its classes and the code
+    size of its vectors. The number of IVF lists may differ from what a new plan would choose."""
+    top = type(faiss.downcast_index(index)).__name__
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return top
+    return f"{top}/{type(faiss.downcast_index(ivf)).__name__}/{ivf.code_size}"
+
+
+@contextmanager
+def _new_version(out_dir: Path) -> Iterator[tuple[Path, str]]:
+    """A temporary folder for a new version and the version's name; removed if the block fails."""
+    version = datetime.now(timezone.utc).strftime("v%Y%m%dT%H%M%S%fZ")
+    tmp = out_dir / VERSIONS_DIR / f".tmp-{version}-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp, version
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (OSError, sqlite3.Error)):  # unwritable folder, full disk
+            raise write_error(out_dir, exc, "`pipeline build-index`") from None
+        raise
+
+
+def _made_from(features_dir: Path, parts: list[tuple[ShardInfo, np.ndarray]], digest: str | None, t_start: float,
+               timings: dict[str, float]) -> dict:
+    """The meta.json fields that say from what and how fast a version was made."""
+    return {"build_seconds": round(time.monotonic() - t_start, 3),
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+            "features_dir": str(features_dir.resolve()),
+            "shards": [{"name": i.path.name, "count": len(rows), "created": i.created} for i, rows in parts],
+            "live_digest": digest}
+
+
+def _publish(out_dir: Path, tmp: Path, meta: dict, keep: int) -> Path:
+    """Write meta.json, make the version durable under its name, point CURRENT at it, prune old ones."""
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    final = out_dir / VERSIONS_DIR / meta["version"]
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    atomic_write_text(out_dir / CURRENT_FILE, meta["version"] + "\n")
+    prune_versions(out_dir, keep)
+    return final
 
 
 def index_is_flat(plan: IndexPlan) -> bool:
@@ -331,10 +411,149 @@ class _Background(threading.Thread):
             raise self.error
 
 
-def _live_parts(features_dir: Path) -> tuple[list[ShardInfo], list[tuple[ShardInfo, np.ndarray]], str | None]:
-    """Every shard, and the rows to index per shard: the catalog's live rows (deleted, changed and
-    moved-away images left out), or every row when the folder has no catalog. Also the catalog's
-    live digest.
+@dataclass
+class _Base:
+    """The published version an update starts from, and the ids to remove from and add to it."""
+
+    dir: Path
+    meta: dict
+    index: faiss.Index  # read into memory: the published file stays as it is
+    added: np.ndarray
+    removed: np.ndarray
+
+
+def _update_base(out_dir: Path, checksum: str, kind: str, factory: str | None, nlist: int | None, ids: np.ndarray,
+                 retrain_above: float) -> _Base | None:
+    """The published version when an update can make the next one from it, else None (and the log
+    says why: a full build follows)."""
+    try:
+        published = current_version(out_dir)
+        meta = json.loads((published / META_FILE).read_text())
+    except (PipelineError, OSError, ValueError):
+        LOG.info("index: no published version to update: full build")
+        return None
+    why = ("it has no stable ids (an older format)" if meta.get("ids") != "catalog" else
+           "another model made it" if meta.get("model", {}).get("checksum") != checksum else
+           f"it is {meta.get('kind')}, the plan is {kind}" if meta.get("kind") != kind else
+           f"--factory {factory} is not its {meta['factory']}" if factory and factory != meta["factory"] else
+           f"--nlist {nlist} is not its {meta['nlist']}" if nlist and nlist != meta["nlist"] else
+           "its recall sample is missing" if meta["nlist"] and not (published / RECALL_FILE).is_file() else None)
+    if why is None:
+        try:
+            db = sqlite3.connect(f"file:{published / IDS_FILE}?mode=ro", uri=True)
+            try:
+                old = np.fromiter((i for (i,) in db.execute("SELECT id FROM images")), np.int64)
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            why = f"its id table cannot be read ({exc})"
+    if why is None:
+        try:
+            index = faiss.read_index(str(published / INDEX_FILE))
+        except RuntimeError as exc:  # damaged or missing: the full build replaces it
+            why = f"its index file cannot be read ({cause(exc)})"
+    if why is not None:
+        LOG.info("index: full build, not an update of %s: %s", published.name, why)
+        return None
+    added, removed = np.setdiff1d(ids, old), np.setdiff1d(old, ids)
+    changes = meta["changes_since_training"] + len(added) + len(removed)
+    if changes > retrain_above * meta["trained_count"]:
+        LOG.info("index: full build: %d images added or removed since the index was trained on %d "
+                 "(over --retrain-above %g)", changes, meta["trained_count"], retrain_above)
+        return None
+    return _Base(published, meta, index, added, removed)
+
+
+def _update(base: _Base, out_dir: Path, parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, model: dict,
+            features_dir: Path, digest: str, nprobe: int | None, target: float, keep: int) -> IndexReport:
+    """Publish a version made from `base`: its index without the removed ids and with the added ones
+    (the trained quantizer kept), its id table likewise, nprobe tuned again on its recall queries,
+    whose exact neighbours are updated by the same changes (no pass over the whole collection)."""
+    t_start = time.monotonic()
+    timings: dict[str, float] = {}
+    LOG.info("index: updating %s (%d added, %d removed)", base.dir.name, len(base.added), len(base.removed))
+    index = base.index
+    timings["read_s"] = time.monotonic() - t_start
+    nlist = base.meta["nlist"]
+    if nlist:
+        with np.load(base.dir / RECALL_FILE) as recall:
+            q_ids, queries, depth, truth, scores = (recall[k] for k in ("ids", "queries", "depth", "truth", "scores"))
+        # Removed neighbours leave the lists; each list stays exact down to `depth` (the removed ones above it less).
+        gone = np.isin(truth, base.removed)
+        depth = depth - (gone & (np.arange(gone.shape[1]) < depth[:, None])).sum(axis=1)
+        heap = faiss.ResultHeap(len(q_ids), TRUTH_DEPTH, keep_max=True)
+        heap.add_result(np.where(gone, -np.inf, scores).astype(np.float32), np.where(gone, -1, truth))
+    with _new_version(out_dir) as (tmp, version):
+        t0 = time.monotonic()
+        index.remove_ids(base.removed)
+        shutil.copyfile(base.dir / IDS_FILE, tmp / IDS_FILE)
+        db = sqlite3.connect(tmp / IDS_FILE)
+        try:
+            db.executemany("DELETE FROM images WHERE id = ?", ((i,) for i in base.removed.tolist()))
+            for feats, new_ids, paths, hashes in _rows_with_ids(parts, ids, base.added):
+                index.add_with_ids(feats, new_ids)
+                db.executemany("INSERT INTO images VALUES (?, ?, ?)", zip(new_ids.tolist(), paths, hashes))
+                if nlist:
+                    _add_truth(heap, queries, feats, new_ids)
+            db.commit()
+        finally:
+            db.close()
+        assert index.ntotal == len(ids), f"index holds {index.ntotal} vectors, expected {len(ids)}"
+        timings["add_s"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        index_writer = _Background(faiss.write_index, index, str(tmp / INDEX_FILE))
+        if nlist:
+            heap.finalize()
+            # A query still counts if it is live and its first k+1 neighbours are still known exactly.
+            ok = (depth >= 11) & ~np.isin(q_ids, base.removed)
+            truth, scores, q_ids, queries, depth = heap.I[ok], heap.D[ok], q_ids[ok], queries[ok], depth[ok]
+            tuning = _tune(index, nlist, queries, q_ids, truth, nprobe, target, base.meta["nprobe"])
+            np.savez(tmp / RECALL_FILE, ids=q_ids, queries=queries, truth=truth, scores=scores, depth=depth)
+        else:
+            tuning = {"nprobe": None, "recall_at_10": 1.0, "recall_note": "exact search"}
+        timings["tune_s"] = time.monotonic() - t0
+        index_writer.join()
+        timings["write_s"] = time.monotonic() - t0
+        meta = {
+            **base.meta,
+            **tuning,
+            "pipeline_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "version": version,
+            "model": model,
+            "count": len(ids),
+            "made_by": "update",
+            "base_version": base.meta["version"],
+            "added": len(base.added),
+            "removed": len(base.removed),
+            "changes_since_training": base.meta["changes_since_training"] + len(base.added) + len(base.removed),
+            **_made_from(features_dir, parts, digest, t_start, timings),
+        }
+        final = _publish(out_dir, tmp, meta, keep)
+    LOG.info("published %s: %d vectors, updated from %s, nprobe %s", final, len(ids), base.meta["version"],
+             meta.get("nprobe"))
+    return IndexReport(str(final), meta)
+
+
+def _rows_with_ids(parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, wanted: np.ndarray):
+    """Features, ids, paths and content hashes of the indexed rows whose id is in `wanted`, shard by shard."""
+    take = np.isin(ids, wanted)
+    offset = 0
+    for info, rows in parts:
+        mine = take[offset:offset + len(rows)]
+        if mine.any():
+            data = read_shard(info.path)
+            sel = rows[mine]
+            yield (np.ascontiguousarray(data.features[sel], dtype=np.float32), ids[offset:offset + len(rows)][mine],
+                   [data.paths[r] for r in sel], [data.hashes[r] for r in sel])
+        offset += len(rows)
+
+
+def _live_parts(features_dir: Path) -> tuple[list[ShardInfo], list[tuple[ShardInfo, np.ndarray]], np.ndarray,
+                                              str | None]:
+    """Every shard, the rows to index per shard: the catalog's live rows (deleted, changed and
+    moved-away images left out), or every row when the folder has no catalog; the id of each of
+    those rows, in the same order (the catalog's stable ids, else positions); the catalog's live digest.
 
     An extract may be writing meanwhile (build-index does not wait for it): the live rows and the
     digest are read in one transaction and before the shards are listed, so every shard they name
@@ -347,30 +566,34 @@ def _live_parts(features_dir: Path) -> tuple[list[ShardInfo], list[tuple[ShardIn
             live, digest = catalog.live_snapshot()
     infos = [shard_info(p) for p in list_shards(features_dir)]
     if live is None:
-        return infos, [(i, np.arange(i.count)) for i in infos if i.count], None
+        parts = [(i, np.arange(i.count)) for i in infos if i.count]
+        return infos, parts, np.arange(sum(len(rows) for _, rows in parts)), None
     lost = sorted(set(live) - {i.path.name for i in infos})
     if lost:
         raise PipelineError(f"the catalog of {features_dir} records images in {lost[0]}, which is missing; "
                             "run `pipeline extract` to reconcile it")
-    return infos, [(i, live[i.path.name]) for i in infos if len(live.get(i.path.name, ()))], digest
+    used = [i for i in infos if i.path.name in live]
+    ids = np.concatenate([live[i.path.name][1] for i in used]) if used else np.zeros(0, np.int64)
+    return infos, [(i, live[i.path.name][0]) for i in used], ids, digest
 
 
-def write_ids(parts: list[tuple[ShardInfo, np.ndarray]], ids_path: Path, features: queue.Queue | None = None) -> None:
-    """Write the id table: id = position in the index (shards in order, their live rows in order).
-    With `features`, put each shard's live feature rows there on the way (None after an error)."""
+def write_ids(parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, ids_path: Path,
+              features: queue.Queue | None = None) -> None:
+    """Write the id table: `ids` are the stable ids of the shards' live rows, in order. With
+    `features`, put each shard's live feature rows there on the way (None after an error)."""
     db = sqlite3.connect(ids_path)
     try:
         db.execute("PRAGMA journal_mode=OFF")
         db.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT NOT NULL, hash TEXT NOT NULL)")
-        next_id = 0
+        offset = 0
         for info, rows in parts:
             data = read_shard(info.path, features=features is not None)
             if features is not None:
                 features.put(data.features[rows])
             db.executemany("INSERT INTO images VALUES (?, ?, ?)",
-                           zip(range(next_id, next_id + len(rows)), (data.paths[r] for r in rows),
+                           zip(ids[offset:offset + len(rows)].tolist(), (data.paths[r] for r in rows),
                                (data.hashes[r] for r in rows)))
-            next_id += len(rows)
+            offset += len(rows)
         db.execute("CREATE INDEX images_path ON images(path)")
         db.commit()
     except BaseException:
@@ -381,14 +604,15 @@ def write_ids(parts: list[tuple[ShardInfo, np.ndarray]], ids_path: Path, feature
         db.close()
 
 
-def _fill(index, parts: list[tuple[ShardInfo, np.ndarray]], ids_path: Path, queries: np.ndarray | None, k: int,
-          progress: bool | None) -> tuple[np.ndarray | None, _Background]:
-    """Add every shard to the index, streaming; meanwhile a thread reads the next shard and writes the
-    id table. With `queries`, the exact top-(k+1) of each query is gathered on the way (for recall).
-    Returns the exact neighbour ids and the id-table thread (join it before publishing)."""
+def _fill(index, parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, ids_path: Path,
+          queries: np.ndarray | None, progress: bool | None) -> tuple[tuple[np.ndarray, np.ndarray] | None, _Background]:
+    """Add every shard to the index under `ids`, streaming; meanwhile a thread reads the next shard and
+    writes the id table. With `queries`, the exact top-TRUTH_DEPTH of each query is gathered on the
+    way (for recall). Returns the exact neighbours' ids and scores, and the id-table thread (join it
+    before publishing)."""
     features: queue.Queue = queue.Queue(maxsize=2)  # at most two shards in memory beyond the index
-    reader = _Background(write_ids, parts, ids_path, features)
-    heap = faiss.ResultHeap(len(queries), k + 1, keep_max=True) if queries is not None else None
+    reader = _Background(write_ids, parts, ids, ids_path, features)
+    heap = faiss.ResultHeap(len(queries), TRUTH_DEPTH, keep_max=True) if queries is not None else None
     offset = 0
     with Progress(sum(len(rows) for _, rows in parts), "index", enabled=progress) as bar:
         for _ in parts:
@@ -396,24 +620,30 @@ def _fill(index, parts: list[tuple[ShardInfo, np.ndarray]], ids_path: Path, quer
             if feats is None:
                 reader.join()
             feats = np.ascontiguousarray(feats, dtype=np.float32)
-            index.add(feats)
+            block = ids[offset:offset + len(feats)]
+            index.add_with_ids(feats, block)
             if heap is not None:
-                d, i = faiss.knn(queries, feats, min(k + 1, len(feats)), metric=faiss.METRIC_INNER_PRODUCT)
-                heap.add_result(d, np.where(i >= 0, i + offset, -1))
+                _add_truth(heap, queries, feats, block)
             offset += len(feats)
             bar.update(len(feats))
     if heap is None:
         return None, reader
     heap.finalize()
-    return heap.I, reader
+    return (heap.I, heap.D), reader
 
 
-def _tune(index, plan: IndexPlan, queries: np.ndarray, q_ids: np.ndarray, truth: np.ndarray,
-          nprobe: int | None, target: float) -> dict:
+def _add_truth(heap, queries: np.ndarray, feats: np.ndarray, ids: np.ndarray) -> None:
+    """Offer the exact neighbours of `queries` among `feats` (which have `ids`) to `heap`."""
+    d, i = faiss.knn(queries, feats, min(heap.k, len(feats)), metric=faiss.METRIC_INNER_PRODUCT)
+    heap.add_result(d, np.where(i >= 0, ids[i], -1))
+
+
+def _tune(index, nlist: int, queries: np.ndarray, q_ids: np.ndarray, truth: np.ndarray,
+          nprobe: int | None, target: float, start: int | None = None) -> dict:
     """Recall@10 against exact search, and the nprobe that reaches `target` (IVF indexes)."""
     k = 10
-    if plan.nlist:
-        nprobe, rec, ms, tried = tune_nprobe(index, queries, q_ids, truth, plan.nlist, k, target, nprobe)
+    if nlist:
+        nprobe, rec, ms, tried = tune_nprobe(index, queries, q_ids, truth, nlist, k, target, nprobe, start)
     else:
         t0 = time.perf_counter()
         _, found = index.search(queries, k + 1)

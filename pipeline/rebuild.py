@@ -18,7 +18,7 @@ from .catalog import Catalog
 from .errors import PipelineError
 from .extract import ExtractReport, RowMeta, ShardWriter, extract
 from .fsutil import exclusive_lock
-from .index import CURRENT_FILE, DEFAULT_FLAT_BELOW, build_index
+from .index import CURRENT_FILE, DEFAULT_FLAT_BELOW, DEFAULT_RETRAIN_ABOVE, build_index
 from .search import Searcher
 from .shards import read_shard, shard_model
 
@@ -75,11 +75,15 @@ def rebuild(
     target_recall: float = 0.95,
     flat_below: int = DEFAULT_FLAT_BELOW,
     ray: str | None = None,
+    retrain: bool = False,
+    retrain_above: float = DEFAULT_RETRAIN_ABOVE,
     **extract_options,
 ) -> RebuildReport:
     """Bring workdir's features and published index up to date with the images under `roots`.
 
-    ray: the address of a Ray cluster that extracts and fills the index (distributed.py)."""
+    ray: the address of a Ray cluster that extracts and fills the index (distributed.py).
+    The index is updated from the published version (build_index's `update`) unless `retrain`,
+    or the changes since its training exceed `retrain_above` of its trained count."""
     if not 0 <= compact_below <= 1:
         raise PipelineError(f"--compact-below must be between 0 and 1 (got {compact_below})")
     workdir = Path(workdir)
@@ -106,10 +110,10 @@ def rebuild(
         else:
             t = time.monotonic()
             meta = build_index(features, index_dir, keep=keep, target_recall=target_recall, flat_below=flat_below,
-                               ray=ray, progress=False).meta
+                               ray=ray, progress=False, update=not retrain, retrain_above=retrain_above).meta
             built = True
-            LOG.info("published index %s: %d images, %s (%.1f s)", meta["version"], meta["count"], meta["factory"],
-                     time.monotonic() - t)
+            LOG.info("published index %s: %d images, %s, %s (%.1f s)", meta["version"], meta["count"], meta["factory"],
+                     "updated" if meta["made_by"] == "update" else "built", time.monotonic() - t)
     report = RebuildReport(ex, compacted, built, meta, time.monotonic() - start)
     LOG.info("rebuild finished in %.1f s", report.seconds)
     return report

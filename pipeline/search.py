@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import ImageError, ModelMismatchError, PipelineError, cause
 from .images import load_image
-from .index import IDS_FILE, INDEX_FILE, META_FILE, current_version
+from .index import CURRENT_FILE, IDS_FILE, INDEX_FILE, META_FILE, current_version
 from .model import FeatureModel
 
 LOG = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ LOG = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Hit:
     rank: int
+    id: int  # the image's id in the index version (ids.sqlite); a service's handle for it
     path: str
     score: float
 
@@ -63,6 +64,14 @@ class _Query:
     content_hash: str | None
 
 
+def _pointer(index_dir: Path) -> str | None:
+    """What CURRENT says right now (None if unreadable): tells a concurrent publish from damage."""
+    try:
+        return (index_dir / CURRENT_FILE).read_text()
+    except (OSError, ValueError):
+        return None
+
+
 class Searcher:
     """A published index, its id -> path table and the model that made its features.
 
@@ -74,15 +83,16 @@ class Searcher:
     def __init__(self, index_dir: Path | str, model: Path | str | None = None, threads: int = 0,
                  mmap: bool = True) -> None:
         for attempt in range(5):
-            self.version_dir = current_version(Path(index_dir))
+            named = _pointer(Path(index_dir))
             try:
+                self.version_dir = current_version(Path(index_dir))
                 self._open(mmap)
                 break
             except PipelineError:
-                # A newer build may have published and pruned this version between our reading
-                # CURRENT and opening it: then CURRENT names another version, to try in turn. A
-                # damaged version that is still current is reported at once.
-                if attempt == 4 or current_version(Path(index_dir)) == self.version_dir:
+                # A newer build may have published and pruned the version CURRENT named, between our
+                # reading CURRENT and opening that version: then CURRENT names another one by now,
+                # to try in turn. A damaged version that is still current is reported at once.
+                if attempt == 4 or _pointer(Path(index_dir)) == named:
                     raise
         self.nprobe = self.meta.get("nprobe")
         self._model_arg = model
@@ -150,7 +160,13 @@ class Searcher:
         """Every indexed path, in id order."""
         return [p for (p,) in self._query("SELECT path FROM images ORDER BY id")]
 
-    def _rows(self, ids: np.ndarray) -> dict[int, tuple[str, str]]:
+    def path_of(self, idx: int) -> str | None:
+        """The indexed path of an image id, None when this version has no such id (a client's id, unlike
+        one the index returned, may simply be wrong)."""
+        row = self._query("SELECT path FROM images WHERE id = ?", (int(idx),))
+        return row[0][0] if row else None
+
+    def rows(self, ids: np.ndarray) -> dict[int, tuple[str, str]]:
         """id -> (path, content hash) for the given ids (-1 ignored)."""
         wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
         out: dict[int, tuple[str, str]] = {}
@@ -161,6 +177,19 @@ class Searcher:
         if len(out) < len(wanted):
             raise self._damaged(self.version_dir / IDS_FILE, f"{len(wanted) - len(out)} ids the index returned are not in it")
         return out
+
+    def ids(self) -> np.ndarray:
+        """Every indexed id, sorted (stable catalog ids: sparse, not positions)."""
+        try:
+            return np.fromiter((i for (i,) in self._db.execute("SELECT id FROM images ORDER BY id")), np.int64)
+        except sqlite3.Error as exc:
+            raise self._damaged(self.version_dir / IDS_FILE, exc) from None
+
+    def same_content_ids(self) -> list[np.ndarray]:
+        """Ids of byte-identical files (same content hash), one sorted array per content indexed more than once."""
+        rows = self._db.execute("SELECT group_concat(id) FROM (SELECT id, hash FROM images ORDER BY id) "
+                                "GROUP BY hash HAVING count(*) > 1")
+        return [np.sort(np.array(ids.split(","), np.int64)) for (ids,) in rows]
 
     def _search(self, vectors: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
         nprobe = nprobe or self.nprobe
@@ -178,7 +207,7 @@ class Searcher:
         fetch = k + (8 if any(exclude) else 0)
         while True:
             scores, ids = self._search(vectors, fetch, nprobe)
-            rows = self._rows(ids)
+            rows = self.rows(ids)
             out, short = [], False
             for srow, irow, ex in zip(scores, ids, exclude):
                 hits = []
@@ -188,7 +217,7 @@ class Searcher:
                     path, content_hash = rows[int(i)]
                     if ex is not None and (path == ex.path or content_hash == ex.content_hash):
                         continue
-                    hits.append(Hit(len(hits) + 1, path, float(s)))
+                    hits.append(Hit(len(hits) + 1, int(i), path, float(s)))
                 out.append(hits[:k])
                 # Too many excluded copies: ask faiss for more, unless it already gave all it has or
                 # the scores (sorted) already fell below min_score, so that more cannot pass it.
@@ -232,7 +261,7 @@ class Searcher:
             if row is None:
                 results[i] = QueryResult(str(p), error="not in the index (--like takes an indexed image path)")
                 continue
-            found.append((i, self._vector(row[0]), _Query(key, row[1])))
+            found.append((i, self.vectors([row[0]])[0], _Query(key, row[1])))
         if found:
             vecs = np.stack([v for _, v, _ in found])
             excl = [q for _, _, q in found] if exclude_self else None
@@ -240,12 +269,12 @@ class Searcher:
                 results[i] = QueryResult(str(paths[i]), hits)
         return [results[i] for i in range(len(paths))]
 
-    def _vector(self, idx: int) -> np.ndarray:
-        """The stored (for compressed indexes: decoded) vector of an indexed image."""
+    def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The stored (for compressed indexes: decoded) vectors of indexed images, by id."""
         if not self._direct_map:
-            try:
-                faiss.extract_index_ivf(self.index).make_direct_map()
+            try:  # ids are sparse (the catalog's): an IVF index finds them through a hash table
+                faiss.extract_index_ivf(self.index).set_direct_map_type(faiss.DirectMap.Hashtable)
             except RuntimeError:
-                pass  # not an IVF index: reconstruct works directly
+                pass  # not an IVF index: reconstruct works directly (IndexIDMap2 maps ids itself)
             self._direct_map = True
-        return self.index.reconstruct(int(idx))
+        return self.index.reconstruct_batch(np.asarray(ids, np.int64))

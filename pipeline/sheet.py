@@ -1,4 +1,5 @@
-"""Contact sheets of search results (Pillow only): one row per query, its top-k beside it.
+"""Contact sheets (Pillow only): search results (one row per query, its top-k beside it) and
+near-duplicate groups (one PNG per group).
 
 Each tile shows the picture (fitted, aspect kept) with rank, score and file name under it.
 A result file that cannot be read gets a grey placeholder tile, never an error.
@@ -15,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .errors import ImageError
 from .fsutil import atomic_write_bytes
 from .images import decode_rgb, read_file
+from .duplicates import DuplicateGroup
 from .search import QueryResult
 
 PAD = 8
@@ -28,7 +30,8 @@ def sheet_size(n_queries: int, k: int, thumb: int = 160) -> tuple[int, int]:
     return PAD + (k + 1) * (thumb + PAD), PAD + n_queries * (thumb + CAPTION + PAD)
 
 
-def _tile(path: str, thumb: int) -> Image.Image | None:
+def thumbnail(path: str, thumb: int) -> Image.Image | None:
+    """The picture at `path` fitted in thumb x thumb (aspect kept), None when it cannot be read."""
     try:
         im = decode_rgb(read_file(Path(path))[0], draft=thumb)
     except ImageError:
@@ -53,18 +56,48 @@ def contact_sheet(results: Sequence[QueryResult], out: Path | str, k: int, thumb
         y = PAD + row * (thumb + CAPTION + PAD)
         cells = [(result.query, "query")] + [(h.path, f"#{h.rank}  {h.score:.3f}") for h in result.hits[:k]]
         for col, (path, label) in enumerate(cells):
-            x = PAD + col * (thumb + PAD)
-            im = _tile(path, thumb)
-            if im is None:
-                draw.rectangle((x, y, x + thumb - 1, y + thumb - 1), fill=PLACEHOLDER)
-                draw.text((x + 6, y + thumb // 2 - 6), "unreadable", fill=(90, 90, 90), font=font)
-            else:
-                sheet.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
-            if col == 0:
-                draw.rectangle((x - 3, y - 3, x + thumb + 2, y + thumb + 2), outline=(220, 40, 40), width=2)
-            draw.text((x, y + thumb + 3), _fit(label, font, thumb, draw), fill=(0, 0, 0), font=font)
-            draw.text((x, y + thumb + 16), _fit(Path(path).name, font, thumb, draw), fill=(70, 70, 70), font=font)
+            _draw_cell(sheet, draw, font, PAD + col * (thumb + PAD), y, path, label, thumb, framed=col == 0)
+    _save(sheet, Path(out))
+    return size
+
+
+def group_sheets(groups: Sequence[DuplicateGroup], out_dir: Path | str, columns: int = 6, thumb: int = 160) -> list[Path]:
+    """One PNG per near-duplicate group in `out_dir` (group-0001.png is the largest group): its images in
+    rows of `columns`, the best-quality copy first and framed, each with its cosine to it and its size."""
+    out_dir = Path(out_dir)
+    written = []
+    for group in groups:
+        cols = min(columns, len(group.images))
+        rows = -(-len(group.images) // cols)
+        sheet = Image.new("RGB", (PAD + cols * (thumb + PAD), PAD + rows * (thumb + CAPTION + PAD)), BACKGROUND)
+        draw = ImageDraw.Draw(sheet)
+        font = ImageFont.load_default()
+        for n, im in enumerate(group.images):
+            size = f"{im.width}x{im.height}" if im.width else "?"
+            label = f"{'best' if n == 0 else f'{im.score_to_first:.3f}'}  {size}"
+            _draw_cell(sheet, draw, font, PAD + n % cols * (thumb + PAD), PAD + n // cols * (thumb + CAPTION + PAD),
+                       im.path, label, thumb, framed=n == 0)
+        written.append(out_dir / f"group-{group.group:04d}.png")
+        _save(sheet, written[-1])
+    return written
+
+
+def _draw_cell(sheet: Image.Image, draw: ImageDraw.ImageDraw, font, x: int, y: int, path: str, label: str, thumb: int,
+               framed: bool) -> None:
+    """One tile at (x, y): the picture (or a grey placeholder), a label and the file name under it."""
+    im = thumbnail(path, thumb)
+    if im is None:
+        draw.rectangle((x, y, x + thumb - 1, y + thumb - 1), fill=PLACEHOLDER)
+        draw.text((x + 6, y + thumb // 2 - 6), "unreadable", fill=(90, 90, 90), font=font)
+    else:
+        sheet.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
+    if framed:
+        draw.rectangle((x - 3, y - 3, x + thumb + 2, y + thumb + 2), outline=(220, 40, 40), width=2)
+    draw.text((x, y + thumb + 3), _fit(label, font, thumb, draw), fill=(0, 0, 0), font=font)
+    draw.text((x, y + thumb + 16), _fit(Path(path).name, font, thumb, draw), fill=(70, 70, 70), font=font)
+
+
+def _save(sheet: Image.Image, out: Path) -> None:
     buf = io.BytesIO()
     sheet.save(buf, "PNG")
-    atomic_write_bytes(Path(out), buf.getvalue())
-    return size
+    atomic_write_bytes(out, buf.getvalue())

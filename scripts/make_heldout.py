@@ -4,7 +4,9 @@ Usage: python scripts/make_heldout.py --out bench-output/heldout [--pictures 40]
 
 Pictures: distinct ones from Debian's mate-backgrounds and plasma-workspace-wallpapers (fetched
 by scripts/fetch_photos.py's cache; copies-dev uses other packages), long side 640, JPEG q90, in
-db/. Queries: 4 per picture, each two random transformations in sequence, named like
+db/. Near-duplicates are left out as in copies-dev: the packages ship one wallpaper at several
+sizes, crops and colours, so a picture whose 32x32 grey thumbnail (whole, or its centre 60%)
+differs from an earlier picture's by less than 6/255 on average is skipped. Queries: 4 per picture, each two random transformations in sequence, named like
 copies-dev (`pic0007_crop70+jpeg15.jpg`). Writes groundtruth.json. Seeded; never committed.
 """
 
@@ -17,6 +19,7 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +72,19 @@ TRANSFORMS = {
 }
 
 
+def thumbnails(im: Image.Image) -> np.ndarray:
+    """32x32 grey thumbnails of the whole picture and of its centre 60% (float, 0..255)."""
+    grey = im.convert("L")
+    return np.stack([np.asarray(t.resize((32, 32), Image.Resampling.BOX), np.float32)
+                     for t in (grey, crop(grey, 0.6))])
+
+
+def is_near_duplicate(thumbs: np.ndarray, kept: list[np.ndarray], max_diff: float = 6.0) -> bool:
+    """Whether a thumbnail of the picture (whole or centre) is within `max_diff` grey levels on average
+    of a thumbnail of a kept picture (whole or centre)."""
+    return any(np.abs(thumbs[:, None] - k[None, :]).mean(axis=(2, 3)).min() < max_diff for k in kept)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench-output" / "heldout")
@@ -82,11 +98,18 @@ def main() -> None:
     rng.shuffle(sources)
     (args.out / "db").mkdir(parents=True, exist_ok=True)
     (args.out / "queries").mkdir(parents=True, exist_ok=True)
-    gt = []
-    for i, src in enumerate(sources[: args.pictures]):
+    gt, kept, skipped = [], [], 0
+    for src in sources:
+        if len(kept) == args.pictures:
+            break
         im = Image.open(src).convert("RGB")
+        thumbs = thumbnails(im)
+        if is_near_duplicate(thumbs, kept):
+            skipped += 1
+            continue
+        kept.append(thumbs)
         im.thumbnail((640, 640), Image.Resampling.LANCZOS)
-        name = f"pic{i:04d}"
+        name = f"pic{len(kept) - 1:04d}"
         im.save(args.out / "db" / f"{name}.jpg", quality=90)
         for _ in range(4):
             a, b = rng.sample(sorted(TRANSFORMS), 2)
@@ -95,7 +118,7 @@ def main() -> None:
             q.save(args.out / "queries" / qname, quality=90)
             gt.append({"query": qname, "positives": [f"{name}.jpg"]})
     (args.out / "groundtruth.json").write_text(json.dumps(gt, indent=1))
-    print(f"{min(args.pictures, len(sources))} pictures, {len(gt)} queries in {args.out}")
+    print(f"{len(kept)} pictures ({skipped} near-duplicates skipped), {len(gt)} queries in {args.out}")
 
 
 if __name__ == "__main__":

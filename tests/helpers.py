@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -129,19 +131,22 @@ def clustered_vectors(n: int, dim: int = 64, clusters: int = 20, seed: int = 0) 
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def write_synthetic_shards(features_dir: Path, vectors: np.ndarray, shard_size: int, model_sha: str = "f" * 64) -> list[str]:
-    """Real shard files holding `vectors`, with made-up paths /synthetic/NNNNNNN.jpg."""
+def write_synthetic_shards(features_dir: Path, vectors: np.ndarray, shard_size: int, model_sha: str = "f" * 64,
+                           first: int = 0) -> list[str]:
+    """Real shard files holding `vectors`, with made-up paths /synthetic/NNNNNNN.jpg numbered from
+    `first`, after the shards already in the folder."""
     from pipeline.model import ModelInfo
-    from pipeline.shards import ShardData, shard_name, write_shard
+    from pipeline.shards import ShardData, next_shard_number, shard_name, write_shard
 
     features_dir.mkdir(parents=True, exist_ok=True)
     info = ModelInfo(name="synthetic", weights_sha256=model_sha, input_size=TINY_SIZE, dim=vectors.shape[1])
-    paths = [f"/synthetic/{i:07d}.jpg" for i in range(len(vectors))]
+    paths = [f"/synthetic/{i:07d}.jpg" for i in range(first, first + len(vectors))]
+    number = next_shard_number(features_dir)
     for s, start in enumerate(range(0, len(vectors), shard_size)):
         rows = slice(start, start + shard_size)
         n = len(paths[rows])
-        write_shard(features_dir / shard_name(s), ShardData(vectors[rows], paths[rows],
-                    [f"{start + i:032x}" for i in range(n)],
+        write_shard(features_dir / shard_name(number + s), ShardData(vectors[rows], paths[rows],
+                    [f"{first + start + i:032x}" for i in range(n)],
                     np.zeros(n, np.int64), np.zeros(n), [], []), info)
     return paths
 
@@ -174,3 +179,32 @@ def obey_file_modes() -> None:
     for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH (linux/capability.h)
         if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+@contextmanager
+def live_server(app) -> Iterator[str]:
+    """Run an ASGI app under uvicorn in a thread on 127.0.0.1 (a free port); yields its base URL."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive(), "the server to start")
+        assert server.started, "uvicorn did not start (see the log)"
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def wait_for(condition, what: str, limit: float = 60.0) -> None:
+    """Wait until `condition()` holds (polling); the limit only stops a broken test from hanging."""
+    import time
+
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.01)

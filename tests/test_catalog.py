@@ -65,3 +65,44 @@ def test_catalog_of_an_older_version_is_migrated(tmp_path):
         assert c.entries()["/a/old"] == Entry(5, 1.0, None, "failed", 2.0, True, 2, 4)  # run 2 + 2 runs of back-off
     with Catalog(tmp_path) as c:  # reopening migrates nothing twice and keeps the run count
         assert c.run == 2 and c.failures() == [("/a/old", "timed out")]
+
+
+def ids(c: Catalog) -> dict[str, int]:
+    return dict(c.db.execute("SELECT path, id FROM images WHERE status = 'live'"))
+
+
+def test_ids_are_stable_and_never_reused(tmp_path):
+    """A live path with the same content keeps its id when its row is written again (compaction, a
+    touched file); a new content, a moved file or a path that comes back gets a new id."""
+    with Catalog(tmp_path) as c:
+        c.record_shard("shard-00000.h5", [("/a/1", 1, 1.0, "1" * 32, 0), ("/a/2", 1, 1.0, "2" * 32, 1),
+                                          ("/a/3", 1, 1.0, "3" * 32, 2)], [])
+        first = ids(c)
+        assert sorted(first.values()) == [0, 1, 2]  # a new catalog counts from 0
+        c.record_shard("shard-00001.h5", [("/a/2", 1, 2.0, "2" * 32, 0),  # compacted or touched: same id
+                                          ("/a/3", 1, 2.0, "9" * 32, 1),  # new content: new id
+                                          ("/b/1", 1, 1.0, "1" * 32, 2)], [])  # a copy or a move: new id
+        c.mark_gone(["/a/1"])
+        second = ids(c)
+        assert second["/a/2"] == first["/a/2"] and second["/a/3"] == 3 and second["/b/1"] == 4
+        c.record_shard("shard-00002.h5", [("/a/1", 1, 1.0, "1" * 32, 0)], [])  # back again: a new id
+        assert ids(c)["/a/1"] == 5
+        rows, row_ids = c.live_ids()["shard-00001.h5"]
+        assert list(rows) == [0, 1, 2] and list(row_ids) == [1, 3, 4]
+
+
+def test_a_catalog_without_ids_is_numbered_once(tmp_path):
+    shard(tmp_path, 0, ["/a/1", "/a/2"])
+    with Catalog(tmp_path) as c:
+        c.reconcile()
+        c.db.execute("DROP INDEX images_id")  # as a catalog written before stable ids
+        c.db.execute("ALTER TABLE images DROP COLUMN id")
+        c.db.execute("DELETE FROM counters WHERE name = 'next_id'")
+        c.db.commit()
+    with Catalog(tmp_path) as c:
+        before = ids(c)
+        assert sorted(before.values()) == [1, 2]
+        c.record_shard("shard-00001.h5", [("/a/3", 1, 1.0, "3" * 32, 0)], [])
+        assert ids(c) == {**before, "/a/3": 3}
+    with Catalog(tmp_path) as c:
+        assert ids(c) == {**before, "/a/3": 3}  # reopening renumbers nothing

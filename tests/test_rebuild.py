@@ -186,27 +186,30 @@ def counted(owner, name):
 
     setattr(owner, name, step)
 
-for owner, name in [(extract, "write_shard"), (catalog.Catalog, "record_shard"), (catalog.Catalog, "mark_gone"),
-                    (catalog.Catalog, "retire"), (fsutil, "publish"), (index, "_fill"), (index, "prune_versions")]:
+for owner, name in [(extract, "write_shard"), (catalog.Catalog, "record_shard"), (catalog.Catalog, "mark_missing_gone"),
+                    (catalog.Catalog, "retire"), (fsutil, "publish"), (index, "_fill"), (index, "_update_base"), (index, "prune_versions")]:
     counted(owner, name)
 cli.app(sys.argv[4:], prog_name="pipeline")
 """
-KILL_POINTS = [("write_shard", 1), ("record_shard", 1), ("mark_gone", 1), ("publish", 1),  # extract, errors.jsonl
+KILL_POINTS = [("write_shard", 1), ("record_shard", 1), ("mark_missing_gone", 1), ("publish", 1),  # extract, errors.jsonl
                ("write_shard", 3), ("retire", 1),  # compaction
-               ("_fill", 1), ("publish", 2), ("prune_versions", 1),  # index: filled, CURRENT swapped, pruned
+               ("_fill", 1), ("_update_base", 1), ("publish", 2), ("prune_versions", 1),  # index: filled, update's base loaded, CURRENT swapped, pruned
                ("record_shard", 2)]
 
 
 def test_kill_at_any_moment(tmp_path, tiny_model):
     """SIGKILL rebuild right after each kind of step (shard written, recorded, files marked gone,
-    errors list, compaction, index filled, published, pruned) over a changing collection; every
-    time: the published index still answers, a rerun completes, and then every live image is
-    indexed exactly once. The kill waits for the step, not for a clock: every run is the same."""
+    errors list, compaction, index filled, base of an update loaded, published, pruned) over a changing
+    collection; every time: the published index still answers, a rerun completes, and then every live
+    image is indexed exactly once. The kill waits for the step, not for a clock: every run is the same.
+    Runs update the published index (--retrain-above 100) except those stopped while filling a new
+    index (--retrain), so the other index steps land in an update."""
     rng = random.Random(0)
     root, work = tmp_path / "photos", tmp_path / "work"
     make_collection(root, range(40))  # >= 39: an IVF index
     cmd = _rebuild_cmd(root, work, tiny_model)
     subprocess.run(cmd, check=True, capture_output=True)
+    cmd += ["--retrain-above", "100"]
     next_seed = 1000
     for round_, (step, count) in enumerate(KILL_POINTS):
         files = sorted(root.rglob("*.png"))  # change the collection: add, delete, rename
@@ -217,7 +220,8 @@ def test_kill_at_any_moment(tmp_path, tiny_model):
         make_collection(root, range(next_seed, next_seed + 4))
         next_seed += 4
         marker = tmp_path / f"stopped-{round_}"
-        proc = subprocess.Popen([sys.executable, "-c", STOP_AT_STEP, step, str(count), str(marker), *cmd[3:]],
+        run = cmd + ["--retrain"] if step == "_fill" else cmd
+        proc = subprocess.Popen([sys.executable, "-c", STOP_AT_STEP, step, str(count), str(marker), *run[3:]],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while not marker.exists() and proc.poll() is None:  # at its step (or done: this run had no such step)
             time.sleep(0.01)
@@ -225,6 +229,8 @@ def test_kill_at_any_moment(tmp_path, tiny_model):
         assert proc.wait() == -signal.SIGKILL, f"round {round_}: the run had ended before the kill"
         searcher = Searcher(work / "index", model=tiny_model)  # (a) the published index still answers
         assert len(searcher.search_vectors(np.ones((1, 64), np.float32) / 8, k=3)[0]) == 3
-        subprocess.run(cmd, check=True, capture_output=True)  # (b) a rerun completes
+        subprocess.run(run, check=True, capture_output=True)  # (b) a rerun completes
         paths = indexed_paths(work / "index")  # (c) every live image once, nothing deleted
         assert sorted(paths) == live_files(root), f"round {round_}, killed after {step} #{count}"
+        made_by = json.loads((current_version(work / "index") / "meta.json").read_text())["made_by"]
+        assert made_by == ("build" if step == "_fill" else "update"), f"round {round_}"

@@ -1,0 +1,174 @@
+"""Benchmark the nightly index step at 1M: an update of the published index against a full build.
+
+Usage: flock /tmp/pipeline-bench.lock python scripts/bench_update.py [--n 1000000] [--new 0.01] [--deleted 0.005]
+
+1. Writes N synthetic clustered 512-d unit vectors (bench_index.py's generator) as real shards and
+   builds their catalog with the library (Catalog.reconcile imports the shards, numbering the ids).
+2. `pipeline build-index` publishes the first version (a full build, a fresh process).
+3. Changes the collection as a night would: `--new` of N new images (a new shard, imported) and
+   `--deleted` of N images marked gone in the catalog.
+4. (a) `pipeline build-index --update` makes the next version from the published one;
+   (b) `pipeline build-index` builds the same live set from scratch into another folder.
+   Both in fresh processes: wall time, the index step's own time (meta build_seconds), peak RSS.
+5. recall@10 of both against exact search over the live set, at their tuned nprobe, on 1,000
+   held-out queries (new vectors from the same clusters, not in either index).
+Targets: (a) <= 10% of (b); recall@10 of (a) within 0.005 of (b)'s.
+Writes JSON, appends a section to docs/benchmarks.md, and deletes its work folder (2 GB per index).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_index import DIM, clustered, make_shards, run_measured  # noqa: E402
+from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
+from pipeline.catalog import Catalog  # noqa: E402
+from pipeline.index import INDEX_FILE, current_version  # noqa: E402
+from pipeline.model import ModelInfo  # noqa: E402
+from pipeline.shards import ShardData, next_shard_number, read_shard, shard_name, write_shard  # noqa: E402
+
+
+def build(features: Path, index_dir: Path, *extra: str) -> tuple[float, float, dict]:
+    """Wall seconds, peak RSS (MiB) and meta of one `pipeline build-index` process."""
+    wall, rss, out = run_measured([sys.executable, "-m", "pipeline", "-q", "build-index", str(features), "--out",
+                                   str(index_dir), "--json", "--no-progress", *extra])
+    return wall, rss, json.loads(out)
+
+
+def exact_truth(features: Path, queries: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the exact top-k of each query among the catalog's live vectors (one pass over the shards)."""
+    import faiss
+
+    with Catalog(features) as c:
+        live = c.live_ids()
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    for name, (rows, ids) in sorted(live.items()):
+        d, i = faiss.knn(queries, read_shard(features / name).features[rows], k, metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(d, ids[i])
+    heap.finalize()
+    return heap.I
+
+
+def heldout_recall(index_dir: Path, nprobes: list[int], queries: np.ndarray, truth: np.ndarray) -> list[float]:
+    """recall@k of the published index at each nprobe."""
+    import faiss
+
+    index = faiss.read_index(str(current_version(index_dir) / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC)
+    out = []
+    for nprobe in nprobes:
+        _, found = index.search(queries, truth.shape[1], params=faiss.SearchParametersIVF(nprobe=nprobe))
+        out.append(round(float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)])), 4))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--new", type=float, default=0.01)
+    ap.add_argument("--deleted", type=float, default=0.005)
+    ap.add_argument("--shard-size", type=int, default=20_000)
+    ap.add_argument("--workdir", type=Path, default=ROOT / "bench-output" / "update-bench")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json-out", type=Path, default=ROOT / "bench-output" / "bench_update.json")
+    ap.add_argument("--keep-files", action="store_true", help="Keep the shards and indexes (several GB).")
+    ap.add_argument("--no-doc", action="store_true")
+    args = ap.parse_args()
+    gflops = sgemm_gflops()
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    features, updated, full = args.workdir / "features", args.workdir / "index", args.workdir / "index-full"
+    try:
+        t0 = time.perf_counter()
+        centres = make_shards(features, args.n, args.shard_size, args.seed)
+        t1 = time.perf_counter()
+        with Catalog(features) as c:
+            c.reconcile()
+        catalog_s = time.perf_counter() - t1
+        print(f"host sgemm {gflops:.0f} GFLOP/s; shards in {t1 - t0:.1f} s, catalog in {catalog_s:.1f} s", flush=True)
+
+        first_s, first_rss, first = build(features, updated)
+        print(f"first version: full build {first_s:.1f} s, {first['factory']} nprobe {first['nprobe']}", flush=True)
+
+        rng = np.random.default_rng(args.seed + 2)
+        n_new, n_del = round(args.n * args.new), round(args.n * args.deleted)
+        info = ModelInfo(name="synthetic", weights_sha256="s" * 64, input_size=224, dim=DIM)
+        write_shard(features / shard_name(next_shard_number(features)),
+                    ShardData(clustered(n_new, centres, rng), [f"/synthetic/new/{i:08d}.jpg" for i in range(n_new)],
+                              [f"new{i:029x}" for i in range(n_new)], np.zeros(n_new, np.int64), np.zeros(n_new), [], []),
+                    info)
+        with Catalog(features) as c:
+            c.reconcile()
+            c.mark_gone(f"/synthetic/{i:08d}.jpg" for i in np.sort(rng.choice(args.n, n_del, replace=False)))
+
+        upd_s, upd_rss, upd = build(features, updated, "--update")
+        assert upd["made_by"] == "update", upd["made_by"]
+        print(f"(a) update: {upd_s:.1f} s (index step {upd['build_seconds']} s), nprobe {upd['nprobe']}", flush=True)
+        full_s, full_rss, fb = build(features, full)
+        print(f"(b) full build: {full_s:.1f} s (index step {fb['build_seconds']} s), nprobe {fb['nprobe']}", flush=True)
+
+        queries = clustered(1000, centres, np.random.default_rng(args.seed + 1))
+        truth = exact_truth(features, queries, 10)
+        same = sorted({4, 6, 8, upd["nprobe"], fb["nprobe"]})  # the quantizers compared at equal nprobe
+        rec_upd, *same_upd = heldout_recall(updated, [upd["nprobe"], *same], queries, truth)
+        rec_full, *same_full = heldout_recall(full, [fb["nprobe"], *same], queries, truth)
+    finally:
+        if not args.keep_files:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+
+    res = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "flock /tmp/pipeline-bench.lock python scripts/bench_update.py "
+                   + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "sgemm_gflops": round(gflops), "n": args.n, "new": n_new, "deleted": n_del,
+        "factory": upd["factory"], "catalog_s": round(catalog_s, 1), "first_build_s": round(first_s, 1),
+        "update": {"wall_s": round(upd_s, 1), "index_step_s": upd["build_seconds"], "timings": upd["timings"],
+                   "peak_rss_mib": round(upd_rss), "nprobe": upd["nprobe"], "tuned_recall_at_10": upd["recall_at_10"],
+                   "recall_queries": upd["recall_queries"], "heldout_recall_at_10": round(rec_upd, 4)},
+        "full": {"wall_s": round(full_s, 1), "index_step_s": fb["build_seconds"], "timings": fb["timings"],
+                 "peak_rss_mib": round(full_rss), "nprobe": fb["nprobe"], "tuned_recall_at_10": fb["recall_at_10"],
+                 "recall_queries": fb["recall_queries"], "heldout_recall_at_10": round(rec_full, 4)},
+    }
+    res["recall_at_equal_nprobe"] = {p: {"update": a, "full": b} for p, a, b in zip(same, same_upd, same_full)}
+    res["ratio_wall"] = round(upd_s / full_s, 4)
+    res["ratio_index_step"] = round(upd["build_seconds"] / fb["build_seconds"], 4)
+    res["targets"] = {"update_le_10pct_of_full": res["ratio_wall"] <= 0.10,
+                      "recall_within_0.005": abs(rec_upd - rec_full) <= 0.005}
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(res, indent=2))
+    u, f = res["update"], res["full"]
+    text = "\n".join([
+        f"\n### Nightly index update — {res['date']} (host sgemm {res['sgemm_gflops']} GFLOP/s)\n",
+        f"`{res['command']}` — {args.n:,} synthetic clustered 512-d vectors in real shards with their catalog "
+        f"({res['catalog_s']} s to import), published as {res['factory']} by a full build ({res['first_build_s']} s); "
+        f"then {n_new:,} new images and {n_del:,} deleted.\n",
+        "| index step | process wall s | of which the index step | peak RSS MiB | nprobe | recall@10 tuned | "
+        "recall@10 held-out |",
+        "|---|---|---|---|---|---|---|",
+        f"| (a) `build-index --update` | {u['wall_s']} | {u['index_step_s']} | {u['peak_rss_mib']} | {u['nprobe']} | "
+        f"{u['tuned_recall_at_10']} ({u['recall_queries']} q) | {u['heldout_recall_at_10']} |",
+        f"| (b) `build-index` (full) | {f['wall_s']} | {f['index_step_s']} | {f['peak_rss_mib']} | {f['nprobe']} | "
+        f"{f['tuned_recall_at_10']} ({f['recall_queries']} q) | {f['heldout_recall_at_10']} |",
+        f"| **(a)/(b)** | **{res['ratio_wall']}** | {res['ratio_index_step']} | | | | |",
+        "",
+        "Held-out recall@10 at equal nprobe, update / full build: "
+        + ", ".join(f"nprobe {p}: {r['update']} / {r['full']}" for p, r in res["recall_at_equal_nprobe"].items()) + ".",
+        "",
+        f"Update timings (s): {u['timings']}. " + targets_line(res["targets"]),
+    ]) + "\n"
+    record(text, args.no_doc)
+
+
+if __name__ == "__main__":
+    main()

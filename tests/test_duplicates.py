@@ -1,0 +1,219 @@
+"""Near-duplicate groups: copies -> one group, distinct pictures -> none, byte-identical files always,
+every index kind against exact connected components, the CLI's outputs, and nothing touched."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from helpers import clustered_vectors, save_pattern, write_synthetic_shards
+from pipeline import duplicates
+from pipeline.cli import app
+from pipeline.duplicates import DuplicateGroup, _roots, _union, find_groups
+from pipeline.errors import PipelineError
+from pipeline.extract import extract
+from pipeline.index import build_index
+
+runner = CliRunner()
+# The tiny random-weight model maps distinct patterns to cosines up to ~0.99 and a picture's
+# resized or recompressed copies to > 0.999: the real model's calibrated default does not apply.
+TINY_THRESHOLD = 0.998
+
+
+def cli(*args, code: int = 0):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    return result
+
+
+def _index_of(root: Path, tmp_path: Path, model: Path) -> Path:
+    extract([root], tmp_path / "features", model, workers=0, progress=False)
+    build_index(tmp_path / "features", tmp_path / "index", progress=False)
+    return tmp_path / "index"
+
+
+@pytest.fixture()
+def photos(tmp_path, tiny_model):
+    """Six distinct pictures; the first also as a half-size copy and a JPEG q40 copy. Returns the
+    index folder, the collection folder and the first picture's three files, best first."""
+    root = tmp_path / "photos"
+    for seed in range(6):
+        save_pattern(root / f"pic{seed}.png", seed=seed, size=(192, 144))
+    (root / "copies").mkdir()
+    with Image.open(root / "pic0.png") as original:
+        original.resize((96, 72)).save(root / "copies" / "pic0_small.png")
+        original.save(root / "copies" / "pic0_q40.jpg", quality=40)
+    copies = [root / "pic0.png", root / "copies" / "pic0_q40.jpg", root / "copies" / "pic0_small.png"]
+    return _index_of(root, tmp_path, tiny_model), root, copies
+
+
+def test_picture_and_its_copies_form_one_group_best_first(photos):
+    index, _, copies = photos
+    groups = find_groups(index, TINY_THRESHOLD, progress=False)
+    assert len(groups) == 1 and isinstance(groups[0], DuplicateGroup) and groups[0].group == 1
+    images = groups[0].images
+    # Most pixels first; of the two full-size files, the one with more bytes (the PNG).
+    assert [i.path for i in images] == [str(p) for p in copies]
+    assert (images[0].width, images[0].height, images[0].bytes) == (192, 144, copies[0].stat().st_size)
+    assert (images[2].width, images[2].height) == (96, 72)
+    assert images[0].score_to_first == pytest.approx(1.0, abs=1e-4)
+    assert all(TINY_THRESHOLD <= i.score_to_first <= 1.0001 for i in images)
+
+
+def test_distinct_pictures_make_no_group(tmp_path, gallery, tiny_model):
+    assert find_groups(_index_of(gallery, tmp_path, tiny_model), TINY_THRESHOLD, progress=False) == []
+
+
+@pytest.mark.parametrize("threshold", [1.0, -1.0])
+def test_byte_identical_files_are_one_group_at_any_threshold(tmp_path, gallery, tiny_model, threshold):
+    first = sorted(gallery.rglob("*.jpg"))[0]
+    shutil.copy(first, gallery / "twin.jpg")  # extracted once, both paths indexed
+    groups = find_groups(_index_of(gallery, tmp_path, tiny_model), threshold, progress=False)
+    if threshold == 1.0:
+        assert [sorted(i.path for i in g.images) for g in groups] == [sorted([str(first), str(gallery / "twin.jpg")])]
+    else:
+        assert [len(g.images) for g in groups] == [13]  # every cosine is >= -1: one group of all
+
+
+def _exact_components(vectors: np.ndarray, threshold: float) -> set[frozenset[int]]:
+    """Connected components of "cosine >= threshold" by brute force (BFS over the full matrix)."""
+    adjacent = vectors @ vectors.T >= threshold
+    seen, out = set(), set()
+    for start in range(len(vectors)):
+        if start in seen:
+            continue
+        todo, comp = [start], {start}
+        while todo:
+            for j in np.flatnonzero(adjacent[todo.pop()]):
+                if int(j) not in comp:
+                    comp.add(int(j))
+                    todo.append(int(j))
+        seen |= comp
+        if len(comp) > 1:
+            out.add(frozenset(comp))
+    return out
+
+
+def _planted(n: int = 3000, seed: int = 0) -> np.ndarray:
+    """Clustered vectors in which 40 pictures get 1-4 noisy copies each (cosine ~0.97 to their original)."""
+    rng = np.random.default_rng(seed)
+    x = clustered_vectors(n, dim=64, clusters=30, seed=seed)
+    slots = rng.permutation(n)
+    for g in range(40):
+        original = x[slots[5 * g]]
+        for i in slots[5 * g + 1: 5 * g + 2 + g % 4]:
+            v = original + 0.25 * rng.normal(size=64).astype(np.float32) / 8
+            x[i] = v / np.linalg.norm(v)
+    return x
+
+
+@pytest.mark.parametrize("factory, small_blocks", [("Flat", False), ("IVF16,Flat", False), ("IVF16,SQ8", False),
+                                                  ("PQ16x4", False), ("Flat", True), ("IVF16,Flat", True)])
+def test_groups_equal_exact_components_for_every_index_kind(tmp_path, monkeypatch, factory, small_blocks):
+    if small_blocks:  # many blocks, and the vectors probing a list in many products
+        monkeypatch.setattr(duplicates, "BLOCK_ROWS", 50)
+    vectors = _planted()
+    threshold = 0.9
+    truth = _exact_components(vectors, threshold)
+    assert len(truth) >= 30  # the planted groups, with the background's own close pairs if any
+    write_synthetic_shards(tmp_path / "f", vectors, shard_size=700)
+    build_index(tmp_path / "f", tmp_path / "i", factory=factory, nprobe=16 if "IVF" in factory else None, progress=False)
+    groups = find_groups(tmp_path / "i", threshold, progress=False)
+    found = {frozenset(int(Path(i.path).stem) for i in g.images) for g in groups}
+    assert found == truth
+    sizes = [len(g.images) for g in groups]
+    assert sizes == sorted(sizes, reverse=True) and [g.group for g in groups] == list(range(1, len(groups) + 1))
+    first = groups[0]
+    ids = [int(Path(i.path).stem) for i in first.images]
+    # Compressed codes are re-ranked with the exact features: scores are exact for every kind.
+    assert [i.score_to_first for i in first.images] == pytest.approx(vectors[ids] @ vectors[ids[0]], abs=1e-4)
+    assert all(i.width is None and i.bytes is None for i in first.images)  # made-up paths: no file facts
+
+
+def test_ivf_with_few_probes_finds_parts_of_true_groups_and_the_planted_copies(tmp_path):
+    vectors = _planted()
+    truth = _exact_components(vectors, 0.9)
+    write_synthetic_shards(tmp_path / "f", vectors, shard_size=1000)
+    build_index(tmp_path / "f", tmp_path / "i", factory="IVF32,Flat", nprobe=2, progress=False)
+    groups = find_groups(tmp_path / "i", 0.9, nprobe=2, progress=False)
+    found = {frozenset(int(Path(i.path).stem) for i in g.images) for g in groups}
+    assert all(any(f <= t for t in truth) for f in found)  # never a pair below the threshold
+    assert len(found & truth) >= 0.9 * len(truth)  # the close copies are in neighbouring lists
+
+
+def test_compressed_index_whose_shards_are_gone_is_a_clear_error(tmp_path):
+    write_synthetic_shards(tmp_path / "f", _planted(), shard_size=1000)
+    build_index(tmp_path / "f", tmp_path / "i", factory="IVF16,SQ8", progress=False)
+    shutil.rmtree(tmp_path / "f")
+    with pytest.raises(PipelineError, match="rebuild the index"):
+        find_groups(tmp_path / "i", 0.9, progress=False)
+
+
+def test_union_find_matches_exact_components():
+    rng = np.random.default_rng(3)
+    n = 500
+    a, b = rng.integers(0, n, 400), rng.integers(0, n, 400)
+    a = np.concatenate([a, np.full(50, n - 1)])  # a star on the highest id: merged in a few rounds
+    b = np.concatenate([b, np.arange(50)])
+    parent = np.arange(n)
+    _union(parent, a, b)
+    roots = _roots(parent)
+    adjacency = np.zeros((n, n), bool)
+    adjacency[a, b] = adjacency[b, a] = True
+    truth = _exact_components(adjacency.astype(np.float32) + np.eye(n, dtype=np.float32), 1.0)
+    found = {}
+    for i, r in enumerate(roots):
+        found.setdefault(int(r), set()).add(i)
+    assert {frozenset(c) for c in found.values() if len(c) > 1} == truth
+    assert all(r == min(c) for r, c in found.items())  # the root is the group's smallest id
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def test_cli_json_text_sheets_and_nothing_touched(photos, tmp_path):
+    index, root, copies = photos
+    before = _tree(root)
+    out = cli("duplicates", "--index", index, "--threshold", TINY_THRESHOLD, "--json", "--sheet", tmp_path / "sheets")
+    groups = json.loads(out.stdout)
+    assert [list(g) for g in groups] == [["group", "images"]]
+    assert [set(i) for i in groups[0]["images"]] == [{"path", "score_to_first", "width", "height", "bytes"}] * 3
+    assert [i["path"] for i in groups[0]["images"]] == [str(p) for p in copies]
+    assert sorted(os.listdir(tmp_path / "sheets")) == ["group-0001.png"]
+    with Image.open(tmp_path / "sheets" / "group-0001.png") as im:
+        assert im.width > 3 * 160 and im.height > 160
+    text = cli("duplicates", "--index", index, "--threshold", TINY_THRESHOLD).stdout.splitlines()
+    assert text[0] == "group 1: 3 images"
+    assert text[1].split() == ["1.0000", "192x144", str(copies[0].stat().st_size), str(copies[0])]
+    assert _tree(root) == before  # nothing deleted, moved or rewritten
+
+
+def test_min_size_and_limit(tmp_path):
+    write_synthetic_shards(tmp_path / "f", _planted(), shard_size=1000)
+    build_index(tmp_path / "f", tmp_path / "i", progress=False)
+    every = find_groups(tmp_path / "i", 0.9, progress=False)
+    assert {len(g.images) for g in every} >= {2, 3, 4, 5}
+    big = find_groups(tmp_path / "i", 0.9, min_size=4, progress=False)
+    assert [g.images for g in big] == [g.images for g in every if len(g.images) >= 4]
+    assert [g.to_dict() for g in find_groups(tmp_path / "i", 0.9, limit=2, progress=False)] == [g.to_dict() for g in every[:2]]
+    out = json.loads(cli("duplicates", "--index", tmp_path / "i", "--threshold", 0.9, "--min-size", 5, "--limit", 3,
+                         "--json").stdout)
+    assert [len(g["images"]) for g in out] == [len(g.images) for g in every if len(g.images) >= 5][:3]
+
+
+def test_cli_errors_and_help(tmp_path, photos):
+    index, _, _ = photos
+    assert "near-duplicate" in cli("duplicates", "--help").stdout
+    r = cli("duplicates", "--index", index, "--threshold", 1.5, code=1)
+    assert r.stderr.startswith("error: --threshold") and len(r.stderr.splitlines()) == 1
+    assert "--min-size" in cli("duplicates", "--index", index, "--min-size", 1, code=1).stderr
+    assert "--limit" in cli("duplicates", "--index", index, "--limit", 0, code=1).stderr
+    assert "index folder not found" in cli("duplicates", "--index", tmp_path / "nope", code=1).stderr

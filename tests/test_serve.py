@@ -1,0 +1,287 @@
+"""The query service (`pipeline serve`): API in-process, limits, micro-batching, hot swaps under load."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve,test]'")
+import httpx  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from helpers import centre_crop, live_server, save_pattern, wait_for, write_bad_corpus, write_tiny_model  # noqa: E402
+from pipeline.cli import app as cli_app  # noqa: E402
+from pipeline.extract import extract  # noqa: E402
+from pipeline.index import build_index  # noqa: E402
+from pipeline.rebuild import rebuild  # noqa: E402
+from pipeline.search import Searcher  # noqa: E402
+from pipeline.serve import Service, create_app  # noqa: E402
+
+
+
+@pytest.fixture()
+def index_dir(tmp_path, gallery, tiny_model) -> Path:
+    rebuild([gallery], tmp_path / "work", tiny_model, workers=0, progress=False)
+    return tmp_path / "work" / "index"
+
+
+@pytest.fixture()
+def service(index_dir, tiny_model):
+    return Service(index_dir, tiny_model, poll=0)
+
+
+@pytest.fixture()
+def client(service):
+    with TestClient(create_app(service)) as c:
+        yield c
+
+
+def upload(*files: tuple[str, bytes]) -> list:
+    return [("image", (name, data, "application/octet-stream")) for name, data in files]
+
+
+def block_model(service: Service):
+    """Make the model wait for `release` (returned with `entered`, set once a batch is in the model)."""
+    entered, release = threading.Event(), threading.Event()
+    embed = service.model.embed
+
+    def blocked(images: np.ndarray) -> np.ndarray:
+        entered.set()
+        release.wait()
+        return embed(images)
+
+    service.model.embed = blocked
+    return entered, release
+
+
+def test_upload_answers_like_the_cli_plus_id_and_thumbnail(client, index_dir, gallery, tiny_model, tmp_path):
+    original = sorted(gallery.rglob("img03.*"))[0]
+    crop = centre_crop(original, tmp_path / "crop.png")
+    r = client.post("/api/search?k=5", files=upload(("crop.png", crop.read_bytes())))
+    assert r.status_code == 200, r.text
+    [got] = r.json()
+    assert got["query"] == "crop.png" and got["results"][0]["path"] == str(original)
+    cli = Searcher(index_dir, model=tiny_model).search([crop], k=5)[0].to_dict()
+    version = r.headers["X-Index-Version"]
+    assert [{k: v for k, v in h.items() if k != "thumbnail"} for h in got["results"]] == cli["results"]
+    assert all(h["thumbnail"] == f"/api/thumbnail/{h['id']}?version={version}" for h in got["results"])
+    assert set(got["results"][0]) == {"rank", "id", "path", "score", "thumbnail"}
+
+    # Several images in one request; one that cannot be used gets its reason, the others answer.
+    r = client.post("/api/search?k=2&exclude_self=true",
+                    files=upload(("a.png", original.read_bytes()), ("junk.jpg", b"not an image at all")))
+    assert r.status_code == 200
+    a, junk = r.json()
+    assert str(original) not in [h["path"] for h in a["results"]] and len(a["results"]) == 2  # exclude_self: same bytes
+    assert "not an image" in junk["error"] and junk["results"] == []
+
+
+def test_more_like_this_by_id(client, gallery):
+    first = client.get("/api/search?like=0&k=3").json()[0]
+    assert first["results"][0]["id"] == 0 and first["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    mlt = client.get("/api/search", params={"like": 0, "k": 3, "exclude_self": True}).json()[0]
+    assert first["query"] == mlt["query"] and 0 not in [h["id"] for h in mlt["results"]]
+    assert client.get("/api/search?like=12345").status_code == 404
+    assert client.get("/api/search?like=0&version=v1999").json() == {
+        "error": "index version v1999 is no longer served; search again"}
+    bad = client.get("/api/search?like=0&k=0")
+    assert bad.status_code == 422 and bad.json() == {"error": "k: Input should be greater than or equal to 1"}
+
+
+def test_thumbnails_by_id_only_cached_and_no_path_ever_read(client, service, tmp_path):
+    r = client.get("/api/thumbnail/4")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    with Image.open(io.BytesIO(r.content)) as im:
+        assert im.format == "JPEG" and max(im.size) <= 320
+    Path(service.searcher.path_of(4)).unlink()
+    assert client.get("/api/thumbnail/4").content == r.content  # cached: the file is no longer needed
+    assert client.get("/api/thumbnail/5?version=nope").status_code == 410
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET")
+    attempts = [f"/api/thumbnail/{secret}", "/api/thumbnail/..%2F..%2F..%2Fetc%2Fpasswd", "/api/thumbnail/-1",
+                f"/api/search?like={secret}", "/api/search?like=../../etc/passwd", "/static/../../../etc/passwd",
+                "/static/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "/static/..%2F..%2Fserve.py", f"/static/{secret}",
+                f"/{secret}", "/api/thumbnail/99999999999999999999"]
+    for url in attempts:
+        r = client.get(url)
+        assert 400 <= r.status_code < 500, (url, r.status_code)
+        assert "TOP-SECRET" not in r.text and "root:" not in r.text and "import" not in r.text, url
+        assert "error" in r.json(), url
+
+
+def test_bad_uploads_get_their_4xx_and_never_disturb_a_good_one(service, gallery, tmp_path):
+    good, bad = write_bad_corpus(tmp_path / "bad")
+    query = sorted(gallery.rglob("img05.*"))[0]
+    with TestClient(create_app(service, max_upload=2_000_000)) as client:
+        cases = {name: (tmp_path / "bad" / name).read_bytes() for name in ("zero.jpg", "truncated.jpg", "text.jpg", "bomb.png")}
+        for name, data in cases.items():
+            r = client.post("/api/search", files=upload((name, data)))
+            assert r.status_code == 400, (name, r.text)
+            assert r.json()["error"].startswith(f"{name}: ") and bad[name] in r.json()["error"]
+            ok = client.post("/api/search?k=1", files=upload(("q", query.read_bytes())))
+            assert ok.status_code == 200 and ok.json()[0]["results"][0]["path"] == str(query)
+        big = upload(("big.jpg", b"\xff" * 3_000_000))
+        r = client.post("/api/search", files=big)
+        assert r.status_code == 413 and "too large" in r.json()["error"]
+        head = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+        r = client.post("/api/search", content=iter([head] + [b"x" * 1_000_000] * 3),  # chunked: no Content-Length
+                        headers={"content-type": "multipart/form-data; boundary=b"})
+        assert r.status_code == 413, r.text
+        assert client.post("/api/search").json() == {"error": "image: Field required"}
+        assert client.post("/api/search", files=upload(*[("q", b"x")] * 33)).status_code == 400
+        assert client.get("/api/stats").json()["requests_served"] == len(cases)
+
+
+def test_concurrent_queries_share_one_model_batch_and_a_full_queue_answers_503(index_dir, tiny_model, gallery):
+    service = Service(index_dir, tiny_model, poll=0, queue_size=4, batch_size=8, max_wait_ms=0)
+    query = sorted(gallery.rglob("img05.*"))[0].read_bytes()
+    with TestClient(create_app(service)) as client:
+        entered, release = block_model(service)
+        pixels, _ = service.decode(query)
+        first = service.batcher.submit(pixels)  # a lone query goes to the model at once
+        wait_for(entered.is_set, "the first batch to reach the model")
+        waiting = [service.batcher.submit(pixels) for _ in range(4)]  # the queue is now full
+        r = client.post("/api/search", files=upload(("q", query)))
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1" and "busy" in r.json()["error"]
+        batches = service.batcher.batches
+        release.set()
+        feats = [f.result() for f in [first, *waiting]]
+        assert service.batcher.batches == batches + 2 and service.batcher.images == 5
+        np.testing.assert_allclose(feats[1], feats[0], atol=1e-6)
+        assert client.post("/api/search", files=upload(("q", query))).status_code == 200
+
+
+def test_a_request_that_waits_too_long_is_answered_503(index_dir, tiny_model, gallery):
+    service = Service(index_dir, tiny_model, poll=0, timeout=0.2)
+    with TestClient(create_app(service)) as client:
+        entered, release = block_model(service)
+        r = client.post("/api/search", files=upload(("q", sorted(gallery.rglob("*.jpg"))[0].read_bytes())))
+        release.set()
+        assert r.status_code == 503 and "no answer within 0.2 s" in r.json()["error"]
+
+
+def test_api_key(service):
+    with TestClient(create_app(service, api_key="s3cret")) as client:
+        for url in ("/api/stats", "/api/search?like=0", "/api/thumbnail/0"):
+            assert client.get(url).status_code == 401, url
+            assert client.get(url, headers={"X-API-Key": "wrong"}).status_code == 401, url
+            assert client.get(url, headers={"X-API-Key": "s3cret"}).status_code == 200, url
+        assert client.get("/api/stats").json()["error"].startswith("missing or wrong API key")
+        client.cookies.set("pipeline_key", "s3cret")  # what the page stores, so that <img> requests carry it
+        assert client.get("/api/thumbnail/0").status_code == 200
+        client.cookies.clear()
+        assert client.get("/api/health").json()["status"] == "ready"  # for monitors: reveals nothing
+        assert client.get("/").status_code == 200 and client.get("/openapi.json").status_code == 200
+
+
+def test_health_stats_page_and_schema(client):
+    assert client.get("/api/health").json()["status"] == "ready"
+    stats = client.get("/api/stats").json()
+    assert stats["count"] == 12 and stats["model"]["name"] == "tiny-vgg" and stats["version"].startswith("v")
+    assert {"built_at", "nprobe", "requests_served", "latency_ms"} <= set(stats)
+    page = client.get("/")
+    assert page.status_code == 200 and "/static/app.js" in page.text
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert client.get(asset).status_code == 200
+    assert "http" not in page.text.replace("http-equiv", "")  # nothing from a CDN
+    schema = client.get("/openapi.json").json()
+    assert {"/api/search", "/api/thumbnail/{idx}", "/api/health", "/api/stats"} <= set(schema["paths"])
+    assert client.get("/docs").status_code == 404  # its UI would load from a CDN
+
+
+def add_images(gallery: Path, seeds: range) -> list[Path]:
+    return [save_pattern(gallery / "new" / f"new{s}.png", seed=s) for s in seeds]
+
+
+def test_in_flight_request_finishes_on_the_old_version(client, service, gallery, tiny_model, tmp_path):
+    old = service.searcher.version_dir.name
+    entered, release = block_model(service)
+    query = add_images(tmp_path / "q", range(500, 501))[0].read_bytes()
+    answers = []
+    in_flight = threading.Thread(target=lambda: answers.append(client.post("/api/search?k=20", files=upload(("q", query)))))
+    in_flight.start()
+    wait_for(entered.is_set, "the request to reach the model")
+    new_image = add_images(gallery, range(500, 501))[0]
+    rebuild([gallery], tmp_path / "work", tiny_model, workers=0, progress=False)
+    assert service.refresh()
+    release.set()
+    in_flight.join()
+    assert answers[0].status_code == 200 and answers[0].headers["X-Index-Version"] == old
+    assert str(new_image) not in [h["path"] for h in answers[0].json()[0]["results"]]
+    r = client.post("/api/search?k=1", files=upload(("q", query)))
+    assert r.headers["X-Index-Version"] != old and r.json()[0]["results"][0]["path"] == str(new_image)
+    thumb = answers[0].json()[0]["results"][0]["thumbnail"]  # an id of the old version still resolves there
+    assert old in thumb and client.get(thumb).status_code == 200
+
+
+def test_a_version_made_by_another_model_is_refused(client, service, gallery, tmp_path, caplog):
+    old = service.searcher.version_dir.name
+    other = write_tiny_model(tmp_path / "other.onnx", seed=1, name="other-vgg")
+    extract([gallery], tmp_path / "other-features", other, workers=0, progress=False)
+    build_index(tmp_path / "other-features", service.index_dir, progress=False)
+    with caplog.at_level(logging.ERROR, logger="pipeline.serve"):
+        assert not service.refresh()
+        assert not service.refresh()  # logged once, not on every poll
+    logged = [r.message for r in caplog.records if r.name == "pipeline.serve"]
+    new = (service.index_dir / "CURRENT").read_text().strip()
+    assert len(logged) == 1 and logged[0].startswith(f"refused index version {new}: made by model other-vgg")
+    assert logged[0].endswith(f"still serving {old}")
+    assert client.get("/api/stats").json()["version"] == old
+    assert client.get("/api/search?like=0").status_code == 200
+
+
+def test_hot_swaps_under_concurrent_load_fail_no_request(index_dir, tiny_model, gallery, tmp_path):
+    """Four clients query without pause while three rebuilds publish; every new image becomes findable."""
+    service = Service(index_dir, tiny_model, poll=0.05)
+    queries = [p.read_bytes() for p in sorted(gallery.rglob("*.jpg"))[:4]]
+    statuses: list[int] = []
+    stop = threading.Event()
+    with live_server(create_app(service)) as url:
+        def load(data: bytes) -> None:
+            with httpx.Client(base_url=url, timeout=30) as http:
+                for _ in range(2000):  # bounded; stopped long before
+                    if stop.is_set():
+                        return
+                    statuses.append(http.post("/api/search?k=3", files=upload(("q", data))).status_code)
+
+        clients = [threading.Thread(target=load, args=(q,)) for q in queries]
+        for c in clients:
+            c.start()
+        try:
+            with httpx.Client(base_url=url, timeout=30) as http:
+                for round_ in range(3):
+                    new = add_images(gallery, range(600 + 2 * round_, 602 + 2 * round_))
+                    rebuild([gallery], tmp_path / "work", tiny_model, workers=0, progress=False)
+
+                    def found() -> bool:
+                        r = http.post("/api/search?k=1", files=upload(("q", new[-1].read_bytes())))
+                        return r.json()[0]["results"][0]["path"] == str(new[-1])
+
+                    wait_for(found, f"round {round_}'s new images to be served")
+        finally:
+            stop.set()
+            for c in clients:
+                c.join()
+        versions = httpx.get(f"{url}/api/stats").json()
+    assert len(statuses) > 20 and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    assert versions["count"] == 12 + 6
+
+
+def test_cli_serve_help_and_refusals(index_dir, tmp_path):
+    runner = CliRunner()
+    out = runner.invoke(cli_app, ["serve", "--help"])
+    assert out.exit_code == 0 and "--api-key" in out.stdout and "--index" in out.stdout
+    r = runner.invoke(cli_app, ["serve", "--index", str(index_dir), "--host", "0.0.0.0"])
+    assert r.exit_code == 1 and "give --api-key" in r.stderr
+    r = runner.invoke(cli_app, ["serve", "--index", str(tmp_path / "missing")])
+    assert r.exit_code == 1 and r.stderr.startswith("error: index folder not found")

