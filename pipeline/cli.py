@@ -60,6 +60,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 RetryFailedOpt = Annotated[bool, typer.Option(
     "--retry-failed", help="Try every file that failed before again now (default: transient failures with back-off, "
     "others once the file changes).")]
+RayOpt = Annotated[Optional[str], typer.Option("--ray", help="Run the heavy work on a Ray cluster (needs pipeline[ray]): auto (the cluster `ray start` runs here), local (start one in this process), or its address. The folders must be at the same path on every node.", show_default=False)]
 RetrainAboveOpt = Annotated[float, typer.Option(
     help="Train again (full build) once the images added and removed since the index's training exceed this "
     "share of the images it was trained on.")]
@@ -182,6 +183,7 @@ def extract(
     timeout: Annotated[float, typer.Option(help="Seconds allowed to decode one image.")] = 30.0,
     strict: Annotated[bool, typer.Option(help=f"Exit {EXIT_STRICT_FAILURES} if any image of the folder failed (this run or earlier) or a folder cannot be listed.")] = False,
     retry_failed: RetryFailedOpt = False,
+    ray: RayOpt = None,
     progress: ProgressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -195,7 +197,7 @@ def extract(
     try:
         report = run_extract(roots, out, model, workers=workers, batch_size=batch_size, shard_size=shard_size,
                              threads=threads, device=device, timeout=timeout, retry_failed=retry_failed,
-                             progress=progress)
+                             ray=ray, progress=progress)
     except PipelineError as exc:
         raise _fail(exc)
     if as_json:
@@ -218,6 +220,7 @@ def build_index(
     flat_below: Annotated[int, typer.Option(help="Use exact search for collections smaller than this.")] = 20_000,
     max_memory: Annotated[Optional[str], typer.Option(help="Memory budget of the index, e.g. 4G: compress (SQ8, OPQ+PQ) to fit.")] = None,
     keep: Annotated[int, typer.Option(help="Published versions to keep.")] = 3,
+    ray: RayOpt = None,
     update: Annotated[bool, typer.Option(
         "--update", help="Make the new version from the published one (add new images, remove deleted ones, keep "
         "the trained quantizer) when the same model and kind of index made it; else train again.")] = False,
@@ -230,7 +233,7 @@ def build_index(
 
     try:
         report = run_build(features, out, factory=factory, nlist=nlist, nprobe=nprobe, target_recall=target_recall,
-                           flat_below=flat_below, max_memory=max_memory, keep=keep, progress=progress,
+                           flat_below=flat_below, max_memory=max_memory, keep=keep, ray=ray, progress=progress,
                            update=update, retrain_above=retrain_above)
     except PipelineError as exc:
         raise _fail(exc)
@@ -360,6 +363,7 @@ def rebuild(
     log_file: Annotated[Optional[Path], typer.Option(help="Also append timestamped log lines to this file.")] = None,
     strict: Annotated[bool, typer.Option(help=f"Exit {EXIT_STRICT_FAILURES} if any image of the collection cannot be used or a folder cannot be listed.")] = False,
     retry_failed: RetryFailedOpt = False,
+    ray: RayOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The nightly job: incremental extract, compact, build and publish the index, prune old versions.
@@ -381,7 +385,7 @@ def rebuild(
         report = run_rebuild(roots, workdir, model, keep=keep, compact_below=compact_below, flat_below=flat_below,
                              retrain=retrain, retrain_above=retrain_above, workers=workers,
                              batch_size=batch_size, shard_size=shard_size, threads=threads, retry_failed=retry_failed,
-                             progress=False)
+                             ray=ray, progress=False)
     except PipelineError as exc:
         logging.getLogger("pipeline").error("rebuild failed: %s", exc)
         raise _fail(exc)

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -196,6 +197,7 @@ def extract(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     retry_failed: bool = False,
     scan_chunk: int = SCAN_CHUNK,
+    ray: str | None = None,
     progress: bool | None = None,
 ) -> ExtractReport:
     """Bring the shards in `out` up to date with the images under `roots`, doing only new work.
@@ -208,9 +210,15 @@ def extract(
     other roots, or under folders that cannot be listed (report.unreadable_folders), are left alone.
     The folders are walked, stat'ed, compared with the catalog and decoded `scan_chunk` files at a
     time; the comparison itself runs in SQLite, so memory does not grow with the number of files.
+    ray: the address of a Ray cluster ('auto', 'local', host:port) that decodes and embeds the files
+    instead of this process (distributed.py); this process still scans and writes the catalog.
     """
     workers = default_workers() if workers is None else workers
     _validate(batch_size, shard_size, workers, threads, timeout, scan_chunk)
+    if ray is not None:
+        from .distributed import connect, extract_on_ray
+
+        connect(ray)  # before any work: a cluster that cannot be reached is a one-line error at once
     out = Path(out)
     model_path = resolve_model_path(model)
     info = read_model_info(model_path)
@@ -247,9 +255,10 @@ def extract(
         LOG.info("%d images found: %d unchanged, %d to decode (%d failed before), %d recorded ones missing (%.1f s)",
                  report.found, report.unchanged, todo, report.retried, kinds["missing"], time.monotonic() - start)
         if todo:
-            _run(todo, catalog, out, model_path, info, report, scan_chunk=scan_chunk, workers=workers,
-                 batch_size=batch_size, shard_size=shard_size, threads=threads, device=device,
-                 settings=DecodeSettings(info.input_size, max_pixels, timeout), progress=progress)
+            embed = _run if ray is None else partial(extract_on_ray, address=ray)
+            embed(todo, catalog, out, model_path, info, report, scan_chunk=scan_chunk, workers=workers,
+                  batch_size=batch_size, shard_size=shard_size, threads=threads, device=device,
+                  settings=DecodeSettings(info.input_size, max_pixels, timeout), progress=progress)
         report.deleted = catalog.mark_missing_gone()
         report.new = todo - report.changed - report.retried - report.moved
         report.failed_total = write_errors_file(out, catalog, unreadable)

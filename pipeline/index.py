@@ -25,6 +25,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -211,6 +212,7 @@ def build_index(
     max_memory: int | str | None = None,
     keep: int = 3,
     seed: int = 0,
+    ray: str | None = None,
     progress: bool | None = None,
     update: bool = False,
     retrain_above: float = DEFAULT_RETRAIN_ABOVE,
@@ -221,8 +223,16 @@ def build_index(
     add the new ones, keep the trained quantizer, re-tune nprobe) when it was made by the same
     model and kind of index and the changes since its training stay within `retrain_above` of
     the count it was trained on; otherwise (and without `update`) a full build trains again.
+    ray: the address of a Ray cluster ('auto', 'local', host:port) whose workers fill parts of an
+    IVF index in parallel, merged here into the index a local build makes (distributed.py).
     """
     features_dir, out_dir = Path(features_dir), Path(out_dir)
+    fill = _fill
+    if ray is not None:
+        from .distributed import connect, fill_on_ray
+
+        connect(ray)  # before any work: a cluster that cannot be reached is a one-line error at once
+        fill = partial(fill_on_ray, address=ray)
     if not features_dir.is_dir():
         raise PipelineError(f"features folder not found: {features_dir}")
     if keep < 1:
@@ -278,7 +288,7 @@ def build_index(
 
         with _new_version(out_dir) as (tmp, version):
             t0 = time.monotonic()
-            truth, ids_writer = _fill(index, parts, ids, tmp / IDS_FILE, queries, progress)
+            truth, ids_writer = fill(index, parts, ids, tmp / IDS_FILE, queries, progress)
             timings["add_s"] = time.monotonic() - t0
             assert index.ntotal == n, f"index holds {index.ntotal} vectors, expected {n}"
 
@@ -567,6 +577,33 @@ def _live_parts(features_dir: Path) -> tuple[list[ShardInfo], list[tuple[ShardIn
     return infos, [(i, live[i.path.name][0]) for i in used], ids, digest
 
 
+def write_ids(parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, ids_path: Path,
+              features: queue.Queue | None = None) -> None:
+    """Write the id table: `ids` are the stable ids of the shards' live rows, in order. With
+    `features`, put each shard's live feature rows there on the way (None after an error)."""
+    db = sqlite3.connect(ids_path)
+    try:
+        db.execute("PRAGMA journal_mode=OFF")
+        db.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT NOT NULL, hash TEXT NOT NULL)")
+        offset = 0
+        for info, rows in parts:
+            data = read_shard(info.path, features=features is not None)
+            if features is not None:
+                features.put(data.features[rows])
+            db.executemany("INSERT INTO images VALUES (?, ?, ?)",
+                           zip(ids[offset:offset + len(rows)].tolist(), (data.paths[r] for r in rows),
+                               (data.hashes[r] for r in rows)))
+            offset += len(rows)
+        db.execute("CREATE INDEX images_path ON images(path)")
+        db.commit()
+    except BaseException:
+        if features is not None:
+            features.put(None)  # unblock the consumer; join() re-raises
+        raise
+    finally:
+        db.close()
+
+
 def _fill(index, parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, ids_path: Path,
           queries: np.ndarray | None, progress: bool | None) -> tuple[tuple[np.ndarray, np.ndarray] | None, _Background]:
     """Add every shard to the index under `ids`, streaming; meanwhile a thread reads the next shard and
@@ -574,29 +611,7 @@ def _fill(index, parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, ids
     way (for recall). Returns the exact neighbours' ids and scores, and the id-table thread (join it
     before publishing)."""
     features: queue.Queue = queue.Queue(maxsize=2)  # at most two shards in memory beyond the index
-
-    def read_and_record() -> None:
-        db = sqlite3.connect(ids_path)
-        try:
-            db.execute("PRAGMA journal_mode=OFF")
-            db.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT NOT NULL, hash TEXT NOT NULL)")
-            offset = 0
-            for info, rows in parts:
-                data = read_shard(info.path)
-                features.put(data.features[rows])
-                db.executemany("INSERT INTO images VALUES (?, ?, ?)",
-                               zip(ids[offset:offset + len(rows)].tolist(), (data.paths[r] for r in rows),
-                                   (data.hashes[r] for r in rows)))
-                offset += len(rows)
-            db.execute("CREATE INDEX images_path ON images(path)")
-            db.commit()
-        except BaseException:
-            features.put(None)  # unblock the consumer; join() re-raises
-            raise
-        finally:
-            db.close()
-
-    reader = _Background(read_and_record)
+    reader = _Background(write_ids, parts, ids, ids_path, features)
     heap = faiss.ResultHeap(len(queries), TRUTH_DEPTH, keep_max=True) if queries is not None else None
     offset = 0
     with Progress(sum(len(rows) for _, rows in parts), "index", enabled=progress) as bar:

