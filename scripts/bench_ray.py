@@ -64,19 +64,20 @@ def same(a: dict, b: dict) -> bool:
     return sorted(a) == sorted(b) and all(np.array_equal(a[p], b[p]) for p in a)
 
 
-def bench_extract(photos: Path, model: Path, work: Path) -> dict:
+def bench_extract(photos: Path, model: Path, work: Path, shard_size: int) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    local = run_extract(photos, work / "local", model)
+    shards = ("--shard-size", str(shard_size))
+    local = run_extract(photos, work / "local", model, *shards)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=str(work / "ray-one"))
     address = ray.get_runtime_context().gcs_address
-    on_ray = run_extract(photos, work / "ray", model, "--ray", address)
+    on_ray = run_extract(photos, work / "ray", model, *shards, "--ray", address)
     ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    two = run_extract(photos, work / "two-nodes", model, "--ray", cluster.address)
+    two = run_extract(photos, work / "two-nodes", model, *shards, "--ray", cluster.address)
     nodes = len([n for n in cluster.list_all_nodes()])
     cluster.shutdown()
     base = features(work / "local")
@@ -144,11 +145,13 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--vectors", type=int, default=1_000_000)
     ap.add_argument("--parts", type=int, default=10)
+    ap.add_argument("--shard-size", type=int, default=64,
+                    help="images per shard (= per Ray task): small enough that both nodes of the two-node cluster work")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
     gflops = sgemm_gflops()
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
-        ex = bench_extract(args.photos, args.model, Path(tmp))
+        ex = bench_extract(args.photos, args.model, Path(tmp), args.shard_size)
     mg = bench_merge(args.vectors, args.parts)
     result = {"extract": ex, "merge": mg, "sgemm_gflops": gflops, "cpus": os.cpu_count(),
               "load_avg": os.getloadavg()[0]}
