@@ -473,7 +473,6 @@ def _update(base: _Base, out_dir: Path, parts: list[tuple[ShardInfo, np.ndarray]
     timings: dict[str, float] = {}
     LOG.info("index: updating %s (%d added, %d removed)", base.dir.name, len(base.added), len(base.removed))
     index = base.index
-    timings["read_s"] = time.monotonic() - t_start
     nlist = base.meta["nlist"]
     if nlist:
         with np.load(base.dir / RECALL_FILE) as recall:
