@@ -57,7 +57,7 @@ def _read_index(path: str, mmap: bool):
 
 
 @dataclass(frozen=True)
-class _Query:
+class QueryFile:
     """What a query is matched against when excluding itself: its path and content hash."""
 
     path: str
@@ -197,7 +197,7 @@ class Searcher:
         return self.index.search(np.ascontiguousarray(vectors, np.float32), min(k, self.count), params=params)
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, nprobe: int | None = None,
-                       min_score: float | None = None, exclude: Sequence[_Query | None] | None = None) -> list[list[Hit]]:
+                       min_score: float | None = None, exclude: Sequence[QueryFile | None] | None = None) -> list[list[Hit]]:
         """Top-k hits for each feature vector; `exclude[i]` drops hits that are that query's own file
         (same path) or a byte-identical copy (same content hash). A high `min_score` costs no more
         than a plain search: faiss is asked for more only while the last score fetched passes it."""
@@ -234,14 +234,14 @@ class Searcher:
             raise PipelineError(f"k must be at least 1 (got {k})")
         size = self.model.info.input_size
         results: dict[int, QueryResult] = {}
-        good: list[tuple[int, np.ndarray, _Query]] = []
+        good: list[tuple[int, np.ndarray, QueryFile]] = []
         for i, path in enumerate(images):
             try:
                 decoded = load_image(path, size)
             except ImageError as exc:
                 results[i] = QueryResult(str(path), error=str(exc))
                 continue
-            good.append((i, decoded.pixels, _Query(str(Path(path).absolute()), decoded.content_hash)))
+            good.append((i, decoded.pixels, QueryFile(str(Path(path).absolute()), decoded.content_hash)))
         for start in range(0, len(good), batch_size):
             chunk = good[start:start + batch_size]
             feats = self.model.embed(np.stack([px for _, px, _ in chunk]))
@@ -254,14 +254,14 @@ class Searcher:
                     min_score: float | None = None, exclude_self: bool = False) -> list[QueryResult]:
         """Top-k for images already in the index, from their stored vectors (no model run)."""
         results: dict[int, QueryResult] = {}
-        found: list[tuple[int, np.ndarray, _Query]] = []
+        found: list[tuple[int, np.ndarray, QueryFile]] = []
         for i, p in enumerate(paths):
             key = str(Path(p).absolute())
             row = next(iter(self._query("SELECT id, hash FROM images WHERE path = ?", (key,))), None)
             if row is None:
                 results[i] = QueryResult(str(p), error="not in the index (--like takes an indexed image path)")
                 continue
-            found.append((i, self.vectors([row[0]])[0], _Query(key, row[1])))
+            found.append((i, self.vectors([row[0]])[0], QueryFile(key, row[1])))
         if found:
             vecs = np.stack([v for _, v, _ in found])
             excl = [q for _, _, q in found] if exclude_self else None

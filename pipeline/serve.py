@@ -34,7 +34,7 @@ from .errors import BusyError, ImageError, PipelineError
 from .images import decode_bytes
 from .index import CURRENT_FILE
 from .model import FeatureModel
-from .search import QueryResult, Searcher, _Query
+from .search import QueryResult, Searcher, QueryFile
 from .sheet import thumbnail
 
 LOG = logging.getLogger(__name__)
@@ -304,7 +304,7 @@ class Service:
         results = [QueryResult(name, error=str(d)) if isinstance(d, ImageError) else None
                    for (name, _), d in zip(uploads, decoded)]
         if good:
-            excl = [_Query("", content_hash) for _, (_, content_hash) in good] if exclude_self else None
+            excl = [QueryFile("", content_hash) for _, (_, content_hash) in good] if exclude_self else None
             hits = await asyncio.to_thread(self._locked, searcher.search_vectors, np.stack(feats), k, nprobe,
                                            min_score, excl)
             for (i, _), h in zip(good, hits):
