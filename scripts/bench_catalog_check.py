@@ -15,20 +15,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from benchlib import record, targets_line  # noqa: E402
+from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
 from pipeline.catalog import CATALOG_FILE, Catalog  # noqa: E402
-
-
-def sgemm_gflops(n: int = 1024, repeat: int = 5) -> float:
-    """The host's speed: the best of a few float32 n x n matrix products."""
-    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
-    best = min(_timed(lambda: a @ a) for _ in range(repeat))
-    return 2 * n**3 / best / 1e9
 
 
 def _timed(fn) -> float:
