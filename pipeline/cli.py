@@ -225,6 +225,12 @@ def build_index(
         "--update", help="Make the new version from the published one (add new images, remove deleted ones, keep "
         "the trained quantizer) when the same model and kind of index made it; else train again.")] = False,
     retrain_above: RetrainAboveOpt = 0.2,
+    codes: Annotated[Optional[str], typer.Option(
+        metavar="binary[:BITS]",
+        help="Coarse-to-fine (the method paper): BITS-bit binary codes (default 256) learned from the collection "
+        "(PCA + ITQ) find candidates by Hamming distance, exact cosine on the full features (kept memory-mapped "
+        "beside the index) re-ranks them. --factory may name a faiss binary index (BHNSW32, BIVF4096); --nprobe "
+        "then fixes its setting (candidates re-ranked, nprobe or efSearch). Always a full build.")] = None,
     progress: ProgressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -234,7 +240,7 @@ def build_index(
     try:
         report = run_build(features, out, factory=factory, nlist=nlist, nprobe=nprobe, target_recall=target_recall,
                            flat_below=flat_below, max_memory=max_memory, keep=keep, ray=ray, progress=progress,
-                           update=update, retrain_above=retrain_above)
+                           update=update, retrain_above=retrain_above, codes=codes)
     except PipelineError as exc:
         raise _fail(exc)
     m = report.meta
@@ -245,6 +251,10 @@ def build_index(
     if m["made_by"] == "update":
         typer.echo(f"updated from {m['base_version']}: {m['added']} added, {m['removed']} removed "
                    f"({m['changes_since_training']} changes since training on {m['trained_count']})", err=True)
+    if m.get("codes"):
+        c = m["codes"]
+        typer.echo(f"{c['setting_name']} {c['setting']}: recall@10 {m['recall_at_10']:.3f} vs exact search, "
+                   f"{m['query_ms']:.3f} ms/query", err=True)
     if m.get("nprobe"):
         typer.echo(f"nprobe {m['nprobe']}: recall@10 {m['recall_at_10']:.3f} vs exact search, "
                    f"{m['query_ms']:.3f} ms/query", err=True)

@@ -216,6 +216,7 @@ def build_index(
     progress: bool | None = None,
     update: bool = False,
     retrain_above: float = DEFAULT_RETRAIN_ABOVE,
+    codes: str | None = None,
 ) -> IndexReport:
     """Build an index from every shard in `features_dir` and publish it as the current version of `out_dir`.
 
@@ -225,8 +226,13 @@ def build_index(
     the count it was trained on; otherwise (and without `update`) a full build trains again.
     ray: the address of a Ray cluster ('auto', 'local', host:port) whose workers fill parts of an
     IVF index in parallel, merged here into the index a local build makes (distributed.py).
+    codes: 'binary[:BITS]' builds the coarse-to-fine kind instead (codes.py): learned binary codes
+    searched by Hamming distance, candidates re-ranked from the full features; `factory` may then
+    name a faiss binary index ('BHNSW32') and `nprobe` fix its setting. Never updated in place.
     """
     features_dir, out_dir = Path(features_dir), Path(out_dir)
+    if codes is not None and (ray is not None or max_memory is not None or nlist is not None):
+        raise PipelineError("--codes binary builds its own index: it takes neither --ray, --max-memory nor --nlist")
     fill = _fill
     if ray is not None:
         from .distributed import connect, fill_on_ray
@@ -247,6 +253,17 @@ def build_index(
     check_model(all_infos)
     n = sum(len(rows) for _, rows in parts)
     dim = all_infos[0].dim
+    model = {"name": all_infos[-1].model_name, "checksum": all_infos[-1].model_sha256, "path": all_infos[-1].model_path}
+    if codes is not None:
+        from .codes import build_binary, parse_codes
+
+        bits = parse_codes(codes, dim)
+        if update:
+            LOG.info("index: full build, not an update: binary codes are learned from the whole collection")
+        with exclusive_lock(out_dir, "pipeline build-index"):
+            return build_binary(features_dir, out_dir, parts, ids, digest, model, dim, bits=bits, factory=factory,
+                                setting=nprobe, target_recall=target_recall, recall_queries=recall_queries, keep=keep,
+                                seed=seed, progress=progress)
     plan = plan_index(n, dim, factory=factory, nlist=nlist, flat_below=flat_below, train_per_list=train_per_list,
                       max_memory=max_memory)
     LOG.info("index plan: %s (%s)", plan.factory, plan.reason)
@@ -260,7 +277,6 @@ def build_index(
     rng = np.random.default_rng(seed)
     t_start = time.monotonic()
     timings: dict[str, float] = {}
-    model = {"name": all_infos[-1].model_name, "checksum": all_infos[-1].model_sha256, "path": all_infos[-1].model_path}
     stable = digest is not None  # catalog ids; without a catalog, ids are positions and cannot be updated
 
     with exclusive_lock(out_dir, "pipeline build-index"):

@@ -109,8 +109,14 @@ class Searcher:
         if not isinstance(self.meta, dict) or not isinstance(self.meta.get("model"), dict):
             raise self._damaged(meta_path, "not an index description")
         try:
-            self.index = _read_index(str(index_path), mmap)
-        except RuntimeError as exc:
+            if self.meta.get("codes"):  # coarse-to-fine: binary codes, re-ranked from the vector store
+                from .codes import CODES_FILE, CoarseToFine
+
+                index_path = self.version_dir / CODES_FILE
+                self.index = CoarseToFine.open(self.version_dir, self.meta)
+            else:
+                self.index = _read_index(str(index_path), mmap)
+        except (RuntimeError, OSError, KeyError, PipelineError) as exc:
             raise self._damaged(index_path, exc) from None
         try:
             # Opened now so that this version stays readable even if a later build prunes it.
@@ -192,6 +198,8 @@ class Searcher:
         return [np.sort(np.array(ids.split(","), np.int64)) for (ids,) in rows]
 
     def _search(self, vectors: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+        if self.meta.get("codes"):  # `nprobe` overrides the setting the build tuned (pool, nprobe or efSearch)
+            return self.index.search(vectors, min(k, self.count), nprobe)
         nprobe = nprobe or self.nprobe
         params = faiss.SearchParametersIVF(nprobe=int(nprobe)) if nprobe and self.meta.get("nlist") else None
         return self.index.search(np.ascontiguousarray(vectors, np.float32), min(k, self.count), params=params)
@@ -271,6 +279,8 @@ class Searcher:
 
     def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The stored (for compressed indexes: decoded) vectors of indexed images, by id."""
+        if self.meta.get("codes"):
+            return self.index.vectors(ids)
         if not self._direct_map:
             try:  # ids are sparse (the catalog's): an IVF index finds them through a hash table
                 faiss.extract_index_ivf(self.index).set_direct_map_type(faiss.DirectMap.Hashtable)
