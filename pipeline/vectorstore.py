@@ -17,9 +17,9 @@ API:
   has_store(version_dir)
   Reranked(index, store, candidates)        a faiss-like .search(x, k, params) over both stages
 
-Writing streams: blocks go straight into a memory-mapped temporary file (never all of N in float32
-RAM) that is renamed into place when complete; blocks that arrive out of id order are put in order
-at close, a chunk at a time.
+Writing streams: blocks are appended to a temporary file as float16 (never all of N in float32 RAM)
+that is renamed into place when complete; blocks that arrive out of id order are put in order at
+close, a chunk at a time.
 """
 
 from __future__ import annotations
@@ -44,47 +44,53 @@ def has_store(version_dir: Path | str) -> bool:
 
 
 class StoreWriter:
-    """Write a store of `n` vectors of `dim` block by block; `close()` publishes it (both files or none)."""
+    """Write a store of `n` vectors of `dim` block by block; `close()` publishes it (both files or none).
+
+    Rows are appended with plain writes, not through a memory map, so the pages written never count
+    in the writer's resident memory."""
 
     def __init__(self, version_dir: Path | str, n: int, dim: int) -> None:
-        self.dir, self.n = Path(version_dir), n
-        self._tmp_vecs, self._tmp_ids = temp_path(self.dir / VECTORS_FILE), temp_path(self.dir / VECTOR_IDS_FILE)
-        self._vecs = np.lib.format.open_memmap(self._tmp_vecs, mode="w+", dtype=np.float16, shape=(n, dim))
-        self._ids = np.lib.format.open_memmap(self._tmp_ids, mode="w+", dtype=np.int64, shape=(n,))
+        self.dir, self.n, self.dim = Path(version_dir), n, dim
+        self._tmp = temp_path(self.dir / VECTORS_FILE)
+        self._fh = open(self._tmp, "wb")
+        np.lib.format.write_array_header_1_0(self._fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                                                        "fortran_order": False, "shape": (n, dim)})
+        self._ids = np.empty(n, np.int64)
         self._at = 0
 
     def add(self, ids: np.ndarray, feats: np.ndarray) -> None:
         assert len(ids) == len(feats) and self._at + len(ids) <= self.n, "more rows than the store was made for"
-        self._vecs[self._at:self._at + len(ids)] = feats
+        assert feats.shape[1:] == (self.dim,), f"features of shape {feats.shape}, the store holds {self.dim}-d"
+        self._fh.write(np.ascontiguousarray(feats, np.float16).tobytes())
         self._ids[self._at:self._at + len(ids)] = ids
         self._at += len(ids)
 
     def close(self) -> None:
-        """Put the rows in id order if they came otherwise, flush, rename both files into place."""
+        """Put the rows in id order if they came otherwise, then rename both files into place."""
         assert self._at == self.n, f"store holds {self._at} rows, expected {self.n}"
+        self._fh.close()
         if self.n and (np.diff(self._ids) <= 0).any():
             order = np.argsort(self._ids, kind="stable")
             if (np.diff(self._ids[order]) == 0).any():
                 raise PipelineError("the same id was given twice to the vector store")
-            sorted_path = temp_path(self.dir / VECTORS_FILE)
-            out = np.lib.format.open_memmap(sorted_path, mode="w+", dtype=np.float16, shape=self._vecs.shape)
-            for start in range(0, self.n, _CHUNK):
-                take = order[start:start + _CHUNK]
-                out[start:start + len(take)] = self._vecs[take]
-            self._ids[:] = self._ids[order]
-            out.flush()
-            del out
-            self._tmp_vecs.unlink()
-            self._tmp_vecs = sorted_path
-        self._vecs.flush()
-        self._ids.flush()
-        del self._vecs, self._ids
-        publish(self._tmp_vecs, self.dir / VECTORS_FILE)
-        publish(self._tmp_ids, self.dir / VECTOR_IDS_FILE)
+            unsorted, self._tmp = self._tmp, temp_path(self.dir / VECTORS_FILE)
+            rows = np.load(unsorted, mmap_mode="r")
+            with open(self._tmp, "wb") as fh:
+                np.lib.format.write_array_header_1_0(fh, np.lib.format.header_data_from_array_1_0(rows))
+                for start in range(0, self.n, _CHUNK):
+                    fh.write(rows[order[start:start + _CHUNK]].tobytes())
+            del rows
+            unsorted.unlink()
+            self._ids = self._ids[order]
+        ids_tmp = temp_path(self.dir / VECTOR_IDS_FILE)
+        with open(ids_tmp, "wb") as fh:
+            np.save(fh, self._ids)
+        publish(self._tmp, self.dir / VECTORS_FILE)
+        publish(ids_tmp, self.dir / VECTOR_IDS_FILE)
 
     def abort(self) -> None:
-        self._tmp_vecs.unlink(missing_ok=True)
-        self._tmp_ids.unlink(missing_ok=True)
+        self._fh.close()
+        self._tmp.unlink(missing_ok=True)
 
 
 def write_store(version_dir: Path | str, parts: Iterable[tuple[np.ndarray, np.ndarray]], n: int, dim: int) -> None:
