@@ -154,16 +154,17 @@ def _checksum(centre: np.ndarray, projection: np.ndarray) -> str:
 
 class _Sink:
     """What the streamed fill adds each shard's rows to: the vector store, and their codes at the
-    same (ascending id) positions."""
+    store's positions (ascending id order)."""
 
-    def __init__(self, store: StoreWriter, centre: np.ndarray, projection: np.ndarray) -> None:
+    def __init__(self, store: StoreWriter, ids: np.ndarray, centre: np.ndarray, projection: np.ndarray) -> None:
         self.store, self.centre, self.projection = store, centre, projection
-        self.codes = np.zeros((len(store.ids), projection.shape[1] // 8), np.uint8)
+        self.sorted_ids = np.sort(ids)
+        self.codes = np.zeros((len(ids), projection.shape[1] // 8), np.uint8)
         self.ntotal = 0
 
     def add_with_ids(self, feats: np.ndarray, ids: np.ndarray) -> None:
-        self.store.add(feats, ids)
-        self.codes[np.searchsorted(self.store.ids, ids)] = encode(feats, self.centre, self.projection)
+        self.store.add(ids, feats)
+        self.codes[np.searchsorted(self.sorted_ids, ids)] = encode(feats, self.centre, self.projection)
         self.ntotal += len(ids)
 
 
@@ -220,9 +221,14 @@ def build_binary(features_dir: Path, out_dir: Path, parts: list[tuple[ShardInfo,
     timings["train_s"] = time.monotonic() - t0
     with _new_version(out_dir) as (tmp, version):
         t0 = time.monotonic()
-        sink = _Sink(StoreWriter(tmp, ids, dim), centre, projection)
-        truth, ids_writer = _fill(sink, parts, ids, tmp / IDS_FILE, queries, progress)
-        store = sink.store.close()
+        sink = _Sink(StoreWriter(tmp, n, dim), ids, centre, projection)
+        try:
+            truth, ids_writer = _fill(sink, parts, ids, tmp / IDS_FILE, queries, progress)
+            sink.store.close()
+        except BaseException:
+            sink.store.abort()
+            raise
+        store = VectorStore.open(tmp)
         index = faiss.index_binary_factory(bits, fac)
         if not index.is_trained:  # IVF over codes: 64 training codes per list
             size = min(n, 64 * faiss.downcast_IndexBinary(index).nlist)

@@ -67,7 +67,7 @@ def test_binary_kind_returns_the_exact_top_k_when_the_pool_covers_it(tmp_path):
     version = current_version(tmp_path / "i")
     assert (version / CODES_FILE).is_file() and not (version / "index.faiss").exists()
     store = VectorStore.open(version)
-    assert store.vectors.dtype == np.float16 and (store.ids == np.arange(3000)).all()
+    assert store.vectors.dtype == np.float16 and (np.asarray(store.ids) == np.arange(3000)).all()
     queries = clustered_vectors(20, clusters=40, seed=7)
     searcher = Searcher(tmp_path / "i")
     for hits, q in zip(searcher.search_vectors(queries, k=10), queries):
