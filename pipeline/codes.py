@@ -40,7 +40,7 @@ DEFAULT_BITS = 256
 ITQ_TRAIN = 10_000  # vectors to learn PCA + rotation from (20 per dimension): 256 bits take seconds
 ITQ_ITERATIONS = 50  # as in the ITQ paper; the quantisation loss flattens well before
 FLAT_CODES_BELOW = 2_000_000  # an exhaustive Hamming scan stays within a few ms per query below this (docs/benchmarks.md)
-POOL_GRID = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000)  # candidates re-ranked (flat codes: the tuned setting)
+POOL_GRID = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000)  # candidates re-ranked (flat codes: the tuned setting); capped
 DEFAULT_POOL = 100  # candidates re-ranked when the tuned setting is nprobe or efSearch
 EF_GRID = (100, 128, 192, 256, 384, 512, 768, 1024)
 
@@ -174,7 +174,7 @@ def tune(engine: CoarseToFine, queries: np.ndarray, q_ids: np.ndarray, truth: np
     Hamming search, re-rank) reaches `target` with 95% confidence, or just the given `setting`."""
     n = engine.ntotal
     grid = ([setting] if setting else
-            [p for p in POOL_GRID if p < n] + [n] if engine.setting_name == "pool" else
+            [p for p in POOL_GRID if p < n] + [n] * (n <= POOL_GRID[-1]) if engine.setting_name == "pool" else
             [p for p in NPROBE_GRID if p < engine.index.nlist] + [engine.index.nlist] if engine.setting_name == "nprobe"
             else list(EF_GRID))
     tried = []
@@ -188,6 +188,9 @@ def tune(engine: CoarseToFine, queries: np.ndarray, q_ids: np.ndarray, truth: np
         if lower_bound(per_query) >= target:
             break
     best = tried[-1]
+    if best["recall_lower_bound"] < target:  # the pool is capped: past POOL_GRID re-ranking costs more than it is worth
+        LOG.warning("binary codes: recall@10 %.3f at the largest %s tried, below the target %g: use more --codes bits "
+                    "or another index kind", best["recall"], engine.setting_name, target)
     engine.setting = best[engine.setting_name]
     LOG.info("binary codes: %s %s: recall@10 %.3f, %.3f ms/query (%d queries)", engine.setting_name, engine.setting,
              best["recall"], best["ms_per_query"], len(q_ids))
