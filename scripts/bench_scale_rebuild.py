@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
 from helpers import TINY_SIZE, save_pattern, write_tiny_model  # noqa: E402
 from pipeline.catalog import Catalog  # noqa: E402
-from pipeline.extract import RowMeta, ShardWriter  # noqa: E402
+from pipeline.features import RowMeta, ShardWriter  # noqa: E402
 from pipeline.images import load_image  # noqa: E402
 from pipeline.index import build_index  # noqa: E402
 from pipeline.model import FeatureModel, read_model_info  # noqa: E402

@@ -17,7 +17,8 @@ import pytest
 from helpers import misbehaving_decode, save_pattern, write_bad_corpus
 from pipeline.decode_pool import DecodePool, DecodeSettings
 from pipeline.errors import BusyError, ModelMismatchError
-from pipeline.extract import ERRORS_FILE, extract
+from pipeline.extract import extract
+from pipeline.features import ERRORS_FILE
 from pipeline.fsutil import exclusive_lock
 from pipeline.shards import list_shards, read_shard, shard_info
 
