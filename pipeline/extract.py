@@ -23,7 +23,7 @@ import numpy as np
 from .catalog import Catalog
 from .decode_pool import DecodePool, DecodeSettings
 from .errors import PipelineError
-from .features import ERRORS_FILE, ShardWriter, lock, write_errors_file
+from .features import ERRORS_FILE, ShardWriter, write_errors_file, writing
 from .images import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, iter_images
 from .model import FeatureModel, ModelInfo, read_model_info, resolve_model_path
 from .progress import Progress
@@ -139,7 +139,7 @@ def extract(
     images = iter_images(roots, unreadable)
     start = time.monotonic()
     report = ExtractReport(features_dir=str(out), unreadable_folders=unreadable)
-    with lock(out), Catalog(out) as catalog:
+    with writing(out) as catalog:
         catalog.begin_scan()
         while chunk := list(islice(images, scan_chunk)):
             catalog.add_scanned([(str(p), *_stat(p)) for p in chunk])

@@ -1,18 +1,18 @@
 """The features folder: shards, their catalog, the errors file and the lock, behind one small API.
 
-It is the one store between the model and the index: extract (and its Ray workers) write it through
-a ShardWriter, rebuild compacts it, and the index reads its live rows; none of them opens the
-catalog or writes beside the shards by itself, so the data flows one way (images -> decode -> model
--> features folder -> index -> search -> serve).
+It is the one store between the model and the index, and this module is its only door: extract
+writes it under `writing()` (the lock and the catalog) through a ShardWriter (its Ray workers too),
+and rewrites its errors file; rebuild `compact`s it; the index reads `live_parts` and rebuild
+`live_digest` with the catalog opened read-only; duplicates reads `exact_features`. So the data
+flows one way: images -> decode -> model -> features folder -> index -> search -> serve.
 
 Layout:
-  shard-NNNNN.h5      HDF5 feature shards (shards.py)
-  catalog.sqlite      where every image's feature lives, which rows are live (catalog.py)
+  shard-NNNNN.h5      HDF5 feature shards (format: shards.py)
+  catalog.sqlite      every image, where its feature lives, which rows are live (catalog.py)
   errors.jsonl        every current file that could not be used, and why (write_errors_file)
-  .lock               held by whoever writes the folder (lock): extract, compaction
+  .lock               held by a writer (writing): extract, compaction
 
-Writers hold the lock; readers (live_parts, live_digest) open the catalog read-only and do not wait
-for it.
+Readers do not wait for the lock: they read the catalog in one transaction (see live_parts).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from contextlib import AbstractContextManager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -38,9 +38,12 @@ LOG = logging.getLogger(__name__)
 ERRORS_FILE = "errors.jsonl"
 
 
-def lock(features_dir: Path, what: str = "pipeline extract") -> AbstractContextManager[None]:
-    """The features folder's write lock (BusyError for a second holder): one writer at a time."""
-    return exclusive_lock(features_dir, what)
+@contextmanager
+def writing(features_dir: Path) -> Iterator[Catalog]:
+    """The folder's lock (BusyError for a second writer) and its catalog, opened for writing: what
+    every writer (extract, compaction) holds."""
+    with exclusive_lock(features_dir, "pipeline extract"), Catalog(features_dir) as catalog:
+        yield catalog
 
 
 @dataclass(frozen=True)
@@ -130,12 +133,12 @@ def write_errors_file(features_dir: Path, catalog: Catalog, unreadable: list[tup
 
 def compact(features_dir: Path, below: float = 0.5, shard_size: int = 512) -> list[str]:
     """Rewrite the live rows of shards whose live fraction is under `below` into new shards, then
-    delete those shards. The caller holds the features folder's lock. Returns the retired names.
+    delete those shards, under the folder's lock. Returns the retired names.
 
     Crash-safe: new shards are recorded before old ones are retired; a shard left behind with
     no live rows is retired by the next compaction, and never indexed meanwhile.
     """
-    with Catalog(features_dir) as catalog:
+    with writing(features_dir) as catalog:
         live = catalog.live_rows()
         victims = [name for name, n in sorted(catalog.shard_rows().items())
                    if len(live.get(name, ())) < below * n or n == 0]

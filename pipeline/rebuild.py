@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import PipelineError
 from .extract import ExtractReport, extract
-from .features import compact, live_digest, lock
+from .features import compact, live_digest
 from .fsutil import exclusive_lock
 from .index import CURRENT_FILE, DEFAULT_FLAT_BELOW, DEFAULT_RETRAIN_ABOVE, build_index
 from .search import Searcher
@@ -69,8 +69,7 @@ def rebuild(
                  time.monotonic() - t)
         for path, reason in ex.failures:
             LOG.warning("could not use %s: %s", path, reason)
-        with lock(features):
-            compacted = compact(features, compact_below, extract_options.get("shard_size", 512))
+        compacted = compact(features, compact_below, extract_options.get("shard_size", 512))
         digest = live_digest(features)
         published = _published_meta(index_dir)
         if published.get("live_digest") == digest:
