@@ -16,6 +16,7 @@ from typing import Sequence
 import faiss
 import numpy as np
 
+from .codes import CODES_FILE, CoarseToFine
 from .errors import ImageError, ModelMismatchError, PipelineError, cause
 from .images import load_image
 from .index import CURRENT_FILE, IDS_FILE, INDEX_FILE, META_FILE, current_version
@@ -110,8 +111,6 @@ class Searcher:
             raise self._damaged(meta_path, "not an index description")
         try:
             if self.meta.get("codes"):  # coarse-to-fine: binary codes, re-ranked from the vector store
-                from .codes import CODES_FILE, CoarseToFine
-
                 index_path = self.version_dir / CODES_FILE
                 self.index = CoarseToFine.open(self.version_dir, self.meta)
             else:
