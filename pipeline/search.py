@@ -21,6 +21,7 @@ from .errors import ImageError, ModelMismatchError, PipelineError, cause
 from .images import load_image
 from .index import CURRENT_FILE, IDS_FILE, INDEX_FILE, META_FILE, current_version
 from .model import FeatureModel
+from .vectorstore import Reranked, VectorStore
 
 LOG = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ class Searcher:
     The index version is resolved once at construction: a later publish does not affect this
     Searcher. IVF and flat indexes are memory-mapped (loading is near-instant, pages come in on
     use). The model must carry the weights checksum recorded in the index, else ModelMismatchError.
+    A compressed index with a vector store (meta "rerank" > 0) proposes that many candidates, ranked
+    again by their exact scores from the store (memory-mapped: its pages are page cache, not ours).
     """
 
     def __init__(self, index_dir: Path | str, model: Path | str | None = None, threads: int = 0,
@@ -123,6 +126,8 @@ class Searcher:
         except sqlite3.Error as exc:
             raise self._damaged(self.version_dir / IDS_FILE, exc) from None
         self._query("SELECT 1 FROM images LIMIT 1")
+        self.store = (self.index.store if self.meta.get("codes") else
+                      VectorStore.open(self.version_dir) if self.meta.get("rerank") else None)
 
     @staticmethod
     def _damaged(path: Path, why: Exception | str) -> PipelineError:
@@ -201,7 +206,8 @@ class Searcher:
             return self.index.search(vectors, min(k, self.count), nprobe)
         nprobe = nprobe or self.nprobe
         params = faiss.SearchParametersIVF(nprobe=int(nprobe)) if nprobe and self.meta.get("nlist") else None
-        return self.index.search(np.ascontiguousarray(vectors, np.float32), min(k, self.count), params=params)
+        index = Reranked(self.index, self.store, self.meta["rerank"]) if self.store is not None else self.index
+        return index.search(np.ascontiguousarray(vectors, np.float32), min(k, self.count), params=params)
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, nprobe: int | None = None,
                        min_score: float | None = None, exclude: Sequence[QueryFile | None] | None = None) -> list[list[Hit]]:
@@ -277,9 +283,10 @@ class Searcher:
         return [results[i] for i in range(len(paths))]
 
     def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """The stored (for compressed indexes: decoded) vectors of indexed images, by id."""
-        if self.meta.get("codes"):
-            return self.index.vectors(ids)
+        """The stored vectors of indexed images, by id: from the vector store when the version has one
+        (exact up to float16), else from the index (for compressed codes: decoded)."""
+        if self.store is not None:
+            return self.store.get(ids)
         if not self._direct_map:
             try:  # ids are sparse (the catalog's): an IVF index finds them through a hash table
                 faiss.extract_index_ivf(self.index).set_direct_map_type(faiss.DirectMap.Hashtable)
