@@ -360,21 +360,7 @@ def build_index(
             ids_writer.join()
             timings["write_s"] = time.monotonic() - t0
             meta = {
-                "schema_version": META_SCHEMA,
-                "pipeline_version": __version__,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "version": version,
-                "model": model,
-                "count": n,
-                "dim": dim,
-                "metric": "inner_product",
-                "factory": plan.factory,
-                "kind": kind,
-                "ids": "catalog" if stable else "positions",
-                "made_by": "build",
-                "trained_count": n,
-                "changes_since_training": 0,
-                "base_version": None,
+                **_built(version, model, n, dim, plan.factory, kind, stable),
                 "bytes_estimate": plan.bytes_estimate,
                 "nlist": plan.nlist,
                 "reason": plan.reason,
@@ -386,6 +372,15 @@ def build_index(
             final = _publish(out_dir, tmp, meta, keep)
     LOG.info("published %s: %d vectors, %s, nprobe %s", final, n, plan.factory, meta.get("nprobe"))
     return IndexReport(str(final), meta)
+
+
+def _built(version: str, model: dict, n: int, dim: int, factory: str, kind: str, stable: bool) -> dict:
+    """The meta.json fields that say what a full build made, from what model."""
+    return {"schema_version": META_SCHEMA, "pipeline_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "version": version, "model": model,
+            "count": n, "dim": dim, "metric": "inner_product", "factory": factory, "kind": kind,
+            "ids": "catalog" if stable else "positions", "made_by": "build", "trained_count": n,
+            "changes_since_training": 0, "base_version": None}
 
 
 def binary_factory(n: int, bits: int, factory: str | None = None) -> tuple[str, str]:
@@ -501,21 +496,8 @@ def _build_binary(features_dir: Path, out_dir: Path, parts: list[tuple[ShardInfo
         np.savez(tmp / ITQ_FILE, centre=centre, projection=projection)
         timings["write_s"] = time.monotonic() - t0
         meta = {
-            "schema_version": META_SCHEMA,
-            "pipeline_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "version": version,
-            "model": model,
-            "count": n,
-            "dim": dim,
-            "metric": "inner_product",
-            "factory": f"ITQ{bits},{fac}",
-            "kind": f"binary/{type(faiss.downcast_IndexBinary(index)).__name__}/{bits}",
-            "ids": "catalog" if digest is not None else "positions",
-            "made_by": "build",
-            "trained_count": n,
-            "changes_since_training": 0,
-            "base_version": None,
+            **_built(version, model, n, dim, f"ITQ{bits},{fac}",
+                     f"binary/{type(faiss.downcast_IndexBinary(index)).__name__}/{bits}", digest is not None),
             "bytes_estimate": n * bits // 8,
             "nlist": 0,  # no float IVF layer: the binary index's own lists are in "codes"
             "nprobe": None,
