@@ -122,9 +122,6 @@ class CoarseToFine:
                                    params=params)
         return self.store.rerank(queries, np.where(pos >= 0, self.store.ids[pos], -1), k)
 
-    def vectors(self, ids) -> np.ndarray:
-        return self.store.get(ids)
-
 
 def rotation_checksum(centre: np.ndarray, projection: np.ndarray) -> str:
     """Recorded in meta.json: a search must encode its queries with the rotation the codes were made with."""

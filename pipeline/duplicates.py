@@ -93,6 +93,9 @@ def find_groups(
         raise PipelineError(f"--nprobe must be at least 1 (got {nprobe})")
     t0 = time.monotonic()
     searcher = Searcher(index_dir)
+    if searcher.meta.get("codes"):
+        raise PipelineError(f"{searcher.version_dir} holds binary codes (build-index --codes), which `duplicates` "
+                            "cannot scan list by list; build an index without --codes for it")
     ids = searcher.ids()  # sorted; ids are stable catalog ids, not positions: groups are formed over positions
     n = len(ids)
     base = searcher.index

@@ -155,6 +155,8 @@ def test_cli_codes(tmp_path):
     res = runner.invoke(app, ["search", "--index", str(tmp_path / "i"), "--like", "/synthetic/0000003.jpg", "-k", "2",
                               "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)[0]["results"][0]["path"] == "/synthetic/0000003.jpg"
+    res = runner.invoke(app, ["duplicates", "--index", str(tmp_path / "i")])
+    assert res.exit_code == 1 and "without --codes" in res.output
     res = runner.invoke(app, ["build-index", str(tmp_path / "f"), "--out", str(tmp_path / "i"), "--codes", "binary:12"])
     assert res.exit_code == 1 and "multiple of 8" in res.output
     help_text = runner.invoke(app, ["build-index", "--help"]).output
