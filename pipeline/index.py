@@ -35,9 +35,9 @@ import numpy as np
 from . import __version__
 from .errors import PipelineError, cause, write_error
 from .fsutil import atomic_write_text, exclusive_lock, fsync_dir
-from .catalog import CATALOG_FILE, Catalog
+from .features import live_parts
 from .progress import Progress
-from .shards import ShardInfo, check_model, list_shards, read_rows, read_shard, shard_info
+from .shards import ShardInfo, check_model, read_rows, read_shard
 from .vectorstore import Reranked, StoreWriter, VectorStore, has_store
 
 LOG = logging.getLogger(__name__)
@@ -52,7 +52,10 @@ DEFAULT_FLAT_BELOW = 20_000  # under this, exact search over 512-d is about a mi
 # unbalanced (README: rebuild), so a full build trains again.
 DEFAULT_RETRAIN_ABOVE = 0.2
 TRUTH_DEPTH = 32  # exact neighbours kept per recall query: updates drop removed ones and stay exact to depth k+1
-# Candidates a compressed index proposes for exact re-ranking (vectorstore.py). RERANK_MEASURED
+# Candidates a compressed index proposes for exact re-ranking (vectorstore.py). Measured on 200k
+# bench vectors with PQ64x4fs/PQ128x4fs: from 100 candidates on, re-ranking finds every true top-10
+# neighbour that the probed lists hold (recall is then limited by nprobe alone); 200 leaves margin
+# for the denser neighbourhoods of 10M, and re-ranking 200 float16 rows costs ~0.1 ms a query.
 DEFAULT_RERANK = 200
 
 
@@ -269,7 +272,7 @@ def build_index(
         raise PipelineError(f"--target-recall must be in (0, 1] (got {target_recall})")
     if retrain_above < 0:
         raise PipelineError(f"--retrain-above must be at least 0 (got {retrain_above})")
-    all_infos, parts, ids, digest = _live_parts(features_dir)
+    all_infos, parts, ids, digest = live_parts(features_dir)
     if not all_infos:
         raise PipelineError(f"no shards in {features_dir}: run `pipeline extract` first")
     check_model(all_infos)
@@ -584,34 +587,6 @@ def _rows_with_ids(parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, w
         offset += len(rows)
 
 
-def _live_parts(features_dir: Path) -> tuple[list[ShardInfo], list[tuple[ShardInfo, np.ndarray]], np.ndarray,
-                                              str | None]:
-    """Every shard, the rows to index per shard: the catalog's live rows (deleted, changed and
-    moved-away images left out), or every row when the folder has no catalog; the id of each of
-    those rows, in the same order (the catalog's stable ids, else positions); the catalog's live digest.
-
-    An extract may be writing meanwhile (build-index does not wait for it): the live rows and the
-    digest are read in one transaction and before the shards are listed, so every shard they name
-    is listed and whatever the extract records later is wholly left out (the digest says so, and the
-    next rebuild builds again).
-    """
-    live = digest = None
-    if (features_dir / CATALOG_FILE).exists():
-        with Catalog(features_dir) as catalog:
-            live, digest = catalog.live_snapshot()
-    infos = [shard_info(p) for p in list_shards(features_dir)]
-    if live is None:
-        parts = [(i, np.arange(i.count)) for i in infos if i.count]
-        return infos, parts, np.arange(sum(len(rows) for _, rows in parts)), None
-    lost = sorted(set(live) - {i.path.name for i in infos})
-    if lost:
-        raise PipelineError(f"the catalog of {features_dir} records images in {lost[0]}, which is missing; "
-                            "run `pipeline extract` to reconcile it")
-    used = [i for i in infos if i.path.name in live]
-    ids = np.concatenate([live[i.path.name][1] for i in used]) if used else np.zeros(0, np.int64)
-    return infos, [(i, live[i.path.name][0]) for i in used], ids, digest
-
-
 def write_ids(parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, ids_path: Path,
               features: queue.Queue | None = None, store: StoreWriter | None = None) -> None:
     """Write the id table: `ids` are the stable ids of the shards' live rows, in order. With
@@ -646,8 +621,8 @@ def _fill(index, parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, ids
           queries: np.ndarray | None, progress: bool | None,
           store: StoreWriter | None = None) -> tuple[tuple[np.ndarray, np.ndarray] | None, _Background]:
     """Add every shard to the index under `ids`, streaming; meanwhile a thread reads the next shard and
-    writes the id table (and the vector `store`, if given). With `queries`, the exact top-TRUTH_DEPTH of each query is gathered on the
-    way (for recall). Returns the exact neighbours' ids and scores, and the id-table thread (join it
+    writes the id table (and the vector `store`, if given). With `queries`, the exact top-TRUTH_DEPTH of
+    each query is gathered on the way (for recall). Returns the exact neighbours' ids and scores, and the id-table thread (join it
     before publishing)."""
     features: queue.Queue = queue.Queue(maxsize=2)  # at most two shards in memory beyond the index
     reader = _Background(write_ids, parts, ids, ids_path, features, store)
