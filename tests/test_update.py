@@ -143,7 +143,7 @@ def test_update_of_a_version_with_a_vector_store_is_a_full_build(tmp_path, caplo
     f = tmp_path / "f"
     vecs = collection(f, 3000)
     first = build_index(f, tmp_path / "i", factory="IVF16,PQ8x4fs", progress=False).meta
-    assert first["rerank"] == 200
+    assert first["rerank"] == 500
     _, gone = change(f, vecs, 30, [1, 2])
     with caplog.at_level("INFO", logger="pipeline.index"):
         again = build_index(f, tmp_path / "i", factory="IVF16,PQ8x4fs", update=True, progress=False).meta
