@@ -221,7 +221,7 @@ def build_index(
     max_memory: Annotated[Optional[str], typer.Option(help="Memory budget of the index, e.g. 4G: compress (SQ8, PQ fast-scan) to fit.")] = None,
     rerank: Annotated[Optional[int], typer.Option(
         help="Candidates of a compressed index re-ranked exactly from a float16 vector store on disk "
-        "(default 200 for compressed codes; 0: no store).")] = None,
+        "(default 500 for compressed codes; 0: no store).")] = None,
     keep: Annotated[int, typer.Option(help="Published versions to keep.")] = 3,
     ray: RayOpt = None,
     update: Annotated[bool, typer.Option(

@@ -39,7 +39,7 @@ from .errors import PipelineError, cause, write_error
 from .fsutil import atomic_write_text, exclusive_lock, fsync_dir
 from .features import live_parts
 from .progress import Progress
-from .shards import ShardInfo, check_model, list_shards, read_rows, read_shard, shard_info
+from .shards import ShardInfo, check_model, read_rows, read_shard
 from .vectorstore import Reranked, StoreWriter, VectorStore, has_store
 
 LOG = logging.getLogger(__name__)
@@ -55,8 +55,12 @@ DEFAULT_FLAT_BELOW = 20_000  # under this, exact search over 512-d is about a mi
 DEFAULT_RETRAIN_ABOVE = 0.2
 FLAT_CODES_BELOW = 2_000_000  # binary codes: an exhaustive Hamming scan below this (docs/benchmarks.md)
 TRUTH_DEPTH = 32  # exact neighbours kept per recall query: updates drop removed ones and stay exact to depth k+1
-# Candidates a compressed index proposes for exact re-ranking (vectorstore.py). RERANK_MEASURED
-DEFAULT_RERANK = 200
+# Candidates a compressed index proposes for exact re-ranking (vectorstore.py). Measured with bench
+# vectors at the density of 10M (1,000 per cluster; scratch experiment, docs/benchmarks.md): the
+# share of the true top-10 among the top-c candidates of PQ256x4fs codes is 0.66 / 0.95 / 0.997 /
+# 1.0 at c = 50 / 200 / 500 / 1000 (PQ128x4fs: 0.37 / 0.73 / 0.95 / 1.0; SQ4: 0.96 / 0.9995 at 50 /
+# 200, but it scans 50x slower than fast-scan). 500 float16 rows re-rank in well under a millisecond.
+DEFAULT_RERANK = 500
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ def plan_index(n: int, dim: int = 512, *, factory: str | None = None, nlist: int
     Exact (Flat) below `flat_below`; else IVF with nlist the power of two >= 4 sqrt(n) (faiss
     guidance: 4..16 sqrt(n)), capped so each list has >= 39 training points. With `max_memory`
     (bytes), the vectors are compressed until the index fits: SQ8, then 4-bit PQ codes scanned with
-    fast-scan (PQ{dim/4}x4fs, then fewer bytes). Compressed codes are followed by exact re-ranking of
+    fast-scan (PQ{dim/2}x4fs, then fewer bytes). Compressed codes are followed by exact re-ranking of
     `rerank` candidates (default DEFAULT_RERANK) from a float16 store on disk, memory-mapped, which
     the budget does not count: it is page cache, not the index's memory. PQ codes scan so fast that
     a finer IVF buys little and costs training time quadratic in nlist (2 cores: hours at 65k
@@ -137,7 +141,7 @@ def plan_index(n: int, dim: int = 512, *, factory: str | None = None, nlist: int
         if nlist < 1 or nlist * MIN_POINTS_PER_LIST > n:
             raise PipelineError(f"nlist {nlist} needs at least {max(nlist, 1) * MIN_POINTS_PER_LIST} vectors to train; have {n}")
         ivf = f"IVF{nlist},"
-    codes = ["Flat", "SQ8"] + [f"PQ{m}x4fs" for m in (dim // 4, dim // 8, dim // 16) if m and dim % m == 0]
+    codes = ["Flat", "SQ8"] + [f"PQ{m}x4fs" for m in (dim // 2, dim // 4, dim // 8, dim // 16) if m and dim % m == 0]
     for code in codes:
         if code.startswith("PQ") and auto_nlist and ivf:
             nlist = min(2 ** math.ceil(math.log2(math.sqrt(n))), n // MIN_POINTS_PER_LIST)
@@ -763,8 +767,8 @@ def _fill(index, parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, ids
           queries: np.ndarray | None, progress: bool | None,
           store: StoreWriter | None = None) -> tuple[tuple[np.ndarray, np.ndarray] | None, _Background]:
     """Add every shard to the index under `ids`, streaming; meanwhile a thread reads the next shard and
-    writes the id table (and the vector `store`, if given). With `queries`, the exact top-TRUTH_DEPTH of each query is gathered on the
-    way (for recall). Returns the exact neighbours' ids and scores, and the id-table thread (join it
+    writes the id table (and the vector `store`, if given). With `queries`, the exact top-TRUTH_DEPTH of
+    each query is gathered on the way (for recall). Returns the exact neighbours' ids and scores, and the id-table thread (join it
     before publishing)."""
     features: queue.Queue = queue.Queue(maxsize=2)  # at most two shards in memory beyond the index
     reader = _Background(write_ids, parts, ids, ids_path, features, store)

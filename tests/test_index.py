@@ -33,10 +33,10 @@ def test_max_memory_picks_compressed_codes():
     assert plan_index(1_000_000, 512, max_memory="1500M").factory == "IVF4096,SQ8"
     small = plan_index(1_000_000, 512, max_memory="100M")
     assert small.factory == "IVF1024,PQ128x4fs" and small.bytes_estimate <= 100 * 2**20
-    assert "--max-memory" in small.reason and small.rerank == 200 and "re-ranked exactly" in small.reason
+    assert "--max-memory" in small.reason and small.rerank == 500 and "re-ranked exactly" in small.reason
     assert plan_index(1_000_000, 512, max_memory="40M").factory == "IVF1024,PQ32x4fs"
     assert plan_index(1_000_000, 512, max_memory="100M", rerank=0).rerank == 0
-    assert flat.rerank == 0 and plan_index(1_000_000, 512, factory="IVF1024,PQ32x4fs").rerank == 200
+    assert flat.rerank == 0 and plan_index(1_000_000, 512, factory="IVF1024,PQ32x4fs").rerank == 500
     with pytest.raises(PipelineError, match="do not fit"):
         plan_index(1_000_000, 512, max_memory="1M")
     # nlist and code size are asked of faiss, never parsed from the string by hand
@@ -46,8 +46,8 @@ def test_max_memory_picks_compressed_codes():
     # 10M in 4 GB: SQ8 (5.2 GB) does not fit; fast-scan PQ codes do, a cheap-to-train quantizer, the
     # float16 store for re-ranking on disk and said to be outside the budget
     big = plan_index(10_000_000, 512, max_memory="4G")
-    assert big.factory == "IVF4096_HNSW32,PQ128x4fs" and big.nlist == 4096 and big.bytes_estimate <= 4 * 2**30
-    assert big.rerank == 200 and "not resident" in big.reason and "9766 MiB" in big.reason
+    assert big.factory == "IVF4096_HNSW32,PQ256x4fs" and big.nlist == 4096 and big.bytes_estimate <= 4 * 2**30
+    assert big.rerank == 500 and "not resident" in big.reason and "9766 MiB" in big.reason
     assert plan_index(1_000_000, 512, factory="HNSW32").nlist == 0
     with pytest.raises(PipelineError, match="cannot build factory"):
         plan_index(1_000_000, 512, factory="IVF12,Nonsense")
@@ -144,7 +144,7 @@ def test_compressed_build_tunes_the_reranked_path(tmp_path):
     report = build_index(tmp_path / "f", tmp_path / "i", flat_below=1000, max_memory=100_000, recall_queries=300,
                          progress=False)
     m = report.meta
-    assert "PQ" in m["factory"] and m["rerank"] == 200 and m["recall_at_10"] >= 0.95
+    assert "PQ" in m["factory"] and m["rerank"] == 500 and m["recall_at_10"] >= 0.95
     assert m["nprobe_sweep"][-1]["recall_lower_bound"] >= 0.95
     version = current_version(tmp_path / "i")
     assert (version / "vectors.npy").is_file() and (version / "vector_ids.npy").is_file()
