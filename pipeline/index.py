@@ -151,15 +151,17 @@ def plan_index(n: int, dim: int = 512, *, factory: str | None = None, nlist: int
         raise PipelineError(f"{n} vectors do not fit in {max_memory / 2**20:.0f} MiB even as {fac} "
                             f"({need / 2**20:.0f} MiB); raise --max-memory")
     compressed = code != "Flat"
+    rerank = _rerank(compressed, rerank)
     if compressed:
+        how = ("given with --nlist" if not auto_nlist else "the power of two >= sqrt(N)" if code.startswith("PQ")
+               else "about 4*sqrt(N)")
         reason = (f"{n} vectors as flat floats need {n * 4 * dim / 2**20:.0f} MiB > --max-memory, so {fac} "
-                  f"({need / 2**20:.0f} MiB: codes, ids and quantizer)")
-        reason += (f", {nlist} lists (nlist {'given with --nlist' if not auto_nlist else 'the power of two >= sqrt(N)' if code.startswith('PQ') else 'about 4*sqrt(N)'})")
-        if _rerank(True, rerank):
-            reason += (f"; the top {_rerank(True, rerank)} candidates re-ranked exactly from a float16 store on disk "
+                  f"({need / 2**20:.0f} MiB: codes, ids and quantizer), {nlist} lists (nlist {how})")
+        if rerank:
+            reason += (f"; the top {rerank} candidates re-ranked exactly from a float16 store on disk "
                        f"({n * 2 * dim / 2**20:.0f} MiB, memory-mapped, not resident)")
     train = min(n, max(max(MIN_POINTS_PER_LIST, train_per_list) * nlist, 20_000 if compressed else 0))
-    return IndexPlan(fac, nlist, train, reason, need, _rerank(compressed, rerank))
+    return IndexPlan(fac, nlist, train, reason, need, rerank)
 
 
 def _rerank(compressed: bool, rerank: int | None) -> int:
