@@ -198,7 +198,7 @@ def _code_error(searcher: Searcher, ids: np.ndarray, vectors, sample: int = 1000
     """How far scores of decoded codes stray from exact ones: 1.5 x the largest error over all pairs
     of a seeded sample of indexed vectors (decoded from the index vs exact from the shards)."""
     ids = np.sort(np.random.default_rng(seed).choice(ids, min(sample, len(ids)), replace=False))
-    decoded, exact = searcher.vectors(ids), vectors(ids)
+    decoded, exact = searcher.decoded(ids), vectors(ids)
     return 1.5 * float(np.abs(decoded @ decoded.T - exact @ exact.T).max())
 
 
