@@ -183,12 +183,15 @@ def _ivf_pairs_above(searcher: Searcher, ivf: faiss.IndexIVF, cut: float, nprobe
             runs = np.flatnonzero(np.diff(source)) + 1
             return np.concatenate([views[m][run - starts[m]] for m, run in
                                    zip(source[np.r_[0, runs]].tolist(), np.split(slots, runs))])
-    else:
+    else:  # decoded by the IVF itself: in its centroids' space, after any pre-transform (OPQ's rotation keeps cosines)
+        if ivf.direct_map.type == faiss.DirectMap.NoMap:
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # ids are sparse (the catalog's)
+
         def list_vectors(m: int) -> np.ndarray:
-            return searcher.vectors(slot_ids[starts[m]:starts[m + 1]])
+            return ivf.reconstruct_batch(slot_ids[starts[m]:starts[m + 1]])
 
         def slot_vectors(slots: np.ndarray) -> np.ndarray:
-            return searcher.vectors(slot_ids[slots])
+            return ivf.reconstruct_batch(slot_ids[slots])
     probes = _probes(ivf, list_vectors, sizes, nprobe)
     for m, slots in _probers(probes, ivf.nlist):
         if not sizes[m]:
