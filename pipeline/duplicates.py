@@ -5,13 +5,14 @@ byte-identical files (same content hash) are always in one group, whatever the t
 
 Pairs are found without an N x N matrix, with the index's own partition, as a range search run for
 every image at once and grouped by IVF list (faiss contrib's big_batch_search idea): each vector
-probes its `nprobe` nearest centroids, as a search would, and each list is then compared, by
-matrix products, with all the vectors that probe it. Every pair above the threshold is kept (no k
-to choose, so a large group of copies is never cut at k neighbours); memory is bounded by the block
-sizes and the N x nprobe probe table, not by N^2. Why not faiss's range search with every indexed
-vector as a query: at the tuned nprobe it took 1,389 s for 1M vectors on this machine against
-118-395 s for the list-by-list products (docs/benchmarks.md). A pair is missed only when neither image probes the other's list. A flat
-index is cut into blocks, each compared with every vector before its end.
+probes its `nprobe` nearest centroids, as a search would (one table for all vectors, inverted), and
+each list is then compared with all the vectors that probe it in a few large matrix products. Every
+pair above the threshold is kept (no k to choose, so a large group of copies is never cut at k
+neighbours); memory is bounded by the block sizes and the N x nprobe probe table, not by N^2. Why
+not faiss's range search with every indexed vector as a query: at the tuned nprobe it took 1,389 s
+for 1M vectors on this machine, more than these products at 32 probes (docs/benchmarks.md). A pair
+is missed only when neither image probes the other's list. A flat index is cut into blocks, each
+compared with every vector before its end.
 
 Flat-coded indexes (Flat, IVF...,Flat) hold the exact features, so their scores are exact.
 Compressed codes (SQ, PQ, or a pre-transform) are compared decoded, with a margin, and the
