@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import faiss
 import numpy as np
@@ -213,7 +213,7 @@ def _above(scores: np.ndarray, cut: float) -> tuple[np.ndarray, np.ndarray]:
     return np.divmod(np.flatnonzero(scores >= cut), scores.shape[1])
 
 
-def _probes(ivf: faiss.IndexIVF, list_vectors, sizes: np.ndarray, nprobe: int) -> np.ndarray:
+def _probes(ivf: faiss.IndexIVF, list_vectors: Callable[[int], np.ndarray], sizes: np.ndarray, nprobe: int) -> np.ndarray:
     """The `nprobe` lists each slot probes (slots x nprobe): its nearest centroids, looked for among
     the 4 x nprobe centroids nearest to its own list's (a vector's nearest centroids are next to the
     one it is in), one small product per list."""
