@@ -9,8 +9,8 @@ probes its `nprobe` nearest centroids, as a search would (one table for all vect
 each list is then compared with all the vectors that probe it in a few large matrix products. Every
 pair above the threshold is kept (no k to choose, so a large group of copies is never cut at k
 neighbours); memory is bounded by the block sizes and the N x nprobe probe table, not by N^2. Why
-not faiss's range search with every indexed vector as a query: at the tuned nprobe it took 1,389 s
-for 1M vectors on this machine, more than these products at 32 probes (docs/benchmarks.md). A pair
+not faiss's range search with every indexed vector as a query: at the tuned nprobe (3) it took
+1,389 s for 1M vectors on this machine, and its cost grows with nprobe (docs/benchmarks.md). A pair
 is missed only when neither image probes the other's list. A flat index is cut into blocks, each
 compared with every vector before its end.
 
