@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 from PIL import Image
@@ -128,7 +129,10 @@ def test_groups_equal_exact_components_for_every_index_kind(tmp_path, monkeypatc
     assert len(truth) >= 30  # the planted groups, with the background's own close pairs if any
     write_synthetic_shards(tmp_path / "f", vectors, shard_size=700)
     build_index(tmp_path / "f", tmp_path / "i", factory=factory, nprobe=16 if "IVF" in factory else None, progress=False)
+    flags, read_index = [], faiss.read_index
+    monkeypatch.setattr(faiss, "read_index", lambda path, *flag: flags.append(flag) or read_index(path, *flag))
     groups = find_groups(tmp_path / "i", threshold, progress=False)
+    assert flags == [(faiss.IO_FLAG_MMAP_IFC,)]  # the index was memory-mapped, not read into memory
     found = {frozenset(int(Path(i.path).stem) for i in g.images) for g in groups}
     assert found == truth
     sizes = [len(g.images) for g in groups]
