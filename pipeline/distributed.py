@@ -10,7 +10,9 @@ The driver alone writes the catalog: it records each shard as its task completes
 a killed driver loses at most the tasks in flight (a shard written but not recorded is imported by
 the next run's Catalog.reconcile()) and a rerun does only the rest. A task whose worker dies is
 retried once on a restarted actor (same shard name: a retry replaces, never duplicates); if it
-fails again, it is split in halves, each run alone on its actor, down to single files, and a single
+fails again while its actor had other tasks (any of them may be to blame), it runs again alone
+there, under the same shard name; if it fails alone, it is split in halves, each run alone, down
+to single files (its shard, if written before its reply was lost, is deleted first), and a single
 file that kills its worker twice is recorded as failed (transient), like a crashed decoder in a
 local run.
 
@@ -41,7 +43,7 @@ from .extract import ExtractReport
 from .features import ShardWriter
 from .model import FeatureModel, ModelInfo
 from .progress import Progress
-from .shards import ShardInfo, next_shard_number, read_shard
+from .shards import ShardInfo, next_shard_number, read_shard, shard_name
 
 LOG = logging.getLogger(__name__)
 TASKS_PER_ACTOR = 2  # queued on each actor, so it starts its next task as soon as one ends
@@ -188,11 +190,11 @@ def extract_on_ray(todo: int, catalog: Catalog, out: Path, model_path: Path, inf
                             "features folder must be at the same path on every node (a shared filesystem)") from None
     LOG.info("extracting on Ray: %d node(s), one actor each, tasks of %d files", len(actors), shard_size)
     files = chain.from_iterable(catalog.scanned_todo(scan_chunk))
-    retry: deque[list[tuple]] = deque()  # files of tasks whose worker died twice, split in halves
+    retry: deque[tuple[list[tuple], int | None]] = deque()  # (files, shard number) of tasks to run alone
     held: deque[tuple] = deque()  # files waiting for a task in flight with a file of their size
     flying: Counter[int] = Counter()  # sizes of the files of the tasks in flight
     number = next_shard_number(out)
-    pending: dict = {}  # ObjectRef -> (actor, files, weight)
+    pending: dict = {}  # ObjectRef -> (actor, files, shard number, weight)
     load = {a: 0 for a in actors}
     crashed: list[tuple] = []  # (path, kind, size, mtime, ctime) of files that killed their worker
 
@@ -212,18 +214,19 @@ def extract_on_ray(todo: int, catalog: Catalog, out: Path, model_path: Path, inf
     def submit() -> bool:
         nonlocal number
         a = min(load, key=load.get)
-        weight = TASKS_PER_ACTOR if retry else 1  # a split task runs alone on its actor: if that dies, it is to blame
+        weight = TASKS_PER_ACTOR if retry else 1  # a task run again runs alone: if its actor dies, it is to blame
         if load[a] + weight > TASKS_PER_ACTOR:
             return False
-        task = retry.popleft() if retry else cut()
+        task, n = retry.popleft() if retry else (cut(), None)
         if not task:
             return False
+        if n is None:
+            n, number = number, number + 1
         sizes = [f[2] for f in task if f[2] is not None]
         known = catalog.live_features_of_size(sizes, KNOWN_PER_TASK)
-        pending[a.extract.remote(str(out), number, task, batch_size, known)] = (a, task, weight)
+        pending[a.extract.remote(str(out), n, task, batch_size, known)] = (a, task, n, weight)
         flying.update(sizes)
         load[a] += weight
-        number += 1
         return True
 
     try:
@@ -234,15 +237,20 @@ def extract_on_ray(todo: int, catalog: Catalog, out: Path, model_path: Path, inf
                 if not pending:
                     break
                 (ref,), _ = ray.wait(list(pending), num_returns=1)
-                a, task, weight = pending.pop(ref)
+                a, task, n, weight = pending.pop(ref)
                 load[a] -= weight
                 flying -= Counter(f[2] for f in task if f[2] is not None)  # (keeps only the sizes still in flight)
                 try:
                     result = _get(ray, ref)
                 except (RayActorError, WorkerCrashedError) as exc:
+                    if weight < TASKS_PER_ACTOR:
+                        LOG.warning("a Ray worker died twice with a task of %d files; running it alone", len(task))
+                        retry.append((task, n))
+                        continue
+                    (out / shard_name(n)).unlink(missing_ok=True)  # a new task (or none) does its files now
                     if len(task) > 1:
                         LOG.warning("a Ray worker died twice during a task of %d files; splitting it", len(task))
-                        retry.extend([task[:len(task) // 2], task[len(task) // 2:]])
+                        retry.extend([(task[:len(task) // 2], None), (task[len(task) // 2:], None)])
                     else:
                         LOG.warning("%s killed its Ray worker twice (%s)", task[0][0], type(exc).__name__)
                         crashed += task
