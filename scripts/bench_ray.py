@@ -87,7 +87,8 @@ def extract_on_ray_data(todo, catalog, out, model_path, info, report, *, address
     """distributed.extract_on_ray's job with Ray Data: the files to decode as a dataset of one block per
     shard (from_pandas of one frame each: the dataset is fixed before it runs, so no file can wait for
     another's shard), map_batches over an actor pool of one Extractor per node, the shards recorded as
-    their blocks stream back. A block whose actor dies is retried; one that fails for good fails the run."""
+    their blocks stream back. A block whose actor dies is retried, by default forever (Ray Data's actor
+    pools set max_task_retries=-1)."""
     import pandas as pd
 
     ray = distributed.connect(address)
