@@ -1,6 +1,7 @@
 """Benchmark the Ray stages: do they cost little over a local run, and give the same results?
 
-Usage (under the shared benchmark lock, after scripts/fetch_photos.py --count 300):
+Usage (under the shared benchmark lock, after scripts/fetch_photos.py --count 300 and
+`pip install "ray[data]"`: Ray Data, measured here, is not in the `ray` extra):
   flock /tmp/pipeline-bench.lock python scripts/bench_ray.py --photos bench-output/photos --model models/vgg16.onnx
 
 Measures in one run:
