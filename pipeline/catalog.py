@@ -22,6 +22,7 @@ with the number of files.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -96,6 +97,7 @@ class Catalog:
                     shard TEXT, row INTEGER, status TEXT NOT NULL, error TEXT);
                 CREATE INDEX IF NOT EXISTS images_hash ON images(hash);
                 CREATE INDEX IF NOT EXISTS images_shard ON images(shard);
+                CREATE INDEX IF NOT EXISTS images_size ON images(size);
                 CREATE TABLE IF NOT EXISTS shards (name TEXT PRIMARY KEY, rows INTEGER NOT NULL, state TEXT NOT NULL);
                 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
                 """
@@ -169,6 +171,18 @@ class Catalog:
         run holds a map of every hash."""
         return self.db.execute("SELECT shard, row, path FROM images WHERE hash = ? AND status = 'live' "
                                "ORDER BY shard, row LIMIT 1", (content_hash,)).fetchone()
+
+    def live_features_of_size(self, sizes: Iterable[int], limit: int) -> dict[str, tuple[str, int, str]]:
+        """content hash -> live_feature(hash) of the live contents whose files have one of these sizes
+        (at most `limit` rows: uncompressed images of one shape all have one size): what a Ray task may
+        reuse, found before its files are read (equal contents have equal sizes)."""
+        rows = self.db.execute("SELECT hash, shard, row, path FROM images WHERE status = 'live' AND size IN "
+                               "(SELECT value FROM json_each(?)) ORDER BY shard, row LIMIT ?",
+                               (json.dumps(sorted(set(sizes))), limit))
+        out: dict[str, tuple[str, int, str]] = {}
+        for h, shard, row, path in rows:
+            out.setdefault(h, (shard, row, path))
+        return out
 
     def live_rows(self) -> dict[str, np.ndarray]:
         """shard name -> sorted rows that hold live features (the rows an index should contain).

@@ -32,6 +32,16 @@ def test_orphan_shard_is_imported(tmp_path):
         assert c.live_feature("2" * 32) == ("shard-00000.h5", 1, "/a/2") and c.live_feature("3" * 32) is None
 
 
+def test_live_features_of_size(tmp_path):
+    with Catalog(tmp_path) as c:
+        c.record_shard("shard-00000.h5", [("/a/1", 10, 1.0, "h1", 0), ("/a/1copy", 10, 1.0, "h1", 1),
+                                          ("/a/2", 10, 1.0, "h2", 2), ("/a/3", 20, 1.0, "h3", 3)], [])
+        assert c.live_features_of_size([10, 10, 30], limit=100) == {"h1": ("shard-00000.h5", 0, "/a/1"),
+                                                                    "h2": ("shard-00000.h5", 2, "/a/2")}
+        assert c.live_features_of_size([10, 20], limit=2) == {"h1": ("shard-00000.h5", 0, "/a/1")}
+        assert c.live_features_of_size([], limit=100) == {}
+
+
 def test_retired_and_removed_shards(tmp_path):
     shard(tmp_path, 0, ["/a/1"])
     shard(tmp_path, 1, ["/a/2"])
