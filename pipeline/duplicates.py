@@ -15,8 +15,9 @@ is missed only when neither image probes the other's list. A flat index is cut i
 compared with every vector before its end.
 
 Flat-coded indexes (Flat, IVF...,Flat) hold the exact features, so their scores are exact.
-Compressed codes (SQ, PQ, or a pre-transform) are compared decoded, with a margin, and the
-candidate pairs are re-ranked with the exact features of the shards the index was built from.
+Compressed codes with a vector store (the default for them, vectorstore.py) are compared with the
+stored features (float16); without one (--rerank 0), decoded, with a margin, and the candidate
+pairs are re-ranked with the exact features of the shards the index was built from.
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ def find_groups(
     base = searcher.index
     if isinstance(base, faiss.IndexIDMap):  # a flat index keeps its ids in an id map
         base = faiss.downcast_index(base.index)
-    exact = isinstance(base, (faiss.IndexFlat, faiss.IndexIVFFlat))
+    # Full vectors: in the index itself (flat), or in the version's vector store (float16: scores
+    # within ~1e-3 of float32, no margin needed); otherwise decoded codes, checked against the shards.
+    exact = isinstance(base, (faiss.IndexFlat, faiss.IndexIVFFlat)) or searcher.store is not None
     vectors = searcher.vectors if exact else exact_features(
         Path(searcher.meta["features_dir"]), searcher.meta["shards"], searcher.meta["dim"], searcher.version_dir)
     parent = np.arange(n, dtype=np.int64)
@@ -184,6 +187,14 @@ def _ivf_pairs_above(searcher: Searcher, ivf: faiss.IndexIVF, cut: float, nprobe
             runs = np.flatnonzero(np.diff(source)) + 1
             return np.concatenate([views[m][run - starts[m]] for m, run in
                                    zip(source[np.r_[0, runs]].tolist(), np.split(slots, runs))])
+    elif searcher.store is not None:  # compressed codes with a vector store: compare the stored features
+        def list_vectors(m: int) -> np.ndarray:
+            return searcher.store.get(slot_ids[starts[m]:starts[m + 1]])
+
+        def slot_vectors(slots: np.ndarray) -> np.ndarray:
+            return searcher.store.get(slot_ids[slots])
+        # Stored features are in the input space; the lists to probe are chosen in the IVF's (after OPQ/RR).
+        probes = _probes(ivf, lambda m: _pre_transform(searcher.index, list_vectors(m)), sizes, nprobe)
     else:  # decoded by the IVF itself: in its centroids' space, after any pre-transform (OPQ's rotation keeps cosines)
         if ivf.direct_map.type == faiss.DirectMap.NoMap:
             ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # ids are sparse (the catalog's)
@@ -193,7 +204,8 @@ def _ivf_pairs_above(searcher: Searcher, ivf: faiss.IndexIVF, cut: float, nprobe
 
         def slot_vectors(slots: np.ndarray) -> np.ndarray:
             return ivf.reconstruct_batch(slot_ids[slots])
-    probes = _probes(ivf, list_vectors, sizes, nprobe)
+    if searcher.store is None:  # the vectors above are already in the IVF's space
+        probes = _probes(ivf, list_vectors, sizes, nprobe)
     for m, slots in _probers(probes, ivf.nlist):
         if not sizes[m]:
             continue
@@ -211,6 +223,15 @@ def _above(scores: np.ndarray, cut: float) -> tuple[np.ndarray, np.ndarray]:
     """Rows and columns of the scores >= cut. Hits are rare: np.nonzero on the 2-D mask costs ~10x the
     matrix's compare (it walks it by index), the 1-D flatnonzero about 2x."""
     return np.divmod(np.flatnonzero(scores >= cut), scores.shape[1])
+
+
+def _pre_transform(index: faiss.Index, x: np.ndarray) -> np.ndarray:
+    """x as the index's IVF sees it: through its pre-transform chain (OPQ, RR), if it has one."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            x = faiss.downcast_VectorTransform(index.chain.at(i)).apply(x)
+    return x
 
 
 def _probes(ivf: faiss.IndexIVF, list_vectors: Callable[[int], np.ndarray], sizes: np.ndarray, nprobe: int) -> np.ndarray:
@@ -247,7 +268,7 @@ def _code_error(searcher: Searcher, ids: np.ndarray, vectors, sample: int = 1000
     """How far scores of decoded codes stray from exact ones: 1.5 x the largest error over all pairs
     of a seeded sample of indexed vectors (decoded from the index vs exact from the shards)."""
     ids = np.sort(np.random.default_rng(seed).choice(ids, min(sample, len(ids)), replace=False))
-    decoded, exact = searcher.vectors(ids), vectors(ids)
+    decoded, exact = searcher.decoded(ids), vectors(ids)
     return 1.5 * float(np.abs(decoded @ decoded.T - exact @ exact.T).max())
 
 
