@@ -48,6 +48,9 @@ def test_retired_and_removed_shards(tmp_path):
     with Catalog(tmp_path) as c:
         c.reconcile()
         before = c.live_digest()
+        live, digest = c.live_snapshot()  # the digest of the ids it read, the same as live_digest()'s
+        assert digest == before and {s: (r.tolist(), i.tolist()) for s, (r, i) in live.items()} == \
+            {"shard-00000.h5": ([0], [0]), "shard-00001.h5": ([0], [1])}
         c.mark_gone(["/a/1"])
         assert c.live_digest() != before and "shard-00000.h5" not in c.live_rows()
         c.retire(["shard-00000.h5"])
