@@ -285,9 +285,16 @@ class Searcher:
     def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The stored vectors of indexed images, by id: from the vector store when the version has one
         (exact up to float16), else from the index (for compressed codes: decoded)."""
-        if self.store is not None:
-            return self.store.get(ids)
+        return self.store.get(ids) if self.store is not None else self.decoded(ids)
+
+    def decoded(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The vectors the index itself holds, by id (for compressed codes: decoded, as its scores see them)."""
         if not self._direct_map:
+            ivf = faiss.try_extract_index_ivf(self.index)
+            if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan):
+                # faiss 1.15 crashes (segfault) reconstructing from fast-scan lists read from a file
+                raise PipelineError(f"the codes of {self.meta.get('factory')} (fast-scan) cannot be decoded; "
+                                    "use the exact vectors (Searcher.vectors) or an index of another kind")
             try:  # ids are sparse (the catalog's): an IVF index finds them through a hash table
                 faiss.extract_index_ivf(self.index).set_direct_map_type(faiss.DirectMap.Hashtable)
             except RuntimeError:

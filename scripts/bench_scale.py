@@ -16,6 +16,10 @@ Usage: flock /tmp/pipeline-bench.lock python scripts/bench_scale.py --n 10000000
    compressed kind's codes at the size real photos allow, every list probed, every vector a query
    (its self-match left out of result and truth, as build_index measures): recall@10 of the codes
    alone and with re-ranking.
+4. With --candidates: how many candidates re-ranking needs (DEFAULT_RERANK): vectors at the
+   density of 10M (1,000 per cluster, 50 clusters of the generator) coded by each code kind
+   trained on the generator's full spread, and the share of the exact top-10 of held-out queries
+   among the top-c candidates (all lists probed: the codes alone are measured).
 Writes JSON and appends a table to docs/benchmarks.md, with the host's sgemm GFLOP/s.
 """
 
@@ -155,6 +159,34 @@ def child_search(index_dir: str, truth_path: str) -> None:
                       "vm_hwm_mib": _status_kib("VmHWM") / 1024}))
 
 
+CANDIDATE_CODES, CANDIDATE_DEPTHS = ("SQ4", "PQ256x4fs", "PQ128x4fs", "PQ64x4fs"), (50, 200, 500, 1000)
+
+
+def candidates_check(features: Path) -> dict:
+    """Share of the exact top-10 among the top-c candidates of each code kind, at the density of 10M."""
+    import faiss
+
+    from pipeline.shards import list_shards, read_shard
+
+    rng = np.random.default_rng(SEED)
+    centres = np.abs(rng.normal(size=(10_000, 512))).astype(np.float32)  # as make_shards draws them
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    train = read_shard(list_shards(features)[0]).features  # the whole spread, for training the codes
+    x = clustered(50_000, centres[:50], np.random.default_rng(SEED + 5))
+    q = clustered(200, centres[:50], np.random.default_rng(SEED + 6))
+    _, truth = faiss.knn(q, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
+    out = {}
+    for code in CANDIDATE_CODES:
+        index = faiss.index_factory(x.shape[1], f"IVF64,{code}", faiss.METRIC_INNER_PRODUCT)
+        index.train(train)
+        index.add(x)
+        _, found = index.search(q, max(CANDIDATE_DEPTHS), params=faiss.SearchParametersIVF(nprobe=64))
+        out[code] = {c: round(float(np.mean([len(set(f[:c]) & set(t)) / 10 for f, t in zip(found, truth)])), 4)
+                     for c in CANDIDATE_DEPTHS}
+    print(f"[candidates] {json.dumps(out)}", flush=True)
+    return out
+
+
 def real_check(features: Path, work: Path) -> dict:
     """Recall@10 against exact search of the PQ codes the plan picks, alone and re-ranked, on real features."""
     from pipeline.index import build_index, plan_index
@@ -213,6 +245,7 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=50_000)
     ap.add_argument("--no-raw", action="store_true", help="skip the raw faiss builds")
     ap.add_argument("--real", type=Path, help="a features folder of real photos for the codes' recall check")
+    ap.add_argument("--candidates", action="store_true", help="measure the candidates re-ranking needs per code kind")
     ap.add_argument("--keep", action="store_true", help="keep the built indexes (default: delete each after measuring)")
     ap.add_argument("--json-out", type=Path, default=ROOT / "bench-output" / "bench_scale.json")
     ap.add_argument("--no-doc", action="store_true")
@@ -231,9 +264,11 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(args.data / f"index-{name}-{args.n}", ignore_errors=True)
     real = real_check(args.real, args.data) if args.real else None
+    cands = candidates_check(features) if args.candidates else None
     res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "command": "python scripts/bench_scale.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-           "n": args.n, "sgemm_gflops": gflops, "sgemm_gflops_after": sgemm_gflops(), "kinds": results, "real": real}
+           "n": args.n, "sgemm_gflops": gflops, "sgemm_gflops_after": sgemm_gflops(), "kinds": results, "real": real,
+           "candidates": cands}
     best = [r for r in results if r["index_bytes_per_image"] * args.n <= 4 * 2**30]
     res["targets"] = {
         "an_index_within_4GiB_recall_ge_0.95_p50_le_10ms_build_le_1.2x_raw": any(
@@ -262,6 +297,12 @@ def main() -> None:
         *([f"\nReal features ({real['n']} VGG16 features of real photos, `{args.real}`): `{real['factory']}`, all "
            f"lists probed, every vector a query (self left out): recall@10 {real['recall_at_10_codes_alone']} from the "
            f"codes alone, {real['recall_at_10_reranked']} with {real['rerank']} candidates re-ranked."] if real else []),
+        *(["\nCandidates re-ranking needs (at the density of 10M: 50,000 vectors around 50 of the generator's "
+           "clusters, codes trained on its full spread, 200 held-out queries, all lists probed): share of the exact "
+           "top-10 among the top-c candidates.\n", "| codes | " + " | ".join(f"c={c}" for c in CANDIDATE_DEPTHS) + " |",
+           "|---|" + "---|" * len(CANDIDATE_DEPTHS),
+           *(f"| {code} | " + " | ".join(str(v) for v in row.values()) + " |" for code, row in cands.items())]
+          if cands else []),
     ]) + "\n"
     record(text, args.no_doc)
 

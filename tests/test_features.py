@@ -33,7 +33,7 @@ TIERS = [
     ("catalog",),  # the record beside the shards
     ("features",),  # the features folder: shards, catalog, errors file, lock
     ("extract",),
-    ("vectorstore",),  # an index version's full features, for re-ranking
+    ("vectorstore",),  # the index versions' float16 features, for re-ranking
     ("codes",),  # binary codes: learning, encoding, the coarse-to-fine search
     ("index",),
     ("distributed",),  # runs extract's and index's own work on Ray

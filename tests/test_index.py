@@ -129,6 +129,8 @@ def test_compressed_index_reranks_to_the_exact_top_k(tmp_path):
     assert (alone != exact).any()
     # like=ID reads the stored vector (exact, not decoded PQ), exclude-self and min-score still hold
     assert np.allclose(searcher.vectors([5, 7]), stored[[5, 7]])
+    with pytest.raises(PipelineError, match="cannot be decoded"):  # faiss would crash: a clear error instead
+        searcher.decoded([5])
     like = searcher.search_like([paths[5]], k=3)[0].hits
     assert like[0].path == paths[5] and like[0].score == pytest.approx(float(stored[5] @ stored[5]), abs=1e-5)
     others = searcher.search_like([paths[5]], k=3, exclude_self=True)[0].hits
