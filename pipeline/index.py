@@ -302,6 +302,7 @@ def build_index(
     n = sum(len(rows) for _, rows in parts)
     dim = all_infos[0].dim
     model = {"name": all_infos[-1].model_name, "checksum": all_infos[-1].model_sha256, "path": all_infos[-1].model_path}
+    asked = asked_for(factory=factory, nlist=nlist, nprobe=nprobe, max_memory=max_memory, rerank=rerank, codes=codes)
     if codes is not None:
         bits = parse_codes(codes, dim)
         if update:
@@ -377,7 +378,7 @@ def build_index(
             ids_writer.join()
             timings["write_s"] = time.monotonic() - t0
             meta = {
-                **_built(version, model, n, dim, plan.factory, kind, stable),
+                **_built(version, model, n, dim, plan.factory, kind, stable, asked),
                 "bytes_estimate": plan.bytes_estimate,
                 "nlist": plan.nlist,
                 "reason": plan.reason,
@@ -392,9 +393,17 @@ def build_index(
     return IndexReport(str(final), meta)
 
 
-def _built(version: str, model: dict, n: int, dim: int, factory: str, kind: str, stable: bool) -> dict:
-    """The meta.json fields that say what a full build made, from what model."""
-    return {"schema_version": META_SCHEMA, "pipeline_version": __version__,
+def asked_for(**options) -> dict:
+    """The index options a build was given (None: not given, left to the plan). Recorded in meta.json
+    so that the nightly rebuild, which takes no index options, builds the same kind again: a collection
+    indexed with --max-memory or --codes must not turn into a plain IVF-Flat at its next retraining."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _built(version: str, model: dict, n: int, dim: int, factory: str, kind: str, stable: bool, asked: dict) -> dict:
+    """The meta.json fields that say what a full build made, from what model, and what kind of index
+    was asked for (`asked`: the options given, which the nightly rebuild asks for again)."""
+    return {"schema_version": META_SCHEMA, "pipeline_version": __version__, "asked": asked,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "version": version, "model": model,
             "count": n, "dim": dim, "metric": "inner_product", "factory": factory, "kind": kind,
             "ids": "catalog" if stable else "positions", "made_by": "build", "trained_count": n,
@@ -515,7 +524,8 @@ def _build_binary(features_dir: Path, out_dir: Path, parts: list[tuple[ShardInfo
         timings["write_s"] = time.monotonic() - t0
         meta = {
             **_built(version, model, n, dim, f"ITQ{bits},{fac}",
-                     f"binary/{type(faiss.downcast_IndexBinary(index)).__name__}/{bits}", digest is not None),
+                     f"binary/{type(faiss.downcast_IndexBinary(index)).__name__}/{bits}", digest is not None,
+                     asked_for(codes=f"binary:{bits}", factory=factory, nprobe=setting)),
             "bytes_estimate": n * bits // 8,
             "nlist": 0,  # no float IVF layer: the binary index's own lists are in "codes"
             "nprobe": None,

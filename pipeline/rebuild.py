@@ -77,8 +77,10 @@ def rebuild(
             built, meta = False, published
         else:
             t = time.monotonic()
+            # The kind of index asked for when it was first built (--factory, --max-memory, --codes, ...) is asked again.
+            asked = published.get("asked") or {}
             meta = build_index(features, index_dir, keep=keep, target_recall=target_recall, flat_below=flat_below,
-                               ray=ray, progress=False, update=not retrain, retrain_above=retrain_above).meta
+                               ray=ray, progress=False, update=not retrain, retrain_above=retrain_above, **asked).meta
             built = True
             LOG.info("published index %s: %d images, %s, %s (%.1f s)", meta["version"], meta["count"], meta["factory"],
                      "updated" if meta["made_by"] == "update" else "built", time.monotonic() - t)

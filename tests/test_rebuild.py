@@ -234,3 +234,21 @@ def test_kill_at_any_moment(tmp_path, tiny_model):
         assert sorted(paths) == live_files(root), f"round {round_}, killed after {step} #{count}"
         made_by = json.loads((current_version(work / "index") / "meta.json").read_text())["made_by"]
         assert made_by == ("build" if step == "_fill" else "update"), f"round {round_}"
+
+
+def test_the_nightly_job_keeps_the_kind_of_index_asked_for(tmp_path, tiny_model):
+    """An index built with options (here compressed SQ8 codes with re-ranking) stays that kind through
+    rebuilds: the nightly job takes no index options, and a re-plan by size would give a Flat index."""
+    from pipeline.index import build_index
+
+    root, work = tmp_path / "photos", tmp_path / "work"
+    make_collection(root, range(12))
+    rebuild([root], work, tiny_model, workers=0, shard_size=8)
+    build_index(work / "features", work / "index", factory="SQ8", progress=False)
+    for retrain, seeds in ((False, [100, 101]), (True, [200])):  # (a version with a vector store is built in full)
+        make_collection(root, seeds)
+        report = rebuild([root], work, tiny_model, workers=0, shard_size=8, retrain=retrain)
+        meta = report.index_meta
+        assert report.index_built
+        assert (meta["factory"], meta["asked"]) == ("SQ8", {"factory": "SQ8"}) and meta["rerank"] > 0
+        assert sorted(indexed_paths(work / "index")) == live_files(root)
