@@ -82,6 +82,11 @@ class ModelInfo:
     def short(self) -> str:
         return f"{self.name} (checksum {self.checksum[:12]})"
 
+    def relative_compute(self) -> float:
+        """Pixels one image sends through the conv base, relative to the seed recipe's 224 x 224:
+        the cost of a recipe per image, whatever the host (the conv base is nearly all of it)."""
+        return self.input_size ** 2 / 224 ** 2
+
 
 # ---------------------------------------------------------------- weights sources
 
