@@ -121,7 +121,7 @@ class MicroBatcher:
             if not batch:
                 continue
             try:
-                feats = self.model.embed(np.stack([px for px, _ in batch]))
+                feats = self.model.embed_each([px for px, _ in batch], self.batch_size)
             except Exception as exc:  # the model failed: every waiting request learns why
                 LOG.exception("model run failed on a batch of %d", len(batch))
                 for _, fut in batch:
@@ -177,7 +177,9 @@ class Service:
             return self
         searcher = Searcher(self.index_dir, model=self._model_arg, threads=self._threads)
         model = searcher.model  # loads it and checks its checksum against the index
-        model.embed(np.zeros((self.batch_size, model.info.input_size, model.info.input_size, 3), np.uint8))
+        size = model.info.resize_to
+        for h, w in [(size, size)] if isinstance(size, int) else size:  # every input shape: the first run of one is slow
+            model.embed(np.zeros((self.batch_size, h, w, 3), np.uint8))
         self._searchers[searcher.version_dir.name] = self._current = searcher
         self.batcher = MicroBatcher(model, self.batch_size, self.max_wait, self.queue_size)
         if self.poll > 0:
@@ -259,7 +261,7 @@ class Service:
 
     def decode(self, data: bytes) -> tuple[np.ndarray, str]:
         """Pixels at the model's input size and the content hash of uploaded bytes; ImageError if unusable."""
-        pixels = decode_bytes(data, self.model.info.input_size)
+        pixels = decode_bytes(data, self.model.info.resize_to)
         return pixels, hashlib.blake2b(data, digest_size=16).hexdigest()
 
     async def search_uploads(self, uploads: Sequence[tuple[str, bytes]], k: int = 10, min_score: float | None = None,

@@ -14,12 +14,13 @@ from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 
-from helpers import TINY_SIZE, tiny_layers, write_tiny_model
+from helpers import TINY_SIZE, TINY_WIDTHS, tiny_layers, write_tiny_model
 from pipeline.cli import app
 from pipeline.errors import PipelineError
 from pipeline.model import (
     VGG16_BLOCKS,
     FeatureModel,
+    aspect_shapes,
     build_feature_graph,
     export_model,
     layers_from_keras_h5,
@@ -90,6 +91,40 @@ def test_rmac_graph_matches_numpy_reference(tmp_path):
     np.testing.assert_allclose(got, numpy_reference(images, tiny_layers(0), "rmac"), rtol=1e-4, atol=1e-5)
     assert len(rmac_regions(4, 4)) > 3 and "R-MAC" in info.pooling
     assert info.checksum != build_feature_graph(tiny_layers(0), input_size=64)[1].checksum
+
+
+def test_aspect_graph_pools_each_shape_with_its_regions(tmp_path):
+    model, info = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac", aspect=True)
+    save_model(model, tmp_path / "aspect.onnx")
+    assert info.resize_to == aspect_shapes(64) == ((64, 64), (48, 80), (80, 48))  # 4:3, 3:2, 16:9 round alike at 64
+    assert "aspect kept" in info.resize and info.relative_compute() == pytest.approx(64 * 64 / 224 ** 2)
+    fm = FeatureModel(tmp_path / "aspect.onnx")
+    assert fm.info.checksum == info.checksum != build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac")[1].checksum
+    rng = np.random.default_rng(3)
+    for h, w in info.resize_to:  # the If chain picks the regions of the input's own shape
+        images = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+        np.testing.assert_allclose(fm.embed(images), numpy_reference(images, tiny_layers(0), "rmac"), rtol=1e-4, atol=1e-5)
+    with pytest.raises(PipelineError, match="takes images of shapes 64x64,48x80,80x48, not 64x72"):
+        fm.embed(np.zeros((1, 64, 72, 3), np.uint8))
+    mixed = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(48, 80), (64, 64), (48, 80), (80, 48)]]
+    np.testing.assert_allclose(fm.embed_each(mixed, batch_size=1), np.concatenate([fm.embed(m[None]) for m in mixed]),
+                               rtol=1e-5, atol=1e-6)  # in order, one batch per shape
+
+
+def test_whitening_in_graph_with_its_checksum(tmp_path):
+    dim = TINY_WIDTHS[-1]
+    rng = np.random.default_rng(4)
+    mean, projection = rng.normal(0, 0.1, dim).astype(np.float32), rng.normal(0, 1, (dim, 16)).astype(np.float32)
+    model, info = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac", whitening=(mean, projection, "test"))
+    save_model(model, tmp_path / "w.onnx")
+    assert info.dim == 16 and "PCA-whitening 64->16 learned on test (sha256 " in info.whitening
+    images = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    ref = (numpy_reference(images, tiny_layers(0), "rmac") - mean) @ projection
+    got = FeatureModel(tmp_path / "w.onnx").embed(images)
+    np.testing.assert_allclose(got, ref / np.linalg.norm(ref, axis=1, keepdims=True), rtol=1e-4, atol=1e-5)
+    other = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac", whitening=(mean, projection * 2, "test"))[1]
+    assert len({info.checksum, other.checksum, build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac")[1].checksum}) == 3
+    assert read_model_info(tmp_path / "w.onnx").whitening == info.whitening
 
 
 def test_metadata_records_recipe(tiny_model):
