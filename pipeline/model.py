@@ -246,11 +246,10 @@ DEFAULT_PROFILE = "balanced"
 
 def aspect_shapes(size: int) -> tuple[Shape, ...]:
     """The fixed input shapes (height, width) of an aspect-kept recipe: for each of ASPECTS, landscape
-    and portrait, the shape of that aspect with about size x size pixels, sides multiples of 16 (so
-    block5's map covers the whole input)."""
+    and portrait, the shape of that aspect with about size x size pixels, sides multiples of 8."""
     shapes: list[Shape] = []
     for aspect in ASPECTS:
-        h, w = 16 * round(size / aspect ** 0.5 / 16), 16 * round(size * aspect ** 0.5 / 16)
+        h, w = 8 * round(size / aspect ** 0.5 / 8), 8 * round(size * aspect ** 0.5 / 8)
         shapes += [(h, w), (w, h)]
     return tuple(dict.fromkeys(shapes))  # in order, once (small sizes round several aspects alike)
 

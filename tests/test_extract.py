@@ -65,7 +65,7 @@ def test_in_process_and_worker_decoding_agree(tmp_path, tiny_model, gallery):
 def test_aspect_buckets_batch_per_shape_and_search_uses_them(tmp_path):
     model, info = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac", aspect=True)
     save_model(model, tmp_path / "aspect.onnx")
-    sizes = [(96, 72), (72, 96), (80, 80), (128, 72), (90, 70), (60, 100), (64, 64)]  # width x height
+    sizes = [(96, 72), (72, 96), (80, 80), (128, 72), (96, 64), (64, 96), (72, 128)]  # width x height
     files = [save_pattern(tmp_path / "imgs" / f"p{i}.png", i, size) for i, size in enumerate(sizes)]
     report = extract([tmp_path / "imgs"], tmp_path / "f", tmp_path / "aspect.onnx", workers=2, batch_size=2, progress=False)
     assert report.extracted == len(files) and not report.failures
