@@ -2,8 +2,7 @@
 
 The whole recipe lives in the graph so that every consumer computes the same features:
 uint8 RGB [N, H, W, 3] -> float -> RGB to BGR -> minus the caffe mean -> 13 conv layers with
-ReLU and 4 or 5 max-pools -> pooling (global max, or R-MAC regions) -> L2 normalisation
-[-> PCA-whitening: minus a mean, times a matrix -> L2 normalisation] -> float32 [N, D].
+ReLU and 4 or 5 max-pools -> pooling (global max, or R-MAC regions) -> L2 normalisation -> float32 [N, D].
 Aspect-kept recipes take a few fixed input shapes (aspect buckets, see aspect_shapes); their
 R-MAC regions differ per shape, so the graph picks the regions of the input's shape with If nodes.
 The ONNX metadata records the model name, a checksum of the weights and the recipe.
@@ -54,7 +53,6 @@ class ModelInfo:
     resize: str = "squash to input_size x input_size, bilinear (Pillow)"
     schema_version: int = METADATA_SCHEMA
     input_shapes: str = ""  # "HxW,HxW,..." of an aspect-kept recipe; "" = input_size x input_size
-    whitening: str = ""  # what the learned PCA-whitening is (with its own sha256); "" = none
 
     def to_metadata(self) -> dict[str, str]:
         return {f"pipeline.{k}": str(v) for k, v in asdict(self).items()}
@@ -72,7 +70,6 @@ class ModelInfo:
                 resize=meta["pipeline.resize"],
                 schema_version=int(meta["pipeline.schema_version"]),
                 input_shapes=meta.get("pipeline.input_shapes", ""),
-                whitening=meta.get("pipeline.whitening", ""),
             )
         except KeyError as exc:
             raise PipelineError(
@@ -85,7 +82,7 @@ class ModelInfo:
         """Identity of the features this model makes: its weights and its whole recipe. Shards and
         indexes record it; features are only ever compared with features of the same checksum."""
         recipe = "|".join([self.weights_sha256, str(self.input_size), str(self.dim), self.preprocessing,
-                           self.pooling, self.resize] + [v for v in (self.input_shapes, self.whitening) if v])
+                           self.pooling, self.resize] + ([self.input_shapes] if self.input_shapes else []))
         return hashlib.sha256(recipe.encode()).hexdigest()
 
     def short(self) -> str:
@@ -329,14 +326,12 @@ def _rmac_by_shape(x: str, shapes: tuple[Shape, ...], dim: int) -> tuple[list, l
 
 
 def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_size: int = 224,
-                        pooling: str = "max", aspect: bool = False,
-                        whitening: tuple[np.ndarray, np.ndarray, str] | None = None):
+                        pooling: str = "max", aspect: bool = False):
     """The ONNX feature graph (opset 17) for the given VGG-shaped conv layers.
 
     pooling "max": global max pooling, height and width dynamic (the conv base accepts any
     size). pooling "rmac": R-MAC over regions fixed for the input shape: input_size x input_size,
     or with `aspect` the shapes of aspect_shapes(input_size) (height and width dynamic, one of those).
-    `whitening`: (mean [D], projection [D, D'], what it was learned on) applied after pooling.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -346,7 +341,7 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
     shapes = aspect_shapes(input_size) if aspect else ((input_size, input_size),)
     if name is None:
         name = "vgg16-imagenet-gmp" if pooling == "max" else f"vgg16-imagenet-rmac{input_size}"
-        name += "-aspect" * aspect + "-pcaw" * (whitening is not None)
+        name += "-aspect" * aspect
     layers = _check_layers(layers)
     nodes = [
         helper.make_node("Cast", ["image"], ["x_float"], to=TensorProto.FLOAT),
@@ -390,21 +385,7 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
         pool_nodes, pool_inits = _rmac_by_shape(x, shapes, dim)
         nodes, inits = nodes + pool_nodes, inits + pool_inits
         height = width = None
-    whitening_text = ""
-    if whitening is None:
-        nodes += _l2_nodes("pooled", "features")
-    else:
-        mean, projection, source = whitening
-        assert mean.shape == (dim,) and projection.shape[0] == dim, "whitening must map the pooled dimension"
-        inits += [numpy_helper.from_array(np.asarray(mean, np.float32), "whiten/mean"),
-                  numpy_helper.from_array(np.asarray(projection, np.float32), "whiten/projection")]
-        nodes += [*_l2_nodes("pooled", "pooled_l2"),
-                  helper.make_node("Sub", ["pooled_l2", "whiten/mean"], ["whiten/centred"]),
-                  helper.make_node("MatMul", ["whiten/centred", "whiten/projection"], ["whitened"]),
-                  *_l2_nodes("whitened", "features")]
-        digest = hashlib.sha256(np.asarray(mean, "<f4").tobytes() + np.asarray(projection, "<f4").tobytes()).hexdigest()
-        whitening_text = f"PCA-whitening {dim}->{projection.shape[1]} learned on {source} (sha256 {digest}), L2-normalised"
-        dim = projection.shape[1]
+    nodes += _l2_nodes("pooled", "features")
     graph = helper.make_graph(
         nodes, name,
         [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", height or "height", width or "width", 3])],
@@ -414,7 +395,7 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="pipeline")
     model.ir_version = 8
     info = ModelInfo(name=name, weights_sha256=weights_checksum(layers), input_size=input_size, dim=dim,
-                     pooling=POOLINGS[pooling], whitening=whitening_text)
+                     pooling=POOLINGS[pooling])
     if aspect:
         info = replace(info, input_shapes=",".join(f"{h}x{w}" for h, w in shapes),
                        resize=f"aspect kept: resized (bilinear, Pillow) to the shape (HxW) of nearest aspect ratio "

@@ -162,7 +162,6 @@ def quantize_model(
         pooling=info.pooling,
         resize=info.resize,
         input_shapes=info.input_shapes,
-        whitening=info.whitening,
     )
     del q.metadata_props[:]
     for key, value in int8.to_metadata().items():

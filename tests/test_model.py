@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 
-from helpers import TINY_SIZE, TINY_WIDTHS, tiny_layers, write_tiny_model
+from helpers import TINY_SIZE, tiny_layers, write_tiny_model
 from pipeline.cli import app
 from pipeline.errors import PipelineError
 from pipeline.model import (
@@ -109,22 +109,6 @@ def test_aspect_graph_pools_each_shape_with_its_regions(tmp_path):
     mixed = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(56, 80), (64, 64), (56, 80), (88, 48)]]
     np.testing.assert_allclose(fm.embed_each(mixed, batch_size=1), np.concatenate([fm.embed(m[None]) for m in mixed]),
                                rtol=1e-5, atol=1e-6)  # in order, one batch per shape
-
-
-def test_whitening_in_graph_with_its_checksum(tmp_path):
-    dim = TINY_WIDTHS[-1]
-    rng = np.random.default_rng(4)
-    mean, projection = rng.normal(0, 0.1, dim).astype(np.float32), rng.normal(0, 1, (dim, 16)).astype(np.float32)
-    model, info = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac", whitening=(mean, projection, "test"))
-    save_model(model, tmp_path / "w.onnx")
-    assert info.dim == 16 and "PCA-whitening 64->16 learned on test (sha256 " in info.whitening
-    images = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
-    ref = (numpy_reference(images, tiny_layers(0), "rmac") - mean) @ projection
-    got = FeatureModel(tmp_path / "w.onnx").embed(images)
-    np.testing.assert_allclose(got, ref / np.linalg.norm(ref, axis=1, keepdims=True), rtol=1e-4, atol=1e-5)
-    other = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac", whitening=(mean, projection * 2, "test"))[1]
-    assert len({info.checksum, other.checksum, build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac")[1].checksum}) == 3
-    assert read_model_info(tmp_path / "w.onnx").whitening == info.whitening
 
 
 def test_metadata_records_recipe(tiny_model):
