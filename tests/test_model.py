@@ -146,7 +146,8 @@ def test_keras_h5_loader_transposes_hwio(tmp_path):
     assert origin == str(path)
     assert weights_checksum(loaded) == weights_checksum(layers)
     large = export_model(tmp_path / "large.onnx", path, profile="large")
-    assert (large.input_size, large.weights_sha256) == (320, weights_checksum(layers)) and "R-MAC" in large.pooling
+    assert (large.input_size, large.weights_sha256) == (384, weights_checksum(layers)) and "R-MAC" in large.pooling
+    assert large.relative_compute() <= 3.0 and "aspect kept" in large.resize
     assert read_model_info(tmp_path / "large.onnx").checksum == large.checksum
     with pytest.raises(PipelineError, match="unknown profile"):
         export_model(tmp_path / "x.onnx", path, profile="turbo")
