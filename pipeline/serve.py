@@ -178,8 +178,10 @@ class Service:
         searcher = Searcher(self.index_dir, model=self._model_arg, threads=self._threads)
         model = searcher.model  # loads it and checks its checksum against the index
         size = model.info.resize_to
-        for h, w in [(size, size)] if isinstance(size, int) else size:  # every input shape: the first run of one is slow
-            model.embed(np.zeros((self.batch_size, h, w, 3), np.uint8))
+        *others, largest = sorted([(size, size)] if isinstance(size, int) else size, key=lambda s: s[0] * s[1])
+        for h, w in others:  # the first run of each input shape is slow: one image each
+            model.embed(np.zeros((1, h, w, 3), np.uint8))
+        model.embed(np.zeros((self.batch_size, *largest, 3), np.uint8))  # and a full batch of the largest
         self._searchers[searcher.version_dir.name] = self._current = searcher
         self.batcher = MicroBatcher(model, self.batch_size, self.max_wait, self.queue_size)
         if self.poll > 0:
