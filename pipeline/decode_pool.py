@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 from PIL import Image
 
 from .errors import ImageError, PipelineError
-from .images import Decoded, InputSize, load_image
+from .images import Decoded, InputSize, input_shapes, load_image
 
 LOG = logging.getLogger(__name__)
 READY = (-1, None, None, None)  # a worker's first message
@@ -46,8 +46,7 @@ class DecodeSettings:
     @property
     def slot_bytes(self) -> int:
         """Room for one decoded image of the largest input shape."""
-        shapes = [(self.size, self.size)] if isinstance(self.size, int) else self.size
-        return max(h * w for h, w in shapes) * 3
+        return max(h * w for h, w in input_shapes(self.size)) * 3
 
 
 DecodeFn = Callable[[str, DecodeSettings, bool], "tuple[Decoded | None, ImageError | None]"]

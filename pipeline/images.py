@@ -36,13 +36,16 @@ Shape = tuple[int, int]  # height, width
 InputSize = Union[int, tuple[Shape, ...]]  # a square side, or the fixed shapes of an aspect-kept model
 
 
+def input_shapes(size: InputSize) -> tuple[Shape, ...]:
+    """Every shape a model of this input size takes."""
+    return ((size, size),) if isinstance(size, int) else size
+
+
 def nearest_shape(size: InputSize, width: int, height: int) -> Shape:
     """The input shape for a width x height picture: the square, or the shape whose aspect ratio
     is nearest (in log ratio) the picture's."""
-    if isinstance(size, int):
-        return size, size
     aspect = np.log(width / height)
-    return min(size, key=lambda s: abs(np.log(s[1] / s[0]) - aspect))
+    return min(input_shapes(size), key=lambda s: abs(np.log(s[1] / s[0]) - aspect))
 
 
 def is_image_name(name: str) -> bool:
@@ -135,7 +138,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def decode_bytes(data: bytes, size: InputSize, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """uint8 RGB [height, width, 3] (see nearest_shape) from encoded image bytes; raises ImageError with a reason."""
-    im = decode_rgb(data, size if isinstance(size, int) else max(max(s) for s in size), max_pixels)
+    im = decode_rgb(data, max(max(s) for s in input_shapes(size)), max_pixels)
     height, width = nearest_shape(size, im.width, im.height)
     return np.asarray(im.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
 

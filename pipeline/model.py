@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import PipelineError
-from .images import InputSize, Shape
+from .images import InputSize, Shape, input_shapes
 
 LOG = logging.getLogger(__name__)
 
@@ -99,8 +99,7 @@ class ModelInfo:
         """Pixels one image sends through the conv base (at most: its largest shape), relative to the
         seed recipe's 224 x 224: the cost of a recipe per image whatever the host (the conv base is
         nearly all of it)."""
-        shapes = [(self.input_size, self.input_size)] if isinstance(self.resize_to, int) else self.resize_to
-        return max(h * w for h, w in shapes) / 224 ** 2
+        return max(h * w for h, w in input_shapes(self.resize_to)) / 224 ** 2
 
 
 # ---------------------------------------------------------------- weights sources
@@ -519,8 +518,7 @@ class FeatureModel:
         assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] == 3, "expected uint8 [N,H,W,3]"
         if len(images) == 0:
             return np.zeros((0, self.info.dim), np.float32)
-        shapes = self.info.resize_to
-        if not isinstance(shapes, int) and images.shape[1:3] not in shapes:
+        if self.info.input_shapes and images.shape[1:3] not in self.info.resize_to:
             raise PipelineError(f"{self.info.short()} takes images of shapes {self.info.input_shapes}, "
                                 f"not {images.shape[1]}x{images.shape[2]}")
         return self.session.run(None, {self.input_name: images})[0]

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 
 from . import __version__
 from .errors import BusyError, ImageError, PipelineError
-from .images import decode_bytes
+from .images import decode_bytes, input_shapes
 from .index import CURRENT_FILE
 from .model import FeatureModel
 from .search import QueryResult, Searcher, QueryFile
@@ -177,8 +177,7 @@ class Service:
             return self
         searcher = Searcher(self.index_dir, model=self._model_arg, threads=self._threads)
         model = searcher.model  # loads it and checks its checksum against the index
-        size = model.info.resize_to
-        *others, largest = sorted([(size, size)] if isinstance(size, int) else size, key=lambda s: s[0] * s[1])
+        *others, largest = sorted(input_shapes(model.info.resize_to), key=lambda s: s[0] * s[1])
         for h, w in others:  # the first run of each input shape is slow: one image each
             model.embed(np.zeros((1, h, w, 3), np.uint8))
         model.embed(np.zeros((self.batch_size, *largest, 3), np.uint8))  # and a full batch of the largest
