@@ -44,11 +44,13 @@ def sets(heldout: Path | None) -> dict[str, tuple[Path, Path, Path]]:
     return out
 
 
-def score_model(label: str, model: Path, work: Path, heldout: Path | None) -> dict:
+def score_model(label: str, model: Path, work: Path, heldout: Path | None, order: list[str]) -> dict:
     info = read_model_info(model)
     row = {"profile": label, "model": info.name, "checksum": info.checksum[:12], "resize": info.resize,
            "pooling": info.pooling, "compute": round(info.relative_compute(), 2)}
-    for name, (db, queries, gt) in sets(heldout).items():
+    present = sets(heldout)
+    for name in [n for n in order if n in present]:
+        db, queries, gt = present[name]
         base = work / info.checksum[:12] / name
         extract([db], base / "features", model, progress=False)
         build_index(base / "features", base / "index", progress=False)
@@ -79,11 +81,12 @@ def main() -> None:
     ap.add_argument("--heldout", type=Path, default=ROOT / "bench-output" / "heldout")
     ap.add_argument("--work", type=Path, default=ROOT / "bench-output" / "eval-profiles")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--sets", default="holidays,copies,heldout", help="which sets to score, in this order")
     args = ap.parse_args()
     heldout = args.heldout if (args.heldout / "groundtruth.json").is_file() else None
     if heldout is None:
         print(f"no held-out set at {args.heldout} (make it with scripts/make_heldout.py): skipped")
-    rows = [score_model(label, Path(path), args.work, heldout) for label, path in (m.split("=", 1) for m in args.model)]
+    rows = [score_model(label, Path(path), args.work, heldout, args.sets.split(",")) for label, path in (m.split("=", 1) for m in args.model)]
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     print(table(rows))
