@@ -64,9 +64,12 @@ def _catalog_error(path: Path, exc: sqlite3.Error) -> PipelineError:
 
 
 class Catalog:
-    """Open (creating if needed) the catalog of a features folder. Use under the folder's lock."""
+    """Open (creating if needed) the catalog of a features folder. Use under the folder's lock.
 
-    def __init__(self, features_dir: Path) -> None:
+    readonly: for readers of an existing catalog (the index), which need not wait for the lock: it
+    is opened read-only, nothing is created or migrated."""
+
+    def __init__(self, features_dir: Path, *, readonly: bool = False) -> None:
         self.dir = Path(features_dir)
         path = self.dir / CATALOG_FILE
         try:
@@ -74,11 +77,17 @@ class Catalog:
         except OSError as exc:
             raise write_error(self.dir, exc, "`pipeline extract`") from None
         try:
-            self.db = sqlite3.connect(path)
+            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True) if readonly else sqlite3.connect(path)
             # Damage is found here, once (under 0.5 s per million images), not midway through a run.
             problems = [row for (row,) in self.db.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
                 raise sqlite3.DatabaseError(problems[0])
+            if readonly:
+                if "id" not in {row[1] for row in self.db.execute("PRAGMA table_info(images)")}:
+                    self.db.close()
+                    raise PipelineError(f"{path} is older than stable image ids: run `pipeline extract` once "
+                                        "to upgrade it")
+                return
             self.db.execute("PRAGMA journal_mode=WAL")  # a killed writer loses at most its open transaction
             self.db.executescript(
                 """

@@ -35,7 +35,8 @@ import numpy as np
 from .catalog import Catalog
 from .decode_pool import DecodePool, DecodeSettings, decode_one
 from .errors import ImageError, PipelineError, cause
-from .extract import ExtractReport, ShardWriter
+from .extract import ExtractReport
+from .features import ShardWriter
 from .model import FeatureModel, ModelInfo
 from .progress import Progress
 from .shards import ShardInfo, next_shard_number, read_shard

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,7 @@ from PIL import Image as PILImage
 from .errors import PipelineError
 from .progress import Progress
 from .search import Searcher
-from .catalog import CATALOG_FILE
-from .shards import read_rows
+from .features import exact_features
 
 LOG = logging.getLogger(__name__)
 
@@ -101,7 +99,8 @@ def find_groups(
     if isinstance(base, faiss.IndexIDMap):  # a flat index keeps its ids in an id map
         base = faiss.downcast_index(base.index)
     exact = isinstance(base, (faiss.IndexFlat, faiss.IndexIVFFlat))
-    vectors = searcher.vectors if exact else _shard_vectors(searcher)
+    vectors = searcher.vectors if exact else exact_features(
+        Path(searcher.meta["features_dir"]), searcher.meta["shards"], searcher.meta["dim"], searcher.version_dir)
     parent = np.arange(n, dtype=np.int64)
     if not exact and rerank_margin is None:
         rerank_margin = _code_error(searcher, ids, vectors)
@@ -250,61 +249,6 @@ def _roots(parent: np.ndarray) -> np.ndarray:
         if np.array_equal(up, parent):
             return parent
         parent = up
-
-
-def _shard_vectors(searcher: Searcher):
-    """Exact features by id, read from the shards of the features folder the index was built from
-    (for compressed codes): its catalog says where each stable id's row lives now (compaction may
-    have moved it since the build; the id still names the same file and content)."""
-    catalog = Path(searcher.meta["features_dir"]) / CATALOG_FILE
-    shards = searcher.meta["shards"]
-    if catalog.exists():
-        try:
-            db = sqlite3.connect(f"file:{catalog}?mode=ro", uri=True, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise PipelineError(f"cannot read {catalog} ({exc}): the exact features of a compressed index come "
-                                "from its features folder") from None
-    else:  # a features folder without a catalog: ids count every row of the index's shards in order
-        db, starts = None, np.cumsum([0] + [s["count"] for s in shards])
-
-    def vectors(ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, np.int64)
-        if db is None:
-            s = np.searchsorted(starts, ids, side="right") - 1
-            where = {int(i): (shards[j]["name"], int(i - starts[j])) for i, j in zip(ids, s)}
-        else:
-            where = _catalog_rows(db, catalog, ids)
-        if len(where) < len(set(ids.tolist())):
-            raise PipelineError(f"the features behind {searcher.version_dir} changed since it was built (some of its "
-                                "images are no longer live): rebuild the index to re-rank its compressed codes")
-        out = np.empty((len(ids), searcher.meta["dim"]), np.float32)
-        shard_of = np.array([where[int(i)][0] for i in ids])
-        row_of = np.array([where[int(i)][1] for i in ids], np.int64)
-        for shard in np.unique(shard_of):
-            sel = np.flatnonzero(shard_of == shard)
-            order = np.argsort(row_of[sel])
-            path = catalog.parent / str(shard)
-            if not path.is_file():
-                raise PipelineError(f"the features behind {searcher.version_dir} changed since it was built ({path} is "
-                                    "gone): rebuild the index to re-rank its compressed codes")
-            out[sel[order]] = read_rows(path, row_of[sel][order])
-        return out
-
-    return vectors
-
-
-def _catalog_rows(db: sqlite3.Connection, catalog: Path, ids: np.ndarray) -> dict[int, tuple[str, int]]:
-    """id -> (shard, row) of the live images among `ids`."""
-    where: dict[int, tuple[str, int]] = {}
-    try:
-        for start in range(0, len(ids), 500):
-            chunk = [int(i) for i in ids[start:start + 500]]
-            where.update((i, (s, r)) for i, s, r in db.execute(
-                f"SELECT id, shard, row FROM images WHERE status = 'live' AND id IN ({','.join('?' * len(chunk))})",
-                chunk))
-    except sqlite3.Error as exc:
-        raise PipelineError(f"cannot read {catalog} ({exc}); rerun `pipeline extract`") from None
-    return where
 
 
 def _describe(searcher: Searcher, features: dict[int, np.ndarray], number: int, ids: np.ndarray) -> DuplicateGroup:

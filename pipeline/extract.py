@@ -10,7 +10,6 @@ two runs from writing to one folder at once.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -23,15 +22,14 @@ import numpy as np
 
 from .catalog import Catalog
 from .decode_pool import DecodePool, DecodeSettings
-from .errors import ImageError, PipelineError
-from .fsutil import atomic_write_text, exclusive_lock
+from .errors import PipelineError
+from .features import ERRORS_FILE, ShardWriter, write_errors_file, writing
 from .images import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, iter_images
 from .model import FeatureModel, ModelInfo, read_model_info, resolve_model_path
 from .progress import Progress
-from .shards import ShardData, check_model, list_shards, next_shard_number, read_rows, shard_info, shard_name, write_shard
+from .shards import check_model, list_shards, shard_info, shard_name
 
 LOG = logging.getLogger(__name__)
-ERRORS_FILE = "errors.jsonl"
 MAX_ATTEMPTS = 6  # a transient failure is tried at most this often (over 31 runs: 1, 2, 4, 8, 16 runs apart)
 SCAN_CHUNK = 10_000  # files stat'ed, compared and decoded per step: what memory holds of the file list
 
@@ -74,80 +72,6 @@ class ExtractReport:
         return d
 
 
-@dataclass(frozen=True)
-class RowMeta:
-    """The file facts stored with a feature row (Decoded has the same attributes)."""
-
-    content_hash: str
-    size: int
-    mtime: float
-
-
-class ShardWriter:
-    """Accumulates rows and failures; writes a shard each time `shard_size` images are ready and
-    records it in the catalog at once."""
-
-    def __init__(self, out: Path, model: ModelInfo, model_path: Path | str, shard_size: int, catalog: Catalog) -> None:
-        self.out, self.model, self.model_path, self.shard_size = out, model, str(model_path), shard_size
-        self.catalog = catalog
-        self.number = next_shard_number(out)
-        self.written: list[str] = []
-        self._reset()
-
-    def _reset(self) -> None:
-        self.features: list[np.ndarray] = []
-        self.paths: list[str] = []
-        self.metas: list = []
-        self.errors: list[tuple] = []  # path, size, mtime, ctime, reason, transient
-
-    def add(self, paths: list[str], features: np.ndarray, metas: list) -> list[tuple[str, int]]:
-        """Queue rows (a shard never exceeds shard_size); returns (shard name, row) of each."""
-        where: list[tuple[str, int]] = []
-        start = 0
-        while start < len(paths):
-            take = min(self.shard_size - len(self.paths), len(paths) - start)
-            rows = slice(start, start + take)
-            where += [(shard_name(self.number), len(self.paths) + j) for j in range(take)]
-            self.features.append(features[rows])
-            self.paths += paths[rows]
-            self.metas += metas[rows]
-            start += take
-            if len(self.paths) >= self.shard_size:
-                self.flush()
-        return where
-
-    def row(self, name: str, row: int) -> np.ndarray:
-        """A feature row already given to this writer, pending or written."""
-        if name != shard_name(self.number):
-            return read_rows(self.out / name, np.array([row]))[0]
-        for block in self.features:
-            if row < len(block):
-                return block[row]
-            row -= len(block)
-        raise AssertionError(f"row {row} is not pending in {name}")
-
-    def add_error(self, path: str, error: ImageError, stat: tuple[int | None, float | None, float | None]) -> None:
-        self.errors.append((path, *stat, str(error), error.transient))
-
-    def flush(self) -> None:
-        if not self.paths and not self.errors:
-            return
-        features = np.concatenate(self.features) if self.features else np.zeros((0, self.model.dim), np.float32)
-        data = ShardData(features, self.paths, [m.content_hash for m in self.metas],
-                         np.array([m.size for m in self.metas], np.int64),
-                         np.array([m.mtime for m in self.metas], np.float64),
-                         [e[0] for e in self.errors], [e[4] for e in self.errors])
-        name = shard_name(self.number)
-        write_shard(self.out / name, data, self.model, self.model_path)
-        self.catalog.record_shard(
-            name, [(p, m.size, m.mtime, m.content_hash, r) for r, (p, m) in enumerate(zip(self.paths, self.metas))],
-            self.errors)
-        LOG.debug("wrote %s (%d images, %d failures)", name, len(self.paths), len(self.errors))
-        self.written.append(name)
-        self.number += 1
-        self._reset()
-
-
 def _validate(batch_size: int, shard_size: int, workers: int, threads: int, timeout: float, scan_chunk: int) -> None:
     if batch_size < 1:
         raise PipelineError(f"--batch-size must be at least 1 (got {batch_size})")
@@ -161,17 +85,6 @@ def _validate(batch_size: int, shard_size: int, workers: int, threads: int, time
         raise PipelineError(f"--timeout must be positive (got {timeout})")
     if scan_chunk < 1:
         raise PipelineError(f"scan_chunk must be at least 1 (got {scan_chunk})")
-
-
-def write_errors_file(features_dir: Path, catalog: Catalog, unreadable: list[tuple[str, str]]) -> int:
-    """Rewrite errors.jsonl beside the shards: every folder that could not be listed and every current
-    file that could not be used, and why. Returns the number of files."""
-    failures = catalog.failures()
-    folders = [(p, f"folder cannot be listed ({r}); the images recorded under it keep their state")
-               for p, r in unreadable]
-    atomic_write_text(features_dir / ERRORS_FILE, "".join(
-        json.dumps({"path": p, "reason": r}, ensure_ascii=False) + "\n" for p, r in folders + failures))
-    return len(failures)
 
 
 def _stat(path: Path) -> tuple[int | None, float | None, float | None]:
@@ -226,7 +139,7 @@ def extract(
     images = iter_images(roots, unreadable)
     start = time.monotonic()
     report = ExtractReport(features_dir=str(out), unreadable_folders=unreadable)
-    with exclusive_lock(out, "pipeline extract"), Catalog(out) as catalog:
+    with writing(out) as catalog:
         catalog.begin_scan()
         while chunk := list(islice(images, scan_chunk)):
             catalog.add_scanned([(str(p), *_stat(p)) for p in chunk])

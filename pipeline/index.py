@@ -35,9 +35,9 @@ import numpy as np
 from . import __version__
 from .errors import PipelineError, cause, write_error
 from .fsutil import atomic_write_text, exclusive_lock, fsync_dir
-from .catalog import CATALOG_FILE, Catalog
+from .features import live_parts
 from .progress import Progress
-from .shards import ShardInfo, check_model, list_shards, read_rows, read_shard, shard_info
+from .shards import ShardInfo, check_model, read_rows, read_shard
 
 LOG = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def build_index(
         raise PipelineError(f"--target-recall must be in (0, 1] (got {target_recall})")
     if retrain_above < 0:
         raise PipelineError(f"--retrain-above must be at least 0 (got {retrain_above})")
-    all_infos, parts, ids, digest = _live_parts(features_dir)
+    all_infos, parts, ids, digest = live_parts(features_dir)
     if not all_infos:
         raise PipelineError(f"no shards in {features_dir}: run `pipeline extract` first")
     check_model(all_infos)
@@ -546,34 +546,6 @@ def _rows_with_ids(parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, w
             yield (np.ascontiguousarray(data.features[sel], dtype=np.float32), ids[offset:offset + len(rows)][mine],
                    [data.paths[r] for r in sel], [data.hashes[r] for r in sel])
         offset += len(rows)
-
-
-def _live_parts(features_dir: Path) -> tuple[list[ShardInfo], list[tuple[ShardInfo, np.ndarray]], np.ndarray,
-                                              str | None]:
-    """Every shard, the rows to index per shard: the catalog's live rows (deleted, changed and
-    moved-away images left out), or every row when the folder has no catalog; the id of each of
-    those rows, in the same order (the catalog's stable ids, else positions); the catalog's live digest.
-
-    An extract may be writing meanwhile (build-index does not wait for it): the live rows and the
-    digest are read in one transaction and before the shards are listed, so every shard they name
-    is listed and whatever the extract records later is wholly left out (the digest says so, and the
-    next rebuild builds again).
-    """
-    live = digest = None
-    if (features_dir / CATALOG_FILE).exists():
-        with Catalog(features_dir) as catalog:
-            live, digest = catalog.live_snapshot()
-    infos = [shard_info(p) for p in list_shards(features_dir)]
-    if live is None:
-        parts = [(i, np.arange(i.count)) for i in infos if i.count]
-        return infos, parts, np.arange(sum(len(rows) for _, rows in parts)), None
-    lost = sorted(set(live) - {i.path.name for i in infos})
-    if lost:
-        raise PipelineError(f"the catalog of {features_dir} records images in {lost[0]}, which is missing; "
-                            "run `pipeline extract` to reconcile it")
-    used = [i for i in infos if i.path.name in live]
-    ids = np.concatenate([live[i.path.name][1] for i in used]) if used else np.zeros(0, np.int64)
-    return infos, [(i, live[i.path.name][0]) for i in used], ids, digest
 
 
 def write_ids(parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, ids_path: Path,

@@ -12,15 +12,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from .catalog import Catalog
 from .errors import PipelineError
-from .extract import ExtractReport, RowMeta, ShardWriter, extract
+from .extract import ExtractReport, extract
+from .features import compact, live_digest
 from .fsutil import exclusive_lock
 from .index import CURRENT_FILE, DEFAULT_FLAT_BELOW, DEFAULT_RETRAIN_ABOVE, build_index
 from .search import Searcher
-from .shards import read_shard, shard_model
 
 LOG = logging.getLogger(__name__)
 
@@ -36,33 +33,6 @@ class RebuildReport:
     def to_dict(self) -> dict:
         return {"extract": self.extract.to_dict(), "compacted_shards": self.compacted,
                 "index_built": self.index_built, "index": self.index_meta, "seconds": round(self.seconds, 3)}
-
-
-def compact(features_dir: Path, below: float = 0.5, shard_size: int = 512) -> list[str]:
-    """Rewrite the live rows of shards whose live fraction is under `below` into new shards, then
-    delete those shards. The caller holds the features folder's lock. Returns the retired names.
-
-    Crash-safe: new shards are recorded before old ones are retired; a shard left behind with
-    no live rows is retired by the next compaction, and never indexed meanwhile.
-    """
-    with Catalog(features_dir) as catalog:
-        live = catalog.live_rows()
-        victims = [name for name, n in sorted(catalog.shard_rows().items())
-                   if len(live.get(name, ())) < below * n or n == 0]
-        if not victims:
-            return []
-        info, model_path = shard_model(features_dir / victims[0])
-        writer = ShardWriter(features_dir, info, model_path, shard_size, catalog)
-        for name in victims:
-            rows = live.get(name, np.zeros(0, np.int64))
-            if len(rows):
-                d = read_shard(features_dir / name)
-                writer.add([d.paths[r] for r in rows], d.features[rows],
-                           [RowMeta(d.hashes[r], int(d.sizes[r]), float(d.mtimes[r])) for r in rows])
-        writer.flush()
-        catalog.retire(victims)
-    LOG.info("compacted %d shard(s) with under %.0f%% live rows into %d", len(victims), below * 100, len(writer.written))
-    return victims
 
 
 def rebuild(
@@ -99,10 +69,8 @@ def rebuild(
                  time.monotonic() - t)
         for path, reason in ex.failures:
             LOG.warning("could not use %s: %s", path, reason)
-        with exclusive_lock(features, "pipeline extract"):
-            compacted = compact(features, compact_below, extract_options.get("shard_size", 512))
-        with Catalog(features) as catalog:
-            digest = catalog.live_digest()
+        compacted = compact(features, compact_below, extract_options.get("shard_size", 512))
+        digest = live_digest(features)
         published = _published_meta(index_dir)
         if published.get("live_digest") == digest:
             LOG.info("index is up to date (%s): nothing to build", published.get("version"))

@@ -38,8 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
 from helpers import TINY_SIZE, save_pattern, write_tiny_model  # noqa: E402
-from pipeline.catalog import Catalog  # noqa: E402
-from pipeline.extract import RowMeta, ShardWriter  # noqa: E402
+from pipeline.features import RowMeta, ShardWriter, writing  # noqa: E402
 from pipeline.images import load_image  # noqa: E402
 from pipeline.index import build_index  # noqa: E402
 from pipeline.model import FeatureModel, read_model_info  # noqa: E402
@@ -61,7 +60,7 @@ def make_workdir(scratch: Path, n: int, model: Path) -> tuple[Path, Path]:
         for i in range(start, min(n, start + PER_FOLDER)):
             os.link(sources[i % SOURCES], folder / f"IMG_{i:07d}.jpg")
     info = read_model_info(model)
-    with Catalog(work / "features") as catalog:
+    with writing(work / "features") as catalog:
         writer = ShardWriter(work / "features", info, model, SHARD_SIZE, catalog)
         for start in range(0, n, 10_000):
             idx = np.arange(start, min(n, start + 10_000))

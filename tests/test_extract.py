@@ -17,7 +17,8 @@ import pytest
 from helpers import misbehaving_decode, save_pattern, tiny_layers, write_bad_corpus
 from pipeline.decode_pool import DecodePool, DecodeSettings
 from pipeline.errors import BusyError, ModelMismatchError
-from pipeline.extract import ERRORS_FILE, extract
+from pipeline.extract import extract
+from pipeline.features import ERRORS_FILE
 from pipeline.fsutil import exclusive_lock
 from pipeline.images import load_image
 from pipeline.index import build_index
@@ -112,15 +113,15 @@ def test_rerun_does_only_missing_work(tmp_path, tiny_model, gallery):
 
 STALL_AFTER_FIRST_SHARD = """
 import sys
-from pipeline import cli, extract
+from pipeline import cli, features
 
-write_shard = extract.write_shard
+write_shard = features.write_shard
 
 def write_then_stall(*args, **kwargs):
     write_shard(*args, **kwargs)
     open(sys.argv[1]).read()  # a FIFO nobody writes to: the run stops here, its first shard written, until killed
 
-extract.write_shard = write_then_stall
+features.write_shard = write_then_stall
 cli.app(sys.argv[2:], prog_name="pipeline")
 """
 

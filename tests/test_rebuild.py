@@ -169,7 +169,7 @@ def _rebuild_cmd(root: Path, work: Path, model: Path) -> list[str]:
 
 STOP_AT_STEP = """
 import sys, time
-from pipeline import catalog, cli, extract, fsutil, index
+from pipeline import catalog, cli, features, fsutil, index
 
 stop_name, stop_count, marker, steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], []
 
@@ -186,7 +186,7 @@ def counted(owner, name):
 
     setattr(owner, name, step)
 
-for owner, name in [(extract, "write_shard"), (catalog.Catalog, "record_shard"), (catalog.Catalog, "mark_missing_gone"),
+for owner, name in [(features, "write_shard"), (catalog.Catalog, "record_shard"), (catalog.Catalog, "mark_missing_gone"),
                     (catalog.Catalog, "retire"), (fsutil, "publish"), (index, "_fill"), (index, "_update_base"), (index, "prune_versions")]:
     counted(owner, name)
 cli.app(sys.argv[4:], prog_name="pipeline")

@@ -1,0 +1,140 @@
+"""The features folder's one module: writing, compaction and live rows through its API, readers that
+open the catalog read-only, and modules that import one way (a climb back up fails here)."""
+
+from __future__ import annotations
+
+import ast
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pipeline
+from pipeline import features
+from pipeline.catalog import Catalog
+from pipeline.errors import PipelineError
+from pipeline.features import RowMeta, ShardWriter, compact, exact_features, live_digest, live_parts, writing
+from pipeline.index import build_index
+from pipeline.model import ModelInfo
+
+INFO = ModelInfo(name="m", weights_sha256="w" * 64, input_size=32, dim=4)
+PACKAGE = Path(pipeline.__file__).parent
+
+# The data flow, upstream first: a module imports only from tiers before its own.
+TIERS = [
+    ("__init__", "errors", "progress"),
+    ("fsutil",),
+    ("images",),
+    ("decode_pool",),
+    ("model",),
+    ("quantize",),
+    ("shards",),  # the shard file format
+    ("catalog",),  # the record beside the shards
+    ("features",),  # the features folder: shards, catalog, errors file, lock
+    ("extract",),
+    ("index",),
+    ("distributed",),  # runs extract's and index's own work on Ray
+    ("search",),
+    ("duplicates", "evaluate"),
+    ("sheet",),
+    ("serve",),
+    ("rebuild",),
+    ("cli",),
+    ("__main__",),
+]
+# The only imports up the flow: with --ray, a stage hands its work to the cluster. Inside the
+# function that does so, never at module level, so a run without Ray never loads it.
+RAY_DISPATCH = {("extract", "distributed"), ("index", "distributed")}
+
+
+def package_imports(module: Path) -> list[tuple[str, bool]]:
+    """(pipeline module imported, at module level) for every import of `module`."""
+    tree = ast.parse(module.read_text())
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names = [node.module] if node.module else [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+            names = [node.module.split(".")[1]]
+        elif isinstance(node, ast.Import):
+            names = [a.name.split(".")[1] for a in node.names if a.name.startswith("pipeline.")]
+        else:
+            continue
+        found += [(n if (PACKAGE / f"{n}.py").exists() else "__init__", id(node) in top) for n in names]
+    return found
+
+
+def test_modules_import_one_way():
+    tier = {name: t for t, names in enumerate(TIERS) for name in names}
+    modules = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert sorted(tier) == modules, "place every module of pipeline/ in TIERS"
+    climbs = []
+    for name in modules:
+        for imported, top_level in package_imports(PACKAGE / f"{name}.py"):
+            if tier[imported] >= tier[name] and not ((name, imported) in RAY_DISPATCH and not top_level):
+                climbs.append(f"{name} imports {imported}" + (" at module level" if top_level else ""))
+    assert not climbs, "imports against the data flow: " + "; ".join(climbs)
+
+
+def test_only_the_features_module_opens_the_catalog():
+    opened = [f"{p.name}:{node.lineno}" for p in PACKAGE.glob("*.py") if p.stem not in ("catalog", "features")
+              for node in ast.walk(ast.parse(p.read_text()))
+              if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Catalog"]
+    assert not opened
+
+
+def write_rows(folder: Path, paths: list[str], shard_size: int) -> np.ndarray:
+    """Rows through the folder's writer, as extract writes them; returns their features."""
+    vectors = np.eye(len(paths), 4, dtype=np.float32) + 0.5
+    with writing(folder) as catalog:
+        writer = ShardWriter(folder, INFO, "/models/m.onnx", shard_size, catalog)
+        writer.add(paths, vectors, [RowMeta(f"{i:032x}", 10 + i, 1.5) for i in range(len(paths))])
+        writer.flush()
+    return vectors
+
+
+def test_write_compact_and_read_live_rows(tmp_path):
+    folder = tmp_path / "features"
+    paths = [f"/a/{i}.jpg" for i in range(6)]
+    vectors = write_rows(folder, paths, shard_size=4)  # shards of 4 and 2
+    with writing(folder) as catalog:
+        catalog.mark_gone(paths[:3])
+    infos, parts, ids, digest = live_parts(folder)
+    assert [(i.path.name, rows.tolist()) for i, rows in parts] == [("shard-00000.h5", [3]), ("shard-00001.h5", [0, 1])]
+    assert len(infos) == 2 and digest == live_digest(folder)
+
+    assert compact(folder, below=0.5, shard_size=4) == ["shard-00000.h5"]  # 1 of 4 rows live
+    infos, parts, after, digest_after = live_parts(folder)
+    assert [(i.path.name, rows.tolist()) for i, rows in parts] == [("shard-00001.h5", [0, 1]), ("shard-00002.h5", [0])]
+    assert sorted(after.tolist()) == sorted(ids.tolist()) and digest_after == digest  # same images, same ids
+    shards = [{"name": i.path.name, "count": len(rows)} for i, rows in parts]
+    got = exact_features(folder, shards, 4, tmp_path / "v1")(ids)
+    np.testing.assert_array_equal(got, vectors[3:6])
+
+
+def test_readers_open_the_catalog_read_only(tmp_path, monkeypatch):
+    folder = tmp_path / "features"
+    write_rows(folder, [f"/a/{i}.jpg" for i in range(3)], shard_size=4)
+    with Catalog(folder, readonly=True) as catalog, pytest.raises(sqlite3.OperationalError, match="readonly"):
+        catalog.db.execute("DELETE FROM images")
+
+    opened = []
+
+    class Spy(Catalog):
+        def __init__(self, features_dir: Path, *, readonly: bool = False) -> None:
+            opened.append(readonly)
+            super().__init__(features_dir, readonly=readonly)
+
+    monkeypatch.setattr(features, "Catalog", Spy)
+    assert build_index(folder, tmp_path / "index").meta["count"] == 3
+    assert opened == [True]
+
+    db = sqlite3.connect(folder / "catalog.sqlite")  # a catalog older than stable ids: a reader does not migrate it
+    db.execute("DROP INDEX images_id")
+    db.execute("ALTER TABLE images DROP COLUMN id")
+    db.commit()
+    db.close()
+    with pytest.raises(PipelineError, match="older than stable image ids: run `pipeline extract`"):
+        live_parts(folder)
