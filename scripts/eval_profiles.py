@@ -27,7 +27,9 @@ from pipeline.extract import extract  # noqa: E402
 from pipeline.index import build_index  # noqa: E402
 from pipeline.model import read_model_info  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "eval"
+# ../shared/eval of the checkout, or of a folder above it (a worktree under the main checkout's parent)
+SHARED = next((p / "shared" / "eval" for p in ROOT.parents if (p / "shared" / "eval").is_dir()),
+              ROOT.parent / "shared" / "eval")
 
 
 def sets(heldout: Path | None) -> dict[str, tuple[Path, Path, Path]]:
