@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Union
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError, PipelineError
 
@@ -138,15 +138,23 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def decode_bytes(data: bytes, size: InputSize, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """uint8 RGB [height, width, 3] (see nearest_shape) from encoded image bytes; raises ImageError with a reason."""
-    im = decode_rgb(data, max(max(s) for s in input_shapes(size)), max_pixels)
+    im = decode_rgb(data, size, max_pixels)
     height, width = nearest_shape(size, im.width, im.height)
     return np.asarray(im.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
-def decode_rgb(data: bytes, draft: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def _draft_size(im: Image.Image, size: InputSize) -> tuple[int, int]:
+    """(width, height), in the file's orientation, that a JPEG's reduced decode must keep: its input shape."""
+    turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # upright = width and height swapped
+    height, width = nearest_shape(size, *((im.height, im.width) if turned else (im.width, im.height)))
+    return (height, width) if turned else (width, height)
+
+
+def decode_rgb(data: bytes, draft: InputSize | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """A loaded RGB image, upright (EXIF orientation applied), from encoded bytes; raises ImageError.
 
-    `draft`: JPEGs may be decoded at 1/2, 1/4 or 1/8 scale as long as both sides stay >= draft.
+    `draft`: JPEGs may be decoded at 1/2, 1/4 or 1/8 scale as long as both sides stay >= the input
+    shape the picture will be resized to (see nearest_shape).
     """
     if not data:
         raise ImageError("empty file (0 bytes)")
@@ -160,7 +168,7 @@ def decode_rgb(data: bytes, draft: int | None = None, max_pixels: int = DEFAULT_
                         "(possible decompression bomb)"
                     )
                 if im.format == "JPEG" and draft:
-                    im.draft(im.mode, (draft, draft))
+                    im.draft(im.mode, _draft_size(im, draft))
                 im.load()
                 return to_rgb(ImageOps.exif_transpose(im))
     except ImageError:
