@@ -218,7 +218,10 @@ def build_index(
     nprobe: Annotated[Optional[int], typer.Option(help="Lists searched per query (default: smallest reaching --target-recall).")] = None,
     target_recall: Annotated[float, typer.Option(help="Recall@10 against exact search that nprobe must reach.")] = 0.95,
     flat_below: Annotated[int, typer.Option(help="Use exact search for collections smaller than this.")] = 20_000,
-    max_memory: Annotated[Optional[str], typer.Option(help="Memory budget of the index, e.g. 4G: compress (SQ8, OPQ+PQ) to fit.")] = None,
+    max_memory: Annotated[Optional[str], typer.Option(help="Memory budget of the index, e.g. 4G: compress (SQ8, PQ fast-scan) to fit.")] = None,
+    rerank: Annotated[Optional[int], typer.Option(
+        help="Candidates of a compressed index re-ranked exactly from a float16 vector store on disk "
+        "(default 500 for compressed codes; 0: no store).")] = None,
     keep: Annotated[int, typer.Option(help="Published versions to keep.")] = 3,
     ray: RayOpt = None,
     update: Annotated[bool, typer.Option(
@@ -234,7 +237,7 @@ def build_index(
     try:
         report = run_build(features, out, factory=factory, nlist=nlist, nprobe=nprobe, target_recall=target_recall,
                            flat_below=flat_below, max_memory=max_memory, keep=keep, ray=ray, progress=progress,
-                           update=update, retrain_above=retrain_above)
+                           update=update, retrain_above=retrain_above, rerank=rerank)
     except PipelineError as exc:
         raise _fail(exc)
     m = report.meta

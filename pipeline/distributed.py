@@ -278,20 +278,20 @@ def fill_part(trained: np.ndarray, parts: list[tuple[str, np.ndarray]], ids: np.
 
 
 def fill_on_ray(index, parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, ids_path: Path,
-                queries: np.ndarray | None, progress: bool | None, *, address: str):
+                queries: np.ndarray | None, progress: bool | None, store=None, *, address: str):
     """What index._fill does, with the adding spread over the Ray cluster at `address`: the shards cut
     into contiguous ranges (one per CPU of the cluster), each added to a partial IVF index by a task,
     the partials merged here in id order (IndexIVF.merge_from keeps the ids), which gives the inverted
     lists a local build gives, entry for entry. An exact (Flat) index has nothing to spread (under
     20,000 vectors by default): it is filled here. Returns the exact neighbour ids of `queries` and
-    the thread writing the id table."""
+    the thread writing the id table (and the vector `store`, when given)."""
     from .index import TRUTH_DEPTH, _Background, _fill, write_ids
 
     if faiss.try_extract_index_ivf(index) is None:
         LOG.info("an exact index is filled here: it has no inverted lists to build in parallel")
-        return _fill(index, parts, ids, ids_path, queries, progress)
+        return _fill(index, parts, ids, ids_path, queries, progress, store)
     ray = connect(address)
-    ids_writer = _Background(write_ids, parts, ids, ids_path)
+    ids_writer = _Background(write_ids, parts, ids, ids_path, None, store)
     n_tasks = max(1, min(len(parts), int(ray.cluster_resources().get("CPU", 1))))
     bounds = np.linspace(0, len(parts), n_tasks + 1).astype(int)
     starts = np.concatenate([[0], np.cumsum([len(rows) for _, rows in parts])])

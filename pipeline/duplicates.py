@@ -5,17 +5,19 @@ byte-identical files (same content hash) are always in one group, whatever the t
 
 Pairs are found without an N x N matrix, with the index's own partition, as a range search run for
 every image at once and grouped by IVF list (faiss contrib's big_batch_search idea): each vector
-probes its `nprobe` nearest centroids, as a search would, and each list is then compared, by
-matrix products, with all the vectors that probe it. Every pair above the threshold is kept (no k
-to choose, so a large group of copies is never cut at k neighbours); memory is bounded by the block
-sizes and the N x nprobe probe table, not by N^2. Why not faiss's range search with every indexed
-vector as a query: at the tuned nprobe it took 1,389 s for 1M vectors on this machine against
-118-395 s for the list-by-list products (docs/benchmarks.md). A pair is missed only when neither image probes the other's list. A flat
-index is cut into blocks, each compared with every vector before its end.
+probes its `nprobe` nearest centroids, as a search would (one table for all vectors, inverted), and
+each list is then compared with all the vectors that probe it in a few large matrix products. Every
+pair above the threshold is kept (no k to choose, so a large group of copies is never cut at k
+neighbours); memory is bounded by the block sizes and the N x nprobe probe table, not by N^2. Why
+not faiss's range search with every indexed vector as a query: at the tuned nprobe (3) it took
+1,389 s for 1M vectors on this machine, and its cost grows with nprobe (docs/benchmarks.md). A pair
+is missed only when neither image probes the other's list. A flat index is cut into blocks, each
+compared with every vector before its end.
 
 Flat-coded indexes (Flat, IVF...,Flat) hold the exact features, so their scores are exact.
-Compressed codes (SQ, PQ, or a pre-transform) are compared decoded, with a margin, and the
-candidate pairs are re-ranked with the exact features of the shards the index was built from.
+Compressed codes with a vector store (the default for them, vectorstore.py) are compared with the
+stored features (float16); without one (--rerank 0), decoded, with a margin, and the candidate
+pairs are re-ranked with the exact features of the shards the index was built from.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import faiss
 import numpy as np
@@ -45,6 +47,8 @@ DEFAULT_THRESHOLD = 0.80
 # found was 0.986 at nprobe 3 (the tuned one), 0.9991 at 16, 0.9998 at 32 (docs/benchmarks.md).
 MIN_NPROBE = 32
 BLOCK_ROWS = 2048  # rows and columns per matrix product (and rows per block of a flat index)
+PROBE_ROWS = 8192  # rows per product of an IVF list with the vectors that probe it
+PASS_PROBES = 4_000_000  # entries of the probe table inverted per pass
 FLUSH_PAIRS = 4_000_000  # pairs buffered before they are merged into the groups
 
 
@@ -98,7 +102,9 @@ def find_groups(
     base = searcher.index
     if isinstance(base, faiss.IndexIDMap):  # a flat index keeps its ids in an id map
         base = faiss.downcast_index(base.index)
-    exact = isinstance(base, (faiss.IndexFlat, faiss.IndexIVFFlat))
+    # Full vectors: in the index itself (flat), or in the version's vector store (float16: scores
+    # within ~1e-3 of float32, no margin needed); otherwise decoded codes, checked against the shards.
+    exact = isinstance(base, (faiss.IndexFlat, faiss.IndexIVFFlat)) or searcher.store is not None
     vectors = searcher.vectors if exact else exact_features(
         Path(searcher.meta["features_dir"]), searcher.meta["shards"], searcher.meta["dim"], searcher.version_dir)
     parent = np.arange(n, dtype=np.int64)
@@ -137,68 +143,132 @@ def find_groups(
 
 
 def _pairs_above(searcher: Searcher, ids: np.ndarray, cut: float, nprobe: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """(ids a, ids b, rows done) of the pairs with score >= cut, by matrix products of at most
-    BLOCK_ROWS x BLOCK_ROWS; `rows done` counts the rows whose comparisons are all done (for progress)."""
-    for a_ids, a, b_ids, b, once, done in _comparisons(searcher, ids, nprobe):
-        for r in range(0, len(a_ids), BLOCK_ROWS):
-            for c in range(0, len(b_ids), BLOCK_ROWS):
-                ra, cb = a_ids[r:r + BLOCK_ROWS], b_ids[c:c + BLOCK_ROWS]
-                hit = a[r:r + BLOCK_ROWS] @ b[c:c + BLOCK_ROWS].T >= cut
-                # never an image with itself; where both orders are compared, each pair once
-                hit &= (ra[:, None] < cb[None, :]) if once else (ra[:, None] != cb[None, :])
-                i, j = np.nonzero(hit)
-                yield ra[i], cb[j], 0
-        yield a_ids[:0], b_ids[:0], done
+    """(ids a, ids b, rows done) of the pairs with score >= cut, in the space the index compares
+    vectors in (decoded for compressed codes), by matrix products of at most BLOCK_ROWS x BLOCK_ROWS
+    (IVF: PROBE_ROWS x BLOCK_ROWS); `rows done` counts the rows whose comparisons are all done (for
+    progress). A pair may come more than once (from both of its lists); never an image with itself.
 
-
-def _comparisons(searcher: Searcher, ids: np.ndarray, nprobe: int) -> Iterator[tuple]:
-    """The blocks to compare: (ids a, vectors a, ids b, vectors b, each pair compared in both orders,
-    rows done), vectors in the space the index compares them in (decoded for compressed codes).
-
-    Flat index: blocks of BLOCK_ROWS ids, each against itself and every later block. IVF: each
-    vector probes its `nprobe` nearest centroids, as a search would (looked for among the 4 x nprobe
-    centroids nearest to its own list's: a vector's nearest centroids are next to the one it is in),
-    and the vectors of each list are compared with every list they probe."""
-    index = searcher.index
+    Flat index: blocks of BLOCK_ROWS ids, each against itself and every later block."""
     try:
-        ivf = faiss.extract_index_ivf(index)
+        ivf = faiss.extract_index_ivf(searcher.index)
     except RuntimeError:
         blocks = [ids[s:s + BLOCK_ROWS] for s in range(0, len(ids), BLOCK_ROWS)]
         for p, block in enumerate(blocks):
             a = searcher.vectors(block)
             for m in range(p, len(blocks)):
-                yield block, a, blocks[m], a if m == p else searcher.vectors(blocks[m]), True, len(block) * (m + 1 == len(blocks))
+                b = a if m == p else searcher.vectors(blocks[m])
+                i, j = _above(a @ b.T, cut)
+                i, j = (i, j) if m > p else (i[i < j], j[i < j])  # within a block, each pair once
+                yield block[i], blocks[m][j], 0
+            yield ids[:0], ids[:0], len(block)
         return
+    yield from _ivf_pairs_above(searcher, ivf, cut, min(nprobe, ivf.nlist))
+
+
+def _ivf_pairs_above(searcher: Searcher, ivf: faiss.IndexIVF, cut: float, nprobe: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """The IVF case of _pairs_above: each vector probes its `nprobe` nearest centroids, as a search
+    would; then each list is compared with every vector that probes it, in a few large products (not
+    one small product per pair of lists: at 1M vectors and nprobe 32 call overhead made that run
+    take over 45 minutes). Vectors are numbered by slot: their place in the lists, list after list."""
     lists = ivf.invlists
-    lists_ids = [faiss.rev_swig_ptr(lists.get_ids(l), lists.list_size(l)).copy() if lists.list_size(l) else
-                 np.zeros(0, np.int64) for l in range(ivf.nlist)]
-    if isinstance(index, faiss.IndexIVFFlat):
-        def list_vectors(m: int) -> np.ndarray:  # the list's codes are the features: a view, no copy
-            size = lists.list_size(m)
-            return faiss.rev_swig_ptr(lists.get_codes(m), size * ivf.code_size).view(np.float32).reshape(size, ivf.d)
-    else:
+    sizes = np.array([lists.list_size(l) for l in range(ivf.nlist)], np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    slot_ids = np.concatenate([faiss.rev_swig_ptr(lists.get_ids(l), int(sizes[l])) for l in np.flatnonzero(sizes).tolist()]
+                              or [np.zeros(0, np.int64)])
+    if isinstance(searcher.index, faiss.IndexIVFFlat):  # the lists' codes are the features: views, no copy
+        views = [faiss.rev_swig_ptr(lists.get_codes(m), int(sizes[m]) * ivf.code_size).view(np.float32).reshape(-1, ivf.d)
+                 if sizes[m] else np.zeros((0, ivf.d), np.float32) for m in range(ivf.nlist)]
+
         def list_vectors(m: int) -> np.ndarray:
-            return searcher.vectors(lists_ids[m])
-    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
-    nprobe = min(nprobe, ivf.nlist)
-    _, near = ivf.quantizer.search(centroids, min(ivf.nlist, 4 * nprobe))
-    for l, list_ids in enumerate(lists_ids):
-        if not len(list_ids):
+            return views[m]
+
+        def slot_vectors(slots: np.ndarray) -> np.ndarray:  # ascending slots: a few runs of each list
+            source = np.searchsorted(starts, slots, side="right") - 1
+            runs = np.flatnonzero(np.diff(source)) + 1
+            return np.concatenate([views[m][run - starts[m]] for m, run in
+                                   zip(source[np.r_[0, runs]].tolist(), np.split(slots, runs))])
+    elif searcher.store is not None:  # compressed codes with a vector store: compare the stored features
+        def list_vectors(m: int) -> np.ndarray:
+            return searcher.store.get(slot_ids[starts[m]:starts[m + 1]])
+
+        def slot_vectors(slots: np.ndarray) -> np.ndarray:
+            return searcher.store.get(slot_ids[slots])
+        # Stored features are in the input space; the lists to probe are chosen in the IVF's (after OPQ/RR).
+        probes = _probes(ivf, lambda m: _pre_transform(searcher.index, list_vectors(m)), sizes, nprobe)
+    else:  # decoded by the IVF itself: in its centroids' space, after any pre-transform (OPQ's rotation keeps cosines)
+        if ivf.direct_map.type == faiss.DirectMap.NoMap:
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # ids are sparse (the catalog's)
+
+        def list_vectors(m: int) -> np.ndarray:
+            return ivf.reconstruct_batch(slot_ids[starts[m]:starts[m + 1]])
+
+        def slot_vectors(slots: np.ndarray) -> np.ndarray:
+            return ivf.reconstruct_batch(slot_ids[slots])
+    if searcher.store is None:  # the vectors above are already in the IVF's space
+        probes = _probes(ivf, list_vectors, sizes, nprobe)
+    for m, slots in _probers(probes, ivf.nlist):
+        if not sizes[m]:
             continue
-        a = list_vectors(l)
-        cand = near[l][near[l] >= 0]
-        probes = cand[np.argsort(-(a @ centroids[cand].T), axis=1)[:, :nprobe]]
-        targets = [int(m) for m in np.unique(probes) if len(lists_ids[m])]
-        for k, m in enumerate(targets):
-            rows = np.flatnonzero((probes == m).any(axis=1))
-            yield list_ids[rows], a[rows], lists_ids[m], list_vectors(m), False, len(list_ids) * (k + 1 == len(targets))
+        b, b_ids = list_vectors(m), slot_ids[starts[m]:starts[m + 1]]
+        for r in range(0, len(slots), PROBE_ROWS):
+            a_ids, a = slot_ids[slots[r:r + PROBE_ROWS]], slot_vectors(slots[r:r + PROBE_ROWS])
+            for c in range(0, len(b_ids), BLOCK_ROWS):
+                i, j = _above(a @ b[c:c + BLOCK_ROWS].T, cut)
+                i, j = a_ids[i], b_ids[c + j]
+                yield i[i != j], j[i != j], 0
+        yield slot_ids[:0], slot_ids[:0], int(sizes[m])
+
+
+def _above(scores: np.ndarray, cut: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of the scores >= cut. Hits are rare: np.nonzero on the 2-D mask costs ~10x the
+    matrix's compare (it walks it by index), the 1-D flatnonzero about 2x."""
+    return np.divmod(np.flatnonzero(scores >= cut), scores.shape[1])
+
+
+def _pre_transform(index: faiss.Index, x: np.ndarray) -> np.ndarray:
+    """x as the index's IVF sees it: through its pre-transform chain (OPQ, RR), if it has one."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            x = faiss.downcast_VectorTransform(index.chain.at(i)).apply(x)
+    return x
+
+
+def _probes(ivf: faiss.IndexIVF, list_vectors: Callable[[int], np.ndarray], sizes: np.ndarray, nprobe: int) -> np.ndarray:
+    """The `nprobe` lists each slot probes (slots x nprobe): its nearest centroids, looked for among
+    the 4 x nprobe centroids nearest to its own list's (a vector's nearest centroids are next to the
+    one it is in), one small product per list."""
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    _, near = ivf.quantizer.search(centroids, min(ivf.nlist, 4 * nprobe))
+    assert (near >= 0).all(), "the quantizer found fewer centroids than it holds"
+    probes = np.empty((int(sizes.sum()), nprobe), np.int32)
+    start = 0
+    for l in np.flatnonzero(sizes).tolist():
+        scores = list_vectors(l) @ centroids[near[l]].T
+        top = np.argpartition(-scores, nprobe - 1, axis=1)[:, :nprobe] if nprobe < near.shape[1] else slice(None)
+        probes[start:start + sizes[l]] = near[l][top]
+        start += sizes[l]
+    return probes
+
+
+def _probers(probes: np.ndarray, nlist: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(list, the slots that probe it, ascending) for every list: the probe table inverted in passes
+    over about PASS_PROBES of its entries each, so memory stays a fraction of the table's."""
+    flat = probes.ravel()
+    counts = np.bincount(flat, minlength=nlist)
+    first = np.cumsum(counts) - counts  # the first entry of each list in the inverted table
+    edges = np.concatenate([[0], np.flatnonzero(np.diff(first // PASS_PROBES)) + 1, [nlist]])
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        entries = np.flatnonzero((flat >= lo) & (flat < hi))
+        entries = entries[np.argsort(flat[entries], kind="stable")]
+        yield from zip(range(lo, hi), np.split(entries // probes.shape[1], np.cumsum(counts[lo:hi])[:-1]))
 
 
 def _code_error(searcher: Searcher, ids: np.ndarray, vectors, sample: int = 1000, seed: int = 0) -> float:
     """How far scores of decoded codes stray from exact ones: 1.5 x the largest error over all pairs
     of a seeded sample of indexed vectors (decoded from the index vs exact from the shards)."""
     ids = np.sort(np.random.default_rng(seed).choice(ids, min(sample, len(ids)), replace=False))
-    decoded, exact = searcher.vectors(ids), vectors(ids)
+    decoded, exact = searcher.decoded(ids), vectors(ids)
     return 1.5 * float(np.abs(decoded @ decoded.T - exact @ exact.T).max())
 
 

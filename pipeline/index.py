@@ -38,6 +38,7 @@ from .fsutil import atomic_write_text, exclusive_lock, fsync_dir
 from .features import live_parts
 from .progress import Progress
 from .shards import ShardInfo, check_model, read_rows, read_shard
+from .vectorstore import Reranked, StoreWriter, VectorStore, has_store
 
 LOG = logging.getLogger(__name__)
 
@@ -51,6 +52,12 @@ DEFAULT_FLAT_BELOW = 20_000  # under this, exact search over 512-d is about a mi
 # unbalanced (README: rebuild), so a full build trains again.
 DEFAULT_RETRAIN_ABOVE = 0.2
 TRUTH_DEPTH = 32  # exact neighbours kept per recall query: updates drop removed ones and stay exact to depth k+1
+# Candidates a compressed index proposes for exact re-ranking (vectorstore.py). Measured with bench
+# vectors at the density of 10M (1,000 per cluster; scratch experiment, docs/benchmarks.md): the
+# share of the true top-10 among the top-c candidates of PQ256x4fs codes is 0.66 / 0.95 / 0.997 /
+# 1.0 at c = 50 / 200 / 500 / 1000 (PQ128x4fs: 0.37 / 0.73 / 0.95 / 1.0; SQ4: 0.96 / 0.9995 at 50 /
+# 200, but it scans 50x slower than fast-scan). 500 float16 rows re-rank in well under a millisecond.
+DEFAULT_RERANK = 500
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class IndexPlan:
     train_size: int
     reason: str
     bytes_estimate: int = 0  # memory of the filled index, estimated before building it
+    rerank: int = 0  # candidates re-ranked exactly from the version's vector store (compressed codes); 0: none
 
 
 def parse_size(text: str) -> int:
@@ -92,23 +100,31 @@ def factory_facts(factory: str, dim: int) -> tuple[int, int]:
 
 def plan_index(n: int, dim: int = 512, *, factory: str | None = None, nlist: int | None = None,
                flat_below: int = DEFAULT_FLAT_BELOW, train_per_list: int = 64,
-               max_memory: int | str | None = None) -> IndexPlan:
+               max_memory: int | str | None = None, rerank: int | None = None) -> IndexPlan:
     """Choose the index for n vectors of `dim`, with the reasoning.
 
     Exact (Flat) below `flat_below`; else IVF with nlist the power of two >= 4 sqrt(n) (faiss
     guidance: 4..16 sqrt(n)), capped so each list has >= 39 training points. With `max_memory`
-    (bytes), the vectors are compressed (SQ8, then OPQ+PQ with fewer bytes) until the index fits.
+    (bytes), the vectors are compressed until the index fits: SQ8, then 4-bit PQ codes scanned with
+    fast-scan (PQ{dim/2}x4fs, then fewer bytes). Compressed codes are followed by exact re-ranking of
+    `rerank` candidates (default DEFAULT_RERANK) from a float16 store on disk, memory-mapped, which
+    the budget does not count: it is page cache, not the index's memory. PQ codes scan so fast that
+    a finer IVF buys little and costs training time quadratic in nlist (2 cores: hours at 65k
+    lists): they get nlist the power of two >= sqrt(n) and an HNSW quantizer from 4096 lists on.
     """
     if n < 1:
         raise PipelineError("no features to index: the shards hold no images")
     if isinstance(max_memory, str):
         max_memory = parse_size(max_memory)
+    if rerank is not None and rerank < 0:
+        raise PipelineError(f"--rerank must be at least 0 (got {rerank})")
     if factory:
         nl, per_vector = factory_facts(factory, dim)
         compressed = per_vector - (8 if nl else 0) < 4 * dim
         train = min(n, max(max(MIN_POINTS_PER_LIST, train_per_list) * nl, 20_000 if compressed else 0) or 100_000)
         return IndexPlan(factory, nl, train, f"factory {factory!r} given with --factory",
-                         n * per_vector + nl * dim * 4)
+                         n * per_vector + nl * dim * 4, _rerank(compressed, rerank))
+    auto_nlist = nlist is None
     if nlist is None and n < flat_below:
         ivf, nlist, reason = "", 0, (f"{n} vectors < {flat_below}: exact inner-product search is fast at this "
                                       "size, so no IVF")
@@ -122,9 +138,12 @@ def plan_index(n: int, dim: int = 512, *, factory: str | None = None, nlist: int
         if nlist < 1 or nlist * MIN_POINTS_PER_LIST > n:
             raise PipelineError(f"nlist {nlist} needs at least {max(nlist, 1) * MIN_POINTS_PER_LIST} vectors to train; have {n}")
         ivf = f"IVF{nlist},"
-    codes = ["Flat", "SQ8"] + [f"PQ{m}" for m in (64, 32, 16, 8) if dim % m == 0]
+    codes = ["Flat", "SQ8"] + [f"PQ{m}x4fs" for m in (dim // 2, dim // 4, dim // 8, dim // 16) if m and dim % m == 0]
     for code in codes:
-        fac = (f"OPQ{code[2:]}," if code.startswith("PQ") else "") + ivf + code
+        if code.startswith("PQ") and auto_nlist and ivf:
+            nlist = min(2 ** math.ceil(math.log2(math.sqrt(n))), n // MIN_POINTS_PER_LIST)
+            ivf = f"IVF{nlist}_HNSW32," if nlist >= 4096 else f"IVF{nlist},"
+        fac = ivf + code
         need = n * factory_facts(fac, dim)[1] + nlist * dim * 4
         if max_memory is None or need <= max_memory:
             break
@@ -132,10 +151,22 @@ def plan_index(n: int, dim: int = 512, *, factory: str | None = None, nlist: int
         raise PipelineError(f"{n} vectors do not fit in {max_memory / 2**20:.0f} MiB even as {fac} "
                             f"({need / 2**20:.0f} MiB); raise --max-memory")
     compressed = code != "Flat"
+    rerank = _rerank(compressed, rerank)
     if compressed:
-        reason += f"; flat vectors need {n * 4 * dim / 2**20:.0f} MiB > --max-memory, so {code} codes ({need / 2**20:.0f} MiB)"
+        how = ("given with --nlist" if not auto_nlist else "the power of two >= sqrt(N)" if code.startswith("PQ")
+               else "about 4*sqrt(N)")
+        reason = (f"{n} vectors as flat floats need {n * 4 * dim / 2**20:.0f} MiB > --max-memory, so {fac} "
+                  f"({need / 2**20:.0f} MiB: codes, ids and quantizer), {nlist} lists (nlist {how})")
+        if rerank:
+            reason += (f"; the top {rerank} candidates re-ranked exactly from a float16 store on disk "
+                       f"({n * 2 * dim / 2**20:.0f} MiB, memory-mapped, not resident)")
     train = min(n, max(max(MIN_POINTS_PER_LIST, train_per_list) * nlist, 20_000 if compressed else 0))
-    return IndexPlan(fac, nlist, train, reason, need)
+    return IndexPlan(fac, nlist, train, reason, need, rerank)
+
+
+def _rerank(compressed: bool, rerank: int | None) -> int:
+    """Candidates to re-rank: compressed codes rank approximately, so DEFAULT_RERANK unless told."""
+    return 0 if not compressed else DEFAULT_RERANK if rerank is None else rerank
 
 
 @dataclass
@@ -216,6 +247,7 @@ def build_index(
     progress: bool | None = None,
     update: bool = False,
     retrain_above: float = DEFAULT_RETRAIN_ABOVE,
+    rerank: int | None = None,
 ) -> IndexReport:
     """Build an index from every shard in `features_dir` and publish it as the current version of `out_dir`.
 
@@ -225,6 +257,8 @@ def build_index(
     the count it was trained on; otherwise (and without `update`) a full build trains again.
     ray: the address of a Ray cluster ('auto', 'local', host:port) whose workers fill parts of an
     IVF index in parallel, merged here into the index a local build makes (distributed.py).
+    rerank: candidates re-ranked exactly from the version's float16 vector store (vectorstore.py);
+    None: DEFAULT_RERANK for compressed codes, none for exact ones; 0: no store, no re-ranking.
     """
     features_dir, out_dir = Path(features_dir), Path(out_dir)
     fill = _fill
@@ -248,7 +282,7 @@ def build_index(
     n = sum(len(rows) for _, rows in parts)
     dim = all_infos[0].dim
     plan = plan_index(n, dim, factory=factory, nlist=nlist, flat_below=flat_below, train_per_list=train_per_list,
-                      max_memory=max_memory)
+                      max_memory=max_memory, rerank=rerank)
     LOG.info("index plan: %s (%s)", plan.factory, plan.reason)
     try:
         index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
@@ -288,16 +322,22 @@ def build_index(
 
         with _new_version(out_dir) as (tmp, version):
             t0 = time.monotonic()
-            truth, ids_writer = fill(index, parts, ids, tmp / IDS_FILE, queries, progress)
+            store = StoreWriter(tmp, n, dim) if plan.rerank else None
+            truth, ids_writer = fill(index, parts, ids, tmp / IDS_FILE, queries, progress, store=store)
             timings["add_s"] = time.monotonic() - t0
             assert index.ntotal == n, f"index holds {index.ntotal} vectors, expected {n}"
+            searched = index
+            if store is not None:  # tuning measures the whole path: compressed candidates, exact re-ranking
+                ids_writer.join()
+                store.close()
+                searched = Reranked(index, VectorStore.open(tmp), plan.rerank)
 
             t0 = time.monotonic()
             index_writer = _Background(faiss.write_index, index, str(tmp / INDEX_FILE))
             if queries is None:
                 tuning = {"nprobe": None, "recall_at_10": 1.0, "recall_note": "exact search"}
             else:
-                tuning = {**_tune(index, plan.nlist, queries, q_ids, truth[0], nprobe, target_recall),
+                tuning = {**_tune(searched, plan.nlist, queries, q_ids, truth[0], nprobe, target_recall),
                           "recall_queries_held_out_from_training": held_out}
                 np.savez(tmp / RECALL_FILE, ids=q_ids, queries=queries, truth=truth[0], scores=truth[1],
                          depth=np.full(len(q_ids), TRUTH_DEPTH))
@@ -328,6 +368,7 @@ def build_index(
                 "nlist": plan.nlist,
                 "reason": plan.reason,
                 "train_size": 0 if index_is_flat(plan) or plan.train_size == 0 else plan.train_size,
+                "rerank": plan.rerank,
                 **tuning,
                 **_made_from(features_dir, parts, digest, t_start, timings),
             }
@@ -437,7 +478,8 @@ def _update_base(out_dir: Path, checksum: str, kind: str, factory: str | None, n
            f"it is {meta.get('kind')}, the plan is {kind}" if meta.get("kind") != kind else
            f"--factory {factory} is not its {meta['factory']}" if factory and factory != meta["factory"] else
            f"--nlist {nlist} is not its {meta['nlist']}" if nlist and nlist != meta["nlist"] else
-           "its recall sample is missing" if meta["nlist"] and not (published / RECALL_FILE).is_file() else None)
+           "its recall sample is missing" if meta["nlist"] and not (published / RECALL_FILE).is_file() else
+           "it has a re-rank vector store, which an update does not rewrite yet" if has_store(published) else None)
     if why is None:
         try:
             db = sqlite3.connect(f"file:{published / IDS_FILE}?mode=ro", uri=True)
@@ -549,18 +591,21 @@ def _rows_with_ids(parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, w
 
 
 def write_ids(parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, ids_path: Path,
-              features: queue.Queue | None = None) -> None:
+              features: queue.Queue | None = None, store: StoreWriter | None = None) -> None:
     """Write the id table: `ids` are the stable ids of the shards' live rows, in order. With
-    `features`, put each shard's live feature rows there on the way (None after an error)."""
+    `features`, put each shard's live feature rows there on the way (None after an error); with
+    `store`, add them to that vector store (closed by the caller)."""
     db = sqlite3.connect(ids_path)
     try:
         db.execute("PRAGMA journal_mode=OFF")
         db.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT NOT NULL, hash TEXT NOT NULL)")
         offset = 0
         for info, rows in parts:
-            data = read_shard(info.path, features=features is not None)
+            data = read_shard(info.path, features=features is not None or store is not None)
             if features is not None:
                 features.put(data.features[rows])
+            if store is not None:
+                store.add(ids[offset:offset + len(rows)], data.features[rows])
             db.executemany("INSERT INTO images VALUES (?, ?, ?)",
                            zip(ids[offset:offset + len(rows)].tolist(), (data.paths[r] for r in rows),
                                (data.hashes[r] for r in rows)))
@@ -576,13 +621,14 @@ def write_ids(parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, ids_pa
 
 
 def _fill(index, parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, ids_path: Path,
-          queries: np.ndarray | None, progress: bool | None) -> tuple[tuple[np.ndarray, np.ndarray] | None, _Background]:
+          queries: np.ndarray | None, progress: bool | None,
+          store: StoreWriter | None = None) -> tuple[tuple[np.ndarray, np.ndarray] | None, _Background]:
     """Add every shard to the index under `ids`, streaming; meanwhile a thread reads the next shard and
-    writes the id table. With `queries`, the exact top-TRUTH_DEPTH of each query is gathered on the
-    way (for recall). Returns the exact neighbours' ids and scores, and the id-table thread (join it
+    writes the id table (and the vector `store`, if given). With `queries`, the exact top-TRUTH_DEPTH of
+    each query is gathered on the way (for recall). Returns the exact neighbours' ids and scores, and the id-table thread (join it
     before publishing)."""
     features: queue.Queue = queue.Queue(maxsize=2)  # at most two shards in memory beyond the index
-    reader = _Background(write_ids, parts, ids, ids_path, features)
+    reader = _Background(write_ids, parts, ids, ids_path, features, store)
     heap = faiss.ResultHeap(len(queries), TRUTH_DEPTH, keep_max=True) if queries is not None else None
     offset = 0
     with Progress(sum(len(rows) for _, rows in parts), "index", enabled=progress) as bar:

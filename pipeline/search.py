@@ -20,6 +20,7 @@ from .errors import ImageError, ModelMismatchError, PipelineError, cause
 from .images import load_image
 from .index import CURRENT_FILE, IDS_FILE, INDEX_FILE, META_FILE, current_version
 from .model import FeatureModel
+from .vectorstore import Reranked, VectorStore
 
 LOG = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class Searcher:
     The index version is resolved once at construction: a later publish does not affect this
     Searcher. IVF and flat indexes are memory-mapped (loading is near-instant, pages come in on
     use). The model must carry the weights checksum recorded in the index, else ModelMismatchError.
+    A compressed index with a vector store (meta "rerank" > 0) proposes that many candidates, ranked
+    again by their exact scores from the store (memory-mapped: its pages are page cache, not ours).
     """
 
     def __init__(self, index_dir: Path | str, model: Path | str | None = None, threads: int = 0,
@@ -118,6 +121,7 @@ class Searcher:
         except sqlite3.Error as exc:
             raise self._damaged(self.version_dir / IDS_FILE, exc) from None
         self._query("SELECT 1 FROM images LIMIT 1")
+        self.store = VectorStore.open(self.version_dir) if self.meta.get("rerank") else None
 
     @staticmethod
     def _damaged(path: Path, why: Exception | str) -> PipelineError:
@@ -194,7 +198,8 @@ class Searcher:
     def _search(self, vectors: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
         nprobe = nprobe or self.nprobe
         params = faiss.SearchParametersIVF(nprobe=int(nprobe)) if nprobe and self.meta.get("nlist") else None
-        return self.index.search(np.ascontiguousarray(vectors, np.float32), min(k, self.count), params=params)
+        index = Reranked(self.index, self.store, self.meta["rerank"]) if self.store is not None else self.index
+        return index.search(np.ascontiguousarray(vectors, np.float32), min(k, self.count), params=params)
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, nprobe: int | None = None,
                        min_score: float | None = None, exclude: Sequence[QueryFile | None] | None = None) -> list[list[Hit]]:
@@ -270,8 +275,18 @@ class Searcher:
         return [results[i] for i in range(len(paths))]
 
     def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """The stored (for compressed indexes: decoded) vectors of indexed images, by id."""
+        """The stored vectors of indexed images, by id: from the vector store when the version has one
+        (exact up to float16), else from the index (for compressed codes: decoded)."""
+        return self.store.get(ids) if self.store is not None else self.decoded(ids)
+
+    def decoded(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The vectors the index itself holds, by id (for compressed codes: decoded, as its scores see them)."""
         if not self._direct_map:
+            ivf = faiss.try_extract_index_ivf(self.index)
+            if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan):
+                # faiss 1.15 crashes (segfault) reconstructing from fast-scan lists read from a file
+                raise PipelineError(f"the codes of {self.meta.get('factory')} (fast-scan) cannot be decoded; "
+                                    "use the exact vectors (Searcher.vectors) or an index of another kind")
             try:  # ids are sparse (the catalog's): an IVF index finds them through a hash table
                 faiss.extract_index_ivf(self.index).set_direct_map_type(faiss.DirectMap.Hashtable)
             except RuntimeError:

@@ -33,6 +33,7 @@ TIERS = [
     ("catalog",),  # the record beside the shards
     ("features",),  # the features folder: shards, catalog, errors file, lock
     ("extract",),
+    ("vectorstore",),  # the index versions' float16 features, for re-ranking
     ("index",),
     ("distributed",),  # runs extract's and index's own work on Ray
     ("search",),

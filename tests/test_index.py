@@ -32,15 +32,22 @@ def test_max_memory_picks_compressed_codes():
     assert flat.bytes_estimate == 1_000_000 * (2048 + 8) + 4096 * 512 * 4
     assert plan_index(1_000_000, 512, max_memory="1500M").factory == "IVF4096,SQ8"
     small = plan_index(1_000_000, 512, max_memory="100M")
-    assert small.factory == "OPQ64,IVF4096,PQ64" and small.bytes_estimate <= 100 * 2**20
-    assert "--max-memory" in small.reason
-    assert plan_index(1_000_000, 512, max_memory="40M").factory == "OPQ16,IVF4096,PQ16"
+    assert small.factory == "IVF1024,PQ128x4fs" and small.bytes_estimate <= 100 * 2**20
+    assert "--max-memory" in small.reason and small.rerank == 500 and "re-ranked exactly" in small.reason
+    assert plan_index(1_000_000, 512, max_memory="40M").factory == "IVF1024,PQ32x4fs"
+    assert plan_index(1_000_000, 512, max_memory="100M", rerank=0).rerank == 0
+    assert flat.rerank == 0 and plan_index(1_000_000, 512, factory="IVF1024,PQ32x4fs").rerank == 500
     with pytest.raises(PipelineError, match="do not fit"):
         plan_index(1_000_000, 512, max_memory="1M")
     # nlist and code size are asked of faiss, never parsed from the string by hand
     hnsw = plan_index(10_000_000, 512, factory="IVF65536_HNSW32,Flat")
     assert hnsw.nlist == 65536 and hnsw.bytes_estimate == 10_000_000 * (2048 + 8) + 65536 * 512 * 4
     assert plan_index(1_000_000, 512, factory="IVF1024,PQ32x4fs").bytes_estimate < 1_000_000 * 30
+    # 10M in 4 GB: SQ8 (5.2 GB) does not fit; fast-scan PQ codes do, a cheap-to-train quantizer, the
+    # float16 store for re-ranking on disk and said to be outside the budget
+    big = plan_index(10_000_000, 512, max_memory="4G")
+    assert big.factory == "IVF4096_HNSW32,PQ256x4fs" and big.nlist == 4096 and big.bytes_estimate <= 4 * 2**30
+    assert big.rerank == 500 and "not resident" in big.reason and "9766 MiB" in big.reason
     assert plan_index(1_000_000, 512, factory="HNSW32").nlist == 0
     with pytest.raises(PipelineError, match="cannot build factory"):
         plan_index(1_000_000, 512, factory="IVF12,Nonsense")
@@ -99,6 +106,50 @@ def test_max_memory_build(tmp_path):
     report = build_index(tmp_path / "f", tmp_path / "i", flat_below=1000, max_memory=200_000, progress=False)
     assert report.meta["factory"] == "IVF51,SQ8" and report.meta["bytes_estimate"] <= 200_000
     assert report.meta["recall_at_10"] >= 0.8  # SQ8 codes, tuned nprobe
+
+
+def test_compressed_index_reranks_to_the_exact_top_k(tmp_path):
+    vecs = clustered_vectors(3000, clusters=30)
+    paths = write_synthetic_shards(tmp_path / "f", vecs, 1000)
+    # every vector a candidate: the re-ranked answer is the exact one (of the float16 features)
+    report = build_index(tmp_path / "f", tmp_path / "i", factory="IVF16,PQ8x4fs", nprobe=16, rerank=3000,
+                         recall_queries=100, progress=False)
+    m = report.meta
+    assert m["rerank"] == 3000 and m["recall_at_10"] >= 0.99  # against float32 truth: float16 near-ties
+    searcher = Searcher(tmp_path / "i")
+    assert searcher.store is not None and len(searcher.store) == 3000
+    stored = vecs.astype(np.float16).astype(np.float32)
+    queries = clustered_vectors(20, clusters=30, seed=7)
+    exact_scores, exact = faiss.knn(queries, stored, 10, metric=faiss.METRIC_INNER_PRODUCT)
+    hits = searcher.search_vectors(queries, k=10)
+    assert [[h.id for h in row] for row in hits] == exact.tolist()
+    assert np.allclose([[h.score for h in row] for row in hits], exact_scores, atol=1e-5)
+    # a compressed index alone misses some of them: the re-ranking is what makes them exact
+    _, alone = searcher.index.search(queries, 10, params=faiss.SearchParametersIVF(nprobe=16))
+    assert (alone != exact).any()
+    # like=ID reads the stored vector (exact, not decoded PQ), exclude-self and min-score still hold
+    assert np.allclose(searcher.vectors([5, 7]), stored[[5, 7]])
+    with pytest.raises(PipelineError, match="cannot be decoded"):  # faiss would crash: a clear error instead
+        searcher.decoded([5])
+    like = searcher.search_like([paths[5]], k=3)[0].hits
+    assert like[0].path == paths[5] and like[0].score == pytest.approx(float(stored[5] @ stored[5]), abs=1e-5)
+    others = searcher.search_like([paths[5]], k=3, exclude_self=True)[0].hits
+    assert len(others) == 3 and paths[5] not in [h.path for h in others]
+    floor = float(exact_scores[0, 4])
+    high = searcher.search_vectors(queries[:1], k=10, min_score=floor)[0]
+    assert [h.id for h in high] == exact[0, :5].tolist()
+
+
+def test_compressed_build_tunes_the_reranked_path(tmp_path):
+    vecs = clustered_vectors(4000, clusters=50)
+    write_synthetic_shards(tmp_path / "f", vecs, 1000)
+    report = build_index(tmp_path / "f", tmp_path / "i", flat_below=1000, max_memory=100_000, recall_queries=300,
+                         progress=False)
+    m = report.meta
+    assert "PQ" in m["factory"] and m["rerank"] == 500 and m["recall_at_10"] >= 0.95
+    assert m["nprobe_sweep"][-1]["recall_lower_bound"] >= 0.95
+    version = current_version(tmp_path / "i")
+    assert (version / "vectors.npy").is_file() and (version / "vector_ids.npy").is_file()
 
 
 def test_shards_of_two_models_are_refused(tmp_path):

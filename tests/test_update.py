@@ -137,3 +137,16 @@ def test_cli_update(tmp_path):
     assert "5 added, 2 removed" in result.stderr
     bad = CliRunner().invoke(app, args + ["--update", "--retrain-above", "-1"])
     assert bad.exit_code == 1 and "--retrain-above must be at least 0" in bad.stderr
+
+
+def test_update_of_a_version_with_a_vector_store_is_a_full_build(tmp_path, caplog):
+    f = tmp_path / "f"
+    vecs = collection(f, 3000)
+    first = build_index(f, tmp_path / "i", factory="IVF16,PQ8x4fs", progress=False).meta
+    assert first["rerank"] == 500
+    _, gone = change(f, vecs, 30, [1, 2])
+    with caplog.at_level("INFO", logger="pipeline.index"):
+        again = build_index(f, tmp_path / "i", factory="IVF16,PQ8x4fs", update=True, progress=False).meta
+    assert again["made_by"] == "build" and again["count"] == 3028
+    assert "re-rank vector store" in caplog.text
+    assert not set(gone) & {p for row in top_paths(tmp_path / "i", vecs[:3], 10) for p in row}
