@@ -22,11 +22,13 @@ with the number of files.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sqlite3
 from dataclasses import dataclass
-from itertools import groupby
+from itertools import chain, groupby
 from operator import itemgetter
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -96,6 +98,7 @@ class Catalog:
                     shard TEXT, row INTEGER, status TEXT NOT NULL, error TEXT);
                 CREATE INDEX IF NOT EXISTS images_hash ON images(hash);
                 CREATE INDEX IF NOT EXISTS images_shard ON images(shard);
+                CREATE INDEX IF NOT EXISTS images_size ON images(size);
                 CREATE TABLE IF NOT EXISTS shards (name TEXT PRIMARY KEY, rows INTEGER NOT NULL, state TEXT NOT NULL);
                 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
                 """
@@ -170,6 +173,18 @@ class Catalog:
         return self.db.execute("SELECT shard, row, path FROM images WHERE hash = ? AND status = 'live' "
                                "ORDER BY shard, row LIMIT 1", (content_hash,)).fetchone()
 
+    def live_features_of_size(self, sizes: Iterable[int], limit: int) -> dict[str, tuple[str, int, str]]:
+        """content hash -> live_feature(hash) of the live contents whose files have one of these sizes
+        (at most `limit` rows: uncompressed images of one shape all have one size): what a Ray task may
+        reuse, found before its files are read (equal contents have equal sizes)."""
+        rows = self.db.execute("SELECT hash, shard, row, path FROM images WHERE status = 'live' AND size IN "
+                               "(SELECT value FROM json_each(?)) ORDER BY shard, row LIMIT ?",
+                               (json.dumps(sorted(set(sizes))), limit))
+        out: dict[str, tuple[str, int, str]] = {}
+        for h, shard, row, path in rows:
+            out.setdefault(h, (shard, row, path))
+        return out
+
     def live_rows(self) -> dict[str, np.ndarray]:
         """shard name -> sorted rows that hold live features (the rows an index should contain).
         Read shard by shard: 8 bytes per live row in the end, no Python object per row."""
@@ -184,30 +199,32 @@ class Catalog:
 
     def live_digest(self) -> str:
         """A digest of which contents are live under which paths: equal digests, equal indexes."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for path, content in self.db.execute("SELECT path, hash FROM images WHERE status = 'live' ORDER BY path"):
-            h.update(f"{path}\0{content}\n".encode())
-        return h.hexdigest()
+        return _ids_digest(np.fromiter(chain.from_iterable(
+            self.db.execute("SELECT id FROM images WHERE status = 'live'")), np.int64))
 
     def live_ids(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """shard name -> (sorted rows that hold live features, the stable id of each row)."""
-        cur = self.db.execute("SELECT shard, row, id FROM images WHERE status = 'live' ORDER BY shard, row")
-        out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for shard, group in groupby(cur, key=itemgetter(0)):
-            rows_ids = np.array([(r, i) for _, r, i in group], np.int64)
-            out[shard] = (rows_ids[:, 0], rows_ids[:, 1])
-        return out
+        """shard name -> (sorted rows that hold live features, the stable id of each row). Read as two
+        integers a row (shard number and row in one) and grouped by numpy, not by Python objects
+        per row. Every live row's shard is in `shards` (record_shard writes both at once)."""
+        names = dict(self.db.execute("SELECT rowid, name FROM shards"))
+        key_id = np.fromiter(chain.from_iterable(self.db.execute(
+            "SELECT (s.rowid << 32) | i.row, i.id FROM images AS i JOIN shards AS s ON s.name = i.shard "
+            "WHERE i.status = 'live'")), np.int64).reshape(-1, 2)
+        key_id = key_id[np.argsort(key_id[:, 0])]
+        shard = key_id[:, 0] >> 32
+        cuts = np.flatnonzero(np.diff(shard)) + 1
+        return {names[int(key[0] >> 32)]: (key & 0xFFFFFFFF, ids)
+                for key, ids in zip(np.split(key_id[:, 0], cuts), np.split(key_id[:, 1], cuts)) if len(key)}
 
     def live_snapshot(self) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
-        """live_ids() and live_digest() read in one transaction: rows recorded meanwhile by a running
-        extract are in both or in neither."""
+        """live_ids() (read in one transaction: rows recorded meanwhile by a running extract are wholly
+        left out) and the digest of those very ids, equal to live_digest() at that moment."""
         self.db.execute("BEGIN")
         try:
-            return self.live_ids(), self.live_digest()
+            live = self.live_ids()
         finally:
             self.db.execute("COMMIT")
+        return live, _ids_digest(np.concatenate([ids for _, ids in live.values()] or [np.zeros(0, np.int64)]))
 
     # ---------------------------------------------------------------- writing
 
@@ -368,6 +385,12 @@ class Catalog:
             self.db.execute("UPDATE images SET status = 'gone', shard = NULL, row = NULL, error = NULL "
                             "WHERE path IN (SELECT path FROM missing)")
         return self.db.execute("SELECT count(*) FROM missing WHERE NOT moved").fetchone()[0]
+
+
+def _ids_digest(ids: np.ndarray) -> str:
+    """The digest of a live set from its ids: an id names one path with one content for as long as
+    it is live and is never reused (record_shard), so equal id sets are equal (path, content) sets."""
+    return hashlib.sha256(np.sort(ids).astype("<i8").tobytes()).hexdigest()
 
 
 # A path p under a folder f (columns of a row of scopes or unseen, or the parameters of _folder_params):

@@ -4,11 +4,15 @@ Extraction: the driver (extract.py) scans and compares with the catalog as in a 
 hands the files to decode here. They are cut into tasks of `shard_size` files, each given a shard
 number up front; one actor per node keeps an ONNX Runtime session and a decode pool across tasks,
 and writes its task's shard atomically (temporary name, rename) into the shared features folder.
+Known contents run no model, as in a local run: each task carries the recorded features of the
+contents of its files' sizes, and a file waits while a file of its size is in flight elsewhere.
 The driver alone writes the catalog: it records each shard as its task completes (ray.wait), so
 a killed driver loses at most the tasks in flight (a shard written but not recorded is imported by
 the next run's Catalog.reconcile()) and a rerun does only the rest. A task whose worker dies is
 retried once on a restarted actor (same shard name: a retry replaces, never duplicates); if it
-fails again, it is split in halves, each run alone on its actor, down to single files, and a single
+fails again while its actor had other tasks (any of them may be to blame), it runs again alone
+there, under the same shard name; if it fails alone, it is split in halves, each run alone, down
+to single files (its shard, if written before its reply was lost, is deleted first), and a single
 file that kills its worker twice is recorded as failed (transient), like a crashed decoder in a
 local run.
 
@@ -25,8 +29,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import deque
-from itertools import chain, islice
+from collections import Counter, deque
+from itertools import chain
 from pathlib import Path
 
 import faiss
@@ -39,10 +43,11 @@ from .extract import ExtractReport
 from .features import ShardWriter
 from .model import FeatureModel, ModelInfo
 from .progress import Progress
-from .shards import ShardInfo, next_shard_number, read_shard
+from .shards import ShardInfo, next_shard_number, read_shard, shard_name
 
 LOG = logging.getLogger(__name__)
 TASKS_PER_ACTOR = 2  # queued on each actor, so it starts its next task as soon as one ends
+KNOWN_PER_TASK = 100_000  # recorded features offered to a task at most (~10 MB): beyond, a content is embedded again
 
 
 def require_ray():
@@ -98,9 +103,11 @@ class Extractor:
     def pid(self) -> int:
         return os.getpid()
 
-    def extract(self, out: str, number: int, files: list[tuple], batch_size: int) -> dict:
+    def extract(self, out: str, number: int, files: list[tuple], batch_size: int,
+                known: dict[str, tuple[str, int, str]]) -> dict:
         """Decode `files` (path, kind, size, mtime, ctime), embed each content once, write them as
-        shard `number` of `out`. Returns what the driver records and counts."""
+        shard `number` of `out`. A content in `known` (hash -> shard, row, path of a recorded feature)
+        reuses that feature, read from its shard. Returns what the driver records and counts."""
         records = _Records()
         writer = ShardWriter(Path(out), self.info, self.model_path, len(files), records)
         writer.number = number
@@ -109,6 +116,7 @@ class Extractor:
         waiting: dict[str, list[tuple[str, object]]] = {}  # hash -> copies of an image in a current batch
         fresh: dict[str, tuple[str, int]] = {}  # hash -> (shard, row) of contents embedded in this task
         counts = {"extracted": 0, "duplicates": 0}
+        reused: list[tuple[str, str]] = []  # (path, path of the recorded feature it reuses)
 
         def run_batch(shape: tuple[int, ...]) -> None:
             batch, items = batches[shape]
@@ -135,6 +143,10 @@ class Extractor:
             if h in fresh:
                 writer.add([path], writer.row(*fresh[h])[None], [decoded])
                 counts["duplicates"] += 1
+            elif h in known:
+                shard, row, source = known[h]
+                writer.add([path], writer.row(shard, row)[None], [decoded])
+                reused.append((path, source))
             elif h in waiting:
                 waiting[h].append((path, decoded))
             else:
@@ -150,7 +162,7 @@ class Extractor:
         for shape in batches:
             run_batch(shape)
         writer.flush()
-        return {"shards": records.shards, "failures": failures, **counts}
+        return {"shards": records.shards, "failures": failures, "reused": reused, **counts}
 
 
 def extract_on_ray(todo: int, catalog: Catalog, out: Path, model_path: Path, info: ModelInfo, report: ExtractReport, *,
@@ -159,8 +171,11 @@ def extract_on_ray(todo: int, catalog: Catalog, out: Path, model_path: Path, inf
     """What extract._run does, on the Ray cluster at `address`: the catalog's scanned_todo() cut into
     tasks of `shard_size` files, one shard each, recorded by this (the driver) process as they end.
 
-    Unlike a local run, a new path whose content is already recorded (a moved file) goes through
-    the model again (the same bits); it still counts as moved and keeps no second copy of anything.
+    As in a local run, known contents run no model. A task is given the recorded features of every
+    content whose file size is that of one of its files (equal contents have equal sizes): a moved
+    or copied file reuses its feature. A file whose size is that of a file in a task in flight waits
+    for that task's shard to be recorded (up to `shard_size` files wait; more go at once), so a
+    content found twice in one run is embedded once.
     """
     ray = connect(address)
     from ray.exceptions import RayActorError, WorkerCrashedError
@@ -180,24 +195,43 @@ def extract_on_ray(todo: int, catalog: Catalog, out: Path, model_path: Path, inf
                             "features folder must be at the same path on every node (a shared filesystem)") from None
     LOG.info("extracting on Ray: %d node(s), one actor each, tasks of %d files", len(actors), shard_size)
     files = chain.from_iterable(catalog.scanned_todo(scan_chunk))
-    retry: deque[list[tuple]] = deque()  # files of tasks whose worker died twice, split in halves
+    retry: deque[tuple[list[tuple], int | None]] = deque()  # (files, shard number) of tasks to run alone
+    held: deque[tuple] = deque()  # files waiting for a task in flight with a file of their size
+    flying: Counter[int] = Counter()  # sizes of the files of the tasks in flight
     number = next_shard_number(out)
-    pending: dict = {}  # ObjectRef -> (actor, files, weight)
+    pending: dict = {}  # ObjectRef -> (actor, files, shard number, weight)
     load = {a: 0 for a in actors}
     crashed: list[tuple] = []  # (path, kind, size, mtime, ctime) of files that killed their worker
+
+    def cut() -> list[tuple]:
+        """The next task's files: the held ones whose sizes no longer fly, then new ones."""
+        task: list[tuple] = []
+        for _ in range(len(held)):
+            f = held.popleft()
+            if f[2] in flying or len(task) == shard_size:
+                held.append(f)
+            else:
+                task.append(f)
+        while len(task) < shard_size and (f := next(files, None)) is not None:
+            (held if f[2] in flying and len(held) < shard_size else task).append(f)
+        return task
 
     def submit() -> bool:
         nonlocal number
         a = min(load, key=load.get)
-        weight = TASKS_PER_ACTOR if retry else 1  # a split task runs alone on its actor: if that dies, it is to blame
+        weight = TASKS_PER_ACTOR if retry else 1  # a task run again runs alone: if its actor dies, it is to blame
         if load[a] + weight > TASKS_PER_ACTOR:
             return False
-        task = retry.popleft() if retry else list(islice(files, shard_size))
+        task, n = retry.popleft() if retry else (cut(), None)
         if not task:
             return False
-        pending[a.extract.remote(str(out), number, task, batch_size)] = (a, task, weight)
+        if n is None:
+            n, number = number, number + 1
+        sizes = [f[2] for f in task if f[2] is not None]
+        known = catalog.live_features_of_size(sizes, KNOWN_PER_TASK)
+        pending[a.extract.remote(str(out), n, task, batch_size, known)] = (a, task, n, weight)
+        flying.update(sizes)
         load[a] += weight
-        number += 1
         return True
 
     try:
@@ -208,14 +242,20 @@ def extract_on_ray(todo: int, catalog: Catalog, out: Path, model_path: Path, inf
                 if not pending:
                     break
                 (ref,), _ = ray.wait(list(pending), num_returns=1)
-                a, task, weight = pending.pop(ref)
+                a, task, n, weight = pending.pop(ref)
                 load[a] -= weight
+                flying -= Counter(f[2] for f in task if f[2] is not None)  # (keeps only the sizes still in flight)
                 try:
                     result = _get(ray, ref)
                 except (RayActorError, WorkerCrashedError) as exc:
+                    if weight < TASKS_PER_ACTOR:
+                        LOG.warning("a Ray worker died twice with a task of %d files; running it alone", len(task))
+                        retry.append((task, n))
+                        continue
+                    (out / shard_name(n)).unlink(missing_ok=True)  # a new task (or none) does its files now
                     if len(task) > 1:
                         LOG.warning("a Ray worker died twice during a task of %d files; splitting it", len(task))
-                        retry.extend([task[:len(task) // 2], task[len(task) // 2:]])
+                        retry.extend([(task[:len(task) // 2], None), (task[len(task) // 2:], None)])
                     else:
                         LOG.warning("%s killed its Ray worker twice (%s)", task[0][0], type(exc).__name__)
                         crashed += task
@@ -239,10 +279,12 @@ def extract_on_ray(todo: int, catalog: Catalog, out: Path, model_path: Path, inf
 
 def _record(catalog: Catalog, result: dict, kinds: dict[str, str], report: ExtractReport, bar) -> None:
     """Record a finished task's shard in the catalog and count it in the report (`kinds`: of its files)."""
+    for path, source in result["reused"]:  # counted as a local run counts them
+        if kinds[path] == "new" and catalog.note_moved(source):
+            report.moved += 1
+        else:
+            report.duplicates += 1
     for name, rows, errors in result["shards"]:
-        for path, _, _, content_hash, _ in rows:
-            if kinds[path] == "new" and (hit := catalog.live_feature(content_hash)) is not None:
-                report.moved += catalog.note_moved(hit[2])
         catalog.record_shard(name, rows, errors)
         report.shards_written.append(name)
     for path, reason in result["failures"]:

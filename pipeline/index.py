@@ -51,6 +51,11 @@ DEFAULT_FLAT_BELOW = 20_000  # under this, exact search over 512-d is about a mi
 # under this share of the trained count; beyond it the centroids drift from the data and lists grow
 # unbalanced (README: rebuild), so a full build trains again.
 DEFAULT_RETRAIN_ABOVE = 0.2
+# An update tunes nprobe until its mean recall@10 on the recall queries is back at what the version
+# reached when its quantizer was trained, less this: the same queries, so at the same nprobe only
+# the changes move it (a thousandth or two at 1% new); drift of the centroids from the data raises
+# nprobe, that noise does not.
+HOLD_SLACK = 0.002
 TRUTH_DEPTH = 32  # exact neighbours kept per recall query: updates drop removed ones and stay exact to depth k+1
 # Candidates a compressed index proposes for exact re-ranking (vectorstore.py). Measured with bench
 # vectors at the density of 10M (1,000 per cluster; scratch experiment, docs/benchmarks.md): the
@@ -190,12 +195,15 @@ def lower_bound(per_query: np.ndarray) -> float:
     return float(per_query.mean() - 1.645 * per_query.std(ddof=1) / np.sqrt(len(per_query))) if len(per_query) > 1 else float(per_query.mean())
 
 
-NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+# Every nprobe to 8, then steps of a quarter or less: at the few lists a large IVF index settles on, one
+# step of (4, 6, 8) moved recall@10 by 0.005-0.01 at 1M, so builds of the same data landed that far apart.
+NPROBE_GRID = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192,
+               224, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
 
 
 def tune_nprobe(index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, nlist: int,
                 k: int = 10, target: float = 0.95, nprobe: int | None = None,
-                start: int | None = None) -> tuple[int, float, float, list[dict]]:
+                start: int | None = None, hold: float | None = None) -> tuple[int, float, float, list[dict]]:
     """Smallest nprobe whose recall@k reaches `target` with 95% confidence (or just the given `nprobe`).
 
     "With confidence": the lower bound of the mean over the sampled queries must reach the
@@ -203,7 +211,10 @@ def tune_nprobe(index, queries: np.ndarray, query_ids: np.ndarray, truth: np.nda
     mean recall, ms per query and every setting tried. The index is not modified (parameters
     are passed per call), so it may be serialised at the same time. With `start` (the nprobe an
     update's base version chose), the search walks down from there while the target holds, or up
-    until it does: two or three settings instead of the grid up to it.
+    until it does: two or three settings instead of the grid up to it. With `hold` (an update: the
+    mean recall its quantizer reached when it was trained, measured on these same queries), the mean
+    must reach it too, so nprobe rises as the kept centroids drift from the data instead of letting
+    recall slide down to the target's bound.
     """
     grid = [nprobe] if nprobe else [p for p in NPROBE_GRID if p < nlist] + [nlist]
     results: dict[int, tuple[float, float, float]] = {}  # grid position -> mean recall, lower bound, ms
@@ -214,7 +225,7 @@ def tune_nprobe(index, queries: np.ndarray, query_ids: np.ndarray, truth: np.nda
         ms = (time.perf_counter() - t0) * 1000 / len(queries)
         per_query = recall_at(found, truth, query_ids, k)
         results[j] = (float(per_query.mean()), lower_bound(per_query), ms)
-        return results[j][1] >= target
+        return results[j][1] >= target and (hold is None or results[j][0] >= hold)
 
     j = next((i for i, p in enumerate(grid) if p >= start), len(grid) - 1) if start and not nprobe else 0
     if reaches(j):
@@ -370,6 +381,7 @@ def build_index(
                 "train_size": 0 if index_is_flat(plan) or plan.train_size == 0 else plan.train_size,
                 "rerank": plan.rerank,
                 **tuning,
+                "trained_recall_at_10": tuning["recall_at_10"],  # what updates of this version must hold
                 **_made_from(features_dir, parts, digest, t_start, timings),
             }
             final = _publish(out_dir, tmp, meta, keep)
@@ -386,6 +398,17 @@ def index_kind(index) -> str:
     except RuntimeError:
         return top
     return f"{top}/{type(faiss.downcast_index(ivf)).__name__}/{ivf.code_size}"
+
+
+def _stored_ids(index) -> np.ndarray:
+    """The ids an index holds, asked of the index itself (its inverted lists, or its id map): an
+    update needs no pass over the id table."""
+    try:
+        invlists = faiss.extract_index_ivf(index).invlists
+    except RuntimeError:  # no IVF layer: an IndexIDMap2
+        return faiss.vector_to_array(faiss.downcast_index(index).id_map)
+    return np.concatenate([faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i))
+                           for i in range(invlists.nlist)] + [np.zeros(0, np.int64)])
 
 
 @contextmanager
@@ -484,9 +507,10 @@ def _update_base(out_dir: Path, checksum: str, kind: str, factory: str | None, n
         try:
             db = sqlite3.connect(f"file:{published / IDS_FILE}?mode=ro", uri=True)
             try:
-                old = np.fromiter((i for (i,) in db.execute("SELECT id FROM images")), np.int64)
+                (listed,) = db.execute("SELECT count(*) FROM images").fetchone()
             finally:
                 db.close()
+            why = f"its id table lists {listed} images, not its {meta['count']}" if listed != meta["count"] else None
         except sqlite3.Error as exc:
             why = f"its id table cannot be read ({exc})"
     if why is None:
@@ -494,6 +518,9 @@ def _update_base(out_dir: Path, checksum: str, kind: str, factory: str | None, n
             index = faiss.read_index(str(published / INDEX_FILE))
         except RuntimeError as exc:  # damaged or missing: the full build replaces it
             why = f"its index file cannot be read ({cause(exc)})"
+    if why is None:
+        old = _stored_ids(index)
+        why = f"its index holds {len(old)} vectors, not its {meta['count']}" if len(old) != meta["count"] else None
     if why is not None:
         LOG.info("index: full build, not an update of %s: %s", published.name, why)
         return None
@@ -548,7 +575,9 @@ def _update(base: _Base, out_dir: Path, parts: list[tuple[ShardInfo, np.ndarray]
             # A query still counts if it is live and its first k+1 neighbours are still known exactly.
             ok = (depth >= 11) & ~np.isin(q_ids, base.removed)
             truth, scores, q_ids, queries, depth = heap.I[ok], heap.D[ok], q_ids[ok], queries[ok], depth[ok]
-            tuning = _tune(index, nlist, queries, q_ids, truth, nprobe, target, base.meta["nprobe"])
+            trained = base.meta.get("trained_recall_at_10")  # absent from versions made before it was kept
+            tuning = _tune(index, nlist, queries, q_ids, truth, nprobe, target, base.meta["nprobe"],
+                           None if trained is None else trained - HOLD_SLACK)
             np.savez(tmp / RECALL_FILE, ids=q_ids, queries=queries, truth=truth, scores=scores, depth=depth)
         else:
             tuning = {"nprobe": None, "recall_at_10": 1.0, "recall_note": "exact search"}
@@ -656,11 +685,11 @@ def _add_truth(heap, queries: np.ndarray, feats: np.ndarray, ids: np.ndarray) ->
 
 
 def _tune(index, nlist: int, queries: np.ndarray, q_ids: np.ndarray, truth: np.ndarray,
-          nprobe: int | None, target: float, start: int | None = None) -> dict:
-    """Recall@10 against exact search, and the nprobe that reaches `target` (IVF indexes)."""
+          nprobe: int | None, target: float, start: int | None = None, hold: float | None = None) -> dict:
+    """Recall@10 against exact search, and the nprobe that reaches `target` (and `hold`: tune_nprobe)."""
     k = 10
     if nlist:
-        nprobe, rec, ms, tried = tune_nprobe(index, queries, q_ids, truth, nlist, k, target, nprobe, start)
+        nprobe, rec, ms, tried = tune_nprobe(index, queries, q_ids, truth, nlist, k, target, nprobe, start, hold)
     else:
         t0 = time.perf_counter()
         _, found = index.search(queries, k + 1)

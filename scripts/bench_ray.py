@@ -1,18 +1,25 @@
 """Benchmark the Ray stages: do they cost little over a local run, and give the same results?
 
-Usage (under the shared benchmark lock, after scripts/fetch_photos.py --count 300):
+Usage (under the shared benchmark lock, after scripts/fetch_photos.py --count 300 and
+`pip install "ray[data]"`: Ray Data, measured here, is not in the `ray` extra):
   flock /tmp/pipeline-bench.lock python scripts/bench_ray.py --photos bench-output/photos --model models/vgg16.onnx
 
 Measures in one run:
-  (a) `pipeline extract` vs `pipeline extract --ray ADDRESS` (a one-node cluster started before,
-      as `ray start --head` would be) on the same photos: time per image, and bitwise equality of
-      every feature;
-  (b) the same job on a two-node cluster on this machine (ray.cluster_utils.Cluster: two raylets,
-      one CPU each): its shards' features equal the local run's;
-  (c) index fill at --vectors (1M) vectors: one IVF add of everything vs 10 partial indexes (each
-      from the serialized trained index, add_with_ids) merged with merge_from: time and equality.
-Targets: (a) Ray time <= 1.15 x local time; (a), (b) bitwise-equal features; (c) byte-equal index.
-Appends a section to docs/benchmarks.md (unless --no-doc).
+  (a) `pipeline extract` vs `pipeline extract --ray ADDRESS` on a one-node cluster started before
+      with `ray start --head` (all the cores), on the same photos: time per image, and bitwise
+      equality of every feature;
+  (b) the same job done the Ray Data way, on the same cluster: the files as a dataset of one block
+      per shard, `map_batches` over an actor pool whose actors keep the ONNX session (the same
+      Extractor class), the driver recording each shard as its block comes back; the alternative the
+      issue asked to measure against the actors of distributed.py;
+  (c) the same job on a two-node cluster on this machine (`ray start --head` + `ray start --address`,
+      each node with its own --temp-dir, one CPU each): its shards' features equal the local run's;
+  (d) index fill at --vectors (1M) vectors: one IVF add of everything (in --parts calls, as a local
+      build adds shard by shard) vs --parts partial indexes (each from the serialized trained index,
+      add_with_ids) merged with merge_from: time and equality.
+Targets: (a) Ray time <= 1.15 x local time; (a), (c) bitwise-equal features; (d) byte-equal index.
+The clusters are stopped at the end, failures included, by their process groups (`ray stop` would
+stop every Ray of the machine, other users' too). Appends a section to docs/benchmarks.md (unless --no-doc).
 """
 
 from __future__ import annotations
@@ -20,13 +27,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import platform
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
+from itertools import chain
 from pathlib import Path
+from typing import Iterator
 
 import faiss
 import numpy as np
@@ -36,18 +49,134 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
+from pipeline import distributed  # noqa: E402
 from pipeline.catalog import Catalog  # noqa: E402
-from pipeline.shards import read_shard  # noqa: E402
+from pipeline.progress import Progress  # noqa: E402
+from pipeline.shards import next_shard_number, read_shard  # noqa: E402
+
+# `ray start --head` turns on token authentication (Ray >= 2.5x): every node and driver would need the token.
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
 
 
-def run_extract(photos: Path, out: Path, model: Path, *extra: str) -> dict:
-    """`pipeline extract` in a fresh process; its --json report and wall time."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run_extract(photos: Path, out: Path, model: Path, *extra: str, ray_data: bool = False) -> dict:
+    """`pipeline extract` (or its Ray Data variant, below) in a fresh process; its --json report and wall time."""
+    args = ([__file__, "--ray-data-extract"] if ray_data else ["-m", "pipeline", "-q", "extract", "--json"])
     t = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pipeline", "-q", "extract", str(photos), "--out", str(out),
-                           "--model", str(model), "--json", *extra], env=env, check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, *args, str(photos), "--out", str(out), "--model", str(model), *extra],
+                          env=ENV, check=True, capture_output=True, text=True, timeout=1800)
     wall = time.perf_counter() - t
     return {**json.loads(done.stdout), "wall_s": round(wall, 2)}
+
+
+class ShardMapper:
+    """Ray Data's map_batches callable: an Extractor (ONNX session, decode pool) per actor of the pool;
+    a batch is one block, one shard."""
+
+    def __init__(self, out: str, batch_size: int, *extractor_args) -> None:
+        self.out, self.batch_size = out, batch_size
+        self.extractor = distributed.Extractor(*extractor_args)
+
+    def __call__(self, batch: dict) -> dict:
+        files = [tuple(json.loads(f)) for f in batch["file"]]
+        known = json.loads(batch["known"][0])
+        result = self.extractor.extract(self.out, int(batch["shard"][0]), files, self.batch_size, known)
+        return {"result": [pickle.dumps(result)]}
+
+
+def extract_on_ray_data(todo, catalog, out, model_path, info, report, *, address, scan_chunk, workers, batch_size,
+                        shard_size, threads, device, settings, progress) -> None:
+    """distributed.extract_on_ray's job with Ray Data: the files to decode as a dataset of one block per
+    shard (from_pandas of one frame each: the dataset is fixed before it runs, so no file can wait for
+    another's shard), map_batches over an actor pool of one Extractor per node, the shards recorded as
+    their blocks stream back. A block whose actor dies is retried, by default forever (Ray Data's actor
+    pools set max_task_retries=-1)."""
+    import pandas as pd
+
+    ray = distributed.connect(address)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
+    files = list(chain.from_iterable(catalog.scanned_todo(scan_chunk)))
+    kinds = {path: kind for path, kind, *_ in files}
+    first = next_shard_number(out)
+    frames = []
+    for k, lo in enumerate(range(0, len(files), shard_size)):
+        task = files[lo:lo + shard_size]
+        known = json.dumps(catalog.live_features_of_size([f[2] for f in task], distributed.KNOWN_PER_TASK))
+        frames.append(pd.DataFrame({"shard": first + k, "file": [json.dumps(f) for f in task], "known": known}))
+    ds = ray.data.from_pandas(frames).map_batches(
+        ShardMapper, batch_size=None, batch_format="numpy", num_cpus=min(n["Resources"]["CPU"] for n in nodes),
+        compute=ray.data.ActorPoolStrategy(size=len(nodes)),
+        fn_constructor_args=(str(out), batch_size, str(model_path), info, threads, device, workers, settings))
+    with Progress(todo, "extract", enabled=progress) as bar:
+        for row in ds.iter_rows():
+            distributed._record(catalog, pickle.loads(row["result"]), kinds, report, bar)
+
+
+def ray_data_extract(argv: list[str]) -> None:
+    """`pipeline extract PHOTOS --out OUT --model MODEL [--shard-size N] --ray ADDRESS`, the Ray Data way;
+    prints the --json report."""
+    from pipeline.extract import extract
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("photos")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--shard-size", type=int, required=True)
+    ap.add_argument("--ray", required=True)
+    a = ap.parse_args(argv)
+    distributed.extract_on_ray = extract_on_ray_data
+    report = extract([a.photos], a.out, a.model, shard_size=a.shard_size, ray=a.ray, progress=False)
+    print(json.dumps(report.to_dict()))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def started_cluster(work: Path, cpus: list[int]) -> Iterator[str]:
+    """A cluster on this machine as a user starts one: `ray start --head`, then `ray start --address`
+    for each further node, each node with its own --temp-dir and len(cpus) CPUs. Yields its address.
+    Every node runs in a session of its own and is stopped by its process group, failures included."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port = free_port()
+    groups: list[int] = []
+    try:
+        for i, n in enumerate(cpus):
+            where = (["--head", f"--port={port}", "--include-dashboard=false", f"--dashboard-port={free_port()}"]
+                     if i == 0 else [f"--address=127.0.0.1:{port}"])
+            # the node's agents would take fixed default ports: the second node's would clash with the head's
+            started = subprocess.Popen(
+                [ray_bin, "start", *where, f"--num-cpus={n}", f"--temp-dir={work / f'ray-node{i}'}",
+                 f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+                 "--disable-usage-stats"], env=ENV, start_new_session=True, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True)
+            groups.append(started.pid)
+            out, _ = started.communicate(timeout=300)
+            if started.returncode:
+                raise RuntimeError(f"ray start failed:\n{out[-3000:]}")
+        yield f"127.0.0.1:{port}"
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            for g in groups:
+                try:
+                    os.killpg(g, signum)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and any(_alive(g) for g in groups):
+                time.sleep(0.2)
+
+
+def _alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def features(features_dir: Path) -> dict[str, np.ndarray]:
@@ -66,34 +195,35 @@ def same(a: dict, b: dict) -> bool:
 
 def bench_extract(photos: Path, model: Path, work: Path, shard_size: int) -> dict:
     import ray
-    from ray.cluster_utils import Cluster
 
+    for p in sorted(photos.rglob("*")):  # every run reads them from the page cache
+        if p.is_file():
+            p.read_bytes()
     shards = ("--shard-size", str(shard_size))
     local = run_extract(photos, work / "local", model, *shards)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=str(work / "ray-one"))
-    address = ray.get_runtime_context().gcs_address
-    on_ray = run_extract(photos, work / "ray", model, *shards, "--ray", address)
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    two = run_extract(photos, work / "two-nodes", model, *shards, "--ray", cluster.address)
-    nodes = len([n for n in cluster.list_all_nodes()])
-    cluster.shutdown()
+    with started_cluster(work / "one", [os.cpu_count()]) as address:
+        on_ray = run_extract(photos, work / "ray", model, *shards, "--ray", address)
+        on_ray_data = run_extract(photos, work / "ray_data", model, *shards, "--ray", address, ray_data=True)
+    with started_cluster(work / "two", [1, 1]) as address:
+        ray.init(address=address, log_to_driver=False)
+        nodes = len([n for n in ray.nodes() if n["Alive"]])
+        ray.shutdown()
+        two = run_extract(photos, work / "two_nodes", model, *shards, "--ray", address)
+    runs = {"local": local, "ray": on_ray, "ray_data": on_ray_data, "two_nodes": two}
     base = features(work / "local")
     return {
-        "images": local["extracted"], "local_s": local["wall_s"], "ray_s": on_ray["wall_s"],
-        "two_nodes_s": two["wall_s"], "nodes": nodes,
-        "local_ips": local["images_per_second"], "ray_ips": on_ray["images_per_second"],
-        "two_nodes_ips": two["images_per_second"],
+        "images": local["extracted"], "nodes": nodes,
+        **{f"{k}_s": r["wall_s"] for k, r in runs.items()}, **{f"{k}_ips": r["images_per_second"] for k, r in runs.items()},
         "ray_ratio": round(on_ray["wall_s"] / local["wall_s"], 3),
-        "ray_equal": same(base, features(work / "ray")), "two_nodes_equal": same(base, features(work / "two-nodes")),
-        "shards": [len(list((work / d).glob("shard-*.h5"))) for d in ("local", "ray", "two-nodes")],
+        "ray_data_ratio": round(on_ray_data["wall_s"] / local["wall_s"], 3),
+        **{f"{k}_equal": same(base, features(work / k)) for k in runs if k != "local"},
+        "shards": {k: len(list((work / k).glob("shard-*.h5"))) for k in runs},
     }
 
 
 def bench_merge(n: int, parts: int, dim: int = 512, seed: int = 0) -> dict:
-    """One add vs `parts` partial indexes merged, on clustered synthetic vectors (the training is common)."""
+    """One index filled in `parts` adds (as a local build adds shard by shard) vs `parts` partial indexes
+    merged, on clustered synthetic vectors (the training is common)."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(1000, dim)).astype(np.float32)
     x = np.empty((n, dim), np.float32)
@@ -108,12 +238,13 @@ def bench_merge(n: int, parts: int, dim: int = 512, seed: int = 0) -> dict:
     train_s = time.perf_counter() - t
     blob = faiss.serialize_index(trained)
 
+    bounds = np.linspace(0, n, parts + 1).astype(int)
     single = faiss.deserialize_index(blob)
     t = time.perf_counter()
-    single.add(x)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):  # the same batches as the partials: the same float rounding
+        single.add(x[lo:hi])
     single_s = time.perf_counter() - t
 
-    bounds = np.linspace(0, n, parts + 1).astype(int)
     part_s, blobs = [], []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         t = time.perf_counter()
@@ -139,7 +270,13 @@ def bench_merge(n: int, parts: int, dim: int = 512, seed: int = 0) -> dict:
             "search_equal": bool(np.array_equal(i1, i2) and np.array_equal(d1, d2))}
 
 
+def same_text(equal: bool) -> str:
+    return "bitwise equal" if equal else "DIFFERENT"
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--ray-data-extract"]:
+        return ray_data_extract(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=Path, required=True)
     ap.add_argument("--model", type=Path, required=True)
@@ -149,6 +286,7 @@ def main() -> None:
                     help="images per shard (= per Ray task): small enough that both nodes of the two-node cluster work")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # this process joins the two-node cluster too
     gflops = sgemm_gflops()
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
         ex = bench_extract(args.photos, args.model, Path(tmp), args.shard_size)
@@ -157,7 +295,8 @@ def main() -> None:
               "load_avg": os.getloadavg()[0]}
     print(json.dumps(result, indent=2), file=sys.stderr)
     targets = {"Ray extraction <= 1.15x local": ex["ray_ratio"] <= 1.15,
-               "bitwise-equal features (one node, two nodes)": ex["ray_equal"] and ex["two_nodes_equal"],
+               "bitwise-equal features (one node, Ray Data, two nodes)":
+                   ex["ray_equal"] and ex["ray_data_equal"] and ex["two_nodes_equal"],
                "merged index byte-equal to a single build": mg["bytes_equal"] and mg["search_equal"]}
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     record(f"""
@@ -169,14 +308,15 @@ load average {result['load_avg']:.1f} at the start (the machine is shared).
 | extraction of {ex['images']} photos (fresh process each, wall time) | seconds | img/s (report) | features vs local |
 |---|---|---|---|
 | `pipeline extract` | {ex['local_s']} | {ex['local_ips']} | — |
-| `pipeline extract --ray ADDRESS` (one-node cluster started before) | {ex['ray_s']} | {ex['ray_ips']} | {'bitwise equal' if ex['ray_equal'] else 'DIFFERENT'} |
-| same, two-node cluster on this machine ({ex['nodes']} raylets, 1 CPU each) | {ex['two_nodes_s']} | {ex['two_nodes_ips']} | {'bitwise equal' if ex['two_nodes_equal'] else 'DIFFERENT'} |
+| `pipeline extract --ray ADDRESS`: actors (distributed.py), one-node cluster from `ray start --head` | {ex['ray_s']} | {ex['ray_ips']} | {same_text(ex['ray_equal'])} |
+| the same job as Ray Data `map_batches` over an actor pool, same cluster | {ex['ray_data_s']} | {ex['ray_data_ips']} | {same_text(ex['ray_data_equal'])} |
+| actors, two-node cluster on this machine (`ray start --head` + `ray start --address`, own --temp-dir each; {ex['nodes']} nodes, 1 CPU each) | {ex['two_nodes_s']} | {ex['two_nodes_ips']} | {same_text(ex['two_nodes_equal'])} |
 
-Ray / local wall time: {ex['ray_ratio']}x. Shards written (local, one node, two nodes): {ex['shards']}.
+Wall time / local: actors {ex['ray_ratio']}x, Ray Data {ex['ray_data_ratio']}x. Shards written: {', '.join(f'{k} {n}' for k, n in ex['shards'].items())}.
 
 | index fill, {mg['vectors']:,} vectors, IVF{mg['nlist']},Flat (training common: {mg['train_s']} s) | seconds |
 |---|---|
-| one `add` of everything | {mg['single_add_s']} |
+| one index, `add` in {mg['parts']} calls (a local build adds shard by shard) | {mg['single_add_s']} |
 | {mg['parts']} partial indexes, `add_with_ids`: slowest one / all of them in a row | {mg['partial_add_s_max']} / {mg['partial_add_s_sum']} |
 | `merge_from` of the {mg['parts']} partials (the driver's part) | {mg['merge_s']} |
 

@@ -32,12 +32,25 @@ def test_orphan_shard_is_imported(tmp_path):
         assert c.live_feature("2" * 32) == ("shard-00000.h5", 1, "/a/2") and c.live_feature("3" * 32) is None
 
 
+def test_live_features_of_size(tmp_path):
+    with Catalog(tmp_path) as c:
+        c.record_shard("shard-00000.h5", [("/a/1", 10, 1.0, "h1", 0), ("/a/1copy", 10, 1.0, "h1", 1),
+                                          ("/a/2", 10, 1.0, "h2", 2), ("/a/3", 20, 1.0, "h3", 3)], [])
+        assert c.live_features_of_size([10, 10, 30], limit=100) == {"h1": ("shard-00000.h5", 0, "/a/1"),
+                                                                    "h2": ("shard-00000.h5", 2, "/a/2")}
+        assert c.live_features_of_size([10, 20], limit=2) == {"h1": ("shard-00000.h5", 0, "/a/1")}
+        assert c.live_features_of_size([], limit=100) == {}
+
+
 def test_retired_and_removed_shards(tmp_path):
     shard(tmp_path, 0, ["/a/1"])
     shard(tmp_path, 1, ["/a/2"])
     with Catalog(tmp_path) as c:
         c.reconcile()
         before = c.live_digest()
+        live, digest = c.live_snapshot()  # the digest of the ids it read, the same as live_digest()'s
+        assert digest == before and {s: (r.tolist(), i.tolist()) for s, (r, i) in live.items()} == \
+            {"shard-00000.h5": ([0], [0]), "shard-00001.h5": ([0], [1])}
         c.mark_gone(["/a/1"])
         assert c.live_digest() != before and "shard-00000.h5" not in c.live_rows()
         c.retire(["shard-00000.h5"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,12 +59,37 @@ def test_ray_extract_equals_local(cluster, gallery, tiny_model, tmp_path):
     a, b = features_by_path(tmp_path / "local"), features_by_path(tmp_path / "ray")
     assert sorted(a) == sorted(b) and len(a) == 13
     assert all(np.array_equal(a[p], b[p]) for p in a)  # bitwise
-    # the copy is in another task than its original: embedded again there (same bits), not reused
-    assert on_ray.extracted + on_ray.duplicates == local.extracted + local.duplicates == 13
+    # the copy is in another task than its original: it waits for its original's shard and reuses its feature
+    assert (on_ray.extracted, on_ray.duplicates) == (local.extracted, local.duplicates) == (12, 1)
     assert on_ray.failed == local.failed == 1
     assert [p for p, _ in on_ray.failures] == [str(gallery / "broken.jpg")]
     again = extract([gallery], tmp_path / "ray", tiny_model, workers=0, shard_size=5, ray=cluster, progress=False)
     assert again.extracted == 0 and again.unchanged == 14
+
+
+def test_moved_and_duplicate_files_on_ray_reuse_features(cluster, gallery, tiny_model, tmp_path):
+    runs = {}
+    for name, ray_address in (("local", None), ("ray", cluster)):
+        photos = shutil.copytree(gallery, tmp_path / name / "photos")
+        first = extract([photos], tmp_path / name / "f", tiny_model, workers=0, shard_size=1, ray=ray_address,
+                        progress=False)
+        assert first.extracted == 12
+        (photos / "c").mkdir()
+        (photos / "a" / "img01.PNG").rename(photos / "c" / "img01.PNG")  # moved
+        (photos / "d").mkdir()
+        (photos / "d" / "copy.jpg").write_bytes((photos / "b" / "deep" / "img00.jpg").read_bytes())  # a known content
+        # a new content, twice: in two tasks (shard_size=1), the second cut while the first is in flight
+        save_pattern(photos / "c" / "new.png", seed=60)
+        (photos / "c" / "new_copy.png").write_bytes((photos / "c" / "new.png").read_bytes())
+        runs[name] = extract([photos], tmp_path / name / "f", tiny_model, workers=0, shard_size=1, ray=ray_address,
+                             progress=False)
+    local, on_ray = runs["local"], runs["ray"]
+    assert (on_ray.extracted, on_ray.moved, on_ray.duplicates, on_ray.deleted) == (1, 1, 2, 0)
+    assert (local.extracted, local.moved, local.duplicates, local.deleted) == (1, 1, 2, 0)
+    a, b = ({Path(p).relative_to(tmp_path / name): f for p, f in features_by_path(tmp_path / name / "f").items()}
+            for name in ("local", "ray"))
+    assert sorted(a) == sorted(b) and len(a) == 15
+    assert all(np.array_equal(a[p], b[p]) for p in a)  # bitwise
 
 
 def gated_decode(path, settings, use_alarm):

@@ -3,6 +3,7 @@ deleted image, keeps every image's id, and trains again when it should."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 from helpers import clustered_vectors, write_synthetic_shards
 from pipeline.catalog import Catalog
 from pipeline.cli import app
-from pipeline.index import IDS_FILE, build_index, current_version
+from pipeline.index import HOLD_SLACK, IDS_FILE, META_FILE, build_index, current_version
 from pipeline.search import Searcher
 
 
@@ -98,6 +99,25 @@ def test_ivf_update_keeps_the_quantizer_and_answers_like_a_full_build(tmp_path):
     assert searcher.vectors([after["/synthetic/0000007.jpg"]])[0] == pytest.approx(vecs[7], abs=1e-6)
     hits = searcher.search_like(["/synthetic/0000007.jpg"], k=2)[0].hits
     assert hits[0].path == "/synthetic/0000007.jpg" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_an_update_holds_the_recall_its_quantizer_reached_when_trained(tmp_path):
+    """nprobe is tuned until the recall queries are back at the version's recall when trained (less
+    HOLD_SLACK), not just at the target's bound: as if the data had drifted from the centroids since,
+    the published version here claims more than it now reaches, and the update climbs to it."""
+    f, i = tmp_path / "f", tmp_path / "i"
+    vecs = collection(f, 4000)
+    first = build_index(f, i, flat_below=1000, recall_queries=300, progress=False).meta
+    assert first["trained_recall_at_10"] == first["recall_at_10"]
+    meta_file = current_version(i) / META_FILE
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "trained_recall_at_10": 0.995}))
+    change(f, vecs, 40, list(range(0, 4000, 200)))
+    updated = build_index(f, i, flat_below=1000, recall_queries=300, update=True, progress=False).meta
+    assert updated["made_by"] == "update" and updated["trained_recall_at_10"] == 0.995  # kept until retrained
+    assert updated["recall_at_10"] >= 0.995 - HOLD_SLACK and updated["nprobe"] > first["nprobe"]
+    below = [s for s in updated["nprobe_sweep"] if s["nprobe"] < updated["nprobe"]]
+    assert below and all(s["recall"] < 0.995 - HOLD_SLACK for s in below)  # each reached 0.95, not the hold
+    assert all(s["recall_lower_bound"] >= 0.95 for s in updated["nprobe_sweep"] if s["nprobe"] >= first["nprobe"])
 
 
 def test_when_an_update_trains_again(tmp_path):
