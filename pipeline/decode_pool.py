@@ -1,7 +1,8 @@
 """Decode images in worker processes, in parallel with inference, with bounded memory.
 
-Workers decode straight into slots of one shared-memory block (uint8, the model's input size)
-and tell the parent over their own pipe which slot holds which image; sends are small and
+Workers decode straight into slots of one shared-memory block (uint8, room for the model's
+largest input shape) and tell the parent over their own pipe which slot holds which image and
+its shape; sends are small and
 synchronous, so a result sent before a crash is never lost. Each worker has at most
 `prefetch` tasks (and slots) outstanding, so memory stays flat whatever the collection size;
 the parent copies the pixels out of a slot before it hands the image on, so a decoded array
@@ -29,18 +30,23 @@ from typing import Callable, Iterator
 from PIL import Image
 
 from .errors import ImageError, PipelineError
-from .images import Decoded, load_image
+from .images import Decoded, InputSize, input_shapes, load_image
 
 LOG = logging.getLogger(__name__)
-READY = (-1, None, None)  # a worker's first message
+READY = (-1, None, None, None)  # a worker's first message
 STARTUP_GRACE = 60.0  # seconds a new worker may take to start (imports) before it counts as hung
 
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    size: int
+    size: InputSize  # the model's (images.nearest_shape)
     max_pixels: int
     timeout: float
+
+    @property
+    def slot_bytes(self) -> int:
+        """Room for one decoded image of the largest input shape."""
+        return max(h * w for h, w in input_shapes(self.size)) * 3
 
 
 DecodeFn = Callable[[str, DecodeSettings, bool], "tuple[Decoded | None, ImageError | None]"]
@@ -59,7 +65,7 @@ def decode_one(path: str, s: DecodeSettings, use_alarm: bool) -> tuple[Decoded |
 def _worker(conn: Connection, shm_name: str, n_slots: int, settings: DecodeSettings, decode: DecodeFn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C means
     shm = shared_memory.SharedMemory(name=shm_name)  # the parent owns it and unlinks it
-    slots = np.ndarray((n_slots, settings.size, settings.size, 3), np.uint8, buffer=shm.buf)
+    slots = np.ndarray((n_slots, settings.slot_bytes), np.uint8, buffer=shm.buf)
     Image.init()  # Pillow imports its format plugins on first use: do it before the hang clock starts
     conn.send(READY)  # imports done: from now on the parent's hang clock is fair
     try:
@@ -72,10 +78,12 @@ def _worker(conn: Connection, shm_name: str, n_slots: int, settings: DecodeSetti
                 return
             index, path, slot = task
             decoded, error = decode(path, settings, True)
+            shape = None
             if decoded is not None:
-                slots[slot] = decoded.pixels
+                shape = decoded.pixels.shape
+                slots[slot, :decoded.pixels.size] = decoded.pixels.ravel()
                 decoded = replace(decoded, pixels=None)
-            conn.send((index, decoded, error))
+            conn.send((index, decoded, error, shape))
     finally:
         del slots
         shm.close()
@@ -101,9 +109,8 @@ class DecodePool:
         self.n_slots = workers * self.prefetch
         self.shm = None
         if workers:
-            size = settings.size
-            self.shm = shared_memory.SharedMemory(create=True, size=self.n_slots * size * size * 3)
-            self.slots = np.ndarray((self.n_slots, size, size, 3), np.uint8, buffer=self.shm.buf)
+            self.shm = shared_memory.SharedMemory(create=True, size=self.n_slots * settings.slot_bytes)
+            self.slots = np.ndarray((self.n_slots, settings.slot_bytes), np.uint8, buffer=self.shm.buf)
         try:
             for w in range(workers):
                 self._start(w)
@@ -211,7 +218,7 @@ class DecodePool:
                 if conn not in ready:
                     continue
                 try:
-                    i, decoded, error = conn.recv()
+                    i, decoded, error, shape = conn.recv()
                 except (EOFError, OSError):  # died: every result it sent was read before this
                     self.procs[w].join(1)
                     code = self.procs[w].exitcode
@@ -227,7 +234,8 @@ class DecodePool:
                     assert i == j, "a worker answers its tasks in order"
                     last_progress[w] = time.monotonic()
                     if decoded is not None:
-                        decoded = replace(decoded, pixels=self.slots[slot].copy())
+                        pixels = self.slots[slot, :int(np.prod(shape))].reshape(shape).copy()
+                        decoded = replace(decoded, pixels=pixels)
                     free.append(slot)
                 if i is not None:
                     remaining -= 1

@@ -111,15 +111,15 @@ class Extractor:
         records = _Records()
         writer = ShardWriter(Path(out), self.info, self.model_path, len(files), records)
         writer.number = number
-        size = self.info.input_size
-        batch = np.empty((batch_size, size, size, 3), np.uint8)
-        items: list[tuple[str, object]] = []  # (path, Decoded) of the rows of `batch`
-        waiting: dict[str, list[tuple[str, object]]] = {}  # hash -> copies of an image in the current batch
+        # input shape -> (batch, (path, Decoded) of its rows): one batch per shape of an aspect-kept model
+        batches: dict[tuple[int, ...], tuple[np.ndarray, list[tuple[str, object]]]] = {}
+        waiting: dict[str, list[tuple[str, object]]] = {}  # hash -> copies of an image in a current batch
         fresh: dict[str, tuple[str, int]] = {}  # hash -> (shard, row) of contents embedded in this task
         counts = {"extracted": 0, "duplicates": 0}
         reused: list[tuple[str, str]] = []  # (path, path of the recorded feature it reuses)
 
-        def run_batch() -> None:
+        def run_batch(shape: tuple[int, ...]) -> None:
+            batch, items = batches[shape]
             if not items:
                 return
             feats = self.fm.embed(batch[:len(items)])
@@ -151,11 +151,16 @@ class Extractor:
                 waiting[h].append((path, decoded))
             else:
                 waiting[h] = []
+                shape = decoded.pixels.shape
+                if shape not in batches:
+                    batches[shape] = np.empty((batch_size, *shape), np.uint8), []
+                batch, items = batches[shape]
                 batch[len(items)] = decoded.pixels
                 items.append((path, decoded))
                 if len(items) == batch_size:
-                    run_batch()
-        run_batch()
+                    run_batch(shape)
+        for shape in batches:
+            run_batch(shape)
         writer.flush()
         return {"shards": records.shards, "failures": failures, "reused": reused, **counts}
 

@@ -6,13 +6,19 @@ Definitions (per query, after removing the query itself and its "ignore" files f
   recall@k     1 if at least one positive is in the top k, else 0 (averaged: the fraction of
                queries answered correctly within k)
   precision@k  the fraction of the top k that are positives
+  PR curve     per query, the interpolated precision (the best precision at this recall or more)
+               at recall levels 0, 0.05, ..., 1, averaged over queries
+Query names like `img0007_crop70+jpeg15.jpg` (copies-dev) name the transformations that made the
+query; when every query is named so, recall@1 is also broken down per transformation.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -20,8 +26,11 @@ from typing import Sequence
 import numpy as np
 
 from .errors import PipelineError, write_error
+from .fsutil import atomic_write_bytes
 
 KS = (1, 5, 10)
+RECALL_LEVELS = np.linspace(0.0, 1.0, 21)
+TRANSFORM_NAME = re.compile(r"^.+_([a-z][a-z0-9]*(?:\+[a-z][a-z0-9]*)*)\.[A-Za-z0-9]+$")  # pic0007_crop70+jpeg15.jpg
 
 
 def average_precision(ranked: Sequence[str], positives: set[str]) -> float:
@@ -36,8 +45,9 @@ def average_precision(ranked: Sequence[str], positives: set[str]) -> float:
     return total / len(positives)
 
 
-def first_positive_rank(ranked: Sequence[str], positives: set[str]) -> int | None:
-    return next((r for r, item in enumerate(ranked, start=1) if item in positives), None)
+def positive_ranks(ranked: Sequence[str], positives: set[str]) -> tuple[int, ...]:
+    """1-based ranks of the positives found in the ranking, best first."""
+    return tuple(r for r, item in enumerate(ranked, start=1) if item in positives)
 
 
 def precision_at(ranked: Sequence[str], positives: set[str], k: int) -> float:
@@ -49,8 +59,12 @@ class QueryScore:
     query: str
     positives: int
     ap: float
-    first_positive: int | None
+    ranks: tuple[int, ...]  # of the positives found, best first
     precision: dict[int, float]
+
+    @property
+    def first_positive(self) -> int | None:
+        return self.ranks[0] if self.ranks else None
 
 
 @dataclass
@@ -61,10 +75,37 @@ class EvalReport:
     precision: dict[int, float]
     per_query: list[QueryScore] = field(default_factory=list)
 
+    def by_transformation(self) -> dict[str, dict[str, float]]:
+        """recall@1 of the queries whose name carries each transformation, weakest first; empty
+        unless every query is named like `img0007_crop70+jpeg15.jpg`."""
+        names = [TRANSFORM_NAME.match(s.query) for s in self.per_query]
+        if not names or not all(names):
+            return {}
+        hits: dict[str, list[bool]] = {}
+        for s, m in zip(self.per_query, names):
+            for t in m.group(1).split("+"):
+                hits.setdefault(t, []).append(s.first_positive == 1)
+        rows = {t: {"queries": len(h), "recall@1": float(np.mean(h))} for t, h in hits.items()}
+        return dict(sorted(rows.items(), key=lambda kv: (kv[1]["recall@1"], kv[0])))
+
+    def pr_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """(recall levels, mean interpolated precision at each): see the module docstring."""
+        curves = []
+        for s in self.per_query:
+            ranks = np.array(s.ranks, float)
+            found = np.arange(1, len(ranks) + 1)
+            recall, precision = found / s.positives, found / ranks
+            curves.append([precision[recall >= level].max(initial=0.0) for level in RECALL_LEVELS])
+        return RECALL_LEVELS, np.mean(curves, axis=0)
+
     def to_dict(self) -> dict:
-        return {"queries": self.queries, "mAP": round(self.map, 4),
-                **{f"recall@{k}": round(v, 4) for k, v in self.recall.items()},
-                **{f"precision@{k}": round(v, 4) for k, v in self.precision.items()}}
+        d = {"queries": self.queries, "mAP": round(self.map, 4),
+             **{f"recall@{k}": round(v, 4) for k, v in self.recall.items()},
+             **{f"precision@{k}": round(v, 4) for k, v in self.precision.items()}}
+        if rows := self.by_transformation():
+            d["by_transformation"] = {t: {"queries": r["queries"], "recall@1": round(r["recall@1"], 4)}
+                                      for t, r in rows.items()}
+        return d
 
 
 def score(rankings: dict[str, list[str]], groundtruth: list[dict], ks: Sequence[int] = KS) -> EvalReport:
@@ -81,7 +122,7 @@ def score(rankings: dict[str, list[str]], groundtruth: list[dict], ks: Sequence[
             raise PipelineError(f"ground truth query {q}: no positive left once the query itself and its ignored "
                                 "files are left out; give it another positive or remove it")
         per_query.append(QueryScore(q, len(positives), average_precision(ranked, positives),
-                                    first_positive_rank(ranked, positives),
+                                    positive_ranks(ranked, positives),
                                     {k: precision_at(ranked, positives, k) for k in ks}))
     if not per_query:
         raise PipelineError("the ground truth has no queries")
@@ -143,3 +184,43 @@ def write_per_query(report: EvalReport, path: Path) -> None:
                 w.writerow([s.query, s.positives, f"{s.ap:.4f}", s.first_positive or "", *[f"{s.precision[k]:.4f}" for k in KS]])
     except OSError as exc:
         raise write_error(path, exc, "`pipeline eval --per-query`") from None
+
+
+def write_pr_plot(report: EvalReport, path: Path, label: str = "") -> None:
+    """A PNG of the precision-recall curve (Pillow only): axes with ticks, labels, a legend with mAP."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height, left, right, top, bottom = 640, 480, 60, 20, 20, 50
+    im = Image.new("RGB", (width, height), (255, 255, 255))
+    d = ImageDraw.Draw(im)
+    font = ImageFont.load_default()
+    pw, ph = width - left - right, height - top - bottom
+
+    def xy(r: float, p: float) -> tuple[float, float]:
+        return left + r * pw, top + (1 - p) * ph
+
+    for tick in np.linspace(0, 1, 6):
+        x, y = xy(tick, tick)
+        d.line([(x, top), (x, top + ph)], fill=(225, 225, 225))
+        d.line([(left, y), (left + pw, y)], fill=(225, 225, 225))
+        d.text((x - 8, top + ph + 6), f"{tick:.1f}", fill=(0, 0, 0), font=font)
+        d.text((left - 28, y - 6), f"{tick:.1f}", fill=(0, 0, 0), font=font)
+    d.rectangle([left, top, left + pw, top + ph], outline=(0, 0, 0))
+    d.text((left + pw // 2 - 18, height - 20), "recall", fill=(0, 0, 0), font=font)
+    axis = Image.new("RGB", (60, 14), (255, 255, 255))
+    ImageDraw.Draw(axis).text((0, 0), "precision", fill=(0, 0, 0), font=font)
+    im.paste(axis.rotate(90, expand=True), (4, top + ph // 2 - 30))
+    recall, precision = report.pr_curve()
+    colour = (30, 90, 200)
+    d.line([xy(r, p) for r, p in zip(recall, precision)], fill=colour, width=3)
+    legend = f"{label + ': ' if label else ''}mAP {report.map:.3f}, {report.queries} queries"
+    lx, ly = left + pw - 10 - d.textlength(legend, font=font) - 28, top + ph - 30
+    d.rectangle([lx - 6, ly - 6, left + pw - 6, ly + 16], fill=(255, 255, 255), outline=(120, 120, 120))
+    d.line([(lx, ly + 5), (lx + 20, ly + 5)], fill=colour, width=3)
+    d.text((lx + 28, ly), legend, fill=(0, 0, 0), font=font)
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    try:
+        atomic_write_bytes(Path(path), buf.getvalue())
+    except OSError as exc:
+        raise write_error(path, exc, "`pipeline eval --plot`") from None

@@ -171,7 +171,7 @@ def extract(
             embed = _run if ray is None else partial(extract_on_ray, address=ray)
             embed(todo, catalog, out, model_path, info, report, scan_chunk=scan_chunk, workers=workers,
                   batch_size=batch_size, shard_size=shard_size, threads=threads, device=device,
-                  settings=DecodeSettings(info.input_size, max_pixels, timeout), progress=progress)
+                  settings=DecodeSettings(info.resize_to, max_pixels, timeout), progress=progress)
         report.deleted = catalog.mark_missing_gone()
         report.new = todo - report.changed - report.retried - report.moved
         report.failed_total = write_errors_file(out, catalog, unreadable)
@@ -182,8 +182,8 @@ def extract(
 def _run(todo: int, catalog: Catalog, out: Path, model_path: Path, info: ModelInfo, report: ExtractReport, *,
          scan_chunk: int, workers: int, batch_size: int, shard_size: int, threads: int, device: str,
          settings: DecodeSettings, progress: bool | None) -> None:
-    """Decode the catalog's scanned_todo() in workers, run the model in batches, write shards; known
-    contents run no model."""
+    """Decode the catalog's scanned_todo() in workers, run the model in batches (one per input shape:
+    an aspect-kept model takes a few), write shards; known contents run no model."""
     pool = DecodePool(workers, settings)  # workers start while the session loads
     try:
         fm = FeatureModel(model_path, threads=threads, device=device)
@@ -191,10 +191,9 @@ def _run(todo: int, catalog: Catalog, out: Path, model_path: Path, info: ModelIn
         pool.close()
         raise
     writer = ShardWriter(out, info, model_path, shard_size, catalog)
-    size = info.input_size
-    batch = np.empty((batch_size, size, size, 3), np.uint8)
-    batch_items: list[tuple[str, bool, object]] = []  # (path, recorded before, Decoded) of the rows of `batch`
-    waiting: dict[str, list[tuple[str, bool, object]]] = {}  # hash -> copies of an image in the current batch
+    # input shape -> (batch, (path, recorded before, Decoded) of its rows), filled up to batch_size
+    batches: dict[tuple[int, ...], tuple[np.ndarray, list[tuple[str, bool, object]]]] = {}
+    waiting: dict[str, list[tuple[str, bool, object]]] = {}  # hash -> copies of an image in a current batch
     # content hash -> (shard, row, path) of features extracted in this run, for those whose shard is not
     # recorded yet (the catalog answers for the others, missing paths included): under two shards' worth
     fresh: dict[str, tuple[str, int, str]] = {}
@@ -211,7 +210,8 @@ def _run(todo: int, catalog: Catalog, out: Path, model_path: Path, info: ModelIn
             report.duplicates += 1
         bar.update(1)
 
-    def run_batch() -> None:
+    def run_batch(shape: tuple[int, ...]) -> None:
+        batch, batch_items = batches[shape]
         n = len(batch_items)
         if not n:
             return
@@ -248,11 +248,16 @@ def _run(todo: int, catalog: Catalog, out: Path, model_path: Path, info: ModelIn
                     waiting[h].append((path, recorded, decoded))
                 else:
                     waiting[h] = []
+                    shape = decoded.pixels.shape
+                    if shape not in batches:
+                        batches[shape] = np.empty((batch_size, *shape), np.uint8), []
+                    batch, batch_items = batches[shape]
                     batch[len(batch_items)] = decoded.pixels
                     batch_items.append((path, recorded, decoded))
                     if len(batch_items) == batch_size:
-                        run_batch()
-        run_batch()
+                        run_batch(shape)
+        for shape in batches:
+            run_batch(shape)
     writer.flush()
     report.shards_written = writer.written
 

@@ -1,5 +1,8 @@
 """Find image files and decode them safely into uint8 RGB arrays of the model's input size.
 
+A model takes one square size, or a few fixed shapes (aspect buckets): each image is resized to
+the shape whose aspect ratio is nearest its own, so batches of one shape need no padding.
+
 Every failure becomes an ImageError whose message is a one-line reason (and whose `transient`
 flag says whether retrying the unchanged file may help); nothing here ever takes a batch down.
 Decoding reads the file once, hashes those bytes (for duplicate detection and catalogs) and
@@ -16,10 +19,10 @@ import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Union
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError, PipelineError
 
@@ -28,6 +31,21 @@ DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's decompress
 DEFAULT_DECODE_TIMEOUT = 30.0  # seconds
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
+
+Shape = tuple[int, int]  # height, width
+InputSize = Union[int, tuple[Shape, ...]]  # a square side, or the fixed shapes of an aspect-kept model
+
+
+def input_shapes(size: InputSize) -> tuple[Shape, ...]:
+    """Every shape a model of this input size takes."""
+    return ((size, size),) if isinstance(size, int) else size
+
+
+def nearest_shape(size: InputSize, width: int, height: int) -> Shape:
+    """The input shape for a width x height picture: the square, or the shape whose aspect ratio
+    is nearest (in log ratio) the picture's."""
+    aspect = np.log(width / height)
+    return min(input_shapes(size), key=lambda s: abs(np.log(s[1] / s[0]) - aspect))
 
 
 def is_image_name(name: str) -> bool:
@@ -88,7 +106,7 @@ def _walk(roots: list[Path], unreadable: list[tuple[str, str]] | None) -> Iterat
 class Decoded:
     """One decoded image: pixels at the model's input size, and the facts of its file."""
 
-    pixels: np.ndarray  # uint8 [size, size, 3], RGB
+    pixels: np.ndarray  # uint8 [height, width, 3], RGB, of one of the model's input shapes
     content_hash: str  # blake2b-128 of the file bytes
     size: int  # bytes
     mtime: float
@@ -118,16 +136,25 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def decode_bytes(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """uint8 RGB [size, size, 3] from encoded image bytes; raises ImageError with a reason."""
-    im = decode_rgb(data, size, max_pixels).resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(im, dtype=np.uint8)
+def decode_bytes(data: bytes, size: InputSize, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """uint8 RGB [height, width, 3] (see nearest_shape) from encoded image bytes; raises ImageError with a reason."""
+    im = decode_rgb(data, size, max_pixels)
+    height, width = nearest_shape(size, im.width, im.height)
+    return np.asarray(im.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
-def decode_rgb(data: bytes, draft: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def _draft_size(im: Image.Image, size: InputSize) -> tuple[int, int]:
+    """(width, height), in the file's orientation, that a JPEG's reduced decode must keep: its input shape."""
+    turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # upright = width and height swapped
+    height, width = nearest_shape(size, *((im.height, im.width) if turned else (im.width, im.height)))
+    return (height, width) if turned else (width, height)
+
+
+def decode_rgb(data: bytes, draft: InputSize | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """A loaded RGB image, upright (EXIF orientation applied), from encoded bytes; raises ImageError.
 
-    `draft`: JPEGs may be decoded at 1/2, 1/4 or 1/8 scale as long as both sides stay >= draft.
+    `draft`: JPEGs may be decoded at 1/2, 1/4 or 1/8 scale as long as both sides stay >= the input
+    shape the picture will be resized to (see nearest_shape).
     """
     if not data:
         raise ImageError("empty file (0 bytes)")
@@ -141,7 +168,7 @@ def decode_rgb(data: bytes, draft: int | None = None, max_pixels: int = DEFAULT_
                         "(possible decompression bomb)"
                     )
                 if im.format == "JPEG" and draft:
-                    im.draft(im.mode, (draft, draft))
+                    im.draft(im.mode, _draft_size(im, draft))
                 im.load()
                 return to_rgb(ImageOps.exif_transpose(im))
     except ImageError:
@@ -182,7 +209,7 @@ def read_file(path: Path) -> tuple[bytes, os.stat_result]:
 
 def load_image(
     path: Path | str,
-    size: int,
+    size: InputSize,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     timeout: float | None = None,
 ) -> Decoded:

@@ -2,7 +2,9 @@
 
 The whole recipe lives in the graph so that every consumer computes the same features:
 uint8 RGB [N, H, W, 3] -> float -> RGB to BGR -> minus the caffe mean -> 13 conv layers with
-ReLU and 5 max-pools -> global max pooling -> L2 normalisation -> float32 [N, D].
+ReLU and 4 or 5 max-pools -> pooling (global max, or R-MAC regions) -> L2 normalisation -> float32 [N, D].
+Aspect-kept recipes take a few fixed input shapes (aspect buckets, see aspect_shapes); their
+R-MAC regions differ per shape, so the graph picks the regions of the input's shape with If nodes.
 The ONNX metadata records the model name, a checksum of the weights and the recipe.
 """
 
@@ -14,12 +16,14 @@ import json
 import logging
 import os
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from .errors import PipelineError
+from .images import InputSize, Shape, input_shapes
 
 LOG = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ class ModelInfo:
     pooling: str = "global max pooling of block5_conv3, L2-normalised"
     resize: str = "squash to input_size x input_size, bilinear (Pillow)"
     schema_version: int = METADATA_SCHEMA
+    input_shapes: str = ""  # "HxW,HxW,..." of an aspect-kept recipe; "" = input_size x input_size
 
     def to_metadata(self) -> dict[str, str]:
         return {f"pipeline.{k}": str(v) for k, v in asdict(self).items()}
@@ -64,6 +69,7 @@ class ModelInfo:
                 pooling=meta["pipeline.pooling"],
                 resize=meta["pipeline.resize"],
                 schema_version=int(meta["pipeline.schema_version"]),
+                input_shapes=meta.get("pipeline.input_shapes", ""),
             )
         except KeyError as exc:
             raise PipelineError(
@@ -76,11 +82,24 @@ class ModelInfo:
         """Identity of the features this model makes: its weights and its whole recipe. Shards and
         indexes record it; features are only ever compared with features of the same checksum."""
         recipe = "|".join([self.weights_sha256, str(self.input_size), str(self.dim), self.preprocessing,
-                           self.pooling, self.resize])
+                           self.pooling, self.resize] + ([self.input_shapes] if self.input_shapes else []))
         return hashlib.sha256(recipe.encode()).hexdigest()
 
     def short(self) -> str:
         return f"{self.name} (checksum {self.checksum[:12]})"
+
+    @property
+    def resize_to(self) -> InputSize:
+        """What decoding resizes an image to (images.nearest_shape): a square side or the fixed shapes."""
+        if not self.input_shapes:
+            return self.input_size
+        return tuple((int(h), int(w)) for h, w in (s.split("x") for s in self.input_shapes.split(",")))
+
+    def relative_compute(self) -> float:
+        """Pixels one image sends through the conv base (at most: its largest shape), relative to the
+        seed recipe's 224 x 224: the cost of a recipe per image whatever the host (the conv base is
+        nearly all of it)."""
+        return max(h * w for h, w in input_shapes(self.resize_to)) / 224 ** 2
 
 
 # ---------------------------------------------------------------- weights sources
@@ -201,12 +220,34 @@ POOLINGS = {
     "rmac": "R-MAC: max pooling of block5_conv3 over a fixed grid of regions at 3 scales (Tolias et al. 2016), "
             "each L2-normalised, summed, L2-normalised",
 }
-PROFILES = {  # name -> (input_size, pooling); docs/quality.md has how each was measured
-    "seed": (224, "max"),  # the classic recipe
-    "balanced": (224, "rmac"),  # same speed as seed, clearly better: the default
-    "large": (320, "rmac"),  # best on Holidays-like scenes, worse on copies; about twice the compute
+ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9)  # aspect buckets (landscape; portrait ones are their transposes)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A feature recipe: what `model export --profile` builds (docs/quality.md has how each was measured)."""
+
+    input_size: int  # the square side, or the side of the square an aspect bucket has about the pixels of
+    pooling: str  # a key of POOLINGS
+    aspect: bool = False  # aspect kept (buckets of aspect_shapes) instead of squashed to a square
+
+
+PROFILES = {
+    "seed": Recipe(224, "max"),  # the classic recipe
+    "balanced": Recipe(272, "rmac", aspect=True),  # the default: best measured at <= 1.5x the seed's compute
+    "large": Recipe(384, "rmac", aspect=True),  # best measured at <= 3x the seed's compute
 }
 DEFAULT_PROFILE = "balanced"
+
+
+def aspect_shapes(size: int) -> tuple[Shape, ...]:
+    """The fixed input shapes (height, width) of an aspect-kept recipe: for each of ASPECTS, landscape
+    and portrait, the shape of that aspect with about size x size pixels, sides multiples of 8."""
+    shapes: list[Shape] = []
+    for aspect in ASPECTS:
+        h, w = 8 * round(size / aspect ** 0.5 / 8), 8 * round(size * aspect ** 0.5 / 8)
+        shapes += [(h, w), (w, h)]
+    return tuple(dict.fromkeys(shapes))  # in order, once (small sizes round several aspects alike)
 
 
 def rmac_regions(h: int, w: int, levels: int = 3) -> list[tuple[int, int, int, int]]:
@@ -224,20 +265,82 @@ def rmac_regions(h: int, w: int, levels: int = 3) -> list[tuple[int, int, int, i
     return regions
 
 
+def _l2_nodes(src: str, dst: str) -> list:
+    from onnx import helper
+
+    return [helper.make_node("ReduceL2", [src], [f"{dst}/norm"], axes=[1], keepdims=1),
+            helper.make_node("Max", [f"{dst}/norm", "l2_eps"], [f"{dst}/safe"]),
+            helper.make_node("Div", [src, f"{dst}/safe"], [dst])]
+
+
+def _rmac_nodes(x: str, h: int, w: int, prefix: str, out: str) -> tuple[list, list]:
+    """Nodes and initializers of R-MAC over the regions of an h x w map `x`, summed into `out` (not normalised)."""
+    from onnx import helper, numpy_helper
+
+    nodes, inits, regional = [], [], []
+    for r, (y0, x0, y1, x1) in enumerate(rmac_regions(h, w)):
+        reg = f"{prefix}region{r}"
+        inits += [numpy_helper.from_array(np.array(v, np.int64), f"{reg}/{k}")
+                  for k, v in (("starts", [y0, x0]), ("ends", [y1, x1]), ("axes", [2, 3]))]
+        nodes += [helper.make_node("Slice", [x, f"{reg}/starts", f"{reg}/ends", f"{reg}/axes"], [f"{reg}/map"]),
+                  helper.make_node("ReduceMax", [f"{reg}/map"], [f"{reg}/max"], axes=[2, 3], keepdims=0),
+                  *_l2_nodes(f"{reg}/max", f"{reg}/vec")]
+        regional.append(f"{reg}/vec")
+    nodes.append(helper.make_node("Sum", regional, [out]))
+    return nodes, inits
+
+
+def _rmac_by_shape(x: str, shapes: tuple[Shape, ...], dim: int) -> tuple[list, list]:
+    """R-MAC into "pooled" with the regions of whichever of `shapes` the input has: a chain of If
+    nodes on block5's map shape (the last shape is the final else; FeatureModel.embed refuses others)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Shape", [x], ["map_hw"], start=2, end=4)]
+    inits = []
+    for k, (h, w) in enumerate(shapes[:-1]):
+        inits.append(numpy_helper.from_array(np.array([h // 16, w // 16], np.int64), f"shape{k}/hw"))
+        nodes += [helper.make_node("Equal", ["map_hw", f"shape{k}/hw"], [f"shape{k}/eq"]),
+                  helper.make_node("Cast", [f"shape{k}/eq"], [f"shape{k}/eq_int"], to=TensorProto.INT64),
+                  helper.make_node("ReduceMin", [f"shape{k}/eq_int"], [f"shape{k}/all"], keepdims=0),
+                  helper.make_node("Cast", [f"shape{k}/all"], [f"shape{k}/is"], to=TensorProto.BOOL)]
+
+    def branch(k: int) -> object:
+        h, w = shapes[k]
+        body, body_inits = _rmac_nodes(x, h // 16, w // 16, f"shape{k}/", f"shape{k}/pooled")
+        inits.extend(body_inits)  # in the main graph: subgraphs see outer-scope values
+        return helper.make_graph(body, f"shape{k}", [],
+                                 [helper.make_tensor_value_info(f"shape{k}/pooled", TensorProto.FLOAT, ["batch", dim])])
+
+    def chain(k: int) -> object:
+        """A graph of shape k's pooling when the input has shape k, else of the chain of k + 1."""
+        if k == len(shapes) - 1:
+            return branch(k)
+        node = helper.make_node("If", [f"shape{k}/is"], [f"chain{k}/pooled"], then_branch=branch(k),
+                                else_branch=chain(k + 1))
+        return helper.make_graph([node], f"chain{k}", [], [
+            helper.make_tensor_value_info(f"chain{k}/pooled", TensorProto.FLOAT, ["batch", dim])])
+
+    nodes.append(helper.make_node("If", ["shape0/is"], ["pooled"], then_branch=branch(0), else_branch=chain(1)))
+    return nodes, inits
+
+
 def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_size: int = 224,
-                        pooling: str = "max"):
+                        pooling: str = "max", aspect: bool = False):
     """The ONNX feature graph (opset 17) for the given VGG-shaped conv layers.
 
     pooling "max": global max pooling, height and width dynamic (the conv base accepts any
-    size). pooling "rmac": R-MAC over regions fixed for `input_size` (so the input is
-    input_size x input_size). `input_size` is the size the recipe resizes images to.
+    size). pooling "rmac": R-MAC over regions fixed for the input shape: input_size x input_size,
+    or with `aspect` the shapes of aspect_shapes(input_size) (height and width dynamic, one of those).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     if pooling not in POOLINGS:
         raise PipelineError(f"unknown pooling {pooling!r}: use {' or '.join(POOLINGS)}")
-    name = name or ("vgg16-imagenet-gmp" if pooling == "max" else f"vgg16-imagenet-rmac{input_size}")
+    shapes = aspect_shapes(input_size) if aspect else ((input_size, input_size),)
+    if name is None:
+        name = "vgg16-imagenet-gmp" if pooling == "max" else f"vgg16-imagenet-rmac{input_size}"
+        name += "-aspect" * aspect
     layers = _check_layers(layers)
     nodes = [
         helper.make_node("Cast", ["image"], ["x_float"], to=TensorProto.FLOAT),
@@ -270,28 +373,18 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
         x = pool
     dim = layers[-1][1].shape[0]
 
-    def l2(src: str, dst: str) -> list:
-        return [helper.make_node("ReduceL2", [src], [f"{dst}/norm"], axes=[1], keepdims=1),
-                helper.make_node("Max", [f"{dst}/norm", "l2_eps"], [f"{dst}/safe"]),
-                helper.make_node("Div", [src, f"{dst}/safe"], [dst])]
-
     if pooling == "max":
-        nodes += [helper.make_node("GlobalMaxPool", [x], ["gmp"]),
-                  helper.make_node("Flatten", ["gmp"], ["pooled"], axis=1), *l2("pooled", "features")]
+        nodes += [helper.make_node("GlobalMaxPool", [x], ["gmp"]), helper.make_node("Flatten", ["gmp"], ["pooled"], axis=1)]
         height = width = None
-    else:
-        side = input_size // 16  # block5_conv3 comes after four 2x2 pools
-        regional = []
-        for r, (y0, x0, y1, x1) in enumerate(rmac_regions(side, side)):
-            inits += [numpy_helper.from_array(np.array(v, np.int64), f"region{r}/{k}")
-                      for k, v in (("starts", [y0, x0]), ("ends", [y1, x1]), ("axes", [2, 3]))]
-            nodes += [helper.make_node("Slice", [x, f"region{r}/starts", f"region{r}/ends", f"region{r}/axes"],
-                                       [f"region{r}/map"]),
-                      helper.make_node("ReduceMax", [f"region{r}/map"], [f"region{r}/max"], axes=[2, 3], keepdims=0),
-                      *l2(f"region{r}/max", f"region{r}/vec")]
-            regional.append(f"region{r}/vec")
-        nodes += [helper.make_node("Sum", regional, ["pooled"]), *l2("pooled", "features")]
+    elif len(shapes) == 1:
+        pool_nodes, pool_inits = _rmac_nodes(x, input_size // 16, input_size // 16, "", "pooled")
+        nodes, inits = nodes + pool_nodes, inits + pool_inits
         height = width = input_size
+    else:
+        pool_nodes, pool_inits = _rmac_by_shape(x, shapes, dim)
+        nodes, inits = nodes + pool_nodes, inits + pool_inits
+        height = width = None
+    nodes += _l2_nodes("pooled", "features")
     graph = helper.make_graph(
         nodes, name,
         [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", height or "height", width or "width", 3])],
@@ -302,6 +395,10 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
     model.ir_version = 8
     info = ModelInfo(name=name, weights_sha256=weights_checksum(layers), input_size=input_size, dim=dim,
                      pooling=POOLINGS[pooling])
+    if aspect:
+        info = replace(info, input_shapes=",".join(f"{h}x{w}" for h, w in shapes),
+                       resize=f"aspect kept: resized (bilinear, Pillow) to the shape (HxW) of nearest aspect ratio "
+                              f"among {', '.join(f'{h}x{w}' for h, w in shapes)}")
     for key, value in info.to_metadata().items():
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model)
@@ -325,9 +422,10 @@ def export_model(out: Path | None = None, source: Path | None = None, profile: s
     """
     if profile not in PROFILES:
         raise PipelineError(f"unknown profile {profile!r}: use {', '.join(PROFILES)}")
-    size, pool = PROFILES[profile]
+    recipe = PROFILES[profile]
     layers, origin = load_layers(source)
-    model, info = build_feature_graph(layers, input_size=input_size or size, pooling=pooling or pool)
+    model, info = build_feature_graph(layers, input_size=input_size or recipe.input_size,
+                                      pooling=pooling or recipe.pooling, aspect=recipe.aspect)
     model.metadata_props.add(key="pipeline.weights_source", value=origin)
     out = default_model_location()[0] if out is None else out
     save_model(model, out)
@@ -416,8 +514,24 @@ class FeatureModel:
         self.input_name = self.session.get_inputs()[0].name
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        """Features [N, dim] float32 of a uint8 batch [N, H, W, 3] (RGB)."""
+        """Features [N, dim] float32 of a uint8 batch [N, H, W, 3] (RGB) of one of the model's input shapes."""
         assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] == 3, "expected uint8 [N,H,W,3]"
         if len(images) == 0:
             return np.zeros((0, self.info.dim), np.float32)
+        if self.info.input_shapes and images.shape[1:3] not in self.info.resize_to:
+            raise PipelineError(f"{self.info.short()} takes images of shapes {self.info.input_shapes}, "
+                                f"not {images.shape[1]}x{images.shape[2]}")
         return self.session.run(None, {self.input_name: images})[0]
+
+    def embed_each(self, images: Sequence[np.ndarray], batch_size: int = 8) -> np.ndarray:
+        """Features [N, dim] of images [H, W, 3] of possibly different shapes, in order: one batch per
+        shape (up to batch_size images)."""
+        out = np.zeros((len(images), self.info.dim), np.float32)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, im in enumerate(images):
+            by_shape.setdefault(im.shape, []).append(i)
+        for rows in by_shape.values():
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                out[chunk] = self.embed(np.stack([images[i] for i in chunk]))
+        return out

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import ImageError, PipelineError
-from .images import find_images, load_image
+from .images import InputSize, find_images, load_image
 from .model import FeatureModel, ModelInfo, read_model_info, resolve_model_path, save_model
 
 LOG = logging.getLogger(__name__)
@@ -83,16 +83,19 @@ def measure_speed(fp32: Path | str, int8: Path | str, batches: list[np.ndarray],
     return SpeedCheck(n / seconds[0], n / seconds[1])
 
 
-def _calibration_batches(images: list[Path], size: int, batch_size: int = 8) -> list[np.ndarray]:
-    pixels = []
+def _calibration_batches(images: list[Path], size: InputSize, batch_size: int = 8) -> list[np.ndarray]:
+    """Batches of the calibration images, one input shape each."""
+    by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
     for path in images:
         try:
-            pixels.append(load_image(path, size).pixels)
+            px = load_image(path, size).pixels
         except ImageError as exc:
             LOG.warning("calibration: skipping %s: %s", path, exc)
-    if not pixels:
+            continue
+        by_shape.setdefault(px.shape, []).append(px)
+    if not by_shape:
         raise PipelineError("no usable calibration images")
-    return [np.stack(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
+    return [np.stack(p[i:i + batch_size]) for p in by_shape.values() for i in range(0, len(p), batch_size)]
 
 
 def initializers_checksum(model) -> str:
@@ -128,7 +131,7 @@ def quantize_model(
     if len(images) > max_images:
         rng = np.random.default_rng(seed)
         images = [images[i] for i in sorted(rng.choice(len(images), max_images, replace=False))]
-    batches = _calibration_batches(images, info.input_size)
+    batches = _calibration_batches(images, info.resize_to)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -158,6 +161,7 @@ def quantize_model(
         preprocessing=info.preprocessing,
         pooling=info.pooling,
         resize=info.resize,
+        input_shapes=info.input_shapes,
     )
     del q.metadata_props[:]
     for key, value in int8.to_metadata().items():

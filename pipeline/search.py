@@ -245,7 +245,7 @@ class Searcher:
         """Top-k for each query image; a query that cannot be decoded gets an error, the rest still answer."""
         if k < 1:
             raise PipelineError(f"k must be at least 1 (got {k})")
-        size = self.model.info.input_size
+        size = self.model.info.resize_to
         results: dict[int, QueryResult] = {}
         good: list[tuple[int, np.ndarray, QueryFile]] = []
         for i, path in enumerate(images):
@@ -257,7 +257,7 @@ class Searcher:
             good.append((i, decoded.pixels, QueryFile(str(Path(path).absolute()), decoded.content_hash)))
         for start in range(0, len(good), batch_size):
             chunk = good[start:start + batch_size]
-            feats = self.model.embed(np.stack([px for _, px, _ in chunk]))
+            feats = self.model.embed_each([px for _, px, _ in chunk], batch_size)
             excl = [q for _, _, q in chunk] if exclude_self else None
             for (i, _, _), hits in zip(chunk, self.search_vectors(feats, k, nprobe, min_score, excl)):
                 results[i] = QueryResult(str(images[i]), hits)

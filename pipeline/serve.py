@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 
 from . import __version__
 from .errors import BusyError, ImageError, PipelineError
-from .images import decode_bytes
+from .images import decode_bytes, input_shapes
 from .index import CURRENT_FILE
 from .model import FeatureModel
 from .search import QueryResult, Searcher, QueryFile
@@ -121,7 +121,7 @@ class MicroBatcher:
             if not batch:
                 continue
             try:
-                feats = self.model.embed(np.stack([px for px, _ in batch]))
+                feats = self.model.embed_each([px for px, _ in batch], self.batch_size)
             except Exception as exc:  # the model failed: every waiting request learns why
                 LOG.exception("model run failed on a batch of %d", len(batch))
                 for _, fut in batch:
@@ -177,7 +177,10 @@ class Service:
             return self
         searcher = Searcher(self.index_dir, model=self._model_arg, threads=self._threads)
         model = searcher.model  # loads it and checks its checksum against the index
-        model.embed(np.zeros((self.batch_size, model.info.input_size, model.info.input_size, 3), np.uint8))
+        *others, largest = sorted(input_shapes(model.info.resize_to), key=lambda s: s[0] * s[1])
+        for h, w in others:  # the first run of each input shape is slow: one image each
+            model.embed(np.zeros((1, h, w, 3), np.uint8))
+        model.embed(np.zeros((self.batch_size, *largest, 3), np.uint8))  # and a full batch of the largest
         self._searchers[searcher.version_dir.name] = self._current = searcher
         self.batcher = MicroBatcher(model, self.batch_size, self.max_wait, self.queue_size)
         if self.poll > 0:
@@ -259,7 +262,7 @@ class Service:
 
     def decode(self, data: bytes) -> tuple[np.ndarray, str]:
         """Pixels at the model's input size and the content hash of uploaded bytes; ImageError if unusable."""
-        pixels = decode_bytes(data, self.model.info.input_size)
+        pixels = decode_bytes(data, self.model.info.resize_to)
         return pixels, hashlib.blake2b(data, digest_size=16).hexdigest()
 
     async def search_uploads(self, uploads: Sequence[tuple[str, bytes]], k: int = 10, min_score: float | None = None,

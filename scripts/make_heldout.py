@@ -7,7 +7,8 @@ by scripts/fetch_photos.py's cache; copies-dev uses other packages), long side 6
 db/. Near-duplicates are left out as in copies-dev: the packages ship one wallpaper at several
 sizes, crops and colours, so a picture whose 32x32 grey thumbnail (whole, or its centre 60%)
 differs from an earlier picture's by less than 6/255 on average is skipped. Queries: 4 per picture, each two random transformations in sequence, named like
-copies-dev (`pic0007_crop70+jpeg15.jpg`). Writes groundtruth.json. Seeded; never committed.
+copies-dev (`pic0007_crop70+jpeg15.jpg`); a picture's four queries use four different pairs of
+transformations (so no two share a name, nor are the same copy made in the other order). Writes groundtruth.json. Seeded; never committed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import io
 import json
 import random
 import sys
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -111,8 +113,8 @@ def main() -> None:
         im.thumbnail((640, 640), Image.Resampling.LANCZOS)
         name = f"pic{len(kept) - 1:04d}"
         im.save(args.out / "db" / f"{name}.jpg", quality=90)
-        for _ in range(4):
-            a, b = rng.sample(sorted(TRANSFORMS), 2)
+        for pair in rng.sample(list(combinations(sorted(TRANSFORMS), 2)), 4):
+            a, b = rng.sample(pair, 2)
             q = TRANSFORMS[b](TRANSFORMS[a](im, rng), rng)
             qname = f"{name}_{a}+{b}.jpg"
             q.save(args.out / "queries" / qname, quality=90)

@@ -14,12 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import misbehaving_decode, save_pattern, write_bad_corpus
+from helpers import misbehaving_decode, save_pattern, tiny_layers, write_bad_corpus
 from pipeline.decode_pool import DecodePool, DecodeSettings
 from pipeline.errors import BusyError, ModelMismatchError
 from pipeline.extract import extract
 from pipeline.features import ERRORS_FILE
 from pipeline.fsutil import exclusive_lock
+from pipeline.images import load_image
+from pipeline.index import build_index
+from pipeline.model import FeatureModel, build_feature_graph, save_model
+from pipeline.search import Searcher
 from pipeline.shards import list_shards, read_shard, shard_info
 
 
@@ -57,6 +61,24 @@ def test_in_process_and_worker_decoding_agree(tmp_path, tiny_model, gallery):
     order = np.argsort(pb)
     assert sorted(pa) == [pb[i] for i in order]
     np.testing.assert_allclose(fa[np.argsort(pa)], fb[order], atol=1e-6)
+
+
+def test_aspect_buckets_batch_per_shape_and_search_uses_them(tmp_path):
+    model, info = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac", aspect=True)
+    save_model(model, tmp_path / "aspect.onnx")
+    sizes = [(96, 72), (72, 96), (80, 80), (128, 72), (96, 64), (64, 96), (72, 128)]  # width x height
+    files = [save_pattern(tmp_path / "imgs" / f"p{i}.png", i, size) for i, size in enumerate(sizes)]
+    report = extract([tmp_path / "imgs"], tmp_path / "f", tmp_path / "aspect.onnx", workers=2, batch_size=2, progress=False)
+    assert report.extracted == len(files) and not report.failures
+    fm = FeatureModel(tmp_path / "aspect.onnx")
+    alone = {str(f): fm.embed(load_image(f, info.resize_to).pixels[None])[0] for f in files}  # one image per run
+    assert {load_image(f, info.resize_to).pixels.shape[:2] for f in files} == set(info.resize_to)  # every bucket used
+    paths, feats, _ = all_rows(tmp_path / "f")
+    np.testing.assert_allclose(feats, np.stack([alone[p] for p in paths]), rtol=1e-5, atol=1e-6)
+    build_index(tmp_path / "f", tmp_path / "i", progress=False)
+    results = Searcher(tmp_path / "i", model=tmp_path / "aspect.onnx").search(files, k=1)  # queries: same buckets
+    assert [r.hits[0].path for r in results] == [str(f) for f in files]
+    assert all(r.hits[0].score == pytest.approx(1.0, abs=1e-5) for r in results)
 
 
 def test_duplicates_run_once_and_stay_findable(tmp_path, tiny_model):

@@ -11,7 +11,7 @@ from PIL import Image
 from helpers import save_pattern, write_bad_corpus
 from pipeline import images
 from pipeline.errors import ImageError, PipelineError
-from pipeline.images import find_images, load_image, to_rgb
+from pipeline.images import find_images, load_image, nearest_shape, to_rgb
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,15 @@ def test_large_jpeg_uses_draft_mode(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "to_rgb", spy)
     assert load_image(path, 64).pixels.shape == (64, 64, 3)
     assert decoded_sizes == [(250, 188)]  # decoded at 1/8 scale: the largest that keeps both sides >= 64
+
+
+def test_aspect_kept_resize_picks_the_nearest_shape(tmp_path):
+    shapes = ((256, 256), (224, 304), (304, 224), (192, 352))
+    assert nearest_shape(shapes, 400, 300) == (224, 304) and nearest_shape(shapes, 300, 400) == (304, 224)
+    assert nearest_shape(shapes, 1920, 1080) == (192, 352) and nearest_shape(shapes, 500, 480) == (256, 256)
+    assert nearest_shape(224, 1920, 1080) == (224, 224)  # a square model squashes
+    path = save_pattern(tmp_path / "wide.jpg", 1, (400, 225))
+    assert load_image(path, shapes).pixels.shape == (192, 352, 3)
 
 
 def test_lower_pixel_limit(tmp_path):

@@ -20,6 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.model import (
     VGG16_BLOCKS,
     FeatureModel,
+    aspect_shapes,
     build_feature_graph,
     export_model,
     layers_from_keras_h5,
@@ -92,6 +93,24 @@ def test_rmac_graph_matches_numpy_reference(tmp_path):
     assert info.checksum != build_feature_graph(tiny_layers(0), input_size=64)[1].checksum
 
 
+def test_aspect_graph_pools_each_shape_with_its_regions(tmp_path):
+    model, info = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac", aspect=True)
+    save_model(model, tmp_path / "aspect.onnx")
+    assert info.resize_to == aspect_shapes(64) == ((64, 64), (56, 72), (72, 56), (56, 80), (80, 56), (48, 88), (88, 48))
+    assert "aspect kept" in info.resize and info.relative_compute() == pytest.approx(56 * 80 / 224 ** 2)  # its largest shape
+    fm = FeatureModel(tmp_path / "aspect.onnx")
+    assert fm.info.checksum == info.checksum != build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac")[1].checksum
+    rng = np.random.default_rng(3)
+    for h, w in info.resize_to:  # the If chain picks the regions of the input's own shape
+        images = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+        np.testing.assert_allclose(fm.embed(images), numpy_reference(images, tiny_layers(0), "rmac"), rtol=1e-4, atol=1e-5)
+    with pytest.raises(PipelineError, match="takes images of shapes 64x64,56x72,.*, not 64x72"):
+        fm.embed(np.zeros((1, 64, 72, 3), np.uint8))
+    mixed = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(56, 80), (64, 64), (56, 80), (88, 48)]]
+    np.testing.assert_allclose(fm.embed_each(mixed, batch_size=1), np.concatenate([fm.embed(m[None]) for m in mixed]),
+                               rtol=1e-5, atol=1e-6)  # in order, one batch per shape
+
+
 def test_metadata_records_recipe(tiny_model):
     info = read_model_info(tiny_model)
     assert info.name == "tiny-vgg"
@@ -127,7 +146,8 @@ def test_keras_h5_loader_transposes_hwio(tmp_path):
     assert origin == str(path)
     assert weights_checksum(loaded) == weights_checksum(layers)
     large = export_model(tmp_path / "large.onnx", path, profile="large")
-    assert (large.input_size, large.weights_sha256) == (320, weights_checksum(layers)) and "R-MAC" in large.pooling
+    assert (large.input_size, large.weights_sha256) == (384, weights_checksum(layers)) and "R-MAC" in large.pooling
+    assert large.relative_compute() <= 3.0 and "aspect kept" in large.resize
     assert read_model_info(tmp_path / "large.onnx").checksum == large.checksum
     with pytest.raises(PipelineError, match="unknown profile"):
         export_model(tmp_path / "x.onnx", path, profile="turbo")

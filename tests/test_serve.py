@@ -18,10 +18,11 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from helpers import centre_crop, live_server, save_pattern, wait_for, write_bad_corpus, write_tiny_model  # noqa: E402
+from helpers import centre_crop, live_server, save_pattern, tiny_layers, wait_for, write_bad_corpus, write_tiny_model  # noqa: E402
 from pipeline.cli import app as cli_app  # noqa: E402
 from pipeline.extract import extract  # noqa: E402
 from pipeline.index import build_index  # noqa: E402
+from pipeline.model import build_feature_graph, save_model  # noqa: E402
 from pipeline.rebuild import rebuild  # noqa: E402
 from pipeline.search import Searcher  # noqa: E402
 from pipeline.serve import Service, create_app  # noqa: E402
@@ -83,6 +84,20 @@ def test_upload_answers_like_the_cli_plus_id_and_thumbnail(client, index_dir, ga
     a, junk = r.json()
     assert str(original) not in [h["path"] for h in a["results"]] and len(a["results"]) == 2  # exclude_self: same bytes
     assert "not an image" in junk["error"] and junk["results"] == []
+
+
+def test_an_aspect_kept_model_serves_uploads_of_every_shape(tmp_path):
+    """Uploads are resized to the index's model's buckets and batched per shape, like extraction."""
+    model, _ = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac", aspect=True)
+    save_model(model, tmp_path / "aspect.onnx")
+    files = [save_pattern(tmp_path / "imgs" / f"p{i}.png", i, size)
+             for i, size in enumerate([(96, 72), (72, 128), (80, 80), (96, 64)])]  # width x height
+    rebuild([tmp_path / "imgs"], tmp_path / "work", tmp_path / "aspect.onnx", workers=0, progress=False)
+    with TestClient(create_app(Service(tmp_path / "work" / "index", tmp_path / "aspect.onnx", poll=0))) as c:
+        r = c.post("/api/search?k=1", files=upload(*[(f.name, f.read_bytes()) for f in files]))
+    assert r.status_code == 200, r.text
+    assert [got["results"][0]["path"] for got in r.json()] == [str(f) for f in files]
+    assert all(got["results"][0]["score"] == pytest.approx(1.0, abs=1e-5) for got in r.json())
 
 
 def test_more_like_this_by_id(client, gallery):
