@@ -66,6 +66,13 @@ TRUTH_DEPTH = 32  # exact neighbours kept per recall query: updates drop removed
 # 1.0 at c = 50 / 200 / 500 / 1000 (PQ128x4fs: 0.37 / 0.73 / 0.95 / 1.0; SQ4: 0.96 / 0.9995 at 50 /
 # 200, but it scans 50x slower than fast-scan). 500 float16 rows re-rank in well under a millisecond.
 DEFAULT_RERANK = 500
+# An exact (flat) coarse quantizer up to this many lists: at 4096 lists it costs 4 MFLOP a query (about
+# 0.05 ms) and ranks the lists exactly. An HNSW quantizer at its default efSearch (16) probed the wrong
+# lists at 10M: with 64 lists probed only 0.84 of the true top-10 were in them (0.95 at efSearch 256),
+# where an exact quantizer had 0.99 at 8 lists (docs/benchmarks.md, "Compressed indexes at 10M").
+HNSW_QUANTIZER_FROM = 16384
+SAMPLE_READS = 4096  # reads a training sample is drawn in (sample_runs)
+HNSW_QUANTIZER_EF = 256  # efSearch given to an HNSW coarse quantizer (its lists, at add and search)
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,8 @@ def plan_index(n: int, dim: int = 512, *, factory: str | None = None, nlist: int
     `rerank` candidates (default DEFAULT_RERANK) from a float16 store on disk, memory-mapped, which
     the budget does not count: it is page cache, not the index's memory. PQ codes scan so fast that
     a finer IVF buys little and costs training time quadratic in nlist (2 cores: hours at 65k
-    lists): they get nlist the power of two >= sqrt(n) and an HNSW quantizer from 4096 lists on.
+    lists): they get nlist the power of two >= sqrt(n), and an HNSW quantizer only from
+    HNSW_QUANTIZER_FROM lists on (with its efSearch raised: quantizer_search_depth).
     """
     if n < 1:
         raise PipelineError("no features to index: the shards hold no images")
@@ -150,7 +158,7 @@ def plan_index(n: int, dim: int = 512, *, factory: str | None = None, nlist: int
     for code in codes:
         if code.startswith("PQ") and auto_nlist and ivf:
             nlist = min(2 ** math.ceil(math.log2(math.sqrt(n))), n // MIN_POINTS_PER_LIST)
-            ivf = f"IVF{nlist}_HNSW32," if nlist >= 4096 else f"IVF{nlist},"
+            ivf = f"IVF{nlist}_HNSW32," if nlist >= HNSW_QUANTIZER_FROM else f"IVF{nlist},"
         fac = ivf + code
         need = n * factory_facts(fac, dim)[1] + nlist * dim * 4
         if max_memory is None or need <= max_memory:
@@ -318,6 +326,7 @@ def build_index(
         index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise PipelineError(f"faiss cannot build factory {plan.factory!r}: {str(exc).strip().splitlines()[-1]}") from None
+    quantizer_search_depth(index)
     kind = index_kind(index)
     if not plan.nlist:
         index = faiss.IndexIDMap2(index)  # IVF stores ids itself; other indexes need the map
@@ -336,7 +345,7 @@ def build_index(
         held_out = False
         if not index_is_flat(plan):
             n_q = min(recall_queries, n)
-            train_ids = np.sort(rng.choice(n, size=0 if index.is_trained else plan.train_size, replace=False))
+            train_ids = sample_runs(rng, n, 0 if index.is_trained else plan.train_size)
             # Recall queries: vectors the quantizer was not trained on (k-means fits its own training
             # points better, which would flatter the recall), unless training used nearly all of them.
             rest = np.setdiff1d(np.arange(n), train_ids, assume_unique=True)
@@ -542,6 +551,18 @@ def _build_binary(features_dir: Path, out_dir: Path, parts: list[tuple[ShardInfo
         final = _publish(out_dir, tmp, meta, keep)
     LOG.info("published %s: %d vectors, ITQ%d + %s, %s %s", final, n, bits, fac, engine.setting_name, engine.setting)
     return IndexReport(str(final), meta)
+
+
+def quantizer_search_depth(index, ef: int = HNSW_QUANTIZER_EF) -> None:
+    """Give an HNSW coarse quantizer an efSearch deep enough for the lists it must rank (the value is
+    saved with the index, so adding and every later search use it): at faiss's default (16) it
+    returns approximate nearest lists, and the vectors they miss are lost to any nprobe."""
+    try:
+        quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    except RuntimeError:  # no IVF layer
+        return
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = max(quantizer.hnsw.efSearch, ef)
 
 
 def index_kind(index) -> str:
@@ -853,6 +874,21 @@ def _tune(index, nlist: int, queries: np.ndarray, q_ids: np.ndarray, truth: np.n
     LOG.info("nprobe %s: recall@10 %.3f, %.3f ms/query (%d queries)", nprobe, rec, ms, len(q_ids))
     return {"nprobe": nprobe, "recall_at_10": round(rec, 4), "target_recall": target,
             "recall_queries": len(q_ids), "query_ms": round(ms, 4), "nprobe_sweep": tried}
+
+
+def sample_runs(rng: np.random.Generator, n: int, size: int, reads: int = SAMPLE_READS) -> np.ndarray:
+    """`size` distinct positions of `n`, sorted, drawn at random as runs of consecutive positions, so that
+    reading them from the shards costs about `reads` reads, not one per row: on this project's disk a
+    random read costs ~6 ms, and 262,144 rows one by one took minutes of a 10M build. Positions
+    follow the extraction order (a folder's images are neighbours); runs of 64 among 4,096 spread
+    over the whole collection keep the k-means sample representative."""
+    if size >= n:
+        return np.arange(n)
+    run = -(-size // reads)
+    if run == 1:
+        return np.sort(rng.choice(n, size=size, replace=False))
+    starts = np.sort(rng.choice(n // run, size=-(-size // run), replace=False)) * run
+    return (starts[:, None] + np.arange(run)).ravel()[:size]
 
 
 def _rows_by_id(parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray) -> np.ndarray:

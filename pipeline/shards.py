@@ -161,9 +161,19 @@ def read_shard(path: Path, features: bool = True) -> ShardData:
 
 
 def read_rows(path: Path, rows: np.ndarray) -> np.ndarray:
-    """Feature rows (sorted, unique indices) of one shard, without reading the rest."""
+    """Feature rows (sorted, unique indices) of one shard, without reading the rest: one read per run
+    of consecutive rows (on a disk with milliseconds of latency per read, row by row reads of a
+    sample of 1,310 rows took 8 s a shard)."""
+    rows = np.asarray(rows, dtype=np.int64)
     with _open(path) as f:
-        return f["features"][np.asarray(rows, dtype=np.int64)] if len(rows) else np.zeros((0, int(f.attrs["dim"])), np.float32)
+        features = f["features"]
+        if not len(rows):
+            return np.zeros((0, int(f.attrs["dim"])), np.float32)
+        starts = np.flatnonzero(np.diff(rows, prepend=rows[0] - 2) != 1)
+        ends = np.append(starts[1:], len(rows))
+        if len(starts) == len(rows):
+            return features[rows]
+        return np.concatenate([features[rows[a]:rows[b - 1] + 1] for a, b in zip(starts.tolist(), ends.tolist())])
 
 
 def check_model(infos: list[ShardInfo], model_sha256: str | None = None) -> None:

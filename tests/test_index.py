@@ -11,7 +11,8 @@ import pytest
 
 from helpers import clustered_vectors, write_synthetic_shards
 from pipeline.errors import ModelMismatchError, PipelineError
-from pipeline.index import CURRENT_FILE, VERSIONS_DIR, build_index, current_version, parse_size, plan_index
+from pipeline.index import (CURRENT_FILE, HNSW_QUANTIZER_EF, VERSIONS_DIR, build_index, current_version, parse_size,
+                            plan_index, sample_runs)
 from pipeline.search import Searcher
 
 
@@ -43,10 +44,12 @@ def test_max_memory_picks_compressed_codes():
     hnsw = plan_index(10_000_000, 512, factory="IVF65536_HNSW32,Flat")
     assert hnsw.nlist == 65536 and hnsw.bytes_estimate == 10_000_000 * (2048 + 8) + 65536 * 512 * 4
     assert plan_index(1_000_000, 512, factory="IVF1024,PQ32x4fs").bytes_estimate < 1_000_000 * 30
-    # 10M in 4 GB: SQ8 (5.2 GB) does not fit; fast-scan PQ codes do, a cheap-to-train quantizer, the
-    # float16 store for re-ranking on disk and said to be outside the budget
+    # 10M in 4 GB: SQ8 (5.2 GB) does not fit; fast-scan PQ codes do, with an exact quantizer over
+    # 4096 lists, the float16 store for re-ranking on disk and said to be outside the budget
     big = plan_index(10_000_000, 512, max_memory="4G")
-    assert big.factory == "IVF4096_HNSW32,PQ256x4fs" and big.nlist == 4096 and big.bytes_estimate <= 4 * 2**30
+    assert big.factory == "IVF4096,PQ256x4fs" and big.nlist == 4096 and big.bytes_estimate <= 4 * 2**30
+    # an HNSW quantizer only where an exact one would cost too much per query
+    assert plan_index(500_000_000, 512, max_memory="80G").factory.startswith("IVF32768_HNSW32,")
     assert big.rerank == 500 and "not resident" in big.reason and "9766 MiB" in big.reason
     assert plan_index(1_000_000, 512, factory="HNSW32").nlist == 0
     with pytest.raises(PipelineError, match="cannot build factory"):
@@ -98,6 +101,11 @@ def test_custom_factory(tmp_path):
     assert np.mean([h[0].path == p for h, p in zip(hits, paths[:20])]) >= 0.8  # SQ8 is lossy
     with pytest.raises(PipelineError, match="faiss cannot build factory"):
         build_index(tmp_path / "f", tmp_path / "j", factory="NotAFactory", progress=False)
+    # an HNSW coarse quantizer is saved searching deeper than faiss's default efSearch (16)
+    report = build_index(tmp_path / "f", tmp_path / "h", factory="IVF16_HNSW32,Flat", progress=False)
+    searcher = Searcher(tmp_path / "h")  # owns the index the quantizer belongs to
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(searcher.index).quantizer)
+    assert quantizer.hnsw.efSearch == HNSW_QUANTIZER_EF
 
 
 def test_max_memory_build(tmp_path):
@@ -244,3 +252,13 @@ def test_an_extract_during_the_build_is_wholly_in_or_out(tmp_path, tiny_model, m
     monkeypatch.undo()
     report = rebuild([root], work, tiny_model, workers=0)
     assert report.index_built and report.index_meta["count"] == 7, built.meta["count"]
+
+
+def test_training_sample_is_read_in_few_runs():
+    rng = np.random.default_rng(0)
+    for n, size in ((10_000_000, 262_144), (1_000_000, 262_144), (50_000, 3_000), (1_000, 5_000)):
+        sample = sample_runs(rng, n, size, reads=4096)
+        assert len(sample) == min(n, size) and (np.diff(sample) > 0).all() and sample[-1] < n
+        assert (np.diff(sample) != 1).sum() + 1 <= 4096  # reads: runs of consecutive positions
+    spread = sample_runs(rng, 10_000_000, 262_144, reads=4096)
+    assert np.histogram(spread, bins=10, range=(0, 10_000_000))[0].min() > 0.08 * 262_144  # the whole collection
