@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--bits", type=int, default=256)
     ap.add_argument("--nlist", type=int, default=1024, help="IVF lists of the IVF-PQ index")
+    ap.add_argument("--binary-factory", help="the faiss binary index of the binary kind (default: the plan's), e.g. BFlat")
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--singles", type=int, default=300, help="queries timed one at a time")
     ap.add_argument("--seed", type=int, default=0, help="the seed the shards were made with")
@@ -117,7 +118,8 @@ def main() -> None:
     print(f"exact truth in {time.perf_counter() - t0:.0f} s", flush=True)
 
     rows = []
-    meta, wall, rss = build(args.features, args.workdir / "binary", ["--codes", f"binary:{args.bits}"])
+    meta, wall, rss = build(args.features, args.workdir / "binary", ["--codes", f"binary:{args.bits}",
+                                                                      *(["--factory", args.binary_factory] if args.binary_factory else [])])
     n = meta["count"]
     version = Path(meta["version_dir"])
     engine = Searcher(args.workdir / "binary").index
