@@ -421,6 +421,7 @@ def serve(
     timeout: Annotated[float, typer.Option(help="Seconds a search may take before it is answered 503.")] = 30.0,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest request body (413 beyond).")] = 20.0,
     threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: one per core).")] = 0,
+    warm: Annotated[bool, typer.Option("--warm/--no-warm", help="Read each index version's files (index, re-rank store) into the page cache before serving it.")] = True,
 ) -> None:
     """Serve the index over HTTP: a web page at /, a JSON API under /api (see /openapi.json).
 
@@ -437,7 +438,7 @@ def serve(
         raise _fail(PipelineError(f"--host {host} exposes the service beyond this machine: give --api-key too"))
     try:
         service = Service(index, model, batch_size=batch_size, max_wait_ms=max_wait_ms, queue_size=queue_size,
-                          timeout=timeout, threads=threads).start()
+                          timeout=timeout, threads=threads, warm=warm).start()
     except PipelineError as exc:
         raise _fail(exc)
     app_ = create_app(service, api_key=api_key, max_upload=int(max_upload_mb * 1024 * 1024))

@@ -149,13 +149,15 @@ class Service:
     published version is opened and swapped in between requests. A request keeps the Searcher it
     started with, so requests in flight finish on the old version; the last `keep` versions stay
     open, so ids of results already shown still resolve. A version made by another model is
-    refused with a log line and the serving one stays.
+    refused with a log line and the serving one stays. With `warm`, each version's files are read
+    into the page cache before it is served (at start-up, and before a swap).
     """
 
     def __init__(self, index_dir: Path | str, model: Path | str | None = None, *, batch_size: int = 8,
                  max_wait_ms: float = 5.0, queue_size: int = 64, timeout: float = 30.0, poll: float = 0.5,
-                 threads: int = 0, keep: int = 3) -> None:
+                 threads: int = 0, keep: int = 3, warm: bool = True) -> None:
         self.index_dir, self._model_arg, self._threads = Path(index_dir), model, threads
+        self.warm = warm  # read each version's files into the page cache before serving it (Searcher.warm)
         self.batch_size, self.max_wait, self.queue_size = batch_size, max_wait_ms / 1000, queue_size
         self.timeout, self.poll, self.keep = timeout, poll, keep
         self._searchers: OrderedDict[str, Searcher] = OrderedDict()  # version -> Searcher, newest last
@@ -177,6 +179,7 @@ class Service:
             return self
         searcher = Searcher(self.index_dir, model=self._model_arg, threads=self._threads)
         model = searcher.model  # loads it and checks its checksum against the index
+        self._warm(searcher)
         *others, largest = sorted(input_shapes(model.info.resize_to), key=lambda s: s[0] * s[1])
         for h, w in others:  # the first run of each input shape is slow: one image each
             model.embed(np.zeros((1, h, w, 3), np.uint8))
@@ -251,12 +254,25 @@ class Service:
                       self.model.info.short(), serving)
             self._skipped = new.version_dir.name
             return False
+        try:
+            self._warm(new)  # before the swap: the serving version answers meanwhile
+        except PipelineError as exc:
+            LOG.error("cannot read the published index version %s (%s); still serving %s", version, exc, serving)
+            self._skipped = version
+            return False
         with self._lock:
             self._searchers[new.version_dir.name] = self._current = new  # later requests take this one
             while len(self._searchers) > self.keep:
                 self._searchers.popitem(last=False)
         LOG.info("now serving index version %s (%d images); was %s", new.version_dir.name, new.count, serving)
         return True
+
+    def _warm(self, searcher: Searcher) -> None:
+        if self.warm:
+            t0 = time.monotonic()
+            read = searcher.warm()
+            LOG.info("index version %s read into the page cache: %.0f MiB in %.1f s", searcher.version_dir.name,
+                     read / 2**20, time.monotonic() - t0)
 
     # ------------------------------------------------------------------ queries
 

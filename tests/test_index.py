@@ -126,6 +126,8 @@ def test_compressed_index_reranks_to_the_exact_top_k(tmp_path):
     assert m["rerank"] == 3000 and m["recall_at_10"] >= 0.99  # against float32 truth: float16 near-ties
     searcher = Searcher(tmp_path / "i")
     assert searcher.store is not None and len(searcher.store) == 3000
+    files = ("index.faiss", "vectors.npy", "vector_ids.npy")  # warm() reads the index and the whole store
+    assert searcher.warm() == sum((searcher.version_dir / f).stat().st_size for f in files)
     stored = vecs.astype(np.float16).astype(np.float32)
     queries = clustered_vectors(20, clusters=30, seed=7)
     exact_scores, exact = faiss.knn(queries, stored, 10, metric=faiss.METRIC_INNER_PRODUCT)

@@ -43,6 +43,11 @@ def test_api_returns_dataclasses(indexed, tiny_model):
     assert {results[0].hits[0].path, results[0].hits[1].path} == {str(first), str(gallery / "copy_of_first.jpg")}
 
 
+def test_warm_reads_the_index_file(indexed):
+    searcher = Searcher(indexed[0])  # an exact index has no vector store: warm() reads the index alone
+    assert searcher.warm() == (searcher.version_dir / "index.faiss").stat().st_size > 0
+
+
 def test_folder_is_batch_mode(indexed, tmp_path):
     index, gallery, _ = indexed
     out = json.loads(cli("search", gallery / "a", "--index", index, "-k", "2", "--json").stdout)
