@@ -20,6 +20,12 @@ Usage: flock /tmp/pipeline-bench.lock python scripts/bench_update.py [--n 100000
 Targets: (a) <= 10% of (b), for the whole process and for the index step (meta build_seconds);
 recall@10 of (a) within 0.005 of (b)'s.
 Writes JSON, appends a section to docs/benchmarks.md, and deletes its work folder (2 GB per index).
+
+With --seeds 0,1,2,... it measures instead how far full builds of the same N vectors differ from one
+another by their draw alone (build_index's `seed`: its training sample, hence k-means' start, and its
+recall queries): per seed, the quantizer is trained as build_index trains it, nprobe is tuned as it
+tunes it, and recall@10 of the bench's held-out queries is read from list assignments (for IVF-Flat,
+a true neighbour is found exactly when its list is probed), so no index is filled or written.
 """
 
 from __future__ import annotations
@@ -81,6 +87,58 @@ def heldout_recall(index_dir: Path, nprobes: list[int], queries: np.ndarray, tru
     return out
 
 
+def seed_spread(features: Path, centres: np.ndarray, seeds: list[int], bench_seed: int) -> dict:
+    """Held-out recall@10 of full builds of `features` that differ only by build_index's seed: at the
+    nprobe each one's tuning picks and at fixed nprobe (see the module docstring)."""
+    import faiss
+
+    from pipeline.features import live_parts
+    from pipeline.index import NPROBE_GRID, TRUTH_DEPTH, lower_bound, plan_index, recall_at
+
+    _, parts, ids, _ = live_parts(features)
+    x = np.concatenate([read_shard(info.path).features[rows] for info, rows in parts])
+    n = len(x)
+    plan = plan_index(n, DIM)
+    queries = clustered(1000, centres, np.random.default_rng(bench_seed + 1))
+    _, truth = faiss.knn(queries, x, 10, metric=faiss.METRIC_INNER_PRODUCT)  # positions
+    fixed = [p for p in NPROBE_GRID if p <= 16]
+    grid = [p for p in NPROBE_GRID if p <= 64]
+    out = {"n": n, "factory": plan.factory, "train_size": plan.train_size, "seeds": {}}
+    for seed in seeds:
+        rng = np.random.default_rng(seed)  # drawn as build_index draws them
+        train = np.sort(rng.choice(n, size=plan.train_size, replace=False))
+        rest = np.setdiff1d(np.arange(n), train, assume_unique=True)
+        q_pos = np.sort(rng.choice(rest, size=1000, replace=False))
+        _, q_truth = faiss.knn(x[q_pos], x, TRUTH_DEPTH, metric=faiss.METRIC_INNER_PRODUCT)
+        t0 = time.perf_counter()
+        index = faiss.index_factory(DIM, plan.factory, faiss.METRIC_INNER_PRODUCT)
+        index.train(x[train])
+        train_s = time.perf_counter() - t0
+        quantizer = faiss.extract_index_ivf(index).quantizer
+        _, probes = quantizer.search(queries, grid[-1])
+        _, q_probes = quantizer.search(x[q_pos], grid[-1])
+        lists = np.full(n, -1)  # the list of each vector that is some query's true neighbour
+        need = np.unique(np.concatenate([truth.ravel(), q_truth.ravel()]))
+        lists[need] = quantizer.search(x[need], 1)[1][:, 0]
+
+        def found(pr: np.ndarray, tr: np.ndarray, nprobe: int) -> np.ndarray:
+            """The true neighbours whose list is probed, others -1 (what an IVF-Flat search finds of them)."""
+            hit = (lists[np.maximum(tr, 0)][:, :, None] == pr[:, None, :nprobe]).any(axis=2) & (tr >= 0)
+            return np.where(hit, tr, -1)
+
+        tuned = next(p for p in grid if lower_bound(recall_at(found(q_probes, q_truth, p), q_truth, q_pos, 10)) >= 0.95)
+        tuned_recall = float(recall_at(found(q_probes, q_truth, tuned), q_truth, q_pos, 10).mean())
+        heldout = {p: round(float((found(probes, truth, p) >= 0).mean()), 4) for p in sorted({*fixed, tuned})}
+        out["seeds"][seed] = {"train_s": round(train_s, 1), "nprobe": tuned, "tuned_recall_at_10": round(tuned_recall, 4),
+                              "heldout_at_tuned": heldout[tuned], "heldout_at_nprobe": heldout}
+        print(f"seed {seed}: trained in {train_s:.0f} s, nprobe {tuned} (tuned recall {tuned_recall:.4f}), "
+              f"held-out {heldout[tuned]}; at fixed nprobe {heldout}", flush=True)
+    tuned = np.array([r["heldout_at_tuned"] for r in out["seeds"].values()])
+    out["heldout_at_tuned"] = {"mean": round(float(tuned.mean()), 4), "sd": round(float(tuned.std(ddof=1)), 4),
+                               "min": float(tuned.min()), "max": float(tuned.max())}
+    return out
+
+
 def means(per_query: list[np.ndarray]) -> list[float]:
     return [round(float(r.mean()), 4) for r in per_query]
 
@@ -98,8 +156,12 @@ def main() -> None:
     ap.add_argument("--json-out", type=Path, default=ROOT / "bench-output" / "bench_update.json")
     ap.add_argument("--keep-files", action="store_true", help="Keep the shards and indexes (several GB).")
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--seeds", help="Comma-separated build seeds: measure how full builds differ by their draw "
+                    "alone (module docstring) on the --cache shards, and nothing else.")
     args = ap.parse_args()
     gflops = sgemm_gflops()
+    if args.seeds:
+        return seeds_main(args, gflops)
     shutil.rmtree(args.workdir, ignore_errors=True)
     features, updated, full = args.workdir / "features", args.workdir / "index", args.workdir / "index-full"
     try:
@@ -208,6 +270,34 @@ def main() -> None:
         f"Update timings (s): {u['timings']}. " + targets_line(res["targets"]),
     ]) + "\n"
     record(text, args.no_doc)
+
+
+def seeds_main(args: argparse.Namespace, gflops: float) -> None:
+    """--seeds: the spread of full builds' held-out recall@10 over their draws, recorded like a run."""
+    if not args.cache:
+        sys.exit("--seeds needs --cache (the N shards and their catalog)")
+    centres = make_shards(args.cache, args.n, args.shard_size, args.seed)
+    with Catalog(args.cache) as c:
+        c.reconcile()
+    res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "command": "python scripts/bench_update.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+           "sgemm_gflops": round(gflops),
+           **seed_spread(args.cache, centres, [int(s) for s in args.seeds.split(",")], args.seed)}
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(res, indent=2))
+    fixed = list(next(iter(res["seeds"].values()))["heldout_at_nprobe"])
+    rows = [f"| {s} | {r['nprobe']} | {r['tuned_recall_at_10']} | {r['heldout_at_tuned']} | "
+            + " | ".join(str(r["heldout_at_nprobe"].get(p, "")) for p in fixed) + " |" for s, r in res["seeds"].items()]
+    h = res["heldout_at_tuned"]
+    record("\n".join([
+        f"\n### Full builds that differ only by their draw — {res['date']} (host sgemm {res['sgemm_gflops']} GFLOP/s)\n",
+        f"`{res['command']}` — {res['n']:,} vectors, {res['factory']}, {res['train_size']:,} training vectors per "
+        "seed; recall@10 of the update bench's 1,000 held-out queries from list assignments.\n",
+        "| seed | tuned nprobe | recall@10 tuned | held-out at tuned nprobe | " + " | ".join(f"nprobe {p}" for p in fixed) + " |",
+        "|---" * (4 + len(fixed)) + "|", *rows, "",
+        f"Held-out recall@10 at the tuned nprobe over {len(rows)} seeds: mean {h['mean']}, sd {h['sd']}, "
+        f"range {h['min']}–{h['max']}.",
+    ]) + "\n", args.no_doc)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ from typer.testing import CliRunner
 from helpers import clustered_vectors, write_synthetic_shards
 from pipeline.catalog import Catalog
 from pipeline.cli import app
+from pipeline.errors import PipelineError
 from pipeline.index import HOLD_SLACK, IDS_FILE, META_FILE, build_index, current_version
 from pipeline.search import Searcher
+from pipeline.vectorstore import VectorStore, update_store, write_store
 
 
 def collection(features: Path, n: int, shard_size: int = 500) -> np.ndarray:
@@ -159,14 +161,50 @@ def test_cli_update(tmp_path):
     assert bad.exit_code == 1 and "--retrain-above must be at least 0" in bad.stderr
 
 
-def test_update_of_a_version_with_a_vector_store_is_a_full_build(tmp_path, caplog):
+def test_update_of_a_version_with_a_vector_store_writes_its_store(tmp_path):
+    """A compressed version re-ranked from its vector store is updated too: the store gets the added
+    rows and loses the removed ones (the very files a full build writes), and with every vector a
+    candidate the answers are a full build's, deleted images never among them."""
+    f, i, full = tmp_path / "f", tmp_path / "i", tmp_path / "full"
+    vecs = collection(f, 3000)
+    first = build_index(f, i, factory="IVF16,PQ8x4fs", rerank=4000, recall_queries=200, progress=False).meta
+    new, gone = change(f, vecs, 30, list(range(0, 3000, 100)))
+    updated = build_index(f, i, factory="IVF16,PQ8x4fs", rerank=4000, recall_queries=200, update=True,
+                          progress=False).meta
+    assert (updated["made_by"], updated["count"], updated["rerank"]) == ("update", 3000, 4000)
+    assert updated["recall_at_10"] >= first["recall_at_10"] - HOLD_SLACK
+    build_index(f, full, factory="IVF16,PQ8x4fs", rerank=4000, recall_queries=200, progress=False)
+    mine, theirs = VectorStore.open(current_version(i)), VectorStore.open(current_version(full))
+    assert (np.asarray(mine.ids) == np.asarray(theirs.ids)).all() and (np.asarray(mine.vectors) == theirs.vectors).all()
+    queries = np.concatenate([vecs[1::97], new[:10]])
+    assert top_paths(i, queries, 10, nprobe=16) == top_paths(full, queries, 10, nprobe=16)
+    for nprobe in (1, None, 16):
+        assert not set(gone) & {p for row in top_paths(i, vecs[::100], 50, nprobe) for p in row}
+
+
+def test_an_update_asked_for_another_rerank_depth_trains_again(tmp_path, caplog):
     f = tmp_path / "f"
     vecs = collection(f, 3000)
-    first = build_index(f, tmp_path / "i", factory="IVF16,PQ8x4fs", progress=False).meta
-    assert first["rerank"] == 500
-    _, gone = change(f, vecs, 30, [1, 2])
+    build_index(f, tmp_path / "i", factory="IVF16,PQ8x4fs", progress=False)
+    change(f, vecs, 30, [1, 2])
     with caplog.at_level("INFO", logger="pipeline.index"):
-        again = build_index(f, tmp_path / "i", factory="IVF16,PQ8x4fs", update=True, progress=False).meta
-    assert again["made_by"] == "build" and again["count"] == 3028
-    assert "re-rank vector store" in caplog.text
-    assert not set(gone) & {p for row in top_paths(tmp_path / "i", vecs[:3], 10) for p in row}
+        again = build_index(f, tmp_path / "i", factory="IVF16,PQ8x4fs", rerank=100, update=True, progress=False).meta
+    assert (again["made_by"], again["rerank"]) == ("build", 100) and "--rerank 100 is not its 500" in caplog.text
+
+
+def test_update_store_merges_in_id_order(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir(), new.mkdir()
+    vecs = clustered_vectors(1000, dim=16)
+    ids = np.arange(1000, dtype=np.int64) * 3
+    write_store(old, [(ids, vecs)], 1000, 16)
+    added_ids = np.array([3001, 4, 2999, 5000])  # between old ids, before and after them
+    added = clustered_vectors(4, dim=16, seed=9)
+    update_store(old, new, ids[::10], added_ids, added)
+    store, want = VectorStore.open(new), np.sort(np.concatenate([np.setdiff1d(ids, ids[::10]), added_ids]))
+    assert (np.asarray(store.ids) == want).all() and len(store) == 1000 - 100 + 4
+    assert np.allclose(store.get(added_ids), added, atol=1e-3) and np.allclose(store.get(ids[1:3]), vecs[1:3], atol=1e-3)
+    assert len(VectorStore.open(old)) == 1000  # the old store is only read
+    with pytest.raises(PipelineError, match="same id"):
+        update_store(old, tmp_path, np.zeros(0, np.int64), ids[:1], added[:1])
+    assert not list(tmp_path.glob(".vectors*"))  # nothing half-written left
