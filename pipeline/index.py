@@ -644,15 +644,134 @@ class _Base:
 
     dir: Path
     meta: dict
-    index: faiss.Index  # read into memory: the published file stays as it is
+    index: faiss.Index  # memory-mapped or read into memory (_read_for_update): the published file stays as it is
     added: np.ndarray
     removed: np.ndarray
 
 
 def _read_published(out_dir: Path) -> tuple[Path, faiss.Index]:
-    """The published version and its index, read into memory."""
+    """The published version and its index (_read_for_update)."""
     version = current_version(out_dir)
-    return version, faiss.read_index(str(version / INDEX_FILE))
+    return version, _read_for_update(version / INDEX_FILE)
+
+
+def _read_for_update(path: Path) -> faiss.Index:
+    """The index at `path` as an update needs it: memory-mapped when its lists are plain arrays (the
+    update then only reads them: _NextLists), else read into memory, where faiss removes and adds."""
+    try:
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+        if _plain_lists(index):
+            return index
+    except RuntimeError:  # faiss cannot memory-map this kind
+        pass
+    return faiss.read_index(str(path))
+
+
+def _plain_lists(index) -> bool:
+    """An IVF index, unwrapped, whose lists are faiss ArrayInvertedLists (Flat, SQ or PQ codes; not
+    fast-scan blocks) and which keeps no direct map: what _NextLists can stream."""
+    top = faiss.downcast_index(index)
+    return (isinstance(top, faiss.IndexIVF) and top.direct_map.type == faiss.DirectMap.NoMap
+            and isinstance(faiss.downcast_InvertedLists(top.invlists), faiss.ArrayInvertedLists))
+
+
+class _NextLists:
+    """The next version of an IVF index with plain lists, written straight from the published file.
+
+    faiss would read the whole file into memory (2 GB at 1M IVF-Flat: seconds of page faults and
+    copying), remove and add there, and write it all out again. Here the published file is only
+    memory-mapped and each list of the new file is its kept entries, copied from the map, followed by
+    the added ones, so every byte is copied once. The file is faiss's own format: the header is faiss's
+    serialisation of the same index with empty lists (quantizer, parameters, the new ntotal), the
+    lists follow as faiss writes ArrayInvertedLists (tests/test_update.py checks the bytes against
+    faiss.serialize_index), and faiss reads it back before it is tuned and published.
+    """
+
+    def __init__(self, index, path: Path, removed: np.ndarray, added: list[tuple]) -> None:
+        self.index = index  # owns what the downcast views below point into
+        self.ivf = faiss.downcast_index(index)
+        self.old = faiss.downcast_InvertedLists(self.ivf.invlists)
+        nlist, self.code_size = self.ivf.nlist, self.ivf.code_size
+        self.old_sizes = np.array([self.old.list_size(i) for i in range(nlist)], np.int64)
+        old_ids = _stored_ids(index)  # in list order
+        self.keep = ~np.isin(old_ids, removed)
+        # The added vectors are encoded and assigned by a copy of the index with empty lists.
+        self.new = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)  # an IVF (_plain_lists), owned here
+        empty = faiss.ArrayInvertedLists(nlist, self.code_size)
+        self.new.replace_invlists(empty, True)
+        empty.this.disown()  # the index owns it now
+        n_added = sum(len(a[1]) for a in added)
+        self.new.ntotal = int(self.keep.sum()) + n_added
+        serialised = faiss.serialize_index(self.new).tobytes()
+        lists = b"ilar" + np.array([nlist, self.code_size], np.uint64).tobytes()
+        empty_lists = lists + b"sprs" + np.zeros(1, np.uint64).tobytes()  # how faiss writes no entries
+        if not serialised.endswith(empty_lists):
+            raise AssertionError("faiss no longer writes an IVF index's lists as this update expects")
+        self.new.ntotal = 0
+        for feats, new_ids, *_ in added:
+            self.new.add_with_ids(feats, new_ids)
+        self.added = faiss.downcast_InvertedLists(self.new.invlists)
+        self.new_sizes = np.array([self.added.list_size(i) for i in range(nlist)], np.int64)
+        kept = np.concatenate([[0], np.cumsum(self.keep)])
+        self.starts = np.concatenate([[0], np.cumsum(self.old_sizes)])
+        self.sizes = kept[self.starts[1:]] - kept[self.starts[:-1]] + self.new_sizes
+        self.head = serialised[:-len(empty_lists)] + lists + b"full" + np.array([nlist], np.uint64).tobytes() \
+            + self.sizes.astype(np.uint64).tobytes()
+        self.ntotal = int(self.sizes.sum())
+        # Each stored id's list, for recall read from list membership (probed_truth).
+        self.list_ids = np.concatenate([old_ids[self.keep], _stored_ids(self.new)])
+        self.list_of = np.concatenate([np.repeat(np.arange(nlist), self.old_sizes)[self.keep],
+                                       np.repeat(np.arange(nlist), self.new_sizes)])
+
+    def write(self, path: Path) -> None:
+        """Write the new index file and fsync it."""
+        cs = self.code_size
+        with open(path, "wb") as fh:
+            fh.write(self.head)
+            for i in np.flatnonzero(self.sizes):
+                n, m = int(self.old_sizes[i]), int(self.new_sizes[i])
+                keep = self.keep[self.starts[i]:self.starts[i + 1]]
+                if n:
+                    codes = faiss.rev_swig_ptr(self.old.get_codes(int(i)), n * cs).reshape(n, cs)
+                    ids = faiss.rev_swig_ptr(self.old.get_ids(int(i)), n)
+                    fh.write(codes[keep] if not keep.all() else codes)
+                if m:
+                    fh.write(faiss.rev_swig_ptr(self.added.get_codes(int(i)), m * cs))
+                if n:
+                    fh.write(ids[keep] if not keep.all() else ids)
+                if m:
+                    fh.write(faiss.rev_swig_ptr(self.added.get_ids(int(i)), m))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def exact_probes(self) -> bool:
+        """IVF-Flat with an exact (flat) quantizer: a search at nprobe p finds exactly the true
+        neighbours in the query's p nearest lists, so recall can be read from list membership."""
+        return isinstance(self.ivf, faiss.IndexIVFFlat) and isinstance(faiss.downcast_index(self.ivf.quantizer),
+                                                                       faiss.IndexFlat)
+
+    def probed_truth(self, queries: np.ndarray, truth: np.ndarray) -> _ProbedTruth:
+        order = np.argsort(self.list_ids)
+        pos = np.minimum(np.searchsorted(self.list_ids, truth, sorter=order), len(order) - 1)
+        lists = np.where(self.list_ids[order[pos]] == truth, self.list_of[order[pos]], -1)
+        return _ProbedTruth(self.ivf.quantizer, self.ivf.nlist, queries, truth, lists)
+
+
+class _ProbedTruth:
+    """What an IVF-Flat search of `queries` finds of their true neighbours at any nprobe, from which
+    list holds each neighbour and the order in which each query probes the lists: searches like a
+    faiss index (search(x, k, params)), for tune_nprobe, without scanning a list. The neighbours a
+    search finds beyond the true ones do not count in recall_at, so they are left out (-1)."""
+
+    def __init__(self, quantizer, nlist: int, queries: np.ndarray, truth: np.ndarray, lists: np.ndarray) -> None:
+        _, probes = quantizer.search(queries, nlist)
+        rank = np.empty_like(probes)
+        np.put_along_axis(rank, probes, np.arange(nlist)[None, :], axis=1)
+        self.truth = truth
+        self.rank = np.where(lists >= 0, np.take_along_axis(rank, np.maximum(lists, 0), axis=1), nlist)
+
+    def search(self, x: np.ndarray, k: int, params) -> tuple[None, np.ndarray]:
+        return None, np.where(self.rank[:, :k] < params.nprobe, self.truth[:, :k], -1)
 
 
 def _index_of(version: Path, prefetch: _Background | None) -> faiss.Index:
@@ -666,7 +785,7 @@ def _index_of(version: Path, prefetch: _Background | None) -> faiss.Index:
                 return index
         except (PipelineError, RuntimeError):  # read again below, now under the lock
             pass
-    return faiss.read_index(str(version / INDEX_FILE))
+    return _read_for_update(version / INDEX_FILE)
 
 
 def _update_base(out_dir: Path, checksum: str, kind: str, factory: str | None, nlist: int | None, rerank: int | None,
@@ -753,37 +872,46 @@ def _update(base: _Base, out_dir: Path, parts: list[tuple[ShardInfo, np.ndarray]
         t0 = time.monotonic()
         added = list(_rows_with_ids(parts, ids, base.added))
         id_table = _Background(_update_ids, base.dir / IDS_FILE, tmp / IDS_FILE, base.removed, added)
-        index.remove_ids(base.removed)
-        for feats, new_ids, _, _ in added:
-            index.add_with_ids(feats, new_ids)
-            if measured:
+        if measured:
+            for feats, new_ids, _, _ in added:
                 _add_truth(heap, queries, feats, new_ids)
-        assert index.ntotal == len(ids), f"index holds {index.ntotal} vectors, expected {len(ids)}"
+        if _plain_lists(index):
+            lists = _NextLists(index, base.dir / INDEX_FILE, base.removed, added)
+            index_writer = _Background(lists.write, tmp / INDEX_FILE)
+        else:  # fast-scan blocks, id maps: faiss edits the index read into memory
+            lists = None
+            index.remove_ids(base.removed)
+            for feats, new_ids, _, _ in added:
+                index.add_with_ids(feats, new_ids)
+            index_writer = _Background(_write_durably, index, tmp / INDEX_FILE)
         timings["add_s"] = time.monotonic() - t0
         t0 = time.monotonic()
-        index_writer = _Background(_write_durably, index, tmp / INDEX_FILE)
-        searched = index
         if rerank:  # the store first: tuning measures the whole path, as the full build's does
             added_ids = np.concatenate([a[1] for a in added] + [np.zeros(0, np.int64)])
             update_store(base.dir, tmp, base.removed, added_ids,
                          np.concatenate([a[0] for a in added] + [np.zeros((0, base.meta["dim"]), np.float32)]))
-            searched = Reranked(index, VectorStore.open(tmp), rerank)
         if measured:
             heap.finalize()
             # A query still counts if it is live and its first k+1 neighbours are still known exactly.
             ok = (depth >= 11) & ~np.isin(q_ids, base.removed)
             truth, scores, q_ids, queries, depth = heap.I[ok], heap.D[ok], q_ids[ok], queries[ok], depth[ok]
+            np.savez(tmp / RECALL_FILE, ids=q_ids, queries=queries, truth=truth, scores=scores, depth=depth)
+        # IVF-Flat is tuned from list membership while its file is written; other kinds search the new file.
+        probed = lists is not None and measured and not rerank and lists.exact_probes()
+        if not probed:
+            index = _written(index_writer, out_dir, tmp, lists, len(ids))
+        if measured:
             trained = base.meta.get("trained_recall_at_10")  # absent from versions made before it was kept
+            searched = (lists.probed_truth(queries, truth) if probed else
+                        Reranked(index, VectorStore.open(tmp), rerank) if rerank else index)
             tuning = _tune(searched, nlist, queries, q_ids, truth, nprobe, target, base.meta["nprobe"],
                            None if trained is None else trained - HOLD_SLACK)
-            np.savez(tmp / RECALL_FILE, ids=q_ids, queries=queries, truth=truth, scores=scores, depth=depth)
         else:
             tuning = {"nprobe": None, "recall_at_10": 1.0, "recall_note": "exact search"}
         timings["tune_s"] = time.monotonic() - t0
-        try:
-            index_writer.join()
-        except RuntimeError as exc:  # faiss: the file could not be written
-            raise write_error(out_dir, exc, "`pipeline build-index`") from None
+        if probed:
+            index = _written(index_writer, out_dir, tmp, lists, len(ids))
+            tuning = _timed(index, queries, tuning)
         id_table.join()
         timings["write_s"] = time.monotonic() - t0
         meta = {
@@ -805,6 +933,30 @@ def _update(base: _Base, out_dir: Path, parts: list[tuple[ShardInfo, np.ndarray]
     LOG.info("published %s: %d vectors, updated from %s, nprobe %s", final, len(ids), base.meta["version"],
              meta.get("nprobe"))
     return IndexReport(str(final), meta)
+
+
+def _written(writer: _Background, out_dir: Path, tmp: Path, lists: _NextLists | None, n: int):
+    """The new index once its writer is done: read back memory-mapped if it was streamed (which checks
+    that faiss reads it whole), else the index in memory that was written."""
+    try:
+        writer.join()
+    except (RuntimeError, OSError) as exc:  # the file could not be written
+        raise write_error(out_dir, exc, "`pipeline build-index`") from None
+    index = writer.args[0] if lists is None else faiss.read_index(str(tmp / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC)
+    assert index.ntotal == n, f"index holds {index.ntotal} vectors, expected {n}"
+    return index
+
+
+def _timed(index, queries: np.ndarray, tuning: dict, sample: int = 200) -> dict:
+    """`tuning` with the ms per query of a real search at its nprobe, on the first `sample` recall
+    queries: tuning from list membership searched nothing, so its sweep's times are dropped."""
+    t0 = time.perf_counter()
+    index.search(queries[:sample], 11, params=faiss.SearchParametersIVF(nprobe=tuning["nprobe"]))
+    ms = (time.perf_counter() - t0) * 1000 / len(queries[:sample])
+    LOG.info("nprobe %s: %.3f ms/query (%d queries searched)", tuning["nprobe"], ms, len(queries[:sample]))
+    return {**tuning, "query_ms": round(ms, 4),
+            "nprobe_sweep": [{k: v for k, v in s.items() if k != "ms_per_query"} for s in tuning["nprobe_sweep"]],
+            "recall_note": "nprobe tuned from the lists that hold each query's true neighbours (IVF-Flat: exact)"}
 
 
 def _write_durably(index, path: Path) -> None:

@@ -16,7 +16,8 @@ from helpers import clustered_vectors, write_synthetic_shards
 from pipeline.catalog import Catalog
 from pipeline.cli import app
 from pipeline.errors import PipelineError
-from pipeline.index import HOLD_SLACK, IDS_FILE, META_FILE, build_index, current_version
+from pipeline.index import (HOLD_SLACK, IDS_FILE, META_FILE, _NextLists, _plain_lists, _read_for_update, build_index,
+                            current_version, recall_at)
 from pipeline.search import Searcher
 from pipeline.vectorstore import VectorStore, update_store, write_store
 
@@ -208,3 +209,59 @@ def test_update_store_merges_in_id_order(tmp_path):
     with pytest.raises(PipelineError, match="same id"):
         update_store(old, tmp_path, np.zeros(0, np.int64), ids[:1], added[:1])
     assert not list(tmp_path.glob(".vectors*"))  # nothing half-written left
+
+
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,SQ8", "IVF16,PQ8", "IVF16_HNSW8,Flat"])
+def test_a_streamed_index_file_is_faiss_own(tmp_path, factory):
+    """_NextLists writes what faiss writes: byte for byte when nothing is removed (faiss adds to the
+    ends of the lists too), the same entries per list and the same answers otherwise."""
+    vecs, new = clustered_vectors(3000), clustered_vectors(50, seed=3)
+    old = faiss.index_factory(64, factory, faiss.METRIC_INNER_PRODUCT)
+    old.train(vecs)
+    old.add_with_ids(vecs, np.arange(3000) * 2)
+    faiss.write_index(old, str(tmp_path / "old.faiss"))
+    new_ids = 10_000 + np.arange(50)
+    for removed in (np.zeros(0, np.int64), np.arange(0, 6000, 14)):
+        published = _read_for_update(tmp_path / "old.faiss")
+        assert _plain_lists(published)
+        _NextLists(published, tmp_path / "old.faiss", removed, [(new, new_ids)]).write(tmp_path / "new.faiss")
+        want = faiss.read_index(str(tmp_path / "old.faiss"))
+        want.remove_ids(removed)
+        want.add_with_ids(new, new_ids)
+        got = faiss.read_index(str(tmp_path / "new.faiss"))
+        if not len(removed):
+            assert (tmp_path / "new.faiss").read_bytes() == faiss.serialize_index(want).tobytes()
+        assert got.ntotal == want.ntotal == 3050 - len(removed)
+        lists = [faiss.downcast_InvertedLists(faiss.extract_index_ivf(x).invlists) for x in (got, want)]
+        for i in range(16):
+            entries = [sorted(zip(faiss.rev_swig_ptr(il.get_ids(i), il.list_size(i)).tolist(),
+                                  faiss.rev_swig_ptr(il.get_codes(i), il.list_size(i) * il.code_size)
+                                  .reshape(il.list_size(i), -1).tolist())) for il in lists]
+            assert entries[0] == entries[1]
+        queries = clustered_vectors(20, seed=5)
+        params = faiss.SearchParametersIVF(nprobe=4)
+        assert (got.search(queries, 10, params=params)[1] == want.search(queries, 10, params=params)[1]).all()
+
+
+def test_recall_from_list_membership_is_an_ivf_flat_search(tmp_path):
+    """For IVF-Flat, tuning reads what a search would find of the true neighbours from which list
+    holds each (_ProbedTruth): the same recall at every nprobe as searching."""
+    vecs = clustered_vectors(4000)
+    index = faiss.index_factory(64, "IVF32,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(vecs)
+    index.add_with_ids(vecs[:3900], np.arange(3900) * 3)
+    faiss.write_index(index, str(tmp_path / "old.faiss"))
+    lists = _NextLists(_read_for_update(tmp_path / "old.faiss"), tmp_path / "old.faiss", np.arange(0, 600, 3),
+                       [(vecs[3900:], 50_000 + np.arange(100))])
+    lists.write(tmp_path / "new.faiss")
+    assert lists.exact_probes()
+    new = faiss.read_index(str(tmp_path / "new.faiss"))
+    q_ids = np.arange(300, 3900, 37) * 3
+    queries = vecs[q_ids // 3]
+    _, truth = new.search(queries, 32, params=faiss.SearchParametersIVF(nprobe=32))  # exact: every list
+    truth[:5, 20:] = -1  # as removals leave them
+    probed = lists.probed_truth(queries, truth)
+    for nprobe in (1, 2, 3, 5, 8, 32):
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        searched = recall_at(new.search(queries, 11, params=params)[1], truth, q_ids, 10)
+        assert (recall_at(probed.search(queries, 11, params)[1], truth, q_ids, 10) == searched).all(), nprobe
