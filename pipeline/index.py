@@ -53,11 +53,10 @@ DEFAULT_FLAT_BELOW = 20_000  # under this, exact search over 512-d is about a mi
 # under this share of the trained count; beyond it the centroids drift from the data and lists grow
 # unbalanced (README: rebuild), so a full build trains again.
 DEFAULT_RETRAIN_ABOVE = 0.2
-# An update tunes nprobe until the mean recall@10 of its check queries (recall queries that did not
-# choose the version's nprobe, build_index) is at the recall the version claimed when its quantizer
-# was trained, less this: drift of the centroids from the data raises nprobe, and so does a claim
-# that its own queries flattered (the first nprobe to pass on them is the one whose estimate ran
-# high). Versions made before check queries were kept hold on the queries that chose their nprobe.
+# An update tunes nprobe until its mean recall@10 on the recall queries is back at what the version
+# reached when its quantizer was trained, less this: the same queries, so at the same nprobe only
+# the changes move it (a thousandth or two at 1% new); drift of the centroids from the data raises
+# nprobe, that noise does not.
 HOLD_SLACK = 0.002
 FLAT_CODES_BELOW = 2_000_000  # binary codes: an exhaustive Hamming scan below this (docs/benchmarks.md)
 TRUTH_DEPTH = 32  # exact neighbours kept per recall query: updates drop removed ones and stay exact to depth k+1
@@ -207,8 +206,7 @@ NPROBE_GRID = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 5
 
 def tune_nprobe(index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, nlist: int,
                 k: int = 10, target: float = 0.95, nprobe: int | None = None,
-                start: int | None = None, hold: float | None = None,
-                hold_on: np.ndarray | None = None) -> tuple[int, float, float, list[dict]]:
+                start: int | None = None, hold: float | None = None) -> tuple[int, float, float, list[dict]]:
     """Smallest nprobe whose recall@k reaches `target` with 95% confidence (or just the given `nprobe`).
 
     "With confidence": the lower bound of the mean over the sampled queries must reach the
@@ -219,20 +217,18 @@ def tune_nprobe(index, queries: np.ndarray, query_ids: np.ndarray, truth: np.nda
     until it does: two or three settings instead of the grid up to it. With `hold` (an update: the
     mean recall its quantizer reached when it was trained, measured on these same queries), the mean
     must reach it too, so nprobe rises as the kept centroids drift from the data instead of letting
-    recall slide down to the target's bound; with `hold_on` (a mask of the queries), the mean of those
-    queries only: the ones that took no part in choosing the nprobe the held recall was measured at.
+    recall slide down to the target's bound.
     """
     grid = [nprobe] if nprobe else [p for p in NPROBE_GRID if p < nlist] + [nlist]
-    results: dict[int, tuple[float, float, float, float]] = {}  # grid position -> mean, lower bound, ms, held mean
+    results: dict[int, tuple[float, float, float]] = {}  # grid position -> mean recall, lower bound, ms
 
     def reaches(j: int) -> bool:
         t0 = time.perf_counter()
         _, found = index.search(queries, k + 1, params=faiss.SearchParametersIVF(nprobe=grid[j]))
         ms = (time.perf_counter() - t0) * 1000 / len(queries)
         per_query = recall_at(found, truth, query_ids, k)
-        held = float((per_query if hold_on is None else per_query[hold_on]).mean())
-        results[j] = (float(per_query.mean()), lower_bound(per_query), ms, held)
-        return results[j][1] >= target and (hold is None or held >= hold)
+        results[j] = (float(per_query.mean()), lower_bound(per_query), ms)
+        return results[j][1] >= target and (hold is None or results[j][0] >= hold)
 
     j = next((i for i, p in enumerate(grid) if p >= start), len(grid) - 1) if start and not nprobe else 0
     if reaches(j):
@@ -242,9 +238,8 @@ def tune_nprobe(index, queries: np.ndarray, query_ids: np.ndarray, truth: np.nda
         while j < len(grid) - 1 and not reaches(j + 1):
             j += 1
         j = min(j + 1, len(grid) - 1)
-    tried = [{"nprobe": grid[i], "recall": round(rec, 4), "recall_lower_bound": round(lb, 4), "ms_per_query": round(ms, 4),
-              **({"check_recall": round(held, 4)} if hold_on is not None else {})}
-             for i, (rec, lb, ms, held) in sorted(results.items())]
+    tried = [{"nprobe": grid[i], "recall": round(rec, 4), "recall_lower_bound": round(lb, 4), "ms_per_query": round(ms, 4)}
+             for i, (rec, lb, ms) in sorted(results.items())]
     return grid[j], results[j][0], results[j][2], tried
 
 
@@ -350,13 +345,8 @@ def build_index(
             rest = np.setdiff1d(np.arange(n), train_ids, assume_unique=True)
             held_out = len(rest) >= n_q
             q_ids = np.sort(rng.choice(rest if held_out else np.arange(n), size=n_q, replace=False))
-            # As many check queries again, which do not choose nprobe: the recall measured on the queries
-            # that chose it is biased up (nprobe is the first to pass on them), so updates hold it on these.
-            pool = np.setdiff1d(rest if held_out else np.arange(n), q_ids, assume_unique=True)
-            c_ids = np.sort(rng.choice(pool, size=min(n_q, len(pool)), replace=False))
-            pos = np.concatenate([q_ids, c_ids])
-            queries = _rows_by_id(parts, np.sort(pos))[np.argsort(np.argsort(pos))]  # read in order, kept in pos's
-            q_ids = ids[pos]  # positions -> the ids the index returns
+            queries = _rows_by_id(parts, q_ids)
+            q_ids = ids[q_ids]  # positions -> the ids the index returns
             if not index.is_trained:
                 LOG.info("training on %d vectors", len(train_ids))
                 index.train(_rows_by_id(parts, train_ids))
@@ -379,14 +369,10 @@ def build_index(
             if queries is None:
                 tuning = {"nprobe": None, "recall_at_10": 1.0, "recall_note": "exact search"}
             else:
-                tuning = {**_tune(searched, plan.nlist, queries[:n_q], q_ids[:n_q], truth[0][:n_q], nprobe,
-                                  target_recall),
+                tuning = {**_tune(searched, plan.nlist, queries, q_ids, truth[0], nprobe, target_recall),
                           "recall_queries_held_out_from_training": held_out}
-                if len(q_ids) > n_q:
-                    tuning["checked_recall_at_10"] = round(float(_recall(
-                        searched, tuning["nprobe"], queries[n_q:], q_ids[n_q:], truth[0][n_q:]).mean()), 4)
                 np.savez(tmp / RECALL_FILE, ids=q_ids, queries=queries, truth=truth[0], scores=truth[1],
-                         depth=np.full(len(q_ids), TRUTH_DEPTH), check=np.arange(len(q_ids)) >= n_q)
+                         depth=np.full(len(q_ids), TRUTH_DEPTH))
             timings["tune_s"] = time.monotonic() - t0
             try:
                 index_writer.join()
@@ -877,8 +863,6 @@ def _update(base: _Base, out_dir: Path, parts: list[tuple[ShardInfo, np.ndarray]
     if measured:
         with np.load(base.dir / RECALL_FILE) as recall:
             q_ids, queries, depth, truth, scores = (recall[k] for k in ("ids", "queries", "depth", "truth", "scores"))
-            # Versions made before the check queries were kept hold on the queries that chose their nprobe.
-            check = recall["check"] if "check" in recall else np.zeros(len(q_ids), bool)
         # Removed neighbours leave the lists; each list stays exact down to `depth` (the removed ones above it less).
         gone = np.isin(truth, base.removed)
         depth = depth - (gone & (np.arange(gone.shape[1]) < depth[:, None])).sum(axis=1)
@@ -910,9 +894,8 @@ def _update(base: _Base, out_dir: Path, parts: list[tuple[ShardInfo, np.ndarray]
             heap.finalize()
             # A query still counts if it is live and its first k+1 neighbours are still known exactly.
             ok = (depth >= 11) & ~np.isin(q_ids, base.removed)
-            truth, scores, q_ids, queries, depth, check = (heap.I[ok], heap.D[ok], q_ids[ok], queries[ok], depth[ok],
-                                                           check[ok])
-            np.savez(tmp / RECALL_FILE, ids=q_ids, queries=queries, truth=truth, scores=scores, depth=depth, check=check)
+            truth, scores, q_ids, queries, depth = heap.I[ok], heap.D[ok], q_ids[ok], queries[ok], depth[ok]
+            np.savez(tmp / RECALL_FILE, ids=q_ids, queries=queries, truth=truth, scores=scores, depth=depth)
         # IVF-Flat is tuned from list membership while its file is written; other kinds search the new file.
         probed = lists is not None and measured and not rerank and lists.exact_probes()
         if not probed:
@@ -922,9 +905,7 @@ def _update(base: _Base, out_dir: Path, parts: list[tuple[ShardInfo, np.ndarray]
             searched = (lists.probed_truth(queries, truth) if probed else
                         Reranked(index, VectorStore.open(tmp), rerank) if rerank else index)
             tuning = _tune(searched, nlist, queries, q_ids, truth, nprobe, target, base.meta["nprobe"],
-                           None if trained is None else trained - HOLD_SLACK, check if check.any() else None)
-            tuning["checked_recall_at_10"] = next((t.get("check_recall") for t in tuning["nprobe_sweep"]
-                                                   if t["nprobe"] == tuning["nprobe"]), None)
+                           None if trained is None else trained - HOLD_SLACK)
         else:
             tuning = {"nprobe": None, "recall_at_10": 1.0, "recall_note": "exact search"}
         timings["tune_s"] = time.monotonic() - t0
@@ -1085,13 +1066,11 @@ def _add_truth(heap, queries: np.ndarray, feats: np.ndarray, ids: np.ndarray) ->
 
 
 def _tune(index, nlist: int, queries: np.ndarray, q_ids: np.ndarray, truth: np.ndarray,
-          nprobe: int | None, target: float, start: int | None = None, hold: float | None = None,
-          hold_on: np.ndarray | None = None) -> dict:
+          nprobe: int | None, target: float, start: int | None = None, hold: float | None = None) -> dict:
     """Recall@10 against exact search, and the nprobe that reaches `target` (and `hold`: tune_nprobe)."""
     k = 10
     if nlist:
-        nprobe, rec, ms, tried = tune_nprobe(index, queries, q_ids, truth, nlist, k, target, nprobe, start, hold,
-                                             hold_on)
+        nprobe, rec, ms, tried = tune_nprobe(index, queries, q_ids, truth, nlist, k, target, nprobe, start, hold)
     else:
         t0 = time.perf_counter()
         _, found = index.search(queries, k + 1)
@@ -1100,13 +1079,6 @@ def _tune(index, nlist: int, queries: np.ndarray, q_ids: np.ndarray, truth: np.n
     LOG.info("nprobe %s: recall@10 %.3f, %.3f ms/query (%d queries)", nprobe, rec, ms, len(q_ids))
     return {"nprobe": nprobe, "recall_at_10": round(rec, 4), "target_recall": target,
             "recall_queries": len(q_ids), "query_ms": round(ms, 4), "nprobe_sweep": tried}
-
-
-def _recall(index, nprobe: int | None, queries: np.ndarray, q_ids: np.ndarray, truth: np.ndarray,
-            k: int = 10) -> np.ndarray:
-    """Per query, recall@k of a search at `nprobe` (None: no IVF)."""
-    params = faiss.SearchParametersIVF(nprobe=nprobe) if nprobe else None
-    return recall_at(index.search(queries, k + 1, params=params)[1], truth, q_ids, k)
 
 
 def _rows_by_id(parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray) -> np.ndarray:

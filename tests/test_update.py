@@ -78,9 +78,7 @@ def test_ivf_update_keeps_the_quantizer_and_answers_like_a_full_build(tmp_path):
     updated = build_index(f, i, flat_below=1000, recall_queries=300, update=True, progress=False).meta
     assert (updated["made_by"], updated["base_version"], updated["count"]) == ("update", first["version"], 4020)
     assert updated["nlist"] == first["nlist"] and updated["recall_at_10"] >= 0.95
-    # the published sample (300 queries that chose nprobe, 300 that check it), less queries deleted meanwhile
-    assert 500 <= updated["recall_queries"] <= 600 and first["recall_queries"] == 300
-    assert updated["checked_recall_at_10"] >= first["recall_at_10"] - HOLD_SLACK
+    assert 250 <= updated["recall_queries"] <= 300  # the published sample, less queries deleted meanwhile
 
     full = build_index(f, tmp_path / "full", flat_below=1000, recall_queries=300, progress=False).meta
     queries = np.concatenate([vecs[1::97], new[:10]])
@@ -121,28 +119,8 @@ def test_an_update_holds_the_recall_its_quantizer_reached_when_trained(tmp_path)
     assert updated["made_by"] == "update" and updated["trained_recall_at_10"] == 0.995  # kept until retrained
     assert updated["recall_at_10"] >= 0.995 - HOLD_SLACK and updated["nprobe"] > first["nprobe"]
     below = [s for s in updated["nprobe_sweep"] if s["nprobe"] < updated["nprobe"]]
-    assert below and all(s["check_recall"] < 0.995 - HOLD_SLACK for s in below)  # each reached 0.95, not the hold
+    assert below and all(s["recall"] < 0.995 - HOLD_SLACK for s in below)  # each reached 0.95, not the hold
     assert all(s["recall_lower_bound"] >= 0.95 for s in updated["nprobe_sweep"] if s["nprobe"] >= first["nprobe"])
-
-
-def test_the_hold_is_measured_on_check_queries(tmp_path):
-    """A full build keeps as many check queries as it tuned on, which do not choose its nprobe; an
-    update holds the claimed recall on them. A version from before (no check queries) holds it on
-    the queries it has."""
-    f, i = tmp_path / "f", tmp_path / "i"
-    vecs = collection(f, 4000)
-    first = build_index(f, i, flat_below=1000, recall_queries=300, progress=False).meta
-    with np.load(current_version(i) / "recall.npz") as sample:
-        check, ids = sample["check"], sample["ids"]
-        assert check.sum() == 300 and len(ids) == 600 and len(set(ids.tolist())) == 600
-        old_format = {k: sample[k][~check] for k in sample.files if k != "check"}
-    assert first["checked_recall_at_10"] > 0.9 and first["recall_queries"] == 300
-    np.savez(current_version(i) / "recall.npz", **old_format)
-    change(f, vecs, 40, [5, 6])
-    updated = build_index(f, i, flat_below=1000, recall_queries=300, update=True, progress=False).meta
-    assert updated["made_by"] == "update" and updated["recall_queries"] == 300
-    assert updated["checked_recall_at_10"] is None and "check_recall" not in updated["nprobe_sweep"][0]
-    assert updated["recall_at_10"] >= first["recall_at_10"] - HOLD_SLACK
 
 
 def test_when_an_update_trains_again(tmp_path):
