@@ -87,55 +87,66 @@ def heldout_recall(index_dir: Path, nprobes: list[int], queries: np.ndarray, tru
     return out
 
 
-def seed_spread(features: Path, centres: np.ndarray, seeds: list[int], bench_seed: int) -> dict:
+def seed_spread(features: Path, centres: np.ndarray, seeds: list[int], bench_seed: int, n_heldout: int,
+                samples: list[int]) -> dict:
     """Held-out recall@10 of full builds of `features` that differ only by build_index's seed: at the
-    nprobe each one's tuning picks and at fixed nprobe (see the module docstring)."""
+    nprobe each one's tuning picks on 1,000 recall queries as build_index draws them (and, as a what-if,
+    on larger samples), and at fixed nprobe (see the module docstring)."""
     import faiss
 
     from pipeline.features import live_parts
     from pipeline.index import NPROBE_GRID, TRUTH_DEPTH, lower_bound, plan_index, recall_at
 
-    _, parts, ids, _ = live_parts(features)
+    _, parts, _, _ = live_parts(features)
     x = np.concatenate([read_shard(info.path).features[rows] for info, rows in parts])
     n = len(x)
     plan = plan_index(n, DIM)
-    queries = clustered(1000, centres, np.random.default_rng(bench_seed + 1))
+    queries = clustered(n_heldout, centres, np.random.default_rng(bench_seed + 1))
     _, truth = faiss.knn(queries, x, 10, metric=faiss.METRIC_INNER_PRODUCT)  # positions
     fixed = [p for p in NPROBE_GRID if p <= 16]
     grid = [p for p in NPROBE_GRID if p <= 64]
-    out = {"n": n, "factory": plan.factory, "train_size": plan.train_size, "seeds": {}}
+    out = {"n": n, "factory": plan.factory, "train_size": plan.train_size, "heldout_queries": n_heldout, "seeds": {}}
     for seed in seeds:
-        rng = np.random.default_rng(seed)  # drawn as build_index draws them
+        rng = np.random.default_rng(seed)  # drawn as build_index draws them, then the what-if samples
         train = np.sort(rng.choice(n, size=plan.train_size, replace=False))
         rest = np.setdiff1d(np.arange(n), train, assume_unique=True)
-        q_pos = np.sort(rng.choice(rest, size=1000, replace=False))
-        _, q_truth = faiss.knn(x[q_pos], x, TRUTH_DEPTH, metric=faiss.METRIC_INNER_PRODUCT)
+        draws = [np.sort(rng.choice(rest, size=m, replace=False)) for m in [1000, *samples]]
         t0 = time.perf_counter()
         index = faiss.index_factory(DIM, plan.factory, faiss.METRIC_INNER_PRODUCT)
         index.train(x[train])
         train_s = time.perf_counter() - t0
         quantizer = faiss.extract_index_ivf(index).quantizer
-        _, probes = quantizer.search(queries, grid[-1])
-        _, q_probes = quantizer.search(x[q_pos], grid[-1])
-        lists = np.full(n, -1)  # the list of each vector that is some query's true neighbour
-        need = np.unique(np.concatenate([truth.ravel(), q_truth.ravel()]))
-        lists[need] = quantizer.search(x[need], 1)[1][:, 0]
 
-        def found(pr: np.ndarray, tr: np.ndarray, nprobe: int) -> np.ndarray:
-            """The true neighbours whose list is probed, others -1 (what an IVF-Flat search finds of them)."""
-            hit = (lists[np.maximum(tr, 0)][:, :, None] == pr[:, None, :nprobe]).any(axis=2) & (tr >= 0)
-            return np.where(hit, tr, -1)
+        def probe_rank(q: np.ndarray, tr: np.ndarray) -> np.ndarray:
+            """Per query and true neighbour, the rank of the neighbour's list among the query's probes
+            (grid[-1] when further): an IVF-Flat search at nprobe p finds it exactly when rank < p."""
+            _, probes = quantizer.search(q, grid[-1])
+            lists = quantizer.search(x[np.maximum(tr, 0)].reshape(-1, DIM), 1)[1].reshape(tr.shape)
+            hit = lists[:, :, None] == probes[:, None, :]
+            return np.where(hit.any(axis=2) & (tr >= 0), hit.argmax(axis=2), grid[-1])
 
-        tuned = next(p for p in grid if lower_bound(recall_at(found(q_probes, q_truth, p), q_truth, q_pos, 10)) >= 0.95)
-        tuned_recall = float(recall_at(found(q_probes, q_truth, tuned), q_truth, q_pos, 10).mean())
-        heldout = {p: round(float((found(probes, truth, p) >= 0).mean()), 4) for p in sorted({*fixed, tuned})}
-        out["seeds"][seed] = {"train_s": round(train_s, 1), "nprobe": tuned, "tuned_recall_at_10": round(tuned_recall, 4),
-                              "heldout_at_tuned": heldout[tuned], "heldout_at_nprobe": heldout}
-        print(f"seed {seed}: trained in {train_s:.0f} s, nprobe {tuned} (tuned recall {tuned_recall:.4f}), "
-              f"held-out {heldout[tuned]}; at fixed nprobe {heldout}", flush=True)
-    tuned = np.array([r["heldout_at_tuned"] for r in out["seeds"].values()])
-    out["heldout_at_tuned"] = {"mean": round(float(tuned.mean()), 4), "sd": round(float(tuned.std(ddof=1)), 4),
-                               "min": float(tuned.min()), "max": float(tuned.max())}
+        held_rank = probe_rank(queries, truth)
+        heldout = {p: round(float((held_rank < p).mean()), 4) for p in fixed}
+        row = {"train_s": round(train_s, 1), "heldout_at_nprobe": heldout}
+        for q_pos in draws:
+            q_truth = faiss.knn(x[q_pos], x, TRUTH_DEPTH, metric=faiss.METRIC_INNER_PRODUCT)[1]
+            rank = probe_rank(x[q_pos], q_truth)
+
+            def recall(p: int) -> np.ndarray:
+                return recall_at(np.where(rank < p, q_truth, -1), q_truth, q_pos, 10)
+
+            tuned = next(p for p in grid if lower_bound(recall(p)) >= 0.95)
+            row[len(q_pos)] = {"nprobe": tuned, "tuned_recall_at_10": round(float(recall(tuned).mean()), 4),
+                               "heldout_at_tuned": round(float((held_rank < tuned).mean()), 4)}
+        out["seeds"][seed] = row
+        print(f"seed {seed}: trained in {train_s:.0f} s; tuned on 1,000 / {samples} recall queries: "
+              + "; ".join(f"nprobe {r['nprobe']} (tuned {r['tuned_recall_at_10']}, held-out {r['heldout_at_tuned']})"
+                          for m, r in row.items() if isinstance(m, int))
+              + f"; held-out at fixed nprobe {heldout}", flush=True)
+    for m in [1000, *samples]:
+        at = np.array([r[m]["heldout_at_tuned"] for r in out["seeds"].values()])
+        out[f"heldout_at_tuned_{m}"] = {"mean": round(float(at.mean()), 4), "sd": round(float(at.std(ddof=1)), 4),
+                                        "min": float(at.min()), "max": float(at.max())}
     return out
 
 
@@ -158,6 +169,9 @@ def main() -> None:
     ap.add_argument("--no-doc", action="store_true")
     ap.add_argument("--seeds", help="Comma-separated build seeds: measure how full builds differ by their draw "
                     "alone (module docstring) on the --cache shards, and nothing else.")
+    ap.add_argument("--samples", default="4000", help="With --seeds: larger recall samples to tune on as well (what-if).")
+    ap.add_argument("--heldout", type=int, default=10_000, help="Held-out queries measuring recall@10 (1,000 "
+                    "give a paired standard error of ~0.007 between two builds; 10,000 about a third of it).")
     args = ap.parse_args()
     gflops = sgemm_gflops()
     if args.seeds:
@@ -282,21 +296,26 @@ def seeds_main(args: argparse.Namespace, gflops: float) -> None:
     res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "command": "python scripts/bench_update.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
            "sgemm_gflops": round(gflops),
-           **seed_spread(args.cache, centres, [int(s) for s in args.seeds.split(",")], args.seed)}
+           **seed_spread(args.cache, centres, [int(s) for s in args.seeds.split(",")], args.seed, args.heldout,
+                          [int(m) for m in args.samples.split(",") if m])}
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(res, indent=2))
-    fixed = list(next(iter(res["seeds"].values()))["heldout_at_nprobe"])
-    rows = [f"| {s} | {r['nprobe']} | {r['tuned_recall_at_10']} | {r['heldout_at_tuned']} | "
-            + " | ".join(str(r["heldout_at_nprobe"].get(p, "")) for p in fixed) + " |" for s, r in res["seeds"].items()]
-    h = res["heldout_at_tuned"]
+    sizes = [m for m in next(iter(res["seeds"].values())) if isinstance(m, int)]
+    fixed = [p for p in next(iter(res["seeds"].values()))["heldout_at_nprobe"] if 3 <= p <= 10]
+    rows = [f"| {s} | " + " | ".join(f"{r[m]['nprobe']} / {r[m]['tuned_recall_at_10']} / **{r[m]['heldout_at_tuned']}**"
+                                     for m in sizes)
+            + " | " + " | ".join(str(r["heldout_at_nprobe"][p]) for p in fixed) + " |" for s, r in res["seeds"].items()]
     record("\n".join([
         f"\n### Full builds that differ only by their draw — {res['date']} (host sgemm {res['sgemm_gflops']} GFLOP/s)\n",
         f"`{res['command']}` — {res['n']:,} vectors, {res['factory']}, {res['train_size']:,} training vectors per "
-        "seed; recall@10 of the update bench's 1,000 held-out queries from list assignments.\n",
-        "| seed | tuned nprobe | recall@10 tuned | held-out at tuned nprobe | " + " | ".join(f"nprobe {p}" for p in fixed) + " |",
-        "|---" * (4 + len(fixed)) + "|", *rows, "",
-        f"Held-out recall@10 at the tuned nprobe over {len(rows)} seeds: mean {h['mean']}, sd {h['sd']}, "
-        f"range {h['min']}–{h['max']}.",
+        f"seed; recall@10 of {res['heldout_queries']:,} held-out queries (the update bench's generator) read from "
+        "list assignments.\n",
+        "| seed | " + " | ".join(f"tuned on {m:,} recall queries: nprobe / recall there / held-out" for m in sizes)
+        + " | " + " | ".join(f"held-out at nprobe {p}" for p in fixed) + " |",
+        "|---" * (1 + len(sizes) + len(fixed)) + "|", *rows, "",
+        *(f"Held-out recall@10 at the nprobe tuned on {m:,} queries, over {len(rows)} seeds: mean "
+          f"{res[f'heldout_at_tuned_{m}']['mean']}, sd {res[f'heldout_at_tuned_{m}']['sd']}, range "
+          f"{res[f'heldout_at_tuned_{m}']['min']}–{res[f'heldout_at_tuned_{m}']['max']}." for m in sizes),
     ]) + "\n", args.no_doc)
 
 
