@@ -15,8 +15,10 @@ Usage: flock /tmp/pipeline-bench.lock python scripts/bench_update.py [--n 100000
 4. (a) `pipeline build-index --update` makes the next version from the published one;
    (b) `pipeline build-index` builds the same live set from scratch into another folder.
    Both in fresh processes: wall time, the index step's own time (meta build_seconds), peak RSS.
-5. recall@10 of both against exact search over the live set, at their tuned nprobe, on 1,000
-   held-out queries (new vectors from the same clusters, not in either index).
+5. recall@10 of both against exact search over the live set, at their tuned nprobe, on --heldout
+   (10,000) held-out queries (new vectors from the same clusters, not in either index), and of the
+   first version and both at equal nprobe: the update's own loss is the paired difference from the
+   first version at equal nprobe (the same quantizer), the rest is another k-means draw (--seeds).
 Targets: (a) <= 10% of (b), for the whole process and for the index step (meta build_seconds);
 recall@10 of (a) within 0.005 of (b)'s.
 Writes JSON, appends a section to docs/benchmarks.md, and deletes its work folder (2 GB per index).
@@ -35,6 +37,7 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -194,10 +197,11 @@ def main() -> None:
         print(f"host sgemm {gflops:.0f} GFLOP/s; shards in {t1 - t0:.1f} s, catalog in {catalog_s:.1f} s", flush=True)
 
         first_s, first_rss, first = build(features, updated)
-        queries = clustered(1000, centres, np.random.default_rng(args.seed + 1))
-        same = sorted({4, 6, 8, first["nprobe"]})
-        rec_first, *same_first = means(heldout_recall(updated, [first["nprobe"], *same], queries,
-                                                      exact_truth(features, queries, 10)))
+        queries = clustered(args.heldout, centres, np.random.default_rng(args.seed + 1))
+        same = sorted({4, 5, 6, 7, 8, first["nprobe"]})
+        per_first, *at_same_first = heldout_recall(updated, [first["nprobe"], *same], queries,
+                                                   exact_truth(features, queries, 10))
+        rec_first, *same_first = means([per_first, *at_same_first])
         print(f"first version: full build {first_s:.1f} s, {first['factory']} nprobe {first['nprobe']}, "
               f"held-out recall@10 {rec_first}", flush=True)
 
@@ -225,6 +229,9 @@ def main() -> None:
         same_full = means(at_same_full)
         diff = per_upd - per_full  # the same queries: the paired difference's standard error
         diff_se = round(float(diff.std(ddof=1) / np.sqrt(len(diff))), 4)
+        # The update's own loss: against the version it was made from, at equal nprobe (the same quantizer).
+        loss = {p: (round(float((a - f).mean()), 4), round(float((a - f).std(ddof=1) / np.sqrt(len(a))), 4))
+                for p, a, f in zip(same, at_same_upd, at_same_first)}
     finally:
         if not args.keep_files:
             shutil.rmtree(args.workdir, ignore_errors=True)
@@ -233,6 +240,8 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "flock /tmp/pipeline-bench.lock python scripts/bench_update.py "
                    + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.strip(),
         "sgemm_gflops": round(gflops), "n": args.n, "new": n_new, "deleted": n_del,
         "factory": upd["factory"], "catalog_s": round(catalog_s, 1), "first_build_s": round(first_s, 1),
         "first": {"nprobe": first["nprobe"], "tuned_recall_at_10": first["recall_at_10"],
@@ -248,6 +257,7 @@ def main() -> None:
     res["recall_at_equal_nprobe"] = {p: {"first": f, "update": a, "full": b}
                                      for p, f, a, b in zip(same, same_first, same_upd, same_full)}
     res["heldout_difference"] = {"update_minus_full": round(rec_upd - rec_full, 4), "standard_error": diff_se}
+    res["update_minus_first_at_equal_nprobe"] = {p: {"mean": m, "standard_error": e} for p, (m, e) in loss.items()}
     res["ratio_wall"] = round(upd_s / full_s, 4)
     res["ratio_index_step"] = round(upd["build_seconds"] / fb["build_seconds"], 4)
     res["targets"] = {"update_le_10pct_of_full": res["ratio_wall"] <= 0.10,
@@ -258,7 +268,7 @@ def main() -> None:
     u, f = res["update"], res["full"]
     text = "\n".join([
         f"\n### Nightly index update — {res['date']} (host sgemm {res['sgemm_gflops']} GFLOP/s)\n",
-        f"`{res['command']}` — {args.n:,} synthetic clustered 512-d vectors in real shards with their catalog "
+        f"`{res['command']}` (commit {res['commit']}) — {args.n:,} synthetic clustered 512-d vectors in real shards with their catalog "
         f"({res['catalog_s']} s to import), published as {res['factory']} by a full build ({res['first_build_s']} s); "
         f"then {n_new:,} new images and {n_del:,} deleted.\n",
         "| index step | process wall s | of which the index step | peak RSS MiB | nprobe | recall@10 tuned | "
@@ -280,6 +290,10 @@ def main() -> None:
         "Held-out recall@10 at equal nprobe, first version / update / full build: "
         + ", ".join(f"nprobe {p}: {r['first']} / {r['update']} / {r['full']}"
                     for p, r in res["recall_at_equal_nprobe"].items()) + ".",
+        "",
+        f"{args.heldout:,} held-out queries. The update's own loss, update − first version at equal nprobe (same "
+        "quantizer, paired): " + ", ".join(f"nprobe {p}: {r['mean']} ± {r['standard_error']}"
+                                           for p, r in res["update_minus_first_at_equal_nprobe"].items()) + ".",
         "",
         f"Update timings (s): {u['timings']}. " + targets_line(res["targets"]),
     ]) + "\n"
