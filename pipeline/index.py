@@ -717,7 +717,6 @@ class _NextLists:
         self.sizes = kept[self.starts[1:]] - kept[self.starts[:-1]] + self.new_sizes
         self.head = serialised[:-len(empty_lists)] + lists + b"full" + np.array([nlist], np.uint64).tobytes() \
             + self.sizes.astype(np.uint64).tobytes()
-        self.ntotal = int(self.sizes.sum())
         # Each stored id's list, for recall read from list membership (probed_truth).
         self.list_ids = np.concatenate([old_ids[self.keep], _stored_ids(self.new)])
         self.list_of = np.concatenate([np.repeat(np.arange(nlist), self.old_sizes)[self.keep],
@@ -899,7 +898,7 @@ def _update(base: _Base, out_dir: Path, parts: list[tuple[ShardInfo, np.ndarray]
         # IVF-Flat is tuned from list membership while its file is written; other kinds search the new file.
         probed = lists is not None and measured and not rerank and lists.exact_probes()
         if not probed:
-            index = _written(index_writer, out_dir, tmp, lists, len(ids))
+            index = _written(index_writer, out_dir, tmp / INDEX_FILE, lists is not None, index, len(ids))
         if measured:
             trained = base.meta.get("trained_recall_at_10")  # absent from versions made before it was kept
             searched = (lists.probed_truth(queries, truth) if probed else
@@ -910,7 +909,7 @@ def _update(base: _Base, out_dir: Path, parts: list[tuple[ShardInfo, np.ndarray]
             tuning = {"nprobe": None, "recall_at_10": 1.0, "recall_note": "exact search"}
         timings["tune_s"] = time.monotonic() - t0
         if probed:
-            index = _written(index_writer, out_dir, tmp, lists, len(ids))
+            index = _written(index_writer, out_dir, tmp / INDEX_FILE, True, index, len(ids))
             tuning = _timed(index, queries, tuning)
         id_table.join()
         timings["write_s"] = time.monotonic() - t0
@@ -935,14 +934,15 @@ def _update(base: _Base, out_dir: Path, parts: list[tuple[ShardInfo, np.ndarray]
     return IndexReport(str(final), meta)
 
 
-def _written(writer: _Background, out_dir: Path, tmp: Path, lists: _NextLists | None, n: int):
-    """The new index once its writer is done: read back memory-mapped if it was streamed (which checks
-    that faiss reads it whole), else the index in memory that was written."""
+def _written(writer: _Background, out_dir: Path, path: Path, streamed: bool, index, n: int):
+    """The new index once `writer` has written it to `path`: read back memory-mapped if it was
+    streamed (faiss reading it whole is the check), else `index`, the one in memory it wrote."""
     try:
         writer.join()
     except (RuntimeError, OSError) as exc:  # the file could not be written
         raise write_error(out_dir, exc, "`pipeline build-index`") from None
-    index = writer.args[0] if lists is None else faiss.read_index(str(tmp / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC)
+    if streamed:
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
     assert index.ntotal == n, f"index holds {index.ntotal} vectors, expected {n}"
     return index
 

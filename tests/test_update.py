@@ -4,7 +4,11 @@ deleted image, keeps every image's id, and trains again when it should."""
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import faiss
@@ -265,3 +269,54 @@ def test_recall_from_list_membership_is_an_ivf_flat_search(tmp_path):
         params = faiss.SearchParametersIVF(nprobe=nprobe)
         searched = recall_at(new.search(queries, 11, params=params)[1], truth, q_ids, 10)
         assert (recall_at(probed.search(queries, 11, params)[1], truth, q_ids, 10) == searched).all(), nprobe
+
+
+KILLED_WHILE_WRITING = """
+import sys, time
+from pipeline import index, vectorstore
+from pipeline.index import build_index
+
+features, out, marker, what = sys.argv[1:5]
+if what == "index":  # stand still with the new index file half written, until killed
+    def half(self, path):
+        with open(path, "wb") as fh:
+            fh.write(self.head)
+        open(marker, "w").close()
+        time.sleep(3600)
+    index._NextLists.write = half
+else:  # the same with the new vector store half written
+    real = vectorstore.StoreWriter.add
+    def add(self, ids, feats):
+        real(self, ids, feats)
+        self._fh.flush()
+        open(marker, "w").close()
+        time.sleep(3600)
+    vectorstore.StoreWriter.add = add
+build_index(features, out, flat_below=1000, factory=None if what == "index" else "IVF16,PQ8x4fs", update=True,
+            progress=False)
+"""
+
+
+@pytest.mark.parametrize("what", ["index", "store"])
+def test_an_update_killed_while_writing_leaves_the_published_version(tmp_path, what):
+    """SIGKILL with the new version's index file (or vector store) half written: the published
+    version still answers as before, and the next update completes and cleans up."""
+    f, i = tmp_path / "f", tmp_path / "i"
+    vecs = collection(f, 3000)
+    factory = None if what == "index" else "IVF16,PQ8x4fs"
+    first = build_index(f, i, flat_below=1000, factory=factory, progress=False).meta
+    before = top_paths(i, vecs[:5], 10)
+    _, gone = change(f, vecs, 30, [1, 2, 3])
+    marker = tmp_path / "writing"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_WRITING, str(f), str(i), str(marker), what],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not marker.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the update ended before it was killed"
+    assert current_version(i).name == first["version"] and top_paths(i, vecs[:5], 10) == before
+    assert list((i / "versions").glob(".tmp-*"))  # the half-written version, never published
+    again = build_index(f, i, flat_below=1000, factory=factory, update=True, progress=False).meta
+    assert again["made_by"] == "update" and again["count"] == 3027
+    assert not list((i / "versions").glob(".tmp-*"))
+    assert not set(gone) & {p for row in top_paths(i, vecs[:50], 10) for p in row}
