@@ -12,6 +12,7 @@ Files, in an index version folder:
 API:
   write_store(version_dir, parts, n, dim)   parts: iterable of (ids, float32 features) blocks
   StoreWriter(version_dir, n, dim)          the same, block by block: .add(ids, feats), .close()
+  update_store(old_dir, new_dir, removed, added_ids, added)   a new version's store from an old one's
   VectorStore.open(version_dir)             .get(ids) -> float32 [len(ids), dim]
                                             .rerank(queries, candidate_ids, k) -> (scores, ids)
   has_store(version_dir)
@@ -99,6 +100,31 @@ def write_store(version_dir: Path | str, parts: Iterable[tuple[np.ndarray, np.nd
     try:
         for ids, feats in parts:
             writer.add(ids, feats)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def update_store(old_dir: Path | str, new_dir: Path | str, removed: np.ndarray, added_ids: np.ndarray,
+                 added: np.ndarray) -> None:
+    """Write new_dir's store: old_dir's rows (only read) without the `removed` ids, plus the `added`
+    features of `added_ids`, in ascending id order. Rows stream a chunk at a time from the old
+    memory-mapped file, so they are copied, never converted back from float32, and in order (no sort
+    at close); an index update changes a few percent of them."""
+    old = VectorStore.open(old_dir)
+    kept = np.flatnonzero(~np.isin(old.ids, removed))
+    ids = np.concatenate([old.ids[kept], added_ids])
+    order = np.argsort(ids, kind="stable")
+    writer = StoreWriter(new_dir, len(ids), old.vectors.shape[1])
+    try:
+        for start in range(0, len(order), _CHUNK):
+            src = order[start:start + _CHUNK]
+            from_old = src < len(kept)
+            rows = np.empty((len(src), old.vectors.shape[1]), np.float16)
+            rows[from_old] = old.vectors[kept[src[from_old]]]
+            rows[~from_old] = added[src[~from_old] - len(kept)]
+            writer.add(ids[src], rows)
         writer.close()
     except BaseException:
         writer.abort()

@@ -15,11 +15,19 @@ Usage: flock /tmp/pipeline-bench.lock python scripts/bench_update.py [--n 100000
 4. (a) `pipeline build-index --update` makes the next version from the published one;
    (b) `pipeline build-index` builds the same live set from scratch into another folder.
    Both in fresh processes: wall time, the index step's own time (meta build_seconds), peak RSS.
-5. recall@10 of both against exact search over the live set, at their tuned nprobe, on 1,000
-   held-out queries (new vectors from the same clusters, not in either index).
+5. recall@10 of both against exact search over the live set, at their tuned nprobe, on --heldout
+   (10,000) held-out queries (new vectors from the same clusters, not in either index), and of the
+   first version and both at equal nprobe: the update's own loss is the paired difference from the
+   first version at equal nprobe (the same quantizer), the rest is another k-means draw (--seeds).
 Targets: (a) <= 10% of (b), for the whole process and for the index step (meta build_seconds);
 recall@10 of (a) within 0.005 of (b)'s.
 Writes JSON, appends a section to docs/benchmarks.md, and deletes its work folder (2 GB per index).
+
+With --seeds 0,1,2,... it measures instead how far full builds of the same N vectors differ from one
+another by their draw alone (build_index's `seed`: its training sample, hence k-means' start, and its
+recall queries): per seed, the quantizer is trained as build_index trains it, nprobe is tuned as it
+tunes it, and recall@10 of the bench's held-out queries is read from list assignments (for IVF-Flat,
+a true neighbour is found exactly when its list is probed), so no index is filled or written.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -81,6 +90,69 @@ def heldout_recall(index_dir: Path, nprobes: list[int], queries: np.ndarray, tru
     return out
 
 
+def seed_spread(features: Path, centres: np.ndarray, seeds: list[int], bench_seed: int, n_heldout: int,
+                samples: list[int]) -> dict:
+    """Held-out recall@10 of full builds of `features` that differ only by build_index's seed: at the
+    nprobe each one's tuning picks on 1,000 recall queries as build_index draws them (and, as a what-if,
+    on larger samples), and at fixed nprobe (see the module docstring)."""
+    import faiss
+
+    from pipeline.features import live_parts
+    from pipeline.index import NPROBE_GRID, TRUTH_DEPTH, lower_bound, plan_index, recall_at
+
+    _, parts, _, _ = live_parts(features)
+    x = np.concatenate([read_shard(info.path).features[rows] for info, rows in parts])
+    n = len(x)
+    plan = plan_index(n, DIM)
+    queries = clustered(n_heldout, centres, np.random.default_rng(bench_seed + 1))
+    _, truth = faiss.knn(queries, x, 10, metric=faiss.METRIC_INNER_PRODUCT)  # positions
+    fixed = [p for p in NPROBE_GRID if p <= 16]
+    grid = [p for p in NPROBE_GRID if p <= 64]
+    out = {"n": n, "factory": plan.factory, "train_size": plan.train_size, "heldout_queries": n_heldout, "seeds": {}}
+    for seed in seeds:
+        rng = np.random.default_rng(seed)  # drawn as build_index draws them, then the what-if samples
+        train = np.sort(rng.choice(n, size=plan.train_size, replace=False))
+        rest = np.setdiff1d(np.arange(n), train, assume_unique=True)
+        draws = [np.sort(rng.choice(rest, size=m, replace=False)) for m in [1000, *samples]]
+        t0 = time.perf_counter()
+        index = faiss.index_factory(DIM, plan.factory, faiss.METRIC_INNER_PRODUCT)
+        index.train(x[train])
+        train_s = time.perf_counter() - t0
+        quantizer = faiss.extract_index_ivf(index).quantizer
+
+        def probe_rank(q: np.ndarray, tr: np.ndarray) -> np.ndarray:
+            """Per query and true neighbour, the rank of the neighbour's list among the query's probes
+            (grid[-1] when further): an IVF-Flat search at nprobe p finds it exactly when rank < p."""
+            _, probes = quantizer.search(q, grid[-1])
+            lists = quantizer.search(x[np.maximum(tr, 0)].reshape(-1, DIM), 1)[1].reshape(tr.shape)
+            hit = lists[:, :, None] == probes[:, None, :]
+            return np.where(hit.any(axis=2) & (tr >= 0), hit.argmax(axis=2), grid[-1])
+
+        held_rank = probe_rank(queries, truth)
+        heldout = {p: round(float((held_rank < p).mean()), 4) for p in fixed}
+        row = {"train_s": round(train_s, 1), "heldout_at_nprobe": heldout}
+        for q_pos in draws:
+            q_truth = faiss.knn(x[q_pos], x, TRUTH_DEPTH, metric=faiss.METRIC_INNER_PRODUCT)[1]
+            rank = probe_rank(x[q_pos], q_truth)
+
+            def recall(p: int) -> np.ndarray:
+                return recall_at(np.where(rank < p, q_truth, -1), q_truth, q_pos, 10)
+
+            tuned = next(p for p in grid if lower_bound(recall(p)) >= 0.95)
+            row[len(q_pos)] = {"nprobe": tuned, "tuned_recall_at_10": round(float(recall(tuned).mean()), 4),
+                               "heldout_at_tuned": round(float((held_rank < tuned).mean()), 4)}
+        out["seeds"][seed] = row
+        print(f"seed {seed}: trained in {train_s:.0f} s; tuned on 1,000 / {samples} recall queries: "
+              + "; ".join(f"nprobe {r['nprobe']} (tuned {r['tuned_recall_at_10']}, held-out {r['heldout_at_tuned']})"
+                          for m, r in row.items() if isinstance(m, int))
+              + f"; held-out at fixed nprobe {heldout}", flush=True)
+    for m in [1000, *samples]:
+        at = np.array([r[m]["heldout_at_tuned"] for r in out["seeds"].values()])
+        out[f"heldout_at_tuned_{m}"] = {"mean": round(float(at.mean()), 4), "sd": round(float(at.std(ddof=1)), 4),
+                                        "min": float(at.min()), "max": float(at.max())}
+    return out
+
+
 def means(per_query: list[np.ndarray]) -> list[float]:
     return [round(float(r.mean()), 4) for r in per_query]
 
@@ -98,8 +170,15 @@ def main() -> None:
     ap.add_argument("--json-out", type=Path, default=ROOT / "bench-output" / "bench_update.json")
     ap.add_argument("--keep-files", action="store_true", help="Keep the shards and indexes (several GB).")
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--seeds", help="Comma-separated build seeds: measure how full builds differ by their draw "
+                    "alone (module docstring) on the --cache shards, and nothing else.")
+    ap.add_argument("--samples", default="4000", help="With --seeds: larger recall samples to tune on as well (what-if).")
+    ap.add_argument("--heldout", type=int, default=10_000, help="Held-out queries measuring recall@10 (1,000 "
+                    "give a paired standard error of ~0.007 between two builds; 10,000 about a third of it).")
     args = ap.parse_args()
     gflops = sgemm_gflops()
+    if args.seeds:
+        return seeds_main(args, gflops)
     shutil.rmtree(args.workdir, ignore_errors=True)
     features, updated, full = args.workdir / "features", args.workdir / "index", args.workdir / "index-full"
     try:
@@ -118,10 +197,11 @@ def main() -> None:
         print(f"host sgemm {gflops:.0f} GFLOP/s; shards in {t1 - t0:.1f} s, catalog in {catalog_s:.1f} s", flush=True)
 
         first_s, first_rss, first = build(features, updated)
-        queries = clustered(1000, centres, np.random.default_rng(args.seed + 1))
-        same = sorted({4, 6, 8, first["nprobe"]})
-        rec_first, *same_first = means(heldout_recall(updated, [first["nprobe"], *same], queries,
-                                                      exact_truth(features, queries, 10)))
+        queries = clustered(args.heldout, centres, np.random.default_rng(args.seed + 1))
+        same = sorted({4, 5, 6, 7, 8, first["nprobe"]})
+        per_first, *at_same_first = heldout_recall(updated, [first["nprobe"], *same], queries,
+                                                   exact_truth(features, queries, 10))
+        rec_first, *same_first = means([per_first, *at_same_first])
         print(f"first version: full build {first_s:.1f} s, {first['factory']} nprobe {first['nprobe']}, "
               f"held-out recall@10 {rec_first}", flush=True)
 
@@ -149,6 +229,9 @@ def main() -> None:
         same_full = means(at_same_full)
         diff = per_upd - per_full  # the same queries: the paired difference's standard error
         diff_se = round(float(diff.std(ddof=1) / np.sqrt(len(diff))), 4)
+        # The update's own loss: against the version it was made from, at equal nprobe (the same quantizer).
+        loss = {p: (round(float((a - f).mean()), 4), round(float((a - f).std(ddof=1) / np.sqrt(len(a))), 4))
+                for p, a, f in zip(same, at_same_upd, at_same_first)}
     finally:
         if not args.keep_files:
             shutil.rmtree(args.workdir, ignore_errors=True)
@@ -157,6 +240,8 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "flock /tmp/pipeline-bench.lock python scripts/bench_update.py "
                    + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.strip(),
         "sgemm_gflops": round(gflops), "n": args.n, "new": n_new, "deleted": n_del,
         "factory": upd["factory"], "catalog_s": round(catalog_s, 1), "first_build_s": round(first_s, 1),
         "first": {"nprobe": first["nprobe"], "tuned_recall_at_10": first["recall_at_10"],
@@ -172,6 +257,7 @@ def main() -> None:
     res["recall_at_equal_nprobe"] = {p: {"first": f, "update": a, "full": b}
                                      for p, f, a, b in zip(same, same_first, same_upd, same_full)}
     res["heldout_difference"] = {"update_minus_full": round(rec_upd - rec_full, 4), "standard_error": diff_se}
+    res["update_minus_first_at_equal_nprobe"] = {p: {"mean": m, "standard_error": e} for p, (m, e) in loss.items()}
     res["ratio_wall"] = round(upd_s / full_s, 4)
     res["ratio_index_step"] = round(upd["build_seconds"] / fb["build_seconds"], 4)
     res["targets"] = {"update_le_10pct_of_full": res["ratio_wall"] <= 0.10,
@@ -182,7 +268,7 @@ def main() -> None:
     u, f = res["update"], res["full"]
     text = "\n".join([
         f"\n### Nightly index update — {res['date']} (host sgemm {res['sgemm_gflops']} GFLOP/s)\n",
-        f"`{res['command']}` — {args.n:,} synthetic clustered 512-d vectors in real shards with their catalog "
+        f"`{res['command']}` (commit {res['commit']}) — {args.n:,} synthetic clustered 512-d vectors in real shards with their catalog "
         f"({res['catalog_s']} s to import), published as {res['factory']} by a full build ({res['first_build_s']} s); "
         f"then {n_new:,} new images and {n_del:,} deleted.\n",
         "| index step | process wall s | of which the index step | peak RSS MiB | nprobe | recall@10 tuned | "
@@ -205,9 +291,46 @@ def main() -> None:
         + ", ".join(f"nprobe {p}: {r['first']} / {r['update']} / {r['full']}"
                     for p, r in res["recall_at_equal_nprobe"].items()) + ".",
         "",
+        f"{args.heldout:,} held-out queries. The update's own loss, update − first version at equal nprobe (same "
+        "quantizer, paired): " + ", ".join(f"nprobe {p}: {r['mean']} ± {r['standard_error']}"
+                                           for p, r in res["update_minus_first_at_equal_nprobe"].items()) + ".",
+        "",
         f"Update timings (s): {u['timings']}. " + targets_line(res["targets"]),
     ]) + "\n"
     record(text, args.no_doc)
+
+
+def seeds_main(args: argparse.Namespace, gflops: float) -> None:
+    """--seeds: the spread of full builds' held-out recall@10 over their draws, recorded like a run."""
+    if not args.cache:
+        sys.exit("--seeds needs --cache (the N shards and their catalog)")
+    centres = make_shards(args.cache, args.n, args.shard_size, args.seed)
+    with Catalog(args.cache) as c:
+        c.reconcile()
+    res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "command": "python scripts/bench_update.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+           "sgemm_gflops": round(gflops),
+           **seed_spread(args.cache, centres, [int(s) for s in args.seeds.split(",")], args.seed, args.heldout,
+                          [int(m) for m in args.samples.split(",") if m])}
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(res, indent=2))
+    sizes = [m for m in next(iter(res["seeds"].values())) if isinstance(m, int)]
+    fixed = [p for p in next(iter(res["seeds"].values()))["heldout_at_nprobe"] if 3 <= p <= 10]
+    rows = [f"| {s} | " + " | ".join(f"{r[m]['nprobe']} / {r[m]['tuned_recall_at_10']} / **{r[m]['heldout_at_tuned']}**"
+                                     for m in sizes)
+            + " | " + " | ".join(str(r["heldout_at_nprobe"][p]) for p in fixed) + " |" for s, r in res["seeds"].items()]
+    record("\n".join([
+        f"\n### Full builds that differ only by their draw — {res['date']} (host sgemm {res['sgemm_gflops']} GFLOP/s)\n",
+        f"`{res['command']}` — {res['n']:,} vectors, {res['factory']}, {res['train_size']:,} training vectors per "
+        f"seed; recall@10 of {res['heldout_queries']:,} held-out queries (the update bench's generator) read from "
+        "list assignments.\n",
+        "| seed | " + " | ".join(f"tuned on {m:,} recall queries: nprobe / recall there / held-out" for m in sizes)
+        + " | " + " | ".join(f"held-out at nprobe {p}" for p in fixed) + " |",
+        "|---" * (1 + len(sizes) + len(fixed)) + "|", *rows, "",
+        *(f"Held-out recall@10 at the nprobe tuned on {m:,} queries, over {len(rows)} seeds: mean "
+          f"{res[f'heldout_at_tuned_{m}']['mean']}, sd {res[f'heldout_at_tuned_{m}']['sd']}, range "
+          f"{res[f'heldout_at_tuned_{m}']['min']}–{res[f'heldout_at_tuned_{m}']['max']}." for m in sizes),
+    ]) + "\n", args.no_doc)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,11 @@ deleted image, keeps every image's id, and trains again when it should."""
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import faiss
@@ -15,8 +19,11 @@ from typer.testing import CliRunner
 from helpers import clustered_vectors, write_synthetic_shards
 from pipeline.catalog import Catalog
 from pipeline.cli import app
-from pipeline.index import HOLD_SLACK, IDS_FILE, META_FILE, build_index, current_version
+from pipeline.errors import PipelineError
+from pipeline.index import (HOLD_SLACK, IDS_FILE, META_FILE, _NextLists, _plain_lists, _read_for_update, build_index,
+                            current_version, recall_at)
 from pipeline.search import Searcher
+from pipeline.vectorstore import VectorStore, update_store, write_store
 
 
 def collection(features: Path, n: int, shard_size: int = 500) -> np.ndarray:
@@ -159,14 +166,157 @@ def test_cli_update(tmp_path):
     assert bad.exit_code == 1 and "--retrain-above must be at least 0" in bad.stderr
 
 
-def test_update_of_a_version_with_a_vector_store_is_a_full_build(tmp_path, caplog):
+def test_update_of_a_version_with_a_vector_store_writes_its_store(tmp_path):
+    """A compressed version re-ranked from its vector store is updated too: the store gets the added
+    rows and loses the removed ones (the very files a full build writes), and with every vector a
+    candidate the answers are a full build's, deleted images never among them."""
+    f, i, full = tmp_path / "f", tmp_path / "i", tmp_path / "full"
+    vecs = collection(f, 3000)
+    first = build_index(f, i, factory="IVF16,PQ8x4fs", rerank=4000, recall_queries=200, progress=False).meta
+    new, gone = change(f, vecs, 30, list(range(0, 3000, 100)))
+    updated = build_index(f, i, factory="IVF16,PQ8x4fs", rerank=4000, recall_queries=200, update=True,
+                          progress=False).meta
+    assert (updated["made_by"], updated["count"], updated["rerank"]) == ("update", 3000, 4000)
+    assert updated["recall_at_10"] >= first["recall_at_10"] - HOLD_SLACK
+    build_index(f, full, factory="IVF16,PQ8x4fs", rerank=4000, recall_queries=200, progress=False)
+    mine, theirs = VectorStore.open(current_version(i)), VectorStore.open(current_version(full))
+    assert (np.asarray(mine.ids) == np.asarray(theirs.ids)).all() and (np.asarray(mine.vectors) == theirs.vectors).all()
+    queries = np.concatenate([vecs[1::97], new[:10]])
+    assert top_paths(i, queries, 10, nprobe=16) == top_paths(full, queries, 10, nprobe=16)
+    for nprobe in (1, None, 16):
+        assert not set(gone) & {p for row in top_paths(i, vecs[::100], 50, nprobe) for p in row}
+
+
+def test_an_update_asked_for_another_rerank_depth_trains_again(tmp_path, caplog):
     f = tmp_path / "f"
     vecs = collection(f, 3000)
-    first = build_index(f, tmp_path / "i", factory="IVF16,PQ8x4fs", progress=False).meta
-    assert first["rerank"] == 500
-    _, gone = change(f, vecs, 30, [1, 2])
+    build_index(f, tmp_path / "i", factory="IVF16,PQ8x4fs", progress=False)
+    change(f, vecs, 30, [1, 2])
     with caplog.at_level("INFO", logger="pipeline.index"):
-        again = build_index(f, tmp_path / "i", factory="IVF16,PQ8x4fs", update=True, progress=False).meta
-    assert again["made_by"] == "build" and again["count"] == 3028
-    assert "re-rank vector store" in caplog.text
-    assert not set(gone) & {p for row in top_paths(tmp_path / "i", vecs[:3], 10) for p in row}
+        again = build_index(f, tmp_path / "i", factory="IVF16,PQ8x4fs", rerank=100, update=True, progress=False).meta
+    assert (again["made_by"], again["rerank"]) == ("build", 100) and "--rerank 100 is not its 500" in caplog.text
+
+
+def test_update_store_merges_in_id_order(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir(), new.mkdir()
+    vecs = clustered_vectors(1000, dim=16)
+    ids = np.arange(1000, dtype=np.int64) * 3
+    write_store(old, [(ids, vecs)], 1000, 16)
+    added_ids = np.array([3001, 4, 2999, 5000])  # between old ids, before and after them
+    added = clustered_vectors(4, dim=16, seed=9)
+    update_store(old, new, ids[::10], added_ids, added)
+    store, want = VectorStore.open(new), np.sort(np.concatenate([np.setdiff1d(ids, ids[::10]), added_ids]))
+    assert (np.asarray(store.ids) == want).all() and len(store) == 1000 - 100 + 4
+    assert np.allclose(store.get(added_ids), added, atol=1e-3) and np.allclose(store.get(ids[1:3]), vecs[1:3], atol=1e-3)
+    assert len(VectorStore.open(old)) == 1000  # the old store is only read
+    with pytest.raises(PipelineError, match="same id"):
+        update_store(old, tmp_path, np.zeros(0, np.int64), ids[:1], added[:1])
+    assert not list(tmp_path.glob(".vectors*"))  # nothing half-written left
+
+
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,SQ8", "IVF16,PQ8", "IVF16_HNSW8,Flat"])
+def test_a_streamed_index_file_is_faiss_own(tmp_path, factory):
+    """_NextLists writes what faiss writes: byte for byte when nothing is removed (faiss adds to the
+    ends of the lists too), the same entries per list and the same answers otherwise."""
+    vecs, new = clustered_vectors(3000), clustered_vectors(50, seed=3)
+    old = faiss.index_factory(64, factory, faiss.METRIC_INNER_PRODUCT)
+    old.train(vecs)
+    old.add_with_ids(vecs, np.arange(3000) * 2)
+    faiss.write_index(old, str(tmp_path / "old.faiss"))
+    new_ids = 10_000 + np.arange(50)
+    for removed in (np.zeros(0, np.int64), np.arange(0, 6000, 14)):
+        published = _read_for_update(tmp_path / "old.faiss")
+        assert _plain_lists(published)
+        _NextLists(published, tmp_path / "old.faiss", removed, [(new, new_ids)]).write(tmp_path / "new.faiss")
+        want = faiss.read_index(str(tmp_path / "old.faiss"))
+        want.remove_ids(removed)
+        want.add_with_ids(new, new_ids)
+        got = faiss.read_index(str(tmp_path / "new.faiss"))
+        if not len(removed):
+            assert (tmp_path / "new.faiss").read_bytes() == faiss.serialize_index(want).tobytes()
+        assert got.ntotal == want.ntotal == 3050 - len(removed)
+        lists = [faiss.downcast_InvertedLists(faiss.extract_index_ivf(x).invlists) for x in (got, want)]
+        for i in range(16):
+            entries = [sorted(zip(faiss.rev_swig_ptr(il.get_ids(i), il.list_size(i)).tolist(),
+                                  faiss.rev_swig_ptr(il.get_codes(i), il.list_size(i) * il.code_size)
+                                  .reshape(il.list_size(i), -1).tolist())) for il in lists]
+            assert entries[0] == entries[1]
+        queries = clustered_vectors(20, seed=5)
+        params = faiss.SearchParametersIVF(nprobe=4)
+        assert (got.search(queries, 10, params=params)[1] == want.search(queries, 10, params=params)[1]).all()
+
+
+def test_recall_from_list_membership_is_an_ivf_flat_search(tmp_path):
+    """For IVF-Flat, tuning reads what a search would find of the true neighbours from which list
+    holds each (_ProbedTruth): the same recall at every nprobe as searching."""
+    vecs = clustered_vectors(4000)
+    index = faiss.index_factory(64, "IVF32,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(vecs)
+    index.add_with_ids(vecs[:3900], np.arange(3900) * 3)
+    faiss.write_index(index, str(tmp_path / "old.faiss"))
+    lists = _NextLists(_read_for_update(tmp_path / "old.faiss"), tmp_path / "old.faiss", np.arange(0, 600, 3),
+                       [(vecs[3900:], 50_000 + np.arange(100))])
+    lists.write(tmp_path / "new.faiss")
+    assert lists.exact_probes()
+    new = faiss.read_index(str(tmp_path / "new.faiss"))
+    q_ids = np.arange(300, 3900, 37) * 3
+    queries = vecs[q_ids // 3]
+    _, truth = new.search(queries, 32, params=faiss.SearchParametersIVF(nprobe=32))  # exact: every list
+    truth[:5, 20:] = -1  # as removals leave them
+    probed = lists.probed_truth(queries, truth)
+    for nprobe in (1, 2, 3, 5, 8, 32):
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        searched = recall_at(new.search(queries, 11, params=params)[1], truth, q_ids, 10)
+        assert (recall_at(probed.search(queries, 11, params)[1], truth, q_ids, 10) == searched).all(), nprobe
+
+
+KILLED_WHILE_WRITING = """
+import sys, time
+from pipeline import index, vectorstore
+from pipeline.index import build_index
+
+features, out, marker, what = sys.argv[1:5]
+if what == "index":  # stand still with the new index file half written, until killed
+    def half(self, path):
+        with open(path, "wb") as fh:
+            fh.write(self.head)
+        open(marker, "w").close()
+        time.sleep(3600)
+    index._NextLists.write = half
+else:  # the same with the new vector store half written
+    real = vectorstore.StoreWriter.add
+    def add(self, ids, feats):
+        real(self, ids, feats)
+        self._fh.flush()
+        open(marker, "w").close()
+        time.sleep(3600)
+    vectorstore.StoreWriter.add = add
+build_index(features, out, flat_below=1000, factory=None if what == "index" else "IVF16,PQ8x4fs", update=True,
+            progress=False)
+"""
+
+
+@pytest.mark.parametrize("what", ["index", "store"])
+def test_an_update_killed_while_writing_leaves_the_published_version(tmp_path, what):
+    """SIGKILL with the new version's index file (or vector store) half written: the published
+    version still answers as before, and the next update completes and cleans up."""
+    f, i = tmp_path / "f", tmp_path / "i"
+    vecs = collection(f, 3000)
+    factory = None if what == "index" else "IVF16,PQ8x4fs"
+    first = build_index(f, i, flat_below=1000, factory=factory, progress=False).meta
+    before = top_paths(i, vecs[:5], 10)
+    _, gone = change(f, vecs, 30, [1, 2, 3])
+    marker = tmp_path / "writing"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_WRITING, str(f), str(i), str(marker), what],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not marker.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the update ended before it was killed"
+    assert current_version(i).name == first["version"] and top_paths(i, vecs[:5], 10) == before
+    assert list((i / "versions").glob(".tmp-*"))  # the half-written version, never published
+    again = build_index(f, i, flat_below=1000, factory=factory, update=True, progress=False).meta
+    assert again["made_by"] == "update" and again["count"] == 3027
+    assert not list((i / "versions").glob(".tmp-*"))
+    assert not set(gone) & {p for row in top_paths(i, vecs[:50], 10) for p in row}
