@@ -48,7 +48,6 @@ DEFAULT_THRESHOLD = 0.80
 MIN_NPROBE = 32
 BLOCK_ROWS = 2048  # rows and columns per matrix product (and rows per block of a flat index)
 PROBE_ROWS = 8192  # rows per product of an IVF list with the vectors that probe it
-MASK_PAIRS = 16_384  # pairs a product of its own must skip to be worth its overhead (_plan)
 PASS_PROBES = 4_000_000  # entries of the probe table inverted per pass
 FLUSH_PAIRS = 4_000_000  # pairs buffered before they are merged into the groups
 
@@ -171,14 +170,11 @@ def _pairs_above(searcher: Searcher, ids: np.ndarray, cut: float, nprobe: int) -
 
 def _ivf_pairs_above(searcher: Searcher, ivf: faiss.IndexIVF, cut: float, nprobe: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
     """The IVF case of _pairs_above: each vector probes its `nprobe` nearest centroids, as a search
-    would; then each list is compared with the vectors that probe it, in a few large products (not
+    would; then each list is compared with every vector that probes it, in a few large products (not
     one small product per pair of lists: at 1M vectors and nprobe 32 call overhead made that run
     take over 45 minutes). Vectors are numbered by slot: their place in the lists, list after list.
-
-    A pair of vectors in lists A < B is compared once, though it is often reachable from both lists
-    (x in A probes B and y in B probes A): when B is done, with every vector of A that probes B;
-    when A is done, a vector of B that probes A is compared only with those of A that do not probe B
-    (_plan). That skips about a third of the arithmetic at 1M (docs/benchmarks.md)."""
+    A pair is compared from both of its lists when each vector probes the other's: comparing it
+    once saves only 3.4% of the products at 1M, about what planning it costs (docs/benchmarks.md)."""
     lists = ivf.invlists
     sizes = np.array([lists.list_size(l) for l in range(ivf.nlist)], np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -215,53 +211,17 @@ def _ivf_pairs_above(searcher: Searcher, ivf: faiss.IndexIVF, cut: float, nprobe
         def slot_vectors(slots: np.ndarray) -> np.ndarray:
             return ivf.reconstruct_batch(slot_ids[slots])
     probes = _probes(ivf, slot_vectors if searcher.store is None else ivf_vectors, int(starts[-1]), nprobe)
-    owner = np.repeat(np.arange(ivf.nlist, dtype=np.int32), sizes)  # the list of each slot
     for m, slots in _probers(probes, ivf.nlist):
         if not sizes[m]:
             continue
         b, b_ids = list_vectors(m), slot_ids[starts[m]:starts[m + 1]]
-        full, masked = _plan(m, slots, owner, probes[starts[m]:starts[m + 1]])
-        for r in range(0, len(full), PROBE_ROWS):
-            a_ids, a = slot_ids[full[r:r + PROBE_ROWS]], slot_vectors(full[r:r + PROBE_ROWS])
+        for r in range(0, len(slots), PROBE_ROWS):
+            a_ids, a = slot_ids[slots[r:r + PROBE_ROWS]], slot_vectors(slots[r:r + PROBE_ROWS])
             for c in range(0, len(b_ids), BLOCK_ROWS):
                 i, j = _above(a @ b[c:c + BLOCK_ROWS].T, cut)
                 i, j = a_ids[i], b_ids[c + j]
                 yield i[i != j], j[i != j], 0
-        if masked:
-            rows = np.concatenate([r for r, _ in masked])
-            a, at = slot_vectors(rows), 0
-            for r, cols in masked:  # vectors of another list, never the same as one of m's
-                i, j = _above(a[at:at + len(r)] @ b[cols].T, cut)
-                at += len(r)
-                yield slot_ids[r[i]], b_ids[cols[j]], 0
         yield slot_ids[:0], slot_ids[:0], int(sizes[m])
-
-
-def _plan(m: int, slots: np.ndarray, owner: np.ndarray, member_probes: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-    """How list m is compared with the slots that probe it (ascending; `member_probes`: the lists each
-    of m's vectors probes): (slots compared with all of m, ascending; [(slots of one later list A,
-    the columns of m to compare them with), ...]). A slot of a list A > m needs only m's vectors that
-    do not probe A: the others are compared with all of A when A is done. Skipping them costs a
-    product of its own per list A, so it is done only where it saves at least MASK_PAIRS pairs (the
-    rest are compared with all of m: a pair may then come twice, which the union ignores)."""
-    source = owner[slots]
-    later = source > m
-    lists, first, count = np.unique(source[later], return_index=True, return_counts=True)
-    first += np.count_nonzero(~later)  # slots are ascending, so are their lists: the later ones come last
-    pos = np.searchsorted(lists, member_probes)
-    pos[pos == len(lists)] = 0
-    hit = lists[pos] == member_probes if len(lists) else np.zeros(member_probes.shape, bool)
-    probed = np.zeros((len(lists), len(member_probes)), bool)  # probed[k, y]: m's vector y probes lists[k]
-    probed[pos[hit], np.nonzero(hit)[0]] = True
-    skipped = probed.sum(axis=1)
-    masked = np.flatnonzero(count * skipped >= MASK_PAIRS)
-    keep = np.ones(len(slots), bool)
-    out = []
-    for k in masked.tolist():
-        keep[first[k]:first[k] + count[k]] = False
-        if skipped[k] < len(member_probes):  # else every vector of m probes list A: nothing left to compare
-            out.append((slots[first[k]:first[k] + count[k]], np.flatnonzero(~probed[k])))
-    return slots[keep], out
 
 
 def _above(scores: np.ndarray, cut: float) -> tuple[np.ndarray, np.ndarray]:
