@@ -9,10 +9,12 @@ probes its `nprobe` nearest centroids, as a search would (one table for all vect
 each list is then compared with all the vectors that probe it in a few large matrix products. Every
 pair above the threshold is kept (no k to choose, so a large group of copies is never cut at k
 neighbours); memory is bounded by the block sizes and the N x nprobe probe table, not by N^2. Why
-not faiss's range search with every indexed vector as a query: at the tuned nprobe (3) it took
-1,389 s for 1M vectors on this machine, and its cost grows with nprobe (docs/benchmarks.md). A pair
-is missed only when neither image probes the other's list. A flat index is cut into blocks, each
-compared with every vector before its end.
+not faiss's range search with every indexed vector as a query: for 1M vectors on this machine it
+took 1,389 s at the tuned nprobe (3) and 5,954 s at 32 (docs/benchmarks.md). A pair is missed only
+when neither image probes the other's list. The cost is the number of (vector, probed list member)
+pairs: on the 1M benchmark a few large lists that most vectors probe make it ~2,100 members per
+probed list, not the mean list size (244). A flat index is cut into blocks, each compared with
+every vector before its end.
 
 Flat-coded indexes (Flat, IVF...,Flat) hold the exact features, so their scores are exact.
 Compressed codes with a vector store (the default for them, vectorstore.py) are compared with the
