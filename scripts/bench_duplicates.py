@@ -1,6 +1,6 @@
 """Benchmark `pipeline duplicates` at 1M vectors with planted near-duplicate groups.
 
-Usage: flock /tmp/pipeline-bench.lock python scripts/bench_duplicates.py [--n 1000000] [--groups 2000]
+Usage: flock /tmp/pipeline-bench.lock python scripts/bench_duplicates.py [--n 1000000] [--groups 2000] [--nprobe N]
 
 1. Writes N synthetic 512-d unit vectors as real shards (bench_index.py's generator: clustered,
    positive orthant, random pairs at cosine ~0.47), of which `groups` planted groups of 2-8
@@ -10,7 +10,10 @@ Usage: flock /tmp/pipeline-bench.lock python scripts/bench_duplicates.py [--n 10
 2. Builds the index with `pipeline build-index` (IVF, tuned nprobe), once; reused after.
 3. Runs `pipeline duplicates --json` in a fresh process: wall time and peak RSS, against the
    index file's size. Checks that every planted group is recovered: all its images in one found
-   group, and no found group holding two planted groups.
+   group (which may also hold a genuine neighbour), and no found group holding two planted groups;
+   and, apart, that so is every planted group whose copy-original pairs are all within reach of
+   the lists probed (either image probes the other's list): a miss there is the product's error,
+   one outside reach a limit of probing nprobe lists.
 4. For comparison, times faiss's own range search (IVF, the same nprobe) with 2,000 indexed
    vectors as queries, extrapolated to all N: the one-query-per-image way of finding the pairs.
 Targets: <= 10 minutes; peak RSS <= 2x the index. Records the host's sgemm GFLOP/s beside them.
@@ -96,6 +99,7 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=2000)
     ap.add_argument("--shard-size", type=int, default=20_000)
     ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    ap.add_argument("--nprobe", type=int, help="lists each vector probes (default: the product's, max(tuned, MIN_NPROBE))")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench-output" / "dupes-bench")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json-out", type=Path, default=ROOT / "bench-output" / "bench_duplicates.json")
@@ -120,9 +124,10 @@ def main() -> None:
     meta = json.loads((version / "meta.json").read_text())
     index_mib = (version / "index.faiss").stat().st_size / 2**20
 
-    nprobe = max(meta["nprobe"], MIN_NPROBE)
+    nprobe = args.nprobe or max(meta["nprobe"], MIN_NPROBE)
     wall, rss, out = run_measured([sys.executable, "-m", "pipeline", "-q", "duplicates", "--index", str(index_dir),
-                                   "--threshold", str(args.threshold), "--json", "--no-progress"])
+                                   "--threshold", str(args.threshold), "--json", "--no-progress"]
+                                  + (["--nprobe", str(args.nprobe)] if args.nprobe else []))
     found = json.loads(out)
     group_of = {int(Path(img["path"]).stem): g["group"] for g in found for img in g["images"]}
 
