@@ -9,10 +9,12 @@ probes its `nprobe` nearest centroids, as a search would (one table for all vect
 each list is then compared with all the vectors that probe it in a few large matrix products. Every
 pair above the threshold is kept (no k to choose, so a large group of copies is never cut at k
 neighbours); memory is bounded by the block sizes and the N x nprobe probe table, not by N^2. Why
-not faiss's range search with every indexed vector as a query: at the tuned nprobe (3) it took
-1,389 s for 1M vectors on this machine, and its cost grows with nprobe (docs/benchmarks.md). A pair
-is missed only when neither image probes the other's list. A flat index is cut into blocks, each
-compared with every vector before its end.
+not faiss's range search with every indexed vector as a query: for 1M vectors on this machine it
+took 1,389 s at the tuned nprobe (3) and 5,954 s at 32 (docs/benchmarks.md). A pair is missed only
+when neither image probes the other's list. The cost is the number of (vector, probed list member)
+pairs: on the 1M benchmark a few large lists that most vectors probe make it ~2,100 members per
+probed list, not the mean list size (244). A flat index is cut into blocks, each compared with
+every vector before its end.
 
 Flat-coded indexes (Flat, IVF...,Flat) hold the exact features, so their scores are exact.
 Compressed codes with a vector store (the default for them, vectorstore.py) are compared with the
@@ -172,7 +174,9 @@ def _ivf_pairs_above(searcher: Searcher, ivf: faiss.IndexIVF, cut: float, nprobe
     """The IVF case of _pairs_above: each vector probes its `nprobe` nearest centroids, as a search
     would; then each list is compared with every vector that probes it, in a few large products (not
     one small product per pair of lists: at 1M vectors and nprobe 32 call overhead made that run
-    take over 45 minutes). Vectors are numbered by slot: their place in the lists, list after list."""
+    take over 45 minutes). Vectors are numbered by slot: their place in the lists, list after list.
+    A pair is compared from both of its lists when each vector probes the other's: comparing it
+    once saves only 3.4% of the products at 1M, about what planning it costs (docs/benchmarks.md)."""
     lists = ivf.invlists
     sizes = np.array([lists.list_size(l) for l in range(ivf.nlist)], np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -196,8 +200,9 @@ def _ivf_pairs_above(searcher: Searcher, ivf: faiss.IndexIVF, cut: float, nprobe
 
         def slot_vectors(slots: np.ndarray) -> np.ndarray:
             return searcher.store.get(slot_ids[slots])
-        # Stored features are in the input space; the lists to probe are chosen in the IVF's (after OPQ/RR).
-        probes = _probes(ivf, lambda m: _pre_transform(searcher.index, list_vectors(m)), sizes, nprobe)
+
+        def ivf_vectors(slots: np.ndarray) -> np.ndarray:  # stored features are in the input space, the centroids after OPQ/RR
+            return _pre_transform(searcher.index, slot_vectors(slots))
     else:  # decoded by the IVF itself: in its centroids' space, after any pre-transform (OPQ's rotation keeps cosines)
         if ivf.direct_map.type == faiss.DirectMap.NoMap:
             ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # ids are sparse (the catalog's)
@@ -207,8 +212,7 @@ def _ivf_pairs_above(searcher: Searcher, ivf: faiss.IndexIVF, cut: float, nprobe
 
         def slot_vectors(slots: np.ndarray) -> np.ndarray:
             return ivf.reconstruct_batch(slot_ids[slots])
-    if searcher.store is None:  # the vectors above are already in the IVF's space
-        probes = _probes(ivf, list_vectors, sizes, nprobe)
+    probes = _probes(ivf, slot_vectors if searcher.store is None else ivf_vectors, int(starts[-1]), nprobe)
     for m, slots in _probers(probes, ivf.nlist):
         if not sizes[m]:
             continue
@@ -237,20 +241,16 @@ def _pre_transform(index: faiss.Index, x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _probes(ivf: faiss.IndexIVF, list_vectors: Callable[[int], np.ndarray], sizes: np.ndarray, nprobe: int) -> np.ndarray:
-    """The `nprobe` lists each slot probes (slots x nprobe): its nearest centroids, looked for among
-    the 4 x nprobe centroids nearest to its own list's (a vector's nearest centroids are next to the
-    one it is in), one small product per list."""
-    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
-    _, near = ivf.quantizer.search(centroids, min(ivf.nlist, 4 * nprobe))
-    assert (near >= 0).all(), "the quantizer found fewer centroids than it holds"
-    probes = np.empty((int(sizes.sum()), nprobe), np.int32)
-    start = 0
-    for l in np.flatnonzero(sizes).tolist():
-        scores = list_vectors(l) @ centroids[near[l]].T
-        top = np.argpartition(-scores, nprobe - 1, axis=1)[:, :nprobe] if nprobe < near.shape[1] else slice(None)
-        probes[start:start + sizes[l]] = near[l][top]
-        start += sizes[l]
+def _probes(ivf: faiss.IndexIVF, slot_vectors: Callable[[np.ndarray], np.ndarray], n: int, nprobe: int) -> np.ndarray:
+    """The `nprobe` lists each slot probes (slots x nprobe): its nearest centroids, asked of the IVF's
+    own quantizer as a search asks it, PROBE_ROWS slots at a time. Not guessed among the centroids
+    nearest to its own list's: that found 26 of a vector's 32 lists on average, and missed 22 of
+    8,167 planted copy pairs at 1M where a search's lists miss 1 (docs/benchmarks.md)."""
+    probes = np.empty((n, nprobe), np.int32)
+    for lo in range(0, n, PROBE_ROWS):
+        hi = min(n, lo + PROBE_ROWS)
+        _, probes[lo:hi] = ivf.quantizer.search(np.ascontiguousarray(slot_vectors(np.arange(lo, hi)), np.float32), nprobe)
+    assert (probes >= 0).all(), "the quantizer found fewer centroids than it holds"
     return probes
 
 
