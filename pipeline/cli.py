@@ -323,7 +323,7 @@ def duplicates(
     threshold: Annotated[Optional[float], typer.Option(help="Cosine at or above which two images are the same picture (default: the threshold calibrated on transformed copies, docs/quality.md).", show_default=False)] = None,
     min_size: Annotated[int, typer.Option(help="Print only groups of at least this many images.")] = 2,
     limit: Annotated[Optional[int], typer.Option(help="Print at most this many groups (largest first).")] = None,
-    nprobe: Annotated[Optional[int], typer.Option(help="IVF lists each image probes (default: the index's tuned nprobe, at least 32).")] = None,
+    nprobe: Annotated[Optional[int], typer.Option(help="IVF lists each image probes (default: its own, the tuned nprobe, and every list nearly as near as its own, as many as a pair at the threshold may need; up to 256).")] = None,
     sheet: Annotated[Optional[Path], typer.Option("--sheet", help="Write one PNG contact sheet per group into this folder.")] = None,
     progress: ProgressOpt = None,
     as_json: JsonOpt = False,

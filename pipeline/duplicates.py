@@ -5,10 +5,12 @@ byte-identical files (same content hash) are always in one group, whatever the t
 
 Pairs are found without an N x N matrix, with the index's own partition, as a range search run for
 every image at once and grouped by IVF list (faiss contrib's big_batch_search idea): each vector
-probes its `nprobe` nearest centroids, as a search would (one table for all vectors, inverted), and
-each list is then compared with all the vectors that probe it in a few large matrix products. Every
-pair above the threshold is kept (no k to choose, so a large group of copies is never cut at k
-neighbours); memory is bounded by the block sizes and the N x nprobe probe table, not by N^2. Why
+probes its own list and every list whose centroid is nearly as near (PROBE_GAP: as many as a pair
+at the threshold may need, more for vectors between many centroids; one table for all vectors,
+inverted), and each list is then compared with all the vectors that probe it in a few large matrix
+products. Every pair above the threshold is kept (no k to choose, so a large group of copies is
+never cut at k neighbours); memory is bounded by the block sizes and the (vector, probed list)
+table, not by N^2. Why
 not faiss's range search with every indexed vector as a query: for 1M vectors on this machine it
 took 1,389 s at the tuned nprobe (3) and 5,954 s at 32 (docs/benchmarks.md). A pair is missed only
 when neither image probes the other's list. The cost is the number of (vector, probed list member)
@@ -44,10 +46,18 @@ LOG = logging.getLogger(__name__)
 
 # Calibrated on ../shared/eval/copies-dev (docs/quality.md, "Near-duplicate groups").
 DEFAULT_THRESHOLD = 0.80
-# Lists each vector probes, at least: copies at cosine 0.8 are not close in the sense the tuned nprobe
-# (recall@10) is about. On 1M synthetic vectors (IVF4096) the share of planted copy-original pairs
-# found was 0.986 at nprobe 3 (the tuned one), 0.9991 at 16, 0.9998 at 32 (docs/benchmarks.md).
-MIN_NPROBE = 32
+# Lists each vector probes (unless --nprobe fixes a number): its own, those a search would probe
+# (the tuned nprobe), and every further list whose centroid scores within PROBE_GAP x e of its
+# nearest centroid's, where e = sqrt(2 - 2 cut) is the distance between two unit vectors at the cut,
+# at most MAX_PROBES. Why: x in list A, y at cosine >= cut in list B (y prefers c_B):
+# x.c_A - x.c_B <= (x - y).(c_A - c_B) <= e |c_A - c_B|, a bound too loose to use (most lists), but
+# x - y is nearly orthogonal to c_A - c_B: on 20,000 copies at cosine 0.80-0.97 of vectors of the 1M
+# benchmark (not its planted ones) the largest gap a pair needed was 0.031 e; 0.04 leaves a margin.
+# A fixed count is the wrong shape: at 1M (IVF4096) 32 lists per vector still missed a planted pair
+# that needed 43, while the gap rule probes 20.6 lists on average (p99 178), compares 0.57x the
+# pairs of 32 fixed ones and misses none (docs/benchmarks.md): vectors near many centroids get more.
+PROBE_GAP = 0.04
+MAX_PROBES = 256
 BLOCK_ROWS = 2048  # rows and columns per matrix product (and rows per block of a flat index)
 PROBE_ROWS = 8192  # rows per product of an IVF list with the vectors that probe it
 PASS_PROBES = 4_000_000  # entries of the probe table inverted per pass
@@ -85,7 +95,7 @@ def find_groups(
     """Every group of at least `min_size` near-duplicate images of the published index, largest first
     (at most `limit` groups). Reads only: nothing is deleted or moved.
 
-    `nprobe`: IVF lists each vector probes (default: the index's tuned nprobe, at least MIN_NPROBE).
+    `nprobe`: IVF lists each vector probes (default: by score gap to its nearest centroid, PROBE_GAP).
     `rerank_margin`: for compressed codes, pairs whose decoded score is at least threshold minus this
     are re-scored with the exact features from the shards (default: measured, see _code_error).
     """
@@ -121,7 +131,9 @@ def find_groups(
     found = buffered = 0
     pending: list[tuple[np.ndarray, np.ndarray]] = []
     with Progress(n, "duplicates", enabled=progress) as bar:
-        for a, b, done in _pairs_above(searcher, ids, cut, nprobe or max(searcher.nprobe or 1, MIN_NPROBE)):
+        probing = (Probing(nprobe, nprobe) if nprobe else
+                   Probing(searcher.nprobe or 1, MAX_PROBES, PROBE_GAP * float(np.sqrt(max(0.0, 2 - 2 * cut)))))
+        for a, b, done in _pairs_above(searcher, ids, cut, probing):
             pending.append((np.searchsorted(ids, a), np.searchsorted(ids, b)))
             buffered += len(a)
             bar.update(done)
@@ -147,7 +159,18 @@ def find_groups(
     return [_describe(searcher, features, g + 1, ids) for g, ids in enumerate(groups)]
 
 
-def _pairs_above(searcher: Searcher, ids: np.ndarray, cut: float, nprobe: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+@dataclass(frozen=True)
+class Probing:
+    """Which IVF lists a vector probes: its `least` nearest centroids, and further ones up to the
+    `most` nearest whose score is within `gap` of the nearest's (in inner product of unit vectors;
+    None: exactly `least`)."""
+
+    least: int
+    most: int
+    gap: float | None = None
+
+
+def _pairs_above(searcher: Searcher, ids: np.ndarray, cut: float, probing: Probing) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
     """(ids a, ids b, rows done) of the pairs with score >= cut, in the space the index compares
     vectors in (decoded for compressed codes), by matrix products of at most BLOCK_ROWS x BLOCK_ROWS
     (IVF: PROBE_ROWS x BLOCK_ROWS); `rows done` counts the rows whose comparisons are all done (for
@@ -167,12 +190,12 @@ def _pairs_above(searcher: Searcher, ids: np.ndarray, cut: float, nprobe: int) -
                 yield block[i], blocks[m][j], 0
             yield ids[:0], ids[:0], len(block)
         return
-    yield from _ivf_pairs_above(searcher, ivf, cut, min(nprobe, ivf.nlist))
+    yield from _ivf_pairs_above(searcher, ivf, cut, probing)
 
 
-def _ivf_pairs_above(searcher: Searcher, ivf: faiss.IndexIVF, cut: float, nprobe: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """The IVF case of _pairs_above: each vector probes its `nprobe` nearest centroids, as a search
-    would; then each list is compared with every vector that probes it, in a few large products (not
+def _ivf_pairs_above(searcher: Searcher, ivf: faiss.IndexIVF, cut: float, probing: Probing) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """The IVF case of _pairs_above: each vector probes the lists `probing` says, its nearest
+    centroids asked of the quantizer as a search asks it; then each list is compared with every vector that probes it, in a few large products (not
     one small product per pair of lists: at 1M vectors and nprobe 32 call overhead made that run
     take over 45 minutes). Vectors are numbered by slot: their place in the lists, list after list.
     A pair is compared from both of its lists when each vector probes the other's: comparing it
@@ -212,8 +235,9 @@ def _ivf_pairs_above(searcher: Searcher, ivf: faiss.IndexIVF, cut: float, nprobe
 
         def slot_vectors(slots: np.ndarray) -> np.ndarray:
             return ivf.reconstruct_batch(slot_ids[slots])
-    probes = _probes(ivf, slot_vectors if searcher.store is None else ivf_vectors, int(starts[-1]), nprobe)
-    for m, slots in _probers(probes, ivf.nlist):
+    probers, probed = _probes(ivf, slot_vectors if searcher.store is None else ivf_vectors, int(starts[-1]), probing)
+    LOG.info("duplicates: %.1f lists probed per vector (%s)", len(probed) / max(1, int(starts[-1])), probing)
+    for m, slots in _probers(probers, probed, ivf.nlist):
         if not sizes[m]:
             continue
         b, b_ids = list_vectors(m), slot_ids[starts[m]:starts[m + 1]]
@@ -241,30 +265,41 @@ def _pre_transform(index: faiss.Index, x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _probes(ivf: faiss.IndexIVF, slot_vectors: Callable[[np.ndarray], np.ndarray], n: int, nprobe: int) -> np.ndarray:
-    """The `nprobe` lists each slot probes (slots x nprobe): its nearest centroids, asked of the IVF's
-    own quantizer as a search asks it, PROBE_ROWS slots at a time. Not guessed among the centroids
-    nearest to its own list's: that found 26 of a vector's 32 lists on average, and missed 22 of
-    8,167 planted copy pairs at 1M where a search's lists miss 1 (docs/benchmarks.md)."""
-    probes = np.empty((n, nprobe), np.int32)
+def _probes(ivf: faiss.IndexIVF, slot_vectors: Callable[[np.ndarray], np.ndarray], n: int,
+            probing: Probing) -> tuple[np.ndarray, np.ndarray]:
+    """(slots, lists): every (slot, list it probes), slot after slot, each slot's lists nearest first:
+    its nearest centroids asked of the IVF's own quantizer as a search asks it, PROBE_ROWS slots at a
+    time, kept as `probing` says. Not guessed among the centroids nearest to its own list's: that
+    found 26 of a vector's 32 lists on average, and missed 22 of 8,167 planted copy pairs at 1M where
+    a search's lists miss 1 (docs/benchmarks.md)."""
+    most = min(probing.most, ivf.nlist)
+    least = min(probing.least, most)
+    slots, lists = [], []
     for lo in range(0, n, PROBE_ROWS):
         hi = min(n, lo + PROBE_ROWS)
-        _, probes[lo:hi] = ivf.quantizer.search(np.ascontiguousarray(slot_vectors(np.arange(lo, hi)), np.float32), nprobe)
-    assert (probes >= 0).all(), "the quantizer found fewer centroids than it holds"
-    return probes
+        score, near = ivf.quantizer.search(np.ascontiguousarray(slot_vectors(np.arange(lo, hi)), np.float32), most)
+        assert (near[:, :least] >= 0).all(), "the quantizer found fewer centroids than it holds"
+        keep = near >= 0
+        if probing.gap is not None:  # distances of an L2 quantizer: squared, twice the gap in inner product
+            gap = score[:, :1] - score if ivf.metric_type == faiss.METRIC_INNER_PRODUCT else (score - score[:, :1]) / 2
+            keep &= gap <= probing.gap
+        keep[:, :least] = True
+        rows, cols = np.nonzero(keep)
+        slots.append((rows + lo).astype(np.int32))
+        lists.append(near[rows, cols].astype(np.int32))
+    return np.concatenate(slots or [np.zeros(0, np.int32)]), np.concatenate(lists or [np.zeros(0, np.int32)])
 
 
-def _probers(probes: np.ndarray, nlist: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(list, the slots that probe it, ascending) for every list: the probe table inverted in passes
-    over about PASS_PROBES of its entries each, so memory stays a fraction of the table's."""
-    flat = probes.ravel()
-    counts = np.bincount(flat, minlength=nlist)
+def _probers(slots: np.ndarray, lists: np.ndarray, nlist: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(list, the slots that probe it, ascending) for every list: the (slot, list) table inverted in
+    passes over about PASS_PROBES of its entries each, so memory stays a fraction of the table's."""
+    counts = np.bincount(lists, minlength=nlist)
     first = np.cumsum(counts) - counts  # the first entry of each list in the inverted table
     edges = np.concatenate([[0], np.flatnonzero(np.diff(first // PASS_PROBES)) + 1, [nlist]])
     for lo, hi in zip(edges[:-1], edges[1:]):
-        entries = np.flatnonzero((flat >= lo) & (flat < hi))
-        entries = entries[np.argsort(flat[entries], kind="stable")]
-        yield from zip(range(lo, hi), np.split(entries // probes.shape[1], np.cumsum(counts[lo:hi])[:-1]))
+        entries = np.flatnonzero((lists >= lo) & (lists < hi))
+        entries = entries[np.argsort(lists[entries], kind="stable")]
+        yield from zip(range(lo, hi), np.split(slots[entries], np.cumsum(counts[lo:hi])[:-1]))
 
 
 def _code_error(searcher: Searcher, ids: np.ndarray, vectors, sample: int = 1000, seed: int = 0) -> float:

@@ -12,9 +12,10 @@ Usage: flock /tmp/pipeline-bench.lock python scripts/bench_duplicates.py [--n 10
    index file's size. Checks that every planted group is recovered: all its images in one found
    group (which may also hold a genuine neighbour), and no found group holding two planted groups;
    and, apart, that so is every planted group whose copy-original pairs are all within reach of
-   the lists probed (either image probes the other's list): a miss there is the product's error,
-   one outside reach a limit of probing nprobe lists.
-4. For comparison, times faiss's own range search (IVF, the same nprobe) with 2,000 indexed
+   the lists probed (either image probes the other's list, by the product's own probing): a miss
+   there is the product's error, one outside reach a limit of probing. Reports the lists probed per
+   vector and, for comparison, the fixed nprobe each planted pair would need.
+4. For comparison, times faiss's own range search (IVF, nprobe 32 or --nprobe) with 2,000 indexed
    vectors as queries, extrapolated to all N: the one-query-per-image way of finding the pairs.
 Targets: <= 10 minutes; peak RSS <= 2x the index. Records the host's sgemm GFLOP/s beside them.
 """
@@ -38,7 +39,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_index import DIM, clustered, run_measured  # noqa: E402
 from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
-from pipeline.duplicates import DEFAULT_THRESHOLD, MIN_NPROBE  # noqa: E402
+from pipeline import duplicates  # noqa: E402
+from pipeline.duplicates import DEFAULT_THRESHOLD, MAX_PROBES, PROBE_GAP, Probing  # noqa: E402
 from pipeline.model import ModelInfo  # noqa: E402
 from pipeline.shards import ShardData, list_shards, read_shard, shard_name, write_shard  # noqa: E402
 
@@ -99,7 +101,7 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=2000)
     ap.add_argument("--shard-size", type=int, default=20_000)
     ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
-    ap.add_argument("--nprobe", type=int, help="lists each vector probes (default: the product's, max(tuned, MIN_NPROBE))")
+    ap.add_argument("--nprobe", type=int, help="lists each vector probes (default: the product's, by score gap)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench-output" / "dupes-bench")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json-out", type=Path, default=ROOT / "bench-output" / "bench_duplicates.json")
@@ -124,7 +126,8 @@ def main() -> None:
     meta = json.loads((version / "meta.json").read_text())
     index_mib = (version / "index.faiss").stat().st_size / 2**20
 
-    nprobe = args.nprobe or max(meta["nprobe"], MIN_NPROBE)
+    gap = PROBE_GAP * float(np.sqrt(2 - 2 * args.threshold))
+    probing = Probing(args.nprobe, args.nprobe) if args.nprobe else Probing(meta["nprobe"], MAX_PROBES, gap)
     wall, rss, out = run_measured([sys.executable, "-m", "pipeline", "-q", "duplicates", "--index", str(index_dir),
                                    "--threshold", str(args.threshold), "--json", "--no-progress"]
                                   + (["--nprobe", str(args.nprobe)] if args.nprobe else []))
@@ -144,27 +147,41 @@ def main() -> None:
     index = faiss.read_index(str(version / "index.faiss"), faiss.IO_FLAG_MMAP_IFC)
     queries = read_shard(list_shards(features)[0]).features[:2_000]
     t0 = time.perf_counter()
-    index.range_search(queries, args.threshold, params=faiss.SearchParametersIVF(nprobe=nprobe))
+    range_nprobe = args.nprobe or 32
+    index.range_search(queries, args.threshold, params=faiss.SearchParametersIVF(nprobe=range_nprobe))
     range_s = (time.perf_counter() - t0) * args.n / len(queries)
-    # Which nprobe finds the planted copy-original pairs: a pair is compared when either vector
-    # probes the other's list (as `duplicates` does). A group all of whose pairs are compared at the
-    # nprobe used must be recovered (the product's contract); one with a pair out of reach may still
-    # be, through a copy-copy pair.
+    # Which planted copy-original pairs are compared: a pair is when either vector probes the other's
+    # list, with the product's own probing (duplicates._probes). A group all of whose pairs are
+    # compared must be recovered (the product's contract); one with a pair out of reach may still be,
+    # through a copy-copy pair. And, for comparison, the fixed nprobe each pair would need.
     ivf = faiss.extract_index_ivf(index)
     ivf.make_direct_map()
     pairs = np.array([(ids[0], c) for ids in planted for c in ids[1:]])
-    need = probes_needed(ivf, ivf.reconstruct_batch(pairs[:, 0]), ivf.reconstruct_batch(pairs[:, 1]))
+    x, y = ivf.reconstruct_batch(pairs[:, 0]), ivf.reconstruct_batch(pairs[:, 1])
+    need = probes_needed(ivf, x, y)
     pair_recall = {p: round(float(np.mean(need <= p)), 5) for p in (meta["nprobe"], 8, 16, 32, 64)}
-    group_need = np.maximum.reduceat(need, np.cumsum([0] + [len(ids) - 1 for ids in planted[:-1]]))
-    in_reach = [ids for ids, g in zip(planted, group_need) if g <= nprobe]
+    both = np.concatenate([x, y])
+    own = ivf.quantizer.search(both, 1)[1][:, 0]
+    slots, lists = duplicates._probes(ivf, lambda s: both[s], len(both), probing)
+    reached = np.zeros(len(pairs), bool)
+    partner = np.where(slots < len(pairs), slots + len(pairs), slots - len(pairs))  # x's partner is y, and back
+    np.logical_or.at(reached, slots % len(pairs), lists == own[partner])
+    group_reached = np.logical_and.reduceat(reached, np.cumsum([0] + [len(ids) - 1 for ids in planted[:-1]]))
+    in_reach = [ids for ids, g in zip(planted, group_reached) if g]
     recovered_in_reach = sum(map(is_recovered, in_reach))
+    sample = ivf.reconstruct_batch(np.random.default_rng(1).choice(index.ntotal, 20_000, replace=False))
+    probed = np.bincount(duplicates._probes(ivf, lambda s: sample[s], len(sample), probing)[0], minlength=len(sample))
     res = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "flock /tmp/pipeline-bench.lock python scripts/bench_duplicates.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "n": args.n, "factory": meta["factory"], "tuned_nprobe": meta["nprobe"], "nprobe": nprobe, "threshold": args.threshold,
+        "n": args.n, "factory": meta["factory"], "tuned_nprobe": meta["nprobe"], "threshold": args.threshold,
+        "probing": {"least": probing.least, "most": probing.most, "gap": probing.gap and round(probing.gap, 5),
+                    "lists_per_vector_mean": round(float(probed.mean()), 1), "p99": int(np.quantile(probed, 0.99)),
+                    "max": int(probed.max())}, "range_search_nprobe": range_nprobe,
         "sgemm_gflops": round(gflops), "wall_s": round(wall, 1), "peak_rss_mib": round(rss), "index_mib": round(index_mib),
         "rss_over_index": round(rss / index_mib, 3), "faiss_range_search_s_extrapolated": round(range_s), "planted_groups": len(planted), "recovered": recovered,
         "planted_groups_merged_together": merged, "planted_pair_recall_by_nprobe": pair_recall, "other_groups": extra, "groups_found": len(found),
+        "planted_pairs_compared": round(float(reached.mean()), 5),
         "planted_groups_in_reach": len(in_reach), "recovered_in_reach": recovered_in_reach,
         "planted_pair_nprobe_needed_max": int(need.max()),
     }
@@ -177,19 +194,23 @@ def main() -> None:
         f"\n### Duplicates — {res['date']} (host sgemm {res['sgemm_gflops']} GFLOP/s)\n",
         f"`{res['command']}` — {args.n:,} synthetic 512-d unit vectors in real shards, {len(planted):,} planted groups "
         f"of 2–8 (copies at cosine 0.82–0.97 to their original, one group in ten with a byte-identical file); "
-        f"{res['factory']} (tuned nprobe {res['tuned_nprobe']}), duplicates probing {nprobe} lists per vector, "
-        f"threshold {args.threshold}.\n",
+        f"{res['factory']} (tuned nprobe {res['tuned_nprobe']}), threshold {args.threshold}; `duplicates` probing "
+        + (f"{args.nprobe} lists per vector" if args.nprobe else
+           f"lists within {res['probing']['gap']} of each vector's nearest centroid's score (PROBE_GAP {PROBE_GAP} x "
+           f"sqrt(2 - 2 x {args.threshold})), at least the tuned {probing.least}, at most {probing.most}: "
+           f"{res['probing']['lists_per_vector_mean']} lists per vector on average (p99 {res['probing']['p99']}, "
+           f"max {res['probing']['max']}; 20,000 vectors)") + ".\n",
         "| wall s | peak RSS MiB | index MiB | RSS / index | planted groups recovered | planted groups merged | other groups |",
         "|---|---|---|---|---|---|---|",
         f"| {res['wall_s']} | {res['peak_rss_mib']} | {res['index_mib']} | {res['rss_over_index']} | "
         f"{recovered} / {len(planted)} | {merged} | {extra} |",
         "",
-        "Planted copy-original pairs compared, by lists probed per vector: "
-        + ", ".join(f"nprobe {p}: {r}" for p, r in pair_recall.items())
-        + f"; the largest nprobe a planted pair needs: {res['planted_pair_nprobe_needed_max']}. Planted groups all of whose "
-        f"pairs are compared at nprobe {nprobe}: {len(in_reach)}, of which recovered: {recovered_in_reach}.",
+        f"Planted copy-original pairs compared by this probing: {res['planted_pairs_compared']}; planted groups all "
+        f"of whose pairs are compared: {len(in_reach)}, of which recovered: {recovered_in_reach}. With a fixed number "
+        "of lists per vector instead: " + ", ".join(f"nprobe {p}: {r}" for p, r in pair_recall.items())
+        + f"; the largest nprobe a planted pair needs: {res['planted_pair_nprobe_needed_max']}.",
         "",
-        f"For comparison, faiss's range search with every vector as a query (same nprobe; timed on 2,000, "
+        f"For comparison, faiss's range search with every vector as a query (nprobe {range_nprobe}; timed on 2,000, "
         f"extrapolated): {res['faiss_range_search_s_extrapolated']} s.",
         "",
         targets_line(res["targets"]),

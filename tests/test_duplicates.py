@@ -160,8 +160,29 @@ def test_each_vector_probes_the_lists_a_search_would(monkeypatch):
     quantizer = faiss.IndexFlatIP(64)
     ivf = faiss.IndexIVFFlat(quantizer, 64, 64, faiss.METRIC_INNER_PRODUCT)
     ivf.train(x)
-    probes = duplicates._probes(ivf, lambda slots: x[slots], len(x), 3)
-    assert probes.dtype == np.int32 and (probes == quantizer.search(x, 3)[1]).all()
+    slots, lists = duplicates._probes(ivf, lambda slots: x[slots], len(x), duplicates.Probing(3, 3))
+    assert lists.dtype == np.int32 and (slots == np.repeat(np.arange(len(x)), 3)).all()
+    assert (lists.reshape(-1, 3) == quantizer.search(x, 3)[1]).all()
+
+
+def test_probing_by_gap_takes_every_list_nearly_as_near_as_the_nearest(monkeypatch):
+    """With a gap, a vector probes its `least` nearest lists and every further one, up to `most`, whose
+    centroid scores within the gap of its nearest: more lists for vectors between many centroids."""
+    monkeypatch.setattr(duplicates, "PROBE_ROWS", 700)
+    x = _planted()
+    quantizer = faiss.IndexFlatIP(64)
+    ivf = faiss.IndexIVFFlat(quantizer, 64, 64, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(x)
+    score, near = quantizer.search(x, 20)
+    want = (score[:, :1] - score <= 0.05)
+    want[:, :2] = True
+    slots, lists = duplicates._probes(ivf, lambda slots: x[slots], len(x), duplicates.Probing(2, 20, 0.05))
+    assert (slots == np.nonzero(want)[0]).all() and (lists == near[want]).all()
+    per_vector = np.bincount(slots, minlength=len(x))
+    assert per_vector.min() == 2 and per_vector.max() > per_vector.min()  # as many as each one needs
+    probers = dict(duplicates._probers(slots, lists, ivf.nlist))  # inverted: ascending slots per list
+    assert sum(map(len, probers.values())) == len(slots)
+    assert all((np.diff(s) > 0).all() and (near[s] == m).any(axis=1).all() for m, s in probers.items())
 
 
 @pytest.mark.parametrize("factory, rerank", [("IVF32,Flat", None), ("IVF32,SQ8", None), ("RR64,IVF32,SQ8", 0)])
@@ -181,7 +202,8 @@ def test_ivf_pairs_are_those_either_vector_probes(tmp_path, monkeypatch, factory
     reach = (probes == own[:, None, None]).any(axis=2)  # reach[i, j]: own list of i is among those j probes
     i, j = np.nonzero(np.triu((x @ x.T >= 0.6) & (reach | reach.T), 1))
     assert len(i) > 1000 and (reach != reach.T).sum() > 1000  # many pairs, many reachable one way only
-    pairs = [np.stack([np.searchsorted(ids, a), np.searchsorted(ids, b)]) for a, b, _ in _pairs_above(searcher, ids, 0.6, 3)]
+    pairs = [np.stack([np.searchsorted(ids, a), np.searchsorted(ids, b)])
+             for a, b, _ in _pairs_above(searcher, ids, 0.6, duplicates.Probing(3, 3))]
     got = np.sort(np.concatenate(pairs, axis=1), axis=0)
     assert (got[0] != got[1]).all()
     assert {(a, b) for a, b in got.T.tolist()} == set(zip(i.tolist(), j.tolist()))
