@@ -1,18 +1,27 @@
 """Fetch real photographs from Debian's wallpaper packages, for benchmarks and held-out evaluation.
 
 Usage: python scripts/fetch_photos.py --out bench-output/photos [--count 300]
+       python scripts/fetch_photos.py --gcompris bench-output/whitening
 
 Downloads mate-backgrounds and plasma-workspace-wallpapers with `apt-get download` (Debian's
 registry; GPL/LGPL/CC-licensed artwork, see each package's copyright file; not redistributed
 by this project), keeps each distinct picture of at least 2 megapixels, and writes `count`
 JPEGs (quality 90) of 1-3 megapixels: seeded random crops of those pictures at random scales.
 The pictures differ from shared/eval/copies-dev (which uses other packages).
+
+--gcompris DIR writes instead the photographs bundled in Debian's gcompris-qt-data (GPL/CC-licensed
+educational artwork: monuments, animals, landscapes, objects; inside Qt .rcc bundles), which no
+evaluation set uses: the training photos of scripts/quality_regions.py's learned whitening. Kept:
+images of at least 200 px a side, without transparent, black-masked or white-background areas,
+and with at least 600 distinct colours in a 64x64 thumbnail (drawings have few); activities of
+drawings and jigsaw pieces are skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import subprocess
 import tempfile
 from pathlib import Path
@@ -21,6 +30,8 @@ import numpy as np
 from PIL import Image
 
 PACKAGES = ["mate-backgrounds", "plasma-workspace-wallpapers"]
+GCOMPRIS_SKIP = ("details", "babyshapes", "leftright", "louis-braille", "chronos", "gravity", "digital_electricity",
+                 "hangman", "solar_system")  # activities of jigsaw pieces, hands and diagrams
 
 
 def debian_pictures(workdir: Path, min_pixels: int = 2_000_000) -> list[Path]:
@@ -43,14 +54,62 @@ def debian_pictures(workdir: Path, min_pixels: int = 2_000_000) -> list[Path]:
     return out
 
 
+def rcc_images(rcc: Path) -> list[bytes]:
+    """The JPEG, PNG and WebP files inside a Qt .rcc bundle (stored uncompressed, after a 4-byte length)."""
+    data, out = rcc.read_bytes(), []
+    for magic in (b"\xff\xd8\xff", b"\x89PNG\r\n", b"RIFF"):
+        at = data.find(magic)
+        while at >= 4:
+            size = int.from_bytes(data[at - 4:at], "big")
+            if 100 < size <= len(data) - at:
+                out.append(data[at:at + size])
+            at = data.find(magic, at + 1)
+    return out
+
+
+def gcompris_photos(workdir: Path, out: Path) -> int:
+    """Write gcompris-qt-data's photographs (see the module docstring) as JPEGs into out; returns how many."""
+    root = workdir / "gcompris"
+    if not root.is_dir():
+        subprocess.run(["apt-get", "download", "-qq", "gcompris-qt-data"], cwd=workdir, check=True)
+        subprocess.run(["dpkg", "-x", str(next(workdir.glob("gcompris-qt-data_*.deb"))), str(root)], check=True)
+    seen, kept = set(), 0
+    for rcc in sorted(root.rglob("*.rcc")):
+        if rcc.stem.startswith(GCOMPRIS_SKIP):
+            continue
+        for blob in rcc_images(rcc):
+            digest = hashlib.sha1(blob).hexdigest()[:12]
+            try:
+                with Image.open(io.BytesIO(blob)) as im:
+                    im.load()
+                    if digest in seen or min(im.size) < 200:
+                        continue
+                    rgba = np.asarray(im.convert("RGBA").resize((64, 64)))
+            except Exception:  # not an image after all, or a truncated one
+                continue
+            rgb = rgba[..., :3].astype(int)
+            if ((rgba[..., 3] < 250).mean() > 0.02 or (rgb.sum(2) <= 12).mean() > 0.05
+                    or (rgb.min(2) >= 245).mean() > 0.25 or len(np.unique(rgb.reshape(-1, 3) // 8, axis=0)) < 600):
+                continue
+            seen.add(digest)
+            with Image.open(io.BytesIO(blob)) as im:
+                im.convert("RGB").save(out / f"{rcc.stem}-{digest}.jpg", quality=92)
+            kept += 1
+    return kept
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-output/photos"))
     ap.add_argument("--count", type=int, default=300)
     ap.add_argument("--cache", type=Path, default=Path("bench-output/debian-wallpapers"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gcompris", type=Path, help="write gcompris-qt-data's photographs here instead")
     args = ap.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
+    if args.gcompris:
+        args.gcompris.mkdir(parents=True, exist_ok=True)
+        return print(f"wrote {gcompris_photos(args.cache, args.gcompris)} photographs to {args.gcompris}")
     args.out.mkdir(parents=True, exist_ok=True)
     sources = debian_pictures(args.cache)
     print(f"{len(sources)} distinct pictures of >= 2 MP")
