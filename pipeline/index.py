@@ -696,6 +696,10 @@ def _plain_lists(index) -> bool:
             and isinstance(faiss.downcast_InvertedLists(top.invlists), faiss.ArrayInvertedLists))
 
 
+class _FormatChanged(Exception):
+    """This faiss serialises IVF lists otherwise than _NextLists writes them: let faiss edit the index."""
+
+
 class _NextLists:
     """The next version of an IVF index with plain lists, written straight from the published file.
 
@@ -727,7 +731,7 @@ class _NextLists:
         lists = b"ilar" + np.array([nlist, self.code_size], np.uint64).tobytes()
         empty_lists = lists + b"sprs" + np.zeros(1, np.uint64).tobytes()  # how faiss writes no entries
         if not serialised.endswith(empty_lists):
-            raise AssertionError("faiss no longer writes an IVF index's lists as this update expects")
+            raise _FormatChanged(f"faiss {faiss.__version__} writes an IVF index's lists otherwise")
         self.new.ntotal = 0
         for feats, new_ids, *_ in added:
             self.new.add_with_ids(feats, new_ids)
@@ -895,11 +899,16 @@ def _update(base: _Base, out_dir: Path, parts: list[tuple[ShardInfo, np.ndarray]
         if measured:
             for feats, new_ids, _, _ in added:
                 _add_truth(heap, queries, feats, new_ids)
+        lists = None
         if _plain_lists(index):
-            lists = _NextLists(index, base.dir / INDEX_FILE, base.removed, added)
+            try:
+                lists = _NextLists(index, base.dir / INDEX_FILE, base.removed, added)
+            except _FormatChanged as exc:  # a faiss newer than this code: the slower way, still right
+                LOG.warning("%s; the update reads the published index into memory instead", exc)
+                index = faiss.read_index(str(base.dir / INDEX_FILE))
+        if lists is not None:
             index_writer = _Background(lists.write, tmp / INDEX_FILE)
-        else:  # fast-scan blocks, id maps: faiss edits the index read into memory
-            lists = None
+        else:  # fast-scan blocks, id maps, or faiss's own editing: the index read into memory
             index.remove_ids(base.removed)
             for feats, new_ids, _, _ in added:
                 index.add_with_ids(feats, new_ids)

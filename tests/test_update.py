@@ -320,3 +320,21 @@ def test_an_update_killed_while_writing_leaves_the_published_version(tmp_path, w
     assert again["made_by"] == "update" and again["count"] == 3027
     assert not list((i / "versions").glob(".tmp-*"))
     assert not set(gone) & {p for row in top_paths(i, vecs[:50], 10) for p in row}
+
+
+def test_a_faiss_that_writes_lists_otherwise_gets_the_slower_update(tmp_path, monkeypatch, caplog):
+    """If a future faiss serialised IVF lists differently, the streamed write must not guess: the
+    update reads the published index into memory and lets faiss edit it, with a warning."""
+    f, i = tmp_path / "f", tmp_path / "i"
+    vecs = collection(f, 3000)
+    build_index(f, i, flat_below=1000, recall_queries=200, progress=False)
+    new, gone = change(f, vecs, 30, list(range(0, 3000, 150)))
+    real = faiss.serialize_index
+    monkeypatch.setattr(faiss, "serialize_index", lambda index: np.concatenate([real(index), np.zeros(8, np.uint8)]))
+    updated = build_index(f, i, flat_below=1000, recall_queries=200, update=True, progress=False).meta
+    assert updated["made_by"] == "update" and "reads the published index into memory instead" in caplog.text
+    nlist = updated["nlist"]
+    full = build_index(f, tmp_path / "full", flat_below=1000, recall_queries=200, progress=False).meta
+    queries = np.concatenate([vecs[1::97], new[:10]])
+    assert top_paths(i, queries, 10, nprobe=nlist) == top_paths(tmp_path / "full", queries, 10, nprobe=full["nlist"])
+    assert not set(gone) & {p for row in top_paths(i, vecs[::150], 50, nlist) for p in row}
