@@ -93,11 +93,15 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=ROOT / "bench-output" / "debian-wallpapers")
     ap.add_argument("--pictures", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--extra", type=Path, help="more source pictures (JPEGs), taken after the wallpapers, e.g. "
+                    "fetch_photos.py --gcompris's photographs")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     args.cache.mkdir(parents=True, exist_ok=True)
     sources = debian_pictures(args.cache)
     rng.shuffle(sources)
+    if args.extra:  # after the wallpapers: the first pictures of a set stay those of a set without them
+        sources += sorted(args.extra.glob("*.jpg"))
     (args.out / "db").mkdir(parents=True, exist_ok=True)
     (args.out / "queries").mkdir(parents=True, exist_ok=True)
     gt, kept, skipped = [], [], 0
