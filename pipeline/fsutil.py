@@ -16,8 +16,8 @@ from .errors import BusyError, write_error
 LOG = logging.getLogger(__name__)
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable."""
+def fsync_path(path: Path) -> None:
+    """Make a file's written bytes durable, or, for a directory, the renames inside it."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -35,13 +35,9 @@ def temp_path(final: Path) -> Path:
 
 def publish(tmp: Path, final: Path) -> None:
     """fsync `tmp`, rename it over `final`, fsync the directory: readers see old or new, never half."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(tmp)
     os.replace(tmp, final)
-    fsync_dir(final.parent)
+    fsync_path(final.parent)
 
 
 def atomic_write_bytes(final: Path, data: bytes) -> None:

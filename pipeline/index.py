@@ -36,7 +36,7 @@ from . import __version__
 from .codes import (CODES_FILE, DEFAULT_POOL, EF_GRID, ITQ_FILE, ITQ_ITERATIONS, ITQ_TRAIN, POOL_GRID, CoarseToFine,
                     encode, learn_itq, parse_codes, quantisation_error, rotation_checksum)
 from .errors import PipelineError, cause, write_error
-from .fsutil import atomic_write_text, exclusive_lock, fsync_dir
+from .fsutil import atomic_write_text, exclusive_lock, fsync_path
 from .features import live_parts
 from .progress import Progress
 from .shards import ShardInfo, check_model, read_rows, read_shard
@@ -619,10 +619,10 @@ def _publish(out_dir: Path, tmp: Path, meta: dict, keep: int) -> Path:
     """Write meta.json, make the version durable under its name, point CURRENT at it, prune old ones."""
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     for f in tmp.iterdir():
-        _fsync(f)
+        fsync_path(f)
     final = out_dir / VERSIONS_DIR / meta["version"]
     os.rename(tmp, final)
-    fsync_dir(final.parent)
+    fsync_path(final.parent)
     atomic_write_text(out_dir / CURRENT_FILE, meta["version"] + "\n")
     prune_versions(out_dir, keep)
     return final
@@ -992,12 +992,7 @@ def _timed(index, queries: np.ndarray, tuning: dict, sample: int = 200) -> dict:
 def _write_durably(index, path: Path) -> None:
     """Write the index file and fsync it, so that publishing finds it on disk already."""
     faiss.write_index(index, str(path))
-    _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
+    fsync_path(path)
 
 
 def _update_ids(old: Path, new: Path, removed: np.ndarray, added: list[tuple]) -> None:
@@ -1013,7 +1008,7 @@ def _update_ids(old: Path, new: Path, removed: np.ndarray, added: list[tuple]) -
         db.commit()
     finally:
         db.close()
-    _fsync(new)
+    fsync_path(new)
 
 
 def _rows_with_ids(parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, wanted: np.ndarray):
