@@ -22,7 +22,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from bench_duplicates import probes_needed  # noqa: E402
 from pipeline.duplicates import DEFAULT_THRESHOLD, PROBE_GAP  # noqa: E402
 from pipeline.extract import extract  # noqa: E402
 from pipeline.index import current_version  # noqa: E402
@@ -54,7 +56,7 @@ def main() -> None:
         sx, sy, r = x @ centroids.T, y @ centroids.T, np.arange(len(x))
         a, b = sx.argmax(1), sy.argmax(1)
         gap = np.minimum(sx[r, a] - sx[r, b], sy[r, b] - sy[r, a]) / e
-        rank = np.minimum((sx > sx[r, b][:, None]).sum(1), (sy > sy[r, a][:, None]).sum(1)) + 1
+        rank = probes_needed(ivf, x, y)
         print(f"{name}: {len(x)} copy pairs at cosine >= {args.threshold} ({(a != b).sum()} in different lists); "
               f"missed with 32 lists per vector: {(rank > 32).sum()} (largest nprobe needed {rank.max()}); "
               f"missed with the gap rule ({PROBE_GAP} e): {(gap > PROBE_GAP).sum()} (largest gap needed "

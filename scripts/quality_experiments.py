@@ -60,12 +60,17 @@ def l2n(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def region_vectors(fmap: np.ndarray) -> np.ndarray:
+    """R-MAC's regional vectors of one [C, h, w] map: max-pooled over each region, L2-normalised."""
+    return np.stack([l2n(fmap[:, y0:y1, x0:x1].reshape(fmap.shape[0], -1).max(1))
+                     for y0, x0, y1, x1 in rmac_regions(*fmap.shape[1:])])
+
+
 def pool_all(fmap: np.ndarray) -> dict[str, np.ndarray]:
     """Every pooling variant of one [C, h, w] map, L2-normalised."""
     c = fmap.reshape(fmap.shape[0], -1)
     out = {"mac": l2n(c.max(1)), "spoc": l2n(c.sum(1)), "gem3": l2n(np.cbrt(np.mean(np.maximum(c, 1e-6) ** 3, 1)))}
-    regs = [l2n(fmap[:, y0:y1, x0:x1].reshape(fmap.shape[0], -1).max(1)) for y0, x0, y1, x1 in rmac_regions(*fmap.shape[1:])]
-    out["rmac"] = l2n(np.sum(regs, 0))
+    out["rmac"] = l2n(region_vectors(fmap).sum(0))
     return out
 
 

@@ -36,10 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from quality_experiments import datasets, l2n, maps_session  # noqa: E402
+from quality_experiments import datasets, l2n, maps_session, rank, region_vectors  # noqa: E402
 from pipeline.evaluate import score  # noqa: E402
 from pipeline.images import InputSize, decode_bytes, input_shapes, read_file  # noqa: E402
-from pipeline.model import aspect_shapes, rmac_regions  # noqa: E402
+from pipeline.model import aspect_shapes  # noqa: E402
 
 WHITENINGS = [(0.5, 0.0), (0.5, 0.1), (0.5, 1.0), (0.25, 0.0), (0.25, 0.1), (0.25, 1.0)]  # (power a, shrinkage s)
 
@@ -61,8 +61,7 @@ def regions(sess, images: list[bytes], policy: str, cache: Path) -> tuple[np.nda
     t0, out = time.perf_counter(), []
     for data in images:
         fmap = sess.run(["block5_conv3/relu"], {"image": decode_bytes(data, input_size(policy))[None]})[0][0]
-        out.append(np.stack([l2n(fmap[:, y0:y1, x0:x1].reshape(len(fmap), -1).max(1))
-                             for y0, x0, y1, x1 in rmac_regions(*fmap.shape[1:])]).astype(np.float32))
+        out.append(region_vectors(fmap).astype(np.float32))
     print(f"{cache.stem}: {len(images)} images in {time.perf_counter() - t0:.0f} s", flush=True)
     r, n = np.concatenate(out), np.array([len(x) for x in out])
     np.savez(cache, regions=r, counts=n)
@@ -129,7 +128,7 @@ def main() -> None:
     rows = []
     for name, (db, queries, gt) in datasets(args.heldout).items():
         files = sorted(set(db) | set(queries))
-        pos, names = {f: i for i, f in enumerate(files)}, [f.name for f in db]
+        pos, names, qnames = {f: i for i, f in enumerate(files)}, [f.name for f in db], [e["query"] for e in gt]
         cached: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
         def region_set(policy: str) -> tuple[np.ndarray, np.ndarray]:
@@ -138,8 +137,8 @@ def main() -> None:
             return cached[policy]
 
         def evaluate(recipe: str, x: np.ndarray, cost: float) -> None:
-            sims = x[[pos[f] for f in queries]] @ x[[pos[f] for f in db]].T
-            rep = score({e["query"]: [names[i] for i in np.argsort(-row)] for e, row in zip(gt, sims)}, gt).to_dict()
+            rankings = rank(x[[pos[f] for f in queries]], x[[pos[f] for f in db]], names, qnames)
+            rep = score(dict(zip(qnames, rankings)), gt).to_dict()
             rows.append({"set": name, "recipe": recipe, "compute": round(cost, 2), "mAP": rep["mAP"], "recall@1": rep["recall@1"]})
             print(json.dumps(rows[-1]), flush=True)
 
