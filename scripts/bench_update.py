@@ -98,7 +98,7 @@ def seed_spread(features: Path, centres: np.ndarray, seeds: list[int], bench_see
     import faiss
 
     from pipeline.features import live_parts
-    from pipeline.index import NPROBE_GRID, TRUTH_DEPTH, lower_bound, plan_index, recall_at
+    from pipeline.index import NPROBE_GRID, TRUTH_DEPTH, lower_bound, plan_index, recall_at, sample_runs
 
     _, parts, _, _ = live_parts(features)
     x = np.concatenate([read_shard(info.path).features[rows] for info, rows in parts])
@@ -111,7 +111,7 @@ def seed_spread(features: Path, centres: np.ndarray, seeds: list[int], bench_see
     out = {"n": n, "factory": plan.factory, "train_size": plan.train_size, "heldout_queries": n_heldout, "seeds": {}}
     for seed in seeds:
         rng = np.random.default_rng(seed)  # drawn as build_index draws them, then the what-if samples
-        train = np.sort(rng.choice(n, size=plan.train_size, replace=False))
+        train = sample_runs(rng, n, plan.train_size)
         rest = np.setdiff1d(np.arange(n), train, assume_unique=True)
         draws = [np.sort(rng.choice(rest, size=m, replace=False)) for m in [1000, *samples]]
         t0 = time.perf_counter()
