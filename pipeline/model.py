@@ -219,7 +219,12 @@ POOLINGS = {
     "max": "global max pooling of block5_conv3, L2-normalised",
     "rmac": "R-MAC: max pooling of block5_conv3 over a fixed grid of regions at 3 scales (Tolias et al. 2016), "
             "each L2-normalised, summed, L2-normalised",
+    "rmac45": "R-MAC of block4_conv3 and of block5_conv3 (each: max pooling over a fixed grid of regions at 3 "
+              "scales, Tolias et al. 2016, each region L2-normalised, summed, L2-normalised), concatenated, "
+              "L2-normalised",
 }
+# Layers an R-MAC pooling reads (block index, stride of its map), before that block's max-pool.
+RMAC_LAYERS = {"rmac": ((4, 16),), "rmac45": ((3, 8), (4, 16))}
 ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9)  # aspect buckets (landscape; portrait ones are their transposes)
 
 
@@ -234,10 +239,10 @@ class Recipe:
 
 PROFILES = {
     "seed": Recipe(224, "max"),  # the classic recipe
-    # The default. The aspect-kept recipe below beats it on scenes and on copies-dev but loses 2.5 points
-    # of R@1 on the held-out copies (docs/quality.md): a default must win on every set, so it stays.
-    "balanced": Recipe(224, "rmac"),
-    "scenes": Recipe(272, "rmac", aspect=True),  # aspect kept in 7 buckets: best on Holidays-like scenes at <= 1.5x
+    # The default: R-MAC of block4 and block5 at 224x224. It beats block5 R-MAC alone on holidays, copies-dev
+    # and the held-out copies; aspect-kept inputs gain on scenes but lose held-out copies (docs/quality.md).
+    "balanced": Recipe(224, "rmac45"),
+    "scenes": Recipe(272, "rmac45", aspect=True),  # aspect kept in 7 buckets: best on Holidays-like scenes at <= 1.5x
     "large": Recipe(384, "rmac", aspect=True),  # the same at <= 3x: holidays mAP 0.888, weaker on copies
 }
 DEFAULT_PROFILE = "balanced"
@@ -293,37 +298,39 @@ def _rmac_nodes(x: str, h: int, w: int, prefix: str, out: str) -> tuple[list, li
     return nodes, inits
 
 
-def _rmac_by_shape(x: str, shapes: tuple[Shape, ...], dim: int) -> tuple[list, list]:
-    """R-MAC into "pooled" with the regions of whichever of `shapes` the input has: a chain of If
-    nodes on block5's map shape (the last shape is the final else; FeatureModel.embed refuses others)."""
+def _rmac_by_shape(x: str, shapes: tuple[Shape, ...], dim: int, stride: int, prefix: str, out: str) -> tuple[list, list]:
+    """R-MAC of map `x` (`stride` input pixels per map cell) into `out` with the regions of whichever
+    of `shapes` the input has: a chain of If nodes on the map's shape (the last shape is the final
+    else; FeatureModel.embed refuses others)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    nodes = [helper.make_node("Shape", [x], ["map_hw"], start=2, end=4)]
+    nodes = [helper.make_node("Shape", [x], [f"{prefix}map_hw"], start=2, end=4)]
     inits = []
     for k, (h, w) in enumerate(shapes[:-1]):
-        inits.append(numpy_helper.from_array(np.array([h // 16, w // 16], np.int64), f"shape{k}/hw"))
-        nodes += [helper.make_node("Equal", ["map_hw", f"shape{k}/hw"], [f"shape{k}/eq"]),
-                  helper.make_node("Cast", [f"shape{k}/eq"], [f"shape{k}/eq_int"], to=TensorProto.INT64),
-                  helper.make_node("ReduceMin", [f"shape{k}/eq_int"], [f"shape{k}/all"], keepdims=0),
-                  helper.make_node("Cast", [f"shape{k}/all"], [f"shape{k}/is"], to=TensorProto.BOOL)]
+        sk = f"{prefix}shape{k}"
+        inits.append(numpy_helper.from_array(np.array([h // stride, w // stride], np.int64), f"{sk}/hw"))
+        nodes += [helper.make_node("Equal", [f"{prefix}map_hw", f"{sk}/hw"], [f"{sk}/eq"]),
+                  helper.make_node("Cast", [f"{sk}/eq"], [f"{sk}/eq_int"], to=TensorProto.INT64),
+                  helper.make_node("ReduceMin", [f"{sk}/eq_int"], [f"{sk}/all"], keepdims=0),
+                  helper.make_node("Cast", [f"{sk}/all"], [f"{sk}/is"], to=TensorProto.BOOL)]
 
     def branch(k: int) -> object:
         h, w = shapes[k]
-        body, body_inits = _rmac_nodes(x, h // 16, w // 16, f"shape{k}/", f"shape{k}/pooled")
+        sk = f"{prefix}shape{k}"
+        body, body_inits = _rmac_nodes(x, h // stride, w // stride, f"{sk}/", f"{sk}/pooled")
         inits.extend(body_inits)  # in the main graph: subgraphs see outer-scope values
-        return helper.make_graph(body, f"shape{k}", [],
-                                 [helper.make_tensor_value_info(f"shape{k}/pooled", TensorProto.FLOAT, ["batch", dim])])
+        return helper.make_graph(body, sk, [], [helper.make_tensor_value_info(f"{sk}/pooled", TensorProto.FLOAT, ["batch", dim])])
 
     def chain(k: int) -> object:
         """A graph of shape k's pooling when the input has shape k, else of the chain of k + 1."""
         if k == len(shapes) - 1:
             return branch(k)
-        node = helper.make_node("If", [f"shape{k}/is"], [f"chain{k}/pooled"], then_branch=branch(k),
+        node = helper.make_node("If", [f"{prefix}shape{k}/is"], [f"{prefix}chain{k}/pooled"], then_branch=branch(k),
                                 else_branch=chain(k + 1))
-        return helper.make_graph([node], f"chain{k}", [], [
-            helper.make_tensor_value_info(f"chain{k}/pooled", TensorProto.FLOAT, ["batch", dim])])
+        return helper.make_graph([node], f"{prefix}chain{k}", [], [
+            helper.make_tensor_value_info(f"{prefix}chain{k}/pooled", TensorProto.FLOAT, ["batch", dim])])
 
-    nodes.append(helper.make_node("If", ["shape0/is"], ["pooled"], then_branch=branch(0), else_branch=chain(1)))
+    nodes.append(helper.make_node("If", [f"{prefix}shape0/is"], [out], then_branch=branch(0), else_branch=chain(1)))
     return nodes, inits
 
 
@@ -334,6 +341,8 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
     pooling "max": global max pooling, height and width dynamic (the conv base accepts any
     size). pooling "rmac": R-MAC over regions fixed for the input shape: input_size x input_size,
     or with `aspect` the shapes of aspect_shapes(input_size) (height and width dynamic, one of those).
+    pooling "rmac45": the same on block4_conv3 and on block5_conv3, concatenated: block4's finer map
+    keeps the detail that tells one scene from a similar one, block5 the invariance copies need.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -342,7 +351,8 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
         raise PipelineError(f"unknown pooling {pooling!r}: use {' or '.join(POOLINGS)}")
     shapes = aspect_shapes(input_size) if aspect else ((input_size, input_size),)
     if name is None:
-        name = "vgg16-imagenet-gmp" if pooling == "max" else f"vgg16-imagenet-rmac{input_size}"
+        name = {"max": "vgg16-imagenet-gmp", "rmac": f"vgg16-imagenet-rmac{input_size}"}.get(
+            pooling, f"vgg16-imagenet-{pooling}-{input_size}")
         name += "-aspect" * aspect
     layers = _check_layers(layers)
     nodes = [
@@ -358,6 +368,8 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
     ]
     x = "x_nchw"
     i = 0
+    taps: list[tuple[str, int, int]] = []  # the maps R-MAC pools: (name, stride, channels)
+    strides = dict(RMAC_LAYERS.get(pooling, ()))
     for b, n in enumerate(VGG16_BLOCKS):
         for _ in range(n):
             lname, kernel, bias = layers[i]
@@ -369,24 +381,34 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
                 helper.make_node("Relu", [f"{lname}/conv"], [f"{lname}/relu"]),
             ]
             x = f"{lname}/relu"
-        if b == len(VGG16_BLOCKS) - 1 and pooling == "rmac":
-            break  # R-MAC pools block5_conv3 itself
+        if b in strides:  # R-MAC pools this block's last conv map itself, before its max-pool
+            taps.append((x, strides[b], kernel.shape[0]))
+        if b == len(VGG16_BLOCKS) - 1 and taps:
+            break
         pool = f"block{b + 1}_pool"
         nodes.append(helper.make_node("MaxPool", [x], [pool], kernel_shape=[2, 2], strides=[2, 2], name=pool))
         x = pool
-    dim = layers[-1][1].shape[0]
 
     if pooling == "max":
+        dim = layers[-1][1].shape[0]
         nodes += [helper.make_node("GlobalMaxPool", [x], ["gmp"]), helper.make_node("Flatten", ["gmp"], ["pooled"], axis=1)]
         height = width = None
-    elif len(shapes) == 1:
-        pool_nodes, pool_inits = _rmac_nodes(x, input_size // 16, input_size // 16, "", "pooled")
-        nodes, inits = nodes + pool_nodes, inits + pool_inits
-        height = width = input_size
     else:
-        pool_nodes, pool_inits = _rmac_by_shape(x, shapes, dim)
-        nodes, inits = nodes + pool_nodes, inits + pool_inits
-        height = width = None
+        dim = sum(channels for _, _, channels in taps)
+        height = width = input_size if len(shapes) == 1 else None
+        parts = []
+        for tap, stride, channels in taps:
+            prefix, out = ("", "pooled") if len(taps) == 1 else (f"{tap.split('_')[0]}/", f"{tap.split('_')[0]}/rmac")
+            if len(shapes) == 1:
+                pool_nodes, pool_inits = _rmac_nodes(tap, input_size // stride, input_size // stride, prefix, out)
+            else:
+                pool_nodes, pool_inits = _rmac_by_shape(tap, shapes, channels, stride, prefix, out)
+            nodes, inits = nodes + pool_nodes, inits + pool_inits
+            if len(taps) > 1:  # each layer's R-MAC L2-normalised, so both weigh alike in the concatenation
+                nodes += _l2_nodes(out, f"{out}_l2")
+                parts.append(f"{out}_l2")
+        if parts:
+            nodes.append(helper.make_node("Concat", parts, ["pooled"], axis=1))
     nodes += _l2_nodes("pooled", "features")
     graph = helper.make_graph(
         nodes, name,

@@ -34,12 +34,22 @@ from pipeline.model import (
 )
 
 
+def numpy_rmac(x: np.ndarray) -> np.ndarray:
+    """R-MAC of maps [N, C, h, w]: each region max-pooled and L2-normalised, summed, L2-normalised."""
+    vec = np.zeros(x.shape[:2])
+    for y0, x0, y1, x1 in rmac_regions(*x.shape[2:]):
+        r = x[:, :, y0:y1, x0:x1].max(axis=(2, 3))
+        vec += r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
+    return vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
+
+
 def numpy_reference(images: np.ndarray, layers, pooling: str = "max") -> np.ndarray:
-    """The recipe written out plainly: caffe preprocessing, VGG convs/pools, global max (or R-MAC), L2."""
+    """The recipe written out plainly: caffe preprocessing, VGG convs/pools, global max (or R-MAC of
+    block5_conv3, or R-MAC of block4_conv3 and block5_conv3 concatenated), L2."""
     x = images.astype(np.float64)[..., ::-1] - np.array([103.939, 116.779, 123.68])  # RGB->BGR, minus mean
     x = x.transpose(0, 3, 1, 2)  # NCHW
-    i = 0
-    for n in VGG16_BLOCKS:
+    i, block4 = 0, None
+    for b, n in enumerate(VGG16_BLOCKS):
         for _ in range(n):
             _, kernel, bias = layers[i]
             i += 1
@@ -50,12 +60,13 @@ def numpy_reference(images: np.ndarray, layers, pooling: str = "max") -> np.ndar
                 for dx in range(3):
                     out += np.einsum("nchw,oc->nohw", padded[:, :, dy:dy + h, dx:dx + w], kernel[:, :, dy, dx])
             x = np.maximum(out + bias[None, :, None, None], 0)
-        if pooling == "rmac" and i == len(layers):  # R-MAC on block5_conv3, before its pool
-            vec = np.zeros(x.shape[:2])
-            for y0, x0, y1, x1 in rmac_regions(*x.shape[2:]):
-                r = x[:, :, y0:y1, x0:x1].max(axis=(2, 3))
-                vec += r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
-            return vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
+        if pooling == "rmac45" and b == 3:  # block4_conv3, before its pool
+            block4 = numpy_rmac(x)
+        if pooling.startswith("rmac") and i == len(layers):  # R-MAC on block5_conv3, before its pool
+            if block4 is None:
+                return numpy_rmac(x)
+            both = np.concatenate([block4, numpy_rmac(x)], axis=1)
+            return both / np.linalg.norm(both, axis=1, keepdims=True)
         h2, w2 = x.shape[2] // 2, x.shape[3] // 2
         x = x[:, :, :h2 * 2, :w2 * 2].reshape(x.shape[0], x.shape[1], h2, 2, w2, 2).max(axis=(3, 5))
     pooled = x.max(axis=(2, 3))
@@ -91,6 +102,22 @@ def test_rmac_graph_matches_numpy_reference(tmp_path):
     np.testing.assert_allclose(got, numpy_reference(images, tiny_layers(0), "rmac"), rtol=1e-4, atol=1e-5)
     assert len(rmac_regions(4, 4)) > 3 and "R-MAC" in info.pooling
     assert info.checksum != build_feature_graph(tiny_layers(0), input_size=64)[1].checksum
+
+
+@pytest.mark.parametrize("aspect", [False, True])
+def test_two_layer_rmac_matches_numpy_reference(tmp_path, aspect):
+    model, info = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac45", aspect=aspect)
+    save_model(model, tmp_path / "rmac45.onnx")
+    fm = FeatureModel(tmp_path / "rmac45.onnx")
+    assert fm.info.dim == 2 * 64 and "block4_conv3 and of block5_conv3" in fm.info.pooling
+    rmac = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac", aspect=aspect)[1]
+    assert info.checksum != rmac.checksum and info.relative_compute() == rmac.relative_compute()
+    rng = np.random.default_rng(4)
+    for h, w in (info.resize_to if aspect else [(64, 64)]):  # with aspect: each layer's If chain picks the shape's regions
+        images = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+        got = fm.embed(images)
+        np.testing.assert_allclose(got, numpy_reference(images, tiny_layers(0), "rmac45"), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(got[:, :64], axis=1), np.sqrt(0.5), rtol=1e-5)  # the layers weigh alike
 
 
 def test_aspect_graph_pools_each_shape_with_its_regions(tmp_path):

@@ -46,9 +46,9 @@ def test_published_imagenet_biases():
 def test_real_model_checksum_and_recipe(real_model, tmp_path):
     info = read_model_info(real_model)
     assert info.weights_sha256 == IMAGENET_VGG16_SHA256
-    assert (info.input_size, info.dim, info.name) == (224, 512, "vgg16-imagenet-rmac224")  # the default profile
+    assert (info.input_size, info.dim, info.name) == (224, 1024, "vgg16-imagenet-rmac45-224")  # the default profile
     scenes = export_model(tmp_path / "scenes.onnx", profile="scenes")
-    assert (scenes.input_size, scenes.name) == (272, "vgg16-imagenet-rmac272-aspect")
+    assert (scenes.input_size, scenes.dim, scenes.name) == (272, 1024, "vgg16-imagenet-rmac45-272-aspect")
     assert len(scenes.resize_to) == 7 and scenes.relative_compute() <= 1.5  # aspect buckets, within 1.5x the seed's pixels
     seed = export_model(tmp_path / "seed.onnx", profile="seed")
     assert (seed.input_size, seed.name, seed.weights_sha256) == (224, "vgg16-imagenet-gmp", IMAGENET_VGG16_SHA256)
