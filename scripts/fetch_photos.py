@@ -2,6 +2,7 @@
 
 Usage: python scripts/fetch_photos.py --out bench-output/photos [--count 300]
        python scripts/fetch_photos.py --gcompris bench-output/whitening
+       python scripts/fetch_photos.py --fresh bench-output/fresh-photos
 
 Downloads mate-backgrounds and plasma-workspace-wallpapers with `apt-get download` (Debian's
 registry; GPL/LGPL/CC-licensed artwork, see each package's copyright file; not redistributed
@@ -15,6 +16,11 @@ evaluation set uses: the training photos of scripts/quality_regions.py's learned
 images of at least 200 px a side, without transparent, black-masked or white-background areas,
 and with at least 600 distinct colours in a 64x64 thumbnail (drawings have few); activities of
 drawings and jigsaw pieces are skipped.
+
+--fresh DIR writes instead photographs from ten Debian packages that no other set uses, picked by eye
+(scripts/fresh_photos.json), for held-out set v4: make_heldout.py --no-wallpapers --extra DIR. The list pins
+each package's version (Debian 12), so the same pictures come back; each is written as
+`<package>-<file stem>.jpg`, RGB, long side at most 1280 px, JPEG quality 92.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import subprocess
 import tempfile
 from pathlib import Path
@@ -30,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 PACKAGES = ["mate-backgrounds", "plasma-workspace-wallpapers"]
+FRESH_LIST = Path(__file__).with_name("fresh_photos.json")
 GCOMPRIS_SKIP = ("details", "babyshapes", "leftright", "louis-braille", "chronos", "gravity", "digital_electricity",
                  "hangman", "solar_system")  # activities of jigsaw pieces, hands and diagrams
 
@@ -98,6 +106,34 @@ def gcompris_photos(workdir: Path, out: Path) -> int:
     return kept
 
 
+def fresh_photos(workdir: Path, out: Path) -> int:
+    """Write the pictures of fresh_photos.json (see the module docstring) as JPEGs into out; returns how many.
+
+    A path ending in `@OFFSET` is an Enlightenment .edj file: the picture is the JPEG starting at that byte.
+    """
+    spec = json.loads(FRESH_LIST.read_text())
+    versions, photos = spec["versions"], spec["photos"]
+    missing = [pkg for pkg in versions if not (workdir / "fresh" / pkg).is_dir()]
+    if missing:
+        subprocess.run(["apt-get", "download", "-qq", *(f"{pkg}={versions[pkg]}" for pkg in missing)], cwd=workdir,
+                       check=True)
+        (workdir / "fresh").mkdir(exist_ok=True)  # dpkg -x makes only the last folder
+        for pkg in missing:
+            deb = next(workdir.glob(f"{pkg}_{versions[pkg].replace(':', '%3a')}_*.deb"))
+            subprocess.run(["dpkg", "-x", str(deb), str(workdir / "fresh" / pkg)], check=True)
+    names = [f"{pkg}-{Path(path.partition('@')[0]).stem}.jpg" for pkg, path in photos]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"{FRESH_LIST}: two pictures of a package share a file stem")
+    for name, (pkg, path) in zip(names, photos):
+        file, _, offset = path.partition("@")
+        data = (workdir / "fresh" / pkg / file).read_bytes()
+        with Image.open(io.BytesIO(data[int(offset or 0):])) as im:
+            rgb = im.convert("RGB")
+        rgb.thumbnail((1280, 1280), Image.Resampling.LANCZOS)
+        rgb.save(out / name, quality=92)
+    return len(names)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench-output/photos"))
@@ -105,11 +141,18 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path("bench-output/debian-wallpapers"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gcompris", type=Path, help="write gcompris-qt-data's photographs here instead")
+    ap.add_argument("--fresh", type=Path,
+                    help="write here instead photographs from ten Debian packages that no other set uses, picked by "
+                         "eye (scripts/fresh_photos.json), for held-out set v4: "
+                         "make_heldout.py --no-wallpapers --extra DIR")
     args = ap.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.gcompris:
         args.gcompris.mkdir(parents=True, exist_ok=True)
         return print(f"wrote {gcompris_photos(args.cache, args.gcompris)} photographs to {args.gcompris}")
+    if args.fresh:
+        args.fresh.mkdir(parents=True, exist_ok=True)
+        return print(f"wrote {fresh_photos(args.cache, args.fresh)} photographs to {args.fresh}")
     args.out.mkdir(parents=True, exist_ok=True)
     sources = debian_pictures(args.cache)
     print(f"{len(sources)} distinct pictures of >= 2 MP")

@@ -95,10 +95,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--extra", type=Path, help="more source pictures (JPEGs), taken after the wallpapers, e.g. "
                     "fetch_photos.py --gcompris's photographs")
+    ap.add_argument("--no-wallpapers", action="store_true", help="only the --extra pictures: a set that shares "
+                    "no picture with the sets built from the wallpapers")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     args.cache.mkdir(parents=True, exist_ok=True)
-    sources = debian_pictures(args.cache)
+    sources = [] if args.no_wallpapers else debian_pictures(args.cache)
     rng.shuffle(sources)
     if args.extra:  # after the wallpapers: the first pictures of a set stay those of a set without them
         sources += sorted(args.extra.glob("*.jpg"))
