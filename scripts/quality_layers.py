@@ -3,7 +3,7 @@
 Usage:
   python scripts/make_heldout.py --out bench-output/heldout      # once: our own held-out copy set
   python scripts/quality_layers.py [--sets holidays,copies] [--policies squash224,bucket224] \\
-      [--recipes "squash224:b5:rmac,squash224:b4:rmac|squash224:b5:rmac"] [--heldout DIR]
+      [--recipes "squash224:b5:rmac,squash224:b4:rmac|squash224:b5:rmac"] [--heldout DIR ...]
 
 For each set and input policy (`squashN`: N x N ignoring aspect; `bucketN`: aspect kept in the seven
 buckets of about N x N pixels, as the product resizes), block4_conv3's and block5_conv3's ReLU maps
@@ -13,7 +13,7 @@ metrics. Recipe syntax: terms `policy:layer:pooling` (layer b4 or b5; pooling rm
 per region), mac, gem3, with `_L4` for four region levels, `_p4` for another GeM power);
 `a+b*0.5` sums L2-normalised terms (weighted); `a|b^0.5` concatenates L2-normalised groups
 (weighted), and the whole is L2-normalised. `squash224:b4:rmac|squash224:b5:rmac` is the default
-profile (`balanced`, pooling rmac45). Writes bench-output/quality_layers.json.
+profile (`balanced`, pooling rmac45). Writes bench-output/quality_layers.json and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def pool(fmap: np.ndarray, kind: str) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", default="holidays,copies,heldout")
-    ap.add_argument("--heldout", type=Path, default=ROOT / "bench-output" / "heldout")
+    ap.add_argument("--heldout", type=Path, action="append", help="a held-out set (repeat for several; "
+                    "default bench-output/heldout)")
     ap.add_argument("--recipes", default="squash224:b5:rmac,squash224:b4:rmac,squash224:b4:rgem,"
                     "squash224:b4:rmac|squash224:b5:rmac,bucket224:b4:rmac|bucket224:b5:rmac,"
                     "bucket272:b4:rmac|bucket272:b5:rmac")
@@ -84,10 +85,12 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     recipes = args.recipes.split(",")
     sess, rows = None, []
-    for name, (db, queries, gt) in datasets(args.heldout).items():
-        if name not in args.sets.split(","):
+    heldouts = args.heldout or [ROOT / "bench-output" / "heldout"]
+    every = [(name, data) for name, data in datasets(heldouts[0]).items() if name != "heldout"]
+    every += [(f"heldout-{h.name}", datasets(h)["heldout"]) for h in heldouts if (h / "groundtruth.json").exists()]
+    for tag, (db, queries, gt) in every:
+        if tag.split("-")[0] not in args.sets.split(","):
             continue
-        tag = f"{name}-{args.heldout.name}" if name == "heldout" else name
         files = sorted(set(db) | set(queries))
         pos, names, qnames = {f: i for i, f in enumerate(files)}, [f.name for f in db], [e["query"] for e in gt]
         maps: dict[str, list] = {}
@@ -130,6 +133,21 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     (ROOT / "bench-output").mkdir(exist_ok=True)
     (ROOT / "bench-output" / "quality_layers.json").write_text(json.dumps(rows, indent=1))
+    print(render(rows))
+
+
+def render(rows: list[dict]) -> str:
+    """A Markdown table: one row per recipe, mAP and R@1 of each set."""
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    by = {(r["set"], r["recipe"]): r for r in rows}
+    lines = ["| recipe | dim | compute | " + " | ".join(f"{s} mAP | {s} R@1" for s in sets) + " |",
+             "|---" * (3 + 2 * len(sets)) + "|"]
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        first = next(r for r in rows if r["recipe"] == recipe)
+        cells = [f"{by[s, recipe]['mAP']:.3f} | {by[s, recipe]['recall@1']:.3f}" if (s, recipe) in by else "— | —"
+                 for s in sets]
+        lines.append(f"| `{recipe}` | {first['dim']} | {first['compute']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
