@@ -146,7 +146,8 @@ def render(rows: list[dict]) -> str:
         first = next(r for r in rows if r["recipe"] == recipe)
         cells = [f"{by[s, recipe]['mAP']:.3f} | {by[s, recipe]['recall@1']:.3f}" if (s, recipe) in by else "— | —"
                  for s in sets]
-        lines.append(f"| `{recipe}` | {first['dim']} | {first['compute']} | " + " | ".join(cells) + " |")
+        cell = recipe.replace("|", "\\|")  # a bare | would split the Markdown cell
+        lines.append(f"| `{cell}` | {first['dim']} | {first['compute']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
