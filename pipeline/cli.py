@@ -320,7 +320,7 @@ def search(
 @app.command()
 def duplicates(
     index: Annotated[Path, typer.Option("--index", "-i", help="Index folder written by `pipeline build-index`.")],
-    threshold: Annotated[Optional[float], typer.Option(help="Cosine at or above which two images are the same picture (default: the threshold calibrated on transformed copies, docs/quality.md).", show_default=False)] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Cosine at or above which two images are the same picture (default: the threshold calibrated on transformed copies for the index's recipe: 0.86 for the default, 0.80 for block5 R-MAC; docs/quality.md).", show_default=False)] = None,
     min_size: Annotated[int, typer.Option(help="Print only groups of at least this many images.")] = 2,
     limit: Annotated[Optional[int], typer.Option(help="Print at most this many groups (largest first).")] = None,
     nprobe: Annotated[Optional[int], typer.Option(help="IVF lists each image probes (default: its own, the tuned nprobe, and every list nearly as near as its own, as many as a pair at the threshold may need; up to 256).")] = None,
@@ -334,10 +334,10 @@ def duplicates(
     files are always one group. Largest groups first; in a group, the best-quality copy (most
     pixels, then most bytes) first. Nothing is deleted or moved.
     """
-    from .duplicates import DEFAULT_THRESHOLD, find_groups
+    from .duplicates import find_groups
 
     try:
-        groups = find_groups(index, DEFAULT_THRESHOLD if threshold is None else threshold, min_size=min_size, limit=limit, nprobe=nprobe, progress=progress)
+        groups = find_groups(index, threshold, min_size=min_size, limit=limit, nprobe=nprobe, progress=progress)
         if sheet is not None:
             from .sheet import group_sheets
 

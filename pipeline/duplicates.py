@@ -37,14 +37,19 @@ import numpy as np
 from PIL import Image as PILImage
 
 from .errors import PipelineError
+from .features import exact_features
+from .model import POOLINGS
 from .progress import Progress
 from .search import Searcher
-from .features import exact_features
+from .shards import shard_model
 
 LOG = logging.getLogger(__name__)
 
-# Calibrated on ../shared/eval/copies-dev (docs/quality.md, "Near-duplicate groups").
-DEFAULT_THRESHOLD = 0.80
+# The cosine at or above which two images are one picture, per pooling of the index's recipe: each the
+# best F0.5 on ../shared/eval/copies-dev (docs/quality.md, "Near-duplicate groups"). Recipes score alike
+# pairs differently: at 0.80, block4 + block5 R-MAC groups 942 pairs of copies-dev at precision 0.37.
+THRESHOLDS = {POOLINGS["rmac"]: 0.80, POOLINGS["rmac45"]: 0.86}
+DEFAULT_THRESHOLD = 0.80  # a recipe not calibrated: that of block5 R-MAC, the nearest
 # Lists each vector probes (unless --nprobe fixes a number): its own, those a search would probe
 # (the tuned nprobe), and every further list whose centroid scores within PROBE_GAP x e of its
 # nearest centroid's, where e = sqrt(2 - 2 cut) is the distance between two unit vectors at the cut,
@@ -83,9 +88,20 @@ class DuplicateGroup:
         return {"group": self.group, "images": [vars(i) for i in self.images]}
 
 
+def default_threshold(searcher: Searcher) -> float:
+    """The threshold calibrated for the recipe of the index's features (THRESHOLDS), read from a shard."""
+    try:
+        first = searcher.meta["shards"][0]["name"]
+        pooling = shard_model(Path(searcher.meta["features_dir"]) / first)[0].pooling
+    except (IndexError, KeyError, OSError, PipelineError) as exc:
+        LOG.warning("the recipe of %s is unknown (%s): threshold %.2f", searcher.version_dir, exc, DEFAULT_THRESHOLD)
+        return DEFAULT_THRESHOLD
+    return THRESHOLDS.get(pooling, DEFAULT_THRESHOLD)
+
+
 def find_groups(
     index_dir: Path | str,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | None = None,
     *,
     min_size: int = 2,
     limit: int | None = None,
@@ -96,11 +112,13 @@ def find_groups(
     """Every group of at least `min_size` near-duplicate images of the published index, largest first
     (at most `limit` groups). Reads only: nothing is deleted or moved.
 
+    `threshold`: cosine (default: the one calibrated for the index's recipe, default_threshold).
+
     `nprobe`: IVF lists each vector probes (default: by score gap to its nearest centroid, PROBE_GAP).
     `rerank_margin`: for compressed codes, pairs whose decoded score is at least threshold minus this
     are re-scored with the exact features from the shards (default: measured, see _code_error).
     """
-    if not -1.0 <= threshold <= 1.0:
+    if threshold is not None and not -1.0 <= threshold <= 1.0:
         raise PipelineError(f"--threshold is a cosine, in [-1, 1] (got {threshold})")
     if min_size < 2:
         raise PipelineError(f"--min-size must be at least 2 (got {min_size})")
@@ -110,6 +128,8 @@ def find_groups(
         raise PipelineError(f"--nprobe must be at least 1 (got {nprobe})")
     t0 = time.monotonic()
     searcher = Searcher(index_dir)
+    if threshold is None:
+        threshold = default_threshold(searcher)
     if searcher.meta.get("codes"):
         raise PipelineError(f"{searcher.version_dir} holds binary codes (build-index --codes), which `duplicates` "
                             "cannot scan list by list; build an index without --codes for it")

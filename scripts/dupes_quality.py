@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.duplicates import DEFAULT_THRESHOLD, find_groups  # noqa: E402
+from pipeline.duplicates import default_threshold, find_groups  # noqa: E402
 from pipeline.search import Searcher  # noqa: E402
 
 
@@ -55,17 +55,18 @@ def main() -> None:
     ap.add_argument("--thresholds", default=",".join(f"{t / 100:.2f}" for t in range(70, 100, 2)))
     ap.add_argument("--choose", action="store_true", help="Print the threshold with the best F0.5.")
     args = ap.parse_args()
-    paths = Searcher(args.index).indexed_paths()
+    searcher = Searcher(args.index)
+    paths, default = searcher.indexed_paths(), default_threshold(searcher)
     by_picture: dict[str, list[str]] = {}
     for p in paths:
         by_picture.setdefault(picture(p), []).append(p)
     truth = pairs_of(list(by_picture.values()))
-    thresholds = sorted({float(t) for t in args.thresholds.split(",")} | {DEFAULT_THRESHOLD})
+    thresholds = sorted({float(t) for t in args.thresholds.split(",")} | {default})
     rows = [score(args.index, t, truth) for t in thresholds]
     print(f"{len(paths)} images of {len(by_picture)} pictures, {len(truth)} same-picture pairs")
     print("| threshold | groups | predicted pairs | precision | recall | F1 | F0.5 |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        mark = " (default)" if r["threshold"] == DEFAULT_THRESHOLD else ""
+        mark = " (default)" if r["threshold"] == default else ""
         print(f"| {r['threshold']:.2f}{mark} | {r['groups']} | {r['pairs']} | {r['precision']:.3f} | "
               f"{r['recall']:.3f} | {r['f1']:.3f} | {r['f05']:.3f} |")
     if args.choose:

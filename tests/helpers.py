@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -132,14 +133,16 @@ def clustered_vectors(n: int, dim: int = 64, clusters: int = 20, seed: int = 0) 
 
 
 def write_synthetic_shards(features_dir: Path, vectors: np.ndarray, shard_size: int, model_sha: str = "f" * 64,
-                           first: int = 0) -> list[str]:
+                           first: int = 0, pooling: str | None = None) -> list[str]:
     """Real shard files holding `vectors`, with made-up paths /synthetic/NNNNNNN.jpg numbered from
-    `first`, after the shards already in the folder."""
+    `first`, after the shards already in the folder; `pooling`: the recipe's (a POOLINGS value)."""
     from pipeline.model import ModelInfo
     from pipeline.shards import ShardData, next_shard_number, shard_name, write_shard
 
     features_dir.mkdir(parents=True, exist_ok=True)
     info = ModelInfo(name="synthetic", weights_sha256=model_sha, input_size=TINY_SIZE, dim=vectors.shape[1])
+    if pooling is not None:
+        info = replace(info, pooling=pooling)
     paths = [f"/synthetic/{i:07d}.jpg" for i in range(first, first + len(vectors))]
     number = next_shard_number(features_dir)
     for s, start in enumerate(range(0, len(vectors), shard_size)):

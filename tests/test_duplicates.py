@@ -21,6 +21,7 @@ from pipeline.duplicates import DuplicateGroup, _pairs_above, _roots, _union, fi
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.index import build_index
+from pipeline.model import POOLINGS
 from pipeline.search import Searcher
 
 runner = CliRunner()
@@ -114,6 +115,18 @@ def _planted(n: int = 3000, seed: int = 0) -> np.ndarray:
             v = original + 0.25 * rng.normal(size=64).astype(np.float32) / 8
             x[i] = v / np.linalg.norm(v)
     return x
+
+
+def test_default_threshold_is_the_one_calibrated_for_the_index_recipe(tmp_path):
+    vectors = _planted(600)
+    for pooling, want in (("rmac45", 0.86), ("rmac", 0.80), ("max", duplicates.DEFAULT_THRESHOLD)):
+        write_synthetic_shards(tmp_path / pooling / "f", vectors, shard_size=300, pooling=POOLINGS[pooling])
+        build_index(tmp_path / pooling / "f", tmp_path / pooling / "i", progress=False)
+        assert duplicates.default_threshold(Searcher(tmp_path / pooling / "i")) == want
+    groups = lambda threshold: [[i.path for i in g.images] for g in find_groups(tmp_path / "rmac45" / "i", threshold)]  # noqa: E731
+    assert groups(None) == groups(0.86) != groups(0.80)
+    shutil.rmtree(tmp_path / "rmac45" / "f")  # the recipe cannot be read: the uncalibrated default, not a failure
+    assert duplicates.default_threshold(Searcher(tmp_path / "rmac45" / "i")) == duplicates.DEFAULT_THRESHOLD
 
 
 @pytest.mark.parametrize("factory, small_blocks, rerank", [
