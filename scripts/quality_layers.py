@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from quality_experiments import datasets, l2n, rank  # noqa: E402
-from quality_regions import compute, input_size  # noqa: E402
+from quality_regions import compute, input_size, render  # noqa: E402
 from pipeline.evaluate import score  # noqa: E402
 from pipeline.images import decode_bytes, read_file  # noqa: E402
 from pipeline.model import build_feature_graph, load_layers, rmac_regions  # noqa: E402
@@ -134,21 +134,6 @@ def main() -> None:
     (ROOT / "bench-output").mkdir(exist_ok=True)
     (ROOT / "bench-output" / "quality_layers.json").write_text(json.dumps(rows, indent=1))
     print(render(rows))
-
-
-def render(rows: list[dict]) -> str:
-    """A Markdown table: one row per recipe, mAP and R@1 of each set."""
-    sets = list(dict.fromkeys(r["set"] for r in rows))
-    by = {(r["set"], r["recipe"]): r for r in rows}
-    lines = ["| recipe | dim | compute | " + " | ".join(f"{s} mAP | {s} R@1" for s in sets) + " |",
-             "|---" * (3 + 2 * len(sets)) + "|"]
-    for recipe in dict.fromkeys(r["recipe"] for r in rows):
-        first = next(r for r in rows if r["recipe"] == recipe)
-        cells = [f"{by[s, recipe]['mAP']:.3f} | {by[s, recipe]['recall@1']:.3f}" if (s, recipe) in by else "— | —"
-                 for s in sets]
-        cell = recipe.replace("|", "\\|")  # a bare | would split the Markdown cell
-        lines.append(f"| `{cell}` | {first['dim']} | {first['compute']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

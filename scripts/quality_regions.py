@@ -154,15 +154,19 @@ def main() -> None:
 
 
 def render(rows: list[dict]) -> str:
+    """A Markdown table: one row per recipe, mAP and R@1 of each set (and the dimension when rows give it)."""
     sets = list(dict.fromkeys(r["set"] for r in rows))
     by = {(r["set"], r["recipe"]): r for r in rows}
-    lines = ["| recipe | compute | " + " | ".join(f"{s} mAP | {s} R@1" for s in sets) + " |",
-             "|---" * (2 + 2 * len(sets)) + "|"]
+    extra = ["dim"] if rows and "dim" in rows[0] else []
+    lines = ["| recipe | " + "".join(f"{c} | " for c in extra) + "compute | "
+             + " | ".join(f"{s} mAP | {s} R@1" for s in sets) + " |", "|---" * (2 + len(extra) + 2 * len(sets)) + "|"]
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
-        cells = [f"{by[s, recipe]['mAP']:.3f} | {by[s, recipe]['recall@1']:.3f}" if (s, recipe) in by else " | "
+        first = next(r for r in rows if r["recipe"] == recipe)
+        cells = [f"{by[s, recipe]['mAP']:.3f} | {by[s, recipe]['recall@1']:.3f}" if (s, recipe) in by else "— | —"
                  for s in sets]
-        cost = next(r["compute"] for r in rows if r["recipe"] == recipe)
-        lines.append(f"| {recipe} | {cost} | " + " | ".join(cells) + " |")
+        name = recipe.replace("|", "\\|")  # a bare | would split the Markdown cell
+        lines.append(f"| `{name}` | " + "".join(f"{first[c]} | " for c in extra) + f"{first['compute']} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
