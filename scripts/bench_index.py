@@ -3,7 +3,7 @@
 Usage: python scripts/bench_index.py [--n 1000000] [--workdir bench-output/index-bench]
 (bench_search.py then measures search on the index this leaves behind.)
 
-1. Writes N synthetic clustered 512-d unit vectors as real HDF5 shards (once; reused after).
+1. Writes N synthetic clustered unit vectors (512-d, or --dim) as real HDF5 shards (once; reused after).
 2. (a) runs `pipeline build-index` in a fresh process: wall time and peak RSS (whole build:
    reading shards, training, adding, ids table, recall tuning, writing, publishing).
 3. (b) runs raw faiss in a fresh process: the same factory and training-sample size, train +
@@ -43,23 +43,24 @@ DIM = 512
 def clustered(n: int, centres: np.ndarray, rng: np.random.Generator, spread: float = 0.6) -> np.ndarray:
     """Unit vectors around random centres, noise of norm ~`spread`: at 100k vectors, random pairs have
     cosine ~0.47 and a query's nearest neighbour ~0.76, about as for VGG16 max-pooled features."""
-    x = centres[rng.integers(0, len(centres), n)] + spread * rng.normal(size=(n, DIM)).astype(np.float32) / np.sqrt(DIM)
+    dim = centres.shape[1]
+    x = centres[rng.integers(0, len(centres), n)] + spread * rng.normal(size=(n, dim)).astype(np.float32) / np.sqrt(dim)
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def make_shards(features: Path, n: int, shard_size: int, seed: int) -> np.ndarray:
+def make_shards(features: Path, n: int, shard_size: int, seed: int, dim: int = DIM) -> np.ndarray:
     """Write n vectors as shards (skipped if present); returns the cluster centres for queries.
 
     Like max-pooled ReLU features, the centres lie in the positive orthant (random pairs have
     cosine ~0.6), and neighbours are not trivially separated into clusters.
     """
     rng = np.random.default_rng(seed)
-    centres = np.abs(rng.normal(size=(10_000, DIM))).astype(np.float32)
+    centres = np.abs(rng.normal(size=(10_000, dim))).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     if sum(1 for _ in list_shards(features)) * shard_size >= n:
         return centres
     features.mkdir(parents=True, exist_ok=True)
-    info = ModelInfo(name="synthetic", weights_sha256="s" * 64, input_size=224, dim=DIM)
+    info = ModelInfo(name="synthetic", weights_sha256="s" * 64, input_size=224, dim=dim)
     for s, start in enumerate(range(0, n, shard_size)):
         m = min(shard_size, n - start)
         vecs = clustered(m, centres, rng)
@@ -104,13 +105,15 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench-output" / "index-bench")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json-out", type=Path, default=ROOT / "bench-output" / "bench_index.json")
+    ap.add_argument("--dim", type=int, default=DIM, help="vector dimension (1024: the default recipe's features)")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
     import faiss
 
-    features, index_dir = args.workdir / f"features-{args.n}-v2", args.workdir / f"index-{args.n}-v2"
+    tag = f"{args.n}-v2" + (f"-d{args.dim}" if args.dim != DIM else "")
+    features, index_dir = args.workdir / f"features-{tag}", args.workdir / f"index-{tag}"
     t0 = time.perf_counter()
-    centres = make_shards(features, args.n, args.shard_size, args.seed)
+    centres = make_shards(features, args.n, args.shard_size, args.seed, args.dim)
     print(f"shards ready in {time.perf_counter() - t0:.1f} s", flush=True)
 
     wall_a, rss_a, out = run_measured([sys.executable, "-m", "pipeline", "-q", "build-index", str(features),
@@ -151,7 +154,7 @@ def main() -> None:
     res = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python scripts/bench_index.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "n": args.n, "factory": meta["factory"], "nprobe": meta["nprobe"], "train_size": meta["train_size"],
+        "n": args.n, "dim": args.dim, "factory": meta["factory"], "nprobe": meta["nprobe"], "train_size": meta["train_size"],
         "pipeline_build_s": round(wall_a, 1), "pipeline_timings": meta["timings"],
         "raw_faiss_s": round(raw_s, 1), "raw_faiss": {k: round(v, 1) for k, v in raw.items()},
         "ratio": round(wall_a / raw_s, 3),
@@ -167,7 +170,7 @@ def main() -> None:
     t = res["pipeline_timings"]
     text = "\n".join([
         f"\n### Index build — {res['date']}\n",
-        f"`{res['command']}` — {args.n:,} synthetic clustered 512-d unit vectors in real shards; {res['factory']}, "
+        f"`{res['command']}` — {args.n:,} synthetic clustered {args.dim}-d unit vectors in real shards; {res['factory']}, "
         f"training sample {res['train_size']:,}.\n",
         "| what | seconds |", "|---|---|",
         f"| (a) `pipeline build-index`, whole process | {res['pipeline_build_s']} |",
