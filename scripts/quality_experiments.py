@@ -35,10 +35,11 @@ from pipeline.model import build_feature_graph, load_layers, rmac_regions  # noq
 SHARED = ROOT.parent / "shared" / "eval"
 
 
-def maps_session(weights: Path | None) -> ort.InferenceSession:
-    """The seed feature graph (any input size) with block5_conv3's ReLU output exposed."""
+def maps_session(weights: Path | None, maps: tuple[str, ...] = ("block5_conv3/relu",)) -> ort.InferenceSession:
+    """The seed feature graph (any input size) with the `maps` (conv layers' ReLU outputs) exposed."""
     m, _ = build_feature_graph(load_layers(weights)[0], pooling="max")
-    m.graph.output.append(helper.make_tensor_value_info("block5_conv3/relu", TensorProto.FLOAT, None))
+    for name in maps:
+        m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
@@ -60,10 +61,12 @@ def l2n(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def region_vectors(fmap: np.ndarray) -> np.ndarray:
-    """R-MAC's regional vectors of one [C, h, w] map: max-pooled over each region, L2-normalised."""
-    return np.stack([l2n(fmap[:, y0:y1, x0:x1].reshape(fmap.shape[0], -1).max(1))
-                     for y0, x0, y1, x1 in rmac_regions(*fmap.shape[1:])])
+def region_vectors(fmap: np.ndarray, levels: int = 3, power: float | None = None) -> np.ndarray:
+    """R-MAC's regional vectors of one [C, h, w] map: max-pooled (with `power`: GeM-pooled) over each
+    region of `levels` scales, L2-normalised."""
+    regions = (fmap[:, y0:y1, x0:x1].reshape(fmap.shape[0], -1) for y0, x0, y1, x1 in rmac_regions(*fmap.shape[1:], levels))
+    return np.stack([l2n(r.max(1) if power is None else np.mean(np.maximum(r, 1e-6) ** power, 1) ** (1 / power))
+                     for r in regions])
 
 
 def pool_all(fmap: np.ndarray) -> dict[str, np.ndarray]:

@@ -27,29 +27,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-from onnx import TensorProto, helper
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from quality_experiments import datasets, l2n, rank  # noqa: E402
+from quality_experiments import datasets, l2n, maps_session, rank, region_vectors  # noqa: E402
 from quality_regions import compute, input_size, render  # noqa: E402
 from pipeline.evaluate import score  # noqa: E402
 from pipeline.images import decode_bytes, read_file  # noqa: E402
-from pipeline.model import build_feature_graph, load_layers, rmac_regions  # noqa: E402
 
 LAYERS = {"b4": "block4_conv3/relu", "b5": "block5_conv3/relu"}
-regions = functools.lru_cache(None)(rmac_regions)
-
-
-def maps_session() -> ort.InferenceSession:
-    """The ImageNet VGG16 graph (any input size) with block4_conv3's and block5_conv3's ReLU maps as outputs."""
-    m, _ = build_feature_graph(load_layers(None)[0], pooling="max")
-    for name in LAYERS.values():
-        m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def pool(fmap: np.ndarray, kind: str) -> np.ndarray:
@@ -58,17 +46,12 @@ def pool(fmap: np.ndarray, kind: str) -> np.ndarray:
     base, *opts = kind.split("_")
     levels = next((int(o[1:]) for o in opts if o.startswith("L")), 3)
     p = next((float(o[1:]) for o in opts if o.startswith("p")), 3.0)
-
-    def gem(x: np.ndarray) -> np.ndarray:
-        return np.mean(np.maximum(x, 1e-6) ** p, 1) ** (1 / p)
-
     if base == "mac":
         return l2n(c.max(1))
     if base == "gem3":
-        return l2n(gem(c))
+        return l2n(np.mean(np.maximum(c, 1e-6) ** p, 1) ** (1 / p))
     if base in ("rmac", "rgem"):
-        vs = [fmap[:, y0:y1, x0:x1].reshape(fmap.shape[0], -1) for y0, x0, y1, x1 in regions(*fmap.shape[1:], levels)]
-        return l2n(sum(l2n(v.max(1) if base == "rmac" else gem(v)) for v in vs))
+        return l2n(region_vectors(fmap, levels, None if base == "rmac" else p).sum(0))
     raise ValueError(f"unknown pooling {kind!r}")
 
 
@@ -101,7 +84,7 @@ def main() -> None:
             if policy not in maps:
                 cache = args.cache / f"{tag}-{policy}.pkl"
                 if not cache.exists():
-                    sess = sess or maps_session()
+                    sess = sess or maps_session(None, tuple(LAYERS.values()))
                     t0, out = time.perf_counter(), []
                     for f in files:
                         got = sess.run(list(LAYERS.values()), {"image": decode_bytes(read_file(f)[0], input_size(policy))[None]})
