@@ -12,10 +12,10 @@ products. Every pair above the threshold is kept (no k to choose, so a large gro
 never cut at k neighbours); memory is bounded by the block sizes and the (vector, probed list)
 table, not by N^2. Why not faiss's range search with every indexed vector as a query: for 1M
 vectors on this machine it took 1,389 s at the tuned nprobe (3) and 5,954 s at 32
-(docs/benchmarks.md). A pair is missed only when neither image probes the other's list. The cost is the number of (vector, probed list member)
-pairs: on the 1M benchmark a few large lists that most vectors probe make it ~2,100 members per
-probed list, not the mean list size (244). A flat index is cut into blocks, each compared with
-every vector before its end.
+(docs/benchmarks.md). A pair is missed only when neither image probes the other's list. The cost
+is the number of (vector, probed list member) pairs: on the 1M benchmark a few large lists that
+most vectors probe make it ~2,100 members per probed list, not the mean list size (244). A flat
+index is cut into blocks, each compared with every vector before its end.
 
 Flat-coded indexes (Flat, IVF...,Flat) hold the exact features, so their scores are exact.
 Compressed codes with a vector store (the default for them, vectorstore.py) are compared with the
@@ -217,9 +217,8 @@ def _pairs_above(searcher: Searcher, ids: np.ndarray, cut: float, probing: Probi
 def _ivf_pairs_above(searcher: Searcher, ivf: faiss.IndexIVF, cut: float, probing: Probing) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
     """The IVF case of _pairs_above: each vector probes the lists `probing` says, its nearest
     centroids asked of the quantizer as a search asks it; then each list is compared with every
-    vector that probes it, in a few large products (not
-    one small product per pair of lists: at 1M vectors and nprobe 32 call overhead made that run
-    take over 45 minutes). Vectors are numbered by slot: their place in the lists, list after list.
+    vector that probes it, in a few large products (not one small product per pair of lists: at 1M
+    vectors and nprobe 32 call overhead made that run take over 45 minutes). Vectors are numbered by slot: their place in the lists, list after list.
     A pair is compared from both of its lists when each vector probes the other's: comparing it
     once saves only 3.4% of the products at 1M, about what planning it costs (docs/benchmarks.md)."""
     lists = ivf.invlists
