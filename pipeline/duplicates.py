@@ -41,7 +41,7 @@ from .features import exact_features
 from .model import POOLINGS
 from .progress import Progress
 from .search import Searcher
-from .shards import shard_model
+from .shards import list_shards, shard_model
 
 LOG = logging.getLogger(__name__)
 
@@ -89,14 +89,21 @@ class DuplicateGroup:
 
 
 def default_threshold(searcher: Searcher) -> float:
-    """The threshold calibrated for the recipe of the index's features (THRESHOLDS), read from a shard."""
-    try:
-        first = searcher.meta["shards"][0]["name"]
-        pooling = shard_model(Path(searcher.meta["features_dir"]) / first)[0].pooling
-    except (IndexError, KeyError, OSError, PipelineError) as exc:
-        LOG.warning("the recipe of %s is unknown (%s): threshold %.2f", searcher.version_dir, exc, DEFAULT_THRESHOLD)
-        return DEFAULT_THRESHOLD
-    return THRESHOLDS.get(pooling, DEFAULT_THRESHOLD)
+    """The threshold calibrated for the recipe of the index's features (THRESHOLDS), read from the first
+    readable shard of its features folder, if the index's model made it (the shards the index lists
+    may have been compacted away since; a folder holds one model's shards)."""
+    made_by = searcher.meta["model"].get("checksum")
+    for path in list_shards(Path(searcher.meta.get("features_dir", ""))):
+        try:
+            info = shard_model(path)[0]
+        except (OSError, PipelineError):
+            continue
+        if made_by in (None, info.checksum):
+            return THRESHOLDS.get(info.pooling, DEFAULT_THRESHOLD)
+        break
+    LOG.warning("the recipe of %s cannot be read from its features folder: threshold %.2f", searcher.version_dir,
+                DEFAULT_THRESHOLD)
+    return DEFAULT_THRESHOLD
 
 
 def find_groups(

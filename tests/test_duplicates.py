@@ -125,7 +125,13 @@ def test_default_threshold_is_the_one_calibrated_for_the_index_recipe(tmp_path):
         assert duplicates.default_threshold(Searcher(tmp_path / pooling / "i")) == want
     groups = lambda threshold: [[i.path for i in g.images] for g in find_groups(tmp_path / "rmac45" / "i", threshold)]  # noqa: E731
     assert groups(None) == groups(0.86) != groups(0.80)
+    for shard in (tmp_path / "rmac45" / "f").glob("shard-*.h5"):  # compacted since: other shard names, same recipe
+        shard.rename(shard.with_name(shard.name.replace("shard-0", "shard-1")))
+    assert duplicates.default_threshold(Searcher(tmp_path / "rmac45" / "i")) == 0.86
     shutil.rmtree(tmp_path / "rmac45" / "f")  # the recipe cannot be read: the uncalibrated default, not a failure
+    assert duplicates.default_threshold(Searcher(tmp_path / "rmac45" / "i")) == duplicates.DEFAULT_THRESHOLD
+    write_synthetic_shards(tmp_path / "rmac45" / "f", vectors, 300, model_sha="e" * 64,  # another model's shards
+                           pooling=POOLINGS["rmac45"])
     assert duplicates.default_threshold(Searcher(tmp_path / "rmac45" / "i")) == duplicates.DEFAULT_THRESHOLD
 
 
