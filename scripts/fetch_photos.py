@@ -2,7 +2,7 @@
 
 Usage: python scripts/fetch_photos.py --out bench-output/photos [--count 300]
        python scripts/fetch_photos.py --gcompris bench-output/whitening
-       python scripts/fetch_photos.py --fresh bench-output/fresh-photos
+       python scripts/fetch_photos.py --fresh bench-output/fresh-photos [--list scripts/fresh_photos_v5.json]
 
 Downloads mate-backgrounds and plasma-workspace-wallpapers with `apt-get download` (Debian's
 registry; GPL/LGPL/CC-licensed artwork, see each package's copyright file; not redistributed
@@ -17,9 +17,10 @@ images of at least 200 px a side, without transparent, black-masked or white-bac
 and with at least 600 distinct colours in a 64x64 thumbnail (drawings have few); activities of
 drawings and jigsaw pieces are skipped.
 
---fresh DIR writes instead photographs from ten Debian packages that no other set uses, picked by eye
-(scripts/fresh_photos.json), for held-out set v4: make_heldout.py --no-wallpapers --extra DIR. The list pins
-each package's version (Debian 12), so the same pictures come back; each is written as
+--fresh DIR writes instead photographs from Debian packages that no other set uses, picked by eye, for a
+held-out set: make_heldout.py --no-wallpapers --extra DIR. --list chooses the list: scripts/fresh_photos.json
+(the default: ten packages, held-out set v4) or scripts/fresh_photos_v5.json (fourteen other packages, held-out
+set v5). A list pins each package's version (Debian 12), so the same pictures come back; each is written as
 `<package>-<file stem>.jpg`, RGB, long side at most 1280 px, JPEG quality 92.
 """
 
@@ -106,27 +107,29 @@ def gcompris_photos(workdir: Path, out: Path) -> int:
     return kept
 
 
-def fresh_photos(workdir: Path, out: Path) -> int:
-    """Write the pictures of fresh_photos.json (see the module docstring) as JPEGs into out; returns how many.
+def fresh_photos(workdir: Path, out: Path, listing: Path = FRESH_LIST) -> int:
+    """Write the pictures of a list like fresh_photos.json (see the module docstring) as JPEGs into out; returns
+    how many.
 
     A path ending in `@OFFSET` is an Enlightenment .edj file: the picture is the JPEG starting at that byte.
     """
-    spec = json.loads(FRESH_LIST.read_text())
+    spec = json.loads(listing.read_text())
     versions, photos = spec["versions"], spec["photos"]
-    missing = [pkg for pkg in versions if not (workdir / "fresh" / pkg).is_dir()]
+    roots = {pkg: workdir / "fresh" / f"{pkg}_{version.replace(':', '%3a')}" for pkg, version in versions.items()}
+    missing = [pkg for pkg in versions if not roots[pkg].is_dir()]
     if missing:
         subprocess.run(["apt-get", "download", "-qq", *(f"{pkg}={versions[pkg]}" for pkg in missing)], cwd=workdir,
                        check=True)
         (workdir / "fresh").mkdir(exist_ok=True)  # dpkg -x makes only the last folder
         for pkg in missing:
             deb = next(workdir.glob(f"{pkg}_{versions[pkg].replace(':', '%3a')}_*.deb"))
-            subprocess.run(["dpkg", "-x", str(deb), str(workdir / "fresh" / pkg)], check=True)
+            subprocess.run(["dpkg", "-x", str(deb), str(roots[pkg])], check=True)
     names = [f"{pkg}-{Path(path.partition('@')[0]).stem}.jpg" for pkg, path in photos]
     if len(set(names)) < len(names):
-        raise SystemExit(f"{FRESH_LIST}: two pictures of a package share a file stem")
+        raise SystemExit(f"{listing}: two pictures of a package share a file stem")
     for name, (pkg, path) in zip(names, photos):
         file, _, offset = path.partition("@")
-        data = (workdir / "fresh" / pkg / file).read_bytes()
+        data = (roots[pkg] / file).read_bytes()
         with Image.open(io.BytesIO(data[int(offset or 0):])) as im:
             rgb = im.convert("RGB")
         rgb.thumbnail((1280, 1280), Image.Resampling.LANCZOS)
@@ -142,9 +145,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gcompris", type=Path, help="write gcompris-qt-data's photographs here instead")
     ap.add_argument("--fresh", type=Path,
-                    help="write here instead photographs from ten Debian packages that no other set uses, picked by "
-                         "eye (scripts/fresh_photos.json), for held-out set v4: "
-                         "make_heldout.py --no-wallpapers --extra DIR")
+                    help="write here instead photographs from Debian packages that no other set uses, picked by eye "
+                         "(the --list file), for a held-out set: make_heldout.py --no-wallpapers --extra DIR")
+    ap.add_argument("--list", type=Path, default=FRESH_LIST,
+                    help="--fresh's list of packages and pictures: scripts/fresh_photos.json (held-out set v4, the "
+                         "default) or scripts/fresh_photos_v5.json (held-out set v5)")
     args = ap.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.gcompris:
@@ -152,7 +157,7 @@ def main() -> None:
         return print(f"wrote {gcompris_photos(args.cache, args.gcompris)} photographs to {args.gcompris}")
     if args.fresh:
         args.fresh.mkdir(parents=True, exist_ok=True)
-        return print(f"wrote {fresh_photos(args.cache, args.fresh)} photographs to {args.fresh}")
+        return print(f"wrote {fresh_photos(args.cache, args.fresh, args.list)} photographs to {args.fresh}")
     args.out.mkdir(parents=True, exist_ok=True)
     sources = debian_pictures(args.cache)
     print(f"{len(sources)} distinct pictures of >= 2 MP")
