@@ -15,6 +15,7 @@ ModelInfo.relative_compute) and copies-dev's weakest transformations. Prints a M
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -53,7 +54,10 @@ def score_model(label: str, model: Path, work: Path, heldout: Path | None, order
     present = sets(heldout)
     for name in [n for n in order if n in present]:
         db, queries, gt = present[name]
-        base = work / info.checksum[:12] / name
+        # a held-out set is cached under its folder's path: extraction is incremental, so two sets sharing a
+        # cache folder would be indexed together
+        key = name if name != "heldout" else f"heldout-{hashlib.sha1(str(db.resolve()).encode()).hexdigest()[:10]}"
+        base = work / info.checksum[:12] / key
         extract([db], base / "features", model, progress=False)
         build_index(base / "features", base / "index", progress=False)
         report = evaluate(base / "index", gt, queries, model=model, exact=True)
