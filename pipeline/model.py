@@ -53,7 +53,6 @@ class ModelInfo:
     resize: str = "squash to input_size x input_size, bilinear (Pillow)"
     schema_version: int = METADATA_SCHEMA
     input_shapes: str = ""  # "HxW,HxW,..." of an aspect-kept recipe; "" = input_size x input_size
-    square_view: int = 0  # side of the second, squashed view the graph makes of the input (0: none)
 
     def to_metadata(self) -> dict[str, str]:
         return {f"pipeline.{k}": str(v) for k, v in asdict(self).items()}
@@ -71,7 +70,6 @@ class ModelInfo:
                 resize=meta["pipeline.resize"],
                 schema_version=int(meta["pipeline.schema_version"]),
                 input_shapes=meta.get("pipeline.input_shapes", ""),
-                square_view=int(meta.get("pipeline.square_view", 0)),
             )
         except KeyError as exc:
             raise PipelineError(
@@ -84,8 +82,7 @@ class ModelInfo:
         """Identity of the features this model makes: its weights and its whole recipe. Shards and
         indexes record it; features are only ever compared with features of the same checksum."""
         recipe = "|".join([self.weights_sha256, str(self.input_size), str(self.dim), self.preprocessing,
-                           self.pooling, self.resize] + ([self.input_shapes] if self.input_shapes else [])
-                          + ([f"square{self.square_view}"] if self.square_view else []))
+                           self.pooling, self.resize] + ([self.input_shapes] if self.input_shapes else []))
         return hashlib.sha256(recipe.encode()).hexdigest()
 
     def short(self) -> str:
@@ -99,10 +96,10 @@ class ModelInfo:
         return tuple((int(h), int(w)) for h, w in (s.split("x") for s in self.input_shapes.split(",")))
 
     def relative_compute(self) -> float:
-        """Pixels one image sends through the conv base (at most: its largest shape, plus the square
-        view), relative to the seed recipe's 224 x 224: the cost of a recipe per image whatever the
-        host (the conv base is nearly all of it)."""
-        return (max(h * w for h, w in input_shapes(self.resize_to)) + self.square_view ** 2) / 224 ** 2
+        """Pixels one image sends through the conv base (at most: its largest shape), relative to the
+        seed recipe's 224 x 224: the cost of a recipe per image whatever the host (the conv base is
+        nearly all of it)."""
+        return max(h * w for h, w in input_shapes(self.resize_to)) / 224 ** 2
 
 
 # ---------------------------------------------------------------- weights sources
@@ -238,7 +235,6 @@ class Recipe:
     input_size: int  # the square side, or the side of the square an aspect bucket has about the pixels of
     pooling: str  # a key of POOLINGS
     aspect: bool = False  # aspect kept (buckets of aspect_shapes) instead of squashed to a square
-    square_view: bool = False  # with aspect: also the input squashed to input_size x input_size, summed
 
 
 PROFILES = {
@@ -338,59 +334,8 @@ def _rmac_by_shape(x: str, shapes: tuple[Shape, ...], dim: int, stride: int, pre
     return nodes, inits
 
 
-def _conv_base(layers: list[ConvLayer], x: str, prefix: str, strides: dict[int, int],
-               stop_at_taps: bool) -> tuple[list, list[tuple[str, int, int]], str]:
-    """Nodes of the 13 conv layers (and their max-pools) on `x`, value names prefixed (weights shared by
-    name); the maps R-MAC taps (name, stride, channels); the last value. With `stop_at_taps` the graph
-    ends at block5_conv3 (R-MAC pools it before its max-pool)."""
-    from onnx import helper
-
-    nodes, taps, i = [], [], 0
-    for b, n in enumerate(VGG16_BLOCKS):
-        for _ in range(n):
-            lname, kernel, _ = layers[i]
-            i += 1
-            nodes += [
-                helper.make_node("Conv", [x, f"{lname}/kernel", f"{lname}/bias"], [f"{prefix}{lname}/conv"],
-                                 kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1], name=f"{prefix}{lname}"),
-                helper.make_node("Relu", [f"{prefix}{lname}/conv"], [f"{prefix}{lname}/relu"]),
-            ]
-            x = f"{prefix}{lname}/relu"
-        if b in strides:  # R-MAC pools this block's last conv map itself, before its max-pool
-            taps.append((x, strides[b], kernel.shape[0]))
-        if b == len(VGG16_BLOCKS) - 1 and stop_at_taps:
-            break
-        pool = f"{prefix}block{b + 1}_pool"
-        nodes.append(helper.make_node("MaxPool", [x], [pool], kernel_shape=[2, 2], strides=[2, 2], name=pool))
-        x = pool
-    return nodes, taps, x
-
-
-def _rmac_view(taps: list[tuple[str, int, int]], shapes: tuple[Shape, ...], prefix: str, out: str) -> tuple[list, list]:
-    """R-MAC of one view's tapped maps into `out` (not normalised): one layer's R-MAC, or several, each
-    L2-normalised so that they weigh alike, concatenated. `shapes`: the view's possible input shapes."""
-    from onnx import helper
-
-    nodes, inits, parts = [], [], []
-    for tap, stride, channels in taps:
-        layer = tap.removeprefix(prefix).split("_")[0]
-        sub, pooled = (prefix, out) if len(taps) == 1 else (f"{prefix}{layer}/", f"{prefix}{layer}/rmac")
-        if len(shapes) == 1:
-            (h, w), = shapes
-            pool_nodes, pool_inits = _rmac_nodes(tap, h // stride, w // stride, sub, pooled)
-        else:
-            pool_nodes, pool_inits = _rmac_by_shape(tap, shapes, channels, stride, sub, pooled)
-        nodes, inits = nodes + pool_nodes, inits + pool_inits
-        if len(taps) > 1:
-            nodes += _l2_nodes(pooled, f"{pooled}_l2")
-            parts.append(f"{pooled}_l2")
-    if parts:
-        nodes.append(helper.make_node("Concat", parts, [out], axis=1))
-    return nodes, inits
-
-
 def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_size: int = 224,
-                        pooling: str = "max", aspect: bool = False, square_view: bool = False):
+                        pooling: str = "max", aspect: bool = False):
     """The ONNX feature graph (opset 17) for the given VGG-shaped conv layers.
 
     pooling "max": global max pooling, height and width dynamic (the conv base accepts any
@@ -398,23 +343,17 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
     or with `aspect` the shapes of aspect_shapes(input_size) (height and width dynamic, one of those).
     pooling "rmac45": the same on block4_conv3 and on block5_conv3, concatenated: block4's finer map
     keeps the detail that tells one scene from a similar one, block5 the invariance copies need.
-    `square_view` (R-MAC, with `aspect`): the graph also squashes the input to input_size x
-    input_size (bilinear Resize) and runs the conv base on that second view; the two views' R-MAC
-    vectors, each L2-normalised, are summed. The aspect-kept view keeps the shapes that tell scenes
-    apart; the squashed one is steadier on transformed copies (docs/quality.md).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     if pooling not in POOLINGS:
         raise PipelineError(f"unknown pooling {pooling!r}: use {' or '.join(POOLINGS)}")
-    if square_view and (pooling == "max" or not aspect):
-        raise PipelineError("a square view is made beside an aspect-kept view, for R-MAC poolings")
     shapes = aspect_shapes(input_size) if aspect else ((input_size, input_size),)
     if name is None:
         name = {"max": "vgg16-imagenet-gmp", "rmac": f"vgg16-imagenet-rmac{input_size}"}.get(
             pooling, f"vgg16-imagenet-{pooling}-{input_size}")
-        name += "-aspect" * aspect + "+square" * square_view
+        name += "-aspect" * aspect
     layers = _check_layers(layers)
     nodes = [
         helper.make_node("Cast", ["image"], ["x_float"], to=TensorProto.FLOAT),
@@ -427,30 +366,49 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
         numpy_helper.from_array(np.array(CAFFE_MEAN_BGR, np.float32).reshape(1, 1, 1, 3), "caffe_mean"),
         numpy_helper.from_array(np.array([L2_EPS], np.float32), "l2_eps"),
     ]
-    for lname, kernel, bias in layers:
-        inits += [numpy_helper.from_array(kernel, f"{lname}/kernel"), numpy_helper.from_array(bias, f"{lname}/bias")]
+    x = "x_nchw"
+    i = 0
+    taps: list[tuple[str, int, int]] = []  # the maps R-MAC pools: (name, stride, channels)
     strides = dict(RMAC_LAYERS.get(pooling, ()))
-    base, taps, x = _conv_base(layers, "x_nchw", "", strides, stop_at_taps=bool(strides))
-    nodes += base
-    height = width = input_size if len(shapes) == 1 and pooling != "max" else None
+    for b, n in enumerate(VGG16_BLOCKS):
+        for _ in range(n):
+            lname, kernel, bias = layers[i]
+            i += 1
+            inits += [numpy_helper.from_array(kernel, f"{lname}/kernel"), numpy_helper.from_array(bias, f"{lname}/bias")]
+            nodes += [
+                helper.make_node("Conv", [x, f"{lname}/kernel", f"{lname}/bias"], [f"{lname}/conv"],
+                                 kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1], name=lname),
+                helper.make_node("Relu", [f"{lname}/conv"], [f"{lname}/relu"]),
+            ]
+            x = f"{lname}/relu"
+        if b in strides:  # R-MAC pools this block's last conv map itself, before its max-pool
+            taps.append((x, strides[b], kernel.shape[0]))
+        if b == len(VGG16_BLOCKS) - 1 and taps:
+            break
+        pool = f"block{b + 1}_pool"
+        nodes.append(helper.make_node("MaxPool", [x], [pool], kernel_shape=[2, 2], strides=[2, 2], name=pool))
+        x = pool
+
     if pooling == "max":
         dim = layers[-1][1].shape[0]
         nodes += [helper.make_node("GlobalMaxPool", [x], ["gmp"]), helper.make_node("Flatten", ["gmp"], ["pooled"], axis=1)]
+        height = width = None
     else:
         dim = sum(channels for _, _, channels in taps)
-        view_nodes, view_inits = _rmac_view(taps, shapes, "", "view/aspect" if square_view else "pooled")
-        nodes, inits = nodes + view_nodes, inits + view_inits
-    if square_view:  # the mean subtracted is the same per channel, so resizing after it is resizing the image
-        inits.append(numpy_helper.from_array(np.array([input_size, input_size], np.int64), "square/size"))
-        nodes += [helper.make_node("Shape", ["x_nchw"], ["square/nc"], start=0, end=2),
-                  helper.make_node("Concat", ["square/nc", "square/size"], ["square/sizes"], axis=0),
-                  helper.make_node("Resize", ["x_nchw", "", "", "square/sizes"], ["square/x_nchw"], mode="linear",
-                                   coordinate_transformation_mode="half_pixel")]
-        base, square_taps, _ = _conv_base(layers, "square/x_nchw", "square/", strides, stop_at_taps=True)
-        view_nodes, view_inits = _rmac_view(square_taps, ((input_size, input_size),), "square/", "view/square")
-        nodes, inits = nodes + base + view_nodes, inits + view_inits
-        nodes += [*_l2_nodes("view/aspect", "view/aspect_l2"), *_l2_nodes("view/square", "view/square_l2"),
-                  helper.make_node("Sum", ["view/aspect_l2", "view/square_l2"], ["pooled"])]
+        height = width = input_size if len(shapes) == 1 else None
+        parts = []
+        for tap, stride, channels in taps:
+            prefix, out = ("", "pooled") if len(taps) == 1 else (f"{tap.split('_')[0]}/", f"{tap.split('_')[0]}/rmac")
+            if len(shapes) == 1:
+                pool_nodes, pool_inits = _rmac_nodes(tap, input_size // stride, input_size // stride, prefix, out)
+            else:
+                pool_nodes, pool_inits = _rmac_by_shape(tap, shapes, channels, stride, prefix, out)
+            nodes, inits = nodes + pool_nodes, inits + pool_inits
+            if len(taps) > 1:  # each layer's R-MAC L2-normalised, so both weigh alike in the concatenation
+                nodes += _l2_nodes(out, f"{out}_l2")
+                parts.append(f"{out}_l2")
+        if parts:
+            nodes.append(helper.make_node("Concat", parts, ["pooled"], axis=1))
     nodes += _l2_nodes("pooled", "features")
     graph = helper.make_graph(
         nodes, name,
@@ -466,10 +424,6 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
         info = replace(info, input_shapes=",".join(f"{h}x{w}" for h, w in shapes),
                        resize=f"aspect kept: resized (bilinear, Pillow) to the shape (HxW) of nearest aspect ratio "
                               f"among {', '.join(f'{h}x{w}' for h, w in shapes)}")
-    if square_view:
-        info = replace(info, square_view=input_size, pooling=f"{info.pooling}; with a second view, the input squashed "
-                       f"to {input_size}x{input_size} in the graph (bilinear, half-pixel), pooled alike: the two "
-                       "views' vectors L2-normalised, summed, L2-normalised")
     for key, value in info.to_metadata().items():
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model)
@@ -496,8 +450,7 @@ def export_model(out: Path | None = None, source: Path | None = None, profile: s
     recipe = PROFILES[profile]
     layers, origin = load_layers(source)
     model, info = build_feature_graph(layers, input_size=input_size or recipe.input_size,
-                                      pooling=pooling or recipe.pooling, aspect=recipe.aspect,
-                                      square_view=recipe.square_view and (pooling or recipe.pooling) != "max")
+                                      pooling=pooling or recipe.pooling, aspect=recipe.aspect)
     model.metadata_props.add(key="pipeline.weights_source", value=origin)
     out = default_model_location()[0] if out is None else out
     save_model(model, out)

@@ -120,37 +120,6 @@ def test_two_layer_rmac_matches_numpy_reference(tmp_path, aspect):
         np.testing.assert_allclose(np.linalg.norm(got[:, :64], axis=1), np.sqrt(0.5), rtol=1e-5)  # the layers weigh alike
 
 
-def numpy_square(images: np.ndarray, size: int) -> np.ndarray:
-    """[N, H, W, 3] resized to size x size, bilinear with half-pixel centres (ONNX Resize "linear", "half_pixel")."""
-    out = images.astype(np.float64)
-    for axis in (1, 2):
-        n = out.shape[axis]
-        src = np.clip((np.arange(size) + 0.5) * n / size - 0.5, 0, n - 1)
-        i0 = np.floor(src).astype(int)
-        frac = (src - i0).reshape([size if a == axis else 1 for a in range(4)])
-        lo, hi = np.take(out, i0, axis), np.take(out, np.minimum(i0 + 1, n - 1), axis)
-        out = lo + (hi - lo) * frac
-    return out
-
-
-def test_square_view_sums_the_aspect_and_the_squashed_views(tmp_path):
-    model, info = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac45", aspect=True, square_view=True)
-    save_model(model, tmp_path / "two-views.onnx")
-    fm = FeatureModel(tmp_path / "two-views.onnx")
-    one = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac45", aspect=True)[1]
-    assert fm.info.square_view == 64 and fm.info.checksum == info.checksum != one.checksum
-    assert info.relative_compute() == pytest.approx(one.relative_compute() + 64 ** 2 / 224 ** 2)  # two passes
-    rng = np.random.default_rng(5)
-    for h, w in info.resize_to:  # every bucket: its own regions, and the square view resized from it
-        images = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
-        both = (numpy_reference(images, tiny_layers(0), "rmac45")
-                + numpy_reference(numpy_square(images, 64), tiny_layers(0), "rmac45"))
-        want = both / np.linalg.norm(both, axis=1, keepdims=True)
-        np.testing.assert_allclose(fm.embed(images), want, rtol=1e-4, atol=1e-5)
-    with pytest.raises(PipelineError, match="square view"):
-        build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac45", square_view=True)
-
-
 def test_aspect_graph_pools_each_shape_with_its_regions(tmp_path):
     model, info = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac", aspect=True)
     save_model(model, tmp_path / "aspect.onnx")
