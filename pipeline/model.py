@@ -240,10 +240,13 @@ class Recipe:
 PROFILES = {
     "seed": Recipe(224, "max"),  # the classic recipe
     # The default: R-MAC of block4 and block5 at 224x224. It beats block5 R-MAC alone on holidays, copies-dev
-    # and the held-out copies; aspect-kept inputs gain on scenes but lose held-out copies (docs/quality.md).
+    # and the held-out copies. Aspect-kept inputs gain on scenes; the best of them (scenes) lost one held-out
+    # set by one query, so it is not the default (docs/quality.md).
     "balanced": Recipe(224, "rmac45"),
-    "scenes": Recipe(272, "rmac45", aspect=True),  # aspect kept in 7 buckets: best on Holidays-like scenes at <= 1.5x
-    "large": Recipe(384, "rmac", aspect=True),  # the same at <= 3x: holidays mAP 0.888, weaker on copies
+    # Aspect kept in 7 buckets of about 192x192 pixels: best on Holidays-like scenes, at 0.75x the seed's compute
+    # (more pixels gained nothing on scenes and lost copies: docs/quality.md, fourth push).
+    "scenes": Recipe(192, "rmac45", aspect=True),
+    "large": Recipe(384, "rmac", aspect=True),  # block5 R-MAC, aspect kept, <= 3x: holidays mAP 0.888, weaker on copies
 }
 DEFAULT_PROFILE = "balanced"
 

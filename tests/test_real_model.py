@@ -48,8 +48,8 @@ def test_real_model_checksum_and_recipe(real_model, tmp_path):
     assert info.weights_sha256 == IMAGENET_VGG16_SHA256
     assert (info.input_size, info.dim, info.name) == (224, 1024, "vgg16-imagenet-rmac45-224")  # the default profile
     scenes = export_model(tmp_path / "scenes.onnx", profile="scenes")
-    assert (scenes.input_size, scenes.dim, scenes.name) == (272, 1024, "vgg16-imagenet-rmac45-272-aspect")
-    assert len(scenes.resize_to) == 7 and scenes.relative_compute() <= 1.5  # aspect buckets, within 1.5x the seed's pixels
+    assert (scenes.input_size, scenes.dim, scenes.name) == (192, 1024, "vgg16-imagenet-rmac45-192-aspect")
+    assert len(scenes.resize_to) == 7 and scenes.relative_compute() == 0.75  # aspect buckets: at most 168x224 pixels
     seed = export_model(tmp_path / "seed.onnx", profile="seed")
     assert (seed.input_size, seed.name, seed.weights_sha256) == (224, "vgg16-imagenet-gmp", IMAGENET_VGG16_SHA256)
     assert seed.checksum != info.checksum  # same weights, other recipe: features never mixed
