@@ -115,6 +115,7 @@ def fresh_photos(workdir: Path, out: Path, listing: Path = FRESH_LIST) -> int:
     """
     spec = json.loads(listing.read_text())
     versions, photos = spec["versions"], spec["photos"]
+    # named as apt-get names the package file (an epoch's ":" escaped), which is found by that name below
     roots = {pkg: workdir / "fresh" / f"{pkg}_{version.replace(':', '%3a')}" for pkg, version in versions.items()}
     missing = [pkg for pkg in versions if not roots[pkg].is_dir()]
     if missing:
@@ -122,7 +123,7 @@ def fresh_photos(workdir: Path, out: Path, listing: Path = FRESH_LIST) -> int:
                        check=True)
         (workdir / "fresh").mkdir(exist_ok=True)  # dpkg -x makes only the last folder
         for pkg in missing:
-            deb = next(workdir.glob(f"{pkg}_{versions[pkg].replace(':', '%3a')}_*.deb"))
+            deb = next(workdir.glob(f"{roots[pkg].name}_*.deb"))
             subprocess.run(["dpkg", "-x", str(deb), str(roots[pkg])], check=True)
     names = [f"{pkg}-{Path(path.partition('@')[0]).stem}.jpg" for pkg, path in photos]
     if len(set(names)) < len(names):
