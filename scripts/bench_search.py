@@ -3,7 +3,7 @@
 Usage:
   python scripts/bench_index.py                 # once: builds the 1M-vector index this reads
   bash scripts/demo.sh                          # once: builds demo-output/index from samples/
-  python scripts/bench_search.py
+  python scripts/bench_search.py                # or --dim 1024 after bench_index.py --dim 1024
 
 Part 1 (1,000,000 synthetic vectors, the index left by bench_index.py): through `Searcher`
 (memory-mapped index, id -> path look-up included), single-query latency p50/p99, batch
@@ -32,21 +32,22 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_index import DIM, clustered  # noqa: E402
-from benchlib import record, targets_line  # noqa: E402
+from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
 from pipeline.images import load_image  # noqa: E402
 from pipeline.search import Searcher  # noqa: E402
 from pipeline.shards import list_shards, read_shard  # noqa: E402
 
 
-def part_1m(workdir: Path, n: int, seed: int) -> dict:
+def part_1m(workdir: Path, n: int, seed: int, dim: int = DIM) -> dict:
     import faiss
 
-    features, index_dir = workdir / f"features-{n}-v2", workdir / f"index-{n}-v2"
+    tag = f"{n}-v2" + (f"-d{dim}" if dim != DIM else "")  # as bench_index.py names them
+    features, index_dir = workdir / f"features-{tag}", workdir / f"index-{tag}"
     t0 = time.perf_counter()
     searcher = Searcher(index_dir)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
-    centres = np.abs(rng.normal(size=(10_000, DIM))).astype(np.float32)  # as bench_index.make_shards
+    centres = np.abs(rng.normal(size=(10_000, dim))).astype(np.float32)  # as bench_index.make_shards
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     queries = clustered(1000, centres, np.random.default_rng(seed + 1))
     data = np.concatenate([read_shard(p).features for p in list_shards(features)])
@@ -108,14 +109,15 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench-output" / "index-bench")
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dim", type=int, default=DIM, help="vector dimension of bench_index.py's run (1024: the default recipe's)")
     ap.add_argument("--real-index", type=Path, default=ROOT / "demo-output" / "index")
     ap.add_argument("--query", type=Path, default=ROOT / "samples" / "queries" / "chelsea_crop80.jpg")
     ap.add_argument("--json-out", type=Path, default=ROOT / "bench-output" / "bench_search.json")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
-    res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "sgemm_gflops": sgemm_gflops(),
            "command": "python scripts/bench_search.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
-    res["synthetic"] = a = part_1m(args.workdir, args.n, args.seed)
+    res["synthetic"] = a = part_1m(args.workdir, args.n, args.seed, args.dim)
     print(json.dumps(a), flush=True)
     res["real"] = r = part_real(args.real_index, args.query)
     print(json.dumps(r), flush=True)
@@ -124,9 +126,9 @@ def main() -> None:
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(res, indent=2))
     text = "\n".join([
-        f"\n### Search — {res['date']}\n",
+        f"\n### Search — {res['date']} (host sgemm {res['sgemm_gflops']} GFLOP/s)\n",
         f"`{res['command']}`\n",
-        f"{a['n']:,} synthetic vectors ({a['factory']}, tuned nprobe {a['nprobe']}), through `Searcher` "
+        f"{a['n']:,} synthetic {args.dim}-d vectors ({a['factory']}, tuned nprobe {a['nprobe']}), through `Searcher` "
         "(memory-mapped index, id -> path look-up included), 1,000 held-out queries:\n",
         "| load | single query p50 (warm) | p99 (warm) | first touch p50 / p99 | batch of 1,000 | recall@10 vs exact |",
         "|---|---|---|---|---|---|",
