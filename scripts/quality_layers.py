@@ -6,8 +6,8 @@ Usage:
       [--recipes "squash224:b5:rmac,squash224:b4:rmac|squash224:b5:rmac"] [--heldout DIR ...]
 
 For each set and input policy (`squashN`: N x N ignoring aspect; `bucketN`: aspect kept in the seven
-buckets of about N x N pixels, as the product resizes), block4_conv3's and block5_conv3's ReLU maps
-of every image are computed once with the product's decode and resize and cached (float16). A recipe
+buckets of about N x N pixels, as the product resizes; `shortN`: the same aspects with short side N),
+block4_conv3's and block5_conv3's ReLU maps of every image are computed once with the product's decode and resize and cached (float16). A recipe
 is then pooled from the maps in numpy and scored with exact cosine ranking and `pipeline eval`'s
 metrics. Recipe syntax: terms `policy:layer:pooling` (layer b4 or b5; pooling rmac, rgem (GeM p=3
 per region), mac, gem3, with `_L4` for four region levels, `_p4` for another GeM power);

@@ -39,13 +39,18 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from quality_experiments import datasets, l2n, maps_session, rank, region_vectors  # noqa: E402
 from pipeline.evaluate import score  # noqa: E402
 from pipeline.images import InputSize, decode_bytes, input_shapes, read_file  # noqa: E402
-from pipeline.model import aspect_shapes  # noqa: E402
+from pipeline.model import ASPECTS, aspect_shapes  # noqa: E402
 
 WHITENINGS = [(0.5, 0.0), (0.5, 0.1), (0.5, 1.0), (0.25, 0.0), (0.25, 0.1), (0.25, 1.0)]  # (power a, shrinkage s)
 
 
 def input_size(policy: str) -> InputSize:
-    side = int(policy.removeprefix("squash").removeprefix("bucket"))
+    """squashN: N x N; bucketN: the aspect buckets of about N x N pixels; shortN: the same aspects with
+    the short side N (wide pictures get more pixels, not fewer rows)."""
+    side = int(policy.removeprefix("squash").removeprefix("bucket").removeprefix("short"))
+    if policy.startswith("short"):
+        shapes = [(side, 8 * round(side * a / 8)) for a in ASPECTS]
+        return tuple(dict.fromkeys(shapes + [(w, h) for h, w in shapes]))
     return side if policy.startswith("squash") else aspect_shapes(side)
 
 
