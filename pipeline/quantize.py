@@ -162,6 +162,7 @@ def quantize_model(
         pooling=info.pooling,
         resize=info.resize,
         input_shapes=info.input_shapes,
+        frame=info.frame,
     )
     del q.metadata_props[:]
     for key, value in int8.to_metadata().items():

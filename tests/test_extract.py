@@ -63,6 +63,29 @@ def test_in_process_and_worker_decoding_agree(tmp_path, tiny_model, gallery):
     np.testing.assert_allclose(fa[np.argsort(pa)], fb[order], atol=1e-6)
 
 
+def test_frame_recipe_trims_in_workers_and_in_queries(tmp_path):
+    """A model that trims frames: extraction (decode workers) and search (queries) both trim, so a framed
+    copy embeds as its original; the recipe is in the checksum, so it never mixes with an untrimmed one."""
+    from PIL import Image, ImageOps
+
+    model, info = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac", aspect=True, frame=True)
+    save_model(model, tmp_path / "frame.onnx")
+    assert info.checksum != build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac", aspect=True)[1].checksum
+    files = [save_pattern(tmp_path / "imgs" / f"p{i}.png", i, (96, 72)) for i in range(6)]
+    (tmp_path / "q").mkdir()
+    framed = []
+    for i, f in enumerate(files):
+        with Image.open(f) as im:
+            ImageOps.expand(im, border=(10 + i, 8), fill=(250, 250, 250) if i % 2 else (0, 0, 0)).save(tmp_path / "q" / f"{i}.png")
+        framed.append(tmp_path / "q" / f"{i}.png")
+    report = extract([tmp_path / "imgs"], tmp_path / "f", tmp_path / "frame.onnx", workers=2, batch_size=2, progress=False)
+    assert report.extracted == len(files) and not report.failures
+    build_index(tmp_path / "f", tmp_path / "i", progress=False)
+    results = Searcher(tmp_path / "i", model=tmp_path / "frame.onnx").search(framed, k=1)
+    assert [r.hits[0].path for r in results] == [str(f) for f in files]
+    assert min(r.hits[0].score for r in results) > 0.999  # the frame is gone (untrimmed: 0.98-0.997)
+
+
 def test_aspect_buckets_batch_per_shape_and_search_uses_them(tmp_path):
     model, info = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac", aspect=True)
     save_model(model, tmp_path / "aspect.onnx")

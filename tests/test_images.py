@@ -6,12 +6,12 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
-from helpers import save_pattern, write_bad_corpus
+from helpers import pattern, save_pattern, write_bad_corpus
 from pipeline import images
 from pipeline.errors import ImageError, PipelineError
-from pipeline.images import find_images, load_image, nearest_shape, to_rgb
+from pipeline.images import TrimFrame, find_images, load_image, nearest_shape, to_rgb, trim_frame
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,33 @@ def test_aspect_kept_resize_picks_the_nearest_shape(tmp_path):
     assert nearest_shape(224, 1920, 1080) == (224, 224)  # a square model squashes
     path = save_pattern(tmp_path / "wide.jpg", 1, (400, 225))
     assert load_image(path, shapes).pixels.shape == (192, 352, 3)
+
+
+def test_trim_frame_removes_a_frame_and_nothing_else():
+    pic = Image.fromarray(pattern(3, (120, 90)))
+    assert trim_frame(pic) is pic  # no frame: the picture itself
+    for border, fill in [((12, 9), (240, 240, 240)), ((0, 15), (0, 0, 0)), ((20, 0), (30, 30, 30)), ((6, 40), (255, 255, 255))]:
+        assert trim_frame(ImageOps.expand(pic, border=border, fill=fill)).size == pic.size  # mat, letterbox, pillarbox
+    def painted(top: int, bottom: int, top_fill=(200, 220, 255), bottom_fill=(200, 220, 255)) -> Image.Image:
+        a = pattern(3, (120, 90)).copy()
+        a[:top], a[len(a) - bottom:] = top_fill, bottom_fill
+        return Image.fromarray(a)
+    for im in [painted(30, 0),  # a clear sky along the top: part of the picture, not a frame
+               painted(0, 20, bottom_fill=(255, 255, 255)),  # a caption band
+               painted(4, 30),  # two bands of unlike widths
+               painted(12, 12, top_fill=(0, 0, 0), bottom_fill=(255, 255, 255)),  # of unlike colours
+               painted(30, 30)]:  # what is left would be under half the picture
+        assert trim_frame(im) is im
+
+
+def test_framed_jpeg_decodes_like_its_original(tmp_path):
+    pic = Image.fromarray(pattern(5, (160, 120)))
+    pic.save(tmp_path / "original.png")
+    ImageOps.expand(pic, border=(16, 12), fill=(240, 240, 240)).save(tmp_path / "framed.jpg", quality=75)
+    original = load_image(tmp_path / "original.png", 64).pixels.astype(float)
+    framed = load_image(tmp_path / "framed.jpg", TrimFrame(64)).pixels.astype(float)
+    untrimmed = load_image(tmp_path / "framed.jpg", 64).pixels.astype(float)
+    assert np.abs(framed - original).mean() < 4 < np.abs(untrimmed - original).mean()  # JPEG noise, not the frame
 
 
 def test_lower_pixel_limit(tmp_path):

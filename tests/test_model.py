@@ -138,6 +138,23 @@ def test_aspect_graph_pools_each_shape_with_its_regions(tmp_path):
                                rtol=1e-5, atol=1e-6)  # in order, one batch per shape
 
 
+def test_frame_trimming_is_part_of_the_recipe(tmp_path):
+    from pipeline.images import TrimFrame
+
+    model, info = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac45", aspect=True, frame=True)
+    save_model(model, tmp_path / "frame.onnx")
+    plain = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac45", aspect=True)[1]
+    assert read_model_info(tmp_path / "frame.onnx") == info and "trimmed" in info.frame and info.name.endswith("-frame")
+    assert info.resize_to == TrimFrame(plain.resize_to) and plain.frame == ""
+    assert info.checksum != plain.checksum  # features of the two never mix
+    assert info.relative_compute() == plain.relative_compute()  # trimming is decoding, not model work
+    weights = write_keras_h5(tmp_path / "weights.h5", tiny_layers(0))
+    out = CliRunner().invoke(app, ["model", "export", "--weights", str(weights), "--profile", "seed", "--trim-frame",
+                                   "--out", str(tmp_path / "seed-frame.onnx")])
+    assert out.exit_code == 0 and "frames trimmed" in out.stdout, out.stdout
+    assert model_info_cli("--model", tmp_path / "seed-frame.onnx")["frame"] == info.frame
+
+
 def test_metadata_records_recipe(tiny_model):
     info = read_model_info(tiny_model)
     assert info.name == "tiny-vgg"
