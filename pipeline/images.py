@@ -60,6 +60,9 @@ def frame_margins(grey: np.ndarray) -> tuple[int, int, int, int]:
     1% of the side; a pair of opposite sides is trimmed only when BOTH have a margin, of about one width
     (within a factor 2) and one colour, and half the picture stays. One-sided runs are left alone: a clear
     sky or a white caption band is part of the picture, a frame surrounds it."""
+    edge_uniform = [line.std() <= FRAME_STD for line in (grey[0], grey[-1], grey[:, 0], grey[:, -1])]
+    if not (edge_uniform[0] and edge_uniform[1]) and not (edge_uniform[2] and edge_uniform[3]):
+        return 0, 0, 0, 0  # most pictures: no opposite pair of edges is uniform, so no frame (and no more work)
     runs, edges = [], []
     for lines in (grey, grey[::-1], grey.T, grey.T[::-1]):
         edge = float(np.median(lines[0]))
