@@ -2,7 +2,7 @@
 
 Usage: python scripts/fetch_photos.py --out bench-output/photos [--count 300]
        python scripts/fetch_photos.py --gcompris bench-output/whitening
-       python scripts/fetch_photos.py --fresh bench-output/fresh-photos [--list scripts/fresh_photos_v5.json]
+       python scripts/fetch_photos.py --fresh bench-output/fresh-photos [--list scripts/fresh_photos_v6.json]
 
 Downloads mate-backgrounds and plasma-workspace-wallpapers with `apt-get download` (Debian's
 registry; GPL/LGPL/CC-licensed artwork, see each package's copyright file; not redistributed
@@ -19,8 +19,8 @@ drawings and jigsaw pieces are skipped.
 
 --fresh DIR writes instead photographs from Debian packages that no other set uses, picked by eye, for a
 held-out set: make_heldout.py --no-wallpapers --extra DIR. --list chooses the list: scripts/fresh_photos.json
-(the default: ten packages, held-out set v4) or scripts/fresh_photos_v5.json (fourteen other packages, held-out
-set v5). A list pins each package's version (Debian 12), so the same pictures come back; each is written as
+(the default: ten packages, held-out set v4), scripts/fresh_photos_v5.json (fourteen other packages, held-out
+set v5) or scripts/fresh_photos_v6.json (24 other packages, held-out set v6). A list pins each package's version (Debian 12), so the same pictures come back; each is written as
 `<package>-<file stem>.jpg`, RGB, long side at most 1280 px, JPEG quality 92.
 """
 
@@ -150,7 +150,7 @@ def main() -> None:
                          "(the --list file), for a held-out set: make_heldout.py --no-wallpapers --extra DIR")
     ap.add_argument("--list", type=Path, default=FRESH_LIST,
                     help="--fresh's list of packages and pictures: scripts/fresh_photos.json (held-out set v4, the "
-                         "default) or scripts/fresh_photos_v5.json (held-out set v5)")
+                         "default), scripts/fresh_photos_v5.json (v5) or scripts/fresh_photos_v6.json (v6)")
     args = ap.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.gcompris:
