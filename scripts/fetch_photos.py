@@ -48,8 +48,9 @@ def debian_pictures(workdir: Path, min_pixels: int = 2_000_000) -> list[Path]:
     root = workdir / "root"
     if not root.is_dir():
         subprocess.run(["apt-get", "download", "-qq", *PACKAGES], cwd=workdir, check=True)
-        for deb in sorted(workdir.glob("*.deb")):
-            subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+        for deb in sorted(workdir.glob("*.deb")):  # only these packages: the cache may hold --fresh ones too
+            if deb.name.split("_")[0] in PACKAGES:
+                subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
     seen, out = set(), []
     for p in sorted(root.rglob("*")):
         if p.suffix.lower() not in (".jpg", ".jpeg", ".png") or "screenshot" in p.name or not p.is_file():
