@@ -111,6 +111,7 @@ def model_export(
     input_size: Annotated[Optional[int], typer.Option(help="Override the profile's input size (the square side, or for an aspect-kept profile the side of the square its shapes have about the pixels of).")] = None,
     pooling: Annotated[Optional[str], typer.Option(help="Override the profile's pooling: max, rmac (block5) or rmac45 (block4 and block5).")] = None,
     trim_frame: Annotated[Optional[bool], typer.Option("--trim-frame/--no-trim-frame", help="Override the profile: trim a uniform frame (letterbox, pillarbox, mat on both opposite sides) from every image before the resize, so framed copies match their originals.", show_default=False)] = None,
+    whiten_on: Annotated[Optional[list[Path]], typer.Option("--whiten-on", help="Learn PCA-whitening of the R-MAC regions on these images (a folder or files; repeat) and put it in the graph. Use images independent of your collection and of any set you score on. Measured with 104 independent photos: holidays mAP 0.874 -> 0.896, transformed copies unchanged (docs/quality.md); off by default until a held-out set of scenes confirms it.", show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write the VGG16 feature model (uint8 RGB in, L2-normalised features out: 1024-d by default)."""
@@ -118,7 +119,8 @@ def model_export(
 
     out, source = (out, "--out") if out is not None else default_model_location()
     try:
-        info = export_model(out, weights, profile=profile, input_size=input_size, pooling=pooling, frame=trim_frame)
+        info = export_model(out, weights, profile=profile, input_size=input_size, pooling=pooling, frame=trim_frame,
+                            whiten_on=whiten_on or ())
     except PipelineError as exc:
         raise _fail(exc)
     if as_json:
@@ -126,7 +128,7 @@ def model_export(
     else:
         shapes = info.input_shapes.replace(",", ", ") or f"{info.input_size}x{info.input_size}"
         typer.echo(f"wrote {out.absolute()} ({source}): {info.short()}, input {shapes}"
-                   f"{', frames trimmed' if info.frame else ''}, dim {info.dim}")
+                   f"{', frames trimmed' if info.frame else ''}{', regions whitened' if info.whitening else ''}, dim {info.dim}")
 
 
 @model_app.command("info")

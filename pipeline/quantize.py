@@ -13,7 +13,7 @@ import hashlib
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -153,17 +153,7 @@ def quantize_model(
             calibrate_method=CalibrationMethod.MinMax,
         )
         q = onnx.load(str(q_path))
-    int8 = ModelInfo(
-        name=f"{info.name}-int8",
-        weights_sha256=initializers_checksum(q),
-        input_size=info.input_size,
-        dim=info.dim,
-        preprocessing=info.preprocessing,
-        pooling=info.pooling,
-        resize=info.resize,
-        input_shapes=info.input_shapes,
-        frame=info.frame,
-    )
+    int8 = replace(info, name=f"{info.name}-int8", weights_sha256=initializers_checksum(q))  # the rest of the recipe kept
     del q.metadata_props[:]
     for key, value in int8.to_metadata().items():
         q.metadata_props.add(key=key, value=value)

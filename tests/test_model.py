@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 
-from helpers import TINY_SIZE, tiny_layers, write_tiny_model
+from helpers import TINY_SIZE, save_pattern, tiny_layers, write_tiny_model
 from pipeline.cli import app
 from pipeline.errors import PipelineError
 from pipeline.model import (
@@ -28,9 +28,12 @@ from pipeline.model import (
     load_layers,
     read_model_info,
     resolve_model_path,
+    learn_whitening,
+    rmac_maps,
     rmac_regions,
     save_model,
     weights_checksum,
+    whitening_checksum,
 )
 
 
@@ -278,3 +281,86 @@ def test_model_sources_in_order(user_env, tmp_path, tiny_model, monkeypatch):
     monkeypatch.setenv("PIPELINE_MODEL", str(tmp_path / "gone.onnx"))
     with pytest.raises(PipelineError, match=r"gone.onnx \(PIPELINE_MODEL\)"):
         resolve_model_path(None)
+
+
+def numpy_whitened_rmac(x: np.ndarray, mean: np.ndarray, projection: np.ndarray) -> np.ndarray:
+    """numpy_rmac with each L2-normalised region whitened ((v - mean) @ projection) and L2-normalised again."""
+    vec = np.zeros((x.shape[0], projection.shape[1]))
+    for y0, x0, y1, x1 in rmac_regions(*x.shape[2:]):
+        r = x[:, :, y0:y1, x0:x1].max(axis=(2, 3))
+        r = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12) - mean
+        r = r @ projection
+        vec += r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
+    return vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
+
+
+def block_maps(images: np.ndarray, layers) -> dict[str, np.ndarray]:
+    """block4_conv3's and block5_conv3's ReLU maps, from the graph itself (extra outputs)."""
+    import onnxruntime as ort
+
+    model, _ = build_feature_graph(layers, input_size=64, pooling="rmac45", aspect=True)  # any of its 7 shapes
+    names = rmac_maps("rmac45")
+    model.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    outs = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(list(names), {"image": images})
+    return dict(zip(names, outs))
+
+
+def test_whitening_is_in_the_graph_and_the_checksum(tmp_path):
+    layers = tiny_layers(0)
+    rng = np.random.default_rng(5)
+    names = rmac_maps("rmac45")
+    assert names == ("block4_conv3/relu", "block5_conv3/relu") and rmac_maps("max") == ()
+    whitening = {n: (rng.normal(0, 0.05, 64).astype(np.float32), rng.normal(0, 1, (64, 64)).astype(np.float32))
+                 for n in names}
+    model, info = build_feature_graph(layers, input_size=64, pooling="rmac45", whitening=whitening)
+    save_model(model, tmp_path / "white.onnx")
+    plain = build_feature_graph(layers, input_size=64, pooling="rmac45")[1]
+    assert info.name.endswith("-whitened") and whitening_checksum(whitening) in info.whitening
+    assert read_model_info(tmp_path / "white.onnx") == info and info.checksum != plain.checksum
+    images = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    maps = block_maps(images, layers)
+    parts = [numpy_whitened_rmac(maps[n].astype(np.float64), *whitening[n]) for n in names]
+    want = np.concatenate(parts, axis=1) / np.sqrt(2)  # each layer's part is unit length
+    np.testing.assert_allclose(FeatureModel(tmp_path / "white.onnx").embed(images), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(PipelineError, match="does not fit pooling 'rmac'"):
+        build_feature_graph(layers, input_size=64, pooling="rmac", whitening=whitening)
+
+
+def test_learned_whitening_decorrelates_regions_of_its_images(tmp_path):
+    layers = tiny_layers(0)
+    photos = tmp_path / "independent"
+    for i in range(12):
+        save_pattern(photos / f"p{i:02d}.jpg", seed=100 + i, size=(72, 96))
+    (photos / "broken.jpg").write_bytes(b"not an image")  # skipped, not fatal
+    whitening, note = learn_whitening(layers, sorted(photos.iterdir()), 64, "rmac45", aspect=True, frame=True)
+    assert "of 12 images" in note and whitening_checksum(whitening) in note
+    # the same regions the graph pools, decoded as the recipe decodes them
+    info = build_feature_graph(layers, input_size=64, pooling="rmac45", aspect=True, frame=True)[1]
+    from pipeline.images import load_image
+
+    pixels = [load_image(p, info.resize_to).pixels for p in sorted(photos.glob("p*.jpg"))]
+    name = "block5_conv3/relu"
+    mean, projection = whitening[name]
+    regions = []
+    for px in pixels:
+        fmap = block_maps(px[None], layers)[name][0]
+        for y0, x0, y1, x1 in rmac_regions(*fmap.shape[1:]):
+            v = fmap[:, y0:y1, x0:x1].max(axis=(1, 2))
+            regions.append(v / np.linalg.norm(v))
+    white = (np.array(regions) - mean) @ projection
+    cov = np.cov(white.T)
+    off = cov - np.diag(np.diag(cov))
+    assert np.abs(off).max() < 1e-3 * np.abs(np.diag(cov)).max()  # decorrelated: the covariance is diagonal
+    assert np.abs(white.mean(axis=0)).max() < 1e-4  # and centred
+    weights = write_keras_h5(tmp_path / "weights.h5", layers)
+    out = CliRunner().invoke(app, ["model", "export", "--weights", str(weights), "--profile", "balanced", "--input-size",
+                                   "64", "--whiten-on", str(photos), "--out", str(tmp_path / "w.onnx")])
+    assert out.exit_code == 0 and "regions whitened" in out.stdout, out.stdout
+    assert model_info_cli("--model", tmp_path / "w.onnx")["whitening"] == note
+    few = CliRunner().invoke(app, ["model", "export", "--weights", str(weights), "--profile", "balanced",
+                                   "--input-size", "64", "--whiten-on", str(photos / "p00.jpg"),
+                                   "--out", str(tmp_path / "few.onnx")])
+    assert few.exit_code != 0 and "needs at least 64 region vectors" in few.output
+    seed = CliRunner().invoke(app, ["model", "export", "--weights", str(weights), "--profile", "seed",
+                                    "--whiten-on", str(photos), "--out", str(tmp_path / "s.onnx")])
+    assert seed.exit_code != 0 and "needs an R-MAC pooling" in seed.output and not (tmp_path / "s.onnx").exists()
