@@ -471,7 +471,7 @@ def eval_(
         if per_query is not None:
             write_per_query(report, per_query)
         if plot is not None:
-            write_pr_plot(report, plot, label=index.name)
+            write_pr_plot([(index.name, report)], plot)
     except PipelineError as exc:
         raise _fail(exc)
     d = report.to_dict()

@@ -186,8 +186,12 @@ def write_per_query(report: EvalReport, path: Path) -> None:
         raise write_error(path, exc, "`pipeline eval --per-query`") from None
 
 
-def write_pr_plot(report: EvalReport, path: Path, label: str = "") -> None:
-    """A PNG of the precision-recall curve (Pillow only): axes with ticks, labels, a legend with mAP."""
+PLOT_COLOURS = ((30, 90, 200), (220, 110, 20), (40, 150, 60), (200, 40, 60), (130, 70, 180), (90, 90, 90))
+
+
+def write_pr_plot(curves: Sequence[tuple[str, EvalReport]], path: Path) -> None:
+    """A PNG of precision-recall curves (Pillow only), one per (label, report) on the same set, so recipes can
+    be compared at a glance: axes with ticks, labels, a legend with each curve's mAP."""
     from PIL import Image, ImageDraw, ImageFont
 
     width, height, left, right, top, bottom = 640, 480, 60, 20, 20, 50
@@ -210,14 +214,17 @@ def write_pr_plot(report: EvalReport, path: Path, label: str = "") -> None:
     axis = Image.new("RGB", (60, 14), (255, 255, 255))
     ImageDraw.Draw(axis).text((0, 0), "precision", fill=(0, 0, 0), font=font)
     im.paste(axis.rotate(90, expand=True), (4, top + ph // 2 - 30))
-    recall, precision = report.pr_curve()
-    colour = (30, 90, 200)
-    d.line([xy(r, p) for r, p in zip(recall, precision)], fill=colour, width=3)
-    legend = f"{label + ': ' if label else ''}mAP {report.map:.3f}, {report.queries} queries"
-    lx, ly = left + pw - 10 - d.textlength(legend, font=font) - 28, top + ph - 30
-    d.rectangle([lx - 6, ly - 6, left + pw - 6, ly + 16], fill=(255, 255, 255), outline=(120, 120, 120))
-    d.line([(lx, ly + 5), (lx + 20, ly + 5)], fill=colour, width=3)
-    d.text((lx + 28, ly), legend, fill=(0, 0, 0), font=font)
+    colours = [PLOT_COLOURS[k % len(PLOT_COLOURS)] for k in range(len(curves))]
+    for (_, report), colour in zip(curves, colours):
+        recall, precision = report.pr_curve()
+        d.line([xy(r, p) for r, p in zip(recall, precision)], fill=colour, width=3)
+    legends = [f"{label + ': ' if label else ''}mAP {report.map:.3f}, {report.queries} queries" for label, report in curves]
+    lx = left + pw - 10 - max(d.textlength(text, font=font) for text in legends) - 28
+    ly = top + ph - 10 - 18 * len(curves)
+    d.rectangle([lx - 6, ly - 6, left + pw - 6, ly + 18 * len(curves) - 2], fill=(255, 255, 255), outline=(120, 120, 120))
+    for k, (text, colour) in enumerate(zip(legends, colours)):
+        d.line([(lx, ly + 18 * k + 5), (lx + 20, ly + 18 * k + 5)], fill=colour, width=3)
+        d.text((lx + 28, ly + 18 * k), text, fill=(0, 0, 0), font=font)
     buf = io.BytesIO()
     im.save(buf, "PNG")
     try:

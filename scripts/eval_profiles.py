@@ -3,7 +3,7 @@
 Usage:
   python scripts/make_heldout.py --out H                      # once: our own held-out copy set
   python scripts/eval_profiles.py --model seed=seed.onnx --model balanced=balanced.onnx \
-      --heldout H [--heldout H2 ...] --work DIR [--json out.json]
+      --heldout H [--heldout H2 ...] --work DIR [--json out.json] [--plot DIR]
 
 Sets: holidays-dev (mAP, R@1) and copies-dev (R@1, mAP) from ../shared/eval/ (skipped, with a
 line saying so, when absent) and the held-out sets made by make_heldout.py. Features and indexes
@@ -14,6 +14,7 @@ With several held-out sets, it also pools their queries (R@1 over all of them) a
 model with the first one query by query: the queries only one of the two finds first, and the
 two-sided sign test of those (McNemar's exact test). Recipes a few queries apart on one set trade
 more than that each way; the pooled, paired figure says whether a difference is more than luck.
+--plot DIR draws each set's precision-recall curves, every model on one picture.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.evaluate import evaluate  # noqa: E402
+from pipeline.evaluate import EvalReport, evaluate, write_pr_plot  # noqa: E402
 from pipeline.extract import extract  # noqa: E402
 from pipeline.index import build_index  # noqa: E402
 from pipeline.model import read_model_info  # noqa: E402
@@ -53,7 +54,9 @@ def sets(heldouts: list[Path]) -> dict[str, tuple[Path, Path, Path]]:
     return out
 
 
-def score_model(label: str, model: Path, work: Path, heldouts: list[Path], order: list[str]) -> dict:
+def score_model(label: str, model: Path, work: Path, heldouts: list[Path], order: list[str],
+                reports: dict[str, list[tuple[str, EvalReport]]]) -> dict:
+    """One model's row of the table; each set's report is added to `reports` (for the plots)."""
     info = read_model_info(model)
     row = {"profile": label, "model": info.name, "checksum": info.checksum[:12], "resize": info.resize,
            "pooling": info.pooling, "compute": round(info.relative_compute(), 2)}
@@ -68,6 +71,7 @@ def score_model(label: str, model: Path, work: Path, heldouts: list[Path], order
         build_index(base / "features", base / "index", progress=False)
         report = evaluate(base / "index", gt, queries, model=model, exact=True)
         row[name] = report.to_dict()
+        reports.setdefault(name, []).append((label, report))
         print(f"{label} {name}: {json.dumps(row[name])}", flush=True)
         if name.startswith("heldout"):
             row[name]["first"] = {s.query: s.first_positive == 1 for s in report.per_query}
@@ -124,6 +128,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "bench-output" / "eval-profiles")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--sets", default="holidays,copies,heldout", help="which sets to score, in this order")
+    ap.add_argument("--plot", type=Path, help="write here each set's precision-recall curves, every model on one "
+                    "picture (SET-pr.png)")
     args = ap.parse_args()
     heldouts = []
     for h in args.heldout or [ROOT / "bench-output" / "heldout"]:
@@ -131,8 +137,13 @@ def main() -> None:
             heldouts.append(h)
         else:
             print(f"no held-out set at {h} (make it with scripts/make_heldout.py): skipped")
-    rows = [score_model(label, Path(path), args.work, heldouts, args.sets.split(","))
+    reports: dict[str, list[tuple[str, EvalReport]]] = {}
+    rows = [score_model(label, Path(path), args.work, heldouts, args.sets.split(","), reports)
             for label, path in (m.split("=", 1) for m in args.model)]
+    if args.plot:
+        args.plot.mkdir(parents=True, exist_ok=True)
+        for name, curves in reports.items():
+            write_pr_plot(curves, args.plot / f"{name}-pr.png")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     print(table(rows))

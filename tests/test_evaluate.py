@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from helpers import centre_crop
 from pipeline.cli import app
-from pipeline.evaluate import average_precision, score
+from pipeline.evaluate import PLOT_COLOURS, average_precision, score, write_pr_plot
 from pipeline.extract import extract
 from pipeline.index import build_index
 
@@ -107,3 +107,15 @@ def test_eval_cli(tmp_path, gallery, tiny_model):
     assert unwritable.exit_code == 1 and "cannot write" in unwritable.stderr
     bad = CliRunner().invoke(app, args[:4] + [str(tmp_path / "missing.json")] + args[5:])
     assert bad.exit_code == 1 and "cannot read ground truth" in bad.stderr
+
+
+def test_pr_plot_draws_each_recipe_in_its_own_colour(tmp_path):
+    gt = [{"query": f"q{i}", "positives": [f"a{i}", f"b{i}"]} for i in range(4)]
+    perfect = score({f"q{i}": [f"a{i}", f"b{i}", "x"] for i in range(4)}, gt)
+    late = score({f"q{i}": ["x", "y", f"a{i}", f"b{i}"] for i in range(4)}, gt)
+    write_pr_plot([("perfect", perfect), ("late", late)], tmp_path / "pr.png")
+    with Image.open(tmp_path / "pr.png") as im:
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    for colour in PLOT_COLOURS[:2]:  # both curves (and their legend lines) drawn
+        assert ((pixels == colour).all(axis=1)).sum() > 300
+    assert ((pixels == PLOT_COLOURS[2]).all(axis=1)).sum() == 0
