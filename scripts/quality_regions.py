@@ -5,8 +5,8 @@ Usage:
   python scripts/fetch_photos.py --gcompris bench-output/whitening   # once: photos no evaluation set uses
   python scripts/quality_regions.py [--train bench-output/whitening] [--heldout bench-output/heldout]
 
-For each input policy (`squash224`: the default's 224x224; `bucketS`: aspect kept in the seven
-buckets of about SxS pixels that the product uses, `bucket272` being the `scenes` profile), the
+For each input policy (`squash224`: 224x224 squashed, the `square` profile's; `bucketS`: aspect kept in the
+seven buckets of about SxS pixels that the product uses, `bucket192` being the default's), the
 R-MAC region vectors (block5_conv3 max-pooled over each region, L2-normalised) of every image are
 computed once, with the product's own decode and resize (`decode_bytes`), and cached. Then scored
 with exact cosine ranking and `pipeline eval`'s metrics:
