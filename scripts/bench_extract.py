@@ -133,14 +133,15 @@ def main() -> None:
         if not m.is_file():
             sys.exit(f"{m} is missing: run `pipeline model export` / `pipeline model quantize`")
     mp = [Image.open(f).size for f in files]
+    info = read_model_info(args.model)
     res: dict = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "onnxruntime": ort.__version__,
         "sgemm_gflops": sgemm_gflops(),
         "photos": len(files),
-        "model": read_model_info(args.model).short(),
-        "input": read_model_info(args.model).resize,
+        "model": info.short(),
+        "input": info.resize,
         "megapixels_mean": round(float(np.mean([w * h for w, h in mp])) / 1e6, 2),
         "command": "python scripts/bench_extract.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }
@@ -150,13 +151,12 @@ def main() -> None:
         photo_dir.mkdir()
         for f in files:
             (photo_dir / f.name).symlink_to(f.resolve())
-        size = read_model_info(args.model).resize_to
         start_dir = tmp / "photos-start"  # the first few photos: what a process costs before it streams
         start_dir.mkdir()
         for f in files[:START_PHOTOS]:
             (start_dir / f.name).symlink_to(f.resolve())
         t0 = time.perf_counter()
-        pixels = [load_image(f, size).pixels for f in files]
+        pixels = [load_image(f, info.resize_to).pixels for f in files]
         res["decode_one_core_img_s"] = round(len(files) / (time.perf_counter() - t0), 1)
         print(f"decode (draft mode, one core): {res['decode_one_core_img_s']} img/s", flush=True)
 
