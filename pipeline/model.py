@@ -305,20 +305,34 @@ def whitening_checksum(whitening: Whitening) -> str:
     return digest.hexdigest()
 
 
+def maps_session(model, maps: Sequence[str]):
+    """An ONNX Runtime session of a feature graph (`model`, from build_feature_graph; its outputs are extended)
+    that also returns the `maps` (conv layers' ReLU outputs, e.g. rmac_maps(pooling)): what R-MAC pools, to learn
+    or measure on it outside the graph."""
+    import onnx
+    import onnxruntime as ort
+
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(m, onnx.TensorProto.FLOAT, None) for m in maps)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def region_vectors(fmap: np.ndarray, levels: int = 3) -> np.ndarray:
+    """R-MAC's regional vectors of one [C, h, w] map, as the graph makes them before summing: max-pooled over
+    each region of rmac_regions, L2-normalised. [regions, C]."""
+    r = np.stack([fmap[:, y0:y1, x0:x1].max(axis=(1, 2)) for y0, x0, y1, x1 in rmac_regions(*fmap.shape[1:], levels)])
+    return r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), L2_EPS)
+
+
 def learn_whitening(layers: list[ConvLayer], files: Sequence[Path], input_size: int, pooling: str,
                     aspect: bool = False, frame: bool = False) -> tuple[Whitening, str]:
     """PCA-whitening of the R-MAC region vectors of `files`, decoded and pooled as the recipe does, per map;
     and the note the model's metadata records. The images must be independent of the collection and of any
     evaluation set (whitening fitted to what it is scored on flatters it). Unreadable files are skipped."""
-    import onnx
-    import onnxruntime as ort
-
     maps = rmac_maps(pooling)
     if not maps:
         raise PipelineError(f"whitening needs an R-MAC pooling (rmac or rmac45), not {pooling!r}")
     model, info = build_feature_graph(layers, input_size=input_size, pooling=pooling, aspect=aspect, frame=frame)
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(m, onnx.TensorProto.FLOAT, None) for m in maps)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = maps_session(model, maps)
     regions: dict[str, list[np.ndarray]] = {m: [] for m in maps}
     used = 0
     for path in files:
@@ -329,10 +343,7 @@ def learn_whitening(layers: list[ConvLayer], files: Sequence[Path], input_size: 
             continue
         used += 1
         for name, fmap in zip(maps, session.run(list(maps), {"image": pixels[None]})):
-            fmap = fmap[0]
-            for y0, x0, y1, x1 in rmac_regions(*fmap.shape[1:]):
-                v = fmap[:, y0:y1, x0:x1].max(axis=(1, 2))
-                regions[name].append(v / max(float(np.linalg.norm(v)), L2_EPS))
+            regions[name].extend(region_vectors(fmap[0]))
     if not used:
         raise PipelineError(f"whitening: none of the {len(files)} files is a readable image")
     whitening: Whitening = {}

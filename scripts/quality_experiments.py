@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from onnx import TensorProto, helper
 from PIL import Image, ImageOps
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,16 +30,15 @@ sys.path.insert(0, str(ROOT))
 from pipeline.evaluate import score  # noqa: E402
 from pipeline.images import decode_rgb, read_file  # noqa: E402
 from pipeline.model import build_feature_graph, load_layers, rmac_regions  # noqa: E402
+from pipeline.model import maps_session as graph_maps_session  # noqa: E402
+from pipeline.model import region_vectors as model_region_vectors  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "eval"
 
 
 def maps_session(weights: Path | None, maps: tuple[str, ...] = ("block5_conv3/relu",)) -> ort.InferenceSession:
     """The seed feature graph (any input size) with the `maps` (conv layers' ReLU outputs) exposed."""
-    m, _ = build_feature_graph(load_layers(weights)[0], pooling="max")
-    for name in maps:
-        m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return graph_maps_session(build_feature_graph(load_layers(weights)[0], pooling="max")[0], maps)
 
 
 def load(path: Path, policy: str, flip: bool = False) -> np.ndarray:
@@ -62,11 +60,12 @@ def l2n(x: np.ndarray) -> np.ndarray:
 
 
 def region_vectors(fmap: np.ndarray, levels: int = 3, power: float | None = None) -> np.ndarray:
-    """R-MAC's regional vectors of one [C, h, w] map: max-pooled (with `power`: GeM-pooled) over each
-    region of `levels` scales, L2-normalised."""
+    """R-MAC's regional vectors of one [C, h, w] map: max-pooled (the product's model.region_vectors) or, with
+    `power`, GeM-pooled over each region of `levels` scales, L2-normalised."""
+    if power is None:
+        return model_region_vectors(fmap, levels)
     regions = (fmap[:, y0:y1, x0:x1].reshape(fmap.shape[0], -1) for y0, x0, y1, x1 in rmac_regions(*fmap.shape[1:], levels))
-    return np.stack([l2n(r.max(1) if power is None else np.mean(np.maximum(r, 1e-6) ** power, 1) ** (1 / power))
-                     for r in regions])
+    return np.stack([l2n(np.mean(np.maximum(r, 1e-6) ** power, 1) ** (1 / power)) for r in regions])
 
 
 def pool_all(fmap: np.ndarray) -> dict[str, np.ndarray]:

@@ -29,6 +29,8 @@ from pipeline.model import (
     read_model_info,
     resolve_model_path,
     learn_whitening,
+    maps_session,
+    region_vectors,
     rmac_maps,
     rmac_regions,
     save_model,
@@ -296,13 +298,9 @@ def numpy_whitened_rmac(x: np.ndarray, mean: np.ndarray, projection: np.ndarray)
 
 def block_maps(images: np.ndarray, layers) -> dict[str, np.ndarray]:
     """block4_conv3's and block5_conv3's ReLU maps, from the graph itself (extra outputs)."""
-    import onnxruntime as ort
-
-    model, _ = build_feature_graph(layers, input_size=64, pooling="rmac45", aspect=True)  # any of its 7 shapes
     names = rmac_maps("rmac45")
-    model.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
-    outs = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(list(names), {"image": images})
-    return dict(zip(names, outs))
+    session = maps_session(build_feature_graph(layers, pooling="max")[0], names)  # any input size
+    return dict(zip(names, session.run(list(names), {"image": images})))
 
 
 def test_whitening_is_in_the_graph_and_the_checksum(tmp_path):
@@ -341,13 +339,8 @@ def test_learned_whitening_decorrelates_regions_of_its_images(tmp_path):
     pixels = [load_image(p, info.resize_to).pixels for p in sorted(photos.glob("p*.jpg"))]
     name = "block5_conv3/relu"
     mean, projection = whitening[name]
-    regions = []
-    for px in pixels:
-        fmap = block_maps(px[None], layers)[name][0]
-        for y0, x0, y1, x1 in rmac_regions(*fmap.shape[1:]):
-            v = fmap[:, y0:y1, x0:x1].max(axis=(1, 2))
-            regions.append(v / np.linalg.norm(v))
-    white = (np.array(regions) - mean) @ projection
+    regions = np.concatenate([region_vectors(block_maps(px[None], layers)[name][0]) for px in pixels])
+    white = (regions - mean) @ projection
     cov = np.cov(white.T)
     off = cov - np.diag(np.diag(cov))
     assert np.abs(off).max() < 1e-3 * np.abs(np.diag(cov)).max()  # decorrelated: the covariance is diagonal
