@@ -36,14 +36,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .catalog import Catalog
+from .features import Catalog
 from .decode_pool import DecodePool, DecodeSettings, decode_one
 from .errors import ImageError, PipelineError, cause
 from .extract import ExtractReport
 from .features import ShardWriter
 from .model import FeatureModel, ModelInfo
 from .progress import Progress
-from .shards import ShardInfo, next_shard_number, read_shard, shard_name
+from .features import ShardInfo, next_shard_number, read_shard, shard_name
 
 LOG = logging.getLogger(__name__)
 TASKS_PER_ACTOR = 2  # queued on each actor, so it starts its next task as soon as one ends

@@ -41,7 +41,7 @@ from .features import exact_features
 from .model import POOLINGS
 from .progress import Progress
 from .search import Searcher
-from .shards import list_shards, shard_model
+from .features import list_shards, shard_model
 
 LOG = logging.getLogger(__name__)
 

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .catalog import Catalog
+from .features import Catalog
 from .decode_pool import DecodePool, DecodeSettings
 from .errors import PipelineError
 from .features import ERRORS_FILE, ShardWriter, write_errors_file, writing
 from .images import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, iter_images
 from .model import FeatureModel, ModelInfo, read_model_info, resolve_model_path
 from .progress import Progress
-from .shards import check_model, list_shards, shard_info, shard_name
+from .features import check_model, list_shards, shard_info, shard_name
 
 LOG = logging.getLogger(__name__)
 MAX_ATTEMPTS = 6  # a transient failure is tried at most this often (over 31 runs: 1, 2, 4, 8, 16 runs apart)

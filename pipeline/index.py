@@ -32,14 +32,14 @@ from typing import Iterator
 import faiss
 import numpy as np
 
-from . import __version__
+from .version import __version__
 from .codes import (CODES_FILE, DEFAULT_POOL, EF_GRID, ITQ_FILE, ITQ_ITERATIONS, ITQ_TRAIN, POOL_GRID, CoarseToFine,
                     encode, learn_itq, parse_codes, quantisation_error, rotation_checksum)
 from .errors import PipelineError, cause, write_error
 from .fsutil import atomic_write_text, exclusive_lock, fsync_path
 from .features import live_parts
 from .progress import Progress
-from .shards import ShardInfo, check_model, read_rows, read_shard
+from .features import ShardInfo, check_model, read_rows, read_shard
 from .vectorstore import Reranked, StoreWriter, VectorStore, update_store
 
 LOG = logging.getLogger(__name__)

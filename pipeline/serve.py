@@ -29,7 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from . import __version__
+from .version import __version__
 from .errors import BusyError, ImageError, PipelineError
 from .images import decode_bytes, input_shapes
 from .index import CURRENT_FILE

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
-from pipeline.catalog import CATALOG_FILE, Catalog  # noqa: E402
+from pipeline.features import CATALOG_FILE, Catalog  # noqa: E402
 
 
 def _timed(fn) -> float:

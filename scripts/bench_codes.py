@@ -48,7 +48,7 @@ def exact_top(features: Path, queries: np.ndarray, k: int) -> np.ndarray:
     """Exact top-k ids (positions in shard order = the ids of a build without catalog), streamed."""
     import faiss
 
-    from pipeline.shards import list_shards, read_shard
+    from pipeline.features import list_shards, read_shard
 
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
     offset = 0

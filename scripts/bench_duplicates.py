@@ -42,7 +42,7 @@ from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
 from pipeline import duplicates  # noqa: E402
 from pipeline.duplicates import DEFAULT_THRESHOLD, MAX_PROBES, PROBE_GAP, Probing  # noqa: E402
 from pipeline.model import ModelInfo  # noqa: E402
-from pipeline.shards import ShardData, list_shards, read_shard, shard_name, write_shard  # noqa: E402
+from pipeline.features import ShardData, list_shards, read_shard, shard_name, write_shard  # noqa: E402
 
 
 def copy_of(v: np.ndarray, cosine: float, rng: np.random.Generator) -> np.ndarray:

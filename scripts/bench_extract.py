@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
 from pipeline.images import load_image  # noqa: E402
 from pipeline.model import read_model_info  # noqa: E402
-from pipeline.shards import list_shards, read_shard  # noqa: E402
+from pipeline.features import list_shards, read_shard  # noqa: E402
 
 
 def bare_session(model: Path, threads: int = 0) -> ort.InferenceSession:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchlib import record, targets_line  # noqa: E402
 from pipeline.model import ModelInfo  # noqa: E402
-from pipeline.shards import ShardData, list_shards, shard_name, write_shard  # noqa: E402
+from pipeline.features import ShardData, list_shards, shard_name, write_shard  # noqa: E402
 
 DIM = 512
 
@@ -86,7 +86,7 @@ def run_measured(cmd: list[str]) -> tuple[float, float, str]:
 RAW_FAISS = r"""
 import sys, time, json, numpy as np, faiss
 sys.path.insert(0, sys.argv[1])
-from pipeline.shards import list_shards, read_shard
+from pipeline.features import list_shards, read_shard
 from pathlib import Path
 factory, train_size = sys.argv[3], int(sys.argv[4])
 data = np.concatenate([read_shard(p).features for p in list_shards(Path(sys.argv[2]))])
@@ -133,7 +133,7 @@ def main() -> None:
     index = faiss.read_index(str(index_file))
     rng = np.random.default_rng(args.seed + 1)
     queries = clustered(1000, centres, rng)
-    from pipeline.shards import read_shard
+    from pipeline.features import read_shard
 
     data = np.concatenate([read_shard(p).features for p in list_shards(features)])
     _, truth = faiss.knn(queries, data, 10, metric=faiss.METRIC_INNER_PRODUCT)

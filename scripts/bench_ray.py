@@ -50,9 +50,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
 from pipeline import distributed  # noqa: E402
-from pipeline.catalog import Catalog  # noqa: E402
+from pipeline.features import Catalog  # noqa: E402
 from pipeline.progress import Progress  # noqa: E402
-from pipeline.shards import next_shard_number, read_shard  # noqa: E402
+from pipeline.features import next_shard_number, read_shard  # noqa: E402
 
 # `ray start --head` turns on token authentication (Ray >= 2.5x): every node and driver would need the token.
 # Ray starts its workers at niceness 15 (RAY_worker_niceness): on a shared machine they then yield to any

@@ -65,7 +65,7 @@ def prepare(data: Path, n: int, shard_size: int) -> tuple[Path, Path]:
     """The shards of n vectors and the exact top-100 of the held-out queries (both made once)."""
     import faiss
 
-    from pipeline.shards import list_shards, read_shard
+    from pipeline.features import list_shards, read_shard
 
     features = data / f"features-{n // 1_000_000}m" if n % 1_000_000 == 0 else data / f"features-{n}"
     centres = make_shards(features, n, shard_size, SEED)
@@ -106,7 +106,7 @@ def child_raw(features: str, factory: str, train_size: str) -> None:
     import faiss
 
     from pipeline.index import quantizer_search_depth, sample_runs
-    from pipeline.shards import list_shards, read_rows, read_shard, shard_info
+    from pipeline.features import list_shards, read_rows, read_shard, shard_info
 
     paths = list_shards(Path(features))
     counts = np.array([shard_info(p).count for p in paths])
@@ -172,7 +172,7 @@ def candidates_check(features: Path) -> dict:
     """Share of the exact top-10 among the top-c candidates of each code kind, at the density of 10M."""
     import faiss
 
-    from pipeline.shards import list_shards, read_shard
+    from pipeline.features import list_shards, read_shard
 
     rng = np.random.default_rng(SEED)
     centres = np.abs(rng.normal(size=(10_000, 512))).astype(np.float32)  # as make_shards draws them
@@ -196,7 +196,7 @@ def candidates_check(features: Path) -> dict:
 def real_check(features: Path, work: Path) -> dict:
     """Recall@10 against exact search of the PQ codes the plan picks, alone and re-ranked, on real features."""
     from pipeline.index import build_index, plan_index
-    from pipeline.shards import list_shards, shard_info
+    from pipeline.features import list_shards, shard_info
 
     n = sum(shard_info(p).count for p in list_shards(features))
     plan = plan_index(n, flat_below=0, **KINDS["pq-rerank"](n))  # IVF even at this size

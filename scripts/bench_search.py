@@ -35,7 +35,7 @@ from bench_index import DIM, clustered  # noqa: E402
 from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
 from pipeline.images import load_image  # noqa: E402
 from pipeline.search import Searcher  # noqa: E402
-from pipeline.shards import list_shards, read_shard  # noqa: E402
+from pipeline.features import list_shards, read_shard  # noqa: E402
 
 
 def part_1m(workdir: Path, n: int, seed: int, dim: int = DIM) -> dict:

@@ -51,10 +51,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_index import DIM, clustered, make_shards, run_measured  # noqa: E402
 from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
-from pipeline.catalog import CATALOG_FILE, Catalog  # noqa: E402
+from pipeline.features import CATALOG_FILE, Catalog  # noqa: E402
 from pipeline.index import INDEX_FILE, current_version  # noqa: E402
 from pipeline.model import ModelInfo  # noqa: E402
-from pipeline.shards import ShardData, list_shards, next_shard_number, read_shard, shard_name, write_shard  # noqa: E402
+from pipeline.features import ShardData, list_shards, next_shard_number, read_shard, shard_name, write_shard  # noqa: E402
 
 
 def build(features: Path, index_dir: Path, *extra: str) -> tuple[float, float, dict]:

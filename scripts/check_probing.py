@@ -28,7 +28,7 @@ from bench_duplicates import probes_needed  # noqa: E402
 from pipeline.duplicates import DEFAULT_THRESHOLD, PROBE_GAP  # noqa: E402
 from pipeline.extract import extract  # noqa: E402
 from pipeline.index import current_version  # noqa: E402
-from pipeline.shards import list_shards, read_shard  # noqa: E402
+from pipeline.features import list_shards, read_shard  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "eval"
 

@@ -137,7 +137,7 @@ def write_synthetic_shards(features_dir: Path, vectors: np.ndarray, shard_size: 
     """Real shard files holding `vectors`, with made-up paths /synthetic/NNNNNNN.jpg numbered from
     `first`, after the shards already in the folder; `pooling`: the recipe's (a POOLINGS value)."""
     from pipeline.model import ModelInfo
-    from pipeline.shards import ShardData, next_shard_number, shard_name, write_shard
+    from pipeline.features import ShardData, next_shard_number, shard_name, write_shard
 
     features_dir.mkdir(parents=True, exist_ok=True)
     info = ModelInfo(name="synthetic", weights_sha256=model_sha, input_size=TINY_SIZE, dim=vectors.shape[1])

@@ -7,9 +7,9 @@ import sqlite3
 
 import numpy as np
 
-from pipeline.catalog import CATALOG_FILE, Catalog, Entry
+from pipeline.features import CATALOG_FILE, Catalog, Entry
 from pipeline.model import ModelInfo
-from pipeline.shards import ShardData, shard_name, write_shard
+from pipeline.features import ShardData, shard_name, write_shard
 
 INFO = ModelInfo(name="m", weights_sha256="w" * 64, input_size=32, dim=4)
 

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import clustered_vectors, write_synthetic_shards
-from pipeline.catalog import Catalog
+from pipeline.features import Catalog
 from pipeline.cli import app
 from pipeline.codes import CODES_FILE, encode, learn_itq, parse_codes, quantisation_error
 from pipeline.errors import PipelineError

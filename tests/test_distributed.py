@@ -19,12 +19,12 @@ from typer.testing import CliRunner
 
 from pipeline import distributed
 from pipeline.cli import app
-from pipeline.catalog import Catalog
+from pipeline.features import Catalog
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.index import build_index
 from pipeline.search import Searcher
-from pipeline.shards import list_shards, read_shard
+from pipeline.features import list_shards, read_shard
 
 ray = pytest.importorskip("ray")
 

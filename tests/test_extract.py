@@ -24,7 +24,7 @@ from pipeline.images import load_image
 from pipeline.index import build_index
 from pipeline.model import FeatureModel, build_feature_graph, save_model
 from pipeline.search import Searcher
-from pipeline.shards import list_shards, read_shard, shard_info
+from pipeline.features import list_shards, read_shard, shard_info
 
 
 def all_rows(features_dir: Path) -> tuple[list[str], np.ndarray, list[str]]:
@@ -136,7 +136,8 @@ def test_rerun_does_only_missing_work(tmp_path, tiny_model, gallery):
 
 STALL_AFTER_FIRST_SHARD = """
 import sys
-from pipeline import cli, features
+from pipeline import cli
+from pipeline.features import folder as features
 
 write_shard = features.write_shard
 
@@ -279,7 +280,7 @@ def test_a_folder_that_cannot_be_listed_keeps_its_images(tmp_path, tiny_model, m
 
     from typer.testing import CliRunner
 
-    from pipeline.catalog import Catalog
+    from pipeline.features import Catalog
     from pipeline.cli import app
 
     for i in range(4):
@@ -313,7 +314,7 @@ def test_counts_do_not_depend_on_the_scan_chunk(tmp_path, tiny_model, monkeypatc
     import errno
     import shutil
 
-    from pipeline.catalog import Catalog
+    from pipeline.features import Catalog
 
     imgs = tmp_path / "imgs"
     for folder, seeds in {"a": range(4), "b": range(4, 8), "c": range(8, 12), "e": range(20, 22)}.items():

@@ -1,5 +1,5 @@
-"""The features folder's one module: writing, compaction and live rows through its API, readers that
-open the catalog read-only, and modules that import one way (a climb back up fails here)."""
+"""The features folder through its API: writing, compaction and live rows, and readers that open
+the catalog read-only."""
 
 from __future__ import annotations
 
@@ -12,79 +12,14 @@ import pytest
 
 import pipeline
 from pipeline import features
-from pipeline.catalog import Catalog
+from pipeline.features import Catalog
 from pipeline.errors import PipelineError
 from pipeline.features import RowMeta, ShardWriter, compact, exact_features, live_digest, live_parts, writing
 from pipeline.index import build_index
 from pipeline.model import ModelInfo
 
+
 INFO = ModelInfo(name="m", weights_sha256="w" * 64, input_size=32, dim=4)
-PACKAGE = Path(pipeline.__file__).parent
-
-# The data flow, upstream first: a module imports only from tiers before its own.
-TIERS = [
-    ("__init__", "errors", "progress"),
-    ("fsutil",),
-    ("images",),
-    ("decode_pool",),
-    ("model",),
-    ("quantize",),
-    ("shards",),  # the shard file format
-    ("catalog",),  # the record beside the shards
-    ("features",),  # the features folder: shards, catalog, errors file, lock
-    ("extract",),
-    ("vectorstore",),  # the index versions' float16 features, for re-ranking
-    ("codes",),  # binary codes: learning, encoding, the coarse-to-fine search
-    ("index",),
-    ("distributed",),  # runs extract's and index's own work on Ray
-    ("search",),
-    ("duplicates", "evaluate"),
-    ("sheet",),
-    ("serve",),
-    ("rebuild",),
-    ("cli",),
-    ("__main__",),
-]
-# The only imports up the flow: with --ray, a stage hands its work to the cluster. Inside the
-# function that does so, never at module level, so a run without Ray never loads it.
-RAY_DISPATCH = {("extract", "distributed"), ("index", "distributed")}
-
-
-def package_imports(module: Path) -> list[tuple[str, bool]]:
-    """(pipeline module imported, at module level) for every import of `module`."""
-    tree = ast.parse(module.read_text())
-    top = {id(node) for node in tree.body}
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            names = [node.module] if node.module else [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
-            names = [node.module.split(".")[1]]
-        elif isinstance(node, ast.Import):
-            names = [a.name.split(".")[1] for a in node.names if a.name.startswith("pipeline.")]
-        else:
-            continue
-        found += [(n if (PACKAGE / f"{n}.py").exists() else "__init__", id(node) in top) for n in names]
-    return found
-
-
-def test_modules_import_one_way():
-    tier = {name: t for t, names in enumerate(TIERS) for name in names}
-    modules = sorted(p.stem for p in PACKAGE.glob("*.py"))
-    assert sorted(tier) == modules, "place every module of pipeline/ in TIERS"
-    climbs = []
-    for name in modules:
-        for imported, top_level in package_imports(PACKAGE / f"{name}.py"):
-            if tier[imported] >= tier[name] and not ((name, imported) in RAY_DISPATCH and not top_level):
-                climbs.append(f"{name} imports {imported}" + (" at module level" if top_level else ""))
-    assert not climbs, "imports against the data flow: " + "; ".join(climbs)
-
-
-def test_only_the_features_module_opens_the_catalog():
-    opened = [f"{p.name}:{node.lineno}" for p in PACKAGE.glob("*.py") if p.stem not in ("catalog", "features")
-              for node in ast.walk(ast.parse(p.read_text()))
-              if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Catalog"]
-    assert not opened
 
 
 def write_rows(folder: Path, paths: list[str], shard_size: int) -> np.ndarray:

@@ -23,7 +23,7 @@ from pipeline.fsutil import exclusive_lock
 from pipeline.index import IDS_FILE, current_version
 from pipeline.rebuild import rebuild
 from pipeline.search import Searcher
-from pipeline.shards import list_shards
+from pipeline.features import list_shards
 
 
 def indexed_paths(index_dir: Path) -> list[str]:
@@ -169,7 +169,9 @@ def _rebuild_cmd(root: Path, work: Path, model: Path) -> list[str]:
 
 STOP_AT_STEP = """
 import sys, time
-from pipeline import catalog, cli, features, fsutil, index
+from pipeline import cli, fsutil, index
+from pipeline.features import catalog
+from pipeline.features import folder as features
 
 stop_name, stop_count, marker, steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], []
 

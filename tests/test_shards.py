@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pipeline.errors import PipelineError
 from pipeline.model import ModelInfo
-from pipeline.shards import ShardData, list_shards, read_rows, read_shard, shard_info, shard_model, write_shard
+from pipeline.features import ShardData, list_shards, read_rows, read_shard, shard_info, shard_model, write_shard
 
 INFO = ModelInfo(name="m", weights_sha256="w" * 64, input_size=32, dim=8)
 names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=40)

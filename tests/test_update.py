@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import clustered_vectors, write_synthetic_shards
-from pipeline.catalog import Catalog
+from pipeline.features import Catalog
 from pipeline.cli import app
 from pipeline.errors import PipelineError
 from pipeline.index import (HOLD_SLACK, IDS_FILE, META_FILE, _NextLists, _plain_lists, _read_for_update, build_index,

@@ -35,7 +35,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import PipelineError, write_error
+from ..errors import PipelineError, write_error
 from .shards import list_shards, read_shard
 
 LOG = logging.getLogger(__name__)

@@ -25,10 +25,10 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from . import __version__
-from .errors import ModelMismatchError, PipelineError, cause, write_error
-from .fsutil import publish, temp_path
-from .model import ModelInfo
+from ..version import __version__
+from ..errors import ModelMismatchError, PipelineError, cause, write_error
+from ..fsutil import publish, temp_path
+from ..model import ModelInfo
 
 SCHEMA_VERSION = 1
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.h5$")

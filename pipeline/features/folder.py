@@ -28,9 +28,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .catalog import CATALOG_FILE, Catalog
-from .errors import ImageError, PipelineError
-from .fsutil import atomic_write_text, exclusive_lock
-from .model import ModelInfo
+from ..errors import ImageError, PipelineError
+from ..fsutil import atomic_write_text, exclusive_lock
+from ..model import ModelInfo
 from .shards import (ShardData, ShardInfo, list_shards, next_shard_number, read_rows, read_shard, shard_info, shard_model,
                      shard_name, write_shard)
 
