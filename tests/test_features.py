@@ -3,15 +3,13 @@ the catalog read-only."""
 
 from __future__ import annotations
 
-import ast
 import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import pipeline
-from pipeline import features
+from pipeline.features import folder as folder_module
 from pipeline.features import Catalog
 from pipeline.errors import PipelineError
 from pipeline.features import RowMeta, ShardWriter, compact, exact_features, live_digest, live_parts, writing
@@ -64,7 +62,7 @@ def test_readers_open_the_catalog_read_only(tmp_path, monkeypatch):
             opened.append(readonly)
             super().__init__(features_dir, readonly=readonly)
 
-    monkeypatch.setattr(features, "Catalog", Spy)
+    monkeypatch.setattr(folder_module, "Catalog", Spy)
     assert build_index(folder, tmp_path / "index").meta["count"] == 3
     assert opened == [True]
 
