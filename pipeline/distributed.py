@@ -72,6 +72,19 @@ def connect(address: str):
     return ray
 
 
+class RayDistributor:
+    """The Ray cluster at `address`, handed to extract(), build_index() and rebuild() (the CLI's --ray):
+    it runs their public per-task functions there, where a local run calls them in-process."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.ray = connect(address)  # at once: a cluster that cannot be reached is a one-line error before any work
+
+    # extraction: the method extract() calls (see extract.py's distributor protocol) goes here
+
+    # index filling: the method build_index() calls (see pipeline/index/fill.py's protocol) goes here
+
+
 def _get(ray, ref):
     """ray.get, with our own one-line errors raised on a worker (a damaged shard, a full disk) as they are."""
     try:
