@@ -20,6 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.model import (
     VGG16_BLOCKS,
     FeatureModel,
+    Whitening,
     aspect_shapes,
     build_feature_graph,
     export_model,
@@ -29,11 +30,13 @@ from pipeline.model import (
     read_model_info,
     resolve_model_path,
     learn_whitening,
+    load_whitening,
     maps_session,
     region_vectors,
     rmac_maps,
     rmac_regions,
     save_model,
+    save_whitening,
     weights_checksum,
     whitening_checksum,
 )
@@ -308,16 +311,17 @@ def test_whitening_is_in_the_graph_and_the_checksum(tmp_path):
     rng = np.random.default_rng(5)
     names = rmac_maps("rmac45")
     assert names == ("block4_conv3/relu", "block5_conv3/relu") and rmac_maps("max") == ()
-    whitening = {n: (rng.normal(0, 0.05, 64).astype(np.float32), rng.normal(0, 1, (64, 64)).astype(np.float32))
-                 for n in names}
+    whitening = Whitening({n: (rng.normal(0, 0.05, 64).astype(np.float32),
+                               rng.normal(0, 1, (64, 64)).astype(np.float32)) for n in names})
     model, info = build_feature_graph(layers, input_size=64, pooling="rmac45", whitening=whitening)
     save_model(model, tmp_path / "white.onnx")
     plain = build_feature_graph(layers, input_size=64, pooling="rmac45")[1]
-    assert info.name.endswith("-whitened") and whitening_checksum(whitening) in info.whitening
+    assert info.name.endswith("-whitened") and info.whitening == whitening.note
+    assert info.whitening == f"PCA-whitening of each R-MAC region; sha256 {whitening_checksum(whitening)}"
     assert read_model_info(tmp_path / "white.onnx") == info and info.checksum != plain.checksum
     images = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     maps = block_maps(images, layers)
-    parts = [numpy_whitened_rmac(maps[n].astype(np.float64), *whitening[n]) for n in names]
+    parts = [numpy_whitened_rmac(maps[n].astype(np.float64), *whitening.maps[n]) for n in names]
     want = np.concatenate(parts, axis=1) / np.sqrt(2)  # each layer's part is unit length
     np.testing.assert_allclose(FeatureModel(tmp_path / "white.onnx").embed(images), want, rtol=1e-4, atol=1e-5)
     with pytest.raises(PipelineError, match="does not fit pooling 'rmac'"):
@@ -330,15 +334,18 @@ def test_learned_whitening_decorrelates_regions_of_its_images(tmp_path):
     for i in range(12):
         save_pattern(photos / f"p{i:02d}.jpg", seed=100 + i, size=(72, 96))
     (photos / "broken.jpg").write_bytes(b"not an image")  # skipped, not fatal
-    whitening, note = learn_whitening(layers, sorted(photos.iterdir()), 64, "rmac45", aspect=True, frame=True)
-    assert "of 12 images" in note and whitening_checksum(whitening) in note
+    plain, info = build_feature_graph(layers, input_size=64, pooling="rmac45", aspect=True, frame=True)
+    whitening = learn_whitening(plain, "rmac45", sorted(photos.iterdir()))
+    note = whitening.note
+    assert whitening.provenance.startswith("(power 0.5, shrinkage 1.0), learned on ")
+    assert whitening.provenance.endswith(" region vectors of 12 images")
+    assert note.endswith(whitening_checksum(whitening))
     # the same regions the graph pools, decoded as the recipe decodes them
-    info = build_feature_graph(layers, input_size=64, pooling="rmac45", aspect=True, frame=True)[1]
     from pipeline.images import load_image
 
     pixels = [load_image(p, info.resize_to).pixels for p in sorted(photos.glob("p*.jpg"))]
     name = "block5_conv3/relu"
-    mean, projection = whitening[name]
+    mean, projection = whitening.maps[name]
     regions = np.concatenate([region_vectors(block_maps(px[None], layers)[name][0]) for px in pixels])
     white = (regions - mean) @ projection
     cov = np.cov(white.T)
@@ -357,3 +364,33 @@ def test_learned_whitening_decorrelates_regions_of_its_images(tmp_path):
     seed = CliRunner().invoke(app, ["model", "export", "--weights", str(weights), "--profile", "seed",
                                     "--whiten-on", str(photos), "--out", str(tmp_path / "s.onnx")])
     assert seed.exit_code != 0 and "needs an R-MAC pooling" in seed.output and not (tmp_path / "s.onnx").exists()
+
+
+def test_a_whitening_saved_and_loaded_builds_the_same_model(tmp_path):
+    layers = tiny_layers(0)
+    rng = np.random.default_rng(7)
+    whitening = Whitening({n: (rng.normal(0, 0.05, 64), rng.normal(0, 1, (64, 64))) for n in rmac_maps("rmac45")},
+                          "(power 0.5, shrinkage 1.0), learned on 900 region vectors of 9 images")
+    save_whitening(tmp_path / "w.npz", whitening)
+    loaded = load_whitening(tmp_path / "w.npz")
+    assert loaded.provenance == whitening.provenance and list(loaded.maps) == list(whitening.maps)
+    for name, (mean, projection) in whitening.maps.items():
+        assert loaded.maps[name][0].dtype == loaded.maps[name][1].dtype == np.float32
+        np.testing.assert_array_equal(loaded.maps[name][0], mean.astype(np.float32))
+        np.testing.assert_array_equal(loaded.maps[name][1], projection.astype(np.float32))
+    assert whitening_checksum(loaded) == whitening_checksum(whitening) and loaded.note == whitening.note
+    built = [build_feature_graph(layers, input_size=64, pooling="rmac45", whitening=w) for w in (whitening, loaded)]
+    assert built[0][1] == built[1][1] and built[0][0].SerializeToString() == built[1][0].SerializeToString()
+    save_whitening(tmp_path / "again.npz", loaded)  # a loaded whitening saves to the same file
+    assert (tmp_path / "again.npz").read_bytes() == (tmp_path / "w.npz").read_bytes()
+    with pytest.raises(TypeError):
+        loaded.maps["block5_conv3/relu"] = loaded.maps["block4_conv3/relu"]  # the record is frozen, maps too
+    for junk in (b"not a zip", b""):
+        (tmp_path / "junk.npz").write_bytes(junk)
+        with pytest.raises(PipelineError, match="is not a whitening file"):
+            load_whitening(tmp_path / "junk.npz")
+    np.savez(tmp_path / "other.npz", names=np.array(["x"]))
+    with pytest.raises(PipelineError, match="is not a whitening file"):
+        load_whitening(tmp_path / "other.npz")
+    with pytest.raises(PipelineError, match="are not"):
+        Whitening({"block5_conv3/relu": (np.zeros(64), np.zeros((64, 32)))})

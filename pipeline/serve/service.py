@@ -1,58 +1,35 @@
-"""The query service: one warm model, micro-batched image queries, hot swaps of the published index.
-
-`Service` is the library object (tests and programs call it directly); `create_app` is the thin
-FastAPI layer over it that `pipeline serve` runs (the page lives in pipeline/web/). Clients only
-ever name images by id: no request makes the service read a path that a client sent.
-"""
+"""The query service as a library object: one warm model, micro-batched image queries, hot swaps of the
+published index version, thumbnails and statistics. Clients only ever name images by id: no request makes
+the service read a path that a client sent."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import io
-import ipaddress
 import logging
-import queue
-import secrets
 import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Optional, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
-from fastapi import Depends, FastAPI, File, Path as PathParam, Query, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException
 
-from .version import __version__
-from .errors import BusyError, ImageError, PipelineError
-from .images import decode_bytes, input_shapes
-from .index import CURRENT_FILE
-from .model import FeatureModel
-from .search import QueryResult, Searcher, QueryFile
-from .sheet import thumbnail
+from ..errors import BusyError, ImageError, PipelineError
+from ..images import decode_bytes, input_shapes
+from ..index import CURRENT_FILE
+from ..model import FeatureModel
+from ..search import QueryFile, QueryResult, Searcher
+from ..sheet import thumbnail
+from .batcher import MicroBatcher
 
 LOG = logging.getLogger(__name__)
 
-WEB_DIR = Path(__file__).resolve().parent / "web"
-DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024  # bytes per request body
 MAX_IMAGES_PER_REQUEST = 32
 THUMB_SIZE = 320  # px, the longer side: sharp on a 2x screen in a ~160 px tile
-API_KEY_HEADER = "X-API-Key"
-API_KEY_COOKIE = "pipeline_key"  # what the page stores, so that <img> thumbnail requests carry it
-RETRY_AFTER_S = 1
-
-# Query parameters of the API (module level: FastAPI resolves the annotations here).
-K = Annotated[int, Query(ge=1, le=1000, description="Results per query.")]
-MinScore = Annotated[Optional[float], Query(description="Drop results below this cosine score.")]
-ExcludeSelf = Annotated[bool, Query(description="Drop the query image itself and byte-identical copies.")]
-Nprobe = Annotated[Optional[int], Query(ge=1, le=1 << 20, description="Override the index's tuned nprobe.")]
-Version = Annotated[Optional[str], Query(max_length=64, description="Index version an id belongs to (default: the current one).")]
+T = TypeVar("T")
 
 
 class RequestError(PipelineError):
@@ -61,84 +38,6 @@ class RequestError(PipelineError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
-
-
-class MicroBatcher:
-    """One thread owns the model session and runs the images waiting for it as one batch.
-
-    A lone query runs at once. When the previous batch held several images (queries arrive
-    concurrently), the thread waits up to `max_wait` seconds for the batch to fill to
-    `batch_size`. The queue is bounded: `submit` raises BusyError when `queue_size` images wait.
-    """
-
-    def __init__(self, model: FeatureModel, batch_size: int = 8, max_wait: float = 0.005, queue_size: int = 64) -> None:
-        assert batch_size >= 1 and queue_size >= 1, "batch_size and queue_size must be at least 1"
-        self.model, self.batch_size, self.max_wait = model, batch_size, max_wait
-        self._queue: queue.Queue[tuple[np.ndarray, Future] | None] = queue.Queue(queue_size)
-        self.batches = self.images = 0
-        self._thread = threading.Thread(target=self._run, name="pipeline-batcher", daemon=True)
-        self._thread.start()
-
-    def submit(self, pixels: np.ndarray) -> Future:
-        """A future of the image's feature vector."""
-        fut: Future = Future()
-        try:
-            self._queue.put_nowait((pixels, fut))
-        except queue.Full:
-            raise BusyError(f"the service is busy ({self._queue.maxsize} images wait for the model); retry shortly") from None
-        return fut
-
-    def waiting(self) -> int:
-        return self._queue.qsize()
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-
-    def _take(self, first: tuple[np.ndarray, Future], wait: bool) -> tuple[list[tuple[np.ndarray, Future]], bool]:
-        """`first` and what else is waiting, up to batch_size; and whether close() was called."""
-        batch = [first]
-        deadline = time.monotonic() + (self.max_wait if wait else 0.0)
-        while len(batch) < self.batch_size:
-            remaining = deadline - time.monotonic()
-            try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                return batch, True
-            batch.append(item)
-        return batch, False
-
-    def _run(self) -> None:
-        last, stop = 1, False
-        while not stop:
-            first = self._queue.get()
-            if first is None:
-                break
-            batch, stop = self._take(first, wait=last > 1)
-            batch = [(px, fut) for px, fut in batch if fut.set_running_or_notify_cancel()]  # drop timed-out ones
-            if not batch:
-                continue
-            try:
-                feats = self.model.embed_each([px for px, _ in batch], self.batch_size)
-            except Exception as exc:  # the model failed: every waiting request learns why
-                LOG.exception("model run failed on a batch of %d", len(batch))
-                for _, fut in batch:
-                    fut.set_exception(exc)
-            else:
-                for (_, fut), feat in zip(batch, feats):
-                    fut.set_result(feat)
-            self.batches += 1
-            self.images += len(batch)
-            last = len(batch)
-        while True:  # closed: whatever still waits is answered, not left hanging
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None and item[1].set_running_or_notify_cancel():
-                item[1].set_exception(BusyError("the service is shutting down; retry shortly"))
 
 
 class Service:
@@ -173,7 +72,7 @@ class Service:
 
     # ------------------------------------------------------------------ life cycle
 
-    def start(self) -> "Service":
+    def start(self) -> Service:
         """Open the index and the model, warm the model up, start the batcher and the watcher."""
         if self.batcher is not None:
             return self
@@ -193,6 +92,7 @@ class Service:
         return self
 
     def close(self) -> None:
+        """Stop watching for new versions and stop the batcher (what still waits is answered busy)."""
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join()
@@ -201,10 +101,12 @@ class Service:
 
     @property
     def ready(self) -> bool:
+        """Whether start() has loaded the index and the model (health answers 503 until then)."""
         return self.batcher is not None
 
     @property
     def model(self) -> FeatureModel:
+        """The warm model the batcher runs."""
         assert self.batcher is not None, "Service.start() first"
         return self.batcher.model
 
@@ -249,7 +151,8 @@ class Service:
             return False
         want = new.meta["model"].get("checksum")
         if want != self.model.info.checksum:
-            LOG.error("refused index version %s: made by model %s (checksum %s), this service runs %s; still serving %s",
+            LOG.error("refused index version %s: made by model %s (checksum %s), this service runs %s; "
+                      "still serving %s",
                       new.version_dir.name, new.meta["model"].get("name", "?"), (want or "none")[:12],
                       self.model.info.short(), serving)
             self._skipped = new.version_dir.name
@@ -295,8 +198,8 @@ class Service:
         t0 = time.perf_counter()
         searcher = self.searcher
         try:
-            results = await asyncio.wait_for(self._search_uploads(searcher, uploads, k, min_score, exclude_self, nprobe),
-                                             self.timeout)
+            results = await asyncio.wait_for(
+                self._search_uploads(searcher, uploads, k, min_score, exclude_self, nprobe), self.timeout)
         except asyncio.TimeoutError:
             raise BusyError(f"no answer within {self.timeout:g} s (the service is overloaded); retry shortly") from None
         if all(r.error for r in results):
@@ -332,7 +235,8 @@ class Service:
 
     async def search_like(self, idx: int, version: str | None = None, k: int = 10, min_score: float | None = None,
                           exclude_self: bool = False, nprobe: int | None = None) -> tuple[str, QueryResult]:
-        """(version, result) for the indexed image `idx` of `version` (default: the current one), from its stored vector."""
+        """(version, result) for the indexed image `idx` of `version` (default: the current one), from its
+        stored vector."""
         t0 = time.perf_counter()
         searcher = self.searcher_for(version)
         path = self._path(searcher, idx)
@@ -366,7 +270,7 @@ class Service:
             raise RequestError(f"no image with id {idx} in index version {searcher.version_dir.name}", 404)
         return path
 
-    def _locked(self, fn, *args):
+    def _locked(self, fn: Callable[..., T], *args: Any) -> T:
         with self._lock:
             return fn(*args)
 
@@ -377,6 +281,7 @@ class Service:
     # ------------------------------------------------------------------ reports
 
     def health(self) -> dict:
+        """"ready" with the served version and size, or "starting": what a load balancer polls."""
         if not self.ready:
             return {"status": "starting"}
         return {"status": "ready", "version": self.searcher.version_dir.name, "count": self.searcher.count}
@@ -398,165 +303,3 @@ class Service:
             "queue": {"waiting": self.batcher.waiting(), "size": self.queue_size},
             "batch_size": self.batch_size, "max_wait_ms": self.max_wait * 1000,
         }
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` keeps the service on this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets 413 before the app parses it.
-
-    A declared Content-Length is refused at once, unread (curl, sending `Expect: 100-continue`,
-    never sends the body; httpx reads the 413 after its write fails); a chunked body is counted as
-    it arrives. The rest of an oversized body is never read: reading 50 MB costs the other requests
-    half a second of CPU, and the connection is closed anyway.
-    """
-
-    def __init__(self, app, limit: int = DEFAULT_MAX_UPLOAD) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(send)
-        seen, started = 0, False
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
-
-        async def answer(message) -> None:
-            nonlocal started
-            if seen > self.limit and not started:
-                return  # the app's answer to a cut-off body (FastAPI: 400) gives way to the 413
-            started = True
-            await send(message)
-
-        try:
-            await self.app(scope, counted, answer)
-        except _TooLarge:
-            pass
-        if seen > self.limit and not started:
-            await self._refuse(send)
-
-    async def _refuse(self, send) -> None:
-        body = ('{"error": "request body too large: the limit is %d bytes"}' % self.limit).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
-
-
-def create_app(service: Service, api_key: str | None = None, max_upload: int = DEFAULT_MAX_UPLOAD):
-    """The HTTP layer over `service`: the JSON API under /api, the page at /, the schema at /openapi.json.
-
-    No docs UI (FastAPI's loads its assets from a CDN). With `api_key`, every /api route but
-    health wants it in the X-API-Key header or the pipeline_key cookie (which the page sets).
-    """
-    @asynccontextmanager
-    async def lifespan(_app):
-        await asyncio.to_thread(service.start)
-        yield
-        await asyncio.to_thread(service.close)
-
-    app = FastAPI(title="pipeline", version=__version__, summary="Search by image: upload a photo, get its look-alikes.",
-                  docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.add_middleware(BodyLimit, limit=max_upload)
-
-    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse({"error": message}, status, headers=headers)
-
-    @app.exception_handler(RequestError)
-    async def on_request_error(_request, exc: RequestError):
-        return error(exc.status, str(exc))
-
-    @app.exception_handler(BusyError)
-    async def on_busy(_request, exc: BusyError):
-        return error(503, str(exc), {"Retry-After": str(RETRY_AFTER_S)})
-
-    @app.exception_handler(PipelineError)
-    async def on_pipeline_error(_request, exc: PipelineError):
-        LOG.error("request failed: %s", exc)
-        return error(500, str(exc))
-
-    @app.exception_handler(HTTPException)
-    async def on_http(_request, exc: HTTPException):
-        return error(exc.status_code, str(exc.detail), exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def on_invalid(_request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"][1:]) or str(first["loc"][0])
-        return error(422, f"{where}: {first['msg']}")
-
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        sent = request.headers.get(API_KEY_HEADER) or request.cookies.get(API_KEY_COOKIE) or ""
-        if not secrets.compare_digest(sent.encode(), api_key.encode()):
-            raise RequestError(f"missing or wrong API key (send it in the {API_KEY_HEADER} header)", 401)
-
-    guarded = [Depends(check_key)]
-
-    def answer(version: str, results: list[QueryResult]) -> JSONResponse:
-        body = []
-        for r in results:
-            d = r.to_dict()
-            for hit in d["results"]:
-                hit["thumbnail"] = f"/api/thumbnail/{hit['id']}?version={version}"
-            body.append(d)
-        return JSONResponse(body, headers={"X-Index-Version": version})
-
-    @app.post("/api/search", dependencies=guarded, summary="Search by uploaded images")
-    async def search_images(image: Annotated[list[UploadFile], File(description="One or more images (repeat the field).")],
-                            k: K = 10, min_score: MinScore = None, exclude_self: ExcludeSelf = False,
-                            nprobe: Nprobe = None) -> JSONResponse:
-        uploads = [(f.filename or f"upload-{i + 1}", await f.read()) for i, f in enumerate(image)]
-        version, results = await service.search_uploads(uploads, k, min_score, exclude_self, nprobe)
-        return answer(version, results)
-
-    @app.get("/api/search", dependencies=guarded, summary="More like an indexed image (its stored feature, no model run)")
-    async def search_like(like: Annotated[int, Query(ge=0, description="Id of an indexed image.")], version: Version = None,
-                          k: K = 10, min_score: MinScore = None, exclude_self: ExcludeSelf = False,
-                          nprobe: Nprobe = None) -> JSONResponse:
-        served, result = await service.search_like(like, version, k, min_score, exclude_self, nprobe)
-        return answer(served, [result])
-
-    @app.get("/api/thumbnail/{idx}", dependencies=guarded, summary="A small JPEG of an indexed image",
-             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
-    async def thumbnail_image(idx: Annotated[int, PathParam(ge=0)], version: Version = None) -> Response:
-        data = await asyncio.to_thread(service.thumbnail, idx, version)
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
-
-    @app.get("/api/health", summary="Ready once the index and the model are loaded")
-    async def health() -> JSONResponse:
-        state = service.health()
-        return JSONResponse(state, 200 if state["status"] == "ready" else 503)
-
-    @app.get("/api/stats", dependencies=guarded, summary="Index version and size, model, requests, latency")
-    async def stats() -> dict:
-        return service.stats()
-
-    @app.get("/", include_in_schema=False)
-    async def page() -> FileResponse:
-        return FileResponse(WEB_DIR / "index.html")
-
-    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
-    return app

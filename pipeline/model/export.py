@@ -1,0 +1,57 @@
+"""Writing a feature model file: weights in, optionally a whitening learned, the graph built, the file written."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from ..errors import PipelineError
+from ..fsutil import atomic_write_bytes
+from ..images import find_images
+from .graph import build_feature_graph
+from .info import ModelInfo
+from .recipe import DEFAULT_PROFILE, PROFILES
+from .runtime import default_model_location
+from .weights import load_layers
+from .whitening import learn_whitening
+
+if TYPE_CHECKING:
+    import onnx
+
+LOG = logging.getLogger(__name__)
+
+
+def save_model(model: onnx.ModelProto, out: Path) -> None:
+    """Write an ONNX model atomically (temporary name, fsync, rename)."""
+    atomic_write_bytes(Path(out), model.SerializeToString())
+
+
+def export_model(out: Path | None = None, source: Path | None = None, profile: str = DEFAULT_PROFILE,
+                 input_size: int | None = None, pooling: str | None = None, frame: bool | None = None,
+                 whiten_on: Sequence[Path] = ()) -> ModelInfo:
+    """Write the ImageNet VGG16 feature model to `out` (default: default_model_location()) from a
+    weights source (see load_layers).
+
+    `profile` picks the recipe (see PROFILES and docs/quality.md); `input_size` / `pooling` / `frame`
+    override it. `whiten_on`: folders or images to learn PCA-whitening of the R-MAC regions on
+    (learn_whitening), put in the graph.
+    """
+    if profile not in PROFILES:
+        raise PipelineError(f"unknown profile {profile!r}: use {', '.join(PROFILES)}")
+    recipe = PROFILES[profile]
+    layers, origin = load_layers(source)
+    args = dict(input_size=input_size or recipe.input_size, pooling=pooling or recipe.pooling, aspect=recipe.aspect,
+                frame=recipe.frame if frame is None else frame)
+    whitening = None
+    if whiten_on:
+        files = find_images(whiten_on)
+        if not files:
+            raise PipelineError(f"no images to learn whitening on in {', '.join(map(str, whiten_on))}")
+        whitening = learn_whitening(build_feature_graph(layers, **args)[0], args["pooling"], files)
+    model, info = build_feature_graph(layers, **args, whitening=whitening)
+    model.metadata_props.add(key="pipeline.weights_source", value=origin)
+    out = default_model_location()[0] if out is None else out
+    save_model(model, out)
+    LOG.info("wrote %s: %s from %s", out, info.short(), origin)
+    return info
