@@ -16,10 +16,13 @@ from helpers import centre_crop
 from pipeline.extract import extract
 from pipeline.images import input_shapes
 from pipeline.index import build_index
-from pipeline.model import export_model, find_tumor_onnx, load_layers, read_model_info
+from pipeline.model import (export_model, find_tumor_onnx, load_layers, load_whitening, read_model_info,
+                            shipped_whitening_path, whitening_checksum)
 from pipeline.search import Searcher
 
 IMAGENET_VGG16_SHA256 = "7c41b11bb7e71c88dd668bef97d45f86caa55aca3b54ea6afe9f6d471336bd52"
+SHIPPED_WHITENING_SHA256 = "4b21d7fae1521f32f2a2bee5892881a200f18650becdc03d1b4ed1849c158456"
+UNWHITENED_DEFAULT_CHECKSUM = "3b266af89847"  # the default before whitening shipped: its features stay usable
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "gallery"
 PHOTOS = ["astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "hubble", "retina", "rocket"]
 
@@ -47,8 +50,14 @@ def test_published_imagenet_biases():
 def test_real_model_checksum_and_recipe(real_model, tmp_path):
     info = read_model_info(real_model)
     assert info.weights_sha256 == IMAGENET_VGG16_SHA256
-    assert (info.input_size, info.dim, info.name) == (192, 1024, "vgg16-imagenet-rmac45-192-aspect-frame")  # default
+    assert (info.input_size, info.dim, info.name) == (192, 1024, "vgg16-imagenet-rmac45-192-aspect-frame-whitened")
     assert info.frame and len(input_shapes(info.resize_to)) == 7 and info.relative_compute() == 0.75  # at most 168x224 pixels
+    shipped = load_whitening(shipped_whitening_path("balanced"))  # offline: package data, its sha256 in the metadata
+    assert whitening_checksum(shipped) == SHIPPED_WHITENING_SHA256 and SHIPPED_WHITENING_SHA256 in info.whitening
+    assert "gcompris-qt-data 3.1-2" in info.whitening
+    plain = export_model(tmp_path / "plain.onnx", whiten=False)  # --no-whiten: the recipe before whitening shipped
+    assert (plain.name, plain.whitening, plain.checksum[:12]) == ("vgg16-imagenet-rmac45-192-aspect-frame", "",
+                                                                  UNWHITENED_DEFAULT_CHECKSUM)
     square = export_model(tmp_path / "square.onnx", profile="square")
     assert (square.input_size, square.dim, square.name, square.frame) == (224, 1024, "vgg16-imagenet-rmac45-224", "")
     seed = export_model(tmp_path / "seed.onnx", profile="seed")

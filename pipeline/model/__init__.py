@@ -18,7 +18,7 @@ from .runtime import (DEFAULT_MODEL_PATH, HOME_ENV, MODEL_ENV, FeatureModel, def
 from .weights import (TUMOR_ONNX, TUMOR_WHEEL, VGG16_BLOCKS, ConvLayer, check_layers, find_tumor_onnx,
                       layers_from_keras_h5, layers_from_keras_onnx, load_layers, weights_checksum)
 from .whitening import (WHITEN_POWER, WHITEN_SHRINK, Whitening, learn_whitening, load_whitening, maps_session,
-                        region_vectors, save_whitening, whitening_checksum)
+                        region_vectors, save_whitening, shipped_whitening_path, whitening_checksum)
 
 __all__ = [
     "ASPECTS", "CAFFE_MEAN_BGR", "DEFAULT_MODEL_PATH", "DEFAULT_PROFILE", "FRAME_TRIM", "HOME_ENV", "L2_EPS",
@@ -28,6 +28,7 @@ __all__ = [
     "aspect_shapes", "build_feature_graph", "check_layers", "default_model_location", "export_model",
     "find_tumor_onnx", "layers_from_keras_h5", "layers_from_keras_onnx", "learn_whitening", "load_layers",
     "load_whitening", "locate_model", "maps_session", "read_model_info", "region_vectors", "resolve_model_path",
-    "rmac_maps", "rmac_regions", "save_model", "save_whitening", "user_data_dir", "weights_checksum",
+    "rmac_maps", "rmac_regions", "save_model", "save_whitening", "shipped_whitening_path", "user_data_dir",
+    "weights_checksum",
     "whitening_checksum",
 ]

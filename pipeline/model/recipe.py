@@ -33,14 +33,15 @@ class Recipe:
     pooling: str  # a key of POOLINGS
     aspect: bool = False  # aspect kept (buckets of aspect_shapes) instead of squashed to a square
     frame: bool = False  # a uniform frame trimmed at decode (images.trim_frame)
+    whitened: bool = False  # ships a learned whitening of its regions (pipeline/model/data/whitening-PROFILE.npz)
 
 
 PROFILES = {
     "seed": Recipe(224, "max"),  # the classic recipe
     # The default: aspect kept in 7 buckets of about 192x192 pixels, R-MAC of block4 and block5, a uniform frame
-    # trimmed at decode. At 0.75x the seed's compute it beat the square recipes on holidays, copies-dev and four
-    # held-out copy sets, by a rule written before the last of them was scored (docs/quality.md, fifth push).
-    "balanced": Recipe(192, "rmac45", aspect=True, frame=True),
+    # trimmed at decode, each region whitened as learned on independent photos. 0.75x the seed's compute
+    # (docs/quality.md: how each choice was made, on which sets).
+    "balanced": Recipe(192, "rmac45", aspect=True, frame=True, whitened=True),
     # The default before it: one fixed 224x224 input shape, for runtimes that want a single shape.
     "square": Recipe(224, "rmac45"),
     "large": Recipe(384, "rmac", aspect=True),  # block5 R-MAC, aspect kept, <= 3x: holidays mAP 0.888, weaker on copies

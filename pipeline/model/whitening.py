@@ -31,6 +31,7 @@ LOG = logging.getLogger(__name__)
 # that lost least, docs/quality.md, second push).
 WHITEN_POWER, WHITEN_SHRINK = 0.5, 1.0
 NPZ_FORMAT = 1  # the layout save_whitening writes; load_whitening refuses others
+DATA_DIR = Path(__file__).resolve().parent / "data"  # the whitenings the profiles ship (package data)
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,6 +98,12 @@ def load_whitening(path: Path | str) -> Whitening:
             return Whitening(maps, str(npz["provenance"]))
     except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
         raise PipelineError(f"{path} is not a whitening file ({type(exc).__name__}: {exc})") from None
+
+
+def shipped_whitening_path(profile: str) -> Path:
+    """Where the whitening a profile ships with lives (scripts/learn_whitening.py writes it; data/README.md
+    says how and on what each was learned)."""
+    return DATA_DIR / f"whitening-{profile}.npz"
 
 
 def maps_session(model: onnx.ModelProto, maps: Sequence[str]) -> onnxruntime.InferenceSession:
