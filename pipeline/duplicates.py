@@ -18,7 +18,7 @@ most vectors probe make it ~2,100 members per probed list, not the mean list siz
 index is cut into blocks, each compared with every vector before its end.
 
 Flat-coded indexes (Flat, IVF...,Flat) hold the exact features, so their scores are exact.
-Compressed codes with a vector store (the default for them, vectorstore.py) are compared with the
+Compressed codes with a vector store (the default for them, index/store.py) are compared with the
 stored features (float16); without one (--rerank 0), decoded, with a margin, and the candidate
 pairs are re-ranked with the exact features of the shards the index was built from.
 """
@@ -38,6 +38,7 @@ from PIL import Image as PILImage
 
 from .errors import PipelineError
 from .features import exact_features
+from .index import recorded_model
 from .model import POOLINGS
 from .progress import Progress
 from .search import Searcher
@@ -89,9 +90,13 @@ class DuplicateGroup:
 
 
 def default_threshold(searcher: Searcher) -> float:
-    """The threshold calibrated for the recipe of the index's features (THRESHOLDS), read from the first
-    readable shard of its features folder, if the index's model made it (the shards the index lists
-    may have been compacted away since; a folder holds one model's shards)."""
+    """The threshold calibrated for the recipe of the index's features (THRESHOLDS), as its meta.json
+    records it. A version written before meta.json kept the whole recipe: read from the first readable
+    shard of its features folder, if the index's model made it (the shards the index lists may have been
+    compacted away since; a folder holds one model's shards)."""
+    recorded = recorded_model(searcher.meta)
+    if recorded is not None:
+        return THRESHOLDS.get(recorded.pooling, DEFAULT_THRESHOLD)
     made_by = searcher.meta["model"].get("checksum")
     for path in list_shards(Path(searcher.meta.get("features_dir", ""))):
         try:

@@ -6,10 +6,8 @@ or already-indexed paths (`like`: their stored vector is used, no model run).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -17,12 +15,11 @@ from typing import Sequence
 import faiss
 import numpy as np
 
-from .codes import CODES_FILE, CoarseToFine
-from .errors import ImageError, ModelMismatchError, PipelineError, cause
+from .errors import ImageError, ModelMismatchError, PipelineError
 from .images import load_image
-from .index import CURRENT_FILE, IDS_FILE, INDEX_FILE, META_FILE, current_version
+from .index import (CODES_FILE, CURRENT_FILE, IDS_FILE, INDEX_FILE, VECTOR_IDS_FILE, VECTORS_FILE, CoarseToFine,
+                    IdTable, Reranked, VectorStore, current_version, damaged, read_meta)
 from .model import FeatureModel
-from .vectorstore import VECTOR_IDS_FILE, VECTORS_FILE, Reranked, VectorStore
 
 LOG = logging.getLogger(__name__)
 
@@ -109,13 +106,8 @@ class Searcher:
         self._direct_map = False
 
     def _open(self, mmap: bool) -> None:
-        meta_path, index_path = self.version_dir / META_FILE, self.version_dir / INDEX_FILE
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON
-            raise self._damaged(meta_path, exc) from None
-        if not isinstance(self.meta, dict) or not isinstance(self.meta.get("model"), dict):
-            raise self._damaged(meta_path, "not an index description")
+        index_path = self.version_dir / INDEX_FILE
+        self.meta = read_meta(self.version_dir)
         try:
             if self.meta.get("codes"):  # coarse-to-fine: binary codes, re-ranked from the vector store
                 index_path = self.version_dir / CODES_FILE
@@ -123,13 +115,8 @@ class Searcher:
             else:
                 self.index = _read_index(str(index_path), mmap)
         except (RuntimeError, OSError, KeyError, PipelineError) as exc:
-            raise self._damaged(index_path, exc) from None
-        try:
-            # Opened now so that this version stays readable even if a later build prunes it.
-            self._db = sqlite3.connect(f"file:{self.version_dir / IDS_FILE}?mode=ro", uri=True, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise self._damaged(self.version_dir / IDS_FILE, exc) from None
-        self._query("SELECT 1 FROM images LIMIT 1")
+            raise damaged(index_path, exc) from None
+        self.id_table = IdTable(self.version_dir / IDS_FILE)  # opened now: the version stays readable if pruned
         self.store = (self.index.store if self.meta.get("codes") else
                       VectorStore.open(self.version_dir) if self.meta.get("rerank") else None)
 
@@ -148,22 +135,8 @@ class Searcher:
             except FileNotFoundError:  # no store: an exact index
                 continue
             except OSError as exc:
-                raise self._damaged(self.version_dir / name, exc) from None
+                raise damaged(self.version_dir / name, exc) from None
         return done
-
-    @staticmethod
-    def _damaged(path: Path, why: Exception | str) -> PipelineError:
-        why = cause(why) if isinstance(why, Exception) else why
-        return PipelineError(f"{path} is missing or corrupt ({why}); rebuild the index with "
-                             "`pipeline build-index` (or `pipeline rebuild`)")
-
-    def _query(self, sql: str, params: Sequence = ()) -> list[tuple]:
-        """Rows of the id table. Damage can show only when a damaged page is read, so it is
-        translated on every query, not just at opening."""
-        try:
-            return self._db.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise self._damaged(self.version_dir / IDS_FILE, exc) from None
 
     @property
     def model(self) -> FeatureModel:
@@ -190,38 +163,24 @@ class Searcher:
 
     def indexed_paths(self) -> list[str]:
         """Every indexed path, in id order."""
-        return [p for (p,) in self._query("SELECT path FROM images ORDER BY id")]
+        return self.id_table.paths()
 
     def path_of(self, idx: int) -> str | None:
         """The indexed path of an image id, None when this version has no such id (a client's id, unlike
         one the index returned, may simply be wrong)."""
-        row = self._query("SELECT path FROM images WHERE id = ?", (int(idx),))
-        return row[0][0] if row else None
+        return self.id_table.path_of(idx)
 
     def rows(self, ids: np.ndarray) -> dict[int, tuple[str, str]]:
         """id -> (path, content hash) for the given ids (-1 ignored)."""
-        wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
-        out: dict[int, tuple[str, str]] = {}
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start:start + 500]
-            rows = self._query(f"SELECT id, path, hash FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-            out.update((i, (p, h)) for i, p, h in rows)
-        if len(out) < len(wanted):
-            raise self._damaged(self.version_dir / IDS_FILE, f"{len(wanted) - len(out)} ids the index returned are not in it")
-        return out
+        return self.id_table.rows(ids)
 
     def ids(self) -> np.ndarray:
         """Every indexed id, sorted (stable catalog ids: sparse, not positions)."""
-        try:
-            return np.fromiter((i for (i,) in self._db.execute("SELECT id FROM images ORDER BY id")), np.int64)
-        except sqlite3.Error as exc:
-            raise self._damaged(self.version_dir / IDS_FILE, exc) from None
+        return self.id_table.ids()
 
     def same_content_ids(self) -> list[np.ndarray]:
         """Ids of byte-identical files (same content hash), one sorted array per content indexed more than once."""
-        rows = self._db.execute("SELECT group_concat(id) FROM (SELECT id, hash FROM images ORDER BY id) "
-                                "GROUP BY hash HAVING count(*) > 1")
-        return [np.sort(np.array(ids.split(","), np.int64)) for (ids,) in rows]
+        return self.id_table.same_content_ids()
 
     def _search(self, vectors: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
         if self.meta.get("codes"):  # `nprobe` overrides the setting the build tuned (pool, nprobe or efSearch)
@@ -292,7 +251,7 @@ class Searcher:
         found: list[tuple[int, np.ndarray, QueryFile]] = []
         for i, p in enumerate(paths):
             key = str(Path(p).absolute())
-            row = next(iter(self._query("SELECT id, hash FROM images WHERE path = ?", (key,))), None)
+            row = self.id_table.find(key)
             if row is None:
                 results[i] = QueryResult(str(p), error="not in the index (--like takes an indexed image path)")
                 continue

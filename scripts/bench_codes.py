@@ -106,7 +106,7 @@ def main() -> None:
     import faiss
 
     from pipeline.search import Searcher
-    from pipeline.vectorstore import Reranked, VectorStore
+    from pipeline.index import Reranked, VectorStore
 
     gflops = sgemm_gflops()
     centres = centres_of(args.seed)

@@ -15,11 +15,10 @@ from typer.testing import CliRunner
 from helpers import clustered_vectors, write_synthetic_shards
 from pipeline.features import Catalog
 from pipeline.cli import app
-from pipeline.codes import CODES_FILE, encode, learn_itq, parse_codes, quantisation_error
+from pipeline.index.codes import CODES_FILE, encode, learn_itq, parse_codes, quantisation_error
 from pipeline.errors import PipelineError
-from pipeline.index import build_index, current_version
+from pipeline.index import VectorStore, build_index, current_version
 from pipeline.search import Searcher
-from pipeline.vectorstore import VectorStore
 
 
 def assert_exact_top_k(hits: list, vecs: np.ndarray, query: np.ndarray, k: int) -> None:

@@ -125,6 +125,14 @@ def test_default_threshold_is_the_one_calibrated_for_the_index_recipe(tmp_path):
         assert duplicates.default_threshold(Searcher(tmp_path / pooling / "i")) == want
     groups = lambda threshold: [[i.path for i in g.images] for g in find_groups(tmp_path / "rmac45" / "i", threshold)]  # noqa: E731
     assert groups(None) == groups(0.86) != groups(0.80)
+    features = tmp_path / "rmac45" / "f"
+    features.rename(tmp_path / "aside")  # the recipe is in meta.json: the shards are not read
+    assert duplicates.default_threshold(Searcher(tmp_path / "rmac45" / "i")) == 0.86
+    (tmp_path / "aside").rename(features)
+    meta_file = Searcher(tmp_path / "rmac45" / "i").version_dir / "meta.json"  # a version from before meta.json
+    meta = json.loads(meta_file.read_text())  # kept the whole recipe: read from the shards of its features folder
+    meta_file.write_text(json.dumps({**meta, "model": {k: meta["model"][k] for k in ("name", "checksum", "path")}}))
+    assert duplicates.default_threshold(Searcher(tmp_path / "rmac45" / "i")) == 0.86
     for shard in (tmp_path / "rmac45" / "f").glob("shard-*.h5"):  # compacted since: other shard names, same recipe
         shard.rename(shard.with_name(shard.name.replace("shard-0", "shard-1")))
     assert duplicates.default_threshold(Searcher(tmp_path / "rmac45" / "i")) == 0.86

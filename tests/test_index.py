@@ -229,16 +229,16 @@ def test_an_extract_during_the_build_is_wholly_in_or_out(tmp_path, tiny_model, m
     reading (run here at a fixed point of the build, the moment it starts reading shard headers)
     must not give an index whose digest counts images it lacks: the next rebuild would call that
     index up to date."""
-    import pipeline.features
     from helpers import save_pattern
     from pipeline.extract import extract
+    from pipeline.features import folder
     from pipeline.rebuild import rebuild
 
     root, work = tmp_path / "photos", tmp_path / "work"
     for i in range(4):
         save_pattern(root / f"{i}.png", i)
     extract([root], work / "features", tiny_model, workers=0, progress=False)
-    real_shard_info = pipeline.features.shard_info
+    real_shard_info = folder.shard_info
     interleaved = []
 
     def shard_info_while_extract_runs(path):
@@ -248,7 +248,7 @@ def test_an_extract_during_the_build_is_wholly_in_or_out(tmp_path, tiny_model, m
             interleaved.append(extract([root], work / "features", tiny_model, workers=0, progress=False))
         return real_shard_info(path)
 
-    monkeypatch.setattr(pipeline.features, "shard_info", shard_info_while_extract_runs)
+    monkeypatch.setattr(folder, "shard_info", shard_info_while_extract_runs)  # where live_parts reads headers
     built = build_index(work / "features", work / "index")
     assert interleaved[0].extracted == 3  # the extract did run in the middle of the build
     monkeypatch.undo()

@@ -169,7 +169,8 @@ def _rebuild_cmd(root: Path, work: Path, model: Path) -> list[str]:
 
 STOP_AT_STEP = """
 import sys, time
-from pipeline import cli, fsutil, index
+from pipeline import cli, fsutil
+from pipeline.index import build, versions
 from pipeline.features import catalog
 from pipeline.features import folder as features
 
@@ -189,13 +190,15 @@ def counted(owner, name):
     setattr(owner, name, step)
 
 for owner, name in [(features, "write_shard"), (catalog.Catalog, "record_shard"), (catalog.Catalog, "mark_missing_gone"),
-                    (catalog.Catalog, "retire"), (fsutil, "publish"), (index, "_fill"), (index, "_update_base"), (index, "prune_versions")]:
+                    (catalog.Catalog, "retire"), (fsutil, "publish"), (build, "fill_index"), (build, "update_base"),
+                    (versions, "prune_versions")]:
     counted(owner, name)
 cli.app(sys.argv[4:], prog_name="pipeline")
 """
 KILL_POINTS = [("write_shard", 1), ("record_shard", 1), ("mark_missing_gone", 1), ("publish", 1),  # extract, errors.jsonl
                ("write_shard", 3), ("retire", 1),  # compaction
-               ("_fill", 1), ("_update_base", 1), ("publish", 2), ("prune_versions", 1),  # index: filled, update's base loaded, CURRENT swapped, pruned
+               # index: filled, update's base loaded, CURRENT swapped, pruned
+               ("fill_index", 1), ("update_base", 1), ("publish", 2), ("prune_versions", 1),
                ("record_shard", 2)]
 
 
@@ -222,7 +225,7 @@ def test_kill_at_any_moment(tmp_path, tiny_model):
         make_collection(root, range(next_seed, next_seed + 4))
         next_seed += 4
         marker = tmp_path / f"stopped-{round_}"
-        run = cmd + ["--retrain"] if step == "_fill" else cmd
+        run = cmd + ["--retrain"] if step == "fill_index" else cmd
         proc = subprocess.Popen([sys.executable, "-c", STOP_AT_STEP, step, str(count), str(marker), *run[3:]],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while not marker.exists() and proc.poll() is None:  # at its step (or done: this run had no such step)
@@ -235,7 +238,7 @@ def test_kill_at_any_moment(tmp_path, tiny_model):
         paths = indexed_paths(work / "index")  # (c) every live image once, nothing deleted
         assert sorted(paths) == live_files(root), f"round {round_}, killed after {step} #{count}"
         made_by = json.loads((current_version(work / "index") / "meta.json").read_text())["made_by"]
-        assert made_by == ("build" if step == "_fill" else "update"), f"round {round_}"
+        assert made_by == ("build" if step == "fill_index" else "update"), f"round {round_}"
 
 
 def test_the_nightly_job_keeps_the_kind_of_index_asked_for(tmp_path, tiny_model):

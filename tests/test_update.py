@@ -20,10 +20,10 @@ from helpers import clustered_vectors, write_synthetic_shards
 from pipeline.features import Catalog
 from pipeline.cli import app
 from pipeline.errors import PipelineError
-from pipeline.index import (HOLD_SLACK, IDS_FILE, META_FILE, _NextLists, _plain_lists, _read_for_update, build_index,
-                            current_version, recall_at)
+from pipeline.index import (HOLD_SLACK, IDS_FILE, META_FILE, VectorStore, build_index, current_version, recall_at,
+                            update_store, write_store)
+from pipeline.index.ivf_rewrite import rewrite_ivf, streamable
 from pipeline.search import Searcher
-from pipeline.vectorstore import VectorStore, update_store, write_store
 
 
 def collection(features: Path, n: int, shard_size: int = 500) -> np.ndarray:
@@ -217,7 +217,7 @@ def test_update_store_merges_in_id_order(tmp_path):
 
 @pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,SQ8", "IVF16,PQ8", "IVF16_HNSW8,Flat"])
 def test_a_streamed_index_file_is_faiss_own(tmp_path, factory):
-    """_NextLists writes what faiss writes: byte for byte when nothing is removed (faiss adds to the
+    """rewrite_ivf writes what faiss writes: byte for byte when nothing is removed (faiss adds to the
     ends of the lists too), the same entries per list and the same answers otherwise."""
     vecs, new = clustered_vectors(3000), clustered_vectors(50, seed=3)
     old = faiss.index_factory(64, factory, faiss.METRIC_INNER_PRODUCT)
@@ -226,9 +226,9 @@ def test_a_streamed_index_file_is_faiss_own(tmp_path, factory):
     faiss.write_index(old, str(tmp_path / "old.faiss"))
     new_ids = 10_000 + np.arange(50)
     for removed in (np.zeros(0, np.int64), np.arange(0, 6000, 14)):
-        published = _read_for_update(tmp_path / "old.faiss")
-        assert _plain_lists(published)
-        _NextLists(published, tmp_path / "old.faiss", removed, [(new, new_ids)]).write(tmp_path / "new.faiss")
+        published = faiss.read_index(str(tmp_path / "old.faiss"), faiss.IO_FLAG_MMAP_IFC)  # as an update reads it
+        assert streamable(published)
+        rewrite_ivf(published, tmp_path / "old.faiss", removed, [(new, new_ids)]).write(tmp_path / "new.faiss")
         want = faiss.read_index(str(tmp_path / "old.faiss"))
         want.remove_ids(removed)
         want.add_with_ids(new, new_ids)
@@ -249,14 +249,14 @@ def test_a_streamed_index_file_is_faiss_own(tmp_path, factory):
 
 def test_recall_from_list_membership_is_an_ivf_flat_search(tmp_path):
     """For IVF-Flat, tuning reads what a search would find of the true neighbours from which list
-    holds each (_ProbedTruth): the same recall at every nprobe as searching."""
+    holds each (IvfRewrite.probed_truth): the same recall at every nprobe as searching."""
     vecs = clustered_vectors(4000)
     index = faiss.index_factory(64, "IVF32,Flat", faiss.METRIC_INNER_PRODUCT)
     index.train(vecs)
     index.add_with_ids(vecs[:3900], np.arange(3900) * 3)
     faiss.write_index(index, str(tmp_path / "old.faiss"))
-    lists = _NextLists(_read_for_update(tmp_path / "old.faiss"), tmp_path / "old.faiss", np.arange(0, 600, 3),
-                       [(vecs[3900:], 50_000 + np.arange(100))])
+    lists = rewrite_ivf(faiss.read_index(str(tmp_path / "old.faiss"), faiss.IO_FLAG_MMAP_IFC), tmp_path / "old.faiss",
+                        np.arange(0, 600, 3), [(vecs[3900:], 50_000 + np.arange(100))])
     lists.write(tmp_path / "new.faiss")
     assert lists.exact_probes()
     new = faiss.read_index(str(tmp_path / "new.faiss"))
@@ -273,8 +273,7 @@ def test_recall_from_list_membership_is_an_ivf_flat_search(tmp_path):
 
 KILLED_WHILE_WRITING = """
 import sys, time
-from pipeline import index, vectorstore
-from pipeline.index import build_index
+from pipeline.index import build_index, ivf_rewrite, store
 
 features, out, marker, what = sys.argv[1:5]
 if what == "index":  # stand still with the new index file half written, until killed
@@ -283,15 +282,15 @@ if what == "index":  # stand still with the new index file half written, until k
             fh.write(self.head)
         open(marker, "w").close()
         time.sleep(3600)
-    index._NextLists.write = half
+    ivf_rewrite.IvfRewrite.write = half
 else:  # the same with the new vector store half written
-    real = vectorstore.StoreWriter.add
+    real = store.StoreWriter.add
     def add(self, ids, feats):
         real(self, ids, feats)
         self._fh.flush()
         open(marker, "w").close()
         time.sleep(3600)
-    vectorstore.StoreWriter.add = add
+    store.StoreWriter.add = add
 build_index(features, out, flat_below=1000, factory=None if what == "index" else "IVF16,PQ8x4fs", update=True,
             progress=False)
 """

@@ -7,7 +7,7 @@ import pytest
 
 from helpers import clustered_vectors
 from pipeline.errors import PipelineError
-from pipeline.vectorstore import VECTOR_IDS_FILE, VECTORS_FILE, VectorStore, has_store, write_store
+from pipeline.index import VECTOR_IDS_FILE, VECTORS_FILE, VectorStore, has_store, write_store
 
 
 def test_round_trip_in_id_order(tmp_path):

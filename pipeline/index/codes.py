@@ -1,6 +1,8 @@
-"""Coarse-to-fine search with learned binary codes (Lin et al., CVPR-W 2015, "Deep Learning of Binary
-Hash Codes for Fast Image Retrieval"): compact codes find a candidate pool by Hamming distance, then
-the full features (the version's vector store, memory-mapped) re-rank that pool by exact cosine.
+"""Learned binary codes and the coarse-to-fine search over them (a version built by binary.py).
+
+Lin et al., CVPR-W 2015, "Deep Learning of Binary Hash Codes for Fast Image Retrieval": compact codes
+find a candidate pool by Hamming distance, then the full features (the version's vector store,
+memory-mapped) re-rank that pool by exact cosine.
 
 The codes are learned without labels from the collection's own features: centre, project on the
 top BITS principal components, then rotate them by ITQ (Gong & Lazebnik, "Iterative Quantization",
@@ -8,32 +10,30 @@ CVPR 2011) so that their signs lose as little as possible; bit j is the sign of 
 faiss.ITQTransform does the same but took 3x longer here (16 s against 5 s for 256 bits from 5,120
 vectors, one thread) and cannot leave the rotation out, which the tests compare against.
 
-Building, tuning and publishing a version of this kind is index.py's (build_index(codes=...)).
+Building, tuning and publishing a version of this kind is binary.py's (build_index(codes=...)).
 Files of a binary version, beside ids.sqlite, meta.json and recall.npz:
   codes.faiss                  faiss binary index over the codes; its positions are the store's rows
   itq.npz                      the learned centre and projection (PCA then rotation), dim x BITS
-  vectors.npy, vector_ids.npy  the vector store (vectorstore.py)
+  vectors.npy, vector_ids.npy  the vector store (store.py)
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from .errors import PipelineError
-from .vectorstore import VectorStore
-
-LOG = logging.getLogger(__name__)
+from ..errors import PipelineError
+from .store import VectorStore
 
 CODES_FILE, ITQ_FILE = "codes.faiss", "itq.npz"
 DEFAULT_BITS = 256
 ITQ_TRAIN = 10_000  # vectors to learn PCA + rotation from (20 per dimension): 256 bits take seconds
 ITQ_ITERATIONS = 50  # as in the ITQ paper; the quantisation loss flattens well before
-POOL_GRID = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000)  # candidates re-ranked (flat codes: the tuned setting); capped
+# Candidates re-ranked (flat codes: the tuned setting); capped
+POOL_GRID = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 DEFAULT_POOL = 100  # candidates re-ranked when the tuned setting is nprobe or efSearch
 EF_GRID = (100, 128, 192, 256, 384, 512, 768, 1024)
 
@@ -89,8 +89,8 @@ class CoarseToFine:
     `setting` is what the build tuned: nprobe (IVF over codes), efSearch (HNSW) or, for an exhaustive
     scan, the pool size itself; the pool is `pool` candidates (at least k)."""
 
-    def __init__(self, index, centre: np.ndarray, projection: np.ndarray, store: VectorStore, pool: int,
-                 setting: int | None = None) -> None:
+    def __init__(self, index: faiss.IndexBinary, centre: np.ndarray, projection: np.ndarray, store: VectorStore,
+                 pool: int, setting: int | None = None) -> None:
         self.index, self.centre, self.projection, self.store = index, centre, projection, store
         self.pool, self.setting = pool, setting
         b = faiss.downcast_IndexBinary(index)

@@ -25,16 +25,16 @@ close, a chunk at a time.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from .errors import PipelineError, cause
-from .fsutil import publish, temp_path
+from ..errors import PipelineError, cause
+from ..fsutil import publish, temp_path
 
-LOG = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import faiss
 
 VECTORS_FILE, VECTOR_IDS_FILE = "vectors.npy", "vector_ids.npy"
 _CHUNK = 65_536  # rows per step when reordering a store
@@ -185,13 +185,14 @@ class Reranked:
     exactly. Searches like a faiss index (`search(x, k, params=...)`), so tuning and Searcher
     measure and use the whole path."""
 
-    def __init__(self, index, store: VectorStore, candidates: int) -> None:
+    def __init__(self, index: faiss.Index, store: VectorStore, candidates: int) -> None:
         self.index, self.store, self.candidates = index, store, candidates
 
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
-    def search(self, x: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, x: np.ndarray, k: int,
+               params: faiss.SearchParameters | None = None) -> tuple[np.ndarray, np.ndarray]:
         _, cand = self.index.search(x, max(k, self.candidates), params=params)
         return self.store.rerank(x, cand, k)

@@ -1,0 +1,36 @@
+"""The index stage: shards -> a FAISS inner-product index, tuned, saved and published atomically as a version.
+
+One module per job, and this package as the one door others use:
+  plan.py         what index to build for a collection, and the faiss object it names
+  tune.py         recall against exact search; the nprobe that reaches the target
+  fill.py         filling an index from the shards (fill_range; FillDistributor for other workers)
+  idtable.py      ids.sqlite, a version's id -> path table: the only module that touches it
+  versions.py     the version folder and its meta.json, CURRENT, publishing and pruning
+  build.py        build_index: a full build, or an update when asked and possible
+  update.py       the nightly update of the published version, without training again
+  ivf_rewrite.py  an IVF index's next version written straight from the published file
+  store.py        the float16 re-rank vector store
+  codes.py        binary codes and their coarse-to-fine search; binary.py builds such a version
+"""
+
+from .build import build_index
+from .codes import CODES_FILE, ITQ_FILE, CoarseToFine, parse_codes
+from .fill import TRUTH_DEPTH, ExactNeighbours, FillDistributor, Truth, fill_range, sample_runs
+from .idtable import IDS_FILE, IdTable
+from .plan import (DEFAULT_FLAT_BELOW, DEFAULT_RERANK, HNSW_QUANTIZER_EF, IndexPlan, factory_facts, index_kind,
+                   parse_size, plan_index, quantizer_search_depth)
+from .store import VECTOR_IDS_FILE, VECTORS_FILE, Reranked, VectorStore, has_store, update_store, write_store
+from .tune import NPROBE_GRID, lower_bound, recall_at, tune_nprobe
+from .update import DEFAULT_RETRAIN_ABOVE, HOLD_SLACK
+from .versions import (CURRENT_FILE, INDEX_FILE, META_FILE, RECALL_FILE, VERSIONS_DIR, IndexReport, current_version,
+                       damaged, prune_versions, read_meta, recorded_model)
+
+__all__ = [
+    "CODES_FILE", "CURRENT_FILE", "DEFAULT_FLAT_BELOW", "DEFAULT_RERANK", "DEFAULT_RETRAIN_ABOVE", "HNSW_QUANTIZER_EF",
+    "HOLD_SLACK", "IDS_FILE", "INDEX_FILE", "ITQ_FILE", "META_FILE", "NPROBE_GRID", "RECALL_FILE", "TRUTH_DEPTH",
+    "VECTORS_FILE", "VECTOR_IDS_FILE", "VERSIONS_DIR", "CoarseToFine", "ExactNeighbours", "FillDistributor",
+    "IdTable", "IndexPlan", "IndexReport", "Reranked", "Truth", "VectorStore", "build_index", "current_version",
+    "damaged", "factory_facts", "fill_range", "has_store", "index_kind", "lower_bound", "parse_codes", "parse_size",
+    "plan_index", "prune_versions", "quantizer_search_depth", "read_meta", "recall_at", "recorded_model",
+    "sample_runs", "tune_nprobe", "update_store", "write_store",
+]
