@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-from multiprocessing.connection import Connection, wait
 import signal
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from multiprocessing import shared_memory
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any
 
 import numpy as np
-from typing import Callable, Iterator
-
 from PIL import Image
 
 from .errors import ImageError, PipelineError
@@ -34,6 +35,7 @@ from .images import Decoded, InputSize, input_shapes, load_image
 
 LOG = logging.getLogger(__name__)
 READY = (-1, None, None, None)  # a worker's first message
+NO_PIXELS = np.empty((0, 0, 3), np.uint8)  # a worker's Decoded carries these: its pixels travel in the slot
 STARTUP_GRACE = 60.0  # seconds a new worker may take to start (imports) before it counts as hung
 
 
@@ -82,7 +84,7 @@ def _worker(conn: Connection, shm_name: str, n_slots: int, settings: DecodeSetti
             if decoded is not None:
                 shape = decoded.pixels.shape
                 slots[slot, :decoded.pixels.size] = decoded.pixels.ravel()
-                decoded = replace(decoded, pixels=None)
+                decoded = replace(decoded, pixels=NO_PIXELS)
             conn.send((index, decoded, error, shape))
     finally:
         del slots
@@ -103,11 +105,11 @@ class DecodePool:
         self.prefetch = max(1, prefetch)
         self.hard_timeout = hard_timeout or settings.timeout * 2 + 10
         self.ctx = mp.get_context("spawn")  # never fork a process that holds ONNX Runtime threads
-        self.procs: list = [None] * workers
+        self.procs: list[BaseProcess | None] = [None] * workers
         self.conns: list[Connection | None] = [None] * workers
         self.ready: list[bool] = [False] * workers
         self.n_slots = workers * self.prefetch
-        self.shm = None
+        self.shm: shared_memory.SharedMemory | None = None
         if workers:
             self.shm = shared_memory.SharedMemory(create=True, size=self.n_slots * settings.slot_bytes)
             self.slots = np.ndarray((self.n_slots, settings.slot_bytes), np.uint8, buffer=self.shm.buf)
@@ -119,6 +121,7 @@ class DecodePool:
             raise
 
     def _start(self, w: int) -> None:
+        assert self.shm is not None, "workers decode into the shared block"
         parent, child = self.ctx.Pipe()
         p = self.ctx.Process(target=_worker, args=(child, self.shm.name, self.n_slots, self.settings, self.decode),
                              daemon=True)
@@ -134,7 +137,7 @@ class DecodePool:
 
     def _stop(self, w: int, kill: bool) -> None:
         p, conn = self.procs[w], self.conns[w]
-        if p is None:
+        if p is None or conn is None:
             return
         if not kill and p.is_alive():
             try:
@@ -157,11 +160,16 @@ class DecodePool:
             self.shm.unlink()
             self.shm = None
 
-    def __enter__(self) -> "DecodePool":
+    def __enter__(self) -> DecodePool:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _conn(self, w: int) -> Connection:
+        conn = self.conns[w]
+        assert conn is not None, "a worker is stopped only to be replaced at once"
+        return conn
 
     def imap(self, paths: list[str]) -> Iterator[tuple[int, Decoded | None, ImageError | None]]:
         """Yield (index into paths, decoded or None, ImageError or None) for every path, once.
@@ -170,8 +178,8 @@ class DecodePool:
         hangs before it is ready: the decoders cannot run here at all.
         """
         if self.n == 0:
-            for i, path in enumerate(paths):
-                yield (i, *self.decode(path, self.settings, False))
+            for index, path in enumerate(paths):
+                yield (index, *self.decode(path, self.settings, False))
             return
         pending = deque(range(len(paths)))
         free = deque(range(self.n_slots))
@@ -184,7 +192,7 @@ class DecodePool:
             while pending and free and len(outstanding[w]) < self.prefetch:
                 i, slot = pending.popleft(), free.popleft()
                 try:
-                    self.conns[w].send((i, paths[i], slot))
+                    self._conn(w).send((i, paths[i], slot))
                 except OSError:  # it died since its last answer: the next wait() reports that, and it is replaced
                     pending.appendleft(i)
                     free.appendleft(slot)
@@ -212,16 +220,22 @@ class DecodePool:
         for w in range(self.n):
             feed(w)
         remaining = len(paths)
+        i: int | None
+        decoded: Decoded | None
+        error: ImageError | None
+        shape: Any
         while remaining:
-            ready = wait(list(self.conns), timeout=0.5)
+            ready = wait([conn for conn in self.conns if conn is not None], timeout=0.5)
             for w, conn in enumerate(self.conns):
-                if conn not in ready:
+                if conn is None or conn not in ready:
                     continue
                 try:
                     i, decoded, error, shape = conn.recv()
                 except (EOFError, OSError):  # died: every result it sent was read before this
-                    self.procs[w].join(1)
-                    code = self.procs[w].exitcode
+                    proc = self.procs[w]
+                    assert proc is not None, "a worker with a connection has a process"
+                    proc.join(1)
+                    code = proc.exitcode
                     i = replace_worker(w, f"decoder process died (exit code {code})")
                     decoded, error = None, ImageError(f"decoder crashed on this file (worker exit code {code})",
                                                         transient=True)
@@ -248,6 +262,7 @@ class DecodePool:
                 if outstanding[w] and now - last_progress[w] > limit:
                     why = "decoder hung" if self.ready[w] else f"a worker gave no answer for {limit:g} s"
                     i = replace_worker(w, why)
+                    assert i is not None, "a worker that hangs has an image outstanding"
                     remaining -= 1
                     yield i, None, ImageError(f"decoding took longer than {self.hard_timeout:g} s; skipped",
                                                  transient=True)

@@ -19,9 +19,10 @@ import io
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -78,11 +79,11 @@ class EvalReport:
     def by_transformation(self) -> dict[str, dict[str, float]]:
         """recall@1 of the queries whose name carries each transformation, weakest first; empty
         unless every query is named like `img0007_crop70+jpeg15.jpg`."""
-        names = [TRANSFORM_NAME.match(s.query) for s in self.per_query]
-        if not names or not all(names):
+        names = [m for s in self.per_query if (m := TRANSFORM_NAME.match(s.query))]
+        if not names or len(names) != len(self.per_query):
             return {}
         hits: dict[str, list[bool]] = {}
-        for s, m in zip(self.per_query, names):
+        for s, m in zip(self.per_query, names, strict=True):
             for t in m.group(1).split("+"):
                 hits.setdefault(t, []).append(s.first_positive == 1)
         rows = {t: {"queries": len(h), "recall@1": float(np.mean(h))} for t, h in hits.items()}
@@ -98,8 +99,8 @@ class EvalReport:
             curves.append([precision[recall >= level].max(initial=0.0) for level in RECALL_LEVELS])
         return RECALL_LEVELS, np.mean(curves, axis=0)
 
-    def to_dict(self) -> dict:
-        d = {"queries": self.queries, "mAP": round(self.map, 4),
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"queries": self.queries, "mAP": round(self.map, 4),
              **{f"recall@{k}": round(v, 4) for k, v in self.recall.items()},
              **{f"precision@{k}": round(v, 4) for k, v in self.precision.items()}}
         if rows := self.by_transformation():
@@ -108,7 +109,7 @@ class EvalReport:
         return d
 
 
-def score(rankings: dict[str, list[str]], groundtruth: list[dict], ks: Sequence[int] = KS) -> EvalReport:
+def score(rankings: dict[str, list[str]], groundtruth: list[dict[str, Any]], ks: Sequence[int] = KS) -> EvalReport:
     """Score rankings (query name -> ranked item names) against ground truth entries
     {"query", "positives", "ignore"?}. The query itself never counts as a result."""
     per_query = []
@@ -129,19 +130,20 @@ def score(rankings: dict[str, list[str]], groundtruth: list[dict], ks: Sequence[
     return EvalReport(
         queries=len(per_query),
         map=float(np.mean([s.ap for s in per_query])),
-        recall={k: float(np.mean([s.first_positive is not None and s.first_positive <= k for s in per_query])) for k in ks},
+        recall={k: float(np.mean([s.first_positive is not None and s.first_positive <= k for s in per_query]))
+                for k in ks},
         precision={k: float(np.mean([s.precision[k] for s in per_query])) for k in ks},
         per_query=per_query,
     )
 
 
-def load_groundtruth(path: Path) -> list[dict]:
+def load_groundtruth(path: Path) -> list[dict[str, Any]]:
     try:
         gt = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise PipelineError(f"cannot read ground truth {path}: {exc}") from None
     if not isinstance(gt, list) or not all(isinstance(e, dict) and "query" in e and e.get("positives") for e in gt):
-        raise PipelineError(f"{path}: expected a list of {{\"query\": name, \"positives\": [names], \"ignore\": [names]}}")
+        raise PipelineError(f'{path}: expected a list of {{"query": name, "positives": [names], "ignore": [names]}}')
     return gt
 
 
@@ -159,7 +161,10 @@ def evaluate(index_dir: Path | str, groundtruth: Path | str, queries: Path | str
     queries = Path(queries)
     searcher = Searcher(index_dir, model=model)
     all_paths = searcher.indexed_paths()
-    root = str(Path(root).absolute()) if root else os.path.commonpath(all_paths) if len(all_paths) > 1 else str(Path(all_paths[0]).parent)
+    if root:
+        base = str(Path(root).absolute())
+    else:
+        base = os.path.commonpath(all_paths) if len(all_paths) > 1 else str(Path(all_paths[0]).parent)
     files = [queries / e["query"] for e in gt]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -167,11 +172,11 @@ def evaluate(index_dir: Path | str, groundtruth: Path | str, queries: Path | str
     k = min(depth, searcher.count)
     probe = searcher.meta.get("nlist") or None if exact else nprobe
     results = searcher.search(files, k=k, nprobe=probe)
-    rankings = {}
-    for entry, result in zip(gt, results):
+    rankings: dict[str, list[str]] = {}
+    for entry, result in zip(gt, results, strict=True):
         if result.error:
             raise PipelineError(f"query {result.query}: {result.error}")
-        rankings[entry["query"]] = [os.path.relpath(h.path, root) for h in result.hits]
+        rankings[entry["query"]] = [os.path.relpath(h.path, base) for h in result.hits]
     return score(rankings, gt)
 
 
@@ -181,7 +186,8 @@ def write_per_query(report: EvalReport, path: Path) -> None:
             w = csv.writer(f)
             w.writerow(["query", "positives", "ap", "first_positive_rank", *[f"precision@{k}" for k in KS]])
             for s in report.per_query:
-                w.writerow([s.query, s.positives, f"{s.ap:.4f}", s.first_positive or "", *[f"{s.precision[k]:.4f}" for k in KS]])
+                precisions = [f"{s.precision[k]:.4f}" for k in KS]
+                w.writerow([s.query, s.positives, f"{s.ap:.4f}", s.first_positive or "", *precisions])
     except OSError as exc:
         raise write_error(path, exc, "`pipeline eval --per-query`") from None
 
@@ -215,14 +221,16 @@ def write_pr_plot(curves: Sequence[tuple[str, EvalReport]], path: Path) -> None:
     ImageDraw.Draw(axis).text((0, 0), "precision", fill=(0, 0, 0), font=font)
     im.paste(axis.rotate(90, expand=True), (4, top + ph // 2 - 30))
     colours = [PLOT_COLOURS[k % len(PLOT_COLOURS)] for k in range(len(curves))]
-    for (_, report), colour in zip(curves, colours):
+    for (_, report), colour in zip(curves, colours, strict=True):
         recall, precision = report.pr_curve()
-        d.line([xy(r, p) for r, p in zip(recall, precision)], fill=colour, width=3)
-    legends = [f"{label + ': ' if label else ''}mAP {report.map:.3f}, {report.queries} queries" for label, report in curves]
+        d.line([xy(r, p) for r, p in zip(recall, precision, strict=True)], fill=colour, width=3)
+    legends = [f"{label + ': ' if label else ''}mAP {report.map:.3f}, {report.queries} queries"
+               for label, report in curves]
     lx = left + pw - 10 - max(d.textlength(text, font=font) for text in legends) - 28
     ly = top + ph - 10 - 18 * len(curves)
-    d.rectangle([lx - 6, ly - 6, left + pw - 6, ly + 18 * len(curves) - 2], fill=(255, 255, 255), outline=(120, 120, 120))
-    for k, (text, colour) in enumerate(zip(legends, colours)):
+    d.rectangle([lx - 6, ly - 6, left + pw - 6, ly + 18 * len(curves) - 2], fill=(255, 255, 255),
+                outline=(120, 120, 120))
+    for k, (text, colour) in enumerate(zip(legends, colours, strict=True)):
         d.line([(lx, ly + 18 * k + 5), (lx + 20, ly + 18 * k + 5)], fill=colour, width=3)
         d.text((lx + 28, ly + 18 * k), text, fill=(0, 0, 0), font=font)
     buf = io.BytesIO()

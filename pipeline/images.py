@@ -17,9 +17,11 @@ import os
 import signal
 import stat
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Union
+from types import FrameType
+from typing import NoReturn, TypeAlias
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -39,10 +41,11 @@ Shape = tuple[int, int]  # height, width
 class TrimFrame:
     """The input size of a model whose images lose a uniform frame before the resize (trim_frame)."""
 
-    size: Union[int, tuple[Shape, ...]]
+    size: int | tuple[Shape, ...]
 
 
-InputSize = Union[int, tuple[Shape, ...], TrimFrame]  # a square side, the fixed shapes of an aspect-kept model, or either framed
+# A square side, the fixed shapes of an aspect-kept model, or either framed.
+InputSize: TypeAlias = int | tuple[Shape, ...] | TrimFrame
 
 FRAME_STD = 4.0  # a frame line's grey levels vary by at most this (standard deviation; JPEG noise stays under it)
 FRAME_TONE = 8.0  # ... and its mean is within this of its side's edge colour, and of the opposite side's
@@ -116,14 +119,14 @@ def iter_images(roots: Iterable[Path | str], unreadable: list[tuple[str, str]] |
     Without `unreadable` they are skipped. A root that does not exist raises PipelineError at once,
     before anything is yielded.
     """
-    roots = [Path(r) for r in roots]
-    for root in roots:
+    paths = [Path(r) for r in roots]
+    for root in paths:
         try:
             if not root.exists():
                 raise PipelineError(f"folder not found: {root}")
         except OSError:  # e.g. ESTALE, EIO: the walk reports it as a folder it cannot list
             pass
-    return _walk(roots, unreadable)
+    return _walk(paths, unreadable)
 
 
 def _walk(roots: list[Path], unreadable: list[tuple[str, str]] | None) -> Iterator[Path]:
@@ -162,7 +165,7 @@ class _Timeout(BaseException):  # BaseException: no library "except Exception" s
     pass
 
 
-def _on_alarm(signum, frame):  # pragma: no cover - runs inside the signal
+def _on_alarm(signum: int, frame: FrameType | None) -> NoReturn:  # pragma: no cover - runs inside the signal
     raise _Timeout()
 
 

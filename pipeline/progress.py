@@ -37,10 +37,10 @@ class Progress:
         rate = self.done / elapsed if elapsed > 0 else 0.0
         return f"{self.done}/{self.total} images, {rate:.1f} img/s, {self.failed} failed, {elapsed:.0f} s"
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.close()
 

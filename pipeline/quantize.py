@@ -13,15 +13,19 @@ import hashlib
 import logging
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import ImageError, PipelineError
 from .images import InputSize, find_images, load_image
 from .model import FeatureModel, ModelInfo, read_model_info, resolve_model_path, save_model
+
+if TYPE_CHECKING:
+    import onnx
 
 LOG = logging.getLogger(__name__)
 MIN_INT8_SPEEDUP = 1.2  # below this, int8 is not worth features slightly less exact than fp32's
@@ -52,7 +56,7 @@ class SpeedCheck:
                     "(int8 features are slightly less exact)")
         return f"int8 is no faster on this CPU ({self.speedup:.2f}x): keep the fp32 model"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"fp32_images_per_second": round(self.fp32_images_per_second, 3),
                 "int8_images_per_second": round(self.int8_images_per_second, 3),
                 "speedup": round(self.speedup, 3), "use_int8": self.use_int8, "advice": self.advice}
@@ -98,7 +102,7 @@ def _calibration_batches(images: list[Path], size: InputSize, batch_size: int = 
     return [np.stack(p[i:i + batch_size]) for p in by_shape.values() for i in range(0, len(p), batch_size)]
 
 
-def initializers_checksum(model) -> str:
+def initializers_checksum(model: onnx.ModelProto) -> str:
     """sha256 over every initializer's name, type and bytes: identifies a quantized model's weights."""
     from onnx import numpy_helper
 
@@ -111,7 +115,7 @@ def initializers_checksum(model) -> str:
 
 
 def quantize_model(
-    calibration: list[Path | str],
+    calibration: Sequence[Path | str],
     out: Path | str,
     model: Path | str | None = None,
     *,
@@ -121,7 +125,13 @@ def quantize_model(
     """Write an int8 (QDQ, per-channel) copy of a feature model, calibrated on up to `max_images` images,
     then time both models on a few calibration batches (see measure_speed)."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     src = resolve_model_path(model)
     info = read_model_info(src)
@@ -137,7 +147,7 @@ def quantize_model(
         def __init__(self) -> None:
             self.it = iter(batches)
 
-        def get_next(self):
+        def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self.it, None)
             return None if batch is None else {"image": batch}
 
@@ -153,12 +163,13 @@ def quantize_model(
             calibrate_method=CalibrationMethod.MinMax,
         )
         q = onnx.load(str(q_path))
-    int8 = replace(info, name=f"{info.name}-int8", weights_sha256=initializers_checksum(q))  # the rest of the recipe kept
+    # The rest of the recipe is kept.
+    int8 = replace(info, name=f"{info.name}-int8", weights_sha256=initializers_checksum(q))
     del q.metadata_props[:]
     for key, value in int8.to_metadata().items():
         q.metadata_props.add(key=key, value=value)
-    q.metadata_props.add(key="pipeline.quantization",
-                         value=f"static QDQ, per-channel int8 weights, uint8 activations, MinMax on {len(images)} images")
+    method = f"static QDQ, per-channel int8 weights, uint8 activations, MinMax on {len(images)} images"
+    q.metadata_props.add(key="pipeline.quantization", value=method)
     q.metadata_props.add(key="pipeline.base_weights_sha256", value=info.weights_sha256)
     save_model(q, Path(out))
     LOG.info("wrote %s: %s, calibrated on %d images", out, int8.short(), len(images))

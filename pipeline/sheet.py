@@ -8,17 +8,19 @@ A result file that cannot be read gets a grey placeholder tile, never an error.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import TypeAlias
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .duplicates import DuplicateGroup
 from .errors import ImageError
 from .fsutil import atomic_write_bytes
 from .images import decode_rgb, read_file
-from .duplicates import DuplicateGroup
 from .search import QueryResult
 
+Font: TypeAlias = ImageFont.ImageFont | ImageFont.FreeTypeFont  # what ImageFont.load_default() returns
 PAD = 8
 CAPTION = 30  # two lines of the default font
 BACKGROUND = (255, 255, 255)
@@ -40,7 +42,7 @@ def thumbnail(path: str, thumb: int) -> Image.Image | None:
     return im
 
 
-def _fit(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> str:
+def _fit(text: str, font: Font, width: int, draw: ImageDraw.ImageDraw) -> str:
     while text and draw.textlength(text, font=font) > width:
         text = text[:-2] + "…" if len(text) > 2 else ""
     return text
@@ -61,7 +63,9 @@ def contact_sheet(results: Sequence[QueryResult], out: Path | str, k: int, thumb
     return size
 
 
-def group_sheets(groups: Sequence[DuplicateGroup], out_dir: Path | str, columns: int = 6, thumb: int = 160) -> list[Path]:
+def group_sheets(
+    groups: Sequence[DuplicateGroup], out_dir: Path | str, columns: int = 6, thumb: int = 160
+) -> list[Path]:
     """One PNG per near-duplicate group in `out_dir` (group-0001.png is the largest group): its images in
     rows of `columns`, the best-quality copy first and framed, each with its cosine to it and its size."""
     out_dir = Path(out_dir)
@@ -82,8 +86,8 @@ def group_sheets(groups: Sequence[DuplicateGroup], out_dir: Path | str, columns:
     return written
 
 
-def _draw_cell(sheet: Image.Image, draw: ImageDraw.ImageDraw, font, x: int, y: int, path: str, label: str, thumb: int,
-               framed: bool) -> None:
+def _draw_cell(sheet: Image.Image, draw: ImageDraw.ImageDraw, font: Font, x: int, y: int, path: str, label: str,
+               thumb: int, framed: bool) -> None:
     """One tile at (x, y): the picture (or a grey placeholder), a label and the file name under it."""
     im = thumbnail(path, thumb)
     if im is None:

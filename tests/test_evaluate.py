@@ -8,9 +8,9 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
 from hypothesis import given
 from hypothesis import strategies as st
+from PIL import Image
 from typer.testing import CliRunner
 
 from helpers import centre_crop

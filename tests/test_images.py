@@ -89,7 +89,8 @@ def test_aspect_kept_resize_picks_the_nearest_shape(tmp_path):
 def test_trim_frame_removes_a_frame_and_nothing_else():
     pic = Image.fromarray(pattern(3, (120, 90)))
     assert trim_frame(pic) is pic  # no frame: the picture itself
-    for border, fill in [((12, 9), (240, 240, 240)), ((0, 15), (0, 0, 0)), ((20, 0), (30, 30, 30)), ((6, 40), (255, 255, 255))]:
+    frames = [((12, 9), (240, 240, 240)), ((0, 15), (0, 0, 0)), ((20, 0), (30, 30, 30)), ((6, 40), (255, 255, 255))]
+    for border, fill in frames:
         assert trim_frame(ImageOps.expand(pic, border=border, fill=fill)).size == pic.size  # mat, letterbox, pillarbox
     def painted(top: int, bottom: int, top_fill=(200, 220, 255), bottom_fill=(200, 220, 255)) -> Image.Image:
         a = pattern(3, (120, 90)).copy()

@@ -10,11 +10,11 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import TINY_SIZE, save_pattern
+from pipeline import quantize
 from pipeline.cli import app
 from pipeline.errors import PipelineError
 from pipeline.images import load_image
 from pipeline.model import FeatureModel, read_model_info
-from pipeline import quantize
 from pipeline.quantize import SpeedCheck, measure_speed, quantize_model
 
 
@@ -56,7 +56,8 @@ def test_quantize_cli_and_errors(tmp_path, tiny_model, monkeypatch):
     monkeypatch.setattr(quantize, "measure_speed", lambda *args: SpeedCheck(2.36, 2.32))  # a CPU without int8 gains
     result = CliRunner().invoke(app, args + ["--json"])
     speed = json.loads(result.stdout)["speed"]
-    assert speed["use_int8"] is False and speed["advice"] == "int8 is no faster on this CPU (0.98x): keep the fp32 model"
+    assert speed["use_int8"] is False
+    assert speed["advice"] == "int8 is no faster on this CPU (0.98x): keep the fp32 model"
     (tmp_path / "empty").mkdir()
     with pytest.raises(PipelineError, match="no calibration images"):
         quantize_model([tmp_path / "empty"], tmp_path / "x.onnx", tiny_model)

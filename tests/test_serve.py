@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
-import shutil
 import threading
 from pathlib import Path
 
@@ -13,20 +11,19 @@ import numpy as np
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve,test]'")
-import httpx  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
-from PIL import Image  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+import httpx
+from fastapi.testclient import TestClient
+from PIL import Image
+from typer.testing import CliRunner
 
-from helpers import centre_crop, live_server, save_pattern, tiny_layers, wait_for, write_bad_corpus, write_tiny_model  # noqa: E402
-from pipeline.cli import app as cli_app  # noqa: E402
-from pipeline.extract import extract  # noqa: E402
-from pipeline.index import build_index  # noqa: E402
-from pipeline.model import build_feature_graph, save_model  # noqa: E402
-from pipeline.rebuild import rebuild  # noqa: E402
-from pipeline.search import Searcher  # noqa: E402
-from pipeline.serve import Service, create_app  # noqa: E402
-
+from helpers import centre_crop, live_server, save_pattern, tiny_layers, wait_for, write_bad_corpus, write_tiny_model
+from pipeline.cli import app as cli_app
+from pipeline.extract import extract
+from pipeline.index import build_index
+from pipeline.model import build_feature_graph, save_model
+from pipeline.rebuild import rebuild
+from pipeline.search import Searcher
+from pipeline.serve import Service, create_app
 
 
 @pytest.fixture()
@@ -138,7 +135,8 @@ def test_bad_uploads_get_their_4xx_and_never_disturb_a_good_one(service, gallery
     good, bad = write_bad_corpus(tmp_path / "bad")
     query = sorted(gallery.rglob("img05.*"))[0]
     with TestClient(create_app(service, max_upload=2_000_000)) as client:
-        cases = {name: (tmp_path / "bad" / name).read_bytes() for name in ("zero.jpg", "truncated.jpg", "text.jpg", "bomb.png")}
+        names = ("zero.jpg", "truncated.jpg", "text.jpg", "bomb.png")
+        cases = {name: (tmp_path / "bad" / name).read_bytes() for name in names}
         for name, data in cases.items():
             r = client.post("/api/search", files=upload((name, data)))
             assert r.status_code == 400, (name, r.text)
@@ -223,7 +221,8 @@ def test_in_flight_request_finishes_on_the_old_version(client, service, gallery,
     entered, release = block_model(service)
     query = add_images(tmp_path / "q", range(500, 501))[0].read_bytes()
     answers = []
-    in_flight = threading.Thread(target=lambda: answers.append(client.post("/api/search?k=20", files=upload(("q", query)))))
+    in_flight = threading.Thread(
+        target=lambda: answers.append(client.post("/api/search?k=20", files=upload(("q", query)))))
     in_flight.start()
     wait_for(entered.is_set, "the request to reach the model")
     new_image = add_images(gallery, range(500, 501))[0]
@@ -278,7 +277,7 @@ def test_hot_swaps_under_concurrent_load_fail_no_request(index_dir, tiny_model, 
                     new = add_images(gallery, range(600 + 2 * round_, 602 + 2 * round_))
                     rebuild([gallery], tmp_path / "work", tiny_model, workers=0, progress=False)
 
-                    def found() -> bool:
+                    def found(new: list[Path] = new) -> bool:  # this round's images
                         r = http.post("/api/search?k=1", files=upload(("q", new[-1].read_bytes())))
                         return r.json()[0]["results"][0]["path"] == str(new[-1])
 

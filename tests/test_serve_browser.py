@@ -81,7 +81,8 @@ def test_page_upload_original_first_then_more_like_this(page_url, tmp_path):
 
             # Phone width: two columns, nothing wider than the screen.
             page.set_viewport_size({"width": 390, "height": 844})
-            columns = page.evaluate("getComputedStyle(document.getElementById('results')).gridTemplateColumns.split(' ').length")
+            columns = page.evaluate(
+                "getComputedStyle(document.getElementById('results')).gridTemplateColumns.split(' ').length")
             page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
             assert columns == 2
             assert page.evaluate("document.documentElement.scrollWidth") <= 390
@@ -90,4 +91,5 @@ def test_page_upload_original_first_then_more_like_this(page_url, tmp_path):
     with Image.open(shot) as im:
         assert im.width == 1000
         if os.environ.get("PIPELINE_SCREENSHOT"):  # refresh the README's screenshot: small palette PNG
-            im.convert("RGB").quantize(256, dither=Image.Dither.NONE).save(os.environ["PIPELINE_SCREENSHOT"], optimize=True)
+            small = im.convert("RGB").quantize(256, dither=Image.Dither.NONE)
+            small.save(os.environ["PIPELINE_SCREENSHOT"], optimize=True)

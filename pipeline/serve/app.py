@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import secrets
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, AsyncIterator, Callable, Optional
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, File, Path as PathParam, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Query, Request, UploadFile, params
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -33,10 +36,10 @@ RETRY_AFTER_S = 1
 
 # Query parameters of the API (module level: FastAPI resolves the annotations here).
 K = Annotated[int, Query(ge=1, le=1000, description="Results per query.")]
-MinScore = Annotated[Optional[float], Query(description="Drop results below this cosine score.")]
+MinScore = Annotated[float | None, Query(description="Drop results below this cosine score.")]
 ExcludeSelf = Annotated[bool, Query(description="Drop the query image itself and byte-identical copies.")]
-Nprobe = Annotated[Optional[int], Query(ge=1, le=1 << 20, description="Override the index's tuned nprobe.")]
-Version = Annotated[Optional[str], Query(max_length=64,
+Nprobe = Annotated[int | None, Query(ge=1, le=1 << 20, description="Override the index's tuned nprobe.")]
+Version = Annotated[str | None, Query(max_length=64,
                                          description="Index version an id belongs to (default: the current one).")]
 Uploads = Annotated[list[UploadFile], File(description="One or more images (repeat the field).")]
 LikeId = Annotated[int, Query(ge=0, description="Id of an indexed image.")]
@@ -99,7 +102,7 @@ class BodyLimit:
             await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        body = ('{"error": "request body too large: the limit is %d bytes"}' % self.limit).encode()
+        body = json.dumps({"error": f"request body too large: the limit is {self.limit} bytes"}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
@@ -134,7 +137,7 @@ def create_app(service: Service, api_key: str | None = None, max_upload: int = D
     return app
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status, headers=headers)
 
 
@@ -187,7 +190,7 @@ def _answer(version: str, results: list[QueryResult]) -> JSONResponse:
     return JSONResponse(body, headers={"X-Index-Version": version})
 
 
-def _add_api(app: FastAPI, service: Service, guarded: list) -> None:
+def _add_api(app: FastAPI, service: Service, guarded: Sequence[params.Depends]) -> None:
     """The /api routes; all but health behind the `guarded` dependencies (the API key)."""
     @app.post("/api/search", dependencies=guarded, summary="Search by uploaded images")
     async def search_images(image: Uploads, k: K = 10, min_score: MinScore = None, exclude_self: ExcludeSelf = False,
@@ -215,5 +218,5 @@ def _add_api(app: FastAPI, service: Service, guarded: list) -> None:
         return JSONResponse(state, 200 if state["status"] == "ready" else 503)
 
     @app.get("/api/stats", dependencies=guarded, summary="Index version and size, model, requests, latency")
-    async def stats() -> dict:
+    async def stats() -> dict[str, Any]:
         return service.stats()

@@ -7,6 +7,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from typing import TypeAlias
 
 import numpy as np
 
@@ -14,6 +15,7 @@ from ..errors import BusyError
 from ..model import FeatureModel
 
 LOG = logging.getLogger(__name__)
+Job: TypeAlias = tuple[np.ndarray, Future[np.ndarray]]  # an image and the future of its feature vector
 
 
 class MicroBatcher:
@@ -24,17 +26,18 @@ class MicroBatcher:
     `batch_size`. The queue is bounded: `submit` raises BusyError when `queue_size` images wait.
     """
 
-    def __init__(self, model: FeatureModel, batch_size: int = 8, max_wait: float = 0.005, queue_size: int = 64) -> None:
+    def __init__(self, model: FeatureModel, batch_size: int = 8, max_wait: float = 0.005,
+                 queue_size: int = 64) -> None:
         assert batch_size >= 1 and queue_size >= 1, "batch_size and queue_size must be at least 1"
         self.model, self.batch_size, self.max_wait = model, batch_size, max_wait
-        self._queue: queue.Queue[tuple[np.ndarray, Future] | None] = queue.Queue(queue_size)
+        self._queue: queue.Queue[Job | None] = queue.Queue(queue_size)
         self.batches = self.images = 0
         self._thread = threading.Thread(target=self._run, name="pipeline-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, pixels: np.ndarray) -> Future:
+    def submit(self, pixels: np.ndarray) -> Future[np.ndarray]:
         """A future of the image's feature vector."""
-        fut: Future = Future()
+        fut: Future[np.ndarray] = Future()
         try:
             self._queue.put_nowait((pixels, fut))
         except queue.Full:
@@ -51,7 +54,7 @@ class MicroBatcher:
         self._queue.put(None)
         self._thread.join()
 
-    def _take(self, first: tuple[np.ndarray, Future], wait: bool) -> tuple[list[tuple[np.ndarray, Future]], bool]:
+    def _take(self, first: Job, wait: bool) -> tuple[list[Job], bool]:
         """`first` and what else is waiting, up to batch_size; and whether close() was called."""
         batch = [first]
         deadline = time.monotonic() + (self.max_wait if wait else 0.0)
@@ -83,7 +86,7 @@ class MicroBatcher:
                 for _, fut in batch:
                     fut.set_exception(exc)
             else:
-                for (_, fut), feat in zip(batch, feats):
+                for (_, fut), feat in zip(batch, feats, strict=True):
                     fut.set_result(feat)
             self.batches += 1
             self.images += len(batch)

@@ -11,9 +11,10 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from ..errors import BusyError, ImageError, PipelineError
 from ..images import decode_bytes, input_shapes
 from ..index import CURRENT_FILE
 from ..model import FeatureModel
-from ..search import QueryFile, QueryResult, Searcher
+from ..search import Hit, QueryFile, QueryResult, Searcher
 from ..sheet import thumbnail
 from .batcher import MicroBatcher
 
@@ -107,8 +108,11 @@ class Service:
     @property
     def model(self) -> FeatureModel:
         """The warm model the batcher runs."""
+        return self._batcher().model
+
+    def _batcher(self) -> MicroBatcher:
         assert self.batcher is not None, "Service.start() first"
-        return self.batcher.model
+        return self.batcher
 
     @property
     def searcher(self) -> Searcher:
@@ -215,23 +219,23 @@ class Service:
             if isinstance(d, BaseException) and not isinstance(d, ImageError):
                 raise d
         good = [(i, d) for i, d in enumerate(decoded) if not isinstance(d, BaseException)]
-        futures: list[Future] = []
+        batcher = self._batcher()
+        futures: list[Future[np.ndarray]] = []
         try:
             for _, (pixels, _) in good:
-                futures.append(self.batcher.submit(pixels))
+                futures.append(batcher.submit(pixels))
             feats = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         finally:
             for f in futures:
                 f.cancel()  # no-op once done; frees the model from a request that gave up
-        results = [QueryResult(name, error=str(d)) if isinstance(d, ImageError) else None
-                   for (name, _), d in zip(uploads, decoded)]
+        hits: dict[int, list[Hit]] = {}
         if good:
             excl = [QueryFile("", content_hash) for _, (_, content_hash) in good] if exclude_self else None
-            hits = await asyncio.to_thread(self._locked, searcher.search_vectors, np.stack(feats), k, nprobe,
-                                           min_score, excl)
-            for (i, _), h in zip(good, hits):
-                results[i] = QueryResult(uploads[i][0], h)
-        return results
+            found = await asyncio.to_thread(self._locked, searcher.search_vectors, np.stack(feats), k, nprobe,
+                                            min_score, excl)
+            hits = {i: h for (i, _), h in zip(good, found, strict=True)}
+        return [QueryResult(name, hits[i]) if i in hits else QueryResult(name, error=str(d))
+                for i, ((name, _), d) in enumerate(zip(uploads, decoded, strict=True))]
 
     async def search_like(self, idx: int, version: str | None = None, k: int = 10, min_score: float | None = None,
                           exclude_self: bool = False, nprobe: int | None = None) -> tuple[str, QueryResult]:
@@ -280,17 +284,18 @@ class Service:
 
     # ------------------------------------------------------------------ reports
 
-    def health(self) -> dict:
+    def health(self) -> dict[str, Any]:
         """"ready" with the served version and size, or "starting": what a load balancer polls."""
         if not self.ready:
             return {"status": "starting"}
         return {"status": "ready", "version": self.searcher.version_dir.name, "count": self.searcher.count}
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """What is served and how fast: index version and size, model, requests, latency percentiles."""
         s = self.searcher
+        batcher = self._batcher()
         lat = np.array(self._latencies) * 1000
-        model = self.model.info
+        model = batcher.model.info
         return {
             "version": s.version_dir.name, "count": s.count, "built_at": s.meta.get("created"),
             "factory": s.meta.get("factory"), "nprobe": s.nprobe,
@@ -299,7 +304,7 @@ class Service:
             "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
                            "p99": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
                            "window": len(lat)},
-            "batches": self.batcher.batches, "images_embedded": self.batcher.images,
-            "queue": {"waiting": self.batcher.waiting(), "size": self.queue_size},
+            "batches": batcher.batches, "images_embedded": batcher.images,
+            "queue": {"waiting": batcher.waiting(), "size": self.queue_size},
             "batch_size": self.batch_size, "max_wait_ms": self.max_wait * 1000,
         }
