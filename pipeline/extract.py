@@ -1,11 +1,16 @@
 """The extraction stage: image folders -> decode workers -> feature model -> HDF5 shards.
 
-Incremental and resumable: the catalog (catalog.py) remembers every image's size, mtime,
+Incremental and resumable: the catalog (pipeline.features) remembers every image's size, mtime,
 content hash and where its feature lives, so a rerun decodes only new and changed files, runs
 the model only on contents it has never seen (moved, renamed and duplicate files reuse their
-feature), and marks deleted files gone. Shards are written atomically and recorded in the
-catalog right after; a run killed at any point loses at most the shard in progress. A lock keeps
-two runs from writing to one folder at once.
+feature), and marks deleted files gone. A lock keeps two runs from writing to one folder at once.
+
+The work is cut into tasks of `shard_size` files, one shard each: ShardEmbedder.embed_shard is the
+one loop that embeds a task (decoded files -> batches per input shape -> shard), and record_task
+the one way its result enters the catalog and the report. Where the tasks run is a distributor's
+business (ShardDistributor): LocalDistributor here, distributed.RayDistributor on a Ray cluster.
+Shards are written atomically and recorded right after their task ends; a run killed at any point
+loses at most the shards in progress.
 """
 
 from __future__ import annotations
@@ -14,24 +19,27 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from functools import partial
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
-from .features import Catalog
-from .decode_pool import DecodePool, DecodeSettings
-from .errors import PipelineError
-from .features import ERRORS_FILE, ShardWriter, write_errors_file, writing
-from .images import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, iter_images
+from .decode_pool import DecodeFn, DecodePool, DecodeSettings, decode_one
+from .errors import ImageError, PipelineError
+from .features import (ERRORS_FILE, Catalog, ShardWriter, check_model, list_shards, next_shard_number, shard_info,
+                       write_errors_file, writing)
+from .images import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, Decoded, iter_images
 from .model import FeatureModel, ModelInfo, read_model_info, resolve_model_path
 from .progress import Progress
-from .features import check_model, list_shards, shard_info, shard_name
 
 LOG = logging.getLogger(__name__)
 MAX_ATTEMPTS = 6  # a transient failure is tried at most this often (over 31 runs: 1, 2, 4, 8, 16 runs apart)
 SCAN_CHUNK = 10_000  # files stat'ed, compared and decoded per step: what memory holds of the file list
+
+FileRow = tuple[str, str, int | None, float | None, float | None]  # path, kind, size, mtime, ctime (scanned_todo)
+Decoding = tuple[FileRow, Decoded | None, ImageError | None]  # a file and its decode: the image, or why not
+Known = Callable[[str], tuple[str, int, str] | None]  # content hash -> (shard, row, path) of a recorded feature
 
 
 def default_workers() -> int:
@@ -55,7 +63,8 @@ class ExtractReport:
     failed_total: int = 0  # every current file of the folder that could not be used
     retried: int = 0  # files that had failed in an earlier run, tried again
     still_failing: int = 0  # of those, the ones that failed again
-    unreadable_folders: list[tuple[str, str]] = field(default_factory=list)  # (folder, reason): images kept as they were
+    # (folder, reason) of folders that could not be listed: their images kept as they were
+    unreadable_folders: list[tuple[str, str]] = field(default_factory=list)
     shards_written: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -70,6 +79,213 @@ class ExtractReport:
         d["failures"] = [{"path": p, "reason": r} for p, r in self.failures]
         d["unreadable_folders"] = [{"path": p, "reason": r} for p, r in self.unreadable_folders]
         return d
+
+
+@dataclass(frozen=True)
+class ExtractJob:
+    """What every task of one run shares, wherever it runs: where shards go, the model, decoding, batching."""
+
+    out: Path
+    model_path: Path
+    info: ModelInfo
+    settings: DecodeSettings
+    workers: int  # decode processes per embedder (0: decode in its own process)
+    batch_size: int
+    shard_size: int  # images per shard: the files of a Ray task, the images of a local one (failures ride along)
+    threads: int
+    device: str
+
+
+@dataclass
+class TaskResult:
+    """What a task hands the driver to record (record_task): its shard as Catalog.record_shard takes it,
+    and what the report counts. Small and picklable: a Ray task returns it."""
+
+    shard: tuple[str, list, list] | None = None  # (name, rows, errors); None for a task of no files
+    files: int = 0
+    extracted: int = 0
+    duplicates: int = 0  # copies of a content embedded in this very task
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (path, reason, kind)
+    reused: list[tuple[str, str, str]] = field(default_factory=list)  # (path, path of the known feature, kind)
+
+
+class _KeptShard:
+    """Stands in for the catalog in a task's ShardWriter: keeps the shard for the driver to record."""
+
+    def __init__(self) -> None:
+        self.shard: tuple[str, list, list] | None = None
+
+    def record_shard(self, name: str, rows: Iterable, errors: Iterable) -> None:
+        assert self.shard is None, "a task writes one shard"
+        self.shard = (name, list(rows), list(errors))
+
+
+class ShardEmbedder:
+    """An ONNX Runtime session and a decode pool, kept across tasks: loading a model costs seconds, a
+    task should not. A local run uses one in this process, a Ray cluster one per node (an actor)."""
+
+    def __init__(self, job: ExtractJob, decode: DecodeFn = decode_one) -> None:
+        self.job = job
+        self.pool = DecodePool(job.workers, job.settings, decode=decode)  # workers start while the session loads
+        try:
+            self.model = FeatureModel(job.model_path, threads=job.threads, device=job.device)
+            if self.model.info.checksum != job.info.checksum:
+                raise PipelineError(f"{job.model_path} changed during the run; run it again")
+        except BaseException:
+            self.pool.close()
+            raise
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> ShardEmbedder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def decode(self, files: list[FileRow]) -> Iterator[Decoding]:
+        """The files decoded in the pool, in the order their decodes end."""
+        for i, decoded, error in self.pool.imap([f[0] for f in files]):
+            yield files[i], decoded, error
+
+    def embed_files(self, number: int, files: list[FileRow], known: Known) -> TaskResult:
+        """One task from its files: decode them, then embed_shard (a Ray task)."""
+        return self.embed_shard(number, self.decode(files), known)
+
+    def embed_shard(self, number: int, decoded: Iterable[Decoding], known: Known) -> TaskResult:
+        """Embed each content of a task's decoded files once, in batches of one input shape each (an
+        aspect-kept model has a few), and write them as shard `number`, failures included.
+
+        A content met earlier in the task, or `known` (recorded before: the catalog locally, the
+        offers of a Ray task), reuses that feature; copies of a content in a batch wait for it.
+        """
+        kept = _KeptShard()
+        writer = ShardWriter(self.job.out, self.job.info, self.job.model_path, self.job.shard_size, kept, number=number)
+        result = TaskResult()
+        batches: dict[tuple[int, ...], tuple[np.ndarray, list[tuple[FileRow, Decoded]]]] = {}  # shape -> rows
+        waiting: dict[str, list[tuple[FileRow, Decoded]]] = {}  # hash -> copies of an image in a batch
+        fresh: dict[str, tuple[str, int]] = {}  # hash -> (shard, row) of contents embedded in this task
+
+        def run_batch(shape: tuple[int, ...]) -> None:
+            batch, items = batches[shape]
+            if not items:
+                return
+            feats = self.model.embed(batch[:len(items)])
+            where = writer.add([f[0] for f, _ in items], feats, [d for _, d in items])
+            result.extracted += len(items)
+            for j, (_, d) in enumerate(items):
+                fresh[d.content_hash] = where[j]
+                for copy_file, copy in waiting.pop(d.content_hash, []):
+                    writer.add([copy_file[0]], feats[j][None], [copy])
+                    result.duplicates += 1
+            items.clear()
+
+        for file, decoded, error in decoded:
+            result.files += 1
+            path, kind, *stat = file
+            if error is not None:
+                writer.add_error(path, error, tuple(stat))
+                result.failures.append((path, str(error), kind))
+                continue
+            h = decoded.content_hash
+            if h in fresh:
+                writer.add([path], writer.row(*fresh[h])[None], [decoded])
+                result.duplicates += 1
+            elif h in waiting:
+                waiting[h].append((file, decoded))
+            elif (hit := known(h)) is not None:
+                shard, row, source = hit
+                writer.add([path], writer.row(shard, row)[None], [decoded])
+                result.reused.append((path, source, kind))
+            else:
+                waiting[h] = []
+                shape = decoded.pixels.shape
+                if shape not in batches:
+                    batches[shape] = np.empty((self.job.batch_size, *shape), np.uint8), []
+                batch, items = batches[shape]
+                batch[len(items)] = decoded.pixels
+                items.append((file, decoded))
+                if len(items) == self.job.batch_size:
+                    run_batch(shape)
+        for shape in batches:
+            run_batch(shape)
+        writer.flush()
+        result.shard = kept.shard
+        return result
+
+
+def failed_task(job: ExtractJob, number: int, files: list[FileRow], error: ImageError) -> TaskResult:
+    """Files no task could embed (each killed its worker), written as shard `number` of failures only:
+    recorded as a local run records a file that crashed its decoder."""
+    kept = _KeptShard()
+    writer = ShardWriter(job.out, job.info, job.model_path, max(1, len(files)), kept, number=number)
+    for path, _, *stat in files:
+        writer.add_error(path, error, tuple(stat))
+    writer.flush()
+    return TaskResult(kept.shard, len(files), failures=[(path, str(error), kind) for path, kind, *_ in files])
+
+
+def record_task(catalog: Catalog, result: TaskResult, report: ExtractReport) -> None:
+    """Record a finished task's shard in the catalog and count it in the report, as the task ends: a
+    killed run loses only the tasks in flight. A reused feature whose source path is gone (missing from
+    the scan) makes its new file a move, anything else a duplicate."""
+    for _, source, kind in result.reused:
+        if kind == "new" and catalog.note_moved(source):  # changed or retried files are never moves
+            report.moved += 1
+        else:
+            report.duplicates += 1
+    if result.shard is not None:
+        catalog.record_shard(*result.shard)
+        report.shards_written.append(result.shard[0])
+    for path, reason, kind in result.failures:
+        report.failures.append((path, reason))
+        report.failed += 1
+        report.still_failing += kind == "retried"
+    report.extracted += result.extracted
+    report.duplicates += result.duplicates
+
+
+class ShardDistributor(Protocol):
+    """Where extract() has its tasks run: LocalDistributor (this process) or distributed.RayDistributor."""
+
+    def embed_shards(self, job: ExtractJob, files: Iterable[list[FileRow]], catalog: Catalog, report: ExtractReport,
+                     bar: Progress) -> None:
+        """Embed `files` (Catalog.scanned_todo's chunks) as tasks of at most job.shard_size files, one
+        shard each, numbered from next_shard_number(job.out); record each with record_task in this
+        process as it ends, and count its files on `bar`. Known contents must run no model."""
+
+
+class LocalDistributor:
+    """This process: one ShardEmbedder. The files stream through its decode pool and tasks are cut
+    from the stream of decodes, so the pool never waits for a shard to end; a task ends at its
+    `shard_size`-th image (failures ride along), so a shard holds shard_size images."""
+
+    def embed_shards(self, job: ExtractJob, files: Iterable[list[FileRow]], catalog: Catalog, report: ExtractReport,
+                     bar: Progress) -> None:
+        number = next_shard_number(job.out)
+        with ShardEmbedder(job) as embedder:
+            decoded = _counted(chain.from_iterable(map(embedder.decode, files)), bar)
+            known = catalog.live_feature  # contents recorded before, this run's earlier tasks included
+            while (result := embedder.embed_shard(number, _images(decoded, job.shard_size), known)).files:
+                record_task(catalog, result, report)
+                number += 1
+
+
+def _counted(decoded: Iterator[Decoding], bar: Progress) -> Iterator[Decoding]:
+    """The decodes, each counted on the bar as it comes (its batch follows within batch_size images)."""
+    for item in decoded:
+        bar.update(1, failed=int(item[2] is not None))
+        yield item
+
+
+def _images(decoded: Iterator[Decoding], n: int) -> Iterator[Decoding]:
+    """The next decodes, up to the n-th image decoded."""
+    for item in decoded:
+        yield item
+        n -= item[1] is not None
+        if not n:
+            return
 
 
 def _validate(batch_size: int, shard_size: int, workers: int, threads: int, timeout: float, scan_chunk: int) -> None:
@@ -110,7 +326,7 @@ def extract(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     retry_failed: bool = False,
     scan_chunk: int = SCAN_CHUNK,
-    ray: str | None = None,
+    distributor: ShardDistributor | None = None,
     progress: bool | None = None,
 ) -> ExtractReport:
     """Bring the shards in `out` up to date with the images under `roots`, doing only new work.
@@ -123,55 +339,31 @@ def extract(
     other roots, or under folders that cannot be listed (report.unreadable_folders), are left alone.
     The folders are walked, stat'ed, compared with the catalog and decoded `scan_chunk` files at a
     time; the comparison itself runs in SQLite, so memory does not grow with the number of files.
-    ray: the address of a Ray cluster ('auto', 'local', host:port) that decodes and embeds the files
-    instead of this process (distributed.py); this process still scans and writes the catalog.
+    distributor: where the decoding and embedding run (distributed.RayDistributor: a Ray cluster;
+    None: this process); this process still scans and writes the catalog.
     """
     workers = default_workers() if workers is None else workers
     _validate(batch_size, shard_size, workers, threads, timeout, scan_chunk)
-    if ray is not None:
-        from .distributed import connect, extract_on_ray
-
-        connect(ray)  # before any work: a cluster that cannot be reached is a one-line error at once
     out = Path(out)
     model_path = resolve_model_path(model)
     info = read_model_info(model_path)
+    job = ExtractJob(out, model_path, info, DecodeSettings(info.resize_to, max_pixels, timeout), workers, batch_size,
+                     shard_size, threads, device)
     unreadable: list[tuple[str, str]] = []
-    images = iter_images(roots, unreadable)
     start = time.monotonic()
     report = ExtractReport(features_dir=str(out), unreadable_folders=unreadable)
     with writing(out) as catalog:
-        catalog.begin_scan()
-        while chunk := list(islice(images, scan_chunk)):
-            catalog.add_scanned([(str(p), *_stat(p)) for p in chunk])
-        for folder, reason in unreadable:
-            LOG.warning("cannot list folder %s (%s): the images recorded under it keep their state", folder, reason)
-        report.found = catalog.scanned()
-        if not report.found:
-            if unreadable:
-                raise PipelineError(f"no image files found: cannot list {unreadable[0][0]} ({unreadable[0][1]})")
-            exts = ", ".join(sorted(IMAGE_EXTENSIONS))
-            raise PipelineError(f"no image files found under {', '.join(map(str, roots))} (looked for {exts})")
+        report.found = _scan(catalog, roots, unreadable, scan_chunk)
         check_model([shard_info(p) for p in list_shards(out)], info.checksum)
         catalog.reconcile()
-        run = catalog.begin_run()
-        scopes = [str(Path(r).absolute()) for r in roots]
-        unseen = [folder for folder, _ in unreadable]  # what they hold is unknown: nothing there is gone
-        kinds = catalog.compare_scan(scopes, unseen, run=run, retry_failed=retry_failed, max_attempts=MAX_ATTEMPTS)
-        for scope in scopes:  # an unmounted disk must not read as "all its images were deleted"
-            if not catalog.scanned_under(scope):
-                recorded = catalog.live_under(scope)
-                if recorded:
-                    raise PipelineError(f"{scope} holds no images now but {recorded} were recorded there; "
-                                        "is it unmounted? (delete its images one by one, or use another features folder)")
-        report.unchanged, report.changed, report.retried = kinds["unchanged"], kinds["changed"], kinds["retried"]
+        missing = _compare(catalog, roots, unreadable, retry_failed, report)
         todo = report.found - report.unchanged
         LOG.info("%d images found: %d unchanged, %d to decode (%d failed before), %d recorded ones missing (%.1f s)",
-                 report.found, report.unchanged, todo, report.retried, kinds["missing"], time.monotonic() - start)
+                 report.found, report.unchanged, todo, report.retried, missing, time.monotonic() - start)
         if todo:
-            embed = _run if ray is None else partial(extract_on_ray, address=ray)
-            embed(todo, catalog, out, model_path, info, report, scan_chunk=scan_chunk, workers=workers,
-                  batch_size=batch_size, shard_size=shard_size, threads=threads, device=device,
-                  settings=DecodeSettings(info.resize_to, max_pixels, timeout), progress=progress)
+            with Progress(todo, "extract", enabled=progress) as bar:
+                (distributor or LocalDistributor()).embed_shards(job, catalog.scanned_todo(scan_chunk), catalog,
+                                                                 report, bar)
         report.deleted = catalog.mark_missing_gone()
         report.new = todo - report.changed - report.retried - report.moved
         report.failed_total = write_errors_file(out, catalog, unreadable)
@@ -179,87 +371,41 @@ def extract(
     return report
 
 
-def _run(todo: int, catalog: Catalog, out: Path, model_path: Path, info: ModelInfo, report: ExtractReport, *,
-         scan_chunk: int, workers: int, batch_size: int, shard_size: int, threads: int, device: str,
-         settings: DecodeSettings, progress: bool | None) -> None:
-    """Decode the catalog's scanned_todo() in workers, run the model in batches (one per input shape:
-    an aspect-kept model takes a few), write shards; known contents run no model."""
-    pool = DecodePool(workers, settings)  # workers start while the session loads
-    try:
-        fm = FeatureModel(model_path, threads=threads, device=device)
-    except BaseException:
-        pool.close()
-        raise
-    writer = ShardWriter(out, info, model_path, shard_size, catalog)
-    # input shape -> (batch, (path, recorded before, Decoded) of its rows), filled up to batch_size
-    batches: dict[tuple[int, ...], tuple[np.ndarray, list[tuple[str, bool, object]]]] = {}
-    waiting: dict[str, list[tuple[str, bool, object]]] = {}  # hash -> copies of an image in a current batch
-    # content hash -> (shard, row, path) of features extracted in this run, for those whose shard is not
-    # recorded yet (the catalog answers for the others, missing paths included): under two shards' worth
-    fresh: dict[str, tuple[str, int, str]] = {}
+def _scan(catalog: Catalog, roots: list[Path | str], unreadable: list[tuple[str, str]], scan_chunk: int) -> int:
+    """Walk the roots into the catalog's scan, `scan_chunk` files at a time; returns the files found
+    (none is an error). Folders that cannot be listed are added to `unreadable`."""
+    images = iter_images(roots, unreadable)
+    catalog.begin_scan()
+    while chunk := list(islice(images, scan_chunk)):
+        catalog.add_scanned([(str(p), *_stat(p)) for p in chunk])
+    for folder, reason in unreadable:
+        LOG.warning("cannot list folder %s (%s): the images recorded under it keep their state", folder, reason)
+    found = catalog.scanned()
+    if not found:
+        if unreadable:
+            raise PipelineError(f"no image files found: cannot list {unreadable[0][0]} ({unreadable[0][1]})")
+        exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise PipelineError(f"no image files found under {', '.join(map(str, roots))} (looked for {exts})")
+    return found
 
-    def known(content_hash: str) -> tuple[str, int, str] | None:
-        hit = fresh.get(content_hash)
-        return hit if hit is not None and hit[0] == shard_name(writer.number) else catalog.live_feature(content_hash)
 
-    def add_copy(path: str, recorded: bool, decoded, feature: np.ndarray, source: str) -> None:
-        writer.add([path], feature[None], [decoded])
-        if not recorded and catalog.note_moved(source):
-            report.moved += 1
-        else:
-            report.duplicates += 1
-        bar.update(1)
-
-    def run_batch(shape: tuple[int, ...]) -> None:
-        batch, batch_items = batches[shape]
-        n = len(batch_items)
-        if not n:
-            return
-        feats = fm.embed(batch[:n])
-        where = writer.add([p for p, _, _ in batch_items], feats, [d for _, _, d in batch_items])
-        if len(fresh) >= 2 * shard_size:  # most are in recorded shards, which the catalog answers for
-            for h in [h for h, (shard, _, _) in fresh.items() if shard != shard_name(writer.number)]:
-                del fresh[h]
-        report.extracted += n
-        bar.update(n)
-        for j, (path, _, d) in enumerate(batch_items):
-            fresh[d.content_hash] = (*where[j], path)
-            for copy_path, recorded, copy in waiting.pop(d.content_hash, []):
-                add_copy(copy_path, recorded, copy, feats[j], path)
-        batch_items.clear()
-
-    with pool, Progress(todo, "extract", enabled=progress) as bar:
-        for chunk in catalog.scanned_todo(scan_chunk):
-            for i, decoded, error in pool.imap([path for path, *_ in chunk]):
-                path, kind, *stat = chunk[i]
-                recorded = kind != "new"  # changed or retried: never counted as moved
-                if error is not None:
-                    writer.add_error(path, error, tuple(stat))
-                    report.failures.append((path, str(error)))
-                    report.failed += 1
-                    report.still_failing += kind == "retried"
-                    bar.update(1, failed=1)
-                    continue
-                h = decoded.content_hash
-                if (hit := known(h)) is not None:
-                    shard, row, source = hit
-                    add_copy(path, recorded, decoded, writer.row(shard, row), source)
-                elif h in waiting:
-                    waiting[h].append((path, recorded, decoded))
-                else:
-                    waiting[h] = []
-                    shape = decoded.pixels.shape
-                    if shape not in batches:
-                        batches[shape] = np.empty((batch_size, *shape), np.uint8), []
-                    batch, batch_items = batches[shape]
-                    batch[len(batch_items)] = decoded.pixels
-                    batch_items.append((path, recorded, decoded))
-                    if len(batch_items) == batch_size:
-                        run_batch(shape)
-        for shape in batches:
-            run_batch(shape)
-    writer.flush()
-    report.shards_written = writer.written
+def _compare(catalog: Catalog, roots: list[Path | str], unreadable: list[tuple[str, str]], retry_failed: bool,
+             report: ExtractReport) -> int:
+    """Compare the scan with the record (counted in the report); returns the recorded files missing.
+    A root that holds nothing now but had images is an error: an unmounted disk must not read as
+    "all its images were deleted"."""
+    run = catalog.begin_run()
+    scopes = [str(Path(r).absolute()) for r in roots]
+    unseen = [folder for folder, _ in unreadable]  # what they hold is unknown: nothing there is gone
+    kinds = catalog.compare_scan(scopes, unseen, run=run, retry_failed=retry_failed, max_attempts=MAX_ATTEMPTS)
+    for scope in scopes:
+        if not catalog.scanned_under(scope):
+            recorded = catalog.live_under(scope)
+            if recorded:
+                raise PipelineError(f"{scope} holds no images now but {recorded} were recorded there; "
+                                    "is it unmounted? (delete its images one by one, or use another features folder)")
+    report.unchanged, report.changed, report.retried = kinds["unchanged"], kinds["changed"], kinds["retried"]
+    return kinds["missing"]
 
 
 def summary_lines(report: ExtractReport, max_failures: int = 50) -> list[str]:

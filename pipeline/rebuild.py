@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import PipelineError
 from .extract import ExtractReport, extract
@@ -18,6 +19,9 @@ from .features import compact, live_digest
 from .fsutil import exclusive_lock
 from .index import CURRENT_FILE, DEFAULT_FLAT_BELOW, DEFAULT_RETRAIN_ABOVE, build_index
 from .search import Searcher
+
+if TYPE_CHECKING:
+    from .distributed import RayDistributor
 
 LOG = logging.getLogger(__name__)
 
@@ -44,14 +48,14 @@ def rebuild(
     compact_below: float = 0.5,
     target_recall: float = 0.95,
     flat_below: int = DEFAULT_FLAT_BELOW,
-    ray: str | None = None,
+    distributor: RayDistributor | None = None,
     retrain: bool = False,
     retrain_above: float = DEFAULT_RETRAIN_ABOVE,
     **extract_options,
 ) -> RebuildReport:
     """Bring workdir's features and published index up to date with the images under `roots`.
 
-    ray: the address of a Ray cluster that extracts and fills the index (distributed.py).
+    distributor: runs the extraction and the index filling on workers of its own (distributed.RayDistributor).
     The index is updated from the published version (build_index's `update`) unless `retrain`,
     or the changes since its training exceed `retrain_above` of its trained count."""
     if not 0 <= compact_below <= 1:
@@ -62,7 +66,7 @@ def rebuild(
     with exclusive_lock(workdir, "pipeline rebuild"):
         LOG.info("rebuild started: %s -> %s", ", ".join(map(str, roots)), workdir)
         t = time.monotonic()
-        ex = extract(roots, features, model, ray=ray, **extract_options)
+        ex = extract(roots, features, model, distributor=distributor, **extract_options)
         LOG.info("extract: %d new, %d changed, %d moved, %d deleted, %d unchanged; %d through the model, "
                  "%d failed; %d earlier failures retried, %d still failing (%.1f s)", ex.new, ex.changed, ex.moved,
                  ex.deleted, ex.unchanged, ex.extracted, ex.failed, ex.retried, ex.still_failing,
@@ -80,7 +84,8 @@ def rebuild(
             # The kind of index asked for when it was first built (--factory, --max-memory, --codes, ...) is asked again.
             asked = published.get("asked") or {}
             meta = build_index(features, index_dir, keep=keep, target_recall=target_recall, flat_below=flat_below,
-                               ray=ray, progress=False, update=not retrain, retrain_above=retrain_above, **asked).meta
+                               distributor=distributor, progress=False, update=not retrain,
+                               retrain_above=retrain_above, **asked).meta
             built = True
             LOG.info("published index %s: %d images, %s, %s (%.1f s)", meta["version"], meta["count"], meta["factory"],
                      "updated" if meta["made_by"] == "update" else "built", time.monotonic() - t)

@@ -10,8 +10,8 @@ Measures in one run:
       equality of every feature;
   (b) the same job done the Ray Data way, on the same cluster: the files as a dataset of one block
       per shard, `map_batches` over an actor pool whose actors keep the ONNX session (the same
-      Extractor class), the driver recording each shard as its block comes back; the alternative the
-      issue asked to measure against the actors of distributed.py;
+      Extractor class, in a distributor handed to extract()), the driver recording each shard as its
+      block comes back; the alternative the issue asked to measure against the actors of distributed.py;
   (c) the same job on a two-node cluster on this machine (`ray start --head` + `ray start --address`,
       each node with its own --temp-dir, one CPU each): its shards' features equal the local run's;
   (d) index fill at --vectors (1M) vectors: one IVF add of everything (in --parts calls, as a local
@@ -50,9 +50,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
 from pipeline import distributed  # noqa: E402
-from pipeline.features import Catalog  # noqa: E402
-from pipeline.progress import Progress  # noqa: E402
-from pipeline.features import next_shard_number, read_shard  # noqa: E402
+from pipeline.decode_pool import decode_one  # noqa: E402
+from pipeline.extract import ExtractJob, record_task  # noqa: E402
+from pipeline.features import Catalog, next_shard_number, read_shard  # noqa: E402
 
 # `ray start --head` turns on token authentication (Ray >= 2.5x): every node and driver would need the token.
 # Ray starts its workers at niceness 15 (RAY_worker_niceness): on a shared machine they then yield to any
@@ -72,48 +72,47 @@ def run_extract(photos: Path, out: Path, model: Path, *extra: str, ray_data: boo
 
 
 class ShardMapper:
-    """Ray Data's map_batches callable: an Extractor (ONNX session, decode pool) per actor of the pool;
-    a batch is one block, one shard."""
+    """Ray Data's map_batches callable: an Extractor (extract's ShardEmbedder: ONNX session, decode pool) per
+    actor of the pool; a batch is one block, one shard."""
 
-    def __init__(self, out: str, batch_size: int, *extractor_args) -> None:
-        self.out, self.batch_size = out, batch_size
-        self.extractor = distributed.Extractor(*extractor_args)
+    def __init__(self, job: ExtractJob) -> None:
+        self.extractor = distributed.Extractor(job, decode_one)
 
     def __call__(self, batch: dict) -> dict:
         files = [tuple(json.loads(f)) for f in batch["file"]]
         known = json.loads(batch["known"][0])
-        result = self.extractor.extract(self.out, int(batch["shard"][0]), files, self.batch_size, known)
+        result = self.extractor.extract(int(batch["shard"][0]), files, known)
         return {"result": [pickle.dumps(result)]}
 
 
-def extract_on_ray_data(todo, catalog, out, model_path, info, report, *, address, scan_chunk, workers, batch_size,
-                        shard_size, threads, device, settings, progress) -> None:
-    """distributed.extract_on_ray's job with Ray Data: the files to decode as a dataset of one block per
-    shard (from_pandas of one frame each: the dataset is fixed before it runs, so no file can wait for
+class RayDataDistributor(distributed.RayDistributor):
+    """RayDistributor's job done with Ray Data: the files to decode as a dataset of one block per shard
+    (from_pandas of one frame each: the dataset is fixed before it runs, so no file can wait for
     another's shard), map_batches over an actor pool of one Extractor per node, the shards recorded as
     their blocks stream back. A block whose actor dies is retried, by default forever (Ray Data's actor
     pools set max_task_retries=-1)."""
-    import pandas as pd
 
-    ray = distributed.connect(address)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
-    files = list(chain.from_iterable(catalog.scanned_todo(scan_chunk)))
-    kinds = {path: kind for path, kind, *_ in files}
-    first = next_shard_number(out)
-    frames = []
-    for k, lo in enumerate(range(0, len(files), shard_size)):
-        task = files[lo:lo + shard_size]
-        known = json.dumps(catalog.live_features_of_size([f[2] for f in task], distributed.KNOWN_PER_TASK))
-        frames.append(pd.DataFrame({"shard": first + k, "file": [json.dumps(f) for f in task], "known": known}))
-    ds = ray.data.from_pandas(frames).map_batches(
-        ShardMapper, batch_size=None, batch_format="numpy", num_cpus=min(n["Resources"]["CPU"] for n in nodes),
-        compute=ray.data.ActorPoolStrategy(size=len(nodes)),
-        fn_constructor_args=(str(out), batch_size, str(model_path), info, threads, device, workers, settings))
-    with Progress(todo, "extract", enabled=progress) as bar:
+    def embed_shards(self, job: ExtractJob, files, catalog, report, bar) -> None:
+        import pandas as pd
+
+        ray = self.ray
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
+        todo = list(chain.from_iterable(files))
+        first = next_shard_number(job.out)
+        frames = []
+        for k, lo in enumerate(range(0, len(todo), job.shard_size)):
+            task = todo[lo:lo + job.shard_size]
+            known = json.dumps(catalog.live_features_of_size([f[2] for f in task], distributed.KNOWN_PER_TASK))
+            frames.append(pd.DataFrame({"shard": first + k, "file": [json.dumps(f) for f in task], "known": known}))
+        ds = ray.data.from_pandas(frames).map_batches(
+            ShardMapper, batch_size=None, batch_format="numpy", num_cpus=min(n["Resources"]["CPU"] for n in nodes),
+            compute=ray.data.ActorPoolStrategy(size=len(nodes)), fn_constructor_args=(job,))
         for row in ds.iter_rows():
-            distributed._record(catalog, pickle.loads(row["result"]), kinds, report, bar)
+            result = pickle.loads(row["result"])
+            record_task(catalog, result, report)
+            bar.update(result.files, failed=len(result.failures))
 
 
 def ray_data_extract(argv: list[str]) -> None:
@@ -128,8 +127,8 @@ def ray_data_extract(argv: list[str]) -> None:
     ap.add_argument("--shard-size", type=int, required=True)
     ap.add_argument("--ray", required=True)
     a = ap.parse_args(argv)
-    distributed.extract_on_ray = extract_on_ray_data
-    report = extract([a.photos], a.out, a.model, shard_size=a.shard_size, ray=a.ray, progress=False)
+    report = extract([a.photos], a.out, a.model, shard_size=a.shard_size, distributor=RayDataDistributor(a.ray),
+                     progress=False)
     print(json.dumps(report.to_dict()))
 
 

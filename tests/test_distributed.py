@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from pipeline import distributed
 from pipeline.cli import app
+from pipeline.distributed import RayDistributor
 from pipeline.features import Catalog
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
@@ -55,7 +56,8 @@ def test_ray_extract_equals_local(cluster, gallery, tiny_model, tmp_path):
     (gallery / "copy.png").write_bytes((gallery / "a" / "img01.PNG").read_bytes())  # a duplicate
     (gallery / "broken.jpg").write_bytes(b"not an image")
     local = extract([gallery], tmp_path / "local", tiny_model, workers=0, shard_size=5, progress=False)
-    on_ray = extract([gallery], tmp_path / "ray", tiny_model, workers=0, shard_size=5, ray=cluster, progress=False)
+    on_ray = extract([gallery], tmp_path / "ray", tiny_model, workers=0, shard_size=5,
+                     distributor=RayDistributor(cluster), progress=False)
     a, b = features_by_path(tmp_path / "local"), features_by_path(tmp_path / "ray")
     assert sorted(a) == sorted(b) and len(a) == 13
     assert all(np.array_equal(a[p], b[p]) for p in a)  # bitwise
@@ -63,15 +65,17 @@ def test_ray_extract_equals_local(cluster, gallery, tiny_model, tmp_path):
     assert (on_ray.extracted, on_ray.duplicates) == (local.extracted, local.duplicates) == (12, 1)
     assert on_ray.failed == local.failed == 1
     assert [p for p, _ in on_ray.failures] == [str(gallery / "broken.jpg")]
-    again = extract([gallery], tmp_path / "ray", tiny_model, workers=0, shard_size=5, ray=cluster, progress=False)
+    again = extract([gallery], tmp_path / "ray", tiny_model, workers=0, shard_size=5,
+                    distributor=RayDistributor(cluster), progress=False)
     assert again.extracted == 0 and again.unchanged == 14
 
 
+@pytest.mark.slow
 def test_moved_and_duplicate_files_on_ray_reuse_features(cluster, gallery, tiny_model, tmp_path):
     runs = {}
-    for name, ray_address in (("local", None), ("ray", cluster)):
+    for name, distributor in (("local", None), ("ray", RayDistributor(cluster))):
         photos = shutil.copytree(gallery, tmp_path / name / "photos")
-        first = extract([photos], tmp_path / name / "f", tiny_model, workers=0, shard_size=1, ray=ray_address,
+        first = extract([photos], tmp_path / name / "f", tiny_model, workers=0, shard_size=1, distributor=distributor,
                         progress=False)
         assert first.extracted == 12
         (photos / "c").mkdir()
@@ -81,8 +85,8 @@ def test_moved_and_duplicate_files_on_ray_reuse_features(cluster, gallery, tiny_
         # a new content, twice: in two tasks (shard_size=1), the second cut while the first is in flight
         save_pattern(photos / "c" / "new.png", seed=60)
         (photos / "c" / "new_copy.png").write_bytes((photos / "c" / "new.png").read_bytes())
-        runs[name] = extract([photos], tmp_path / name / "f", tiny_model, workers=0, shard_size=1, ray=ray_address,
-                             progress=False)
+        runs[name] = extract([photos], tmp_path / name / "f", tiny_model, workers=0, shard_size=1,
+                             distributor=distributor, progress=False)
     local, on_ray = runs["local"], runs["ray"]
     assert (on_ray.extracted, on_ray.moved, on_ray.duplicates, on_ray.deleted) == (1, 1, 2, 0)
     assert (local.extracted, local.moved, local.duplicates, local.deleted) == (1, 1, 2, 0)
@@ -125,7 +129,8 @@ def test_worker_killed_mid_task(cluster, gallery, tiny_model, tmp_path, monkeypa
     save_pattern(gallery / "b" / "hold.png", seed=50)
     result = {}
     run = threading.Thread(target=lambda: result.update(report=extract(
-        [gallery], tmp_path / "f", tiny_model, workers=0, shard_size=2, ray=cluster, progress=False)))
+        [gallery], tmp_path / "f", tiny_model, workers=0, shard_size=2, distributor=RayDistributor(cluster),
+        progress=False)))
     run.start()
     started = gallery / "b" / "started"
     wait_for(started.exists, "the worker to start on the held file")
@@ -145,12 +150,14 @@ def killing_decode(path, settings, use_alarm):
     return decode_one(path, settings, use_alarm)
 
 
+@pytest.mark.slow
 def test_a_file_that_kills_its_worker_is_reported_not_retried_forever(cluster, gallery, tiny_model, tmp_path,
                                                                       monkeypatch):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     monkeypatch.setattr(distributed, "decode_one", killing_decode)
     poison = save_pattern(gallery / "a" / "poison.png", seed=51)
-    report = extract([gallery], tmp_path / "f", tiny_model, workers=0, shard_size=4, ray=cluster, progress=False)
+    report = extract([gallery], tmp_path / "f", tiny_model, workers=0, shard_size=4,
+                     distributor=RayDistributor(cluster), progress=False)
     assert [p for p, _ in report.failures] == [str(poison)] and "Ray worker" in report.failures[0][1]
     assert_each_once(tmp_path / "f", 12)
     with Catalog(tmp_path / "f") as catalog:
@@ -171,10 +178,12 @@ import ray
 ray.init(address=sys.argv[1], log_to_driver=False)
 ray.cloudpickle.register_pickle_by_value(sys.modules["test_distributed"])
 distributed.decode_one = gated_decode
-extract([sys.argv[2]], sys.argv[3], sys.argv[4], workers=0, shard_size=2, ray=sys.argv[1], progress=False)
+extract([sys.argv[2]], sys.argv[3], sys.argv[4], workers=0, shard_size=2,
+        distributor=distributed.RayDistributor(sys.argv[1]), progress=False)
 """
 
 
+@pytest.mark.slow
 def test_driver_killed_then_rerun(cluster, gallery, tiny_model, tmp_path):
     save_pattern(gallery / "b" / "hold.png", seed=50)
     features = tmp_path / "f"
@@ -194,16 +203,18 @@ def test_driver_killed_then_rerun(cluster, gallery, tiny_model, tmp_path):
     finally:
         driver.kill()
         driver.wait()
-    rerun = extract([gallery], features, tiny_model, workers=0, shard_size=2, ray=cluster, progress=False)
+    rerun = extract([gallery], features, tiny_model, workers=0, shard_size=2, distributor=RayDistributor(cluster),
+                    progress=False)
     assert 0 < rerun.extracted < 13 and rerun.failed == 0
     assert_each_once(features, 13)
 
 
+@pytest.mark.slow
 def test_ray_index_equals_local(cluster, tmp_path):
     write_synthetic_shards(tmp_path / "f", clustered_vectors(4000, clusters=50), 500)
     local = build_index(tmp_path / "f", tmp_path / "local", flat_below=1000, recall_queries=300, progress=False)
-    on_ray = build_index(tmp_path / "f", tmp_path / "ray", flat_below=1000, recall_queries=300, ray=cluster,
-                         progress=False)
+    on_ray = build_index(tmp_path / "f", tmp_path / "ray", flat_below=1000, recall_queries=300,
+                         distributor=RayDistributor(cluster), progress=False)
     for key in ("factory", "count", "nprobe", "recall_at_10"):
         assert on_ray.meta[key] == local.meta[key]
     a, b = (Path(r.version_dir) for r in (local, on_ray))
@@ -214,7 +225,7 @@ def test_ray_index_equals_local(cluster, tmp_path):
 
 def test_ray_exact_index_is_filled_by_the_driver(cluster, tmp_path):
     write_synthetic_shards(tmp_path / "f", clustered_vectors(300), 100)
-    report = build_index(tmp_path / "f", tmp_path / "i", ray=cluster, progress=False)
+    report = build_index(tmp_path / "f", tmp_path / "i", distributor=RayDistributor(cluster), progress=False)
     assert report.meta["factory"] == "Flat" and report.meta["count"] == 300
 
 
@@ -231,9 +242,9 @@ def test_nightly_job_on_ray_through_the_cli(cluster, gallery, tiny_model, tmp_pa
 def test_missing_ray_is_one_line(monkeypatch, gallery, tiny_model, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(PipelineError, match=r"pip install 'pipeline\[ray\]'"):
-        extract([gallery], tmp_path / "f", tiny_model, ray="auto", progress=False)
+        extract([gallery], tmp_path / "f", tiny_model, distributor=RayDistributor("auto"), progress=False)
     with pytest.raises(PipelineError, match=r"pip install 'pipeline\[ray\]'"):
-        build_index(tmp_path / "f", tmp_path / "i", ray="auto", progress=False)
+        build_index(tmp_path / "f", tmp_path / "i", distributor=RayDistributor("auto"), progress=False)
     result = CliRunner().invoke(app, ["extract", str(gallery), "--out", str(tmp_path / "f"), "--ray", "auto"])
     assert result.exit_code == 1
     assert result.stderr.strip() == "error: --ray needs the ray package: pip install 'pipeline[ray]'"

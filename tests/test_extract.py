@@ -63,6 +63,7 @@ def test_in_process_and_worker_decoding_agree(tmp_path, tiny_model, gallery):
     np.testing.assert_allclose(fa[np.argsort(pa)], fb[order], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_frame_recipe_trims_in_workers_and_in_queries(tmp_path):
     """A model that trims frames: extraction (decode workers) and search (queries) both trim, so a framed
     copy embeds as its original; the recipe is in the checksum, so it never mixes with an untrimmed one."""
@@ -86,6 +87,7 @@ def test_frame_recipe_trims_in_workers_and_in_queries(tmp_path):
     assert min(r.hits[0].score for r in results) > 0.999  # the frame is gone (untrimmed: 0.98-0.997)
 
 
+@pytest.mark.slow
 def test_aspect_buckets_batch_per_shape_and_search_uses_them(tmp_path):
     model, info = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac", aspect=True)
     save_model(model, tmp_path / "aspect.onnx")
@@ -134,6 +136,25 @@ def test_rerun_does_only_missing_work(tmp_path, tiny_model, gallery):
     assert Counter(paths).most_common(1)[0][1] == 1 and len(paths) == 12
 
 
+def test_extract_hands_its_tasks_to_the_distributor_given(tmp_path, tiny_model, gallery):
+    """Where the tasks run is the distributor's business (the CLI's --ray hands a RayDistributor): extract()
+    calls it with the files to do, and the tasks it runs are recorded as a local run's."""
+    from pipeline.extract import LocalDistributor
+
+    asked = []
+
+    class Watching(LocalDistributor):
+        def embed_shards(self, job, files, catalog, report, bar) -> None:
+            asked.append((job.shard_size, job.batch_size))
+            super().embed_shards(job, files, catalog, report, bar)
+
+    report = extract([gallery], tmp_path / "f", tiny_model, workers=0, shard_size=5, batch_size=3,
+                     distributor=Watching(), progress=False)
+    assert asked == [(5, 3)] and report.extracted == 12 and len(report.shards_written) == 3
+    again = extract([gallery], tmp_path / "f", tiny_model, workers=0, distributor=Watching(), progress=False)
+    assert asked == [(5, 3)] and again.unchanged == 12  # nothing to do: the distributor is not called
+
+
 STALL_AFTER_FIRST_SHARD = """
 import sys
 from pipeline import cli
@@ -150,6 +171,7 @@ cli.app(sys.argv[2:], prog_name="pipeline")
 """
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_has_every_image_once(tmp_path, tiny_model):
     for i in range(60):
         save_pattern(tmp_path / "imgs" / f"{i:03d}.png", i)

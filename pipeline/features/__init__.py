@@ -1,7 +1,7 @@
 """The features folder: HDF5 shards, their SQLite catalog, the errors file and the lock.
 
 Three modules, one format each, and this package as the one door others use:
-  shards.py   the shard file (HDF5): write, read, list, check the model that made it
+  shards.py   the shard file (HDF5): write, read, list, remove, check the model that made it
   catalog.py  catalog.sqlite: every image, where its feature lives, which rows are live (all its SQL)
   folder.py   the folder as a whole: writing under the lock, compaction, live rows, exact features
 """
@@ -10,11 +10,11 @@ from .catalog import CATALOG_FILE, Catalog, Entry
 from .folder import (ERRORS_FILE, RowMeta, ShardWriter, compact, exact_features, live_digest, live_parts,
                      write_errors_file, writing)
 from .shards import (SCHEMA_VERSION, ShardData, ShardInfo, check_model, list_shards, next_shard_number, read_rows,
-                     read_shard, shard_info, shard_model, shard_name, write_shard)
+                     read_shard, remove_shard, shard_info, shard_model, shard_name, write_shard)
 
 __all__ = [
     "CATALOG_FILE", "ERRORS_FILE", "SCHEMA_VERSION", "Catalog", "Entry", "RowMeta", "ShardData", "ShardInfo",
     "ShardWriter", "check_model", "compact", "exact_features", "list_shards", "live_digest", "live_parts",
-    "next_shard_number", "read_rows", "read_shard", "shard_info", "shard_model", "shard_name", "write_errors_file",
-    "write_shard", "writing",
+    "next_shard_number", "read_rows", "read_shard", "remove_shard", "shard_info", "shard_model", "shard_name",
+    "write_errors_file", "write_shard", "writing",
 ]

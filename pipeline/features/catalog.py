@@ -118,6 +118,11 @@ class Catalog:
         except sqlite3.Error as exc:
             raise _catalog_error(path, exc) from None
 
+    @staticmethod
+    def exists(features_dir: Path) -> bool:
+        """Whether the folder has a catalog (a folder of shards alone is read without one)."""
+        return (Path(features_dir) / CATALOG_FILE).exists()
+
     def close(self) -> None:
         self.db.close()
 
@@ -190,6 +195,19 @@ class Catalog:
         Read shard by shard: 8 bytes per live row in the end, no Python object per row."""
         rows = self.db.execute("SELECT shard, row FROM images WHERE status = 'live' ORDER BY shard, row")
         return {s: np.fromiter((r for _, r in group), np.int64) for s, group in groupby(rows, key=itemgetter(0))}
+
+    def live_places(self, ids: np.ndarray) -> dict[int, tuple[str, int]]:
+        """id -> (shard, row) of the live images among these stable ids: where an index's row is now."""
+        where: dict[int, tuple[str, int]] = {}
+        try:
+            for start in range(0, len(ids), 500):
+                chunk = [int(i) for i in ids[start:start + 500]]
+                where.update((i, (s, r)) for i, s, r in self.db.execute(
+                    f"SELECT id, shard, row FROM images WHERE status = 'live' AND id IN ({','.join('?' * len(chunk))})",
+                    chunk))
+        except sqlite3.Error as exc:
+            raise PipelineError(f"cannot read {self.dir / CATALOG_FILE} ({exc}); rerun `pipeline extract`") from None
+        return where
 
     def shard_rows(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT name, rows FROM shards WHERE state = 'active'"))

@@ -19,20 +19,19 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
-from .catalog import CATALOG_FILE, Catalog
+from .catalog import Catalog
 from ..errors import ImageError, PipelineError
 from ..fsutil import atomic_write_text, exclusive_lock
 from ..model import ModelInfo
-from .shards import (ShardData, ShardInfo, list_shards, next_shard_number, read_rows, read_shard, shard_info, shard_model,
-                     shard_name, write_shard)
+from .shards import (ShardData, ShardInfo, list_shards, next_shard_number, read_rows, read_shard, shard_info,
+                     shard_model, shard_name, write_shard)
 
 LOG = logging.getLogger(__name__)
 ERRORS_FILE = "errors.jsonl"
@@ -55,14 +54,22 @@ class RowMeta:
     mtime: float
 
 
+class ShardRecords(Protocol):
+    """Where a ShardWriter records each shard it writes: the catalog, or, in an extraction task, a
+    stand-in that keeps the shard for the driver to record."""
+
+    def record_shard(self, name: str, rows: Iterable, errors: Iterable) -> None: ...
+
+
 class ShardWriter:
     """Accumulates rows and failures; writes a shard each time `shard_size` images are ready and
-    records it in the catalog at once."""
+    records it at once. Shards are numbered from `number` (default: after the folder's last)."""
 
-    def __init__(self, out: Path, model: ModelInfo, model_path: Path | str, shard_size: int, catalog: Catalog) -> None:
+    def __init__(self, out: Path, model: ModelInfo, model_path: Path | str, shard_size: int, catalog: ShardRecords,
+                 *, number: int | None = None) -> None:
         self.out, self.model, self.model_path, self.shard_size = out, model, str(model_path), shard_size
         self.catalog = catalog
-        self.number = next_shard_number(out)
+        self.number = next_shard_number(out) if number is None else number
         self.written: list[str] = []
         self._reset()
 
@@ -154,7 +161,8 @@ def compact(features_dir: Path, below: float = 0.5, shard_size: int = 512) -> li
                            [RowMeta(d.hashes[r], int(d.sizes[r]), float(d.mtimes[r])) for r in rows])
         writer.flush()
         catalog.retire(victims)
-    LOG.info("compacted %d shard(s) with under %.0f%% live rows into %d", len(victims), below * 100, len(writer.written))
+    LOG.info("compacted %d shard(s) with under %.0f%% live rows into %d", len(victims), below * 100,
+             len(writer.written))
     return victims
 
 
@@ -170,7 +178,7 @@ def live_parts(features_dir: Path) -> tuple[list[ShardInfo], list[tuple[ShardInf
     next rebuild builds again).
     """
     live = digest = None
-    if (features_dir / CATALOG_FILE).exists():
+    if Catalog.exists(features_dir):
         with Catalog(features_dir, readonly=True) as catalog:
             live, digest = catalog.live_snapshot()
     infos = [shard_info(p) for p in list_shards(features_dir)]
@@ -189,7 +197,7 @@ def live_parts(features_dir: Path) -> tuple[list[ShardInfo], list[tuple[ShardInf
 def live_digest(features_dir: Path) -> str | None:
     """The catalog's digest of which contents are live under which paths (equal digests, equal
     indexes); None when the folder has no catalog."""
-    if not (features_dir / CATALOG_FILE).exists():
+    if not Catalog.exists(features_dir):
         return None
     with Catalog(features_dir, readonly=True) as catalog:
         return catalog.live_digest()
@@ -200,23 +208,17 @@ def exact_features(features_dir: Path, shards: list[dict], dim: int, built: Path
     (for compressed codes): its catalog says where each stable id's row lives now (compaction may
     have moved it since the build; the id still names the same file and content). shards, dim:
     the index meta's; built: the index version (named in errors)."""
-    catalog = features_dir / CATALOG_FILE
-    if catalog.exists():
-        try:
-            db = sqlite3.connect(f"file:{catalog}?mode=ro", uri=True, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise PipelineError(f"cannot read {catalog} ({exc}): the exact features of a compressed index come "
-                                "from its features folder") from None
-    else:  # a features folder without a catalog: ids count every row of the index's shards in order
-        db, starts = None, np.cumsum([0] + [s["count"] for s in shards])
+    # without a catalog, ids count every row of the index's shards in order
+    catalog = Catalog(features_dir, readonly=True) if Catalog.exists(features_dir) else None
+    starts = np.cumsum([0] + [s["count"] for s in shards])
 
     def vectors(ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, np.int64)
-        if db is None:
+        if catalog is None:
             s = np.searchsorted(starts, ids, side="right") - 1
             where = {int(i): (shards[j]["name"], int(i - starts[j])) for i, j in zip(ids, s)}
         else:
-            where = _catalog_rows(db, catalog, ids)
+            where = catalog.live_places(ids)
         if len(where) < len(set(ids.tolist())):
             raise PipelineError(f"the features behind {built} changed since it was built (some of its "
                                 "images are no longer live): rebuild the index to re-rank its compressed codes")
@@ -226,7 +228,7 @@ def exact_features(features_dir: Path, shards: list[dict], dim: int, built: Path
         for shard in np.unique(shard_of):
             sel = np.flatnonzero(shard_of == shard)
             order = np.argsort(row_of[sel])
-            path = catalog.parent / str(shard)
+            path = features_dir / str(shard)
             if not path.is_file():
                 raise PipelineError(f"the features behind {built} changed since it was built ({path} is "
                                     "gone): rebuild the index to re-rank its compressed codes")
@@ -234,17 +236,3 @@ def exact_features(features_dir: Path, shards: list[dict], dim: int, built: Path
         return out
 
     return vectors
-
-
-def _catalog_rows(db: sqlite3.Connection, catalog: Path, ids: np.ndarray) -> dict[int, tuple[str, int]]:
-    """id -> (shard, row) of the live images among `ids`."""
-    where: dict[int, tuple[str, int]] = {}
-    try:
-        for start in range(0, len(ids), 500):
-            chunk = [int(i) for i in ids[start:start + 500]]
-            where.update((i, (s, r)) for i, s, r in db.execute(
-                f"SELECT id, shard, row FROM images WHERE status = 'live' AND id IN ({','.join('?' * len(chunk))})",
-                chunk))
-    except sqlite3.Error as exc:
-        raise PipelineError(f"cannot read {catalog} ({exc}); rerun `pipeline extract`") from None
-    return where

@@ -76,6 +76,12 @@ def next_shard_number(features_dir: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
+def remove_shard(features_dir: Path, number: int) -> None:
+    """Delete shard `number` if it is there: one written by a task whose result was lost, before the
+    task's files are given to other tasks (a recorded shard is retired through the catalog instead)."""
+    (features_dir / shard_name(number)).unlink(missing_ok=True)
+
+
 def write_shard(path: Path, data: ShardData, model: ModelInfo, model_path: str = "") -> None:
     """Write a shard to a temporary name, fsync, then rename: a reader never sees half a shard."""
     n = len(data.paths)
