@@ -162,7 +162,7 @@ def main() -> None:
     pair_recall = {p: round(float(np.mean(need <= p)), 5) for p in (meta["nprobe"], 8, 16, 32, 64)}
     both = np.concatenate([x, y])
     own = ivf.quantizer.search(both, 1)[1][:, 0]
-    slots, lists = duplicates._probes(ivf, lambda s: both[s], len(both), probing)
+    slots, lists = duplicates.probe_table(ivf, lambda s: both[s], len(both), probing)
     reached = np.zeros(len(pairs), bool)
     partner = np.where(slots < len(pairs), slots + len(pairs), slots - len(pairs))  # x's partner is y, and back
     np.logical_or.at(reached, slots % len(pairs), lists == own[partner])
@@ -170,7 +170,7 @@ def main() -> None:
     in_reach = [ids for ids, g in zip(planted, group_reached) if g]
     recovered_in_reach = sum(map(is_recovered, in_reach))
     sample = ivf.reconstruct_batch(np.random.default_rng(1).choice(index.ntotal, 20_000, replace=False))
-    probed = np.bincount(duplicates._probes(ivf, lambda s: sample[s], len(sample), probing)[0], minlength=len(sample))
+    probed = np.bincount(duplicates.probe_table(ivf, lambda s: sample[s], len(sample), probing)[0], minlength=len(sample))
     res = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "flock /tmp/pipeline-bench.lock python scripts/bench_duplicates.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),

