@@ -33,8 +33,10 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from itertools import chain
-from typing import Iterable, Iterator
+from types import ModuleType
+from typing import TypeAlias, cast
 
 import faiss
 import numpy as np
@@ -42,17 +44,18 @@ import numpy as np
 from .decode_pool import DecodeFn, decode_one
 from .errors import ImageError, PipelineError, cause
 from .extract import ExtractJob, ExtractReport, FileRow, ShardEmbedder, TaskResult, failed_task, record_task
-from .features import Catalog, next_shard_number, remove_shard
-from .progress import Progress
-from .features import ShardInfo
+from .features import Catalog, ShardInfo, next_shard_number, remove_shard
 from .index import ExactNeighbours, Truth, fill_range
+from .progress import Progress
 
 LOG = logging.getLogger(__name__)
+# A ray.ObjectRef, opaque here (ray.get, ray.wait, a dict key): ray is an optional dependency, not imported to type.
+Ref: TypeAlias = object
 TASKS_PER_ACTOR = 2  # queued on each actor, so it starts its next task as soon as one ends
 KNOWN_PER_TASK = 100_000  # recorded features offered to a task at most (~10 MB): beyond, a content is embedded again
 
 
-def require_ray():
+def require_ray() -> ModuleType:
     """The ray module, or the one-line error that says how to get it."""
     try:
         import ray
@@ -61,7 +64,7 @@ def require_ray():
     return ray
 
 
-def connect(address: str):
+def connect(address: str) -> ModuleType:
     """Join the cluster at `address` ('auto': the one `ray start` runs here; 'local': start one in
     this process), unless this process is connected already. Returns the ray module."""
     ray = require_ray()
@@ -118,15 +121,16 @@ class RayDistributor:
             trained, q = self.ray.put(faiss.serialize_index(index)), self.ray.put(queries)
             task = self.ray.remote(RayDistributor._fill_part)
             refs = [task.remote(trained, parts[lo:hi], ids[starts[lo]:starts[hi]], q, k)
-                    for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+                    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
             LOG.info("filling the index on Ray: %d partial indexes over %d shards", len(refs), len(parts))
             near = ExactNeighbours(queries, k) if queries is not None else None
             for ref in refs:  # in id order: the merged lists keep the order of a local build
-                blob, found = _get(self.ray, ref)
+                blob, found = cast("tuple[np.ndarray, Truth | None]", _get(self.ray, ref))  # what _fill_part returns
                 partial = faiss.deserialize_index(blob)
                 bar.update(partial.ntotal)
                 index.merge_from(partial, 0)
                 if near is not None:
+                    assert found is not None, "fill_range returns the queries' neighbours when given queries"
                     near.offer(found)
         return None if near is None else near.result()
 
@@ -140,12 +144,14 @@ class RayDistributor:
         return faiss.serialize_index(index), found
 
 
-def _get(ray, ref):
+def _get(ray: ModuleType, ref: Ref) -> object:
     """ray.get, with our own one-line errors raised on a worker (a damaged shard, a full disk) as they are."""
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
-        raise exc.cause if isinstance(exc.cause, PipelineError) else exc
+        if isinstance(exc.cause, PipelineError):
+            raise exc.cause from exc
+        raise
 
 
 class Extractor:
@@ -164,7 +170,7 @@ class Extractor:
         return self.embedder.embed_files(number, files, known.get)
 
 
-def _start_extractors(ray, job: ExtractJob) -> list:
+def _start_extractors(ray: ModuleType, job: ExtractJob) -> list:
     """One Extractor per node with a CPU (all its CPUs), each checked started before any task: a model
     that does not load there is one error here, not one per file."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -187,14 +193,15 @@ def _start_extractors(ray, job: ExtractJob) -> list:
 class _Tasks:
     """One extraction's tasks on the actors: cut, offered known contents, run, recorded or run again."""
 
-    def __init__(self, ray, actors: list, job: ExtractJob, files: Iterator[FileRow], catalog: Catalog) -> None:
+    def __init__(self, ray: ModuleType, actors: list, job: ExtractJob, files: Iterator[FileRow],
+                 catalog: Catalog) -> None:
         self.ray, self.job, self.files, self.catalog = ray, job, files, catalog
         self.retry: deque[tuple[list[FileRow], int | None]] = deque()  # (files, shard number) of tasks to run alone
         self.held: deque[FileRow] = deque()  # files waiting for a task in flight with a file of their size
         self.flying: Counter[int] = Counter()  # sizes of the files of the tasks in flight
         self.number = next_shard_number(job.out)
         self.pending: dict = {}  # ObjectRef -> (actor, files, shard number, weight)
-        self.load = {a: 0 for a in actors}
+        self.load = dict.fromkeys(actors, 0)
         self.crashed: list[FileRow] = []  # files that killed their worker
 
     def run(self, report: ExtractReport, bar: Progress) -> None:
@@ -224,14 +231,14 @@ class _Tasks:
                 self.held.append(f)
             else:
                 task.append(f)
-        while len(task) < self.job.shard_size and (f := next(self.files, None)) is not None:
-            (self.held if f[2] in self.flying and len(self.held) < self.job.shard_size else task).append(f)
+        while len(task) < self.job.shard_size and (new := next(self.files, None)) is not None:
+            (self.held if new[2] in self.flying and len(self.held) < self.job.shard_size else task).append(new)
         return task
 
     def submit(self) -> bool:
         """Give the least loaded actor the next task, with the known contents of its files' sizes; whether
         one went."""
-        a = min(self.load, key=self.load.get)
+        a = min(self.load, key=self.load.__getitem__)
         weight = TASKS_PER_ACTOR if self.retry else 1  # a task run again runs alone: if its actor dies, it is to blame
         if self.load[a] + weight > TASKS_PER_ACTOR:
             return False
@@ -247,7 +254,7 @@ class _Tasks:
         self.load[a] += weight
         return True
 
-    def collect(self, ref) -> TaskResult | None:
+    def collect(self, ref: Ref) -> TaskResult | None:
         """The result of a task that ended, or None when its worker died: then it runs again alone, under
         its shard name; if it died alone, it is halved (its shard, if written, deleted first), down to
         single files, and a single file is recorded as crashed."""
@@ -255,7 +262,7 @@ class _Tasks:
         self.load[a] -= weight
         self.flying -= Counter(f[2] for f in task if f[2] is not None)  # (keeps only the sizes still in flight)
         try:
-            return _get(self.ray, ref)
+            return cast(TaskResult, _get(self.ray, ref))  # what Extractor.extract returns
         except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError) as exc:
             if weight < TASKS_PER_ACTOR:
                 LOG.warning("a Ray worker died twice with a task of %d files; running it alone", len(task))

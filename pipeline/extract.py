@@ -18,17 +18,27 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from .decode_pool import DecodeFn, DecodePool, DecodeSettings, decode_one
 from .errors import ImageError, PipelineError
-from .features import (ERRORS_FILE, Catalog, ShardWriter, check_model, list_shards, next_shard_number, shard_info,
-                       write_errors_file, writing)
+from .features import (
+    ERRORS_FILE,
+    Catalog,
+    ShardWriter,
+    check_model,
+    list_shards,
+    next_shard_number,
+    shard_info,
+    write_errors_file,
+    writing,
+)
 from .images import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, Decoded, iter_images
 from .model import FeatureModel, ModelInfo, read_model_info, resolve_model_path
 from .progress import Progress
@@ -141,7 +151,7 @@ class ShardEmbedder:
     def __enter__(self) -> ShardEmbedder:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def decode(self, files: list[FileRow]) -> Iterator[Decoding]:
@@ -153,7 +163,7 @@ class ShardEmbedder:
         """One task from its files: decode them, then embed_shard (a Ray task)."""
         return self.embed_shard(number, self.decode(files), known)
 
-    def embed_shard(self, number: int, decoded: Iterable[Decoding], known: Known) -> TaskResult:
+    def embed_shard(self, number: int, decodings: Iterable[Decoding], known: Known) -> TaskResult:
         """Embed each content of a task's decoded files once, in batches of one input shape each (an
         aspect-kept model has a few), and write them as shard `number`, failures included.
 
@@ -181,13 +191,14 @@ class ShardEmbedder:
                     result.duplicates += 1
             items.clear()
 
-        for file, decoded, error in decoded:
+        for file, decoded, error in decodings:
             result.files += 1
-            path, kind, *stat = file
+            path, kind, size, mtime, ctime = file
             if error is not None:
-                writer.add_error(path, error, tuple(stat))
+                writer.add_error(path, error, (size, mtime, ctime))
                 result.failures.append((path, str(error), kind))
                 continue
+            assert decoded is not None, "a decode gives the image or why not"
             h = decoded.content_hash
             if h in fresh:
                 writer.add([path], writer.row(*fresh[h])[None], [decoded])
@@ -220,8 +231,8 @@ def failed_task(job: ExtractJob, number: int, files: list[FileRow], error: Image
     recorded as a local run records a file that crashed its decoder."""
     kept = _KeptShard()
     writer = ShardWriter(job.out, job.info, job.model_path, max(1, len(files)), kept, number=number)
-    for path, _, *stat in files:
-        writer.add_error(path, error, tuple(stat))
+    for path, _, size, mtime, ctime in files:
+        writer.add_error(path, error, (size, mtime, ctime))
     writer.flush()
     return TaskResult(kept.shard, len(files), failures=[(path, str(error), kind) for path, kind, *_ in files])
 
@@ -313,7 +324,7 @@ def _stat(path: Path) -> tuple[int | None, float | None, float | None]:
 
 
 def extract(
-    roots: list[Path | str],
+    roots: Sequence[Path | str],
     out: Path | str,
     model: Path | str | None = None,
     *,
@@ -371,7 +382,7 @@ def extract(
     return report
 
 
-def _scan(catalog: Catalog, roots: list[Path | str], unreadable: list[tuple[str, str]], scan_chunk: int) -> int:
+def _scan(catalog: Catalog, roots: Sequence[Path | str], unreadable: list[tuple[str, str]], scan_chunk: int) -> int:
     """Walk the roots into the catalog's scan, `scan_chunk` files at a time; returns the files found
     (none is an error). Folders that cannot be listed are added to `unreadable`."""
     images = iter_images(roots, unreadable)
@@ -389,7 +400,7 @@ def _scan(catalog: Catalog, roots: list[Path | str], unreadable: list[tuple[str,
     return found
 
 
-def _compare(catalog: Catalog, roots: list[Path | str], unreadable: list[tuple[str, str]], retry_failed: bool,
+def _compare(catalog: Catalog, roots: Sequence[Path | str], unreadable: list[tuple[str, str]], retry_failed: bool,
              report: ExtractReport) -> int:
     """Compare the scan with the record (counted in the report); returns the recorded files missing.
     A root that holds nothing now but had images is an error: an unmounted disk must not read as

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 from .errors import PipelineError
 from .extract import ExtractReport, extract
@@ -21,9 +22,26 @@ from .index import CURRENT_FILE, DEFAULT_FLAT_BELOW, DEFAULT_RETRAIN_ABOVE, buil
 from .search import Searcher
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing's own from Python 3.11; only type checkers read it here
+
     from .distributed import RayDistributor
 
 LOG = logging.getLogger(__name__)
+
+
+class ExtractOptions(TypedDict, total=False):
+    """The keywords of extract() that rebuild() passes on (its `distributor` is rebuild's own)."""
+
+    workers: int | None
+    batch_size: int
+    shard_size: int
+    threads: int
+    device: str
+    timeout: float
+    max_pixels: int
+    retry_failed: bool
+    scan_chunk: int
+    progress: bool | None
 
 
 @dataclass
@@ -40,7 +58,7 @@ class RebuildReport:
 
 
 def rebuild(
-    roots: list[Path | str],
+    roots: Sequence[Path | str],
     workdir: Path | str,
     model: Path | str | None = None,
     *,
@@ -51,7 +69,7 @@ def rebuild(
     distributor: RayDistributor | None = None,
     retrain: bool = False,
     retrain_above: float = DEFAULT_RETRAIN_ABOVE,
-    **extract_options,
+    **extract_options: Unpack[ExtractOptions],
 ) -> RebuildReport:
     """Bring workdir's features and published index up to date with the images under `roots`.
 
@@ -81,7 +99,7 @@ def rebuild(
             built, meta = False, published
         else:
             t = time.monotonic()
-            # The kind of index asked for when it was first built (--factory, --max-memory, --codes, ...) is asked again.
+            # The kind of index asked for at its first build (--factory, --max-memory, --codes, ...) is asked again.
             asked = published.get("asked") or {}
             meta = build_index(features, index_dir, keep=keep, target_recall=target_recall, flat_below=flat_below,
                                distributor=distributor, progress=False, update=not retrain,

@@ -8,17 +8,31 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import faiss
 import numpy as np
 
 from .errors import ImageError, ModelMismatchError, PipelineError
 from .images import load_image
-from .index import (CODES_FILE, CURRENT_FILE, IDS_FILE, INDEX_FILE, VECTOR_IDS_FILE, VECTORS_FILE, CoarseToFine,
-                    IdTable, Reranked, VectorStore, current_version, damaged, read_meta)
+from .index import (
+    CODES_FILE,
+    CURRENT_FILE,
+    IDS_FILE,
+    INDEX_FILE,
+    VECTOR_IDS_FILE,
+    VECTORS_FILE,
+    CoarseToFine,
+    IdTable,
+    Reranked,
+    VectorStore,
+    current_version,
+    damaged,
+    ivf_params,
+    read_meta,
+)
 from .model import FeatureModel
 
 LOG = logging.getLogger(__name__)
@@ -45,7 +59,7 @@ class QueryResult:
         return d
 
 
-def _read_index(path: str, mmap: bool):
+def _read_index(path: str, mmap: bool) -> faiss.Index:
     """Read a faiss index; with `mmap`, its codes and IVF lists are memory-mapped (IO_FLAG_MMAP_IFC:
     loads in milliseconds, searches as fast as in memory, pages shared between processes)."""
     if mmap:
@@ -109,6 +123,7 @@ class Searcher:
         index_path = self.version_dir / INDEX_FILE
         self.meta = read_meta(self.version_dir)
         try:
+            self.index: faiss.Index | CoarseToFine
             if self.meta.get("codes"):  # coarse-to-fine: binary codes, re-ranked from the vector store
                 index_path = self.version_dir / CODES_FILE
                 self.index = CoarseToFine.open(self.version_dir, self.meta)
@@ -117,7 +132,7 @@ class Searcher:
         except (RuntimeError, OSError, KeyError, PipelineError) as exc:
             raise damaged(index_path, exc) from None
         self.id_table = IdTable(self.version_dir / IDS_FILE)  # opened now: the version stays readable if pruned
-        self.store = (self.index.store if self.meta.get("codes") else
+        self.store = (self.index.store if isinstance(self.index, CoarseToFine) else
                       VectorStore.open(self.version_dir) if self.meta.get("rerank") else None)
 
     def warm(self) -> int:
@@ -183,15 +198,17 @@ class Searcher:
         return self.id_table.same_content_ids()
 
     def _search(self, vectors: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
-        if self.meta.get("codes"):  # `nprobe` overrides the setting the build tuned (pool, nprobe or efSearch)
+        if isinstance(self.index, CoarseToFine):  # `nprobe` overrides the tuned setting (pool, nprobe or efSearch)
             return self.index.search(vectors, min(k, self.count), nprobe)
         nprobe = nprobe or self.nprobe
-        params = faiss.SearchParametersIVF(nprobe=int(nprobe)) if nprobe and self.meta.get("nlist") else None
-        index = Reranked(self.index, self.store, self.meta["rerank"]) if self.store is not None else self.index
+        params = ivf_params(int(nprobe)) if nprobe and self.meta.get("nlist") else None
+        index: faiss.Index | Reranked = (Reranked(self.index, self.store, self.meta["rerank"]) if self.store is not None
+                                         else self.index)
         return index.search(np.ascontiguousarray(vectors, np.float32), min(k, self.count), params=params)
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, nprobe: int | None = None,
-                       min_score: float | None = None, exclude: Sequence[QueryFile | None] | None = None) -> list[list[Hit]]:
+                       min_score: float | None = None,
+                       exclude: Sequence[QueryFile | None] | None = None) -> list[list[Hit]]:
         """Top-k hits for each feature vector; `exclude[i]` drops hits that are that query's own file
         (same path) or a byte-identical copy (same content hash). A high `min_score` costs no more
         than a plain search: faiss is asked for more only while the last score fetched passes it."""
@@ -203,9 +220,9 @@ class Searcher:
             scores, ids = self._search(vectors, fetch, nprobe)
             rows = self.rows(ids)
             out, short = [], False
-            for srow, irow, ex in zip(scores, ids, exclude):
-                hits = []
-                for s, i in zip(srow, irow):
+            for srow, irow, ex in zip(scores, ids, exclude, strict=True):  # exclude: one per query
+                hits: list[Hit] = []
+                for s, i in zip(srow, irow, strict=True):
                     if i < 0 or (min_score is not None and s < min_score):
                         continue
                     path, content_hash = rows[int(i)]
@@ -240,7 +257,7 @@ class Searcher:
             chunk = good[start:start + batch_size]
             feats = self.model.embed_each([px for _, px, _ in chunk], batch_size)
             excl = [q for _, _, q in chunk] if exclude_self else None
-            for (i, _, _), hits in zip(chunk, self.search_vectors(feats, k, nprobe, min_score, excl)):
+            for (i, _, _), hits in zip(chunk, self.search_vectors(feats, k, nprobe, min_score, excl), strict=True):
                 results[i] = QueryResult(str(images[i]), hits)
         return [results[i] for i in range(len(images))]
 
@@ -259,7 +276,7 @@ class Searcher:
         if found:
             vecs = np.stack([v for _, v, _ in found])
             excl = [q for _, _, q in found] if exclude_self else None
-            for (i, _, _), hits in zip(found, self.search_vectors(vecs, k, nprobe, min_score, excl)):
+            for (i, _, _), hits in zip(found, self.search_vectors(vecs, k, nprobe, min_score, excl), strict=True):
                 results[i] = QueryResult(str(paths[i]), hits)
         return [results[i] for i in range(len(paths))]
 
@@ -270,6 +287,8 @@ class Searcher:
 
     def decoded(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The vectors the index itself holds, by id (for compressed codes: decoded, as its scores see them)."""
+        if isinstance(self.index, CoarseToFine):
+            raise PipelineError("binary codes cannot be decoded to vectors; use the exact ones (Searcher.vectors)")
         if not self._direct_map:
             ivf = faiss.try_extract_index_ivf(self.index)
             if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan):
@@ -277,7 +296,8 @@ class Searcher:
                 raise PipelineError(f"the codes of {self.meta.get('factory')} (fast-scan) cannot be decoded; "
                                     "use the exact vectors (Searcher.vectors) or an index of another kind")
             try:  # ids are sparse (the catalog's): an IVF index finds them through a hash table
-                faiss.extract_index_ivf(self.index).set_direct_map_type(faiss.DirectMap.Hashtable)
+                hashtable = faiss.DirectMap.Hashtable  # type: ignore[attr-defined]  # faiss stub: no DirectMap
+                faiss.extract_index_ivf(self.index).set_direct_map_type(hashtable)
             except RuntimeError:
                 pass  # not an IVF index: reconstruct works directly (IndexIDMap2 maps ids itself)
             self._direct_map = True

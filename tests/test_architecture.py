@@ -22,6 +22,7 @@ TIERS = [
     ("model",),  # package: info, weights, graph, whitening, runtime
     ("quantize",),
     ("features",),  # package: the shard file, the catalog, the folder as a whole
+    ("synthetic",),  # synthetic features in real shards, for tests and benchmarks (the product never imports it)
     ("extract",),  # files -> model -> shards, as per-shard tasks
     ("index",),  # package: plan, tune, fill, build, update, versions, the id table, stores, codes
     ("search",),
@@ -111,7 +112,8 @@ def test_no_import_cycles():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(trail[trail.index(nxt):] + [node, nxt]) if nxt in trail else f"{node} -> {nxt}")
+                cycles.append(" -> ".join(trail[trail.index(nxt):] + [node, nxt]) if nxt in trail
+                              else f"{node} -> {nxt}")
             elif nxt not in state:
                 visit(nxt, trail + [node])
         state[node] = 2

@@ -7,17 +7,17 @@ import sqlite3
 
 import numpy as np
 
-from pipeline.features import CATALOG_FILE, Catalog, Entry
+from pipeline.features import CATALOG_FILE, Catalog, Entry, ShardData, shard_name, write_shard
 from pipeline.model import ModelInfo
-from pipeline.features import ShardData, shard_name, write_shard
 
 INFO = ModelInfo(name="m", weights_sha256="w" * 64, input_size=32, dim=4)
 
 
 def shard(tmp_path, number: int, paths: list[str], errors: list[str] = ()) -> None:
     n = len(paths)
-    write_shard(tmp_path / shard_name(number), ShardData(np.eye(n, 4, dtype=np.float32), paths, [p[-1] * 32 for p in paths],
-                np.full(n, 10), np.full(n, 1.5), list(errors), ["bad"] * len(errors)), INFO)
+    write_shard(tmp_path / shard_name(number),
+                ShardData(np.eye(n, 4, dtype=np.float32), paths, [p[-1] * 32 for p in paths], np.full(n, 10),
+                          np.full(n, 1.5), list(errors), ["bad"] * len(errors)), INFO)
 
 
 def test_orphan_shard_is_imported(tmp_path):

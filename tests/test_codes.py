@@ -13,11 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import clustered_vectors, write_synthetic_shards
-from pipeline.features import Catalog
 from pipeline.cli import app
-from pipeline.index.codes import CODES_FILE, encode, learn_itq, parse_codes, quantisation_error
 from pipeline.errors import PipelineError
+from pipeline.features import Catalog
 from pipeline.index import VectorStore, build_index, current_version
+from pipeline.index.codes import CODES_FILE, encode, learn_itq, parse_codes, quantisation_error
 from pipeline.search import Searcher
 
 
@@ -28,6 +28,7 @@ def assert_exact_top_k(hits: list, vecs: np.ndarray, query: np.ndarray, k: int) 
     assert all(vecs[h.id] @ query >= exact[-1] - 2e-3 for h in hits)
 
 
+@pytest.mark.slow
 def test_itq_lowers_the_quantisation_error_of_pca_sign_codes():
     x = clustered_vectors(5000, dim=64, clusters=30)
     for bits in (16, 32):
@@ -69,13 +70,16 @@ def test_binary_kind_returns_the_exact_top_k_when_the_pool_covers_it(tmp_path):
     assert store.vectors.dtype == np.float16 and (np.asarray(store.ids) == np.arange(3000)).all()
     queries = clustered_vectors(20, clusters=40, seed=7)
     searcher = Searcher(tmp_path / "i")
-    for hits, q in zip(searcher.search_vectors(queries, k=10), queries):
+    for hits, q in zip(searcher.search_vectors(queries, k=10), queries, strict=True):
         assert_exact_top_k(hits, vecs, q, 10)
     # A small pool: still the exact order among what it finds, and a tuned default finds most.
     few = searcher.search_vectors(queries, k=10, nprobe=10)
     assert all([h.score for h in hits] == sorted((h.score for h in hits), reverse=True) for hits in few)
+    with pytest.raises(PipelineError, match="binary codes cannot be decoded"):  # sign bits: no vectors to decode
+        searcher.decoded([0])
 
 
+@pytest.mark.slow
 def test_tuning_picks_the_smallest_pool_reaching_the_target(tmp_path):
     vecs = clustered_vectors(3000, clusters=40)
     write_synthetic_shards(tmp_path / "f", vecs, 1000)
@@ -87,6 +91,7 @@ def test_tuning_picks_the_smallest_pool_reaching_the_target(tmp_path):
 
 
 @pytest.mark.parametrize("factory,setting_name", [("BIVF16", "nprobe"), ("BHNSW16", "efSearch")])
+@pytest.mark.slow
 def test_binary_ivf_and_hnsw_tune_their_setting(tmp_path, factory, setting_name):
     vecs = clustered_vectors(2000, clusters=40)
     write_synthetic_shards(tmp_path / "f", vecs, 1000)
@@ -113,6 +118,7 @@ def test_like_exclude_self_and_min_score(tmp_path):
     assert [h.id for h in high] == [0]
 
 
+@pytest.mark.slow
 def test_deleted_images_are_never_returned_and_update_builds_in_full(tmp_path, caplog):
     f = tmp_path / "f"
     vecs = clustered_vectors(1200, clusters=30)

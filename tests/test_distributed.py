@@ -13,19 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from helpers import clustered_vectors, save_pattern, write_synthetic_shards
 from typer.testing import CliRunner
 
+from helpers import clustered_vectors, save_pattern, write_synthetic_shards
 from pipeline import distributed
 from pipeline.cli import app
 from pipeline.distributed import RayDistributor
-from pipeline.features import Catalog
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
+from pipeline.features import Catalog, list_shards, read_shard
 from pipeline.index import build_index
 from pipeline.search import Searcher
-from pipeline.features import list_shards, read_shard
 
 ray = pytest.importorskip("ray")
 
@@ -220,7 +218,8 @@ def test_ray_index_equals_local(cluster, tmp_path):
     a, b = (Path(r.version_dir) for r in (local, on_ray))
     assert (a / "index.faiss").read_bytes() == (b / "index.faiss").read_bytes()  # same lists, same ids, same order
     queries = [f"/synthetic/{i:07d}.jpg" for i in range(0, 4000, 97)]
-    assert Searcher(tmp_path / "local").search_like(queries, k=10) == Searcher(tmp_path / "ray").search_like(queries, k=10)
+    here, there = Searcher(tmp_path / "local"), Searcher(tmp_path / "ray")
+    assert here.search_like(queries, k=10) == there.search_like(queries, k=10)
 
 
 def test_ray_exact_index_is_filled_by_the_driver(cluster, tmp_path):

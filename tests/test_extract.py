@@ -18,13 +18,12 @@ from helpers import misbehaving_decode, save_pattern, tiny_layers, write_bad_cor
 from pipeline.decode_pool import DecodePool, DecodeSettings
 from pipeline.errors import BusyError, ModelMismatchError
 from pipeline.extract import extract
-from pipeline.features import ERRORS_FILE
+from pipeline.features import ERRORS_FILE, list_shards, read_shard, shard_info
 from pipeline.fsutil import exclusive_lock
 from pipeline.images import load_image
 from pipeline.index import build_index
 from pipeline.model import FeatureModel, build_feature_graph, save_model
 from pipeline.search import Searcher
-from pipeline.features import list_shards, read_shard, shard_info
 
 
 def all_rows(features_dir: Path) -> tuple[list[str], np.ndarray, list[str]]:
@@ -77,9 +76,11 @@ def test_frame_recipe_trims_in_workers_and_in_queries(tmp_path):
     framed = []
     for i, f in enumerate(files):
         with Image.open(f) as im:
-            ImageOps.expand(im, border=(10 + i, 8), fill=(250, 250, 250) if i % 2 else (0, 0, 0)).save(tmp_path / "q" / f"{i}.png")
+            framed_im = ImageOps.expand(im, border=(10 + i, 8), fill=(250, 250, 250) if i % 2 else (0, 0, 0))
+            framed_im.save(tmp_path / "q" / f"{i}.png")
         framed.append(tmp_path / "q" / f"{i}.png")
-    report = extract([tmp_path / "imgs"], tmp_path / "f", tmp_path / "frame.onnx", workers=2, batch_size=2, progress=False)
+    report = extract([tmp_path / "imgs"], tmp_path / "f", tmp_path / "frame.onnx", workers=2, batch_size=2,
+                     progress=False)
     assert report.extracted == len(files) and not report.failures
     build_index(tmp_path / "f", tmp_path / "i", progress=False)
     results = Searcher(tmp_path / "i", model=tmp_path / "frame.onnx").search(framed, k=1)
@@ -93,7 +94,8 @@ def test_aspect_buckets_batch_per_shape_and_search_uses_them(tmp_path):
     save_model(model, tmp_path / "aspect.onnx")
     sizes = [(96, 72), (72, 96), (80, 80), (128, 72), (96, 64), (64, 96), (72, 128)]  # width x height
     files = [save_pattern(tmp_path / "imgs" / f"p{i}.png", i, size) for i, size in enumerate(sizes)]
-    report = extract([tmp_path / "imgs"], tmp_path / "f", tmp_path / "aspect.onnx", workers=2, batch_size=2, progress=False)
+    report = extract([tmp_path / "imgs"], tmp_path / "f", tmp_path / "aspect.onnx", workers=2, batch_size=2,
+                     progress=False)
     assert report.extracted == len(files) and not report.failures
     fm = FeatureModel(tmp_path / "aspect.onnx")
     alone = {str(f): fm.embed(load_image(f, info.resize_to).pixels[None])[0] for f in files}  # one image per run
@@ -117,7 +119,7 @@ def test_duplicates_run_once_and_stay_findable(tmp_path, tiny_model):
     again = extract([tmp_path / "imgs"], tmp_path / "f", tiny_model, workers=0, progress=False)
     assert (again.extracted, again.duplicates, again.unchanged) == (0, 1, 4)
     paths, feats, _ = all_rows(tmp_path / "f")
-    by_name = {Path(p).name: f for p, f in zip(paths, feats)}
+    by_name = {Path(p).name: f for p, f in zip(paths, feats, strict=True)}
     assert len(paths) == 5
     for name in ("copy_a.png", "copy_b.png", "later_copy.png"):
         np.testing.assert_array_equal(by_name[name], by_name["one.png"])
@@ -302,8 +304,8 @@ def test_a_folder_that_cannot_be_listed_keeps_its_images(tmp_path, tiny_model, m
 
     from typer.testing import CliRunner
 
-    from pipeline.features import Catalog
     from pipeline.cli import app
+    from pipeline.features import Catalog
 
     for i in range(4):
         save_pattern(tmp_path / "imgs" / "ab"[i % 2] / f"{i}.png", i)

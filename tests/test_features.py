@@ -9,13 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.features import folder as folder_module
-from pipeline.features import Catalog
 from pipeline.errors import PipelineError
-from pipeline.features import RowMeta, ShardWriter, compact, exact_features, live_digest, live_parts, writing
+from pipeline.features import Catalog, RowMeta, ShardWriter, compact, exact_features, live_digest, live_parts, writing
+from pipeline.features import folder as folder_module
 from pipeline.index import build_index
 from pipeline.model import ModelInfo
-
 
 INFO = ModelInfo(name="m", weights_sha256="w" * 64, input_size=32, dim=4)
 

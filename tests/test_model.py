@@ -24,15 +24,14 @@ from pipeline.model import (
     aspect_shapes,
     build_feature_graph,
     export_model,
-    layers_from_keras_h5,
     layers_from_keras_onnx,
-    load_layers,
-    read_model_info,
-    resolve_model_path,
     learn_whitening,
+    load_layers,
     load_whitening,
     maps_session,
+    read_model_info,
     region_vectors,
+    resolve_model_path,
     rmac_maps,
     rmac_regions,
     save_model,
@@ -121,24 +120,30 @@ def test_two_layer_rmac_matches_numpy_reference(tmp_path, aspect):
     rmac = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac", aspect=aspect)[1]
     assert info.checksum != rmac.checksum and info.relative_compute() == rmac.relative_compute()
     rng = np.random.default_rng(4)
-    for h, w in (info.resize_to if aspect else [(64, 64)]):  # with aspect: each layer's If chain picks the shape's regions
+    # with aspect: each layer's If chain picks the shape's regions
+    for h, w in (info.resize_to if aspect else [(64, 64)]):
         images = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
         got = fm.embed(images)
         np.testing.assert_allclose(got, numpy_reference(images, tiny_layers(0), "rmac45"), rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(np.linalg.norm(got[:, :64], axis=1), np.sqrt(0.5), rtol=1e-5)  # the layers weigh alike
+        # the layers weigh alike
+        np.testing.assert_allclose(np.linalg.norm(got[:, :64], axis=1), np.sqrt(0.5), rtol=1e-5)
 
 
 def test_aspect_graph_pools_each_shape_with_its_regions(tmp_path):
     model, info = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac", aspect=True)
     save_model(model, tmp_path / "aspect.onnx")
-    assert info.resize_to == aspect_shapes(64) == ((64, 64), (56, 72), (72, 56), (56, 80), (80, 56), (48, 88), (88, 48))
-    assert "aspect kept" in info.resize and info.relative_compute() == pytest.approx(56 * 80 / 224 ** 2)  # its largest shape
+    assert info.resize_to == aspect_shapes(64) == ((64, 64), (56, 72), (72, 56), (56, 80), (80, 56), (48, 88),
+                                                   (88, 48))
+    assert "aspect kept" in info.resize
+    assert info.relative_compute() == pytest.approx(56 * 80 / 224 ** 2)  # its largest shape
     fm = FeatureModel(tmp_path / "aspect.onnx")
-    assert fm.info.checksum == info.checksum != build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac")[1].checksum
+    square = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac")[1]
+    assert fm.info.checksum == info.checksum != square.checksum
     rng = np.random.default_rng(3)
     for h, w in info.resize_to:  # the If chain picks the regions of the input's own shape
         images = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
-        np.testing.assert_allclose(fm.embed(images), numpy_reference(images, tiny_layers(0), "rmac"), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(fm.embed(images), numpy_reference(images, tiny_layers(0), "rmac"), rtol=1e-4,
+                                   atol=1e-5)
     with pytest.raises(PipelineError, match="takes images of shapes 64x64,56x72,.*, not 64x72"):
         fm.embed(np.zeros((1, 64, 72, 3), np.uint8))
     mixed = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(56, 80), (64, 64), (56, 80), (88, 48)]]
@@ -303,7 +308,7 @@ def block_maps(images: np.ndarray, layers) -> dict[str, np.ndarray]:
     """block4_conv3's and block5_conv3's ReLU maps, from the graph itself (extra outputs)."""
     names = rmac_maps("rmac45")
     session = maps_session(build_feature_graph(layers, pooling="max")[0], names)  # any input size
-    return dict(zip(names, session.run(list(names), {"image": images})))
+    return dict(zip(names, session.run(list(names), {"image": images}), strict=True))
 
 
 def test_whitening_is_in_the_graph_and_the_checksum(tmp_path):
@@ -328,6 +333,7 @@ def test_whitening_is_in_the_graph_and_the_checksum(tmp_path):
         build_feature_graph(layers, input_size=64, pooling="rmac", whitening=whitening)
 
 
+@pytest.mark.slow
 def test_learned_whitening_decorrelates_regions_of_its_images(tmp_path):
     layers = tiny_layers(0)
     photos = tmp_path / "independent"
@@ -353,8 +359,8 @@ def test_learned_whitening_decorrelates_regions_of_its_images(tmp_path):
     assert np.abs(off).max() < 1e-3 * np.abs(np.diag(cov)).max()  # decorrelated: the covariance is diagonal
     assert np.abs(white.mean(axis=0)).max() < 1e-4  # and centred
     weights = write_keras_h5(tmp_path / "weights.h5", layers)
-    out = CliRunner().invoke(app, ["model", "export", "--weights", str(weights), "--profile", "balanced", "--input-size",
-                                   "64", "--whiten-on", str(photos), "--out", str(tmp_path / "w.onnx")])
+    out = CliRunner().invoke(app, ["model", "export", "--weights", str(weights), "--profile", "balanced",
+                                   "--input-size", "64", "--whiten-on", str(photos), "--out", str(tmp_path / "w.onnx")])
     assert out.exit_code == 0 and "regions whitened" in out.stdout, out.stdout
     assert model_info_cli("--model", tmp_path / "w.onnx")["whitening"] == note
     few = CliRunner().invoke(app, ["model", "export", "--weights", str(weights), "--profile", "balanced",

@@ -16,8 +16,15 @@ from helpers import centre_crop
 from pipeline.extract import extract
 from pipeline.images import input_shapes
 from pipeline.index import build_index
-from pipeline.model import (export_model, find_tumor_onnx, load_layers, load_whitening, read_model_info,
-                            shipped_whitening_path, whitening_checksum)
+from pipeline.model import (
+    export_model,
+    find_tumor_onnx,
+    load_layers,
+    load_whitening,
+    read_model_info,
+    shipped_whitening_path,
+    whitening_checksum,
+)
 from pipeline.search import Searcher
 
 IMAGENET_VGG16_SHA256 = "7c41b11bb7e71c88dd668bef97d45f86caa55aca3b54ea6afe9f6d471336bd52"
@@ -35,7 +42,7 @@ pytestmark = pytest.mark.real_model  # the model itself: conftest.py's real_mode
 
 
 def test_published_imagenet_biases():
-    layers = dict((name, bias) for name, _, bias in load_layers()[0])
+    layers = {name: bias for name, _, bias in load_layers()[0]}
     assert layers["block1_conv1"][0] == pytest.approx(0.73429835, abs=1e-7)
     assert layers["block5_conv3"][0] == pytest.approx(0.18837857, abs=1e-7)
 
@@ -45,7 +52,8 @@ def test_real_model_checksum_and_recipe(real_model, tmp_path):
     info = read_model_info(real_model)
     assert info.weights_sha256 == IMAGENET_VGG16_SHA256
     assert (info.input_size, info.dim, info.name) == (192, 1024, "vgg16-imagenet-rmac45-192-aspect-frame-whitened")
-    assert info.frame and len(input_shapes(info.resize_to)) == 7 and info.relative_compute() == 0.75  # at most 168x224 pixels
+    assert info.frame and len(input_shapes(info.resize_to)) == 7
+    assert info.relative_compute() == 0.75  # at most 168x224 pixels
     shipped = load_whitening(shipped_whitening_path("balanced"))  # offline: package data, its sha256 in the metadata
     assert whitening_checksum(shipped) == SHIPPED_WHITENING_SHA256 and SHIPPED_WHITENING_SHA256 in info.whitening
     assert "gcompris-qt-data 3.1-2" in info.whitening

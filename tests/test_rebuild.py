@@ -19,11 +19,11 @@ from typer.testing import CliRunner
 from helpers import obey_file_modes, save_pattern
 from pipeline.cli import app
 from pipeline.errors import PipelineError
+from pipeline.features import list_shards
 from pipeline.fsutil import exclusive_lock
 from pipeline.index import IDS_FILE, current_version
 from pipeline.rebuild import rebuild
 from pipeline.search import Searcher
-from pipeline.features import list_shards
 
 
 def indexed_paths(index_dir: Path) -> list[str]:
@@ -84,6 +84,7 @@ def test_an_emptied_root_is_refused_not_wiped(tmp_path, tiny_model):
     assert len(indexed_paths(work / "index")) == 6  # the published index is untouched
 
 
+@pytest.mark.slow
 def test_an_unreadable_folder_is_not_a_deletion(tmp_path, tiny_model):
     """A folder the run cannot list, and a root it cannot list, keep their recorded images; the run
     reports them and --strict exits 3. The folders are made unreadable for real (mode 000) and the
@@ -140,7 +141,7 @@ def test_compaction_drops_dead_rows(tmp_path, tiny_model):
     make_collection(root, range(24))
     rebuild([root], work, tiny_model, workers=0, shard_size=6)
     assert len(list_shards(work / "features")) == 4
-    for s in range(0, 24):
+    for s in range(24):
         if s % 6 != 0:  # keep one image of each shard
             (root / f"img{s:04d}.png").unlink()
     report = rebuild([root], work, tiny_model, workers=0, shard_size=6)
@@ -189,19 +190,21 @@ def counted(owner, name):
 
     setattr(owner, name, step)
 
-for owner, name in [(features, "write_shard"), (catalog.Catalog, "record_shard"), (catalog.Catalog, "mark_missing_gone"),
-                    (catalog.Catalog, "retire"), (fsutil, "publish"), (build, "fill_index"), (build, "update_base"),
-                    (versions, "prune_versions")]:
+for owner, name in [(features, "write_shard"), (catalog.Catalog, "record_shard"),
+                    (catalog.Catalog, "mark_missing_gone"), (catalog.Catalog, "retire"), (fsutil, "publish"),
+                    (build, "fill_index"), (build, "update_base"), (versions, "prune_versions")]:
     counted(owner, name)
 cli.app(sys.argv[4:], prog_name="pipeline")
 """
-KILL_POINTS = [("write_shard", 1), ("record_shard", 1), ("mark_missing_gone", 1), ("publish", 1),  # extract, errors.jsonl
+KILL_POINTS = [("write_shard", 1), ("record_shard", 1), ("mark_missing_gone", 1),  # extract
+               ("publish", 1),  # extract's errors.jsonl
                ("write_shard", 3), ("retire", 1),  # compaction
                # index: filled, update's base loaded, CURRENT swapped, pruned
                ("fill_index", 1), ("update_base", 1), ("publish", 2), ("prune_versions", 1),
                ("record_shard", 2)]
 
 
+@pytest.mark.slow
 def test_kill_at_any_moment(tmp_path, tiny_model):
     """SIGKILL rebuild right after each kind of step (shard written, recorded, files marked gone,
     errors list, compaction, index filled, base of an update loaded, published, pruned) over a changing

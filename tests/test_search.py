@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,7 +76,8 @@ def test_min_score(indexed):
     index, _, first = indexed
     everything = json.loads(cli("search", first, "--index", index, "-k", "13", "--json").stdout)[0]["results"]
     cut = everything[5]["score"]
-    kept = json.loads(cli("search", first, "--index", index, "-k", "13", "--min-score", cut, "--json").stdout)[0]["results"]
+    kept = json.loads(cli("search", first, "--index", index, "-k", "13", "--min-score", cut,
+                          "--json").stdout)[0]["results"]
     assert kept == everything[:6] or all(h["score"] >= cut for h in kept) and len(kept) >= 6
 
 

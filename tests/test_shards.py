@@ -11,15 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import PipelineError
-from pipeline.model import ModelInfo
 from pipeline.features import ShardData, list_shards, read_rows, read_shard, shard_info, shard_model, write_shard
+from pipeline.model import ModelInfo
 
 INFO = ModelInfo(name="m", weights_sha256="w" * 64, input_size=32, dim=8)
 names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=40)
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(names, max_size=12, unique=True), st.lists(st.tuples(names, names), max_size=4), st.integers(0, 2**32 - 1))
+@given(st.lists(names, max_size=12, unique=True), st.lists(st.tuples(names, names), max_size=4),
+       st.integers(0, 2**32 - 1))
 def test_round_trip(paths, errors, seed):
     rng = np.random.default_rng(seed)
     n = len(paths)
@@ -38,7 +39,8 @@ def test_round_trip(paths, errors, seed):
         assert (info.count, info.error_count, info.model_sha256, info.dim) == (n, len(errors), INFO.checksum, 8)
         assert shard_model(path) == (INFO, "/models/m.onnx")
         if n:
-            for rows in (np.unique([0, n - 1]), np.unique(np.clip(np.r_[0, n // 3:n // 3 + 3, n - 2:n], 0, n - 1))):  # runs
+            runs = np.unique(np.clip(np.r_[0, n // 3:n // 3 + 3, n - 2:n], 0, n - 1))  # consecutive rows
+            for rows in (np.unique([0, n - 1]), runs):
                 np.testing.assert_array_equal(read_rows(path, rows), data.features[rows])
         assert list_shards(Path(tmp)) == [path] and not list(Path(tmp).glob(".*tmp"))
 
@@ -47,3 +49,17 @@ def test_unreadable_shard_is_a_clear_error(tmp_path):
     (tmp_path / "shard-00000.h5").write_bytes(b"not hdf5")
     with pytest.raises(PipelineError, match="cannot read shard"):
         shard_info(tmp_path / "shard-00000.h5")
+
+
+def test_shard_with_columns_of_different_lengths_is_damaged(tmp_path):
+    import h5py
+
+    path = tmp_path / "shard-00000.h5"
+    write_shard(path, ShardData(np.ones((2, 8), np.float32), ["/a", "/b"], ["a" * 32, "b" * 32], np.ones(2, np.int64),
+                                np.ones(2), [], []), INFO, "/models/m.onnx")
+    with h5py.File(path, "r+") as f:  # one row's size lost: its rows would no longer line up
+        del f["sizes"]
+        f["sizes"] = np.ones(1, np.int64)
+    for features in (True, False):
+        with pytest.raises(PipelineError, match="columns have different lengths"):
+            read_shard(path, features=features)

@@ -17,11 +17,20 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import clustered_vectors, write_synthetic_shards
-from pipeline.features import Catalog
 from pipeline.cli import app
 from pipeline.errors import PipelineError
-from pipeline.index import (HOLD_SLACK, IDS_FILE, META_FILE, VectorStore, build_index, current_version, recall_at,
-                            update_store, write_store)
+from pipeline.features import Catalog
+from pipeline.index import (
+    HOLD_SLACK,
+    IDS_FILE,
+    META_FILE,
+    VectorStore,
+    build_index,
+    current_version,
+    recall_at,
+    update_store,
+    write_store,
+)
 from pipeline.index.ivf_rewrite import rewrite_ivf, streamable
 from pipeline.search import Searcher
 
@@ -35,7 +44,8 @@ def collection(features: Path, n: int, shard_size: int = 500) -> np.ndarray:
     return vecs
 
 
-def change(features: Path, vecs: np.ndarray, added: int, deleted: list[int], seed: int = 1) -> tuple[np.ndarray, list[str]]:
+def change(features: Path, vecs: np.ndarray, added: int, deleted: list[int],
+           seed: int = 1) -> tuple[np.ndarray, list[str]]:
     """Add `added` new images (a new shard) and delete those numbered `deleted`, as an extract would."""
     new = clustered_vectors(added, clusters=50, seed=seed)
     write_synthetic_shards(features, new, 500, first=len(vecs) + 1000 * seed)
@@ -127,11 +137,12 @@ def test_an_update_holds_the_recall_its_quantizer_reached_when_trained(tmp_path)
     assert all(s["recall_lower_bound"] >= 0.95 for s in updated["nprobe_sweep"] if s["nprobe"] >= first["nprobe"])
 
 
+@pytest.mark.slow
 def test_when_an_update_trains_again(tmp_path):
     f, i = tmp_path / "f", tmp_path / "i"
     vecs = collection(f, 2000)
     build_index(f, i, flat_below=1000, progress=False)
-    change(f, vecs, 100, list(range(0, 100)), seed=1)  # 200 changes: 10% of the 2000 trained on
+    change(f, vecs, 100, list(range(100)), seed=1)  # 200 changes: 10% of the 2000 trained on
     assert build_index(f, i, flat_below=1000, update=True, progress=False).meta["made_by"] == "update"
     change(f, vecs, 150, [], seed=2)  # 350 changes since training: over 0.15
     again = build_index(f, i, flat_below=1000, update=True, retrain_above=0.15, progress=False).meta
@@ -166,6 +177,7 @@ def test_cli_update(tmp_path):
     assert bad.exit_code == 1 and "--retrain-above must be at least 0" in bad.stderr
 
 
+@pytest.mark.slow
 def test_update_of_a_version_with_a_vector_store_writes_its_store(tmp_path):
     """A compressed version re-ranked from its vector store is updated too: the store gets the added
     rows and loses the removed ones (the very files a full build writes), and with every vector a
@@ -187,6 +199,7 @@ def test_update_of_a_version_with_a_vector_store_writes_its_store(tmp_path):
         assert not set(gone) & {p for row in top_paths(i, vecs[::100], 50, nprobe) for p in row}
 
 
+@pytest.mark.slow
 def test_an_update_asked_for_another_rerank_depth_trains_again(tmp_path, caplog):
     f = tmp_path / "f"
     vecs = collection(f, 3000)
@@ -208,7 +221,8 @@ def test_update_store_merges_in_id_order(tmp_path):
     update_store(old, new, ids[::10], added_ids, added)
     store, want = VectorStore.open(new), np.sort(np.concatenate([np.setdiff1d(ids, ids[::10]), added_ids]))
     assert (np.asarray(store.ids) == want).all() and len(store) == 1000 - 100 + 4
-    assert np.allclose(store.get(added_ids), added, atol=1e-3) and np.allclose(store.get(ids[1:3]), vecs[1:3], atol=1e-3)
+    assert np.allclose(store.get(added_ids), added, atol=1e-3)
+    assert np.allclose(store.get(ids[1:3]), vecs[1:3], atol=1e-3)
     assert len(VectorStore.open(old)) == 1000  # the old store is only read
     with pytest.raises(PipelineError, match="same id"):
         update_store(old, tmp_path, np.zeros(0, np.int64), ids[:1], added[:1])
@@ -216,6 +230,7 @@ def test_update_store_merges_in_id_order(tmp_path):
 
 
 @pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,SQ8", "IVF16,PQ8", "IVF16_HNSW8,Flat"])
+@pytest.mark.slow
 def test_a_streamed_index_file_is_faiss_own(tmp_path, factory):
     """rewrite_ivf writes what faiss writes: byte for byte when nothing is removed (faiss adds to the
     ends of the lists too), the same entries per list and the same answers otherwise."""
@@ -240,7 +255,7 @@ def test_a_streamed_index_file_is_faiss_own(tmp_path, factory):
         for i in range(16):
             entries = [sorted(zip(faiss.rev_swig_ptr(il.get_ids(i), il.list_size(i)).tolist(),
                                   faiss.rev_swig_ptr(il.get_codes(i), il.list_size(i) * il.code_size)
-                                  .reshape(il.list_size(i), -1).tolist())) for il in lists]
+                                  .reshape(il.list_size(i), -1).tolist(), strict=True)) for il in lists]
             assert entries[0] == entries[1]
         queries = clustered_vectors(20, seed=5)
         params = faiss.SearchParametersIVF(nprobe=4)
@@ -297,6 +312,7 @@ build_index(features, out, flat_below=1000, factory=None if what == "index" else
 
 
 @pytest.mark.parametrize("what", ["index", "store"])
+@pytest.mark.slow
 def test_an_update_killed_while_writing_leaves_the_published_version(tmp_path, what):
     """SIGKILL with the new version's index file (or vector store) half written: the published
     version still answers as before, and the next update completes and cleans up."""

@@ -36,7 +36,7 @@ def test_rerank_is_exact_over_candidates(tmp_path):
     cand[0, 100:] = -1  # padding as faiss returns it
     scores, found = store.rerank(queries, cand, 10)
     stored = vecs.astype(np.float16).astype(np.float32)
-    for q, c, s, f in zip(queries, cand, scores, found):
+    for q, c, s, f in zip(queries, cand, scores, found, strict=True):
         c = c[c >= 0]
         exact = stored[c // 3] @ q
         assert set(f) == set(c[np.argsort(-exact)[:10]])

@@ -7,10 +7,32 @@ Three modules, one format each, and this package as the one door others use:
 """
 
 from .catalog import CATALOG_FILE, Catalog, Entry
-from .folder import (ERRORS_FILE, RowMeta, ShardWriter, compact, exact_features, live_digest, live_parts,
-                     write_errors_file, writing)
-from .shards import (SCHEMA_VERSION, ShardData, ShardInfo, check_model, list_shards, next_shard_number, read_rows,
-                     read_shard, remove_shard, shard_info, shard_model, shard_name, write_shard)
+from .folder import (
+    ERRORS_FILE,
+    RowMeta,
+    ShardWriter,
+    compact,
+    exact_features,
+    live_digest,
+    live_parts,
+    write_errors_file,
+    writing,
+)
+from .shards import (
+    SCHEMA_VERSION,
+    ShardData,
+    ShardInfo,
+    check_model,
+    list_shards,
+    next_shard_number,
+    read_rows,
+    read_shard,
+    remove_shard,
+    shard_info,
+    shard_model,
+    shard_name,
+    write_shard,
+)
 
 __all__ = [
     "CATALOG_FILE", "ERRORS_FILE", "SCHEMA_VERSION", "Catalog", "Entry", "RowMeta", "ShardData", "ShardInfo",

@@ -27,11 +27,11 @@ import json
 import logging
 import os
 import sqlite3
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain, groupby
 from operator import itemgetter
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -126,10 +126,10 @@ class Catalog:
     def close(self) -> None:
         self.db.close()
 
-    def __enter__(self) -> "Catalog":
+    def __enter__(self) -> Catalog:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ---------------------------------------------------------------- recovery
@@ -157,8 +157,9 @@ class Catalog:
                 continue
             data = read_shard(path, features=False)
             rows = [(p, int(s), float(m), h, r) for r, (p, s, m, h) in
-                    enumerate(zip(data.paths, data.sizes, data.mtimes, data.hashes))]
-            errors = [(p, None, None, None, reason, None) for p, reason in zip(data.error_paths, data.error_reasons)]
+                    enumerate(zip(data.paths, data.sizes, data.mtimes, data.hashes, strict=True))]
+            errors = [(p, None, None, None, reason, None)
+                      for p, reason in zip(data.error_paths, data.error_reasons, strict=True)]
             self.record_shard(path.name, rows, errors)
             imported += 1
         if imported:
@@ -231,8 +232,9 @@ class Catalog:
         key_id = key_id[np.argsort(key_id[:, 0])]
         shard = key_id[:, 0] >> 32
         cuts = np.flatnonzero(np.diff(shard)) + 1
+        keys, ids_of = np.split(key_id[:, 0], cuts), np.split(key_id[:, 1], cuts)
         return {names[int(key[0] >> 32)]: (key & 0xFFFFFFFF, ids)
-                for key, ids in zip(np.split(key_id[:, 0], cuts), np.split(key_id[:, 1], cuts)) if len(key)}
+                for key, ids in zip(keys, ids_of, strict=True) if len(key)}
 
     def live_snapshot(self) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
         """live_ids() (read in one transaction: rows recorded meanwhile by a running extract are wholly
@@ -425,4 +427,4 @@ def _folder_range(folder: str) -> tuple[str, str, str]:
 
 
 def _folder_params(folder: str) -> dict[str, str]:
-    return dict(zip(("folder", "lo", "hi"), _folder_range(folder)))
+    return dict(zip(("folder", "lo", "hi"), _folder_range(folder), strict=True))

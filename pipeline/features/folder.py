@@ -19,19 +19,30 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from .catalog import Catalog
 from ..errors import ImageError, PipelineError
 from ..fsutil import atomic_write_text, exclusive_lock
 from ..model import ModelInfo
-from .shards import (ShardData, ShardInfo, list_shards, next_shard_number, read_rows, read_shard, shard_info,
-                     shard_model, shard_name, write_shard)
+from .catalog import Catalog
+from .shards import (
+    ShardData,
+    ShardInfo,
+    list_shards,
+    next_shard_number,
+    read_rows,
+    read_shard,
+    shard_info,
+    shard_model,
+    shard_name,
+    write_shard,
+)
 
 LOG = logging.getLogger(__name__)
 ERRORS_FILE = "errors.jsonl"
@@ -119,7 +130,9 @@ class ShardWriter:
         name = shard_name(self.number)
         write_shard(self.out / name, data, self.model, self.model_path)
         self.catalog.record_shard(
-            name, [(p, m.size, m.mtime, m.content_hash, r) for r, (p, m) in enumerate(zip(self.paths, self.metas))],
+            name,
+            [(p, m.size, m.mtime, m.content_hash, r)
+             for r, (p, m) in enumerate(zip(self.paths, self.metas, strict=True))],
             self.errors)
         LOG.debug("wrote %s (%d images, %d failures)", name, len(self.paths), len(self.errors))
         self.written.append(name)
@@ -216,7 +229,7 @@ def exact_features(features_dir: Path, shards: list[dict], dim: int, built: Path
         ids = np.asarray(ids, np.int64)
         if catalog is None:
             s = np.searchsorted(starts, ids, side="right") - 1
-            where = {int(i): (shards[j]["name"], int(i - starts[j])) for i, j in zip(ids, s)}
+            where = {int(i): (shards[j]["name"], int(i - starts[j])) for i, j in zip(ids, s, strict=True)}
         else:
             where = catalog.live_places(ids)
         if len(where) < len(set(ids.tolist())):

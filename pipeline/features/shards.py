@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
 
-from ..version import __version__
 from ..errors import ModelMismatchError, PipelineError, cause, write_error
 from ..fsutil import publish, temp_path
 from ..model import ModelInfo
+from ..version import __version__
 
 SCHEMA_VERSION = 1
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.h5$")
@@ -72,7 +72,7 @@ def list_shards(features_dir: Path) -> list[Path]:
 
 
 def next_shard_number(features_dir: Path) -> int:
-    numbers = [int(SHARD_RE.match(p.name).group(1)) for p in list_shards(features_dir)]
+    numbers = [int(m.group(1)) for p in list_shards(features_dir) if (m := SHARD_RE.match(p.name))]
     return max(numbers, default=-1) + 1
 
 
@@ -136,7 +136,7 @@ def _open(path: Path) -> Iterator[h5py.File]:
 
 
 def _strings(ds: h5py.Dataset) -> list[str]:
-    return [s for s in ds.asstr()[()]] if len(ds) else []
+    return list(ds.asstr()[()]) if len(ds) else []
 
 
 def shard_info(path: Path) -> ShardInfo:
@@ -155,7 +155,7 @@ def shard_model(path: Path) -> tuple[ModelInfo, str]:
 def read_shard(path: Path, features: bool = True) -> ShardData:
     """All rows of a shard; `features=False` skips the feature matrix (for bookkeeping)."""
     with _open(path) as f:
-        return ShardData(
+        data = ShardData(
             features=f["features"][()] if features else np.zeros((0, int(f.attrs["dim"])), np.float32),
             paths=_strings(f["paths"]),
             hashes=_strings(f["hashes"]),
@@ -164,6 +164,12 @@ def read_shard(path: Path, features: bool = True) -> ShardData:
             error_paths=_strings(f["errors/paths"]),
             error_reasons=_strings(f["errors/reasons"]),
         )
+        rows = {len(data.paths), len(data.hashes), len(data.sizes), len(data.mtimes)}
+        if features:
+            rows.add(len(data.features))
+        if len(rows) > 1 or len(data.error_paths) != len(data.error_reasons):
+            raise ValueError("its columns have different lengths")  # (_open: a damaged shard)
+        return data
 
 
 def read_rows(path: Path, rows: np.ndarray) -> np.ndarray:
@@ -179,12 +185,15 @@ def read_rows(path: Path, rows: np.ndarray) -> np.ndarray:
         ends = np.append(starts[1:], len(rows))
         if len(starts) == len(rows):
             return features[rows]
-        return np.concatenate([features[rows[a]:rows[b - 1] + 1] for a, b in zip(starts.tolist(), ends.tolist())])
+        return np.concatenate([features[rows[a]:rows[b - 1] + 1]
+                               for a, b in zip(starts.tolist(), ends.tolist(), strict=True)])
 
 
 def check_model(infos: list[ShardInfo], model_sha256: str | None = None) -> None:
     """All shards must come from one model (and from `model_sha256` when given)."""
-    expected = model_sha256 or (infos[0].model_sha256 if infos else None)
+    if not infos:
+        return
+    expected = model_sha256 or infos[0].model_sha256
     for info in infos:
         if info.model_sha256 != expected:
             raise ModelMismatchError(

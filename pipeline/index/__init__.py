@@ -17,20 +17,40 @@ from .build import build_index
 from .codes import CODES_FILE, ITQ_FILE, CoarseToFine, parse_codes
 from .fill import TRUTH_DEPTH, ExactNeighbours, FillDistributor, Truth, fill_range, sample_runs
 from .idtable import IDS_FILE, IdTable
-from .plan import (DEFAULT_FLAT_BELOW, DEFAULT_RERANK, HNSW_QUANTIZER_EF, IndexPlan, factory_facts, index_kind,
-                   parse_size, plan_index, quantizer_search_depth)
+from .plan import (
+    DEFAULT_FLAT_BELOW,
+    DEFAULT_RERANK,
+    HNSW_QUANTIZER_EF,
+    IndexPlan,
+    factory_facts,
+    index_kind,
+    parse_size,
+    plan_index,
+    quantizer_search_depth,
+)
 from .store import VECTOR_IDS_FILE, VECTORS_FILE, Reranked, VectorStore, has_store, update_store, write_store
-from .tune import NPROBE_GRID, lower_bound, recall_at, tune_nprobe
+from .tune import NPROBE_GRID, ivf_params, lower_bound, recall_at, tune_nprobe
 from .update import DEFAULT_RETRAIN_ABOVE, HOLD_SLACK
-from .versions import (CURRENT_FILE, INDEX_FILE, META_FILE, RECALL_FILE, VERSIONS_DIR, IndexReport, current_version,
-                       damaged, prune_versions, read_meta, recorded_model)
+from .versions import (
+    CURRENT_FILE,
+    INDEX_FILE,
+    META_FILE,
+    RECALL_FILE,
+    VERSIONS_DIR,
+    IndexReport,
+    current_version,
+    damaged,
+    prune_versions,
+    read_meta,
+    recorded_model,
+)
 
 __all__ = [
     "CODES_FILE", "CURRENT_FILE", "DEFAULT_FLAT_BELOW", "DEFAULT_RERANK", "DEFAULT_RETRAIN_ABOVE", "HNSW_QUANTIZER_EF",
     "HOLD_SLACK", "IDS_FILE", "INDEX_FILE", "ITQ_FILE", "META_FILE", "NPROBE_GRID", "RECALL_FILE", "TRUTH_DEPTH",
     "VECTORS_FILE", "VECTOR_IDS_FILE", "VERSIONS_DIR", "CoarseToFine", "ExactNeighbours", "FillDistributor",
     "IdTable", "IndexPlan", "IndexReport", "Reranked", "Truth", "VectorStore", "build_index", "current_version",
-    "damaged", "factory_facts", "fill_range", "has_store", "index_kind", "lower_bound", "parse_codes", "parse_size",
-    "plan_index", "prune_versions", "quantizer_search_depth", "read_meta", "recall_at", "recorded_model",
-    "sample_runs", "tune_nprobe", "update_store", "write_store",
+    "damaged", "factory_facts", "fill_range", "has_store", "index_kind", "ivf_params", "lower_bound", "parse_codes",
+    "parse_size", "plan_index", "prune_versions", "quantizer_search_depth", "read_meta", "recall_at",
+    "recorded_model", "sample_runs", "tune_nprobe", "update_store", "write_store",
 ]

@@ -16,15 +16,35 @@ import faiss
 import numpy as np
 
 from ..errors import PipelineError, write_error
-from .codes import (CODES_FILE, DEFAULT_POOL, EF_GRID, ITQ_FILE, ITQ_ITERATIONS, ITQ_TRAIN, POOL_GRID, CoarseToFine,
-                    encode, learn_itq, quantisation_error, rotation_checksum)
+from .codes import (
+    CODES_FILE,
+    DEFAULT_POOL,
+    EF_GRID,
+    ITQ_FILE,
+    ITQ_ITERATIONS,
+    ITQ_TRAIN,
+    POOL_GRID,
+    CoarseToFine,
+    encode,
+    learn_itq,
+    quantisation_error,
+    rotation_checksum,
+)
 from .fill import TRUTH_DEPTH, fill_index, rows_at
 from .idtable import IDS_FILE
 from .plan import MIN_POINTS_PER_LIST
 from .store import StoreWriter, VectorStore
 from .tune import NPROBE_GRID, lower_bound, recall_at
-from .versions import RECALL_FILE, Collection, IndexReport, asked_for, built_fields, made_from, new_version, \
-    publish_version
+from .versions import (
+    RECALL_FILE,
+    Collection,
+    IndexReport,
+    asked_for,
+    built_fields,
+    made_from,
+    new_version,
+    publish_version,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -67,10 +87,15 @@ def tune_codes(engine: CoarseToFine, queries: np.ndarray, q_ids: np.ndarray, tru
     """The smallest setting (pool, nprobe or efSearch) whose recall@k through the whole path (codes,
     Hamming search, re-rank) reaches `target` with 95% confidence, or just the given `setting`."""
     n = engine.ntotal
-    grid = ([setting] if setting else
-            [p for p in POOL_GRID if p < n] + [n] * (n <= POOL_GRID[-1]) if engine.setting_name == "pool" else
-            [p for p in NPROBE_GRID if p < engine.index.nlist] + [engine.index.nlist]
-            if engine.setting_name == "nprobe" else list(EF_GRID))
+    if setting:
+        grid = [setting]
+    elif engine.setting_name == "pool":
+        grid = [p for p in POOL_GRID if p < n] + [n] * (n <= POOL_GRID[-1])
+    elif engine.setting_name == "nprobe":
+        nlist = _nlist(engine.index)
+        grid = [p for p in NPROBE_GRID if p < nlist] + [nlist]
+    else:
+        grid = list(EF_GRID)
     tried = []
     for value in grid:
         t0 = time.perf_counter()
@@ -85,7 +110,7 @@ def tune_codes(engine: CoarseToFine, queries: np.ndarray, q_ids: np.ndarray, tru
     if best["recall_lower_bound"] < target:  # the pool is capped: past POOL_GRID re-ranking costs more than it is worth
         LOG.warning("binary codes: recall@10 %.3f at the largest %s tried, below the target %g: use more --codes bits "
                     "or another index kind", best["recall"], engine.setting_name, target)
-    engine.setting = best[engine.setting_name]
+    engine.setting = int(best[engine.setting_name])  # a grid value (the dict's other values are floats)
     LOG.info("binary codes: %s %s: recall@10 %.3f, %.3f ms/query (%d queries)", engine.setting_name, engine.setting,
              best["recall"], best["ms_per_query"], len(q_ids))
     return {"recall_at_10": best["recall"], "target_recall": target, "recall_queries": len(q_ids),
@@ -120,6 +145,7 @@ def build_binary(source: Collection, out_dir: Path, *, bits: int, factory: str |
         t0 = time.monotonic()
         sink, store = _Codes(ids, centre, projection), StoreWriter(tmp, n, source.dim)
         truth, ids_writer = fill_index(sink, source.parts, ids, tmp / IDS_FILE, queries, progress, pool, store)
+        assert truth is not None, "a fill given queries returns their exact neighbours"
         ids_writer.result()
         store.close()
         index = _binary_index(sink, bits, fac, rng)
@@ -167,8 +193,15 @@ def _binary_index(sink: _Codes, bits: int, factory: str, rng: np.random.Generato
     n = len(sink.codes)
     index = faiss.index_binary_factory(bits, factory)
     if not index.is_trained:
-        size = min(n, 64 * faiss.downcast_IndexBinary(index).nlist)
+        size = min(n, 64 * _nlist(index))
         index.train(sink.codes[np.sort(rng.choice(n, size=size, replace=False))])
     for start in range(0, n, 1_000_000):
         index.add(sink.codes[start:start + 1_000_000])
     return index
+
+
+def _nlist(index: faiss.IndexBinary) -> int:
+    """The number of lists of an IVF over codes."""
+    ivf = faiss.downcast_IndexBinary(index)
+    assert isinstance(ivf, faiss.IndexBinaryIVF), f"{type(ivf).__name__} is not an IVF over codes"
+    return int(ivf.nlist)

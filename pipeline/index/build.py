@@ -26,8 +26,18 @@ from .plan import DEFAULT_FLAT_BELOW, IndexPlan, index_is_flat, new_index, plan_
 from .store import Reranked, StoreWriter, VectorStore
 from .tune import Searchable, exact_tuning, tune
 from .update import DEFAULT_RETRAIN_ABOVE, read_published, update_base, update_version
-from .versions import (INDEX_FILE, RECALL_FILE, Collection, IndexReport, asked_for, built_fields, made_from,
-                       model_record, new_version, publish_version)
+from .versions import (
+    INDEX_FILE,
+    RECALL_FILE,
+    Collection,
+    IndexReport,
+    asked_for,
+    built_fields,
+    made_from,
+    model_record,
+    new_version,
+    publish_version,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -182,7 +192,7 @@ def _full_build(index: faiss.Index, plan: IndexPlan, kind: str, source: Collecti
                                        None if sample is None else sample.queries, progress, pool, store, distributor)
         timings["add_s"] = time.monotonic() - t0
         assert index.ntotal == n, f"index holds {index.ntotal} vectors, expected {n}"
-        searched = index
+        searched: Searchable = index
         if store is not None:  # tuning measures the whole path: compressed candidates, exact re-ranking
             ids_writer.result()
             store.close()
@@ -219,6 +229,7 @@ def _tuned(searched: Searchable, plan: IndexPlan, sample: _Sample | None, truth:
     updates of this version (recall.npz)."""
     if sample is None:
         return exact_tuning()
+    assert truth is not None, "a fill given queries returns their exact neighbours"
     np.savez(new_dir / RECALL_FILE, ids=sample.ids, queries=sample.queries, truth=truth.ids, scores=truth.scores,
              depth=np.full(len(sample.ids), TRUTH_DEPTH))
     return {**tune(searched, plan.nlist, sample.queries, sample.ids, truth.ids, tuning.nprobe, tuning.target),

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import PipelineError
 from .store import VectorStore
+from .tune import ivf_params
 
 CODES_FILE, ITQ_FILE = "codes.faiss", "itq.npz"
 DEFAULT_BITS = 256
@@ -115,8 +116,11 @@ class CoarseToFine:
         """(scores, ids) of the top k by exact inner product among each query's Hamming candidates."""
         setting = setting or self.setting
         pool = setting if self.setting_name == "pool" and setting else self.pool
-        params = (faiss.SearchParametersIVF(nprobe=int(setting)) if self.setting_name == "nprobe" else
-                  faiss.SearchParametersHNSW(efSearch=int(setting)) if self.setting_name == "efSearch" else None)
+        params: faiss.SearchParameters | None = None  # without a setting: the index's own
+        if setting and self.setting_name == "nprobe":
+            params = ivf_params(int(setting))
+        elif setting and self.setting_name == "efSearch":
+            params = faiss.SearchParametersHNSW(efSearch=int(setting))  # type: ignore[attr-defined]  # faiss stub: no HNSW
         queries = np.ascontiguousarray(queries, np.float32)
         _, pos = self.index.search(encode(queries, self.centre, self.projection), min(max(pool, k), self.ntotal),
                                    params=params)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import faiss
 import numpy as np
@@ -56,7 +57,13 @@ class ExactNeighbours:
         return Truth(self.heap.I, self.heap.D)
 
 
-def fill_range(index: faiss.Index, parts: Parts, ids: np.ndarray, queries: np.ndarray | None, k: int,
+class Fillable(Protocol):
+    """What a fill adds rows to: a faiss index, or a sink of codes (binary.py)."""
+
+    def add_with_ids(self, x: np.ndarray, ids: np.ndarray, /) -> None: ...
+
+
+def fill_range(index: Fillable, parts: Parts, ids: np.ndarray, queries: np.ndarray | None, k: int,
                features: Iterable[np.ndarray] | None = None,
                advance: Callable[[int], None] | None = None) -> Truth | None:
     """Add the live rows of these shards, under their `ids` (in order), to `index`, and return the exact
@@ -64,7 +71,7 @@ def fill_range(index: faiss.Index, parts: Parts, ids: np.ndarray, queries: np.nd
     a reader already has them; else the shards are read here. `advance(rows)` after each shard."""
     near = ExactNeighbours(queries, k) if queries is not None else None
     offset = 0
-    for (_, rows), feats in zip(parts, features if features is not None else shard_rows(parts)):
+    for (_, rows), feats in zip(parts, features if features is not None else shard_rows(parts), strict=True):
         feats = np.ascontiguousarray(feats, dtype=np.float32)
         block = ids[offset:offset + len(rows)]
         index.add_with_ids(feats, block)
@@ -97,7 +104,7 @@ class _Stopped(Exception):
     """The fill failed: the id table's writer stops at its next shard."""
 
 
-def fill_index(index: faiss.Index, parts: Parts, ids: np.ndarray, ids_path: Path, queries: np.ndarray | None,
+def fill_index(index: Fillable, parts: Parts, ids: np.ndarray, ids_path: Path, queries: np.ndarray | None,
                progress: bool | None, pool: Executor, store: StoreWriter | None = None,
                distributor: FillDistributor | None = None) -> tuple[Truth | None, Future]:
     """Add every shard to the index under `ids` while a thread of `pool` writes the id table (and the
@@ -107,6 +114,7 @@ def fill_index(index: faiss.Index, parts: Parts, ids: np.ndarray, ids_path: Path
     Locally the writer reads each shard once and hands its rows over (at most two shards in memory
     beyond the index); with a `distributor`, its workers read and fill while the writer reads here."""
     if distributor is not None:
+        assert isinstance(index, faiss.Index), "a distributor fills a faiss index"
         writer = pool.submit(write_ids, parts, ids, ids_path, None if store is None else store.add)
         return distributor.fill(index, parts, ids, queries, TRUTH_DEPTH, progress), writer
     blocks: queue.Queue = queue.Queue(maxsize=2)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -37,8 +37,8 @@ def write_ids(parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, path: 
             block = ids[offset:offset + len(rows)]
             if each is not None:
                 each(block, data.features[rows])
-            db.executemany("INSERT INTO images VALUES (?, ?, ?)",
-                           zip(block.tolist(), (data.paths[r] for r in rows), (data.hashes[r] for r in rows)))
+            paths, hashes = (data.paths[r] for r in rows), (data.hashes[r] for r in rows)
+            db.executemany("INSERT INTO images VALUES (?, ?, ?)", zip(block.tolist(), paths, hashes, strict=True))
             offset += len(rows)
         db.execute("CREATE INDEX images_path ON images(path)")
         db.commit()
@@ -55,7 +55,7 @@ def update_ids(old: Path, new: Path, removed: np.ndarray, added: list[AddedRows]
         db.execute("PRAGMA journal_mode=OFF")  # a failed update discards the whole version folder
         db.executemany("DELETE FROM images WHERE id = ?", ((i,) for i in removed.tolist()))
         for _, new_ids, paths, hashes in added:
-            db.executemany("INSERT INTO images VALUES (?, ?, ?)", zip(new_ids.tolist(), paths, hashes))
+            db.executemany("INSERT INTO images VALUES (?, ?, ?)", zip(new_ids.tolist(), paths, hashes, strict=True))
         db.commit()
     finally:
         db.close()

@@ -30,7 +30,9 @@ def streamable(index: faiss.Index) -> bool:
     """An IVF index, unwrapped, whose lists are faiss ArrayInvertedLists (Flat, SQ or PQ codes; not
     fast-scan blocks) and which keeps no direct map: what rewrite_ivf can write from a memory map."""
     top = faiss.downcast_index(index)
-    return (isinstance(top, faiss.IndexIVF) and top.direct_map.type == faiss.DirectMap.NoMap
+    return (isinstance(top, faiss.IndexIVF)
+            and top.direct_map.type == faiss.DirectMap.NoMap  # type: ignore[attr-defined]  # faiss stub: no DirectMap
+            and top.invlists is not None
             and isinstance(faiss.downcast_InvertedLists(top.invlists), faiss.ArrayInvertedLists))
 
 
@@ -56,17 +58,21 @@ class IvfRewrite:
 
     def __init__(self, index: faiss.Index, path: Path, removed: np.ndarray, added: list[tuple]) -> None:
         self.index = index  # owns what the downcast views below point into
-        self.ivf = faiss.downcast_index(index)
-        self.old = faiss.downcast_InvertedLists(self.ivf.invlists)
+        ivf = faiss.downcast_index(index)
+        assert isinstance(ivf, faiss.IndexIVF) and ivf.invlists is not None, "rewrite_ivf checked it streamable"
+        self.ivf = ivf
+        self.old = faiss.downcast_InvertedLists(ivf.invlists)
         nlist, self.code_size = self.ivf.nlist, self.ivf.code_size
         self.old_sizes = np.array([self.old.list_size(i) for i in range(nlist)], np.int64)
         old_ids = stored_ids(index)  # in list order
         self.keep = ~np.isin(old_ids, removed)
         # The added vectors are encoded and assigned by a copy of the index with empty lists.
-        self.new = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)  # an IVF (streamable), owned here
+        new = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)  # owned here; read_index gives the concrete class
+        assert isinstance(new, faiss.IndexIVF), "the published file holds the index rewrite_ivf checked streamable"
+        self.new = new
         empty = faiss.ArrayInvertedLists(nlist, self.code_size)
         self.new.replace_invlists(empty, True)
-        empty.this.disown()  # the index owns it now
+        empty.this.disown()  # type: ignore[attr-defined]  # faiss stub: SWIG's `this` (the index owns it now)
         n_added = sum(len(a[1]) for a in added)
         self.new.ntotal = int(self.keep.sum()) + n_added
         serialised = faiss.serialize_index(self.new).tobytes()
@@ -77,6 +83,7 @@ class IvfRewrite:
         self.new.ntotal = 0
         for feats, new_ids, *_ in added:
             self.new.add_with_ids(feats, new_ids)
+        assert self.new.invlists is not None, "an IVF index has inverted lists"
         self.added = faiss.downcast_InvertedLists(self.new.invlists)
         self.new_sizes = np.array([self.added.list_size(i) for i in range(nlist)], np.int64)
         kept = np.concatenate([[0], np.cumsum(self.keep)])
@@ -100,13 +107,13 @@ class IvfRewrite:
                 if n:
                     codes = faiss.rev_swig_ptr(self.old.get_codes(int(i)), n * cs).reshape(n, cs)
                     ids = faiss.rev_swig_ptr(self.old.get_ids(int(i)), n)
-                    fh.write(codes[keep] if not keep.all() else codes)
+                    fh.write((codes[keep] if not keep.all() else codes).data)  # .data: the array's buffer, not copied
                 if m:
-                    fh.write(faiss.rev_swig_ptr(self.added.get_codes(int(i)), m * cs))
+                    fh.write(faiss.rev_swig_ptr(self.added.get_codes(int(i)), m * cs).data)
                 if n:
-                    fh.write(ids[keep] if not keep.all() else ids)
+                    fh.write((ids[keep] if not keep.all() else ids).data)
                 if m:
-                    fh.write(faiss.rev_swig_ptr(self.added.get_ids(int(i)), m))
+                    fh.write(faiss.rev_swig_ptr(self.added.get_ids(int(i)), m).data)
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -139,5 +146,7 @@ class _ProbedTruth:
         self.truth = truth
         self.rank = np.where(lists >= 0, np.take_along_axis(rank, np.maximum(lists, 0), axis=1), nlist)
 
-    def search(self, x: np.ndarray, k: int, params: faiss.SearchParametersIVF) -> tuple[None, np.ndarray]:
+    def search(self, x: np.ndarray, k: int,
+               params: faiss.SearchParameters | None = None) -> tuple[None, np.ndarray]:
+        assert isinstance(params, faiss.SearchParametersIVF), "tune_nprobe searches at an nprobe"
         return None, np.where(self.rank[:, :k] < params.nprobe, self.truth[:, :k], -1)

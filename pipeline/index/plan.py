@@ -117,6 +117,7 @@ def plan_index(n: int, dim: int = 512, *, factory: str | None = None, nlist: int
         if max_memory is None or need <= max_memory:
             break
     else:
+        assert max_memory is not None, "without a memory budget the first code fits"
         raise PipelineError(f"{n} vectors do not fit in {max_memory / 2**20:.0f} MiB even as {fac} "
                             f"({need / 2**20:.0f} MiB); raise --max-memory")
     compressed = code != "Flat"
@@ -189,6 +190,9 @@ def stored_ids(index: faiss.Index) -> np.ndarray:
     try:
         invlists = faiss.extract_index_ivf(index).invlists
     except RuntimeError:  # no IVF layer: an IndexIDMap2
-        return faiss.vector_to_array(faiss.downcast_index(index).id_map)
+        id_map = faiss.downcast_index(index)
+        assert isinstance(id_map, faiss.IndexIDMap), f"an index without IVF lists is built with ids: {id_map}"
+        return faiss.vector_to_array(id_map.id_map)
+    assert invlists is not None, "an IVF index has inverted lists"
     return np.concatenate([faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i))
                            for i in range(invlists.nlist)] + [np.zeros(0, np.int64)])

@@ -25,8 +25,9 @@ close, a chunk at a time.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -154,7 +155,7 @@ class VectorStore:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def get(self, ids: np.ndarray | list[int]) -> np.ndarray:
+    def get(self, ids: np.ndarray | Sequence[int]) -> np.ndarray:
         """The features of `ids` as float32, in the order given; an id not stored is a PipelineError."""
         ids = np.asarray(ids, np.int64).ravel()
         pos = np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))

@@ -20,13 +20,20 @@ NPROBE_GRID = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 5
 class Searchable(Protocol):
     """What tuning searches: a faiss index, or anything that searches like one (re-ranked, probed truth)."""
 
-    def search(self, x: np.ndarray, k: int, params: faiss.SearchParameters | None = None) -> tuple: ...
+    def search(self, x: np.ndarray, k: int, *, params: faiss.SearchParameters | None = None) -> tuple: ...
+
+
+def ivf_params(nprobe: int) -> faiss.SearchParametersIVF:
+    """Search parameters of an IVF search at `nprobe` (set as a field: faiss's stubs know no keywords)."""
+    params = faiss.SearchParametersIVF()
+    params.nprobe = nprobe
+    return params
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray, query_ids: np.ndarray, k: int) -> np.ndarray:
     """Per query, the fraction of its true top-k neighbours found (the query itself left out of both)."""
     out = np.empty(len(query_ids))
-    for j, (q, f, t) in enumerate(zip(query_ids, found, truth)):
+    for j, (q, f, t) in enumerate(zip(query_ids, found, truth, strict=True)):
         t = [x for x in t if x != q and x >= 0][:k]
         f = {x for x in f if x != q and x >= 0}
         out[j] = len(f.intersection(t)) / max(1, len(t))
@@ -60,7 +67,7 @@ def tune_nprobe(index: Searchable, queries: np.ndarray, query_ids: np.ndarray, t
 
     def reaches(j: int) -> bool:
         t0 = time.perf_counter()
-        _, found = index.search(queries, k + 1, params=faiss.SearchParametersIVF(nprobe=grid[j]))
+        _, found = index.search(queries, k + 1, params=ivf_params(grid[j]))
         ms = (time.perf_counter() - t0) * 1000 / len(queries)
         per_query = recall_at(found, truth, query_ids, k)
         results[j] = (float(per_query.mean()), lower_bound(per_query), ms)
@@ -105,7 +112,7 @@ def with_search_time(index: faiss.Index, queries: np.ndarray, tuning: dict, samp
     """`tuning` with the ms per query of a real search at its nprobe, on the first `sample` recall
     queries: tuning from list membership searched nothing, so its sweep's times are dropped."""
     t0 = time.perf_counter()
-    index.search(queries[:sample], 11, params=faiss.SearchParametersIVF(nprobe=tuning["nprobe"]))
+    index.search(queries[:sample], 11, params=ivf_params(tuning["nprobe"]))
     ms = (time.perf_counter() - t0) * 1000 / len(queries[:sample])
     LOG.info("nprobe %s: %.3f ms/query (%d queries searched)", tuning["nprobe"], ms, len(queries[:sample]))
     return {**tuning, "query_ms": round(ms, 4),

@@ -26,8 +26,18 @@ from .ivf_rewrite import IvfRewrite, rewrite_ivf, streamable
 from .plan import stored_ids
 from .store import Reranked, VectorStore, update_store
 from .tune import exact_tuning, tune, with_search_time
-from .versions import (INDEX_FILE, RECALL_FILE, Collection, IndexReport, current_version, made_from, new_version,
-                       publish_version, read_meta, updated_fields)
+from .versions import (
+    INDEX_FILE,
+    RECALL_FILE,
+    Collection,
+    IndexReport,
+    current_version,
+    made_from,
+    new_version,
+    publish_version,
+    read_meta,
+    updated_fields,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -210,6 +220,7 @@ def update_version(base: UpdateBase, source: Collection, out_dir: Path, nprobe: 
         tuning = _tuned(base, recall, probed, index, tmp, nprobe, target)
         timings["tune_s"] = time.monotonic() - t0
         if probed is not None:
+            assert recall is not None, "only a version with recall queries is tuned from list membership"
             index = _written(index_writer, out_dir, tmp / INDEX_FILE, True, index, n)
             tuning = with_search_time(index, recall.queries, tuning)
         id_table.result()
@@ -233,7 +244,7 @@ def _edit_index(base: UpdateBase, added: list[AddedRows], path: Path,
         return rewrite, index, pool.submit(rewrite.write, path)
     if streamable(index):  # memory-mapped, which faiss cannot edit: read it whole
         index = faiss.read_index(str(base.dir / INDEX_FILE))
-    index.remove_ids(base.removed)
+    index.remove_ids(faiss.IDSelectorBatch(base.removed))
     for feats, new_ids, _, _ in added:
         index.add_with_ids(feats, new_ids)
     return None, index, pool.submit(_write_durably, index, path)

@@ -15,11 +15,11 @@ import os
 import shutil
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -117,7 +117,7 @@ def recorded_model(meta: dict) -> ModelInfo | None:
     return info if info.checksum == recorded.get("checksum") else None
 
 
-def asked_for(**options) -> dict:
+def asked_for(**options: object) -> dict:
     """The index options a build was given (None: not given, left to the plan). Recorded in meta.json
     so that the nightly rebuild, which takes no index options, builds the same kind again: a collection
     indexed with --max-memory or --codes must not turn into a plain IVF-Flat at its next retraining."""

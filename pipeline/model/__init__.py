@@ -11,14 +11,52 @@ from __future__ import annotations
 from .export import export_model, save_model
 from .graph import CAFFE_MEAN_BGR, FRAME_TRIM, build_feature_graph
 from .info import METADATA_SCHEMA, ModelInfo, read_model_info
-from .recipe import (ASPECTS, DEFAULT_PROFILE, L2_EPS, POOLINGS, PROFILES, RMAC_LAYERS, Recipe, aspect_shapes,
-                     rmac_maps, rmac_regions)
-from .runtime import (DEFAULT_MODEL_PATH, HOME_ENV, MODEL_ENV, FeatureModel, default_model_location, locate_model,
-                      resolve_model_path, user_data_dir)
-from .weights import (TUMOR_ONNX, TUMOR_WHEEL, VGG16_BLOCKS, ConvLayer, check_layers, find_tumor_onnx,
-                      layers_from_keras_h5, layers_from_keras_onnx, load_layers, weights_checksum)
-from .whitening import (WHITEN_POWER, WHITEN_SHRINK, Whitening, learn_whitening, load_whitening, maps_session,
-                        region_vectors, save_whitening, shipped_whitening_path, whitening_checksum)
+from .recipe import (
+    ASPECTS,
+    DEFAULT_PROFILE,
+    L2_EPS,
+    POOLINGS,
+    PROFILES,
+    RMAC_LAYERS,
+    Recipe,
+    aspect_shapes,
+    rmac_maps,
+    rmac_regions,
+)
+from .runtime import (
+    DEFAULT_MODEL_PATH,
+    HOME_ENV,
+    MODEL_ENV,
+    FeatureModel,
+    default_model_location,
+    locate_model,
+    resolve_model_path,
+    user_data_dir,
+)
+from .weights import (
+    TUMOR_ONNX,
+    TUMOR_WHEEL,
+    VGG16_BLOCKS,
+    ConvLayer,
+    check_layers,
+    find_tumor_onnx,
+    layers_from_keras_h5,
+    layers_from_keras_onnx,
+    load_layers,
+    weights_checksum,
+)
+from .whitening import (
+    WHITEN_POWER,
+    WHITEN_SHRINK,
+    Whitening,
+    learn_whitening,
+    load_whitening,
+    maps_session,
+    region_vectors,
+    save_whitening,
+    shipped_whitening_path,
+    whitening_checksum,
+)
 
 __all__ = [
     "ASPECTS", "CAFFE_MEAN_BGR", "DEFAULT_MODEL_PATH", "DEFAULT_PROFILE", "FRAME_TRIM", "HOME_ENV", "L2_EPS",

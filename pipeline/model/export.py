@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, TypedDict
 
 from ..errors import PipelineError
 from ..fsutil import atomic_write_bytes
@@ -20,6 +21,15 @@ if TYPE_CHECKING:
     import onnx
 
 LOG = logging.getLogger(__name__)
+
+
+class _GraphRecipe(TypedDict):
+    """What export_model asks build_feature_graph for, besides the layers and the whitening."""
+
+    input_size: int
+    pooling: str
+    aspect: bool
+    frame: bool
 
 
 def save_model(model: onnx.ModelProto, out: Path) -> None:
@@ -45,8 +55,8 @@ def export_model(out: Path | None = None, source: Path | None = None, profile: s
         raise PipelineError("--whiten-on learns a whitening and --no-whiten refuses one: give one of them")
     recipe = PROFILES[profile]
     layers, origin = load_layers(source)
-    args = dict(input_size=input_size or recipe.input_size, pooling=pooling or recipe.pooling, aspect=recipe.aspect,
-                frame=recipe.frame if frame is None else frame)
+    args: _GraphRecipe = {"input_size": input_size or recipe.input_size, "pooling": pooling or recipe.pooling,
+                          "aspect": recipe.aspect, "frame": recipe.frame if frame is None else frame}
     whitening = None
     if whiten_on:
         files = find_images(whiten_on)
@@ -63,13 +73,14 @@ def export_model(out: Path | None = None, source: Path | None = None, profile: s
     return info
 
 
-def _shipped(profile: str, recipe: Recipe, args: dict, explicit: bool) -> Whitening | None:
+def _shipped(profile: str, recipe: Recipe, args: _GraphRecipe, explicit: bool) -> Whitening | None:
     """The whitening `profile` ships, when the recipe asked for is the profile's own (None otherwise)."""
     if not recipe.whitened:
         if explicit:
             raise PipelineError(f"profile {profile!r} ships no whitening: learn one with --whiten-on DIR")
         return None
-    own = dict(input_size=recipe.input_size, pooling=recipe.pooling, aspect=recipe.aspect, frame=recipe.frame)
+    own: _GraphRecipe = {"input_size": recipe.input_size, "pooling": recipe.pooling, "aspect": recipe.aspect,
+                         "frame": recipe.frame}
     if args != own:
         if explicit:
             raise PipelineError(f"the whitening profile {profile!r} ships was learned for its own recipe, not with "

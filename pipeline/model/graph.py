@@ -138,7 +138,9 @@ def _rmac_pooling(taps: list[Tap], shapes: tuple[Shape, ...], whitening: Whiteni
     with the regions of the input's shape, each region whitened when `whitening` is given."""
     from onnx import helper, numpy_helper
 
-    nodes, inits, parts = [], [], []
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    parts: list[str] = []
     for tap, stride, channels in taps:
         prefix, out = ("", "pooled") if len(taps) == 1 else (f"{tap.split('_')[0]}/", f"{tap.split('_')[0]}/rmac")
         whiten = f"{tap}/whiten" if whitening is not None else ""

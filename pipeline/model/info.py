@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import PipelineError
-from ..images import InputSize, TrimFrame, input_shapes
+from ..images import InputSize, Shape, TrimFrame, input_shapes
 
 METADATA_SCHEMA = 1
 
@@ -73,7 +73,7 @@ class ModelInfo:
     def resize_to(self) -> InputSize:
         """What decoding resizes an image to (images.nearest_shape): a square side or the fixed shapes,
         wrapped in TrimFrame when the recipe trims frames first."""
-        size: InputSize = self.input_size if not self.input_shapes else tuple(
+        size: int | tuple[Shape, ...] = self.input_size if not self.input_shapes else tuple(
             (int(h), int(w)) for h, w in (s.split("x") for s in self.input_shapes.split(",")))
         return TrimFrame(size) if self.frame else size
 

@@ -4,8 +4,8 @@ and FeatureModel, its ONNX Runtime session."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

