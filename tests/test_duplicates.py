@@ -3,6 +3,7 @@ every index kind against exact connected components, the CLI's outputs, and noth
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from pipeline.duplicates import DuplicateGroup, find_groups, pairs, pairs_above,
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.index import build_index
-from pipeline.model import POOLINGS
+from pipeline.model import POOLINGS, ModelInfo
 from pipeline.search import Searcher
 
 runner = CliRunner()
@@ -115,6 +116,15 @@ def _planted(n: int = 3000, seed: int = 0) -> np.ndarray:
             v = original + 0.25 * rng.normal(size=64).astype(np.float32) / 8
             x[i] = v / np.linalg.norm(v)
     return x
+
+
+def test_whitened_recipes_have_their_own_threshold():
+    """Whitening spreads the cosine scale: the whitened default is calibrated apart from the plain one."""
+    plain = ModelInfo(name="m", weights_sha256="w" * 64, input_size=192, dim=1024, pooling=POOLINGS["rmac45"])
+    whitened = dataclasses.replace(plain, whitening="PCA-whitening of each R-MAC region; sha256 " + "0" * 64)
+    assert (duplicates.threshold_for(plain), duplicates.threshold_for(whitened)) == (0.86, 0.75)
+    other = dataclasses.replace(whitened, pooling=POOLINGS["rmac"])  # not calibrated: the nearest whitened one
+    assert duplicates.threshold_for(other) == duplicates.DEFAULT_WHITENED_THRESHOLD
 
 
 def test_default_threshold_is_the_one_calibrated_for_the_index_recipe(tmp_path):

@@ -17,7 +17,7 @@ from .describe import DuplicateGroup, DuplicateImage, describe_groups
 from .find import find_groups
 from .groups import components, roots, union
 from .pairs import MAX_PROBES, PROBE_GAP, Probing, pairs_above, pre_transform, probe_table, probers_by_list, probing_for
-from .thresholds import DEFAULT_THRESHOLD, THRESHOLDS, default_threshold
+from .thresholds import DEFAULT_THRESHOLD, DEFAULT_WHITENED_THRESHOLD, THRESHOLDS, default_threshold, threshold_for
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -29,6 +29,8 @@ __all__ = [
     "Probing",
     "components",
     "default_threshold",
+    "threshold_for",
+    "DEFAULT_WHITENED_THRESHOLD",
     "describe_groups",
     "find_groups",
     "pairs_above",

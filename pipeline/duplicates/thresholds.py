@@ -8,16 +8,25 @@ from pathlib import Path
 from ..errors import PipelineError
 from ..features import list_shards, shard_model
 from ..index import recorded_model
-from ..model import POOLINGS
+from ..model import POOLINGS, ModelInfo
 from ..search import Searcher
 
 LOG = logging.getLogger(__name__)
 
-# The cosine at or above which two images are one picture, per pooling of the index's recipe: each the
-# best F0.5 on ../shared/eval/copies-dev (docs/quality.md, "Near-duplicate groups"). Recipes score alike
-# pairs differently: at 0.80, block4 + block5 R-MAC groups 942 pairs of copies-dev at precision 0.37.
-THRESHOLDS = {POOLINGS["rmac"]: 0.80, POOLINGS["rmac45"]: 0.86}
+# The cosine at or above which two images are one picture, per (pooling, regions whitened) of the index's
+# recipe: each the best F0.5 of copy pairs on ../shared/eval/copies-dev (docs/quality.md, "Near-duplicate
+# groups"). Recipes score alike pairs differently: at 0.80, block4 + block5 R-MAC groups 942 pairs of
+# copies-dev at precision 0.37; whitening spreads the scale, so the whitened default's threshold is lower.
+THRESHOLDS = {(POOLINGS["rmac"], False): 0.80, (POOLINGS["rmac45"], False): 0.86, (POOLINGS["rmac45"], True): 0.75}
 DEFAULT_THRESHOLD = 0.80  # a recipe not calibrated: that of block5 R-MAC, the nearest
+DEFAULT_WHITENED_THRESHOLD = 0.75  # a whitened recipe not calibrated: that of the whitened default, the nearest
+
+
+def threshold_for(info: ModelInfo) -> float:
+    """The threshold calibrated for a recipe (THRESHOLDS), or the nearest calibrated one's."""
+    whitened = bool(info.whitening)
+    fallback = DEFAULT_WHITENED_THRESHOLD if whitened else DEFAULT_THRESHOLD
+    return THRESHOLDS.get((info.pooling, whitened), fallback)
 
 
 def default_threshold(searcher: Searcher) -> float:
@@ -27,7 +36,7 @@ def default_threshold(searcher: Searcher) -> float:
     compacted away since; a folder holds one model's shards)."""
     recorded = recorded_model(searcher.meta)
     if recorded is not None:
-        return THRESHOLDS.get(recorded.pooling, DEFAULT_THRESHOLD)
+        return threshold_for(recorded)
     made_by = searcher.meta["model"].get("checksum")
     for path in list_shards(Path(searcher.meta.get("features_dir", ""))):
         try:
@@ -35,7 +44,7 @@ def default_threshold(searcher: Searcher) -> float:
         except (OSError, PipelineError):
             continue
         if made_by in (None, info.checksum):
-            return THRESHOLDS.get(info.pooling, DEFAULT_THRESHOLD)
+            return threshold_for(info)
         break
     LOG.warning(
         "the recipe of %s cannot be read from its features folder: threshold %.2f",
