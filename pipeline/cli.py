@@ -1,7 +1,8 @@
 """The `pipeline` command: a thin typer layer over the library (one library call per command).
 
-Every default is the library's: a named constant where the library has one, else the keyword default
-of the function the command calls (read with _default), so the CLI never holds a second copy.
+Every default is the library's: a named constant of the module that owns it (the keyword default of the
+function the command calls), so the CLI never holds a second copy. The service's come from
+pipeline.serve.limits, which imports without the serve extra.
 
 Errors become exit codes in one place, _Commands.invoke: a PipelineError is one line on stderr and
 its exit_code (1; BusyError 75: another run holds the lock, try again later); usage errors are the
@@ -13,11 +14,9 @@ PipelineError where it happens.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
@@ -25,17 +24,28 @@ import typer
 from typer.core import TyperGroup
 
 from . import index as index_stage
-from .duplicates import MAX_PROBES, DuplicateGroup, find_groups
+from .duplicates import DEFAULT_MIN_SIZE, MAX_PROBES, DuplicateGroup, find_groups
 from .errors import BusyError, PipelineError, cause, write_error
 from .evaluate import evaluate, write_per_query, write_pr_plot
 from .extract import extract as extract_images
 from .extract import summary_lines
+from .features import DEFAULT_COMPACT_BELOW, DEFAULT_SHARD_SIZE
 from .images import DEFAULT_DECODE_TIMEOUT, find_images
-from .index import DEFAULT_FLAT_BELOW, DEFAULT_RERANK, DEFAULT_RETRAIN_ABOVE, IndexReport
-from .index.codes import DEFAULT_BITS
+from .index import (
+    DEFAULT_BITS,
+    DEFAULT_FLAT_BELOW,
+    DEFAULT_KEEP,
+    DEFAULT_RERANK,
+    DEFAULT_RETRAIN_ABOVE,
+    DEFAULT_TARGET_RECALL,
+    IndexReport,
+)
 from .model import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_DEVICE,
     DEFAULT_MODEL_PATH,
     DEFAULT_PROFILE,
+    DEFAULT_THREADS,
     HOME_ENV,
     MODEL_ENV,
     PROFILES,
@@ -46,9 +56,17 @@ from .model import (
     locate_model,
     read_model_info,
 )
-from .quantize import quantize_model
+from .quantize import DEFAULT_CALIBRATION_IMAGES, quantize_model
 from .rebuild import rebuild as rebuild_collection
-from .search import QueryResult, Searcher
+from .search import DEFAULT_K, QueryResult, Searcher
+from .serve.limits import (
+    DEFAULT_HOST,
+    DEFAULT_MAX_UPLOAD,
+    DEFAULT_MAX_WAIT_MS,
+    DEFAULT_PORT,
+    DEFAULT_QUEUE_SIZE,
+    DEFAULT_TIMEOUT,
+)
 
 if TYPE_CHECKING:
     from .distributed import RayDistributor
@@ -68,28 +86,8 @@ LOG = logging.getLogger("pipeline")
 
 EXIT_ERROR = PipelineError.exit_code  # one line on stderr: an error the user can fix, a failed query, or a bug
 EXIT_STRICT_FAILURES = 3  # --strict, and some images (or folders) cannot be used
+MIB = 1024 * 1024  # --max-upload-mb is in MiB, the service counts bytes
 INT8_MODEL_PATH = DEFAULT_MODEL_PATH.with_name(f"{DEFAULT_MODEL_PATH.stem}-int8{DEFAULT_MODEL_PATH.suffix}")
-
-
-def _default(function: Callable[..., Any], parameter: str) -> Any:
-    """The default the library gives `parameter` of `function`: the CLI offers that value, never a copy of it."""
-    default = inspect.signature(function).parameters[parameter].default
-    assert default is not inspect.Parameter.empty, f"{function.__qualname__}() has no default for {parameter}"
-    return default
-
-
-# Defaults the library keeps as keyword defaults of the functions the commands call (no named constant).
-BATCH_SIZE = _default(extract_images, "batch_size")
-SHARD_SIZE = _default(extract_images, "shard_size")
-THREADS = _default(extract_images, "threads")
-DEVICE = _default(extract_images, "device")
-TARGET_RECALL = _default(index_stage.build_index, "target_recall")
-INDEX_KEEP = _default(index_stage.build_index, "keep")
-REBUILD_KEEP = _default(rebuild_collection, "keep")
-COMPACT_BELOW = _default(rebuild_collection, "compact_below")
-RESULTS_PER_QUERY = _default(Searcher.search, "k")
-MIN_GROUP_SIZE = _default(find_groups, "min_size")
-CALIBRATION_IMAGES = _default(quantize_model, "max_images")
 
 
 class _Commands(TyperGroup):
@@ -358,7 +356,9 @@ def model_quantize(
     ],
     out: Annotated[Path, typer.Option("--out", help="Where to write the int8 model.")] = INT8_MODEL_PATH,
     model: ModelOpt = None,
-    max_images: Annotated[int, typer.Option(help="Calibration images used (a seeded sample).")] = CALIBRATION_IMAGES,
+    max_images: Annotated[
+        int, typer.Option(help="Calibration images used (a seeded sample).")
+    ] = DEFAULT_CALIBRATION_IMAGES,
     as_json: JsonOpt = False,
 ) -> None:
     """Write an int8 copy of the model (static QDQ, per-channel weights), time both, say which to use here.
@@ -387,10 +387,10 @@ def extract(
     out: Annotated[Path, typer.Option("--out", "-o", help="Features folder (HDF5 shards).")],
     model: ModelOpt = None,
     workers: WorkersOpt = None,
-    batch_size: BatchSizeOpt = BATCH_SIZE,
-    shard_size: ShardSizeOpt = SHARD_SIZE,
-    threads: ThreadsOpt = THREADS,
-    device: Annotated[str, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu).")] = DEVICE,
+    batch_size: BatchSizeOpt = DEFAULT_BATCH_SIZE,
+    shard_size: ShardSizeOpt = DEFAULT_SHARD_SIZE,
+    threads: ThreadsOpt = DEFAULT_THREADS,
+    device: Annotated[str, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu).")] = DEFAULT_DEVICE,
     timeout: Annotated[float, typer.Option(help="Seconds allowed to decode one image.")] = DEFAULT_DECODE_TIMEOUT,
     strict: Annotated[
         bool,
@@ -455,7 +455,7 @@ def build_index(
     ] = None,
     target_recall: Annotated[
         float, typer.Option(help="Recall@10 against exact search (0 to 1) that the tuned nprobe must reach.")
-    ] = TARGET_RECALL,
+    ] = DEFAULT_TARGET_RECALL,
     flat_below: FlatBelowOpt = DEFAULT_FLAT_BELOW,
     max_memory: Annotated[
         str | None,
@@ -471,7 +471,7 @@ def build_index(
             f"(default: {DEFAULT_RERANK} for compressed codes; 0: no store)."
         ),
     ] = None,
-    keep: Annotated[int, typer.Option(help="Published versions to keep.")] = INDEX_KEEP,
+    keep: Annotated[int, typer.Option(help="Published versions to keep.")] = DEFAULT_KEEP,
     ray: RayOpt = None,
     update: Annotated[
         bool,
@@ -552,7 +552,7 @@ def search(
         list[Path] | None,
         typer.Argument(help="Query images, or folders of them (batch mode).", show_default=False),
     ] = None,
-    k: Annotated[int, typer.Option("-k", help="Results per query.")] = RESULTS_PER_QUERY,
+    k: Annotated[int, typer.Option("-k", help="Results per query.")] = DEFAULT_K,
     like: Annotated[
         list[Path] | None,
         typer.Option("--like", help="Query by an indexed image, from its stored feature (no model run). Repeatable."),
@@ -617,7 +617,7 @@ def duplicates(
             "calibrated for the index's feature recipe).",
         ),
     ] = None,
-    min_size: Annotated[int, typer.Option(help="Print only groups of at least this many images.")] = MIN_GROUP_SIZE,
+    min_size: Annotated[int, typer.Option(help="Print only groups of at least this many images.")] = DEFAULT_MIN_SIZE,
     limit: Annotated[
         int | None, typer.Option(help="Print at most this many groups, largest first (default: all).")
     ] = None,
@@ -671,14 +671,14 @@ def rebuild(
     ],
     workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Folder holding features/ and index/.")],
     model: ModelOpt = None,
-    keep: Annotated[int, typer.Option(help="Published index versions to keep.")] = REBUILD_KEEP,
+    keep: Annotated[int, typer.Option(help="Published index versions to keep.")] = DEFAULT_KEEP,
     compact_below: Annotated[
         float, typer.Option(help="Rewrite shards whose share of live rows is below this (0 to 1).")
-    ] = COMPACT_BELOW,
+    ] = DEFAULT_COMPACT_BELOW,
     workers: WorkersOpt = None,
-    batch_size: BatchSizeOpt = BATCH_SIZE,
-    shard_size: ShardSizeOpt = SHARD_SIZE,
-    threads: ThreadsOpt = THREADS,
+    batch_size: BatchSizeOpt = DEFAULT_BATCH_SIZE,
+    shard_size: ShardSizeOpt = DEFAULT_SHARD_SIZE,
+    threads: ThreadsOpt = DEFAULT_THREADS,
     flat_below: FlatBelowOpt = DEFAULT_FLAT_BELOW,
     retrain: Annotated[
         bool, typer.Option("--retrain", help="Train and fill a new index even if the published one could be updated.")
@@ -741,8 +741,6 @@ def _log_to(log_file: Path) -> None:
     logging.getLogger().addHandler(handler)
 
 
-# The service's defaults: Service and create_app define them, but the serve package imports FastAPI (the serve
-# extra), which the CLI must not need to start; these repeat them until the library names them outside it.
 @app.command()
 def serve(
     index: Annotated[
@@ -750,8 +748,8 @@ def serve(
         typer.Option("--index", "-i", help="Index folder; its published version is followed as it changes."),
     ],
     model: IndexModelOpt = None,
-    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs --api-key.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs --api-key.")] = DEFAULT_HOST,
+    port: Annotated[int, typer.Option(help="TCP port.")] = DEFAULT_PORT,
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -761,18 +759,22 @@ def serve(
             help="Key clients send in the X-API-Key header (also read from $PIPELINE_API_KEY).",
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Most images per model call (concurrent queries are batched).")] = 8,
+    batch_size: Annotated[
+        int, typer.Option(help="Most images per model call (concurrent queries are batched).")
+    ] = DEFAULT_BATCH_SIZE,
     max_wait_ms: Annotated[
         float, typer.Option(help="Most milliseconds a batch waits to fill, under concurrent load only.")
-    ] = 5.0,
+    ] = DEFAULT_MAX_WAIT_MS,
     queue_size: Annotated[
         int, typer.Option("--queue", help="Images that may wait for the model; beyond it, 503 with Retry-After.")
-    ] = 64,
-    timeout: Annotated[float, typer.Option(help="Seconds a search may take before it is answered 503.")] = 30.0,
+    ] = DEFAULT_QUEUE_SIZE,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds a search may take before it is answered 503.")
+    ] = DEFAULT_TIMEOUT,
     max_upload_mb: Annotated[
         float, typer.Option("--max-upload-mb", help="Largest request body, in MiB (413 beyond).")
-    ] = 20.0,
-    threads: ThreadsOpt = 0,
+    ] = DEFAULT_MAX_UPLOAD / MIB,
+    threads: ThreadsOpt = DEFAULT_THREADS,
     warm: Annotated[
         bool,
         typer.Option(
@@ -804,7 +806,7 @@ def serve(
         threads=threads,
         warm=warm,
     ).start()
-    app_ = create_app(service, api_key=api_key, max_upload=int(max_upload_mb * 1024 * 1024))
+    app_ = create_app(service, api_key=api_key, max_upload=int(max_upload_mb * MIB))
     uvicorn.run(app_, host=host, port=port, log_config=None, timeout_graceful_shutdown=5)
 
 

@@ -52,6 +52,7 @@ class DecodeSettings:
 
 
 DecodeFn = Callable[[str, DecodeSettings, bool], "tuple[Decoded | None, ImageError | None]"]
+Result = tuple[int, Decoded | None, ImageError | None]  # index into the paths, the image or None, why not or None
 
 
 def decode_one(path: str, s: DecodeSettings, use_alarm: bool) -> tuple[Decoded | None, ImageError | None]:
@@ -83,7 +84,7 @@ def _worker(conn: Connection, shm_name: str, n_slots: int, settings: DecodeSetti
             shape = None
             if decoded is not None:
                 shape = decoded.pixels.shape
-                slots[slot, :decoded.pixels.size] = decoded.pixels.ravel()
+                slots[slot, : decoded.pixels.size] = decoded.pixels.ravel()
                 decoded = replace(decoded, pixels=NO_PIXELS)
             conn.send((index, decoded, error, shape))
     finally:
@@ -94,8 +95,14 @@ def _worker(conn: Connection, shm_name: str, n_slots: int, settings: DecodeSetti
 class DecodePool:
     """`imap`-like decoding over worker processes; results come back in completion order."""
 
-    def __init__(self, workers: int, settings: DecodeSettings, prefetch: int = 8, decode: DecodeFn = decode_one,
-                 hard_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        workers: int,
+        settings: DecodeSettings,
+        prefetch: int = 8,
+        decode: DecodeFn = decode_one,
+        hard_timeout: float | None = None,
+    ) -> None:
         """`decode` must be a module-level function (it is sent to spawned workers). A worker silent
         for `hard_timeout` seconds (default 2 x timeout + 10) is killed: SIGALRM could not stop it."""
         assert workers >= 0, "workers must be >= 0"
@@ -123,8 +130,9 @@ class DecodePool:
     def _start(self, w: int) -> None:
         assert self.shm is not None, "workers decode into the shared block"
         parent, child = self.ctx.Pipe()
-        p = self.ctx.Process(target=_worker, args=(child, self.shm.name, self.n_slots, self.settings, self.decode),
-                             daemon=True)
+        p = self.ctx.Process(
+            target=_worker, args=(child, self.shm.name, self.n_slots, self.settings, self.decode), daemon=True
+        )
         try:
             p.start()
         except OSError as exc:  # no processes or memory left; EPIPE when the child died at once
@@ -171,7 +179,7 @@ class DecodePool:
         assert conn is not None, "a worker is stopped only to be replaced at once"
         return conn
 
-    def imap(self, paths: list[str]) -> Iterator[tuple[int, Decoded | None, ImageError | None]]:
+    def imap(self, paths: list[str]) -> Iterator[Result]:
         """Yield (index into paths, decoded or None, ImageError or None) for every path, once.
 
         Yielded pixels are the caller's own array. Raises PipelineError when a worker dies or
@@ -181,89 +189,123 @@ class DecodePool:
             for index, path in enumerate(paths):
                 yield (index, *self.decode(path, self.settings, False))
             return
-        pending = deque(range(len(paths)))
-        free = deque(range(self.n_slots))
-        outstanding: list[deque[tuple[int, int]]] = [deque() for _ in range(self.n)]  # (index, slot)
-        last_progress = [time.monotonic()] * self.n
-
-        def feed(w: int) -> None:
-            if not outstanding[w]:
-                last_progress[w] = time.monotonic()  # the hang clock starts with the first task
-            while pending and free and len(outstanding[w]) < self.prefetch:
-                i, slot = pending.popleft(), free.popleft()
-                try:
-                    self._conn(w).send((i, paths[i], slot))
-                except OSError:  # it died since its last answer: the next wait() reports that, and it is replaced
-                    pending.appendleft(i)
-                    free.appendleft(slot)
-                    return
-                outstanding[w].append((i, slot))
-
-        def replace_worker(w: int, why: str) -> int | None:
-            """Fail the image worker w was on (None when it was idle), restart it, hand its other images out again."""
-            if not self.ready[w]:
-                self._stop(w, kill=True)
-                raise PipelineError(f"decoder worker processes cannot start: {why} before it was ready (its error, "
-                                    "if any, is above); use --workers 0 to decode in this process")
-            failed = None
-            if outstanding[w]:
-                failed, slot = outstanding[w].popleft()
-                free.append(slot)
-            LOG.warning("decoder worker %d replaced: %s (%s)", w, why, "idle" if failed is None else paths[failed])
-            self._stop(w, kill=True)
-            pending.extendleft(reversed([i for i, _ in outstanding[w]]))
-            free.extend(slot for _, slot in outstanding[w])
-            outstanding[w].clear()
-            self._start(w)
-            return failed
-
-        for w in range(self.n):
-            feed(w)
-        remaining = len(paths)
-        i: int | None
-        decoded: Decoded | None
-        error: ImageError | None
-        shape: Any
-        while remaining:
+        run = _Run.of(paths, self.n, self.n_slots)
+        self._feed_all(run)
+        while run.remaining:
             ready = wait([conn for conn in self.conns if conn is not None], timeout=0.5)
             for w, conn in enumerate(self.conns):
                 if conn is None or conn not in ready:
                     continue
                 try:
-                    i, decoded, error, shape = conn.recv()
+                    message = conn.recv()
                 except (EOFError, OSError):  # died: every result it sent was read before this
-                    proc = self.procs[w]
-                    assert proc is not None, "a worker with a connection has a process"
-                    proc.join(1)
-                    code = proc.exitcode
-                    i = replace_worker(w, f"decoder process died (exit code {code})")
-                    decoded, error = None, ImageError(f"decoder crashed on this file (worker exit code {code})",
-                                                        transient=True)
+                    result = self._died(run, w)
                 else:
-                    if i == READY[0]:
+                    if message[0] == READY[0]:
                         self.ready[w] = True
-                        last_progress[w] = time.monotonic()
+                        run.last_progress[w] = time.monotonic()
                         continue
-                    j, slot = outstanding[w].popleft()
-                    assert i == j, "a worker answers its tasks in order"
-                    last_progress[w] = time.monotonic()
-                    if decoded is not None:
-                        pixels = self.slots[slot, :int(np.prod(shape))].reshape(shape).copy()
-                        decoded = replace(decoded, pixels=pixels)
-                    free.append(slot)
-                if i is not None:
-                    remaining -= 1
-                    yield i, decoded, error
-                for v in range(self.n):
-                    feed(v)
-            now = time.monotonic()
-            for w in range(self.n):
-                limit = self.hard_timeout + (0 if self.ready[w] else STARTUP_GRACE)
-                if outstanding[w] and now - last_progress[w] > limit:
-                    why = "decoder hung" if self.ready[w] else f"a worker gave no answer for {limit:g} s"
-                    i = replace_worker(w, why)
-                    assert i is not None, "a worker that hangs has an image outstanding"
-                    remaining -= 1
-                    yield i, None, ImageError(f"decoding took longer than {self.hard_timeout:g} s; skipped",
-                                                 transient=True)
-                    feed(w)
+                    result = self._decoded(run, w, message)
+                if result is not None:
+                    run.remaining -= 1
+                    yield result
+                self._feed_all(run)
+            yield from self._hung(run)
+
+    def _feed(self, run: _Run, w: int) -> None:
+        """Send worker w images waiting, while it holds fewer than `prefetch` and a slot is free."""
+        if not run.outstanding[w]:
+            run.last_progress[w] = time.monotonic()  # the hang clock starts with the first task
+        while run.pending and run.free and len(run.outstanding[w]) < self.prefetch:
+            i, slot = run.pending.popleft(), run.free.popleft()
+            try:
+                self._conn(w).send((i, run.paths[i], slot))
+            except OSError:  # it died since its last answer: the next wait() reports that, and it is replaced
+                run.pending.appendleft(i)
+                run.free.appendleft(slot)
+                return
+            run.outstanding[w].append((i, slot))
+
+    def _feed_all(self, run: _Run) -> None:
+        for w in range(self.n):
+            self._feed(run, w)
+
+    def _decoded(self, run: _Run, w: int, message: tuple[int, Decoded | None, ImageError | None, Any]) -> Result:
+        """Worker w's answer to its oldest task: the pixels copied out of the slot, which is free again."""
+        i, decoded, error, shape = message
+        j, slot = run.outstanding[w].popleft()
+        assert i == j, "a worker answers its tasks in order"
+        run.last_progress[w] = time.monotonic()
+        if decoded is not None:
+            pixels = self.slots[slot, : int(np.prod(shape))].reshape(shape).copy()
+            decoded = replace(decoded, pixels=pixels)
+        run.free.append(slot)
+        return i, decoded, error
+
+    def _died(self, run: _Run, w: int) -> Result | None:
+        """Worker w's process is gone: the image it was on failed (None when it was idle); w is replaced."""
+        proc = self.procs[w]
+        assert proc is not None, "a worker with a connection has a process"
+        proc.join(1)
+        code = proc.exitcode
+        i = self._replace(run, w, f"decoder process died (exit code {code})")
+        if i is None:
+            return None
+        return i, None, ImageError(f"decoder crashed on this file (worker exit code {code})", transient=True)
+
+    def _hung(self, run: _Run) -> Iterator[Result]:
+        """Replace every worker silent past its limit, yielding the image each was stuck on as failed."""
+        now = time.monotonic()
+        for w in range(self.n):
+            limit = self.hard_timeout + (0 if self.ready[w] else STARTUP_GRACE)
+            if run.outstanding[w] and now - run.last_progress[w] > limit:
+                why = "decoder hung" if self.ready[w] else f"a worker gave no answer for {limit:g} s"
+                i = self._replace(run, w, why)
+                assert i is not None, "a worker that hangs has an image outstanding"
+                run.remaining -= 1
+                yield i, None, ImageError(f"decoding took longer than {self.hard_timeout:g} s; skipped", transient=True)
+                self._feed(run, w)
+
+    def _replace(self, run: _Run, w: int, why: str) -> int | None:
+        """Fail the image worker w was on (None when it was idle), restart it, hand its other images out again."""
+        if not self.ready[w]:
+            self._stop(w, kill=True)
+            raise PipelineError(
+                f"decoder worker processes cannot start: {why} before it was ready (its error, "
+                "if any, is above); use --workers 0 to decode in this process"
+            )
+        held = run.outstanding[w]
+        failed = None
+        if held:
+            failed, slot = held.popleft()
+            run.free.append(slot)
+        LOG.warning("decoder worker %d replaced: %s (%s)", w, why, "idle" if failed is None else run.paths[failed])
+        self._stop(w, kill=True)
+        run.pending.extendleft(reversed([i for i, _ in held]))
+        run.free.extend(slot for _, slot in held)
+        held.clear()
+        self._start(w)
+        return failed
+
+
+@dataclass
+class _Run:
+    """One imap call over worker processes: the images waiting, the free slots, and what each worker holds."""
+
+    paths: list[str]
+    pending: deque[int]  # indexes into paths not yet sent, in order
+    free: deque[int]  # slots of the shared block no task holds
+    outstanding: list[deque[tuple[int, int]]]  # per worker: (index, slot) of each task sent, oldest first
+    last_progress: list[float]  # per worker: when it last answered, or was handed its first task
+    remaining: int  # images not yet yielded
+
+    @classmethod
+    def of(cls, paths: list[str], workers: int, n_slots: int) -> _Run:
+        return cls(
+            paths,
+            deque(range(len(paths))),
+            deque(range(n_slots)),
+            [deque() for _ in range(workers)],
+            [time.monotonic()] * workers,
+            len(paths),
+        )

@@ -29,6 +29,7 @@ import numpy as np
 from .decode_pool import DecodeFn, DecodePool, DecodeSettings, decode_one
 from .errors import ImageError, PipelineError
 from .features import (
+    DEFAULT_SHARD_SIZE,
     ERRORS_FILE,
     Catalog,
     ShardWriter,
@@ -40,7 +41,15 @@ from .features import (
     writing,
 )
 from .images import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, Decoded, iter_images
-from .model import FeatureModel, ModelInfo, read_model_info, resolve_model_path
+from .model import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_DEVICE,
+    DEFAULT_THREADS,
+    FeatureModel,
+    ModelInfo,
+    read_model_info,
+    resolve_model_path,
+)
 from .progress import Progress
 
 LOG = logging.getLogger(__name__)
@@ -181,7 +190,7 @@ class ShardEmbedder:
             batch, items = batches[shape]
             if not items:
                 return
-            feats = self.model.embed(batch[:len(items)])
+            feats = self.model.embed(batch[: len(items)])
             where = writer.add([f[0] for f, _ in items], feats, [d for _, d in items])
             result.extracted += len(items)
             for j, (_, d) in enumerate(items):
@@ -260,8 +269,9 @@ def record_task(catalog: Catalog, result: TaskResult, report: ExtractReport) -> 
 class ShardDistributor(Protocol):
     """Where extract() has its tasks run: LocalDistributor (this process) or distributed.RayDistributor."""
 
-    def embed_shards(self, job: ExtractJob, files: Iterable[list[FileRow]], catalog: Catalog, report: ExtractReport,
-                     bar: Progress) -> None:
+    def embed_shards(
+        self, job: ExtractJob, files: Iterable[list[FileRow]], catalog: Catalog, report: ExtractReport, bar: Progress
+    ) -> None:
         """Embed `files` (Catalog.scanned_todo's chunks) as tasks of at most job.shard_size files, one
         shard each, numbered from next_shard_number(job.out); record each with record_task in this
         process as it ends, and count its files on `bar`. Known contents must run no model."""
@@ -272,8 +282,9 @@ class LocalDistributor:
     from the stream of decodes, so the pool never waits for a shard to end; a task ends at its
     `shard_size`-th image (failures ride along), so a shard holds shard_size images."""
 
-    def embed_shards(self, job: ExtractJob, files: Iterable[list[FileRow]], catalog: Catalog, report: ExtractReport,
-                     bar: Progress) -> None:
+    def embed_shards(
+        self, job: ExtractJob, files: Iterable[list[FileRow]], catalog: Catalog, report: ExtractReport, bar: Progress
+    ) -> None:
         number = next_shard_number(job.out)
         with ShardEmbedder(job) as embedder:
             decoded = _counted(chain.from_iterable(map(embedder.decode, files)), bar)
@@ -329,10 +340,10 @@ def extract(
     model: Path | str | None = None,
     *,
     workers: int | None = None,
-    batch_size: int = 8,
-    shard_size: int = 512,
-    threads: int = 0,
-    device: str = "cpu",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    threads: int = DEFAULT_THREADS,
+    device: str = DEFAULT_DEVICE,
     timeout: float = DEFAULT_DECODE_TIMEOUT,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     retry_failed: bool = False,
@@ -358,8 +369,17 @@ def extract(
     out = Path(out)
     model_path = resolve_model_path(model)
     info = read_model_info(model_path)
-    job = ExtractJob(out, model_path, info, DecodeSettings(info.resize_to, max_pixels, timeout), workers, batch_size,
-                     shard_size, threads, device)
+    job = ExtractJob(
+        out,
+        model_path,
+        info,
+        DecodeSettings(info.resize_to, max_pixels, timeout),
+        workers,
+        batch_size,
+        shard_size,
+        threads,
+        device,
+    )
     unreadable: list[tuple[str, str]] = []
     start = time.monotonic()
     report = ExtractReport(features_dir=str(out), unreadable_folders=unreadable)
@@ -369,12 +389,20 @@ def extract(
         catalog.reconcile()
         missing = _compare(catalog, roots, unreadable, retry_failed, report)
         todo = report.found - report.unchanged
-        LOG.info("%d images found: %d unchanged, %d to decode (%d failed before), %d recorded ones missing (%.1f s)",
-                 report.found, report.unchanged, todo, report.retried, missing, time.monotonic() - start)
+        LOG.info(
+            "%d images found: %d unchanged, %d to decode (%d failed before), %d recorded ones missing (%.1f s)",
+            report.found,
+            report.unchanged,
+            todo,
+            report.retried,
+            missing,
+            time.monotonic() - start,
+        )
         if todo:
             with Progress(todo, "extract", enabled=progress) as bar:
-                (distributor or LocalDistributor()).embed_shards(job, catalog.scanned_todo(scan_chunk), catalog,
-                                                                 report, bar)
+                (distributor or LocalDistributor()).embed_shards(
+                    job, catalog.scanned_todo(scan_chunk), catalog, report, bar
+                )
         report.deleted = catalog.mark_missing_gone()
         report.new = todo - report.changed - report.retried - report.moved
         report.failed_total = write_errors_file(out, catalog, unreadable)
@@ -400,8 +428,13 @@ def _scan(catalog: Catalog, roots: Sequence[Path | str], unreadable: list[tuple[
     return found
 
 
-def _compare(catalog: Catalog, roots: Sequence[Path | str], unreadable: list[tuple[str, str]], retry_failed: bool,
-             report: ExtractReport) -> int:
+def _compare(
+    catalog: Catalog,
+    roots: Sequence[Path | str],
+    unreadable: list[tuple[str, str]],
+    retry_failed: bool,
+    report: ExtractReport,
+) -> int:
     """Compare the scan with the record (counted in the report); returns the recorded files missing.
     A root that holds nothing now but had images is an error: an unmounted disk must not read as
     "all its images were deleted"."""
@@ -413,8 +446,10 @@ def _compare(catalog: Catalog, roots: Sequence[Path | str], unreadable: list[tup
         if not catalog.scanned_under(scope):
             recorded = catalog.live_under(scope)
             if recorded:
-                raise PipelineError(f"{scope} holds no images now but {recorded} were recorded there; "
-                                    "is it unmounted? (delete its images one by one, or use another features folder)")
+                raise PipelineError(
+                    f"{scope} holds no images now but {recorded} were recorded there; "
+                    "is it unmounted? (delete its images one by one, or use another features folder)"
+                )
     report.unchanged, report.changed, report.retried = kinds["unchanged"], kinds["changed"], kinds["retried"]
     return kinds["missing"]
 
@@ -429,15 +464,20 @@ def summary_lines(report: ExtractReport, max_failures: int = 50) -> list[str]:
         f"{r.failed} failed; {len(r.shards_written)} shards written to {r.features_dir} in {r.seconds:.1f} s",
     ]
     if r.unreadable_folders:
-        lines.append(f"{len(r.unreadable_folders)} folders could not be listed; the images recorded under them "
-                     "keep their state:")
+        lines.append(
+            f"{len(r.unreadable_folders)} folders could not be listed; the images recorded under them keep their state:"
+        )
         lines += [f"  {p}: {reason}" for p, reason in r.unreadable_folders]
     if r.retried:
-        lines.append(f"{r.retried} files that had failed before were tried again: {r.retried - r.still_failing} "
-                     f"recovered, {r.still_failing} still failing")
+        lines.append(
+            f"{r.retried} files that had failed before were tried again: {r.retried - r.still_failing} "
+            f"recovered, {r.still_failing} still failing"
+        )
     if r.failed_total:
-        lines.append(f"{r.failed_total} files could not be used ({r.failed} in this run), "
-                     f"all listed in {Path(r.features_dir) / ERRORS_FILE}")
+        lines.append(
+            f"{r.failed_total} files could not be used ({r.failed} in this run), "
+            f"all listed in {Path(r.features_dir) / ERRORS_FILE}"
+        )
     if r.failures:
         lines += [f"  {p}: {reason}" for p, reason in r.failures[:max_failures]]
         if r.failed > max_failures:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import ImageError, PipelineError
 from .images import InputSize, find_images, load_image
-from .model import FeatureModel, ModelInfo, read_model_info, resolve_model_path, save_model
+from .model import DEFAULT_BATCH_SIZE, FeatureModel, ModelInfo, read_model_info, resolve_model_path, save_model
 
 if TYPE_CHECKING:
     import onnx
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 LOG = logging.getLogger(__name__)
 MIN_INT8_SPEEDUP = 1.2  # below this, int8 is not worth features slightly less exact than fp32's
 SPEED_BATCHES = 2  # timed batches per model, after one warm-up batch each
+DEFAULT_CALIBRATION_IMAGES = 64  # calibration images used (a seeded sample of those given)
 
 
 @dataclass(frozen=True)
@@ -52,14 +53,20 @@ class SpeedCheck:
         if self.use_int8:
             return f"int8 is {self.speedup:.1f}x faster here: use it"
         if self.speedup >= 1.05:
-            return (f"int8 is only {self.speedup:.2f}x faster on this CPU: keep the fp32 model "
-                    "(int8 features are slightly less exact)")
+            return (
+                f"int8 is only {self.speedup:.2f}x faster on this CPU: keep the fp32 model "
+                "(int8 features are slightly less exact)"
+            )
         return f"int8 is no faster on this CPU ({self.speedup:.2f}x): keep the fp32 model"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fp32_images_per_second": round(self.fp32_images_per_second, 3),
-                "int8_images_per_second": round(self.int8_images_per_second, 3),
-                "speedup": round(self.speedup, 3), "use_int8": self.use_int8, "advice": self.advice}
+        return {
+            "fp32_images_per_second": round(self.fp32_images_per_second, 3),
+            "int8_images_per_second": round(self.int8_images_per_second, 3),
+            "speedup": round(self.speedup, 3),
+            "use_int8": self.use_int8,
+            "advice": self.advice,
+        }
 
 
 @dataclass(frozen=True)
@@ -70,8 +77,9 @@ class QuantizeReport:
     speed: SpeedCheck
 
 
-def measure_speed(fp32: Path | str, int8: Path | str, batches: list[np.ndarray],
-                  timer: Callable[[], float] = time.perf_counter) -> SpeedCheck:
+def measure_speed(
+    fp32: Path | str, int8: Path | str, batches: list[np.ndarray], timer: Callable[[], float] = time.perf_counter
+) -> SpeedCheck:
     """Images per second of both models on `batches` here: one warm-up batch each (session start,
     memory), then the batches timed in turns, fp32 then int8, so drifting load hits both alike."""
     models = FeatureModel(fp32), FeatureModel(int8)
@@ -87,7 +95,7 @@ def measure_speed(fp32: Path | str, int8: Path | str, batches: list[np.ndarray],
     return SpeedCheck(n / seconds[0], n / seconds[1])
 
 
-def _calibration_batches(images: list[Path], size: InputSize, batch_size: int = 8) -> list[np.ndarray]:
+def _calibration_batches(images: list[Path], size: InputSize, batch_size: int = DEFAULT_BATCH_SIZE) -> list[np.ndarray]:
     """Batches of the calibration images, one input shape each."""
     by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
     for path in images:
@@ -99,7 +107,7 @@ def _calibration_batches(images: list[Path], size: InputSize, batch_size: int = 
         by_shape.setdefault(px.shape, []).append(px)
     if not by_shape:
         raise PipelineError("no usable calibration images")
-    return [np.stack(p[i:i + batch_size]) for p in by_shape.values() for i in range(0, len(p), batch_size)]
+    return [np.stack(p[i : i + batch_size]) for p in by_shape.values() for i in range(0, len(p), batch_size)]
 
 
 def initializers_checksum(model: onnx.ModelProto) -> str:
@@ -119,7 +127,7 @@ def quantize_model(
     out: Path | str,
     model: Path | str | None = None,
     *,
-    max_images: int = 64,
+    max_images: int = DEFAULT_CALIBRATION_IMAGES,
     seed: int = 0,
 ) -> QuantizeReport:
     """Write an int8 (QDQ, per-channel) copy of a feature model, calibrated on up to `max_images` images,
@@ -154,7 +162,9 @@ def quantize_model(
     with tempfile.TemporaryDirectory() as tmp:
         q_path = Path(tmp) / "int8.onnx"
         quantize_static(
-            str(src), str(q_path), Reader(),
+            str(src),
+            str(q_path),
+            Reader(),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
@@ -174,6 +184,7 @@ def quantize_model(
     save_model(q, Path(out))
     LOG.info("wrote %s: %s, calibrated on %d images", out, int8.short(), len(images))
     speed = measure_speed(src, out, batches[:SPEED_BATCHES])
-    LOG.info("fp32 %.2f img/s, int8 %.2f img/s: %s", speed.fp32_images_per_second, speed.int8_images_per_second,
-             speed.advice)
+    LOG.info(
+        "fp32 %.2f img/s, int8 %.2f img/s: %s", speed.fp32_images_per_second, speed.int8_images_per_second, speed.advice
+    )
     return QuantizeReport(int8, speed)

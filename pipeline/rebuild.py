@@ -16,9 +16,16 @@ from typing import TYPE_CHECKING, TypedDict
 
 from .errors import PipelineError
 from .extract import ExtractReport, extract
-from .features import compact, live_digest
+from .features import DEFAULT_COMPACT_BELOW, DEFAULT_SHARD_SIZE, compact, live_digest
 from .fsutil import exclusive_lock
-from .index import CURRENT_FILE, DEFAULT_FLAT_BELOW, DEFAULT_RETRAIN_ABOVE, build_index
+from .index import (
+    CURRENT_FILE,
+    DEFAULT_FLAT_BELOW,
+    DEFAULT_KEEP,
+    DEFAULT_RETRAIN_ABOVE,
+    DEFAULT_TARGET_RECALL,
+    build_index,
+)
 from .search import Searcher
 
 if TYPE_CHECKING:
@@ -53,8 +60,13 @@ class RebuildReport:
     seconds: float
 
     def to_dict(self) -> dict:
-        return {"extract": self.extract.to_dict(), "compacted_shards": self.compacted,
-                "index_built": self.index_built, "index": self.index_meta, "seconds": round(self.seconds, 3)}
+        return {
+            "extract": self.extract.to_dict(),
+            "compacted_shards": self.compacted,
+            "index_built": self.index_built,
+            "index": self.index_meta,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 def rebuild(
@@ -62,9 +74,9 @@ def rebuild(
     workdir: Path | str,
     model: Path | str | None = None,
     *,
-    keep: int = 3,
-    compact_below: float = 0.5,
-    target_recall: float = 0.95,
+    keep: int = DEFAULT_KEEP,
+    compact_below: float = DEFAULT_COMPACT_BELOW,
+    target_recall: float = DEFAULT_TARGET_RECALL,
     flat_below: int = DEFAULT_FLAT_BELOW,
     distributor: RayDistributor | None = None,
     retrain: bool = False,
@@ -85,13 +97,23 @@ def rebuild(
         LOG.info("rebuild started: %s -> %s", ", ".join(map(str, roots)), workdir)
         t = time.monotonic()
         ex = extract(roots, features, model, distributor=distributor, **extract_options)
-        LOG.info("extract: %d new, %d changed, %d moved, %d deleted, %d unchanged; %d through the model, "
-                 "%d failed; %d earlier failures retried, %d still failing (%.1f s)", ex.new, ex.changed, ex.moved,
-                 ex.deleted, ex.unchanged, ex.extracted, ex.failed, ex.retried, ex.still_failing,
-                 time.monotonic() - t)
+        LOG.info(
+            "extract: %d new, %d changed, %d moved, %d deleted, %d unchanged; %d through the model, "
+            "%d failed; %d earlier failures retried, %d still failing (%.1f s)",
+            ex.new,
+            ex.changed,
+            ex.moved,
+            ex.deleted,
+            ex.unchanged,
+            ex.extracted,
+            ex.failed,
+            ex.retried,
+            ex.still_failing,
+            time.monotonic() - t,
+        )
         for path, reason in ex.failures:
             LOG.warning("could not use %s: %s", path, reason)
-        compacted = compact(features, compact_below, extract_options.get("shard_size", 512))
+        compacted = compact(features, compact_below, extract_options.get("shard_size", DEFAULT_SHARD_SIZE))
         digest = live_digest(features)
         published = _published_meta(index_dir)
         if published.get("live_digest") == digest:
@@ -101,12 +123,27 @@ def rebuild(
             t = time.monotonic()
             # The kind of index asked for at its first build (--factory, --max-memory, --codes, ...) is asked again.
             asked = published.get("asked") or {}
-            meta = build_index(features, index_dir, keep=keep, target_recall=target_recall, flat_below=flat_below,
-                               distributor=distributor, progress=False, update=not retrain,
-                               retrain_above=retrain_above, **asked).meta
+            meta = build_index(
+                features,
+                index_dir,
+                keep=keep,
+                target_recall=target_recall,
+                flat_below=flat_below,
+                distributor=distributor,
+                progress=False,
+                update=not retrain,
+                retrain_above=retrain_above,
+                **asked,
+            ).meta
             built = True
-            LOG.info("published index %s: %d images, %s, %s (%.1f s)", meta["version"], meta["count"], meta["factory"],
-                     "updated" if meta["made_by"] == "update" else "built", time.monotonic() - t)
+            LOG.info(
+                "published index %s: %d images, %s, %s (%.1f s)",
+                meta["version"],
+                meta["count"],
+                meta["factory"],
+                "updated" if meta["made_by"] == "update" else "built",
+                time.monotonic() - t,
+            )
     report = RebuildReport(ex, compacted, built, meta, time.monotonic() - start)
     LOG.info("rebuild finished in %.1f s", report.seconds)
     return report

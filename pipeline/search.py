@@ -33,7 +33,7 @@ from .index import (
     ivf_params,
     read_meta,
 )
-from .model import FeatureModel
+from .model import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, FeatureModel
 
 LOG = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ def _pointer(index_dir: Path) -> str | None:
 
 
 WARM_CHUNK = 8 << 20  # bytes per read when warming a version's files
+DEFAULT_K = 10  # results per query
 
 
 class Searcher:
@@ -99,8 +100,9 @@ class Searcher:
     again by their exact scores from the store (memory-mapped: its pages are page cache, not ours).
     """
 
-    def __init__(self, index_dir: Path | str, model: Path | str | None = None, threads: int = 0,
-                 mmap: bool = True) -> None:
+    def __init__(
+        self, index_dir: Path | str, model: Path | str | None = None, threads: int = DEFAULT_THREADS, mmap: bool = True
+    ) -> None:
         for attempt in range(5):
             named = _pointer(Path(index_dir))
             try:
@@ -132,8 +134,13 @@ class Searcher:
         except (RuntimeError, OSError, KeyError, PipelineError) as exc:
             raise damaged(index_path, exc) from None
         self.id_table = IdTable(self.version_dir / IDS_FILE)  # opened now: the version stays readable if pruned
-        self.store = (self.index.store if isinstance(self.index, CoarseToFine) else
-                      VectorStore.open(self.version_dir) if self.meta.get("rerank") else None)
+        self.store = (
+            self.index.store
+            if isinstance(self.index, CoarseToFine)
+            else VectorStore.open(self.version_dir)
+            if self.meta.get("rerank")
+            else None
+        )
 
     def warm(self) -> int:
         """Read this version's memory-mapped files (index or codes, vector store) through the page cache
@@ -202,13 +209,19 @@ class Searcher:
             return self.index.search(vectors, min(k, self.count), nprobe)
         nprobe = nprobe or self.nprobe
         params = ivf_params(int(nprobe)) if nprobe and self.meta.get("nlist") else None
-        index: faiss.Index | Reranked = (Reranked(self.index, self.store, self.meta["rerank"]) if self.store is not None
-                                         else self.index)
+        index: faiss.Index | Reranked = (
+            Reranked(self.index, self.store, self.meta["rerank"]) if self.store is not None else self.index
+        )
         return index.search(np.ascontiguousarray(vectors, np.float32), min(k, self.count), params=params)
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 10, nprobe: int | None = None,
-                       min_score: float | None = None,
-                       exclude: Sequence[QueryFile | None] | None = None) -> list[list[Hit]]:
+    def search_vectors(
+        self,
+        vectors: np.ndarray,
+        k: int = DEFAULT_K,
+        nprobe: int | None = None,
+        min_score: float | None = None,
+        exclude: Sequence[QueryFile | None] | None = None,
+    ) -> list[list[Hit]]:
         """Top-k hits for each feature vector; `exclude[i]` drops hits that are that query's own file
         (same path) or a byte-identical copy (same content hash). A high `min_score` costs no more
         than a plain search: faiss is asked for more only while the last score fetched passes it."""
@@ -232,14 +245,25 @@ class Searcher:
                 out.append(hits[:k])
                 # Too many excluded copies: ask faiss for more, unless it already gave all it has or
                 # the scores (sorted) already fell below min_score, so that more cannot pass it.
-                short |= (len(hits) < k and (irow >= 0).all() and fetch < self.count
-                          and (min_score is None or srow[-1] >= min_score))
+                short |= (
+                    len(hits) < k
+                    and (irow >= 0).all()
+                    and fetch < self.count
+                    and (min_score is None or srow[-1] >= min_score)
+                )
             if not short:
                 return out
             fetch = min(fetch * 4, self.count)
 
-    def search(self, images: Sequence[Path | str], k: int = 10, nprobe: int | None = None,
-               min_score: float | None = None, exclude_self: bool = False, batch_size: int = 8) -> list[QueryResult]:
+    def search(
+        self,
+        images: Sequence[Path | str],
+        k: int = DEFAULT_K,
+        nprobe: int | None = None,
+        min_score: float | None = None,
+        exclude_self: bool = False,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> list[QueryResult]:
         """Top-k for each query image; a query that cannot be decoded gets an error, the rest still answer."""
         if k < 1:
             raise PipelineError(f"k must be at least 1 (got {k})")
@@ -254,15 +278,21 @@ class Searcher:
                 continue
             good.append((i, decoded.pixels, QueryFile(str(Path(path).absolute()), decoded.content_hash)))
         for start in range(0, len(good), batch_size):
-            chunk = good[start:start + batch_size]
+            chunk = good[start : start + batch_size]
             feats = self.model.embed_each([px for _, px, _ in chunk], batch_size)
             excl = [q for _, _, q in chunk] if exclude_self else None
             for (i, _, _), hits in zip(chunk, self.search_vectors(feats, k, nprobe, min_score, excl), strict=True):
                 results[i] = QueryResult(str(images[i]), hits)
         return [results[i] for i in range(len(images))]
 
-    def search_like(self, paths: Sequence[Path | str], k: int = 10, nprobe: int | None = None,
-                    min_score: float | None = None, exclude_self: bool = False) -> list[QueryResult]:
+    def search_like(
+        self,
+        paths: Sequence[Path | str],
+        k: int = DEFAULT_K,
+        nprobe: int | None = None,
+        min_score: float | None = None,
+        exclude_self: bool = False,
+    ) -> list[QueryResult]:
         """Top-k for images already in the index, from their stored vectors (no model run)."""
         results: dict[int, QueryResult] = {}
         found: list[tuple[int, np.ndarray, QueryFile]] = []
@@ -293,8 +323,10 @@ class Searcher:
             ivf = faiss.try_extract_index_ivf(self.index)
             if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan):
                 # faiss 1.15 crashes (segfault) reconstructing from fast-scan lists read from a file
-                raise PipelineError(f"the codes of {self.meta.get('factory')} (fast-scan) cannot be decoded; "
-                                    "use the exact vectors (Searcher.vectors) or an index of another kind")
+                raise PipelineError(
+                    f"the codes of {self.meta.get('factory')} (fast-scan) cannot be decoded; "
+                    "use the exact vectors (Searcher.vectors) or an index of another kind"
+                )
             try:  # ids are sparse (the catalog's): an IVF index finds them through a hash table
                 hashtable = faiss.DirectMap.Hashtable  # type: ignore[attr-defined]  # faiss stub: no DirectMap
                 faiss.extract_index_ivf(self.index).set_direct_map_type(hashtable)

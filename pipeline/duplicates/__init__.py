@@ -14,12 +14,13 @@ Five modules, one step each, and this package as the door others use:
 from __future__ import annotations
 
 from .describe import DuplicateGroup, DuplicateImage, describe_groups
-from .find import find_groups
+from .find import DEFAULT_MIN_SIZE, find_groups
 from .groups import components, roots, union
 from .pairs import MAX_PROBES, PROBE_GAP, Probing, pairs_above, pre_transform, probe_table, probers_by_list, probing_for
 from .thresholds import DEFAULT_THRESHOLD, DEFAULT_WHITENED_THRESHOLD, THRESHOLDS, default_threshold, threshold_for
 
 __all__ = [
+    "DEFAULT_MIN_SIZE",
     "DEFAULT_THRESHOLD",
     "MAX_PROBES",
     "PROBE_GAP",

@@ -28,6 +28,7 @@ from .thresholds import default_threshold
 LOG = logging.getLogger(__name__)
 
 FLUSH_PAIRS = 4_000_000  # pairs buffered before they are merged into the groups
+DEFAULT_MIN_SIZE = 2  # images in the smallest group reported
 
 Vectors = Callable[[np.ndarray], np.ndarray]  # features by indexed id
 Pairs = list[tuple[np.ndarray, np.ndarray]]  # batches of pairs, as positions into the sorted ids
@@ -37,7 +38,7 @@ def find_groups(
     index_dir: Path | str,
     threshold: float | None = None,
     *,
-    min_size: int = 2,
+    min_size: int = DEFAULT_MIN_SIZE,
     limit: int | None = None,
     nprobe: int | None = None,
     rerank_margin: float | None = None,

@@ -8,8 +8,8 @@ one table for all vectors, inverted), and each list is then compared with all th
 a few large matrix products. Every pair above the cut is kept (no k to choose, so a large group of copies
 is never cut at k neighbours); memory is bounded by the block sizes and the (vector, probed list) table,
 not by N^2. Why not faiss's range search with every indexed vector as a query: for 1M vectors on this
-machine it took 1,389 s at the tuned nprobe (3) and 5,954 s at 32 (docs/benchmarks.md). A pair is missed
-only when neither image probes the other's list. The cost is the number of (vector, probed list member)
+machine it took 1,389 s at the tuned nprobe (3) and 5,954 s at 32 (docs/history/benchmarks-log-before-2026-12.md).
+A pair is missed only when neither image probes the other's list. The cost is the number of (vector, probed list member)
 pairs: on the 1M benchmark a few large lists that most vectors probe make it ~2,100 members per probed
 list, not the mean list size (244). A flat index is cut into blocks, each compared with every vector
 before its end.
@@ -40,7 +40,7 @@ LOG = logging.getLogger(__name__)
 # that needed 43, while the gap rule probes 20.6 lists on average (p99 178), compares 0.57x the
 # pairs of 32 fixed ones and misses none (docs/benchmarks.md): vectors near many centroids get more.
 # Real copies (copies-dev, held-out) among those centroids: 32 fixed lists miss 7 of 184 pairs, the
-# gap rule 1 (it needed 0.072 e; scripts/check_probing.py).
+# gap rule 1 (it needed 0.072 e; scripts/benchmarks/check_probing.py, docs/benchmarks.md).
 PROBE_GAP = 0.04
 MAX_PROBES = 256
 BLOCK_ROWS = 2048  # rows and columns per matrix product (and rows per block of a flat index)
@@ -147,9 +147,11 @@ def _readers(
     """(vectors of list m, vectors of slots to compare, vectors of slots to ask the quantizer about):
     the features the index compares, from wherever they are cheapest to read."""
     if isinstance(searcher.index, faiss.IndexIVFFlat):  # the lists' codes are the features: views, no copy
+        invlists = ivf.invlists
+        assert invlists is not None, "an IVF index has inverted lists"
 
         def view(m: int) -> np.ndarray:
-            codes = faiss.rev_swig_ptr(ivf.invlists.get_codes(m), int(sizes[m]) * ivf.code_size)
+            codes = faiss.rev_swig_ptr(invlists.get_codes(m), int(sizes[m]) * ivf.code_size)
             return codes.view(np.float32).reshape(-1, ivf.d)
 
         views = [view(m) if sizes[m] else np.zeros((0, ivf.d), np.float32) for m in range(ivf.nlist)]

@@ -8,6 +8,8 @@ Three modules, one format each, and this package as the one door others use:
 
 from .catalog import CATALOG_FILE, Catalog, Entry
 from .folder import (
+    DEFAULT_COMPACT_BELOW,
+    DEFAULT_SHARD_SIZE,
     ERRORS_FILE,
     RowMeta,
     ShardWriter,
@@ -35,8 +37,31 @@ from .shards import (
 )
 
 __all__ = [
-    "CATALOG_FILE", "ERRORS_FILE", "SCHEMA_VERSION", "Catalog", "Entry", "RowMeta", "ShardData", "ShardInfo",
-    "ShardWriter", "check_model", "compact", "exact_features", "list_shards", "live_digest", "live_parts",
-    "next_shard_number", "read_rows", "read_shard", "remove_shard", "shard_info", "shard_model", "shard_name",
-    "write_errors_file", "write_shard", "writing",
+    "CATALOG_FILE",
+    "DEFAULT_COMPACT_BELOW",
+    "DEFAULT_SHARD_SIZE",
+    "ERRORS_FILE",
+    "SCHEMA_VERSION",
+    "Catalog",
+    "Entry",
+    "RowMeta",
+    "ShardData",
+    "ShardInfo",
+    "ShardWriter",
+    "check_model",
+    "compact",
+    "exact_features",
+    "list_shards",
+    "live_digest",
+    "live_parts",
+    "next_shard_number",
+    "read_rows",
+    "read_shard",
+    "remove_shard",
+    "shard_info",
+    "shard_model",
+    "shard_name",
+    "write_errors_file",
+    "write_shard",
+    "writing",
 ]

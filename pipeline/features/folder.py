@@ -46,6 +46,8 @@ from .shards import (
 
 LOG = logging.getLogger(__name__)
 ERRORS_FILE = "errors.jsonl"
+DEFAULT_SHARD_SIZE = 512  # images per shard: the unit of extraction's resume, and what compaction writes
+DEFAULT_COMPACT_BELOW = 0.5  # shards whose share of live rows is under this are rewritten by compaction
 
 
 @contextmanager
@@ -76,8 +78,16 @@ class ShardWriter:
     """Accumulates rows and failures; writes a shard each time `shard_size` images are ready and
     records it at once. Shards are numbered from `number` (default: after the folder's last)."""
 
-    def __init__(self, out: Path, model: ModelInfo, model_path: Path | str, shard_size: int, catalog: ShardRecords,
-                 *, number: int | None = None) -> None:
+    def __init__(
+        self,
+        out: Path,
+        model: ModelInfo,
+        model_path: Path | str,
+        shard_size: int,
+        catalog: ShardRecords,
+        *,
+        number: int | None = None,
+    ) -> None:
         self.out, self.model, self.model_path, self.shard_size = out, model, str(model_path), shard_size
         self.catalog = catalog
         self.number = next_shard_number(out) if number is None else number
@@ -123,17 +133,25 @@ class ShardWriter:
         if not self.paths and not self.errors:
             return
         features = np.concatenate(self.features) if self.features else np.zeros((0, self.model.dim), np.float32)
-        data = ShardData(features, self.paths, [m.content_hash for m in self.metas],
-                         np.array([m.size for m in self.metas], np.int64),
-                         np.array([m.mtime for m in self.metas], np.float64),
-                         [e[0] for e in self.errors], [e[4] for e in self.errors])
+        data = ShardData(
+            features,
+            self.paths,
+            [m.content_hash for m in self.metas],
+            np.array([m.size for m in self.metas], np.int64),
+            np.array([m.mtime for m in self.metas], np.float64),
+            [e[0] for e in self.errors],
+            [e[4] for e in self.errors],
+        )
         name = shard_name(self.number)
         write_shard(self.out / name, data, self.model, self.model_path)
         self.catalog.record_shard(
             name,
-            [(p, m.size, m.mtime, m.content_hash, r)
-             for r, (p, m) in enumerate(zip(self.paths, self.metas, strict=True))],
-            self.errors)
+            [
+                (p, m.size, m.mtime, m.content_hash, r)
+                for r, (p, m) in enumerate(zip(self.paths, self.metas, strict=True))
+            ],
+            self.errors,
+        )
         LOG.debug("wrote %s (%d images, %d failures)", name, len(self.paths), len(self.errors))
         self.written.append(name)
         self.number += 1
@@ -144,14 +162,19 @@ def write_errors_file(features_dir: Path, catalog: Catalog, unreadable: list[tup
     """Rewrite errors.jsonl beside the shards: every folder that could not be listed and every current
     file that could not be used, and why. Returns the number of files."""
     failures = catalog.failures()
-    folders = [(p, f"folder cannot be listed ({r}); the images recorded under it keep their state")
-               for p, r in unreadable]
-    atomic_write_text(features_dir / ERRORS_FILE, "".join(
-        json.dumps({"path": p, "reason": r}, ensure_ascii=False) + "\n" for p, r in folders + failures))
+    folders = [
+        (p, f"folder cannot be listed ({r}); the images recorded under it keep their state") for p, r in unreadable
+    ]
+    atomic_write_text(
+        features_dir / ERRORS_FILE,
+        "".join(json.dumps({"path": p, "reason": r}, ensure_ascii=False) + "\n" for p, r in folders + failures),
+    )
     return len(failures)
 
 
-def compact(features_dir: Path, below: float = 0.5, shard_size: int = 512) -> list[str]:
+def compact(
+    features_dir: Path, below: float = DEFAULT_COMPACT_BELOW, shard_size: int = DEFAULT_SHARD_SIZE
+) -> list[str]:
     """Rewrite the live rows of shards whose live fraction is under `below` into new shards, then
     delete those shards, under the folder's lock. Returns the retired names.
 
@@ -160,8 +183,9 @@ def compact(features_dir: Path, below: float = 0.5, shard_size: int = 512) -> li
     """
     with writing(features_dir) as catalog:
         live = catalog.live_rows()
-        victims = [name for name, n in sorted(catalog.shard_rows().items())
-                   if len(live.get(name, ())) < below * n or n == 0]
+        victims = [
+            name for name, n in sorted(catalog.shard_rows().items()) if len(live.get(name, ())) < below * n or n == 0
+        ]
         if not victims:
             return []
         info, model_path = shard_model(features_dir / victims[0])
@@ -170,17 +194,22 @@ def compact(features_dir: Path, below: float = 0.5, shard_size: int = 512) -> li
             rows = live.get(name, np.zeros(0, np.int64))
             if len(rows):
                 d = read_shard(features_dir / name)
-                writer.add([d.paths[r] for r in rows], d.features[rows],
-                           [RowMeta(d.hashes[r], int(d.sizes[r]), float(d.mtimes[r])) for r in rows])
+                writer.add(
+                    [d.paths[r] for r in rows],
+                    d.features[rows],
+                    [RowMeta(d.hashes[r], int(d.sizes[r]), float(d.mtimes[r])) for r in rows],
+                )
         writer.flush()
         catalog.retire(victims)
-    LOG.info("compacted %d shard(s) with under %.0f%% live rows into %d", len(victims), below * 100,
-             len(writer.written))
+    LOG.info(
+        "compacted %d shard(s) with under %.0f%% live rows into %d", len(victims), below * 100, len(writer.written)
+    )
     return victims
 
 
-def live_parts(features_dir: Path) -> tuple[list[ShardInfo], list[tuple[ShardInfo, np.ndarray]], np.ndarray,
-                                              str | None]:
+def live_parts(
+    features_dir: Path,
+) -> tuple[list[ShardInfo], list[tuple[ShardInfo, np.ndarray]], np.ndarray, str | None]:
     """Every shard, the rows to index per shard: the catalog's live rows (deleted, changed and
     moved-away images left out), or every row when the folder has no catalog; the id of each of
     those rows, in the same order (the catalog's stable ids, else positions); the catalog's live digest.
@@ -200,8 +229,10 @@ def live_parts(features_dir: Path) -> tuple[list[ShardInfo], list[tuple[ShardInf
         return infos, parts, np.arange(sum(len(rows) for _, rows in parts)), None
     lost = sorted(set(live) - {i.path.name for i in infos})
     if lost:
-        raise PipelineError(f"the catalog of {features_dir} records images in {lost[0]}, which is missing; "
-                            "run `pipeline extract` to reconcile it")
+        raise PipelineError(
+            f"the catalog of {features_dir} records images in {lost[0]}, which is missing; "
+            "run `pipeline extract` to reconcile it"
+        )
     used = [i for i in infos if i.path.name in live]
     ids = np.concatenate([live[i.path.name][1] for i in used]) if used else np.zeros(0, np.int64)
     return infos, [(i, live[i.path.name][0]) for i in used], ids, digest
@@ -233,8 +264,10 @@ def exact_features(features_dir: Path, shards: list[dict], dim: int, built: Path
         else:
             where = catalog.live_places(ids)
         if len(where) < len(set(ids.tolist())):
-            raise PipelineError(f"the features behind {built} changed since it was built (some of its "
-                                "images are no longer live): rebuild the index to re-rank its compressed codes")
+            raise PipelineError(
+                f"the features behind {built} changed since it was built (some of its "
+                "images are no longer live): rebuild the index to re-rank its compressed codes"
+            )
         out = np.empty((len(ids), dim), np.float32)
         shard_of = np.array([where[int(i)][0] for i in ids])
         row_of = np.array([where[int(i)][1] for i in ids], np.int64)
@@ -243,8 +276,10 @@ def exact_features(features_dir: Path, shards: list[dict], dim: int, built: Path
             order = np.argsort(row_of[sel])
             path = features_dir / str(shard)
             if not path.is_file():
-                raise PipelineError(f"the features behind {built} changed since it was built ({path} is "
-                                    "gone): rebuild the index to re-rank its compressed codes")
+                raise PipelineError(
+                    f"the features behind {built} changed since it was built ({path} is "
+                    "gone): rebuild the index to re-rank its compressed codes"
+                )
             out[sel[order]] = read_rows(path, row_of[sel][order])
         return out
 

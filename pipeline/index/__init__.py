@@ -14,7 +14,7 @@ One module per job, and this package as the one door others use:
 """
 
 from .build import build_index
-from .codes import CODES_FILE, ITQ_FILE, CoarseToFine, parse_codes
+from .codes import CODES_FILE, DEFAULT_BITS, ITQ_FILE, CoarseToFine, parse_codes
 from .fill import TRUTH_DEPTH, ExactNeighbours, FillDistributor, Truth, fill_range, sample_runs
 from .idtable import IDS_FILE, IdTable
 from .plan import (
@@ -29,10 +29,11 @@ from .plan import (
     quantizer_search_depth,
 )
 from .store import VECTOR_IDS_FILE, VECTORS_FILE, Reranked, VectorStore, has_store, update_store, write_store
-from .tune import NPROBE_GRID, ivf_params, lower_bound, recall_at, tune_nprobe
+from .tune import DEFAULT_TARGET_RECALL, NPROBE_GRID, ivf_params, lower_bound, recall_at, tune_nprobe
 from .update import DEFAULT_RETRAIN_ABOVE, HOLD_SLACK
 from .versions import (
     CURRENT_FILE,
+    DEFAULT_KEEP,
     INDEX_FILE,
     META_FILE,
     RECALL_FILE,
@@ -46,11 +47,54 @@ from .versions import (
 )
 
 __all__ = [
-    "CODES_FILE", "CURRENT_FILE", "DEFAULT_FLAT_BELOW", "DEFAULT_RERANK", "DEFAULT_RETRAIN_ABOVE", "HNSW_QUANTIZER_EF",
-    "HOLD_SLACK", "IDS_FILE", "INDEX_FILE", "ITQ_FILE", "META_FILE", "NPROBE_GRID", "RECALL_FILE", "TRUTH_DEPTH",
-    "VECTORS_FILE", "VECTOR_IDS_FILE", "VERSIONS_DIR", "CoarseToFine", "ExactNeighbours", "FillDistributor",
-    "IdTable", "IndexPlan", "IndexReport", "Reranked", "Truth", "VectorStore", "build_index", "current_version",
-    "damaged", "factory_facts", "fill_range", "has_store", "index_kind", "ivf_params", "lower_bound", "parse_codes",
-    "parse_size", "plan_index", "prune_versions", "quantizer_search_depth", "read_meta", "recall_at",
-    "recorded_model", "sample_runs", "tune_nprobe", "update_store", "write_store",
+    "CODES_FILE",
+    "CURRENT_FILE",
+    "DEFAULT_BITS",
+    "DEFAULT_FLAT_BELOW",
+    "DEFAULT_KEEP",
+    "DEFAULT_RERANK",
+    "DEFAULT_RETRAIN_ABOVE",
+    "DEFAULT_TARGET_RECALL",
+    "HNSW_QUANTIZER_EF",
+    "HOLD_SLACK",
+    "IDS_FILE",
+    "INDEX_FILE",
+    "ITQ_FILE",
+    "META_FILE",
+    "NPROBE_GRID",
+    "RECALL_FILE",
+    "TRUTH_DEPTH",
+    "VECTORS_FILE",
+    "VECTOR_IDS_FILE",
+    "VERSIONS_DIR",
+    "CoarseToFine",
+    "ExactNeighbours",
+    "FillDistributor",
+    "IdTable",
+    "IndexPlan",
+    "IndexReport",
+    "Reranked",
+    "Truth",
+    "VectorStore",
+    "build_index",
+    "current_version",
+    "damaged",
+    "factory_facts",
+    "fill_range",
+    "has_store",
+    "index_kind",
+    "ivf_params",
+    "lower_bound",
+    "parse_codes",
+    "parse_size",
+    "plan_index",
+    "prune_versions",
+    "quantizer_search_depth",
+    "read_meta",
+    "recall_at",
+    "recorded_model",
+    "sample_runs",
+    "tune_nprobe",
+    "update_store",
+    "write_store",
 ]

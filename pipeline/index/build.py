@@ -24,9 +24,10 @@ from .fill import TRUTH_DEPTH, FillDistributor, Truth, fill_index, rows_at, samp
 from .idtable import IDS_FILE
 from .plan import DEFAULT_FLAT_BELOW, IndexPlan, index_is_flat, new_index, plan_index
 from .store import Reranked, StoreWriter, VectorStore
-from .tune import Searchable, exact_tuning, tune
+from .tune import DEFAULT_TARGET_RECALL, Searchable, exact_tuning, tune
 from .update import DEFAULT_RETRAIN_ABOVE, read_published, update_base, update_version
 from .versions import (
+    DEFAULT_KEEP,
     INDEX_FILE,
     RECALL_FILE,
     Collection,
@@ -51,10 +52,10 @@ def build_index(
     nprobe: int | None = None,
     flat_below: int = DEFAULT_FLAT_BELOW,
     train_per_list: int = 64,
-    target_recall: float = 0.95,
+    target_recall: float = DEFAULT_TARGET_RECALL,
     recall_queries: int = 1000,
     max_memory: int | str | None = None,
-    keep: int = 3,
+    keep: int = DEFAULT_KEEP,
     seed: int = 0,
     distributor: FillDistributor | None = None,
     progress: bool | None = None,
@@ -78,8 +79,16 @@ def build_index(
     name a faiss binary index ('BHNSW32') and `nprobe` fix its setting. Never updated in place.
     """
     features_dir, out_dir = Path(features_dir), Path(out_dir)
-    _check_options(features_dir, keep=keep, target_recall=target_recall, retrain_above=retrain_above, codes=codes,
-                   distributor=distributor, max_memory=max_memory, nlist=nlist)
+    _check_options(
+        features_dir,
+        keep=keep,
+        target_recall=target_recall,
+        retrain_above=retrain_above,
+        codes=codes,
+        distributor=distributor,
+        max_memory=max_memory,
+        nlist=nlist,
+    )
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="build-index") as pool:
         # An update reads the published index (GBs) meanwhile, in a thread: faiss releases the GIL.
         prefetch = pool.submit(read_published, out_dir) if update and codes is None else None
@@ -89,29 +98,63 @@ def build_index(
             if update:
                 LOG.info("index: full build, not an update: binary codes are learned from the whole collection")
             with exclusive_lock(out_dir, "pipeline build-index"):
-                return build_binary(source, out_dir, bits=bits, factory=factory, setting=nprobe,
-                                    target_recall=target_recall, recall_queries=recall_queries, keep=keep, seed=seed,
-                                    progress=progress, pool=pool)
-        plan = plan_index(len(source.ids), source.dim, factory=factory, nlist=nlist, flat_below=flat_below,
-                          train_per_list=train_per_list, max_memory=max_memory, rerank=rerank)
+                return build_binary(
+                    source,
+                    out_dir,
+                    bits=bits,
+                    factory=factory,
+                    setting=nprobe,
+                    target_recall=target_recall,
+                    recall_queries=recall_queries,
+                    keep=keep,
+                    seed=seed,
+                    progress=progress,
+                    pool=pool,
+                )
+        plan = plan_index(
+            len(source.ids),
+            source.dim,
+            factory=factory,
+            nlist=nlist,
+            flat_below=flat_below,
+            train_per_list=train_per_list,
+            max_memory=max_memory,
+            rerank=rerank,
+        )
         LOG.info("index plan: %s (%s)", plan.factory, plan.reason)
         index, kind = new_index(plan, source.dim)
         t_start = time.monotonic()
         with exclusive_lock(out_dir, "pipeline build-index"):
-            base = update_base(out_dir, source.model["checksum"], kind, factory, nlist, rerank, source.ids,
-                               retrain_above, prefetch) if update and source.stable else None
+            base = (
+                update_base(
+                    out_dir, source.model["checksum"], kind, factory, nlist, rerank, source.ids, retrain_above, prefetch
+                )
+                if update and source.stable
+                else None
+            )
             prefetch = None  # a full build does not keep the published index in memory
             if base is not None:
                 return update_version(base, source, out_dir, nprobe, target_recall, keep, t_start, pool)
-            asked = asked_for(factory=factory, nlist=nlist, nprobe=nprobe, max_memory=max_memory, rerank=rerank,
-                              codes=codes)
+            asked = asked_for(
+                factory=factory, nlist=nlist, nprobe=nprobe, max_memory=max_memory, rerank=rerank, codes=codes
+            )
             tuning = _Tuning(nprobe, target_recall, recall_queries, seed)
-            return _full_build(index, plan, kind, source, out_dir, tuning, asked, keep, progress, distributor, pool,
-                               t_start)
+            return _full_build(
+                index, plan, kind, source, out_dir, tuning, asked, keep, progress, distributor, pool, t_start
+            )
 
 
-def _check_options(features_dir: Path, *, keep: int, target_recall: float, retrain_above: float, codes: str | None,
-                   distributor: FillDistributor | None, max_memory: int | str | None, nlist: int | None) -> None:
+def _check_options(
+    features_dir: Path,
+    *,
+    keep: int,
+    target_recall: float,
+    retrain_above: float,
+    codes: str | None,
+    distributor: FillDistributor | None,
+    max_memory: int | str | None,
+    nlist: int | None,
+) -> None:
     """One-line errors for options that cannot work, before any work."""
     if codes is not None and (distributor is not None or max_memory is not None or nlist is not None):
         raise PipelineError("--codes binary builds its own index: it takes neither --ray, --max-memory nor --nlist")
@@ -134,8 +177,9 @@ def _collection(features_dir: Path) -> Collection:
     check_model(all_infos)
     newest = all_infos[-1]
     info, model_path = shard_model(newest.path)
-    return Collection(features_dir, parts, ids, digest, model_record(info, model_path, newest.model_sha256),
-                      all_infos[0].dim)
+    return Collection(
+        features_dir, parts, ids, digest, model_record(info, model_path, newest.model_sha256), all_infos[0].dim
+    )
 
 
 @dataclass(frozen=True)
@@ -177,9 +221,20 @@ def _train(index: faiss.Index, plan: IndexPlan, source: Collection, tuning: _Tun
     return sample
 
 
-def _full_build(index: faiss.Index, plan: IndexPlan, kind: str, source: Collection, out_dir: Path, tuning: _Tuning,
-                asked: dict, keep: int, progress: bool | None, distributor: FillDistributor | None, pool: Executor,
-                t_start: float) -> IndexReport:
+def _full_build(
+    index: faiss.Index,
+    plan: IndexPlan,
+    kind: str,
+    source: Collection,
+    out_dir: Path,
+    tuning: _Tuning,
+    asked: dict,
+    keep: int,
+    progress: bool | None,
+    distributor: FillDistributor | None,
+    pool: Executor,
+    t_start: float,
+) -> IndexReport:
     """Train, fill, tune and publish a new version (the caller holds the index folder's lock)."""
     n = len(source.ids)
     t0 = time.monotonic()
@@ -188,8 +243,17 @@ def _full_build(index: faiss.Index, plan: IndexPlan, kind: str, source: Collecti
     with new_version(out_dir) as (tmp, version):
         t0 = time.monotonic()
         store = StoreWriter(tmp, n, source.dim) if plan.rerank else None
-        truth, ids_writer = fill_index(index, source.parts, source.ids, tmp / IDS_FILE,
-                                       None if sample is None else sample.queries, progress, pool, store, distributor)
+        truth, ids_writer = fill_index(
+            index,
+            source.parts,
+            source.ids,
+            tmp / IDS_FILE,
+            None if sample is None else sample.queries,
+            progress,
+            pool,
+            store,
+            distributor,
+        )
         timings["add_s"] = time.monotonic() - t0
         assert index.ntotal == n, f"index holds {index.ntotal} vectors, expected {n}"
         searched: Searchable = index
@@ -223,14 +287,23 @@ def _full_build(index: faiss.Index, plan: IndexPlan, kind: str, source: Collecti
     return report
 
 
-def _tuned(searched: Searchable, plan: IndexPlan, sample: _Sample | None, truth: Truth | None, tuning: _Tuning,
-           new_dir: Path) -> dict:
+def _tuned(
+    searched: Searchable, plan: IndexPlan, sample: _Sample | None, truth: Truth | None, tuning: _Tuning, new_dir: Path
+) -> dict:
     """The tuning fields of meta.json, and the recall queries with their exact neighbours saved for
     updates of this version (recall.npz)."""
     if sample is None:
         return exact_tuning()
     assert truth is not None, "a fill given queries returns their exact neighbours"
-    np.savez(new_dir / RECALL_FILE, ids=sample.ids, queries=sample.queries, truth=truth.ids, scores=truth.scores,
-             depth=np.full(len(sample.ids), TRUTH_DEPTH))
-    return {**tune(searched, plan.nlist, sample.queries, sample.ids, truth.ids, tuning.nprobe, tuning.target),
-            "recall_queries_held_out_from_training": sample.held_out}
+    np.savez(
+        new_dir / RECALL_FILE,
+        ids=sample.ids,
+        queries=sample.queries,
+        truth=truth.ids,
+        scores=truth.scores,
+        depth=np.full(len(sample.ids), TRUTH_DEPTH),
+    )
+    return {
+        **tune(searched, plan.nlist, sample.queries, sample.ids, truth.ids, tuning.nprobe, tuning.target),
+        "recall_queries_held_out_from_training": sample.held_out,
+    }

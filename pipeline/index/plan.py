@@ -17,7 +17,7 @@ from ..errors import PipelineError
 MIN_POINTS_PER_LIST = 39  # faiss warns below this many training points per centroid
 DEFAULT_FLAT_BELOW = 20_000  # under this, exact search over 512-d is about a millisecond: IVF buys nothing
 # Candidates a compressed index proposes for exact re-ranking (store.py). Measured with bench
-# vectors at the density of 10M (1,000 per cluster; scratch experiment, docs/benchmarks.md): the
+# vectors at the density of 10M (1,000 per cluster; docs/history/benchmarks-log-before-2026-12.md): the
 # share of the true top-10 among the top-c candidates of PQ256x4fs codes is 0.66 / 0.95 / 0.997 /
 # 1.0 at c = 50 / 200 / 500 / 1000 (PQ128x4fs: 0.37 / 0.73 / 0.95 / 1.0; SQ4: 0.96 / 0.9995 at 50 /
 # 200, but it scans 50x slower than fast-scan). 500 float16 rows re-rank in well under a millisecond.
@@ -25,7 +25,7 @@ DEFAULT_RERANK = 500
 # An exact (flat) coarse quantizer up to this many lists: at 4096 lists it costs 4 MFLOP a query (about
 # 0.05 ms) and ranks the lists exactly. An HNSW quantizer at its default efSearch (16) probed the wrong
 # lists at 10M: with 64 lists probed only 0.84 of the true top-10 were in them (0.95 at efSearch 256),
-# where an exact quantizer had 0.99 at 8 lists (docs/benchmarks.md, "Compressed indexes at 10M").
+# where an exact quantizer had 0.99 at 8 lists (docs/history/benchmarks-log-before-2026-12.md, 10M).
 HNSW_QUANTIZER_FROM = 16384
 HNSW_QUANTIZER_EF = 256  # efSearch given to an HNSW coarse quantizer (its lists, at add and search)
 

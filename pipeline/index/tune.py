@@ -13,8 +13,45 @@ LOG = logging.getLogger(__name__)
 
 # Every nprobe to 8, then steps of a quarter or less: at the few lists a large IVF index settles on, one
 # step of (4, 6, 8) moved recall@10 by 0.005-0.01 at 1M, so builds of the same data landed that far apart.
-NPROBE_GRID = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192,
-               224, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
+NPROBE_GRID = (
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    7,
+    8,
+    10,
+    12,
+    14,
+    16,
+    20,
+    24,
+    28,
+    32,
+    40,
+    48,
+    56,
+    64,
+    80,
+    96,
+    112,
+    128,
+    160,
+    192,
+    224,
+    256,
+    320,
+    384,
+    448,
+    512,
+    640,
+    768,
+    896,
+    1024,
+)
+DEFAULT_TARGET_RECALL = 0.95  # recall@10 against exact search that a tuned nprobe must reach (with confidence)
 
 
 class Searchable(Protocol):
@@ -47,9 +84,18 @@ def lower_bound(per_query: np.ndarray) -> float:
     return float(per_query.mean() - 1.645 * per_query.std(ddof=1) / np.sqrt(len(per_query)))
 
 
-def tune_nprobe(index: Searchable, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, nlist: int,
-                k: int = 10, target: float = 0.95, nprobe: int | None = None,
-                start: int | None = None, hold: float | None = None) -> tuple[int, float, float, list[dict]]:
+def tune_nprobe(
+    index: Searchable,
+    queries: np.ndarray,
+    query_ids: np.ndarray,
+    truth: np.ndarray,
+    nlist: int,
+    k: int = 10,
+    target: float = DEFAULT_TARGET_RECALL,
+    nprobe: int | None = None,
+    start: int | None = None,
+    hold: float | None = None,
+) -> tuple[int, float, float, list[dict]]:
     """Smallest nprobe whose recall@k reaches `target` with 95% confidence (or just the given `nprobe`).
 
     "With confidence": the lower bound of the mean over the sampled queries must reach the
@@ -81,13 +127,24 @@ def tune_nprobe(index: Searchable, queries: np.ndarray, query_ids: np.ndarray, t
         while j < len(grid) - 1 and not reaches(j + 1):
             j += 1
         j = min(j + 1, len(grid) - 1)
-    tried = [{"nprobe": grid[i], "recall": round(rec, 4), "recall_lower_bound": round(lb, 4),
-              "ms_per_query": round(ms, 4)} for i, (rec, lb, ms) in sorted(results.items())]
+    tried = [
+        {"nprobe": grid[i], "recall": round(rec, 4), "recall_lower_bound": round(lb, 4), "ms_per_query": round(ms, 4)}
+        for i, (rec, lb, ms) in sorted(results.items())
+    ]
     return grid[j], results[j][0], results[j][2], tried
 
 
-def tune(index: Searchable, nlist: int, queries: np.ndarray, q_ids: np.ndarray, truth: np.ndarray,
-         nprobe: int | None, target: float, start: int | None = None, hold: float | None = None) -> dict:
+def tune(
+    index: Searchable,
+    nlist: int,
+    queries: np.ndarray,
+    q_ids: np.ndarray,
+    truth: np.ndarray,
+    nprobe: int | None,
+    target: float,
+    start: int | None = None,
+    hold: float | None = None,
+) -> dict:
     """The meta.json fields of tuning: recall@10 against exact search, and the nprobe that reaches
     `target` (and `hold`: tune_nprobe); an index without IVF lists is searched once."""
     k = 10
@@ -99,8 +156,14 @@ def tune(index: Searchable, nlist: int, queries: np.ndarray, q_ids: np.ndarray, 
         ms = (time.perf_counter() - t0) * 1000 / len(queries)
         rec, tried = float(recall_at(found, truth, q_ids, k).mean()), []
     LOG.info("nprobe %s: recall@10 %.3f, %.3f ms/query (%d queries)", nprobe, rec, ms, len(q_ids))
-    return {"nprobe": nprobe, "recall_at_10": round(rec, 4), "target_recall": target,
-            "recall_queries": len(q_ids), "query_ms": round(ms, 4), "nprobe_sweep": tried}
+    return {
+        "nprobe": nprobe,
+        "recall_at_10": round(rec, 4),
+        "target_recall": target,
+        "recall_queries": len(q_ids),
+        "query_ms": round(ms, 4),
+        "nprobe_sweep": tried,
+    }
 
 
 def exact_tuning() -> dict:
@@ -115,6 +178,9 @@ def with_search_time(index: faiss.Index, queries: np.ndarray, tuning: dict, samp
     index.search(queries[:sample], 11, params=ivf_params(tuning["nprobe"]))
     ms = (time.perf_counter() - t0) * 1000 / len(queries[:sample])
     LOG.info("nprobe %s: %.3f ms/query (%d queries searched)", tuning["nprobe"], ms, len(queries[:sample]))
-    return {**tuning, "query_ms": round(ms, 4),
-            "nprobe_sweep": [{k: v for k, v in s.items() if k != "ms_per_query"} for s in tuning["nprobe_sweep"]],
-            "recall_note": "nprobe tuned from the lists that hold each query's true neighbours (IVF-Flat: exact)"}
+    return {
+        **tuning,
+        "query_ms": round(ms, 4),
+        "nprobe_sweep": [{k: v for k, v in s.items() if k != "ms_per_query"} for s in tuning["nprobe_sweep"]],
+        "recall_note": "nprobe tuned from the lists that hold each query's true neighbours (IVF-Flat: exact)",
+    }

@@ -32,6 +32,7 @@ from ..version import __version__
 INDEX_FILE, META_FILE, CURRENT_FILE, VERSIONS_DIR = "index.faiss", "meta.json", "CURRENT", "versions"
 RECALL_FILE = "recall.npz"
 META_SCHEMA = 1
+DEFAULT_KEEP = 3  # published versions kept: older ones are pruned when a new one is published
 
 
 @dataclass
@@ -61,8 +62,9 @@ class Collection:
 def damaged(path: Path, why: Exception | str) -> PipelineError:
     """The one-line error for a file of a published version that cannot be read."""
     why = cause(why) if isinstance(why, Exception) else why
-    return PipelineError(f"{path} is missing or corrupt ({why}); rebuild the index with "
-                         "`pipeline build-index` (or `pipeline rebuild`)")
+    return PipelineError(
+        f"{path} is missing or corrupt ({why}); rebuild the index with `pipeline build-index` (or `pipeline rebuild`)"
+    )
 
 
 def current_version(index_dir: Path) -> Path:
@@ -70,13 +72,16 @@ def current_version(index_dir: Path) -> Path:
     pointer = index_dir / CURRENT_FILE
     if not index_dir.is_dir():
         raise PipelineError(f"index folder not found: {index_dir}")
-    fix = (f"run `pipeline build-index` (or `pipeline rebuild`) to publish a new version, or write the name "
-           f"of one of {index_dir / VERSIONS_DIR}/* into it")
+    fix = (
+        f"run `pipeline build-index` (or `pipeline rebuild`) to publish a new version, or write the name "
+        f"of one of {index_dir / VERSIONS_DIR}/* into it"
+    )
     try:
         version = pointer.read_text().strip()
     except FileNotFoundError:
-        raise PipelineError(f"{index_dir} holds no published index (no {CURRENT_FILE} file); "
-                            "run `pipeline build-index`") from None
+        raise PipelineError(
+            f"{index_dir} holds no published index (no {CURRENT_FILE} file); run `pipeline build-index`"
+        ) from None
     except (OSError, ValueError) as exc:  # ValueError: not UTF-8
         raise PipelineError(f"{pointer} is damaged ({cause(exc)}); {fix}") from None
     if not version or not version.isprintable() or version != Path(version).name or version.startswith("."):
@@ -128,27 +133,51 @@ def built_fields(version: str, source: Collection, factory: str, kind: str, aske
     """The meta.json fields that say what a full build made, from what model, and what kind of index
     was asked for (`asked`: the options given, which the nightly rebuild asks for again)."""
     n = len(source.ids)
-    return {"schema_version": META_SCHEMA, "pipeline_version": __version__, "asked": asked,
-            "created": _now(), "version": version, "model": source.model,
-            "count": n, "dim": source.dim, "metric": "inner_product", "factory": factory, "kind": kind,
-            "ids": "catalog" if source.stable else "positions", "made_by": "build", "trained_count": n,
-            "changes_since_training": 0, "base_version": None}
+    return {
+        "schema_version": META_SCHEMA,
+        "pipeline_version": __version__,
+        "asked": asked,
+        "created": _now(),
+        "version": version,
+        "model": source.model,
+        "count": n,
+        "dim": source.dim,
+        "metric": "inner_product",
+        "factory": factory,
+        "kind": kind,
+        "ids": "catalog" if source.stable else "positions",
+        "made_by": "build",
+        "trained_count": n,
+        "changes_since_training": 0,
+        "base_version": None,
+    }
 
 
 def updated_fields(version: str, source: Collection, base: dict, added: int, removed: int) -> dict:
     """The meta.json fields that say what an update changed of its `base` version's meta."""
-    return {"pipeline_version": __version__, "created": _now(), "version": version, "model": source.model,
-            "count": len(source.ids), "made_by": "update", "base_version": base["version"], "added": added,
-            "removed": removed, "changes_since_training": base["changes_since_training"] + added + removed}
+    return {
+        "pipeline_version": __version__,
+        "created": _now(),
+        "version": version,
+        "model": source.model,
+        "count": len(source.ids),
+        "made_by": "update",
+        "base_version": base["version"],
+        "added": added,
+        "removed": removed,
+        "changes_since_training": base["changes_since_training"] + added + removed,
+    }
 
 
 def made_from(source: Collection, t_start: float, timings: dict[str, float]) -> dict:
     """The meta.json fields that say from what and how fast a version was made."""
-    return {"build_seconds": round(time.monotonic() - t_start, 3),
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-            "features_dir": str(source.features_dir.resolve()),
-            "shards": [{"name": i.path.name, "count": len(rows), "created": i.created} for i, rows in source.parts],
-            "live_digest": source.digest}
+    return {
+        "build_seconds": round(time.monotonic() - t_start, 3),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "features_dir": str(source.features_dir.resolve()),
+        "shards": [{"name": i.path.name, "count": len(rows), "created": i.created} for i, rows in source.parts],
+        "live_digest": source.digest,
+    }
 
 
 def _now() -> str:

@@ -15,6 +15,9 @@ from .info import ModelInfo
 
 DEFAULT_MODEL_PATH = Path("models/vgg16.onnx")  # in a source checkout, relative to the current folder
 MODEL_ENV, HOME_ENV = "PIPELINE_MODEL", "PIPELINE_HOME"  # a model file; the folder of per-user data
+DEFAULT_BATCH_SIZE = 8  # images per model call (extract, search, the service, quantize's calibration)
+DEFAULT_THREADS = 0  # ONNX Runtime intra-op threads; 0 = one per core
+DEFAULT_DEVICE = "cpu"  # or "cuda" (onnxruntime-gpu)
 
 
 def user_data_dir() -> Path:
@@ -46,8 +49,9 @@ def locate_model(path: Path | str | None) -> tuple[Path, str]:
     if source == "--model":
         raise PipelineError(f"model file not found: {candidate}")
     why = source if source == MODEL_ENV else f"{source}; no ./models/vgg16.onnx here either"
-    raise PipelineError(f"model file not found: {candidate} ({why}); create it with `pipeline model export`, "
-                        "or pass --model")
+    raise PipelineError(
+        f"model file not found: {candidate} ({why}); create it with `pipeline model export`, or pass --model"
+    )
 
 
 def resolve_model_path(path: Path | str | None) -> Path:
@@ -58,7 +62,9 @@ def resolve_model_path(path: Path | str | None) -> Path:
 class FeatureModel:
     """An ONNX Runtime session of a feature model: uint8 RGB batches in, L2-normalised features out."""
 
-    def __init__(self, path: Path | str | None = None, threads: int = 0, device: str = "cpu") -> None:
+    def __init__(
+        self, path: Path | str | None = None, threads: int = DEFAULT_THREADS, device: str = DEFAULT_DEVICE
+    ) -> None:
         import onnxruntime as ort
 
         self.path = resolve_model_path(path)
@@ -78,8 +84,9 @@ class FeatureModel:
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
         except Exception as exc:
-            raise PipelineError(f"{self.path} could not be loaded by ONNX Runtime: "
-                                f"{str(exc).splitlines()[0]}") from None
+            raise PipelineError(
+                f"{self.path} could not be loaded by ONNX Runtime: {str(exc).splitlines()[0]}"
+            ) from None
         meta = self.session.get_modelmeta().custom_metadata_map
         self.info = ModelInfo.from_metadata(meta, self.path)
         self.input_name = self.session.get_inputs()[0].name
@@ -90,11 +97,13 @@ class FeatureModel:
         if len(images) == 0:
             return np.zeros((0, self.info.dim), np.float32)
         if self.info.input_shapes and images.shape[1:3] not in input_shapes(self.info.resize_to):
-            raise PipelineError(f"{self.info.short()} takes images of shapes {self.info.input_shapes}, "
-                                f"not {images.shape[1]}x{images.shape[2]}")
+            raise PipelineError(
+                f"{self.info.short()} takes images of shapes {self.info.input_shapes}, "
+                f"not {images.shape[1]}x{images.shape[2]}"
+            )
         return self.session.run(None, {self.input_name: images})[0]
 
-    def embed_each(self, images: Sequence[np.ndarray], batch_size: int = 8) -> np.ndarray:
+    def embed_each(self, images: Sequence[np.ndarray], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """Features [N, dim] of images [H, W, 3] of possibly different shapes, in order: one batch per
         shape (up to batch_size images)."""
         out = np.zeros((len(images), self.info.dim), np.float32)
@@ -103,6 +112,6 @@ class FeatureModel:
             by_shape.setdefault(im.shape, []).append(i)
         for rows in by_shape.values():
             for start in range(0, len(rows), batch_size):
-                chunk = rows[start:start + batch_size]
+                chunk = rows[start : start + batch_size]
                 out[chunk] = self.embed(np.stack([images[i] for i in chunk]))
         return out

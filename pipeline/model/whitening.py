@@ -102,7 +102,7 @@ def load_whitening(path: Path | str) -> Whitening:
 
 
 def shipped_whitening_path(profile: str) -> Path:
-    """Where the whitening a profile ships with lives (scripts/learn_whitening.py writes it; data/README.md
+    """Where the whitening a profile ships with lives (scripts/eval/learn_whitening.py writes it; data/README.md
     says how and on what each was learned)."""
     return DATA_DIR / f"whitening-{profile}.npz"
 

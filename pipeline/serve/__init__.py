@@ -2,17 +2,79 @@
 
 One door to the package: `from pipeline.serve import X`. `Service` (service.py) is the library object
 (tests and programs call it directly); `create_app` (app.py) is the thin FastAPI layer over it that
-`pipeline serve` runs, with the page in web/; `MicroBatcher` (batcher.py) owns the model session.
-Importing it imports FastAPI (the serve extra).
+`pipeline serve` runs, with the page in web/; `MicroBatcher` (batcher.py) owns the model session; the
+defaults and limits are in limits.py. Only limits.py is imported with the package: the other names are
+imported on first use (PEP 562), so `pipeline serve` reads its defaults without the serve extra; using
+one of them imports FastAPI.
 """
 
 from __future__ import annotations
 
-from .app import API_KEY_COOKIE, API_KEY_HEADER, DEFAULT_MAX_UPLOAD, WEB_DIR, BodyLimit, create_app, is_loopback
-from .batcher import MicroBatcher
-from .service import MAX_IMAGES_PER_REQUEST, THUMB_SIZE, RequestError, Service
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .limits import (
+    DEFAULT_HOST,
+    DEFAULT_MAX_UPLOAD,
+    DEFAULT_MAX_WAIT_MS,
+    DEFAULT_OPEN_VERSIONS,
+    DEFAULT_POLL,
+    DEFAULT_PORT,
+    DEFAULT_QUEUE_SIZE,
+    DEFAULT_TIMEOUT,
+)
+
+if TYPE_CHECKING:
+    from .app import API_KEY_COOKIE, API_KEY_HEADER, WEB_DIR, BodyLimit, create_app, is_loopback
+    from .batcher import MicroBatcher
+    from .service import MAX_IMAGES_PER_REQUEST, THUMB_SIZE, RequestError, Service
+
+# Name -> the module that defines it, imported by __getattr__ on first use.
+_LAZY = {
+    "API_KEY_COOKIE": "app",
+    "API_KEY_HEADER": "app",
+    "WEB_DIR": "app",
+    "BodyLimit": "app",
+    "create_app": "app",
+    "is_loopback": "app",
+    "MicroBatcher": "batcher",
+    "MAX_IMAGES_PER_REQUEST": "service",
+    "THUMB_SIZE": "service",
+    "RequestError": "service",
+    "Service": "service",
+}
 
 __all__ = [
-    "API_KEY_COOKIE", "API_KEY_HEADER", "DEFAULT_MAX_UPLOAD", "MAX_IMAGES_PER_REQUEST", "THUMB_SIZE", "WEB_DIR",
-    "BodyLimit", "MicroBatcher", "RequestError", "Service", "create_app", "is_loopback",
+    "API_KEY_COOKIE",
+    "API_KEY_HEADER",
+    "DEFAULT_HOST",
+    "DEFAULT_MAX_UPLOAD",
+    "DEFAULT_MAX_WAIT_MS",
+    "DEFAULT_OPEN_VERSIONS",
+    "DEFAULT_POLL",
+    "DEFAULT_PORT",
+    "DEFAULT_QUEUE_SIZE",
+    "DEFAULT_TIMEOUT",
+    "MAX_IMAGES_PER_REQUEST",
+    "THUMB_SIZE",
+    "WEB_DIR",
+    "BodyLimit",
+    "MicroBatcher",
+    "RequestError",
+    "Service",
+    "create_app",
+    "is_loopback",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -22,14 +22,14 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import BusyError, PipelineError
-from ..search import QueryResult
+from ..search import DEFAULT_K, QueryResult
 from ..version import __version__
+from .limits import DEFAULT_MAX_UPLOAD
 from .service import RequestError, Service
 
 LOG = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
-DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024  # bytes per request body
 API_KEY_HEADER = "X-API-Key"
 API_KEY_COOKIE = "pipeline_key"  # what the page stores, so that <img> thumbnail requests carry it
 RETRY_AFTER_S = 1
@@ -39,8 +39,9 @@ K = Annotated[int, Query(ge=1, le=1000, description="Results per query.")]
 MinScore = Annotated[float | None, Query(description="Drop results below this cosine score.")]
 ExcludeSelf = Annotated[bool, Query(description="Drop the query image itself and byte-identical copies.")]
 Nprobe = Annotated[int | None, Query(ge=1, le=1 << 20, description="Override the index's tuned nprobe.")]
-Version = Annotated[str | None, Query(max_length=64,
-                                         description="Index version an id belongs to (default: the current one).")]
+Version = Annotated[
+    str | None, Query(max_length=64, description="Index version an id belongs to (default: the current one).")
+]
 Uploads = Annotated[list[UploadFile], File(description="One or more images (repeat the field).")]
 LikeId = Annotated[int, Query(ge=0, description="Id of an indexed image.")]
 
@@ -103,9 +104,17 @@ class BodyLimit:
 
     async def _refuse(self, send: Send) -> None:
         body = json.dumps({"error": f"request body too large: the limit is {self.limit} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -116,15 +125,21 @@ def create_app(service: Service, api_key: str | None = None, max_upload: int = D
     health wants it in the X-API-Key header or the pipeline_key cookie (which the page sets).
     The app starts the service when it starts and closes it when it stops.
     """
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(service.start)
         yield
         await asyncio.to_thread(service.close)
 
-    app = FastAPI(title="pipeline", version=__version__,
-                  summary="Search by image: upload a photo, get its look-alikes.",
-                  docs_url=None, redoc_url=None, lifespan=lifespan)
+    app = FastAPI(
+        title="pipeline",
+        version=__version__,
+        summary="Search by image: upload a photo, get its look-alikes.",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
     app.add_middleware(BodyLimit, limit=max_upload)
     _add_error_handlers(app)
     _add_api(app, service, [Depends(_key_check(api_key))])
@@ -143,6 +158,7 @@ def _error(status: int, message: str, headers: Mapping[str, str] | None = None) 
 
 def _add_error_handlers(app: FastAPI) -> None:
     """Every error answers {"error": one line}: refusals their status, busy 503 with Retry-After."""
+
     @app.exception_handler(RequestError)
     async def on_request_error(_request: Request, exc: RequestError) -> JSONResponse:
         return _error(exc.status, str(exc))
@@ -169,6 +185,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 def _key_check(api_key: str | None) -> Callable[[Request], None]:
     """A dependency refusing (401) a request without `api_key` in the header or the cookie; none: all pass."""
+
     def check_key(request: Request) -> None:
         if api_key is None:
             return
@@ -192,22 +209,40 @@ def _answer(version: str, results: list[QueryResult]) -> JSONResponse:
 
 def _add_api(app: FastAPI, service: Service, guarded: Sequence[params.Depends]) -> None:
     """The /api routes; all but health behind the `guarded` dependencies (the API key)."""
+
     @app.post("/api/search", dependencies=guarded, summary="Search by uploaded images")
-    async def search_images(image: Uploads, k: K = 10, min_score: MinScore = None, exclude_self: ExcludeSelf = False,
-                            nprobe: Nprobe = None) -> JSONResponse:
+    async def search_images(
+        image: Uploads,
+        k: K = DEFAULT_K,
+        min_score: MinScore = None,
+        exclude_self: ExcludeSelf = False,
+        nprobe: Nprobe = None,
+    ) -> JSONResponse:
         uploads = [(f.filename or f"upload-{i + 1}", await f.read()) for i, f in enumerate(image)]
         version, results = await service.search_uploads(uploads, k, min_score, exclude_self, nprobe)
         return _answer(version, results)
 
-    @app.get("/api/search", dependencies=guarded,
-             summary="More like an indexed image (its stored feature, no model run)")
-    async def search_like(like: LikeId, version: Version = None, k: K = 10, min_score: MinScore = None,
-                          exclude_self: ExcludeSelf = False, nprobe: Nprobe = None) -> JSONResponse:
+    @app.get(
+        "/api/search", dependencies=guarded, summary="More like an indexed image (its stored feature, no model run)"
+    )
+    async def search_like(
+        like: LikeId,
+        version: Version = None,
+        k: K = DEFAULT_K,
+        min_score: MinScore = None,
+        exclude_self: ExcludeSelf = False,
+        nprobe: Nprobe = None,
+    ) -> JSONResponse:
         served, result = await service.search_like(like, version, k, min_score, exclude_self, nprobe)
         return _answer(served, [result])
 
-    @app.get("/api/thumbnail/{idx}", dependencies=guarded, summary="A small JPEG of an indexed image",
-             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+    @app.get(
+        "/api/thumbnail/{idx}",
+        dependencies=guarded,
+        summary="A small JPEG of an indexed image",
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}}},
+    )
     async def thumbnail_image(idx: Annotated[int, PathParam(ge=0)], version: Version = None) -> Response:
         data = await asyncio.to_thread(service.thumbnail, idx, version)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})

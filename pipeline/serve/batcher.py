@@ -12,7 +12,8 @@ from typing import TypeAlias
 import numpy as np
 
 from ..errors import BusyError
-from ..model import FeatureModel
+from ..model import DEFAULT_BATCH_SIZE, FeatureModel
+from .limits import DEFAULT_MAX_WAIT_MS, DEFAULT_QUEUE_SIZE
 
 LOG = logging.getLogger(__name__)
 Job: TypeAlias = tuple[np.ndarray, Future[np.ndarray]]  # an image and the future of its feature vector
@@ -26,8 +27,13 @@ class MicroBatcher:
     `batch_size`. The queue is bounded: `submit` raises BusyError when `queue_size` images wait.
     """
 
-    def __init__(self, model: FeatureModel, batch_size: int = 8, max_wait: float = 0.005,
-                 queue_size: int = 64) -> None:
+    def __init__(
+        self,
+        model: FeatureModel,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_wait: float = DEFAULT_MAX_WAIT_MS / 1000,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+    ) -> None:
         assert batch_size >= 1 and queue_size >= 1, "batch_size and queue_size must be at least 1"
         self.model, self.batch_size, self.max_wait = model, batch_size, max_wait
         self._queue: queue.Queue[Job | None] = queue.Queue(queue_size)
@@ -41,8 +47,9 @@ class MicroBatcher:
         try:
             self._queue.put_nowait((pixels, fut))
         except queue.Full:
-            raise BusyError(f"the service is busy ({self._queue.maxsize} images wait for the model); "
-                            "retry shortly") from None
+            raise BusyError(
+                f"the service is busy ({self._queue.maxsize} images wait for the model); retry shortly"
+            ) from None
         return fut
 
     def waiting(self) -> int:

@@ -21,10 +21,11 @@ import numpy as np
 from ..errors import BusyError, ImageError, PipelineError
 from ..images import decode_bytes, input_shapes
 from ..index import CURRENT_FILE
-from ..model import FeatureModel
-from ..search import Hit, QueryFile, QueryResult, Searcher
+from ..model import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, FeatureModel
+from ..search import DEFAULT_K, Hit, QueryFile, QueryResult, Searcher
 from ..sheet import thumbnail
 from .batcher import MicroBatcher
+from .limits import DEFAULT_MAX_WAIT_MS, DEFAULT_OPEN_VERSIONS, DEFAULT_POLL, DEFAULT_QUEUE_SIZE, DEFAULT_TIMEOUT
 
 LOG = logging.getLogger(__name__)
 
@@ -53,9 +54,20 @@ class Service:
     into the page cache before it is served (at start-up, and before a swap).
     """
 
-    def __init__(self, index_dir: Path | str, model: Path | str | None = None, *, batch_size: int = 8,
-                 max_wait_ms: float = 5.0, queue_size: int = 64, timeout: float = 30.0, poll: float = 0.5,
-                 threads: int = 0, keep: int = 3, warm: bool = True) -> None:
+    def __init__(
+        self,
+        index_dir: Path | str,
+        model: Path | str | None = None,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        timeout: float = DEFAULT_TIMEOUT,
+        poll: float = DEFAULT_POLL,
+        threads: int = DEFAULT_THREADS,
+        keep: int = DEFAULT_OPEN_VERSIONS,
+        warm: bool = True,
+    ) -> None:
         self.index_dir, self._model_arg, self._threads = Path(index_dir), model, threads
         self.warm = warm  # read each version's files into the page cache before serving it (Searcher.warm)
         self.batch_size, self.max_wait, self.queue_size = batch_size, max_wait_ms / 1000, queue_size
@@ -155,10 +167,14 @@ class Service:
             return False
         want = new.meta["model"].get("checksum")
         if want != self.model.info.checksum:
-            LOG.error("refused index version %s: made by model %s (checksum %s), this service runs %s; "
-                      "still serving %s",
-                      new.version_dir.name, new.meta["model"].get("name", "?"), (want or "none")[:12],
-                      self.model.info.short(), serving)
+            LOG.error(
+                "refused index version %s: made by model %s (checksum %s), this service runs %s; still serving %s",
+                new.version_dir.name,
+                new.meta["model"].get("name", "?"),
+                (want or "none")[:12],
+                self.model.info.short(),
+                serving,
+            )
             self._skipped = new.version_dir.name
             return False
         try:
@@ -178,8 +194,12 @@ class Service:
         if self.warm:
             t0 = time.monotonic()
             read = searcher.warm()
-            LOG.info("index version %s read into the page cache: %.0f MiB in %.1f s", searcher.version_dir.name,
-                     read / 2**20, time.monotonic() - t0)
+            LOG.info(
+                "index version %s read into the page cache: %.0f MiB in %.1f s",
+                searcher.version_dir.name,
+                read / 2**20,
+                time.monotonic() - t0,
+            )
 
     # ------------------------------------------------------------------ queries
 
@@ -188,8 +208,14 @@ class Service:
         pixels = decode_bytes(data, self.model.info.resize_to)
         return pixels, hashlib.blake2b(data, digest_size=16).hexdigest()
 
-    async def search_uploads(self, uploads: Sequence[tuple[str, bytes]], k: int = 10, min_score: float | None = None,
-                             exclude_self: bool = False, nprobe: int | None = None) -> tuple[str, list[QueryResult]]:
+    async def search_uploads(
+        self,
+        uploads: Sequence[tuple[str, bytes]],
+        k: int = DEFAULT_K,
+        min_score: float | None = None,
+        exclude_self: bool = False,
+        nprobe: int | None = None,
+    ) -> tuple[str, list[QueryResult]]:
         """(version, results) for uploaded images (name, bytes), in order.
 
         An upload that cannot be decoded gets an `error` and the others still answer; when none can
@@ -203,7 +229,8 @@ class Service:
         searcher = self.searcher
         try:
             results = await asyncio.wait_for(
-                self._search_uploads(searcher, uploads, k, min_score, exclude_self, nprobe), self.timeout)
+                self._search_uploads(searcher, uploads, k, min_score, exclude_self, nprobe), self.timeout
+            )
         except asyncio.TimeoutError:
             raise BusyError(f"no answer within {self.timeout:g} s (the service is overloaded); retry shortly") from None
         if all(r.error for r in results):
@@ -211,10 +238,18 @@ class Service:
         self._served(t0)
         return searcher.version_dir.name, results
 
-    async def _search_uploads(self, searcher: Searcher, uploads: Sequence[tuple[str, bytes]], k: int,
-                              min_score: float | None, exclude_self: bool, nprobe: int | None) -> list[QueryResult]:
-        decoded = await asyncio.gather(*(asyncio.to_thread(self.decode, data) for _, data in uploads),
-                                       return_exceptions=True)
+    async def _search_uploads(
+        self,
+        searcher: Searcher,
+        uploads: Sequence[tuple[str, bytes]],
+        k: int,
+        min_score: float | None,
+        exclude_self: bool,
+        nprobe: int | None,
+    ) -> list[QueryResult]:
+        decoded = await asyncio.gather(
+            *(asyncio.to_thread(self.decode, data) for _, data in uploads), return_exceptions=True
+        )
         for d in decoded:
             if isinstance(d, BaseException) and not isinstance(d, ImageError):
                 raise d
@@ -231,14 +266,24 @@ class Service:
         hits: dict[int, list[Hit]] = {}
         if good:
             excl = [QueryFile("", content_hash) for _, (_, content_hash) in good] if exclude_self else None
-            found = await asyncio.to_thread(self._locked, searcher.search_vectors, np.stack(feats), k, nprobe,
-                                            min_score, excl)
+            found = await asyncio.to_thread(
+                self._locked, searcher.search_vectors, np.stack(feats), k, nprobe, min_score, excl
+            )
             hits = {i: h for (i, _), h in zip(good, found, strict=True)}
-        return [QueryResult(name, hits[i]) if i in hits else QueryResult(name, error=str(d))
-                for i, ((name, _), d) in enumerate(zip(uploads, decoded, strict=True))]
+        return [
+            QueryResult(name, hits[i]) if i in hits else QueryResult(name, error=str(d))
+            for i, ((name, _), d) in enumerate(zip(uploads, decoded, strict=True))
+        ]
 
-    async def search_like(self, idx: int, version: str | None = None, k: int = 10, min_score: float | None = None,
-                          exclude_self: bool = False, nprobe: int | None = None) -> tuple[str, QueryResult]:
+    async def search_like(
+        self,
+        idx: int,
+        version: str | None = None,
+        k: int = DEFAULT_K,
+        min_score: float | None = None,
+        exclude_self: bool = False,
+        nprobe: int | None = None,
+    ) -> tuple[str, QueryResult]:
         """(version, result) for the indexed image `idx` of `version` (default: the current one), from its
         stored vector."""
         t0 = time.perf_counter()
@@ -269,7 +314,7 @@ class Service:
         return buf.getvalue()
 
     def _path(self, searcher: Searcher, idx: int) -> str:
-        path = self._locked(searcher.path_of, idx) if 0 <= idx < 2 ** 62 else None
+        path = self._locked(searcher.path_of, idx) if 0 <= idx < 2**62 else None
         if path is None:
             raise RequestError(f"no image with id {idx} in index version {searcher.version_dir.name}", 404)
         return path
@@ -285,7 +330,7 @@ class Service:
     # ------------------------------------------------------------------ reports
 
     def health(self) -> dict[str, Any]:
-        """"ready" with the served version and size, or "starting": what a load balancer polls."""
+        """ "ready" with the served version and size, or "starting": what a load balancer polls."""
         if not self.ready:
             return {"status": "starting"}
         return {"status": "ready", "version": self.searcher.version_dir.name, "count": self.searcher.count}
@@ -297,14 +342,21 @@ class Service:
         lat = np.array(self._latencies) * 1000
         model = batcher.model.info
         return {
-            "version": s.version_dir.name, "count": s.count, "built_at": s.meta.get("created"),
-            "factory": s.meta.get("factory"), "nprobe": s.nprobe,
+            "version": s.version_dir.name,
+            "count": s.count,
+            "built_at": s.meta.get("created"),
+            "factory": s.meta.get("factory"),
+            "nprobe": s.nprobe,
             "model": {"name": model.name, "checksum": model.checksum, "input_size": model.input_size},
             "requests_served": self.requests,
-            "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
-                           "p99": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
-                           "window": len(lat)},
-            "batches": batcher.batches, "images_embedded": batcher.images,
+            "latency_ms": {
+                "p50": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
+                "p99": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
+                "window": len(lat),
+            },
+            "batches": batcher.batches,
+            "images_embedded": batcher.images,
             "queue": {"waiting": batcher.waiting(), "size": self.queue_size},
-            "batch_size": self.batch_size, "max_wait_ms": self.max_wait * 1000,
+            "batch_size": self.batch_size,
+            "max_wait_ms": self.max_wait * 1000,
         }
