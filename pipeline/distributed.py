@@ -72,8 +72,10 @@ def connect(address: str) -> ModuleType:
         try:
             ray.init(address=None if address == "local" else address, log_to_driver=False, include_dashboard=False)
         except ConnectionError as exc:
-            raise PipelineError(f"cannot reach a Ray cluster at {address!r} ({exc}); start one with "
-                                "`ray start --head`, or use --ray local") from None
+            raise PipelineError(
+                f"cannot reach a Ray cluster at {address!r} ({exc}); start one with "
+                "`ray start --head`, or use --ray local"
+            ) from None
     return ray
 
 
@@ -85,8 +87,9 @@ class RayDistributor:
         self.address = address
         self.ray = connect(address)  # at once: a cluster that cannot be reached is a one-line error before any work
 
-    def embed_shards(self, job: ExtractJob, files: Iterable[list[FileRow]], catalog: Catalog, report: ExtractReport,
-                     bar: Progress) -> None:
+    def embed_shards(
+        self, job: ExtractJob, files: Iterable[list[FileRow]], catalog: Catalog, report: ExtractReport, bar: Progress
+    ) -> None:
         """extract()'s tasks on the cluster (extract.ShardDistributor): cut into tasks of job.shard_size
         files, each run by extract's per-task function (ShardEmbedder) on an actor, recorded here
         (record_task) as it ends.
@@ -104,8 +107,15 @@ class RayDistributor:
             for a in actors:
                 self.ray.kill(a)
 
-    def fill(self, index: faiss.Index, parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray,
-             queries: np.ndarray | None, k: int, progress: bool | None) -> Truth | None:
+    def fill(
+        self,
+        index: faiss.Index,
+        parts: list[tuple[ShardInfo, np.ndarray]],
+        ids: np.ndarray,
+        queries: np.ndarray | None,
+        k: int,
+        progress: bool | None,
+    ) -> Truth | None:
         """build_index()'s fill on the cluster (index.FillDistributor): the shards cut into contiguous ranges
         (one per CPU of the cluster), each added by a task (index.fill_range) to a copy of the trained empty
         IVF index, the partials merged here in id order (IndexIVF.merge_from keeps the ids), which gives the
@@ -120,8 +130,11 @@ class RayDistributor:
             bounds = np.linspace(0, len(parts), n_tasks + 1).astype(int)
             trained, q = self.ray.put(faiss.serialize_index(index)), self.ray.put(queries)
             task = self.ray.remote(RayDistributor._fill_part)
-            refs = [task.remote(trained, parts[lo:hi], ids[starts[lo]:starts[hi]], q, k)
-                    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
+            refs = [
+                task.remote(trained, parts[lo:hi], ids[starts[lo] : starts[hi]], q, k)
+                for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+                if hi > lo
+            ]
             LOG.info("filling the index on Ray: %d partial indexes over %d shards", len(refs), len(parts))
             near = ExactNeighbours(queries, k) if queries is not None else None
             for ref in refs:  # in id order: the merged lists keep the order of a local build
@@ -135,8 +148,13 @@ class RayDistributor:
         return None if near is None else near.result()
 
     @staticmethod
-    def _fill_part(trained: np.ndarray, parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray,
-                   queries: np.ndarray | None, k: int) -> tuple[np.ndarray, Truth | None]:
+    def _fill_part(
+        trained: np.ndarray,
+        parts: list[tuple[ShardInfo, np.ndarray]],
+        ids: np.ndarray,
+        queries: np.ndarray | None,
+        k: int,
+    ) -> tuple[np.ndarray, Truth | None]:
         """A Ray task: index.fill_range into a copy of the trained empty index (faiss.serialize_index).
         Returns the partial index, serialized, and the exact top-k of the queries among its rows."""
         index = faiss.deserialize_index(trained)
@@ -177,15 +195,21 @@ def _start_extractors(ray: ModuleType, job: ExtractJob) -> list:
 
     nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
     actor = ray.remote(max_restarts=-1, max_task_retries=1)(Extractor)
-    actors = [actor.options(num_cpus=n["Resources"]["CPU"], scheduling_strategy=NodeAffinitySchedulingStrategy(
-        n["NodeID"], soft=True)).remote(job, decode_one) for n in nodes]
+    actors = [
+        actor.options(
+            num_cpus=n["Resources"]["CPU"], scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=True)
+        ).remote(job, decode_one)
+        for n in nodes
+    ]
     try:
         ray.get([a.pid.remote() for a in actors])
     except ray.exceptions.RayActorError as exc:
         for a in actors:
             ray.kill(a)
-        raise PipelineError(f"the Ray workers cannot start the extraction ({cause(exc)}); the model file and the "
-                            "features folder must be at the same path on every node (a shared filesystem)") from None
+        raise PipelineError(
+            f"the Ray workers cannot start the extraction ({cause(exc)}); the model file and the "
+            "features folder must be at the same path on every node (a shared filesystem)"
+        ) from None
     LOG.info("extracting on Ray: %d node(s), one actor each, tasks of %d files", len(actors), job.shard_size)
     return actors
 
@@ -193,8 +217,9 @@ def _start_extractors(ray: ModuleType, job: ExtractJob) -> list:
 class _Tasks:
     """One extraction's tasks on the actors: cut, offered known contents, run, recorded or run again."""
 
-    def __init__(self, ray: ModuleType, actors: list, job: ExtractJob, files: Iterator[FileRow],
-                 catalog: Catalog) -> None:
+    def __init__(
+        self, ray: ModuleType, actors: list, job: ExtractJob, files: Iterator[FileRow], catalog: Catalog
+    ) -> None:
         self.ray, self.job, self.files, self.catalog = ray, job, files, catalog
         self.retry: deque[tuple[list[FileRow], int | None]] = deque()  # (files, shard number) of tasks to run alone
         self.held: deque[FileRow] = deque()  # files waiting for a task in flight with a file of their size
@@ -271,9 +296,8 @@ class _Tasks:
             remove_shard(self.job.out, n)  # a new task (or none) does its files now
             if len(task) > 1:
                 LOG.warning("a Ray worker died twice during a task of %d files; splitting it", len(task))
-                self.retry.extend([(task[:len(task) // 2], None), (task[len(task) // 2:], None)])
+                self.retry.extend([(task[: len(task) // 2], None), (task[len(task) // 2 :], None)])
             else:
                 LOG.warning("%s killed its Ray worker twice (%s)", task[0][0], type(exc).__name__)
                 self.crashed += task
             return None
-

@@ -50,9 +50,13 @@ def cause(exc: BaseException) -> str:
 def write_error(path: Path | str, exc: Exception, rerun: str = "the command") -> PipelineError:
     """A failed write of one of our files (OSError, sqlite3 or faiss error) as one sentence: which
     file, why, what to do. A full disk says so: it is the commonest cause, and the fix is simple."""
-    full = (getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-            or getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" or "No space left on device" in str(exc))
+    full = (
+        getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        or getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL"
+        or "No space left on device" in str(exc)
+    )
     if full:
         return PipelineError(f"the disk is full: cannot write {path}; free some space and rerun {rerun}")
-    return PipelineError(f"cannot write {path}: {cause(exc)}; "
-                         f"choose a writable folder (or fix its permissions) and rerun {rerun}")
+    return PipelineError(
+        f"cannot write {path}: {cause(exc)}; choose a writable folder (or fix its permissions) and rerun {rerun}"
+    )

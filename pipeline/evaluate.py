@@ -100,12 +100,16 @@ class EvalReport:
         return RECALL_LEVELS, np.mean(curves, axis=0)
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"queries": self.queries, "mAP": round(self.map, 4),
-             **{f"recall@{k}": round(v, 4) for k, v in self.recall.items()},
-             **{f"precision@{k}": round(v, 4) for k, v in self.precision.items()}}
+        d: dict[str, Any] = {
+            "queries": self.queries,
+            "mAP": round(self.map, 4),
+            **{f"recall@{k}": round(v, 4) for k, v in self.recall.items()},
+            **{f"precision@{k}": round(v, 4) for k, v in self.precision.items()},
+        }
         if rows := self.by_transformation():
-            d["by_transformation"] = {t: {"queries": r["queries"], "recall@1": round(r["recall@1"], 4)}
-                                      for t, r in rows.items()}
+            d["by_transformation"] = {
+                t: {"queries": r["queries"], "recall@1": round(r["recall@1"], 4)} for t, r in rows.items()
+            }
         return d
 
 
@@ -120,18 +124,27 @@ def score(rankings: dict[str, list[str]], groundtruth: list[dict[str, Any]], ks:
         ranked = [item for item in rankings[q] if item not in drop]
         positives -= drop
         if not positives:
-            raise PipelineError(f"ground truth query {q}: no positive left once the query itself and its ignored "
-                                "files are left out; give it another positive or remove it")
-        per_query.append(QueryScore(q, len(positives), average_precision(ranked, positives),
-                                    positive_ranks(ranked, positives),
-                                    {k: precision_at(ranked, positives, k) for k in ks}))
+            raise PipelineError(
+                f"ground truth query {q}: no positive left once the query itself and its ignored "
+                "files are left out; give it another positive or remove it"
+            )
+        per_query.append(
+            QueryScore(
+                q,
+                len(positives),
+                average_precision(ranked, positives),
+                positive_ranks(ranked, positives),
+                {k: precision_at(ranked, positives, k) for k in ks},
+            )
+        )
     if not per_query:
         raise PipelineError("the ground truth has no queries")
     return EvalReport(
         queries=len(per_query),
         map=float(np.mean([s.ap for s in per_query])),
-        recall={k: float(np.mean([s.first_positive is not None and s.first_positive <= k for s in per_query]))
-                for k in ks},
+        recall={
+            k: float(np.mean([s.first_positive is not None and s.first_positive <= k for s in per_query])) for k in ks
+        },
         precision={k: float(np.mean([s.precision[k] for s in per_query])) for k in ks},
         per_query=per_query,
     )
@@ -147,9 +160,17 @@ def load_groundtruth(path: Path) -> list[dict[str, Any]]:
     return gt
 
 
-def evaluate(index_dir: Path | str, groundtruth: Path | str, queries: Path | str, *, model: Path | str | None = None,
-             nprobe: int | None = None, exact: bool = False, root: Path | str | None = None,
-             depth: int = 10_000) -> EvalReport:
+def evaluate(
+    index_dir: Path | str,
+    groundtruth: Path | str,
+    queries: Path | str,
+    *,
+    model: Path | str | None = None,
+    nprobe: int | None = None,
+    exact: bool = False,
+    root: Path | str | None = None,
+    depth: int = 10_000,
+) -> EvalReport:
     """Run every ground-truth query image (from `queries`) against the index and score the rankings.
 
     Indexed paths are named relative to `root` (default: the common folder of all indexed paths).
@@ -224,12 +245,14 @@ def write_pr_plot(curves: Sequence[tuple[str, EvalReport]], path: Path) -> None:
     for (_, report), colour in zip(curves, colours, strict=True):
         recall, precision = report.pr_curve()
         d.line([xy(r, p) for r, p in zip(recall, precision, strict=True)], fill=colour, width=3)
-    legends = [f"{label + ': ' if label else ''}mAP {report.map:.3f}, {report.queries} queries"
-               for label, report in curves]
+    legends = [
+        f"{label + ': ' if label else ''}mAP {report.map:.3f}, {report.queries} queries" for label, report in curves
+    ]
     lx = left + pw - 10 - max(d.textlength(text, font=font) for text in legends) - 28
     ly = top + ph - 10 - 18 * len(curves)
-    d.rectangle([lx - 6, ly - 6, left + pw - 6, ly + 18 * len(curves) - 2], fill=(255, 255, 255),
-                outline=(120, 120, 120))
+    d.rectangle(
+        [lx - 6, ly - 6, left + pw - 6, ly + 18 * len(curves) - 2], fill=(255, 255, 255), outline=(120, 120, 120)
+    )
     for k, (text, colour) in enumerate(zip(legends, colours, strict=True)):
         d.line([(lx, ly + 18 * k + 5), (lx + 20, ly + 18 * k + 5)], fill=colour, width=3)
         d.text((lx + 28, ly + 18 * k), text, fill=(0, 0, 0), font=font)

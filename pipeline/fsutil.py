@@ -81,8 +81,9 @@ def exclusive_lock(directory: Path, what: str) -> Iterator[None]:
             raise
         previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
         if previous:  # the holder died without releasing: the kernel dropped its flock, we take over
-            LOG.warning("%s: a previous run (pid %s) on %s did not finish; taking over its lock",
-                        what, previous, directory)
+            LOG.warning(
+                "%s: a previous run (pid %s) on %s did not finish; taking over its lock", what, previous, directory
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         try:

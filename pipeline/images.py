@@ -74,8 +74,10 @@ def frame_margins(grey: np.ndarray) -> tuple[int, int, int, int]:
         runs.append(run if run >= 0.01 * len(lines) else 0)
         edges.append(edge)
     out = []
-    for (a, b), (ea, eb), length in (((runs[0], runs[1]), (edges[0], edges[1]), grey.shape[0]),
-                                     ((runs[2], runs[3]), (edges[2], edges[3]), grey.shape[1])):
+    for (a, b), (ea, eb), length in (
+        ((runs[0], runs[1]), (edges[0], edges[1]), grey.shape[0]),
+        ((runs[2], runs[3]), (edges[2], edges[3]), grey.shape[1]),
+    ):
         framed = min(a, b) >= 0.5 * max(a, b) > 0 and abs(ea - eb) <= FRAME_TONE and length - a - b >= 0.5 * length
         out += [a, b] if framed else [0, 0]
     return out[0], out[1], out[2], out[3]
@@ -227,8 +229,10 @@ def decode_rgb(data: bytes, draft: InputSize | None = None, max_pixels: int = DE
     except UnidentifiedImageError:
         raise ImageError("not an image (Pillow cannot identify the format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"image too large: over {min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)} pixels "
-                         "(possible decompression bomb)") from None
+        raise ImageError(
+            f"image too large: over {min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)} pixels "
+            "(possible decompression bomb)"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "truncated" in msg:
@@ -280,4 +284,3 @@ def load_image(
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
     return Decoded(pixels, content_hash, st.st_size, st.st_mtime)
-

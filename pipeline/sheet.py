@@ -79,15 +79,33 @@ def group_sheets(
         for n, im in enumerate(group.images):
             size = f"{im.width}x{im.height}" if im.width else "?"
             label = f"{'best' if n == 0 else f'{im.score_to_first:.3f}'}  {size}"
-            _draw_cell(sheet, draw, font, PAD + n % cols * (thumb + PAD), PAD + n // cols * (thumb + CAPTION + PAD),
-                       im.path, label, thumb, framed=n == 0)
+            _draw_cell(
+                sheet,
+                draw,
+                font,
+                PAD + n % cols * (thumb + PAD),
+                PAD + n // cols * (thumb + CAPTION + PAD),
+                im.path,
+                label,
+                thumb,
+                framed=n == 0,
+            )
         written.append(out_dir / f"group-{group.group:04d}.png")
         _save(sheet, written[-1])
     return written
 
 
-def _draw_cell(sheet: Image.Image, draw: ImageDraw.ImageDraw, font: Font, x: int, y: int, path: str, label: str,
-               thumb: int, framed: bool) -> None:
+def _draw_cell(
+    sheet: Image.Image,
+    draw: ImageDraw.ImageDraw,
+    font: Font,
+    x: int,
+    y: int,
+    path: str,
+    label: str,
+    thumb: int,
+    framed: bool,
+) -> None:
     """One tile at (x, y): the picture (or a grey placeholder), a label and the file name under it."""
     im = thumbnail(path, thumb)
     if im is None:

@@ -29,18 +29,22 @@ def test_unknown_name_is_an_attribute_error():
 
 def test_functions_shadow_their_modules_whatever_is_imported_first():
     """pipeline.extract is the function, even after `import pipeline.extract` (the module)."""
-    code = ("import pipeline.extract, pipeline.evaluate, pipeline.rebuild, pipeline, sys\n"
-            "assert callable(pipeline.extract) and pipeline.extract.__module__ == 'pipeline.extract'\n"
-            "assert callable(pipeline.evaluate) and callable(pipeline.rebuild)\n"
-            "assert sys.modules['pipeline.extract'].extract is pipeline.extract\n")
+    code = (
+        "import pipeline.extract, pipeline.evaluate, pipeline.rebuild, pipeline, sys\n"
+        "assert callable(pipeline.extract) and pipeline.extract.__module__ == 'pipeline.extract'\n"
+        "assert callable(pipeline.evaluate) and callable(pipeline.rebuild)\n"
+        "assert sys.modules['pipeline.extract'].extract is pipeline.extract\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_submodules_stay_light():
     """A decoder worker imports pipeline.decode_pool: the front door must not drag FAISS, ONNX or HDF5 in."""
-    code = ("import sys, pipeline.decode_pool\n"
-            "heavy = [m for m in ('faiss', 'onnxruntime', 'h5py', 'fastapi', 'pipeline.search') if m in sys.modules]\n"
-            "assert not heavy, heavy\n")
+    code = (
+        "import sys, pipeline.decode_pool\n"
+        "heavy = [m for m in ('faiss', 'onnxruntime', 'h5py', 'fastapi', 'pipeline.search') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

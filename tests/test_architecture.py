@@ -59,10 +59,10 @@ def resolve(importer: str, node: ast.ImportFrom, known: dict[str, Path]) -> list
         base = importer.split(".") if is_package(importer) else importer.split(".")[:-1]
         if importer == "__init__":
             base = []
-        base = base[:len(base) - (node.level - 1)]
+        base = base[: len(base) - (node.level - 1)]
         target = ".".join(base + ([node.module] if node.module else []))
     elif (node.module or "") == "pipeline" or (node.module or "").startswith("pipeline."):
-        target = node.module[len("pipeline."):] if node.module != "pipeline" else ""
+        target = node.module[len("pipeline.") :] if node.module != "pipeline" else ""
     else:
         return []
     found = []
@@ -78,7 +78,7 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> list[str]:
         if isinstance(node, ast.ImportFrom):
             found += resolve(name, node, known)
         elif isinstance(node, ast.Import):
-            found += [a.name[len("pipeline."):] for a in node.names if a.name.startswith("pipeline.")]
+            found += [a.name[len("pipeline.") :] for a in node.names if a.name.startswith("pipeline.")]
     return [m for m in found if m != name]
 
 
@@ -112,8 +112,9 @@ def test_no_import_cycles():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(trail[trail.index(nxt):] + [node, nxt]) if nxt in trail
-                              else f"{node} -> {nxt}")
+                cycles.append(
+                    " -> ".join(trail[trail.index(nxt) :] + [node, nxt]) if nxt in trail else f"{node} -> {nxt}"
+                )
             elif nxt not in state:
                 visit(nxt, trail + [node])
         state[node] = 2
@@ -139,13 +140,25 @@ def private_uses(path: Path) -> list[str]:
         elif isinstance(node, ast.Import):
             modules_bound |= {(a.asname or a.name).split(".")[0] for a in node.names if a.name.startswith("pipeline")}
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-                and isinstance(node.value, ast.Name) and node.value.id in modules_bound and not own):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules_bound
+            and not own
+        ):
             found.append(f"{path.name}:{node.lineno} uses {node.value.id}.{node.attr}")
-        if (isinstance(node, ast.Call) and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
-                and isinstance(node.args[1].value, str) and node.args[1].value.startswith("_")
-                and not node.args[1].value.startswith("__")
-                and isinstance(node.args[0], ast.Name) and node.args[0].id in modules_bound):
+        if (
+            isinstance(node, ast.Call)
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+            and node.args[1].value.startswith("_")
+            and not node.args[1].value.startswith("__")
+            and isinstance(node.args[0], ast.Name)
+            and node.args[0].id in modules_bound
+        ):
             found.append(f"{path.name}:{node.lineno} patches {node.args[0].id}.{node.args[1].value}")
     return found
 
@@ -157,7 +170,11 @@ def test_no_private_name_crosses_a_module():
 
 
 def test_only_the_features_package_opens_the_catalog():
-    opened = [f"{name}:{node.lineno}" for name, path in modules().items() if name.split(".")[0] != "features"
-              for node in ast.walk(ast.parse(path.read_text()))
-              if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Catalog"]
+    opened = [
+        f"{name}:{node.lineno}"
+        for name, path in modules().items()
+        if name.split(".")[0] != "features"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Catalog"
+    ]
     assert not opened, f"only pipeline/features opens the catalog: {opened}"

@@ -15,9 +15,19 @@ INFO = ModelInfo(name="m", weights_sha256="w" * 64, input_size=32, dim=4)
 
 def shard(tmp_path, number: int, paths: list[str], errors: list[str] = ()) -> None:
     n = len(paths)
-    write_shard(tmp_path / shard_name(number),
-                ShardData(np.eye(n, 4, dtype=np.float32), paths, [p[-1] * 32 for p in paths], np.full(n, 10),
-                          np.full(n, 1.5), list(errors), ["bad"] * len(errors)), INFO)
+    write_shard(
+        tmp_path / shard_name(number),
+        ShardData(
+            np.eye(n, 4, dtype=np.float32),
+            paths,
+            [p[-1] * 32 for p in paths],
+            np.full(n, 10),
+            np.full(n, 1.5),
+            list(errors),
+            ["bad"] * len(errors),
+        ),
+        INFO,
+    )
 
 
 def test_orphan_shard_is_imported(tmp_path):
@@ -34,10 +44,20 @@ def test_orphan_shard_is_imported(tmp_path):
 
 def test_live_features_of_size(tmp_path):
     with Catalog(tmp_path) as c:
-        c.record_shard("shard-00000.h5", [("/a/1", 10, 1.0, "h1", 0), ("/a/1copy", 10, 1.0, "h1", 1),
-                                          ("/a/2", 10, 1.0, "h2", 2), ("/a/3", 20, 1.0, "h3", 3)], [])
-        assert c.live_features_of_size([10, 10, 30], limit=100) == {"h1": ("shard-00000.h5", 0, "/a/1"),
-                                                                    "h2": ("shard-00000.h5", 2, "/a/2")}
+        c.record_shard(
+            "shard-00000.h5",
+            [
+                ("/a/1", 10, 1.0, "h1", 0),
+                ("/a/1copy", 10, 1.0, "h1", 1),
+                ("/a/2", 10, 1.0, "h2", 2),
+                ("/a/3", 20, 1.0, "h3", 3),
+            ],
+            [],
+        )
+        assert c.live_features_of_size([10, 10, 30], limit=100) == {
+            "h1": ("shard-00000.h5", 0, "/a/1"),
+            "h2": ("shard-00000.h5", 2, "/a/2"),
+        }
         assert c.live_features_of_size([10, 20], limit=2) == {"h1": ("shard-00000.h5", 0, "/a/1")}
         assert c.live_features_of_size([], limit=100) == {}
 
@@ -49,8 +69,10 @@ def test_retired_and_removed_shards(tmp_path):
         c.reconcile()
         before = c.live_digest()
         live, digest = c.live_snapshot()  # the digest of the ids it read, the same as live_digest()'s
-        assert digest == before and {s: (r.tolist(), i.tolist()) for s, (r, i) in live.items()} == \
-            {"shard-00000.h5": ([0], [0]), "shard-00001.h5": ([0], [1])}
+        assert digest == before and {s: (r.tolist(), i.tolist()) for s, (r, i) in live.items()} == {
+            "shard-00000.h5": ([0], [0]),
+            "shard-00001.h5": ([0], [1]),
+        }
         c.mark_gone(["/a/1"])
         assert c.live_digest() != before and "shard-00000.h5" not in c.live_rows()
         c.retire(["shard-00000.h5"])
@@ -88,13 +110,22 @@ def test_ids_are_stable_and_never_reused(tmp_path):
     """A live path with the same content keeps its id when its row is written again (compaction, a
     touched file); a new content, a moved file or a path that comes back gets a new id."""
     with Catalog(tmp_path) as c:
-        c.record_shard("shard-00000.h5", [("/a/1", 1, 1.0, "1" * 32, 0), ("/a/2", 1, 1.0, "2" * 32, 1),
-                                          ("/a/3", 1, 1.0, "3" * 32, 2)], [])
+        c.record_shard(
+            "shard-00000.h5",
+            [("/a/1", 1, 1.0, "1" * 32, 0), ("/a/2", 1, 1.0, "2" * 32, 1), ("/a/3", 1, 1.0, "3" * 32, 2)],
+            [],
+        )
         first = ids(c)
         assert sorted(first.values()) == [0, 1, 2]  # a new catalog counts from 0
-        c.record_shard("shard-00001.h5", [("/a/2", 1, 2.0, "2" * 32, 0),  # compacted or touched: same id
-                                          ("/a/3", 1, 2.0, "9" * 32, 1),  # new content: new id
-                                          ("/b/1", 1, 1.0, "1" * 32, 2)], [])  # a copy or a move: new id
+        c.record_shard(
+            "shard-00001.h5",
+            [
+                ("/a/2", 1, 2.0, "2" * 32, 0),  # compacted or touched: same id
+                ("/a/3", 1, 2.0, "9" * 32, 1),  # new content: new id
+                ("/b/1", 1, 1.0, "1" * 32, 2),
+            ],
+            [],
+        )  # a copy or a move: new id
         c.mark_gone(["/a/1"])
         second = ids(c)
         assert second["/a/2"] == first["/a/2"] and second["/a/3"] == 3 and second["/b/1"] == 4

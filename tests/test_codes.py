@@ -60,8 +60,9 @@ def test_parse_codes():
 def test_binary_kind_returns_the_exact_top_k_when_the_pool_covers_it(tmp_path):
     vecs = clustered_vectors(3000, clusters=40)
     write_synthetic_shards(tmp_path / "f", vecs, 700)
-    m = build_index(tmp_path / "f", tmp_path / "i", codes="binary:32", nprobe=3000, recall_queries=200,
-                    progress=False).meta
+    m = build_index(
+        tmp_path / "f", tmp_path / "i", codes="binary:32", nprobe=3000, recall_queries=200, progress=False
+    ).meta
     assert m["kind"] == "binary/IndexBinaryFlat/32" and m["codes"]["setting"] == 3000 and m["recall_at_10"] >= 0.99
     assert m["codes"]["bits"] == 32 and len(m["codes"]["rotation_sha256"]) == 64
     version = current_version(tmp_path / "i")
@@ -95,8 +96,9 @@ def test_tuning_picks_the_smallest_pool_reaching_the_target(tmp_path):
 def test_binary_ivf_and_hnsw_tune_their_setting(tmp_path, factory, setting_name):
     vecs = clustered_vectors(2000, clusters=40)
     write_synthetic_shards(tmp_path / "f", vecs, 1000)
-    m = build_index(tmp_path / "f", tmp_path / "i", codes="binary:64", factory=factory, recall_queries=200,
-                    progress=False).meta
+    m = build_index(
+        tmp_path / "f", tmp_path / "i", codes="binary:64", factory=factory, recall_queries=200, progress=False
+    ).meta
     assert m["codes"]["setting_name"] == setting_name and m["codes"]["index"] == factory
     assert m["setting_sweep"][-1][setting_name] == m["codes"]["setting"]
     hits = Searcher(tmp_path / "i").search_vectors(vecs[:3], k=5)
@@ -153,12 +155,14 @@ def test_a_damaged_rotation_is_one_clear_error(tmp_path):
 def test_cli_codes(tmp_path):
     write_synthetic_shards(tmp_path / "f", clustered_vectors(800, clusters=20), 400)
     runner = CliRunner()
-    res = runner.invoke(app, ["build-index", str(tmp_path / "f"), "--out", str(tmp_path / "i"), "--codes", "binary:32",
-                              "--no-progress"])
+    res = runner.invoke(
+        app, ["build-index", str(tmp_path / "f"), "--out", str(tmp_path / "i"), "--codes", "binary:32", "--no-progress"]
+    )
     assert res.exit_code == 0, res.output
     assert "pool" in res.output and "recall@10" in res.output
-    res = runner.invoke(app, ["search", "--index", str(tmp_path / "i"), "--like", "/synthetic/0000003.jpg", "-k", "2",
-                              "--json"])
+    res = runner.invoke(
+        app, ["search", "--index", str(tmp_path / "i"), "--like", "/synthetic/0000003.jpg", "-k", "2", "--json"]
+    )
     assert res.exit_code == 0 and json.loads(res.stdout)[0]["results"][0]["path"] == "/synthetic/0000003.jpg"
     res = runner.invoke(app, ["duplicates", "--index", str(tmp_path / "i")])
     assert res.exit_code == 1 and "without --codes" in res.output

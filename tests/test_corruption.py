@@ -35,8 +35,21 @@ def pristine(tmp_path_factory, tiny_model) -> Path:
         save_pattern(root / "gallery" / f"img{i:02d}.png", seed=i)
     (root / "gallery" / "broken.jpg").write_text("not an image")
     (root / "gt.json").write_text(json.dumps([{"query": "img00.png", "positives": ["img01.png"]}]))
-    result = runner.invoke(app, ["rebuild", str(root / "gallery"), "--workdir", str(root / "work"),
-                                 "--model", str(tiny_model), "--workers", "0", "--shard-size", "6"])
+    result = runner.invoke(
+        app,
+        [
+            "rebuild",
+            str(root / "gallery"),
+            "--workdir",
+            str(root / "work"),
+            "--model",
+            str(tiny_model),
+            "--workers",
+            "0",
+            "--shard-size",
+            "6",
+        ],
+    )
     assert result.exit_code == 0, (result.stderr, result.exception)
     # A run killed after a catalog write leaves catalog.sqlite-wal and -shm beside it: keep that state.
     db = sqlite3.connect(root / "work" / "features" / "catalog.sqlite")
@@ -52,14 +65,27 @@ def pristine(tmp_path_factory, tiny_model) -> Path:
 def command(name: str, root: Path, work: Path, model: Path) -> list[str]:
     gallery, features, index = root / "gallery", work / "features", work / "index"
     query = gallery / "img00.png"
-    return [str(a) for a in {
-        "extract": ["extract", gallery, "--out", features, "--model", model, "--workers", "0", "--shard-size", "6"],
-        "build-index": ["build-index", features, "--out", index],
-        "search": ["search", query, "--index", index, "--model", model],
-        "like": ["search", "--like", query, "--index", index],
-        "rebuild": ["rebuild", gallery, "--workdir", work, "--model", model, "--workers", "0", "--shard-size", "6"],
-        "eval": ["eval", "--index", index, "--groundtruth", root / "gt.json", "--queries", gallery, "--model", model],
-    }[name]]
+    return [
+        str(a)
+        for a in {
+            "extract": ["extract", gallery, "--out", features, "--model", model, "--workers", "0", "--shard-size", "6"],
+            "build-index": ["build-index", features, "--out", index],
+            "search": ["search", query, "--index", index, "--model", model],
+            "like": ["search", "--like", query, "--index", index],
+            "rebuild": ["rebuild", gallery, "--workdir", work, "--model", model, "--workers", "0", "--shard-size", "6"],
+            "eval": [
+                "eval",
+                "--index",
+                index,
+                "--groundtruth",
+                root / "gt.json",
+                "--queries",
+                gallery,
+                "--model",
+                model,
+            ],
+        }[name]
+    ]
 
 
 def damage(path: Path, how: str) -> None:
@@ -76,8 +102,14 @@ def kind(rel: str) -> str:
     name = Path(rel).name
     if name.startswith("shard-"):
         return "shard"
-    return {"catalog.sqlite": "catalog", "catalog.sqlite-wal": "journal", "catalog.sqlite-shm": "journal",
-            "errors.jsonl": "errors", ".lock": "lock", CURRENT_FILE: "current"}.get(name, "version")
+    return {
+        "catalog.sqlite": "catalog",
+        "catalog.sqlite-wal": "journal",
+        "catalog.sqlite-shm": "journal",
+        "errors.jsonl": "errors",
+        ".lock": "lock",
+        CURRENT_FILE: "current",
+    }.get(name, "version")
 
 
 def expected_exit(rel: str, how: str, cmd: str) -> int:
@@ -123,8 +155,7 @@ def test_every_command_against_every_damaged_file(pristine, tiny_model, tmp_path
             work = tmp_path / f"{cmd}-{rel.replace('/', '_')}"
             shutil.copytree(pristine / "work", work)
             damage(work / rel, how)
-            intact = {n: (work / n).read_bytes() for n in files_of(work)
-                      if n != rel and Path(n).name not in REWRITTEN}
+            intact = {n: (work / n).read_bytes() for n in files_of(work) if n != rel and Path(n).name not in REWRITTEN}
             result = runner.invoke(app, command(cmd, pristine, work, tiny_model))
             where = (rel, how, cmd, result.exit_code, result.stderr)
             assert isinstance(result.exception, (SystemExit, type(None))), (*where, result.exception)
@@ -202,8 +233,21 @@ def test_full_disk_says_so_and_keeps_what_was_published(pristine, work, tiny_mod
 
     published = current_version(work / "index")
     monkeypatch.setattr(os, "fsync", full)  # where a full disk shows on a real filesystem too
-    line = one_error(runner.invoke(app, ["extract", str(pristine / "gallery"), "--out", str(tmp_path / "f"),
-                                         "--model", str(tiny_model), "--workers", "0"]))
+    line = one_error(
+        runner.invoke(
+            app,
+            [
+                "extract",
+                str(pristine / "gallery"),
+                "--out",
+                str(tmp_path / "f"),
+                "--model",
+                str(tiny_model),
+                "--workers",
+                "0",
+            ],
+        )
+    )
     assert "the disk is full" in line and "shard-00000.h5" in line and "`pipeline extract`" in line
     assert not [p for p in (tmp_path / "f").iterdir() if p.suffix in (".h5", ".tmp")]  # no half-written shard
     line = one_error(runner.invoke(app, command("build-index", pristine, work, tiny_model)))
@@ -234,8 +278,17 @@ def test_unwritable_outputs(pristine, work, tiny_model, tmp_path):
 def test_groundtruth_query_whose_only_positive_is_itself(pristine, work, tiny_model, tmp_path):
     gt = tmp_path / "gt.json"
     gt.write_text(json.dumps([{"query": "img00.png", "positives": ["img00.png"]}]))
-    args = ["eval", "--index", str(work / "index"), "--groundtruth", str(gt), "--queries", str(pristine / "gallery"),
-            "--model", str(tiny_model)]
+    args = [
+        "eval",
+        "--index",
+        str(work / "index"),
+        "--groundtruth",
+        str(gt),
+        "--queries",
+        str(pristine / "gallery"),
+        "--model",
+        str(tiny_model),
+    ]
     assert "img00.png: no positive left" in one_error(runner.invoke(app, args))
 
 
@@ -249,6 +302,7 @@ def test_an_untranslated_error_is_one_internal_error_line_and_v_shows_the_traceb
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert result.stderr.splitlines() == [
         "error: internal error (ZeroDivisionError: a bug); please report it; "
-        "rerun as `pipeline -v ...` for the traceback"]
+        "rerun as `pipeline -v ...` for the traceback"
+    ]
     verbose = runner.invoke(app, ["-v", *args])
     assert verbose.exit_code == 1 and "Traceback" in verbose.stderr and "ZeroDivisionError: a bug" in verbose.stderr

@@ -27,7 +27,7 @@ def test_worker_dying_while_idle_is_replaced(tmp_path):
     assert sorted(i for i, _, _ in again) == [0, 1, 2] and all(e is None for _, _, e in again)
 
 
-UNSTARTABLE = '''
+UNSTARTABLE = """
 import os
 
 if os.environ.get("UNSTARTABLE_BROKEN"):  # as if a worker could not import its decoder
@@ -36,7 +36,7 @@ if os.environ.get("UNSTARTABLE_BROKEN"):  # as if a worker could not import its 
 
 def decode(path, settings, use_alarm):
     raise AssertionError("never called")
-'''
+"""
 
 
 def test_workers_that_cannot_start_fail_the_run(tmp_path, monkeypatch):

@@ -28,10 +28,14 @@ def test_average_precision_hand_cases():
 
 
 def test_score_drops_query_and_ignored():
-    gt = [{"query": "q.jpg", "positives": ["p1.jpg", "p2.jpg"], "ignore": ["junk.jpg", "q.jpg"]},
-          {"query": "r.jpg", "positives": ["p3.jpg"]}]
-    rankings = {"q.jpg": ["q.jpg", "junk.jpg", "p1.jpg", "n.jpg", "p2.jpg"],  # cleaned: p1, n, p2
-                "r.jpg": ["r.jpg", "n.jpg", "m.jpg", "x.jpg", "y.jpg", "z.jpg", "p3.jpg"]}  # cleaned: p3 at 6
+    gt = [
+        {"query": "q.jpg", "positives": ["p1.jpg", "p2.jpg"], "ignore": ["junk.jpg", "q.jpg"]},
+        {"query": "r.jpg", "positives": ["p3.jpg"]},
+    ]
+    rankings = {
+        "q.jpg": ["q.jpg", "junk.jpg", "p1.jpg", "n.jpg", "p2.jpg"],  # cleaned: p1, n, p2
+        "r.jpg": ["r.jpg", "n.jpg", "m.jpg", "x.jpg", "y.jpg", "z.jpg", "p3.jpg"],
+    }  # cleaned: p3 at 6
     report = score(rankings, gt)
     assert report.per_query[0].ap == pytest.approx((1 / 1 + 2 / 3) / 2)
     assert report.per_query[1].ap == pytest.approx(1 / 6) and report.per_query[1].first_positive == 6
@@ -41,14 +45,24 @@ def test_score_drops_query_and_ignored():
 
 
 def test_breakdown_by_transformation():
-    gt = [{"query": f"pic{i}_{t}.jpg", "positives": [f"pic{i}.jpg"]}
-          for i, t in enumerate(["crop70+jpeg15", "crop70+blur", "blur+gray", "flip"])]
-    rankings = {"pic0_crop70+jpeg15.jpg": ["pic0.jpg", "x"], "pic1_crop70+blur.jpg": ["x", "pic1.jpg"],
-                "pic2_blur+gray.jpg": ["x", "pic2.jpg"], "pic3_flip.jpg": ["pic3.jpg"]}
+    gt = [
+        {"query": f"pic{i}_{t}.jpg", "positives": [f"pic{i}.jpg"]}
+        for i, t in enumerate(["crop70+jpeg15", "crop70+blur", "blur+gray", "flip"])
+    ]
+    rankings = {
+        "pic0_crop70+jpeg15.jpg": ["pic0.jpg", "x"],
+        "pic1_crop70+blur.jpg": ["x", "pic1.jpg"],
+        "pic2_blur+gray.jpg": ["x", "pic2.jpg"],
+        "pic3_flip.jpg": ["pic3.jpg"],
+    }
     rows = score(rankings, gt).by_transformation()
-    assert rows == {"blur": {"queries": 2, "recall@1": 0.0}, "gray": {"queries": 1, "recall@1": 0.0},
-                    "crop70": {"queries": 2, "recall@1": 0.5}, "flip": {"queries": 1, "recall@1": 1.0},
-                    "jpeg15": {"queries": 1, "recall@1": 1.0}}  # weakest first
+    assert rows == {
+        "blur": {"queries": 2, "recall@1": 0.0},
+        "gray": {"queries": 1, "recall@1": 0.0},
+        "crop70": {"queries": 2, "recall@1": 0.5},
+        "flip": {"queries": 1, "recall@1": 1.0},
+        "jpeg15": {"queries": 1, "recall@1": 1.0},
+    }  # weakest first
     assert score(rankings, gt).to_dict()["by_transformation"]["crop70"] == {"queries": 2, "recall@1": 0.5}
     plain = score({"100000.jpg": ["a.jpg"]}, [{"query": "100000.jpg", "positives": ["a.jpg"]}])  # holidays names
     assert plain.by_transformation() == {} and "by_transformation" not in plain.to_dict()
@@ -87,10 +101,20 @@ def test_eval_cli(tmp_path, gallery, tiny_model):
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     extract([db], tmp_path / "f", tiny_model, workers=0, progress=False)
     build_index(tmp_path / "f", tmp_path / "i", progress=False)
-    args = ["eval", "--index", str(tmp_path / "i"), "--groundtruth", str(tmp_path / "gt.json"),
-            "--queries", str(tmp_path / "queries"), "--model", str(tiny_model)]
-    result = CliRunner().invoke(app, args + ["--json", "--per-query", str(tmp_path / "pq.csv"),
-                                             "--plot", str(tmp_path / "pr.png")])
+    args = [
+        "eval",
+        "--index",
+        str(tmp_path / "i"),
+        "--groundtruth",
+        str(tmp_path / "gt.json"),
+        "--queries",
+        str(tmp_path / "queries"),
+        "--model",
+        str(tiny_model),
+    ]
+    result = CliRunner().invoke(
+        app, args + ["--json", "--per-query", str(tmp_path / "pq.csv"), "--plot", str(tmp_path / "pr.png")]
+    )
     assert result.exit_code == 0, result.stderr
     d = json.loads(result.stdout)
     assert d["queries"] == 5 and d["mAP"] == 1.0 and d["recall@1"] == 1.0 and d["precision@1"] == 1.0

@@ -79,8 +79,9 @@ def test_frame_recipe_trims_in_workers_and_in_queries(tmp_path):
             framed_im = ImageOps.expand(im, border=(10 + i, 8), fill=(250, 250, 250) if i % 2 else (0, 0, 0))
             framed_im.save(tmp_path / "q" / f"{i}.png")
         framed.append(tmp_path / "q" / f"{i}.png")
-    report = extract([tmp_path / "imgs"], tmp_path / "f", tmp_path / "frame.onnx", workers=2, batch_size=2,
-                     progress=False)
+    report = extract(
+        [tmp_path / "imgs"], tmp_path / "f", tmp_path / "frame.onnx", workers=2, batch_size=2, progress=False
+    )
     assert report.extracted == len(files) and not report.failures
     build_index(tmp_path / "f", tmp_path / "i", progress=False)
     results = Searcher(tmp_path / "i", model=tmp_path / "frame.onnx").search(framed, k=1)
@@ -94,8 +95,9 @@ def test_aspect_buckets_batch_per_shape_and_search_uses_them(tmp_path):
     save_model(model, tmp_path / "aspect.onnx")
     sizes = [(96, 72), (72, 96), (80, 80), (128, 72), (96, 64), (64, 96), (72, 128)]  # width x height
     files = [save_pattern(tmp_path / "imgs" / f"p{i}.png", i, size) for i, size in enumerate(sizes)]
-    report = extract([tmp_path / "imgs"], tmp_path / "f", tmp_path / "aspect.onnx", workers=2, batch_size=2,
-                     progress=False)
+    report = extract(
+        [tmp_path / "imgs"], tmp_path / "f", tmp_path / "aspect.onnx", workers=2, batch_size=2, progress=False
+    )
     assert report.extracted == len(files) and not report.failures
     fm = FeatureModel(tmp_path / "aspect.onnx")
     alone = {str(f): fm.embed(load_image(f, info.resize_to).pixels[None])[0] for f in files}  # one image per run
@@ -150,8 +152,16 @@ def test_extract_hands_its_tasks_to_the_distributor_given(tmp_path, tiny_model, 
             asked.append((job.shard_size, job.batch_size))
             super().embed_shards(job, files, catalog, report, bar)
 
-    report = extract([gallery], tmp_path / "f", tiny_model, workers=0, shard_size=5, batch_size=3,
-                     distributor=Watching(), progress=False)
+    report = extract(
+        [gallery],
+        tmp_path / "f",
+        tiny_model,
+        workers=0,
+        shard_size=5,
+        batch_size=3,
+        distributor=Watching(),
+        progress=False,
+    )
     assert asked == [(5, 3)] and report.extracted == 12 and len(report.shards_written) == 3
     again = extract([gallery], tmp_path / "f", tiny_model, workers=0, distributor=Watching(), progress=False)
     assert asked == [(5, 3)] and again.unchanged == 12  # nothing to do: the distributor is not called
@@ -177,19 +187,35 @@ cli.app(sys.argv[2:], prog_name="pipeline")
 def test_sigkill_then_rerun_has_every_image_once(tmp_path, tiny_model):
     for i in range(60):
         save_pattern(tmp_path / "imgs" / f"{i:03d}.png", i)
-    args = ["extract", str(tmp_path / "imgs"), "--out", str(tmp_path / "f"), "--model", str(tiny_model),
-            "--workers", "1", "--batch-size", "2", "--shard-size", "4"]
+    args = [
+        "extract",
+        str(tmp_path / "imgs"),
+        "--out",
+        str(tmp_path / "f"),
+        "--model",
+        str(tiny_model),
+        "--workers",
+        "1",
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "4",
+    ]
     os.mkfifo(tmp_path / "stall")
-    proc = subprocess.Popen([sys.executable, "-c", STALL_AFTER_FIRST_SHARD, str(tmp_path / "stall"), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STALL_AFTER_FIRST_SHARD, str(tmp_path / "stall"), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     while not list_shards(tmp_path / "f"):  # a state, not a clock: the run cannot go past its first shard
         assert proc.poll() is None, "extract ended before writing its first shard"
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert [shard_info(p).count for p in list_shards(tmp_path / "f")] == [4]  # killed mid-run, shard not yet recorded
-    subprocess.run([sys.executable, "-m", "pipeline", *args], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     paths, _, _ = all_rows(tmp_path / "f")
     assert sorted(Path(p).name for p in paths) == [f"{i:03d}.png" for i in range(60)]
 
@@ -288,8 +314,16 @@ def test_retry_failed_from_the_cli(tmp_path, tiny_model):
 
     save_pattern(tmp_path / "imgs" / "good.png", 1)
     (tmp_path / "imgs" / "bad.png").write_text("not an image")
-    args = ["extract", str(tmp_path / "imgs"), "--out", str(tmp_path / "f"), "--model", str(tiny_model),
-            "--workers", "0"]
+    args = [
+        "extract",
+        str(tmp_path / "imgs"),
+        "--out",
+        str(tmp_path / "f"),
+        "--model",
+        str(tiny_model),
+        "--workers",
+        "0",
+    ]
     CliRunner().invoke(app, args)
     plain = json.loads(CliRunner().invoke(app, args + ["--json"]).stdout)
     assert (plain["retried"], plain["still_failing"], plain["failed_total"]) == (0, 0, 1)
@@ -319,13 +353,29 @@ def test_a_folder_that_cannot_be_listed_keeps_its_images(tmp_path, tiny_model, m
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    result = CliRunner().invoke(app, ["extract", str(tmp_path / "imgs"), "--out", str(tmp_path / "f"), "--model",
-                                      str(tiny_model), "--workers", "0", "--strict"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            str(tmp_path / "imgs"),
+            "--out",
+            str(tmp_path / "f"),
+            "--model",
+            str(tiny_model),
+            "--workers",
+            "0",
+            "--strict",
+        ],
+    )
     assert result.exit_code == 3, result.output
     assert f"{broken}: Input/output error" in result.stderr and "0 deleted" in result.stderr
     listed = [json.loads(line) for line in (tmp_path / "f" / ERRORS_FILE).read_text().splitlines()]
-    assert listed == [{"path": str(broken), "reason": "folder cannot be listed (Input/output error); "
-                                                      "the images recorded under it keep their state"}]
+    assert listed == [
+        {
+            "path": str(broken),
+            "reason": "folder cannot be listed (Input/output error); the images recorded under it keep their state",
+        }
+    ]
     with Catalog(tmp_path / "f") as catalog:
         live = sorted(Path(p).name for p, e in catalog.entries().items() if e.status == "live")
     assert live == ["0.png", "1.png", "2.png", "3.png"]
@@ -367,12 +417,28 @@ def test_counts_do_not_depend_on_the_scan_chunk(tmp_path, tiny_model, monkeypatc
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    runs = {name: extract([imgs], tmp_path / name, tiny_model, workers=0, shard_size=4, batch_size=2,
-                          scan_chunk=chunk, progress=False) for name, chunk in (("small", 3), ("large", 10_000))}
-    counts = {name: (r.found, r.unchanged, r.new, r.changed, r.moved, r.deleted, r.extracted, r.duplicates, r.failed,
-                     r.unreadable_folders) for name, r in runs.items()}
-    assert counts["small"] == counts["large"] == (
-        16, 6, 6, 2, 2, 2, 5, 2, 1, [(str(imgs / "e"), "Input/output error")])
+    runs = {
+        name: extract(
+            [imgs], tmp_path / name, tiny_model, workers=0, shard_size=4, batch_size=2, scan_chunk=chunk, progress=False
+        )
+        for name, chunk in (("small", 3), ("large", 10_000))
+    }
+    counts = {
+        name: (
+            r.found,
+            r.unchanged,
+            r.new,
+            r.changed,
+            r.moved,
+            r.deleted,
+            r.extracted,
+            r.duplicates,
+            r.failed,
+            r.unreadable_folders,
+        )
+        for name, r in runs.items()
+    }
+    assert counts["small"] == counts["large"] == (16, 6, 6, 2, 2, 2, 5, 2, 1, [(str(imgs / "e"), "Input/output error")])
     live = {}
     for name in runs:
         with Catalog(tmp_path / name) as catalog:

@@ -92,15 +92,19 @@ def test_trim_frame_removes_a_frame_and_nothing_else():
     frames = [((12, 9), (240, 240, 240)), ((0, 15), (0, 0, 0)), ((20, 0), (30, 30, 30)), ((6, 40), (255, 255, 255))]
     for border, fill in frames:
         assert trim_frame(ImageOps.expand(pic, border=border, fill=fill)).size == pic.size  # mat, letterbox, pillarbox
+
     def painted(top: int, bottom: int, top_fill=(200, 220, 255), bottom_fill=(200, 220, 255)) -> Image.Image:
         a = pattern(3, (120, 90)).copy()
-        a[:top], a[len(a) - bottom:] = top_fill, bottom_fill
+        a[:top], a[len(a) - bottom :] = top_fill, bottom_fill
         return Image.fromarray(a)
-    for im in [painted(30, 0),  # a clear sky along the top: part of the picture, not a frame
-               painted(0, 20, bottom_fill=(255, 255, 255)),  # a caption band
-               painted(4, 30),  # two bands of unlike widths
-               painted(12, 12, top_fill=(0, 0, 0), bottom_fill=(255, 255, 255)),  # of unlike colours
-               painted(30, 30)]:  # what is left would be under half the picture
+
+    for im in [
+        painted(30, 0),  # a clear sky along the top: part of the picture, not a frame
+        painted(0, 20, bottom_fill=(255, 255, 255)),  # a caption band
+        painted(4, 30),  # two bands of unlike widths
+        painted(12, 12, top_fill=(0, 0, 0), bottom_fill=(255, 255, 255)),  # of unlike colours
+        painted(30, 30),
+    ]:  # what is left would be under half the picture
         assert trim_frame(im) is im
 
 

@@ -128,8 +128,15 @@ def test_compressed_index_reranks_to_the_exact_top_k(tmp_path):
     vecs = clustered_vectors(3000, clusters=30)
     paths = write_synthetic_shards(tmp_path / "f", vecs, 1000)
     # every vector a candidate: the re-ranked answer is the exact one (of the float16 features)
-    report = build_index(tmp_path / "f", tmp_path / "i", factory="IVF16,PQ8x4fs", nprobe=16, rerank=3000,
-                         recall_queries=100, progress=False)
+    report = build_index(
+        tmp_path / "f",
+        tmp_path / "i",
+        factory="IVF16,PQ8x4fs",
+        nprobe=16,
+        rerank=3000,
+        recall_queries=100,
+        progress=False,
+    )
     m = report.meta
     assert m["rerank"] == 3000 and m["recall_at_10"] >= 0.99  # against float32 truth: float16 near-ties
     searcher = Searcher(tmp_path / "i")
@@ -162,8 +169,9 @@ def test_compressed_index_reranks_to_the_exact_top_k(tmp_path):
 def test_compressed_build_tunes_the_reranked_path(tmp_path):
     vecs = clustered_vectors(4000, clusters=50)
     write_synthetic_shards(tmp_path / "f", vecs, 1000)
-    report = build_index(tmp_path / "f", tmp_path / "i", flat_below=1000, max_memory=100_000, recall_queries=300,
-                         progress=False)
+    report = build_index(
+        tmp_path / "f", tmp_path / "i", flat_below=1000, max_memory=100_000, recall_queries=300, progress=False
+    )
     m = report.meta
     assert "PQ" in m["factory"] and m["rerank"] == 500 and m["recall_at_10"] >= 0.95
     assert m["nprobe_sweep"][-1]["recall_lower_bound"] >= 0.95

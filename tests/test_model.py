@@ -65,7 +65,7 @@ def numpy_reference(images: np.ndarray, layers, pooling: str = "max") -> np.ndar
             out = np.zeros((x.shape[0], kernel.shape[0], h, w))
             for dy in range(3):
                 for dx in range(3):
-                    out += np.einsum("nchw,oc->nohw", padded[:, :, dy:dy + h, dx:dx + w], kernel[:, :, dy, dx])
+                    out += np.einsum("nchw,oc->nohw", padded[:, :, dy : dy + h, dx : dx + w], kernel[:, :, dy, dx])
             x = np.maximum(out + bias[None, :, None, None], 0)
         if pooling == "rmac45" and b == 3:  # block4_conv3, before its pool
             block4 = numpy_rmac(x)
@@ -75,7 +75,7 @@ def numpy_reference(images: np.ndarray, layers, pooling: str = "max") -> np.ndar
             both = np.concatenate([block4, numpy_rmac(x)], axis=1)
             return both / np.linalg.norm(both, axis=1, keepdims=True)
         h2, w2 = x.shape[2] // 2, x.shape[3] // 2
-        x = x[:, :, :h2 * 2, :w2 * 2].reshape(x.shape[0], x.shape[1], h2, 2, w2, 2).max(axis=(3, 5))
+        x = x[:, :, : h2 * 2, : w2 * 2].reshape(x.shape[0], x.shape[1], h2, 2, w2, 2).max(axis=(3, 5))
     pooled = x.max(axis=(2, 3))
     return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
 
@@ -121,7 +121,7 @@ def test_two_layer_rmac_matches_numpy_reference(tmp_path, aspect):
     assert info.checksum != rmac.checksum and info.relative_compute() == rmac.relative_compute()
     rng = np.random.default_rng(4)
     # with aspect: each layer's If chain picks the shape's regions
-    for h, w in (info.resize_to if aspect else [(64, 64)]):
+    for h, w in info.resize_to if aspect else [(64, 64)]:
         images = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
         got = fm.embed(images)
         np.testing.assert_allclose(got, numpy_reference(images, tiny_layers(0), "rmac45"), rtol=1e-4, atol=1e-5)
@@ -132,23 +132,24 @@ def test_two_layer_rmac_matches_numpy_reference(tmp_path, aspect):
 def test_aspect_graph_pools_each_shape_with_its_regions(tmp_path):
     model, info = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac", aspect=True)
     save_model(model, tmp_path / "aspect.onnx")
-    assert info.resize_to == aspect_shapes(64) == ((64, 64), (56, 72), (72, 56), (56, 80), (80, 56), (48, 88),
-                                                   (88, 48))
+    assert info.resize_to == aspect_shapes(64) == ((64, 64), (56, 72), (72, 56), (56, 80), (80, 56), (48, 88), (88, 48))
     assert "aspect kept" in info.resize
-    assert info.relative_compute() == pytest.approx(56 * 80 / 224 ** 2)  # its largest shape
+    assert info.relative_compute() == pytest.approx(56 * 80 / 224**2)  # its largest shape
     fm = FeatureModel(tmp_path / "aspect.onnx")
     square = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac")[1]
     assert fm.info.checksum == info.checksum != square.checksum
     rng = np.random.default_rng(3)
     for h, w in info.resize_to:  # the If chain picks the regions of the input's own shape
         images = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
-        np.testing.assert_allclose(fm.embed(images), numpy_reference(images, tiny_layers(0), "rmac"), rtol=1e-4,
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            fm.embed(images), numpy_reference(images, tiny_layers(0), "rmac"), rtol=1e-4, atol=1e-5
+        )
     with pytest.raises(PipelineError, match="takes images of shapes 64x64,56x72,.*, not 64x72"):
         fm.embed(np.zeros((1, 64, 72, 3), np.uint8))
     mixed = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(56, 80), (64, 64), (56, 80), (88, 48)]]
-    np.testing.assert_allclose(fm.embed_each(mixed, batch_size=1), np.concatenate([fm.embed(m[None]) for m in mixed]),
-                               rtol=1e-5, atol=1e-6)  # in order, one batch per shape
+    np.testing.assert_allclose(
+        fm.embed_each(mixed, batch_size=1), np.concatenate([fm.embed(m[None]) for m in mixed]), rtol=1e-5, atol=1e-6
+    )  # in order, one batch per shape
 
 
 def test_frame_trimming_is_part_of_the_recipe(tmp_path):
@@ -162,8 +163,20 @@ def test_frame_trimming_is_part_of_the_recipe(tmp_path):
     assert info.checksum != plain.checksum  # features of the two never mix
     assert info.relative_compute() == plain.relative_compute()  # trimming is decoding, not model work
     weights = write_keras_h5(tmp_path / "weights.h5", tiny_layers(0))
-    out = CliRunner().invoke(app, ["model", "export", "--weights", str(weights), "--profile", "seed", "--trim-frame",
-                                   "--out", str(tmp_path / "seed-frame.onnx")])
+    out = CliRunner().invoke(
+        app,
+        [
+            "model",
+            "export",
+            "--weights",
+            str(weights),
+            "--profile",
+            "seed",
+            "--trim-frame",
+            "--out",
+            str(tmp_path / "seed-frame.onnx"),
+        ],
+    )
     assert out.exit_code == 0 and "frames trimmed" in out.stdout, out.stdout
     assert model_info_cli("--model", tmp_path / "seed-frame.onnx")["frame"] == info.frame
 
@@ -216,9 +229,13 @@ def test_tf2onnx_loader_reads_named_initializers(tmp_path):
     for name, kernel, bias in layers:
         inits.append(numpy_helper.from_array(kernel, f"functional_1/{name}_1/convolution/ReadVariableOp:0"))
         inits.append(numpy_helper.from_array(bias, f"functional_1/{name}_1/Squeeze:0"))
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])], initializer=inits)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        initializer=inits,
+    )
     path = tmp_path / "keras.onnx"
     onnx.save(helper.make_model(graph), path)
     assert weights_checksum(layers_from_keras_onnx(path.read_bytes())) == weights_checksum(layers)
@@ -316,8 +333,9 @@ def test_whitening_is_in_the_graph_and_the_checksum(tmp_path):
     rng = np.random.default_rng(5)
     names = rmac_maps("rmac45")
     assert names == ("block4_conv3/relu", "block5_conv3/relu") and rmac_maps("max") == ()
-    whitening = Whitening({n: (rng.normal(0, 0.05, 64).astype(np.float32),
-                               rng.normal(0, 1, (64, 64)).astype(np.float32)) for n in names})
+    whitening = Whitening(
+        {n: (rng.normal(0, 0.05, 64).astype(np.float32), rng.normal(0, 1, (64, 64)).astype(np.float32)) for n in names}
+    )
     model, info = build_feature_graph(layers, input_size=64, pooling="rmac45", whitening=whitening)
     save_model(model, tmp_path / "white.onnx")
     plain = build_feature_graph(layers, input_size=64, pooling="rmac45")[1]
@@ -359,24 +377,68 @@ def test_learned_whitening_decorrelates_regions_of_its_images(tmp_path):
     assert np.abs(off).max() < 1e-3 * np.abs(np.diag(cov)).max()  # decorrelated: the covariance is diagonal
     assert np.abs(white.mean(axis=0)).max() < 1e-4  # and centred
     weights = write_keras_h5(tmp_path / "weights.h5", layers)
-    out = CliRunner().invoke(app, ["model", "export", "--weights", str(weights), "--profile", "balanced",
-                                   "--input-size", "64", "--whiten-on", str(photos), "--out", str(tmp_path / "w.onnx")])
+    out = CliRunner().invoke(
+        app,
+        [
+            "model",
+            "export",
+            "--weights",
+            str(weights),
+            "--profile",
+            "balanced",
+            "--input-size",
+            "64",
+            "--whiten-on",
+            str(photos),
+            "--out",
+            str(tmp_path / "w.onnx"),
+        ],
+    )
     assert out.exit_code == 0 and "regions whitened" in out.stdout, out.stdout
     assert model_info_cli("--model", tmp_path / "w.onnx")["whitening"] == note
-    few = CliRunner().invoke(app, ["model", "export", "--weights", str(weights), "--profile", "balanced",
-                                   "--input-size", "64", "--whiten-on", str(photos / "p00.jpg"),
-                                   "--out", str(tmp_path / "few.onnx")])
+    few = CliRunner().invoke(
+        app,
+        [
+            "model",
+            "export",
+            "--weights",
+            str(weights),
+            "--profile",
+            "balanced",
+            "--input-size",
+            "64",
+            "--whiten-on",
+            str(photos / "p00.jpg"),
+            "--out",
+            str(tmp_path / "few.onnx"),
+        ],
+    )
     assert few.exit_code != 0 and "needs at least 64 region vectors" in few.output
-    seed = CliRunner().invoke(app, ["model", "export", "--weights", str(weights), "--profile", "seed",
-                                    "--whiten-on", str(photos), "--out", str(tmp_path / "s.onnx")])
+    seed = CliRunner().invoke(
+        app,
+        [
+            "model",
+            "export",
+            "--weights",
+            str(weights),
+            "--profile",
+            "seed",
+            "--whiten-on",
+            str(photos),
+            "--out",
+            str(tmp_path / "s.onnx"),
+        ],
+    )
     assert seed.exit_code != 0 and "needs an R-MAC pooling" in seed.output and not (tmp_path / "s.onnx").exists()
 
 
 def test_a_whitening_saved_and_loaded_builds_the_same_model(tmp_path):
     layers = tiny_layers(0)
     rng = np.random.default_rng(7)
-    whitening = Whitening({n: (rng.normal(0, 0.05, 64), rng.normal(0, 1, (64, 64))) for n in rmac_maps("rmac45")},
-                          "(power 0.5, shrinkage 1.0), learned on 900 region vectors of 9 images")
+    whitening = Whitening(
+        {n: (rng.normal(0, 0.05, 64), rng.normal(0, 1, (64, 64))) for n in rmac_maps("rmac45")},
+        "(power 0.5, shrinkage 1.0), learned on 900 region vectors of 9 images",
+    )
     save_whitening(tmp_path / "w.npz", whitening)
     loaded = load_whitening(tmp_path / "w.npz")
     assert loaded.provenance == whitening.provenance and list(loaded.maps) == list(whitening.maps)

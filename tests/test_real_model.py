@@ -58,8 +58,11 @@ def test_real_model_checksum_and_recipe(real_model, tmp_path):
     assert whitening_checksum(shipped) == SHIPPED_WHITENING_SHA256 and SHIPPED_WHITENING_SHA256 in info.whitening
     assert "gcompris-qt-data 3.1-2" in info.whitening
     plain = export_model(tmp_path / "plain.onnx", whiten=False)  # --no-whiten: the recipe before whitening shipped
-    assert (plain.name, plain.whitening, plain.checksum[:12]) == ("vgg16-imagenet-rmac45-192-aspect-frame", "",
-                                                                  UNWHITENED_DEFAULT_CHECKSUM)
+    assert (plain.name, plain.whitening, plain.checksum[:12]) == (
+        "vgg16-imagenet-rmac45-192-aspect-frame",
+        "",
+        UNWHITENED_DEFAULT_CHECKSUM,
+    )
     square = export_model(tmp_path / "square.onnx", profile="square")
     assert (square.input_size, square.dim, square.name, square.frame) == (224, 1024, "vgg16-imagenet-rmac45-224", "")
     seed = export_model(tmp_path / "seed.onnx", profile="seed")

@@ -96,16 +96,36 @@ def test_an_unreadable_folder_is_not_a_deletion(tmp_path, tiny_model):
     make_collection(other, range(20, 23))
     rebuild([photos, other], work, tiny_model, workers=0)
     make_collection(photos, range(30, 32))  # meanwhile two new images: the run has real work to do
-    cmd = [sys.executable, "-m", "pipeline", "rebuild", str(photos), str(other), "--workdir", str(work),
-           "--model", str(tiny_model), "--workers", "0", "--strict", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "rebuild",
+        str(photos),
+        str(other),
+        "--workdir",
+        str(work),
+        "--model",
+        str(tiny_model),
+        "--workers",
+        "0",
+        "--strict",
+        "--json",
+    ]
     os.chmod(photos / "locked", 0)
     os.chmod(other, 0)
     try:
-        probe = subprocess.run([sys.executable, "-c", "import os, sys; os.listdir(sys.argv[1])", str(other)],
-                               preexec_fn=obey_file_modes, capture_output=True, text=True)
+        probe = subprocess.run(
+            [sys.executable, "-c", "import os, sys; os.listdir(sys.argv[1])", str(other)],
+            preexec_fn=obey_file_modes,
+            capture_output=True,
+            text=True,
+        )
         if "PermissionError" not in probe.stderr:
-            pytest.fail(f"cannot make an unreadable folder here (euid {os.geteuid()}): "
-                        f"{probe.stderr.strip() or 'mode 000 was listed anyway'}")
+            pytest.fail(
+                f"cannot make an unreadable folder here (euid {os.geteuid()}): "
+                f"{probe.stderr.strip() or 'mode 000 was listed anyway'}"
+            )
         result = subprocess.run(cmd, preexec_fn=obey_file_modes, capture_output=True, text=True)
     finally:
         os.chmod(photos / "locked", 0o755)
@@ -163,9 +183,28 @@ def test_overlapping_run_exits_75_and_stale_lock_is_taken_over(tmp_path, tiny_mo
 
 
 def _rebuild_cmd(root: Path, work: Path, model: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline", "--verbose", "rebuild", str(root), "--workdir", str(work), "--model",
-            str(model), "--workers", "1", "--batch-size", "2", "--shard-size", "3", "--compact-below", "0.7",
-            "--flat-below", "30"]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "--verbose",
+        "rebuild",
+        str(root),
+        "--workdir",
+        str(work),
+        "--model",
+        str(model),
+        "--workers",
+        "1",
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "3",
+        "--compact-below",
+        "0.7",
+        "--flat-below",
+        "30",
+    ]
 
 
 STOP_AT_STEP = """
@@ -196,12 +235,20 @@ for owner, name in [(features, "write_shard"), (catalog.Catalog, "record_shard")
     counted(owner, name)
 cli.app(sys.argv[4:], prog_name="pipeline")
 """
-KILL_POINTS = [("write_shard", 1), ("record_shard", 1), ("mark_missing_gone", 1),  # extract
-               ("publish", 1),  # extract's errors.jsonl
-               ("write_shard", 3), ("retire", 1),  # compaction
-               # index: filled, update's base loaded, CURRENT swapped, pruned
-               ("fill_index", 1), ("update_base", 1), ("publish", 2), ("prune_versions", 1),
-               ("record_shard", 2)]
+KILL_POINTS = [
+    ("write_shard", 1),
+    ("record_shard", 1),
+    ("mark_missing_gone", 1),  # extract
+    ("publish", 1),  # extract's errors.jsonl
+    ("write_shard", 3),
+    ("retire", 1),  # compaction
+    # index: filled, update's base loaded, CURRENT swapped, pruned
+    ("fill_index", 1),
+    ("update_base", 1),
+    ("publish", 2),
+    ("prune_versions", 1),
+    ("record_shard", 2),
+]
 
 
 @pytest.mark.slow
@@ -229,8 +276,11 @@ def test_kill_at_any_moment(tmp_path, tiny_model):
         next_seed += 4
         marker = tmp_path / f"stopped-{round_}"
         run = cmd + ["--retrain"] if step == "fill_index" else cmd
-        proc = subprocess.Popen([sys.executable, "-c", STOP_AT_STEP, step, str(count), str(marker), *run[3:]],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", STOP_AT_STEP, step, str(count), str(marker), *run[3:]],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         while not marker.exists() and proc.poll() is None:  # at its step (or done: this run had no such step)
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)

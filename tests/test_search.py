@@ -76,8 +76,9 @@ def test_min_score(indexed):
     index, _, first = indexed
     everything = json.loads(cli("search", first, "--index", index, "-k", "13", "--json").stdout)[0]["results"]
     cut = everything[5]["score"]
-    kept = json.loads(cli("search", first, "--index", index, "-k", "13", "--min-score", cut,
-                          "--json").stdout)[0]["results"]
+    kept = json.loads(cli("search", first, "--index", index, "-k", "13", "--min-score", cut, "--json").stdout)[0][
+        "results"
+    ]
     assert kept == everything[:6] or all(h["score"] >= cut for h in kept) and len(kept) >= 6
 
 
@@ -127,8 +128,14 @@ def test_high_min_score_costs_no_more_than_a_plain_search(tmp_path, flat_below):
     vecs = rng.normal(size=(50_000, 32)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     paths = write_synthetic_shards(tmp_path / "f", vecs, 10_000)
-    build_index(tmp_path / "f", tmp_path / "i", flat_below=flat_below, nlist=None if flat_below > 50_000 else 64,
-                recall_queries=200, progress=False)
+    build_index(
+        tmp_path / "f",
+        tmp_path / "i",
+        flat_below=flat_below,
+        nlist=None if flat_below > 50_000 else 64,
+        recall_queries=200,
+        progress=False,
+    )
     searcher = Searcher(tmp_path / "i")
     searcher.index = counting = _CountingIndex(searcher.index)
     queries = np.concatenate([vecs[:1], rng.normal(size=(3, 32)).astype(np.float32)])

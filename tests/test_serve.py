@@ -75,8 +75,10 @@ def test_upload_answers_like_the_cli_plus_id_and_thumbnail(client, index_dir, ga
     assert set(got["results"][0]) == {"rank", "id", "path", "score", "thumbnail"}
 
     # Several images in one request; one that cannot be used gets its reason, the others answer.
-    r = client.post("/api/search?k=2&exclude_self=true",
-                    files=upload(("a.png", original.read_bytes()), ("junk.jpg", b"not an image at all")))
+    r = client.post(
+        "/api/search?k=2&exclude_self=true",
+        files=upload(("a.png", original.read_bytes()), ("junk.jpg", b"not an image at all")),
+    )
     assert r.status_code == 200
     a, junk = r.json()
     assert str(original) not in [h["path"] for h in a["results"]] and len(a["results"]) == 2  # exclude_self: same bytes
@@ -87,8 +89,10 @@ def test_an_aspect_kept_model_serves_uploads_of_every_shape(tmp_path):
     """Uploads are resized to the index's model's buckets and batched per shape, like extraction."""
     model, _ = build_feature_graph(tiny_layers(0), input_size=64, pooling="rmac", aspect=True)
     save_model(model, tmp_path / "aspect.onnx")
-    files = [save_pattern(tmp_path / "imgs" / f"p{i}.png", i, size)
-             for i, size in enumerate([(96, 72), (72, 128), (80, 80), (96, 64)])]  # width x height
+    files = [
+        save_pattern(tmp_path / "imgs" / f"p{i}.png", i, size)
+        for i, size in enumerate([(96, 72), (72, 128), (80, 80), (96, 64)])
+    ]  # width x height
     rebuild([tmp_path / "imgs"], tmp_path / "work", tmp_path / "aspect.onnx", workers=0, progress=False)
     with TestClient(create_app(Service(tmp_path / "work" / "index", tmp_path / "aspect.onnx", poll=0))) as c:
         r = c.post("/api/search?k=1", files=upload(*[(f.name, f.read_bytes()) for f in files]))
@@ -104,7 +108,8 @@ def test_more_like_this_by_id(client, gallery):
     assert first["query"] == mlt["query"] and 0 not in [h["id"] for h in mlt["results"]]
     assert client.get("/api/search?like=12345").status_code == 404
     assert client.get("/api/search?like=0&version=v1999").json() == {
-        "error": "index version v1999 is no longer served; search again"}
+        "error": "index version v1999 is no longer served; search again"
+    }
     bad = client.get("/api/search?like=0&k=0")
     assert bad.status_code == 422 and bad.json() == {"error": "k: Input should be greater than or equal to 1"}
 
@@ -120,10 +125,19 @@ def test_thumbnails_by_id_only_cached_and_no_path_ever_read(client, service, tmp
 
     secret = tmp_path / "secret.txt"
     secret.write_text("TOP-SECRET")
-    attempts = [f"/api/thumbnail/{secret}", "/api/thumbnail/..%2F..%2F..%2Fetc%2Fpasswd", "/api/thumbnail/-1",
-                f"/api/search?like={secret}", "/api/search?like=../../etc/passwd", "/static/../../../etc/passwd",
-                "/static/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "/static/..%2Fapp.py", f"/static/{secret}",
-                f"/{secret}", "/api/thumbnail/99999999999999999999"]
+    attempts = [
+        f"/api/thumbnail/{secret}",
+        "/api/thumbnail/..%2F..%2F..%2Fetc%2Fpasswd",
+        "/api/thumbnail/-1",
+        f"/api/search?like={secret}",
+        "/api/search?like=../../etc/passwd",
+        "/static/../../../etc/passwd",
+        "/static/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+        "/static/..%2Fapp.py",
+        f"/static/{secret}",
+        f"/{secret}",
+        "/api/thumbnail/99999999999999999999",
+    ]
     for url in attempts:
         r = client.get(url)
         assert 400 <= r.status_code < 500, (url, r.status_code)
@@ -147,8 +161,11 @@ def test_bad_uploads_get_their_4xx_and_never_disturb_a_good_one(service, gallery
         r = client.post("/api/search", files=big)
         assert r.status_code == 413 and "too large" in r.json()["error"]
         head = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
-        r = client.post("/api/search", content=iter([head] + [b"x" * 1_000_000] * 3),  # chunked: no Content-Length
-                        headers={"content-type": "multipart/form-data; boundary=b"})
+        r = client.post(
+            "/api/search",
+            content=iter([head] + [b"x" * 1_000_000] * 3),  # chunked: no Content-Length
+            headers={"content-type": "multipart/form-data; boundary=b"},
+        )
         assert r.status_code == 413, r.text
         assert client.post("/api/search").json() == {"error": "image: Field required"}
         assert client.post("/api/search", files=upload(*[("q", b"x")] * 33)).status_code == 400
@@ -222,7 +239,8 @@ def test_in_flight_request_finishes_on_the_old_version(client, service, gallery,
     query = add_images(tmp_path / "q", range(500, 501))[0].read_bytes()
     answers = []
     in_flight = threading.Thread(
-        target=lambda: answers.append(client.post("/api/search?k=20", files=upload(("q", query)))))
+        target=lambda: answers.append(client.post("/api/search?k=20", files=upload(("q", query))))
+    )
     in_flight.start()
     wait_for(entered.is_set, "the request to reach the model")
     new_image = add_images(gallery, range(500, 501))[0]
@@ -261,6 +279,7 @@ def test_hot_swaps_under_concurrent_load_fail_no_request(index_dir, tiny_model, 
     statuses: list[int] = []
     stop = threading.Event()
     with live_server(create_app(service)) as url:
+
         def load(data: bytes) -> None:
             with httpx.Client(base_url=url, timeout=30) as http:
                 for _ in range(2000):  # bounded; stopped long before

@@ -17,8 +17,11 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[test]'")
 CHROMIUM = os.environ.get("PIPELINE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
-    pytest.skip("NO CHROMIUM ON THIS MACHINE: the browser test of `pipeline serve` is SKIPPED "
-                "(apt-get install chromium, or set PIPELINE_CHROMIUM)", allow_module_level=True)
+    pytest.skip(
+        "NO CHROMIUM ON THIS MACHINE: the browser test of `pipeline serve` is SKIPPED "
+        "(apt-get install chromium, or set PIPELINE_CHROMIUM)",
+        allow_module_level=True,
+    )
 
 from PIL import Image  # noqa: E402
 
@@ -35,8 +38,15 @@ if find_tumor_onnx() is None:
 pytestmark = pytest.mark.real_model
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +91,8 @@ def test_page_upload_original_first_then_more_like_this(page_url, tmp_path):
             # Phone width: two columns, nothing wider than the screen.
             page.set_viewport_size({"width": 390, "height": 844})
             columns = page.evaluate(
-                "getComputedStyle(document.getElementById('results')).gridTemplateColumns.split(' ').length")
+                "getComputedStyle(document.getElementById('results')).gridTemplateColumns.split(' ').length"
+            )
             page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
             assert columns == 2
             assert page.evaluate("document.documentElement.scrollWidth") <= 390

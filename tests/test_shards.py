@@ -19,13 +19,21 @@ names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(names, max_size=12, unique=True), st.lists(st.tuples(names, names), max_size=4),
-       st.integers(0, 2**32 - 1))
+@given(
+    st.lists(names, max_size=12, unique=True), st.lists(st.tuples(names, names), max_size=4), st.integers(0, 2**32 - 1)
+)
 def test_round_trip(paths, errors, seed):
     rng = np.random.default_rng(seed)
     n = len(paths)
-    data = ShardData(rng.normal(size=(n, 8)).astype(np.float32), paths, [f"{i:032x}" for i in range(n)],
-                     rng.integers(0, 2**40, n), rng.uniform(0, 2e9, n), [e[0] for e in errors], [e[1] for e in errors])
+    data = ShardData(
+        rng.normal(size=(n, 8)).astype(np.float32),
+        paths,
+        [f"{i:032x}" for i in range(n)],
+        rng.integers(0, 2**40, n),
+        rng.uniform(0, 2e9, n),
+        [e[0] for e in errors],
+        [e[1] for e in errors],
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "shard-00000.h5"
         write_shard(path, data, INFO, "/models/m.onnx")
@@ -39,7 +47,7 @@ def test_round_trip(paths, errors, seed):
         assert (info.count, info.error_count, info.model_sha256, info.dim) == (n, len(errors), INFO.checksum, 8)
         assert shard_model(path) == (INFO, "/models/m.onnx")
         if n:
-            runs = np.unique(np.clip(np.r_[0, n // 3:n // 3 + 3, n - 2:n], 0, n - 1))  # consecutive rows
+            runs = np.unique(np.clip(np.r_[0, n // 3 : n // 3 + 3, n - 2 : n], 0, n - 1))  # consecutive rows
             for rows in (np.unique([0, n - 1]), runs):
                 np.testing.assert_array_equal(read_rows(path, rows), data.features[rows])
         assert list_shards(Path(tmp)) == [path] and not list(Path(tmp).glob(".*tmp"))
@@ -55,8 +63,14 @@ def test_shard_with_columns_of_different_lengths_is_damaged(tmp_path):
     import h5py
 
     path = tmp_path / "shard-00000.h5"
-    write_shard(path, ShardData(np.ones((2, 8), np.float32), ["/a", "/b"], ["a" * 32, "b" * 32], np.ones(2, np.int64),
-                                np.ones(2), [], []), INFO, "/models/m.onnx")
+    write_shard(
+        path,
+        ShardData(
+            np.ones((2, 8), np.float32), ["/a", "/b"], ["a" * 32, "b" * 32], np.ones(2, np.int64), np.ones(2), [], []
+        ),
+        INFO,
+        "/models/m.onnx",
+    )
     with h5py.File(path, "r+") as f:  # one row's size lost: its rows would no longer line up
         del f["sizes"]
         f["sizes"] = np.ones(1, np.int64)

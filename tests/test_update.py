@@ -44,8 +44,9 @@ def collection(features: Path, n: int, shard_size: int = 500) -> np.ndarray:
     return vecs
 
 
-def change(features: Path, vecs: np.ndarray, added: int, deleted: list[int],
-           seed: int = 1) -> tuple[np.ndarray, list[str]]:
+def change(
+    features: Path, vecs: np.ndarray, added: int, deleted: list[int], seed: int = 1
+) -> tuple[np.ndarray, list[str]]:
     """Add `added` new images (a new shard) and delete those numbered `deleted`, as an extract would."""
     new = clustered_vectors(added, clusters=50, seed=seed)
     write_synthetic_shards(features, new, 500, first=len(vecs) + 1000 * seed)
@@ -102,8 +103,10 @@ def test_ivf_update_keeps_the_quantizer_and_answers_like_a_full_build(tmp_path):
     for nprobe in (1, None, nlist):  # deleted images are gone from every list, at any nprobe
         assert not set(gone) & {p for row in top_paths(i, vecs[::200], 50, nprobe) for p in row}
 
-    live = [(n, vecs[int(p[11:18])] if int(p[11:18]) < len(vecs) else new[int(p[11:18]) - len(vecs) - 1000])
-            for p, n in id_table(i).items()]
+    live = [
+        (n, vecs[int(p[11:18])] if int(p[11:18]) < len(vecs) else new[int(p[11:18]) - len(vecs) - 1000])
+        for p, n in id_table(i).items()
+    ]
     live_ids, live_vecs = np.array([n for n, _ in live]), np.stack([v for _, v in live])
     with np.load(current_version(i) / "recall.npz") as sample:  # its exact neighbours, updated, are exact
         _, exact = faiss.knn(sample["queries"], live_vecs, 11, metric=faiss.METRIC_INNER_PRODUCT)
@@ -186,8 +189,9 @@ def test_update_of_a_version_with_a_vector_store_writes_its_store(tmp_path):
     vecs = collection(f, 3000)
     first = build_index(f, i, factory="IVF16,PQ8x4fs", rerank=4000, recall_queries=200, progress=False).meta
     new, gone = change(f, vecs, 30, list(range(0, 3000, 100)))
-    updated = build_index(f, i, factory="IVF16,PQ8x4fs", rerank=4000, recall_queries=200, update=True,
-                          progress=False).meta
+    updated = build_index(
+        f, i, factory="IVF16,PQ8x4fs", rerank=4000, recall_queries=200, update=True, progress=False
+    ).meta
     assert (updated["made_by"], updated["count"], updated["rerank"]) == ("update", 3000, 4000)
     assert updated["recall_at_10"] >= first["recall_at_10"] - HOLD_SLACK
     build_index(f, full, factory="IVF16,PQ8x4fs", rerank=4000, recall_queries=200, progress=False)
@@ -253,9 +257,18 @@ def test_a_streamed_index_file_is_faiss_own(tmp_path, factory):
         assert got.ntotal == want.ntotal == 3050 - len(removed)
         lists = [faiss.downcast_InvertedLists(faiss.extract_index_ivf(x).invlists) for x in (got, want)]
         for i in range(16):
-            entries = [sorted(zip(faiss.rev_swig_ptr(il.get_ids(i), il.list_size(i)).tolist(),
-                                  faiss.rev_swig_ptr(il.get_codes(i), il.list_size(i) * il.code_size)
-                                  .reshape(il.list_size(i), -1).tolist(), strict=True)) for il in lists]
+            entries = [
+                sorted(
+                    zip(
+                        faiss.rev_swig_ptr(il.get_ids(i), il.list_size(i)).tolist(),
+                        faiss.rev_swig_ptr(il.get_codes(i), il.list_size(i) * il.code_size)
+                        .reshape(il.list_size(i), -1)
+                        .tolist(),
+                        strict=True,
+                    )
+                )
+                for il in lists
+            ]
             assert entries[0] == entries[1]
         queries = clustered_vectors(20, seed=5)
         params = faiss.SearchParametersIVF(nprobe=4)
@@ -270,8 +283,12 @@ def test_recall_from_list_membership_is_an_ivf_flat_search(tmp_path):
     index.train(vecs)
     index.add_with_ids(vecs[:3900], np.arange(3900) * 3)
     faiss.write_index(index, str(tmp_path / "old.faiss"))
-    lists = rewrite_ivf(faiss.read_index(str(tmp_path / "old.faiss"), faiss.IO_FLAG_MMAP_IFC), tmp_path / "old.faiss",
-                        np.arange(0, 600, 3), [(vecs[3900:], 50_000 + np.arange(100))])
+    lists = rewrite_ivf(
+        faiss.read_index(str(tmp_path / "old.faiss"), faiss.IO_FLAG_MMAP_IFC),
+        tmp_path / "old.faiss",
+        np.arange(0, 600, 3),
+        [(vecs[3900:], 50_000 + np.arange(100))],
+    )
     lists.write(tmp_path / "new.faiss")
     assert lists.exact_probes()
     new = faiss.read_index(str(tmp_path / "new.faiss"))
@@ -323,8 +340,11 @@ def test_an_update_killed_while_writing_leaves_the_published_version(tmp_path, w
     before = top_paths(i, vecs[:5], 10)
     _, gone = change(f, vecs, 30, [1, 2, 3])
     marker = tmp_path / "writing"
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_WRITING, str(f), str(i), str(marker), what],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WHILE_WRITING, str(f), str(i), str(marker), what],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     while not marker.exists() and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)

@@ -13,7 +13,7 @@ from pipeline.index import VECTOR_IDS_FILE, VECTORS_FILE, VectorStore, has_store
 def test_round_trip_in_id_order(tmp_path):
     vecs = clustered_vectors(1000, dim=64)
     ids = np.random.default_rng(1).permutation(5000)[:1000].astype(np.int64)  # sparse, out of order
-    write_store(tmp_path, ((ids[s:s + 300], vecs[s:s + 300]) for s in range(0, 1000, 300)), 1000, 64)
+    write_store(tmp_path, ((ids[s : s + 300], vecs[s : s + 300]) for s in range(0, 1000, 300)), 1000, 64)
     assert has_store(tmp_path) and sorted(p.name for p in tmp_path.iterdir()) == [VECTOR_IDS_FILE, VECTORS_FILE]
     store = VectorStore.open(tmp_path)
     assert len(store) == 1000 and (np.diff(store.ids) > 0).all() and store.vectors.dtype == np.float16

@@ -41,8 +41,12 @@ from .shards import list_shards, read_shard
 LOG = logging.getLogger(__name__)
 CATALOG_FILE = "catalog.sqlite"
 # Added after the first release: catalogs without them get them (ALTER TABLE) when opened.
-FAILURE_COLUMNS = {"ctime": "REAL", "transient": "INTEGER", "attempts": "INTEGER NOT NULL DEFAULT 0",
-                   "retry_run": "INTEGER"}
+FAILURE_COLUMNS = {
+    "ctime": "REAL",
+    "transient": "INTEGER",
+    "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "retry_run": "INTEGER",
+}
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,10 @@ def _catalog_error(path: Path, exc: sqlite3.Error) -> PipelineError:
     """The one-line message for a catalog that cannot be opened: damaged, or a full disk, or unwritable."""
     if getattr(exc, "sqlite_errorname", None) not in (None, "SQLITE_CORRUPT", "SQLITE_NOTADB"):
         return write_error(path, exc, "`pipeline extract`")
-    return PipelineError(f"{path} is damaged ({exc}): delete it (and any {CATALOG_FILE}-wal/-shm beside it) "
-                         "and rerun `pipeline extract`, which rebuilds it from the shards")
+    return PipelineError(
+        f"{path} is damaged ({exc}): delete it (and any {CATALOG_FILE}-wal/-shm beside it) "
+        "and rerun `pipeline extract`, which rebuilds it from the shards"
+    )
 
 
 class Catalog:
@@ -87,8 +93,9 @@ class Catalog:
             if readonly:
                 if "id" not in {row[1] for row in self.db.execute("PRAGMA table_info(images)")}:
                     self.db.close()
-                    raise PipelineError(f"{path} is older than stable image ids: run `pipeline extract` once "
-                                        "to upgrade it")
+                    raise PipelineError(
+                        f"{path} is older than stable image ids: run `pipeline extract` once to upgrade it"
+                    )
                 return
             self.db.execute("PRAGMA journal_mode=WAL")  # a killed writer loses at most its open transaction
             self.db.executescript(
@@ -111,8 +118,9 @@ class Catalog:
                 if "id" not in have:  # catalogs older than stable ids: number their rows once
                     self.db.execute("ALTER TABLE images ADD COLUMN id INTEGER")
                     self.db.execute("UPDATE images SET id = rowid WHERE status = 'live'")
-                    self.db.execute("INSERT OR REPLACE INTO counters "
-                                    "SELECT 'next_id', COALESCE(MAX(rowid) + 1, 0) FROM images")
+                    self.db.execute(
+                        "INSERT OR REPLACE INTO counters SELECT 'next_id', COALESCE(MAX(rowid) + 1, 0) FROM images"
+                    )
                 self.db.execute("CREATE INDEX IF NOT EXISTS images_id ON images(id)")
             self.run = self._counter("runs")
         except sqlite3.Error as exc:
@@ -156,10 +164,14 @@ class Catalog:
             if path.name in recorded:
                 continue
             data = read_shard(path, features=False)
-            rows = [(p, int(s), float(m), h, r) for r, (p, s, m, h) in
-                    enumerate(zip(data.paths, data.sizes, data.mtimes, data.hashes, strict=True))]
-            errors = [(p, None, None, None, reason, None)
-                      for p, reason in zip(data.error_paths, data.error_reasons, strict=True)]
+            rows = [
+                (p, int(s), float(m), h, r)
+                for r, (p, s, m, h) in enumerate(zip(data.paths, data.sizes, data.mtimes, data.hashes, strict=True))
+            ]
+            errors = [
+                (p, None, None, None, reason, None)
+                for p, reason in zip(data.error_paths, data.error_reasons, strict=True)
+            ]
             self.record_shard(path.name, rows, errors)
             imported += 1
         if imported:
@@ -169,23 +181,30 @@ class Catalog:
     # ---------------------------------------------------------------- reading
 
     def entries(self) -> dict[str, Entry]:
-        return {p: Entry(s, m, h, st, c, None if t is None else bool(t), a, r) for p, s, m, h, st, c, t, a, r in
-                self.db.execute("SELECT path, size, mtime, hash, status, ctime, transient, attempts, retry_run "
-                                "FROM images")}
+        return {
+            p: Entry(s, m, h, st, c, None if t is None else bool(t), a, r)
+            for p, s, m, h, st, c, t, a, r in self.db.execute(
+                "SELECT path, size, mtime, hash, status, ctime, transient, attempts, retry_run FROM images"
+            )
+        }
 
     def live_feature(self, content_hash: str) -> tuple[str, int, str] | None:
         """(shard, row, path) of a live feature with this content, if any: an indexed look-up, so no
         run holds a map of every hash."""
-        return self.db.execute("SELECT shard, row, path FROM images WHERE hash = ? AND status = 'live' "
-                               "ORDER BY shard, row LIMIT 1", (content_hash,)).fetchone()
+        return self.db.execute(
+            "SELECT shard, row, path FROM images WHERE hash = ? AND status = 'live' ORDER BY shard, row LIMIT 1",
+            (content_hash,),
+        ).fetchone()
 
     def live_features_of_size(self, sizes: Iterable[int], limit: int) -> dict[str, tuple[str, int, str]]:
         """content hash -> live_feature(hash) of the live contents whose files have one of these sizes
         (at most `limit` rows: uncompressed images of one shape all have one size): what a Ray task may
         reuse, found before its files are read (equal contents have equal sizes)."""
-        rows = self.db.execute("SELECT hash, shard, row, path FROM images WHERE status = 'live' AND size IN "
-                               "(SELECT value FROM json_each(?)) ORDER BY shard, row LIMIT ?",
-                               (json.dumps(sorted(set(sizes))), limit))
+        rows = self.db.execute(
+            "SELECT hash, shard, row, path FROM images WHERE status = 'live' AND size IN "
+            "(SELECT value FROM json_each(?)) ORDER BY shard, row LIMIT ?",
+            (json.dumps(sorted(set(sizes))), limit),
+        )
         out: dict[str, tuple[str, int, str]] = {}
         for h, shard, row, path in rows:
             out.setdefault(h, (shard, row, path))
@@ -202,10 +221,11 @@ class Catalog:
         where: dict[int, tuple[str, int]] = {}
         try:
             for start in range(0, len(ids), 500):
-                chunk = [int(i) for i in ids[start:start + 500]]
-                where.update((i, (s, r)) for i, s, r in self.db.execute(
-                    f"SELECT id, shard, row FROM images WHERE status = 'live' AND id IN ({','.join('?' * len(chunk))})",
-                    chunk))
+                chunk = [int(i) for i in ids[start : start + 500]]
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT id, shard, row FROM images WHERE status = 'live' AND id IN ({marks})"
+                rows = self.db.execute(query, chunk)
+                where.update((i, (s, r)) for i, s, r in rows)
         except sqlite3.Error as exc:
             raise PipelineError(f"cannot read {self.dir / CATALOG_FILE} ({exc}); rerun `pipeline extract`") from None
         return where
@@ -218,23 +238,31 @@ class Catalog:
 
     def live_digest(self) -> str:
         """A digest of which contents are live under which paths: equal digests, equal indexes."""
-        return _ids_digest(np.fromiter(chain.from_iterable(
-            self.db.execute("SELECT id FROM images WHERE status = 'live'")), np.int64))
+        return _ids_digest(
+            np.fromiter(chain.from_iterable(self.db.execute("SELECT id FROM images WHERE status = 'live'")), np.int64)
+        )
 
     def live_ids(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """shard name -> (sorted rows that hold live features, the stable id of each row). Read as two
         integers a row (shard number and row in one) and grouped by numpy, not by Python objects
         per row. Every live row's shard is in `shards` (record_shard writes both at once)."""
         names = dict(self.db.execute("SELECT rowid, name FROM shards"))
-        key_id = np.fromiter(chain.from_iterable(self.db.execute(
-            "SELECT (s.rowid << 32) | i.row, i.id FROM images AS i JOIN shards AS s ON s.name = i.shard "
-            "WHERE i.status = 'live'")), np.int64).reshape(-1, 2)
+        key_id = np.fromiter(
+            chain.from_iterable(
+                self.db.execute(
+                    "SELECT (s.rowid << 32) | i.row, i.id FROM images AS i JOIN shards AS s ON s.name = i.shard "
+                    "WHERE i.status = 'live'"
+                )
+            ),
+            np.int64,
+        ).reshape(-1, 2)
         key_id = key_id[np.argsort(key_id[:, 0])]
         shard = key_id[:, 0] >> 32
         cuts = np.flatnonzero(np.diff(shard)) + 1
         keys, ids_of = np.split(key_id[:, 0], cuts), np.split(key_id[:, 1], cuts)
-        return {names[int(key[0] >> 32)]: (key & 0xFFFFFFFF, ids)
-                for key, ids in zip(keys, ids_of, strict=True) if len(key)}
+        return {
+            names[int(key[0] >> 32)]: (key & 0xFFFFFFFF, ids) for key, ids in zip(keys, ids_of, strict=True) if len(key)
+        }
 
     def live_snapshot(self) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
         """live_ids() (read in one transaction: rows recorded meanwhile by a running extract are wholly
@@ -255,13 +283,16 @@ class Catalog:
     def begin_run(self) -> int:
         """Count one more extract run (the clock of retry back-off) and return its number."""
         with self.db:
-            self.db.execute("INSERT INTO counters VALUES ('runs', 1) "
-                            "ON CONFLICT(name) DO UPDATE SET value = value + 1")
+            self.db.execute("INSERT INTO counters VALUES ('runs', 1) ON CONFLICT(name) DO UPDATE SET value = value + 1")
         self.run = self._counter("runs")
         return self.run
 
-    def record_shard(self, name: str, rows: Iterable[tuple[str, int, float, str, int]],
-                     errors: Iterable[tuple[str, int | None, float | None, float | None, str, bool | None]]) -> None:
+    def record_shard(
+        self,
+        name: str,
+        rows: Iterable[tuple[str, int, float, str, int]],
+        errors: Iterable[tuple[str, int | None, float | None, float | None, str, bool | None]],
+    ) -> None:
         """In one transaction: the shard, its live rows (path, size, mtime, hash, row) and failures
         (path, size, mtime, ctime, reason, transient).
 
@@ -278,9 +309,14 @@ class Catalog:
                 "INSERT OR REPLACE INTO images (path, size, mtime, hash, shard, row, status, id) "
                 "SELECT :p, :s, :m, :h, :shard, :r, 'live', "
                 "       (SELECT id FROM images WHERE path = :p AND hash = :h AND status = 'live')",
-                [{"p": p, "s": s, "m": m, "h": h, "shard": name, "r": r} for p, s, m, h, r in rows])
-            fresh = [r for (r,) in self.db.execute(
-                "SELECT rowid FROM images WHERE shard = ? AND status = 'live' AND id IS NULL ORDER BY row", (name,))]
+                [{"p": p, "s": s, "m": m, "h": h, "shard": name, "r": r} for p, s, m, h, r in rows],
+            )
+            fresh = [
+                r
+                for (r,) in self.db.execute(
+                    "SELECT rowid FROM images WHERE shard = ? AND status = 'live' AND id IS NULL ORDER BY row", (name,)
+                )
+            ]
             first = self._counter("next_id")
             self.db.executemany("UPDATE images SET id = ? WHERE rowid = ?", enumerate(fresh, first))
             self.db.execute("UPDATE counters SET value = ? WHERE name = 'next_id'", (first + len(fresh),))
@@ -291,13 +327,18 @@ class Catalog:
                 "       CASE WHEN :transient THEN :run + (1 << (a - 1)) END "
                 "FROM (SELECT 1 + COALESCE((SELECT attempts FROM images WHERE path = :path AND status = 'failed'), 0)"
                 "      AS a)",
-                [{"path": p, "size": s, "mtime": m, "ctime": c, "error": e, "transient": t, "run": self.run}
-                 for p, s, m, c, e, t in errors])
+                [
+                    {"path": p, "size": s, "mtime": m, "ctime": c, "error": e, "transient": t, "run": self.run}
+                    for p, s, m, c, e, t in errors
+                ],
+            )
 
     def mark_gone(self, paths: Iterable[str]) -> None:
         with self.db:
-            self.db.executemany("UPDATE images SET status = 'gone', shard = NULL, row = NULL, error = NULL "
-                                "WHERE path = ?", [(p,) for p in paths])
+            self.db.executemany(
+                "UPDATE images SET status = 'gone', shard = NULL, row = NULL, error = NULL WHERE path = ?",
+                [(p,) for p in paths],
+            )
 
     def retire(self, names: list[str]) -> None:
         """Compaction: these shards' live rows were copied to new shards; delete them now (or, after a
@@ -331,8 +372,9 @@ class Catalog:
     def scanned(self) -> int:
         return self.db.execute("SELECT count(*) FROM scan").fetchone()[0]
 
-    def compare_scan(self, scopes: list[str], unseen: list[str], *, run: int, retry_failed: bool,
-                     max_attempts: int) -> dict[str, int]:
+    def compare_scan(
+        self, scopes: list[str], unseen: list[str], *, run: int, retry_failed: bool, max_attempts: int
+    ) -> dict[str, int]:
         """Give every scanned file its kind and list the recorded files the scan did not find. Returns
         the count of each kind ('new', 'changed', 'retried', 'unchanged') and of 'missing'.
 
@@ -359,7 +401,9 @@ class Catalog:
                     WHEN scan.size IS NOT NULL AND i.size = scan.size AND i.mtime = scan.mtime THEN 'unchanged'
                     ELSE 'changed' END
                 FROM images AS i WHERE i.path = scan.path
-                """, {"retry_failed": retry_failed, "max_attempts": max_attempts, "run": run})
+                """,
+                {"retry_failed": retry_failed, "max_attempts": max_attempts, "run": run},
+            )
             for on in _EITHER_OF_UNDER:
                 self.db.execute(
                     f"""
@@ -367,30 +411,42 @@ class Catalog:
                     SELECT i.path FROM scopes AS s JOIN images AS i ON {on.format(p="i.path", f="s.")}
                     WHERE i.status != 'gone' AND NOT EXISTS (SELECT 1 FROM scan WHERE scan.path = i.path)
                       AND NOT EXISTS (SELECT 1 FROM unseen AS u WHERE {_UNDER.format(p="i.path", f="u.")})
-                    """)
+                    """
+                )
         counts = dict(self.db.execute("SELECT kind, count(*) FROM scan GROUP BY kind"))
         counts["missing"] = self.db.execute("SELECT count(*) FROM missing").fetchone()[0]
         return {k: counts.get(k, 0) for k in ("new", "changed", "retried", "unchanged", "missing")}
 
     def scanned_under(self, folder: str) -> bool:
         """Whether the scan found a file under `folder` (or the file `folder` itself)."""
-        return self.db.execute(f"SELECT 1 FROM scan WHERE {_UNDER.format(p='path', f=':')} LIMIT 1",
-                               _folder_params(folder)).fetchone() is not None
+        return (
+            self.db.execute(
+                f"SELECT 1 FROM scan WHERE {_UNDER.format(p='path', f=':')} LIMIT 1", _folder_params(folder)
+            ).fetchone()
+            is not None
+        )
 
     def live_under(self, folder: str) -> int:
         """How many live images are recorded under `folder`, leaving out the unseen folders of the
         last compare_scan()."""
-        return sum(self.db.execute(
-            f"""SELECT count(*) FROM images AS i WHERE i.status = 'live' AND {on.format(p='i.path', f=':')}
+        return sum(
+            self.db.execute(
+                f"""SELECT count(*) FROM images AS i WHERE i.status = 'live' AND {on.format(p="i.path", f=":")}
                 AND NOT EXISTS (SELECT 1 FROM unseen AS u WHERE {_UNDER.format(p="i.path", f="u.")})""",
-            _folder_params(folder)).fetchone()[0] for on in _EITHER_OF_UNDER)
+                _folder_params(folder),
+            ).fetchone()[0]
+            for on in _EITHER_OF_UNDER
+        )
 
     def scanned_todo(self, chunk: int) -> Iterator[list[tuple[str, str, int | None, float | None, float | None]]]:
         """The scanned files to decode (every kind but 'unchanged'), in path order, `chunk` at a time:
         (path, kind, size, mtime, ctime). Each chunk is its own query, so writes may come in between."""
         last = ""
-        while rows := self.db.execute("SELECT path, kind, size, mtime, ctime FROM scan WHERE kind != 'unchanged' "
-                                      "AND path > ? ORDER BY path LIMIT ?", (last, chunk)).fetchall():
+        while rows := self.db.execute(
+            "SELECT path, kind, size, mtime, ctime FROM scan WHERE kind != 'unchanged' "
+            "AND path > ? ORDER BY path LIMIT ?",
+            (last, chunk),
+        ).fetchall():
             yield rows
             last = rows[-1][0]
 
@@ -402,8 +458,10 @@ class Catalog:
     def mark_missing_gone(self) -> int:
         """Mark every missing file gone; returns how many of them were deleted (not moved)."""
         with self.db:
-            self.db.execute("UPDATE images SET status = 'gone', shard = NULL, row = NULL, error = NULL "
-                            "WHERE path IN (SELECT path FROM missing)")
+            self.db.execute(
+                "UPDATE images SET status = 'gone', shard = NULL, row = NULL, error = NULL "
+                "WHERE path IN (SELECT path FROM missing)"
+            )
         return self.db.execute("SELECT count(*) FROM missing WHERE NOT moved").fetchone()[0]
 
 

@@ -131,8 +131,10 @@ def _open(path: Path) -> Iterator[h5py.File]:
                 raise PipelineError(f"shard {path} has schema version {version}; this pipeline reads {SCHEMA_VERSION}")
             yield f
     except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise PipelineError(f"cannot read shard {path} ({cause(exc)}): it is damaged; delete it and rerun "
-                            "`pipeline extract` (its images are extracted again)") from None
+        raise PipelineError(
+            f"cannot read shard {path} ({cause(exc)}): it is damaged; delete it and rerun "
+            "`pipeline extract` (its images are extracted again)"
+        ) from None
 
 
 def _strings(ds: h5py.Dataset) -> list[str]:
@@ -142,8 +144,16 @@ def _strings(ds: h5py.Dataset) -> list[str]:
 def shard_info(path: Path) -> ShardInfo:
     with _open(path) as f:
         a = f.attrs
-        return ShardInfo(path, int(a["count"]), int(a["error_count"]), str(a["model_name"]),
-                         str(a["model_sha256"]), int(a["dim"]), str(a["created"]), str(a.get("model_path", "")))
+        return ShardInfo(
+            path,
+            int(a["count"]),
+            int(a["error_count"]),
+            str(a["model_name"]),
+            str(a["model_sha256"]),
+            int(a["dim"]),
+            str(a["created"]),
+            str(a.get("model_path", "")),
+        )
 
 
 def shard_model(path: Path) -> tuple[ModelInfo, str]:
@@ -185,8 +195,9 @@ def read_rows(path: Path, rows: np.ndarray) -> np.ndarray:
         ends = np.append(starts[1:], len(rows))
         if len(starts) == len(rows):
             return features[rows]
-        return np.concatenate([features[rows[a]:rows[b - 1] + 1]
-                               for a, b in zip(starts.tolist(), ends.tolist(), strict=True)])
+        return np.concatenate(
+            [features[rows[a] : rows[b - 1] + 1] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+        )
 
 
 def check_model(infos: list[ShardInfo], model_sha256: str | None = None) -> None:
@@ -201,4 +212,3 @@ def check_model(infos: list[ShardInfo], model_sha256: str | None = None) -> None
                 f"{info.model_sha256[:12]}), expected weights sha256 {expected[:12]}; "
                 "use a separate features folder per model"
             )
-

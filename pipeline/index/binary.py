@@ -58,8 +58,9 @@ def binary_factory(n: int, bits: int, factory: str | None = None) -> tuple[str, 
         try:
             faiss.index_binary_factory(bits, factory)
         except RuntimeError as exc:
-            raise PipelineError(f"faiss cannot build binary factory {factory!r}: "
-                                f"{str(exc).strip().splitlines()[-1]}") from None
+            raise PipelineError(
+                f"faiss cannot build binary factory {factory!r}: {str(exc).strip().splitlines()[-1]}"
+            ) from None
         return factory, f"binary factory {factory!r} given with --factory"
     if n < FLAT_CODES_BELOW:
         return "BFlat", f"{n} codes < {FLAT_CODES_BELOW}: an exhaustive Hamming scan"
@@ -82,8 +83,15 @@ class _Codes:
         self.ntotal += len(ids)
 
 
-def tune_codes(engine: CoarseToFine, queries: np.ndarray, q_ids: np.ndarray, truth: np.ndarray, target: float,
-               setting: int | None = None, k: int = 10) -> dict:
+def tune_codes(
+    engine: CoarseToFine,
+    queries: np.ndarray,
+    q_ids: np.ndarray,
+    truth: np.ndarray,
+    target: float,
+    setting: int | None = None,
+    k: int = 10,
+) -> dict:
     """The smallest setting (pool, nprobe or efSearch) whose recall@k through the whole path (codes,
     Hamming search, re-rank) reaches `target` with 95% confidence, or just the given `setting`."""
     n = engine.ntotal
@@ -102,24 +110,57 @@ def tune_codes(engine: CoarseToFine, queries: np.ndarray, q_ids: np.ndarray, tru
         _, found = engine.search(queries, k + 1, value)
         ms = (time.perf_counter() - t0) * 1000 / len(queries)
         per_query = recall_at(found, truth, q_ids, k)
-        tried.append({engine.setting_name: value, "recall": round(float(per_query.mean()), 4),
-                      "recall_lower_bound": round(lower_bound(per_query), 4), "ms_per_query": round(ms, 4)})
+        tried.append(
+            {
+                engine.setting_name: value,
+                "recall": round(float(per_query.mean()), 4),
+                "recall_lower_bound": round(lower_bound(per_query), 4),
+                "ms_per_query": round(ms, 4),
+            }
+        )
         if lower_bound(per_query) >= target:
             break
     best = tried[-1]
     if best["recall_lower_bound"] < target:  # the pool is capped: past POOL_GRID re-ranking costs more than it is worth
-        LOG.warning("binary codes: recall@10 %.3f at the largest %s tried, below the target %g: use more --codes bits "
-                    "or another index kind", best["recall"], engine.setting_name, target)
+        LOG.warning(
+            "binary codes: recall@10 %.3f at the largest %s tried, below the target %g: use more --codes bits "
+            "or another index kind",
+            best["recall"],
+            engine.setting_name,
+            target,
+        )
     engine.setting = int(best[engine.setting_name])  # a grid value (the dict's other values are floats)
-    LOG.info("binary codes: %s %s: recall@10 %.3f, %.3f ms/query (%d queries)", engine.setting_name, engine.setting,
-             best["recall"], best["ms_per_query"], len(q_ids))
-    return {"recall_at_10": best["recall"], "target_recall": target, "recall_queries": len(q_ids),
-            "query_ms": best["ms_per_query"], "setting_sweep": tried}
+    LOG.info(
+        "binary codes: %s %s: recall@10 %.3f, %.3f ms/query (%d queries)",
+        engine.setting_name,
+        engine.setting,
+        best["recall"],
+        best["ms_per_query"],
+        len(q_ids),
+    )
+    return {
+        "recall_at_10": best["recall"],
+        "target_recall": target,
+        "recall_queries": len(q_ids),
+        "query_ms": best["ms_per_query"],
+        "setting_sweep": tried,
+    }
 
 
-def build_binary(source: Collection, out_dir: Path, *, bits: int, factory: str | None, setting: int | None,
-                 target_recall: float, recall_queries: int, keep: int, seed: int, progress: bool | None,
-                 pool: Executor) -> IndexReport:
+def build_binary(
+    source: Collection,
+    out_dir: Path,
+    *,
+    bits: int,
+    factory: str | None,
+    setting: int | None,
+    target_recall: float,
+    recall_queries: int,
+    keep: int,
+    seed: int,
+    progress: bool | None,
+    pool: Executor,
+) -> IndexReport:
     """Learn the codes on a sample, stream every shard into the vector store and the codes, fill the
     binary index, tune its setting on held-out queries through the whole path, publish (the caller
     holds the index folder's lock)."""
@@ -154,8 +195,14 @@ def build_binary(source: Collection, out_dir: Path, *, bits: int, factory: str |
         t0 = time.monotonic()
         engine = CoarseToFine(index, centre, projection, VectorStore.open(tmp), DEFAULT_POOL)
         tuning = tune_codes(engine, queries, q_ids, truth.ids, target_recall, setting)
-        np.savez(tmp / RECALL_FILE, ids=q_ids, queries=queries, truth=truth.ids, scores=truth.scores,
-                 depth=np.full(len(q_ids), TRUTH_DEPTH))
+        np.savez(
+            tmp / RECALL_FILE,
+            ids=q_ids,
+            queries=queries,
+            truth=truth.ids,
+            scores=truth.scores,
+            depth=np.full(len(q_ids), TRUTH_DEPTH),
+        )
         timings["tune_s"] = time.monotonic() - t0
         t0 = time.monotonic()
         try:
@@ -165,25 +212,43 @@ def build_binary(source: Collection, out_dir: Path, *, bits: int, factory: str |
         np.savez(tmp / ITQ_FILE, centre=centre, projection=projection)
         timings["write_s"] = time.monotonic() - t0
         meta = {
-            **built_fields(version, source, f"ITQ{bits},{fac}",
-                           f"binary/{type(faiss.downcast_IndexBinary(index)).__name__}/{bits}",
-                           asked_for(codes=f"binary:{bits}", factory=factory, nprobe=setting)),
+            **built_fields(
+                version,
+                source,
+                f"ITQ{bits},{fac}",
+                f"binary/{type(faiss.downcast_IndexBinary(index)).__name__}/{bits}",
+                asked_for(codes=f"binary:{bits}", factory=factory, nprobe=setting),
+            ),
             "bytes_estimate": n * bits // 8,
             "nlist": 0,  # no float IVF layer: the binary index's own lists are in "codes"
             "nprobe": None,
             "reason": f"--codes binary:{bits}; {reason}",
             "train_size": len(train_pos),
-            "codes": {"bits": bits, "index": fac, "rotation_sha256": rotation_checksum(centre, projection),
-                      "itq_train_size": len(train_pos), "itq_iterations": ITQ_ITERATIONS,
-                      "quantisation_error": round(error, 4), "pool": DEFAULT_POOL,
-                      "setting_name": engine.setting_name, "setting": engine.setting},
+            "codes": {
+                "bits": bits,
+                "index": fac,
+                "rotation_sha256": rotation_checksum(centre, projection),
+                "itq_train_size": len(train_pos),
+                "itq_iterations": ITQ_ITERATIONS,
+                "quantisation_error": round(error, 4),
+                "pool": DEFAULT_POOL,
+                "setting_name": engine.setting_name,
+                "setting": engine.setting,
+            },
             **tuning,
             "recall_queries_held_out_from_training": bool(len(rest)),
             **made_from(source, t_start, timings),
         }
         report = publish_version(out_dir, tmp, meta, keep)
-    LOG.info("published %s: %d vectors, ITQ%d + %s, %s %s", report.version_dir, n, bits, fac, engine.setting_name,
-             engine.setting)
+    LOG.info(
+        "published %s: %d vectors, ITQ%d + %s, %s %s",
+        report.version_dir,
+        n,
+        bits,
+        fac,
+        engine.setting_name,
+        engine.setting,
+    )
     return report
 
 
@@ -196,7 +261,7 @@ def _binary_index(sink: _Codes, bits: int, factory: str, rng: np.random.Generato
         size = min(n, 64 * _nlist(index))
         index.train(sink.codes[np.sort(rng.choice(n, size=size, replace=False))])
     for start in range(0, n, 1_000_000):
-        index.add(sink.codes[start:start + 1_000_000])
+        index.add(sink.codes[start : start + 1_000_000])
     return index
 
 

@@ -53,8 +53,9 @@ def parse_codes(text: str, dim: int) -> int:
     return b
 
 
-def learn_itq(sample: np.ndarray, bits: int, iterations: int = ITQ_ITERATIONS, seed: int = 0,
-              rotate: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def learn_itq(
+    sample: np.ndarray, bits: int, iterations: int = ITQ_ITERATIONS, seed: int = 0, rotate: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """(centre, projection dim x bits) learned from `sample`: PCA, then the ITQ rotation (none when
     not `rotate`: plain PCA sign codes). ITQ alternates codes B = sign(V R) with the orthogonal R
     closest to mapping V onto B (Procrustes: the SVD of V^T B)."""
@@ -64,8 +65,11 @@ def learn_itq(sample: np.ndarray, bits: int, iterations: int = ITQ_ITERATIONS, s
     _, vecs = np.linalg.eigh(x.T @ x)
     pca = vecs[:, ::-1][:, :bits]  # eigh sorts eigenvalues ascending
     v = (x @ pca).astype(np.float32)
-    r = np.linalg.qr(np.random.default_rng(seed).normal(size=(bits, bits)))[0].astype(np.float32) if rotate \
+    r = (
+        np.linalg.qr(np.random.default_rng(seed).normal(size=(bits, bits)))[0].astype(np.float32)
+        if rotate
         else np.eye(bits, dtype=np.float32)
+    )
     for _ in range(iterations if rotate else 0):
         u, _, wt = np.linalg.svd(v.T @ np.where(v @ r >= 0, np.float32(1), np.float32(-1)))
         r = u @ wt
@@ -76,7 +80,7 @@ def quantisation_error(projected: np.ndarray) -> float:
     """Mean share of each projected vector its sign code cannot express, 1 - cos^2(y, sign(y)): scale-free,
     0 when every component has the same magnitude. ITQ's rotation lowers it."""
     y = projected.astype(np.float64)
-    return float(np.mean(1 - np.abs(y).sum(axis=1) ** 2 / (y.shape[1] * (y ** 2).sum(axis=1))))
+    return float(np.mean(1 - np.abs(y).sum(axis=1) ** 2 / (y.shape[1] * (y**2).sum(axis=1))))
 
 
 def encode(x: np.ndarray, centre: np.ndarray, projection: np.ndarray) -> np.ndarray:
@@ -90,13 +94,25 @@ class CoarseToFine:
     `setting` is what the build tuned: nprobe (IVF over codes), efSearch (HNSW) or, for an exhaustive
     scan, the pool size itself; the pool is `pool` candidates (at least k)."""
 
-    def __init__(self, index: faiss.IndexBinary, centre: np.ndarray, projection: np.ndarray, store: VectorStore,
-                 pool: int, setting: int | None = None) -> None:
+    def __init__(
+        self,
+        index: faiss.IndexBinary,
+        centre: np.ndarray,
+        projection: np.ndarray,
+        store: VectorStore,
+        pool: int,
+        setting: int | None = None,
+    ) -> None:
         self.index, self.centre, self.projection, self.store = index, centre, projection, store
         self.pool, self.setting = pool, setting
         b = faiss.downcast_IndexBinary(index)
-        self.setting_name = ("nprobe" if isinstance(b, faiss.IndexBinaryIVF) else
-                             "efSearch" if isinstance(b, faiss.IndexBinaryHNSW) else "pool")
+        self.setting_name = (
+            "nprobe"
+            if isinstance(b, faiss.IndexBinaryIVF)
+            else "efSearch"
+            if isinstance(b, faiss.IndexBinaryHNSW)
+            else "pool"
+        )
 
     @classmethod
     def open(cls, version_dir: Path, meta: dict) -> CoarseToFine:
@@ -105,8 +121,14 @@ class CoarseToFine:
             centre, projection = itq["centre"], itq["projection"]
         if rotation_checksum(centre, projection) != codes["rotation_sha256"]:
             raise PipelineError(f"{version_dir / ITQ_FILE} does not match its meta.json (rotation checksum)")
-        return cls(faiss.read_index_binary(str(version_dir / CODES_FILE)), centre, projection,
-                   VectorStore.open(version_dir), codes["pool"], codes["setting"])
+        return cls(
+            faiss.read_index_binary(str(version_dir / CODES_FILE)),
+            centre,
+            projection,
+            VectorStore.open(version_dir),
+            codes["pool"],
+            codes["setting"],
+        )
 
     @property
     def ntotal(self) -> int:
@@ -122,8 +144,9 @@ class CoarseToFine:
         elif setting and self.setting_name == "efSearch":
             params = faiss.SearchParametersHNSW(efSearch=int(setting))  # type: ignore[attr-defined]  # faiss stub: no HNSW
         queries = np.ascontiguousarray(queries, np.float32)
-        _, pos = self.index.search(encode(queries, self.centre, self.projection), min(max(pool, k), self.ntotal),
-                                   params=params)
+        _, pos = self.index.search(
+            encode(queries, self.centre, self.projection), min(max(pool, k), self.ntotal), params=params
+        )
         return self.store.rerank(queries, np.where(pos >= 0, self.store.ids[pos], -1), k)
 
 

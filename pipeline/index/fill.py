@@ -63,9 +63,15 @@ class Fillable(Protocol):
     def add_with_ids(self, x: np.ndarray, ids: np.ndarray, /) -> None: ...
 
 
-def fill_range(index: Fillable, parts: Parts, ids: np.ndarray, queries: np.ndarray | None, k: int,
-               features: Iterable[np.ndarray] | None = None,
-               advance: Callable[[int], None] | None = None) -> Truth | None:
+def fill_range(
+    index: Fillable,
+    parts: Parts,
+    ids: np.ndarray,
+    queries: np.ndarray | None,
+    k: int,
+    features: Iterable[np.ndarray] | None = None,
+    advance: Callable[[int], None] | None = None,
+) -> Truth | None:
     """Add the live rows of these shards, under their `ids` (in order), to `index`, and return the exact
     top-k of `queries` among them (None without queries). `features`: those rows, shard by shard, when
     a reader already has them; else the shards are read here. `advance(rows)` after each shard."""
@@ -73,7 +79,7 @@ def fill_range(index: Fillable, parts: Parts, ids: np.ndarray, queries: np.ndarr
     offset = 0
     for (_, rows), feats in zip(parts, features if features is not None else shard_rows(parts), strict=True):
         feats = np.ascontiguousarray(feats, dtype=np.float32)
-        block = ids[offset:offset + len(rows)]
+        block = ids[offset : offset + len(rows)]
         index.add_with_ids(feats, block)
         if near is not None:
             near.offer_rows(feats, block)
@@ -94,8 +100,15 @@ class FillDistributor(Protocol):
     calls in place of the local fill. The result must be the local fill's: the same rows under the same
     ids in the same lists, in the same order (fill_range over ranges of shards, merged in id order)."""
 
-    def fill(self, index: faiss.Index, parts: Parts, ids: np.ndarray, queries: np.ndarray | None, k: int,
-             progress: bool | None) -> Truth | None:
+    def fill(
+        self,
+        index: faiss.Index,
+        parts: Parts,
+        ids: np.ndarray,
+        queries: np.ndarray | None,
+        k: int,
+        progress: bool | None,
+    ) -> Truth | None:
         """Add the live rows of `parts` under `ids` to the trained empty `index`; return the exact top-k of
         `queries` among them (None without queries)."""
 
@@ -104,9 +117,17 @@ class _Stopped(Exception):
     """The fill failed: the id table's writer stops at its next shard."""
 
 
-def fill_index(index: Fillable, parts: Parts, ids: np.ndarray, ids_path: Path, queries: np.ndarray | None,
-               progress: bool | None, pool: Executor, store: StoreWriter | None = None,
-               distributor: FillDistributor | None = None) -> tuple[Truth | None, Future]:
+def fill_index(
+    index: Fillable,
+    parts: Parts,
+    ids: np.ndarray,
+    ids_path: Path,
+    queries: np.ndarray | None,
+    progress: bool | None,
+    pool: Executor,
+    store: StoreWriter | None = None,
+    distributor: FillDistributor | None = None,
+) -> tuple[Truth | None, Future]:
     """Add every shard to the index under `ids` while a thread of `pool` writes the id table (and the
     vector `store`, if given: the caller closes it). Returns the exact top-TRUTH_DEPTH neighbours of
     `queries` (for recall) and the writer's future: its result() is due before publishing.
@@ -189,10 +210,14 @@ def rows_with_ids(parts: Parts, ids: np.ndarray, wanted: np.ndarray) -> Iterator
     take = np.isin(ids, wanted)
     offset = 0
     for info, rows in parts:
-        mine = take[offset:offset + len(rows)]
+        mine = take[offset : offset + len(rows)]
         if mine.any():
             data = read_shard(info.path)
             sel = rows[mine]
-            yield (np.ascontiguousarray(data.features[sel], dtype=np.float32), ids[offset:offset + len(rows)][mine],
-                   [data.paths[r] for r in sel], [data.hashes[r] for r in sel])
+            yield (
+                np.ascontiguousarray(data.features[sel], dtype=np.float32),
+                ids[offset : offset + len(rows)][mine],
+                [data.paths[r] for r in sel],
+                [data.hashes[r] for r in sel],
+            )
         offset += len(rows)

@@ -22,8 +22,12 @@ IDS_FILE = "ids.sqlite"
 AddedRows = tuple[np.ndarray, np.ndarray, list[str], list[str]]
 
 
-def write_ids(parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, path: Path,
-              each: Callable[[np.ndarray, np.ndarray], None] | None = None) -> None:
+def write_ids(
+    parts: list[tuple[ShardInfo, np.ndarray]],
+    ids: np.ndarray,
+    path: Path,
+    each: Callable[[np.ndarray, np.ndarray], None] | None = None,
+) -> None:
     """Write the id table: `ids` are the stable ids of the shards' live rows, in order. With `each`,
     the shards are read with their features and each(ids, features) is called with every shard's live
     rows on the way (a local build fills the index and the vector store with them)."""
@@ -34,7 +38,7 @@ def write_ids(parts: list[tuple[ShardInfo, np.ndarray]], ids: np.ndarray, path: 
         offset = 0
         for info, rows in parts:
             data = read_shard(info.path, features=each is not None)
-            block = ids[offset:offset + len(rows)]
+            block = ids[offset : offset + len(rows)]
             if each is not None:
                 each(block, data.features[rows])
             paths, hashes = (data.paths[r] for r in rows), (data.hashes[r] for r in rows)
@@ -112,7 +116,7 @@ class IdTable:
         wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
         out: dict[int, tuple[str, str]] = {}
         for start in range(0, len(wanted), 500):
-            chunk = wanted[start:start + 500]
+            chunk = wanted[start : start + 500]
             rows = self._query(f"SELECT id, path, hash FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk)
             out.update((i, (p, h)) for i, p, h in rows)
         if len(out) < len(wanted):
@@ -128,6 +132,7 @@ class IdTable:
 
     def same_content_ids(self) -> list[np.ndarray]:
         """Ids of byte-identical files (same content hash), one sorted array per content listed more than once."""
-        rows = self._query("SELECT group_concat(id) FROM (SELECT id, hash FROM images ORDER BY id) "
-                           "GROUP BY hash HAVING count(*) > 1")
+        rows = self._query(
+            "SELECT group_concat(id) FROM (SELECT id, hash FROM images ORDER BY id) GROUP BY hash HAVING count(*) > 1"
+        )
         return [np.sort(np.array(ids.split(","), np.int64)) for (ids,) in rows]

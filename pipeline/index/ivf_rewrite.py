@@ -30,10 +30,12 @@ def streamable(index: faiss.Index) -> bool:
     """An IVF index, unwrapped, whose lists are faiss ArrayInvertedLists (Flat, SQ or PQ codes; not
     fast-scan blocks) and which keeps no direct map: what rewrite_ivf can write from a memory map."""
     top = faiss.downcast_index(index)
-    return (isinstance(top, faiss.IndexIVF)
-            and top.direct_map.type == faiss.DirectMap.NoMap  # type: ignore[attr-defined]  # faiss stub: no DirectMap
-            and top.invlists is not None
-            and isinstance(faiss.downcast_InvertedLists(top.invlists), faiss.ArrayInvertedLists))
+    return (
+        isinstance(top, faiss.IndexIVF)
+        and top.direct_map.type == faiss.DirectMap.NoMap  # type: ignore[attr-defined]  # faiss stub: no DirectMap
+        and top.invlists is not None
+        and isinstance(faiss.downcast_InvertedLists(top.invlists), faiss.ArrayInvertedLists)
+    )
 
 
 def rewrite_ivf(index: faiss.Index, path: Path, removed: np.ndarray, added: list[tuple]) -> IvfRewrite | None:
@@ -89,12 +91,18 @@ class IvfRewrite:
         kept = np.concatenate([[0], np.cumsum(self.keep)])
         self.starts = np.concatenate([[0], np.cumsum(self.old_sizes)])
         self.sizes = kept[self.starts[1:]] - kept[self.starts[:-1]] + self.new_sizes
-        self.head = serialised[:-len(empty_lists)] + lists + b"full" + np.array([nlist], np.uint64).tobytes() \
+        self.head = (
+            serialised[: -len(empty_lists)]
+            + lists
+            + b"full"
+            + np.array([nlist], np.uint64).tobytes()
             + self.sizes.astype(np.uint64).tobytes()
+        )
         # Each stored id's list, for recall read from list membership (probed_truth).
         self.list_ids = np.concatenate([old_ids[self.keep], stored_ids(self.new)])
-        self.list_of = np.concatenate([np.repeat(np.arange(nlist), self.old_sizes)[self.keep],
-                                       np.repeat(np.arange(nlist), self.new_sizes)])
+        self.list_of = np.concatenate(
+            [np.repeat(np.arange(nlist), self.old_sizes)[self.keep], np.repeat(np.arange(nlist), self.new_sizes)]
+        )
 
     def write(self, path: Path) -> None:
         """Write the new index file and fsync it."""
@@ -103,7 +111,7 @@ class IvfRewrite:
             fh.write(self.head)
             for i in np.flatnonzero(self.sizes):
                 n, m = int(self.old_sizes[i]), int(self.new_sizes[i])
-                keep = self.keep[self.starts[i]:self.starts[i + 1]]
+                keep = self.keep[self.starts[i] : self.starts[i + 1]]
                 if n:
                     codes = faiss.rev_swig_ptr(self.old.get_codes(int(i)), n * cs).reshape(n, cs)
                     ids = faiss.rev_swig_ptr(self.old.get_ids(int(i)), n)
@@ -120,8 +128,9 @@ class IvfRewrite:
     def exact_probes(self) -> bool:
         """IVF-Flat with an exact (flat) quantizer: a search at nprobe p finds exactly the true
         neighbours in the query's p nearest lists, so recall can be read from list membership."""
-        return isinstance(self.ivf, faiss.IndexIVFFlat) and isinstance(faiss.downcast_index(self.ivf.quantizer),
-                                                                       faiss.IndexFlat)
+        return isinstance(self.ivf, faiss.IndexIVFFlat) and isinstance(
+            faiss.downcast_index(self.ivf.quantizer), faiss.IndexFlat
+        )
 
     def probed_truth(self, queries: np.ndarray, truth: np.ndarray) -> _ProbedTruth:
         """What an IVF-Flat search of the new index finds of each query's true neighbours at any nprobe,
@@ -138,15 +147,15 @@ class _ProbedTruth:
     faiss index (search(x, k, params)), for tune_nprobe, without scanning a list. The neighbours a
     search finds beyond the true ones do not count in recall_at, so they are left out (-1)."""
 
-    def __init__(self, quantizer: faiss.Index, nlist: int, queries: np.ndarray, truth: np.ndarray,
-                 lists: np.ndarray) -> None:
+    def __init__(
+        self, quantizer: faiss.Index, nlist: int, queries: np.ndarray, truth: np.ndarray, lists: np.ndarray
+    ) -> None:
         _, probes = quantizer.search(queries, nlist)
         rank = np.empty_like(probes)
         np.put_along_axis(rank, probes, np.arange(nlist)[None, :], axis=1)
         self.truth = truth
         self.rank = np.where(lists >= 0, np.take_along_axis(rank, np.maximum(lists, 0), axis=1), nlist)
 
-    def search(self, x: np.ndarray, k: int,
-               params: faiss.SearchParameters | None = None) -> tuple[None, np.ndarray]:
+    def search(self, x: np.ndarray, k: int, params: faiss.SearchParameters | None = None) -> tuple[None, np.ndarray]:
         assert isinstance(params, faiss.SearchParametersIVF), "tune_nprobe searches at an nprobe"
         return None, np.where(self.rank[:, :k] < params.nprobe, self.truth[:, :k], -1)

@@ -65,9 +65,17 @@ def factory_facts(factory: str, dim: int) -> tuple[int, int]:
     return int(ivf.nlist), int(ivf.code_size) + 8
 
 
-def plan_index(n: int, dim: int = 512, *, factory: str | None = None, nlist: int | None = None,
-               flat_below: int = DEFAULT_FLAT_BELOW, train_per_list: int = 64,
-               max_memory: int | str | None = None, rerank: int | None = None) -> IndexPlan:
+def plan_index(
+    n: int,
+    dim: int = 512,
+    *,
+    factory: str | None = None,
+    nlist: int | None = None,
+    flat_below: int = DEFAULT_FLAT_BELOW,
+    train_per_list: int = 64,
+    max_memory: int | str | None = None,
+    rerank: int | None = None,
+) -> IndexPlan:
     """Choose the index for n vectors of `dim`, with the reasoning.
 
     Exact (Flat) below `flat_below`; else IVF with nlist the power of two >= 4 sqrt(n) (faiss
@@ -90,22 +98,34 @@ def plan_index(n: int, dim: int = 512, *, factory: str | None = None, nlist: int
         nl, per_vector = factory_facts(factory, dim)
         compressed = per_vector - (8 if nl else 0) < 4 * dim
         train = min(n, max(max(MIN_POINTS_PER_LIST, train_per_list) * nl, 20_000 if compressed else 0) or 100_000)
-        return IndexPlan(factory, nl, train, f"factory {factory!r} given with --factory",
-                         n * per_vector + nl * dim * 4, _rerank(compressed, rerank))
+        return IndexPlan(
+            factory,
+            nl,
+            train,
+            f"factory {factory!r} given with --factory",
+            n * per_vector + nl * dim * 4,
+            _rerank(compressed, rerank),
+        )
     auto_nlist = nlist is None
     if nlist is None and n < flat_below:
-        ivf, nlist, reason = "", 0, (f"{n} vectors < {flat_below}: exact inner-product search is fast at this "
-                                      "size, so no IVF")
+        ivf, nlist, reason = (
+            "",
+            0,
+            (f"{n} vectors < {flat_below}: exact inner-product search is fast at this size, so no IVF"),
+        )
     else:
         if nlist is None:
             nlist = min(2 ** math.ceil(math.log2(4 * math.sqrt(n))), n // MIN_POINTS_PER_LIST)
-            reason = (f"{n} vectors: nlist {nlist} (about 4*sqrt(N) = {4 * math.sqrt(n):.0f}, "
-                      f"at least {MIN_POINTS_PER_LIST} training points per list)")
+            reason = (
+                f"{n} vectors: nlist {nlist} (about 4*sqrt(N) = {4 * math.sqrt(n):.0f}, "
+                f"at least {MIN_POINTS_PER_LIST} training points per list)"
+            )
         else:
             reason = f"nlist {nlist} given with --nlist"
         if nlist < 1 or nlist * MIN_POINTS_PER_LIST > n:
-            raise PipelineError(f"nlist {nlist} needs at least {max(nlist, 1) * MIN_POINTS_PER_LIST} vectors to "
-                                f"train; have {n}")
+            raise PipelineError(
+                f"nlist {nlist} needs at least {max(nlist, 1) * MIN_POINTS_PER_LIST} vectors to train; have {n}"
+            )
         ivf = f"IVF{nlist},"
     codes = ["Flat", "SQ8"] + [f"PQ{m}x4fs" for m in (dim // 2, dim // 4, dim // 8, dim // 16) if m and dim % m == 0]
     for code in codes:
@@ -118,18 +138,29 @@ def plan_index(n: int, dim: int = 512, *, factory: str | None = None, nlist: int
             break
     else:
         assert max_memory is not None, "without a memory budget the first code fits"
-        raise PipelineError(f"{n} vectors do not fit in {max_memory / 2**20:.0f} MiB even as {fac} "
-                            f"({need / 2**20:.0f} MiB); raise --max-memory")
+        raise PipelineError(
+            f"{n} vectors do not fit in {max_memory / 2**20:.0f} MiB even as {fac} "
+            f"({need / 2**20:.0f} MiB); raise --max-memory"
+        )
     compressed = code != "Flat"
     rerank = _rerank(compressed, rerank)
     if compressed:
-        how = ("given with --nlist" if not auto_nlist else "the power of two >= sqrt(N)" if code.startswith("PQ")
-               else "about 4*sqrt(N)")
-        reason = (f"{n} vectors as flat floats need {n * 4 * dim / 2**20:.0f} MiB > --max-memory, so {fac} "
-                  f"({need / 2**20:.0f} MiB: codes, ids and quantizer), {nlist} lists (nlist {how})")
+        how = (
+            "given with --nlist"
+            if not auto_nlist
+            else "the power of two >= sqrt(N)"
+            if code.startswith("PQ")
+            else "about 4*sqrt(N)"
+        )
+        reason = (
+            f"{n} vectors as flat floats need {n * 4 * dim / 2**20:.0f} MiB > --max-memory, so {fac} "
+            f"({need / 2**20:.0f} MiB: codes, ids and quantizer), {nlist} lists (nlist {how})"
+        )
         if rerank:
-            reason += (f"; the top {rerank} candidates re-ranked exactly from a float16 store on disk "
-                       f"({n * 2 * dim / 2**20:.0f} MiB, memory-mapped, not resident)")
+            reason += (
+                f"; the top {rerank} candidates re-ranked exactly from a float16 store on disk "
+                f"({n * 2 * dim / 2**20:.0f} MiB, memory-mapped, not resident)"
+            )
     train = min(n, max(max(MIN_POINTS_PER_LIST, train_per_list) * nlist, 20_000 if compressed else 0))
     return IndexPlan(fac, nlist, train, reason, need, rerank)
 
@@ -194,5 +225,7 @@ def stored_ids(index: faiss.Index) -> np.ndarray:
         assert isinstance(id_map, faiss.IndexIDMap), f"an index without IVF lists is built with ids: {id_map}"
         return faiss.vector_to_array(id_map.id_map)
     assert invlists is not None, "an IVF index has inverted lists"
-    return np.concatenate([faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i))
-                           for i in range(invlists.nlist)] + [np.zeros(0, np.int64)])
+    return np.concatenate(
+        [faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)) for i in range(invlists.nlist)]
+        + [np.zeros(0, np.int64)]
+    )

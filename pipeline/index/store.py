@@ -55,8 +55,10 @@ class StoreWriter:
         self.dir, self.n, self.dim = Path(version_dir), n, dim
         self._tmp = temp_path(self.dir / VECTORS_FILE)
         self._fh = open(self._tmp, "wb")
-        np.lib.format.write_array_header_1_0(self._fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
-                                                        "fortran_order": False, "shape": (n, dim)})
+        np.lib.format.write_array_header_1_0(
+            self._fh,
+            {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": (n, dim)},
+        )
         self._ids = np.empty(n, np.int64)
         self._at = 0
 
@@ -64,7 +66,7 @@ class StoreWriter:
         assert len(ids) == len(feats) and self._at + len(ids) <= self.n, "more rows than the store was made for"
         assert feats.shape[1:] == (self.dim,), f"features of shape {feats.shape}, the store holds {self.dim}-d"
         self._fh.write(np.ascontiguousarray(feats, np.float16).tobytes())
-        self._ids[self._at:self._at + len(ids)] = ids
+        self._ids[self._at : self._at + len(ids)] = ids
         self._at += len(ids)
 
     def close(self) -> None:
@@ -80,7 +82,7 @@ class StoreWriter:
             with open(self._tmp, "wb") as fh:
                 np.lib.format.write_array_header_1_0(fh, np.lib.format.header_data_from_array_1_0(rows))
                 for start in range(0, self.n, _CHUNK):
-                    fh.write(rows[order[start:start + _CHUNK]].tobytes())
+                    fh.write(rows[order[start : start + _CHUNK]].tobytes())
             del rows
             unsorted.unlink()
             self._ids = self._ids[order]
@@ -107,8 +109,9 @@ def write_store(version_dir: Path | str, parts: Iterable[tuple[np.ndarray, np.nd
         raise
 
 
-def update_store(old_dir: Path | str, new_dir: Path | str, removed: np.ndarray, added_ids: np.ndarray,
-                 added: np.ndarray) -> None:
+def update_store(
+    old_dir: Path | str, new_dir: Path | str, removed: np.ndarray, added_ids: np.ndarray, added: np.ndarray
+) -> None:
     """Write new_dir's store: old_dir's rows (only read) without the `removed` ids, plus the `added`
     features of `added_ids`, in ascending id order. Rows stream a chunk at a time from the old
     memory-mapped file, so they are copied, never converted back from float32, and in order (no sort
@@ -120,7 +123,7 @@ def update_store(old_dir: Path | str, new_dir: Path | str, removed: np.ndarray, 
     writer = StoreWriter(new_dir, len(ids), old.vectors.shape[1])
     try:
         for start in range(0, len(order), _CHUNK):
-            src = order[start:start + _CHUNK]
+            src = order[start : start + _CHUNK]
             from_old = src < len(kept)
             rows = np.empty((len(src), old.vectors.shape[1]), np.float16)
             rows[from_old] = old.vectors[kept[src[from_old]]]
@@ -145,11 +148,15 @@ class VectorStore:
             vectors = np.load(version_dir / VECTORS_FILE, mmap_mode="r")
             ids = np.load(version_dir / VECTOR_IDS_FILE, mmap_mode="r")
         except (OSError, ValueError) as exc:
-            raise PipelineError(f"the vector store in {version_dir} is missing or corrupt ({cause(exc)}); "
-                                "rebuild the index with `pipeline build-index`") from None
+            raise PipelineError(
+                f"the vector store in {version_dir} is missing or corrupt ({cause(exc)}); "
+                "rebuild the index with `pipeline build-index`"
+            ) from None
         if vectors.ndim != 2 or ids.shape != (len(vectors),):
-            raise PipelineError(f"the vector store in {version_dir} is corrupt: {vectors.shape} vectors "
-                                f"for {ids.shape} ids; rebuild the index with `pipeline build-index`")
+            raise PipelineError(
+                f"the vector store in {version_dir} is corrupt: {vectors.shape} vectors "
+                f"for {ids.shape} ids; rebuild the index with `pipeline build-index`"
+            )
         return cls(vectors, ids)
 
     def __len__(self) -> int:
@@ -177,7 +184,7 @@ class VectorStore:
                 continue
             s = self.get(cand) @ np.asarray(queries[j], np.float32)
             top = np.argsort(-s, kind="stable")[:k]
-            scores[j, :len(top)], out[j, :len(top)] = s[top], cand[top]
+            scores[j, : len(top)], out[j, : len(top)] = s[top], cand[top]
         return scores, out
 
 
@@ -193,7 +200,8 @@ class Reranked:
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
-    def search(self, x: np.ndarray, k: int,
-               params: faiss.SearchParameters | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, x: np.ndarray, k: int, params: faiss.SearchParameters | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         _, cand = self.index.search(x, max(k, self.candidates), params=params)
         return self.store.rerank(x, cand, k)

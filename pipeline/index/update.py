@@ -96,9 +96,17 @@ def _index_of(version: Path, prefetch: Future | None) -> faiss.Index:
     return _read_for_update(version / INDEX_FILE)
 
 
-def update_base(out_dir: Path, checksum: str, kind: str, factory: str | None, nlist: int | None,
-                rerank: int | None, ids: np.ndarray, retrain_above: float,
-                prefetch: Future | None = None) -> UpdateBase | None:
+def update_base(
+    out_dir: Path,
+    checksum: str,
+    kind: str,
+    factory: str | None,
+    nlist: int | None,
+    rerank: int | None,
+    ids: np.ndarray,
+    retrain_above: float,
+    prefetch: Future | None = None,
+) -> UpdateBase | None:
     """The published version when an update can make the next one from it, else None (and the log
     says why: a full build follows). `prefetch`: its index, being read since the build started."""
     try:
@@ -123,24 +131,37 @@ def update_base(out_dir: Path, checksum: str, kind: str, factory: str | None, nl
     added, removed = np.setdiff1d(ids, old, assume_unique=True), np.setdiff1d(old, ids, assume_unique=True)
     changes = meta["changes_since_training"] + len(added) + len(removed)
     if changes > retrain_above * meta["trained_count"]:
-        LOG.info("index: full build: %d images added or removed since the index was trained on %d "
-                 "(over --retrain-above %g)", changes, meta["trained_count"], retrain_above)
+        LOG.info(
+            "index: full build: %d images added or removed since the index was trained on %d (over --retrain-above %g)",
+            changes,
+            meta["trained_count"],
+            retrain_above,
+        )
         return None
     return UpdateBase(published, meta, index, added, removed)
 
 
-def _unlike(published: Path, meta: dict, checksum: str, kind: str, factory: str | None, nlist: int | None,
-            rerank: int | None) -> str | None:
+def _unlike(
+    published: Path, meta: dict, checksum: str, kind: str, factory: str | None, nlist: int | None, rerank: int | None
+) -> str | None:
     """Why the published version cannot be the base of an update asked for these options, or None."""
-    why = ("it has no stable ids (an older format)" if meta.get("ids") != "catalog" else
-           "another model made it" if meta.get("model", {}).get("checksum") != checksum else
-           f"it is {meta.get('kind')}, the plan is {kind}" if meta.get("kind") != kind else
-           f"--factory {factory} is not its {meta['factory']}" if factory and factory != meta["factory"] else
-           f"--nlist {nlist} is not its {meta['nlist']}" if nlist and nlist != meta["nlist"] else
-           f"--rerank {rerank} is not its {meta.get('rerank', 0)}"
-           if rerank is not None and rerank != meta.get("rerank", 0) else
-           "its recall sample is missing" if meta["factory"] != "Flat" and not (published / RECALL_FILE).is_file()
-           else _store_fault(published, meta))
+    why = (
+        "it has no stable ids (an older format)"
+        if meta.get("ids") != "catalog"
+        else "another model made it"
+        if meta.get("model", {}).get("checksum") != checksum
+        else f"it is {meta.get('kind')}, the plan is {kind}"
+        if meta.get("kind") != kind
+        else f"--factory {factory} is not its {meta['factory']}"
+        if factory and factory != meta["factory"]
+        else f"--nlist {nlist} is not its {meta['nlist']}"
+        if nlist and nlist != meta["nlist"]
+        else f"--rerank {rerank} is not its {meta.get('rerank', 0)}"
+        if rerank is not None and rerank != meta.get("rerank", 0)
+        else "its recall sample is missing"
+        if meta["factory"] != "Flat" and not (published / RECALL_FILE).is_file()
+        else _store_fault(published, meta)
+    )
     if why is not None:
         return why
     try:
@@ -171,8 +192,9 @@ class _Recall:
 
     def __init__(self, base: UpdateBase) -> None:
         with np.load(base.dir / RECALL_FILE) as recall:
-            self.ids, self.queries, depth, truth, scores = (recall[k] for k in ("ids", "queries", "depth", "truth",
-                                                                                "scores"))
+            self.ids, self.queries, depth, truth, scores = (
+                recall[k] for k in ("ids", "queries", "depth", "truth", "scores")
+            )
         gone = np.isin(truth, base.removed)
         self.depth = depth - (gone & (np.arange(gone.shape[1]) < depth[:, None])).sum(axis=1)
         self.near = ExactNeighbours(self.queries, TRUTH_DEPTH)
@@ -188,8 +210,16 @@ class _Recall:
         np.savez(path, ids=self.ids, queries=self.queries, truth=self.truth, scores=scores, depth=self.depth)
 
 
-def update_version(base: UpdateBase, source: Collection, out_dir: Path, nprobe: int | None, target: float,
-                   keep: int, t_start: float, pool: Executor) -> IndexReport:
+def update_version(
+    base: UpdateBase,
+    source: Collection,
+    out_dir: Path,
+    nprobe: int | None,
+    target: float,
+    keep: int,
+    t_start: float,
+    pool: Executor,
+) -> IndexReport:
     """Publish a version made from `base`: its index without the removed ids and with the added ones
     (the trained quantizer kept), its id table and vector store likewise, nprobe tuned again on its
     recall queries. The new index file is written and made durable in a thread of `pool` while the rest
@@ -228,13 +258,19 @@ def update_version(base: UpdateBase, source: Collection, out_dir: Path, nprobe: 
         changes = updated_fields(version, source, base.meta, len(base.added), len(base.removed))
         meta = {**base.meta, **tuning, **changes, **made_from(source, t_start, timings)}
         report = publish_version(out_dir, tmp, meta, keep)
-    LOG.info("published %s: %d vectors, updated from %s, nprobe %s", report.version_dir, n, base.meta["version"],
-             meta.get("nprobe"))
+    LOG.info(
+        "published %s: %d vectors, updated from %s, nprobe %s",
+        report.version_dir,
+        n,
+        base.meta["version"],
+        meta.get("nprobe"),
+    )
     return report
 
 
-def _edit_index(base: UpdateBase, added: list[AddedRows], path: Path,
-                pool: Executor) -> tuple[IvfRewrite | None, faiss.Index, Future]:
+def _edit_index(
+    base: UpdateBase, added: list[AddedRows], path: Path, pool: Executor
+) -> tuple[IvfRewrite | None, faiss.Index, Future]:
     """Start writing the new index to `path`: rewritten from the published file's lists (rewrite_ivf) when
     they can be streamed, else edited by faiss in memory (fast-scan blocks, id maps, or a faiss that
     writes lists otherwise). Returns the rewrite (if so), the index in memory or mapped, and the writer."""
@@ -253,12 +289,24 @@ def _edit_index(base: UpdateBase, added: list[AddedRows], path: Path,
 def _update_store(base: UpdateBase, new_dir: Path, added: list[AddedRows]) -> None:
     """The new version's vector store: the base's without the removed rows, with the added ones."""
     added_ids = np.concatenate([a[1] for a in added] + [np.zeros(0, np.int64)])
-    update_store(base.dir, new_dir, base.removed, added_ids,
-                 np.concatenate([a[0] for a in added] + [np.zeros((0, base.meta["dim"]), np.float32)]))
+    update_store(
+        base.dir,
+        new_dir,
+        base.removed,
+        added_ids,
+        np.concatenate([a[0] for a in added] + [np.zeros((0, base.meta["dim"]), np.float32)]),
+    )
 
 
-def _tuned(base: UpdateBase, recall: _Recall | None, probed: IvfRewrite | None, index: faiss.Index, new_dir: Path,
-           nprobe: int | None, target: float) -> dict:
+def _tuned(
+    base: UpdateBase,
+    recall: _Recall | None,
+    probed: IvfRewrite | None,
+    index: faiss.Index,
+    new_dir: Path,
+    nprobe: int | None,
+    target: float,
+) -> dict:
     """nprobe tuned again from the base's (tune_nprobe's `start`), held at the recall the quantizer reached
     when it was trained: on list membership when `probed`, else searching the new index (re-ranked
     from the new vector store when the version re-ranks)."""
@@ -266,10 +314,24 @@ def _tuned(base: UpdateBase, recall: _Recall | None, probed: IvfRewrite | None, 
         return exact_tuning()
     rerank = base.meta.get("rerank", 0)
     trained = base.meta.get("trained_recall_at_10")  # absent from versions made before it was kept
-    searched = (probed.probed_truth(recall.queries, recall.truth) if probed is not None else
-                Reranked(index, VectorStore.open(new_dir), rerank) if rerank else index)
-    return tune(searched, base.meta["nlist"], recall.queries, recall.ids, recall.truth, nprobe, target,
-                base.meta["nprobe"], None if trained is None else trained - HOLD_SLACK)
+    searched = (
+        probed.probed_truth(recall.queries, recall.truth)
+        if probed is not None
+        else Reranked(index, VectorStore.open(new_dir), rerank)
+        if rerank
+        else index
+    )
+    return tune(
+        searched,
+        base.meta["nlist"],
+        recall.queries,
+        recall.ids,
+        recall.truth,
+        nprobe,
+        target,
+        base.meta["nprobe"],
+        None if trained is None else trained - HOLD_SLACK,
+    )
 
 
 def _written(writer: Future, out_dir: Path, path: Path, streamed: bool, index: faiss.Index, n: int) -> faiss.Index:

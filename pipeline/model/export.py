@@ -37,9 +37,16 @@ def save_model(model: onnx.ModelProto, out: Path) -> None:
     atomic_write_bytes(Path(out), model.SerializeToString())
 
 
-def export_model(out: Path | None = None, source: Path | None = None, profile: str = DEFAULT_PROFILE,
-                 input_size: int | None = None, pooling: str | None = None, frame: bool | None = None,
-                 whiten_on: Sequence[Path] = (), whiten: bool | None = None) -> ModelInfo:
+def export_model(
+    out: Path | None = None,
+    source: Path | None = None,
+    profile: str = DEFAULT_PROFILE,
+    input_size: int | None = None,
+    pooling: str | None = None,
+    frame: bool | None = None,
+    whiten_on: Sequence[Path] = (),
+    whiten: bool | None = None,
+) -> ModelInfo:
     """Write the ImageNet VGG16 feature model to `out` (default: default_model_location()) from a
     weights source (see load_layers).
 
@@ -55,8 +62,12 @@ def export_model(out: Path | None = None, source: Path | None = None, profile: s
         raise PipelineError("--whiten-on learns a whitening and --no-whiten refuses one: give one of them")
     recipe = PROFILES[profile]
     layers, origin = load_layers(source)
-    args: _GraphRecipe = {"input_size": input_size or recipe.input_size, "pooling": pooling or recipe.pooling,
-                          "aspect": recipe.aspect, "frame": recipe.frame if frame is None else frame}
+    args: _GraphRecipe = {
+        "input_size": input_size or recipe.input_size,
+        "pooling": pooling or recipe.pooling,
+        "aspect": recipe.aspect,
+        "frame": recipe.frame if frame is None else frame,
+    }
     whitening = None
     if whiten_on:
         files = find_images(whiten_on)
@@ -79,12 +90,18 @@ def _shipped(profile: str, recipe: Recipe, args: _GraphRecipe, explicit: bool) -
         if explicit:
             raise PipelineError(f"profile {profile!r} ships no whitening: learn one with --whiten-on DIR")
         return None
-    own: _GraphRecipe = {"input_size": recipe.input_size, "pooling": recipe.pooling, "aspect": recipe.aspect,
-                         "frame": recipe.frame}
+    own: _GraphRecipe = {
+        "input_size": recipe.input_size,
+        "pooling": recipe.pooling,
+        "aspect": recipe.aspect,
+        "frame": recipe.frame,
+    }
     if args != own:
         if explicit:
-            raise PipelineError(f"the whitening profile {profile!r} ships was learned for its own recipe, not with "
-                                "--input-size/--pooling/--trim-frame changed: learn one with --whiten-on DIR")
+            raise PipelineError(
+                f"the whitening profile {profile!r} ships was learned for its own recipe, not with "
+                "--input-size/--pooling/--trim-frame changed: learn one with --whiten-on DIR"
+            )
         LOG.info("the recipe differs from profile %s's: its shipped whitening is not applied", profile)
         return None
     return load_whitening(shipped_whitening_path(profile))

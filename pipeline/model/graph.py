@@ -25,16 +25,24 @@ if TYPE_CHECKING:
     import onnx
 
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-FRAME_TRIM = ("a uniform frame (letterbox, pillarbox, mat: both opposite sides, about one width and one colour) "
-              "trimmed before the resize (images.trim_frame)")
+FRAME_TRIM = (
+    "a uniform frame (letterbox, pillarbox, mat: both opposite sides, about one width and one colour) "
+    "trimmed before the resize (images.trim_frame)"
+)
 
 # A map R-MAC pools: its tensor name, its stride (input pixels per map cell) and its channels.
 Tap = tuple[str, int, int]
 
 
-def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_size: int = 224,
-                        pooling: str = "max", aspect: bool = False, frame: bool = False,
-                        whitening: Whitening | None = None) -> tuple[onnx.ModelProto, ModelInfo]:
+def build_feature_graph(
+    layers: list[ConvLayer],
+    name: str | None = None,
+    input_size: int = 224,
+    pooling: str = "max",
+    aspect: bool = False,
+    frame: bool = False,
+    whitening: Whitening | None = None,
+) -> tuple[onnx.ModelProto, ModelInfo]:
     """The ONNX feature graph (opset 17) for the given VGG-shaped conv layers, and what its metadata records.
 
     pooling "max": global max pooling, height and width dynamic (the conv base accepts any
@@ -51,8 +59,10 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
     if pooling not in POOLINGS:
         raise PipelineError(f"unknown pooling {pooling!r}: use {' or '.join(POOLINGS)}")
     if whitening is not None and set(whitening.maps) != set(rmac_maps(pooling)):
-        raise PipelineError(f"a whitening of {', '.join(sorted(whitening.maps))} does not fit pooling "
-                            f"{pooling!r} (R-MAC of {', '.join(rmac_maps(pooling)) or 'no map'})")
+        raise PipelineError(
+            f"a whitening of {', '.join(sorted(whitening.maps))} does not fit pooling "
+            f"{pooling!r} (R-MAC of {', '.join(rmac_maps(pooling)) or 'no map'})"
+        )
     shapes = aspect_shapes(input_size) if aspect else ((input_size, input_size),)
     if name is None:
         name = _default_name(input_size, pooling, aspect, frame, whitening is not None)
@@ -62,8 +72,10 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
     nodes, inits = nodes + base_nodes, inits + base_inits
     if pooling == "max":
         dim = layers[-1][1].shape[0]
-        nodes += [helper.make_node("GlobalMaxPool", [x], ["gmp"]),
-                  helper.make_node("Flatten", ["gmp"], ["pooled"], axis=1)]
+        nodes += [
+            helper.make_node("GlobalMaxPool", [x], ["gmp"]),
+            helper.make_node("Flatten", ["gmp"], ["pooled"], axis=1),
+        ]
         fixed = None  # height and width: any
     else:
         dim = sum(channels for _, _, channels in taps)
@@ -71,8 +83,9 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
         pool_nodes, pool_inits = _rmac_pooling(taps, shapes, whitening)
         nodes, inits = nodes + pool_nodes, inits + pool_inits
     nodes += _l2_nodes("pooled", "features")
-    info = ModelInfo(name=name, weights_sha256=weights_checksum(layers), input_size=input_size, dim=dim,
-                     pooling=POOLINGS[pooling])
+    info = ModelInfo(
+        name=name, weights_sha256=weights_checksum(layers), input_size=input_size, dim=dim, pooling=POOLINGS[pooling]
+    )
     info = _with_recipe(info, shapes if aspect else (), frame, whitening)
     return _model(nodes, inits, info, fixed), info
 
@@ -80,7 +93,8 @@ def build_feature_graph(layers: list[ConvLayer], name: str | None = None, input_
 def _default_name(input_size: int, pooling: str, aspect: bool, frame: bool, whitened: bool) -> str:
     """The model name a recipe gets when none is given, e.g. vgg16-imagenet-rmac45-192-aspect-frame."""
     name = {"max": "vgg16-imagenet-gmp", "rmac": f"vgg16-imagenet-rmac{input_size}"}.get(
-        pooling, f"vgg16-imagenet-{pooling}-{input_size}")
+        pooling, f"vgg16-imagenet-{pooling}-{input_size}"
+    )
     return name + "-aspect" * aspect + "-frame" * frame + "-whitened" * whitened
 
 
@@ -115,11 +129,20 @@ def _conv_base(layers: list[ConvLayer], pooling: str) -> tuple[str, list[Tap], l
         for _ in range(n):
             lname, kernel, bias = layers[i]
             i += 1
-            inits += [numpy_helper.from_array(kernel, f"{lname}/kernel"),
-                      numpy_helper.from_array(bias, f"{lname}/bias")]
+            inits += [
+                numpy_helper.from_array(kernel, f"{lname}/kernel"),
+                numpy_helper.from_array(bias, f"{lname}/bias"),
+            ]
             nodes += [
-                helper.make_node("Conv", [x, f"{lname}/kernel", f"{lname}/bias"], [f"{lname}/conv"],
-                                 kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1], name=lname),
+                helper.make_node(
+                    "Conv",
+                    [x, f"{lname}/kernel", f"{lname}/bias"],
+                    [f"{lname}/conv"],
+                    kernel_shape=[3, 3],
+                    pads=[1, 1, 1, 1],
+                    strides=[1, 1],
+                    name=lname,
+                ),
                 helper.make_node("Relu", [f"{lname}/conv"], [f"{lname}/relu"]),
             ]
             x = f"{lname}/relu"
@@ -146,8 +169,10 @@ def _rmac_pooling(taps: list[Tap], shapes: tuple[Shape, ...], whitening: Whiteni
         whiten = f"{tap}/whiten" if whitening is not None else ""
         if whitening is not None:
             mean, projection = whitening.maps[tap]
-            inits += [numpy_helper.from_array(np.asarray(mean, np.float32), f"{whiten}/mean"),
-                      numpy_helper.from_array(np.asarray(projection, np.float32), f"{whiten}/projection")]
+            inits += [
+                numpy_helper.from_array(np.asarray(mean, np.float32), f"{whiten}/mean"),
+                numpy_helper.from_array(np.asarray(projection, np.float32), f"{whiten}/projection"),
+            ]
         if len(shapes) == 1:
             h, w = shapes[0]
             pool_nodes, pool_inits = _rmac_nodes(tap, h // stride, w // stride, prefix, out, whiten)
@@ -165,9 +190,11 @@ def _rmac_pooling(taps: list[Tap], shapes: tuple[Shape, ...], whitening: Whiteni
 def _l2_nodes(src: str, dst: str) -> list:
     from onnx import helper
 
-    return [helper.make_node("ReduceL2", [src], [f"{dst}/norm"], axes=[1], keepdims=1),
-            helper.make_node("Max", [f"{dst}/norm", "l2_eps"], [f"{dst}/safe"]),
-            helper.make_node("Div", [src, f"{dst}/safe"], [dst])]
+    return [
+        helper.make_node("ReduceL2", [src], [f"{dst}/norm"], axes=[1], keepdims=1),
+        helper.make_node("Max", [f"{dst}/norm", "l2_eps"], [f"{dst}/safe"]),
+        helper.make_node("Div", [src, f"{dst}/safe"], [dst]),
+    ]
 
 
 def _rmac_nodes(x: str, h: int, w: int, prefix: str, out: str, whiten: str = "") -> tuple[list, list]:
@@ -178,20 +205,29 @@ def _rmac_nodes(x: str, h: int, w: int, prefix: str, out: str, whiten: str = "")
     nodes, inits, regional = [], [], []
     for r, (y0, x0, y1, x1) in enumerate(rmac_regions(h, w)):
         reg = f"{prefix}region{r}"
-        inits += [numpy_helper.from_array(np.array(v, np.int64), f"{reg}/{k}")
-                  for k, v in (("starts", [y0, x0]), ("ends", [y1, x1]), ("axes", [2, 3]))]
-        nodes += [helper.make_node("Slice", [x, f"{reg}/starts", f"{reg}/ends", f"{reg}/axes"], [f"{reg}/map"]),
-                  helper.make_node("ReduceMax", [f"{reg}/map"], [f"{reg}/max"], axes=[2, 3], keepdims=0),
-                  *_l2_nodes(f"{reg}/max", f"{reg}/vec")]
+        inits += [
+            numpy_helper.from_array(np.array(v, np.int64), f"{reg}/{k}")
+            for k, v in (("starts", [y0, x0]), ("ends", [y1, x1]), ("axes", [2, 3]))
+        ]
+        nodes += [
+            helper.make_node("Slice", [x, f"{reg}/starts", f"{reg}/ends", f"{reg}/axes"], [f"{reg}/map"]),
+            helper.make_node("ReduceMax", [f"{reg}/map"], [f"{reg}/max"], axes=[2, 3], keepdims=0),
+            *_l2_nodes(f"{reg}/max", f"{reg}/vec"),
+        ]
         if whiten:
-            nodes += [helper.make_node("Sub", [f"{reg}/vec", f"{whiten}/mean"], [f"{reg}/centred"]),
-                      helper.make_node("MatMul", [f"{reg}/centred", f"{whiten}/projection"], [f"{reg}/projected"]),
-                      *_l2_nodes(f"{reg}/projected", f"{reg}/white")]
+            nodes += [
+                helper.make_node("Sub", [f"{reg}/vec", f"{whiten}/mean"], [f"{reg}/centred"]),
+                helper.make_node("MatMul", [f"{reg}/centred", f"{whiten}/projection"], [f"{reg}/projected"]),
+                *_l2_nodes(f"{reg}/projected", f"{reg}/white"),
+            ]
         regional.append(f"{reg}/white" if whiten else f"{reg}/vec")
     nodes.append(helper.make_node("Sum", regional, [out]))
     return nodes, inits
-def _rmac_by_shape(x: str, shapes: tuple[Shape, ...], dim: int, stride: int, prefix: str, out: str,
-                   whiten: str = "") -> tuple[list, list]:
+
+
+def _rmac_by_shape(
+    x: str, shapes: tuple[Shape, ...], dim: int, stride: int, prefix: str, out: str, whiten: str = ""
+) -> tuple[list, list]:
     """R-MAC of map `x` (`stride` input pixels per map cell) into `out` with the regions of whichever
     of `shapes` the input has: a chain of If nodes on the map's shape (the last shape is the final
     else; FeatureModel.embed refuses others)."""
@@ -202,27 +238,39 @@ def _rmac_by_shape(x: str, shapes: tuple[Shape, ...], dim: int, stride: int, pre
     for k, (h, w) in enumerate(shapes[:-1]):
         sk = f"{prefix}shape{k}"
         inits.append(numpy_helper.from_array(np.array([h // stride, w // stride], np.int64), f"{sk}/hw"))
-        nodes += [helper.make_node("Equal", [f"{prefix}map_hw", f"{sk}/hw"], [f"{sk}/eq"]),
-                  helper.make_node("Cast", [f"{sk}/eq"], [f"{sk}/eq_int"], to=TensorProto.INT64),
-                  helper.make_node("ReduceMin", [f"{sk}/eq_int"], [f"{sk}/all"], keepdims=0),
-                  helper.make_node("Cast", [f"{sk}/all"], [f"{sk}/is"], to=TensorProto.BOOL)]
+        nodes += [
+            helper.make_node("Equal", [f"{prefix}map_hw", f"{sk}/hw"], [f"{sk}/eq"]),
+            helper.make_node("Cast", [f"{sk}/eq"], [f"{sk}/eq_int"], to=TensorProto.INT64),
+            helper.make_node("ReduceMin", [f"{sk}/eq_int"], [f"{sk}/all"], keepdims=0),
+            helper.make_node("Cast", [f"{sk}/all"], [f"{sk}/is"], to=TensorProto.BOOL),
+        ]
 
     def branch(k: int) -> object:
         h, w = shapes[k]
         sk = f"{prefix}shape{k}"
         body, body_inits = _rmac_nodes(x, h // stride, w // stride, f"{sk}/", f"{sk}/pooled", whiten)
         inits.extend(body_inits)  # in the main graph: subgraphs see outer-scope values
-        return helper.make_graph(body, sk, [], [
-            helper.make_tensor_value_info(f"{sk}/pooled", TensorProto.FLOAT, ["batch", dim])])
+        return helper.make_graph(
+            body, sk, [], [helper.make_tensor_value_info(f"{sk}/pooled", TensorProto.FLOAT, ["batch", dim])]
+        )
 
     def chain(k: int) -> object:
         """A graph of shape k's pooling when the input has shape k, else of the chain of k + 1."""
         if k == len(shapes) - 1:
             return branch(k)
-        node = helper.make_node("If", [f"{prefix}shape{k}/is"], [f"{prefix}chain{k}/pooled"], then_branch=branch(k),
-                                else_branch=chain(k + 1))
-        return helper.make_graph([node], f"{prefix}chain{k}", [], [
-            helper.make_tensor_value_info(f"{prefix}chain{k}/pooled", TensorProto.FLOAT, ["batch", dim])])
+        node = helper.make_node(
+            "If",
+            [f"{prefix}shape{k}/is"],
+            [f"{prefix}chain{k}/pooled"],
+            then_branch=branch(k),
+            else_branch=chain(k + 1),
+        )
+        return helper.make_graph(
+            [node],
+            f"{prefix}chain{k}",
+            [],
+            [helper.make_tensor_value_info(f"{prefix}chain{k}/pooled", TensorProto.FLOAT, ["batch", dim])],
+        )
 
     nodes.append(helper.make_node("If", [f"{prefix}shape0/is"], [out], then_branch=branch(0), else_branch=chain(1)))
     return nodes, inits
@@ -232,9 +280,12 @@ def _with_recipe(info: ModelInfo, shapes: tuple[Shape, ...], frame: bool, whiten
     """`info` with what else the recipe records: the aspect buckets' `shapes` (none: squashed to a square), the
     frame trimming, the whitening's note."""
     if shapes:
-        info = replace(info, input_shapes=",".join(f"{h}x{w}" for h, w in shapes),
-                       resize=f"aspect kept: resized (bilinear, Pillow) to the shape (HxW) of nearest aspect ratio "
-                              f"among {', '.join(f'{h}x{w}' for h, w in shapes)}")
+        info = replace(
+            info,
+            input_shapes=",".join(f"{h}x{w}" for h, w in shapes),
+            resize=f"aspect kept: resized (bilinear, Pillow) to the shape (HxW) of nearest aspect ratio "
+            f"among {', '.join(f'{h}x{w}' for h, w in shapes)}",
+        )
     if frame:
         info = replace(info, frame=FRAME_TRIM)
     if whitening is not None:
@@ -249,7 +300,8 @@ def _model(nodes: list, inits: list, info: ModelInfo, fixed: int | None) -> onnx
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        nodes, info.name,
+        nodes,
+        info.name,
         [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", fixed or "height", fixed or "width", 3])],
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", info.dim])],
         initializer=inits,

@@ -60,9 +60,10 @@ class ModelInfo:
     def checksum(self) -> str:
         """Identity of the features this model makes: its weights and its whole recipe. Shards and
         indexes record it; features are only ever compared with features of the same checksum."""
-        recipe = "|".join([self.weights_sha256, str(self.input_size), str(self.dim), self.preprocessing,
-                           self.pooling, self.resize]
-                          + [x for x in (self.input_shapes, self.frame, self.whitening) if x])
+        recipe = "|".join(
+            [self.weights_sha256, str(self.input_size), str(self.dim), self.preprocessing, self.pooling, self.resize]
+            + [x for x in (self.input_shapes, self.frame, self.whitening) if x]
+        )
         return hashlib.sha256(recipe.encode()).hexdigest()
 
     def short(self) -> str:
@@ -73,15 +74,18 @@ class ModelInfo:
     def resize_to(self) -> InputSize:
         """What decoding resizes an image to (images.nearest_shape): a square side or the fixed shapes,
         wrapped in TrimFrame when the recipe trims frames first."""
-        size: int | tuple[Shape, ...] = self.input_size if not self.input_shapes else tuple(
-            (int(h), int(w)) for h, w in (s.split("x") for s in self.input_shapes.split(",")))
+        size: int | tuple[Shape, ...] = (
+            self.input_size
+            if not self.input_shapes
+            else tuple((int(h), int(w)) for h, w in (s.split("x") for s in self.input_shapes.split(",")))
+        )
         return TrimFrame(size) if self.frame else size
 
     def relative_compute(self) -> float:
         """Pixels one image sends through the conv base (at most: its largest shape), relative to the
         seed recipe's 224 x 224: the cost of a recipe per image whatever the host (the conv base is
         nearly all of it)."""
-        return max(h * w for h, w in input_shapes(self.resize_to)) / 224 ** 2
+        return max(h * w for h, w in input_shapes(self.resize_to)) / 224**2
 
 
 def read_model_info(path: Path | str) -> ModelInfo:

@@ -15,10 +15,10 @@ L2_EPS = 1e-12  # what an L2 normalisation divides by at least, in the graph and
 POOLINGS = {
     "max": "global max pooling of block5_conv3, L2-normalised",
     "rmac": "R-MAC: max pooling of block5_conv3 over a fixed grid of regions at 3 scales (Tolias et al. 2016), "
-            "each L2-normalised, summed, L2-normalised",
+    "each L2-normalised, summed, L2-normalised",
     "rmac45": "R-MAC of block4_conv3 and of block5_conv3 (each: max pooling over a fixed grid of regions at 3 "
-              "scales, Tolias et al. 2016, each region L2-normalised, summed, L2-normalised), concatenated, "
-              "L2-normalised",
+    "scales, Tolias et al. 2016, each region L2-normalised, summed, L2-normalised), concatenated, "
+    "L2-normalised",
 }
 # Layers an R-MAC pooling reads (block index, stride of its map), before that block's max-pool.
 RMAC_LAYERS = {"rmac": ((4, 16),), "rmac45": ((3, 8), (4, 16))}
@@ -55,7 +55,7 @@ def aspect_shapes(size: int) -> tuple[Shape, ...]:
     and portrait, the shape of that aspect with about size x size pixels, sides multiples of 8."""
     shapes: list[Shape] = []
     for aspect in ASPECTS:
-        h, w = 8 * round(size / aspect ** 0.5 / 8), 8 * round(size * aspect ** 0.5 / 8)
+        h, w = 8 * round(size / aspect**0.5 / 8), 8 * round(size * aspect**0.5 / 8)
         shapes += [(h, w), (w, h)]
     return tuple(dict.fromkeys(shapes))  # in order, once (small sizes round several aspects alike)
 

@@ -54,8 +54,10 @@ class Whitening:
             raise PipelineError("a whitening needs the matrices of at least one map")
         for name, (mean, projection) in self.maps.items():
             if np.ndim(mean) != 1 or np.shape(projection) != (len(mean), len(mean)):
-                raise PipelineError(f"whitening of {name}: mean {np.shape(mean)} and projection "
-                                    f"{np.shape(projection)} are not [C] and [C, C]")
+                raise PipelineError(
+                    f"whitening of {name}: mean {np.shape(mean)} and projection "
+                    f"{np.shape(projection)} are not [C] and [C, C]"
+                )
         object.__setattr__(self, "maps", MappingProxyType(dict(self.maps)))  # frozen all the way down
 
     @property
@@ -77,8 +79,11 @@ def whitening_checksum(whitening: Whitening) -> str:
 def save_whitening(path: Path | str, whitening: Whitening) -> None:
     """Write a whitening as an .npz (float32 matrices, map names, provenance), atomically: loading it gives
     the same checksum, so a model built from the file is the model built from the record."""
-    arrays: dict[str, np.ndarray] = {"format": np.array(NPZ_FORMAT), "names": np.array(list(whitening.maps)),
-                                     "provenance": np.array(whitening.provenance)}
+    arrays: dict[str, np.ndarray] = {
+        "format": np.array(NPZ_FORMAT),
+        "names": np.array(list(whitening.maps)),
+        "provenance": np.array(whitening.provenance),
+    }
     for i, (mean, projection) in enumerate(whitening.maps.values()):
         arrays[f"mean{i}"] = np.asarray(mean, np.float32)
         arrays[f"projection{i}"] = np.asarray(projection, np.float32)
@@ -92,8 +97,9 @@ def load_whitening(path: Path | str) -> Whitening:
     try:
         with np.load(path, allow_pickle=False) as npz:
             if int(npz["format"]) != NPZ_FORMAT:
-                raise PipelineError(f"{path}: whitening file format {int(npz['format'])}, this pipeline reads "
-                                    f"{NPZ_FORMAT}")
+                raise PipelineError(
+                    f"{path}: whitening file format {int(npz['format'])}, this pipeline reads {NPZ_FORMAT}"
+                )
             names = [str(n) for n in npz["names"]]
             maps = {n: (npz[f"mean{i}"], npz[f"projection{i}"]) for i, n in enumerate(names)}
             return Whitening(maps, str(npz["provenance"]))
@@ -140,12 +146,14 @@ def learn_whitening(model: onnx.ModelProto, pooling: str, files: Sequence[Path])
         raise PipelineError(f"whitening: none of the {len(files)} files is a readable image")
     fitted = {name: _fit(name, np.asarray(vectors, np.float64), used) for name, vectors in regions.items()}
     n = len(next(iter(regions.values())))
-    return Whitening(fitted, f"(power {WHITEN_POWER}, shrinkage {WHITEN_SHRINK}), learned on {n} region vectors "
-                             f"of {used} images")
+    return Whitening(
+        fitted, f"(power {WHITEN_POWER}, shrinkage {WHITEN_SHRINK}), learned on {n} region vectors of {used} images"
+    )
 
 
-def _region_samples(session: onnxruntime.InferenceSession, maps: Sequence[str], files: Sequence[Path],
-                    size: InputSize) -> tuple[dict[str, list[np.ndarray]], int]:
+def _region_samples(
+    session: onnxruntime.InferenceSession, maps: Sequence[str], files: Sequence[Path], size: InputSize
+) -> tuple[dict[str, list[np.ndarray]], int]:
     """The region vectors of each map over the readable `files`, and how many files were readable."""
     regions: dict[str, list[np.ndarray]] = {m: [] for m in maps}
     used = 0
@@ -164,9 +172,11 @@ def _region_samples(session: onnxruntime.InferenceSession, maps: Sequence[str], 
 def _fit(name: str, r: np.ndarray, images: int) -> tuple[np.ndarray, np.ndarray]:
     """(mean, projection) whitening the rows of `r` (the region vectors of map `name` over `images` images)."""
     if len(r) < r.shape[1]:  # fewer vectors than dimensions: most directions would be made up by the shrinkage
-        raise PipelineError(f"whitening of {name} needs at least {r.shape[1]} region vectors (its channels); "
-                            f"{images} readable images gave {len(r)}: give it more images")
+        raise PipelineError(
+            f"whitening of {name} needs at least {r.shape[1]} region vectors (its channels); "
+            f"{images} readable images gave {len(r)}: give it more images"
+        )
     mean = r.mean(axis=0)
     eigval, eigvec = np.linalg.eigh(np.cov((r - mean).T))
     eigval = np.maximum(eigval, 1e-9) + WHITEN_SHRINK * eigval.mean()
-    return mean.astype(np.float32), (eigvec / eigval ** WHITEN_POWER).astype(np.float32)
+    return mean.astype(np.float32), (eigvec / eigval**WHITEN_POWER).astype(np.float32)
