@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from pipeline import synthetic
 from pipeline.model import VGG16_BLOCKS, ConvLayer, build_feature_graph, save_model
 
 TINY_WIDTHS = (8, 16, 32, 64, 64)  # output channels per block (VGG16: 64, 128, 256, 512, 512)
@@ -125,11 +125,11 @@ def write_bad_corpus(root: Path) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def clustered_vectors(n: int, dim: int = 64, clusters: int = 20, seed: int = 0) -> np.ndarray:
-    """Seeded unit vectors around random centres: structured like real features, unlike uniform noise."""
+    """Seeded unit vectors around random centres: structured like real features, unlike uniform noise
+    (pipeline.synthetic's generator, the benchmarks' too: here around `clusters` normal centres, with
+    noise half a centre's norm)."""
     rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, dim))
-    x = centres[rng.integers(0, clusters, n)] + 0.5 * rng.normal(size=(n, dim))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return synthetic.clustered(n, rng.normal(size=(clusters, dim)), rng, spread=0.5 * np.sqrt(dim))
 
 
 def write_synthetic_shards(
@@ -142,32 +142,8 @@ def write_synthetic_shards(
 ) -> list[str]:
     """Real shard files holding `vectors`, with made-up paths /synthetic/NNNNNNN.jpg numbered from
     `first`, after the shards already in the folder; `pooling`: the recipe's (a POOLINGS value)."""
-    from pipeline.features import ShardData, next_shard_number, shard_name, write_shard
-    from pipeline.model import ModelInfo
-
-    features_dir.mkdir(parents=True, exist_ok=True)
-    info = ModelInfo(name="synthetic", weights_sha256=model_sha, input_size=TINY_SIZE, dim=vectors.shape[1])
-    if pooling is not None:
-        info = replace(info, pooling=pooling)
-    paths = [f"/synthetic/{i:07d}.jpg" for i in range(first, first + len(vectors))]
-    number = next_shard_number(features_dir)
-    for s, start in enumerate(range(0, len(vectors), shard_size)):
-        rows = slice(start, start + shard_size)
-        n = len(paths[rows])
-        write_shard(
-            features_dir / shard_name(number + s),
-            ShardData(
-                vectors[rows],
-                paths[rows],
-                [f"{first + start + i:032x}" for i in range(n)],
-                np.zeros(n, np.int64),
-                np.zeros(n),
-                [],
-                [],
-            ),
-            info,
-        )
-    return paths
+    info = synthetic.model_info(vectors.shape[1], model_sha, TINY_SIZE, pooling)
+    return synthetic.write_shards(features_dir, vectors, info, shard_size, first=first)
 
 
 def misbehaving_decode(path: str, settings, use_alarm: bool):

@@ -1,8 +1,8 @@
 """Benchmark coarse-to-fine binary codes against IVF-PQ at the same code bytes per image, both re-ranked.
 
-Usage: flock /tmp/pipeline-bench.lock python scripts/bench_codes.py --features DIR --workdir DIR [--bits 256]
+Usage: python scripts/benchmarks/bench_codes.py --features DIR --workdir DIR [--bits 256]
 
-DIR holds synthetic shards written by bench_index.make_shards(seed 0) (e.g. bench_scale.py's 1M and
+DIR holds synthetic shards written by benchlib.make_shards(seed 0) (e.g. bench_scale.py's 1M and
 10M sets): the held-out queries are new vectors from the same cluster centres, not in the index,
 and their exact top-10 is computed here by streaming the shards.
 1. binary: `pipeline build-index --codes binary:BITS` in a fresh process (wall time, peak RSS); the
@@ -12,36 +12,28 @@ and their exact top-10 is computed here by streaming the shards.
    version's vector store (the same float16 features); candidates and nprobe chosen here on separate
    tuning queries, the fewest candidates (then nprobe) reaching recall@10 0.95.
 3. For each: recall@10 on the held-out queries, single-query p50/p99 (one thread), batch queries/s.
-Writes JSON and appends a table to docs/benchmarks.md.
+Writes its figures into docs/benchmarks/results/codes.json (--json), one run per number of vectors.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_index import DIM, clustered, run_measured  # noqa: E402
-from benchlib import record, sgemm_gflops  # noqa: E402
+from benchlib import DIM, add_json_option, centres_of, command_line, figure, host, now, run_measured, save  # noqa: E402
+from pipeline.synthetic import clustered  # noqa: E402
+
+AREA, TITLE = "codes", "Binary codes vs IVF-PQ"
 
 CANDIDATES = (100, 200, 500, 1000, 2000, 5000)  # IVF-PQ candidates re-ranked, as the binary kind's pool grid
-
-
-def centres_of(seed: int) -> np.ndarray:
-    """The cluster centres make_shards(seed) drew (its first draw from the same generator)."""
-    centres = np.abs(np.random.default_rng(seed).normal(size=(10_000, DIM))).astype(np.float32)
-    return centres / np.linalg.norm(centres, axis=1, keepdims=True)
 
 
 def exact_top(features: Path, queries: np.ndarray, k: int) -> np.ndarray:
@@ -62,7 +54,7 @@ def exact_top(features: Path, queries: np.ndarray, k: int) -> np.ndarray:
 
 
 def recall10(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(f[:10]) & set(t[:10])) / 10 for f, t in zip(found, truth)]))
+    return float(np.mean([len(set(f[:10]) & set(t[:10])) / 10 for f, t in zip(found, truth, strict=True)]))
 
 
 def measure(search, queries: np.ndarray, truth: np.ndarray, singles: int) -> dict:
@@ -96,19 +88,19 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--bits", type=int, default=256)
     ap.add_argument("--nlist", type=int, default=1024, help="IVF lists of the IVF-PQ index")
-    ap.add_argument("--binary-factory", help="the faiss binary index of the binary kind (default: the plan's), e.g. BFlat")
+    ap.add_argument("--binary-factory",
+                    help="the faiss binary index of the binary kind (default: the plan's), e.g. BFlat")
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--singles", type=int, default=300, help="queries timed one at a time")
     ap.add_argument("--seed", type=int, default=0, help="the seed the shards were made with")
-    ap.add_argument("--json-out", type=Path, default=ROOT / "bench-output" / "bench_codes.json")
-    ap.add_argument("--no-doc", action="store_true")
+    add_json_option(ap, AREA)
     args = ap.parse_args()
     import faiss
 
-    from pipeline.search import Searcher
     from pipeline.index import Reranked, VectorStore
+    from pipeline.search import Searcher
 
-    gflops = sgemm_gflops()
+    date, machine = now(), host()
     centres = centres_of(args.seed)
     rng = np.random.default_rng(args.seed + 12345)
     queries, tuning = clustered(args.queries, centres, rng), clustered(300, centres, rng)
@@ -118,8 +110,8 @@ def main() -> None:
     print(f"exact truth in {time.perf_counter() - t0:.0f} s", flush=True)
 
     rows = []
-    meta, wall, rss = build(args.features, args.workdir / "binary", ["--codes", f"binary:{args.bits}",
-                                                                      *(["--factory", args.binary_factory] if args.binary_factory else [])])
+    binary = ["--codes", f"binary:{args.bits}", *(["--factory", args.binary_factory] if args.binary_factory else [])]
+    meta, wall, rss = build(args.features, args.workdir / "binary", binary)
     n = meta["count"]
     version = Path(meta["version_dir"])
     engine = Searcher(args.workdir / "binary").index
@@ -138,7 +130,8 @@ def main() -> None:
         reranked = Reranked(index, store, candidates)
         for nprobe in (8, 16, 32, 64):
             _, found = reranked.search(tuning, 10, params=faiss.SearchParametersIVF(nprobe=nprobe))
-            sweep.append({"candidates": candidates, "nprobe": nprobe, "recall": round(recall10(found, tuning_truth), 4)})
+            recall = round(recall10(found, tuning_truth), 4)
+            sweep.append({"candidates": candidates, "nprobe": nprobe, "recall": recall})
             if sweep[-1]["recall"] >= 0.95:
                 break
         if sweep[-1]["recall"] >= 0.95:
@@ -151,23 +144,28 @@ def main() -> None:
                                                    args.singles)})
     print(rows[-1], flush=True)
 
-    res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "command": "python scripts/bench_codes.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-           "n": n, "bits": args.bits, "sgemm_gflops": gflops, "cpus": os.cpu_count(), "queries": args.queries,
-           "rows": rows}
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(res, indent=2))
-    text = "\n".join([
-        f"\n### Binary codes vs IVF-PQ at {n:,} — {res['date']}\n",
-        f"`{res['command']}` — host sgemm {gflops} GFLOP/s, {res['cpus']} cores (shared). Both re-ranked by exact "
-        f"cosine from the same float16 vector store (on disk, memory-mapped, {2 * DIM} B/image, not counted below); "
-        f"{args.queries:,} held-out queries (not in the index), recall@10 against exact search.\n",
-        "| kind | code bytes/image (index file) | build s | peak RSS MiB | recall@10 | p50 ms | p99 ms | batch q/s |",
-        "|---|---|---|---|---|---|---|---|",
-        *[f"| {r['kind']} | {r['bytes_per_image']} | {r['build_s']} | {r['peak_rss_mib']} | {r['recall_at_10']} | "
-          f"{r['p50_ms']} | {r['p99_ms']} | {r['batch_qps']} |" for r in rows],
-    ]) + "\n"
-    record(text, args.no_doc)
+    res = {"n": n, "bits": args.bits, "queries": args.queries, "rows": rows}
+    save(args.json, AREA, TITLE, key=f"{n:,}", date=date, command=command_line(), host=machine, dim=DIM,
+         setup=setup(res), figures=figures(res), result=res)
+
+
+def setup(res: dict) -> str:
+    return (
+        f"{res['n']:,} synthetic {DIM}-d vectors (the benchmarks' set): learned binary codes (`--codes "
+        f"binary:{res['bits']}`, {res['bits'] // 8} bytes a code) against fast-scan IVF-PQ codes of the same bytes, "
+        f"both re-ranked by exact cosine from the same float16 vector store (on disk, memory-mapped, {2 * DIM} bytes "
+        f"an image, not counted); IVF-PQ's candidates and nprobe tuned on 300 separate queries; recall@10 against "
+        f"exact search on {res['queries']:,} held-out queries, single queries on one thread."
+    )
+
+
+def figures(res: dict) -> list[dict]:
+    return [
+        figure(r["kind"], f"recall@10 {r['recall_at_10']}, p50 {r['p50_ms']} ms", "",
+               f"p99 {r['p99_ms']} ms, a batch {r['batch_qps']} queries/s; {r['bytes_per_image']} bytes/image in the "
+               f"index file; build {r['build_s']} s, peak RSS {r['peak_rss_mib']} MiB")
+        for r in res["rows"]
+    ]
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Benchmark `pipeline duplicates` at 1M vectors with planted near-duplicate groups.
 
-Usage: flock /tmp/pipeline-bench.lock python scripts/bench_duplicates.py [--n 1000000] [--groups 2000] [--nprobe N]
+Usage: python scripts/benchmarks/bench_duplicates.py [--n 1000000] [--groups 2000] [--nprobe N]
 
-1. Writes N synthetic 512-d unit vectors as real shards (bench_index.py's generator: clustered,
-   positive orthant, random pairs at cosine ~0.47), of which `groups` planted groups of 2-8
+1. Writes N synthetic 512-d unit vectors as real shards (the benchmarks' set: pipeline.synthetic's generator,
+   clustered, positive orthant, random pairs at cosine ~0.47), of which `groups` planted groups of 2-8
    images: an original and noisy copies at cosine to it drawn uniformly from 0.82-0.97 (the range
    of copies-dev's copy-to-original cosines above the default threshold, real features, docs/quality.md);
    one group in ten also holds a byte-identical copy (same vector and content hash).
@@ -17,7 +17,8 @@ Usage: flock /tmp/pipeline-bench.lock python scripts/bench_duplicates.py [--n 10
    vector and, for comparison, the fixed nprobe each planted pair would need.
 4. For comparison, times faiss's own range search (IVF, nprobe 32 or --nprobe) with 2,000 indexed
    vectors as queries, extrapolated to all N: the one-query-per-image way of finding the pairs.
-Targets: <= 10 minutes; peak RSS <= 2x the index. Records the host's sgemm GFLOP/s beside them.
+Targets: every planted group recovered; <= 10 minutes; peak RSS <= 2x the index. Writes its figures into
+docs/benchmarks/results/duplicates.json (--json; run "planted").
 """
 
 from __future__ import annotations
@@ -25,24 +26,22 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import shlex
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_index import DIM, clustered, run_measured  # noqa: E402
-from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
+from benchlib import CENTRES, DIM, add_json_option, command_line, figure, host, now, run_measured, save  # noqa: E402
 from pipeline import duplicates  # noqa: E402
 from pipeline.duplicates import DEFAULT_THRESHOLD, MAX_PROBES, PROBE_GAP, Probing  # noqa: E402
-from pipeline.model import ModelInfo  # noqa: E402
-from pipeline.features import ShardData, list_shards, read_shard, shard_name, write_shard  # noqa: E402
+from pipeline.features import list_shards, read_shard  # noqa: E402
+from pipeline.synthetic import clustered, model_info, positive_centres, write_shards  # noqa: E402
+
+AREA, TITLE = "duplicates", "Duplicates"
 
 
 def copy_of(v: np.ndarray, cosine: float, rng: np.random.Generator) -> np.ndarray:
@@ -71,8 +70,7 @@ def probes_needed(ivf, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def make_planted(features: Path, n: int, n_groups: int, shard_size: int, seed: int) -> list[list[int]]:
     """Write the shards (once) and return the planted groups as lists of ids (= row order)."""
     rng = np.random.default_rng(seed)
-    centres = np.abs(rng.normal(size=(10_000, DIM))).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    centres = positive_centres(CENTRES, DIM, rng)  # as benchlib.make_shards draws them
     sizes = rng.integers(2, 9, n_groups)
     slots = rng.permutation(n)[: sizes.sum()]
     groups = [sorted(int(i) for i in g) for g in np.split(slots, np.cumsum(sizes)[:-1])]
@@ -86,12 +84,8 @@ def make_planted(features: Path, n: int, n_groups: int, shard_size: int, seed: i
             vecs[i] = copy_of(original, rng.uniform(0.82, 0.97), rng)
         if g % 10 == 0:  # a byte-identical file: same content, same feature
             vecs[ids[-1]], hashes[ids[-1]] = original, hashes[ids[0]]
-    features.mkdir(parents=True, exist_ok=True)
-    info = ModelInfo(name="synthetic", weights_sha256="s" * 64, input_size=224, dim=DIM)
-    for s, start in enumerate(range(0, n, shard_size)):
-        m = min(shard_size, n - start)
-        write_shard(features / shard_name(s), ShardData(vecs[start:start + m], [f"/synthetic/{start + i:08d}.jpg" for i in range(m)],
-                    hashes[start:start + m], np.zeros(m, np.int64), np.zeros(m), [], []), info)
+    write_shards(features, vecs, model_info(DIM), shard_size, path_format="/synthetic/{:08d}.jpg", hashes=hashes,
+                 first_shard=0)
     return groups
 
 
@@ -104,11 +98,10 @@ def main() -> None:
     ap.add_argument("--nprobe", type=int, help="lists each vector probes (default: the product's, by score gap)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench-output" / "dupes-bench")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json-out", type=Path, default=ROOT / "bench-output" / "bench_duplicates.json")
-    ap.add_argument("--no-doc", action="store_true")
+    add_json_option(ap, AREA)
     args = ap.parse_args()
     features, index_dir = args.workdir / f"features-{args.n}", args.workdir / f"index-{args.n}"
-    gflops = sgemm_gflops()
+    date, machine = now(), host()
     t0 = time.perf_counter()
     # Shards are written in a child process: a child's peak RSS counts the memory of the process it
     # was started from, so the measuring process stays small.
@@ -117,7 +110,8 @@ def main() -> None:
     maker.start()
     maker.join()
     planted = make_planted(features, args.n, args.groups, args.shard_size, args.seed)  # the shards exist: ids only
-    print(f"shards ready in {time.perf_counter() - t0:.1f} s; host sgemm {gflops:.0f} GFLOP/s", flush=True)
+    print(f"shards ready in {time.perf_counter() - t0:.1f} s; host sgemm {machine['sgemm_gflops']:.0f} GFLOP/s",
+          flush=True)
     if not (index_dir / "CURRENT").exists():
         wall, rss, _ = run_measured([sys.executable, "-m", "pipeline", "-q", "build-index", str(features),
                                      "--out", str(index_dir), "--no-progress"])
@@ -167,55 +161,59 @@ def main() -> None:
     partner = np.where(slots < len(pairs), slots + len(pairs), slots - len(pairs))  # x's partner is y, and back
     np.logical_or.at(reached, slots % len(pairs), lists == own[partner])
     group_reached = np.logical_and.reduceat(reached, np.cumsum([0] + [len(ids) - 1 for ids in planted[:-1]]))
-    in_reach = [ids for ids, g in zip(planted, group_reached) if g]
+    in_reach = [ids for ids, g in zip(planted, group_reached, strict=True) if g]
     recovered_in_reach = sum(map(is_recovered, in_reach))
     sample = ivf.reconstruct_batch(np.random.default_rng(1).choice(index.ntotal, 20_000, replace=False))
-    probed = np.bincount(duplicates.probe_table(ivf, lambda s: sample[s], len(sample), probing)[0], minlength=len(sample))
+    probed = np.bincount(duplicates.probe_table(ivf, lambda s: sample[s], len(sample), probing)[0],
+                         minlength=len(sample))
     res = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "flock /tmp/pipeline-bench.lock python scripts/bench_duplicates.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "n": args.n, "factory": meta["factory"], "tuned_nprobe": meta["nprobe"], "threshold": args.threshold,
+        "n": args.n, "groups": args.groups, "factory": meta["factory"], "tuned_nprobe": meta["nprobe"],
+        "threshold": args.threshold, "fixed_nprobe": args.nprobe,
         "probing": {"least": probing.least, "most": probing.most, "gap": probing.gap and round(probing.gap, 5),
-                    "lists_per_vector_mean": round(float(probed.mean()), 1), "p99": int(np.quantile(probed, 0.99)),
-                    "max": int(probed.max())}, "range_search_nprobe": range_nprobe,
-        "sgemm_gflops": round(gflops), "wall_s": round(wall, 1), "peak_rss_mib": round(rss), "index_mib": round(index_mib),
-        "rss_over_index": round(rss / index_mib, 3), "faiss_range_search_s_extrapolated": round(range_s), "planted_groups": len(planted), "recovered": recovered,
-        "planted_groups_merged_together": merged, "planted_pair_recall_by_nprobe": pair_recall, "other_groups": extra, "groups_found": len(found),
-        "planted_pairs_compared": round(float(reached.mean()), 5),
+                    "probe_gap": PROBE_GAP, "lists_per_vector_mean": round(float(probed.mean()), 1),
+                    "p99": int(np.quantile(probed, 0.99)), "max": int(probed.max())},
+        "range_search_nprobe": range_nprobe, "wall_s": round(wall, 1), "peak_rss_mib": round(rss),
+        "index_mib": round(index_mib), "rss_over_index": round(rss / index_mib, 3),
+        "faiss_range_search_s_extrapolated": round(range_s), "planted_groups": len(planted), "recovered": recovered,
+        "planted_groups_merged_together": merged, "planted_pair_recall_by_nprobe": pair_recall, "other_groups": extra,
+        "groups_found": len(found), "planted_pairs_compared": round(float(reached.mean()), 5),
         "planted_groups_in_reach": len(in_reach), "recovered_in_reach": recovered_in_reach,
         "planted_pair_nprobe_needed_max": int(need.max()),
     }
-    res["targets"] = {"all_planted_recovered": recovered == len(planted) and merged == 0,
-                      "all_in_reach_recovered": recovered_in_reach == len(in_reach),
-                      "le_10_minutes": wall <= 600, "rss_le_2x_index": rss <= 2 * index_mib}
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(res, indent=2))
-    text = "\n".join([
-        f"\n### Duplicates — {res['date']} (host sgemm {res['sgemm_gflops']} GFLOP/s)\n",
-        f"`{res['command']}` — {args.n:,} synthetic 512-d unit vectors in real shards, {len(planted):,} planted groups "
-        f"of 2–8 (copies at cosine 0.82–0.97 to their original, one group in ten with a byte-identical file); "
-        f"{res['factory']} (tuned nprobe {res['tuned_nprobe']}), threshold {args.threshold}; `duplicates` probing "
-        + (f"{args.nprobe} lists per vector" if args.nprobe else
-           f"lists within {res['probing']['gap']} of each vector's nearest centroid's score (PROBE_GAP {PROBE_GAP} x "
-           f"sqrt(2 - 2 x {args.threshold})), at least the tuned {probing.least}, at most {probing.most}: "
-           f"{res['probing']['lists_per_vector_mean']} lists per vector on average (p99 {res['probing']['p99']}, "
-           f"max {res['probing']['max']}; 20,000 vectors)") + ".\n",
-        "| wall s | peak RSS MiB | index MiB | RSS / index | planted groups recovered | planted groups merged | other groups |",
-        "|---|---|---|---|---|---|---|",
-        f"| {res['wall_s']} | {res['peak_rss_mib']} | {res['index_mib']} | {res['rss_over_index']} | "
-        f"{recovered} / {len(planted)} | {merged} | {extra} |",
-        "",
-        f"Planted copy-original pairs compared by this probing: {res['planted_pairs_compared']}; planted groups all "
-        f"of whose pairs are compared: {len(in_reach)}, of which recovered: {recovered_in_reach}. With a fixed number "
-        "of lists per vector instead: " + ", ".join(f"nprobe {p}: {r}" for p, r in pair_recall.items())
-        + f"; the largest nprobe a planted pair needs: {res['planted_pair_nprobe_needed_max']}.",
-        "",
-        f"For comparison, faiss's range search with every vector as a query (nprobe {range_nprobe}; timed on 2,000, "
-        f"extrapolated): {res['faiss_range_search_s_extrapolated']} s.",
-        "",
-        targets_line(res["targets"]),
-    ]) + "\n"
-    record(text, args.no_doc)
+    save(args.json, AREA, TITLE, key="planted", date=date, command=command_line(), host=machine, dim=DIM,
+         setup=setup(res), figures=figures(res), result=res)
+
+
+def setup(res: dict) -> str:
+    pr = res["probing"]
+    probing = (f"{res['fixed_nprobe']} lists per vector" if res.get("fixed_nprobe") else
+               f"the lists within {pr['gap']} of its nearest centroid's score (PROBE_GAP {pr['probe_gap']} × "
+               f"sqrt(2 − 2 × threshold)), at least the tuned {pr['least']}, at most {pr['most']}")
+    return (
+        f"`pipeline duplicates` (a fresh process) on {res['n']:,} synthetic {DIM}-d unit vectors in real shards (the "
+        f"benchmarks' set) with {res['planted_groups']:,} planted groups of 2–8: copies at cosine 0.82–0.97 to their "
+        f"original, one group in ten with a byte-identical file; {res['factory']} (tuned nprobe "
+        f"{res['tuned_nprobe']}), threshold {res['threshold']}, each vector probing {probing}."
+    )
+
+
+def figures(res: dict) -> list[dict]:
+    pr = res["probing"]
+    everyone = res["recovered"] == res["planted_groups"] and res["planted_groups_merged_together"] == 0
+    return [
+        figure("planted groups recovered (none merged with another)", f"{res['recovered']} / {res['planted_groups']}",
+               "", f"{res['planted_groups_merged_together']} merged; {res['other_groups']} other groups: background "
+               "pairs above the threshold", target="all", met=everyone),
+        figure("wall time, whole process", res["wall_s"], " s", target="≤ 600 s", met=res["wall_s"] <= 600),
+        figure("peak RSS / index size", res["rss_over_index"], "×",
+               f"{res['peak_rss_mib']} MiB for a {res['index_mib']} MiB index", target="≤ 2",
+               met=res["rss_over_index"] <= 2),
+        figure("lists probed per vector", pr["lists_per_vector_mean"], "", f"p99 {pr['p99']}, max {pr['max']}"),
+        figure("planted copy-original pairs compared", res["planted_pairs_compared"], "",
+               f"the largest fixed nprobe a pair needs: {res['planted_pair_nprobe_needed_max']}"),
+        figure(f"for comparison: faiss range search, every vector a query (nprobe {res['range_search_nprobe']})",
+               res["faiss_range_search_s_extrapolated"], " s", "timed on 2,000 vectors, extrapolated"),
+    ]
 
 
 if __name__ == "__main__":

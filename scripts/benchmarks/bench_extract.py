@@ -1,8 +1,8 @@
 """Benchmark extraction: does `pipeline extract` run at the speed of its model, and what does int8 buy?
 
 Usage:
-  python scripts/fetch_photos.py --out bench-output/photos --count 300     # once: real 1-3 MP JPEGs
-  python scripts/bench_extract.py --photos bench-output/photos [--limit 300] [--sweep]
+  python scripts/eval/fetch_photos.py --out bench-output/photos --count 300     # once: real 1-3 MP JPEGs
+  python scripts/benchmarks/bench_extract.py --photos bench-output/photos [--limit 300] [--sweep]
 
 Measures in one run, on the same photos and model files:
   (a) the bare ONNX Runtime session (default options) on pre-decoded batches of the model's input
@@ -17,35 +17,32 @@ Measures in one run, on the same photos and model files:
   (--no-int8 skips it).
 Targets: (b') >= 0.90 x (a) (both (b) and (b') are reported); int8 (b) >= 1.7 x fp32 (b); mean cosine int8/fp32 >= 0.98.
 --sweep also times batch sizes and thread counts of the bare session, and decode workers of (b).
-Writes JSON (--json-out) and appends a table to docs/benchmarks.md.
+Writes its figures into docs/benchmarks/results/extraction.json (--json).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
+from benchlib import add_json_option, command_line, figure, host, now, save  # noqa: E402
+from pipeline.features import list_shards, read_shard  # noqa: E402
 from pipeline.images import load_image  # noqa: E402
 from pipeline.model import read_model_info  # noqa: E402
-from pipeline.features import list_shards, read_shard  # noqa: E402
+
+AREA, TITLE = "extraction", "Extraction"
 
 
 def bare_session(model: Path, threads: int = 0) -> ort.InferenceSession:
@@ -106,7 +103,7 @@ def shard_features(features_dir: Path) -> dict[str, np.ndarray]:
     out = {}
     for p in list_shards(features_dir):
         d = read_shard(p)
-        out.update(zip(d.paths, d.features))
+        out.update(zip(d.paths, d.features, strict=True))
     return out
 
 
@@ -119,31 +116,26 @@ def main() -> None:
     ap.add_argument("--no-int8", action="store_true", help="measure the fp32 model only")
     ap.add_argument("--batch-size", type=int, default=8, help="batch of (a); (b) uses the extract default")
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--json-out", type=Path, default=ROOT / "bench-output" / "bench_extract.json")
-    ap.add_argument("--no-doc", action="store_true", help="do not append to docs/benchmarks.md")
-    ap.add_argument("--render", type=Path, help="only print and record the table of an earlier JSON result")
+    add_json_option(ap, AREA)
     args = ap.parse_args()
-    if args.render:
-        return publish(json.loads(args.render.read_text()), args.no_doc)
     files = sorted(args.photos.glob("*.jpg"))[: args.limit]
     if not files:
-        sys.exit(f"no photos in {args.photos}: run scripts/fetch_photos.py first")
+        sys.exit(f"no photos in {args.photos}: run scripts/eval/fetch_photos.py first")
     models = {"fp32": args.model} if args.no_int8 else {"fp32": args.model, "int8": args.int8}
     for m in models.values():
         if not m.is_file():
             sys.exit(f"{m} is missing: run `pipeline model export` / `pipeline model quantize`")
     mp = [Image.open(f).size for f in files]
     info = read_model_info(args.model)
+    date, machine = now(), host()
     res: dict = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "onnxruntime": ort.__version__,
-        "sgemm_gflops": sgemm_gflops(),
         "photos": len(files),
         "model": info.short(),
+        "dim": info.dim,
         "input": info.resize,
         "megapixels_mean": round(float(np.mean([w * h for w, h in mp])) / 1e6, 2),
-        "command": "python scripts/bench_extract.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "batch_size": args.batch_size,
     }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -175,15 +167,12 @@ def main() -> None:
         c = time_seed(args.model, files)
         print(f"fp32 (c) seed approach: {c:.2f} img/s", flush=True)
         res["fp32"]["seed_img_s"] = round(c, 2)
-        res["targets"] = {"extract_ge_0.90_bare": res["fp32"]["ratio_streaming_to_bare"] >= 0.90}
         if "int8" in models:
             f32, i8 = shard_features(tmp / "features-fp32"), shard_features(tmp / "features-int8")
             cos = np.array([float(np.dot(f32[p], i8[p])) for p in f32])
             res["int8"]["cosine_to_fp32_mean"] = round(float(cos.mean()), 4)
             res["int8"]["cosine_to_fp32_min"] = round(float(cos.min()), 4)
             res["int8"]["speedup_extract"] = round(res["int8"]["extract_img_s"] / res["fp32"]["extract_img_s"], 3)
-            res["targets"]["int8_ge_1.7x"] = res["int8"]["speedup_extract"] >= 1.7
-            res["targets"]["int8_cosine_ge_0.98"] = res["int8"]["cosine_to_fp32_mean"] >= 0.98
         if args.sweep:
             sweep = []
             sub = pixels[:48]
@@ -204,37 +193,46 @@ def main() -> None:
                     sweep.append({"model": "int8", "extract_workers": workers, "batch": batch, "img_s": round(r, 2)})
                     print(f"sweep extract int8 workers={workers} batch={batch}: {r:.2f} img/s", flush=True)
             res["sweep"] = sweep
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(res, indent=2))
-    publish(res, args.no_doc)
+    save(args.json, AREA, TITLE, key="default", date=date, command=command_line(), host=machine, dim=res["dim"],
+         setup=setup(res), figures=figures(res), result=res)
 
 
-def publish(res: dict, no_doc: bool) -> None:
-    """Print the table of a result and append it to docs/benchmarks.md."""
+def setup(res: dict) -> str:
+    return (
+        f"{res['photos']} real photos (`scripts/eval/fetch_photos.py`), {res['megapixels_mean']} MP on average; "
+        f"model {res['model']}, input: {res['input']}; onnxruntime {res['onnxruntime']}. (a) the bare ONNX Runtime "
+        f"session on pre-decoded batches of {res.get('batch_size', 8)} of the model's input shapes; (b) a whole "
+        "`pipeline extract` process (start-up, decoding, shards included); (b') its streaming rate: (b) less a "
+        f"run on the first {START_PHOTOS} photos alone, leaving out the start-up that (a) leaves out too; (c) the "
+        "seed article's loop (full decode, nearest resize, one image per call)."
+        + (" int8: the model quantized by `pipeline model quantize`." if "int8" in res else "")
+    )
+
+
+def figures(res: dict) -> list[dict]:
     f, i = res["fp32"], res.get("int8")
-    host = f", host sgemm {res['sgemm_gflops']} GFLOP/s" if "sgemm_gflops" in res else ""
-    table = [
-        f"\n### Extraction — {res['date']} ({res['machine']}, onnxruntime {res['onnxruntime']}{host})\n",
-        f"`{res['command']}` — {res['photos']} real photos, {res['megapixels_mean']} MP on average "
-        f"(decode alone: {res['decode_one_core_img_s']} img/s on one core)"
-        + (f"; model {res['model']}, input: {res['input']}" if "model" in res else "") + ".\n",
-        "| model | (a) bare session img/s | (b) `pipeline extract` img/s | (b)/(a) | (b') streaming img/s | (b')/(a) "
-        "| (c) seed approach img/s |",
-        "|---|---|---|---|---|---|---|",
-        f"| fp32 | {f['bare_img_s']} | {f['extract_img_s']} | {f['ratio_extract_to_bare']} | "
-        f"{f.get('extract_streaming_img_s', '-')} | {f.get('ratio_streaming_to_bare', '-')} | {f['seed_img_s']} |",
+    out = [
+        figure("(b') `pipeline extract` streaming / (a) bare session, fp32", f["ratio_streaming_to_bare"], "×",
+               f"{f['extract_streaming_img_s']} vs {f['bare_img_s']} img/s", target="≥ 0.90",
+               met=f["ratio_streaming_to_bare"] >= 0.90),
+        figure("(b) the whole `pipeline extract` process / (a), fp32", f["ratio_extract_to_bare"], "×",
+               f"{f['extract_img_s']} img/s" + (f", {f['extract_wall_s']} s" if "extract_wall_s" in f else "")),
+        figure("(a) bare session, fp32", f["bare_img_s"], " img/s"),
+        figure("(c) the seed article's approach, fp32", f["seed_img_s"], " img/s"),
     ]
+    if "decode_one_core_img_s" in res:
+        out.append(figure("decoding alone, one core", res["decode_one_core_img_s"], " img/s"))
     if i is not None:
-        table += [f"| int8 | {i['bare_img_s']} | {i['extract_img_s']} | {i['ratio_extract_to_bare']} | "
-                  f"{i.get('extract_streaming_img_s', '-')} | {i.get('ratio_streaming_to_bare', '-')} | |", "",
-                  f"int8 vs fp32, end to end: **{i['speedup_extract']}x**; cosine of int8 to fp32 features: mean "
-                  f"**{i['cosine_to_fp32_mean']}**, min {i['cosine_to_fp32_min']}."]
-    table += ["", targets_line(res["targets"])]
-    if "sweep" in res:
-        table += ["", "| sweep | threads / workers | batch | img/s |", "|---|---|---|---|"]
-        table += [f"| {s['model']} {'extract' if 'extract_workers' in s else 'bare'} | "
-                  f"{s.get('threads', s.get('extract_workers'))} | {s['batch']} | {s['img_s']} |" for s in res["sweep"]]
-    record("\n".join(table) + "\n", no_doc)
+        out += [
+            figure("int8 / fp32, whole `pipeline extract` process", i["speedup_extract"], "×",
+                   f"{i['extract_img_s']} vs {f['extract_img_s']} img/s", target="≥ 1.7",
+                   met=i["speedup_extract"] >= 1.7),
+            figure("cosine of int8 to fp32 features, mean", i["cosine_to_fp32_mean"], "",
+                   f"min {i['cosine_to_fp32_min']}", target="≥ 0.98", met=i["cosine_to_fp32_mean"] >= 0.98),
+            figure("(b') / (a), int8", i["ratio_streaming_to_bare"], "×",
+                   f"{i['extract_streaming_img_s']} vs {i['bare_img_s']} img/s"),
+        ]
+    return out
 
 
 if __name__ == "__main__":

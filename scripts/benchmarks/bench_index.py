@@ -1,9 +1,10 @@
 """Benchmark the index stage at 1M vectors: `pipeline build-index` against raw faiss, memory, recall, qps.
 
-Usage: python scripts/bench_index.py [--n 1000000] [--workdir bench-output/index-bench]
+Usage: python scripts/benchmarks/bench_index.py [--n 1000000] [--dim 512] [--workdir bench-output/index-bench]
 (bench_search.py then measures search on the index this leaves behind.)
 
-1. Writes N synthetic clustered unit vectors (512-d, or --dim) as real HDF5 shards (once; reused after).
+1. Writes N synthetic clustered unit vectors (512-d, or --dim) as real HDF5 shards (once; reused after):
+   the benchmarks' synthetic set (benchlib.make_shards, with pipeline.synthetic's generator).
 2. (a) runs `pipeline build-index` in a fresh process: wall time and peak RSS (whole build:
    reading shards, training, adding, ids table, recall tuning, writing, publishing).
 3. (b) runs raw faiss in a fresh process: the same factory and training-sample size, train +
@@ -12,7 +13,7 @@ Usage: python scripts/bench_index.py [--n 1000000] [--workdir bench-output/index
    against exact search at the chosen nprobe, on 1,000 held-out queries (new vectors drawn
    from the same clusters, not in the index).
 Target: (a) <= 1.2 x (b); peak RSS <= 1.5 x index size + a few hundred MB.
-Writes JSON and appends a table to docs/benchmarks.md.
+Writes its figures into docs/benchmarks/results/index.json (--json), one run per --dim.
 """
 
 from __future__ import annotations
@@ -20,68 +21,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchlib import record, targets_line  # noqa: E402
-from pipeline.model import ModelInfo  # noqa: E402
-from pipeline.features import ShardData, list_shards, shard_name, write_shard  # noqa: E402
+from benchlib import DIM, add_json_option, command_line, figure, host, make_shards, now, run_measured, save  # noqa: E402
+from pipeline.features import list_shards, read_shard  # noqa: E402
+from pipeline.synthetic import clustered  # noqa: E402
 
-DIM = 512
-
-
-def clustered(n: int, centres: np.ndarray, rng: np.random.Generator, spread: float = 0.6) -> np.ndarray:
-    """Unit vectors around random centres, noise of norm ~`spread`: at 100k vectors, random pairs have
-    cosine ~0.47 and a query's nearest neighbour ~0.76, about as for VGG16 max-pooled features."""
-    dim = centres.shape[1]
-    x = centres[rng.integers(0, len(centres), n)] + spread * rng.normal(size=(n, dim)).astype(np.float32) / np.sqrt(dim)
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def make_shards(features: Path, n: int, shard_size: int, seed: int, dim: int = DIM) -> np.ndarray:
-    """Write n vectors as shards (skipped if present); returns the cluster centres for queries.
-
-    Like max-pooled ReLU features, the centres lie in the positive orthant (random pairs have
-    cosine ~0.6), and neighbours are not trivially separated into clusters.
-    """
-    rng = np.random.default_rng(seed)
-    centres = np.abs(rng.normal(size=(10_000, dim))).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    if sum(1 for _ in list_shards(features)) * shard_size >= n:
-        return centres
-    features.mkdir(parents=True, exist_ok=True)
-    info = ModelInfo(name="synthetic", weights_sha256="s" * 64, input_size=224, dim=dim)
-    for s, start in enumerate(range(0, n, shard_size)):
-        m = min(shard_size, n - start)
-        vecs = clustered(m, centres, rng)
-        paths = [f"/synthetic/{start + i:08d}.jpg" for i in range(m)]
-        hashes = [f"{start + i:032x}" for i in range(m)]  # distinct, like real files
-        write_shard(features / shard_name(s), ShardData(vecs, paths, hashes, np.zeros(m, np.int64), np.zeros(m), [], []),
-                    info)
-    return centres
-
-
-def run_measured(cmd: list[str]) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (MiB) and stdout of a child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"failed: {' '.join(cmd)}")
-    return wall, usage.ru_maxrss / 1024, out
-
+AREA, TITLE = "index", "Index build"
 
 RAW_FAISS = r"""
 import sys, time, json, numpy as np, faiss
@@ -104,12 +57,12 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=20_000)
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench-output" / "index-bench")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json-out", type=Path, default=ROOT / "bench-output" / "bench_index.json")
     ap.add_argument("--dim", type=int, default=DIM, help="vector dimension (1024: the default recipe's features)")
-    ap.add_argument("--no-doc", action="store_true")
+    add_json_option(ap, AREA)
     args = ap.parse_args()
     import faiss
 
+    date, machine = now(), host()
     tag = f"{args.n}-v2" + (f"-d{args.dim}" if args.dim != DIM else "")
     features, index_dir = args.workdir / f"features-{tag}", args.workdir / f"index-{tag}"
     t0 = time.perf_counter()
@@ -124,8 +77,8 @@ def main() -> None:
     print(f"(a) pipeline build-index: {wall_a:.1f} s, peak RSS {rss_a:.0f} MiB, index {index_mib:.0f} MiB, "
           f"{meta['factory']} nprobe {meta['nprobe']} recall@10 {meta['recall_at_10']}", flush=True)
 
-    wall_b, rss_b, out = run_measured([sys.executable, "-c", RAW_FAISS, str(ROOT), str(features), meta["factory"],
-                                       str(meta["train_size"])])
+    _, _, out = run_measured([sys.executable, "-c", RAW_FAISS, str(ROOT), str(features), meta["factory"],
+                              str(meta["train_size"])])
     raw = json.loads(out)
     raw_s = raw["train_s"] + raw["add_s"]
     print(f"(b) raw faiss train {raw['train_s']:.1f} s + add {raw['add_s']:.1f} s = {raw_s:.1f} s", flush=True)
@@ -133,8 +86,6 @@ def main() -> None:
     index = faiss.read_index(str(index_file))
     rng = np.random.default_rng(args.seed + 1)
     queries = clustered(1000, centres, rng)
-    from pipeline.features import read_shard
-
     data = np.concatenate([read_shard(p).features for p in list_shards(features)])
     _, truth = faiss.knn(queries, data, 10, metric=faiss.METRIC_INNER_PRODUCT)
     del data
@@ -143,7 +94,7 @@ def main() -> None:
     t0 = time.perf_counter()
     _, found = index.search(queries, 10)
     batch_qps = len(queries) / (time.perf_counter() - t0)
-    recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]))
+    recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)]))
     faiss.omp_set_num_threads(1)
     lat = []
     for q in queries[:500]:
@@ -152,39 +103,47 @@ def main() -> None:
         lat.append((time.perf_counter() - t) * 1000)
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     res = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python scripts/bench_index.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "n": args.n, "dim": args.dim, "factory": meta["factory"], "nprobe": meta["nprobe"], "train_size": meta["train_size"],
-        "pipeline_build_s": round(wall_a, 1), "pipeline_timings": meta["timings"],
+        "n": args.n, "dim": args.dim, "factory": meta["factory"], "nprobe": meta["nprobe"],
+        "train_size": meta["train_size"], "pipeline_build_s": round(wall_a, 1), "pipeline_timings": meta["timings"],
         "raw_faiss_s": round(raw_s, 1), "raw_faiss": {k: round(v, 1) for k, v in raw.items()},
         "ratio": round(wall_a / raw_s, 3),
         "peak_rss_mib": round(rss_a), "index_mib": round(index_mib), "rss_over_index": round(rss_a / index_mib, 3),
         "tuned_recall_at_10": meta["recall_at_10"],
         "heldout_recall_at_10": round(recall, 4), "batch_qps": round(batch_qps),
-        "latency_ms_p50": round(float(np.percentile(lat, 50)), 3), "latency_ms_p99": round(float(np.percentile(lat, 99)), 3),
+        "latency_ms_p50": round(float(np.percentile(lat, 50)), 3),
+        "latency_ms_p99": round(float(np.percentile(lat, 99)), 3),
     }
-    res["targets"] = {"build_le_1.2x_raw": res["ratio"] <= 1.2,
-                      "rss_le_1.5x_index_plus_400MiB": rss_a <= 1.5 * index_mib + 400}
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(res, indent=2))
-    t = res["pipeline_timings"]
-    text = "\n".join([
-        f"\n### Index build — {res['date']}\n",
-        f"`{res['command']}` — {args.n:,} synthetic clustered {args.dim}-d unit vectors in real shards; {res['factory']}, "
-        f"training sample {res['train_size']:,}.\n",
-        "| what | seconds |", "|---|---|",
-        f"| (a) `pipeline build-index`, whole process | {res['pipeline_build_s']} |",
-        f"| &nbsp;&nbsp;of which train / add / recall tuning | {t.get('train_s')} / {t.get('add_s')} / {t.get('tune_s')} |",
-        f"| (b) raw faiss train + add (vectors in memory) | {res['raw_faiss_s']} ({raw['train_s']:.1f} + {raw['add_s']:.1f}) |",
-        f"| **(a)/(b)** | **{res['ratio']}** |",
-        "",
-        f"Peak RSS of (a): {res['peak_rss_mib']} MiB for an index of {res['index_mib']} MiB "
-        f"({res['rss_over_index']}x). nprobe {res['nprobe']} (tuned: recall@10 {res['tuned_recall_at_10']}); on 1,000 "
-        f"held-out queries: recall@10 {res['heldout_recall_at_10']}, {res['batch_qps']} queries/s in one batch, "
-        f"single query p50 {res['latency_ms_p50']} ms / p99 {res['latency_ms_p99']} ms (one thread). "
-        + targets_line(res["targets"]),
-    ]) + "\n"
-    record(text, args.no_doc)
+    save(args.json, AREA, TITLE, key=f"{args.dim}-d", date=date, command=command_line(), host=machine, dim=args.dim,
+         setup=setup(res), figures=figures(res), result=res)
+
+
+def setup(res: dict) -> str:
+    return (
+        f"{res['n']:,} synthetic clustered {res['dim']}-d unit vectors in real shards (the benchmarks' set, "
+        f"distributed like VGG16 max-pooled features); {res['factory']}, training sample {res['train_size']:,}. "
+        "(a) a whole `pipeline build-index` process (reading the shards, training, adding, the id table, recall "
+        "tuning, writing, publishing); (b) raw faiss in a fresh process, the same factory and training-sample "
+        "size, train + add on vectors already in memory. Queries: 1,000 held-out vectors (new ones from the same "
+        "clusters, not in the index), searched with raw faiss at the tuned nprobe."
+    )
+
+
+def figures(res: dict) -> list[dict]:
+    t, raw = res["pipeline_timings"], res["raw_faiss"]
+    return [
+        figure("`pipeline build-index` (a) / raw faiss train + add (b)", res["ratio"], "×",
+               f"{res['pipeline_build_s']} vs {res['raw_faiss_s']} s; (a) trains {t.get('train_s')}, adds "
+               f"{t.get('add_s')}, tunes {t.get('tune_s')} s; (b) {raw['train_s']} + {raw['add_s']} s",
+               target="≤ 1.2", met=res["ratio"] <= 1.2),
+        figure("peak RSS of (a) / index size", res["rss_over_index"], "×",
+               f"{res['peak_rss_mib']} MiB for a {res['index_mib']} MiB index",
+               target="≤ 1.5 × index + 400 MiB", met=res["peak_rss_mib"] <= 1.5 * res["index_mib"] + 400),
+        figure(f"recall@10 of held-out queries, nprobe {res['nprobe']} (tuned: recall@10 {res['tuned_recall_at_10']})",
+               res["heldout_recall_at_10"]),
+        figure("single query p50 / p99 (raw faiss, one thread)", f"{res['latency_ms_p50']} / {res['latency_ms_p99']}",
+               " ms"),
+        figure("batch of 1,000 queries", res["batch_qps"], " queries/s"),
+    ]
 
 
 if __name__ == "__main__":

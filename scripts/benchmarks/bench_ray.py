@@ -1,8 +1,8 @@
 """Benchmark the Ray stages: do they cost little over a local run, and give the same results?
 
-Usage (under the shared benchmark lock, after scripts/fetch_photos.py --count 300 and
-`pip install "ray[data]"`: Ray Data, measured here, is not in the `ray` extra):
-  flock /tmp/pipeline-bench.lock python scripts/bench_ray.py --photos bench-output/photos --model models/vgg16.onnx
+Usage (after scripts/eval/fetch_photos.py --count 300 and `pip install "ray[data]"`: Ray Data, measured here,
+is not in the `ray` extra):
+  python scripts/benchmarks/bench_ray.py --photos bench-output/photos --model models/vgg16.onnx
 
 Measures in one run:
   (a) `pipeline extract` vs `pipeline extract --ray ADDRESS` on a one-node cluster started before
@@ -19,7 +19,7 @@ Measures in one run:
       add_with_ids) merged with merge_from: time and equality.
 Targets: (a) Ray time <= 1.15 x local time; (a), (c) bitwise-equal features; (d) byte-equal index.
 The clusters are stopped at the end, failures included, by their process groups (`ray stop` would
-stop every Ray of the machine, other users' too). Appends a section to docs/benchmarks.md (unless --no-doc).
+stop every Ray of the machine, other users' too). Writes its figures into docs/benchmarks/results/ray.json (--json).
 """
 
 from __future__ import annotations
@@ -28,31 +28,32 @@ import argparse
 import json
 import os
 import pickle
-import platform
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from itertools import chain
 from pathlib import Path
-from typing import Iterator
 
 import faiss
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
+from benchlib import add_json_option, command_line, figure, host, now, save  # noqa: E402
 from pipeline import distributed  # noqa: E402
 from pipeline.decode_pool import decode_one  # noqa: E402
 from pipeline.extract import ExtractJob, record_task  # noqa: E402
 from pipeline.features import Catalog, next_shard_number, read_shard  # noqa: E402
+from pipeline.model import read_model_info  # noqa: E402
+from pipeline.synthetic import clustered  # noqa: E402
+
+AREA, TITLE = "ray", "Ray: extraction and index merge"
 
 # `ray start --head` turns on token authentication (Ray >= 2.5x): every node and driver would need the token.
 # Ray starts its workers at niceness 15 (RAY_worker_niceness): on a shared machine they then yield to any
@@ -215,7 +216,8 @@ def bench_extract(photos: Path, model: Path, work: Path, shard_size: int) -> dic
     base = features(work / "local")
     return {
         "images": local["extracted"], "nodes": nodes,
-        **{f"{k}_s": r["wall_s"] for k, r in runs.items()}, **{f"{k}_ips": r["images_per_second"] for k, r in runs.items()},
+        **{f"{k}_s": r["wall_s"] for k, r in runs.items()},
+        **{f"{k}_ips": r["images_per_second"] for k, r in runs.items()},
         "ray_ratio": round(on_ray["wall_s"] / local["wall_s"], 3),
         "ray_data_ratio": round(on_ray_data["wall_s"] / local["wall_s"], 3),
         **{f"{k}_equal": same(base, features(work / k)) for k in runs if k != "local"},
@@ -225,14 +227,13 @@ def bench_extract(photos: Path, model: Path, work: Path, shard_size: int) -> dic
 
 def bench_merge(n: int, parts: int, dim: int = 512, seed: int = 0) -> dict:
     """One index filled in `parts` adds (as a local build adds shard by shard) vs `parts` partial indexes
-    merged, on clustered synthetic vectors (the training is common)."""
+    merged, on clustered synthetic vectors (pipeline.synthetic's generator, around 1,000 normal centres, noise
+    half a centre's norm; the training is common)."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(1000, dim)).astype(np.float32)
     x = np.empty((n, dim), np.float32)
     for s in range(0, n, 100_000):
-        m = min(100_000, n - s)
-        v = centres[rng.integers(0, 1000, m)] + 0.5 * rng.normal(size=(m, dim)).astype(np.float32)
-        x[s:s + m] = v / np.linalg.norm(v, axis=1, keepdims=True)
+        x[s:s + 100_000] = clustered(min(100_000, n - s), centres, rng, spread=0.5 * np.sqrt(dim))
     nlist = 2 ** int(np.ceil(np.log2(4 * np.sqrt(n))))
     trained = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
     t = time.perf_counter()
@@ -243,12 +244,12 @@ def bench_merge(n: int, parts: int, dim: int = 512, seed: int = 0) -> dict:
     bounds = np.linspace(0, n, parts + 1).astype(int)
     single = faiss.deserialize_index(blob)
     t = time.perf_counter()
-    for lo, hi in zip(bounds[:-1], bounds[1:]):  # the same batches as the partials: the same float rounding
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):  # the same batches as the partials: the same rounding
         single.add(x[lo:hi])
     single_s = time.perf_counter() - t
 
     part_s, blobs = [], []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         t = time.perf_counter()
         p = faiss.deserialize_index(blob)
         p.add_with_ids(x[lo:hi], np.arange(lo, hi, dtype=np.int64))
@@ -265,15 +266,12 @@ def bench_merge(n: int, parts: int, dim: int = 512, seed: int = 0) -> dict:
     params = faiss.SearchParametersIVF(nprobe=16)
     d1, i1 = single.search(queries, 10, params=params)
     d2, i2 = merged.search(queries, 10, params=params)
-    return {"vectors": n, "nlist": nlist, "parts": parts, "train_s": round(train_s, 1), "single_add_s": round(single_s, 1),
+    return {"vectors": n, "nlist": nlist, "parts": parts, "train_s": round(train_s, 1),
+            "single_add_s": round(single_s, 1),
             "partial_add_s_max": round(max(part_s), 1), "partial_add_s_sum": round(sum(part_s), 1),
             "merge_s": round(merge_s, 1),
             "bytes_equal": bool(np.array_equal(faiss.serialize_index(single), faiss.serialize_index(merged))),
             "search_equal": bool(np.array_equal(i1, i2) and np.array_equal(d1, d2))}
-
-
-def same_text(equal: bool) -> str:
-    return "bitwise equal" if equal else "DIFFERENT"
 
 
 def main() -> None:
@@ -286,48 +284,53 @@ def main() -> None:
     ap.add_argument("--parts", type=int, default=10)
     ap.add_argument("--shard-size", type=int, default=64,
                     help="images per shard (= per Ray task): small enough that both nodes of the two-node cluster work")
-    ap.add_argument("--no-doc", action="store_true")
+    add_json_option(ap, AREA)
     args = ap.parse_args()
     os.environ["RAY_AUTH_MODE"] = "disabled"  # this process joins the two-node cluster too
-    gflops = sgemm_gflops()
+    date, machine = now(), host()
+    machine["load_average"] = round(os.getloadavg()[0], 1)
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
         ex = bench_extract(args.photos, args.model, Path(tmp), args.shard_size)
     mg = bench_merge(args.vectors, args.parts)
-    result = {"extract": ex, "merge": mg, "sgemm_gflops": gflops, "cpus": os.cpu_count(),
-              "load_avg": os.getloadavg()[0]}
-    print(json.dumps(result, indent=2), file=sys.stderr)
-    targets = {"Ray extraction <= 1.15x local": ex["ray_ratio"] <= 1.15,
-               "bitwise-equal features (one node, Ray Data, two nodes)":
-                   ex["ray_equal"] and ex["ray_data_equal"] and ex["two_nodes_equal"],
-               "merged index byte-equal to a single build": mg["bytes_equal"] and mg["search_equal"]}
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    record(f"""
-### Ray: extraction and index merge — {when} (`scripts/bench_ray.py`)
+    res = {"extract": ex, "merge": mg, "shard_size": args.shard_size, "model": read_model_info(args.model).short()}
+    dim = read_model_info(args.model).dim
+    save(args.json, AREA, TITLE, key="default", date=date, command=command_line(), host=machine, dim=dim,
+         setup=setup(res), figures=figures(res), result=res)
 
-Host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy sgemm {gflops} GFLOP/s,
-load average {result['load_avg']:.1f} at the start (the machine is shared).
 
-| extraction of {ex['images']} photos (fresh process each, wall time) | seconds | img/s (report) | features vs local |
-|---|---|---|---|
-| `pipeline extract` | {ex['local_s']} | {ex['local_ips']} | — |
-| `pipeline extract --ray ADDRESS`: actors (distributed.py), one-node cluster from `ray start --head` | {ex['ray_s']} | {ex['ray_ips']} | {same_text(ex['ray_equal'])} |
-| the same job as Ray Data `map_batches` over an actor pool, same cluster | {ex['ray_data_s']} | {ex['ray_data_ips']} | {same_text(ex['ray_data_equal'])} |
-| actors, two-node cluster on this machine (`ray start --head` + `ray start --address`, own --temp-dir each; {ex['nodes']} nodes, 1 CPU each) | {ex['two_nodes_s']} | {ex['two_nodes_ips']} | {same_text(ex['two_nodes_equal'])} |
+def setup(res: dict) -> str:
+    ex, mg = res["extract"], res["merge"]
+    return (
+        f"Extraction of {ex['images']} real photos (`scripts/eval/fetch_photos.py`"
+        + (f"; model {res['model']}" if "model" in res else "") + "), "
+        f"shards of {res['shard_size']} (= Ray tasks), each run a fresh process, wall time: `pipeline extract` against "
+        "`pipeline extract --ray ADDRESS` (actors, distributed.py) on a one-node cluster from `ray start --head`, the "
+        "same job as Ray Data `map_batches` over an actor pool on that cluster, and the actors on a two-node cluster "
+        "on this machine (`ray start --head` + `ray start --address`, one CPU each). Index fill: "
+        f"{mg['vectors']:,} synthetic 512-d vectors, IVF{mg['nlist']},Flat trained once, filled by one index in "
+        f"{mg['parts']} adds against {mg['parts']} partial indexes merged."
+    )
 
-Wall time / local: actors {ex['ray_ratio']}x, Ray Data {ex['ray_data_ratio']}x. Shards written: {', '.join(f'{k} {n}' for k, n in ex['shards'].items())}.
 
-| index fill, {mg['vectors']:,} vectors, IVF{mg['nlist']},Flat (training common: {mg['train_s']} s) | seconds |
-|---|---|
-| one index, `add` in {mg['parts']} calls (a local build adds shard by shard) | {mg['single_add_s']} |
-| {mg['parts']} partial indexes, `add_with_ids`: slowest one / all of them in a row | {mg['partial_add_s_max']} / {mg['partial_add_s_sum']} |
-| `merge_from` of the {mg['parts']} partials (the driver's part) | {mg['merge_s']} |
-
-Merged index byte-equal to the single build: {mg['bytes_equal']}; same top-10 (ids and scores) for 1,000
-queries at nprobe 16: {mg['search_equal']}. With {mg['parts']} workers the fill takes about the slowest
-partial plus the merge, instead of the single add.
-
-{targets_line(targets)}
-""", args.no_doc)
+def figures(res: dict) -> list[dict]:
+    ex, mg = res["extract"], res["merge"]
+    equal = ex["ray_equal"] and ex["ray_data_equal"] and ex["two_nodes_equal"]
+    merged = mg["bytes_equal"] and mg["search_equal"]
+    return [
+        figure("`pipeline extract --ray` (actors, one node) / `pipeline extract`", ex["ray_ratio"], "×",
+               f"{ex['ray_s']} vs {ex['local_s']} s", target="≤ 1.15", met=ex["ray_ratio"] <= 1.15),
+        figure("Ray Data `map_batches` / `pipeline extract`", ex["ray_data_ratio"], "×",
+               f"{ex['ray_data_s']} vs {ex['local_s']} s"),
+        figure(f"actors on a two-node cluster ({ex['nodes']} × 1 CPU) / `pipeline extract`",
+               round(ex["two_nodes_s"] / ex["local_s"], 3), "×", f"{ex['two_nodes_s']} vs {ex['local_s']} s"),
+        figure("features of the three Ray runs against the local run's", "bitwise equal" if equal else "DIFFERENT",
+               target="bitwise equal", met=equal),
+        figure(f"{mg['parts']} partial IVF indexes merged against one index filled in {mg['parts']} adds",
+               "byte-equal, same top-10" if merged else "different", "",
+               "top-10 ids and scores of 1,000 queries at nprobe 16", target="byte-equal", met=merged, dim=512),
+        figure("index fill: slowest partial + merge / one index's adds",
+               f"{mg['partial_add_s_max']} + {mg['merge_s']} / {mg['single_add_s']}", " s", dim=512),
+    ]
 
 
 if __name__ == "__main__":

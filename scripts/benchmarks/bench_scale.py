@@ -1,9 +1,9 @@
 """Benchmark index kinds at scale (1M, 10M): memory, build time against raw faiss, recall, latency.
 
-Usage: flock /tmp/pipeline-bench.lock python scripts/bench_scale.py --n 10000000 [--kinds pq-rerank]
+Usage: python scripts/benchmarks/bench_scale.py --n 10000000 [--kinds pq-rerank] [--data DIR]
 
-1. Writes N synthetic 512-d features as real shards under --data (once; bench_index.py's
-   generator, calibrated on VGG16 features; a set of 1M can be the first shards of the 10M one),
+1. Writes N synthetic 512-d features as real shards under --data (once; the benchmarks' set,
+   benchlib.make_shards, calibrated on VGG16 features; a set of 1M can be the first shards of the 10M one),
    plus 1,000 held-out queries (new vectors from the same clusters, not in the index) and their
    exact top-100 ids: <data>/truth<N>.npz (queries, ids, scores), reused by other benchmarks.
 2. Per kind (KINDS: build_index keyword arguments for N; adding a kind is one entry), each in a
@@ -20,7 +20,9 @@ Usage: flock /tmp/pipeline-bench.lock python scripts/bench_scale.py --n 10000000
    density of 10M (1,000 per cluster, 50 clusters of the generator) coded by each code kind
    trained on the generator's full spread, and the share of the exact top-10 of held-out queries
    among the top-c candidates (all lists probed: the codes alone are measured).
-Writes JSON and appends a table to docs/benchmarks.md, with the host's sgemm GFLOP/s.
+Writes its figures into docs/benchmarks/results/scale.json (--json), one run per --n, with the host's sgemm
+GFLOP/s before and after. Targets (the compressed kind, pq-rerank): the index within its budget (400 bytes an
+image: 4 GB at 10M), recall@10 >= 0.95, p50 <= 10 ms, build <= 1.2 x raw faiss.
 """
 
 from __future__ import annotations
@@ -28,21 +30,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_index import clustered, make_shards, run_measured  # noqa: E402
-from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
+from benchlib import DIM, add_json_option, centres_of, command_line, figure, host, make_shards, now, run_measured, save  # noqa: E402
+from pipeline.synthetic import clustered  # noqa: E402
+
+AREA, TITLE = "scale", "Compressed indexes at scale"
 
 QUERIES, TRUTH_K, SEED = 1000, 100, 0
 
@@ -105,8 +106,8 @@ def child_raw(features: str, factory: str, train_size: str) -> None:
     by shard. Compute (train + add) and reading the shards (sample, then every shard) are timed apart."""
     import faiss
 
-    from pipeline.index import quantizer_search_depth, sample_runs
     from pipeline.features import list_shards, read_rows, read_shard, shard_info
+    from pipeline.index import quantizer_search_depth, sample_runs
 
     paths = list_shards(Path(features))
     counts = np.array([shard_info(p).count for p in paths])
@@ -115,7 +116,7 @@ def child_raw(features: str, factory: str, train_size: str) -> None:
     starts = np.concatenate([[0], np.cumsum(counts)])
     t0 = time.perf_counter()
     sample = np.concatenate([read_rows(p, take[(take >= a) & (take < b)] - a)
-                             for p, a, b in zip(paths, starts[:-1], starts[1:])])
+                             for p, a, b in zip(paths, starts[:-1], starts[1:], strict=True)])
     read_s = time.perf_counter() - t0
     index = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     quantizer_search_depth(index)  # as the pipeline sets it (a no-op without an HNSW quantizer)
@@ -152,7 +153,7 @@ def child_search(index_dir: str, truth_path: str) -> None:
     hits = searcher.search_vectors(queries, k=10)
     batch_qps = len(queries) / (time.perf_counter() - t0)
     # ids are positions here (synthetic shards have no catalog), as in the truth file
-    recall = float(np.mean([len({h.id for h in row} & set(tr)) / 10 for row, tr in zip(hits, truth)]))
+    recall = float(np.mean([len({h.id for h in row} & set(tr)) / 10 for row, tr in zip(hits, truth, strict=True)]))
     faiss.omp_set_num_threads(1)
     lat = []
     for q in queries[:500]:
@@ -174,9 +175,7 @@ def candidates_check(features: Path) -> dict:
 
     from pipeline.features import list_shards, read_shard
 
-    rng = np.random.default_rng(SEED)
-    centres = np.abs(rng.normal(size=(10_000, 512))).astype(np.float32)  # as make_shards draws them
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    centres = centres_of(SEED, DIM)  # as make_shards draws them
     train = read_shard(list_shards(features)[0]).features  # the whole spread, for training the codes
     x = clustered(50_000, centres[:50], np.random.default_rng(SEED + 5))
     q = clustered(200, centres[:50], np.random.default_rng(SEED + 6))
@@ -187,16 +186,17 @@ def candidates_check(features: Path) -> dict:
         index.train(train)
         index.add(x)
         _, found = index.search(q, max(CANDIDATE_DEPTHS), params=faiss.SearchParametersIVF(nprobe=64))
-        out[code] = {c: round(float(np.mean([len(set(f[:c]) & set(t)) / 10 for f, t in zip(found, truth)])), 4)
-                     for c in CANDIDATE_DEPTHS}
+        pairs = list(zip(found, truth, strict=True))
+        shares = {c: [len(set(f[:c]) & set(t)) / 10 for f, t in pairs] for c in CANDIDATE_DEPTHS}
+        out[code] = {c: round(float(np.mean(v)), 4) for c, v in shares.items()}
     print(f"[candidates] {json.dumps(out)}", flush=True)
     return out
 
 
 def real_check(features: Path, work: Path) -> dict:
     """Recall@10 against exact search of the PQ codes the plan picks, alone and re-ranked, on real features."""
-    from pipeline.index import build_index, plan_index
     from pipeline.features import list_shards, shard_info
+    from pipeline.index import build_index, plan_index
 
     n = sum(shard_info(p).count for p in list_shards(features))
     plan = plan_index(n, flat_below=0, **KINDS["pq-rerank"](n))  # IVF even at this size
@@ -249,20 +249,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
-    ap.add_argument("--data", type=Path, default=Path("/work/scratch/scale"))
+    ap.add_argument("--data", type=Path, default=ROOT / "bench-output" / "scale",
+                    help="where the shards and truth files are made (once) and the indexes built: about 21 GB at 10M")
     ap.add_argument("--shard-size", type=int, default=50_000)
     ap.add_argument("--no-raw", action="store_true", help="skip the raw faiss builds")
     ap.add_argument("--real", type=Path, help="a features folder of real photos for the codes' recall check")
     ap.add_argument("--candidates", action="store_true", help="measure the candidates re-ranking needs per code kind")
     ap.add_argument("--keep", action="store_true", help="keep the built indexes (default: delete each after measuring)")
-    ap.add_argument("--json-out", type=Path, default=ROOT / "bench-output" / "bench_scale.json")
-    ap.add_argument("--no-doc", action="store_true")
+    add_json_option(ap, AREA)
     args = ap.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = set(kinds) - set(KINDS)
     if unknown:
         sys.exit(f"unknown kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
-    gflops = sgemm_gflops()
+    date, machine = now(), host()
     t0 = time.perf_counter()
     features, truth = prepare(args.data, args.n, args.shard_size)
     print(f"shards and truth ready in {time.perf_counter() - t0:.1f} s: {features}, {truth}", flush=True)
@@ -273,47 +273,57 @@ def main() -> None:
             shutil.rmtree(args.data / f"index-{name}-{args.n}", ignore_errors=True)
     real = real_check(args.real, args.data) if args.real else None
     cands = candidates_check(features) if args.candidates else None
-    res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "command": "python scripts/bench_scale.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-           "n": args.n, "sgemm_gflops": gflops, "sgemm_gflops_after": sgemm_gflops(), "kinds": results, "real": real,
-           "candidates": cands}
-    best = [r for r in results if r["index_bytes_per_image"] * args.n <= 4 * 2**30]
-    res["targets"] = {
-        "an_index_within_4GiB_recall_ge_0.95_p50_le_10ms_build_le_1.2x_raw": any(
-            r["heldout_recall_at_10"] >= 0.95 and r["p50_ms"] <= 10 and r.get("build_over_raw", 99) <= 1.2 for r in best)}
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(res, indent=2))
-    rows = [f"| {r['kind']} | `{r['factory']}` | {r['nprobe']} | {r['rerank']} | {r['index_bytes_per_image']} "
-            f"(+{r['store_bytes_per_image']} on disk) | {r['build_s']} / {r.get('raw_faiss_s', '-')} = "
-            f"**{r.get('build_over_raw', '-')}** ({r.get('build_over_raw_with_reading', '-')} with raw's reading) | {r['heldout_recall_at_10']} | {r['p50_ms']} / {r['p99_ms']} | "
-            f"{r['batch_qps']} | {r['build_peak_rss_mib']} / {r['search_peak_rss_mib']} "
-            f"({r['search_rss_anon_mib']} anon + {r['search_rss_file_mib']} file) |" for r in results]
-    text = "\n".join([
-        f"\n### Index kinds at {args.n:,} — {res['date']}\n",
-        f"`flock /tmp/pipeline-bench.lock {res['command']}` — {args.n:,} synthetic 512-d features (bench_index's "
-        f"generator) in real shards; {QUERIES:,} held-out queries (not in the index), truth = exact top-10. "
-        f"Host sgemm {gflops} GFLOP/s before, {res['sgemm_gflops_after']} after.\n",
-        "| kind | factory | nprobe | re-rank | bytes/image in RAM | build s: pipeline / raw faiss = ratio | "
-        "recall@10 held-out | single query p50 / p99 ms | batch q/s | peak RSS MiB build / search (search: resident anon + file) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *rows, "",
-        "Raw faiss: the same factory and training-sample size (drawn in the same runs), train + add with the "
-        "shards streamed; the ratio counts its compute only, the one in brackets its reading of the shards too "
-        "(sample, then every shard, one after the other, as a plain script does). Pipeline: the whole build_index process (reading shards, training, adding, writing the "
-        "vector store and id table, tuning nprobe on the re-ranked path, publishing). The vector store (float16, "
-        "1 KiB per image) is on disk, memory-mapped: its pages read by a search count as file-backed RSS, "
-        "page cache the kernel can drop, not the index's memory. " + targets_line(res["targets"]),
-        *([f"\nReal features ({real['n']} VGG16 features of real photos, `{args.real}`): `{real['factory']}`, all "
-           f"lists probed, every vector a query (self left out): recall@10 {real['recall_at_10_codes_alone']} from the "
-           f"codes alone, {real['recall_at_10_reranked']} with {real['rerank']} candidates re-ranked."] if real else []),
-        *(["\nCandidates re-ranking needs (at the density of 10M: 50,000 vectors around 50 of the generator's "
-           "clusters, codes trained on its full spread, 200 held-out queries, all lists probed): share of the exact "
-           "top-10 among the top-c candidates.\n", "| codes | " + " | ".join(f"c={c}" for c in CANDIDATE_DEPTHS) + " |",
-           "|---|" + "---|" * len(CANDIDATE_DEPTHS),
-           *(f"| {code} | " + " | ".join(str(v) for v in row.values()) + " |" for code, row in cands.items())]
-          if cands else []),
-    ]) + "\n"
-    record(text, args.no_doc)
+    machine["sgemm_gflops_after"] = host()["sgemm_gflops"]
+    res = {"n": args.n, "queries": QUERIES, "kinds": results, "real": real, "candidates": cands}
+    save(args.json, AREA, TITLE, key=f"{args.n:,}", date=date, command=command_line(), host=machine, dim=DIM,
+         setup=setup(res), figures=figures(res), result=res)
+
+
+def setup(res: dict) -> str:
+    return (
+        f"{res['n']:,} synthetic {DIM}-d features (the benchmarks' set) in real shards; {res['queries']:,} held-out "
+        "queries (new vectors, not in the index), truth their exact top-10 over all of them. Per index kind "
+        "(pq-rerank: what `build-index --max-memory` plans for 400 bytes an image), each step a fresh process: "
+        "`build_index` "
+        "(wall, peak RSS); raw faiss on the same factory and training sample, train + add with the shards streamed "
+        "(its reading timed apart); a `Searcher` on the published version (recall@10, single queries on one thread, a "
+        "batch). The float16 re-rank store is on disk, memory-mapped: its pages count as page cache, not the index's "
+        "memory."
+    )
+
+
+def figures(res: dict) -> list[dict]:
+    n, out = res["n"], []
+    for r in res["kinds"]:
+        budget = n * 400
+
+        def aim(text: str, ok: bool, compressed: bool = r["kind"] == "pq-rerank") -> dict:
+            """The compressed kind's targets; the other kinds are measured beside it."""
+            return {"target": text, "met": ok} if compressed else {}
+
+        label = f"{r['kind']} (`{r['factory']}`, nprobe {r['nprobe']}, {r['rerank']} re-ranked)"
+        out += [
+            figure(f"{label}: index in RAM", r["index_mib"], " MiB",
+                   f"{r['index_bytes_per_image']} bytes/image; re-rank store on disk {r['store_bytes_per_image']} "
+                   "bytes/image", **aim(f"≤ {budget / 1e9:g} GB", r["index_mib"] * 2**20 <= budget)),
+            figure(f"{label}: recall@10, held-out queries", r["heldout_recall_at_10"],
+                   **aim("≥ 0.95", r["heldout_recall_at_10"] >= 0.95)),
+            figure(f"{label}: single query p50", r["p50_ms"], " ms", f"p99 {r['p99_ms']} ms; a batch {r['batch_qps']} "
+                   "queries/s", **aim("≤ 10 ms", r["p50_ms"] <= 10)),
+        ]
+        if "build_over_raw" in r:
+            out += [
+                figure(f"{label}: `build_index` / raw faiss, compute only (train + add)", r["build_over_raw"], "×",
+                       f"{r['build_s']} vs {r['raw_faiss_s']} s", **aim("≤ 1.2", r["build_over_raw"] <= 1.2)),
+                figure(f"{label}: `build_index` / raw faiss reading the same shards", r["build_over_raw_with_reading"],
+                       "×", f"{r['build_s']} vs {round(r['raw_faiss_s'] + r['raw_faiss']['read_s'], 1)} s",
+                       **aim("≤ 1.2", r["build_over_raw_with_reading"] <= 1.2)),
+            ]
+        out.append(figure(f"{label}: peak RSS, build / search",
+                          f"{r['build_peak_rss_mib']} / {r['search_peak_rss_mib']}", " MiB",
+                          f"search: {r['search_rss_anon_mib']} MiB anonymous (the index), the rest file pages of the "
+                          "store"))
+    return out
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark a nightly `pipeline rebuild` that finds nothing to do over 100k and 1M files: wall time and peak RSS.
 
-Usage: flock /tmp/pipeline-bench.lock python scripts/bench_scale_rebuild.py [--sizes 100000 1000000] [--base 6a7f0d2]
+Usage: python scripts/benchmarks/bench_scale_rebuild.py [--sizes 100000 1000000] [--base COMMIT]
 
 For each size, in a scratch folder (deleted afterwards):
 1. a tree of that many files, folders of 1,000 (album0000/IMG_0000000.jpg ...), hard links to 2,000
@@ -9,10 +9,11 @@ For each size, in a scratch folder (deleted afterwards):
    the library's own ShardWriter (shards of 512 and catalog rows, as `pipeline extract` would have
    written them, without a million model runs), features from the tiny test model (64-d);
 3. a published Flat index of it, so a rebuild with nothing changed has nothing to build.
-Then `pipeline rebuild` runs in a fresh process with this checkout and with `--base` (a temporary
-git worktree), alternately, `--repeats` times each; the child's wall time and peak RSS are recorded
-(least wall time, highest RSS), with the host's sgemm GFLOP/s.
+Then `pipeline rebuild` runs in a fresh process with this checkout (and, alternately, with --base: a
+commit to compare with, in a temporary git worktree), `--repeats` times each; the child's wall time and
+peak RSS are recorded (least wall time, highest RSS), with the host's sgemm GFLOP/s.
 Target: peak RSS < 500 MB at 1M files, and RSS that does not grow with N like Python objects per path.
+Writes its figures into docs/benchmarks/results/rebuild-scale.json (--json).
 """
 
 from __future__ import annotations
@@ -20,23 +21,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
+from benchlib import add_json_option, command_line, figure, host, now, save  # noqa: E402
 from helpers import TINY_SIZE, save_pattern, write_tiny_model  # noqa: E402
 from pipeline.features import RowMeta, ShardWriter, writing  # noqa: E402
 from pipeline.images import load_image  # noqa: E402
@@ -46,6 +44,7 @@ from pipeline.model import FeatureModel, read_model_info  # noqa: E402
 SOURCES = 2_000
 PER_FOLDER = 1_000
 SHARD_SIZE = 512  # extract's default
+AREA, TITLE = "rebuild-scale", "No-change rebuild at scale"
 
 
 def make_workdir(scratch: Path, n: int, model: Path) -> tuple[Path, Path]:
@@ -90,16 +89,18 @@ def run_rebuild(checkout: Path, tree: Path, work: Path, model: Path) -> tuple[fl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    ap.add_argument("--base", default="6a7f0d2", help="the commit to compare with")
+    ap.add_argument("--base", help="a commit to compare with (measured in a temporary git worktree)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()))
-    ap.add_argument("--json-out", type=Path, default=ROOT / "bench-output" / "bench_scale_rebuild.json")
-    ap.add_argument("--no-doc", action="store_true")
+    add_json_option(ap, AREA)
     args = ap.parse_args()
-    gflops = sgemm_gflops()
-    base = Path(tempfile.mkdtemp(prefix="pipeline-base-", dir=args.scratch))
-    subprocess.run(["git", "worktree", "add", "--detach", str(base), args.base], cwd=ROOT, check=True,
-                   capture_output=True)
+    date, machine = now(), host()
+    checkouts = {"this checkout": ROOT}
+    if args.base:
+        base = Path(tempfile.mkdtemp(prefix="pipeline-base-", dir=args.scratch))
+        subprocess.run(["git", "worktree", "add", "--detach", str(base), args.base], cwd=ROOT, check=True,
+                       capture_output=True)
+        checkouts = {args.base: base, **checkouts}
     rows = []
     try:
         for n in args.sizes:
@@ -109,42 +110,51 @@ def main() -> None:
                 t0 = time.perf_counter()
                 tree, work = make_workdir(scratch, n, model)
                 print(f"{n} files, catalog and index ready in {time.perf_counter() - t0:.0f} s", flush=True)
-                runs: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+                runs: dict[str, list[tuple[float, float]]] = {label: [] for label in checkouts}
                 for _ in range(args.repeats):
-                    for label, checkout in (("before", base), ("after", ROOT)):
+                    for label, checkout in checkouts.items():
                         wall, rss, rep = run_rebuild(checkout, tree, work, model)
                         ex = rep["extract"]
                         assert (ex["unchanged"], ex["new"], ex["deleted"], rep["index_built"]) == (n, 0, 0, False), rep
                         print(f"{n} {label}: {wall:.1f} s, {rss:.0f} MiB", flush=True)
                         runs[label].append((wall, rss))
                 for label, measured in runs.items():
-                    rows.append({"files": n, "code": f"{label} ({args.base if label == 'before' else 'this change'})",
-                                 "wall_s": round(min(w for w, _ in measured), 1),
+                    rows.append({"files": n, "code": label, "wall_s": round(min(w for w, _ in measured), 1),
                                  "peak_rss_mib": round(max(r for _, r in measured))})
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=True)
-    res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "sgemm_gflops": gflops,
-           "command": "python scripts/bench_scale_rebuild.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        if args.base:
+            subprocess.run(["git", "worktree", "remove", "--force", str(checkouts[args.base])], cwd=ROOT, check=True)
+    res = {"sources": SOURCES, "per_folder": PER_FOLDER, "shard_size": SHARD_SIZE, "repeats": args.repeats,
            "runs": rows}
-    after = {r["files"]: r["peak_rss_mib"] for r in rows if r["code"].startswith("after")}
-    if after:
-        largest, smallest = max(after), min(after)
-        res["targets"] = {f"peak RSS < 500 MB at {largest:,} files": after[largest] * 2**20 < 500e6}
+    save(args.json, AREA, TITLE, key="default", date=date, command=command_line(), host=machine, dim=64,
+         setup=setup(res), figures=figures(res), result=res)
+
+
+def setup(res: dict) -> str:
+    return (
+        f"A tree of hard links to {res['sources']:,} small JPEGs in folders of {res['per_folder']:,}, its catalog and "
+        f"shards of {res['shard_size']} (features of the tests' tiny model, 64-d) and a published Flat index; "
+        f"`pipeline rebuild` with nothing to do, in a fresh process: least wall time and highest peak RSS of "
+        f"{res['repeats']}."
+    )
+
+
+def figures(res: dict) -> list[dict]:
+    this = {r["files"]: r for r in res["runs"] if r["code"] == "this checkout"}
+    out = [figure(f"{n:,} files: peak RSS / wall", f"{r['peak_rss_mib']} MiB / {r['wall_s']} s")
+           for n, r in sorted(this.items())]
+    if this:
+        largest, smallest = max(this), min(this)
+        rss = this[largest]["peak_rss_mib"]
+        out.insert(0, figure(f"peak RSS at {largest:,} files", rss, " MiB", target="< 500 MB",
+                             met=rss * 2**20 < 500e6))
         if largest > smallest:
-            res["targets"][f"RSS at {largest:,} under 2x RSS at {smallest:,}"] = after[largest] < 2 * after[smallest]
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(res, indent=2))
-    lines = [f"\n### No-change rebuild at scale — {res['date']} (host sgemm {gflops} GFLOP/s)\n",
-             f"`{res['command']}` — a tree of hard links to {SOURCES:,} small JPEGs in folders of {PER_FOLDER:,}, "
-             f"its catalog and shards of {SHARD_SIZE} (tiny model, 64-d) and a published Flat index; "
-             f"`pipeline rebuild` with nothing to do, in a fresh process, best of {args.repeats}.\n",
-             "| files | code | wall s | peak RSS MiB |", "|---|---|---|---|"]
-    lines += [f"| {r['files']:,} | {r['code']} | {r['wall_s']} | {r['peak_rss_mib']} |" for r in rows]
-    if "targets" in res:
-        lines += ["", targets_line(res["targets"])]
-    record("\n".join(lines) + "\n", args.no_doc)
+            ratio = round(rss / this[smallest]["peak_rss_mib"], 2)
+            out.insert(1, figure(f"peak RSS at {largest:,} files / at {smallest:,}", ratio, "×", target="< 2",
+                                 met=ratio < 2))
+    return out
 
 
 if __name__ == "__main__":

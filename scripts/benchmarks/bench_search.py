@@ -1,9 +1,9 @@
 """Benchmark search: index-only latency and recall at 1M vectors, and image queries end to end.
 
 Usage:
-  python scripts/bench_index.py                 # once: builds the 1M-vector index this reads
+  python scripts/benchmarks/bench_index.py      # once: builds the 1M-vector index this reads
   bash scripts/demo.sh                          # once: builds demo-output/index from samples/
-  python scripts/bench_search.py                # or --dim 1024 after bench_index.py --dim 1024
+  python scripts/benchmarks/bench_search.py     # or --dim 1024 after bench_index.py --dim 1024
 
 Part 1 (1,000,000 synthetic vectors, the index left by bench_index.py): through `Searcher`
 (memory-mapped index, id -> path look-up included), single-query latency p50/p99, batch
@@ -12,30 +12,30 @@ Part 2 (the real sample collection): one `pipeline search` process on one image,
 load (index + model), model (decode + inference) and look-up; then a warm Searcher's time per
 image query beyond the model's own inference time.
 Targets: p50 <= 2 ms at recall@10 >= 0.95 (1M); warm image query <= model time + 5 ms.
+Writes its figures into docs/benchmarks/results/search.json (--json), one run per --dim.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_index import DIM, clustered  # noqa: E402
-from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
+from benchlib import DIM, add_json_option, centres_of, command_line, figure, host, now, save  # noqa: E402
+from pipeline.features import list_shards, read_shard  # noqa: E402
 from pipeline.images import load_image  # noqa: E402
 from pipeline.search import Searcher  # noqa: E402
-from pipeline.features import list_shards, read_shard  # noqa: E402
+from pipeline.synthetic import clustered  # noqa: E402
+
+AREA, TITLE = "search", "Search"
 
 
 def part_1m(workdir: Path, n: int, seed: int, dim: int = DIM) -> dict:
@@ -46,10 +46,7 @@ def part_1m(workdir: Path, n: int, seed: int, dim: int = DIM) -> dict:
     t0 = time.perf_counter()
     searcher = Searcher(index_dir)
     load_s = time.perf_counter() - t0
-    rng = np.random.default_rng(seed)
-    centres = np.abs(rng.normal(size=(10_000, dim))).astype(np.float32)  # as bench_index.make_shards
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    queries = clustered(1000, centres, np.random.default_rng(seed + 1))
+    queries = clustered(1000, centres_of(seed, dim), np.random.default_rng(seed + 1))  # as bench_index.py draws them
     data = np.concatenate([read_shard(p).features for p in list_shards(features)])
     _, truth = faiss.knn(queries, data, 10, metric=faiss.METRIC_INNER_PRODUCT)
     del data
@@ -63,7 +60,7 @@ def part_1m(workdir: Path, n: int, seed: int, dim: int = DIM) -> dict:
         t = time.perf_counter()
         searcher.search_vectors(q[None], 10)
         lat.append((time.perf_counter() - t) * 1000)
-    recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]))
+    recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)]))
     t = time.perf_counter()
     searcher.search_vectors(queries, 10)
     qps = len(queries) / (time.perf_counter() - t)
@@ -75,7 +72,8 @@ def part_1m(workdir: Path, n: int, seed: int, dim: int = DIM) -> dict:
 
 
 def part_real(index_dir: Path, query: Path) -> dict:
-    cmd = [sys.executable, "-m", "pipeline", "-q", "search", str(query), "--index", str(index_dir), "-k", "10", "--json"]
+    cmd = [sys.executable, "-m", "pipeline", "-q", "search", str(query), "--index", str(index_dir), "-k", "10",
+           "--json"]
     t = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     process_s = time.perf_counter() - t
@@ -101,7 +99,8 @@ def part_real(index_dir: Path, query: Path) -> dict:
     return {"images": s.count, "process_s": round(process_s, 3), "load_index_ms": round((t1 - t0) * 1000, 1),
             "load_model_ms": round((t2 - t1) * 1000, 1), "decode_and_model_ms": round((t3 - t2) * 1000, 1),
             "lookup_ms": round((t4 - t3) * 1000, 2), "warm_query_ms": round(float(np.median(warm_total)) * 1000, 1),
-            "warm_model_ms": round(float(np.median(warm_model)) * 1000, 1), "warm_overhead_ms": round(float(overhead), 2)}
+            "warm_model_ms": round(float(np.median(warm_model)) * 1000, 1),
+            "warm_overhead_ms": round(float(overhead), 2)}
 
 
 def main() -> None:
@@ -109,41 +108,51 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench-output" / "index-bench")
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dim", type=int, default=DIM, help="vector dimension of bench_index.py's run (1024: the default recipe's)")
+    ap.add_argument("--dim", type=int, default=DIM,
+                    help="vector dimension of bench_index.py's run (1024: the default recipe's)")
     ap.add_argument("--real-index", type=Path, default=ROOT / "demo-output" / "index")
     ap.add_argument("--query", type=Path, default=ROOT / "samples" / "queries" / "chelsea_crop80.jpg")
-    ap.add_argument("--json-out", type=Path, default=ROOT / "bench-output" / "bench_search.json")
-    ap.add_argument("--no-doc", action="store_true")
+    add_json_option(ap, AREA)
     args = ap.parse_args()
-    res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "sgemm_gflops": sgemm_gflops(),
-           "command": "python scripts/bench_search.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+    date, machine = now(), host()
+    res = {"dim": args.dim}
     res["synthetic"] = a = part_1m(args.workdir, args.n, args.seed, args.dim)
     print(json.dumps(a), flush=True)
     res["real"] = r = part_real(args.real_index, args.query)
     print(json.dumps(r), flush=True)
-    res["targets"] = {"p50_le_2ms": a["p50_ms"] <= 2.0, "recall_ge_0.95": a["recall_at_10"] >= 0.95,
-                      "warm_overhead_le_5ms": r["warm_overhead_ms"] <= 5.0}
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(res, indent=2))
-    text = "\n".join([
-        f"\n### Search — {res['date']} (host sgemm {res['sgemm_gflops']} GFLOP/s)\n",
-        f"`{res['command']}`\n",
-        f"{a['n']:,} synthetic {args.dim}-d vectors ({a['factory']}, tuned nprobe {a['nprobe']}), through `Searcher` "
-        "(memory-mapped index, id -> path look-up included), 1,000 held-out queries:\n",
-        "| load | single query p50 (warm) | p99 (warm) | first touch p50 / p99 | batch of 1,000 | recall@10 vs exact |",
-        "|---|---|---|---|---|---|",
-        f"| {a['load_ms']} ms | **{a['p50_ms']} ms** | {a['p99_ms']} ms | {a['cold_p50_ms']} / {a['cold_p99_ms']} ms | "
-        f"{a['batch_qps']} queries/s | **{a['recall_at_10']}** |",
-        "",
-        f"Real sample collection ({r['images']} images), one image query: a whole `pipeline search` process "
-        f"takes {r['process_s']} s = Python start-up and imports + load index {r['load_index_ms']} ms + load model "
-        f"{r['load_model_ms']} ms + decode and model {r['decode_and_model_ms']} ms + look-up {r['lookup_ms']} ms. "
-        f"A warm `Searcher` answers in {r['warm_query_ms']} ms, of which the model's inference is "
-        f"{r['warm_model_ms']} ms: **{r['warm_overhead_ms']} ms** beyond it (decode, batching, faiss, ids).",
-        "",
-        targets_line(res["targets"]),
-    ]) + "\n"
-    record(text, args.no_doc)
+    save(args.json, AREA, TITLE, key=f"{args.dim}-d", date=date, command=command_line(), host=machine, dim=args.dim,
+         setup=setup(res), figures=figures(res), result=res)
+
+
+def setup(res: dict) -> str:
+    a, r = res["synthetic"], res["real"]
+    return (
+        f"{a['n']:,} synthetic {res['dim']}-d vectors (bench_index.py's index: {a['factory']}, tuned nprobe "
+        f"{a['nprobe']}), searched through `Searcher` (memory-mapped index, id -> path look-up included) with 1,000 "
+        "held-out queries, one at a time (first touch, then warm) and in one batch. Image queries: the sample "
+        f"collection ({r['images']} images, `demo-output/index` from `scripts/demo.sh`, the default model), one "
+        "query image."
+    )
+
+
+def figures(res: dict) -> list[dict]:
+    a, r = res["synthetic"], res["real"]
+    return [
+        figure("single query p50, warm", a["p50_ms"], " ms", f"p99 {a['p99_ms']} ms", target="≤ 2 ms",
+               met=a["p50_ms"] <= 2.0),
+        figure("recall@10 vs exact search, held-out queries", a["recall_at_10"], target="≥ 0.95",
+               met=a["recall_at_10"] >= 0.95),
+        figure("first touch p50 / p99 (the mapped lists read for the first time)",
+               f"{a['cold_p50_ms']} / {a['cold_p99_ms']}", " ms"),
+        figure("batch of 1,000 queries", a["batch_qps"], " queries/s"),
+        figure("loading the index (memory-mapped)", a["load_ms"], " ms"),
+        figure("warm image query beyond the model's inference (decode, batching, faiss, ids)", r["warm_overhead_ms"],
+               " ms", f"{r['warm_query_ms']} ms, of which the model {r['warm_model_ms']} ms", target="≤ 5 ms",
+               met=r["warm_overhead_ms"] <= 5.0),
+        figure("a whole `pipeline search` process, one image query", r["process_s"], " s",
+               f"load index {r['load_index_ms']} ms, load model {r['load_model_ms']} ms, decode and model "
+               f"{r['decode_and_model_ms']} ms, look-up {r['lookup_ms']} ms, the rest Python start-up and imports"),
+    ]
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark `pipeline serve`: a lone warm query, 8 concurrent clients, hot swaps and bad requests under load.
 
-Usage (the machine is shared: one benchmark at a time):
-  flock /tmp/pipeline-bench.lock python scripts/bench_serve.py [--no-doc]
+Usage (one benchmark at a time on the machine):
+  python scripts/benchmarks/bench_serve.py
 
 A real `pipeline serve` process (127.0.0.1, a free port, the real model) serves the sample collection
 (samples/gallery copied to the workdir and indexed by `pipeline rebuild`). Measured in one run:
@@ -18,6 +18,7 @@ A real `pipeline serve` process (127.0.0.1, a free port, the real model) serves 
 Every good request checks its first result (the query's original or one of its copies).
 Targets: (2) <= model single-image time + 15 ms; (3) >= 0.85 x the bare model; (4) 0 failed and each
 new image findable <= 2 s after its publish; (5) 200 of 200 bad requests get their 4xx, 0 good ones fail.
+Writes its figures into docs/benchmarks/results/serve.json (--json).
 """
 
 from __future__ import annotations
@@ -26,27 +27,26 @@ import argparse
 import io
 import json
 import os
-import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
+from benchlib import add_json_option, command_line, figure, host, now, save  # noqa: E402
 from pipeline.images import decode_bytes  # noqa: E402
-from pipeline.model import FeatureModel, export_model  # noqa: E402
+from pipeline.model import FeatureModel, export_model, read_model_info  # noqa: E402
+
+AREA, TITLE = "serve", "Query service"
 
 CLIENTS = 8
 SAMPLES = ROOT / "samples"
@@ -118,7 +118,7 @@ class Load:
         self.threads = [threading.Thread(target=load, args=(url, queries, self.stop, limit_s, self.results, i))
                         for i in range(CLIENTS)]
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         self.t0 = time.perf_counter()
         for t in self.threads:
             t.start()
@@ -155,7 +155,8 @@ def bad_requests(sample_jpeg: bytes) -> list[tuple[str, str, str, dict, int]]:
     huge = b"\0" * (50 * 1024 * 1024)
     kinds = [
         ("garbage bytes", "POST", "/api/search", {"files": {"image": ("x.jpg", os.urandom(20_000))}}, 400),
-        ("truncated JPEG", "POST", "/api/search", {"files": {"image": ("t.jpg", sample_jpeg[: len(sample_jpeg) // 2])}}, 400),
+        ("truncated JPEG", "POST", "/api/search", {"files": {"image": ("t.jpg", sample_jpeg[: len(sample_jpeg) // 2])}},
+         400),
         ("50 MB body", "POST", "/api/search", {"files": {"image": ("big.jpg", huge)}}, 413),
         ("decompression bomb", "POST", "/api/search", {"files": {"image": ("bomb.png", bomb)}}, 400),
         ("path traversal (thumbnail)", "GET", "/api/thumbnail/..%2F..%2F..%2Fetc%2Fpasswd", {}, 404),
@@ -187,7 +188,8 @@ def new_images(photos: Path, round_: int) -> list[Path]:
             w, h = im.size
             im = im.convert("RGB").rotate(90, expand=True).crop((w // 10, h // 10, w - w // 10, h - h // 10))
             im = Image.eval(im, lambda v, s=round_: min(255, v + 10 * (s + 1)))
-            dst = photos / "new" / f"{src.stem}_new{round_}.jpg"  # a copy of that original: a right answer for its queries
+            # a copy of that original: a right answer for its queries
+            dst = photos / "new" / f"{src.stem}_new{round_}.jpg"
             dst.parent.mkdir(parents=True, exist_ok=True)
             im.save(dst, quality=90)
         out.append(dst)
@@ -218,8 +220,8 @@ def publishes(url: str, photos: Path, workdir: Path, model: Path, index_dir: Pat
                 before = set(seen)
                 added = new_images(photos, round_)
                 t = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "pipeline", "-q", "rebuild", str(photos), "--workdir", str(workdir),
-                                "--model", str(model)], check=True, stderr=log)
+                subprocess.run([sys.executable, "-m", "pipeline", "-q", "rebuild", str(photos), "--workdir",
+                                str(workdir), "--model", str(model)], check=True, stderr=log)
                 rebuild_s.append(round(time.perf_counter() - t, 2))
                 [version] = set(seen) - before
                 # Findable = served: every request that starts from then on searches the new version.
@@ -245,14 +247,13 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench-output" / "serve")
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "vgg16.onnx", help="exported when missing")
     ap.add_argument("--seconds", type=float, default=30.0, help="length of the concurrent-load phase")
-    ap.add_argument("--json-out", type=Path, default=ROOT / "bench-output" / "bench_serve.json")
-    ap.add_argument("--no-doc", action="store_true")
+    add_json_option(ap, AREA)
     args = ap.parse_args()
-    res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "command": "python scripts/bench_serve.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-           "host": {"cores": os.cpu_count(), "sgemm_gflops": sgemm_gflops()}}
+    date, machine = now(), host()
+    res: dict = {}
     if not args.model.is_file():
         export_model(args.model)
+    res["model"], res["dim"] = read_model_info(args.model).short(), read_model_info(args.model).dim
     shutil.rmtree(args.workdir, ignore_errors=True)
     photos = args.workdir / "photos"
     shutil.copytree(SAMPLES / "gallery", photos)
@@ -328,7 +329,8 @@ def main() -> None:
             bad.start()
             bad.join()
         kinds = sorted({k for k, _, _ in bad_out})
-        res["bad"] = {**lo.summary(), "bad_requests": len(bad_out), "bad_answered_right": sum(ok for _, ok, _ in bad_out),
+        res["bad"] = {**lo.summary(), "bad_requests": len(bad_out),
+                      "bad_answered_right": sum(ok for _, ok, _ in bad_out),
                       "wrong": sorted({f"{k}: {s}" for k, ok, s in bad_out if not ok}), "kinds": kinds}
         print(json.dumps(res["bad"]), flush=True)
         res["server_stats"] = httpx.get(f"{url}/api/stats").json()
@@ -337,47 +339,44 @@ def main() -> None:
         server.wait(30)
         log.close()
 
-    c, p, b = res["concurrent"], res["publishes"], res["bad"]
-    rates = bare["img_per_s"]
-    res["targets"] = {
-        "lone_le_model_plus_15ms": res["lone"]["over_model_ms"] <= 15,
-        "concurrent_ge_0.85_bare": c["ratio_to_bare"] >= 0.85,
-        "publishes_0_failed": p["failed"] == 0,
-        "new_images_findable_le_2s": max(p["findable_after_s"]) <= 2.0,
-        "bad_all_4xx": b["bad_answered_right"] == b["bad_requests"] == 200,
-        "bad_0_good_failed": b["failed"] == 0,
-    }
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(res, indent=2))
-    text = "\n".join([
-        f"\n### Query service — {res['date']} ({res['host']['cores']} cores, numpy sgemm {res['host']['sgemm_gflops']} GFLOP/s)\n",
-        f"`flock /tmp/pipeline-bench.lock {res['command']}` — a `pipeline serve` process over the 36 sample photos "
-        f"(real model), clients in the benchmark process on the same 2 cores (httpx, one connection each).\n",
-        "| what | measured | target | met |",
-        "|---|---|---|---|",
-        f"| bare model img/s at batch {', '.join(map(str, rates))} | {' / '.join(str(v) for v in rates.values())} "
-        f"(best: batch {best}, the server's --batch-size) | | |",
-        f"| bare model, one image (median of 30) | {res['lone']['model_single_ms']} ms | | |",
-        f"| lone warm query over HTTP (median of 30) | {res['lone']['median_ms']} ms = model + **{res['lone']['over_model_ms']} ms** "
-        f"| ≤ model + 15 ms | {'yes' if res['targets']['lone_le_model_plus_15ms'] else 'NO'} |",
-        f"| {CLIENTS} concurrent clients, {c['seconds']} s | **{c['img_per_s']} img/s = {c['ratio_to_bare']}× bare "
-        f"({bare['best_img_per_s']} img/s at batch {best}, alternating with the load)**; "
-        f"p50 {c['p50_ms']} ms, p99 {c['p99_ms']} ms; mean batch {c['mean_batch']}; {c['failed']} failed of {c['requests']} "
-        f"| ≥ 0.85× | {'yes' if res['targets']['concurrent_ge_0.85_bare'] else 'NO'} |",
-        f"| 5 publishes by `pipeline rebuild` under that load | {p['failed']} failed of {p['requests']} "
-        f"(p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms); rebuilds took {', '.join(map(str, p['rebuild_s']))} s "
-        f"| 0 failed | {'yes' if res['targets']['publishes_0_failed'] else 'NO'} |",
-        f"| new images findable (version served) after each publish | {', '.join(map(str, p['findable_after_s']))} s; "
-        f"the first query for a new image then found it first, answered in {', '.join(map(str, p['probe_s']))} s "
-        "(queued behind the 8 clients) "
-        f"| ≤ 2 s | {'yes' if res['targets']['new_images_findable_le_2s'] else 'NO'} |",
-        f"| 200 bad requests under that load ({', '.join(kinds)}) | {b['bad_answered_right']} of {b['bad_requests']} got "
-        f"their 4xx; good requests: {b['failed']} failed of {b['requests']} (p99 {b['p99_ms']} ms) "
-        f"| 200 of 200, 0 failed | {'yes' if res['targets']['bad_all_4xx'] and res['targets']['bad_0_good_failed'] else 'NO'} |",
-        "",
-        targets_line(res["targets"]),
-    ]) + "\n"
-    record(text, args.no_doc)
+    res["images"] = len(list(photos.rglob("*.jpg")))
+    save(args.json, AREA, TITLE, key="default", date=date, command=command_line(), host=machine, dim=res["dim"],
+         setup=setup(res), figures=figures(res), result=res)
+
+
+def setup(res: dict) -> str:
+    return (
+        "A `pipeline serve` process over the sample collection (samples/gallery, indexed by `pipeline rebuild`"
+        + (f"; model {res['model']}" if "model" in res else "") + "), clients in the benchmark process on the same "
+        "cores (httpx, one "
+        f"connection each): a lone warm query against the bare model in this process (median of 30, interleaved); "
+        f"{CLIENTS} clients for the load against the bare model at its best batch (the server's --batch-size, "
+        "alternating thirds); 5 publishes by `pipeline rebuild` under that load; 200 bad requests under that load "
+        "(garbage, truncated JPEG, 50 MB body, decompression bomb, path traversal, unknown ids)."
+    )
+
+
+def figures(res: dict) -> list[dict]:
+    lone, c, p, b, bare = res["lone"], res["concurrent"], res["publishes"], res["bad"], res["bare"]
+    slowest = max(p["findable_after_s"])
+    return [
+        figure("lone warm query over HTTP − the bare model on one image", lone["over_model_ms"], " ms",
+               f"{lone['median_ms']} vs {lone['model_single_ms']} ms", target="≤ 15 ms",
+               met=lone["over_model_ms"] <= 15),
+        figure(f"{CLIENTS} concurrent clients / the bare model at its best batch ({bare['best_batch']})",
+               c["ratio_to_bare"], "×", f"{c['img_per_s']} vs {bare['best_img_per_s']} img/s; p50 {c['p50_ms']} ms, "
+               f"p99 {c['p99_ms']} ms; mean batch {c['mean_batch']}; {c['failed']} of {c['requests']} failed",
+               target="≥ 0.85", met=c["ratio_to_bare"] >= 0.85),
+        figure("failed requests during 5 publishes under load", f"{p['failed']} of {p['requests']}", "",
+               f"rebuilds took {', '.join(map(str, p['rebuild_s']))} s", target="0", met=p["failed"] == 0),
+        figure("a publish until the new version is served, slowest of 5", slowest, " s",
+               f"{', '.join(map(str, p['findable_after_s']))} s; its new image then found first", target="≤ 2 s",
+               met=slowest <= 2.0),
+        figure("bad requests under load answered with their 4xx", f"{b['bad_answered_right']} of {b['bad_requests']}",
+               "", target="all 200", met=b["bad_answered_right"] == b["bad_requests"] == 200),
+        figure("good requests failed meanwhile", f"{b['failed']} of {b['requests']}", "", f"p99 {b['p99_ms']} ms",
+               target="0", met=b["failed"] == 0),
+    ]
 
 
 if __name__ == "__main__":

@@ -1,9 +1,8 @@
 """Benchmark the nightly index step at 1M: an update of the published index against a full build.
 
-Usage: flock /tmp/pipeline-bench.lock python scripts/bench_update.py [--n 1000000] [--new 0.01] [--deleted 0.005]
-       [--cache DIR]
+Usage: python scripts/benchmarks/bench_update.py [--n 1000000] [--new 0.01] [--deleted 0.005] [--cache DIR]
 
-1. Writes N synthetic clustered 512-d unit vectors (bench_index.py's generator) as real shards and
+1. Writes N synthetic clustered 512-d unit vectors (the benchmarks' set, benchlib.make_shards) as real shards and
    builds their catalog with the library (Catalog.reconcile imports the shards, numbering the ids).
    With --cache, they are made once in DIR and each run starts from hard links to those shards
    (never written in place) and a copy of that catalog.
@@ -21,7 +20,8 @@ Usage: flock /tmp/pipeline-bench.lock python scripts/bench_update.py [--n 100000
    first version at equal nprobe (the same quantizer), the rest is another k-means draw (--seeds).
 Targets: (a) <= 10% of (b), for the whole process and for the index step (meta build_seconds);
 recall@10 of (a) within 0.005 of (b)'s.
-Writes JSON, appends a section to docs/benchmarks.md, and deletes its work folder (2 GB per index).
+Writes its figures into docs/benchmarks/results/update.json (--json; run "update", or "seeds" with --seeds) and
+deletes its work folder (2 GB per index).
 
 With --seeds 0,1,2,... it measures instead how far full builds of the same N vectors differ from one
 another by their draw alone (build_index's `seed`: its training sample, hence k-means' start, and its
@@ -35,26 +35,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_index import DIM, clustered, make_shards, run_measured  # noqa: E402
-from benchlib import record, sgemm_gflops, targets_line  # noqa: E402
-from pipeline.features import CATALOG_FILE, Catalog  # noqa: E402
+from benchlib import DIM, add_json_option, command_line, figure, host, make_shards, now, run_measured, save  # noqa: E402
+from pipeline.features import CATALOG_FILE, Catalog, list_shards, read_shard  # noqa: E402
 from pipeline.index import INDEX_FILE, current_version  # noqa: E402
-from pipeline.model import ModelInfo  # noqa: E402
-from pipeline.features import ShardData, list_shards, next_shard_number, read_shard, shard_name, write_shard  # noqa: E402
+from pipeline.synthetic import clustered, model_info, write_shards  # noqa: E402
+
+AREA, TITLE = "update", "Nightly index update"
 
 
 def build(features: Path, index_dir: Path, *extra: str) -> tuple[float, float, dict]:
@@ -86,7 +83,7 @@ def heldout_recall(index_dir: Path, nprobes: list[int], queries: np.ndarray, tru
     out = []
     for nprobe in nprobes:
         _, found = index.search(queries, truth.shape[1], params=faiss.SearchParametersIVF(nprobe=nprobe))
-        out.append(np.array([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
+        out.append(np.array([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)]))
     return out
 
 
@@ -120,7 +117,7 @@ def seed_spread(features: Path, centres: np.ndarray, seeds: list[int], bench_see
         train_s = time.perf_counter() - t0
         quantizer = faiss.extract_index_ivf(index).quantizer
 
-        def probe_rank(q: np.ndarray, tr: np.ndarray) -> np.ndarray:
+        def probe_rank(q: np.ndarray, tr: np.ndarray, quantizer=quantizer) -> np.ndarray:
             """Per query and true neighbour, the rank of the neighbour's list among the query's probes
             (grid[-1] when further): an IVF-Flat search at nprobe p finds it exactly when rank < p."""
             _, probes = quantizer.search(q, grid[-1])
@@ -135,7 +132,7 @@ def seed_spread(features: Path, centres: np.ndarray, seeds: list[int], bench_see
             q_truth = faiss.knn(x[q_pos], x, TRUTH_DEPTH, metric=faiss.METRIC_INNER_PRODUCT)[1]
             rank = probe_rank(x[q_pos], q_truth)
 
-            def recall(p: int) -> np.ndarray:
+            def recall(p: int, rank=rank, q_truth=q_truth, q_pos=q_pos) -> np.ndarray:
                 return recall_at(np.where(rank < p, q_truth, -1), q_truth, q_pos, 10)
 
             tuned = next(p for p in grid if lower_bound(recall(p)) >= 0.95)
@@ -167,18 +164,18 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, help="Make the N base shards and their catalog once in this folder and "
                     "start each run from them (kept; about 2 GB at 1M).")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json-out", type=Path, default=ROOT / "bench-output" / "bench_update.json")
+    add_json_option(ap, AREA)
     ap.add_argument("--keep-files", action="store_true", help="Keep the shards and indexes (several GB).")
-    ap.add_argument("--no-doc", action="store_true")
     ap.add_argument("--seeds", help="Comma-separated build seeds: measure how full builds differ by their draw "
                     "alone (module docstring) on the --cache shards, and nothing else.")
-    ap.add_argument("--samples", default="4000", help="With --seeds: larger recall samples to tune on as well (what-if).")
+    ap.add_argument("--samples", default="4000",
+                    help="With --seeds: larger recall samples to tune on as well (what-if).")
     ap.add_argument("--heldout", type=int, default=10_000, help="Held-out queries measuring recall@10 (1,000 "
                     "give a paired standard error of ~0.007 between two builds; 10,000 about a third of it).")
     args = ap.parse_args()
-    gflops = sgemm_gflops()
+    date, machine = now(), host()
     if args.seeds:
-        return seeds_main(args, gflops)
+        return seeds_main(args, date, machine)
     shutil.rmtree(args.workdir, ignore_errors=True)
     features, updated, full = args.workdir / "features", args.workdir / "index", args.workdir / "index-full"
     try:
@@ -194,7 +191,8 @@ def main() -> None:
             for shard in list_shards(base):
                 os.link(shard, features / shard.name)
             shutil.copyfile(base / CATALOG_FILE, features / CATALOG_FILE)
-        print(f"host sgemm {gflops:.0f} GFLOP/s; shards in {t1 - t0:.1f} s, catalog in {catalog_s:.1f} s", flush=True)
+        print(f"host sgemm {machine['sgemm_gflops']:.0f} GFLOP/s; shards in {t1 - t0:.1f} s, catalog in "
+              f"{catalog_s:.1f} s", flush=True)
 
         first_s, first_rss, first = build(features, updated)
         queries = clustered(args.heldout, centres, np.random.default_rng(args.seed + 1))
@@ -207,11 +205,8 @@ def main() -> None:
 
         rng = np.random.default_rng(args.seed + 2)
         n_new, n_del = round(args.n * args.new), round(args.n * args.deleted)
-        info = ModelInfo(name="synthetic", weights_sha256="s" * 64, input_size=224, dim=DIM)
-        write_shard(features / shard_name(next_shard_number(features)),
-                    ShardData(clustered(n_new, centres, rng), [f"/synthetic/new/{i:08d}.jpg" for i in range(n_new)],
-                              [f"new{i:029x}" for i in range(n_new)], np.zeros(n_new, np.int64), np.zeros(n_new), [], []),
-                    info)
+        write_shards(features, clustered(n_new, centres, rng), model_info(DIM), path_format="/synthetic/new/{:08d}.jpg",
+                     hash_format="new{:029x}")
         with Catalog(features) as c:
             c.reconcile()
             c.mark_gone(f"/synthetic/{i:08d}.jpg" for i in np.sort(rng.choice(args.n, n_del, replace=False)))
@@ -231,18 +226,15 @@ def main() -> None:
         diff_se = round(float(diff.std(ddof=1) / np.sqrt(len(diff))), 4)
         # The update's own loss: against the version it was made from, at equal nprobe (the same quantizer).
         loss = {p: (round(float((a - f).mean()), 4), round(float((a - f).std(ddof=1) / np.sqrt(len(a))), 4))
-                for p, a, f in zip(same, at_same_upd, at_same_first)}
+                for p, a, f in zip(same, at_same_upd, at_same_first, strict=True)}
     finally:
         if not args.keep_files:
             shutil.rmtree(args.workdir, ignore_errors=True)
 
     res = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "flock /tmp/pipeline-bench.lock python scripts/bench_update.py "
-                   + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                  text=True).stdout.strip(),
-        "sgemm_gflops": round(gflops), "n": args.n, "new": n_new, "deleted": n_del,
+        "n": args.n, "new": n_new, "deleted": n_del, "heldout_queries": args.heldout,
         "factory": upd["factory"], "catalog_s": round(catalog_s, 1), "first_build_s": round(first_s, 1),
         "first": {"nprobe": first["nprobe"], "tuned_recall_at_10": first["recall_at_10"],
                   "heldout_recall_at_10": rec_first},
@@ -255,82 +247,73 @@ def main() -> None:
                  "recall_queries": fb["recall_queries"], "heldout_recall_at_10": round(rec_full, 4)},
     }
     res["recall_at_equal_nprobe"] = {p: {"first": f, "update": a, "full": b}
-                                     for p, f, a, b in zip(same, same_first, same_upd, same_full)}
+                                     for p, f, a, b in zip(same, same_first, same_upd, same_full, strict=True)}
     res["heldout_difference"] = {"update_minus_full": round(rec_upd - rec_full, 4), "standard_error": diff_se}
     res["update_minus_first_at_equal_nprobe"] = {p: {"mean": m, "standard_error": e} for p, (m, e) in loss.items()}
     res["ratio_wall"] = round(upd_s / full_s, 4)
     res["ratio_index_step"] = round(upd["build_seconds"] / fb["build_seconds"], 4)
-    res["targets"] = {"update_le_10pct_of_full": res["ratio_wall"] <= 0.10,
-                      "index_step_le_10pct_of_full": res["ratio_index_step"] <= 0.10,
-                      "recall_within_0.005": abs(rec_upd - rec_full) <= 0.005}
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(res, indent=2))
-    u, f = res["update"], res["full"]
-    text = "\n".join([
-        f"\n### Nightly index update — {res['date']} (host sgemm {res['sgemm_gflops']} GFLOP/s)\n",
-        f"`{res['command']}` (commit {res['commit']}) — {args.n:,} synthetic clustered 512-d vectors in real shards with their catalog "
-        f"({res['catalog_s']} s to import), published as {res['factory']} by a full build ({res['first_build_s']} s); "
-        f"then {n_new:,} new images and {n_del:,} deleted.\n",
-        "| index step | process wall s | of which the index step | peak RSS MiB | nprobe | recall@10 tuned | "
-        "recall@10 held-out |",
-        "|---|---|---|---|---|---|---|",
-        f"| (a) `build-index --update` | {u['wall_s']} | {u['index_step_s']} | {u['peak_rss_mib']} | {u['nprobe']} | "
-        f"{u['tuned_recall_at_10']} ({u['recall_queries']} q) | {u['heldout_recall_at_10']} |",
-        f"| (b) `build-index` (full) | {f['wall_s']} | {f['index_step_s']} | {f['peak_rss_mib']} | {f['nprobe']} | "
-        f"{f['tuned_recall_at_10']} ({f['recall_queries']} q) | {f['heldout_recall_at_10']} |",
-        f"| **(a)/(b)** | **{res['ratio_wall']}** | **{res['ratio_index_step']}** | | | | |",
-        "",
-        f"First version (before the changes): nprobe {first['nprobe']}, recall@10 tuned {first['recall_at_10']}, "
-        f"held-out {rec_first} on its own live set. The update held the recall its quantizer reached when "
-        f"trained ({u['held_recall_at_10']}); its sweep: {u['nprobe_sweep']}.",
-        "",
-        f"Held-out recall@10, update − full build: {res['heldout_difference']['update_minus_full']} "
-        f"(standard error {diff_se}, paired over the same queries).",
-        "",
-        "Held-out recall@10 at equal nprobe, first version / update / full build: "
-        + ", ".join(f"nprobe {p}: {r['first']} / {r['update']} / {r['full']}"
-                    for p, r in res["recall_at_equal_nprobe"].items()) + ".",
-        "",
-        f"{args.heldout:,} held-out queries. The update's own loss, update − first version at equal nprobe (same "
-        "quantizer, paired): " + ", ".join(f"nprobe {p}: {r['mean']} ± {r['standard_error']}"
-                                           for p, r in res["update_minus_first_at_equal_nprobe"].items()) + ".",
-        "",
-        f"Update timings (s): {u['timings']}. " + targets_line(res["targets"]),
-    ]) + "\n"
-    record(text, args.no_doc)
+    save(args.json, AREA, TITLE, key="update", date=date, command=command_line(), host=machine, dim=DIM,
+         setup=setup(res), figures=figures(res), result=res)
 
 
-def seeds_main(args: argparse.Namespace, gflops: float) -> None:
-    """--seeds: the spread of full builds' held-out recall@10 over their draws, recorded like a run."""
+def setup(res: dict) -> str:
+    return (
+        f"{res['n']:,} synthetic clustered {DIM}-d vectors (the benchmarks' set) in real shards with their catalog, "
+        f"published as {res['factory']} by a full build; then {res['new']:,} new images and {res['deleted']:,} "
+        "deleted. (a) `pipeline build-index --update` makes the next version from the published one; (b) a full "
+        "`pipeline build-index` of the same live set; each a fresh process. Recall@10 against exact search over the "
+        f"live set, on {res['heldout_queries']:,} held-out queries (new vectors from the same clusters)."
+    )
+
+
+def figures(res: dict) -> list[dict]:
+    u, f, d = res["update"], res["full"], res["heldout_difference"]
+    loss = res["update_minus_first_at_equal_nprobe"]
+    worst = max(loss.values(), key=lambda r: abs(r["mean"]))
+    return [
+        figure("(a) update / (b) full build, whole process", res["ratio_wall"], "×",
+               f"{u['wall_s']} vs {f['wall_s']} s", target="≤ 0.10", met=res["ratio_wall"] <= 0.10),
+        figure("the same, the index step alone", res["ratio_index_step"], "×",
+               f"{u['index_step_s']} vs {f['index_step_s']} s", target="≤ 0.10", met=res["ratio_index_step"] <= 0.10),
+        figure("held-out recall@10, (a) − (b)", d["update_minus_full"], "",
+               f"standard error {d['standard_error']}, paired; (a) {u['heldout_recall_at_10']} at nprobe "
+               f"{u['nprobe']}, (b) {f['heldout_recall_at_10']} at nprobe {f['nprobe']}", target="within ±0.005",
+               met=abs(d["update_minus_full"]) <= 0.005),
+        figure("the update's own loss: (a) − the version it was made from, at equal nprobe", worst["mean"], "",
+               f"± {worst['standard_error']}, the largest over nprobe {', '.join(map(str, loss))}"),
+        figure("peak RSS, (a) / (b)", f"{u['peak_rss_mib']} / {f['peak_rss_mib']}", " MiB"),
+    ]
+
+
+def seeds_main(args: argparse.Namespace, date: str, machine: dict) -> None:
+    """--seeds: the spread of full builds' held-out recall@10 over their draws, recorded as the run "seeds"."""
     if not args.cache:
         sys.exit("--seeds needs --cache (the N shards and their catalog)")
     centres = make_shards(args.cache, args.n, args.shard_size, args.seed)
     with Catalog(args.cache) as c:
         c.reconcile()
-    res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "command": "python scripts/bench_update.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-           "sgemm_gflops": round(gflops),
-           **seed_spread(args.cache, centres, [int(s) for s in args.seeds.split(",")], args.seed, args.heldout,
-                          [int(m) for m in args.samples.split(",") if m])}
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(res, indent=2))
-    sizes = [m for m in next(iter(res["seeds"].values())) if isinstance(m, int)]
-    fixed = [p for p in next(iter(res["seeds"].values()))["heldout_at_nprobe"] if 3 <= p <= 10]
-    rows = [f"| {s} | " + " | ".join(f"{r[m]['nprobe']} / {r[m]['tuned_recall_at_10']} / **{r[m]['heldout_at_tuned']}**"
-                                     for m in sizes)
-            + " | " + " | ".join(str(r["heldout_at_nprobe"][p]) for p in fixed) + " |" for s, r in res["seeds"].items()]
-    record("\n".join([
-        f"\n### Full builds that differ only by their draw — {res['date']} (host sgemm {res['sgemm_gflops']} GFLOP/s)\n",
-        f"`{res['command']}` — {res['n']:,} vectors, {res['factory']}, {res['train_size']:,} training vectors per "
-        f"seed; recall@10 of {res['heldout_queries']:,} held-out queries (the update bench's generator) read from "
-        "list assignments.\n",
-        "| seed | " + " | ".join(f"tuned on {m:,} recall queries: nprobe / recall there / held-out" for m in sizes)
-        + " | " + " | ".join(f"held-out at nprobe {p}" for p in fixed) + " |",
-        "|---" * (1 + len(sizes) + len(fixed)) + "|", *rows, "",
-        *(f"Held-out recall@10 at the nprobe tuned on {m:,} queries, over {len(rows)} seeds: mean "
-          f"{res[f'heldout_at_tuned_{m}']['mean']}, sd {res[f'heldout_at_tuned_{m}']['sd']}, range "
-          f"{res[f'heldout_at_tuned_{m}']['min']}–{res[f'heldout_at_tuned_{m}']['max']}." for m in sizes),
-    ]) + "\n", args.no_doc)
+    res = seed_spread(args.cache, centres, [int(s) for s in args.seeds.split(",")], args.seed, args.heldout,
+                      [int(m) for m in args.samples.split(",") if m])
+    save(args.json, AREA, TITLE, key="seeds", date=date, command=command_line(), host=machine, dim=DIM,
+         setup=seeds_setup(res), figures=seeds_figures(res), result=res)
+
+
+def seeds_setup(res: dict) -> str:
+    return (
+        f"Full builds of the same {res['n']:,} vectors ({res['factory']}, {res['train_size']:,} training vectors) "
+        f"that differ only by their seed (training sample, recall queries): held-out recall@10 of "
+        f"{res['heldout_queries']:,} queries (the update benchmark's) at the nprobe each build's tuning picks, read "
+        "from list assignments."
+    )
+
+
+def seeds_figures(res: dict) -> list[dict]:
+    sizes = sorted(int(k[len("heldout_at_tuned_"):]) for k in res if k.startswith("heldout_at_tuned_"))
+    return [
+        figure(f"held-out recall@10 at the nprobe tuned on {m:,} recall queries, over {len(res['seeds'])} seeds",
+               f"{r['mean']} (sd {r['sd']})", "", f"range {r['min']}–{r['max']}")
+        for m in sizes for r in [res[f"heldout_at_tuned_{m}"]]
+    ]
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Usage:
   pipeline extract SET/db SET/queries --out F && pipeline build-index F --out I
-  python scripts/dupes_quality.py --index I [--thresholds 0.80,0.85,0.90] [--choose]
+  python scripts/eval/dupes_quality.py --index I [--thresholds 0.80,0.85,0.90] [--choose]
 
 SET is laid out like ../shared/eval/copies-dev: db/img0007.jpg and its copies
 queries/img0007_crop70+jpeg15.jpg (the picture's name is the file name up to the first "_").
@@ -22,7 +22,7 @@ import sys
 from itertools import combinations
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.duplicates import default_threshold, find_groups  # noqa: E402

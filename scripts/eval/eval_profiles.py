@@ -1,8 +1,8 @@
 """Score feature models end to end (extract -> build-index -> eval) on the labelled sets: one table.
 
 Usage:
-  python scripts/make_heldout.py --out H                      # once: our own held-out copy set
-  python scripts/eval_profiles.py --model seed=seed.onnx --model balanced=balanced.onnx \
+  python scripts/eval/make_heldout.py --out H                 # once: our own held-out copy set
+  python scripts/eval/eval_profiles.py --model seed=seed.onnx --model balanced=balanced.onnx \
       --heldout H [--heldout H2 ...] --work DIR [--json out.json] [--plot DIR]
 
 Sets: holidays-dev (mAP, R@1) and copies-dev (R@1, mAP) from ../shared/eval/ (skipped, with a
@@ -26,7 +26,7 @@ import math
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.evaluate import EvalReport, evaluate, write_pr_plot  # noqa: E402
@@ -65,7 +65,8 @@ def score_model(label: str, model: Path, work: Path, heldouts: list[Path], order
         db, queries, gt = present[name]
         # a held-out set is cached under its folder's path: extraction is incremental, so two sets sharing a
         # cache folder would be indexed together
-        key = name if not name.startswith("heldout") else f"heldout-{hashlib.sha1(str(db.resolve()).encode()).hexdigest()[:10]}"
+        folder = hashlib.sha1(str(db.resolve()).encode()).hexdigest()[:10]
+        key = name if not name.startswith("heldout") else f"heldout-{folder}"
         base = work / info.checksum[:12] / key
         extract([db], base / "features", model, progress=False)
         build_index(base / "features", base / "index", progress=False)
@@ -110,9 +111,10 @@ def table(rows: list[dict]) -> str:
              + "".join(f"{n} R@1 | {n} mAP | " for n in held) + "compute (seed = 1) | copies: weakest R@1 |",
              "|---|---|---|---|---|" + "---|---|" * len(held) + "---|---|"]
     for r in rows:
-        def cell(s: str, k: str) -> str:
+        def cell(s: str, k: str, r: dict = r) -> str:
             return f"{r[s][k]:.3f}" if s in r else "-"
-        weakest = ", ".join(f"{t} {v['recall@1']:.2f}" for t, v in list(r.get("copies", {}).get("by_transformation", {}).items())[:4])
+        by_transformation = list(r.get("copies", {}).get("by_transformation", {}).items())
+        weakest = ", ".join(f"{t} {v['recall@1']:.2f}" for t, v in by_transformation[:4])
         lines.append(f"| {r['profile']} | {cell('holidays', 'mAP')} | {cell('holidays', 'recall@1')} "
                      f"| {cell('copies', 'recall@1')} | {cell('copies', 'mAP')} | "
                      + "".join(f"{cell(n, 'recall@1')} | {cell(n, 'mAP')} | " for n in held)
@@ -136,7 +138,7 @@ def main() -> None:
         if (h / "groundtruth.json").is_file():
             heldouts.append(h)
         else:
-            print(f"no held-out set at {h} (make it with scripts/make_heldout.py): skipped")
+            print(f"no held-out set at {h} (make it with scripts/eval/make_heldout.py): skipped")
     reports: dict[str, list[tuple[str, EvalReport]]] = {}
     rows = [score_model(label, Path(path), args.work, heldouts, args.sets.split(","), reports)
             for label, path in (m.split("=", 1) for m in args.model)]

@@ -1,8 +1,8 @@
 """Fetch real photographs from Debian's wallpaper packages, for benchmarks and held-out evaluation.
 
-Usage: python scripts/fetch_photos.py --out bench-output/photos [--count 300]
-       python scripts/fetch_photos.py --gcompris bench-output/whitening
-       python scripts/fetch_photos.py --fresh bench-output/fresh-photos [--list scripts/fresh_photos_v6.json]
+Usage: python scripts/eval/fetch_photos.py --out bench-output/photos [--count 300]
+       python scripts/eval/fetch_photos.py --gcompris bench-output/whitening
+       python scripts/eval/fetch_photos.py --fresh bench-output/fresh-photos [--list scripts/eval/fresh_photos_v6.json]
 
 Downloads mate-backgrounds and plasma-workspace-wallpapers with `apt-get download` (Debian's
 registry; GPL/LGPL/CC-licensed artwork, see each package's copyright file; not redistributed
@@ -12,16 +12,17 @@ The pictures differ from shared/eval/copies-dev (which uses other packages).
 
 --gcompris DIR writes instead the photographs bundled in Debian's gcompris-qt-data (GPL/CC-licensed
 educational artwork: monuments, animals, landscapes, objects; inside Qt .rcc bundles), which no
-evaluation set uses: the training photos of scripts/quality_regions.py's learned whitening. Kept:
+evaluation set uses: the training photos of the learned whitening (scripts/eval/learn_whitening.py). Kept:
 images of at least 200 px a side, without transparent, black-masked or white-background areas,
 and with at least 600 distinct colours in a 64x64 thumbnail (drawings have few); activities of
 drawings and jigsaw pieces are skipped.
 
 --fresh DIR writes instead photographs from Debian packages that no other set uses, picked by eye, for a
-held-out set: make_heldout.py --no-wallpapers --extra DIR. --list chooses the list: scripts/fresh_photos.json
-(the default: ten packages, held-out set v4), scripts/fresh_photos_v5.json (fourteen other packages, held-out
-set v5) or scripts/fresh_photos_v6.json (24 other packages, held-out set v6). A list pins each package's version (Debian 12), so the same pictures come back; each is written as
-`<package>-<file stem>.jpg`, RGB, long side at most 1280 px, JPEG quality 92.
+held-out set: make_heldout.py --no-wallpapers --extra DIR. --list chooses the list: scripts/eval/fresh_photos.json
+(the default: ten packages, held-out set v4), scripts/eval/fresh_photos_v5.json (fourteen other packages, held-out
+set v5) or scripts/eval/fresh_photos_v6.json (24 other packages, held-out set v6). A list pins each package's
+version (Debian 12), so the same pictures come back; each is written as `<package>-<file stem>.jpg`, RGB, long
+side at most 1280 px, JPEG quality 92.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import hashlib
 import io
 import json
 import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +129,7 @@ def fresh_photos(workdir: Path, out: Path, listing: Path = FRESH_LIST) -> int:
     names = [f"{pkg}-{Path(path.partition('@')[0]).stem}.jpg" for pkg, path in photos]
     if len(set(names)) < len(names):
         raise SystemExit(f"{listing}: two pictures of a package share a file stem")
-    for name, (pkg, path) in zip(names, photos):
+    for name, (pkg, path) in zip(names, photos, strict=True):
         file, _, offset = path.partition("@")
         data = (roots[pkg] / file).read_bytes()
         with Image.open(io.BytesIO(data[int(offset or 0):])) as im:
@@ -150,8 +150,9 @@ def main() -> None:
                     help="write here instead photographs from Debian packages that no other set uses, picked by eye "
                          "(the --list file), for a held-out set: make_heldout.py --no-wallpapers --extra DIR")
     ap.add_argument("--list", type=Path, default=FRESH_LIST,
-                    help="--fresh's list of packages and pictures: scripts/fresh_photos.json (held-out set v4, the "
-                         "default), scripts/fresh_photos_v5.json (v5) or scripts/fresh_photos_v6.json (v6)")
+                    help="--fresh's list of packages and pictures: scripts/eval/fresh_photos.json (held-out set v4, "
+                         "the default), scripts/eval/fresh_photos_v5.json (v5) or scripts/eval/fresh_photos_v6.json "
+                         "(v6)")
     args = ap.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.gcompris:

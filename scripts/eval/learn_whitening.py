@@ -1,8 +1,8 @@
 """Learn the whitening a profile ships with (pipeline/model/data/whitening-PROFILE.npz), from independent photos.
 
 Usage:
-  python scripts/fetch_photos.py --gcompris bench-output/whitening     # 104 photographs of gcompris-qt-data 3.1-2
-  python scripts/learn_whitening.py --profile balanced --photos bench-output/whitening
+  python scripts/eval/fetch_photos.py --gcompris bench-output/whitening     # 104 photographs of gcompris-qt-data 3.1-2
+  python scripts/eval/learn_whitening.py --profile balanced --photos bench-output/whitening
 
 The photos are decoded and pooled exactly as the profile's recipe does (frames trimmed, aspect buckets), and
 PCA-whitening of each R-MAC region is fitted per pooled map (learn_whitening). The file records how and on what
@@ -17,15 +17,23 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.images import find_images  # noqa: E402
-from pipeline.model import (PROFILES, Whitening, build_feature_graph, learn_whitening, load_layers,  # noqa: E402
-                            save_whitening, shipped_whitening_path, whitening_checksum)
+from pipeline.model import (  # noqa: E402
+    PROFILES,
+    Whitening,
+    build_feature_graph,
+    learn_whitening,
+    load_layers,
+    save_whitening,
+    shipped_whitening_path,
+    whitening_checksum,
+)
 
 SOURCE = ("the photographs of Debian's gcompris-qt-data 3.1-2 (GPL-3+, CC-BY-SA-4.0 and public-domain files, "
-          "per its debian/copyright) kept by scripts/fetch_photos.py --gcompris")
+          "per its debian/copyright) kept by scripts/eval/fetch_photos.py --gcompris")
 
 
 def main() -> None:

@@ -1,14 +1,15 @@
 """Make a held-out transformed-copy set (like shared/eval/copies-dev, from other pictures).
 
-Usage: python scripts/make_heldout.py --out bench-output/heldout [--pictures 40]
+Usage: python scripts/eval/make_heldout.py --out bench-output/heldout [--pictures 40]
 
 Pictures: distinct ones from Debian's mate-backgrounds and plasma-workspace-wallpapers (fetched
-by scripts/fetch_photos.py's cache; copies-dev uses other packages), long side 640, JPEG q90, in
+by scripts/eval/fetch_photos.py's cache; copies-dev uses other packages), long side 640, JPEG q90, in
 db/. Near-duplicates are left out as in copies-dev: the packages ship one wallpaper at several
 sizes, crops and colours, so a picture whose 32x32 grey thumbnail (whole, or its centre 60%)
-differs from an earlier picture's by less than 6/255 on average is skipped. Queries: 4 per picture, each two random transformations in sequence, named like
-copies-dev (`pic0007_crop70+jpeg15.jpg`); a picture's four queries use four different pairs of
-transformations (so no two share a name, nor are the same copy made in the other order). Writes groundtruth.json. Seeded; never committed.
+differs from an earlier picture's by less than 6/255 on average is skipped. Queries: 4 per picture, each two
+random transformations in sequence, named like copies-dev (`pic0007_crop70+jpeg15.jpg`); a picture's four queries
+use four different pairs of transformations (so no two share a name, nor are the same copy made in the other
+order). Writes groundtruth.json. Seeded; never committed.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fetch_photos import debian_pictures  # noqa: E402
 
