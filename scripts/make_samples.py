@@ -47,8 +47,13 @@ def main() -> None:
     gallery, queries = args.out / "gallery", args.out / "queries"
     gallery.mkdir(parents=True, exist_ok=True)
     queries.mkdir(parents=True, exist_ok=True)
-    lines = ["# Sample images", "", "Made by `scripts/make_samples.py` from photos bundled with scikit-image",
-             "(`skimage/data`), under the licences scikit-image states for them:", ""]
+    lines = [
+        "# Sample images",
+        "",
+        "Made by `scripts/make_samples.py` from photos bundled with scikit-image",
+        "(`skimage/data`), under the licences scikit-image states for them:",
+        "",
+    ]
     for name, (fname, licence) in PHOTOS.items():
         im = fit(Image.open(args.skimage_data / fname).convert("RGB"), 512)
         im.save(gallery / f"{name}.jpg", quality=90)
@@ -59,8 +64,11 @@ def main() -> None:
             w, h = im.size
             im.crop((w // 10, h // 10, w - w // 10, h - h // 10)).save(queries / f"{name}_crop80.jpg", quality=90)
             ImageOps.mirror(im).save(queries / f"{name}_mirror.jpg", quality=90)
-    lines += ["", "gallery/: each photo, a half-size copy (`_half`) and a JPEG q20 recompression (`_q20`).",
-              "queries/: 80% centre crops and mirrored copies of six photos (not in the gallery)."]
+    lines += [
+        "",
+        "gallery/: each photo, a half-size copy (`_half`) and a JPEG q20 recompression (`_q20`).",
+        "queries/: 80% centre crops and mirrored copies of six photos (not in the gallery).",
+    ]
     (args.out / "README.md").write_text("\n".join(lines) + "\n")
 
 

@@ -40,9 +40,14 @@ def main() -> None:
         folder = Path(tmp)
         with Catalog(folder) as catalog:
             for s in range(0, args.images, 512):
-                catalog.record_shard(f"shard-{s // 512:05d}.h5", [
-                    (f"/photos/{s // 512:05d}/img{r:04d}.jpg", 123_456, 1.7e9 + r, f"{s + r:032x}", r)
-                    for r in range(min(512, args.images - s))], [])
+                catalog.record_shard(
+                    f"shard-{s // 512:05d}.h5",
+                    [
+                        (f"/photos/{s // 512:05d}/img{r:04d}.jpg", 123_456, 1.7e9 + r, f"{s + r:032x}", r)
+                        for r in range(min(512, args.images - s))
+                    ],
+                    [],
+                )
         size_mib = (folder / CATALOG_FILE).stat().st_size / 2**20
         machine = host()
         db = sqlite3.connect(folder / CATALOG_FILE)
@@ -51,10 +56,27 @@ def main() -> None:
         opened = min(_timed(lambda: Catalog(folder).close()) for _ in range(3))
         with Catalog(folder) as catalog:
             entries = min(_timed(catalog.entries) for _ in range(3))
-    res = {"images": args.images, "catalog_mib": round(size_mib), "quick_check_s": round(check, 2),
-           "open_s": round(opened, 2), "entries_s": round(entries, 2), "ratio": round(check / entries, 2)}
-    save(args.json, AREA, TITLE, key="default", date=date, command=command_line(), host=machine, dim=None,
-         setup=setup(res), figures=figures(res), result=res)
+    res = {
+        "images": args.images,
+        "catalog_mib": round(size_mib),
+        "quick_check_s": round(check, 2),
+        "open_s": round(opened, 2),
+        "entries_s": round(entries, 2),
+        "ratio": round(check / entries, 2),
+    }
+    save(
+        args.json,
+        AREA,
+        TITLE,
+        key="default",
+        date=date,
+        command=command_line(),
+        host=machine,
+        dim=None,
+        setup=setup(res),
+        figures=figures(res),
+        result=res,
+    )
 
 
 def setup(res: dict) -> str:
@@ -67,8 +89,14 @@ def setup(res: dict) -> str:
 
 def figures(res: dict) -> list[dict]:
     return [
-        figure("`PRAGMA quick_check` / reading the entries", res["ratio"], "×",
-               f"{res['quick_check_s']} vs {res['entries_s']} s", target="≤ 0.25", met=res["ratio"] <= 0.25),
+        figure(
+            "`PRAGMA quick_check` / reading the entries",
+            res["ratio"],
+            "×",
+            f"{res['quick_check_s']} vs {res['entries_s']} s",
+            target="≤ 0.25",
+            met=res["ratio"] <= 0.25,
+        ),
         figure("opening the catalog, check included", res["open_s"], " s"),
     ]
 

@@ -72,13 +72,30 @@ def measure(search, queries: np.ndarray, truth: np.ndarray, singles: int) -> dic
         search(q[None], 10)
         lat.append((time.perf_counter() - t) * 1000)
     faiss.omp_set_num_threads(threads)
-    return {"recall_at_10": round(recall10(found, truth), 4), "batch_qps": round(qps, 1),
-            "p50_ms": round(float(np.percentile(lat, 50)), 3), "p99_ms": round(float(np.percentile(lat, 99)), 3)}
+    return {
+        "recall_at_10": round(recall10(found, truth), 4),
+        "batch_qps": round(qps, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 3),
+        "p99_ms": round(float(np.percentile(lat, 99)), 3),
+    }
 
 
 def build(features: Path, out: Path, extra: list[str]) -> tuple[dict, float, float]:
-    wall, rss, stdout = run_measured([sys.executable, "-m", "pipeline", "-q", "build-index", str(features), "--out",
-                                      str(out), "--json", "--no-progress", *extra])
+    wall, rss, stdout = run_measured(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "-q",
+            "build-index",
+            str(features),
+            "--out",
+            str(out),
+            "--json",
+            "--no-progress",
+            *extra,
+        ]
+    )
     return json.loads(stdout), wall, rss
 
 
@@ -88,8 +105,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--bits", type=int, default=256)
     ap.add_argument("--nlist", type=int, default=1024, help="IVF lists of the IVF-PQ index")
-    ap.add_argument("--binary-factory",
-                    help="the faiss binary index of the binary kind (default: the plan's), e.g. BFlat")
+    ap.add_argument(
+        "--binary-factory", help="the faiss binary index of the binary kind (default: the plan's), e.g. BFlat"
+    )
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--singles", type=int, default=300, help="queries timed one at a time")
     ap.add_argument("--seed", type=int, default=0, help="the seed the shards were made with")
@@ -106,7 +124,7 @@ def main() -> None:
     queries, tuning = clustered(args.queries, centres, rng), clustered(300, centres, rng)
     t0 = time.perf_counter()
     both = exact_top(args.features, np.concatenate([queries, tuning]), 10)
-    truth, tuning_truth = both[:len(queries)], both[len(queries):]
+    truth, tuning_truth = both[: len(queries)], both[len(queries) :]
     print(f"exact truth in {time.perf_counter() - t0:.0f} s", flush=True)
 
     rows = []
@@ -115,10 +133,16 @@ def main() -> None:
     n = meta["count"]
     version = Path(meta["version_dir"])
     engine = Searcher(args.workdir / "binary").index
-    rows.append({"kind": f"binary ITQ{args.bits} + {meta['codes']['index']}, re-rank pool {meta['codes']['setting']}",
-                 "bytes_per_image": round((version / "codes.faiss").stat().st_size / n, 1),
-                 "build_s": round(wall, 1), "peak_rss_mib": round(rss), "build_timings": meta["timings"],
-                 **measure(engine.search, queries, truth, args.singles)})
+    rows.append(
+        {
+            "kind": f"binary ITQ{args.bits} + {meta['codes']['index']}, re-rank pool {meta['codes']['setting']}",
+            "bytes_per_image": round((version / "codes.faiss").stat().st_size / n, 1),
+            "build_s": round(wall, 1),
+            "peak_rss_mib": round(rss),
+            "build_timings": meta["timings"],
+            **measure(engine.search, queries, truth, args.singles),
+        }
+    )
     print(rows[-1], flush=True)
 
     factory = f"IVF{args.nlist},PQ{args.bits // 4}x4fs"
@@ -137,16 +161,33 @@ def main() -> None:
         if sweep[-1]["recall"] >= 0.95:
             break
     params = faiss.SearchParametersIVF(nprobe=nprobe)
-    rows.append({"kind": f"{factory}, nprobe {nprobe}, re-rank {candidates}",
-                 "bytes_per_image": round((Path(meta["version_dir"]) / "index.faiss").stat().st_size / n, 1),
-                 "build_s": round(wall, 1), "peak_rss_mib": round(rss), "build_timings": meta["timings"],
-                 "nprobe_sweep": sweep, **measure(lambda x, k: reranked.search(x, k, params=params), queries, truth,
-                                                   args.singles)})
+    rows.append(
+        {
+            "kind": f"{factory}, nprobe {nprobe}, re-rank {candidates}",
+            "bytes_per_image": round((Path(meta["version_dir"]) / "index.faiss").stat().st_size / n, 1),
+            "build_s": round(wall, 1),
+            "peak_rss_mib": round(rss),
+            "build_timings": meta["timings"],
+            "nprobe_sweep": sweep,
+            **measure(lambda x, k: reranked.search(x, k, params=params), queries, truth, args.singles),
+        }
+    )
     print(rows[-1], flush=True)
 
     res = {"n": n, "bits": args.bits, "queries": args.queries, "rows": rows}
-    save(args.json, AREA, TITLE, key=f"{n:,}", date=date, command=command_line(), host=machine, dim=DIM,
-         setup=setup(res), figures=figures(res), result=res)
+    save(
+        args.json,
+        AREA,
+        TITLE,
+        key=f"{n:,}",
+        date=date,
+        command=command_line(),
+        host=machine,
+        dim=DIM,
+        setup=setup(res),
+        figures=figures(res),
+        result=res,
+    )
 
 
 def setup(res: dict) -> str:
@@ -161,9 +202,13 @@ def setup(res: dict) -> str:
 
 def figures(res: dict) -> list[dict]:
     return [
-        figure(r["kind"], f"recall@10 {r['recall_at_10']}, p50 {r['p50_ms']} ms", "",
-               f"p99 {r['p99_ms']} ms, a batch {r['batch_qps']} queries/s; {r['bytes_per_image']} bytes/image in the "
-               f"index file; build {r['build_s']} s, peak RSS {r['peak_rss_mib']} MiB")
+        figure(
+            r["kind"],
+            f"recall@10 {r['recall_at_10']}, p50 {r['p50_ms']} ms",
+            "",
+            f"p99 {r['p99_ms']} ms, a batch {r['batch_qps']} queries/s; {r['bytes_per_image']} bytes/image in the "
+            f"index file; build {r['build_s']} s, peak RSS {r['peak_rss_mib']} MiB",
+        )
         for r in res["rows"]
     ]
 

@@ -59,11 +59,11 @@ def probes_needed(ivf, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
     out = np.empty(len(x), np.int64)
     for s in range(0, len(x), 1000):
-        sx, sy = x[s:s + 1000] @ centroids.T, y[s:s + 1000] @ centroids.T
+        sx, sy = x[s : s + 1000] @ centroids.T, y[s : s + 1000] @ centroids.T
         r = np.arange(len(sx))
         rank_x = (sx > sx[r, sy.argmax(1)][:, None]).sum(1)  # centroids x prefers to y's list
         rank_y = (sy > sy[r, sx.argmax(1)][:, None]).sum(1)
-        out[s:s + 1000] = np.minimum(rank_x, rank_y) + 1
+        out[s : s + 1000] = np.minimum(rank_x, rank_y) + 1
     return out
 
 
@@ -84,8 +84,9 @@ def make_planted(features: Path, n: int, n_groups: int, shard_size: int, seed: i
             vecs[i] = copy_of(original, rng.uniform(0.82, 0.97), rng)
         if g % 10 == 0:  # a byte-identical file: same content, same feature
             vecs[ids[-1]], hashes[ids[-1]] = original, hashes[ids[0]]
-    write_shards(features, vecs, model_info(DIM), shard_size, path_format="/synthetic/{:08d}.jpg", hashes=hashes,
-                 first_shard=0)
+    write_shards(
+        features, vecs, model_info(DIM), shard_size, path_format="/synthetic/{:08d}.jpg", hashes=hashes, first_shard=0
+    )
     return groups
 
 
@@ -106,15 +107,29 @@ def main() -> None:
     # Shards are written in a child process: a child's peak RSS counts the memory of the process it
     # was started from, so the measuring process stays small.
     maker = multiprocessing.get_context("spawn").Process(
-        target=make_planted, args=(features, args.n, args.groups, args.shard_size, args.seed))
+        target=make_planted, args=(features, args.n, args.groups, args.shard_size, args.seed)
+    )
     maker.start()
     maker.join()
     planted = make_planted(features, args.n, args.groups, args.shard_size, args.seed)  # the shards exist: ids only
-    print(f"shards ready in {time.perf_counter() - t0:.1f} s; host sgemm {machine['sgemm_gflops']:.0f} GFLOP/s",
-          flush=True)
+    print(
+        f"shards ready in {time.perf_counter() - t0:.1f} s; host sgemm {machine['sgemm_gflops']:.0f} GFLOP/s",
+        flush=True,
+    )
     if not (index_dir / "CURRENT").exists():
-        wall, rss, _ = run_measured([sys.executable, "-m", "pipeline", "-q", "build-index", str(features),
-                                     "--out", str(index_dir), "--no-progress"])
+        wall, rss, _ = run_measured(
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "-q",
+                "build-index",
+                str(features),
+                "--out",
+                str(index_dir),
+                "--no-progress",
+            ]
+        )
         print(f"index built in {wall:.0f} s (peak RSS {rss:.0f} MiB)", flush=True)
     version = index_dir / "versions" / (index_dir / "CURRENT").read_text().strip()
     meta = json.loads((version / "meta.json").read_text())
@@ -122,9 +137,22 @@ def main() -> None:
 
     gap = PROBE_GAP * float(np.sqrt(2 - 2 * args.threshold))
     probing = Probing(args.nprobe, args.nprobe) if args.nprobe else Probing(meta["nprobe"], MAX_PROBES, gap)
-    wall, rss, out = run_measured([sys.executable, "-m", "pipeline", "-q", "duplicates", "--index", str(index_dir),
-                                   "--threshold", str(args.threshold), "--json", "--no-progress"]
-                                  + (["--nprobe", str(args.nprobe)] if args.nprobe else []))
+    wall, rss, out = run_measured(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "-q",
+            "duplicates",
+            "--index",
+            str(index_dir),
+            "--threshold",
+            str(args.threshold),
+            "--json",
+            "--no-progress",
+        ]
+        + (["--nprobe", str(args.nprobe)] if args.nprobe else [])
+    )
     found = json.loads(out)
     group_of = {int(Path(img["path"]).stem): g["group"] for g in found for img in g["images"]}
 
@@ -164,31 +192,65 @@ def main() -> None:
     in_reach = [ids for ids, g in zip(planted, group_reached, strict=True) if g]
     recovered_in_reach = sum(map(is_recovered, in_reach))
     sample = ivf.reconstruct_batch(np.random.default_rng(1).choice(index.ntotal, 20_000, replace=False))
-    probed = np.bincount(duplicates.probe_table(ivf, lambda s: sample[s], len(sample), probing)[0],
-                         minlength=len(sample))
+    probed = np.bincount(
+        duplicates.probe_table(ivf, lambda s: sample[s], len(sample), probing)[0], minlength=len(sample)
+    )
     res = {
-        "n": args.n, "groups": args.groups, "factory": meta["factory"], "tuned_nprobe": meta["nprobe"],
-        "threshold": args.threshold, "fixed_nprobe": args.nprobe,
-        "probing": {"least": probing.least, "most": probing.most, "gap": probing.gap and round(probing.gap, 5),
-                    "probe_gap": PROBE_GAP, "lists_per_vector_mean": round(float(probed.mean()), 1),
-                    "p99": int(np.quantile(probed, 0.99)), "max": int(probed.max())},
-        "range_search_nprobe": range_nprobe, "wall_s": round(wall, 1), "peak_rss_mib": round(rss),
-        "index_mib": round(index_mib), "rss_over_index": round(rss / index_mib, 3),
-        "faiss_range_search_s_extrapolated": round(range_s), "planted_groups": len(planted), "recovered": recovered,
-        "planted_groups_merged_together": merged, "planted_pair_recall_by_nprobe": pair_recall, "other_groups": extra,
-        "groups_found": len(found), "planted_pairs_compared": round(float(reached.mean()), 5),
-        "planted_groups_in_reach": len(in_reach), "recovered_in_reach": recovered_in_reach,
+        "n": args.n,
+        "groups": args.groups,
+        "factory": meta["factory"],
+        "tuned_nprobe": meta["nprobe"],
+        "threshold": args.threshold,
+        "fixed_nprobe": args.nprobe,
+        "probing": {
+            "least": probing.least,
+            "most": probing.most,
+            "gap": probing.gap and round(probing.gap, 5),
+            "probe_gap": PROBE_GAP,
+            "lists_per_vector_mean": round(float(probed.mean()), 1),
+            "p99": int(np.quantile(probed, 0.99)),
+            "max": int(probed.max()),
+        },
+        "range_search_nprobe": range_nprobe,
+        "wall_s": round(wall, 1),
+        "peak_rss_mib": round(rss),
+        "index_mib": round(index_mib),
+        "rss_over_index": round(rss / index_mib, 3),
+        "faiss_range_search_s_extrapolated": round(range_s),
+        "planted_groups": len(planted),
+        "recovered": recovered,
+        "planted_groups_merged_together": merged,
+        "planted_pair_recall_by_nprobe": pair_recall,
+        "other_groups": extra,
+        "groups_found": len(found),
+        "planted_pairs_compared": round(float(reached.mean()), 5),
+        "planted_groups_in_reach": len(in_reach),
+        "recovered_in_reach": recovered_in_reach,
         "planted_pair_nprobe_needed_max": int(need.max()),
     }
-    save(args.json, AREA, TITLE, key="planted", date=date, command=command_line(), host=machine, dim=DIM,
-         setup=setup(res), figures=figures(res), result=res)
+    save(
+        args.json,
+        AREA,
+        TITLE,
+        key="planted",
+        date=date,
+        command=command_line(),
+        host=machine,
+        dim=DIM,
+        setup=setup(res),
+        figures=figures(res),
+        result=res,
+    )
 
 
 def setup(res: dict) -> str:
     pr = res["probing"]
-    probing = (f"{res['fixed_nprobe']} lists per vector" if res.get("fixed_nprobe") else
-               f"the lists within {pr['gap']} of its nearest centroid's score (PROBE_GAP {pr['probe_gap']} × "
-               f"sqrt(2 − 2 × threshold)), at least the tuned {pr['least']}, at most {pr['most']}")
+    probing = (
+        f"{res['fixed_nprobe']} lists per vector"
+        if res.get("fixed_nprobe")
+        else f"the lists within {pr['gap']} of its nearest centroid's score (PROBE_GAP {pr['probe_gap']} × "
+        f"sqrt(2 − 2 × threshold)), at least the tuned {pr['least']}, at most {pr['most']}"
+    )
     return (
         f"`pipeline duplicates` (a fresh process) on {res['n']:,} synthetic {DIM}-d unit vectors in real shards (the "
         f"benchmarks' set) with {res['planted_groups']:,} planted groups of 2–8: copies at cosine 0.82–0.97 to their "
@@ -201,18 +263,37 @@ def figures(res: dict) -> list[dict]:
     pr = res["probing"]
     everyone = res["recovered"] == res["planted_groups"] and res["planted_groups_merged_together"] == 0
     return [
-        figure("planted groups recovered (none merged with another)", f"{res['recovered']} / {res['planted_groups']}",
-               "", f"{res['planted_groups_merged_together']} merged; {res['other_groups']} other groups: background "
-               "pairs above the threshold", target="all", met=everyone),
+        figure(
+            "planted groups recovered (none merged with another)",
+            f"{res['recovered']} / {res['planted_groups']}",
+            "",
+            f"{res['planted_groups_merged_together']} merged; {res['other_groups']} other groups: background "
+            "pairs above the threshold",
+            target="all",
+            met=everyone,
+        ),
         figure("wall time, whole process", res["wall_s"], " s", target="≤ 600 s", met=res["wall_s"] <= 600),
-        figure("peak RSS / index size", res["rss_over_index"], "×",
-               f"{res['peak_rss_mib']} MiB for a {res['index_mib']} MiB index", target="≤ 2",
-               met=res["rss_over_index"] <= 2),
+        figure(
+            "peak RSS / index size",
+            res["rss_over_index"],
+            "×",
+            f"{res['peak_rss_mib']} MiB for a {res['index_mib']} MiB index",
+            target="≤ 2",
+            met=res["rss_over_index"] <= 2,
+        ),
         figure("lists probed per vector", pr["lists_per_vector_mean"], "", f"p99 {pr['p99']}, max {pr['max']}"),
-        figure("planted copy-original pairs compared", res["planted_pairs_compared"], "",
-               f"the largest fixed nprobe a pair needs: {res['planted_pair_nprobe_needed_max']}"),
-        figure(f"for comparison: faiss range search, every vector a query (nprobe {res['range_search_nprobe']})",
-               res["faiss_range_search_s_extrapolated"], " s", "timed on 2,000 vectors, extrapolated"),
+        figure(
+            "planted copy-original pairs compared",
+            res["planted_pairs_compared"],
+            "",
+            f"the largest fixed nprobe a pair needs: {res['planted_pair_nprobe_needed_max']}",
+        ),
+        figure(
+            f"for comparison: faiss range search, every vector a query (nprobe {res['range_search_nprobe']})",
+            res["faiss_range_search_s_extrapolated"],
+            " s",
+            "timed on 2,000 vectors, extrapolated",
+        ),
     ]
 
 

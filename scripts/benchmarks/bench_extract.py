@@ -56,7 +56,7 @@ def batches_by_shape(pixels: list[np.ndarray], batch: int) -> list[np.ndarray]:
     by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
     for px in pixels:
         by_shape.setdefault(px.shape, []).append(px)
-    return [np.stack(p[i:i + batch]) for p in by_shape.values() for i in range(0, len(p), batch)]
+    return [np.stack(p[i : i + batch]) for p in by_shape.values() for i in range(0, len(p), batch)]
 
 
 START_PHOTOS = 16  # (b) on these alone: the process's start-up (imports, model load, workers) and first batches
@@ -78,8 +78,21 @@ def time_bare(model: Path, pixels: list[np.ndarray], batch: int, threads: int = 
 
 def time_extract(model: Path, photo_dir: Path, out: Path, extra: list[str]) -> tuple[float, float]:
     """Wall seconds and images per second of a whole `pipeline extract` process."""
-    cmd = [sys.executable, "-m", "pipeline", "-q", "extract", str(photo_dir), "--out", str(out),
-           "--model", str(model), "--no-progress", "--json", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "-q",
+        "extract",
+        str(photo_dir),
+        "--out",
+        str(out),
+        "--model",
+        str(model),
+        "--no-progress",
+        "--json",
+        *extra,
+    ]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t0
@@ -159,11 +172,19 @@ def main() -> None:
             print(f"{tag} (b) pipeline extract: {b:.2f} img/s ({wall:.1f} s wall)", flush=True)
             wall0, _ = time_extract(model, start_dir, tmp / f"features-{tag}-start", [])
             steady = (len(files) - START_PHOTOS) / (wall - wall0)
-            print(f"{tag} (b') streaming, past the first {START_PHOTOS} photos ({wall0:.1f} s): {steady:.2f} img/s",
-                  flush=True)
-            res[tag] = {"bare_img_s": round(a, 2), "extract_img_s": round(b, 2), "extract_wall_s": round(wall, 1),
-                        "ratio_extract_to_bare": round(b / a, 3), "start_wall_s": round(wall0, 2),
-                        "extract_streaming_img_s": round(steady, 2), "ratio_streaming_to_bare": round(steady / a, 3)}
+            print(
+                f"{tag} (b') streaming, past the first {START_PHOTOS} photos ({wall0:.1f} s): {steady:.2f} img/s",
+                flush=True,
+            )
+            res[tag] = {
+                "bare_img_s": round(a, 2),
+                "extract_img_s": round(b, 2),
+                "extract_wall_s": round(wall, 1),
+                "ratio_extract_to_bare": round(b / a, 3),
+                "start_wall_s": round(wall0, 2),
+                "extract_streaming_img_s": round(steady, 2),
+                "ratio_streaming_to_bare": round(steady / a, 3),
+            }
         c = time_seed(args.model, files)
         print(f"fp32 (c) seed approach: {c:.2f} img/s", flush=True)
         res["fp32"]["seed_img_s"] = round(c, 2)
@@ -188,13 +209,28 @@ def main() -> None:
                 (sub_dir / f.name).symlink_to(f.resolve())
             for workers in (1, 2):
                 for batch in (8, 16):
-                    _, r = time_extract(args.int8, sub_dir, tmp / f"sw-{workers}-{batch}",
-                                        ["--workers", str(workers), "--batch-size", str(batch)])
+                    _, r = time_extract(
+                        args.int8,
+                        sub_dir,
+                        tmp / f"sw-{workers}-{batch}",
+                        ["--workers", str(workers), "--batch-size", str(batch)],
+                    )
                     sweep.append({"model": "int8", "extract_workers": workers, "batch": batch, "img_s": round(r, 2)})
                     print(f"sweep extract int8 workers={workers} batch={batch}: {r:.2f} img/s", flush=True)
             res["sweep"] = sweep
-    save(args.json, AREA, TITLE, key="default", date=date, command=command_line(), host=machine, dim=res["dim"],
-         setup=setup(res), figures=figures(res), result=res)
+    save(
+        args.json,
+        AREA,
+        TITLE,
+        key="default",
+        date=date,
+        command=command_line(),
+        host=machine,
+        dim=res["dim"],
+        setup=setup(res),
+        figures=figures(res),
+        result=res,
+    )
 
 
 def setup(res: dict) -> str:
@@ -212,11 +248,20 @@ def setup(res: dict) -> str:
 def figures(res: dict) -> list[dict]:
     f, i = res["fp32"], res.get("int8")
     out = [
-        figure("(b') `pipeline extract` streaming / (a) bare session, fp32", f["ratio_streaming_to_bare"], "×",
-               f"{f['extract_streaming_img_s']} vs {f['bare_img_s']} img/s", target="≥ 0.90",
-               met=f["ratio_streaming_to_bare"] >= 0.90),
-        figure("(b) the whole `pipeline extract` process / (a), fp32", f["ratio_extract_to_bare"], "×",
-               f"{f['extract_img_s']} img/s" + (f", {f['extract_wall_s']} s" if "extract_wall_s" in f else "")),
+        figure(
+            "(b') `pipeline extract` streaming / (a) bare session, fp32",
+            f["ratio_streaming_to_bare"],
+            "×",
+            f"{f['extract_streaming_img_s']} vs {f['bare_img_s']} img/s",
+            target="≥ 0.90",
+            met=f["ratio_streaming_to_bare"] >= 0.90,
+        ),
+        figure(
+            "(b) the whole `pipeline extract` process / (a), fp32",
+            f["ratio_extract_to_bare"],
+            "×",
+            f"{f['extract_img_s']} img/s" + (f", {f['extract_wall_s']} s" if "extract_wall_s" in f else ""),
+        ),
         figure("(a) bare session, fp32", f["bare_img_s"], " img/s"),
         figure("(c) the seed article's approach, fp32", f["seed_img_s"], " img/s"),
     ]
@@ -224,13 +269,28 @@ def figures(res: dict) -> list[dict]:
         out.append(figure("decoding alone, one core", res["decode_one_core_img_s"], " img/s"))
     if i is not None:
         out += [
-            figure("int8 / fp32, whole `pipeline extract` process", i["speedup_extract"], "×",
-                   f"{i['extract_img_s']} vs {f['extract_img_s']} img/s", target="≥ 1.7",
-                   met=i["speedup_extract"] >= 1.7),
-            figure("cosine of int8 to fp32 features, mean", i["cosine_to_fp32_mean"], "",
-                   f"min {i['cosine_to_fp32_min']}", target="≥ 0.98", met=i["cosine_to_fp32_mean"] >= 0.98),
-            figure("(b') / (a), int8", i["ratio_streaming_to_bare"], "×",
-                   f"{i['extract_streaming_img_s']} vs {i['bare_img_s']} img/s"),
+            figure(
+                "int8 / fp32, whole `pipeline extract` process",
+                i["speedup_extract"],
+                "×",
+                f"{i['extract_img_s']} vs {f['extract_img_s']} img/s",
+                target="≥ 1.7",
+                met=i["speedup_extract"] >= 1.7,
+            ),
+            figure(
+                "cosine of int8 to fp32 features, mean",
+                i["cosine_to_fp32_mean"],
+                "",
+                f"min {i['cosine_to_fp32_min']}",
+                target="≥ 0.98",
+                met=i["cosine_to_fp32_mean"] >= 0.98,
+            ),
+            figure(
+                "(b') / (a), int8",
+                i["ratio_streaming_to_bare"],
+                "×",
+                f"{i['extract_streaming_img_s']} vs {i['bare_img_s']} img/s",
+            ),
         ]
     return out
 

@@ -69,16 +69,32 @@ def main() -> None:
     centres = make_shards(features, args.n, args.shard_size, args.seed, args.dim)
     print(f"shards ready in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    wall_a, rss_a, out = run_measured([sys.executable, "-m", "pipeline", "-q", "build-index", str(features),
-                                       "--out", str(index_dir), "--json", "--no-progress"])
+    wall_a, rss_a, out = run_measured(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "-q",
+            "build-index",
+            str(features),
+            "--out",
+            str(index_dir),
+            "--json",
+            "--no-progress",
+        ]
+    )
     meta = json.loads(out)
     index_file = Path(meta["version_dir"]) / "index.faiss"
     index_mib = index_file.stat().st_size / 2**20
-    print(f"(a) pipeline build-index: {wall_a:.1f} s, peak RSS {rss_a:.0f} MiB, index {index_mib:.0f} MiB, "
-          f"{meta['factory']} nprobe {meta['nprobe']} recall@10 {meta['recall_at_10']}", flush=True)
+    print(
+        f"(a) pipeline build-index: {wall_a:.1f} s, peak RSS {rss_a:.0f} MiB, index {index_mib:.0f} MiB, "
+        f"{meta['factory']} nprobe {meta['nprobe']} recall@10 {meta['recall_at_10']}",
+        flush=True,
+    )
 
-    _, _, out = run_measured([sys.executable, "-c", RAW_FAISS, str(ROOT), str(features), meta["factory"],
-                              str(meta["train_size"])])
+    _, _, out = run_measured(
+        [sys.executable, "-c", RAW_FAISS, str(ROOT), str(features), meta["factory"], str(meta["train_size"])]
+    )
     raw = json.loads(out)
     raw_s = raw["train_s"] + raw["add_s"]
     print(f"(b) raw faiss train {raw['train_s']:.1f} s + add {raw['add_s']:.1f} s = {raw_s:.1f} s", flush=True)
@@ -103,18 +119,38 @@ def main() -> None:
         lat.append((time.perf_counter() - t) * 1000)
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     res = {
-        "n": args.n, "dim": args.dim, "factory": meta["factory"], "nprobe": meta["nprobe"],
-        "train_size": meta["train_size"], "pipeline_build_s": round(wall_a, 1), "pipeline_timings": meta["timings"],
-        "raw_faiss_s": round(raw_s, 1), "raw_faiss": {k: round(v, 1) for k, v in raw.items()},
+        "n": args.n,
+        "dim": args.dim,
+        "factory": meta["factory"],
+        "nprobe": meta["nprobe"],
+        "train_size": meta["train_size"],
+        "pipeline_build_s": round(wall_a, 1),
+        "pipeline_timings": meta["timings"],
+        "raw_faiss_s": round(raw_s, 1),
+        "raw_faiss": {k: round(v, 1) for k, v in raw.items()},
         "ratio": round(wall_a / raw_s, 3),
-        "peak_rss_mib": round(rss_a), "index_mib": round(index_mib), "rss_over_index": round(rss_a / index_mib, 3),
+        "peak_rss_mib": round(rss_a),
+        "index_mib": round(index_mib),
+        "rss_over_index": round(rss_a / index_mib, 3),
         "tuned_recall_at_10": meta["recall_at_10"],
-        "heldout_recall_at_10": round(recall, 4), "batch_qps": round(batch_qps),
+        "heldout_recall_at_10": round(recall, 4),
+        "batch_qps": round(batch_qps),
         "latency_ms_p50": round(float(np.percentile(lat, 50)), 3),
         "latency_ms_p99": round(float(np.percentile(lat, 99)), 3),
     }
-    save(args.json, AREA, TITLE, key=f"{args.dim}-d", date=date, command=command_line(), host=machine, dim=args.dim,
-         setup=setup(res), figures=figures(res), result=res)
+    save(
+        args.json,
+        AREA,
+        TITLE,
+        key=f"{args.dim}-d",
+        date=date,
+        command=command_line(),
+        host=machine,
+        dim=args.dim,
+        setup=setup(res),
+        figures=figures(res),
+        result=res,
+    )
 
 
 def setup(res: dict) -> str:
@@ -131,17 +167,32 @@ def setup(res: dict) -> str:
 def figures(res: dict) -> list[dict]:
     t, raw = res["pipeline_timings"], res["raw_faiss"]
     return [
-        figure("`pipeline build-index` (a) / raw faiss train + add (b)", res["ratio"], "×",
-               f"{res['pipeline_build_s']} vs {res['raw_faiss_s']} s; (a) trains {t.get('train_s')}, adds "
-               f"{t.get('add_s')}, tunes {t.get('tune_s')} s; (b) {raw['train_s']} + {raw['add_s']} s",
-               target="≤ 1.2", met=res["ratio"] <= 1.2),
-        figure("peak RSS of (a) / index size", res["rss_over_index"], "×",
-               f"{res['peak_rss_mib']} MiB for a {res['index_mib']} MiB index",
-               target="≤ 1.5 × index + 400 MiB", met=res["peak_rss_mib"] <= 1.5 * res["index_mib"] + 400),
-        figure(f"recall@10 of held-out queries, nprobe {res['nprobe']} (tuned: recall@10 {res['tuned_recall_at_10']})",
-               res["heldout_recall_at_10"]),
-        figure("single query p50 / p99 (raw faiss, one thread)", f"{res['latency_ms_p50']} / {res['latency_ms_p99']}",
-               " ms"),
+        figure(
+            "`pipeline build-index` (a) / raw faiss train + add (b)",
+            res["ratio"],
+            "×",
+            f"{res['pipeline_build_s']} vs {res['raw_faiss_s']} s; (a) trains {t.get('train_s')}, adds "
+            f"{t.get('add_s')}, tunes {t.get('tune_s')} s; (b) {raw['train_s']} + {raw['add_s']} s",
+            target="≤ 1.2",
+            met=res["ratio"] <= 1.2,
+        ),
+        figure(
+            "peak RSS of (a) / index size",
+            res["rss_over_index"],
+            "×",
+            f"{res['peak_rss_mib']} MiB for a {res['index_mib']} MiB index",
+            target="≤ 1.5 × index + 400 MiB",
+            met=res["peak_rss_mib"] <= 1.5 * res["index_mib"] + 400,
+        ),
+        figure(
+            f"recall@10 of held-out queries, nprobe {res['nprobe']} (tuned: recall@10 {res['tuned_recall_at_10']})",
+            res["heldout_recall_at_10"],
+        ),
+        figure(
+            "single query p50 / p99 (raw faiss, one thread)",
+            f"{res['latency_ms_p50']} / {res['latency_ms_p99']}",
+            " ms",
+        ),
         figure("batch of 1,000 queries", res["batch_qps"], " queries/s"),
     ]
 

@@ -64,10 +64,16 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "RAY_
 
 def run_extract(photos: Path, out: Path, model: Path, *extra: str, ray_data: bool = False) -> dict:
     """`pipeline extract` (or its Ray Data variant, below) in a fresh process; its --json report and wall time."""
-    args = ([__file__, "--ray-data-extract"] if ray_data else ["-m", "pipeline", "-q", "extract", "--json"])
+    args = [__file__, "--ray-data-extract"] if ray_data else ["-m", "pipeline", "-q", "extract", "--json"]
     t = time.perf_counter()
-    done = subprocess.run([sys.executable, *args, str(photos), "--out", str(out), "--model", str(model), *extra],
-                          env=ENV, check=True, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(
+        [sys.executable, *args, str(photos), "--out", str(out), "--model", str(model), *extra],
+        env=ENV,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     wall = time.perf_counter() - t
     return {**json.loads(done.stdout), "wall_s": round(wall, 2)}
 
@@ -104,12 +110,17 @@ class RayDataDistributor(distributed.RayDistributor):
         first = next_shard_number(job.out)
         frames = []
         for k, lo in enumerate(range(0, len(todo), job.shard_size)):
-            task = todo[lo:lo + job.shard_size]
+            task = todo[lo : lo + job.shard_size]
             known = json.dumps(catalog.live_features_of_size([f[2] for f in task], distributed.KNOWN_PER_TASK))
             frames.append(pd.DataFrame({"shard": first + k, "file": [json.dumps(f) for f in task], "known": known}))
         ds = ray.data.from_pandas(frames).map_batches(
-            ShardMapper, batch_size=None, batch_format="numpy", num_cpus=min(n["Resources"]["CPU"] for n in nodes),
-            compute=ray.data.ActorPoolStrategy(size=len(nodes)), fn_constructor_args=(job,))
+            ShardMapper,
+            batch_size=None,
+            batch_format="numpy",
+            num_cpus=min(n["Resources"]["CPU"] for n in nodes),
+            compute=ray.data.ActorPoolStrategy(size=len(nodes)),
+            fn_constructor_args=(job,),
+        )
         for row in ds.iter_rows():
             result = pickle.loads(row["result"])
             record_task(catalog, result, report)
@@ -128,8 +139,9 @@ def ray_data_extract(argv: list[str]) -> None:
     ap.add_argument("--shard-size", type=int, required=True)
     ap.add_argument("--ray", required=True)
     a = ap.parse_args(argv)
-    report = extract([a.photos], a.out, a.model, shard_size=a.shard_size, distributor=RayDataDistributor(a.ray),
-                     progress=False)
+    report = extract(
+        [a.photos], a.out, a.model, shard_size=a.shard_size, distributor=RayDataDistributor(a.ray), progress=False
+    )
     print(json.dumps(report.to_dict()))
 
 
@@ -149,14 +161,29 @@ def started_cluster(work: Path, cpus: list[int]) -> Iterator[str]:
     groups: list[int] = []
     try:
         for i, n in enumerate(cpus):
-            where = (["--head", f"--port={port}", "--include-dashboard=false", f"--dashboard-port={free_port()}"]
-                     if i == 0 else [f"--address=127.0.0.1:{port}"])
+            where = (
+                ["--head", f"--port={port}", "--include-dashboard=false", f"--dashboard-port={free_port()}"]
+                if i == 0
+                else [f"--address=127.0.0.1:{port}"]
+            )
             # the node's agents would take fixed default ports: the second node's would clash with the head's
             started = subprocess.Popen(
-                [ray_bin, "start", *where, f"--num-cpus={n}", f"--temp-dir={work / f'ray-node{i}'}",
-                 f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-                 "--disable-usage-stats"], env=ENV, start_new_session=True, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, text=True)
+                [
+                    ray_bin,
+                    "start",
+                    *where,
+                    f"--num-cpus={n}",
+                    f"--temp-dir={work / f'ray-node{i}'}",
+                    f"--dashboard-agent-listen-port={free_port()}",
+                    f"--metrics-export-port={free_port()}",
+                    "--disable-usage-stats",
+                ],
+                env=ENV,
+                start_new_session=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             groups.append(started.pid)
             out, _ = started.communicate(timeout=300)
             if started.returncode:
@@ -215,7 +242,8 @@ def bench_extract(photos: Path, model: Path, work: Path, shard_size: int) -> dic
     runs = {"local": local, "ray": on_ray, "ray_data": on_ray_data, "two_nodes": two}
     base = features(work / "local")
     return {
-        "images": local["extracted"], "nodes": nodes,
+        "images": local["extracted"],
+        "nodes": nodes,
         **{f"{k}_s": r["wall_s"] for k, r in runs.items()},
         **{f"{k}_ips": r["images_per_second"] for k, r in runs.items()},
         "ray_ratio": round(on_ray["wall_s"] / local["wall_s"], 3),
@@ -233,7 +261,7 @@ def bench_merge(n: int, parts: int, dim: int = 512, seed: int = 0) -> dict:
     centres = rng.normal(size=(1000, dim)).astype(np.float32)
     x = np.empty((n, dim), np.float32)
     for s in range(0, n, 100_000):
-        x[s:s + 100_000] = clustered(min(100_000, n - s), centres, rng, spread=0.5 * np.sqrt(dim))
+        x[s : s + 100_000] = clustered(min(100_000, n - s), centres, rng, spread=0.5 * np.sqrt(dim))
     nlist = 2 ** int(np.ceil(np.log2(4 * np.sqrt(n))))
     trained = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
     t = time.perf_counter()
@@ -266,12 +294,18 @@ def bench_merge(n: int, parts: int, dim: int = 512, seed: int = 0) -> dict:
     params = faiss.SearchParametersIVF(nprobe=16)
     d1, i1 = single.search(queries, 10, params=params)
     d2, i2 = merged.search(queries, 10, params=params)
-    return {"vectors": n, "nlist": nlist, "parts": parts, "train_s": round(train_s, 1),
-            "single_add_s": round(single_s, 1),
-            "partial_add_s_max": round(max(part_s), 1), "partial_add_s_sum": round(sum(part_s), 1),
-            "merge_s": round(merge_s, 1),
-            "bytes_equal": bool(np.array_equal(faiss.serialize_index(single), faiss.serialize_index(merged))),
-            "search_equal": bool(np.array_equal(i1, i2) and np.array_equal(d1, d2))}
+    return {
+        "vectors": n,
+        "nlist": nlist,
+        "parts": parts,
+        "train_s": round(train_s, 1),
+        "single_add_s": round(single_s, 1),
+        "partial_add_s_max": round(max(part_s), 1),
+        "partial_add_s_sum": round(sum(part_s), 1),
+        "merge_s": round(merge_s, 1),
+        "bytes_equal": bool(np.array_equal(faiss.serialize_index(single), faiss.serialize_index(merged))),
+        "search_equal": bool(np.array_equal(i1, i2) and np.array_equal(d1, d2)),
+    }
 
 
 def main() -> None:
@@ -282,8 +316,12 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--vectors", type=int, default=1_000_000)
     ap.add_argument("--parts", type=int, default=10)
-    ap.add_argument("--shard-size", type=int, default=64,
-                    help="images per shard (= per Ray task): small enough that both nodes of the two-node cluster work")
+    ap.add_argument(
+        "--shard-size",
+        type=int,
+        default=64,
+        help="images per shard (= per Ray task): small enough that both nodes of the two-node cluster work",
+    )
     add_json_option(ap, AREA)
     args = ap.parse_args()
     os.environ["RAY_AUTH_MODE"] = "disabled"  # this process joins the two-node cluster too
@@ -294,15 +332,27 @@ def main() -> None:
     mg = bench_merge(args.vectors, args.parts)
     res = {"extract": ex, "merge": mg, "shard_size": args.shard_size, "model": read_model_info(args.model).short()}
     dim = read_model_info(args.model).dim
-    save(args.json, AREA, TITLE, key="default", date=date, command=command_line(), host=machine, dim=dim,
-         setup=setup(res), figures=figures(res), result=res)
+    save(
+        args.json,
+        AREA,
+        TITLE,
+        key="default",
+        date=date,
+        command=command_line(),
+        host=machine,
+        dim=dim,
+        setup=setup(res),
+        figures=figures(res),
+        result=res,
+    )
 
 
 def setup(res: dict) -> str:
     ex, mg = res["extract"], res["merge"]
     return (
         f"Extraction of {ex['images']} real photos (`scripts/eval/fetch_photos.py`"
-        + (f"; model {res['model']}" if "model" in res else "") + "), "
+        + (f"; model {res['model']}" if "model" in res else "")
+        + "), "
         f"shards of {res['shard_size']} (= Ray tasks), each run a fresh process, wall time: `pipeline extract` against "
         "`pipeline extract --ray ADDRESS` (actors, distributed.py) on a one-node cluster from `ray start --head`, the "
         "same job as Ray Data `map_batches` over an actor pool on that cluster, and the actors on a two-node cluster "
@@ -317,19 +367,47 @@ def figures(res: dict) -> list[dict]:
     equal = ex["ray_equal"] and ex["ray_data_equal"] and ex["two_nodes_equal"]
     merged = mg["bytes_equal"] and mg["search_equal"]
     return [
-        figure("`pipeline extract --ray` (actors, one node) / `pipeline extract`", ex["ray_ratio"], "×",
-               f"{ex['ray_s']} vs {ex['local_s']} s", target="≤ 1.15", met=ex["ray_ratio"] <= 1.15),
-        figure("Ray Data `map_batches` / `pipeline extract`", ex["ray_data_ratio"], "×",
-               f"{ex['ray_data_s']} vs {ex['local_s']} s"),
-        figure(f"actors on a two-node cluster ({ex['nodes']} × 1 CPU) / `pipeline extract`",
-               round(ex["two_nodes_s"] / ex["local_s"], 3), "×", f"{ex['two_nodes_s']} vs {ex['local_s']} s"),
-        figure("features of the three Ray runs against the local run's", "bitwise equal" if equal else "DIFFERENT",
-               target="bitwise equal", met=equal),
-        figure(f"{mg['parts']} partial IVF indexes merged against one index filled in {mg['parts']} adds",
-               "byte-equal, same top-10" if merged else "different", "",
-               "top-10 ids and scores of 1,000 queries at nprobe 16", target="byte-equal", met=merged, dim=512),
-        figure("index fill: slowest partial + merge / one index's adds",
-               f"{mg['partial_add_s_max']} + {mg['merge_s']} / {mg['single_add_s']}", " s", dim=512),
+        figure(
+            "`pipeline extract --ray` (actors, one node) / `pipeline extract`",
+            ex["ray_ratio"],
+            "×",
+            f"{ex['ray_s']} vs {ex['local_s']} s",
+            target="≤ 1.15",
+            met=ex["ray_ratio"] <= 1.15,
+        ),
+        figure(
+            "Ray Data `map_batches` / `pipeline extract`",
+            ex["ray_data_ratio"],
+            "×",
+            f"{ex['ray_data_s']} vs {ex['local_s']} s",
+        ),
+        figure(
+            f"actors on a two-node cluster ({ex['nodes']} × 1 CPU) / `pipeline extract`",
+            round(ex["two_nodes_s"] / ex["local_s"], 3),
+            "×",
+            f"{ex['two_nodes_s']} vs {ex['local_s']} s",
+        ),
+        figure(
+            "features of the three Ray runs against the local run's",
+            "bitwise equal" if equal else "DIFFERENT",
+            target="bitwise equal",
+            met=equal,
+        ),
+        figure(
+            f"{mg['parts']} partial IVF indexes merged against one index filled in {mg['parts']} adds",
+            "byte-equal, same top-10" if merged else "different",
+            "",
+            "top-10 ids and scores of 1,000 queries at nprobe 16",
+            target="byte-equal",
+            met=merged,
+            dim=512,
+        ),
+        figure(
+            "index fill: slowest partial + merge / one index's adds",
+            f"{mg['partial_add_s_max']} + {mg['merge_s']} / {mg['single_add_s']}",
+            " s",
+            dim=512,
+        ),
     ]
 
 

@@ -55,7 +55,7 @@ def main() -> None:
             shutil.copy(p, collection / p.name)
         for label in ("from scratch", "no changes"):
             rows.append((label, *run(collection, work)))
-        for p in photos[args.count: args.count + 10]:
+        for p in photos[args.count : args.count + 10]:
             shutil.copy(p, collection / p.name)
         names = sorted(collection.iterdir())
         for p in names[:5]:
@@ -69,13 +69,33 @@ def main() -> None:
         indexed = sorted(p for (p,) in db.execute("SELECT path FROM images"))
         db.close()
         exact = indexed == sorted(str(p) for p in collection.iterdir())
-    res = {"photos": args.count, "dim": dim,
-           "runs": [{"run": label, "wall_s": round(wall, 1), **{k: r["extract"][k] for k in
-                     ("new", "changed", "moved", "deleted", "unchanged", "extracted")},
-                     "index_built": r["index_built"]} for label, wall, r in rows],
-           "index_matches_live_files": exact}
-    save(args.json, AREA, TITLE, key="default", date=date, command=command_line(), host=machine, dim=dim,
-         setup=setup(res), figures=figures(res), result=res)
+    res = {
+        "photos": args.count,
+        "dim": dim,
+        "runs": [
+            {
+                "run": label,
+                "wall_s": round(wall, 1),
+                **{k: r["extract"][k] for k in ("new", "changed", "moved", "deleted", "unchanged", "extracted")},
+                "index_built": r["index_built"],
+            }
+            for label, wall, r in rows
+        ],
+        "index_matches_live_files": exact,
+    }
+    save(
+        args.json,
+        AREA,
+        TITLE,
+        key="default",
+        date=date,
+        command=command_line(),
+        host=machine,
+        dim=dim,
+        setup=setup(res),
+        figures=figures(res),
+        result=res,
+    )
 
 
 def setup(res: dict) -> str:
@@ -89,13 +109,28 @@ def setup(res: dict) -> str:
 def figures(res: dict) -> list[dict]:
     first, same, changed = res["runs"]
     return [
-        figure("no changes: images through the model", same["extracted"], "", f"{same['wall_s']} s, index "
-               + ("built" if same["index_built"] else "up to date, not built"), target="0", met=same["extracted"] == 0),
-        figure("+10, −5, 5 renamed: images through the model", changed["extracted"], "",
-               f"{changed['wall_s']} s; {changed['moved']} moved, {changed['deleted']} deleted",
-               target="exactly 10", met=changed["extracted"] == 10),
-        figure("the index afterwards holds exactly the live files", "yes" if res["index_matches_live_files"] else "no",
-               target="yes", met=res["index_matches_live_files"]),
+        figure(
+            "no changes: images through the model",
+            same["extracted"],
+            "",
+            f"{same['wall_s']} s, index " + ("built" if same["index_built"] else "up to date, not built"),
+            target="0",
+            met=same["extracted"] == 0,
+        ),
+        figure(
+            "+10, −5, 5 renamed: images through the model",
+            changed["extracted"],
+            "",
+            f"{changed['wall_s']} s; {changed['moved']} moved, {changed['deleted']} deleted",
+            target="exactly 10",
+            met=changed["extracted"] == 10,
+        ),
+        figure(
+            "the index afterwards holds exactly the live files",
+            "yes" if res["index_matches_live_files"] else "no",
+            target="yes",
+            met=res["index_matches_live_files"],
+        ),
         figure(f"from scratch, {first['extracted']} images", first["wall_s"], " s"),
     ]
 

@@ -115,8 +115,12 @@ def child_raw(features: str, factory: str, train_size: str) -> None:
     take = sample_runs(np.random.default_rng(SEED), n, int(train_size))
     starts = np.concatenate([[0], np.cumsum(counts)])
     t0 = time.perf_counter()
-    sample = np.concatenate([read_rows(p, take[(take >= a) & (take < b)] - a)
-                             for p, a, b in zip(paths, starts[:-1], starts[1:], strict=True)])
+    sample = np.concatenate(
+        [
+            read_rows(p, take[(take >= a) & (take < b)] - a)
+            for p, a, b in zip(paths, starts[:-1], starts[1:], strict=True)
+        ]
+    )
     read_s = time.perf_counter() - t0
     index = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     quantizer_search_depth(index)  # as the pipeline sets it (a no-op without an HNSW quantizer)
@@ -160,10 +164,19 @@ def child_search(index_dir: str, truth_path: str) -> None:
         t = time.perf_counter()
         searcher.search_vectors(q[None], k=10)
         lat.append((time.perf_counter() - t) * 1000)
-    print(json.dumps({"recall_at_10": recall, "batch_qps": batch_qps,
-                      "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-                      "rss_anon_mib": _status_kib("RssAnon") / 1024, "rss_file_mib": _status_kib("RssFile") / 1024,
-                      "vm_hwm_mib": _status_kib("VmHWM") / 1024}))
+    print(
+        json.dumps(
+            {
+                "recall_at_10": recall,
+                "batch_qps": batch_qps,
+                "p50_ms": float(np.percentile(lat, 50)),
+                "p99_ms": float(np.percentile(lat, 99)),
+                "rss_anon_mib": _status_kib("RssAnon") / 1024,
+                "rss_file_mib": _status_kib("RssFile") / 1024,
+                "vm_hwm_mib": _status_kib("VmHWM") / 1024,
+            }
+        )
+    )
 
 
 CANDIDATE_CODES, CANDIDATE_DEPTHS = ("SQ4", "PQ256x4fs", "PQ128x4fs", "PQ64x4fs"), (50, 200, 500, 1000)
@@ -202,8 +215,16 @@ def real_check(features: Path, work: Path) -> dict:
     plan = plan_index(n, flat_below=0, **KINDS["pq-rerank"](n))  # IVF even at this size
     out = {"n": n, "factory": plan.factory, "rerank": plan.rerank}
     for key, rerank in (("recall_at_10_codes_alone", 0), ("recall_at_10_reranked", plan.rerank)):
-        meta = build_index(features, work / f"real-{rerank}", factory=plan.factory, nprobe=plan.nlist, rerank=rerank,
-                           recall_queries=n, keep=1, progress=False).meta
+        meta = build_index(
+            features,
+            work / f"real-{rerank}",
+            factory=plan.factory,
+            nprobe=plan.nlist,
+            rerank=rerank,
+            recall_queries=n,
+            keep=1,
+            progress=False,
+        ).meta
         out[key] = meta["recall_at_10"]
         shutil.rmtree(work / f"real-{rerank}", ignore_errors=True)
     print(f"[real] {json.dumps(out)}", flush=True)
@@ -219,25 +240,50 @@ def measure_kind(name: str, n: int, features: Path, truth: Path, work: Path, raw
     version = Path(meta["version_dir"])
     index_bytes = (version / "index.faiss").stat().st_size
     store_bytes = sum((version / f).stat().st_size for f in ("vectors.npy", "vector_ids.npy") if (version / f).exists())
-    print(f"[{name}] build {wall:.1f} s, peak RSS {rss:.0f} MiB, {meta['factory']} nprobe {meta['nprobe']} "
-          f"rerank {meta.get('rerank')} tuned recall@10 {meta['recall_at_10']}", flush=True)
-    res = {"kind": name, "spec": spec, "factory": meta["factory"], "nlist": meta["nlist"], "nprobe": meta["nprobe"],
-           "rerank": meta.get("rerank", 0), "train_size": meta["train_size"], "build_s": round(wall, 1),
-           "build_timings": meta["timings"], "build_peak_rss_mib": round(rss),
-           "index_bytes_per_image": round(index_bytes / n, 1), "store_bytes_per_image": round(store_bytes / n, 1),
-           "index_mib": round(index_bytes / 2**20), "tuned_recall_at_10": meta["recall_at_10"]}
+    print(
+        f"[{name}] build {wall:.1f} s, peak RSS {rss:.0f} MiB, {meta['factory']} nprobe {meta['nprobe']} "
+        f"rerank {meta.get('rerank')} tuned recall@10 {meta['recall_at_10']}",
+        flush=True,
+    )
+    res = {
+        "kind": name,
+        "spec": spec,
+        "factory": meta["factory"],
+        "nlist": meta["nlist"],
+        "nprobe": meta["nprobe"],
+        "rerank": meta.get("rerank", 0),
+        "train_size": meta["train_size"],
+        "build_s": round(wall, 1),
+        "build_timings": meta["timings"],
+        "build_peak_rss_mib": round(rss),
+        "index_bytes_per_image": round(index_bytes / n, 1),
+        "store_bytes_per_image": round(store_bytes / n, 1),
+        "index_mib": round(index_bytes / 2**20),
+        "tuned_recall_at_10": meta["recall_at_10"],
+    }
     if raw:
         _, _, r = run_json(me + ["_raw", str(features), meta["factory"], str(meta["train_size"])])
         res["raw_faiss_s"] = round(r["train_s"] + r["add_s"], 1)
         res["raw_faiss"] = {k: round(v, 1) for k, v in r.items()}
         res["build_over_raw"] = round(wall / res["raw_faiss_s"], 3)
         res["build_over_raw_with_reading"] = round(wall / (res["raw_faiss_s"] + r["read_s"]), 3)
-        print(f"[{name}] raw faiss {res['raw_faiss_s']} s ({res['raw_faiss']}): ratio {res['build_over_raw']}, "
-              f"{res['build_over_raw_with_reading']} with its reading counted", flush=True)
+        print(
+            f"[{name}] raw faiss {res['raw_faiss_s']} s ({res['raw_faiss']}): ratio {res['build_over_raw']}, "
+            f"{res['build_over_raw_with_reading']} with its reading counted",
+            flush=True,
+        )
     _, rss, s = run_json(me + ["_search", str(out), str(truth)])
-    res.update({"heldout_recall_at_10": round(s["recall_at_10"], 4), "batch_qps": round(s["batch_qps"]),
-                "p50_ms": round(s["p50_ms"], 3), "p99_ms": round(s["p99_ms"], 3), "search_peak_rss_mib": round(rss),
-                "search_rss_anon_mib": round(s["rss_anon_mib"]), "search_rss_file_mib": round(s["rss_file_mib"])})
+    res.update(
+        {
+            "heldout_recall_at_10": round(s["recall_at_10"], 4),
+            "batch_qps": round(s["batch_qps"]),
+            "p50_ms": round(s["p50_ms"], 3),
+            "p99_ms": round(s["p99_ms"], 3),
+            "search_peak_rss_mib": round(rss),
+            "search_rss_anon_mib": round(s["rss_anon_mib"]),
+            "search_rss_file_mib": round(s["rss_file_mib"]),
+        }
+    )
     print(f"[{name}] {json.dumps(res)}", flush=True)
     return res
 
@@ -249,8 +295,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
-    ap.add_argument("--data", type=Path, default=ROOT / "bench-output" / "scale",
-                    help="where the shards and truth files are made (once) and the indexes built: about 21 GB at 10M")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=ROOT / "bench-output" / "scale",
+        help="where the shards and truth files are made (once) and the indexes built: about 21 GB at 10M",
+    )
     ap.add_argument("--shard-size", type=int, default=50_000)
     ap.add_argument("--no-raw", action="store_true", help="skip the raw faiss builds")
     ap.add_argument("--real", type=Path, help="a features folder of real photos for the codes' recall check")
@@ -275,8 +325,19 @@ def main() -> None:
     cands = candidates_check(features) if args.candidates else None
     machine["sgemm_gflops_after"] = host()["sgemm_gflops"]
     res = {"n": args.n, "queries": QUERIES, "kinds": results, "real": real, "candidates": cands}
-    save(args.json, AREA, TITLE, key=f"{args.n:,}", date=date, command=command_line(), host=machine, dim=DIM,
-         setup=setup(res), figures=figures(res), result=res)
+    save(
+        args.json,
+        AREA,
+        TITLE,
+        key=f"{args.n:,}",
+        date=date,
+        command=command_line(),
+        host=machine,
+        dim=DIM,
+        setup=setup(res),
+        figures=figures(res),
+        result=res,
+    )
 
 
 def setup(res: dict) -> str:
@@ -303,26 +364,52 @@ def figures(res: dict) -> list[dict]:
 
         label = f"{r['kind']} (`{r['factory']}`, nprobe {r['nprobe']}, {r['rerank']} re-ranked)"
         out += [
-            figure(f"{label}: index in RAM", r["index_mib"], " MiB",
-                   f"{r['index_bytes_per_image']} bytes/image; re-rank store on disk {r['store_bytes_per_image']} "
-                   "bytes/image", **aim(f"≤ {budget / 1e9:g} GB", r["index_mib"] * 2**20 <= budget)),
-            figure(f"{label}: recall@10, held-out queries", r["heldout_recall_at_10"],
-                   **aim("≥ 0.95", r["heldout_recall_at_10"] >= 0.95)),
-            figure(f"{label}: single query p50", r["p50_ms"], " ms", f"p99 {r['p99_ms']} ms; a batch {r['batch_qps']} "
-                   "queries/s", **aim("≤ 10 ms", r["p50_ms"] <= 10)),
+            figure(
+                f"{label}: index in RAM",
+                r["index_mib"],
+                " MiB",
+                f"{r['index_bytes_per_image']} bytes/image; re-rank store on disk {r['store_bytes_per_image']} "
+                "bytes/image",
+                **aim(f"≤ {budget / 1e9:g} GB", r["index_mib"] * 2**20 <= budget),
+            ),
+            figure(
+                f"{label}: recall@10, held-out queries",
+                r["heldout_recall_at_10"],
+                **aim("≥ 0.95", r["heldout_recall_at_10"] >= 0.95),
+            ),
+            figure(
+                f"{label}: single query p50",
+                r["p50_ms"],
+                " ms",
+                f"p99 {r['p99_ms']} ms; a batch {r['batch_qps']} queries/s",
+                **aim("≤ 10 ms", r["p50_ms"] <= 10),
+            ),
         ]
         if "build_over_raw" in r:
             out += [
-                figure(f"{label}: `build_index` / raw faiss, compute only (train + add)", r["build_over_raw"], "×",
-                       f"{r['build_s']} vs {r['raw_faiss_s']} s", **aim("≤ 1.2", r["build_over_raw"] <= 1.2)),
-                figure(f"{label}: `build_index` / raw faiss reading the same shards", r["build_over_raw_with_reading"],
-                       "×", f"{r['build_s']} vs {round(r['raw_faiss_s'] + r['raw_faiss']['read_s'], 1)} s",
-                       **aim("≤ 1.2", r["build_over_raw_with_reading"] <= 1.2)),
+                figure(
+                    f"{label}: `build_index` / raw faiss, compute only (train + add)",
+                    r["build_over_raw"],
+                    "×",
+                    f"{r['build_s']} vs {r['raw_faiss_s']} s",
+                    **aim("≤ 1.2", r["build_over_raw"] <= 1.2),
+                ),
+                figure(
+                    f"{label}: `build_index` / raw faiss reading the same shards",
+                    r["build_over_raw_with_reading"],
+                    "×",
+                    f"{r['build_s']} vs {round(r['raw_faiss_s'] + r['raw_faiss']['read_s'], 1)} s",
+                    **aim("≤ 1.2", r["build_over_raw_with_reading"] <= 1.2),
+                ),
             ]
-        out.append(figure(f"{label}: peak RSS, build / search",
-                          f"{r['build_peak_rss_mib']} / {r['search_peak_rss_mib']}", " MiB",
-                          f"search: {r['search_rss_anon_mib']} MiB anonymous (the index), the rest file pages of the "
-                          "store"))
+        out.append(
+            figure(
+                f"{label}: peak RSS, build / search",
+                f"{r['build_peak_rss_mib']} / {r['search_peak_rss_mib']}",
+                " MiB",
+                f"search: {r['search_rss_anon_mib']} MiB anonymous (the index), the rest file pages of the store",
+            )
+        )
     return out
 
 

@@ -63,9 +63,11 @@ def make_workdir(scratch: Path, n: int, model: Path) -> tuple[Path, Path]:
         writer = ShardWriter(work / "features", info, model, SHARD_SIZE, catalog)
         for start in range(0, n, 10_000):
             idx = np.arange(start, min(n, start + 10_000))
-            writer.add([str(tree / f"album{i // PER_FOLDER:04d}" / f"IMG_{i:07d}.jpg") for i in idx],
-                       feats[idx % SOURCES],
-                       [RowMeta(decoded[s].content_hash, decoded[s].size, decoded[s].mtime) for s in idx % SOURCES])
+            writer.add(
+                [str(tree / f"album{i // PER_FOLDER:04d}" / f"IMG_{i:07d}.jpg") for i in idx],
+                feats[idx % SOURCES],
+                [RowMeta(decoded[s].content_hash, decoded[s].size, decoded[s].mtime) for s in idx % SOURCES],
+            )
         writer.flush()
     build_index(work / "features", work / "index", factory="Flat", progress=False)
     return tree, work
@@ -77,11 +79,33 @@ def run_rebuild(checkout: Path, tree: Path, work: Path, model: Path) -> tuple[fl
     The peak comes from /usr/bin/time: a child forked from this (large) process would count this
     process's pages in its own ru_maxrss, even after exec."""
     with tempfile.NamedTemporaryFile("r") as peak:
-        cmd = ["/usr/bin/time", "-o", peak.name, "-f", "%M", sys.executable, "-m", "pipeline", "-q", "rebuild",
-               str(tree), "--workdir", str(work), "--model", str(model), "--json"]
+        cmd = [
+            "/usr/bin/time",
+            "-o",
+            peak.name,
+            "-f",
+            "%M",
+            sys.executable,
+            "-m",
+            "pipeline",
+            "-q",
+            "rebuild",
+            str(tree),
+            "--workdir",
+            str(work),
+            "--model",
+            str(model),
+            "--json",
+        ]
         t0 = time.perf_counter()
-        out = subprocess.run(cmd, cwd=checkout, env={**os.environ, "PYTHONPATH": str(checkout)}, check=True,
-                             stdout=subprocess.PIPE, text=True).stdout
+        out = subprocess.run(
+            cmd,
+            cwd=checkout,
+            env={**os.environ, "PYTHONPATH": str(checkout)},
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        ).stdout
         wall = time.perf_counter() - t0
         return wall, int(peak.read().split()[-1]) / 1024, json.loads(out)
 
@@ -98,8 +122,9 @@ def main() -> None:
     checkouts = {"this checkout": ROOT}
     if args.base:
         base = Path(tempfile.mkdtemp(prefix="pipeline-base-", dir=args.scratch))
-        subprocess.run(["git", "worktree", "add", "--detach", str(base), args.base], cwd=ROOT, check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(base), args.base], cwd=ROOT, check=True, capture_output=True
+        )
         checkouts = {args.base: base, **checkouts}
     rows = []
     try:
@@ -119,17 +144,39 @@ def main() -> None:
                         print(f"{n} {label}: {wall:.1f} s, {rss:.0f} MiB", flush=True)
                         runs[label].append((wall, rss))
                 for label, measured in runs.items():
-                    rows.append({"files": n, "code": label, "wall_s": round(min(w for w, _ in measured), 1),
-                                 "peak_rss_mib": round(max(r for _, r in measured))})
+                    rows.append(
+                        {
+                            "files": n,
+                            "code": label,
+                            "wall_s": round(min(w for w, _ in measured), 1),
+                            "peak_rss_mib": round(max(r for _, r in measured)),
+                        }
+                    )
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
     finally:
         if args.base:
             subprocess.run(["git", "worktree", "remove", "--force", str(checkouts[args.base])], cwd=ROOT, check=True)
-    res = {"sources": SOURCES, "per_folder": PER_FOLDER, "shard_size": SHARD_SIZE, "repeats": args.repeats,
-           "runs": rows}
-    save(args.json, AREA, TITLE, key="default", date=date, command=command_line(), host=machine, dim=64,
-         setup=setup(res), figures=figures(res), result=res)
+    res = {
+        "sources": SOURCES,
+        "per_folder": PER_FOLDER,
+        "shard_size": SHARD_SIZE,
+        "repeats": args.repeats,
+        "runs": rows,
+    }
+    save(
+        args.json,
+        AREA,
+        TITLE,
+        key="default",
+        date=date,
+        command=command_line(),
+        host=machine,
+        dim=64,
+        setup=setup(res),
+        figures=figures(res),
+        result=res,
+    )
 
 
 def setup(res: dict) -> str:
@@ -143,17 +190,19 @@ def setup(res: dict) -> str:
 
 def figures(res: dict) -> list[dict]:
     this = {r["files"]: r for r in res["runs"] if r["code"] == "this checkout"}
-    out = [figure(f"{n:,} files: peak RSS / wall", f"{r['peak_rss_mib']} MiB / {r['wall_s']} s")
-           for n, r in sorted(this.items())]
+    out = [
+        figure(f"{n:,} files: peak RSS / wall", f"{r['peak_rss_mib']} MiB / {r['wall_s']} s")
+        for n, r in sorted(this.items())
+    ]
     if this:
         largest, smallest = max(this), min(this)
         rss = this[largest]["peak_rss_mib"]
-        out.insert(0, figure(f"peak RSS at {largest:,} files", rss, " MiB", target="< 500 MB",
-                             met=rss * 2**20 < 500e6))
+        out.insert(0, figure(f"peak RSS at {largest:,} files", rss, " MiB", target="< 500 MB", met=rss * 2**20 < 500e6))
         if largest > smallest:
             ratio = round(rss / this[smallest]["peak_rss_mib"], 2)
-            out.insert(1, figure(f"peak RSS at {largest:,} files / at {smallest:,}", ratio, "×", target="< 2",
-                                 met=ratio < 2))
+            out.insert(
+                1, figure(f"peak RSS at {largest:,} files / at {smallest:,}", ratio, "×", target="< 2", met=ratio < 2)
+            )
     return out
 
 

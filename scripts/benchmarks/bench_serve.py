@@ -115,8 +115,10 @@ class Load:
 
     def __init__(self, url: str, queries, limit_s: float) -> None:
         self.stop, self.results = threading.Event(), []
-        self.threads = [threading.Thread(target=load, args=(url, queries, self.stop, limit_s, self.results, i))
-                        for i in range(CLIENTS)]
+        self.threads = [
+            threading.Thread(target=load, args=(url, queries, self.stop, limit_s, self.results, i))
+            for i in range(CLIENTS)
+        ]
 
     def __enter__(self) -> Load:
         self.t0 = time.perf_counter()
@@ -142,9 +144,15 @@ def summary(results: list, seconds: float) -> dict:
     """Requests, failures, throughput and latency percentiles of client results."""
     lat = np.array([r[0] for r in results]) * 1000
     failed = [r for r in results if not r[1]]
-    return {"requests": len(results), "failed": len(failed), "failed_statuses": sorted({str(r[2]) for r in failed}),
-            "seconds": round(seconds, 2), "img_per_s": round(len(results) / seconds, 2),
-            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1)}
+    return {
+        "requests": len(results),
+        "failed": len(failed),
+        "failed_statuses": sorted({str(r[2]) for r in failed}),
+        "seconds": round(seconds, 2),
+        "img_per_s": round(len(results) / seconds, 2),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1),
+    }
 
 
 def bad_requests(sample_jpeg: bytes) -> list[tuple[str, str, str, dict, int]]:
@@ -155,8 +163,13 @@ def bad_requests(sample_jpeg: bytes) -> list[tuple[str, str, str, dict, int]]:
     huge = b"\0" * (50 * 1024 * 1024)
     kinds = [
         ("garbage bytes", "POST", "/api/search", {"files": {"image": ("x.jpg", os.urandom(20_000))}}, 400),
-        ("truncated JPEG", "POST", "/api/search", {"files": {"image": ("t.jpg", sample_jpeg[: len(sample_jpeg) // 2])}},
-         400),
+        (
+            "truncated JPEG",
+            "POST",
+            "/api/search",
+            {"files": {"image": ("t.jpg", sample_jpeg[: len(sample_jpeg) // 2])}},
+            400,
+        ),
         ("50 MB body", "POST", "/api/search", {"files": {"image": ("big.jpg", huge)}}, 413),
         ("decompression bomb", "POST", "/api/search", {"files": {"image": ("bomb.png", bomb)}}, 400),
         ("path traversal (thumbnail)", "GET", "/api/thumbnail/..%2F..%2F..%2Fetc%2Fpasswd", {}, 404),
@@ -220,8 +233,22 @@ def publishes(url: str, photos: Path, workdir: Path, model: Path, index_dir: Pat
                 before = set(seen)
                 added = new_images(photos, round_)
                 t = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "pipeline", "-q", "rebuild", str(photos), "--workdir",
-                                str(workdir), "--model", str(model)], check=True, stderr=log)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pipeline",
+                        "-q",
+                        "rebuild",
+                        str(photos),
+                        "--workdir",
+                        str(workdir),
+                        "--model",
+                        str(model),
+                    ],
+                    check=True,
+                    stderr=log,
+                )
                 rebuild_s.append(round(time.perf_counter() - t, 2))
                 [version] = set(seen) - before
                 # Findable = served: every request that starts from then on searches the new version.
@@ -234,8 +261,11 @@ def publishes(url: str, photos: Path, workdir: Path, model: Path, index_dir: Pat
                 r = search(http, added[-1].name, added[-1].read_bytes(), k=1)  # waits its turn behind the load
                 probes.append(round(time.perf_counter() - t, 2))
                 assert r.headers["X-Index-Version"] == version and r.json()[0]["results"][0]["path"] == str(added[-1])
-                print(f"publish {round_ + 1}: rebuild {rebuild_s[-1]} s, served {delays[-1]} s after it; "
-                      f"a query for the new image found it, answered in {probes[-1]} s", flush=True)
+                print(
+                    f"publish {round_ + 1}: rebuild {rebuild_s[-1]} s, served {delays[-1]} s after it; "
+                    f"a query for the new image found it, answered in {probes[-1]} s",
+                    flush=True,
+                )
     finally:
         stop.set()
         watcher.join()
@@ -260,8 +290,22 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     log = open(args.workdir / "log.txt", "a")
     index_dir = args.workdir / "index"
-    subprocess.run([sys.executable, "-m", "pipeline", "-q", "rebuild", str(photos), "--workdir", str(args.workdir),
-                    "--model", str(args.model)], check=True, stderr=log)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "-q",
+            "rebuild",
+            str(photos),
+            "--workdir",
+            str(args.workdir),
+            "--model",
+            str(args.model),
+        ],
+        check=True,
+        stderr=log,
+    )
     queries = good_queries()
 
     bare_model = Bare(args.model, [q[1] for q in queries])
@@ -271,9 +315,24 @@ def main() -> None:
     print(json.dumps(bare), flush=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "pipeline", "-q", "serve", "--index", str(index_dir), "--model",
-                               str(args.model), "--port", str(port), "--batch-size", str(bare["best_batch"])],
-                              stderr=log)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "-q",
+            "serve",
+            "--index",
+            str(index_dir),
+            "--model",
+            str(args.model),
+            "--port",
+            str(port),
+            "--batch-size",
+            str(bare["best_batch"]),
+        ],
+        stderr=log,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -297,8 +356,10 @@ def main() -> None:
                 r = search(http, name, data)
                 lone.append(time.perf_counter() - t)
                 assert Path(r.json()[0]["results"][0]["path"]).name.startswith(stem)
-        res["lone"] = {"median_ms": round(float(np.median(lone)) * 1000, 1),
-                       "model_single_ms": round(float(np.median(single)) * 1000, 1)}
+        res["lone"] = {
+            "median_ms": round(float(np.median(lone)) * 1000, 1),
+            "model_single_ms": round(float(np.median(single)) * 1000, 1),
+        }
         res["lone"]["over_model_ms"] = round(res["lone"]["median_ms"] - res["lone"]["model_single_ms"], 1)
         print(json.dumps(res["lone"]), flush=True)
 
@@ -315,9 +376,14 @@ def main() -> None:
         stats1 = httpx.get(f"{url}/api/stats").json()
         c = summary([r for part in loads for r in part.results], sum(part.seconds for part in loads))
         bare["best_img_per_s"] = round(bare_n / bare_s, 2)
-        res["concurrent"] = {**c, "ratio_to_bare": round(c["img_per_s"] / bare["best_img_per_s"], 3),
-                             "mean_batch": round((stats1["images_embedded"] - stats0["images_embedded"])
-                                                 / max(1, stats1["batches"] - stats0["batches"]), 2)}
+        res["concurrent"] = {
+            **c,
+            "ratio_to_bare": round(c["img_per_s"] / bare["best_img_per_s"], 3),
+            "mean_batch": round(
+                (stats1["images_embedded"] - stats0["images_embedded"]) / max(1, stats1["batches"] - stats0["batches"]),
+                2,
+            ),
+        }
         print(json.dumps(res["concurrent"]), flush=True)
 
         res["publishes"] = publishes(url, photos, args.workdir, args.model, index_dir, queries, log)
@@ -329,9 +395,13 @@ def main() -> None:
             bad.start()
             bad.join()
         kinds = sorted({k for k, _, _ in bad_out})
-        res["bad"] = {**lo.summary(), "bad_requests": len(bad_out),
-                      "bad_answered_right": sum(ok for _, ok, _ in bad_out),
-                      "wrong": sorted({f"{k}: {s}" for k, ok, s in bad_out if not ok}), "kinds": kinds}
+        res["bad"] = {
+            **lo.summary(),
+            "bad_requests": len(bad_out),
+            "bad_answered_right": sum(ok for _, ok, _ in bad_out),
+            "wrong": sorted({f"{k}: {s}" for k, ok, s in bad_out if not ok}),
+            "kinds": kinds,
+        }
         print(json.dumps(res["bad"]), flush=True)
         res["server_stats"] = httpx.get(f"{url}/api/stats").json()
     finally:
@@ -340,14 +410,26 @@ def main() -> None:
         log.close()
 
     res["images"] = len(list(photos.rglob("*.jpg")))
-    save(args.json, AREA, TITLE, key="default", date=date, command=command_line(), host=machine, dim=res["dim"],
-         setup=setup(res), figures=figures(res), result=res)
+    save(
+        args.json,
+        AREA,
+        TITLE,
+        key="default",
+        date=date,
+        command=command_line(),
+        host=machine,
+        dim=res["dim"],
+        setup=setup(res),
+        figures=figures(res),
+        result=res,
+    )
 
 
 def setup(res: dict) -> str:
     return (
         "A `pipeline serve` process over the sample collection (samples/gallery, indexed by `pipeline rebuild`"
-        + (f"; model {res['model']}" if "model" in res else "") + "), clients in the benchmark process on the same "
+        + (f"; model {res['model']}" if "model" in res else "")
+        + "), clients in the benchmark process on the same "
         "cores (httpx, one "
         f"connection each): a lone warm query against the bare model in this process (median of 30, interleaved); "
         f"{CLIENTS} clients for the load against the bare model at its best batch (the server's --batch-size, "
@@ -360,22 +442,54 @@ def figures(res: dict) -> list[dict]:
     lone, c, p, b, bare = res["lone"], res["concurrent"], res["publishes"], res["bad"], res["bare"]
     slowest = max(p["findable_after_s"])
     return [
-        figure("lone warm query over HTTP − the bare model on one image", lone["over_model_ms"], " ms",
-               f"{lone['median_ms']} vs {lone['model_single_ms']} ms", target="≤ 15 ms",
-               met=lone["over_model_ms"] <= 15),
-        figure(f"{CLIENTS} concurrent clients / the bare model at its best batch ({bare['best_batch']})",
-               c["ratio_to_bare"], "×", f"{c['img_per_s']} vs {bare['best_img_per_s']} img/s; p50 {c['p50_ms']} ms, "
-               f"p99 {c['p99_ms']} ms; mean batch {c['mean_batch']}; {c['failed']} of {c['requests']} failed",
-               target="≥ 0.85", met=c["ratio_to_bare"] >= 0.85),
-        figure("failed requests during 5 publishes under load", f"{p['failed']} of {p['requests']}", "",
-               f"rebuilds took {', '.join(map(str, p['rebuild_s']))} s", target="0", met=p["failed"] == 0),
-        figure("a publish until the new version is served, slowest of 5", slowest, " s",
-               f"{', '.join(map(str, p['findable_after_s']))} s; its new image then found first", target="≤ 2 s",
-               met=slowest <= 2.0),
-        figure("bad requests under load answered with their 4xx", f"{b['bad_answered_right']} of {b['bad_requests']}",
-               "", target="all 200", met=b["bad_answered_right"] == b["bad_requests"] == 200),
-        figure("good requests failed meanwhile", f"{b['failed']} of {b['requests']}", "", f"p99 {b['p99_ms']} ms",
-               target="0", met=b["failed"] == 0),
+        figure(
+            "lone warm query over HTTP − the bare model on one image",
+            lone["over_model_ms"],
+            " ms",
+            f"{lone['median_ms']} vs {lone['model_single_ms']} ms",
+            target="≤ 15 ms",
+            met=lone["over_model_ms"] <= 15,
+        ),
+        figure(
+            f"{CLIENTS} concurrent clients / the bare model at its best batch ({bare['best_batch']})",
+            c["ratio_to_bare"],
+            "×",
+            f"{c['img_per_s']} vs {bare['best_img_per_s']} img/s; p50 {c['p50_ms']} ms, "
+            f"p99 {c['p99_ms']} ms; mean batch {c['mean_batch']}; {c['failed']} of {c['requests']} failed",
+            target="≥ 0.85",
+            met=c["ratio_to_bare"] >= 0.85,
+        ),
+        figure(
+            "failed requests during 5 publishes under load",
+            f"{p['failed']} of {p['requests']}",
+            "",
+            f"rebuilds took {', '.join(map(str, p['rebuild_s']))} s",
+            target="0",
+            met=p["failed"] == 0,
+        ),
+        figure(
+            "a publish until the new version is served, slowest of 5",
+            slowest,
+            " s",
+            f"{', '.join(map(str, p['findable_after_s']))} s; its new image then found first",
+            target="≤ 2 s",
+            met=slowest <= 2.0,
+        ),
+        figure(
+            "bad requests under load answered with their 4xx",
+            f"{b['bad_answered_right']} of {b['bad_requests']}",
+            "",
+            target="all 200",
+            met=b["bad_answered_right"] == b["bad_requests"] == 200,
+        ),
+        figure(
+            "good requests failed meanwhile",
+            f"{b['failed']} of {b['requests']}",
+            "",
+            f"p99 {b['p99_ms']} ms",
+            target="0",
+            met=b["failed"] == 0,
+        ),
     ]
 
 

@@ -56,8 +56,21 @@ AREA, TITLE = "update", "Nightly index update"
 
 def build(features: Path, index_dir: Path, *extra: str) -> tuple[float, float, dict]:
     """Wall seconds, peak RSS (MiB) and meta of one `pipeline build-index` process."""
-    wall, rss, out = run_measured([sys.executable, "-m", "pipeline", "-q", "build-index", str(features), "--out",
-                                   str(index_dir), "--json", "--no-progress", *extra])
+    wall, rss, out = run_measured(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "-q",
+            "build-index",
+            str(features),
+            "--out",
+            str(index_dir),
+            "--json",
+            "--no-progress",
+            *extra,
+        ]
+    )
     return wall, rss, json.loads(out)
 
 
@@ -87,8 +100,9 @@ def heldout_recall(index_dir: Path, nprobes: list[int], queries: np.ndarray, tru
     return out
 
 
-def seed_spread(features: Path, centres: np.ndarray, seeds: list[int], bench_seed: int, n_heldout: int,
-                samples: list[int]) -> dict:
+def seed_spread(
+    features: Path, centres: np.ndarray, seeds: list[int], bench_seed: int, n_heldout: int, samples: list[int]
+) -> dict:
     """Held-out recall@10 of full builds of `features` that differ only by build_index's seed: at the
     nprobe each one's tuning picks on 1,000 recall queries as build_index draws them (and, as a what-if,
     on larger samples), and at fixed nprobe (see the module docstring)."""
@@ -136,17 +150,30 @@ def seed_spread(features: Path, centres: np.ndarray, seeds: list[int], bench_see
                 return recall_at(np.where(rank < p, q_truth, -1), q_truth, q_pos, 10)
 
             tuned = next(p for p in grid if lower_bound(recall(p)) >= 0.95)
-            row[len(q_pos)] = {"nprobe": tuned, "tuned_recall_at_10": round(float(recall(tuned).mean()), 4),
-                               "heldout_at_tuned": round(float((held_rank < tuned).mean()), 4)}
+            row[len(q_pos)] = {
+                "nprobe": tuned,
+                "tuned_recall_at_10": round(float(recall(tuned).mean()), 4),
+                "heldout_at_tuned": round(float((held_rank < tuned).mean()), 4),
+            }
         out["seeds"][seed] = row
-        print(f"seed {seed}: trained in {train_s:.0f} s; tuned on 1,000 / {samples} recall queries: "
-              + "; ".join(f"nprobe {r['nprobe']} (tuned {r['tuned_recall_at_10']}, held-out {r['heldout_at_tuned']})"
-                          for m, r in row.items() if isinstance(m, int))
-              + f"; held-out at fixed nprobe {heldout}", flush=True)
+        print(
+            f"seed {seed}: trained in {train_s:.0f} s; tuned on 1,000 / {samples} recall queries: "
+            + "; ".join(
+                f"nprobe {r['nprobe']} (tuned {r['tuned_recall_at_10']}, held-out {r['heldout_at_tuned']})"
+                for m, r in row.items()
+                if isinstance(m, int)
+            )
+            + f"; held-out at fixed nprobe {heldout}",
+            flush=True,
+        )
     for m in [1000, *samples]:
         at = np.array([r[m]["heldout_at_tuned"] for r in out["seeds"].values()])
-        out[f"heldout_at_tuned_{m}"] = {"mean": round(float(at.mean()), 4), "sd": round(float(at.std(ddof=1)), 4),
-                                        "min": float(at.min()), "max": float(at.max())}
+        out[f"heldout_at_tuned_{m}"] = {
+            "mean": round(float(at.mean()), 4),
+            "sd": round(float(at.std(ddof=1)), 4),
+            "min": float(at.min()),
+            "max": float(at.max()),
+        }
     return out
 
 
@@ -161,17 +188,30 @@ def main() -> None:
     ap.add_argument("--deleted", type=float, default=0.005)
     ap.add_argument("--shard-size", type=int, default=20_000)
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench-output" / "update-bench")
-    ap.add_argument("--cache", type=Path, help="Make the N base shards and their catalog once in this folder and "
-                    "start each run from them (kept; about 2 GB at 1M).")
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        help="Make the N base shards and their catalog once in this folder and "
+        "start each run from them (kept; about 2 GB at 1M).",
+    )
     ap.add_argument("--seed", type=int, default=0)
     add_json_option(ap, AREA)
     ap.add_argument("--keep-files", action="store_true", help="Keep the shards and indexes (several GB).")
-    ap.add_argument("--seeds", help="Comma-separated build seeds: measure how full builds differ by their draw "
-                    "alone (module docstring) on the --cache shards, and nothing else.")
-    ap.add_argument("--samples", default="4000",
-                    help="With --seeds: larger recall samples to tune on as well (what-if).")
-    ap.add_argument("--heldout", type=int, default=10_000, help="Held-out queries measuring recall@10 (1,000 "
-                    "give a paired standard error of ~0.007 between two builds; 10,000 about a third of it).")
+    ap.add_argument(
+        "--seeds",
+        help="Comma-separated build seeds: measure how full builds differ by their draw "
+        "alone (module docstring) on the --cache shards, and nothing else.",
+    )
+    ap.add_argument(
+        "--samples", default="4000", help="With --seeds: larger recall samples to tune on as well (what-if)."
+    )
+    ap.add_argument(
+        "--heldout",
+        type=int,
+        default=10_000,
+        help="Held-out queries measuring recall@10 (1,000 "
+        "give a paired standard error of ~0.007 between two builds; 10,000 about a third of it).",
+    )
     args = ap.parse_args()
     date, machine = now(), host()
     if args.seeds:
@@ -191,22 +231,34 @@ def main() -> None:
             for shard in list_shards(base):
                 os.link(shard, features / shard.name)
             shutil.copyfile(base / CATALOG_FILE, features / CATALOG_FILE)
-        print(f"host sgemm {machine['sgemm_gflops']:.0f} GFLOP/s; shards in {t1 - t0:.1f} s, catalog in "
-              f"{catalog_s:.1f} s", flush=True)
+        print(
+            f"host sgemm {machine['sgemm_gflops']:.0f} GFLOP/s; shards in {t1 - t0:.1f} s, catalog in "
+            f"{catalog_s:.1f} s",
+            flush=True,
+        )
 
         first_s, first_rss, first = build(features, updated)
         queries = clustered(args.heldout, centres, np.random.default_rng(args.seed + 1))
         same = sorted({4, 5, 6, 7, 8, first["nprobe"]})
-        per_first, *at_same_first = heldout_recall(updated, [first["nprobe"], *same], queries,
-                                                   exact_truth(features, queries, 10))
+        per_first, *at_same_first = heldout_recall(
+            updated, [first["nprobe"], *same], queries, exact_truth(features, queries, 10)
+        )
         rec_first, *same_first = means([per_first, *at_same_first])
-        print(f"first version: full build {first_s:.1f} s, {first['factory']} nprobe {first['nprobe']}, "
-              f"held-out recall@10 {rec_first}", flush=True)
+        print(
+            f"first version: full build {first_s:.1f} s, {first['factory']} nprobe {first['nprobe']}, "
+            f"held-out recall@10 {rec_first}",
+            flush=True,
+        )
 
         rng = np.random.default_rng(args.seed + 2)
         n_new, n_del = round(args.n * args.new), round(args.n * args.deleted)
-        write_shards(features, clustered(n_new, centres, rng), model_info(DIM), path_format="/synthetic/new/{:08d}.jpg",
-                     hash_format="new{:029x}")
+        write_shards(
+            features,
+            clustered(n_new, centres, rng),
+            model_info(DIM),
+            path_format="/synthetic/new/{:08d}.jpg",
+            hash_format="new{:029x}",
+        )
         with Catalog(features) as c:
             c.reconcile()
             c.mark_gone(f"/synthetic/{i:08d}.jpg" for i in np.sort(rng.choice(args.n, n_del, replace=False)))
@@ -225,35 +277,74 @@ def main() -> None:
         diff = per_upd - per_full  # the same queries: the paired difference's standard error
         diff_se = round(float(diff.std(ddof=1) / np.sqrt(len(diff))), 4)
         # The update's own loss: against the version it was made from, at equal nprobe (the same quantizer).
-        loss = {p: (round(float((a - f).mean()), 4), round(float((a - f).std(ddof=1) / np.sqrt(len(a))), 4))
-                for p, a, f in zip(same, at_same_upd, at_same_first, strict=True)}
+        loss = {
+            p: (round(float((a - f).mean()), 4), round(float((a - f).std(ddof=1) / np.sqrt(len(a))), 4))
+            for p, a, f in zip(same, at_same_upd, at_same_first, strict=True)
+        }
     finally:
         if not args.keep_files:
             shutil.rmtree(args.workdir, ignore_errors=True)
 
     res = {
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                 text=True).stdout.strip(),
-        "n": args.n, "new": n_new, "deleted": n_del, "heldout_queries": args.heldout,
-        "factory": upd["factory"], "catalog_s": round(catalog_s, 1), "first_build_s": round(first_s, 1),
-        "first": {"nprobe": first["nprobe"], "tuned_recall_at_10": first["recall_at_10"],
-                  "heldout_recall_at_10": rec_first},
-        "update": {"wall_s": round(upd_s, 1), "index_step_s": upd["build_seconds"], "timings": upd["timings"],
-                   "peak_rss_mib": round(upd_rss), "nprobe": upd["nprobe"], "tuned_recall_at_10": upd["recall_at_10"],
-                   "held_recall_at_10": upd.get("trained_recall_at_10"), "nprobe_sweep": upd["nprobe_sweep"],
-                   "recall_queries": upd["recall_queries"], "heldout_recall_at_10": round(rec_upd, 4)},
-        "full": {"wall_s": round(full_s, 1), "index_step_s": fb["build_seconds"], "timings": fb["timings"],
-                 "peak_rss_mib": round(full_rss), "nprobe": fb["nprobe"], "tuned_recall_at_10": fb["recall_at_10"],
-                 "recall_queries": fb["recall_queries"], "heldout_recall_at_10": round(rec_full, 4)},
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+        "n": args.n,
+        "new": n_new,
+        "deleted": n_del,
+        "heldout_queries": args.heldout,
+        "factory": upd["factory"],
+        "catalog_s": round(catalog_s, 1),
+        "first_build_s": round(first_s, 1),
+        "first": {
+            "nprobe": first["nprobe"],
+            "tuned_recall_at_10": first["recall_at_10"],
+            "heldout_recall_at_10": rec_first,
+        },
+        "update": {
+            "wall_s": round(upd_s, 1),
+            "index_step_s": upd["build_seconds"],
+            "timings": upd["timings"],
+            "peak_rss_mib": round(upd_rss),
+            "nprobe": upd["nprobe"],
+            "tuned_recall_at_10": upd["recall_at_10"],
+            "held_recall_at_10": upd.get("trained_recall_at_10"),
+            "nprobe_sweep": upd["nprobe_sweep"],
+            "recall_queries": upd["recall_queries"],
+            "heldout_recall_at_10": round(rec_upd, 4),
+        },
+        "full": {
+            "wall_s": round(full_s, 1),
+            "index_step_s": fb["build_seconds"],
+            "timings": fb["timings"],
+            "peak_rss_mib": round(full_rss),
+            "nprobe": fb["nprobe"],
+            "tuned_recall_at_10": fb["recall_at_10"],
+            "recall_queries": fb["recall_queries"],
+            "heldout_recall_at_10": round(rec_full, 4),
+        },
     }
-    res["recall_at_equal_nprobe"] = {p: {"first": f, "update": a, "full": b}
-                                     for p, f, a, b in zip(same, same_first, same_upd, same_full, strict=True)}
+    res["recall_at_equal_nprobe"] = {
+        p: {"first": f, "update": a, "full": b}
+        for p, f, a, b in zip(same, same_first, same_upd, same_full, strict=True)
+    }
     res["heldout_difference"] = {"update_minus_full": round(rec_upd - rec_full, 4), "standard_error": diff_se}
     res["update_minus_first_at_equal_nprobe"] = {p: {"mean": m, "standard_error": e} for p, (m, e) in loss.items()}
     res["ratio_wall"] = round(upd_s / full_s, 4)
     res["ratio_index_step"] = round(upd["build_seconds"] / fb["build_seconds"], 4)
-    save(args.json, AREA, TITLE, key="update", date=date, command=command_line(), host=machine, dim=DIM,
-         setup=setup(res), figures=figures(res), result=res)
+    save(
+        args.json,
+        AREA,
+        TITLE,
+        key="update",
+        date=date,
+        command=command_line(),
+        host=machine,
+        dim=DIM,
+        setup=setup(res),
+        figures=figures(res),
+        result=res,
+    )
 
 
 def setup(res: dict) -> str:
@@ -271,16 +362,37 @@ def figures(res: dict) -> list[dict]:
     loss = res["update_minus_first_at_equal_nprobe"]
     worst = max(loss.values(), key=lambda r: abs(r["mean"]))
     return [
-        figure("(a) update / (b) full build, whole process", res["ratio_wall"], "×",
-               f"{u['wall_s']} vs {f['wall_s']} s", target="≤ 0.10", met=res["ratio_wall"] <= 0.10),
-        figure("the same, the index step alone", res["ratio_index_step"], "×",
-               f"{u['index_step_s']} vs {f['index_step_s']} s", target="≤ 0.10", met=res["ratio_index_step"] <= 0.10),
-        figure("held-out recall@10, (a) − (b)", d["update_minus_full"], "",
-               f"standard error {d['standard_error']}, paired; (a) {u['heldout_recall_at_10']} at nprobe "
-               f"{u['nprobe']}, (b) {f['heldout_recall_at_10']} at nprobe {f['nprobe']}", target="within ±0.005",
-               met=abs(d["update_minus_full"]) <= 0.005),
-        figure("the update's own loss: (a) − the version it was made from, at equal nprobe", worst["mean"], "",
-               f"± {worst['standard_error']}, the largest over nprobe {', '.join(map(str, loss))}"),
+        figure(
+            "(a) update / (b) full build, whole process",
+            res["ratio_wall"],
+            "×",
+            f"{u['wall_s']} vs {f['wall_s']} s",
+            target="≤ 0.10",
+            met=res["ratio_wall"] <= 0.10,
+        ),
+        figure(
+            "the same, the index step alone",
+            res["ratio_index_step"],
+            "×",
+            f"{u['index_step_s']} vs {f['index_step_s']} s",
+            target="≤ 0.10",
+            met=res["ratio_index_step"] <= 0.10,
+        ),
+        figure(
+            "held-out recall@10, (a) − (b)",
+            d["update_minus_full"],
+            "",
+            f"standard error {d['standard_error']}, paired; (a) {u['heldout_recall_at_10']} at nprobe "
+            f"{u['nprobe']}, (b) {f['heldout_recall_at_10']} at nprobe {f['nprobe']}",
+            target="within ±0.005",
+            met=abs(d["update_minus_full"]) <= 0.005,
+        ),
+        figure(
+            "the update's own loss: (a) − the version it was made from, at equal nprobe",
+            worst["mean"],
+            "",
+            f"± {worst['standard_error']}, the largest over nprobe {', '.join(map(str, loss))}",
+        ),
         figure("peak RSS, (a) / (b)", f"{u['peak_rss_mib']} / {f['peak_rss_mib']}", " MiB"),
     ]
 
@@ -292,10 +404,27 @@ def seeds_main(args: argparse.Namespace, date: str, machine: dict) -> None:
     centres = make_shards(args.cache, args.n, args.shard_size, args.seed)
     with Catalog(args.cache) as c:
         c.reconcile()
-    res = seed_spread(args.cache, centres, [int(s) for s in args.seeds.split(",")], args.seed, args.heldout,
-                      [int(m) for m in args.samples.split(",") if m])
-    save(args.json, AREA, TITLE, key="seeds", date=date, command=command_line(), host=machine, dim=DIM,
-         setup=seeds_setup(res), figures=seeds_figures(res), result=res)
+    res = seed_spread(
+        args.cache,
+        centres,
+        [int(s) for s in args.seeds.split(",")],
+        args.seed,
+        args.heldout,
+        [int(m) for m in args.samples.split(",") if m],
+    )
+    save(
+        args.json,
+        AREA,
+        TITLE,
+        key="seeds",
+        date=date,
+        command=command_line(),
+        host=machine,
+        dim=DIM,
+        setup=seeds_setup(res),
+        figures=seeds_figures(res),
+        result=res,
+    )
 
 
 def seeds_setup(res: dict) -> str:
@@ -308,11 +437,16 @@ def seeds_setup(res: dict) -> str:
 
 
 def seeds_figures(res: dict) -> list[dict]:
-    sizes = sorted(int(k[len("heldout_at_tuned_"):]) for k in res if k.startswith("heldout_at_tuned_"))
+    sizes = sorted(int(k[len("heldout_at_tuned_") :]) for k in res if k.startswith("heldout_at_tuned_"))
     return [
-        figure(f"held-out recall@10 at the nprobe tuned on {m:,} recall queries, over {len(res['seeds'])} seeds",
-               f"{r['mean']} (sd {r['sd']})", "", f"range {r['min']}–{r['max']}")
-        for m in sizes for r in [res[f"heldout_at_tuned_{m}"]]
+        figure(
+            f"held-out recall@10 at the nprobe tuned on {m:,} recall queries, over {len(res['seeds'])} seeds",
+            f"{r['mean']} (sd {r['sd']})",
+            "",
+            f"range {r['min']}–{r['max']}",
+        )
+        for m in sizes
+        for r in [res[f"heldout_at_tuned_{m}"]]
     ]
 
 

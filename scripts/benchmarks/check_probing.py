@@ -52,8 +52,13 @@ def main() -> None:
     ivf = faiss.extract_index_ivf(index)
     centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
     e = float(np.sqrt(2 - 2 * args.threshold))
-    res: dict = {"index_vectors": index.ntotal, "nlist": ivf.nlist, "threshold": args.threshold,
-                 "probe_gap": PROBE_GAP, "sets": {}}
+    res: dict = {
+        "index_vectors": index.ntotal,
+        "nlist": ivf.nlist,
+        "threshold": args.threshold,
+        "probe_gap": PROBE_GAP,
+        "sets": {},
+    }
     for name, root in (("copies-dev", SHARED / "copies-dev"), ("held-out", args.heldout)):
         truth = json.loads((root / "groundtruth.json").read_text())
         with tempfile.TemporaryDirectory() as tmp:
@@ -72,14 +77,28 @@ def main() -> None:
         gap = np.minimum(sx[r, a] - sx[r, b], sy[r, b] - sy[r, a]) / e
         rank = probes_needed(ivf, x, y)
         res["sets"][name] = {
-            "pairs": len(x), "in_different_lists": int((a != b).sum()),
-            "missed_with_32_lists": int((rank > 32).sum()), "largest_nprobe_needed": int(rank.max()),
-            "missed_with_gap_rule": int((gap > PROBE_GAP).sum()), "largest_gap_needed_e": round(float(gap.max()), 3),
+            "pairs": len(x),
+            "in_different_lists": int((a != b).sum()),
+            "missed_with_32_lists": int((rank > 32).sum()),
+            "largest_nprobe_needed": int(rank.max()),
+            "missed_with_gap_rule": int((gap > PROBE_GAP).sum()),
+            "largest_gap_needed_e": round(float(gap.max()), 3),
             "gap_needed_p99_e": round(float(np.quantile(gap, 0.99)), 3),
         }
         print(f"{name}: {json.dumps(res['sets'][name])}", flush=True)
-    save(args.json, AREA, TITLE, key="real copies", date=date, command=command_line(), host=machine,
-         dim=res["dim"], setup=setup(res), figures=figures(res), result=res)
+    save(
+        args.json,
+        AREA,
+        TITLE,
+        key="real copies",
+        date=date,
+        command=command_line(),
+        host=machine,
+        dim=res["dim"],
+        setup=setup(res),
+        figures=figures(res),
+        result=res,
+    )
 
 
 def setup(res: dict) -> str:
@@ -97,10 +116,18 @@ def figures(res: dict) -> list[dict]:
         p99 = f", 99th percentile {s['gap_needed_p99_e']} e" if "gap_needed_p99_e" in s else ""
         most = f"; largest nprobe needed {s['largest_nprobe_needed']}" if "largest_nprobe_needed" in s else ""
         out += [
-            figure(f"{name}: copy pairs the gap rule ({res['probe_gap']} e) misses", s["missed_with_gap_rule"], "",
-                   f"of {s['pairs']}; largest gap needed {s['largest_gap_needed_e']} e{p99}"),
-            figure(f"{name}: copy pairs 32 fixed lists per vector miss", s["missed_with_32_lists"], "",
-                   f"of {s['pairs']}{most}"),
+            figure(
+                f"{name}: copy pairs the gap rule ({res['probe_gap']} e) misses",
+                s["missed_with_gap_rule"],
+                "",
+                f"of {s['pairs']}; largest gap needed {s['largest_gap_needed_e']} e{p99}",
+            ),
+            figure(
+                f"{name}: copy pairs 32 fixed lists per vector miss",
+                s["missed_with_32_lists"],
+                "",
+                f"of {s['pairs']}{most}",
+            ),
         ]
     return out
 

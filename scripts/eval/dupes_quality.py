@@ -43,10 +43,16 @@ def score(index: Path, threshold: float, truth: set[tuple[str, str]]) -> dict:
     tp = len(found & truth)
     precision = tp / len(found) if found else 1.0
     recall = tp / len(truth)
-    return {"threshold": threshold, "groups": len(groups), "pairs": len(found), "true_pairs": len(truth),
-            "precision": round(precision, 4), "recall": round(recall, 4),
-            "f1": round(2 * precision * recall / (precision + recall), 4) if tp else 0.0,
-            "f05": round(1.25 * precision * recall / (0.25 * precision + recall), 4) if tp else 0.0}
+    return {
+        "threshold": threshold,
+        "groups": len(groups),
+        "pairs": len(found),
+        "true_pairs": len(truth),
+        "precision": round(precision, 4),
+        "recall": round(recall, 4),
+        "f1": round(2 * precision * recall / (precision + recall), 4) if tp else 0.0,
+        "f05": round(1.25 * precision * recall / (0.25 * precision + recall), 4) if tp else 0.0,
+    }
 
 
 def main() -> None:
@@ -67,8 +73,10 @@ def main() -> None:
     print("| threshold | groups | predicted pairs | precision | recall | F1 | F0.5 |\n|---|---|---|---|---|---|---|")
     for r in rows:
         mark = " (default)" if r["threshold"] == default else ""
-        print(f"| {r['threshold']:.2f}{mark} | {r['groups']} | {r['pairs']} | {r['precision']:.3f} | "
-              f"{r['recall']:.3f} | {r['f1']:.3f} | {r['f05']:.3f} |")
+        print(
+            f"| {r['threshold']:.2f}{mark} | {r['groups']} | {r['pairs']} | {r['precision']:.3f} | "
+            f"{r['recall']:.3f} | {r['f1']:.3f} | {r['f05']:.3f} |"
+        )
     if args.choose:
         best = max(rows, key=lambda r: (r["f05"], r["precision"]))
         print("best F0.5:", json.dumps(best))

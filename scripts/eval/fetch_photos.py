@@ -39,8 +39,17 @@ from PIL import Image
 
 PACKAGES = ["mate-backgrounds", "plasma-workspace-wallpapers"]
 FRESH_LIST = Path(__file__).with_name("fresh_photos.json")
-GCOMPRIS_SKIP = ("details", "babyshapes", "leftright", "louis-braille", "chronos", "gravity", "digital_electricity",
-                 "hangman", "solar_system")  # activities of jigsaw pieces, hands and diagrams
+GCOMPRIS_SKIP = (
+    "details",
+    "babyshapes",
+    "leftright",
+    "louis-braille",
+    "chronos",
+    "gravity",
+    "digital_electricity",
+    "hangman",
+    "solar_system",
+)  # activities of jigsaw pieces, hands and diagrams
 
 
 def debian_pictures(workdir: Path, min_pixels: int = 2_000_000) -> list[Path]:
@@ -70,9 +79,9 @@ def rcc_images(rcc: Path) -> list[bytes]:
     for magic in (b"\xff\xd8\xff", b"\x89PNG\r\n", b"RIFF"):
         at = data.find(magic)
         while at >= 4:
-            size = int.from_bytes(data[at - 4:at], "big")
+            size = int.from_bytes(data[at - 4 : at], "big")
             if 100 < size <= len(data) - at:
-                out.append(data[at:at + size])
+                out.append(data[at : at + size])
             at = data.find(magic, at + 1)
     return out
 
@@ -98,8 +107,12 @@ def gcompris_photos(workdir: Path, out: Path) -> int:
             except Exception:  # not an image after all, or a truncated one
                 continue
             rgb = rgba[..., :3].astype(int)
-            if ((rgba[..., 3] < 250).mean() > 0.02 or (rgb.sum(2) <= 12).mean() > 0.05
-                    or (rgb.min(2) >= 245).mean() > 0.25 or len(np.unique(rgb.reshape(-1, 3) // 8, axis=0)) < 600):
+            if (
+                (rgba[..., 3] < 250).mean() > 0.02
+                or (rgb.sum(2) <= 12).mean() > 0.05
+                or (rgb.min(2) >= 245).mean() > 0.25
+                or len(np.unique(rgb.reshape(-1, 3) // 8, axis=0)) < 600
+            ):
                 continue
             seen.add(digest)
             with Image.open(io.BytesIO(blob)) as im:
@@ -120,8 +133,9 @@ def fresh_photos(workdir: Path, out: Path, listing: Path = FRESH_LIST) -> int:
     roots = {pkg: workdir / "fresh" / f"{pkg}_{version.replace(':', '%3a')}" for pkg, version in versions.items()}
     missing = [pkg for pkg in versions if not roots[pkg].is_dir()]
     if missing:
-        subprocess.run(["apt-get", "download", "-qq", *(f"{pkg}={versions[pkg]}" for pkg in missing)], cwd=workdir,
-                       check=True)
+        subprocess.run(
+            ["apt-get", "download", "-qq", *(f"{pkg}={versions[pkg]}" for pkg in missing)], cwd=workdir, check=True
+        )
         (workdir / "fresh").mkdir(exist_ok=True)  # dpkg -x makes only the last folder
         for pkg in missing:
             deb = next(workdir.glob(f"{roots[pkg].name}_*.deb"))
@@ -132,7 +146,7 @@ def fresh_photos(workdir: Path, out: Path, listing: Path = FRESH_LIST) -> int:
     for name, (pkg, path) in zip(names, photos, strict=True):
         file, _, offset = path.partition("@")
         data = (roots[pkg] / file).read_bytes()
-        with Image.open(io.BytesIO(data[int(offset or 0):])) as im:
+        with Image.open(io.BytesIO(data[int(offset or 0) :])) as im:
             rgb = im.convert("RGB")
         rgb.thumbnail((1280, 1280), Image.Resampling.LANCZOS)
         rgb.save(out / name, quality=92)
@@ -146,13 +160,20 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path("bench-output/debian-wallpapers"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gcompris", type=Path, help="write gcompris-qt-data's photographs here instead")
-    ap.add_argument("--fresh", type=Path,
-                    help="write here instead photographs from Debian packages that no other set uses, picked by eye "
-                         "(the --list file), for a held-out set: make_heldout.py --no-wallpapers --extra DIR")
-    ap.add_argument("--list", type=Path, default=FRESH_LIST,
-                    help="--fresh's list of packages and pictures: scripts/eval/fresh_photos.json (held-out set v4, "
-                         "the default), scripts/eval/fresh_photos_v5.json (v5) or scripts/eval/fresh_photos_v6.json "
-                         "(v6)")
+    ap.add_argument(
+        "--fresh",
+        type=Path,
+        help="write here instead photographs from Debian packages that no other set uses, picked by eye "
+        "(the --list file), for a held-out set: make_heldout.py --no-wallpapers --extra DIR",
+    )
+    ap.add_argument(
+        "--list",
+        type=Path,
+        default=FRESH_LIST,
+        help="--fresh's list of packages and pictures: scripts/eval/fresh_photos.json (held-out set v4, "
+        "the default), scripts/eval/fresh_photos_v5.json (v5) or scripts/eval/fresh_photos_v6.json "
+        "(v6)",
+    )
     args = ap.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.gcompris:
@@ -176,7 +197,8 @@ def main() -> None:
             cw, ch = min(im.width, int(w / scale)), min(im.height, int(h / scale))
             x, y = rng.integers(0, im.width - cw + 1), rng.integers(0, im.height - ch + 1)
             im.crop((x, y, x + cw, y + ch)).resize((w, h), Image.Resampling.LANCZOS).save(
-                args.out / f"photo{i:04d}.jpg", quality=90)
+                args.out / f"photo{i:04d}.jpg", quality=90
+            )
     print(f"wrote {args.count} JPEGs to {args.out}")
 
 

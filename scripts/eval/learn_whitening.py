@@ -32,8 +32,10 @@ from pipeline.model import (  # noqa: E402
     whitening_checksum,
 )
 
-SOURCE = ("the photographs of Debian's gcompris-qt-data 3.1-2 (GPL-3+, CC-BY-SA-4.0 and public-domain files, "
-          "per its debian/copyright) kept by scripts/eval/fetch_photos.py --gcompris")
+SOURCE = (
+    "the photographs of Debian's gcompris-qt-data 3.1-2 (GPL-3+, CC-BY-SA-4.0 and public-domain files, "
+    "per its debian/copyright) kept by scripts/eval/fetch_photos.py --gcompris"
+)
 
 
 def main() -> None:
@@ -44,8 +46,9 @@ def main() -> None:
     args = ap.parse_args()
     recipe = PROFILES[args.profile]
     layers, _ = load_layers()
-    plain, _ = build_feature_graph(layers, input_size=recipe.input_size, pooling=recipe.pooling, aspect=recipe.aspect,
-                                   frame=recipe.frame)
+    plain, _ = build_feature_graph(
+        layers, input_size=recipe.input_size, pooling=recipe.pooling, aspect=recipe.aspect, frame=recipe.frame
+    )
     files = find_images([args.photos])
     learned = learn_whitening(plain, recipe.pooling, files)
     whitening = Whitening(learned.maps, f"{learned.provenance}: {SOURCE}")

@@ -78,8 +78,7 @@ TRANSFORMS = {
 def thumbnails(im: Image.Image) -> np.ndarray:
     """32x32 grey thumbnails of the whole picture and of its centre 60% (float, 0..255)."""
     grey = im.convert("L")
-    return np.stack([np.asarray(t.resize((32, 32), Image.Resampling.BOX), np.float32)
-                     for t in (grey, crop(grey, 0.6))])
+    return np.stack([np.asarray(t.resize((32, 32), Image.Resampling.BOX), np.float32) for t in (grey, crop(grey, 0.6))])
 
 
 def is_near_duplicate(thumbs: np.ndarray, kept: list[np.ndarray], max_diff: float = 6.0) -> bool:
@@ -94,10 +93,16 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=ROOT / "bench-output" / "debian-wallpapers")
     ap.add_argument("--pictures", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--extra", type=Path, help="more source pictures (JPEGs), taken after the wallpapers, e.g. "
-                    "fetch_photos.py --gcompris's photographs")
-    ap.add_argument("--no-wallpapers", action="store_true", help="only the --extra pictures: a set that shares "
-                    "no picture with the sets built from the wallpapers")
+    ap.add_argument(
+        "--extra",
+        type=Path,
+        help="more source pictures (JPEGs), taken after the wallpapers, e.g. fetch_photos.py --gcompris's photographs",
+    )
+    ap.add_argument(
+        "--no-wallpapers",
+        action="store_true",
+        help="only the --extra pictures: a set that shares no picture with the sets built from the wallpapers",
+    )
     args = ap.parse_args()
     rng = random.Random(args.seed)
     args.cache.mkdir(parents=True, exist_ok=True)
