@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -30,7 +31,7 @@ from .codes import (
     quantisation_error,
     rotation_checksum,
 )
-from .fill import TRUTH_DEPTH, fill_index, rows_at
+from .fill import TRUTH_DEPTH, Truth, fill_index, rows_at
 from .idtable import IDS_FILE
 from .plan import MIN_POINTS_PER_LIST
 from .store import StoreWriter, VectorStore
@@ -164,79 +165,33 @@ def build_binary(
     """Learn the codes on a sample, stream every shard into the vector store and the codes, fill the
     binary index, tune its setting on held-out queries through the whole path, publish (the caller
     holds the index folder's lock)."""
-    n, ids = len(source.ids), source.ids
+    n = len(source.ids)
     fac, reason = binary_factory(n, bits, factory)
     LOG.info("index plan: ITQ%d + %s, re-ranked from the vector store (%s)", bits, fac, reason)
     rng = np.random.default_rng(seed)
     t_start = time.monotonic()
     timings: dict[str, float] = {}
-    # Recall queries are held out of the ITQ sample (the codes fit their training vectors better).
-    n_q = min(recall_queries, n)
-    q_pos = np.sort(rng.choice(n, size=n_q, replace=False))
-    rest = np.setdiff1d(np.arange(n), q_pos, assume_unique=True)
-    train_pos = np.sort(rng.choice(rest, size=min(ITQ_TRAIN, len(rest)), replace=False)) if len(rest) else q_pos
+    q_pos, train_pos = _recall_split(rng, n, recall_queries)
     t0 = time.monotonic()
-    sample = rows_at(source.parts, train_pos)
-    centre, projection = learn_itq(sample, bits, seed=seed)
-    error = quantisation_error((sample - centre) @ projection)
-    del sample
-    queries, q_ids = rows_at(source.parts, q_pos), ids[q_pos]
+    learned = _learn_codes(source, q_pos, train_pos, bits, seed)
     timings["train_s"] = time.monotonic() - t0
     with new_version(out_dir) as (tmp, version):
         t0 = time.monotonic()
-        sink, store = _Codes(ids, centre, projection), StoreWriter(tmp, n, source.dim)
-        truth, ids_writer = fill_index(sink, source.parts, ids, tmp / IDS_FILE, queries, progress, pool, store)
-        assert truth is not None, "a fill given queries returns their exact neighbours"
-        ids_writer.result()
-        store.close()
-        index = _binary_index(sink, bits, fac, rng)
-        del sink
+        index, truth = _fill_codes(source, tmp, learned, bits, fac, rng, progress, pool)
         timings["add_s"] = time.monotonic() - t0
         t0 = time.monotonic()
-        engine = CoarseToFine(index, centre, projection, VectorStore.open(tmp), DEFAULT_POOL)
-        tuning = tune_codes(engine, queries, q_ids, truth.ids, target_recall, setting)
-        np.savez(
-            tmp / RECALL_FILE,
-            ids=q_ids,
-            queries=queries,
-            truth=truth.ids,
-            scores=truth.scores,
-            depth=np.full(len(q_ids), TRUTH_DEPTH),
-        )
+        engine = CoarseToFine(index, learned.centre, learned.projection, VectorStore.open(tmp), DEFAULT_POOL)
+        tuning = tune_codes(engine, learned.queries, learned.q_ids, truth.ids, target_recall, setting)
+        _save_recall(tmp, learned, truth)
         timings["tune_s"] = time.monotonic() - t0
         t0 = time.monotonic()
-        try:
-            faiss.write_index_binary(index, str(tmp / CODES_FILE))
-        except RuntimeError as exc:
-            raise write_error(out_dir, exc, "`pipeline build-index`") from None
-        np.savez(tmp / ITQ_FILE, centre=centre, projection=projection)
+        _write_codes(out_dir, tmp, index, learned)
         timings["write_s"] = time.monotonic() - t0
+        asked = asked_for(codes=f"binary:{bits}", factory=factory, nprobe=setting)
         meta = {
-            **built_fields(
-                version,
-                source,
-                f"ITQ{bits},{fac}",
-                f"binary/{type(faiss.downcast_IndexBinary(index)).__name__}/{bits}",
-                asked_for(codes=f"binary:{bits}", factory=factory, nprobe=setting),
-            ),
-            "bytes_estimate": n * bits // 8,
-            "nlist": 0,  # no float IVF layer: the binary index's own lists are in "codes"
-            "nprobe": None,
-            "reason": f"--codes binary:{bits}; {reason}",
-            "train_size": len(train_pos),
-            "codes": {
-                "bits": bits,
-                "index": fac,
-                "rotation_sha256": rotation_checksum(centre, projection),
-                "itq_train_size": len(train_pos),
-                "itq_iterations": ITQ_ITERATIONS,
-                "quantisation_error": round(error, 4),
-                "pool": DEFAULT_POOL,
-                "setting_name": engine.setting_name,
-                "setting": engine.setting,
-            },
+            **_binary_fields(version, source, asked, bits, fac, reason, index, learned, engine),
             **tuning,
-            "recall_queries_held_out_from_training": bool(len(rest)),
+            "recall_queries_held_out_from_training": learned.held_out,
             **made_from(source, t_start, timings),
         }
         report = publish_version(out_dir, tmp, meta, keep)
@@ -250,6 +205,121 @@ def build_binary(
         engine.setting,
     )
     return report
+
+
+@dataclass(frozen=True)
+class _Learned:
+    """The ITQ rotation of a binary version, how it was learned, and the recall queries held out of it."""
+
+    centre: np.ndarray
+    projection: np.ndarray
+    train_size: int
+    error: float  # quantisation error on the training sample
+    queries: np.ndarray
+    q_ids: np.ndarray
+    held_out: bool  # the recall queries were left out of the training sample
+
+
+def _recall_split(rng: np.random.Generator, n: int, recall_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the recall queries and of the ITQ sample, drawn apart: codes fit their training vectors better."""
+    n_q = min(recall_queries, n)
+    q_pos = np.sort(rng.choice(n, size=n_q, replace=False))
+    rest = np.setdiff1d(np.arange(n), q_pos, assume_unique=True)
+    train_pos = np.sort(rng.choice(rest, size=min(ITQ_TRAIN, len(rest)), replace=False)) if len(rest) else q_pos
+    return q_pos, train_pos
+
+
+def _learn_codes(source: Collection, q_pos: np.ndarray, train_pos: np.ndarray, bits: int, seed: int) -> _Learned:
+    """Learn the rotation on its sample and read the recall queries, before the version's folder exists."""
+    sample = rows_at(source.parts, train_pos)
+    centre, projection = learn_itq(sample, bits, seed=seed)
+    error = quantisation_error((sample - centre) @ projection)
+    del sample
+    queries, q_ids = rows_at(source.parts, q_pos), source.ids[q_pos]
+    return _Learned(centre, projection, len(train_pos), error, queries, q_ids, len(q_pos) < len(source.ids))
+
+
+def _fill_codes(
+    source: Collection,
+    tmp: Path,
+    learned: _Learned,
+    bits: int,
+    factory: str,
+    rng: np.random.Generator,
+    progress: bool | None,
+    pool: Executor,
+) -> tuple[faiss.IndexBinary, Truth]:
+    """Stream every shard into the vector store and the codes in one pass, then build the binary index over them."""
+    sink = _Codes(source.ids, learned.centre, learned.projection)
+    store = StoreWriter(tmp, len(source.ids), source.dim)
+    truth, ids_writer = fill_index(
+        sink, source.parts, source.ids, tmp / IDS_FILE, learned.queries, progress, pool, store
+    )
+    assert truth is not None, "a fill given queries returns their exact neighbours"
+    ids_writer.result()
+    store.close()
+    return _binary_index(sink, bits, factory, rng), truth  # the codes (sink) are freed on return
+
+
+def _save_recall(tmp: Path, learned: _Learned, truth: Truth) -> None:
+    """Keep the recall queries and their exact neighbours with the version (recall.npz), as a full build does."""
+    np.savez(
+        tmp / RECALL_FILE,
+        ids=learned.q_ids,
+        queries=learned.queries,
+        truth=truth.ids,
+        scores=truth.scores,
+        depth=np.full(len(learned.q_ids), TRUTH_DEPTH),
+    )
+
+
+def _write_codes(out_dir: Path, tmp: Path, index: faiss.IndexBinary, learned: _Learned) -> None:
+    """Write the binary index and the rotation a search needs to encode its queries, with faiss's error as one line."""
+    try:
+        faiss.write_index_binary(index, str(tmp / CODES_FILE))
+    except RuntimeError as exc:
+        raise write_error(out_dir, exc, "`pipeline build-index`") from None
+    np.savez(tmp / ITQ_FILE, centre=learned.centre, projection=learned.projection)
+
+
+def _binary_fields(
+    version: str,
+    source: Collection,
+    asked: dict,
+    bits: int,
+    factory: str,
+    reason: str,
+    index: faiss.IndexBinary,
+    learned: _Learned,
+    engine: CoarseToFine,
+) -> dict:
+    """The meta.json fields that say what a binary build made, up to its tuning: what a search reopens the codes by."""
+    n = len(source.ids)
+    return {
+        **built_fields(
+            version,
+            source,
+            f"ITQ{bits},{factory}",
+            f"binary/{type(faiss.downcast_IndexBinary(index)).__name__}/{bits}",
+            asked,
+        ),
+        "bytes_estimate": n * bits // 8,
+        "nlist": 0,  # no float IVF layer: the binary index's own lists are in "codes"
+        "nprobe": None,
+        "reason": f"--codes binary:{bits}; {reason}",
+        "train_size": learned.train_size,
+        "codes": {
+            "bits": bits,
+            "index": factory,
+            "rotation_sha256": rotation_checksum(learned.centre, learned.projection),
+            "itq_train_size": learned.train_size,
+            "itq_iterations": ITQ_ITERATIONS,
+            "quantisation_error": round(learned.error, 4),
+            "pool": DEFAULT_POOL,
+            "setting_name": engine.setting_name,
+            "setting": engine.setting,
+        },
+    }
 
 
 def _binary_index(sink: _Codes, bits: int, factory: str, rng: np.random.Generator) -> faiss.IndexBinary:

@@ -79,85 +79,98 @@ def build_index(
     name a faiss binary index ('BHNSW32') and `nprobe` fix its setting. Never updated in place.
     """
     features_dir, out_dir = Path(features_dir), Path(out_dir)
-    _check_options(
-        features_dir,
-        keep=keep,
-        target_recall=target_recall,
-        retrain_above=retrain_above,
-        codes=codes,
-        distributor=distributor,
-        max_memory=max_memory,
-        nlist=nlist,
-    )
+    _check_codes_options(codes, distributor=distributor, max_memory=max_memory, nlist=nlist)
+    _check_options(features_dir, keep=keep, target_recall=target_recall, retrain_above=retrain_above)
+    tuning = _Tuning(nprobe, target_recall, recall_queries, seed)
+    asked = asked_for(factory=factory, nlist=nlist, nprobe=nprobe, max_memory=max_memory, rerank=rerank, codes=codes)
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="build-index") as pool:
         # An update reads the published index (GBs) meanwhile, in a thread: faiss releases the GIL.
         prefetch = pool.submit(read_published, out_dir) if update and codes is None else None
         source = _collection(features_dir)
         if codes is not None:
-            bits = parse_codes(codes, source.dim)
-            if update:
-                LOG.info("index: full build, not an update: binary codes are learned from the whole collection")
-            with exclusive_lock(out_dir, "pipeline build-index"):
-                return build_binary(
-                    source,
-                    out_dir,
-                    bits=bits,
-                    factory=factory,
-                    setting=nprobe,
-                    target_recall=target_recall,
-                    recall_queries=recall_queries,
-                    keep=keep,
-                    seed=seed,
-                    progress=progress,
-                    pool=pool,
-                )
-        plan = plan_index(
-            len(source.ids),
-            source.dim,
-            factory=factory,
-            nlist=nlist,
-            flat_below=flat_below,
-            train_per_list=train_per_list,
-            max_memory=max_memory,
-            rerank=rerank,
-        )
-        LOG.info("index plan: %s (%s)", plan.factory, plan.reason)
-        index, kind = new_index(plan, source.dim)
+            return _build_codes(source, out_dir, codes, factory, tuning, update, keep, progress, pool)
+        plan, index, kind = _planned_index(source, factory, nlist, flat_below, train_per_list, max_memory, rerank)
         t_start = time.monotonic()
         with exclusive_lock(out_dir, "pipeline build-index"):
-            base = (
-                update_base(
+            base = None
+            if update and source.stable:
+                base = update_base(
                     out_dir, source.model["checksum"], kind, factory, nlist, rerank, source.ids, retrain_above, prefetch
                 )
-                if update and source.stable
-                else None
-            )
             prefetch = None  # a full build does not keep the published index in memory
             if base is not None:
                 return update_version(base, source, out_dir, nprobe, target_recall, keep, t_start, pool)
-            asked = asked_for(
-                factory=factory, nlist=nlist, nprobe=nprobe, max_memory=max_memory, rerank=rerank, codes=codes
-            )
-            tuning = _Tuning(nprobe, target_recall, recall_queries, seed)
             return _full_build(
                 index, plan, kind, source, out_dir, tuning, asked, keep, progress, distributor, pool, t_start
             )
 
 
-def _check_options(
-    features_dir: Path,
-    *,
+def _build_codes(
+    source: Collection,
+    out_dir: Path,
+    codes: str,
+    factory: str | None,
+    tuning: _Tuning,
+    update: bool,
     keep: int,
-    target_recall: float,
-    retrain_above: float,
-    codes: str | None,
-    distributor: FillDistributor | None,
-    max_memory: int | str | None,
+    progress: bool | None,
+    pool: Executor,
+) -> IndexReport:
+    """The binary-codes kind is built by binary.py, always in full: its codes are learned from the whole collection."""
+    bits = parse_codes(codes, source.dim)
+    if update:
+        LOG.info("index: full build, not an update: binary codes are learned from the whole collection")
+    with exclusive_lock(out_dir, "pipeline build-index"):
+        return build_binary(
+            source,
+            out_dir,
+            bits=bits,
+            factory=factory,
+            setting=tuning.nprobe,
+            target_recall=tuning.target,
+            recall_queries=tuning.queries,
+            keep=keep,
+            seed=tuning.seed,
+            progress=progress,
+            pool=pool,
+        )
+
+
+def _planned_index(
+    source: Collection,
+    factory: str | None,
     nlist: int | None,
+    flat_below: int,
+    train_per_list: int,
+    max_memory: int | str | None,
+    rerank: int | None,
+) -> tuple[IndexPlan, faiss.Index, str]:
+    """The plan for the collection and its empty index, made before the lock: planning errors need no lock."""
+    plan = plan_index(
+        len(source.ids),
+        source.dim,
+        factory=factory,
+        nlist=nlist,
+        flat_below=flat_below,
+        train_per_list=train_per_list,
+        max_memory=max_memory,
+        rerank=rerank,
+    )
+    LOG.info("index plan: %s (%s)", plan.factory, plan.reason)
+    index, kind = new_index(plan, source.dim)
+    return plan, index, kind
+
+
+def _check_codes_options(
+    codes: str | None, *, distributor: FillDistributor | None, max_memory: int | str | None, nlist: int | None
 ) -> None:
-    """One-line errors for options that cannot work, before any work."""
+    """A one-line error for float-index options given with --codes, checked first: they would be ignored."""
     if codes is not None and (distributor is not None or max_memory is not None or nlist is not None):
         raise PipelineError("--codes binary builds its own index: it takes neither --ray, --max-memory nor --nlist")
+
+
+def _check_options(features_dir: Path, *, keep: int, target_recall: float, retrain_above: float) -> None:
+    """One-line errors for options that cannot work, before any work."""
     if not features_dir.is_dir():
         raise PipelineError(f"features folder not found: {features_dir}")
     if keep < 1:

@@ -95,38 +95,56 @@ def plan_index(
     if rerank is not None and rerank < 0:
         raise PipelineError(f"--rerank must be at least 0 (got {rerank})")
     if factory:
-        nl, per_vector = factory_facts(factory, dim)
-        compressed = per_vector - (8 if nl else 0) < 4 * dim
-        train = min(n, max(max(MIN_POINTS_PER_LIST, train_per_list) * nl, 20_000 if compressed else 0) or 100_000)
-        return IndexPlan(
-            factory,
-            nl,
-            train,
-            f"factory {factory!r} given with --factory",
-            n * per_vector + nl * dim * 4,
-            _rerank(compressed, rerank),
-        )
+        return _given_plan(factory, n, dim, train_per_list, rerank)
     auto_nlist = nlist is None
+    ivf, nlist, reason = _ivf_layer(n, nlist, flat_below)
+    fac, code, nlist, need = _fitting_code(n, dim, ivf, nlist, auto_nlist, max_memory)
+    compressed = code != "Flat"
+    rerank = _rerank(compressed, rerank)
+    if compressed:
+        reason = _compressed_reason(n, dim, fac, code, nlist, need, auto_nlist, rerank)
+    train = min(n, max(max(MIN_POINTS_PER_LIST, train_per_list) * nlist, 20_000 if compressed else 0))
+    return IndexPlan(fac, nlist, train, reason, need, rerank)
+
+
+def _given_plan(factory: str, n: int, dim: int, train_per_list: int, rerank: int | None) -> IndexPlan:
+    """The plan of a factory given with --factory: its lists and code size are asked of faiss."""
+    nl, per_vector = factory_facts(factory, dim)
+    compressed = per_vector - (8 if nl else 0) < 4 * dim
+    train = min(n, max(max(MIN_POINTS_PER_LIST, train_per_list) * nl, 20_000 if compressed else 0) or 100_000)
+    return IndexPlan(
+        factory,
+        nl,
+        train,
+        f"factory {factory!r} given with --factory",
+        n * per_vector + nl * dim * 4,
+        _rerank(compressed, rerank),
+    )
+
+
+def _ivf_layer(n: int, nlist: int | None, flat_below: int) -> tuple[str, int, str]:
+    """The IVF prefix ('' for exact search), nlist and why, chosen by size before a budget compresses the codes."""
     if nlist is None and n < flat_below:
-        ivf, nlist, reason = (
-            "",
-            0,
-            (f"{n} vectors < {flat_below}: exact inner-product search is fast at this size, so no IVF"),
+        return "", 0, f"{n} vectors < {flat_below}: exact inner-product search is fast at this size, so no IVF"
+    if nlist is None:
+        nlist = min(2 ** math.ceil(math.log2(4 * math.sqrt(n))), n // MIN_POINTS_PER_LIST)
+        reason = (
+            f"{n} vectors: nlist {nlist} (about 4*sqrt(N) = {4 * math.sqrt(n):.0f}, "
+            f"at least {MIN_POINTS_PER_LIST} training points per list)"
         )
     else:
-        if nlist is None:
-            nlist = min(2 ** math.ceil(math.log2(4 * math.sqrt(n))), n // MIN_POINTS_PER_LIST)
-            reason = (
-                f"{n} vectors: nlist {nlist} (about 4*sqrt(N) = {4 * math.sqrt(n):.0f}, "
-                f"at least {MIN_POINTS_PER_LIST} training points per list)"
-            )
-        else:
-            reason = f"nlist {nlist} given with --nlist"
-        if nlist < 1 or nlist * MIN_POINTS_PER_LIST > n:
-            raise PipelineError(
-                f"nlist {nlist} needs at least {max(nlist, 1) * MIN_POINTS_PER_LIST} vectors to train; have {n}"
-            )
-        ivf = f"IVF{nlist},"
+        reason = f"nlist {nlist} given with --nlist"
+    if nlist < 1 or nlist * MIN_POINTS_PER_LIST > n:
+        raise PipelineError(
+            f"nlist {nlist} needs at least {max(nlist, 1) * MIN_POINTS_PER_LIST} vectors to train; have {n}"
+        )
+    return f"IVF{nlist},", nlist, reason
+
+
+def _fitting_code(
+    n: int, dim: int, ivf: str, nlist: int, auto_nlist: bool, max_memory: int | None
+) -> tuple[str, str, int, int]:
+    """(factory, code, nlist, bytes) of the least compressed code whose index fits `max_memory`, else an error."""
     codes = ["Flat", "SQ8"] + [f"PQ{m}x4fs" for m in (dim // 2, dim // 4, dim // 8, dim // 16) if m and dim % m == 0]
     for code in codes:
         if code.startswith("PQ") and auto_nlist and ivf:
@@ -135,34 +153,35 @@ def plan_index(
         fac = ivf + code
         need = n * factory_facts(fac, dim)[1] + nlist * dim * 4
         if max_memory is None or need <= max_memory:
-            break
-    else:
-        assert max_memory is not None, "without a memory budget the first code fits"
-        raise PipelineError(
-            f"{n} vectors do not fit in {max_memory / 2**20:.0f} MiB even as {fac} "
-            f"({need / 2**20:.0f} MiB); raise --max-memory"
+            return fac, code, nlist, need
+    assert max_memory is not None, "without a memory budget the first code fits"
+    raise PipelineError(
+        f"{n} vectors do not fit in {max_memory / 2**20:.0f} MiB even as {fac} "
+        f"({need / 2**20:.0f} MiB); raise --max-memory"
+    )
+
+
+def _compressed_reason(
+    n: int, dim: int, fac: str, code: str, nlist: int, need: int, auto_nlist: bool, rerank: int
+) -> str:
+    """Why a compressed index was chosen, for meta.json: the budget it had to fit and what it gave up."""
+    how = (
+        "given with --nlist"
+        if not auto_nlist
+        else "the power of two >= sqrt(N)"
+        if code.startswith("PQ")
+        else "about 4*sqrt(N)"
+    )
+    reason = (
+        f"{n} vectors as flat floats need {n * 4 * dim / 2**20:.0f} MiB > --max-memory, so {fac} "
+        f"({need / 2**20:.0f} MiB: codes, ids and quantizer), {nlist} lists (nlist {how})"
+    )
+    if rerank:
+        reason += (
+            f"; the top {rerank} candidates re-ranked exactly from a float16 store on disk "
+            f"({n * 2 * dim / 2**20:.0f} MiB, memory-mapped, not resident)"
         )
-    compressed = code != "Flat"
-    rerank = _rerank(compressed, rerank)
-    if compressed:
-        how = (
-            "given with --nlist"
-            if not auto_nlist
-            else "the power of two >= sqrt(N)"
-            if code.startswith("PQ")
-            else "about 4*sqrt(N)"
-        )
-        reason = (
-            f"{n} vectors as flat floats need {n * 4 * dim / 2**20:.0f} MiB > --max-memory, so {fac} "
-            f"({need / 2**20:.0f} MiB: codes, ids and quantizer), {nlist} lists (nlist {how})"
-        )
-        if rerank:
-            reason += (
-                f"; the top {rerank} candidates re-ranked exactly from a float16 store on disk "
-                f"({n * 2 * dim / 2**20:.0f} MiB, memory-mapped, not resident)"
-            )
-    train = min(n, max(max(MIN_POINTS_PER_LIST, train_per_list) * nlist, 20_000 if compressed else 0))
-    return IndexPlan(fac, nlist, train, reason, need, rerank)
+    return reason
 
 
 def _rerank(compressed: bool, rerank: int | None) -> int:
