@@ -19,7 +19,6 @@ from .errors import ImageError, ModelMismatchError, PipelineError
 from .images import load_image
 from .index import (
     CODES_FILE,
-    CURRENT_FILE,
     IDS_FILE,
     INDEX_FILE,
     VECTOR_IDS_FILE,
@@ -31,6 +30,7 @@ from .index import (
     current_version,
     damaged,
     ivf_params,
+    published_name,
     read_meta,
 )
 from .model import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, FeatureModel
@@ -81,7 +81,7 @@ class QueryFile:
 def _pointer(index_dir: Path) -> str | None:
     """What CURRENT says right now (None if unreadable): tells a concurrent publish from damage."""
     try:
-        return (index_dir / CURRENT_FILE).read_text()
+        return published_name(index_dir)
     except (OSError, ValueError):
         return None
 

@@ -42,6 +42,7 @@ from .versions import (
     current_version,
     damaged,
     prune_versions,
+    published_name,
     read_meta,
     recorded_model,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "VectorStore",
     "build_index",
     "current_version",
+    "published_name",
     "damaged",
     "factory_facts",
     "fill_range",

@@ -67,6 +67,12 @@ def damaged(path: Path, why: Exception | str) -> PipelineError:
     )
 
 
+def published_name(index_dir: Path) -> str:
+    """The version CURRENT names right now, unchecked (OSError: unreadable; ValueError: not UTF-8): for
+    readers that poll it; current_version() checks it."""
+    return (index_dir / CURRENT_FILE).read_text().strip()
+
+
 def current_version(index_dir: Path) -> Path:
     """The published version folder (resolve once and keep it: later publishes don't affect it)."""
     pointer = index_dir / CURRENT_FILE
@@ -77,7 +83,7 @@ def current_version(index_dir: Path) -> Path:
         f"of one of {index_dir / VERSIONS_DIR}/* into it"
     )
     try:
-        version = pointer.read_text().strip()
+        version = published_name(index_dir)
     except FileNotFoundError:
         raise PipelineError(
             f"{index_dir} holds no published index (no {CURRENT_FILE} file); run `pipeline build-index`"

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import BusyError, ImageError, PipelineError
 from ..images import decode_bytes, input_shapes
-from ..index import CURRENT_FILE
+from ..index import published_name
 from ..model import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, FeatureModel
 from ..search import DEFAULT_K, Hit, QueryFile, QueryResult, Searcher
 from ..sheet import thumbnail
@@ -153,7 +153,7 @@ class Service:
     def refresh(self) -> bool:
         """Serve the version `CURRENT` names if it is new and made by the serving model; True when swapped."""
         try:
-            version = (self.index_dir / CURRENT_FILE).read_text().strip()
+            version = published_name(self.index_dir)
         except OSError:
             return False
         if version in self._searchers or version == self._skipped:
