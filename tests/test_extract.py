@@ -103,11 +103,12 @@ def test_aspect_buckets_batch_per_shape_and_search_uses_them(tmp_path):
     alone = {str(f): fm.embed(load_image(f, info.resize_to).pixels[None])[0] for f in files}  # one image per run
     assert {load_image(f, info.resize_to).pixels.shape[:2] for f in files} == set(info.resize_to)  # every bucket used
     paths, feats, _ = all_rows(tmp_path / "f")
-    np.testing.assert_allclose(feats, np.stack([alone[p] for p in paths]), rtol=1e-5, atol=1e-6)
+    want = np.stack([alone[p] for p in paths]).astype(np.float16).astype(np.float32)  # as the shards store them
+    np.testing.assert_allclose(feats, want, rtol=1e-3, atol=1e-5)
     build_index(tmp_path / "f", tmp_path / "i", progress=False)
     results = Searcher(tmp_path / "i", model=tmp_path / "aspect.onnx").search(files, k=1)  # queries: same buckets
     assert [r.hits[0].path for r in results] == [str(f) for f in files]
-    assert all(r.hits[0].score == pytest.approx(1.0, abs=1e-5) for r in results)
+    assert all(r.hits[0].score == pytest.approx(1.0, abs=1e-3) for r in results)
 
 
 def test_duplicates_run_once_and_stay_findable(tmp_path, tiny_model):

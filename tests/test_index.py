@@ -75,7 +75,7 @@ def test_small_collection_is_exact(tmp_path):
     assert "exact" in report.meta["reason"]
     hits = Searcher(tmp_path / "i").search_vectors(vecs[:5], k=3)
     assert [h[0].path for h in hits] == paths[:5]
-    assert hits[0][0].score == pytest.approx(1.0, abs=1e-5)
+    assert hits[0][0].score == pytest.approx(1.0, abs=1e-3)  # the shards store float16
 
 
 def test_ivf_path_tunes_nprobe_for_recall(tmp_path):
@@ -94,7 +94,7 @@ def test_ivf_path_tunes_nprobe_for_recall(tmp_path):
     searcher = Searcher(tmp_path / "i")
     assert searcher.nprobe == m["nprobe"]
     like = searcher.search_like(["/synthetic/0000005.jpg"], k=3)[0].hits  # stored vector, memory-mapped IVF
-    assert like[0].path == "/synthetic/0000005.jpg" and like[0].score == pytest.approx(1.0, abs=1e-5)
+    assert like[0].path == "/synthetic/0000005.jpg" and like[0].score == pytest.approx(1.0, abs=1e-3)
     others = searcher.search_like(["/synthetic/0000005.jpg"], k=3, exclude_self=True)[0].hits
     assert len(others) == 3 and "/synthetic/0000005.jpg" not in [h.path for h in others]
     assert faiss.extract_index_ivf(searcher.index).metric_type == faiss.METRIC_INNER_PRODUCT

@@ -98,12 +98,12 @@ def test_an_aspect_kept_model_serves_uploads_of_every_shape(tmp_path):
         r = c.post("/api/search?k=1", files=upload(*[(f.name, f.read_bytes()) for f in files]))
     assert r.status_code == 200, r.text
     assert [got["results"][0]["path"] for got in r.json()] == [str(f) for f in files]
-    assert all(got["results"][0]["score"] == pytest.approx(1.0, abs=1e-5) for got in r.json())
+    assert all(got["results"][0]["score"] == pytest.approx(1.0, abs=1e-3) for got in r.json())
 
 
 def test_more_like_this_by_id(client, gallery):
     first = client.get("/api/search?like=0&k=3").json()[0]
-    assert first["results"][0]["id"] == 0 and first["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert first["results"][0]["id"] == 0 and first["results"][0]["score"] == pytest.approx(1.0, abs=1e-3)
     mlt = client.get("/api/search", params={"like": 0, "k": 3, "exclude_self": True}).json()[0]
     assert first["query"] == mlt["query"] and 0 not in [h["id"] for h in mlt["results"]]
     assert client.get("/api/search?like=12345").status_code == 404

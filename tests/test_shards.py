@@ -38,7 +38,9 @@ def test_round_trip(paths, errors, seed):
         path = Path(tmp) / "shard-00000.h5"
         write_shard(path, data, INFO, "/models/m.onnx")
         back = read_shard(path)
-        np.testing.assert_array_equal(back.features, data.features)
+        stored = data.features.astype(np.float16).astype(np.float32)  # float16 on disk, float32 to readers
+        assert back.features.dtype == np.float32
+        np.testing.assert_array_equal(back.features, stored)
         assert back.paths == paths and back.hashes == data.hashes
         np.testing.assert_array_equal(back.sizes, data.sizes)
         np.testing.assert_array_equal(back.mtimes, data.mtimes)
@@ -49,7 +51,7 @@ def test_round_trip(paths, errors, seed):
         if n:
             runs = np.unique(np.clip(np.r_[0, n // 3 : n // 3 + 3, n - 2 : n], 0, n - 1))  # consecutive rows
             for rows in (np.unique([0, n - 1]), runs):
-                np.testing.assert_array_equal(read_rows(path, rows), data.features[rows])
+                np.testing.assert_array_equal(read_rows(path, rows), stored[rows])
         assert list_shards(Path(tmp)) == [path] and not list(Path(tmp).glob(".*tmp"))
 
 
@@ -77,3 +79,64 @@ def test_shard_with_columns_of_different_lengths_is_damaged(tmp_path):
     for features in (True, False):
         with pytest.raises(PipelineError, match="columns have different lengths"):
             read_shard(path, features=features)
+
+
+def _written(path: Path, n: int = 100) -> ShardData:
+    rng = np.random.default_rng(0)
+    data = ShardData(
+        rng.normal(size=(n, 8)).astype(np.float32),
+        [f"/p/{i}.jpg" for i in range(n)],
+        [f"{i:032x}" for i in range(n)],
+        np.arange(n),
+        np.ones(n),
+        [],
+        [],
+    )
+    write_shard(path, data, INFO, "/models/m.onnx")
+    return data
+
+
+def test_bytes_flipped_inside_the_feature_matrix_are_detected(tmp_path):
+    import h5py
+
+    path = tmp_path / "shard-00000.h5"
+    _written(path)
+    with h5py.File(path, "r") as f:
+        chunk = f["features"].id.get_chunk_info(0)
+    with open(path, "r+b") as f:  # one byte of a feature, the file still valid HDF5
+        f.seek(chunk.byte_offset + 10)
+        byte = f.read(1)
+        f.seek(chunk.byte_offset + 10)
+        f.write(bytes([byte[0] ^ 0x40]))
+    assert shard_info(path).count == 100  # its metadata still reads
+    for read in (lambda: read_shard(path), lambda: read_rows(path, np.array([0]))):
+        with pytest.raises(PipelineError, match="cannot read shard .*a checksum of its data does not match"):
+            read()
+
+
+def test_a_changed_path_is_detected(tmp_path):
+    import h5py
+
+    path = tmp_path / "shard-00000.h5"
+    _written(path, 3)
+    with h5py.File(path, "r+") as f:  # a path rewritten in place, lengths unchanged
+        f["paths"][1] = "/p/X.jpg"
+    with pytest.raises(PipelineError, match="do not match their checksum"):
+        read_shard(path)
+
+
+def test_version_1_shards_float32_without_checksums_are_still_read(tmp_path):
+    import h5py
+
+    path = tmp_path / "shard-00000.h5"
+    data = _written(path, 5)
+    features = np.random.default_rng(1).normal(size=(5, 8)).astype(np.float32)
+    with h5py.File(path, "r+") as f:  # as version 1 wrote it
+        del f["features"]
+        f["features"] = features
+        f.attrs["schema_version"] = 1
+        del f.attrs["strings_sha256"]
+    back = read_shard(path)
+    np.testing.assert_array_equal(back.features, features)
+    assert back.paths == data.paths
+    np.testing.assert_array_equal(read_rows(path, np.array([1, 3])), features[[1, 3]])

@@ -107,7 +107,8 @@ def test_ivf_update_keeps_the_quantizer_and_answers_like_a_full_build(tmp_path):
         (n, vecs[int(p[11:18])] if int(p[11:18]) < len(vecs) else new[int(p[11:18]) - len(vecs) - 1000])
         for p, n in id_table(i).items()
     ]
-    live_ids, live_vecs = np.array([n for n, _ in live]), np.stack([v for _, v in live])
+    live_ids = np.array([n for n, _ in live])
+    live_vecs = np.stack([v for _, v in live]).astype(np.float16).astype(np.float32)  # as the shards store them
     with np.load(current_version(i) / "recall.npz") as sample:  # its exact neighbours, updated, are exact
         _, exact = faiss.knn(sample["queries"], live_vecs, 11, metric=faiss.METRIC_INNER_PRODUCT)
         assert (sample["depth"] >= 11).all() and (sample["truth"][:, :11] == live_ids[exact]).all()
@@ -116,9 +117,9 @@ def test_ivf_update_keeps_the_quantizer_and_answers_like_a_full_build(tmp_path):
     assert {p: n for p, n in ids_before.items() if p not in gone} == {p: n for p, n in after.items() if p in ids_before}
     assert not set(gone) & set(after)
     searcher = Searcher(i)  # a stored vector found by its (sparse) id in the memory-mapped IVF index
-    assert searcher.vectors([after["/synthetic/0000007.jpg"]])[0] == pytest.approx(vecs[7], abs=1e-6)
+    assert searcher.vectors([after["/synthetic/0000007.jpg"]])[0] == pytest.approx(vecs[7], abs=2e-4)
     hits = searcher.search_like(["/synthetic/0000007.jpg"], k=2)[0].hits
-    assert hits[0].path == "/synthetic/0000007.jpg" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert hits[0].path == "/synthetic/0000007.jpg" and hits[0].score == pytest.approx(1.0, abs=1e-3)
 
 
 def test_an_update_holds_the_recall_its_quantizer_reached_when_trained(tmp_path):

@@ -1,19 +1,24 @@
 """The HDF5 shard format: one file per shard of images, written atomically, read or streamed.
 
-Schema (version 1), file `shard-NNNNN.h5`:
-  features  float32 [n, dim]   L2-normalised features, row i belongs to paths[i]
+Schema (version 2), file `shard-NNNNN.h5`:
+  features  float16 [n, dim]   L2-normalised features, row i belongs to paths[i]; chunked, each chunk with
+                               HDF5's fletcher32 checksum (half the bytes of float32 at no measured
+                               loss: docs/quality.md; a damaged chunk fails its read)
   paths     utf-8 str [n]      absolute image paths
   hashes    str [n]            blake2b-128 of each file's bytes
-  sizes     int64 [n]          file size in bytes
-  mtimes    float64 [n]        file modification time (seconds since the epoch)
+  sizes     int64 [n]          file size in bytes (fletcher32, as features)
+  mtimes    float64 [n]        file modification time (seconds since the epoch) (fletcher32)
   errors/paths, errors/reasons utf-8 str [m]  files of this shard that could not be used
   attrs: schema_version, model_name, model_sha256 (ModelInfo.checksum: weights and recipe), model_path,
          recipe (JSON of ModelInfo), dim, count,
-         error_count, created (ISO 8601 UTC), pipeline_version
+         error_count, created (ISO 8601 UTC), pipeline_version,
+         strings_sha256 (sha256 of the four string columns: HDF5 has no checksum filter for them)
+Version 1 (float32 features, no checksums) is still read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -30,7 +35,10 @@ from ..fsutil import publish, temp_path
 from ..model import ModelInfo
 from ..version import __version__
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+FEATURE_DTYPE = np.float16  # on disk; readers always get float32
+_CHUNK_BYTES = 64 * 1024  # a feature chunk: the unit of reading and of a checksum
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.h5$")
 _STR = h5py.string_dtype("utf-8")
 
@@ -82,6 +90,17 @@ def remove_shard(features_dir: Path, number: int) -> None:
     (features_dir / shard_name(number)).unlink(missing_ok=True)
 
 
+def _strings_sha256(columns: list[list[str]]) -> str:
+    """One digest of the string columns, each string length-prefixed so that no two layouts collide."""
+    digest = hashlib.sha256()
+    for column in columns:
+        digest.update(len(column).to_bytes(8, "little"))
+        for text in column:
+            raw = text.encode("utf-8", "surrogatepass")
+            digest.update(len(raw).to_bytes(8, "little") + raw)
+    return digest.hexdigest()
+
+
 def write_shard(path: Path, data: ShardData, model: ModelInfo, model_path: str = "") -> None:
     """Write a shard to a temporary name, fsync, then rename: a reader never sees half a shard."""
     n = len(data.paths)
@@ -92,11 +111,18 @@ def write_shard(path: Path, data: ShardData, model: ModelInfo, model_path: str =
         raise write_error(path, exc, "`pipeline extract`") from None
     try:
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=data.features.astype(np.float32, copy=False))
+            rows = max(1, min(n, _CHUNK_BYTES // (2 * model.dim)))
+            checked = {"fletcher32": True} if n else {}  # (an empty dataset cannot be chunked)
+            f.create_dataset(
+                "features",
+                data=data.features.astype(FEATURE_DTYPE),
+                chunks=(rows, model.dim) if n else None,
+                **checked,
+            )
             f.create_dataset("paths", data=np.array(data.paths, dtype=object), dtype=_STR)
             f.create_dataset("hashes", data=np.array(data.hashes, dtype=object), dtype=_STR)
-            f.create_dataset("sizes", data=np.asarray(data.sizes, dtype=np.int64))
-            f.create_dataset("mtimes", data=np.asarray(data.mtimes, dtype=np.float64))
+            f.create_dataset("sizes", data=np.asarray(data.sizes, dtype=np.int64), **checked)
+            f.create_dataset("mtimes", data=np.asarray(data.mtimes, dtype=np.float64), **checked)
             errors = f.create_group("errors")
             errors.create_dataset("paths", data=np.array(data.error_paths, dtype=object), dtype=_STR)
             errors.create_dataset("reasons", data=np.array(data.error_reasons, dtype=object), dtype=_STR)
@@ -111,6 +137,7 @@ def write_shard(path: Path, data: ShardData, model: ModelInfo, model_path: str =
                 error_count=len(data.error_paths),
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 pipeline_version=__version__,
+                strings_sha256=_strings_sha256([data.paths, data.hashes, data.error_paths, data.error_reasons]),
             )
         publish(tmp, path)
     except BaseException as exc:
@@ -127,12 +154,16 @@ def _open(path: Path) -> Iterator[h5py.File]:
     try:
         with h5py.File(path, "r") as f:
             version = int(f.attrs.get("schema_version", -1))
-            if version != SCHEMA_VERSION:
-                raise PipelineError(f"shard {path} has schema version {version}; this pipeline reads {SCHEMA_VERSION}")
+            if version not in READABLE_VERSIONS:
+                raise PipelineError(
+                    f"shard {path} has schema version {version}; this pipeline reads {READABLE_VERSIONS}"
+                )
             yield f
     except (OSError, KeyError, ValueError, TypeError) as exc:
+        # fletcher32's failure reaches h5py as a bare "filter returned failure"
+        why = "a checksum of its data does not match" if "filter returned failure" in str(exc) else cause(exc)
         raise PipelineError(
-            f"cannot read shard {path} ({cause(exc)}): it is damaged; delete it and rerun "
+            f"cannot read shard {path} ({why}): it is damaged; delete it and rerun "
             "`pipeline extract` (its images are extracted again)"
         ) from None
 
@@ -166,7 +197,7 @@ def read_shard(path: Path, features: bool = True) -> ShardData:
     """All rows of a shard; `features=False` skips the feature matrix (for bookkeeping)."""
     with _open(path) as f:
         data = ShardData(
-            features=f["features"][()] if features else np.zeros((0, int(f.attrs["dim"])), np.float32),
+            features=_float32(f["features"][()]) if features else np.zeros((0, int(f.attrs["dim"])), np.float32),
             paths=_strings(f["paths"]),
             hashes=_strings(f["hashes"]),
             sizes=f["sizes"][()],
@@ -179,7 +210,15 @@ def read_shard(path: Path, features: bool = True) -> ShardData:
             rows.add(len(data.features))
         if len(rows) > 1 or len(data.error_paths) != len(data.error_reasons):
             raise ValueError("its columns have different lengths")  # (_open: a damaged shard)
+        recorded = f.attrs.get("strings_sha256")
+        strings = [data.paths, data.hashes, data.error_paths, data.error_reasons]
+        if recorded is not None and str(recorded) != _strings_sha256(strings):
+            raise ValueError("its paths or hashes do not match their checksum")  # (_open: a damaged shard)
         return data
+
+
+def _float32(features: np.ndarray) -> np.ndarray:
+    return features.astype(np.float32, copy=False)
 
 
 def read_rows(path: Path, rows: np.ndarray) -> np.ndarray:
@@ -194,9 +233,11 @@ def read_rows(path: Path, rows: np.ndarray) -> np.ndarray:
         starts = np.flatnonzero(np.diff(rows, prepend=rows[0] - 2) != 1)
         ends = np.append(starts[1:], len(rows))
         if len(starts) == len(rows):
-            return features[rows]
-        return np.concatenate(
-            [features[rows[a] : rows[b - 1] + 1] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+            return _float32(features[rows])
+        return _float32(
+            np.concatenate(
+                [features[rows[a] : rows[b - 1] + 1] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+            )
         )
 
 

@@ -2,7 +2,7 @@
 
 Usage: python scripts/benchmarks/bench_duplicates.py [--n 1000000] [--groups 2000] [--nprobe N]
 
-1. Writes N synthetic 512-d unit vectors as real shards (the benchmarks' set: pipeline.synthetic's generator,
+1. Writes N synthetic 1024-d unit vectors as real shards (the benchmarks' set: pipeline.synthetic's generator,
    clustered, positive orthant, random pairs at cosine ~0.47), of which `groups` planted groups of 2-8
    images: an original and noisy copies at cosine to it drawn uniformly from 0.82-0.97 (the range
    of copies-dev's copy-to-original cosines above the default threshold, real features, docs/quality.md);

@@ -1,9 +1,9 @@
 """Benchmark the index stage at 1M vectors: `pipeline build-index` against raw faiss, memory, recall, qps.
 
-Usage: python scripts/benchmarks/bench_index.py [--n 1000000] [--dim 512] [--workdir bench-output/index-bench]
+Usage: python scripts/benchmarks/bench_index.py [--n 1000000] [--dim 1024] [--workdir bench-output/index-bench]
 (bench_search.py then measures search on the index this leaves behind.)
 
-1. Writes N synthetic clustered unit vectors (512-d, or --dim) as real HDF5 shards (once; reused after):
+1. Writes N synthetic clustered unit vectors (1024-d, or --dim) as real HDF5 shards (once; reused after):
    the benchmarks' synthetic set (benchlib.make_shards, with pipeline.synthetic's generator).
 2. (a) runs `pipeline build-index` in a fresh process: wall time and peak RSS (whole build:
    reading shards, training, adding, ids table, recall tuning, writing, publishing).

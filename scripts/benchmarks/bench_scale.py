@@ -2,7 +2,7 @@
 
 Usage: python scripts/benchmarks/bench_scale.py --n 10000000 [--kinds pq-rerank] [--data DIR]
 
-1. Writes N synthetic 512-d features as real shards under --data (once; the benchmarks' set,
+1. Writes N synthetic 1024-d features as real shards under --data (once; the benchmarks' set,
    benchlib.make_shards, calibrated on VGG16 features; a set of 1M can be the first shards of the 10M one),
    plus 1,000 held-out queries (new vectors from the same clusters, not in the index) and their
    exact top-100 ids: <data>/truth<N>.npz (queries, ids, scores), reused by other benchmarks.
@@ -240,6 +240,9 @@ def measure_kind(name: str, n: int, features: Path, truth: Path, work: Path, raw
     version = Path(meta["version_dir"])
     index_bytes = (version / "index.faiss").stat().st_size
     store_bytes = sum((version / f).stat().st_size for f in ("vectors.npy", "vector_ids.npy") if (version / f).exists())
+    # bytes on disk per image: every file of the version, and the shards it was built from
+    disk = {f.name: round(f.stat().st_size / n, 1) for f in sorted(version.iterdir()) if f.is_file()}
+    disk["shards"] = round(sum(p.stat().st_size for p in features.glob("shard-*.h5")) / n, 1)
     print(
         f"[{name}] build {wall:.1f} s, peak RSS {rss:.0f} MiB, {meta['factory']} nprobe {meta['nprobe']} "
         f"rerank {meta.get('rerank')} tuned recall@10 {meta['recall_at_10']}",
@@ -259,6 +262,7 @@ def measure_kind(name: str, n: int, features: Path, truth: Path, work: Path, raw
         "index_bytes_per_image": round(index_bytes / n, 1),
         "store_bytes_per_image": round(store_bytes / n, 1),
         "index_mib": round(index_bytes / 2**20),
+        "disk_bytes_per_image": disk,
         "tuned_recall_at_10": meta["recall_at_10"],
     }
     if raw:
@@ -402,6 +406,16 @@ def figures(res: dict) -> list[dict]:
                     **aim("≤ 1.2", r["build_over_raw_with_reading"] <= 1.2),
                 ),
             ]
+        if "disk_bytes_per_image" in r:
+            disk = r["disk_bytes_per_image"]
+            out.append(
+                figure(
+                    f"{label}: bytes on disk per image, index version + shards",
+                    round(sum(disk.values())),
+                    " B",
+                    "; ".join(f"{k} {v:g}" for k, v in disk.items() if v >= 0.05),
+                )
+            )
         out.append(
             figure(
                 f"{label}: peak RSS, build / search",

@@ -2,7 +2,7 @@
 
 Usage: python scripts/benchmarks/bench_update.py [--n 1000000] [--new 0.01] [--deleted 0.005] [--cache DIR]
 
-1. Writes N synthetic clustered 512-d unit vectors (the benchmarks' set, benchlib.make_shards) as real shards and
+1. Writes N synthetic clustered 1024-d unit vectors (the benchmarks' set, benchlib.make_shards) as real shards and
    builds their catalog with the library (Catalog.reconcile imports the shards, numbering the ids).
    With --cache, they are made once in DIR and each run starts from hard links to those shards
    (never written in place) and a copy of that catalog.

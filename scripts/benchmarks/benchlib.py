@@ -35,7 +35,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "benchmarks" / "results"
-DIM = 512  # the benchmarks' synthetic vectors (1024: the default recipe's features)
+DIM = 1024  # the benchmarks' synthetic vectors: the default recipe's features
 CENTRES = 10_000  # cluster centres of the benchmarks' synthetic set
 
 
