@@ -29,6 +29,7 @@ AREAS = [
     "update",
     "duplicates",
     "scale",
+    "disk",
     "codes",
     "rebuild",
     "rebuild-scale",
