@@ -45,7 +45,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchlib import add_json_option, command_line, figure, host, now, save  # noqa: E402
+from benchlib import DIM, add_json_option, command_line, figure, host, now, save  # noqa: E402
 from pipeline import distributed  # noqa: E402
 from pipeline.decode_pool import decode_one  # noqa: E402
 from pipeline.extract import ExtractJob, record_task  # noqa: E402
@@ -253,7 +253,7 @@ def bench_extract(photos: Path, model: Path, work: Path, shard_size: int) -> dic
     }
 
 
-def bench_merge(n: int, parts: int, dim: int = 512, seed: int = 0) -> dict:
+def bench_merge(n: int, parts: int, dim: int = DIM, seed: int = 0) -> dict:
     """One index filled in `parts` adds (as a local build adds shard by shard) vs `parts` partial indexes
     merged, on clustered synthetic vectors (pipeline.synthetic's generator, around 1,000 normal centres, noise
     half a centre's norm; the training is common)."""
@@ -296,6 +296,7 @@ def bench_merge(n: int, parts: int, dim: int = 512, seed: int = 0) -> dict:
     d2, i2 = merged.search(queries, 10, params=params)
     return {
         "vectors": n,
+        "dim": dim,
         "nlist": nlist,
         "parts": parts,
         "train_s": round(train_s, 1),
@@ -357,7 +358,7 @@ def setup(res: dict) -> str:
         "`pipeline extract --ray ADDRESS` (actors, distributed.py) on a one-node cluster from `ray start --head`, the "
         "same job as Ray Data `map_batches` over an actor pool on that cluster, and the actors on a two-node cluster "
         "on this machine (`ray start --head` + `ray start --address`, one CPU each). Index fill: "
-        f"{mg['vectors']:,} synthetic 512-d vectors, IVF{mg['nlist']},Flat trained once, filled by one index in "
+        f"{mg['vectors']:,} synthetic {mg.get('dim', 512)}-d vectors, IVF{mg['nlist']},Flat trained once, filled by one index in "
         f"{mg['parts']} adds against {mg['parts']} partial indexes merged."
     )
 
@@ -400,13 +401,13 @@ def figures(res: dict) -> list[dict]:
             "top-10 ids and scores of 1,000 queries at nprobe 16",
             target="byte-equal",
             met=merged,
-            dim=512,
+            dim=mg.get("dim", 512),
         ),
         figure(
             "index fill: slowest partial + merge / one index's adds",
             f"{mg['partial_add_s_max']} + {mg['merge_s']} / {mg['single_add_s']}",
             " s",
-            dim=512,
+            dim=mg.get("dim", 512),
         ),
     ]
 

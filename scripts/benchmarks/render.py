@@ -57,13 +57,14 @@ no GPU), shared with other work, where repeat runs of one configuration vary by 
 host's speed at its start as numpy's float32 matrix product (sgemm, 2048 × 2048, GFLOP/s): compare absolute
 figures only between runs at a similar speed. A ratio against a target is measured within one run.
 
-**dim** is the feature dimension a figure was measured at. The default recipe makes 1024-d features (since
-2026-12-03); figures at 512-d (the dimension of `large`, `seed` and `--pooling rmac`, and of the default before)
-are due for re-measurement at 1024-d, where a flat or IVF-Flat index and the float16 re-rank store take twice the
-bytes and a scan twice the flops. "–": no feature dimension applies.
+**dim** is the feature dimension a figure was measured at: 1024, the default recipe's, for every index-side
+figure (the benchmarks' synthetic vectors are 1024-d unless a script is told otherwise). Figures at 512-d (the
+dimension of `large`, `seed` and `--pooling rmac`) are the end-to-end runs of a 512-d model of their day (Ray,
+the nightly rebuild) and Ray's index merge of that run, and say so. "–": no feature dimension applies.
 
-Superseded runs, and how the figures came about, are in the
-[log of runs before 2026-12](history/benchmarks-log-before-2026-12.md) and in the git log.
+Superseded runs, and how the figures came about, are in [the 512-d runs replaced on
+2026-12-07](history/benchmarks-512d-before-2026-12-07.md), the [log of runs before
+2026-12](history/benchmarks-log-before-2026-12.md) and the git log.
 """
 
 
