@@ -358,8 +358,8 @@ def setup(res: dict) -> str:
         "`pipeline extract --ray ADDRESS` (actors, distributed.py) on a one-node cluster from `ray start --head`, the "
         "same job as Ray Data `map_batches` over an actor pool on that cluster, and the actors on a two-node cluster "
         "on this machine (`ray start --head` + `ray start --address`, one CPU each). Index fill: "
-        f"{mg['vectors']:,} synthetic {mg.get('dim', 512)}-d vectors, IVF{mg['nlist']},Flat trained once, filled by one index in "
-        f"{mg['parts']} adds against {mg['parts']} partial indexes merged."
+        f"{mg['vectors']:,} synthetic {mg.get('dim', 512)}-d vectors, IVF{mg['nlist']},Flat trained once, filled by "
+        f"one index in {mg['parts']} adds against {mg['parts']} partial indexes merged."
     )
 
 
