@@ -159,7 +159,9 @@ def setup(res: dict) -> str:
         f"distributed like VGG16 max-pooled features); {res['factory']}, training sample {res['train_size']:,}. "
         "(a) a whole `pipeline build-index` process (reading the shards, training, adding, the id table, recall "
         "tuning, writing, publishing); (b) raw faiss in a fresh process, the same factory and training-sample "
-        "size, train + add on vectors already in memory. Queries: 1,000 held-out vectors (new ones from the same "
+        "size, train + add on vectors already in memory, and nothing written (the product writes the index, the id "
+        "table and the metadata, fsyncs them and publishes atomically). Queries: 1,000 held-out vectors (new ones "
+        "from the same "
         "clusters, not in the index), searched with raw faiss at the tuned nprobe."
     )
 

@@ -8,7 +8,7 @@ model (or --model), pairs every copy with its original, keeps the pairs at cosin
 the index's IVF centroids, what each pair needs to be compared: the fixed nprobe (either vector
 probing the other's list) and the score gap over e = sqrt(2 - 2 threshold) (duplicates.PROBE_GAP).
 With the 1M benchmark's index (bench_duplicates.py) these are real vectors among synthetic lists: indicative
-only, and the model's features must have the index's dimension (512: `--pooling rmac`, `large` or `seed`).
+only, and the model's features must have the index's dimension (1024: the default recipe; --threshold its own).
 Writes its figures into docs/benchmarks/results/duplicates.json (--json; run "real copies").
 """
 
