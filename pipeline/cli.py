@@ -67,6 +67,7 @@ from .serve.limits import (
     DEFAULT_QUEUE_SIZE,
     DEFAULT_TIMEOUT,
 )
+from .verify import verify as verify_files
 
 if TYPE_CHECKING:
     from .distributed import RayDistributor
@@ -693,10 +694,18 @@ def rebuild(
         ),
     ] = False,
     retry_failed: RetryFailedOpt = False,
+    scrub: Annotated[
+        bool,
+        typer.Option(
+            "--scrub/--no-scrub",
+            help="First read every shard through its checksums; delete damaged ones, so that their images are "
+            "extracted again.",
+        ),
+    ] = True,
     ray: RayOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """The nightly job: incremental extract, compact, build and publish the index, prune old versions.
+    """The nightly job: scrub, incremental extract, compact, build and publish the index, prune old versions.
 
     Safe for cron: no prompts; only new and changed images go through the model; a second run
     started while one is going exits at once (another run holds the lock); a killed run leaves
@@ -719,6 +728,7 @@ def rebuild(
             shard_size=shard_size,
             threads=threads,
             retry_failed=retry_failed,
+            scrub_shards=scrub,
             distributor=_ray_distributor(ray),
             progress=False,
         )
@@ -742,6 +752,36 @@ def _log_to(log_file: Path) -> None:
 
 
 @app.command()
+def verify(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A workdir (features/ and index/), a features folder or an index folder.", show_default=False
+        ),
+    ],
+    progress: ProgressOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Read every shard, the catalog and every index version against their checksums; name each damaged file
+    and what brings it back. Exit 0: all intact; 1: something is damaged (for a weekly cron job or a check
+    after a disk incident)."""
+    report = verify_files(path, progress=progress)
+    if as_json:
+        _emit(report.to_dict())
+    else:
+        for damage in report.damaged:
+            typer.echo(f"DAMAGED {damage.path}: {damage.why}\n  fix: {damage.fix}")
+        if report.unverifiable:
+            typer.echo(
+                f"{len(report.unverifiable)} written before their format carried checksums (read, not compared), "
+                f"e.g. {report.unverifiable[0]}"
+            )
+        typer.echo(f"{len(report.checked)} intact, {len(report.damaged)} damaged")
+    if not report.ok:
+        raise typer.Exit(EXIT_ERROR)
+
+
+@app.command()
 def serve(
     index: Annotated[
         Path,
@@ -756,7 +796,25 @@ def serve(
             "--api-key",
             envvar="PIPELINE_API_KEY",
             show_default=False,
-            help="Key clients send in the X-API-Key header (also read from $PIPELINE_API_KEY).",
+            help="Key clients send in the X-API-Key header (also read from $PIPELINE_API_KEY; on the command "
+            "line it shows in `ps`: prefer --api-key-file).",
+        ),
+    ] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--api-key-file",
+            show_default=False,
+            help="Read the API key from this file (its first line), e.g. one only the service's user can read.",
+        ),
+    ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            show_default=False,
+            help="A Host name the service answers to (repeat; '*': any). Default: loopback names when bound "
+            "to loopback (so no web page can reach it by DNS rebinding), any name otherwise.",
         ),
     ] = None,
     batch_size: Annotated[
@@ -791,9 +849,11 @@ def serve(
     try:
         import uvicorn
 
-        from .serve import Service, create_app, is_loopback
+        from .serve import LOOPBACK_HOSTS, Service, create_app, is_loopback
     except ImportError as exc:
         raise PipelineError(f"pipeline serve needs the serve extra (pip install 'pipeline[serve]'): {exc}") from None
+    if api_key_file is not None:
+        api_key = _read_key(api_key_file)
     if not is_loopback(host) and not api_key:
         raise PipelineError(f"--host {host} exposes the service beyond this machine: give --api-key too")
     service = Service(
@@ -806,8 +866,22 @@ def serve(
         threads=threads,
         warm=warm,
     ).start()
-    app_ = create_app(service, api_key=api_key, max_upload=int(max_upload_mb * MIB))
+    hosts: list[str] | None = list(allowed_host or ()) or (list(LOOPBACK_HOSTS) if is_loopback(host) else None)
+    if hosts is not None and "*" in hosts:
+        hosts = None
+    app_ = create_app(service, api_key=api_key, max_upload=int(max_upload_mb * MIB), allowed_hosts=hosts)
     uvicorn.run(app_, host=host, port=port, log_config=None, timeout_graceful_shutdown=5)
+
+
+def _read_key(path: Path) -> str:
+    """The API key in the first line of `path`; an unreadable or empty file is a one-line error."""
+    try:
+        key = path.read_text().split("\n", 1)[0].strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"cannot read the API key file {path} ({cause(exc)})") from None
+    if not key:
+        raise PipelineError(f"the API key file {path} is empty")
+    return key
 
 
 @app.command("eval")

@@ -1,4 +1,4 @@
-"""The nightly job in one call: incremental extract -> compact shards -> build index -> publish.
+"""The nightly job in one call: scrub -> incremental extract -> compact shards -> build index -> publish.
 
 Layout of a workdir: features/ (shards, catalog.sqlite, errors.jsonl), index/ (CURRENT,
 versions/). A lock on the workdir makes a second run exit at once (BusyError, exit 75); a run
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypedDict
 
 from .errors import PipelineError
 from .extract import ExtractReport, extract
-from .features import DEFAULT_COMPACT_BELOW, DEFAULT_SHARD_SIZE, compact, live_digest
+from .features import DEFAULT_COMPACT_BELOW, DEFAULT_SHARD_SIZE, compact, live_digest, scrub
 from .fsutil import exclusive_lock
 from .index import (
     CURRENT_FILE,
@@ -54,6 +54,7 @@ class ExtractOptions(TypedDict, total=False):
 @dataclass
 class RebuildReport:
     extract: ExtractReport
+    damaged: list[tuple[str, str]]  # shards found damaged (deleted; their images extracted again), and why
     compacted: list[str]
     index_built: bool
     index_meta: dict
@@ -62,6 +63,7 @@ class RebuildReport:
     def to_dict(self) -> dict:
         return {
             "extract": self.extract.to_dict(),
+            "damaged_shards": [{"shard": name, "why": why} for name, why in self.damaged],
             "compacted_shards": self.compacted,
             "index_built": self.index_built,
             "index": self.index_meta,
@@ -81,13 +83,16 @@ def rebuild(
     distributor: RayDistributor | None = None,
     retrain: bool = False,
     retrain_above: float = DEFAULT_RETRAIN_ABOVE,
+    scrub_shards: bool = True,
     **extract_options: Unpack[ExtractOptions],
 ) -> RebuildReport:
     """Bring workdir's features and published index up to date with the images under `roots`.
 
     distributor: runs the extraction and the index filling on workers of its own (distributed.RayDistributor).
     The index is updated from the published version (build_index's `update`) unless `retrain`,
-    or the changes since its training exceed `retrain_above` of its trained count."""
+    or the changes since its training exceed `retrain_above` of its trained count. With `scrub_shards`, every
+    shard is read through its checksums first and a damaged one is deleted, so that its images are
+    extracted again (features.scrub: a shard's bytes read, about 2 KB an image)."""
     if not 0 <= compact_below <= 1:
         raise PipelineError(f"--compact-below must be between 0 and 1 (got {compact_below})")
     workdir = Path(workdir)
@@ -95,6 +100,10 @@ def rebuild(
     start = time.monotonic()
     with exclusive_lock(workdir, "pipeline rebuild"):
         LOG.info("rebuild started: %s -> %s", ", ".join(map(str, roots)), workdir)
+        t = time.monotonic()
+        damaged = scrub(features) if scrub_shards else []
+        if scrub_shards:
+            LOG.info("scrub: %d damaged shard(s) deleted (%.1f s)", len(damaged), time.monotonic() - t)
         t = time.monotonic()
         ex = extract(roots, features, model, distributor=distributor, **extract_options)
         LOG.info(
@@ -144,7 +153,7 @@ def rebuild(
                 "updated" if meta["made_by"] == "update" else "built",
                 time.monotonic() - t,
             )
-    report = RebuildReport(ex, compacted, built, meta, time.monotonic() - start)
+    report = RebuildReport(ex, damaged, compacted, built, meta, time.monotonic() - start)
     LOG.info("rebuild finished in %.1f s", report.seconds)
     return report
 

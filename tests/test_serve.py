@@ -25,6 +25,8 @@ from pipeline.rebuild import rebuild
 from pipeline.search import Searcher
 from pipeline.serve import Service, create_app
 
+LOCAL = "http://127.0.0.1"  # a loopback Host: what the service answers by default
+
 
 @pytest.fixture()
 def index_dir(tmp_path, gallery, tiny_model) -> Path:
@@ -39,7 +41,7 @@ def service(index_dir, tiny_model):
 
 @pytest.fixture()
 def client(service):
-    with TestClient(create_app(service)) as c:
+    with TestClient(create_app(service), base_url=LOCAL) as c:
         yield c
 
 
@@ -94,7 +96,9 @@ def test_an_aspect_kept_model_serves_uploads_of_every_shape(tmp_path):
         for i, size in enumerate([(96, 72), (72, 128), (80, 80), (96, 64)])
     ]  # width x height
     rebuild([tmp_path / "imgs"], tmp_path / "work", tmp_path / "aspect.onnx", workers=0, progress=False)
-    with TestClient(create_app(Service(tmp_path / "work" / "index", tmp_path / "aspect.onnx", poll=0))) as c:
+    with TestClient(
+        create_app(Service(tmp_path / "work" / "index", tmp_path / "aspect.onnx", poll=0)), base_url=LOCAL
+    ) as c:
         r = c.post("/api/search?k=1", files=upload(*[(f.name, f.read_bytes()) for f in files]))
     assert r.status_code == 200, r.text
     assert [got["results"][0]["path"] for got in r.json()] == [str(f) for f in files]
@@ -148,7 +152,7 @@ def test_thumbnails_by_id_only_cached_and_no_path_ever_read(client, service, tmp
 def test_bad_uploads_get_their_4xx_and_never_disturb_a_good_one(service, gallery, tmp_path):
     good, bad = write_bad_corpus(tmp_path / "bad")
     query = sorted(gallery.rglob("img05.*"))[0]
-    with TestClient(create_app(service, max_upload=2_000_000)) as client:
+    with TestClient(create_app(service, max_upload=2_000_000), base_url=LOCAL) as client:
         names = ("zero.jpg", "truncated.jpg", "text.jpg", "bomb.png")
         cases = {name: (tmp_path / "bad" / name).read_bytes() for name in names}
         for name, data in cases.items():
@@ -175,7 +179,7 @@ def test_bad_uploads_get_their_4xx_and_never_disturb_a_good_one(service, gallery
 def test_concurrent_queries_share_one_model_batch_and_a_full_queue_answers_503(index_dir, tiny_model, gallery):
     service = Service(index_dir, tiny_model, poll=0, queue_size=4, batch_size=8, max_wait_ms=0)
     query = sorted(gallery.rglob("img05.*"))[0].read_bytes()
-    with TestClient(create_app(service)) as client:
+    with TestClient(create_app(service), base_url=LOCAL) as client:
         entered, release = block_model(service)
         pixels, _ = service.decode(query)
         first = service.batcher.submit(pixels)  # a lone query goes to the model at once
@@ -193,7 +197,7 @@ def test_concurrent_queries_share_one_model_batch_and_a_full_queue_answers_503(i
 
 def test_a_request_that_waits_too_long_is_answered_503(index_dir, tiny_model, gallery):
     service = Service(index_dir, tiny_model, poll=0, timeout=0.2)
-    with TestClient(create_app(service)) as client:
+    with TestClient(create_app(service), base_url=LOCAL) as client:
         entered, release = block_model(service)
         r = client.post("/api/search", files=upload(("q", sorted(gallery.rglob("*.jpg"))[0].read_bytes())))
         release.set()
@@ -201,17 +205,90 @@ def test_a_request_that_waits_too_long_is_answered_503(index_dir, tiny_model, ga
 
 
 def test_api_key(service):
-    with TestClient(create_app(service, api_key="s3cret")) as client:
+    with TestClient(create_app(service, api_key="s3cret"), base_url=LOCAL) as client:
         for url in ("/api/stats", "/api/search?like=0", "/api/thumbnail/0"):
             assert client.get(url).status_code == 401, url
             assert client.get(url, headers={"X-API-Key": "wrong"}).status_code == 401, url
             assert client.get(url, headers={"X-API-Key": "s3cret"}).status_code == 200, url
         assert client.get("/api/stats").json()["error"].startswith("missing or wrong API key")
-        client.cookies.set("pipeline_key", "s3cret")  # what the page stores, so that <img> requests carry it
-        assert client.get("/api/thumbnail/0").status_code == 200
+        client.cookies.set("pipeline_session", "s3cret")  # the key itself is not a session
+        assert client.get("/api/thumbnail/0").status_code == 401
+        client.cookies.clear()
+        assert client.post("/api/session", headers={"X-API-Key": "wrong"}).status_code == 401
+        r = client.post("/api/session", headers={"X-API-Key": "s3cret"})  # what the page does with the key
+        cookie = r.headers["set-cookie"]
+        assert r.status_code == 204 and "HttpOnly" in cookie and "SameSite=strict" in cookie and "s3cret" not in cookie
+        assert "Secure" not in cookie  # plain http: a Secure cookie would never come back
+        assert client.get("/api/thumbnail/0").status_code == 200  # <img> requests carry the cookie
         client.cookies.clear()
         assert client.get("/api/health").json()["status"] == "ready"  # for monitors: reveals nothing
         assert client.get("/").status_code == 200 and client.get("/openapi.json").status_code == 200
+    with TestClient(create_app(service, api_key="s3cret"), base_url="https://127.0.0.1") as client:
+        assert "Secure" in client.post("/api/session", headers={"X-API-Key": "s3cret"}).headers["set-cookie"]
+
+
+def test_key_host_and_size_are_checked_before_the_body_is_read(service, gallery):
+    """A refused request's body is never read: the app sees no request at all."""
+    reads = []
+    app = create_app(service, api_key="s3cret", max_upload=1000)
+
+    class Spy:  # between the Gate and the app: what the Gate lets through
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            async def spied():
+                message = await receive()
+                reads.append(len(message.get("body", b"")))
+                return message
+
+            await self.inner(scope, spied if scope["type"] == "http" else receive, send)
+
+    app.add_middleware(Spy)
+    app.user_middleware.reverse()  # the Gate outermost, the spy inside it
+    body = upload(("q", b"x" * 500))
+    with TestClient(app, base_url=LOCAL) as client:
+        assert client.post("/api/search", files=body).status_code == 401  # no key
+        assert client.post("/api/search", files=upload(("q", b"x" * 5000))).status_code == 401
+        r = client.post("/api/search", files=body, headers={"X-API-Key": "s3cret", "host": "evil.example:8000"})
+        assert r.status_code == 421 and "evil.example" in r.json()["error"]  # DNS rebinding
+        big = upload(("q", b"x" * 5000))
+        assert client.post("/api/search", files=big, headers={"X-API-Key": "s3cret"}).status_code == 413
+        assert reads == []
+        for host in ("localhost:8000", "127.0.0.1", "[::1]:8000"):
+            r = client.get("/api/health", headers={"host": host})
+            assert r.status_code == 200, host
+    with TestClient(create_app(service, allowed_hosts=None), base_url="http://photos.example") as client:
+        assert client.get("/api/health").status_code == 200  # allowed_hosts=None: any name
+
+
+def test_security_headers_on_every_answer(client):
+    for url in ("/", "/static/app.js", "/api/stats", "/api/health", "/api/thumbnail/0", "/api/nothing"):
+        r = client.get(url)
+        csp = r.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp, url
+        assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY", url
+    assert client.get("/api/stats").headers["cache-control"] == "no-store"
+    assert client.get("/api/thumbnail/0").headers["cache-control"].startswith("private")
+
+
+def test_api_key_file(tmp_path, index_dir, tiny_model, monkeypatch):
+    import uvicorn
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    (tmp_path / "key").write_text("from-a-file\n")
+    base = ["serve", "--index", str(index_dir), "--model", str(tiny_model), "--no-warm"]
+    runner = CliRunner()
+    result = runner.invoke(cli_app, [*base, "--api-key-file", str(tmp_path / "key"), "--host", "0.0.0.0"])
+    assert result.exit_code == 0, result.output
+    with TestClient(seen["app"], base_url="http://photos.example") as client:  # any Host when not on loopback
+        assert client.get("/api/stats").status_code == 401
+        assert client.get("/api/stats", headers={"X-API-Key": "from-a-file"}).status_code == 200
+    (tmp_path / "empty").write_text("")
+    for bad in (tmp_path / "empty", tmp_path / "missing"):
+        result = runner.invoke(cli_app, [*base, "--api-key-file", str(bad)])
+        assert result.exit_code == 1 and result.stderr.startswith("error: ") and str(bad) in result.stderr
 
 
 def test_health_stats_page_and_schema(client):

@@ -25,7 +25,7 @@ from .limits import (
 )
 
 if TYPE_CHECKING:
-    from .app import API_KEY_COOKIE, API_KEY_HEADER, WEB_DIR, BodyLimit, create_app, is_loopback
+    from .app import API_KEY_COOKIE, API_KEY_HEADER, LOOPBACK_HOSTS, WEB_DIR, Gate, create_app, is_loopback
     from .batcher import MicroBatcher
     from .service import MAX_IMAGES_PER_REQUEST, THUMB_SIZE, RequestError, Service
 
@@ -33,8 +33,9 @@ if TYPE_CHECKING:
 _LAZY = {
     "API_KEY_COOKIE": "app",
     "API_KEY_HEADER": "app",
+    "LOOPBACK_HOSTS": "app",
     "WEB_DIR": "app",
-    "BodyLimit": "app",
+    "Gate": "app",
     "create_app": "app",
     "is_loopback": "app",
     "MicroBatcher": "batcher",
@@ -55,10 +56,11 @@ __all__ = [
     "DEFAULT_PORT",
     "DEFAULT_QUEUE_SIZE",
     "DEFAULT_TIMEOUT",
+    "LOOPBACK_HOSTS",
     "MAX_IMAGES_PER_REQUEST",
     "THUMB_SIZE",
     "WEB_DIR",
-    "BodyLimit",
+    "Gate",
     "MicroBatcher",
     "RequestError",
     "Service",
