@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
@@ -25,7 +26,7 @@ from typer.core import TyperGroup
 
 from . import index as index_stage
 from .duplicates import DEFAULT_MIN_SIZE, MAX_PROBES, DuplicateGroup, find_groups
-from .errors import BusyError, PipelineError, cause, write_error
+from .errors import BusyError, ConfigError, ModelMismatchError, PipelineError, cause, write_error
 from .evaluate import evaluate, write_per_query, write_pr_plot
 from .extract import extract as extract_images
 from .extract import summary_lines
@@ -58,6 +59,7 @@ from .model import (
 )
 from .quantize import DEFAULT_CALIBRATION_IMAGES, quantize_model
 from .rebuild import rebuild as rebuild_collection
+from .rebuild import write_metrics_file
 from .search import DEFAULT_K, QueryResult, Searcher
 from .serve.limits import (
     DEFAULT_HOST,
@@ -118,7 +120,8 @@ app = typer.Typer(
     cls=_Commands,
     help="Search by image: extract VGG16 features, build a FAISS index, find look-alikes.\n\n"
     f"Exit codes: 0 success, {EXIT_ERROR} an error (one line on stderr), 2 bad usage, {EXIT_STRICT_FAILURES} "
-    f"--strict and some files cannot be used, {BusyError.exit_code} another run holds the lock (try again later).",
+    f"--strict and some files cannot be used, {BusyError.exit_code} another run holds the lock (try again later), "
+    f"{ConfigError.exit_code} `serve` cannot start with this configuration (a restart cannot help).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -702,6 +705,15 @@ def rebuild(
             "extracted again.",
         ),
     ] = True,
+    metrics_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--metrics-file",
+            show_default=False,
+            help="Write a node_exporter textfile (Prometheus format, atomically) about the run: exit status, "
+            "duration, counts, and when a run last succeeded.",
+        ),
+    ] = None,
     ray: RayOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -734,10 +746,19 @@ def rebuild(
         )
     except PipelineError as exc:
         LOG.error("rebuild failed: %s", exc)  # into --log-file too; _Commands still maps it to the exit code
+        if metrics_file is not None:
+            write_metrics_file(metrics_file, None, exc.exit_code, time.time())
         raise
+    except Exception:
+        if metrics_file is not None:  # a bug: still a failed run for the monitoring
+            write_metrics_file(metrics_file, None, EXIT_ERROR, time.time())
+        raise
+    failed = strict and bool(report.extract.failed_total or report.extract.unreadable_folders)
+    if metrics_file is not None:
+        write_metrics_file(metrics_file, report, EXIT_STRICT_FAILURES if failed else 0, time.time())
     if as_json:
         _emit(report.to_dict())
-    if strict and (report.extract.failed_total or report.extract.unreadable_folders):
+    if failed:
         raise typer.Exit(EXIT_STRICT_FAILURES)
 
 
@@ -856,21 +877,25 @@ def serve(
         api_key = _read_key(api_key_file)
     if not is_loopback(host) and not api_key:
         raise PipelineError(f"--host {host} exposes the service beyond this machine: give --api-key too")
-    service = Service(
-        index,
-        model,
-        batch_size=batch_size,
-        max_wait_ms=max_wait_ms,
-        queue_size=queue_size,
-        timeout=timeout,
-        threads=threads,
-        warm=warm,
-    ).start()
+    try:
+        service = Service(
+            index,
+            model,
+            batch_size=batch_size,
+            max_wait_ms=max_wait_ms,
+            queue_size=queue_size,
+            timeout=timeout,
+            threads=threads,
+            warm=warm,
+        ).start()
+    except ModelMismatchError as exc:  # a restart cannot help: exit 78, which the systemd unit does not restart
+        raise ConfigError(str(exc)) from None
     hosts: list[str] | None = list(allowed_host or ()) or (list(LOOPBACK_HOSTS) if is_loopback(host) else None)
     if hosts is not None and "*" in hosts:
         hosts = None
     app_ = create_app(service, api_key=api_key, max_upload=int(max_upload_mb * MIB), allowed_hosts=hosts)
-    uvicorn.run(app_, host=host, port=port, log_config=None, timeout_graceful_shutdown=5)
+    # SIGTERM: no new connections; requests in flight get up to their own time limit to finish
+    uvicorn.run(app_, host=host, port=port, log_config=None, timeout_graceful_shutdown=max(1, round(timeout)))
 
 
 def _read_key(path: Path) -> str:

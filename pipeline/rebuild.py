@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, TypedDict
 from .errors import PipelineError
 from .extract import ExtractReport, extract
 from .features import DEFAULT_COMPACT_BELOW, DEFAULT_SHARD_SIZE, compact, live_digest, scrub
-from .fsutil import exclusive_lock
+from .fsutil import atomic_write_text, exclusive_lock
 from .index import (
     CURRENT_FILE,
     DEFAULT_FLAT_BELOW,
@@ -167,3 +167,63 @@ def _published_meta(index_dir: Path) -> dict:
         if (index_dir / CURRENT_FILE).exists():
             LOG.warning("the published index cannot be used, building a new one: %s", exc)
         return {}
+
+
+LAST_SUCCESS = "pipeline_rebuild_last_success_timestamp_seconds"
+
+
+def write_metrics_file(path: Path | str, report: RebuildReport | None, exit_status: int, finished: float) -> None:
+    """A node_exporter textfile (Prometheus text format, written atomically) about the run that just ended:
+    its exit status, when, how long, what it did; and when a run last succeeded, kept from the previous file
+    when this one failed (`report` None), so that an alert can fire on "no success for 36 hours"."""
+    path = Path(path)
+    last_success = finished if exit_status == 0 else _previous_success(path)
+    lines: list[str] = []
+
+    def gauge(name: str, help_text: str, values: list[tuple[str, float]]) -> None:
+        lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} gauge"])
+        lines.extend(f"{name}{labels} {float(value)!r}" for labels, value in values)
+
+    gauge("pipeline_rebuild_last_run_timestamp_seconds", "When the last rebuild ended (Unix time)", [("", finished)])
+    gauge("pipeline_rebuild_last_run_exit_status", "Exit status of the last rebuild (0: success)", [("", exit_status)])
+    gauge(LAST_SUCCESS, "When a rebuild last succeeded (Unix time; 0: never)", [("", last_success)])
+    if report is not None:
+        ex = report.extract
+        gauge("pipeline_rebuild_last_run_duration_seconds", "Seconds the last rebuild took", [("", report.seconds)])
+        images = [("new", ex.new), ("changed", ex.changed), ("deleted", ex.deleted), ("unchanged", ex.unchanged)]
+        images += [("embedded", ex.extracted), ("failed", ex.failed)]
+        gauge(
+            "pipeline_rebuild_images",
+            "Images of the last rebuild, by what happened to them",
+            [(f'{{state="{state}"}}', n) for state, n in images],
+        )
+        gauge(
+            "pipeline_rebuild_damaged_shards",
+            "Shards the last rebuild found damaged and extracted again",
+            [("", len(report.damaged))],
+        )
+        gauge(
+            "pipeline_rebuild_index_built",
+            "1 if the last rebuild published a new index version",
+            [("", float(report.index_built))],
+        )
+        gauge(
+            "pipeline_rebuild_index_images",
+            "Images in the published index version",
+            [("", float(report.index_meta.get("count", 0)))],
+        )
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _previous_success(path: Path) -> float:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith(LAST_SUCCESS + " "):
+            try:
+                return float(line.split()[1])
+            except ValueError:
+                return 0.0
+    return 0.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,17 +143,18 @@ class Searcher:
             else None
         )
 
-    def warm(self) -> int:
+    def warm(self, stop: threading.Event | None = None) -> int:
         """Read this version's memory-mapped files (index or codes, vector store) through the page cache
         once, in large sequential reads, so that the first queries do not wait on the disk page by page:
         at 10M the re-rank store is 9.8 GB, and a first batch of queries re-ranking from it cold ran at
-        14 queries/s (docs/benchmarks.md). Returns the bytes read. Cheap when the files are cached."""
+        14 queries/s (docs/benchmarks.md). Returns the bytes read. Cheap when the files are cached. Setting
+        `stop` ends the reading early (a service shutting down does not wait for 10 GB)."""
         done, buf = 0, bytearray(WARM_CHUNK)
         for name in (CODES_FILE if self.meta.get("codes") else INDEX_FILE, VECTORS_FILE, VECTOR_IDS_FILE):
             try:
                 with open(self.version_dir / name, "rb", buffering=0) as fh:
                     os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                    while n := fh.readinto(buf):
+                    while (stop is None or not stop.is_set()) and (n := fh.readinto(buf)):
                         done += n
             except FileNotFoundError:  # no store: an exact index
                 continue

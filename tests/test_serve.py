@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from helpers import centre_crop, live_server, save_pattern, tiny_layers, wait_for, write_bad_corpus, write_tiny_model
 from pipeline.cli import app as cli_app
+from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.index import build_index
 from pipeline.model import build_feature_graph, save_model
@@ -344,9 +345,88 @@ def test_a_version_made_by_another_model_is_refused(client, service, gallery, tm
     logged = [r.message for r in caplog.records if r.name.startswith("pipeline.serve")]
     new = (service.index_dir / "CURRENT").read_text().strip()
     assert len(logged) == 1 and logged[0].startswith(f"refused index version {new}: made by model other-vgg")
-    assert logged[0].endswith(f"still serving {old}")
-    assert client.get("/api/stats").json()["version"] == old
+    assert f"still serving {old}" in logged[0]
+    stats = client.get("/api/stats").json()
+    assert stats["version"] == old and stats["published"] == new and not stats["serving_published"]
+    assert stats["refused"]["version"] == new and "other-vgg" in stats["refused"]["reason"]
+    health = client.get("/api/health")
+    assert health.status_code == 200 and health.json()["refused"] == stats["refused"]  # still serving: ready
     assert client.get("/api/search?like=0").status_code == 200
+
+
+def publish(name: str, index_dir: Path) -> None:
+    """What an operator's rollback does: CURRENT names another version."""
+    (index_dir / "CURRENT.tmp").write_text(name + "\n")
+    (index_dir / "CURRENT.tmp").replace(index_dir / "CURRENT")
+
+
+@pytest.mark.parametrize("keep", [3, 1])  # 3: the old version is still held; 1: it is opened again from disk
+def test_rollback_by_current_takes_effect_without_restart(index_dir, tiny_model, gallery, tmp_path, keep):
+    service = Service(index_dir, tiny_model, poll=0, keep=keep).start()
+    try:
+        old = service.searcher.version_dir.name
+        add_images(gallery, range(600, 602))
+        rebuild([gallery], tmp_path / "work", tiny_model, workers=0, progress=False)
+        assert service.refresh() and service.searcher.version_dir.name != old
+        new = service.searcher.version_dir.name
+        publish(old, index_dir)
+        assert service.refresh() and service.searcher.version_dir.name == old and service.searcher.count == 12
+        assert service.health()["serving_published"] and service.health()["refused"] is None
+        publish(new, index_dir)
+        assert service.refresh() and service.searcher.count == 14
+    finally:
+        service.close()
+
+
+def test_a_version_that_fails_to_open_is_tried_again_with_back_off(
+    index_dir, tiny_model, gallery, tmp_path, monkeypatch
+):
+    from pipeline.serve import service as service_module
+
+    service = Service(index_dir, tiny_model, poll=0).start()  # no watcher; back-off of 0 * 2**attempts s
+    try:
+        add_images(gallery, range(700, 701))
+        rebuild([gallery], tmp_path / "work", tiny_model, workers=0, progress=False)
+        opened = service_module.Searcher
+        failures = iter([True, True])
+
+        def flaky(*args, **kwargs):
+            if next(failures, False):
+                raise PipelineError("cannot open index.faiss (Too many open files)")
+            return opened(*args, **kwargs)
+
+        monkeypatch.setattr(service_module, "Searcher", flaky)
+        assert not service.refresh()
+        refused = service.health()["refused"]
+        assert refused["attempts"] == 1 and "Too many open files" in refused["reason"]
+        assert not service.refresh() and service.health()["refused"]["attempts"] == 2
+        assert service.refresh()  # a transient failure heals
+        assert service.searcher.count == 13 and service.health()["refused"] is None
+    finally:
+        service.close()
+
+
+def test_a_replaced_model_file_is_reported_and_a_restart_refuses_it_with_exit_78(index_dir, tiny_model, tmp_path):
+    import shutil
+
+    import uvicorn
+
+    model = Path(shutil.copy(tiny_model, tmp_path / "model.onnx"))
+    service = Service(index_dir, model, poll=0).start()
+    try:
+        assert not service.health()["model_file_changed"]
+        write_tiny_model(tmp_path / "other.onnx", seed=1, name="other-vgg").replace(model)
+        service.refresh()
+        assert service.health()["model_file_changed"]
+    finally:
+        service.close()
+    runner = CliRunner()
+    started = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(uvicorn, "run", lambda *a, **kw: started.append(a))
+        result = runner.invoke(cli_app, ["serve", "--index", str(index_dir), "--model", str(model), "--no-warm"])
+    assert result.exit_code == 78 and not started
+    assert result.stderr.startswith("error: the index was built with model") and "\n" not in result.stderr.strip()
 
 
 def test_hot_swaps_under_concurrent_load_fail_no_request(index_dir, tiny_model, gallery, tmp_path):
@@ -395,3 +475,36 @@ def test_cli_serve_help_and_refusals(index_dir, tmp_path):
     assert r.exit_code == 1 and "give --api-key" in r.stderr
     r = runner.invoke(cli_app, ["serve", "--index", str(tmp_path / "missing")])
     assert r.exit_code == 1 and r.stderr.startswith("error: index folder not found")
+
+
+def test_metrics_count_requests_batches_and_the_version_served(service, gallery):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    query = sorted(gallery.rglob("img05.*"))[0].read_bytes()
+    with TestClient(create_app(service, api_key="s3cret"), base_url=LOCAL) as client:
+        key = {"X-API-Key": "s3cret"}
+        assert client.post("/api/search", files=upload(("q", query)), headers=key).status_code == 200
+        assert client.post("/api/search", files=upload(("q", query))).status_code == 401  # refused unread: counted
+        assert client.get("/api/thumbnail/0", headers=key).status_code == 200
+        assert client.get("/api/thumbnail/99999", headers=key).status_code == 404
+        r = client.get("/metrics")  # no key: counts and version names only, for a scraper
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    assert value("pipeline_http_requests_total", route="/api/search", status="200") == 1
+    assert value("pipeline_http_requests_total", route="/api/search", status="401") == 1
+    assert value("pipeline_http_requests_total", route="/api/thumbnail", status="404") == 1  # ids are no labels
+    assert value("pipeline_http_request_duration_seconds_count", route="/api/search") == 2
+    assert value("pipeline_model_batch_size_count") == value("pipeline_model_images_total") >= 1
+    assert value("pipeline_model_queue_images") == 0 and value("pipeline_model_queue_capacity") == 64
+    version = service.searcher.version_dir.name
+    assert value("pipeline_index_version_info", served=version, published=version) == 1
+    assert value("pipeline_index_images") == 12 and value("pipeline_index_serving_published") == 1
+    assert 0 <= value("pipeline_index_version_age_seconds") < 3600 and value("pipeline_up") == 1

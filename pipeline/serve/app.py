@@ -27,6 +27,7 @@ from ..errors import BusyError, PipelineError
 from ..search import DEFAULT_K, QueryResult
 from ..version import __version__
 from .limits import DEFAULT_MAX_UPLOAD
+from .metrics import METRICS_PATH, Measured, ServiceMetrics
 from .service import RequestError, Service
 
 LOG = logging.getLogger(__name__)
@@ -221,6 +222,14 @@ def create_app(
         lifespan=lifespan,
     )
     app.add_middleware(Gate, limit=max_upload, api_key=api_key, allowed_hosts=allowed_hosts)
+    metrics = ServiceMetrics(service)
+    app.add_middleware(Measured, metrics=metrics)  # added last: outermost, so refusals count too
+
+    @app.get(METRICS_PATH, include_in_schema=False)
+    async def prometheus() -> Response:
+        body, content_type = await asyncio.to_thread(metrics.render)
+        return Response(body, media_type=content_type)
+
     _add_error_handlers(app)
     _add_api(app, service)
 

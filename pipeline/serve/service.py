@@ -8,11 +8,14 @@ import asyncio
 import hashlib
 import io
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,8 +33,29 @@ from .limits import DEFAULT_MAX_WAIT_MS, DEFAULT_OPEN_VERSIONS, DEFAULT_POLL, DE
 LOG = logging.getLogger(__name__)
 
 MAX_IMAGES_PER_REQUEST = 32
+MAX_RETRY_S = 60.0  # the longest wait before a refused version is tried again
 THUMB_SIZE = 320  # px, the longer side: sharp on a 2x screen in a ~160 px tile
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why the published version is not served: the version, the reason, how often it was tried, since when
+    (wall clock) and when it is tried next (monotonic)."""
+
+    version: str
+    reason: str
+    attempts: int
+    at: float
+    retry_at: float
+
+
+def _file_stat(path: Path | str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class RequestError(PipelineError):
@@ -74,7 +98,9 @@ class Service:
         self.timeout, self.poll, self.keep = timeout, poll, keep
         self._searchers: OrderedDict[str, Searcher] = OrderedDict()  # version -> Searcher, newest last
         self._current: Searcher | None = None  # the swap is one reference assignment
-        self._skipped: str | None = None  # a published version that was refused (logged once)
+        self.refusal: Refusal | None = None  # why the published version is not served, if it is not
+        self._model_stat: tuple[int, int, int] | None = None  # the model file as loaded: inode, size, mtime
+        self.model_file_changed = False
         self._lock = threading.Lock()  # faiss + sqlite look-ups: one at a time
         self._thumbs: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._latencies: deque[float] = deque(maxlen=1000)
@@ -97,6 +123,7 @@ class Service:
             model.embed(np.zeros((1, h, w, 3), np.uint8))
         model.embed(np.zeros((self.batch_size, *largest, 3), np.uint8))  # and a full batch of the largest
         self._searchers[searcher.version_dir.name] = self._current = searcher
+        self._model_stat = _file_stat(model.path)
         self.batcher = MicroBatcher(model, self.batch_size, self.max_wait, self.queue_size)
         if self.poll > 0:
             self._watcher = threading.Thread(target=self._watch, name="pipeline-watch", daemon=True)
@@ -151,49 +178,90 @@ class Service:
                 LOG.exception("checking for a new index version failed")
 
     def refresh(self) -> bool:
-        """Serve the version `CURRENT` names if it is new and made by the serving model; True when swapped."""
+        """Serve the version `CURRENT` names, if it is not the one served: a held one at once (a rollback), another
+        once opened, checked (made by the serving model) and warmed. A version that cannot be served is
+        refused, tried again with back-off (a transient EMFILE or EIO heals by itself) and shown in health and
+        stats; the serving one stays. True when swapped."""
+        self._check_model_file()
         try:
             version = published_name(self.index_dir)
-        except OSError:
-            return False
-        if version in self._searchers or version == self._skipped:
+        except (OSError, ValueError):
             return False
         serving = self.searcher.version_dir.name
+        if version == serving:
+            self.refusal = None
+            return False
+        held = self._searchers.get(version)
+        if held is not None:  # a rollback (or forward again) to a version still open
+            with self._lock:
+                self._searchers.move_to_end(version)
+                self._current = held
+            self.refusal = None
+            LOG.info("now serving index version %s again (%d images); was %s", version, held.count, serving)
+            return True
+        if self.refusal is not None and self.refusal.version == version and time.monotonic() < self.refusal.retry_at:
+            return False
         try:
             new = Searcher(self.index_dir, model=self._model_arg, threads=self._threads)
         except PipelineError as exc:
-            LOG.error("cannot open the published index version %s (%s); still serving %s", version, exc, serving)
-            self._skipped = version
+            self._refuse(version, f"cannot open it: {exc}", transient=True)
             return False
+        name = new.version_dir.name  # CURRENT may have moved on meanwhile
         want = new.meta["model"].get("checksum")
         if want != self.model.info.checksum:
-            LOG.error(
-                "refused index version %s: made by model %s (checksum %s), this service runs %s; still serving %s",
-                new.version_dir.name,
-                new.meta["model"].get("name", "?"),
-                (want or "none")[:12],
-                self.model.info.short(),
-                serving,
+            reason = (
+                f"made by model {new.meta['model'].get('name', '?')} (checksum {(want or 'none')[:12]}), this service "
+                f"runs {self.model.info.short()}"
             )
-            self._skipped = new.version_dir.name
+            self._refuse(name, reason, transient=False)
             return False
         try:
             self._warm(new)  # before the swap: the serving version answers meanwhile
         except PipelineError as exc:
-            LOG.error("cannot read the published index version %s (%s); still serving %s", version, exc, serving)
-            self._skipped = version
+            self._refuse(name, f"cannot read it: {exc}", transient=True)
+            return False
+        if self._stop.is_set():
             return False
         with self._lock:
-            self._searchers[new.version_dir.name] = self._current = new  # later requests take this one
+            self._searchers[name] = self._current = new  # later requests take this one
             while len(self._searchers) > self.keep:
                 self._searchers.popitem(last=False)
-        LOG.info("now serving index version %s (%d images); was %s", new.version_dir.name, new.count, serving)
+        self.refusal = None
+        LOG.info("now serving index version %s (%d images); was %s", name, new.count, serving)
         return True
+
+    def _refuse(self, version: str, reason: str, *, transient: bool) -> None:
+        """Record why `version` is not served; log it the first time (and when the reason changes)."""
+        last = self.refusal if self.refusal is not None and self.refusal.version == version else None
+        attempts = last.attempts + 1 if last else 1
+        delay = min(MAX_RETRY_S, self.poll * 2**attempts) if transient else MAX_RETRY_S
+        self.refusal = Refusal(version, reason, attempts, time.time(), time.monotonic() + delay)
+        if last is None or last.reason != reason:
+            LOG.error(
+                "refused index version %s: %s; still serving %s (%s)",
+                version,
+                reason,
+                self.searcher.version_dir.name,
+                f"trying again in {delay:.0f} s, backing off" if transient else f"checking again every {delay:.0f} s",
+            )
+
+    def _check_model_file(self) -> None:
+        """Report, once, a model file replaced on disk under the running service: it keeps running the model
+        it loaded, but a restart would load the new file (and refuse it if it is not the index's model)."""
+        if self._model_stat is None or self.model_file_changed:
+            return
+        if _file_stat(self.model.path) != self._model_stat:
+            self.model_file_changed = True
+            LOG.error(
+                "the model file %s changed on disk since this service loaded it; it keeps serving the model it "
+                "loaded, but a restart would load the new file",
+                self.model.path,
+            )
 
     def _warm(self, searcher: Searcher) -> None:
         if self.warm:
             t0 = time.monotonic()
-            read = searcher.warm()
+            read = searcher.warm(self._stop)
             LOG.info(
                 "index version %s read into the page cache: %.0f MiB in %.1f s",
                 searcher.version_dir.name,
@@ -330,10 +398,37 @@ class Service:
     # ------------------------------------------------------------------ reports
 
     def health(self) -> dict[str, Any]:
-        """ "ready" with the served version and size, or "starting": what a load balancer polls."""
+        """ "ready" with the served version and size, or "starting": what a load balancer polls; and whether the
+        served version is the published one, and if not why (the version keeps serving: still ready)."""
         if not self.ready:
             return {"status": "starting"}
-        return {"status": "ready", "version": self.searcher.version_dir.name, "count": self.searcher.count}
+        return {
+            "status": "ready",
+            "version": self.searcher.version_dir.name,
+            "count": self.searcher.count,
+            **self.swaps(),
+        }
+
+    def swaps(self) -> dict[str, Any]:
+        """The published version, whether it is the one served, the last refusal and the model file's state."""
+        try:
+            published: str | None = published_name(self.index_dir)
+        except (OSError, ValueError):
+            published = None
+        r = self.refusal
+        return {
+            "published": published,
+            "serving_published": published == self.searcher.version_dir.name,
+            "refused": None
+            if r is None
+            else {
+                "version": r.version,
+                "reason": r.reason,
+                "attempts": r.attempts,
+                "since": datetime.fromtimestamp(r.at, timezone.utc).isoformat(timespec="seconds"),
+            },
+            "model_file_changed": self.model_file_changed,
+        }
 
     def stats(self) -> dict[str, Any]:
         """What is served and how fast: index version and size, model, requests, latency percentiles."""
@@ -359,4 +454,5 @@ class Service:
             "queue": {"waiting": batcher.waiting(), "size": self.queue_size},
             "batch_size": self.batch_size,
             "max_wait_ms": self.max_wait * 1000,
+            **self.swaps(),
         }
