@@ -62,7 +62,9 @@ from .rebuild import rebuild as rebuild_collection
 from .rebuild import write_metrics_file
 from .search import DEFAULT_K, QueryResult, Searcher
 from .serve.limits import (
+    DEFAULT_BODY_TIMEOUT,
     DEFAULT_HOST,
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_UPLOAD,
     DEFAULT_MAX_WAIT_MS,
     DEFAULT_PORT,
@@ -853,6 +855,12 @@ def serve(
     max_upload_mb: Annotated[
         float, typer.Option("--max-upload-mb", help="Largest request body, in MiB (413 beyond).")
     ] = DEFAULT_MAX_UPLOAD / MIB,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds a request body may take to arrive whole (408 beyond).")
+    ] = DEFAULT_BODY_TIMEOUT,
+    max_connections: Annotated[
+        int, typer.Option(help="Connections open at once; beyond it, new ones are answered 503.")
+    ] = DEFAULT_MAX_CONNECTIONS,
     threads: ThreadsOpt = DEFAULT_THREADS,
     warm: Annotated[
         bool,
@@ -893,9 +901,24 @@ def serve(
     hosts: list[str] | None = list(allowed_host or ()) or (list(LOOPBACK_HOSTS) if is_loopback(host) else None)
     if hosts is not None and "*" in hosts:
         hosts = None
-    app_ = create_app(service, api_key=api_key, max_upload=int(max_upload_mb * MIB), allowed_hosts=hosts)
-    # SIGTERM: no new connections; requests in flight get up to their own time limit to finish
-    uvicorn.run(app_, host=host, port=port, log_config=None, timeout_graceful_shutdown=max(1, round(timeout)))
+    app_ = create_app(
+        service,
+        api_key=api_key,
+        max_upload=int(max_upload_mb * MIB),
+        allowed_hosts=hosts,
+        body_timeout=body_timeout,
+    )
+    uvicorn.run(
+        app_,
+        host=host,
+        port=port,
+        log_config=None,
+        limit_concurrency=max_connections,
+        timeout_keep_alive=5,  # an idle connection is closed after 5 s
+        h11_max_incomplete_event_size=16 * 1024,  # request line and headers: 16 KiB at most
+        # SIGTERM: no new connections; requests in flight get up to their own time limit to finish
+        timeout_graceful_shutdown=max(1, round(timeout)),
+    )
 
 
 def _read_key(path: Path) -> str:

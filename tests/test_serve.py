@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -508,3 +509,38 @@ def test_metrics_count_requests_batches_and_the_version_served(service, gallery)
     assert value("pipeline_index_version_info", served=version, published=version) == 1
     assert value("pipeline_index_images") == 12 and value("pipeline_index_serving_published") == 1
     assert 0 <= value("pipeline_index_version_age_seconds") < 3600 and value("pipeline_up") == 1
+
+
+def raw_request(url: str, head: bytes, body: bytes = b"", wait: float = 10.0) -> bytes:
+    """Send a request's head and the start of its body over a plain socket, then read what comes back."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as sock:
+        sock.sendall(head + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_a_slow_body_is_cut_off_and_a_no_key_flood_holds_nothing(service, gallery):
+    query = sorted(gallery.rglob("img05.*"))[0].read_bytes()
+    app = create_app(service, api_key="s3cret", body_timeout=0.5)
+    with live_server(app) as url:
+        host = url.removeprefix("http://").encode()
+        # Slowloris: the head and 10 bytes of a declared 100,000, then nothing: 408 once the time is up.
+        head = (
+            b"POST /api/search HTTP/1.1\r\nHost: " + host + b"\r\nX-API-Key: s3cret\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+        )
+        answer = raw_request(url, head, b"--b\r\nxxxxx")
+        assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5 s" in answer
+        # A flood without the key: each answered 401 from its head, its body never read or kept.
+        fds = len(os.listdir("/proc/self/fd"))
+        flood = head.replace(b"X-API-Key: s3cret\r\n", b"").replace(b"100000", b"10000000")
+        for _ in range(200):
+            assert raw_request(url, flood, b"x" * 65536).startswith(b"HTTP/1.1 401")
+        wait_for(lambda: len(os.listdir("/proc/self/fd")) <= fds + 2, "the flood's sockets to be closed")
+        r = httpx.post(f"{url}/api/search?k=1", files=upload(("q", query)), headers={"X-API-Key": "s3cret"})
+        assert r.status_code == 200  # the service still answers

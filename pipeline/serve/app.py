@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..errors import BusyError, PipelineError
 from ..search import DEFAULT_K, QueryResult
 from ..version import __version__
-from .limits import DEFAULT_MAX_UPLOAD
+from .limits import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_UPLOAD
 from .metrics import METRICS_PATH, Measured, ServiceMetrics
 from .service import RequestError, Service
 
@@ -101,8 +101,10 @@ class Gate:
     In order: the Host header (one of `allowed_hosts`, DNS rebinding: a web page cannot reach a loopback
     service under its own name; None: any), the API key for /api routes (header or the page's session
     cookie; 401), the declared body size (413, unread; a chunked body is counted as it arrives and cut at
-    the limit). curl, sending `Expect: 100-continue`, never sends a refused body. Every answer carries the
-    page's security headers; API answers also `Cache-Control: no-store` (thumbnails set their own).
+    the limit), and a body that has not all arrived within `body_timeout` seconds (408: a slow client holds
+    no memory or connection for long). curl, sending `Expect: 100-continue`, never sends a refused body.
+    Every answer carries the page's security headers; API answers also `Cache-Control: no-store`
+    (thumbnails set their own).
     """
 
     def __init__(
@@ -111,8 +113,9 @@ class Gate:
         limit: int = DEFAULT_MAX_UPLOAD,
         api_key: str | None = None,
         allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
     ) -> None:
-        self.app, self.limit, self.api_key = app, limit, api_key
+        self.app, self.limit, self.api_key, self.body_timeout = app, limit, api_key, body_timeout
         self.allowed = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
         self.token = session_token(api_key) if api_key else None
 
@@ -131,20 +134,28 @@ class Gate:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await _refuse(send, 413, f"request body too large: the limit is {self.limit} bytes")
         api = path.startswith("/api/")
-        seen, started = 0, False
+        seen, started, complete, slow = 0, False, False, False
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
 
         async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete, slow
+            if complete:  # the body is in: later receives wait for a disconnect, with no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                slow = True
+                raise _TooLarge from None
             seen += len(message.get("body", b""))
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             if seen > self.limit:
                 raise _TooLarge
             return message
 
         async def answer(message: Message) -> None:
             nonlocal started
-            if seen > self.limit and not started:
-                return  # the app's answer to a cut-off body (FastAPI: 400) gives way to the 413
+            if (seen > self.limit or slow) and not started:
+                return  # the app's answer to a cut-off body (FastAPI: 400) gives way to the 413 or 408
             if message["type"] == "http.response.start":
                 started = True
                 extra = list(SECURITY_HEADERS)
@@ -157,7 +168,9 @@ class Gate:
             await self.app(scope, counted, answer)
         except _TooLarge:
             pass
-        if seen > self.limit and not started:
+        if slow and not started:
+            await _refuse(send, 408, f"the request body did not arrive within {self.body_timeout:g} s")
+        elif seen > self.limit and not started:
             await _refuse(send, 413, f"request body too large: the limit is {self.limit} bytes")
 
     def _key_ok(self, headers: dict[bytes, bytes]) -> bool:
@@ -198,6 +211,7 @@ def create_app(
     api_key: str | None = None,
     max_upload: int = DEFAULT_MAX_UPLOAD,
     allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
 ) -> FastAPI:
     """The HTTP layer over `service`: the JSON API under /api, the page at /, the schema at /openapi.json.
 
@@ -221,7 +235,7 @@ def create_app(
         redoc_url=None,
         lifespan=lifespan,
     )
-    app.add_middleware(Gate, limit=max_upload, api_key=api_key, allowed_hosts=allowed_hosts)
+    app.add_middleware(Gate, limit=max_upload, api_key=api_key, allowed_hosts=allowed_hosts, body_timeout=body_timeout)
     metrics = ServiceMetrics(service)
     app.add_middleware(Measured, metrics=metrics)  # added last: outermost, so refusals count too
 
