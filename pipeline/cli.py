@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -908,17 +909,23 @@ def serve(
         allowed_hosts=hosts,
         body_timeout=body_timeout,
     )
-    uvicorn.run(
-        app_,
-        host=host,
-        port=port,
-        log_config=None,
-        limit_concurrency=max_connections,
-        timeout_keep_alive=5,  # an idle connection is closed after 5 s
-        h11_max_incomplete_event_size=16 * 1024,  # request line and headers: 16 KiB at most
-        # SIGTERM: no new connections; requests in flight get up to their own time limit to finish
-        timeout_graceful_shutdown=max(1, round(timeout)),
-    )
+    # uvicorn stops gracefully on SIGTERM, then raises the signal again under the handler found before it ran:
+    # this one makes that a normal return, so a stop asked for is exit 0 (systemd: a clean stop, not a failure).
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.run(
+            app_,
+            host=host,
+            port=port,
+            log_config=None,
+            limit_concurrency=max_connections,
+            timeout_keep_alive=5,  # an idle connection is closed after 5 s
+            h11_max_incomplete_event_size=16 * 1024,  # request line and headers: 16 KiB at most
+            # SIGTERM: no new connections; requests in flight get up to their own time limit to finish
+            timeout_graceful_shutdown=max(1, round(timeout)),
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _read_key(path: Path) -> str:

@@ -544,3 +544,65 @@ def test_a_slow_body_is_cut_off_and_a_no_key_flood_holds_nothing(service, galler
         wait_for(lambda: len(os.listdir("/proc/self/fd")) <= fds + 2, "the flood's sockets to be closed")
         r = httpx.post(f"{url}/api/search?k=1", files=upload(("q", query)), headers={"X-API-Key": "s3cret"})
         assert r.status_code == 200  # the service still answers
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits_0(index_dir, tiny_model, gallery):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a free port for the child
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve", "--index", str(index_dir), "--model", str(tiny_model)]
+        + ["--port", str(port), "--no-warm", "--timeout", "20"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{url}/api/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, "the service to start")
+        query = sorted(gallery.rglob("img05.*"))[0].read_bytes()
+        body = b"--b\r\nContent-Disposition: form-data; name=image; filename=q.jpg\r\n\r\n" + query + b"\r\n--b--\r\n"
+        head = (
+            f"POST /api/search?k=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
+            f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(head + body[:100])  # a request in flight: half its body sent
+            child.send_signal(signal.SIGTERM)
+
+            def refusing() -> bool:  # shutting down: no new connections
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    return False
+                except OSError:
+                    return True
+
+            wait_for(refusing, "the service to stop listening")
+            assert child.poll() is None  # still finishing the request in flight
+            sock.sendall(body[100:])
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200") and b'"results"' in answer
+        assert child.wait(timeout=30) == 0
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_stop_ends_reading_a_version_into_the_page_cache(index_dir):
+    stop = threading.Event()
+    assert Searcher(index_dir).warm(stop) > 0
+    stop.set()  # what Service.close() does: a shutdown does not wait for 10 GB to be read
+    assert Searcher(index_dir).warm(stop) == 0
