@@ -11,6 +11,7 @@ decodes from memory.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -260,6 +261,35 @@ def read_file(path: Path) -> tuple[bytes, os.stat_result]:
         raise ImageError("is a directory") from None
     except OSError as exc:
         raise ImageError(f"cannot read file ({exc.strerror or exc})", transient=True) from None
+
+
+def read_regular_file(path: Path | str, max_bytes: int) -> bytes:
+    """The bytes of `path` for a reader that must not be led astray (the service's thumbnails): a symbolic
+    link as its last part is not followed, anything but a regular file (a FIFO, a device) is refused without
+    blocking on it, and a file over `max_bytes` is refused unread. ImageError with the reason otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ImageError("file not found", transient=True) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageError("a symbolic link (not followed here)") from None
+        raise ImageError(f"cannot read file ({exc.strerror or exc})", transient=True) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError("not a regular file")
+        if st.st_size > max_bytes:
+            raise ImageError(f"{st.st_size} bytes, over the {max_bytes} read here")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise ImageError(f"cannot read file ({exc.strerror or exc})", transient=True) from None
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:  # it grew while read
+        raise ImageError(f"over the {max_bytes} bytes read here")
+    return data
 
 
 def load_image(

@@ -121,6 +121,7 @@ class Searcher:
         self._threads = threads
         self._model: FeatureModel | None = None
         self._direct_map = False
+        self._map_lock = threading.Lock()  # the direct map is made once, by the first thread that needs it
 
     def _open(self, mmap: bool) -> None:
         index_path = self.version_dir / INDEX_FILE
@@ -321,8 +322,13 @@ class Searcher:
         """The vectors the index itself holds, by id (for compressed codes: decoded, as its scores see them)."""
         if isinstance(self.index, CoarseToFine):
             raise PipelineError("binary codes cannot be decoded to vectors; use the exact ones (Searcher.vectors)")
+        with self._map_lock:
+            self._make_direct_map(self.index)
+        return self.index.reconstruct_batch(np.asarray(ids, np.int64))
+
+    def _make_direct_map(self, index: faiss.Index) -> None:
         if not self._direct_map:
-            ivf = faiss.try_extract_index_ivf(self.index)
+            ivf = faiss.try_extract_index_ivf(index)
             if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan):
                 # faiss 1.15 crashes (segfault) reconstructing from fast-scan lists read from a file
                 raise PipelineError(
@@ -331,8 +337,7 @@ class Searcher:
                 )
             try:  # ids are sparse (the catalog's): an IVF index finds them through a hash table
                 hashtable = faiss.DirectMap.Hashtable  # type: ignore[attr-defined]  # faiss stub: no DirectMap
-                faiss.extract_index_ivf(self.index).set_direct_map_type(hashtable)
+                faiss.extract_index_ivf(index).set_direct_map_type(hashtable)
             except RuntimeError:
                 pass  # not an IVF index: reconstruct works directly (IndexIDMap2 maps ids itself)
             self._direct_map = True
-        return self.index.reconstruct_batch(np.asarray(ids, np.int64))

@@ -606,3 +606,50 @@ def test_a_stop_ends_reading_a_version_into_the_page_cache(index_dir):
     assert Searcher(index_dir).warm(stop) > 0
     stop.set()  # what Service.close() does: a shutdown does not wait for 10 GB to be read
     assert Searcher(index_dir).warm(stop) == 0
+
+
+def test_thumbnails_read_only_regular_files_never_a_link_or_a_fifo(client, service, tmp_path, monkeypatch):
+    from pipeline.serve import service as service_module
+
+    paths = {i: service.searcher.path_of(i) for i in range(3)}
+    outside = save_pattern(tmp_path / "private" / "secret.png", seed=99)
+    os.unlink(paths[0])
+    os.symlink(outside, paths[0])  # swapped for a link to a file outside the collection
+    os.unlink(paths[1])
+    os.mkfifo(paths[1])  # a FIFO: opening it for reading would block for ever
+    r = client.get("/api/thumbnail/0")
+    assert r.status_code == 404 and "a symbolic link" in r.json()["error"]
+    r = client.get("/api/thumbnail/1")
+    assert r.status_code == 404 and "not a regular file" in r.json()["error"]
+    monkeypatch.setattr(service_module, "THUMB_MAX_BYTES", 100)
+    r = client.get("/api/thumbnail/2")
+    assert r.status_code == 404 and "over the 100 read here" in r.json()["error"]
+
+
+def test_hung_thumbnail_reads_answer_busy_and_never_stop_searches(client, service, gallery, monkeypatch):
+    from pipeline.serve import service as service_module
+
+    release, entered = threading.Event(), []
+
+    def hung(idx: int, path: str) -> bytes:  # a read from a stale network mount
+        entered.append(idx)
+        release.wait()
+        return b""
+
+    monkeypatch.setattr(service_module, "_render_thumbnail", hung)
+    monkeypatch.setattr(service_module, "THUMB_TIMEOUT", 0.2)
+    try:
+        for i in range(service_module.THUMB_WORKERS):
+            r = client.get(f"/api/thumbnail/{i}")
+            assert r.status_code == 503 and "did not read within 0.2 s" in r.json()["error"]
+        health = client.get("/api/health")
+        assert health.status_code == 200 and health.json()["status"] == "degraded"
+        assert health.json()["saturated"] == ["thumbnails"]
+        r = client.get("/api/thumbnail/9")  # every reader held: busy at once, no thread started
+        assert r.status_code == 503 and "thumbnails are busy" in r.json()["error"] and 9 not in entered
+        query = sorted(gallery.rglob("img05.*"))[0].read_bytes()
+        assert client.post("/api/search?k=1", files=upload(("q", query))).status_code == 200
+        assert client.get("/api/search?like=3").status_code == 200
+    finally:
+        release.set()
+    wait_for(lambda: client.get("/api/health").json()["status"] == "ready", "the hung reads to return")

@@ -349,13 +349,13 @@ def _add_api(app: FastAPI, service: Service) -> None:
         responses={200: {"content": {"image/jpeg": {}}}},
     )
     async def thumbnail_image(idx: Annotated[int, PathParam(ge=0)], version: Version = None) -> Response:
-        data = await asyncio.to_thread(service.thumbnail, idx, version)
+        data = await service.thumbnail(idx, version)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/api/health", summary="Ready once the index and the model are loaded")
     async def health() -> JSONResponse:
         state = service.health()
-        return JSONResponse(state, 200 if state["status"] == "ready" else 503)
+        return JSONResponse(state, 503 if state["status"] == "starting" else 200)  # degraded: still serving
 
     @app.get("/api/stats", summary="Index version and size, model, requests, latency")
     async def stats() -> dict[str, Any]:

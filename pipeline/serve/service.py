@@ -12,21 +12,21 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from ..errors import BusyError, ImageError, PipelineError
-from ..images import decode_bytes, input_shapes
+from ..images import decode_bytes, input_shapes, read_regular_file
 from ..index import published_name
 from ..model import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, FeatureModel
 from ..search import DEFAULT_K, Hit, QueryFile, QueryResult, Searcher
-from ..sheet import thumbnail
+from ..sheet import thumbnail_of
 from .batcher import MicroBatcher
 from .limits import DEFAULT_MAX_WAIT_MS, DEFAULT_OPEN_VERSIONS, DEFAULT_POLL, DEFAULT_QUEUE_SIZE, DEFAULT_TIMEOUT
 
@@ -35,7 +35,9 @@ LOG = logging.getLogger(__name__)
 MAX_IMAGES_PER_REQUEST = 32
 MAX_RETRY_S = 60.0  # the longest wait before a refused version is tried again
 THUMB_SIZE = 320  # px, the longer side: sharp on a 2x screen in a ~160 px tile
-T = TypeVar("T")
+THUMB_WORKERS = 4  # threads reading files for thumbnails; a hung read holds one until it returns
+THUMB_TIMEOUT = 5.0  # seconds a thumbnail's file may take to read and shrink before the answer is 503
+THUMB_MAX_BYTES = 64 * 1024 * 1024  # largest file read for a thumbnail
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,17 @@ class Refusal:
     attempts: int
     at: float
     retry_at: float
+
+
+def _render_thumbnail(idx: int, path: str) -> bytes:
+    """The JPEG thumbnail of an indexed file, read safely (images.read_regular_file); 404 when unusable."""
+    try:
+        im = thumbnail_of(read_regular_file(path, THUMB_MAX_BYTES), THUMB_SIZE)
+    except ImageError as exc:
+        raise RequestError(f"image {idx} ({Path(path).name}) cannot be shown: {exc}", 404) from None
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
 
 
 def _file_stat(path: Path | str) -> tuple[int, int, int] | None:
@@ -101,8 +114,12 @@ class Service:
         self.refusal: Refusal | None = None  # why the published version is not served, if it is not
         self._model_stat: tuple[int, int, int] | None = None  # the model file as loaded: inode, size, mtime
         self.model_file_changed = False
-        self._lock = threading.Lock()  # faiss + sqlite look-ups: one at a time
+        self._lock = threading.Lock()  # swaps of the served version (reads run in parallel: faiss searches are
+        # thread-safe, and each version's id table takes turns on its connection)
         self._thumbs: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._thumb_lock = threading.Lock()  # the cache and the count of reads in progress
+        self._thumb_busy = 0
+        self._thumb_pool = ThreadPoolExecutor(THUMB_WORKERS, thread_name_prefix="pipeline-thumb")
         self._latencies: deque[float] = deque(maxlen=1000)
         self.requests = 0
         self.batcher: MicroBatcher | None = None
@@ -138,6 +155,7 @@ class Service:
             self._watcher.join()
         if self.batcher is not None:
             self.batcher.close()
+        self._thumb_pool.shutdown(wait=False, cancel_futures=True)  # a hung read is not waited for
 
     @property
     def ready(self) -> bool:
@@ -334,9 +352,7 @@ class Service:
         hits: dict[int, list[Hit]] = {}
         if good:
             excl = [QueryFile("", content_hash) for _, (_, content_hash) in good] if exclude_self else None
-            found = await asyncio.to_thread(
-                self._locked, searcher.search_vectors, np.stack(feats), k, nprobe, min_score, excl
-            )
+            found = await asyncio.to_thread(searcher.search_vectors, np.stack(feats), k, nprobe, min_score, excl)
             hits = {i: h for (i, _), h in zip(good, found, strict=True)}
         return [
             QueryResult(name, hits[i]) if i in hits else QueryResult(name, error=str(d))
@@ -357,39 +373,49 @@ class Service:
         t0 = time.perf_counter()
         searcher = self.searcher_for(version)
         path = self._path(searcher, idx)
-        result = await asyncio.to_thread(self._locked, searcher.search_like, [path], k, nprobe, min_score, exclude_self)
+        result = await asyncio.to_thread(searcher.search_like, [path], k, nprobe, min_score, exclude_self)
         self._served(t0)
         return searcher.version_dir.name, result[0]
 
-    def thumbnail(self, idx: int, version: str | None = None) -> bytes:
-        """A small JPEG of the indexed image `idx` (read from the path the index records), cached."""
+    async def thumbnail(self, idx: int, version: str | None = None) -> bytes:
+        """A small JPEG of the indexed image `idx` (read from the path the index records), cached.
+
+        The file is read in a pool of its own (THUMB_WORKERS threads) with a deadline: a read that hangs (a
+        stale network mount) answers BusyError after THUMB_TIMEOUT and holds its thread until it returns;
+        when every thread is held, thumbnails answer busy at once (and health says "degraded") while searches
+        go on. Only a regular file is read (no symlink as its last part, no FIFO), at most THUMB_MAX_BYTES."""
         searcher = self.searcher_for(version)
         key = (searcher.version_dir.name, idx)
-        with self._lock:
+        with self._thumb_lock:
             if key in self._thumbs:
                 self._thumbs.move_to_end(key)
                 return self._thumbs[key]
-        path = self._path(searcher, idx)
-        im = thumbnail(path, THUMB_SIZE)
-        if im is None:
-            raise RequestError(f"image {idx} ({Path(path).name}) can no longer be read", 404)
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=85)
-        with self._lock:
-            self._thumbs[key] = buf.getvalue()
+        path = await asyncio.to_thread(self._path, searcher, idx)
+        with self._thumb_lock:
+            if self._thumb_busy >= THUMB_WORKERS:
+                raise BusyError(f"thumbnails are busy ({THUMB_WORKERS} file reads in progress); retry shortly")
+            self._thumb_busy += 1
+        job = self._thumb_pool.submit(_render_thumbnail, idx, path)
+        job.add_done_callback(self._thumb_done)
+        try:
+            data = await asyncio.wait_for(asyncio.wrap_future(job), THUMB_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise BusyError(f"image {idx}'s file did not read within {THUMB_TIMEOUT:g} s; retry later") from None
+        with self._thumb_lock:
+            self._thumbs[key] = data
             while len(self._thumbs) > 2048:  # about 40 MB at most
                 self._thumbs.popitem(last=False)
-        return buf.getvalue()
+        return data
+
+    def _thumb_done(self, _job: Future[bytes]) -> None:
+        with self._thumb_lock:
+            self._thumb_busy -= 1
 
     def _path(self, searcher: Searcher, idx: int) -> str:
-        path = self._locked(searcher.path_of, idx) if 0 <= idx < 2**62 else None
+        path = searcher.path_of(idx) if 0 <= idx < 2**62 else None
         if path is None:
             raise RequestError(f"no image with id {idx} in index version {searcher.version_dir.name}", 404)
         return path
-
-    def _locked(self, fn: Callable[..., T], *args: Any) -> T:
-        with self._lock:
-            return fn(*args)
 
     def _served(self, t0: float) -> None:
         self._latencies.append(time.perf_counter() - t0)
@@ -402,8 +428,17 @@ class Service:
         served version is the published one, and if not why (the version keeps serving: still ready)."""
         if not self.ready:
             return {"status": "starting"}
+        saturated = [
+            name
+            for name, full in (
+                ("thumbnails", self._thumb_busy >= THUMB_WORKERS),
+                ("model queue", self._batcher().waiting() >= self.queue_size),
+            )
+            if full
+        ]
         return {
-            "status": "ready",
+            "status": "degraded" if saturated else "ready",
+            "saturated": saturated,
             "version": self.searcher.version_dir.name,
             "count": self.searcher.count,
             **self.swaps(),
