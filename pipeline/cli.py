@@ -64,6 +64,7 @@ from .rebuild import write_metrics_file
 from .search import DEFAULT_K, QueryResult, Searcher
 from .serve.limits import (
     DEFAULT_BODY_TIMEOUT,
+    DEFAULT_DECODE_MEMORY,
     DEFAULT_HOST,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_UPLOAD,
@@ -862,6 +863,14 @@ def serve(
     max_connections: Annotated[
         int, typer.Option(help="Connections open at once; beyond it, new ones are answered 503.")
     ] = DEFAULT_MAX_CONNECTIONS,
+    decode_memory_mb: Annotated[
+        float,
+        typer.Option(
+            "--decode-memory-mb",
+            help="MiB all uploads being decoded may take at once (estimated from each header before decoding); "
+            "one upload may take at most 2/3 of it.",
+        ),
+    ] = DEFAULT_DECODE_MEMORY / MIB,
     threads: ThreadsOpt = DEFAULT_THREADS,
     warm: Annotated[
         bool,
@@ -896,6 +905,8 @@ def serve(
             timeout=timeout,
             threads=threads,
             warm=warm,
+            decode_memory=int(decode_memory_mb * MIB),
+            max_decode=int(decode_memory_mb * MIB * 2 / 3),
         ).start()
     except ModelMismatchError as exc:  # a restart cannot help: exit 78, which the systemd unit does not restart
         raise ConfigError(str(exc)) from None

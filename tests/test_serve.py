@@ -653,3 +653,56 @@ def test_hung_thumbnail_reads_answer_busy_and_never_stop_searches(client, servic
     finally:
         release.set()
     wait_for(lambda: client.get("/api/health").json()["status"] == "ready", "the hung reads to return")
+
+
+def sixteen_bit_png(side: int, seed: int = 0) -> bytes:
+    ramp = np.arange(side, dtype=np.uint32) * 60000 // side  # smooth: a small file, a large decode
+    pixels = ((ramp[:, None] + ramp[None, :] // 2 + seed * 997) % 65536).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")  # mode I;16
+    return buf.getvalue()
+
+
+def test_decode_memory_is_budgeted_from_the_header_before_decoding(index_dir, tiny_model, monkeypatch):
+    from pipeline.images import decode_cost
+    from pipeline.serve import service as service_module
+
+    big, small = sixteen_bit_png(1200), sixteen_bit_png(700, seed=1)
+    assert decode_cost(big) == 1200 * 1200 * (2 * 2 + 3 + 4)  # pixels, upright copy, float32, RGB
+    service = Service(index_dir, tiny_model, poll=0, decode_memory=12_000_000, max_decode=10_000_000)
+    peak, decode = [], service_module.decode_bytes
+
+    def watched(*args, **kwargs):
+        peak.append(service.decode_budget.used)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "decode_bytes", watched)
+    with TestClient(create_app(service), base_url=LOCAL) as client:
+        r = client.post("/api/search", files=upload(("big.png", big)))
+        assert r.status_code == 400 and "decoding it would take 15 MiB, over the 9 MiB one upload may use" in r.text
+        assert peak == []  # refused from its header: never decoded
+        r = client.post("/api/search?k=1", files=upload(*[(f"s{i}.png", small) for i in range(32)]))
+        assert r.status_code == 200 and all(q["results"] for q in r.json())
+    cost = decode_cost(small)  # 5.4 MB: two fit in the budget at once, never three
+    assert len(peak) == 32 and max(peak) <= 12_000_000 and max(peak) >= cost and service.decode_budget.used == 0
+
+
+def test_a_full_decode_budget_waits_then_answers_busy():
+    from pipeline.errors import BusyError
+    from pipeline.serve.service import DecodeBudget
+
+    budget = DecodeBudget(100)
+    with budget.take(80, timeout=1):
+        with pytest.raises(BusyError, match="80 MiB|in use"):
+            with budget.take(30, timeout=0.05):
+                pass
+        done = threading.Event()
+
+        def later() -> None:
+            with budget.take(30, timeout=10):
+                done.set()
+
+        waiter = threading.Thread(target=later)
+        waiter.start()
+    waiter.join()  # room was made when the first decode ended
+    assert done.is_set() and budget.used == 0

@@ -82,6 +82,16 @@ class ServiceCollector(Collector):
         yield GaugeMetricFamily(
             "pipeline_model_queue_capacity", "Images that may wait before requests answer 503", value=s.queue_size
         )
+        yield GaugeMetricFamily(
+            "pipeline_decode_memory_bytes",
+            "Bytes the uploads being decoded take (images.decode_cost)",
+            value=s.decode_budget.used,
+        )
+        yield GaugeMetricFamily(
+            "pipeline_decode_memory_limit_bytes",
+            "Bytes uploads being decoded may take at once",
+            value=s.decode_budget.total,
+        )
         searcher = s.searcher
         swaps = s.swaps()
         info = GaugeMetricFamily(

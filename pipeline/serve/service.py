@@ -12,8 +12,9 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,13 +23,21 @@ from typing import Any
 import numpy as np
 
 from ..errors import BusyError, ImageError, PipelineError
-from ..images import decode_bytes, input_shapes, read_regular_file
+from ..images import decode_bytes, decode_cost, input_shapes, read_regular_file
 from ..index import published_name
 from ..model import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, FeatureModel
 from ..search import DEFAULT_K, Hit, QueryFile, QueryResult, Searcher
 from ..sheet import thumbnail_of
 from .batcher import MicroBatcher
-from .limits import DEFAULT_MAX_WAIT_MS, DEFAULT_OPEN_VERSIONS, DEFAULT_POLL, DEFAULT_QUEUE_SIZE, DEFAULT_TIMEOUT
+from .limits import (
+    DEFAULT_DECODE_MEMORY,
+    DEFAULT_MAX_DECODE,
+    DEFAULT_MAX_WAIT_MS,
+    DEFAULT_OPEN_VERSIONS,
+    DEFAULT_POLL,
+    DEFAULT_QUEUE_SIZE,
+    DEFAULT_TIMEOUT,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -38,6 +47,31 @@ THUMB_SIZE = 320  # px, the longer side: sharp on a 2x screen in a ~160 px tile
 THUMB_WORKERS = 4  # threads reading files for thumbnails; a hung read holds one until it returns
 THUMB_TIMEOUT = 5.0  # seconds a thumbnail's file may take to read and shrink before the answer is 503
 THUMB_MAX_BYTES = 64 * 1024 * 1024  # largest file read for a thumbnail
+
+
+class DecodeBudget:
+    """The bytes of decoding in progress across all requests (images.decode_cost of each upload): a decode
+    waits for room, up to a deadline, then answers busy; so concurrent uploads hold a bounded memory."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.used = total, 0
+        self._room = threading.Condition()
+
+    @contextmanager
+    def take(self, nbytes: int, timeout: float) -> Iterator[None]:
+        with self._room:
+            if not self._room.wait_for(lambda: self.used + nbytes <= self.total, timeout):
+                raise BusyError(
+                    f"other uploads are being decoded ({self.used >> 20} MiB of {self.total >> 20} MiB in use); "
+                    "retry shortly"
+                )
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._room:
+                self.used -= nbytes
+                self._room.notify_all()
 
 
 @dataclass(frozen=True)
@@ -104,11 +138,14 @@ class Service:
         threads: int = DEFAULT_THREADS,
         keep: int = DEFAULT_OPEN_VERSIONS,
         warm: bool = True,
+        decode_memory: int = DEFAULT_DECODE_MEMORY,
+        max_decode: int = DEFAULT_MAX_DECODE,
     ) -> None:
         self.index_dir, self._model_arg, self._threads = Path(index_dir), model, threads
         self.warm = warm  # read each version's files into the page cache before serving it (Searcher.warm)
         self.batch_size, self.max_wait, self.queue_size = batch_size, max_wait_ms / 1000, queue_size
         self.timeout, self.poll, self.keep = timeout, poll, keep
+        self.decode_budget, self.max_decode = DecodeBudget(decode_memory), min(max_decode, decode_memory)
         self._searchers: OrderedDict[str, Searcher] = OrderedDict()  # version -> Searcher, newest last
         self._current: Searcher | None = None  # the swap is one reference assignment
         self.refusal: Refusal | None = None  # why the published version is not served, if it is not
@@ -290,8 +327,17 @@ class Service:
     # ------------------------------------------------------------------ queries
 
     def decode(self, data: bytes) -> tuple[np.ndarray, str]:
-        """Pixels at the model's input size and the content hash of uploaded bytes; ImageError if unusable."""
-        pixels = decode_bytes(data, self.model.info.resize_to)
+        """Pixels at the model's input size and the content hash of uploaded bytes; ImageError if unusable.
+
+        What decoding will take is read from the header first: over `max_decode` the upload is refused
+        unread; otherwise it waits for that much room in the decode budget (BusyError after `timeout`)."""
+        cost = decode_cost(data)
+        if cost > self.max_decode:
+            raise ImageError(
+                f"decoding it would take {cost >> 20} MiB, over the {self.max_decode >> 20} MiB one upload may use"
+            )
+        with self.decode_budget.take(cost, self.timeout):
+            pixels = decode_bytes(data, self.model.info.resize_to)
         return pixels, hashlib.blake2b(data, digest_size=16).hexdigest()
 
     async def search_uploads(
