@@ -636,7 +636,7 @@ def test_hung_thumbnail_reads_answer_busy_and_never_stop_searches(client, servic
         release.wait()
         return b""
 
-    monkeypatch.setattr(service_module, "_render_thumbnail", hung)
+    monkeypatch.setattr(service_module, "render_thumbnail", hung)
     monkeypatch.setattr(service_module, "THUMB_TIMEOUT", 0.2)
     try:
         for i in range(service_module.THUMB_WORKERS):

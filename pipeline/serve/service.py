@@ -86,7 +86,7 @@ class Refusal:
     retry_at: float
 
 
-def _render_thumbnail(idx: int, path: str) -> bytes:
+def render_thumbnail(idx: int, path: str) -> bytes:
     """The JPEG thumbnail of an indexed file, read safely (images.read_regular_file); 404 when unusable."""
     try:
         im = thumbnail_of(read_regular_file(path, THUMB_MAX_BYTES), THUMB_SIZE)
@@ -441,7 +441,7 @@ class Service:
             if self._thumb_busy >= THUMB_WORKERS:
                 raise BusyError(f"thumbnails are busy ({THUMB_WORKERS} file reads in progress); retry shortly")
             self._thumb_busy += 1
-        job = self._thumb_pool.submit(_render_thumbnail, idx, path)
+        job = self._thumb_pool.submit(render_thumbnail, idx, path)
         job.add_done_callback(self._thumb_done)
         try:
             data = await asyncio.wait_for(asyncio.wrap_future(job), THUMB_TIMEOUT)
