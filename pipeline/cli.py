@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
@@ -25,7 +27,7 @@ from typer.core import TyperGroup
 
 from . import index as index_stage
 from .duplicates import DEFAULT_MIN_SIZE, MAX_PROBES, DuplicateGroup, find_groups
-from .errors import BusyError, PipelineError, cause, write_error
+from .errors import BusyError, ConfigError, ModelMismatchError, PipelineError, cause, write_error
 from .evaluate import evaluate, write_per_query, write_pr_plot
 from .extract import extract as extract_images
 from .extract import summary_lines
@@ -58,15 +60,20 @@ from .model import (
 )
 from .quantize import DEFAULT_CALIBRATION_IMAGES, quantize_model
 from .rebuild import rebuild as rebuild_collection
+from .rebuild import write_metrics_file
 from .search import DEFAULT_K, QueryResult, Searcher
 from .serve.limits import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_DECODE_MEMORY,
     DEFAULT_HOST,
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_UPLOAD,
     DEFAULT_MAX_WAIT_MS,
     DEFAULT_PORT,
     DEFAULT_QUEUE_SIZE,
     DEFAULT_TIMEOUT,
 )
+from .verify import verify as verify_files
 
 if TYPE_CHECKING:
     from .distributed import RayDistributor
@@ -117,7 +124,8 @@ app = typer.Typer(
     cls=_Commands,
     help="Search by image: extract VGG16 features, build a FAISS index, find look-alikes.\n\n"
     f"Exit codes: 0 success, {EXIT_ERROR} an error (one line on stderr), 2 bad usage, {EXIT_STRICT_FAILURES} "
-    f"--strict and some files cannot be used, {BusyError.exit_code} another run holds the lock (try again later).",
+    f"--strict and some files cannot be used, {BusyError.exit_code} another run holds the lock (try again later), "
+    f"{ConfigError.exit_code} `serve` cannot start with this configuration (a restart cannot help).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -693,10 +701,27 @@ def rebuild(
         ),
     ] = False,
     retry_failed: RetryFailedOpt = False,
+    scrub: Annotated[
+        bool,
+        typer.Option(
+            "--scrub/--no-scrub",
+            help="First read every shard through its checksums; delete damaged ones, so that their images are "
+            "extracted again.",
+        ),
+    ] = True,
+    metrics_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--metrics-file",
+            show_default=False,
+            help="Write a node_exporter textfile (Prometheus format, atomically) about the run: exit status, "
+            "duration, counts, and when a run last succeeded.",
+        ),
+    ] = None,
     ray: RayOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """The nightly job: incremental extract, compact, build and publish the index, prune old versions.
+    """The nightly job: scrub, incremental extract, compact, build and publish the index, prune old versions.
 
     Safe for cron: no prompts; only new and changed images go through the model; a second run
     started while one is going exits at once (another run holds the lock); a killed run leaves
@@ -719,15 +744,25 @@ def rebuild(
             shard_size=shard_size,
             threads=threads,
             retry_failed=retry_failed,
+            scrub_shards=scrub,
             distributor=_ray_distributor(ray),
             progress=False,
         )
     except PipelineError as exc:
         LOG.error("rebuild failed: %s", exc)  # into --log-file too; _Commands still maps it to the exit code
+        if metrics_file is not None:
+            write_metrics_file(metrics_file, None, exc.exit_code, time.time())
         raise
+    except Exception:
+        if metrics_file is not None:  # a bug: still a failed run for the monitoring
+            write_metrics_file(metrics_file, None, EXIT_ERROR, time.time())
+        raise
+    failed = strict and bool(report.extract.failed_total or report.extract.unreadable_folders)
+    if metrics_file is not None:
+        write_metrics_file(metrics_file, report, EXIT_STRICT_FAILURES if failed else 0, time.time())
     if as_json:
         _emit(report.to_dict())
-    if strict and (report.extract.failed_total or report.extract.unreadable_folders):
+    if failed:
         raise typer.Exit(EXIT_STRICT_FAILURES)
 
 
@@ -739,6 +774,36 @@ def _log_to(log_file: Path) -> None:
         raise write_error(log_file, exc, "`pipeline rebuild`") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
+
+
+@app.command()
+def verify(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A workdir (features/ and index/), a features folder or an index folder.", show_default=False
+        ),
+    ],
+    progress: ProgressOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Read every shard, the catalog and every index version against their checksums; name each damaged file
+    and what brings it back. Exit 0: all intact; 1: something is damaged (for a weekly cron job or a check
+    after a disk incident)."""
+    report = verify_files(path, progress=progress)
+    if as_json:
+        _emit(report.to_dict())
+    else:
+        for damage in report.damaged:
+            typer.echo(f"DAMAGED {damage.path}: {damage.why}\n  fix: {damage.fix}")
+        if report.unverifiable:
+            typer.echo(
+                f"{len(report.unverifiable)} written before their format carried checksums (read, not compared), "
+                f"e.g. {report.unverifiable[0]}"
+            )
+        typer.echo(f"{len(report.checked)} intact, {len(report.damaged)} damaged")
+    if not report.ok:
+        raise typer.Exit(EXIT_ERROR)
 
 
 @app.command()
@@ -756,7 +821,25 @@ def serve(
             "--api-key",
             envvar="PIPELINE_API_KEY",
             show_default=False,
-            help="Key clients send in the X-API-Key header (also read from $PIPELINE_API_KEY).",
+            help="Key clients send in the X-API-Key header (also read from $PIPELINE_API_KEY; on the command "
+            "line it shows in `ps`: prefer --api-key-file).",
+        ),
+    ] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--api-key-file",
+            show_default=False,
+            help="Read the API key from this file (its first line), e.g. one only the service's user can read.",
+        ),
+    ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            show_default=False,
+            help="A Host name the service answers to (repeat; '*': any). Default: loopback names when bound "
+            "to loopback (so no web page can reach it by DNS rebinding), any name otherwise.",
         ),
     ] = None,
     batch_size: Annotated[
@@ -774,6 +857,20 @@ def serve(
     max_upload_mb: Annotated[
         float, typer.Option("--max-upload-mb", help="Largest request body, in MiB (413 beyond).")
     ] = DEFAULT_MAX_UPLOAD / MIB,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds a request body may take to arrive whole (408 beyond).")
+    ] = DEFAULT_BODY_TIMEOUT,
+    max_connections: Annotated[
+        int, typer.Option(help="Connections open at once; beyond it, new ones are answered 503.")
+    ] = DEFAULT_MAX_CONNECTIONS,
+    decode_memory_mb: Annotated[
+        float,
+        typer.Option(
+            "--decode-memory-mb",
+            help="MiB all uploads being decoded may take at once (estimated from each header before decoding); "
+            "one upload may take at most 2/3 of it.",
+        ),
+    ] = DEFAULT_DECODE_MEMORY / MIB,
     threads: ThreadsOpt = DEFAULT_THREADS,
     warm: Annotated[
         bool,
@@ -791,23 +888,66 @@ def serve(
     try:
         import uvicorn
 
-        from .serve import Service, create_app, is_loopback
+        from .serve import LOOPBACK_HOSTS, Service, create_app, is_loopback
     except ImportError as exc:
         raise PipelineError(f"pipeline serve needs the serve extra (pip install 'pipeline[serve]'): {exc}") from None
+    if api_key_file is not None:
+        api_key = _read_key(api_key_file)
     if not is_loopback(host) and not api_key:
         raise PipelineError(f"--host {host} exposes the service beyond this machine: give --api-key too")
-    service = Service(
-        index,
-        model,
-        batch_size=batch_size,
-        max_wait_ms=max_wait_ms,
-        queue_size=queue_size,
-        timeout=timeout,
-        threads=threads,
-        warm=warm,
-    ).start()
-    app_ = create_app(service, api_key=api_key, max_upload=int(max_upload_mb * MIB))
-    uvicorn.run(app_, host=host, port=port, log_config=None, timeout_graceful_shutdown=5)
+    try:
+        service = Service(
+            index,
+            model,
+            batch_size=batch_size,
+            max_wait_ms=max_wait_ms,
+            queue_size=queue_size,
+            timeout=timeout,
+            threads=threads,
+            warm=warm,
+            decode_memory=int(decode_memory_mb * MIB),
+            max_decode=int(decode_memory_mb * MIB * 2 / 3),
+        ).start()
+    except ModelMismatchError as exc:  # a restart cannot help: exit 78, which the systemd unit does not restart
+        raise ConfigError(str(exc)) from None
+    hosts: list[str] | None = list(allowed_host or ()) or (list(LOOPBACK_HOSTS) if is_loopback(host) else None)
+    if hosts is not None and "*" in hosts:
+        hosts = None
+    app_ = create_app(
+        service,
+        api_key=api_key,
+        max_upload=int(max_upload_mb * MIB),
+        allowed_hosts=hosts,
+        body_timeout=body_timeout,
+    )
+    # uvicorn stops gracefully on SIGTERM, then raises the signal again under the handler found before it ran:
+    # this one makes that a normal return, so a stop asked for is exit 0 (systemd: a clean stop, not a failure).
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.run(
+            app_,
+            host=host,
+            port=port,
+            log_config=None,
+            limit_concurrency=max_connections,
+            timeout_keep_alive=5,  # an idle connection is closed after 5 s
+            h11_max_incomplete_event_size=16 * 1024,  # request line and headers: 16 KiB at most
+            # SIGTERM: no new connections; requests in flight get up to their own time limit to finish
+            timeout_graceful_shutdown=max(1, round(timeout)),
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _read_key(path: Path) -> str:
+    """The API key in the first line of `path`; an unreadable or empty file is a one-line error."""
+    try:
+        key = path.read_text().split("\n", 1)[0].strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"cannot read the API key file {path} ({cause(exc)})") from None
+    if not key:
+        raise PipelineError(f"the API key file {path} is empty")
+    return key
 
 
 @app.command("eval")

@@ -17,6 +17,14 @@ class ModelMismatchError(PipelineError):
     """Features or an index were made by a different model than the one in hand."""
 
 
+class ConfigError(PipelineError):
+    """Retrying cannot help until someone changes a file or an option (e.g. the model a service was told to
+    use is not the index's). EX_CONFIG: a systemd unit lists it in RestartPreventExitStatus, so that a
+    service that cannot start does not restart in a loop."""
+
+    exit_code = 78
+
+
 class BusyError(PipelineError):
     """Another run holds the lock on the same output; try again later (EX_TEMPFAIL)."""
 

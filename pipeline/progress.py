@@ -14,12 +14,14 @@ LOG = logging.getLogger("pipeline")
 class Progress:
     """Counts done items and failures; shows rate. `enabled=None` means "only on a terminal"."""
 
-    def __init__(self, total: int, what: str, enabled: bool | None = None, log_every: float = 30.0) -> None:
-        self.total, self.what, self.log_every = total, what, log_every
+    def __init__(
+        self, total: int, what: str, enabled: bool | None = None, log_every: float = 30.0, unit: str = "images"
+    ) -> None:
+        self.total, self.what, self.log_every, self.unit = total, what, log_every, unit
         self.done = self.failed = 0
         self.start = self.last_log = time.monotonic()
         use_bar = sys.stderr.isatty() if enabled is None else enabled
-        self.bar = tqdm(total=total, desc=what, unit="img", dynamic_ncols=True) if use_bar else None
+        self.bar = tqdm(total=total, desc=what, unit=unit, dynamic_ncols=True) if use_bar else None
 
     def update(self, n: int, failed: int = 0) -> None:
         self.done += n
@@ -35,7 +37,7 @@ class Progress:
     def line(self) -> str:
         elapsed = time.monotonic() - self.start
         rate = self.done / elapsed if elapsed > 0 else 0.0
-        return f"{self.done}/{self.total} images, {rate:.1f} img/s, {self.failed} failed, {elapsed:.0f} s"
+        return f"{self.done}/{self.total} {self.unit}, {rate:.1f}/s, {self.failed} failed, {elapsed:.0f} s"
 
     def __enter__(self) -> Progress:
         return self

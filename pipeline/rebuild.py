@@ -1,4 +1,4 @@
-"""The nightly job in one call: incremental extract -> compact shards -> build index -> publish.
+"""The nightly job in one call: scrub -> incremental extract -> compact shards -> build index -> publish.
 
 Layout of a workdir: features/ (shards, catalog.sqlite, errors.jsonl), index/ (CURRENT,
 versions/). A lock on the workdir makes a second run exit at once (BusyError, exit 75); a run
@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, TypedDict
 
 from .errors import PipelineError
 from .extract import ExtractReport, extract
-from .features import DEFAULT_COMPACT_BELOW, DEFAULT_SHARD_SIZE, compact, live_digest
-from .fsutil import exclusive_lock
+from .features import DEFAULT_COMPACT_BELOW, DEFAULT_SHARD_SIZE, compact, live_digest, scrub
+from .fsutil import atomic_write_text, exclusive_lock
 from .index import (
     CURRENT_FILE,
     DEFAULT_FLAT_BELOW,
@@ -54,6 +54,7 @@ class ExtractOptions(TypedDict, total=False):
 @dataclass
 class RebuildReport:
     extract: ExtractReport
+    damaged: list[tuple[str, str]]  # shards found damaged (deleted; their images extracted again), and why
     compacted: list[str]
     index_built: bool
     index_meta: dict
@@ -62,6 +63,7 @@ class RebuildReport:
     def to_dict(self) -> dict:
         return {
             "extract": self.extract.to_dict(),
+            "damaged_shards": [{"shard": name, "why": why} for name, why in self.damaged],
             "compacted_shards": self.compacted,
             "index_built": self.index_built,
             "index": self.index_meta,
@@ -81,13 +83,16 @@ def rebuild(
     distributor: RayDistributor | None = None,
     retrain: bool = False,
     retrain_above: float = DEFAULT_RETRAIN_ABOVE,
+    scrub_shards: bool = True,
     **extract_options: Unpack[ExtractOptions],
 ) -> RebuildReport:
     """Bring workdir's features and published index up to date with the images under `roots`.
 
     distributor: runs the extraction and the index filling on workers of its own (distributed.RayDistributor).
     The index is updated from the published version (build_index's `update`) unless `retrain`,
-    or the changes since its training exceed `retrain_above` of its trained count."""
+    or the changes since its training exceed `retrain_above` of its trained count. With `scrub_shards`, every
+    shard is read through its checksums first and a damaged one is deleted, so that its images are
+    extracted again (features.scrub: a shard's bytes read, about 2 KB an image)."""
     if not 0 <= compact_below <= 1:
         raise PipelineError(f"--compact-below must be between 0 and 1 (got {compact_below})")
     workdir = Path(workdir)
@@ -95,6 +100,10 @@ def rebuild(
     start = time.monotonic()
     with exclusive_lock(workdir, "pipeline rebuild"):
         LOG.info("rebuild started: %s -> %s", ", ".join(map(str, roots)), workdir)
+        t = time.monotonic()
+        damaged = scrub(features) if scrub_shards else []
+        if scrub_shards:
+            LOG.info("scrub: %d damaged shard(s) deleted (%.1f s)", len(damaged), time.monotonic() - t)
         t = time.monotonic()
         ex = extract(roots, features, model, distributor=distributor, **extract_options)
         LOG.info(
@@ -144,7 +153,7 @@ def rebuild(
                 "updated" if meta["made_by"] == "update" else "built",
                 time.monotonic() - t,
             )
-    report = RebuildReport(ex, compacted, built, meta, time.monotonic() - start)
+    report = RebuildReport(ex, damaged, compacted, built, meta, time.monotonic() - start)
     LOG.info("rebuild finished in %.1f s", report.seconds)
     return report
 
@@ -158,3 +167,63 @@ def _published_meta(index_dir: Path) -> dict:
         if (index_dir / CURRENT_FILE).exists():
             LOG.warning("the published index cannot be used, building a new one: %s", exc)
         return {}
+
+
+LAST_SUCCESS = "pipeline_rebuild_last_success_timestamp_seconds"
+
+
+def write_metrics_file(path: Path | str, report: RebuildReport | None, exit_status: int, finished: float) -> None:
+    """A node_exporter textfile (Prometheus text format, written atomically) about the run that just ended:
+    its exit status, when, how long, what it did; and when a run last succeeded, kept from the previous file
+    when this one failed (`report` None), so that an alert can fire on "no success for 36 hours"."""
+    path = Path(path)
+    last_success = finished if exit_status == 0 else _previous_success(path)
+    lines: list[str] = []
+
+    def gauge(name: str, help_text: str, values: list[tuple[str, float]]) -> None:
+        lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} gauge"])
+        lines.extend(f"{name}{labels} {float(value)!r}" for labels, value in values)
+
+    gauge("pipeline_rebuild_last_run_timestamp_seconds", "When the last rebuild ended (Unix time)", [("", finished)])
+    gauge("pipeline_rebuild_last_run_exit_status", "Exit status of the last rebuild (0: success)", [("", exit_status)])
+    gauge(LAST_SUCCESS, "When a rebuild last succeeded (Unix time; 0: never)", [("", last_success)])
+    if report is not None:
+        ex = report.extract
+        gauge("pipeline_rebuild_last_run_duration_seconds", "Seconds the last rebuild took", [("", report.seconds)])
+        images = [("new", ex.new), ("changed", ex.changed), ("deleted", ex.deleted), ("unchanged", ex.unchanged)]
+        images += [("embedded", ex.extracted), ("failed", ex.failed)]
+        gauge(
+            "pipeline_rebuild_images",
+            "Images of the last rebuild, by what happened to them",
+            [(f'{{state="{state}"}}', n) for state, n in images],
+        )
+        gauge(
+            "pipeline_rebuild_damaged_shards",
+            "Shards the last rebuild found damaged and extracted again",
+            [("", len(report.damaged))],
+        )
+        gauge(
+            "pipeline_rebuild_index_built",
+            "1 if the last rebuild published a new index version",
+            [("", float(report.index_built))],
+        )
+        gauge(
+            "pipeline_rebuild_index_images",
+            "Images in the published index version",
+            [("", float(report.index_meta.get("count", 0)))],
+        )
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _previous_success(path: Path) -> float:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith(LAST_SUCCESS + " "):
+            try:
+                return float(line.split()[1])
+            except ValueError:
+                return 0.0
+    return 0.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,7 @@ class Searcher:
         self._threads = threads
         self._model: FeatureModel | None = None
         self._direct_map = False
+        self._map_lock = threading.Lock()  # the direct map is made once, by the first thread that needs it
 
     def _open(self, mmap: bool) -> None:
         index_path = self.version_dir / INDEX_FILE
@@ -142,17 +144,18 @@ class Searcher:
             else None
         )
 
-    def warm(self) -> int:
+    def warm(self, stop: threading.Event | None = None) -> int:
         """Read this version's memory-mapped files (index or codes, vector store) through the page cache
         once, in large sequential reads, so that the first queries do not wait on the disk page by page:
         at 10M the re-rank store is 9.8 GB, and a first batch of queries re-ranking from it cold ran at
-        14 queries/s (docs/benchmarks.md). Returns the bytes read. Cheap when the files are cached."""
+        14 queries/s (docs/benchmarks.md). Returns the bytes read. Cheap when the files are cached. Setting
+        `stop` ends the reading early (a service shutting down does not wait for 10 GB)."""
         done, buf = 0, bytearray(WARM_CHUNK)
         for name in (CODES_FILE if self.meta.get("codes") else INDEX_FILE, VECTORS_FILE, VECTOR_IDS_FILE):
             try:
                 with open(self.version_dir / name, "rb", buffering=0) as fh:
                     os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                    while n := fh.readinto(buf):
+                    while (stop is None or not stop.is_set()) and (n := fh.readinto(buf)):
                         done += n
             except FileNotFoundError:  # no store: an exact index
                 continue
@@ -319,8 +322,13 @@ class Searcher:
         """The vectors the index itself holds, by id (for compressed codes: decoded, as its scores see them)."""
         if isinstance(self.index, CoarseToFine):
             raise PipelineError("binary codes cannot be decoded to vectors; use the exact ones (Searcher.vectors)")
+        with self._map_lock:
+            self._make_direct_map(self.index)
+        return self.index.reconstruct_batch(np.asarray(ids, np.int64))
+
+    def _make_direct_map(self, index: faiss.Index) -> None:
         if not self._direct_map:
-            ivf = faiss.try_extract_index_ivf(self.index)
+            ivf = faiss.try_extract_index_ivf(index)
             if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan):
                 # faiss 1.15 crashes (segfault) reconstructing from fast-scan lists read from a file
                 raise PipelineError(
@@ -329,8 +337,7 @@ class Searcher:
                 )
             try:  # ids are sparse (the catalog's): an IVF index finds them through a hash table
                 hashtable = faiss.DirectMap.Hashtable  # type: ignore[attr-defined]  # faiss stub: no DirectMap
-                faiss.extract_index_ivf(self.index).set_direct_map_type(hashtable)
+                faiss.extract_index_ivf(index).set_direct_map_type(hashtable)
             except RuntimeError:
                 pass  # not an IVF index: reconstruct works directly (IndexIDMap2 maps ids itself)
             self._direct_map = True
-        return self.index.reconstruct_batch(np.asarray(ids, np.int64))

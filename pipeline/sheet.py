@@ -35,9 +35,14 @@ def sheet_size(n_queries: int, k: int, thumb: int = 160) -> tuple[int, int]:
 def thumbnail(path: str, thumb: int) -> Image.Image | None:
     """The picture at `path` fitted in thumb x thumb (aspect kept), None when it cannot be read."""
     try:
-        im = decode_rgb(read_file(Path(path))[0], draft=thumb)
+        return thumbnail_of(read_file(Path(path))[0], thumb)
     except ImageError:
         return None
+
+
+def thumbnail_of(data: bytes, thumb: int) -> Image.Image:
+    """The picture encoded in `data` fitted in thumb x thumb (aspect kept); ImageError when it is not one."""
+    im = decode_rgb(data, draft=thumb)
     im.thumbnail((thumb, thumb))
     return im
 

@@ -26,7 +26,7 @@ TIERS = [
     ("extract",),  # files -> model -> shards, as per-shard tasks
     ("index",),  # package: plan, tune, fill, build, update, versions, the id table, stores, codes
     ("search",),
-    ("duplicates", "evaluate"),
+    ("duplicates", "evaluate", "verify"),
     ("sheet",),
     ("distributed",),  # runs extract's and index's per-task functions on Ray, handed in as a distributor
     ("serve",),  # package: batcher, service, HTTP app

@@ -17,6 +17,7 @@ from pipeline.cli import app
 from pipeline.errors import PipelineError
 from pipeline.features import Catalog
 from pipeline.index import VectorStore, build_index, current_version
+from pipeline.index import codes as codes_module
 from pipeline.index.codes import CODES_FILE, encode, learn_itq, parse_codes, quantisation_error
 from pipeline.search import Searcher
 
@@ -57,7 +58,7 @@ def test_parse_codes():
             parse_codes(bad, 512)
 
 
-def test_binary_kind_returns_the_exact_top_k_when_the_pool_covers_it(tmp_path):
+def test_binary_kind_returns_the_exact_top_k_when_the_pool_covers_it(tmp_path, monkeypatch):
     vecs = clustered_vectors(3000, clusters=40)
     write_synthetic_shards(tmp_path / "f", vecs, 700)
     m = build_index(
@@ -78,6 +79,13 @@ def test_binary_kind_returns_the_exact_top_k_when_the_pool_covers_it(tmp_path):
     assert all([h.score for h in hits] == sorted((h.score for h in hits), reverse=True) for hits in few)
     with pytest.raises(PipelineError, match="binary codes cannot be decoded"):  # sign bits: no vectors to decode
         searcher.decoded([0])
+    # However large a pool a request asks for, a query re-ranks at most MAX_POOL candidates.
+    asked = []
+    search = searcher.index.index.search
+    searcher.index.index.search = lambda codes, n, params=None: asked.append(n) or search(codes, n, params=params)
+    monkeypatch.setattr(codes_module, "MAX_POOL", 500)
+    hits = searcher.search_vectors(queries[:1], k=10, nprobe=1 << 20)[0]
+    assert asked == [500] and len(hits) == 10
 
 
 @pytest.mark.slow

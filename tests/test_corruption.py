@@ -121,9 +121,9 @@ def expected_exit(rel: str, how: str, cmd: str) -> int:
         return 0
     if k == "shard":
         # Search reads only the index, so it still answers. A deleted shard is forgotten and its images
-        # are extracted again by extract and rebuild (build-index alone says to run extract first); a
-        # damaged one needs the user.
-        return 0 if cmd in ("search", "like", "eval") or how == "delete" and cmd != "build-index" else 1
+        # are extracted again by extract and rebuild (build-index alone says to run extract first); rebuild
+        # deletes a damaged one first (its scrub); extract and build-index name it for the user.
+        return 0 if cmd in ("search", "like", "eval", "rebuild") or how == "delete" and cmd != "build-index" else 1
     if k == "catalog":
         # A deleted catalog is rebuilt from the shards (it is derived state); a corrupt one is not
         # deleted behind the user's back.

@@ -14,4 +14,4 @@ def test_periodic_log_line_without_terminal(caplog):
         bar.update(1, failed=1)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and lines[-1].startswith("extract: 4/10 images, ") and "1 failed" in lines[-1]
-    assert "img/s" in lines[-1] and bar.bar is None
+    assert "/s" in lines[-1] and bar.bar is None

@@ -310,3 +310,47 @@ def test_the_nightly_job_keeps_the_kind_of_index_asked_for(tmp_path, tiny_model)
         assert report.index_built
         assert (meta["factory"], meta["asked"]) == ("SQ8", {"factory": "SQ8"}) and meta["rerank"] > 0
         assert sorted(indexed_paths(work / "index")) == live_files(root)
+
+
+def scrape(text: str) -> dict[str, float]:
+    """Prometheus text format -> {name{labels}: value} (comments left out)."""
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def test_the_nightly_metrics_file_keeps_the_last_success_through_failures(tmp_path, tiny_model):
+    pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    root, work, metrics = tmp_path / "photos", tmp_path / "work", tmp_path / "textfile" / "pipeline.prom"
+    metrics.parent.mkdir()
+    make_collection(root, range(6))
+    args = ["rebuild", str(root), "--workdir", str(work), "--model", str(tiny_model), "--workers", "0"]
+    before = time.time()
+    assert CliRunner().invoke(app, [*args, "--metrics-file", str(metrics)]).exit_code == 0
+    text = metrics.read_text()
+    assert {f.name for f in text_string_to_metric_families(text)} >= {  # node_exporter's parser reads it
+        "pipeline_rebuild_last_run_exit_status",
+        "pipeline_rebuild_last_success_timestamp_seconds",
+        "pipeline_rebuild_images",
+        "pipeline_rebuild_index_images",
+    }
+    first = scrape(text)
+    assert first["pipeline_rebuild_last_run_exit_status"] == 0 and first['pipeline_rebuild_images{state="new"}'] == 6
+    assert first["pipeline_rebuild_index_images"] == 6 and first["pipeline_rebuild_index_built"] == 1
+    assert before <= first["pipeline_rebuild_last_success_timestamp_seconds"] <= time.time()
+
+    broken = [*args[:5], str(tmp_path / "missing.onnx"), *args[6:], "--metrics-file", str(metrics)]
+    failed = CliRunner().invoke(app, broken)  # the model file is gone: the run fails
+    assert failed.exit_code == 1
+    after = scrape(metrics.read_text())
+    assert after["pipeline_rebuild_last_run_exit_status"] == 1
+    assert (
+        after["pipeline_rebuild_last_success_timestamp_seconds"]
+        == first["pipeline_rebuild_last_success_timestamp_seconds"]
+    )
+    assert after["pipeline_rebuild_last_run_timestamp_seconds"] >= first["pipeline_rebuild_last_run_timestamp_seconds"]
+    assert not list(metrics.parent.glob(".*tmp"))  # written atomically

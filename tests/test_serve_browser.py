@@ -103,3 +103,44 @@ def test_page_upload_original_first_then_more_like_this(page_url, tmp_path):
         if os.environ.get("PIPELINE_SCREENSHOT"):  # refresh the README's screenshot: small palette PNG
             small = im.convert("RGB").quantize(256, dither=Image.Dither.NONE)
             small.save(os.environ["PIPELINE_SCREENSHOT"], optimize=True)
+
+
+@pytest.mark.slow
+def test_key_form_session_cookie_and_file_names_holding_html(tmp_path, tiny_model):
+    """Behind a key: the page asks for it once, the server answers with an HttpOnly cookie no script can
+    read, and file names made of HTML are shown as text, never run (CSP and textContent)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from helpers import save_pattern
+
+    evil = '<img src=x onerror="document.title=1">'
+    for i, name in enumerate([f"{evil}.png", "<b>bold<b>.png", "plain.png"]):
+        save_pattern(tmp_path / "gallery" / name, seed=i)
+    rebuild([tmp_path / "gallery"], tmp_path / "work", tiny_model, workers=0, progress=False)
+    service = Service(tmp_path / "work" / "index", tiny_model, poll=0)
+    with live_server(create_app(service, api_key="s3cret")) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            dialogs: list[str] = []
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.goto(url)
+            expect(page.locator("#key-form")).to_be_visible()  # /api/stats answered 401
+            page.fill("#key", "wrong")
+            page.click("#key-form button")
+            expect(page.locator("#status")).to_have_text("Wrong key.")
+            page.fill("#key", "s3cret")
+            page.click("#key-form button")
+            expect(page.locator("#index-info")).to_contain_text("3 images")
+            assert page.evaluate("document.cookie") == ""  # HttpOnly: the session is not readable by scripts
+            cookies = {c["name"]: c for c in page.context.cookies()}
+            assert cookies["pipeline_session"]["httpOnly"] and "s3cret" not in cookies["pipeline_session"]["value"]
+            page.set_input_files("#file", str(tmp_path / "gallery" / "plain.png"))
+            names = page.locator("#results .name")
+            expect(names).to_have_count(3)
+            assert sorted(names.all_inner_texts()) == sorted([f"{evil}.png", "<b>bold<b>.png", "plain.png"])
+            page.wait_for_function("[...document.images].every(i => i.complete)")  # thumbnails carried the cookie
+            assert page.locator("#results b").count() == 0 and page.locator("#results img[src='x']").count() == 0
+            assert page.title() != "1" and not dialogs
+        finally:
+            browser.close()

@@ -6,7 +6,7 @@ Three modules, one format each, and this package as the one door others use:
   folder.py   the folder as a whole: writing under the lock, compaction, live rows, exact features
 """
 
-from .catalog import CATALOG_FILE, Catalog, Entry
+from .catalog import CATALOG_FILE, Catalog, Entry, catalog_damage
 from .folder import (
     DEFAULT_COMPACT_BELOW,
     DEFAULT_SHARD_SIZE,
@@ -17,6 +17,7 @@ from .folder import (
     exact_features,
     live_digest,
     live_parts,
+    scrub,
     write_errors_file,
     writing,
 )
@@ -30,6 +31,7 @@ from .shards import (
     read_rows,
     read_shard,
     remove_shard,
+    shard_damage,
     shard_info,
     shard_model,
     shard_name,
@@ -44,6 +46,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Catalog",
     "Entry",
+    "catalog_damage",
     "RowMeta",
     "ShardData",
     "ShardInfo",
@@ -58,6 +61,8 @@ __all__ = [
     "read_rows",
     "read_shard",
     "remove_shard",
+    "scrub",
+    "shard_damage",
     "shard_info",
     "shard_model",
     "shard_name",

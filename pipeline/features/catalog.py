@@ -71,6 +71,25 @@ def _catalog_error(path: Path, exc: sqlite3.Error) -> PipelineError:
     )
 
 
+def catalog_damage(features_dir: Path) -> str | None:
+    """Why a features folder's catalog is damaged, by SQLite's full integrity check (every page and index;
+    Catalog() runs the quick one), or None when it is sound or absent."""
+    path = Path(features_dir) / CATALOG_FILE
+    if not path.exists():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            problems = [row for (row,) in db.execute("PRAGMA integrity_check")]
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        return str(_catalog_error(path, exc))
+    if problems == ["ok"]:
+        return None
+    return str(_catalog_error(path, sqlite3.DatabaseError(problems[0])))
+
+
 class Catalog:
     """Open (creating if needed) the catalog of a features folder. Use under the folder's lock.
 

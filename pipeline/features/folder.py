@@ -28,7 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import ImageError, PipelineError
-from ..fsutil import atomic_write_text, exclusive_lock
+from ..fsutil import atomic_write_text, exclusive_lock, fsync_path
 from ..model import ModelInfo
 from .catalog import Catalog
 from .shards import (
@@ -38,6 +38,7 @@ from .shards import (
     next_shard_number,
     read_rows,
     read_shard,
+    shard_damage,
     shard_info,
     shard_model,
     shard_name,
@@ -56,6 +57,26 @@ def writing(features_dir: Path) -> Iterator[Catalog]:
     every writer (extract, compaction) holds."""
     with exclusive_lock(features_dir, "pipeline extract"), Catalog(features_dir) as catalog:
         yield catalog
+
+
+def scrub(features_dir: Path) -> list[tuple[str, str]]:
+    """Read every shard through its checksums; delete the damaged ones, so that the catalog forgets them
+    and the next extract embeds their images again (the images are the source of truth). Returns each
+    deleted shard's name and why. Runs under the folder's lock; what rebuild does before extracting."""
+    damaged: list[tuple[str, str]] = []
+    if not features_dir.is_dir():
+        return damaged
+    with writing(features_dir) as catalog:
+        for path in list_shards(features_dir):
+            why = shard_damage(path)
+            if why is not None:
+                LOG.warning("deleting a damaged shard, its images will be extracted again: %s", why)
+                path.unlink()
+                damaged.append((path.name, why))
+        if damaged:
+            fsync_path(features_dir)
+            catalog.reconcile()
+    return damaged
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,12 @@ class ShardInfo:
     dim: int
     created: str
     model_path: str  # where the model file was when the shard was written (a hint for search)
+    schema_version: int = SCHEMA_VERSION  # 1: float32 features, no checksums
+
+    @property
+    def checksummed(self) -> bool:
+        """Whether damage inside the shard's data is detected when it is read (schema 2 and later)."""
+        return self.schema_version >= 2
 
 
 def shard_name(number: int) -> str:
@@ -184,6 +190,7 @@ def shard_info(path: Path) -> ShardInfo:
             int(a["dim"]),
             str(a["created"]),
             str(a.get("model_path", "")),
+            int(a["schema_version"]),
         )
 
 
@@ -215,6 +222,20 @@ def read_shard(path: Path, features: bool = True) -> ShardData:
         if recorded is not None and str(recorded) != _strings_sha256(strings):
             raise ValueError("its paths or hashes do not match their checksum")  # (_open: a damaged shard)
         return data
+
+
+def shard_damage(path: Path) -> str | None:
+    """Why a shard cannot be used, every byte of it read through its checksums, or None when it is intact.
+    When the file itself cannot be read (EIO, too many open files), OSError is raised instead: the shard
+    may be sound, so the caller must not delete it as damaged."""
+    try:
+        read_shard(path)
+        return None
+    except PipelineError as exc:
+        with open(path, "rb", buffering=0) as f:  # the bytes read: the damage is in them
+            while f.read(1 << 22):
+                pass
+        return str(exc)
 
 
 def _float32(features: np.ndarray) -> np.ndarray:

@@ -45,6 +45,9 @@ from .versions import (
     published_name,
     read_meta,
     recorded_model,
+    version_checksummed,
+    version_damage,
+    version_dirs,
 )
 
 __all__ = [
@@ -98,5 +101,8 @@ __all__ = [
     "sample_runs",
     "tune_nprobe",
     "update_store",
+    "version_checksummed",
+    "version_damage",
+    "version_dirs",
     "write_store",
 ]

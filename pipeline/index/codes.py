@@ -36,6 +36,8 @@ ITQ_ITERATIONS = 50  # as in the ITQ paper; the quantisation loss flattens well 
 # Candidates re-ranked (flat codes: the tuned setting); capped
 POOL_GRID = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 DEFAULT_POOL = 100  # candidates re-ranked when the tuned setting is nprobe or efSearch
+MAX_POOL = 10_000  # most candidates a query re-ranks, whatever it asks: 40 MB of float32 features at 1024-d
+MAX_EF_SEARCH = 4096  # most efSearch a query may ask of an HNSW over codes
 EF_GRID = (100, 128, 192, 256, 384, 512, 768, 1024)
 
 
@@ -137,15 +139,16 @@ class CoarseToFine:
     def search(self, queries: np.ndarray, k: int, setting: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the top k by exact inner product among each query's Hamming candidates."""
         setting = setting or self.setting
-        pool = setting if self.setting_name == "pool" and setting else self.pool
+        pool = min(setting if self.setting_name == "pool" and setting else self.pool, MAX_POOL)
         params: faiss.SearchParameters | None = None  # without a setting: the index's own
         if setting and self.setting_name == "nprobe":
             params = ivf_params(int(setting))
         elif setting and self.setting_name == "efSearch":
-            params = faiss.SearchParametersHNSW(efSearch=int(setting))  # type: ignore[attr-defined]  # faiss stub: no HNSW
+            ef = min(int(setting), MAX_EF_SEARCH)
+            params = faiss.SearchParametersHNSW(efSearch=ef)  # type: ignore[attr-defined]  # faiss stub: no HNSW
         queries = np.ascontiguousarray(queries, np.float32)
         _, pos = self.index.search(
-            encode(queries, self.centre, self.projection), min(max(pool, k), self.ntotal), params=params
+            encode(queries, self.centre, self.projection), min(max(pool, k), self.ntotal, MAX_POOL), params=params
         )
         return self.store.rerank(queries, np.where(pos >= 0, self.store.ids[pos], -1), k)
 

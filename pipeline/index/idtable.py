@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -73,6 +74,9 @@ class IdTable:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # One connection, kept: a version pruned later stays readable. Threads (the service's requests) take
+        # turns on it: each look-up is short, and the searches around them run in parallel.
+        self._turn = threading.Lock()
         try:
             self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -90,7 +94,8 @@ class IdTable:
 
     def _query(self, sql: str, params: Sequence = ()) -> list[tuple]:
         try:
-            return self._db.execute(sql, params).fetchall()
+            with self._turn:
+                return self._db.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             raise damaged(self.path, exc) from None
 
@@ -126,7 +131,8 @@ class IdTable:
     def ids(self) -> np.ndarray:
         """Every id, sorted (stable catalog ids: sparse, not positions)."""
         try:
-            return np.fromiter((i for (i,) in self._db.execute("SELECT id FROM images ORDER BY id")), np.int64)
+            with self._turn:
+                return np.fromiter((i for (i,) in self._db.execute("SELECT id FROM images ORDER BY id")), np.int64)
         except sqlite3.Error as exc:
             raise damaged(self.path, exc) from None
 

@@ -4,7 +4,8 @@ Layout of an index folder:
   CURRENT                 name of the published version (replaced by rename)
   versions/<version>/     index.faiss, ids.sqlite (idtable.py), meta.json, recall.npz (IVF: the recall
                           queries and their exact neighbours), and for some kinds a vector store
-                          (store.py) or binary codes (codes.py)
+                          (store.py) or binary codes (codes.py); meta.json's "files" gives the size
+                          and sha256 of every other file, recorded when the version is published
 Readers resolve CURRENT once and keep that version; a build never touches a published version.
 """
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from ..errors import PipelineError, cause, write_error
 from ..features import ShardInfo
-from ..fsutil import atomic_write_text, fsync_path
+from ..fsutil import atomic_write_text, fsync_path, sha256_file
 from ..model import ModelInfo
 from ..version import __version__
 
@@ -206,7 +207,11 @@ def new_version(out_dir: Path) -> Iterator[tuple[Path, str]]:
 
 
 def publish_version(out_dir: Path, tmp: Path, meta: dict, keep: int) -> IndexReport:
-    """Write meta.json, make the version durable under its name, point CURRENT at it, prune old ones."""
+    """Write meta.json, with every other file's size and sha256 (what `pipeline verify` checks), make the
+    version durable under its name, point CURRENT at it, prune old ones."""
+    meta["files"] = {
+        f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir()) if f.is_file()
+    }
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     for f in tmp.iterdir():
         fsync_path(f)
@@ -216,6 +221,47 @@ def publish_version(out_dir: Path, tmp: Path, meta: dict, keep: int) -> IndexRep
     atomic_write_text(out_dir / CURRENT_FILE, meta["version"] + "\n")
     prune_versions(out_dir, keep)
     return IndexReport(str(final), meta)
+
+
+def version_damage(version_dir: Path) -> list[tuple[Path, str]]:
+    """The files of a version that differ from what its meta.json recorded when it was published (missing, of
+    another size, or another sha256), each with why; [] for an intact version. Reads every byte: a scrub, not
+    a check to run before each search."""
+    try:
+        meta = read_meta(version_dir)
+    except PipelineError as exc:
+        return [(version_dir / META_FILE, str(exc))]
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        return []  # published before versions recorded their checksums: nothing to compare with
+    damage = []
+    for name, want in sorted(files.items()):
+        path = version_dir / name
+        try:
+            size = path.stat().st_size
+            if size != want["bytes"]:
+                damage.append((path, f"{size} bytes, {want['bytes']} when published"))
+            elif sha256_file(path) != want["sha256"]:
+                damage.append((path, "its sha256 differs from the one recorded when it was published"))
+        except OSError as exc:
+            damage.append((path, cause(exc)))
+    return damage
+
+
+def version_checksummed(version_dir: Path) -> bool:
+    """Whether a version recorded its files' checksums (versions published before 2026-12-07 did not)."""
+    try:
+        return isinstance(read_meta(version_dir).get("files"), dict)
+    except PipelineError:
+        return False
+
+
+def version_dirs(index_dir: Path) -> list[Path]:
+    """Every published version folder of an index, oldest first (temporaries left out)."""
+    versions = index_dir / VERSIONS_DIR
+    if not versions.is_dir():
+        return []
+    return sorted(p for p in versions.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def prune_versions(index_dir: Path, keep: int) -> list[str]:

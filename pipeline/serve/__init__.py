@@ -14,7 +14,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .limits import (
+    DEFAULT_BODY_TIMEOUT,
     DEFAULT_HOST,
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_UPLOAD,
     DEFAULT_MAX_WAIT_MS,
     DEFAULT_OPEN_VERSIONS,
@@ -25,7 +27,7 @@ from .limits import (
 )
 
 if TYPE_CHECKING:
-    from .app import API_KEY_COOKIE, API_KEY_HEADER, WEB_DIR, BodyLimit, create_app, is_loopback
+    from .app import API_KEY_COOKIE, API_KEY_HEADER, LOOPBACK_HOSTS, WEB_DIR, Gate, create_app, is_loopback
     from .batcher import MicroBatcher
     from .service import MAX_IMAGES_PER_REQUEST, THUMB_SIZE, RequestError, Service
 
@@ -33,8 +35,9 @@ if TYPE_CHECKING:
 _LAZY = {
     "API_KEY_COOKIE": "app",
     "API_KEY_HEADER": "app",
+    "LOOPBACK_HOSTS": "app",
     "WEB_DIR": "app",
-    "BodyLimit": "app",
+    "Gate": "app",
     "create_app": "app",
     "is_loopback": "app",
     "MicroBatcher": "batcher",
@@ -47,7 +50,9 @@ _LAZY = {
 __all__ = [
     "API_KEY_COOKIE",
     "API_KEY_HEADER",
+    "DEFAULT_BODY_TIMEOUT",
     "DEFAULT_HOST",
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_UPLOAD",
     "DEFAULT_MAX_WAIT_MS",
     "DEFAULT_OPEN_VERSIONS",
@@ -55,10 +60,11 @@ __all__ = [
     "DEFAULT_PORT",
     "DEFAULT_QUEUE_SIZE",
     "DEFAULT_TIMEOUT",
+    "LOOPBACK_HOSTS",
     "MAX_IMAGES_PER_REQUEST",
     "THUMB_SIZE",
     "WEB_DIR",
-    "BodyLimit",
+    "Gate",
     "MicroBatcher",
     "RequestError",
     "Service",

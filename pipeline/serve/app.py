@@ -4,16 +4,18 @@ request body limits, the API key, and whether a host keeps the service on this m
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import ipaddress
 import json
 import logging
-import secrets
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, File, Query, Request, UploadFile, params
+from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -24,21 +26,30 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..errors import BusyError, PipelineError
 from ..search import DEFAULT_K, QueryResult
 from ..version import __version__
-from .limits import DEFAULT_MAX_UPLOAD
+from .limits import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_UPLOAD
+from .metrics import METRICS_PATH, Measured, ServiceMetrics
 from .service import RequestError, Service
 
 LOG = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 API_KEY_HEADER = "X-API-Key"
-API_KEY_COOKIE = "pipeline_key"  # what the page stores, so that <img> thumbnail requests carry it
+API_KEY_COOKIE = "pipeline_session"  # set by the server (HttpOnly): <img> thumbnail requests carry it
 RETRY_AFTER_S = 1
 
 # Query parameters of the API (module level: FastAPI resolves the annotations here).
 K = Annotated[int, Query(ge=1, le=1000, description="Results per query.")]
 MinScore = Annotated[float | None, Query(description="Drop results below this cosine score.")]
 ExcludeSelf = Annotated[bool, Query(description="Drop the query image itself and byte-identical copies.")]
-Nprobe = Annotated[int | None, Query(ge=1, le=1 << 20, description="Override the index's tuned nprobe.")]
+Nprobe = Annotated[
+    int | None,
+    Query(
+        ge=1,
+        le=65536,
+        description="Override the index's tuned nprobe (IVF: at most its lists; binary codes: the candidate "
+        "pool, at most 10,000).",
+    ),
+]
 Version = Annotated[
     str | None, Query(max_length=64, description="Index version an id belongs to (default: the current one).")
 ]
@@ -56,74 +67,158 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # the Host names a loopback service answers by default
+SESSION_PATH = "/api/session"  # where the page trades the key for an HttpOnly cookie
+OPEN_PATHS = ("/api/health", SESSION_PATH)  # /api routes that need no key (session checks the header itself)
+# The page is plain same-origin JS and CSS; the dropped photo is shown from a blob: URL.
+SECURITY_HEADERS = [
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' blob:; frame-ancestors 'none'; base-uri 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
+
+
+def session_token(api_key: str) -> str:
+    """The cookie the page holds: derived from the key, so the key itself never sits in a cookie."""
+    return hmac.new(api_key.encode(), b"pipeline session", hashlib.sha256).hexdigest()
+
+
+def host_name(header: str) -> str:
+    """The name of a Host header without its port ('[::1]:8000' -> '::1')."""
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
 class _TooLarge(Exception):
     pass
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets 413 before the app parses it.
+class Gate:
+    """ASGI middleware: what is checked before any body is read, and the headers every answer carries.
 
-    A declared Content-Length is refused at once, unread (curl, sending `Expect: 100-continue`,
-    never sends the body; httpx reads the 413 after its write fails); a chunked body is counted as
-    it arrives. The rest of an oversized body is never read: reading 50 MB costs the other requests
-    half a second of CPU, and the connection is closed anyway.
+    In order: the Host header (one of `allowed_hosts`, DNS rebinding: a web page cannot reach a loopback
+    service under its own name; None: any), the API key for /api routes (header or the page's session
+    cookie; 401), the declared body size (413, unread; a chunked body is counted as it arrives and cut at
+    the limit), and a body that has not all arrived within `body_timeout` seconds (408: a slow client holds
+    no memory or connection for long). curl, sending `Expect: 100-continue`, never sends a refused body.
+    Every answer carries the page's security headers; API answers also `Cache-Control: no-store`
+    (thumbnails set their own).
     """
 
-    def __init__(self, app: ASGIApp, limit: int = DEFAULT_MAX_UPLOAD) -> None:
-        self.app, self.limit = app, limit
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int = DEFAULT_MAX_UPLOAD,
+        api_key: str | None = None,
+        allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    ) -> None:
+        self.app, self.limit, self.api_key, self.body_timeout = app, limit, api_key, body_timeout
+        self.allowed = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+        self.token = session_token(api_key) if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        host = host_name(headers.get(b"host", b"").decode("latin-1")).lower()
+        if self.allowed is not None and host not in self.allowed:
+            return await _refuse(send, 421, f"this service does not answer to the host name {host[:60]!r}")
+        path: str = scope["path"]
+        if self.api_key and path.startswith("/api/") and path not in OPEN_PATHS and not self._key_ok(headers):
+            message = f"missing or wrong API key (send it in the {API_KEY_HEADER} header)"
+            return await _refuse(send, 401, message)
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(send)
-        seen, started = 0, False
+            return await _refuse(send, 413, f"request body too large: the limit is {self.limit} bytes")
+        api = path.startswith("/api/")
+        seen, started, complete, slow = 0, False, False, False
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
 
         async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete, slow
+            if complete:  # the body is in: later receives wait for a disconnect, with no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                slow = True
+                raise _TooLarge from None
             seen += len(message.get("body", b""))
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             if seen > self.limit:
                 raise _TooLarge
             return message
 
         async def answer(message: Message) -> None:
             nonlocal started
-            if seen > self.limit and not started:
-                return  # the app's answer to a cut-off body (FastAPI: 400) gives way to the 413
-            started = True
+            if (seen > self.limit or slow) and not started:
+                return  # the app's answer to a cut-off body (FastAPI: 400) gives way to the 413 or 408
+            if message["type"] == "http.response.start":
+                started = True
+                extra = list(SECURITY_HEADERS)
+                if api and not any(k.lower() == b"cache-control" for k, _ in message.get("headers", [])):
+                    extra.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         try:
             await self.app(scope, counted, answer)
         except _TooLarge:
             pass
-        if seen > self.limit and not started:
-            await self._refuse(send)
+        if slow and not started:
+            await _refuse(send, 408, f"the request body did not arrive within {self.body_timeout:g} s")
+        elif seen > self.limit and not started:
+            await _refuse(send, 413, f"request body too large: the limit is {self.limit} bytes")
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"error": f"request body too large: the limit is {self.limit} bytes"}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    def _key_ok(self, headers: dict[bytes, bytes]) -> bool:
+        assert self.api_key is not None and self.token is not None
+        sent = headers.get(API_KEY_HEADER.lower().encode())
+        if sent is not None:
+            return hmac.compare_digest(sent, self.api_key.encode())
+        cookies = SimpleCookie()
+        try:
+            cookies.load(headers.get(b"cookie", b"").decode("latin-1"))
+        except CookieError:
+            return False
+        morsel = cookies.get(API_KEY_COOKIE)
+        return morsel is not None and hmac.compare_digest(morsel.value.encode(), self.token.encode())
 
 
-def create_app(service: Service, api_key: str | None = None, max_upload: int = DEFAULT_MAX_UPLOAD) -> FastAPI:
+async def _refuse(send: Send, status: int, message: str) -> None:
+    """Answer at once, the body unread, and close the connection (what the client still sends is dropped)."""
+    body = json.dumps({"error": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+                (b"cache-control", b"no-store"),
+                *SECURITY_HEADERS,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(
+    service: Service,
+    api_key: str | None = None,
+    max_upload: int = DEFAULT_MAX_UPLOAD,
+    allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+) -> FastAPI:
     """The HTTP layer over `service`: the JSON API under /api, the page at /, the schema at /openapi.json.
 
-    No docs UI (FastAPI's loads its assets from a CDN). With `api_key`, every /api route but
-    health wants it in the X-API-Key header or the pipeline_key cookie (which the page sets).
-    The app starts the service when it starts and closes it when it stops.
+    No docs UI (FastAPI's loads its assets from a CDN). With `api_key`, every /api route but health wants
+    it in the X-API-Key header, or the session cookie the server sets when the page sends the key to
+    /api/session. `allowed_hosts`: the Host names answered (None: any). Key, Host and size are checked
+    before a body is read (Gate). The app starts the service when it starts and closes it when it stops.
     """
 
     @asynccontextmanager
@@ -140,9 +235,35 @@ def create_app(service: Service, api_key: str | None = None, max_upload: int = D
         redoc_url=None,
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, limit=max_upload)
+    app.add_middleware(Gate, limit=max_upload, api_key=api_key, allowed_hosts=allowed_hosts, body_timeout=body_timeout)
+    metrics = ServiceMetrics(service)
+    app.add_middleware(Measured, metrics=metrics)  # added last: outermost, so refusals count too
+
+    @app.get(METRICS_PATH, include_in_schema=False)
+    async def prometheus() -> Response:
+        body, content_type = await asyncio.to_thread(metrics.render)
+        return Response(body, media_type=content_type)
+
     _add_error_handlers(app)
-    _add_api(app, service, [Depends(_key_check(api_key))])
+    _add_api(app, service)
+
+    @app.post(SESSION_PATH, status_code=204, summary="Trade the API key (header) for an HttpOnly session cookie")
+    async def session(request: Request) -> Response:
+        response = Response(status_code=204)
+        if api_key is None:
+            return response
+        sent = request.headers.get(API_KEY_HEADER, "")
+        if not hmac.compare_digest(sent.encode(), api_key.encode()):
+            raise RequestError(f"missing or wrong API key (send it in the {API_KEY_HEADER} header)", 401)
+        response.set_cookie(
+            API_KEY_COOKIE,
+            session_token(api_key),
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/",
+        )
+        return response
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -183,19 +304,6 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(422, f"{where}: {first['msg']}")
 
 
-def _key_check(api_key: str | None) -> Callable[[Request], None]:
-    """A dependency refusing (401) a request without `api_key` in the header or the cookie; none: all pass."""
-
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        sent = request.headers.get(API_KEY_HEADER) or request.cookies.get(API_KEY_COOKIE) or ""
-        if not secrets.compare_digest(sent.encode(), api_key.encode()):
-            raise RequestError(f"missing or wrong API key (send it in the {API_KEY_HEADER} header)", 401)
-
-    return check_key
-
-
 def _answer(version: str, results: list[QueryResult]) -> JSONResponse:
     """Results as JSON, each hit with the URL of its thumbnail in the version it came from."""
     body = []
@@ -207,10 +315,10 @@ def _answer(version: str, results: list[QueryResult]) -> JSONResponse:
     return JSONResponse(body, headers={"X-Index-Version": version})
 
 
-def _add_api(app: FastAPI, service: Service, guarded: Sequence[params.Depends]) -> None:
-    """The /api routes; all but health behind the `guarded` dependencies (the API key)."""
+def _add_api(app: FastAPI, service: Service) -> None:
+    """The /api routes (Gate checks the key of all but health)."""
 
-    @app.post("/api/search", dependencies=guarded, summary="Search by uploaded images")
+    @app.post("/api/search", summary="Search by uploaded images")
     async def search_images(
         image: Uploads,
         k: K = DEFAULT_K,
@@ -222,9 +330,7 @@ def _add_api(app: FastAPI, service: Service, guarded: Sequence[params.Depends]) 
         version, results = await service.search_uploads(uploads, k, min_score, exclude_self, nprobe)
         return _answer(version, results)
 
-    @app.get(
-        "/api/search", dependencies=guarded, summary="More like an indexed image (its stored feature, no model run)"
-    )
+    @app.get("/api/search", summary="More like an indexed image (its stored feature, no model run)")
     async def search_like(
         like: LikeId,
         version: Version = None,
@@ -238,20 +344,19 @@ def _add_api(app: FastAPI, service: Service, guarded: Sequence[params.Depends]) 
 
     @app.get(
         "/api/thumbnail/{idx}",
-        dependencies=guarded,
         summary="A small JPEG of an indexed image",
         response_class=Response,
         responses={200: {"content": {"image/jpeg": {}}}},
     )
     async def thumbnail_image(idx: Annotated[int, PathParam(ge=0)], version: Version = None) -> Response:
-        data = await asyncio.to_thread(service.thumbnail, idx, version)
+        data = await service.thumbnail(idx, version)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/api/health", summary="Ready once the index and the model are loaded")
     async def health() -> JSONResponse:
         state = service.health()
-        return JSONResponse(state, 200 if state["status"] == "ready" else 503)
+        return JSONResponse(state, 503 if state["status"] == "starting" else 200)  # degraded: still serving
 
-    @app.get("/api/stats", dependencies=guarded, summary="Index version and size, model, requests, latency")
+    @app.get("/api/stats", summary="Index version and size, model, requests, latency")
     async def stats() -> dict[str, Any]:
         return service.stats()

@@ -6,6 +6,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
 from typing import TypeAlias
 
@@ -38,6 +39,7 @@ class MicroBatcher:
         self.model, self.batch_size, self.max_wait = model, batch_size, max_wait
         self._queue: queue.Queue[Job | None] = queue.Queue(queue_size)
         self.batches = self.images = 0
+        self.batch_sizes: Counter[int] = Counter()  # batches run, by their number of images (the metrics' histogram)
         self._thread = threading.Thread(target=self._run, name="pipeline-batcher", daemon=True)
         self._thread.start()
 
@@ -97,6 +99,7 @@ class MicroBatcher:
                     fut.set_result(feat)
             self.batches += 1
             self.images += len(batch)
+            self.batch_sizes[len(batch)] += 1
             last = len(batch)
         while True:  # closed: whatever still waits is answered, not left hanging
             try:

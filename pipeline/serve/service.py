@@ -8,30 +8,101 @@ import asyncio
 import hashlib
 import io
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from ..errors import BusyError, ImageError, PipelineError
-from ..images import decode_bytes, input_shapes
+from ..images import decode_bytes, decode_cost, input_shapes, read_regular_file
 from ..index import published_name
 from ..model import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, FeatureModel
 from ..search import DEFAULT_K, Hit, QueryFile, QueryResult, Searcher
-from ..sheet import thumbnail
+from ..sheet import thumbnail_of
 from .batcher import MicroBatcher
-from .limits import DEFAULT_MAX_WAIT_MS, DEFAULT_OPEN_VERSIONS, DEFAULT_POLL, DEFAULT_QUEUE_SIZE, DEFAULT_TIMEOUT
+from .limits import (
+    DEFAULT_DECODE_MEMORY,
+    DEFAULT_MAX_DECODE,
+    DEFAULT_MAX_WAIT_MS,
+    DEFAULT_OPEN_VERSIONS,
+    DEFAULT_POLL,
+    DEFAULT_QUEUE_SIZE,
+    DEFAULT_TIMEOUT,
+)
 
 LOG = logging.getLogger(__name__)
 
 MAX_IMAGES_PER_REQUEST = 32
+MAX_RETRY_S = 60.0  # the longest wait before a refused version is tried again
 THUMB_SIZE = 320  # px, the longer side: sharp on a 2x screen in a ~160 px tile
-T = TypeVar("T")
+THUMB_WORKERS = 4  # threads reading files for thumbnails; a hung read holds one until it returns
+THUMB_TIMEOUT = 5.0  # seconds a thumbnail's file may take to read and shrink before the answer is 503
+THUMB_MAX_BYTES = 64 * 1024 * 1024  # largest file read for a thumbnail
+
+
+class DecodeBudget:
+    """The bytes of decoding in progress across all requests (images.decode_cost of each upload): a decode
+    waits for room, up to a deadline, then answers busy; so concurrent uploads hold a bounded memory."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.used = total, 0
+        self._room = threading.Condition()
+
+    @contextmanager
+    def take(self, nbytes: int, timeout: float) -> Iterator[None]:
+        with self._room:
+            if not self._room.wait_for(lambda: self.used + nbytes <= self.total, timeout):
+                raise BusyError(
+                    f"other uploads are being decoded ({self.used >> 20} MiB of {self.total >> 20} MiB in use); "
+                    "retry shortly"
+                )
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._room:
+                self.used -= nbytes
+                self._room.notify_all()
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why the published version is not served: the version, the reason, how often it was tried, since when
+    (wall clock) and when it is tried next (monotonic)."""
+
+    version: str
+    reason: str
+    attempts: int
+    at: float
+    retry_at: float
+
+
+def render_thumbnail(idx: int, path: str) -> bytes:
+    """The JPEG thumbnail of an indexed file, read safely (images.read_regular_file); 404 when unusable."""
+    try:
+        im = thumbnail_of(read_regular_file(path, THUMB_MAX_BYTES), THUMB_SIZE)
+    except ImageError as exc:
+        raise RequestError(f"image {idx} ({Path(path).name}) cannot be shown: {exc}", 404) from None
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def _file_stat(path: Path | str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class RequestError(PipelineError):
@@ -67,16 +138,25 @@ class Service:
         threads: int = DEFAULT_THREADS,
         keep: int = DEFAULT_OPEN_VERSIONS,
         warm: bool = True,
+        decode_memory: int = DEFAULT_DECODE_MEMORY,
+        max_decode: int = DEFAULT_MAX_DECODE,
     ) -> None:
         self.index_dir, self._model_arg, self._threads = Path(index_dir), model, threads
         self.warm = warm  # read each version's files into the page cache before serving it (Searcher.warm)
         self.batch_size, self.max_wait, self.queue_size = batch_size, max_wait_ms / 1000, queue_size
         self.timeout, self.poll, self.keep = timeout, poll, keep
+        self.decode_budget, self.max_decode = DecodeBudget(decode_memory), min(max_decode, decode_memory)
         self._searchers: OrderedDict[str, Searcher] = OrderedDict()  # version -> Searcher, newest last
         self._current: Searcher | None = None  # the swap is one reference assignment
-        self._skipped: str | None = None  # a published version that was refused (logged once)
-        self._lock = threading.Lock()  # faiss + sqlite look-ups: one at a time
+        self.refusal: Refusal | None = None  # why the published version is not served, if it is not
+        self._model_stat: tuple[int, int, int] | None = None  # the model file as loaded: inode, size, mtime
+        self.model_file_changed = False
+        self._lock = threading.Lock()  # swaps of the served version (reads run in parallel: faiss searches are
+        # thread-safe, and each version's id table takes turns on its connection)
         self._thumbs: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._thumb_lock = threading.Lock()  # the cache and the count of reads in progress
+        self._thumb_busy = 0
+        self._thumb_pool = ThreadPoolExecutor(THUMB_WORKERS, thread_name_prefix="pipeline-thumb")
         self._latencies: deque[float] = deque(maxlen=1000)
         self.requests = 0
         self.batcher: MicroBatcher | None = None
@@ -97,6 +177,7 @@ class Service:
             model.embed(np.zeros((1, h, w, 3), np.uint8))
         model.embed(np.zeros((self.batch_size, *largest, 3), np.uint8))  # and a full batch of the largest
         self._searchers[searcher.version_dir.name] = self._current = searcher
+        self._model_stat = _file_stat(model.path)
         self.batcher = MicroBatcher(model, self.batch_size, self.max_wait, self.queue_size)
         if self.poll > 0:
             self._watcher = threading.Thread(target=self._watch, name="pipeline-watch", daemon=True)
@@ -111,6 +192,7 @@ class Service:
             self._watcher.join()
         if self.batcher is not None:
             self.batcher.close()
+        self._thumb_pool.shutdown(wait=False, cancel_futures=True)  # a hung read is not waited for
 
     @property
     def ready(self) -> bool:
@@ -151,49 +233,90 @@ class Service:
                 LOG.exception("checking for a new index version failed")
 
     def refresh(self) -> bool:
-        """Serve the version `CURRENT` names if it is new and made by the serving model; True when swapped."""
+        """Serve the version `CURRENT` names, if it is not the one served: a held one at once (a rollback), another
+        once opened, checked (made by the serving model) and warmed. A version that cannot be served is
+        refused, tried again with back-off (a transient EMFILE or EIO heals by itself) and shown in health and
+        stats; the serving one stays. True when swapped."""
+        self._check_model_file()
         try:
             version = published_name(self.index_dir)
-        except OSError:
-            return False
-        if version in self._searchers or version == self._skipped:
+        except (OSError, ValueError):
             return False
         serving = self.searcher.version_dir.name
+        if version == serving:
+            self.refusal = None
+            return False
+        held = self._searchers.get(version)
+        if held is not None:  # a rollback (or forward again) to a version still open
+            with self._lock:
+                self._searchers.move_to_end(version)
+                self._current = held
+            self.refusal = None
+            LOG.info("now serving index version %s again (%d images); was %s", version, held.count, serving)
+            return True
+        if self.refusal is not None and self.refusal.version == version and time.monotonic() < self.refusal.retry_at:
+            return False
         try:
             new = Searcher(self.index_dir, model=self._model_arg, threads=self._threads)
         except PipelineError as exc:
-            LOG.error("cannot open the published index version %s (%s); still serving %s", version, exc, serving)
-            self._skipped = version
+            self._refuse(version, f"cannot open it: {exc}", transient=True)
             return False
+        name = new.version_dir.name  # CURRENT may have moved on meanwhile
         want = new.meta["model"].get("checksum")
         if want != self.model.info.checksum:
-            LOG.error(
-                "refused index version %s: made by model %s (checksum %s), this service runs %s; still serving %s",
-                new.version_dir.name,
-                new.meta["model"].get("name", "?"),
-                (want or "none")[:12],
-                self.model.info.short(),
-                serving,
+            reason = (
+                f"made by model {new.meta['model'].get('name', '?')} (checksum {(want or 'none')[:12]}), this service "
+                f"runs {self.model.info.short()}"
             )
-            self._skipped = new.version_dir.name
+            self._refuse(name, reason, transient=False)
             return False
         try:
             self._warm(new)  # before the swap: the serving version answers meanwhile
         except PipelineError as exc:
-            LOG.error("cannot read the published index version %s (%s); still serving %s", version, exc, serving)
-            self._skipped = version
+            self._refuse(name, f"cannot read it: {exc}", transient=True)
+            return False
+        if self._stop.is_set():
             return False
         with self._lock:
-            self._searchers[new.version_dir.name] = self._current = new  # later requests take this one
+            self._searchers[name] = self._current = new  # later requests take this one
             while len(self._searchers) > self.keep:
                 self._searchers.popitem(last=False)
-        LOG.info("now serving index version %s (%d images); was %s", new.version_dir.name, new.count, serving)
+        self.refusal = None
+        LOG.info("now serving index version %s (%d images); was %s", name, new.count, serving)
         return True
+
+    def _refuse(self, version: str, reason: str, *, transient: bool) -> None:
+        """Record why `version` is not served; log it the first time (and when the reason changes)."""
+        last = self.refusal if self.refusal is not None and self.refusal.version == version else None
+        attempts = last.attempts + 1 if last else 1
+        delay = min(MAX_RETRY_S, self.poll * 2**attempts) if transient else MAX_RETRY_S
+        self.refusal = Refusal(version, reason, attempts, time.time(), time.monotonic() + delay)
+        if last is None or last.reason != reason:
+            LOG.error(
+                "refused index version %s: %s; still serving %s (%s)",
+                version,
+                reason,
+                self.searcher.version_dir.name,
+                f"trying again in {delay:.0f} s, backing off" if transient else f"checking again every {delay:.0f} s",
+            )
+
+    def _check_model_file(self) -> None:
+        """Report, once, a model file replaced on disk under the running service: it keeps running the model
+        it loaded, but a restart would load the new file (and refuse it if it is not the index's model)."""
+        if self._model_stat is None or self.model_file_changed:
+            return
+        if _file_stat(self.model.path) != self._model_stat:
+            self.model_file_changed = True
+            LOG.error(
+                "the model file %s changed on disk since this service loaded it; it keeps serving the model it "
+                "loaded, but a restart would load the new file",
+                self.model.path,
+            )
 
     def _warm(self, searcher: Searcher) -> None:
         if self.warm:
             t0 = time.monotonic()
-            read = searcher.warm()
+            read = searcher.warm(self._stop)
             LOG.info(
                 "index version %s read into the page cache: %.0f MiB in %.1f s",
                 searcher.version_dir.name,
@@ -204,8 +327,17 @@ class Service:
     # ------------------------------------------------------------------ queries
 
     def decode(self, data: bytes) -> tuple[np.ndarray, str]:
-        """Pixels at the model's input size and the content hash of uploaded bytes; ImageError if unusable."""
-        pixels = decode_bytes(data, self.model.info.resize_to)
+        """Pixels at the model's input size and the content hash of uploaded bytes; ImageError if unusable.
+
+        What decoding will take is read from the header first: over `max_decode` the upload is refused
+        unread; otherwise it waits for that much room in the decode budget (BusyError after `timeout`)."""
+        cost = decode_cost(data)
+        if cost > self.max_decode:
+            raise ImageError(
+                f"decoding it would take {cost >> 20} MiB, over the {self.max_decode >> 20} MiB one upload may use"
+            )
+        with self.decode_budget.take(cost, self.timeout):
+            pixels = decode_bytes(data, self.model.info.resize_to)
         return pixels, hashlib.blake2b(data, digest_size=16).hexdigest()
 
     async def search_uploads(
@@ -266,9 +398,7 @@ class Service:
         hits: dict[int, list[Hit]] = {}
         if good:
             excl = [QueryFile("", content_hash) for _, (_, content_hash) in good] if exclude_self else None
-            found = await asyncio.to_thread(
-                self._locked, searcher.search_vectors, np.stack(feats), k, nprobe, min_score, excl
-            )
+            found = await asyncio.to_thread(searcher.search_vectors, np.stack(feats), k, nprobe, min_score, excl)
             hits = {i: h for (i, _), h in zip(good, found, strict=True)}
         return [
             QueryResult(name, hits[i]) if i in hits else QueryResult(name, error=str(d))
@@ -289,39 +419,49 @@ class Service:
         t0 = time.perf_counter()
         searcher = self.searcher_for(version)
         path = self._path(searcher, idx)
-        result = await asyncio.to_thread(self._locked, searcher.search_like, [path], k, nprobe, min_score, exclude_self)
+        result = await asyncio.to_thread(searcher.search_like, [path], k, nprobe, min_score, exclude_self)
         self._served(t0)
         return searcher.version_dir.name, result[0]
 
-    def thumbnail(self, idx: int, version: str | None = None) -> bytes:
-        """A small JPEG of the indexed image `idx` (read from the path the index records), cached."""
+    async def thumbnail(self, idx: int, version: str | None = None) -> bytes:
+        """A small JPEG of the indexed image `idx` (read from the path the index records), cached.
+
+        The file is read in a pool of its own (THUMB_WORKERS threads) with a deadline: a read that hangs (a
+        stale network mount) answers BusyError after THUMB_TIMEOUT and holds its thread until it returns;
+        when every thread is held, thumbnails answer busy at once (and health says "degraded") while searches
+        go on. Only a regular file is read (no symlink as its last part, no FIFO), at most THUMB_MAX_BYTES."""
         searcher = self.searcher_for(version)
         key = (searcher.version_dir.name, idx)
-        with self._lock:
+        with self._thumb_lock:
             if key in self._thumbs:
                 self._thumbs.move_to_end(key)
                 return self._thumbs[key]
-        path = self._path(searcher, idx)
-        im = thumbnail(path, THUMB_SIZE)
-        if im is None:
-            raise RequestError(f"image {idx} ({Path(path).name}) can no longer be read", 404)
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=85)
-        with self._lock:
-            self._thumbs[key] = buf.getvalue()
+        path = await asyncio.to_thread(self._path, searcher, idx)
+        with self._thumb_lock:
+            if self._thumb_busy >= THUMB_WORKERS:
+                raise BusyError(f"thumbnails are busy ({THUMB_WORKERS} file reads in progress); retry shortly")
+            self._thumb_busy += 1
+        job = self._thumb_pool.submit(render_thumbnail, idx, path)
+        job.add_done_callback(self._thumb_done)
+        try:
+            data = await asyncio.wait_for(asyncio.wrap_future(job), THUMB_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise BusyError(f"image {idx}'s file did not read within {THUMB_TIMEOUT:g} s; retry later") from None
+        with self._thumb_lock:
+            self._thumbs[key] = data
             while len(self._thumbs) > 2048:  # about 40 MB at most
                 self._thumbs.popitem(last=False)
-        return buf.getvalue()
+        return data
+
+    def _thumb_done(self, _job: Future[bytes]) -> None:
+        with self._thumb_lock:
+            self._thumb_busy -= 1
 
     def _path(self, searcher: Searcher, idx: int) -> str:
-        path = self._locked(searcher.path_of, idx) if 0 <= idx < 2**62 else None
+        path = searcher.path_of(idx) if 0 <= idx < 2**62 else None
         if path is None:
             raise RequestError(f"no image with id {idx} in index version {searcher.version_dir.name}", 404)
         return path
-
-    def _locked(self, fn: Callable[..., T], *args: Any) -> T:
-        with self._lock:
-            return fn(*args)
 
     def _served(self, t0: float) -> None:
         self._latencies.append(time.perf_counter() - t0)
@@ -330,10 +470,46 @@ class Service:
     # ------------------------------------------------------------------ reports
 
     def health(self) -> dict[str, Any]:
-        """ "ready" with the served version and size, or "starting": what a load balancer polls."""
+        """ "ready" with the served version and size, or "starting": what a load balancer polls; and whether the
+        served version is the published one, and if not why (the version keeps serving: still ready)."""
         if not self.ready:
             return {"status": "starting"}
-        return {"status": "ready", "version": self.searcher.version_dir.name, "count": self.searcher.count}
+        saturated = [
+            name
+            for name, full in (
+                ("thumbnails", self._thumb_busy >= THUMB_WORKERS),
+                ("model queue", self._batcher().waiting() >= self.queue_size),
+            )
+            if full
+        ]
+        return {
+            "status": "degraded" if saturated else "ready",
+            "saturated": saturated,
+            "version": self.searcher.version_dir.name,
+            "count": self.searcher.count,
+            **self.swaps(),
+        }
+
+    def swaps(self) -> dict[str, Any]:
+        """The published version, whether it is the one served, the last refusal and the model file's state."""
+        try:
+            published: str | None = published_name(self.index_dir)
+        except (OSError, ValueError):
+            published = None
+        r = self.refusal
+        return {
+            "published": published,
+            "serving_published": published == self.searcher.version_dir.name,
+            "refused": None
+            if r is None
+            else {
+                "version": r.version,
+                "reason": r.reason,
+                "attempts": r.attempts,
+                "since": datetime.fromtimestamp(r.at, timezone.utc).isoformat(timespec="seconds"),
+            },
+            "model_file_changed": self.model_file_changed,
+        }
 
     def stats(self) -> dict[str, Any]:
         """What is served and how fast: index version and size, model, requests, latency percentiles."""
@@ -359,4 +535,5 @@ class Service:
             "queue": {"waiting": batcher.waiting(), "size": self.queue_size},
             "batch_size": self.batch_size,
             "max_wait_ms": self.max_wait * 1000,
+            **self.swaps(),
         }

@@ -135,11 +135,17 @@ function setUp() {
     const item = [...e.clipboardData.items].find((i) => i.kind === "file" && i.type.startsWith("image/"));
     if (item) searchFile(item.getAsFile());
   });
-  $("key-form").addEventListener("submit", (e) => {
+  $("key-form").addEventListener("submit", async (e) => {
     e.preventDefault();
-    document.cookie = `pipeline_key=${$("key").value}; path=/; SameSite=Strict`;
+    // The server checks the key and answers with an HttpOnly session cookie: no script ever holds it.
+    const response = await fetch("/api/session", { method: "POST", headers: { "X-API-Key": $("key").value } });
+    $("key").value = "";
+    if (!response.ok) {
+      setStatus("Wrong key.", true);
+      return;
+    }
     $("key-form").hidden = true;
-    setStatus("Key saved for this browser session; search again.");
+    setStatus("Key accepted for this browser session; search again.");
     showIndex();
   });
   showIndex();
