@@ -49,6 +49,16 @@ CHROMIUM_ARGS = [
 ]
 
 
+def wait_until(page, expression: str) -> None:
+    """Poll `expression` in the page until it holds. (Playwright's wait_for_function evaluates its predicate
+    with eval inside the page, which the service's Content-Security-Policy forbids, as it should.)"""
+    for _ in range(600):
+        if page.evaluate(expression):
+            return
+        page.wait_for_timeout(25)
+    raise AssertionError(f"gave up waiting for {expression}")
+
+
 @pytest.fixture(scope="module")
 def page_url(tmp_path_factory, real_model):
     work = tmp_path_factory.mktemp("serve-real")
@@ -78,7 +88,7 @@ def test_page_upload_original_first_then_more_like_this(page_url, tmp_path):
             expect(page.locator("#query-title")).to_have_text("More like chelsea.jpg")
             expect(names.first).not_to_have_text("chelsea.jpg")  # the image itself is excluded
             assert sorted(names.all_inner_texts()[:2]) == ["chelsea_half.jpg", "chelsea_q20.jpg"]
-            page.wait_for_function("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+            wait_until(page, "[...document.images].every(i => i.complete && i.naturalWidth > 0)")
             shot = tmp_path / "serve.png"
             page.screenshot(path=str(shot), full_page=True)
 
@@ -139,7 +149,8 @@ def test_key_form_session_cookie_and_file_names_holding_html(tmp_path, tiny_mode
             names = page.locator("#results .name")
             expect(names).to_have_count(3)
             assert sorted(names.all_inner_texts()) == sorted([f"{evil}.png", "<b>bold<b>.png", "plain.png"])
-            page.wait_for_function("[...document.images].every(i => i.complete)")  # thumbnails carried the cookie
+            # every thumbnail loaded: their requests carried the cookie
+            wait_until(page, "[...document.images].every(i => i.complete && i.naturalWidth > 0)")
             assert page.locator("#results b").count() == 0 and page.locator("#results img[src='x']").count() == 0
             assert page.title() != "1" and not dialogs
         finally:
