@@ -35,6 +35,7 @@ AREAS = [
     "rebuild-scale",
     "catalog",
     "serve",
+    "soak",
     "ray",
 ]
 
