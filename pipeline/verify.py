@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import PipelineError
 from .features import CATALOG_FILE, Catalog, catalog_damage, list_shards, shard_damage, shard_info
-from .index import CURRENT_FILE, VERSIONS_DIR, current_version, version_checksummed, version_damage, version_dirs
+from .index import CURRENT_FILE, VERSIONS_DIR, current_version, version_damage, version_dirs
 from .progress import Progress
 
 
@@ -126,7 +126,10 @@ def _check_index(index: Path, versions: list[Path], report: VerifyReport, bar: P
             )
         else:
             fix = f"delete the folder {version} (it is not the published version)"
-        report.damaged += [Damage(str(p), why, fix) for p, why in damage]
-        if not damage:
-            (report.checked if version_checksummed(version) else report.unverifiable).append(str(version))
+        if damage is None:  # read (meta.json) but published before checksums were recorded
+            report.unverifiable.append(str(version))
+        elif damage:
+            report.damaged += [Damage(str(p), why, fix) for p, why in damage]
+        else:
+            report.checked.append(str(version))
         bar.update(1)

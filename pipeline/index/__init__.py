@@ -45,7 +45,6 @@ from .versions import (
     published_name,
     read_meta,
     recorded_model,
-    version_checksummed,
     version_damage,
     version_dirs,
 )
@@ -101,7 +100,6 @@ __all__ = [
     "sample_runs",
     "tune_nprobe",
     "update_store",
-    "version_checksummed",
     "version_damage",
     "version_dirs",
     "write_store",

@@ -223,17 +223,18 @@ def publish_version(out_dir: Path, tmp: Path, meta: dict, keep: int) -> IndexRep
     return IndexReport(str(final), meta)
 
 
-def version_damage(version_dir: Path) -> list[tuple[Path, str]]:
+def version_damage(version_dir: Path) -> list[tuple[Path, str]] | None:
     """The files of a version that differ from what its meta.json recorded when it was published (missing, of
-    another size, or another sha256), each with why; [] for an intact version. Reads every byte: a scrub, not
-    a check to run before each search."""
+    another size, or another sha256), each with why; [] for an intact version, None for one published before
+    versions recorded their checksums (nothing to compare with). Reads every byte: a scrub, not a check to
+    run before each search."""
     try:
         meta = read_meta(version_dir)
     except PipelineError as exc:
         return [(version_dir / META_FILE, str(exc))]
     files = meta.get("files")
     if not isinstance(files, dict):
-        return []  # published before versions recorded their checksums: nothing to compare with
+        return None
     damage = []
     for name, want in sorted(files.items()):
         path = version_dir / name
@@ -246,14 +247,6 @@ def version_damage(version_dir: Path) -> list[tuple[Path, str]]:
         except OSError as exc:
             damage.append((path, cause(exc)))
     return damage
-
-
-def version_checksummed(version_dir: Path) -> bool:
-    """Whether a version recorded its files' checksums (versions published before 2026-12-07 did not)."""
-    try:
-        return isinstance(read_meta(version_dir).get("files"), dict)
-    except PipelineError:
-        return False
 
 
 def version_dirs(index_dir: Path) -> list[Path]:
