@@ -26,9 +26,15 @@ class ConfigError(PipelineError):
 
 
 class BusyError(PipelineError):
-    """Another run holds the lock on the same output; try again later (EX_TEMPFAIL)."""
+    """Not now: another run holds the lock on the same output, or a service is saturated; try again later
+    (EX_TEMPFAIL; a service answers 503)."""
 
     exit_code = 75
+
+
+class DeadlineExceeded(BusyError):
+    """A request's time ran out: its work stopped at the next stage it reached, rather than running on for an
+    answer nobody waits for."""
 
 
 class ImageError(Exception):

@@ -384,6 +384,7 @@ def extract(
     start = time.monotonic()
     report = ExtractReport(features_dir=str(out), unreadable_folders=unreadable)
     with writing(out) as catalog:
+        catalog.add_roots(str(Path(r).absolute()) for r in roots)
         report.found = _scan(catalog, roots, unreadable, scan_chunk)
         check_model([shard_info(p) for p in list_shards(out)], info.checksum)
         catalog.reconcile()

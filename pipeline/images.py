@@ -18,7 +18,7 @@ import os
 import signal
 import stat
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -293,10 +293,13 @@ def read_file(path: Path) -> tuple[bytes, os.stat_result]:
         raise ImageError(f"cannot read file ({exc.strerror or exc})", transient=True) from None
 
 
-def read_regular_file(path: Path | str, max_bytes: int) -> bytes:
+def read_regular_file(path: Path | str, max_bytes: int, within: Sequence[str] | None = None) -> bytes:
     """The bytes of `path` for a reader that must not be led astray (the service's thumbnails): a symbolic
     link as its last part is not followed, anything but a regular file (a FIFO, a device) is refused without
-    blocking on it, and a file over `max_bytes` is refused unread. ImageError with the reason otherwise."""
+    blocking on it, and a file over `max_bytes` is refused unread. With `within` (folders), the file opened
+    must resolve inside one of them: a link or a moved folder higher up the path cannot lead out of the
+    collection (the check is of the file actually opened, so a swap after it cannot either). ImageError
+    with the reason otherwise."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -306,6 +309,8 @@ def read_regular_file(path: Path | str, max_bytes: int) -> bytes:
             raise ImageError("a symbolic link (not followed here)") from None
         raise ImageError(f"cannot read file ({exc.strerror or exc})", transient=True) from None
     try:
+        if within is not None and not is_inside(_opened_path(fd, path), within):
+            raise ImageError("outside the collection's folders (reached through a link)")
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ImageError("not a regular file")
@@ -320,6 +325,23 @@ def read_regular_file(path: Path | str, max_bytes: int) -> bytes:
     if len(data) > max_bytes:  # it grew while read
         raise ImageError(f"over the {max_bytes} bytes read here")
     return data
+
+
+def _opened_path(fd: int, path: Path | str) -> str:
+    """Where an open file really is: Linux says it in /proc; elsewhere the path resolved now."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
+
+
+def is_inside(path: str, folders: Sequence[str]) -> bool:
+    """Whether the resolved `path` is one of `folders` (resolved) or below one."""
+    for folder in folders:
+        real = os.path.realpath(folder)
+        if path == real or path.startswith(real.rstrip(os.sep) + os.sep):
+            return True
+    return False
 
 
 def load_image(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .errors import ImageError, ModelMismatchError, PipelineError
+from .errors import DeadlineExceeded, ImageError, ModelMismatchError, PipelineError
 from .images import load_image
 from .index import (
     CODES_FILE,
@@ -58,6 +59,12 @@ class QueryResult:
         if self.error is not None:
             d["error"] = self.error
         return d
+
+
+def check_deadline(deadline: float | None, stage: str) -> None:
+    """DeadlineExceeded when `deadline` (time.monotonic()) has passed, naming the stage that was not begun."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded(f"the request's time ran out before {stage}; retry shortly")
 
 
 def _read_index(path: str, mmap: bool) -> faiss.Index:
@@ -186,6 +193,12 @@ class Searcher:
     def count(self) -> int:
         return int(self.index.ntotal)
 
+    @property
+    def roots(self) -> list[str] | None:
+        """The folders the collection was scanned from, as the version records them; None for versions
+        made before they were recorded (or from a features folder without a catalog)."""
+        return self.meta.get("roots") or None
+
     def indexed_paths(self) -> list[str]:
         """Every indexed path, in id order."""
         return self.id_table.paths()
@@ -224,16 +237,22 @@ class Searcher:
         nprobe: int | None = None,
         min_score: float | None = None,
         exclude: Sequence[QueryFile | None] | None = None,
+        deadline: float | None = None,
     ) -> list[list[Hit]]:
         """Top-k hits for each feature vector; `exclude[i]` drops hits that are that query's own file
         (same path) or a byte-identical copy (same content hash). A high `min_score` costs no more
-        than a plain search: faiss is asked for more only while the last score fetched passes it."""
+        than a plain search: faiss is asked for more only while the last score fetched passes it.
+
+        `deadline` (a time.monotonic() value): past it, DeadlineExceeded before the next faiss search or
+        id lookup starts. One faiss call is not interrupted: k and nprobe bound it."""
         if k < 1:
             raise PipelineError(f"k must be at least 1 (got {k})")
         exclude = exclude or [None] * len(vectors)
         fetch = k + (8 if any(exclude) else 0)
         while True:
+            check_deadline(deadline, "the index search")
             scores, ids = self._search(vectors, fetch, nprobe)
+            check_deadline(deadline, "reading the hits' paths")
             rows = self.rows(ids)
             out, short = [], False
             for srow, irow, ex in zip(scores, ids, exclude, strict=True):  # exclude: one per query
@@ -295,8 +314,10 @@ class Searcher:
         nprobe: int | None = None,
         min_score: float | None = None,
         exclude_self: bool = False,
+        deadline: float | None = None,
     ) -> list[QueryResult]:
-        """Top-k for images already in the index, from their stored vectors (no model run)."""
+        """Top-k for images already in the index, from their stored vectors (no model run); `deadline` as
+        in search_vectors."""
         results: dict[int, QueryResult] = {}
         found: list[tuple[int, np.ndarray, QueryFile]] = []
         for i, p in enumerate(paths):
@@ -309,7 +330,8 @@ class Searcher:
         if found:
             vecs = np.stack([v for _, v, _ in found])
             excl = [q for _, _, q in found] if exclude_self else None
-            for (i, _, _), hits in zip(found, self.search_vectors(vecs, k, nprobe, min_score, excl), strict=True):
+            found_hits = self.search_vectors(vecs, k, nprobe, min_score, excl, deadline)
+            for (i, _, _), hits in zip(found, found_hits, strict=True):
                 results[i] = QueryResult(str(paths[i]), hits)
         return [results[i] for i in range(len(paths))]
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import io
 import logging
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -546,18 +554,15 @@ def test_a_slow_body_is_cut_off_and_a_no_key_flood_holds_nothing(service, galler
         assert r.status_code == 200  # the service still answers
 
 
-def test_sigterm_finishes_the_request_in_flight_then_exits_0(index_dir, tiny_model, gallery):
-    import signal
-    import socket
-    import subprocess
-    import sys
-
+@contextmanager
+def serve_child(index_dir: Path, model: Path, *options: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`pipeline serve` in a child process on a free port, once it answers health; killed at the end."""
     with socket.socket() as s:  # a free port for the child
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     child = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "serve", "--index", str(index_dir), "--model", str(tiny_model)]
-        + ["--port", str(port), "--no-warm", "--timeout", "20"],
+        [sys.executable, "-m", "pipeline", "serve", "--index", str(index_dir), "--model", str(model)]
+        + ["--port", str(port), "--no-warm", *options],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -565,12 +570,32 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(index_dir, tiny_mod
     try:
 
         def up() -> bool:
+            assert child.poll() is None, child.stderr.read() if child.stderr else "the service exited"
             try:
                 return httpx.get(f"{url}/api/health").status_code == 200
             except httpx.TransportError:
                 return False
 
         wait_for(up, "the service to start")
+        yield child, url
+    finally:
+        child.kill()
+        child.wait()
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) in KiB, and the open descriptors, of a process (Linux /proc)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {
+        "rss_kib": int(fields["VmRSS"].split()[0]),
+        "peak_kib": int(fields["VmHWM"].split()[0]),
+        "fds": len(os.listdir(f"/proc/{pid}/fd")),
+    }
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits_0(index_dir, tiny_model, gallery):
+    with serve_child(index_dir, tiny_model, "--timeout", "20") as (child, url):
+        port = int(url.rsplit(":", 1)[1])
         query = sorted(gallery.rglob("img05.*"))[0].read_bytes()
         body = b"--b\r\nContent-Disposition: form-data; name=image; filename=q.jpg\r\n\r\n" + query + b"\r\n--b--\r\n"
         head = (
@@ -596,9 +621,6 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(index_dir, tiny_mod
                 answer += chunk
         assert answer.startswith(b"HTTP/1.1 200") and b'"results"' in answer
         assert child.wait(timeout=30) == 0
-    finally:
-        child.kill()
-        child.wait()
 
 
 def test_a_stop_ends_reading_a_version_into_the_page_cache(index_dir):
@@ -609,7 +631,7 @@ def test_a_stop_ends_reading_a_version_into_the_page_cache(index_dir):
 
 
 def test_thumbnails_read_only_regular_files_never_a_link_or_a_fifo(client, service, tmp_path, monkeypatch):
-    from pipeline.serve import service as service_module
+    from pipeline.serve import thumbnails
 
     paths = {i: service.searcher.path_of(i) for i in range(3)}
     outside = save_pattern(tmp_path / "private" / "secret.png", seed=99)
@@ -621,25 +643,25 @@ def test_thumbnails_read_only_regular_files_never_a_link_or_a_fifo(client, servi
     assert r.status_code == 404 and "a symbolic link" in r.json()["error"]
     r = client.get("/api/thumbnail/1")
     assert r.status_code == 404 and "not a regular file" in r.json()["error"]
-    monkeypatch.setattr(service_module, "THUMB_MAX_BYTES", 100)
+    monkeypatch.setattr(thumbnails, "THUMB_MAX_BYTES", 100)
     r = client.get("/api/thumbnail/2")
     assert r.status_code == 404 and "over the 100 read here" in r.json()["error"]
 
 
 def test_hung_thumbnail_reads_answer_busy_and_never_stop_searches(client, service, gallery, monkeypatch):
-    from pipeline.serve import service as service_module
+    from pipeline.serve import thumbnails
 
     release, entered = threading.Event(), []
 
-    def hung(idx: int, path: str) -> bytes:  # a read from a stale network mount
+    def hung(idx: int, path: str, roots: object = None) -> bytes:  # a read from a stale network mount
         entered.append(idx)
         release.wait()
         return b""
 
-    monkeypatch.setattr(service_module, "render_thumbnail", hung)
-    monkeypatch.setattr(service_module, "THUMB_TIMEOUT", 0.2)
+    monkeypatch.setattr(thumbnails, "render_thumbnail", hung)
+    monkeypatch.setattr(thumbnails, "THUMB_TIMEOUT", 0.2)
     try:
-        for i in range(service_module.THUMB_WORKERS):
+        for i in range(thumbnails.THUMB_WORKERS):
             r = client.get(f"/api/thumbnail/{i}")
             assert r.status_code == 503 and "did not read within 0.2 s" in r.json()["error"]
         health = client.get("/api/health")
@@ -653,6 +675,119 @@ def test_hung_thumbnail_reads_answer_busy_and_never_stop_searches(client, servic
     finally:
         release.set()
     wait_for(lambda: client.get("/api/health").json()["status"] == "ready", "the hung reads to return")
+
+
+def test_thumbnails_read_only_inside_the_folders_the_collection_was_scanned_from(tmp_path, tiny_model):
+    photos = tmp_path / "photos"
+    for i in range(4):
+        save_pattern(photos / ("inner" if i % 2 else "outer") / f"p{i}.png", seed=i)
+    elsewhere = tmp_path / "mnt" / "disk"
+    elsewhere.parent.mkdir()
+    os.rename(photos, elsewhere)
+    os.symlink(elsewhere, photos)  # the collection's root is itself a link (a mounted disk): that is fine
+    rebuild([photos], tmp_path / "work", tiny_model, workers=0, progress=False)
+    service = Service(tmp_path / "work" / "index", tiny_model, poll=0)
+    assert service.start().searcher.roots == [str(photos)]
+    with TestClient(create_app(service), base_url=LOCAL) as client:
+        ids = {Path(service.searcher.path_of(i)).name: i for i in range(4)}
+        assert client.get(f"/api/thumbnail/{ids['p0.png']}").status_code == 200
+        private = save_pattern(tmp_path / "private" / "p1.png", seed=99).parent
+        inner = elsewhere / "inner"
+        os.rename(inner, tmp_path / "old-inner")
+        os.symlink(private, inner)  # a folder inside the collection swapped for a link to one outside it
+        r = client.get(f"/api/thumbnail/{ids['p1.png']}")
+        assert r.status_code == 404 and "outside the collection's folders" in r.json()["error"]
+
+
+def test_a_request_past_its_deadline_stops_its_work_at_the_next_stage(service, gallery, monkeypatch):
+    from pipeline.errors import DeadlineExceeded
+    from pipeline.serve import service as service_module
+
+    searcher = service.start().searcher
+    vector = searcher.vectors([searcher.ids()[0]])
+    with pytest.raises(DeadlineExceeded, match="before the index search"):
+        searcher.search_vectors(vector, 3, deadline=time.monotonic() - 1)
+    service.timeout = 0.3
+    decoded, looked_up = [], []
+    monkeypatch.setattr(service_module, "decode_bytes", lambda *a: decoded.append(a))
+    monkeypatch.setattr(searcher, "rows", lambda ids: looked_up.append(ids))
+    query = sorted(gallery.rglob("img05.*"))[0].read_bytes()
+    with TestClient(create_app(service), base_url=LOCAL) as client:
+        # Decoding waits for room in the budget, past the request's time: answered 503, and never decoded.
+        room, release = threading.Event(), threading.Event()
+
+        def hold_the_budget() -> None:
+            with service.decode_budget.take(service.decode_budget.total, 1):
+                room.set()
+                release.wait()
+
+        holder = threading.Thread(target=hold_the_budget)
+        holder.start()
+        room.wait()
+        assert client.post("/api/search?k=1", files=upload(("q", query))).status_code == 503
+        release.set()
+        holder.join()
+        wait_for(lambda: service.abandoned["decode"] == 1, "the decode to give up")
+        assert decoded == []
+        # "More like this" whose stored vector reads slowly (a cold disk): the index is never searched.
+        slow, vectors = threading.Event(), searcher.vectors
+        monkeypatch.setattr(searcher, "vectors", lambda ids: slow.wait() and vectors(ids))
+        assert client.get("/api/search?like=3").status_code == 503
+        slow.set()
+        wait_for(lambda: service.abandoned["search"] == 1, "the search to give up")
+        assert looked_up == []
+        assert 'pipeline_abandoned_work_total{stage="decode"} 1.0' in client.get("/metrics").text
+
+
+def test_a_served_process_holds_bounded_memory_and_descriptors_under_floods_and_decode_bombs(
+    index_dir, tiny_model, gallery, tmp_path
+):
+    """The service in its own process, as deployed: a flood without the key, slow bodies, 32 16-bit PNGs just
+    under Pillow's pixel limit and many concurrent 16-bit uploads; its peak RSS stays under its start-up RSS
+    plus the decode budget plus a fixed 160 MiB (request bodies, threads, allocator slack)."""
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    budget_mib = 64
+    options = ["--api-key-file", str(key), "--decode-memory-mb", str(budget_mib), "--body-timeout", "1"]
+    query = sorted(gallery.rglob("img05.*"))[0].read_bytes()
+    with serve_child(index_dir, tiny_model, *options) as (child, url):
+        auth = {"X-API-Key": "s3cret"}
+        assert httpx.post(f"{url}/api/search?k=1", files=upload(("q", query)), headers=auth).status_code == 200
+        start = proc_status(child.pid)
+        host = url.removeprefix("http://").encode()
+        head = (
+            b"POST /api/search HTTP/1.1\r\nHost: " + host + b"\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 10000000\r\n\r\n"
+        )
+        for _ in range(300):  # no key: 401 from the head; 64 KiB of each declared 10 MB sent
+            assert raw_request(url, head, b"x" * 65536).startswith(b"HTTP/1.1 401")
+        slow = [socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) for _ in range(50)]
+        keyed = head.replace(b"\r\nContent-Type", b"\r\nX-API-Key: s3cret\r\nContent-Type")
+        for sock in slow:  # with the key, but the body never comes: cut off at the body timeout
+            sock.sendall(keyed + b"--b\r\n")
+        for sock in slow:
+            assert sock.recv(65536).startswith(b"HTTP/1.1 408")
+            sock.close()
+        side = int(Image.MAX_IMAGE_PIXELS**0.5) - 1  # 9,459 x 9,459 16-bit: 1 GB decoded each, 0.2 MB sent
+        stripes = np.full((side, side), 1000, np.uint16)
+        stripes[::97] = 40000
+        buf = io.BytesIO()
+        Image.fromarray(stripes).save(buf, "PNG")
+        r = httpx.post(f"{url}/api/search", files=upload(*[("b.png", buf.getvalue())] * 32), headers=auth, timeout=60)
+        assert r.status_code == 400 and "over the 42 MiB one upload may use" in r.text  # 2/3 of the budget
+        many = [(f"m{i}.png", sixteen_bit_png(1300, seed=i)) for i in range(8)]  # 18 MB decoded each
+
+        def client() -> int:
+            return httpx.post(f"{url}/api/search?k=1", files=upload(*many), headers=auth, timeout=60).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(lambda _: client(), range(8))) == [200] * 8
+        end = proc_status(child.pid)
+    extra_mib = (end["peak_kib"] - start["rss_kib"]) / 1024
+    print(f"RSS at start {start['rss_kib'] / 1024:.0f} MiB, peak {end['peak_kib'] / 1024:.0f} MiB (+{extra_mib:.0f})")
+    print(f"descriptors {start['fds']} -> {end['fds']}")
+    assert extra_mib < budget_mib + 160
+    assert end["fds"] <= start["fds"] + 4
 
 
 def sixteen_bit_png(side: int, seed: int = 0) -> bytes:
@@ -689,7 +824,7 @@ def test_decode_memory_is_budgeted_from_the_header_before_decoding(index_dir, ti
 
 def test_a_full_decode_budget_waits_then_answers_busy():
     from pipeline.errors import BusyError
-    from pipeline.serve.service import DecodeBudget
+    from pipeline.serve.limits import DecodeBudget
 
     budget = DecodeBudget(100)
     with budget.take(80, timeout=1):

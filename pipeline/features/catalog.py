@@ -127,6 +127,7 @@ class Catalog:
                 CREATE INDEX IF NOT EXISTS images_size ON images(size);
                 CREATE TABLE IF NOT EXISTS shards (name TEXT PRIMARY KEY, rows INTEGER NOT NULL, state TEXT NOT NULL);
                 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+                CREATE TABLE IF NOT EXISTS roots (path TEXT PRIMARY KEY);
                 """
             )
             have = {row[1] for row in self.db.execute("PRAGMA table_info(images)")}
@@ -282,6 +283,19 @@ class Catalog:
         return {
             names[int(key[0] >> 32)]: (key & 0xFFFFFFFF, ids) for key, ids in zip(keys, ids_of, strict=True) if len(key)
         }
+
+    def add_roots(self, roots: Iterable[str]) -> None:
+        """Record folders the collection is scanned from (absolute): a service reads thumbnails only from
+        files that resolve inside one of them."""
+        with self.db:
+            self.db.executemany("INSERT OR IGNORE INTO roots VALUES (?)", ((r,) for r in roots))
+
+    def roots(self) -> list[str]:
+        """Every folder the collection was ever scanned from, sorted ([] for catalogs older than the record)."""
+        try:
+            return [r for (r,) in self.db.execute("SELECT path FROM roots ORDER BY path")]
+        except sqlite3.OperationalError:  # no such table: a catalog older than roots, opened read-only
+            return []
 
     def live_snapshot(self) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
         """live_ids() (read in one transaction: rows recorded meanwhile by a running extract are wholly

@@ -259,6 +259,14 @@ def live_parts(
     return infos, [(i, live[i.path.name][0]) for i in used], ids, digest
 
 
+def recorded_roots(features_dir: Path) -> list[str]:
+    """The folders the collection was scanned from (Catalog.roots); [] without a catalog."""
+    if not Catalog.exists(features_dir):
+        return []
+    with Catalog(features_dir, readonly=True) as catalog:
+        return catalog.roots()
+
+
 def live_digest(features_dir: Path) -> str | None:
     """The catalog's digest of which contents are live under which paths (equal digests, equal
     indexes); None when the folder has no catalog."""

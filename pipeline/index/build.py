@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 
 from ..errors import PipelineError, write_error
-from ..features import check_model, live_parts, shard_model
+from ..features import check_model, live_parts, recorded_roots, shard_model
 from ..fsutil import exclusive_lock
 from .binary import build_binary
 from .codes import parse_codes
@@ -190,9 +190,8 @@ def _collection(features_dir: Path) -> Collection:
     check_model(all_infos)
     newest = all_infos[-1]
     info, model_path = shard_model(newest.path)
-    return Collection(
-        features_dir, parts, ids, digest, model_record(info, model_path, newest.model_sha256), all_infos[0].dim
-    )
+    model = model_record(info, model_path, newest.model_sha256)
+    return Collection(features_dir, parts, ids, digest, model, all_infos[0].dim, tuple(recorded_roots(features_dir)))
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ class Collection:
     digest: str | None  # the catalog's live digest; None: no catalog, the ids are positions
     model: dict
     dim: int
+    roots: tuple[str, ...] = ()  # the folders the collection is scanned from (Catalog.roots)
 
     @property
     def stable(self) -> bool:
@@ -184,6 +185,7 @@ def made_from(source: Collection, t_start: float, timings: dict[str, float]) -> 
         "features_dir": str(source.features_dir.resolve()),
         "shards": [{"name": i.path.name, "count": len(rows), "created": i.created} for i, rows in source.parts],
         "live_digest": source.digest,
+        "roots": list(source.roots),
     }
 
 

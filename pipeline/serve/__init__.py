@@ -24,12 +24,14 @@ from .limits import (
     DEFAULT_PORT,
     DEFAULT_QUEUE_SIZE,
     DEFAULT_TIMEOUT,
+    RequestError,
 )
 
 if TYPE_CHECKING:
     from .app import API_KEY_COOKIE, API_KEY_HEADER, LOOPBACK_HOSTS, WEB_DIR, Gate, create_app, is_loopback
     from .batcher import MicroBatcher
-    from .service import MAX_IMAGES_PER_REQUEST, THUMB_SIZE, RequestError, Service
+    from .service import MAX_IMAGES_PER_REQUEST, Service
+    from .thumbnails import THUMB_SIZE
 
 # Name -> the module that defines it, imported by __getattr__ on first use.
 _LAZY = {
@@ -42,8 +44,7 @@ _LAZY = {
     "is_loopback": "app",
     "MicroBatcher": "batcher",
     "MAX_IMAGES_PER_REQUEST": "service",
-    "THUMB_SIZE": "service",
-    "RequestError": "service",
+    "THUMB_SIZE": "thumbnails",
     "Service": "service",
 }
 

@@ -26,9 +26,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..errors import BusyError, PipelineError
 from ..search import DEFAULT_K, QueryResult
 from ..version import __version__
-from .limits import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_UPLOAD
+from .limits import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_UPLOAD, RequestError
 from .metrics import METRICS_PATH, Measured, ServiceMetrics
-from .service import RequestError, Service
+from .service import Service
 
 LOG = logging.getLogger(__name__)
 

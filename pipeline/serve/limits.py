@@ -1,7 +1,14 @@
 """The service's defaults and limits, importable without FastAPI (the serve extra): `pipeline serve`
-offers them before it knows whether the extra is installed."""
+offers them before it knows whether the extra is installed; the decode-memory budget, and the error a
+refused request gets."""
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ..errors import BusyError, PipelineError
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: anything else needs an API key
 DEFAULT_PORT = 8000
@@ -15,3 +22,36 @@ DEFAULT_POLL = 0.5  # seconds between looks at the index's CURRENT for a newly p
 DEFAULT_OPEN_VERSIONS = 3  # index versions kept open, so that ids of results already shown still resolve
 DEFAULT_DECODE_MEMORY = 1536 * 1024 * 1024  # bytes all uploads being decoded may take at once (images.decode_cost)
 DEFAULT_MAX_DECODE = DEFAULT_DECODE_MEMORY * 2 // 3  # one upload's decoding (a 16-bit 9000 x 9000 PNG: 0.9 GB)
+
+
+class RequestError(PipelineError):
+    """A request the service refuses (bad upload, unknown id); `status` is its HTTP status code."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class DecodeBudget:
+    """The bytes of decoding in progress across all requests (images.decode_cost of each upload): a decode
+    waits for room, up to a deadline, then answers busy; so concurrent uploads hold a bounded memory."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.used = total, 0
+        self._room = threading.Condition()
+
+    @contextmanager
+    def take(self, nbytes: int, timeout: float) -> Iterator[None]:
+        with self._room:
+            if not self._room.wait_for(lambda: self.used + nbytes <= self.total, timeout):
+                raise BusyError(
+                    f"other uploads are being decoded ({self.used >> 20} MiB of {self.total >> 20} MiB in use); "
+                    "retry shortly"
+                )
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._room:
+                self.used -= nbytes
+                self._room.notify_all()

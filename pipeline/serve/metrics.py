@@ -92,6 +92,12 @@ class ServiceCollector(Collector):
             "Bytes uploads being decoded may take at once",
             value=s.decode_budget.total,
         )
+        abandoned = CounterMetricFamily(
+            "pipeline_abandoned_work", "Work stopped at a request's deadline (not done), by stage", labels=["stage"]
+        )
+        for stage in ("decode", "search"):
+            abandoned.add_metric([stage], s.abandoned.get(stage, 0))
+        yield abandoned
         searcher = s.searcher
         swaps = s.swaps()
         info = GaugeMetricFamily(

@@ -6,28 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import logging
 import os
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from collections import Counter, OrderedDict, deque
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from ..errors import BusyError, ImageError, PipelineError
-from ..images import decode_bytes, decode_cost, input_shapes, read_regular_file
+from ..errors import BusyError, DeadlineExceeded, ImageError, PipelineError
+from ..images import decode_bytes, decode_cost, input_shapes
 from ..index import published_name
 from ..model import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, FeatureModel
-from ..search import DEFAULT_K, Hit, QueryFile, QueryResult, Searcher
-from ..sheet import thumbnail_of
+from ..search import DEFAULT_K, Hit, QueryFile, QueryResult, Searcher, check_deadline
 from .batcher import MicroBatcher
 from .limits import (
     DEFAULT_DECODE_MEMORY,
@@ -37,41 +34,16 @@ from .limits import (
     DEFAULT_POLL,
     DEFAULT_QUEUE_SIZE,
     DEFAULT_TIMEOUT,
+    DecodeBudget,
+    RequestError,
 )
+from .thumbnails import Thumbnails
 
 LOG = logging.getLogger(__name__)
 
 MAX_IMAGES_PER_REQUEST = 32
 MAX_RETRY_S = 60.0  # the longest wait before a refused version is tried again
-THUMB_SIZE = 320  # px, the longer side: sharp on a 2x screen in a ~160 px tile
-THUMB_WORKERS = 4  # threads reading files for thumbnails; a hung read holds one until it returns
-THUMB_TIMEOUT = 5.0  # seconds a thumbnail's file may take to read and shrink before the answer is 503
-THUMB_MAX_BYTES = 64 * 1024 * 1024  # largest file read for a thumbnail
-
-
-class DecodeBudget:
-    """The bytes of decoding in progress across all requests (images.decode_cost of each upload): a decode
-    waits for room, up to a deadline, then answers busy; so concurrent uploads hold a bounded memory."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.used = total, 0
-        self._room = threading.Condition()
-
-    @contextmanager
-    def take(self, nbytes: int, timeout: float) -> Iterator[None]:
-        with self._room:
-            if not self._room.wait_for(lambda: self.used + nbytes <= self.total, timeout):
-                raise BusyError(
-                    f"other uploads are being decoded ({self.used >> 20} MiB of {self.total >> 20} MiB in use); "
-                    "retry shortly"
-                )
-            self.used += nbytes
-        try:
-            yield
-        finally:
-            with self._room:
-                self.used -= nbytes
-                self._room.notify_all()
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -86,31 +58,12 @@ class Refusal:
     retry_at: float
 
 
-def render_thumbnail(idx: int, path: str) -> bytes:
-    """The JPEG thumbnail of an indexed file, read safely (images.read_regular_file); 404 when unusable."""
-    try:
-        im = thumbnail_of(read_regular_file(path, THUMB_MAX_BYTES), THUMB_SIZE)
-    except ImageError as exc:
-        raise RequestError(f"image {idx} ({Path(path).name}) cannot be shown: {exc}", 404) from None
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=85)
-    return buf.getvalue()
-
-
 def _file_stat(path: Path | str) -> tuple[int, int, int] | None:
     try:
         st = os.stat(path)
     except OSError:
         return None
     return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-class RequestError(PipelineError):
-    """A request the service refuses (bad upload, unknown id); `status` is its HTTP status code."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class Service:
@@ -153,12 +106,11 @@ class Service:
         self.model_file_changed = False
         self._lock = threading.Lock()  # swaps of the served version (reads run in parallel: faiss searches are
         # thread-safe, and each version's id table takes turns on its connection)
-        self._thumbs: OrderedDict[tuple[str, int], bytes] = OrderedDict()
-        self._thumb_lock = threading.Lock()  # the cache and the count of reads in progress
-        self._thumb_busy = 0
-        self._thumb_pool = ThreadPoolExecutor(THUMB_WORKERS, thread_name_prefix="pipeline-thumb")
+        self.thumbnails = Thumbnails()
         self._latencies: deque[float] = deque(maxlen=1000)
         self.requests = 0
+        self.abandoned: Counter[str] = Counter()  # work stopped at a request's deadline, by stage
+        self._stats_lock = threading.Lock()
         self.batcher: MicroBatcher | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -192,7 +144,7 @@ class Service:
             self._watcher.join()
         if self.batcher is not None:
             self.batcher.close()
-        self._thumb_pool.shutdown(wait=False, cancel_futures=True)  # a hung read is not waited for
+        self.thumbnails.close()
 
     @property
     def ready(self) -> bool:
@@ -326,18 +278,25 @@ class Service:
 
     # ------------------------------------------------------------------ queries
 
-    def decode(self, data: bytes) -> tuple[np.ndarray, str]:
+    def decode(self, data: bytes, deadline: float | None = None) -> tuple[np.ndarray, str]:
         """Pixels at the model's input size and the content hash of uploaded bytes; ImageError if unusable.
 
         What decoding will take is read from the header first: over `max_decode` the upload is refused
-        unread; otherwise it waits for that much room in the decode budget (BusyError after `timeout`)."""
+        unread; otherwise it waits for that much room in the decode budget, until `deadline`
+        (time.monotonic(); default `timeout` from now): then DeadlineExceeded, and it is never decoded."""
         cost = decode_cost(data)
         if cost > self.max_decode:
             raise ImageError(
                 f"decoding it would take {cost >> 20} MiB, over the {self.max_decode >> 20} MiB one upload may use"
             )
-        with self.decode_budget.take(cost, self.timeout):
-            pixels = decode_bytes(data, self.model.info.resize_to)
+        deadline = time.monotonic() + self.timeout if deadline is None else deadline
+        try:
+            with self.decode_budget.take(cost, max(0.0, deadline - time.monotonic())):
+                check_deadline(deadline, "decoding the upload")
+                pixels = decode_bytes(data, self.model.info.resize_to)
+        except BusyError:  # no room before the deadline, or none left after waiting for it: not decoded
+            self._abandoned("decode")
+            raise
         return pixels, hashlib.blake2b(data, digest_size=16).hexdigest()
 
     async def search_uploads(
@@ -359,12 +318,10 @@ class Service:
             raise RequestError(f"at most {MAX_IMAGES_PER_REQUEST} images per request (got {len(uploads)})")
         t0 = time.perf_counter()
         searcher = self.searcher
-        try:
-            results = await asyncio.wait_for(
-                self._search_uploads(searcher, uploads, k, min_score, exclude_self, nprobe), self.timeout
-            )
-        except asyncio.TimeoutError:
-            raise BusyError(f"no answer within {self.timeout:g} s (the service is overloaded); retry shortly") from None
+        deadline = time.monotonic() + self.timeout  # every stage checks it: the work stops with the answer
+        results = await self._in_time(
+            self._search_uploads(searcher, uploads, k, min_score, exclude_self, nprobe, deadline)
+        )
         if all(r.error for r in results):
             raise RequestError("; ".join(f"{r.query}: {r.error}" for r in results))
         self._served(t0)
@@ -378,9 +335,10 @@ class Service:
         min_score: float | None,
         exclude_self: bool,
         nprobe: int | None,
+        deadline: float,
     ) -> list[QueryResult]:
         decoded = await asyncio.gather(
-            *(asyncio.to_thread(self.decode, data) for _, data in uploads), return_exceptions=True
+            *(asyncio.to_thread(self.decode, data, deadline) for _, data in uploads), return_exceptions=True
         )
         for d in decoded:
             if isinstance(d, BaseException) and not isinstance(d, ImageError):
@@ -398,7 +356,10 @@ class Service:
         hits: dict[int, list[Hit]] = {}
         if good:
             excl = [QueryFile("", content_hash) for _, (_, content_hash) in good] if exclude_self else None
-            found = await asyncio.to_thread(searcher.search_vectors, np.stack(feats), k, nprobe, min_score, excl)
+            vectors = np.stack(feats)
+            found = await asyncio.to_thread(
+                self._searching, searcher.search_vectors, vectors, k, nprobe, min_score, excl, deadline
+            )
             hits = {i: h for (i, _), h in zip(good, found, strict=True)}
         return [
             QueryResult(name, hits[i]) if i in hits else QueryResult(name, error=str(d))
@@ -419,43 +380,47 @@ class Service:
         t0 = time.perf_counter()
         searcher = self.searcher_for(version)
         path = self._path(searcher, idx)
-        result = await asyncio.to_thread(searcher.search_like, [path], k, nprobe, min_score, exclude_self)
+        deadline = time.monotonic() + self.timeout
+        result = await self._in_time(
+            asyncio.to_thread(
+                self._searching, searcher.search_like, [path], k, nprobe, min_score, exclude_self, deadline
+            )
+        )
         self._served(t0)
         return searcher.version_dir.name, result[0]
 
     async def thumbnail(self, idx: int, version: str | None = None) -> bytes:
-        """A small JPEG of the indexed image `idx` (read from the path the index records), cached.
-
-        The file is read in a pool of its own (THUMB_WORKERS threads) with a deadline: a read that hangs (a
-        stale network mount) answers BusyError after THUMB_TIMEOUT and holds its thread until it returns;
-        when every thread is held, thumbnails answer busy at once (and health says "degraded") while searches
-        go on. Only a regular file is read (no symlink as its last part, no FIFO), at most THUMB_MAX_BYTES."""
+        """A small JPEG of the indexed image `idx` (read from the path the index records), cached; read as
+        serve.thumbnails says: a regular file inside the folders the version was scanned from, in a bounded
+        pool with a deadline."""
         searcher = self.searcher_for(version)
-        key = (searcher.version_dir.name, idx)
-        with self._thumb_lock:
-            if key in self._thumbs:
-                self._thumbs.move_to_end(key)
-                return self._thumbs[key]
-        path = await asyncio.to_thread(self._path, searcher, idx)
-        with self._thumb_lock:
-            if self._thumb_busy >= THUMB_WORKERS:
-                raise BusyError(f"thumbnails are busy ({THUMB_WORKERS} file reads in progress); retry shortly")
-            self._thumb_busy += 1
-        job = self._thumb_pool.submit(render_thumbnail, idx, path)
-        job.add_done_callback(self._thumb_done)
-        try:
-            data = await asyncio.wait_for(asyncio.wrap_future(job), THUMB_TIMEOUT)
-        except asyncio.TimeoutError:
-            raise BusyError(f"image {idx}'s file did not read within {THUMB_TIMEOUT:g} s; retry later") from None
-        with self._thumb_lock:
-            self._thumbs[key] = data
-            while len(self._thumbs) > 2048:  # about 40 MB at most
-                self._thumbs.popitem(last=False)
+        name = searcher.version_dir.name
+        data = self.thumbnails.cached(name, idx)
+        if data is None:
+            path = await asyncio.to_thread(self._path, searcher, idx)
+            data = await self.thumbnails.render(name, idx, path, searcher.roots)
         return data
 
-    def _thumb_done(self, _job: Future[bytes]) -> None:
-        with self._thumb_lock:
-            self._thumb_busy -= 1
+    async def _in_time(self, work: Awaitable[T]) -> T:
+        """`work`'s result, or BusyError (503) once `timeout` has passed; the work itself stops at its next stage
+        (each checks the request's deadline), so that an abandoned request does not keep a thread busy."""
+        try:
+            return await asyncio.wait_for(work, self.timeout)
+        except asyncio.TimeoutError:
+            raise BusyError(f"no answer within {self.timeout:g} s (the service is overloaded); retry shortly") from None
+
+    def _searching(self, search: Callable[..., T], *args: Any) -> T:
+        """Run a Searcher search in a worker thread, counting a stop at the deadline."""
+        try:
+            return search(*args)
+        except DeadlineExceeded:
+            self._abandoned("search")
+            raise
+
+    def _abandoned(self, stage: str) -> None:
+        with self._stats_lock:
+            self.abandoned[stage] += 1
+        LOG.warning("a request's time ran out before %s: that work was not done", stage)
 
     def _path(self, searcher: Searcher, idx: int) -> str:
         path = searcher.path_of(idx) if 0 <= idx < 2**62 else None
@@ -477,7 +442,7 @@ class Service:
         saturated = [
             name
             for name, full in (
-                ("thumbnails", self._thumb_busy >= THUMB_WORKERS),
+                ("thumbnails", self.thumbnails.saturated),
                 ("model queue", self._batcher().waiting() >= self.queue_size),
             )
             if full
@@ -530,6 +495,7 @@ class Service:
                 "p99": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
                 "window": len(lat),
             },
+            "abandoned": dict(self.abandoned),
             "batches": batcher.batches,
             "images_embedded": batcher.images,
             "queue": {"waiting": batcher.waiting(), "size": self.queue_size},
