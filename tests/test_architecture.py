@@ -18,7 +18,7 @@ TIERS = [
     ("errors", "progress", "version"),
     ("fsutil",),
     ("images",),  # finding and decoding image files
-    ("decode_pool",),  # decoding in worker processes
+    ("decode_pool", "copies"),  # decoding in worker processes; local features and the geometric check of copies
     ("model",),  # package: info, weights, graph, whitening, runtime
     ("quantize",),
     ("features",),  # package: the shard file, the catalog, the folder as a whole
