@@ -1,0 +1,114 @@
+"""A pair of pictures verified: mutual nearest-neighbour matches that pass the ratio test, one similarity
+transform fitted by RANSAC, and the verdict from its inlier count against a threshold calibrated on copies-dev.
+
+A similarity (rotation, uniform scale, shift) covers the copies people make (crops, rotations, resizes,
+borders); the mirrored query covers mirrors. A transform that squeezes the picture by more than 5x, or
+stretches one axis 3x more than the other, is no copy: RANSAC's degenerate fits (every match sent to one
+point) would otherwise count hundreds of inliers between unrelated pictures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from .local import LocalFeatures
+from .opencv import opencv
+
+# Inliers needed to call a pair the same picture. Calibrated on copies-dev only (scripts/eval/copies_verify.py
+# --choose): the smallest count whose "verified" flag on the top 20 candidates has the best F0.5 there.
+INLIER_THRESHOLD = 20
+RATIO = 0.8  # Lowe's ratio test: the best match must be clearly nearer than the second
+REPROJECTION_PX = 5.0  # RANSAC's inlier distance, in working pixels
+MIN_SCALE, MAX_SCALE, MAX_ANISOTROPY = 0.2, 5.0, 3.0  # a fitted transform outside these is not a copy
+MIN_MATCHES = 4
+
+Geometry = Literal["similarity", "affine", "homography"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a candidate is the query's picture (`inliers` >= the threshold), and why not where either
+    picture could not be read (`reason`)."""
+
+    verified: bool
+    inliers: int
+    reason: str | None = None
+
+
+def mutual_matches(query: LocalFeatures, candidate: LocalFeatures) -> tuple[np.ndarray, np.ndarray]:
+    """Matched points (query [m, 2], candidate [m, 2]): each the other's nearest by Hamming distance, and
+    nearer than RATIO times the query descriptor's second nearest."""
+    empty = np.zeros((0, 2), np.float32)
+    if len(query) < 2 or len(candidate) < 2:
+        return empty, empty
+    cv2 = opencv()
+    matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+    forward = matcher.knnMatch(query.descriptors, candidate.descriptors, k=2)
+    back = np.full(len(candidate), -1)
+    for m in matcher.match(candidate.descriptors, query.descriptors):
+        back[m.queryIdx] = m.trainIdx
+    pairs = [
+        (best.queryIdx, best.trainIdx)
+        for two in forward
+        if len(two) == 2
+        for best, second in [two]
+        if best.distance < RATIO * second.distance and back[best.trainIdx] == best.queryIdx
+    ]
+    if not pairs:
+        return empty, empty
+    q, c = np.array(pairs).T
+    return query.points[q], candidate.points[c]
+
+
+def plausible(matrix: np.ndarray) -> bool:
+    """Whether a fitted transform's linear part is a copy's: scale within bounds, not squashed flat."""
+    linear = matrix[:2, :2] / (matrix[2, 2] if matrix.shape[0] == 3 and matrix[2, 2] else 1.0)
+    low, high = np.linalg.svd(linear, compute_uv=False)[[-1, 0]]
+    return bool(MIN_SCALE <= low and high <= MAX_SCALE and high <= MAX_ANISOTROPY * max(low, 1e-9))
+
+
+def inliers(query: LocalFeatures, candidate: LocalFeatures, geometry: Geometry = "similarity") -> int:
+    """The inliers of the transform fitted to the pair's matches (0 when no plausible transform fits)."""
+    qp, cp = mutual_matches(query, candidate)
+    if len(qp) < MIN_MATCHES:
+        return 0
+    cv2 = opencv()
+    if geometry == "similarity":
+        matrix, mask = cv2.estimateAffinePartial2D(
+            qp, cp, method=cv2.RANSAC, ransacReprojThreshold=REPROJECTION_PX, maxIters=2000
+        )
+    elif geometry == "affine":
+        matrix, mask = cv2.estimateAffine2D(qp, cp, method=cv2.RANSAC, ransacReprojThreshold=REPROJECTION_PX)
+    else:
+        matrix, mask = cv2.findHomography(qp, cp, cv2.USAC_MAGSAC, REPROJECTION_PX)
+    if matrix is None or mask is None or not plausible(matrix):
+        return 0
+    return int(mask.sum())
+
+
+def verify_pair(
+    query: LocalFeatures,
+    candidate: LocalFeatures,
+    threshold: int = INLIER_THRESHOLD,
+    geometry: Geometry = "similarity",
+) -> Verdict:
+    """Is `candidate` the query's picture? The query as it is, then its mirror image where its features
+    hold one (`local_features(..., mirrored=True)`); the verdict of the better fit."""
+    reason = query.reason or candidate.reason
+    if reason:
+        return Verdict(False, 0, reason)
+    best = inliers(query, candidate, geometry)
+    if best < threshold and query.mirror is not None:
+        best = max(best, inliers(query.mirror, candidate, geometry))
+    return Verdict(best >= threshold, best, None)
+
+
+def verify_candidates(
+    query: LocalFeatures, candidates: Sequence[LocalFeatures], threshold: int = INLIER_THRESHOLD
+) -> list[Verdict]:
+    """The verdict of each candidate (a search's top k), in their order."""
+    return [verify_pair(query, c, threshold) for c in candidates]

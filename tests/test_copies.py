@@ -1,0 +1,124 @@
+"""The geometric check of copies on small generated pictures: a crop, a rotation and a mirror verify; a
+different picture of the same colours and style does not; an unreadable file is unverified with its reason."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from pipeline.copies import (
+    CACHE_VERSION,
+    INLIER_THRESHOLD,
+    features_from_bytes,
+    features_to_bytes,
+    local_features,
+    verify_candidates,
+    verify_pair,
+)
+
+pytest.importorskip("cv2", reason="the verify extra (opencv-python-headless) is not installed")
+
+
+def picture(seed: int, size: tuple[int, int] = (480, 360)) -> Image.Image:
+    """A textured synthetic picture: the same palette and style for every seed, different shapes and places."""
+    rng = np.random.default_rng(seed)
+    palette = [(200, 60, 40), (40, 120, 200), (240, 200, 60), (30, 30, 30), (250, 250, 250)]
+    im = Image.new("RGB", size, (90, 140, 110))
+    draw = ImageDraw.Draw(im)
+    w, h = size
+    for _ in range(70):
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        r = int(rng.integers(6, 40))
+        colour = palette[int(rng.integers(0, len(palette)))]
+        if rng.random() < 0.5:
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=colour, outline=(0, 0, 0))
+        else:
+            draw.rectangle((x - r, y - r // 2, x + r, y + r // 2), fill=colour, outline=(0, 0, 0))
+    return im
+
+
+@pytest.fixture(scope="module")
+def original():
+    return local_features(np.asarray(picture(1)))
+
+
+def as_query(im: Image.Image):
+    return local_features(np.asarray(im), mirrored=True)
+
+
+def test_a_half_crop_verifies(original):
+    im = picture(1)
+    w, h = im.size
+    verdict = verify_pair(as_query(im.crop((w // 4, h // 4, w // 4 + w // 2, h // 4 + h // 2))), original)
+    assert verdict.verified and verdict.inliers >= INLIER_THRESHOLD and verdict.reason is None
+
+
+def test_a_rotation_by_ten_degrees_verifies(original):
+    verdict = verify_pair(as_query(picture(1).rotate(10, resample=Image.Resampling.BILINEAR, expand=True)), original)
+    assert verdict.verified
+
+
+def test_a_mirror_verifies_through_the_mirrored_query(original):
+    mirrored = picture(1).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    assert verify_pair(as_query(mirrored), original).verified
+    plain = local_features(np.asarray(mirrored))  # without its mirror image's features, the query fails
+    assert not verify_pair(plain, original).verified
+
+
+def test_a_different_picture_of_the_same_style_does_not_verify(original):
+    verdicts = verify_candidates(original, [local_features(np.asarray(picture(seed))) for seed in (2, 3, 4)])
+    assert [v.verified for v in verdicts] == [False, False, False]
+    assert all(v.inliers < INLIER_THRESHOLD for v in verdicts)
+
+
+def test_an_unreadable_file_is_unverified_with_its_reason(tmp_path, original):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"this is not a JPEG")
+    features = local_features(bad)
+    assert features.reason and "not an image" in features.reason and len(features) == 0
+    verdict = verify_pair(features, original)
+    assert verdict == verify_pair(original, features)
+    assert not verdict.verified and verdict.inliers == 0 and verdict.reason == features.reason
+    assert "file not found" in (verify_pair(local_features(tmp_path / "gone.png"), original).reason or "")
+
+
+def test_a_file_and_its_pixels_give_the_same_features(tmp_path, original):
+    path = tmp_path / "a.png"
+    picture(1).save(path)
+    from_file = local_features(path)
+    assert np.array_equal(from_file.descriptors, original.descriptors)
+    assert from_file.size == original.size == (480, 360)
+
+
+def test_the_cache_record_round_trips_compactly(original):
+    data = features_to_bytes(original)
+    assert data[0] == CACHE_VERSION and len(data) == 7 + 36 * len(original)
+    back = features_from_bytes(data)
+    assert np.array_equal(back.descriptors, original.descriptors) and back.size == original.size
+    assert np.abs(back.points - original.points).max() <= 0.25
+    crop = as_query(picture(1).crop((100, 80, 340, 260)))
+    assert verify_pair(crop, back).verified
+
+
+def test_a_record_of_another_version_is_refused(original):
+    from pipeline.errors import PipelineError
+
+    data = bytearray(features_to_bytes(original))
+    data[0] = CACHE_VERSION + 1
+    with pytest.raises(PipelineError, match="version"):
+        features_from_bytes(bytes(data))
+    with pytest.raises(PipelineError, match="bytes"):
+        features_from_bytes(features_to_bytes(original)[:-1])
+
+
+def test_without_opencv_the_package_imports_and_says_how_to_install(monkeypatch, tmp_path):
+    import pipeline.copies
+    from pipeline.errors import PipelineError
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # what `import cv2` meets where OpenCV is not installed
+    assert pipeline.copies.WORK_SIDE  # imported, and usable up to the first OpenCV call
+    with pytest.raises(PipelineError, match=r"pip install 'pipeline\[verify\]'"):
+        local_features(tmp_path / "any.jpg")
