@@ -16,7 +16,7 @@ TESTS = Path(__file__).parent
 # modules import each other freely, without cycles).
 TIERS = [
     ("errors", "progress", "version"),
-    ("fsutil",),
+    ("filters", "fsutil"),  # filters: the --where language, stdlib and errors only
     ("images",),  # finding and decoding image files
     ("decode_pool", "copies"),  # decoding in worker processes; local features and the geometric check of copies
     ("model",),  # package: info, weights, graph, whitening, runtime
