@@ -162,6 +162,8 @@ class Decoded:
     content_hash: str  # blake2b-128 of the file bytes
     size: int  # bytes
     mtime: float
+    width: int = 0  # the picture's own size, upright (EXIF orientation applied); 0: unknown
+    height: int = 0
 
 
 class _Timeout(BaseException):  # BaseException: no library "except Exception" swallows it
@@ -359,10 +361,22 @@ def load_image(
         data, st = read_file(path)
         content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
         pixels = decode_bytes(data, size, max_pixels)
+        width, height = upright_size(data)
     except _Timeout:
         raise ImageError(f"reading and decoding took longer than {timeout:g} s; skipped", transient=True) from None
     finally:
         if timeout:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
-    return Decoded(pixels, content_hash, st.st_size, st.st_mtime)
+    return Decoded(pixels, content_hash, st.st_size, st.st_mtime, width, height)
+
+
+def upright_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an image as people see it (EXIF orientation applied), from its header alone; the
+    built-in `width` and `height` fields of search filters. (0, 0) when the header cannot be read."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+            return (im.height, im.width) if turned else (im.width, im.height)
+    except Exception:  # decoding succeeded, so this is only a header quirk: the size stays unknown
+        return 0, 0

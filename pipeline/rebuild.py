@@ -25,6 +25,9 @@ from .index import (
     DEFAULT_RETRAIN_ABOVE,
     DEFAULT_TARGET_RECALL,
     build_index,
+    metadata_changed,
+    metadata_files,
+    republish_metadata,
 )
 from .search import Searcher
 
@@ -84,6 +87,7 @@ def rebuild(
     retrain: bool = False,
     retrain_above: float = DEFAULT_RETRAIN_ABOVE,
     scrub_shards: bool = True,
+    metadata: Sequence[Path | str] = (),
     **extract_options: Unpack[ExtractOptions],
 ) -> RebuildReport:
     """Bring workdir's features and published index up to date with the images under `roots`.
@@ -92,7 +96,9 @@ def rebuild(
     The index is updated from the published version (build_index's `update`) unless `retrain`,
     or the changes since its training exceed `retrain_above` of its trained count. With `scrub_shards`, every
     shard is read through its checksums first and a damaged one is deleted, so that its images are
-    extracted again (features.scrub: a shard's bytes read, about 2 KB an image)."""
+    extracted again (features.scrub: a shard's bytes read, about 2 KB an image). `metadata`: the user's
+    metadata files (build_index's); when only they changed, the next version is the published one with new
+    fields (index.republish_metadata: no model run, no training)."""
     if not 0 <= compact_below <= 1:
         raise PipelineError(f"--compact-below must be between 0 and 1 (got {compact_below})")
     workdir = Path(workdir)
@@ -125,7 +131,13 @@ def rebuild(
         compacted = compact(features, compact_below, extract_options.get("shard_size", DEFAULT_SHARD_SIZE))
         digest = live_digest(features)
         published = _published_meta(index_dir)
-        if published.get("live_digest") == digest:
+        files = metadata_files(index_dir, metadata)
+        if published.get("live_digest") == digest and metadata_changed(published, files):
+            t = time.monotonic()
+            meta = republish_metadata(index_dir, files, keep).meta
+            built = True
+            LOG.info("published index %s: new metadata only (%.1f s)", meta["version"], time.monotonic() - t)
+        elif published.get("live_digest") == digest:
             LOG.info("index is up to date (%s): nothing to build", published.get("version"))
             built, meta = False, published
         else:
@@ -142,6 +154,7 @@ def rebuild(
                 progress=False,
                 update=not retrain,
                 retrain_above=retrain_above,
+                metadata=files,
                 **asked,
             ).meta
             built = True

@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,26 +19,35 @@ import faiss
 import numpy as np
 
 from .errors import DeadlineExceeded, ImageError, ModelMismatchError, PipelineError
+from .filters import Filter, parse_where
 from .images import load_image
 from .index import (
     CODES_FILE,
     IDS_FILE,
     INDEX_FILE,
+    STORE_EXACT_BELOW,
     VECTOR_IDS_FILE,
     VECTORS_FILE,
+    Centroids,
     CoarseToFine,
     IdTable,
+    ListMap,
+    Metadata,
     Reranked,
+    Selection,
     VectorStore,
     current_version,
     damaged,
+    exact_search,
     ivf_params,
+    ivf_search,
     published_name,
     read_meta,
 )
 from .model import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, FeatureModel
 
 LOG = logging.getLogger(__name__)
+SELECTIONS_KEPT = 64  # filters whose selection a Searcher keeps (a page or a script repeats the same filter)
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,7 @@ class Hit:
     id: int  # the image's id in the index version (ids.sqlite); a service's handle for it
     path: str
     score: float
+    metadata: dict = field(default_factory=dict)  # the image's fields (built-in and the user's), for people
 
 
 @dataclass(frozen=True)
@@ -128,7 +139,11 @@ class Searcher:
         self._threads = threads
         self._model: FeatureModel | None = None
         self._direct_map = False
-        self._map_lock = threading.Lock()  # the direct map is made once, by the first thread that needs it
+        self._map_lock = threading.Lock()  # the direct map, list map and metadata are made once, by the first thread
+        self._lists: ListMap | None = None
+        self._centroids: Centroids | None = None
+        self._selections: OrderedDict[str, Selection] = OrderedDict()
+        self._select_lock = threading.Lock()
 
     def _open(self, mmap: bool) -> None:
         index_path = self.version_dir / INDEX_FILE
@@ -143,6 +158,7 @@ class Searcher:
         except (RuntimeError, OSError, KeyError, PipelineError) as exc:
             raise damaged(index_path, exc) from None
         self.id_table = IdTable(self.version_dir / IDS_FILE)  # opened now: the version stays readable if pruned
+        self.metadata = Metadata(self.version_dir, self.id_table)  # (its columns memory-mapped now, likewise)
         self.store = (
             self.index.store
             if isinstance(self.index, CoarseToFine)
@@ -220,15 +236,69 @@ class Searcher:
         """Ids of byte-identical files (same content hash), one sorted array per content indexed more than once."""
         return self.id_table.same_content_ids()
 
-    def _search(self, vectors: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def _search(
+        self, vectors: np.ndarray, k: int, nprobe: int | None, selection: Selection | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, self.count)
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        if selection is not None:
+            return self._search_within(vectors, k, nprobe, selection)
         if isinstance(self.index, CoarseToFine):  # `nprobe` overrides the tuned setting (pool, nprobe or efSearch)
-            return self.index.search(vectors, min(k, self.count), nprobe)
+            return self.index.search(vectors, k, nprobe)
         nprobe = nprobe or self.nprobe
         params = ivf_params(int(nprobe)) if nprobe and self.meta.get("nlist") else None
         index: faiss.Index | Reranked = (
             Reranked(self.index, self.store, self.meta["rerank"]) if self.store is not None else self.index
         )
-        return index.search(np.ascontiguousarray(vectors, np.float32), min(k, self.count), params=params)
+        return index.search(vectors, k, params=params)
+
+    def _search_within(
+        self, vectors: np.ndarray, k: int, nprobe: int | None, selection: Selection
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k among a filter's selection, planned as index.filtered says."""
+        k = min(k, len(selection.ids))
+        if k == 0:
+            return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
+        ivf = None if isinstance(self.index, CoarseToFine) else faiss.try_extract_index_ivf(self.index)
+        compressed = self.store is not None
+        if compressed and len(selection.ids) <= STORE_EXACT_BELOW or isinstance(self.index, CoarseToFine):
+            if self.store is None:
+                raise PipelineError("this version has no vector store to rank a selection from")
+            return exact_search(self.store.get, selection.ids, vectors, k)  # (codes: large selections too)
+        if ivf is None:  # Flat: exact, skipping unselected ids
+            params = faiss.SearchParameters()
+            params.sel = selection.selector()
+            return self.index.search(vectors, k, params=params)
+        with self._map_lock:
+            if self._lists is None or self._centroids is None:
+                self._lists, self._centroids = ListMap(ivf), Centroids(ivf)
+        probe = int(nprobe or self.nprobe or 1)
+        fetch = max(k, int(self.meta.get("rerank") or 0)) if compressed else k
+        scores, ids = ivf_search(ivf, self._centroids, self._lists, vectors, fetch, probe, selection)
+        if self.store is not None:
+            return self.store.rerank(vectors, ids, k)
+        return scores, ids
+
+    def select(self, where: Filter | Sequence[str] | None) -> Selection | None:
+        """The images a filter selects (None: no filter), kept for the next searches with the same filter.
+        FilterError (exit 2, HTTP 422) for a malformed filter, an unknown field or a value of the wrong type."""
+        flt = where if isinstance(where, Filter) else parse_where(list(where or []))
+        if not flt:
+            return None
+        key = "\n".join(flt.texts())
+        with self._select_lock:
+            cached = self._selections.get(key)
+            if cached is not None:
+                self._selections.move_to_end(key)
+                return cached
+        ids = self.metadata.select(flt)
+        assert ids is not None
+        selection = Selection(ids, self.count)
+        with self._select_lock:
+            self._selections[key] = selection
+            while len(self._selections) > SELECTIONS_KEPT:
+                self._selections.popitem(last=False)
+        return selection
 
     def search_vectors(
         self,
@@ -238,22 +308,31 @@ class Searcher:
         min_score: float | None = None,
         exclude: Sequence[QueryFile | None] | None = None,
         deadline: float | None = None,
+        where: Filter | Sequence[str] | None = None,
     ) -> list[list[Hit]]:
         """Top-k hits for each feature vector; `exclude[i]` drops hits that are that query's own file
         (same path) or a byte-identical copy (same content hash). A high `min_score` costs no more
         than a plain search: faiss is asked for more only while the last score fetched passes it.
 
         `deadline` (a time.monotonic() value): past it, DeadlineExceeded before the next faiss search or
-        id lookup starts. One faiss call is not interrupted: k and nprobe bound it."""
+        id lookup starts. One faiss call is not interrupted: k and nprobe bound it.
+
+        `where`: only images the filter selects (filters: `--where` expressions, AND-ed) are returned, with
+        the same recall as an unfiltered search at any selectivity (index.filtered)."""
         if k < 1:
             raise PipelineError(f"k must be at least 1 (got {k})")
+        selection = self.select(where)
+        available = self.count if selection is None else len(selection.ids)
         exclude = exclude or [None] * len(vectors)
         fetch = k + (8 if any(exclude) else 0)
         while True:
             check_deadline(deadline, "the index search")
-            scores, ids = self._search(vectors, fetch, nprobe)
+            scores, ids = self._search(vectors, fetch, nprobe, selection)
             check_deadline(deadline, "reading the hits' paths")
             rows = self.rows(ids)
+            fields = dict(
+                zip(np.unique(ids[ids >= 0]).tolist(), self.metadata.of(np.unique(ids[ids >= 0])), strict=True)
+            )
             out, short = [], False
             for srow, irow, ex in zip(scores, ids, exclude, strict=True):  # exclude: one per query
                 hits: list[Hit] = []
@@ -263,19 +342,19 @@ class Searcher:
                     path, content_hash = rows[int(i)]
                     if ex is not None and (path == ex.path or content_hash == ex.content_hash):
                         continue
-                    hits.append(Hit(len(hits) + 1, int(i), path, float(s)))
+                    hits.append(Hit(len(hits) + 1, int(i), path, float(s), fields[int(i)]))
                 out.append(hits[:k])
                 # Too many excluded copies: ask faiss for more, unless it already gave all it has or
                 # the scores (sorted) already fell below min_score, so that more cannot pass it.
                 short |= (
                     len(hits) < k
                     and (irow >= 0).all()
-                    and fetch < self.count
+                    and fetch < available
                     and (min_score is None or srow[-1] >= min_score)
                 )
             if not short:
                 return out
-            fetch = min(fetch * 4, self.count)
+            fetch = min(fetch * 4, available)
 
     def search(
         self,
@@ -285,10 +364,13 @@ class Searcher:
         min_score: float | None = None,
         exclude_self: bool = False,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        where: Filter | Sequence[str] | None = None,
     ) -> list[QueryResult]:
-        """Top-k for each query image; a query that cannot be decoded gets an error, the rest still answer."""
+        """Top-k for each query image (among the images `where` selects); a query that cannot be decoded gets
+        an error, the rest still answer."""
         if k < 1:
             raise PipelineError(f"k must be at least 1 (got {k})")
+        self.select(where)  # a bad filter fails before any image is decoded
         size = self.model.info.resize_to
         results: dict[int, QueryResult] = {}
         good: list[tuple[int, np.ndarray, QueryFile]] = []
@@ -303,7 +385,8 @@ class Searcher:
             chunk = good[start : start + batch_size]
             feats = self.model.embed_each([px for _, px, _ in chunk], batch_size)
             excl = [q for _, _, q in chunk] if exclude_self else None
-            for (i, _, _), hits in zip(chunk, self.search_vectors(feats, k, nprobe, min_score, excl), strict=True):
+            found = self.search_vectors(feats, k, nprobe, min_score, excl, where=where)
+            for (i, _, _), hits in zip(chunk, found, strict=True):
                 results[i] = QueryResult(str(images[i]), hits)
         return [results[i] for i in range(len(images))]
 
@@ -315,9 +398,10 @@ class Searcher:
         min_score: float | None = None,
         exclude_self: bool = False,
         deadline: float | None = None,
+        where: Filter | Sequence[str] | None = None,
     ) -> list[QueryResult]:
-        """Top-k for images already in the index, from their stored vectors (no model run); `deadline` as
-        in search_vectors."""
+        """Top-k for images already in the index, from their stored vectors (no model run); `deadline` and
+        `where` as in search_vectors."""
         results: dict[int, QueryResult] = {}
         found: list[tuple[int, np.ndarray, QueryFile]] = []
         for i, p in enumerate(paths):
@@ -330,7 +414,7 @@ class Searcher:
         if found:
             vecs = np.stack([v for _, v, _ in found])
             excl = [q for _, _, q in found] if exclude_self else None
-            found_hits = self.search_vectors(vecs, k, nprobe, min_score, excl, deadline)
+            found_hits = self.search_vectors(vecs, k, nprobe, min_score, excl, deadline, where)
             for (i, _, _), hits in zip(found, found_hits, strict=True):
                 results[i] = QueryResult(str(paths[i]), hits)
         return [results[i] for i in range(len(paths))]

@@ -86,6 +86,8 @@ class RowMeta:
     content_hash: str
     size: int
     mtime: float
+    width: int = 0
+    height: int = 0
 
 
 class ShardRecords(Protocol):
@@ -162,6 +164,8 @@ class ShardWriter:
             np.array([m.mtime for m in self.metas], np.float64),
             [e[0] for e in self.errors],
             [e[4] for e in self.errors],
+            np.array([m.width for m in self.metas], np.uint32),
+            np.array([m.height for m in self.metas], np.uint32),
         )
         name = shard_name(self.number)
         write_shard(self.out / name, data, self.model, self.model_path)
@@ -215,10 +219,11 @@ def compact(
             rows = live.get(name, np.zeros(0, np.int64))
             if len(rows):
                 d = read_shard(features_dir / name)
+                w, h = (np.zeros(len(d.paths), np.uint32) if c is None else c for c in (d.widths, d.heights))
                 writer.add(
                     [d.paths[r] for r in rows],
                     d.features[rows],
-                    [RowMeta(d.hashes[r], int(d.sizes[r]), float(d.mtimes[r])) for r in rows],
+                    [RowMeta(d.hashes[r], int(d.sizes[r]), float(d.mtimes[r]), int(w[r]), int(h[r])) for r in rows],
                 )
         writer.flush()
         catalog.retire(victims)

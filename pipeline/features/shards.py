@@ -8,6 +8,8 @@ Schema (version 2), file `shard-NNNNN.h5`:
   hashes    str [n]            blake2b-128 of each file's bytes
   sizes     int64 [n]          file size in bytes (fletcher32, as features)
   mtimes    float64 [n]        file modification time (seconds since the epoch) (fletcher32)
+  widths, heights uint32 [n]   the picture's own size, upright; 0 unknown (fletcher32; absent in shards
+                               written before 2026-12-07: read as 0)
   errors/paths, errors/reasons utf-8 str [m]  files of this shard that could not be used
   attrs: schema_version, model_name, model_sha256 (ModelInfo.checksum: weights and recipe), model_path,
          recipe (JSON of ModelInfo), dim, count,
@@ -54,6 +56,8 @@ class ShardData:
     mtimes: np.ndarray
     error_paths: list[str]
     error_reasons: list[str]
+    widths: np.ndarray | None = None  # the pictures' own sizes (0: unknown; None: the shard has none, 0 each)
+    heights: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,9 @@ def write_shard(path: Path, data: ShardData, model: ModelInfo, model_path: str =
             f.create_dataset("hashes", data=np.array(data.hashes, dtype=object), dtype=_STR)
             f.create_dataset("sizes", data=np.asarray(data.sizes, dtype=np.int64), **checked)
             f.create_dataset("mtimes", data=np.asarray(data.mtimes, dtype=np.float64), **checked)
+            for name, column in (("widths", data.widths), ("heights", data.heights)):
+                values = np.zeros(n, np.uint32) if column is None else np.asarray(column, dtype=np.uint32)
+                f.create_dataset(name, data=values, **checked)
             errors = f.create_group("errors")
             errors.create_dataset("paths", data=np.array(data.error_paths, dtype=object), dtype=_STR)
             errors.create_dataset("reasons", data=np.array(data.error_reasons, dtype=object), dtype=_STR)
@@ -211,6 +218,8 @@ def read_shard(path: Path, features: bool = True) -> ShardData:
             mtimes=f["mtimes"][()],
             error_paths=_strings(f["errors/paths"]),
             error_reasons=_strings(f["errors/reasons"]),
+            widths=_optional(f, "widths"),
+            heights=_optional(f, "heights"),
         )
         rows = {len(data.paths), len(data.hashes), len(data.sizes), len(data.mtimes)}
         if features:
@@ -222,6 +231,23 @@ def read_shard(path: Path, features: bool = True) -> ShardData:
         if recorded is not None and str(recorded) != _strings_sha256(strings):
             raise ValueError("its paths or hashes do not match their checksum")  # (_open: a damaged shard)
         return data
+
+
+def _optional(f: h5py.File, name: str) -> np.ndarray:
+    """A column added after schema 2 was first written (widths, heights): zeros (unknown) where absent."""
+    return f[name][()] if name in f else np.zeros(len(f["sizes"]), np.uint32)
+
+
+def read_facts(path: Path) -> dict[str, np.ndarray]:
+    """The file facts of every row (size, mtime, width, height), without features or strings: the built-in
+    fields of a version's metadata, read from all shards in a fraction of a second per million rows."""
+    with _open(path) as f:
+        return {
+            "size": f["sizes"][()],
+            "mtime": f["mtimes"][()],
+            "width": _optional(f, "widths"),
+            "height": _optional(f, "heights"),
+        }
 
 
 def shard_damage(path: Path) -> str | None:

@@ -11,12 +11,35 @@ One module per job, and this package as the one door others use:
   ivf_rewrite.py  an IVF index's next version written straight from the published file
   store.py        the float16 re-rank vector store
   codes.py        binary codes and their coarse-to-fine search; binary.py builds such a version
+  userfields.py   the user's metadata files (--metadata): CSV or JSON lines, typed, bad rows reported
+  metadata.py     metadata/ in a version: typed columns of every image's fields; the ids a filter selects
+  filtered.py     search within a selection: exact, or an id selector over the lists holding it
 """
 
 from .build import build_index
 from .codes import CODES_FILE, DEFAULT_BITS, ITQ_FILE, CoarseToFine, parse_codes
 from .fill import TRUTH_DEPTH, ExactNeighbours, FillDistributor, Truth, fill_range, sample_runs
+from .filtered import (
+    ALPHA,
+    EXACT_BELOW,
+    STORE_EXACT_BELOW,
+    Centroids,
+    ListMap,
+    Selection,
+    exact_search,
+    filtered_nprobe,
+    ivf_search,
+)
 from .idtable import IDS_FILE, IdTable
+from .metadata import (
+    METADATA_DIR,
+    Metadata,
+    collect_facts,
+    metadata_changed,
+    metadata_files,
+    republish_metadata,
+    write_metadata,
+)
 from .plan import (
     DEFAULT_FLAT_BELOW,
     DEFAULT_RERANK,
@@ -31,6 +54,7 @@ from .plan import (
 from .store import VECTOR_IDS_FILE, VECTORS_FILE, Reranked, VectorStore, has_store, update_store, write_store
 from .tune import DEFAULT_TARGET_RECALL, NPROBE_GRID, ivf_params, lower_bound, recall_at, tune_nprobe
 from .update import DEFAULT_RETRAIN_ABOVE, HOLD_SLACK
+from .userfields import BUILTIN_FIELDS, SourceReport, UserField, read_metadata_files
 from .versions import (
     CURRENT_FILE,
     DEFAULT_KEEP,
@@ -50,6 +74,26 @@ from .versions import (
 )
 
 __all__ = [
+    "metadata_changed",
+    "metadata_files",
+    "republish_metadata",
+    "ALPHA",
+    "EXACT_BELOW",
+    "STORE_EXACT_BELOW",
+    "Centroids",
+    "ListMap",
+    "Selection",
+    "exact_search",
+    "filtered_nprobe",
+    "ivf_search",
+    "METADATA_DIR",
+    "Metadata",
+    "collect_facts",
+    "write_metadata",
+    "BUILTIN_FIELDS",
+    "SourceReport",
+    "UserField",
+    "read_metadata_files",
     "CODES_FILE",
     "CURRENT_FILE",
     "DEFAULT_BITS",

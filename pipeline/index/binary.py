@@ -33,6 +33,7 @@ from .codes import (
 )
 from .fill import TRUTH_DEPTH, Truth, fill_index, rows_at
 from .idtable import IDS_FILE
+from .metadata import make_metadata
 from .plan import MIN_POINTS_PER_LIST
 from .store import StoreWriter, VectorStore
 from .tune import NPROBE_GRID, lower_bound, recall_at
@@ -194,6 +195,7 @@ def build_binary(
             "recall_queries_held_out_from_training": learned.held_out,
             **made_from(source, t_start, timings),
         }
+        meta["metadata"] = make_metadata(tmp, source, source.metadata_files, out_dir)
         report = publish_version(out_dir, tmp, meta, keep)
     LOG.info(
         "published %s: %d vectors, ITQ%d + %s, %s %s",

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import faiss
@@ -22,6 +23,7 @@ from .binary import build_binary
 from .codes import parse_codes
 from .fill import TRUTH_DEPTH, FillDistributor, Truth, fill_index, rows_at, sample_runs
 from .idtable import IDS_FILE
+from .metadata import make_metadata, metadata_files
 from .plan import DEFAULT_FLAT_BELOW, IndexPlan, index_is_flat, new_index, plan_index
 from .store import Reranked, StoreWriter, VectorStore
 from .tune import DEFAULT_TARGET_RECALL, Searchable, exact_tuning, tune
@@ -63,6 +65,7 @@ def build_index(
     retrain_above: float = DEFAULT_RETRAIN_ABOVE,
     rerank: int | None = None,
     codes: str | None = None,
+    metadata: Sequence[Path | str] = (),
 ) -> IndexReport:
     """Build an index from every shard in `features_dir` and publish it as the current version of `out_dir`.
 
@@ -77,6 +80,8 @@ def build_index(
     codes: 'binary[:BITS]' builds the coarse-to-fine kind instead (codes.py, binary.py): learned binary
     codes searched by Hamming distance, candidates re-ranked from the full features; `factory` may then
     name a faiss binary index ('BHNSW32') and `nprobe` fix its setting. Never updated in place.
+    metadata: the user's metadata files (index.userfields: CSV or JSON lines keyed by path), stored with the
+    version as fields to filter on; none given: those the published version was made with.
     """
     features_dir, out_dir = Path(features_dir), Path(out_dir)
     _check_codes_options(codes, distributor=distributor, max_memory=max_memory, nlist=nlist)
@@ -86,7 +91,7 @@ def build_index(
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="build-index") as pool:
         # An update reads the published index (GBs) meanwhile, in a thread: faiss releases the GIL.
         prefetch = pool.submit(read_published, out_dir) if update and codes is None else None
-        source = _collection(features_dir)
+        source = replace(_collection(features_dir), metadata_files=metadata_files(out_dir, metadata))
         if codes is not None:
             return _build_codes(source, out_dir, codes, factory, tuning, update, keep, progress, pool)
         plan, index, kind = _planned_index(source, factory, nlist, flat_below, train_per_list, max_memory, rerank)
@@ -294,6 +299,7 @@ def _full_build(
             "trained_recall_at_10": tuned["recall_at_10"],  # what updates of this version must hold
             **made_from(source, t_start, timings),
         }
+        meta["metadata"] = make_metadata(tmp, source, source.metadata_files, out_dir)
         report = publish_version(out_dir, tmp, meta, keep)
     LOG.info("published %s: %d vectors, %s, nprobe %s", report.version_dir, n, plan.factory, meta.get("nprobe"))
     return report

@@ -6,6 +6,7 @@ A build writes it from the shards, an update copies the published one and edits 
 
 from __future__ import annotations
 
+import re
 import shutil
 import sqlite3
 import threading
@@ -114,6 +115,17 @@ class IdTable:
     def find(self, path: str) -> tuple[int, str] | None:
         """(id, content hash) of an indexed path; None when it is not indexed."""
         return next(iter(self._query("SELECT id, hash FROM images WHERE path = ?", (path,))), None)
+
+    def ids_matching(self, prefix: str, pattern: re.Pattern[str]) -> np.ndarray:
+        """The ids (sorted) of the paths that start with `prefix` and fully match `pattern` (a path glob's
+        regex): a range scan of the path index, then the pattern on what it gives."""
+        if prefix:
+            rows = self._query(
+                "SELECT id, path FROM images WHERE path >= ? AND path < ?", (prefix, prefix + "\U0010ffff")
+            )
+        else:
+            rows = self._query("SELECT id, path FROM images")
+        return np.array(sorted(i for i, p in rows if pattern.fullmatch(p)), np.int64)
 
     def rows(self, ids: np.ndarray) -> dict[int, tuple[str, str]]:
         """id -> (path, content hash) for the given ids (-1 ignored); an id not in the table means the

@@ -23,6 +23,7 @@ from ..fsutil import fsync_path
 from .fill import TRUTH_DEPTH, ExactNeighbours, Truth, rows_with_ids
 from .idtable import IDS_FILE, AddedRows, IdTable, update_ids
 from .ivf_rewrite import IvfRewrite, rewrite_ivf, streamable
+from .metadata import make_metadata
 from .plan import stored_ids
 from .store import Reranked, VectorStore, update_store
 from .tune import exact_tuning, tune, with_search_time
@@ -257,6 +258,7 @@ def update_version(
         timings["write_s"] = time.monotonic() - t0
         changes = updated_fields(version, source, base.meta, len(base.added), len(base.removed))
         meta = {**base.meta, **tuning, **changes, **made_from(source, t_start, timings)}
+        meta["metadata"] = make_metadata(tmp, source, source.metadata_files, out_dir)
         report = publish_version(out_dir, tmp, meta, keep)
     LOG.info(
         "published %s: %d vectors, updated from %s, nprobe %s",

@@ -54,6 +54,7 @@ class Collection:
     model: dict
     dim: int
     roots: tuple[str, ...] = ()  # the folders the collection is scanned from (Catalog.roots)
+    metadata_files: tuple[Path, ...] = ()  # the user's metadata files (--metadata) its versions read
 
     @property
     def stable(self) -> bool:
@@ -208,14 +209,18 @@ def new_version(out_dir: Path) -> Iterator[tuple[Path, str]]:
         raise
 
 
-def publish_version(out_dir: Path, tmp: Path, meta: dict, keep: int) -> IndexReport:
-    """Write meta.json, with every other file's size and sha256 (what `pipeline verify` checks), make the
-    version durable under its name, point CURRENT at it, prune old ones."""
-    meta["files"] = {
-        f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir()) if f.is_file()
-    }
+def publish_version(out_dir: Path, tmp: Path, meta: dict, keep: int, known: dict | None = None) -> IndexReport:
+    """Write meta.json, with every other file's size and sha256 (what `pipeline verify` checks; `known`: those
+    of files linked from a published version, not read again), make the version durable under its name,
+    point CURRENT at it, prune old ones."""
+    files = sorted(f for f in tmp.rglob("*") if f.is_file())
+    known = known or {}
+    meta["files"] = {}
+    for f in files:
+        name = f.relative_to(tmp).as_posix()
+        meta["files"][name] = known.get(name) or {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-    for f in tmp.iterdir():
+    for f in [*files, tmp / META_FILE, *(d for d in tmp.rglob("*") if d.is_dir())]:
         fsync_path(f)
     final = out_dir / VERSIONS_DIR / meta["version"]
     os.rename(tmp, final)

@@ -1,0 +1,167 @@
+"""Search within a selection of ids (a filter's): exact over the selection, or faiss with an id selector over
+the lists that hold selected vectors, chosen by the selection's size; so recall holds at any selectivity.
+
+  * IVF-Flat: the probed lists are the nearest of those holding a selected vector, at an nprobe raised for
+    the selection's share f of the collection (nprobe / f**ALPHA); below EXACT_BELOW selected images,
+    every list holding one is probed, which is exact. faiss skips unselected vectors by their id alone
+    (IDSelectorBitmap), before any distance is computed, so a list costs little more than its ids.
+  * Compressed codes (IVF-PQ, binary codes): scanning a list costs its codes whatever the selection, so
+    below STORE_EXACT_BELOW the selected vectors are ranked exactly from the re-rank store; above it, the
+    IVF path as for IVF-Flat, its candidates re-ranked from the store as usual.
+  * Flat: faiss's exact search with the id selector.
+The crossovers and ALPHA are measured by scripts/benchmarks/bench_filters.py (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+
+EXACT_BELOW = 20_000  # selected images under which IVF-Flat probes every list holding one (exact)
+STORE_EXACT_BELOW = 20_000  # selected images under which compressed versions rank them exactly from the store
+ALPHA = 0.5  # nprobe grows as f ** -ALPHA for a selection of share f
+EXACT_BLOCK = 4096  # vectors scored at a time by exact ranking: its memory is bounded whatever the selection
+
+
+@dataclass
+class Selection:
+    """The ids a filter selected (sorted) out of `total`, with what searches derive from them, made once."""
+
+    ids: np.ndarray
+    total: int
+    _bitmap: np.ndarray | None = field(default=None, repr=False)
+    _selector: faiss.IDSelector | None = field(default=None, repr=False)
+    _lists: np.ndarray | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def share(self) -> float:
+        return len(self.ids) / max(self.total, 1)
+
+    def selector(self) -> faiss.IDSelector:
+        """An IDSelectorBitmap over the selected ids (it keeps the bitmap alive with it)."""
+        with self._lock:
+            if self._selector is None:
+                top = int(self.ids[-1]) + 1 if len(self.ids) else 1
+                bits = np.zeros(top, bool)
+                bits[self.ids] = True
+                self._bitmap = np.packbits(bits, bitorder="little")
+                self._selector = faiss.IDSelectorBitmap(len(self._bitmap), faiss.swig_ptr(self._bitmap))  # n: bytes
+            return self._selector
+
+    def lists(self, list_map: ListMap) -> np.ndarray:
+        """The IVF lists holding at least one selected vector."""
+        with self._lock:
+            if self._lists is None:
+                self._lists = np.unique(list_map.list_of(self.ids))
+            return self._lists
+
+
+class ListMap:
+    """Which IVF list holds each id, read once from the index's inverted lists (12 bytes an image)."""
+
+    def __init__(self, ivf: faiss.IndexIVF) -> None:
+        invlists = ivf.invlists
+        assert invlists is not None, "an IVF index has inverted lists"
+        ids, lists = [], []
+        for list_no in range(ivf.nlist):
+            n = invlists.list_size(list_no)
+            if n:
+                ids.append(faiss.rev_swig_ptr(invlists.get_ids(list_no), n).copy())
+                lists.append(np.full(n, list_no, np.int32))
+        all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        order = np.argsort(all_ids)
+        self.ids, self.lists = all_ids[order], (np.concatenate(lists) if lists else np.zeros(0, np.int32))[order]
+
+    def list_of(self, ids: np.ndarray) -> np.ndarray:
+        return self.lists[np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))]
+
+
+class Centroids:
+    """An IVF index's centroids, read from its quantizer once: the coarse scores of the lists a filtered search
+    may probe."""
+
+    def __init__(self, ivf: faiss.IndexIVF) -> None:
+        self.matrix = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+
+    def scores(self, queries: np.ndarray, lists: np.ndarray) -> np.ndarray:
+        return queries @ self.matrix[lists].T
+
+
+def filtered_nprobe(nprobe: int, selection: Selection, holding: int) -> int:
+    """Lists to probe for a selection: every list holding a selected vector when it is small (exact),
+    else nprobe raised for its share, at most those lists."""
+    if len(selection.ids) <= EXACT_BELOW:
+        return holding
+    return min(holding, max(nprobe, math.ceil(nprobe * selection.share**-ALPHA)))
+
+
+def ivf_search(
+    ivf: faiss.IndexIVF,
+    centroids: Centroids,
+    list_map: ListMap,
+    queries: np.ndarray,
+    k: int,
+    nprobe: int,
+    selection: Selection,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k among the selected vectors of an IVF index: the nearest `filtered_nprobe` lists of those holding
+    one, searched with the selection's id selector (faiss search_preassigned)."""
+    lists = selection.lists(list_map)
+    probe = filtered_nprobe(nprobe, selection, len(lists))
+    scores = centroids.scores(queries, lists)
+    if probe < len(lists):
+        top = np.argpartition(-scores, probe - 1, axis=1)[:, :probe]
+    else:
+        top = np.broadcast_to(np.arange(len(lists)), (len(queries), len(lists)))
+    assign = np.ascontiguousarray(lists[top], np.int64)
+    coarse = np.ascontiguousarray(np.take_along_axis(scores, top, axis=1), np.float32)
+    params = faiss.SearchParametersIVF()
+    params.nprobe = probe
+    params.sel = selection.selector()
+    n = len(queries)
+    distances, labels = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+    x = np.ascontiguousarray(queries, np.float32)
+    # search_preassigned's Python wrapper refuses params (faiss 1.15): the C call takes them, selector included
+    ivf.search_preassigned_c(  # type: ignore[attr-defined]  # faiss stub: no search_preassigned_c
+        n,
+        faiss.swig_ptr(x),
+        k,
+        faiss.swig_ptr(assign),
+        faiss.swig_ptr(coarse),
+        faiss.swig_ptr(distances),
+        faiss.swig_ptr(labels),
+        False,
+        params,
+        None,
+    )
+    return distances, labels
+
+
+def exact_search(
+    vectors_of: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by exact inner product among `ids`, their vectors read EXACT_BLOCK at a time."""
+    n = len(queries)
+    best_s = np.full((n, 0), -np.inf, np.float32)
+    best_i = np.full((n, 0), -1, np.int64)
+    for start in range(0, len(ids), EXACT_BLOCK):
+        block = ids[start : start + EXACT_BLOCK]
+        s = queries @ vectors_of(block).T
+        best_s = np.concatenate([best_s, s.astype(np.float32)], axis=1)
+        best_i = np.concatenate([best_i, np.broadcast_to(block, s.shape)], axis=1)
+        if best_s.shape[1] > k:
+            keep = np.argpartition(-best_s, k - 1, axis=1)[:, :k]
+            best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    scores, labels = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
+    if scores.shape[1] < k:  # fewer selected than k: pad as faiss does
+        pad = k - scores.shape[1]
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        labels = np.pad(labels, ((0, 0), (0, pad)), constant_values=-1)
+    return scores, labels

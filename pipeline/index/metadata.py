@@ -1,0 +1,339 @@
+"""metadata/ in a version: every image's fields as typed columns aligned with the id table, and the ids a
+filter selects from them; the one module that writes or reads that folder.
+
+  fields.json            {"schema": 1, "count": n, "fields": {name: {"type", "source", "present"}},
+                          "sources": [userfields.SourceReport.record() of each --metadata file]}
+  ids.npy                int64 [n], sorted: row i of every column is image ids[i]
+  f-<name>.npy           float64 [n] for number and date fields (dates in POSIX seconds; NaN: no value),
+                         int32 [n] for text fields (an index into f-<name>.json, sorted; -1: no value)
+  f-<name>.json          the distinct values of a text field, sorted
+
+Built-in fields (size, mtime, width, height) come from the shards; `path` is the id table's. A filter
+condition becomes a boolean mask over the sorted ids (numpy, about a millisecond per condition at 1M
+images), never SQL text; path globs are range scans of the id table's path index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import PipelineError
+from ..features import ShardInfo, read_facts
+from ..filters import Condition, FieldType, Filter, FilterError, check_condition, glob_prefix, glob_regex, typed
+from ..fsutil import atomic_write_text, exclusive_lock
+from .idtable import IDS_FILE, IdTable
+from .userfields import BUILTIN_FIELDS, UserField, file_sha256, read_metadata_files
+from .versions import (
+    META_FILE,
+    Collection,
+    IndexReport,
+    current_version,
+    damaged,
+    new_version,
+    publish_version,
+    read_meta,
+)
+
+LOG = logging.getLogger(__name__)
+
+METADATA_DIR = "metadata"
+FIELDS_FILE = "fields.json"
+SCHEMA = 1
+
+
+def metadata_files(out_dir: Path, given: Sequence[Path | str]) -> tuple[Path, ...]:
+    """The --metadata files a build reads: those given, else those the published version was made with (the
+    nightly job keeps reading the files it was first given), as absolute paths."""
+    if given:
+        return tuple(Path(f).absolute() for f in given)
+    try:
+        meta = read_meta(current_version(out_dir))
+    except PipelineError:
+        return ()
+    return tuple(Path(s["path"]) for s in (meta.get("metadata") or {}).get("sources", []))
+
+
+def metadata_changed(meta: dict[str, Any], files: Sequence[Path]) -> bool:
+    """Whether the metadata files differ from those a version was made with (other files, or other bytes)."""
+    recorded = {s["path"]: s.get("sha256") for s in (meta.get("metadata") or {}).get("sources", [])}
+    if set(recorded) != {str(f) for f in files}:
+        return True
+    for f in files:
+        try:
+            if file_sha256(f) != recorded[str(f)]:
+                return True
+        except OSError:
+            continue  # a file that vanished changes nothing: the version's fields stay
+    return False
+
+
+def make_metadata(version_dir: Path, source: Collection, files: Sequence[Path], out_dir: Path) -> dict[str, Any]:
+    """Write metadata/ of a version being made (its ids.sqlite already written): the built-in fields from the
+    source's shards, the user's from `files`; fields of a file that cannot be read now are carried over from
+    the published version. Returns meta.json's "metadata"."""
+    order = np.argsort(source.ids, kind="stable")
+    facts = {name: column[order] for name, column in collect_facts(source.parts).items()}
+    return _write_with_user_fields(version_dir, np.asarray(source.ids)[order], facts, files, out_dir)
+
+
+def _write_with_user_fields(
+    version_dir: Path, ids: np.ndarray, facts: dict[str, np.ndarray], files: Sequence[Path], out_dir: Path
+) -> dict[str, Any]:
+    t0 = time.monotonic()
+    with IdTable(version_dir / IDS_FILE) as table:
+        paths = table.paths()  # in id order: row i is ids[i]
+    user, reports = read_metadata_files(files, paths, ids)
+    for report in reports:
+        LOG.info("metadata %s", report.summary())
+        for example in report.examples:
+            LOG.warning("metadata %s: %s", report.path, example)
+    if any(r.missing for r in reports):
+        user = _carried_over(user, ids, out_dir)
+    record = write_metadata(version_dir, ids, facts, user, [r.record() for r in reports])
+    LOG.info(
+        "metadata: %d fields of %d images written (%.1f s)", len(record["fields"]), len(ids), time.monotonic() - t0
+    )
+    return record
+
+
+def _carried_over(user: dict[str, UserField], ids: np.ndarray, out_dir: Path) -> dict[str, UserField]:
+    """`user` plus the published version's user fields it lacks (a metadata file that could not be read keeps
+    what it gave before), by id."""
+    try:
+        version = current_version(out_dir)
+    except PipelineError:
+        return user
+    with IdTable(version / IDS_FILE) as table:
+        previous = Metadata(version, table)
+        if not previous.summary:
+            return user
+        out = dict(user)
+        for name, info in previous.summary["fields"].items():
+            if info["source"] != "file" or name in out:
+                continue
+            column = np.asarray(previous.column(name))
+            rows = np.searchsorted(previous.ids, ids)
+            rows = np.minimum(rows, len(previous.ids) - 1)
+            known = (np.asarray(previous.ids)[rows] == ids) & (
+                column[rows] >= 0 if info["type"] == "string" else ~np.isnan(column[rows])
+            )
+            mine = np.flatnonzero(known)
+            values = column[rows[mine]]
+            if info["type"] == "string":
+                values = previous.strings(name)[values]
+            out[name] = UserField(info["type"], mine.astype(np.int64), values)
+        return out
+
+
+def republish_metadata(out_dir: Path, files: Sequence[Path], keep: int) -> IndexReport:
+    """The next version of `out_dir` with new metadata only: every other file of the published version is
+    linked, not copied (and its checksum reused), nothing is trained or filled; for a nightly job whose
+    metadata files changed while the collection did not."""
+    t_start = time.monotonic()
+    with exclusive_lock(out_dir, "pipeline build-index"):
+        base = current_version(out_dir)
+        base_meta = read_meta(base)
+        with new_version(out_dir) as (tmp, version):
+            for f in base.iterdir():
+                if f.is_file() and f.name != META_FILE:
+                    os.link(f, tmp / f.name)
+            with IdTable(base / IDS_FILE) as table:
+                previous = Metadata(base, table)
+                ids = np.asarray(previous.ids)
+                facts = {
+                    name: np.asarray(previous.column(name)) if name in previous.fields else np.zeros(len(ids))
+                    for name in ("size", "mtime", "width", "height")
+                }
+            record = _write_with_user_fields(tmp, ids, facts, files, out_dir)
+            known = {k: v for k, v in base_meta.get("files", {}).items() if not k.startswith(METADATA_DIR + "/")}
+            meta = {
+                **base_meta,
+                "version": version,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "made_by": "metadata",
+                "base_version": base_meta["version"],
+                "metadata": record,
+                "build_seconds": round(time.monotonic() - t_start, 3),
+            }
+            return publish_version(out_dir, tmp, meta, keep, known=known)
+
+
+def collect_facts(parts: Sequence[tuple[ShardInfo, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The built-in fields of the live rows, in the order of `parts` (a Collection's): read from the shards'
+    small columns only."""
+    out: dict[str, list[np.ndarray]] = {name: [] for name in ("size", "mtime", "width", "height")}
+    for info, rows in parts:
+        facts = read_facts(info.path)
+        for name, column in out.items():
+            column.append(facts[name][rows])
+    return {name: np.concatenate(c).astype(np.float64) if c else np.zeros(0, np.float64) for name, c in out.items()}
+
+
+def write_metadata(
+    version_dir: Path,
+    ids: np.ndarray,
+    facts: dict[str, np.ndarray],
+    user: dict[str, UserField],
+    sources: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Write metadata/ into a version being made: `ids` sorted, `facts` in their order, `user` fields by
+    position in them. Returns what meta.json records of it."""
+    folder = version_dir / METADATA_DIR
+    folder.mkdir()
+    sorted_ids = np.ascontiguousarray(ids, np.int64)
+    np.save(folder / "ids.npy", sorted_ids)
+    fields: dict[str, dict[str, Any]] = {}
+    for name, column in facts.items():
+        values = np.array(column, np.float64)
+        values[values <= 0] = np.nan  # 0: not known (widths in shards written before they were recorded)
+        np.save(folder / f"f-{name}.npy", values)
+        fields[name] = {"type": BUILTIN_FIELDS[name], "source": "builtin", "present": int(np.isfinite(values).sum())}
+    for name, f in user.items():
+        if f.type == "string":
+            distinct = sorted(set(f.values.tolist()))
+            codes = np.full(len(sorted_ids), -1, np.int32)
+            codes[f.rows] = np.searchsorted(np.array(distinct, dtype=object), f.values).astype(np.int32)
+            np.save(folder / f"f-{name}.npy", codes)
+            atomic_write_text(folder / f"f-{name}.json", json.dumps(distinct, ensure_ascii=False))
+        else:
+            numbers = np.full(len(sorted_ids), np.nan)
+            numbers[f.rows] = f.values
+            np.save(folder / f"f-{name}.npy", numbers)
+        fields[name] = {"type": f.type, "source": "file", "present": len(f.rows)}
+    summary = {"schema": SCHEMA, "count": len(sorted_ids), "fields": fields, "sources": sources}
+    atomic_write_text(folder / FIELDS_FILE, json.dumps(summary, indent=1))
+    return {"fields": {name: f["type"] for name, f in fields.items()}, "sources": sources}
+
+
+class Metadata:
+    """A version's fields, opened read-only with the version (columns memory-mapped, so that a version pruned
+    later still reads): the ids a filter selects, and the fields of hits. A version made before metadata
+    existed knows `path` only."""
+
+    def __init__(self, version_dir: Path, id_table: IdTable) -> None:
+        self.folder, self.id_table = version_dir / METADATA_DIR, id_table
+        self.fields: dict[str, FieldType] = {"path": "string"}
+        self.summary: dict[str, Any] = {}
+        self._columns: dict[str, np.ndarray] = {}
+        self._strings: dict[str, np.ndarray] = {}
+        self._ids: np.ndarray | None = None
+        try:
+            self.summary = json.loads((self.folder / FIELDS_FILE).read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            raise damaged(self.folder / FIELDS_FILE, exc) from None
+        self.fields.update({name: f["type"] for name, f in self.summary["fields"].items()})
+        try:
+            self._ids = np.load(self.folder / "ids.npy", mmap_mode="r")
+            for name, ftype in self.fields.items():
+                if name == "path":
+                    continue
+                self._columns[name] = np.load(self.folder / f"f-{name}.npy", mmap_mode="r")
+                if ftype == "string":
+                    distinct = json.loads((self.folder / f"f-{name}.json").read_text())
+                    self._strings[name] = np.array(distinct, dtype=object)
+        except (OSError, ValueError) as exc:
+            raise damaged(self.folder, exc) from None
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Every id, sorted (the rows of the columns)."""
+        if self._ids is None:
+            self._ids = self.id_table.ids()
+        return self._ids
+
+    def strings(self, name: str) -> np.ndarray:
+        """The distinct values of a text field, sorted (its codes index them)."""
+        return self._strings[name]
+
+    def column(self, name: str) -> np.ndarray:
+        """A field's column (memory-mapped): float64 for numbers and dates, int32 codes for text."""
+        return self._columns[name]
+
+    def select(self, where: Filter) -> np.ndarray | None:
+        """The sorted ids `where` selects (all conditions hold); None when it selects everything (no filter).
+        FilterError for an unknown field, a value of the wrong type or an operator the field cannot take."""
+        if not where:
+            return None
+        mask = np.ones(len(self.ids), bool)
+        for cond in where.conditions:
+            mask &= self._mask(cond)
+        return np.asarray(self.ids[mask], np.int64)
+
+    def _mask(self, cond: Condition) -> np.ndarray:
+        ftype = self.fields.get(cond.key)
+        if ftype is None:
+            known = ", ".join(sorted(self.fields))
+            raise FilterError(f"{cond}: this index has no field `{cond.key}` (it has: {known})")
+        check_condition(cond, ftype)
+        if cond.key == "path":
+            mask = np.zeros(len(self.ids), bool)
+            mask[np.searchsorted(self.ids, self._path_ids(cond))] = True  # (the id table's ids are all in self.ids)
+            return mask
+        column = self.column(cond.key)
+        if ftype == "string":
+            strings = self._strings[cond.key]
+            wanted = [s for s in (str(typed(v, ftype, cond.key)) for v in cond.values) if _contains(strings, s)]
+            codes = np.searchsorted(strings, np.array(wanted, dtype=object)).astype(np.int32)
+            hit = np.isin(column, codes)
+            return hit if cond.op in ("=", "in") else (column >= 0) & ~hit
+        values = np.array([float(typed(v, ftype, cond.key)) for v in cond.values])
+        with np.errstate(invalid="ignore"):  # NaN (no value) matches nothing
+            if cond.op in ("=", "in"):
+                return np.isin(column, values)
+            if cond.op in ("!=", "not in"):
+                return ~np.isnan(column) & ~np.isin(column, values)
+            op = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}[cond.op]
+            return op(column, values[0])
+
+    def _path_ids(self, cond: Condition) -> np.ndarray:
+        if cond.op == "glob":
+            return self.id_table.ids_matching(glob_prefix(cond.values[0]), glob_regex(cond.values[0]))
+        found = [self.id_table.find(v) for v in cond.values]
+        ids = np.array([f[0] for f in found if f is not None], np.int64)
+        if cond.op in ("=", "in"):
+            return ids
+        return np.setdiff1d(np.asarray(self.ids), ids)
+
+    def of(self, ids: Sequence[int] | np.ndarray) -> list[dict[str, Any]]:
+        """Each id's fields (no value: left out; dates as ISO 8601 UTC), for hits shown to people."""
+        wanted = np.asarray(ids, np.int64)
+        if not self.summary or not len(wanted):
+            return [{} for _ in wanted]
+        rows = np.searchsorted(self.ids, wanted)
+        rows = np.minimum(rows, len(self.ids) - 1)
+        out: list[dict[str, Any]] = [{} for _ in wanted]
+        for name, ftype in self.fields.items():
+            if name == "path":
+                continue
+            column = self.column(name)
+            for j, r in enumerate(rows.tolist()):
+                v = column[r]
+                if ftype == "string":
+                    if v >= 0:
+                        out[j][name] = self._strings[name][v]
+                elif not math.isnan(v):
+                    out[j][name] = _shown(float(v), ftype)
+        return out
+
+
+def _contains(strings: np.ndarray, s: str) -> bool:
+    i = int(np.searchsorted(strings, s))
+    return i < len(strings) and strings[i] == s
+
+
+def _shown(v: float, ftype: FieldType) -> float | int | str:
+    if ftype == "date":
+        return datetime.fromtimestamp(v, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return int(v) if v.is_integer() else v
