@@ -34,6 +34,7 @@ from .extract import summary_lines
 from .features import DEFAULT_COMPACT_BELOW, DEFAULT_SHARD_SIZE
 from .images import DEFAULT_DECODE_TIMEOUT, find_images
 from .index import (
+    BUILTIN_FIELDS,
     DEFAULT_BITS,
     DEFAULT_FLAT_BELOW,
     DEFAULT_KEEP,
@@ -170,6 +171,26 @@ IndexModelOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout, nothing else there.")]
+WhereOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--where",
+        help="Only images this filter selects: key=value, key!=value, 'key in (a,b)', key<N (<= > >= on numbers "
+        "and dates), path:GLOB; on the index's fields (its metadata and size, mtime, width, height). "
+        "Repeatable: all must hold.",
+        show_default=False,
+    ),
+]
+MetadataOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--metadata",
+        help="Your metadata: a CSV (a `path` column) or JSON-lines file keyed by image path or glob; its "
+        "fields are stored with the index, to filter on and shown with results. Repeatable (the last value "
+        "wins). Default: the files the published version was made with.",
+        show_default=False,
+    ),
+]
 ProgressOpt = Annotated[
     bool | None,
     typer.Option(
@@ -502,6 +523,7 @@ def build_index(
             "build.",
         ),
     ] = None,
+    metadata: MetadataOpt = None,
     progress: ProgressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -522,6 +544,7 @@ def build_index(
         retrain_above=retrain_above,
         rerank=rerank,
         codes=codes,
+        metadata=metadata or (),
     )
     if as_json:
         _emit({"version_dir": report.version_dir, **report.meta})
@@ -573,6 +596,7 @@ def search(
     sheet: Annotated[
         Path | None, typer.Option("--sheet", help="Also write a PNG contact sheet of the results to this file.")
     ] = None,
+    where: WhereOpt = None,
     model: IndexModelOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -585,9 +609,13 @@ def search(
     results = []
     if queries:
         files = [q for q in queries if not q.is_dir()] + find_images([q for q in queries if q.is_dir()])
-        results += searcher.search(files, k=k, nprobe=nprobe, min_score=min_score, exclude_self=exclude_self)
+        results += searcher.search(
+            files, k=k, nprobe=nprobe, min_score=min_score, exclude_self=exclude_self, where=where
+        )
     if like:
-        results += searcher.search_like(like, k=k, nprobe=nprobe, min_score=min_score, exclude_self=exclude_self)
+        results += searcher.search_like(
+            like, k=k, nprobe=nprobe, min_score=min_score, exclude_self=exclude_self, where=where
+        )
     if sheet is not None:
         from .sheet import contact_sheet
 
@@ -611,7 +639,8 @@ def _print_results(results: list[QueryResult]) -> None:
         if r.error:
             typer.echo(f"  error: {r.error}")
         for h in r.hits:
-            typer.echo(f"  {h.rank:>3}  {h.score:.4f}  {h.path}")
+            mine = "  ".join(f"{k}={v}" for k, v in h.metadata.items() if k not in BUILTIN_FIELDS)
+            typer.echo(f"  {h.rank:>3}  {h.score:.4f}  {h.path}" + (f"  {mine}" if mine else ""))
 
 
 @app.command()
@@ -639,6 +668,7 @@ def duplicates(
     sheet: Annotated[
         Path | None, typer.Option("--sheet", help="Write one PNG contact sheet per group into this folder.")
     ] = None,
+    where: WhereOpt = None,
     progress: ProgressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -648,7 +678,9 @@ def duplicates(
     files are always one group. Largest groups first; in a group, the best-quality copy (most
     pixels, then most bytes) first. Nothing is deleted or moved.
     """
-    groups = find_groups(index, threshold, min_size=min_size, limit=limit, nprobe=nprobe, progress=progress)
+    groups = find_groups(
+        index, threshold, min_size=min_size, limit=limit, nprobe=nprobe, progress=progress, where=where
+    )
     if sheet is not None:
         from .sheet import group_sheets
 
@@ -718,6 +750,7 @@ def rebuild(
             "duration, counts, and when a run last succeeded.",
         ),
     ] = None,
+    metadata: MetadataOpt = None,
     ray: RayOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -745,6 +778,7 @@ def rebuild(
             threads=threads,
             retry_failed=retry_failed,
             scrub_shards=scrub,
+            metadata=metadata or (),
             distributor=_ray_distributor(ray),
             progress=False,
         )
@@ -973,12 +1007,15 @@ def eval_(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Write a precision-recall curve (PNG) to this file.")
     ] = None,
+    where: WhereOpt = None,
     model: IndexModelOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure retrieval quality against ground truth: mAP, recall@1/5/10, precision@1/5/10, and
     recall@1 per transformation when query names carry them (img0007_crop70+jpeg15.jpg)."""
-    report = evaluate(index, groundtruth, queries, model=model, nprobe=nprobe, exact=exact, root=root)
+    report = evaluate(
+        index, groundtruth, queries, model=model, nprobe=nprobe, exact=exact, root=root, where=where or ()
+    )
     if per_query is not None:
         write_per_query(report, per_query)
     if plot is not None:

@@ -170,11 +170,14 @@ def evaluate(
     exact: bool = False,
     root: Path | str | None = None,
     depth: int = 10_000,
+    where: Sequence[str] = (),
 ) -> EvalReport:
     """Run every ground-truth query image (from `queries`) against the index and score the rankings.
 
     Indexed paths are named relative to `root` (default: the common folder of all indexed paths).
     Rankings go `depth` deep (the whole collection when it is smaller); `exact` probes every IVF list.
+    `where`: score a subset: only the images the filter selects are searched, and ground-truth positives
+    outside it are left out (a query left with none is not scored).
     """
     from .search import Searcher
 
@@ -190,9 +193,15 @@ def evaluate(
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise PipelineError(f"{len(missing)} query images not found, e.g. {missing[0]}")
+    selection = searcher.select(where)
+    if selection is not None:
+        kept = {path for path, _ in searcher.rows(selection.ids).values()}
+        gt = [{**e, "positives": [p for p in e["positives"] if os.path.join(base, p) in kept]} for e in gt]
+        gt = [e for e in gt if e["positives"]]
+        files = [queries / e["query"] for e in gt]
     k = min(depth, searcher.count)
     probe = searcher.meta.get("nlist") or None if exact else nprobe
-    results = searcher.search(files, k=k, nprobe=probe)
+    results = searcher.search(files, k=k, nprobe=probe, where=where)
     rankings: dict[str, list[str]] = {}
     for entry, result in zip(gt, results, strict=True):
         if result.error:

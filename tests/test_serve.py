@@ -841,3 +841,25 @@ def test_a_full_decode_budget_waits_then_answers_busy():
         waiter.start()
     waiter.join()  # room was made when the first decode ended
     assert done.is_set() and budget.used == 0
+
+
+def test_search_within_a_filter_over_http(tmp_path, gallery, tiny_model):
+    files = sorted(p for p in gallery.rglob("*") if p.is_file())
+    meta = tmp_path / "products.csv"
+    meta.write_text("path,category\n" + "".join(f"{p},{['shoes', 'bags'][i % 2]}\n" for i, p in enumerate(files)))
+    rebuild([gallery], tmp_path / "work", tiny_model, workers=0, progress=False, metadata=[meta])
+    service = Service(tmp_path / "work" / "index", tiny_model, poll=0)
+    with TestClient(create_app(service), base_url=LOCAL) as client:
+        fields = client.get("/api/fields").json()["fields"]
+        assert fields["category"] == "string" and fields["width"] == "number" and fields["path"] == "string"
+        r = client.post("/api/search?k=20&where=category%3Dbags", files=upload(("q", files[0].read_bytes())))
+        hits = r.json()[0]["results"]
+        assert r.status_code == 200 and hits and all(h["metadata"]["category"] == "bags" for h in hits)
+        r = client.get("/api/search", params={"like": hits[0]["id"], "k": 20, "where": ["category=shoes", "width>10"]})
+        assert r.status_code == 200 and all(h["metadata"]["category"] == "shoes" for h in r.json()[0]["results"])
+        r = client.post("/api/search?where=colour%3Dred", files=upload(("q", files[0].read_bytes())))
+        assert r.status_code == 422 and "no field colour" in r.json()["error"]
+        r = client.get("/api/search", params={"like": 0, "where": ["category<x"]})
+        assert r.status_code == 422 and "holds text" in r.json()["error"]
+        r = client.get("/api/search", params={"like": hits[0]["id"], "where": ["category=hats"]})
+        assert r.status_code == 200 and r.json()[0]["results"] == []

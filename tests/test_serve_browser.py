@@ -155,3 +155,45 @@ def test_key_form_session_cookie_and_file_names_holding_html(tmp_path, tiny_mode
             assert page.title() != "1" and not dialogs
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_filter_box_lists_the_fields_and_results_show_their_metadata(tmp_path, tiny_model):
+    from playwright.sync_api import expect, sync_playwright
+
+    from helpers import save_pattern
+
+    rows = ["path,category,sku"]
+    for i in range(6):
+        path = save_pattern(tmp_path / "gallery" / f"p{i}.png", seed=i)
+        rows.append(f"{path},{['shoes', 'bags'][i % 2]},<b>SKU{i}</b>")
+    (tmp_path / "products.csv").write_text("\n".join(rows) + "\n")
+    rebuild(
+        [tmp_path / "gallery"],
+        tmp_path / "work",
+        tiny_model,
+        workers=0,
+        progress=False,
+        metadata=[tmp_path / "products.csv"],
+    )
+    service = Service(tmp_path / "work" / "index", tiny_model, poll=0)
+    with live_server(create_app(service)) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            expect(page.locator("#fields")).to_contain_text("category (text)")
+            page.fill("#where", "category=bags")
+            page.set_input_files("#file", str(tmp_path / "gallery" / "p0.png"))
+            fields = page.locator("#results .fields")
+            expect(fields).to_have_count(3)
+            assert all("category=bags" in t for t in fields.all_inner_texts())
+            assert "sku=<b>SKU" in fields.first.inner_text()  # shown as text, never as markup
+            page.fill("#where", "category=shoes; sku!=x")
+            page.click("#filter-form button")
+            expect(page.locator("#results .fields").first).to_contain_text("category=shoes")
+            page.fill("#where", "colour=red")
+            page.click("#filter-form button")
+            expect(page.locator("#status")).to_contain_text("no field colour")
+        finally:
+            browser.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import faiss
@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import PipelineError
 from ..features import exact_features
+from ..filters import Filter
 from ..progress import Progress
 from ..search import Searcher
 from .describe import DuplicateGroup, describe_groups
@@ -43,6 +44,7 @@ def find_groups(
     nprobe: int | None = None,
     rerank_margin: float | None = None,
     progress: bool | None = None,
+    where: Filter | Sequence[str] | None = None,
 ) -> list[DuplicateGroup]:
     """Every group of at least `min_size` near-duplicate images of the published index, largest first
     (at most `limit` groups). Reads only: nothing is deleted or moved.
@@ -52,6 +54,9 @@ def find_groups(
     `nprobe`: IVF lists each vector probes (default: by score gap to its nearest centroid, PROBE_GAP).
     `rerank_margin`: for compressed codes, pairs whose decoded score is at least threshold minus this
     are re-scored with the exact features from the shards (default: measured, see _code_error).
+
+    `where`: only images a filter selects are grouped, by pairs of selected images only (filters: the
+    `--where` language); the scan still reads the whole index.
     """
     _check_arguments(threshold, min_size, limit, nprobe)
     t0 = time.monotonic()
@@ -64,6 +69,8 @@ def find_groups(
             "cannot scan list by list; build an index without --codes for it"
         )
     ids = searcher.ids()  # sorted; ids are stable catalog ids, not positions: groups are formed over positions
+    selection = searcher.select(where)
+    chosen = None if selection is None else np.isin(ids, selection.ids)  # by position
     exact, vectors = _features(searcher)
     rescore: tuple[Vectors, float] | None = None
     cut = threshold
@@ -75,9 +82,14 @@ def find_groups(
             )
         rescore, cut = (vectors, threshold), threshold - rerank_margin
     parent = np.arange(len(ids), dtype=np.int64)
-    found = _join_pairs_above(parent, searcher, ids, cut, probing_for(cut, nprobe, searcher.nprobe), rescore, progress)
+    probing = probing_for(cut, nprobe, searcher.nprobe)
+    found = _join_pairs_above(parent, searcher, ids, cut, probing, rescore, progress, chosen)
     for same in searcher.same_content_ids():  # byte-identical files: one group, whatever the threshold
         pos = np.searchsorted(ids, same)
+        if chosen is not None:
+            pos = pos[chosen[pos]]
+        if len(pos) < 2:
+            continue
         union(parent, np.full(len(pos) - 1, pos[0]), pos[1:])
     groups = [ids[g] for g in components(parent, min_size)]
     LOG.info(
@@ -133,15 +145,20 @@ def _join_pairs_above(
     probing: Probing,
     rescore: tuple[Vectors, float] | None,
     progress: bool | None,
+    chosen: np.ndarray | None = None,
 ) -> int:
     """Join in `parent` every candidate pair at `cut` (re-scored first when `rescore` is (exact vectors by
     id, threshold)), merged FLUSH_PAIRS at a time so the pairs never all sit in memory; returns how many
-    pairs were joined."""
+    pairs were joined. `chosen` (by position): only pairs of two chosen images."""
     found = buffered = 0
     pending: Pairs = []
     with Progress(len(ids), "duplicates", enabled=progress) as bar:
         for a, b, done in pairs_above(searcher, ids, cut, probing):
-            pending.append((np.searchsorted(ids, a), np.searchsorted(ids, b)))
+            pa, pb = np.searchsorted(ids, a), np.searchsorted(ids, b)
+            if chosen is not None:
+                keep = chosen[pa] & chosen[pb]
+                pa, pb = pa[keep], pb[keep]
+            pending.append((pa, pb))
             buffered += len(a)
             bar.update(done)
             if buffered >= FLUSH_PAIRS:

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import PipelineError
 from ..features import ShardInfo, read_facts
-from ..filters import Condition, FieldType, Filter, FilterError, check_condition, glob_prefix, glob_regex, typed
+from ..filters import Condition, FieldType, Filter, check_key, glob_prefix, glob_regex, typed_values
 from ..fsutil import atomic_write_text, exclusive_lock
 from .idtable import IDS_FILE, IdTable
 from .userfields import BUILTIN_FIELDS, UserField, file_sha256, read_metadata_files
@@ -272,11 +272,8 @@ class Metadata:
         return np.asarray(self.ids[mask], np.int64)
 
     def _mask(self, cond: Condition) -> np.ndarray:
-        ftype = self.fields.get(cond.key)
-        if ftype is None:
-            known = ", ".join(sorted(self.fields))
-            raise FilterError(f"{cond}: this index has no field `{cond.key}` (it has: {known})")
-        check_condition(cond, ftype)
+        ftype = check_key(cond, self.fields)
+        values = typed_values(cond, ftype)  # checks the operator against the type too
         if cond.key == "path":
             mask = np.zeros(len(self.ids), bool)
             mask[np.searchsorted(self.ids, self._path_ids(cond))] = True  # (the id table's ids are all in self.ids)
@@ -284,18 +281,18 @@ class Metadata:
         column = self.column(cond.key)
         if ftype == "string":
             strings = self._strings[cond.key]
-            wanted = [s for s in (str(typed(v, ftype, cond.key)) for v in cond.values) if _contains(strings, s)]
+            wanted = [str(v) for v in values if _contains(strings, str(v))]
             codes = np.searchsorted(strings, np.array(wanted, dtype=object)).astype(np.int32)
             hit = np.isin(column, codes)
             return hit if cond.op in ("=", "in") else (column >= 0) & ~hit
-        values = np.array([float(typed(v, ftype, cond.key)) for v in cond.values])
+        numbers = np.array(values, np.float64)
         with np.errstate(invalid="ignore"):  # NaN (no value) matches nothing
             if cond.op in ("=", "in"):
-                return np.isin(column, values)
+                return np.isin(column, numbers)
             if cond.op in ("!=", "not in"):
-                return ~np.isnan(column) & ~np.isin(column, values)
+                return ~np.isnan(column) & ~np.isin(column, numbers)
             op = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}[cond.op]
-            return op(column, values[0])
+            return op(column, numbers[0])
 
     def _path_ids(self, cond: Condition) -> np.ndarray:
         if cond.op == "glob":

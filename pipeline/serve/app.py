@@ -24,9 +24,10 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import BusyError, PipelineError
+from ..filters import FilterError
 from ..search import DEFAULT_K, QueryResult
 from ..version import __version__
-from .limits import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_UPLOAD, RequestError
+from .limits import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_UPLOAD, MAX_WHERE, MAX_WHERE_LENGTH, RequestError
 from .metrics import METRICS_PATH, Measured, ServiceMetrics
 from .service import Service
 
@@ -55,6 +56,14 @@ Version = Annotated[
 ]
 Uploads = Annotated[list[UploadFile], File(description="One or more images (repeat the field).")]
 LikeId = Annotated[int, Query(ge=0, description="Id of an indexed image.")]
+Where = Annotated[
+    list[str],
+    Query(
+        max_length=MAX_WHERE_LENGTH,
+        description="A filter (key=value, key!=value, key in (a,b), key<N, <=, >, >=, path:GLOB); repeat the "
+        f"parameter to combine with AND (at most {MAX_WHERE} conditions).",
+    ),
+]
 
 
 def is_loopback(host: str) -> bool:
@@ -284,6 +293,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def on_request_error(_request: Request, exc: RequestError) -> JSONResponse:
         return _error(exc.status, str(exc))
 
+    @app.exception_handler(FilterError)
+    async def on_filter(_request: Request, exc: FilterError) -> JSONResponse:
+        return _error(422, str(exc))
+
     @app.exception_handler(BusyError)
     async def on_busy(_request: Request, exc: BusyError) -> JSONResponse:
         return _error(503, str(exc), {"Retry-After": str(RETRY_AFTER_S)})
@@ -325,9 +338,10 @@ def _add_api(app: FastAPI, service: Service) -> None:
         min_score: MinScore = None,
         exclude_self: ExcludeSelf = False,
         nprobe: Nprobe = None,
+        where: Where = [],  # noqa: B006  # FastAPI copies a list default per request
     ) -> JSONResponse:
         uploads = [(f.filename or f"upload-{i + 1}", await f.read()) for i, f in enumerate(image)]
-        version, results = await service.search_uploads(uploads, k, min_score, exclude_self, nprobe)
+        version, results = await service.search_uploads(uploads, k, min_score, exclude_self, nprobe, where)
         return _answer(version, results)
 
     @app.get("/api/search", summary="More like an indexed image (its stored feature, no model run)")
@@ -338,8 +352,9 @@ def _add_api(app: FastAPI, service: Service) -> None:
         min_score: MinScore = None,
         exclude_self: ExcludeSelf = False,
         nprobe: Nprobe = None,
+        where: Where = [],  # noqa: B006  # FastAPI copies a list default per request
     ) -> JSONResponse:
-        served, result = await service.search_like(like, version, k, min_score, exclude_self, nprobe)
+        served, result = await service.search_like(like, version, k, min_score, exclude_self, nprobe, where)
         return _answer(served, [result])
 
     @app.get(
@@ -351,6 +366,11 @@ def _add_api(app: FastAPI, service: Service) -> None:
     async def thumbnail_image(idx: Annotated[int, PathParam(ge=0)], version: Version = None) -> Response:
         data = await service.thumbnail(idx, version)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/api/fields", summary="The fields the served version's images can be filtered on, and their types")
+    async def fields() -> dict[str, Any]:
+        searcher = service.searcher
+        return {"version": searcher.version_dir.name, "fields": searcher.metadata.fields}
 
     @app.get("/api/health", summary="Ready once the index and the model are loaded")
     async def health() -> JSONResponse:

@@ -21,6 +21,8 @@ DEFAULT_MAX_CONNECTIONS = 256  # open connections at once; beyond, new ones are 
 DEFAULT_POLL = 0.5  # seconds between looks at the index's CURRENT for a newly published version
 DEFAULT_OPEN_VERSIONS = 3  # index versions kept open, so that ids of results already shown still resolve
 DEFAULT_DECODE_MEMORY = 1536 * 1024 * 1024  # bytes all uploads being decoded may take at once (images.decode_cost)
+MAX_WHERE = 16  # filter conditions per request: each costs a pass over a column (about 1 ms per million images)
+MAX_WHERE_LENGTH = 1000  # characters per condition
 DEFAULT_MAX_DECODE = DEFAULT_DECODE_MEMORY * 2 // 3  # one upload's decoding (a 16-bit 9000 x 9000 PNG: 0.9 GB)
 
 

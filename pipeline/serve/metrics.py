@@ -23,7 +23,16 @@ if TYPE_CHECKING:
 
 METRICS_PATH = "/metrics"
 # Route labels: a fixed set, so that no client can grow the series (ids and versions are not labels).
-ROUTES = ("/api/search", "/api/thumbnail", "/api/health", "/api/stats", "/api/session", METRICS_PATH, "/static")
+ROUTES = (
+    "/api/search",
+    "/api/thumbnail",
+    "/api/fields",
+    "/api/health",
+    "/api/stats",
+    "/api/session",
+    METRICS_PATH,
+    "/static",
+)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 

@@ -34,6 +34,7 @@ from .limits import (
     DEFAULT_POLL,
     DEFAULT_QUEUE_SIZE,
     DEFAULT_TIMEOUT,
+    MAX_WHERE,
     DecodeBudget,
     RequestError,
 )
@@ -306,8 +307,9 @@ class Service:
         min_score: float | None = None,
         exclude_self: bool = False,
         nprobe: int | None = None,
+        where: Sequence[str] = (),
     ) -> tuple[str, list[QueryResult]]:
-        """(version, results) for uploaded images (name, bytes), in order.
+        """(version, results) for uploaded images (name, bytes), in order, among the images `where` selects.
 
         An upload that cannot be decoded gets an `error` and the others still answer; when none can
         be used, RequestError. BusyError when the model's queue is full or no answer came in time.
@@ -319,8 +321,9 @@ class Service:
         t0 = time.perf_counter()
         searcher = self.searcher
         deadline = time.monotonic() + self.timeout  # every stage checks it: the work stops with the answer
+        await self._check_where(searcher, where)
         results = await self._in_time(
-            self._search_uploads(searcher, uploads, k, min_score, exclude_self, nprobe, deadline)
+            self._search_uploads(searcher, uploads, k, min_score, exclude_self, nprobe, deadline, where)
         )
         if all(r.error for r in results):
             raise RequestError("; ".join(f"{r.query}: {r.error}" for r in results))
@@ -336,6 +339,7 @@ class Service:
         exclude_self: bool,
         nprobe: int | None,
         deadline: float,
+        where: Sequence[str],
     ) -> list[QueryResult]:
         decoded = await asyncio.gather(
             *(asyncio.to_thread(self.decode, data, deadline) for _, data in uploads), return_exceptions=True
@@ -358,7 +362,7 @@ class Service:
             excl = [QueryFile("", content_hash) for _, (_, content_hash) in good] if exclude_self else None
             vectors = np.stack(feats)
             found = await asyncio.to_thread(
-                self._searching, searcher.search_vectors, vectors, k, nprobe, min_score, excl, deadline
+                self._searching, searcher.search_vectors, vectors, k, nprobe, min_score, excl, deadline, where
             )
             hits = {i: h for (i, _), h in zip(good, found, strict=True)}
         return [
@@ -374,6 +378,7 @@ class Service:
         min_score: float | None = None,
         exclude_self: bool = False,
         nprobe: int | None = None,
+        where: Sequence[str] = (),
     ) -> tuple[str, QueryResult]:
         """(version, result) for the indexed image `idx` of `version` (default: the current one), from its
         stored vector."""
@@ -381,9 +386,10 @@ class Service:
         searcher = self.searcher_for(version)
         path = self._path(searcher, idx)
         deadline = time.monotonic() + self.timeout
+        await self._check_where(searcher, where)
         result = await self._in_time(
             asyncio.to_thread(
-                self._searching, searcher.search_like, [path], k, nprobe, min_score, exclude_self, deadline
+                self._searching, searcher.search_like, [path], k, nprobe, min_score, exclude_self, deadline, where
             )
         )
         self._served(t0)
@@ -400,6 +406,14 @@ class Service:
             path = await asyncio.to_thread(self._path, searcher, idx)
             data = await self.thumbnails.render(name, idx, path, searcher.roots)
         return data
+
+    @staticmethod
+    async def _check_where(searcher: Searcher, where: Sequence[str]) -> None:
+        """A bad filter answers 422 before any upload is decoded (its selection is then kept for the search)."""
+        if len(where) > MAX_WHERE:
+            raise RequestError(f"at most {MAX_WHERE} where= conditions (got {len(where)})", 422)
+        if where:
+            await asyncio.to_thread(searcher.select, where)
 
     async def _in_time(self, work: Awaitable[T]) -> T:
         """`work`'s result, or BusyError (503) once `timeout` has passed; the work itself stops at its next stage

@@ -21,6 +21,49 @@ async function api(url, options) {
   return { body, version: response.headers.get("X-Index-Version") };
 }
 
+// The filter box: conditions separated by ";" (a ";" inside quotes stays), each sent as one where=.
+function whereParams() {
+  const out = [];
+  let current = "", quote = null;
+  for (const ch of $("where").value) {
+    if (quote) { if (ch === quote) quote = null; current += ch; }
+    else if (ch === '"' || ch === "'") { quote = ch; current += ch; }
+    else if (ch === ";") { out.push(current); current = ""; }
+    else current += ch;
+  }
+  out.push(current);
+  return out.map((c) => c.trim()).filter((c) => c);
+}
+
+function withWhere(params) {
+  for (const w of whereParams()) params.append("where", w);
+  return params;
+}
+
+async function showFields() {
+  try {
+    const { fields } = (await api("/api/fields")).body;
+    const names = Object.keys(fields);
+    $("where-keys").replaceChildren(...names.map((n) => {
+      const o = document.createElement("option");
+      o.value = `${n}${fields[n] === "string" ? "=" : fields[n] === "date" ? ">=" : "<"}`;
+      return o;
+    }));
+    $("fields").textContent = "fields: " + names.map((n) => `${n} (${fields[n] === "string" ? "text" : fields[n]})`).join(", ");
+  } catch (err) {
+    $("fields").textContent = "";
+  }
+}
+
+function metadataText(metadata) {
+  const builtin = new Set(["size", "mtime", "width", "height"]);
+  const own = Object.entries(metadata || {}).filter(([k]) => !builtin.has(k));
+  const shown = own.length ? own : Object.entries(metadata || {}).filter(([k]) => k === "width" || k === "height");
+  return shown.map(([k, v]) => `${k}=${v}`).join(" · ");
+}
+
+let lastSearch = null;  // re-run when the filter changes
+
 async function showIndex() {
   try {
     const s = (await api("/api/stats")).body;
@@ -44,7 +87,8 @@ function card(hit, version) {
   const button = document.createElement("button");
   button.type = "button";
   button.className = "card";
-  button.title = `${hit.path}\nclick: more like this`;
+  const details = metadataText(hit.metadata);
+  button.title = `${hit.path}${details ? "\n" + details : ""}\nclick: more like this`;
   const name = baseName(hit.path);
   button.setAttribute("aria-label", `#${hit.rank} ${name}, score ${hit.score.toFixed(3)}: more like this`);
   const img = document.createElement("img");
@@ -69,6 +113,12 @@ function card(hit, version) {
   score.append(hit.score.toFixed(3), meter);
   meta.append(nameEl, score);
   button.append(img, rank, meta);
+  if (details) {
+    const fields = document.createElement("span");
+    fields.className = "fields";
+    fields.textContent = details;
+    button.append(fields);
+  }
   button.addEventListener("click", () => moreLike(hit, version));
   li.append(button);
   return li;
@@ -80,7 +130,7 @@ function render(result, version, started) {
   if (!result.results.length) {
     const li = document.createElement("li");
     li.className = "empty";
-    li.textContent = "No results.";
+    li.textContent = whereParams().length ? "No results among the images the filter selects." : "No results.";
     grid.append(li);
   }
   const ms = Math.round(performance.now() - started);
@@ -103,17 +153,23 @@ async function run(title, note, src, url, options) {
 
 function searchFile(file) {
   if (!file) return;
-  const form = new FormData();
-  form.append("image", file, file.name || "pasted image");
-  const k = $("k").value;
-  run(`Results for ${file.name || "the pasted image"}`, "your photo", URL.createObjectURL(file),
-      `/api/search?k=${k}`, { method: "POST", body: form });
+  const src = URL.createObjectURL(file);
+  lastSearch = () => {
+    const form = new FormData();
+    form.append("image", file, file.name || "pasted image");
+    const q = withWhere(new URLSearchParams({ k: $("k").value }));
+    run(`Results for ${file.name || "the pasted image"}`, "your photo", src, `/api/search?${q}`,
+        { method: "POST", body: form });
+  };
+  lastSearch();
 }
 
 function moreLike(hit, version) {
-  const k = $("k").value;
-  const q = new URLSearchParams({ like: hit.id, version, k, exclude_self: "true" });
-  run(`More like ${baseName(hit.path)}`, hit.path, hit.thumbnail, `/api/search?${q}`);
+  lastSearch = () => {
+    const q = withWhere(new URLSearchParams({ like: hit.id, version, k: $("k").value, exclude_self: "true" }));
+    run(`More like ${baseName(hit.path)}`, hit.path, hit.thumbnail, `/api/search?${q}`);
+  };
+  lastSearch();
 }
 
 function setUp() {
@@ -135,6 +191,10 @@ function setUp() {
     const item = [...e.clipboardData.items].find((i) => i.kind === "file" && i.type.startsWith("image/"));
     if (item) searchFile(item.getAsFile());
   });
+  $("filter-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    if (lastSearch) lastSearch();
+  });
   $("key-form").addEventListener("submit", async (e) => {
     e.preventDefault();
     // The server checks the key and answers with an HttpOnly session cookie: no script ever holds it.
@@ -147,8 +207,10 @@ function setUp() {
     $("key-form").hidden = true;
     setStatus("Key accepted for this browser session; search again.");
     showIndex();
+    showFields();
   });
   showIndex();
+  showFields();
   setInterval(showIndex, 15000);  // a nightly rebuild shows up here
 }
 

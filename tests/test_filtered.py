@@ -1,0 +1,190 @@
+"""Search within a part of the collection: metadata files, the version's fields, the planner against brute
+force at every selectivity, and filters in the CLI, duplicates and the API."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from helpers import clustered_vectors, write_synthetic_shards
+from pipeline.cli import app
+from pipeline.filters import FilterError
+from pipeline.index import EXACT_BELOW, build_index, current_version, version_damage
+from pipeline.rebuild import rebuild
+from pipeline.search import Searcher
+
+runner = CliRunner()
+
+
+def cli(*args, code: int = 0):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    return result
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """6,000 clustered vectors in shards, with a metadata file: `r` uniform in [0, 1) (random selections)
+    and `near` the cosine to one image (selecting `near>=t` is a cluster of similar pictures)."""
+    tmp = tmp_path_factory.mktemp("filtered")
+    x = clustered_vectors(6000, 32, clusters=40, seed=3)
+    paths = write_synthetic_shards(tmp / "f", x, 1500)
+    r = np.random.default_rng(0).random(len(x))
+    near = x @ x[17]
+    rows = [
+        [p, f"{a:.6f}", f"{b:.6f}", ["red", "green", "blue"][i % 3]]
+        for i, (p, a, b) in enumerate(zip(paths, r, near, strict=True))
+    ]
+    meta = write_csv(tmp / "meta.csv", ["path", "r", "near", "colour"], rows)
+    return tmp, x, r, near, meta
+
+
+@pytest.mark.parametrize(
+    "factory, extra",
+    [("Flat", {}), ("IVF40,Flat", {"nprobe": 4}), ("IVF40,PQ8", {"rerank": 60, "nprobe": 4})],
+)
+def test_filtered_search_finds_what_brute_force_over_the_selection_finds(synthetic, factory, extra):
+    tmp, x, r, near, meta = synthetic
+    out = tmp / f"index-{factory}"
+    build_index(tmp / "f", out, factory=factory, metadata=[meta], progress=False, **extra)
+    searcher = Searcher(out)
+    queries = x[np.random.default_rng(1).choice(len(x), 30, replace=False)]
+    cases = [(f"r<{f}", r < f) for f in (1.0, 0.3, 0.1, 0.01, 0.001)]
+    cases += [(f"near>={t:.6f}", near >= t) for t in np.quantile(near, [0.9, 0.99, 0.999])]  # clustered
+    for where, chosen in cases:
+        selected = np.flatnonzero(chosen)
+        found = searcher.search_vectors(queries, 10, where=[where])
+        scores = queries @ x[selected].astype(np.float16).astype(np.float32).T  # the shards store float16
+        recalls = []
+        for hits, row in zip(found, scores, strict=True):
+            truth = set(selected[np.argsort(-row)[: min(10, len(selected))]].tolist())
+            assert {h.id for h in hits} <= set(selected.tolist()), where  # only selected images, ever
+            recalls.append(len({h.id for h in hits} & truth) / len(truth))
+        if len(selected) <= EXACT_BELOW and "PQ" not in factory:
+            assert np.mean(recalls) == 1.0, where  # planned exact
+        else:
+            assert np.mean(recalls) >= 0.95, (where, np.mean(recalls))
+
+
+def test_a_filter_that_selects_nothing_answers_empty_and_bad_filters_one_line(synthetic):
+    tmp, x, _, _, meta = synthetic
+    build_index(tmp / "f", tmp / "i-empty", metadata=[meta], progress=False)
+    searcher = Searcher(tmp / "i-empty")
+    assert searcher.search_vectors(x[:2], 5, where=["r<0", "colour=red"]) == [[], []]
+    for bad, said in [
+        ("colour<red", "holds text"),
+        ("r<abc", "not a number"),
+        ("shape=round", "no field shape"),
+        ("r<", "r<"),
+        ("colr=red", "did you mean colour"),
+    ]:
+        with pytest.raises(FilterError, match=said):
+            searcher.search_vectors(x[:1], 5, where=[bad])
+    hits = searcher.search_vectors(x[:1], 3, where=["colour in (red, blue)"])[0]
+    assert {h.metadata["colour"] for h in hits} <= {"red", "blue"} and all("r" in h.metadata for h in hits)
+
+
+@pytest.fixture()
+def shop(tmp_path, gallery, tiny_model):
+    """The gallery as a shop's catalogue: a CSV keyed by path (and by a glob for a whole folder)."""
+    files = sorted(p for p in gallery.rglob("*") if p.is_file())
+    rows = [
+        [str(p), f"SKU{i:03d}", ["shoes", "bags"][i % 2], 20 + 15 * i, f"2019-0{1 + i % 9}-15"]
+        for i, p in enumerate(files)
+    ]
+    rows.append([str(gallery / "nowhere.jpg"), "SKU999", "hats", 1, "2020-01-01"])  # unknown path
+    rows.append([str(files[0]), "SKU000b", "shoes", "cheap", "2019-01-15"])  # again (wins), and a wrong type
+    meta = write_csv(tmp_path / "products.csv", ["path", "sku", "category", "price", "listed"], rows)
+    jsonl = tmp_path / "extra.jsonl"
+    jsonl.write_text(json.dumps({"path": str(gallery / "a" / "**"), "shelf": "A"}) + "\n" + "not json\n")
+    return tmp_path / "work", files, meta, jsonl
+
+
+def test_metadata_round_trip_through_rebuild_reports_bad_rows_and_filters(shop, gallery, tiny_model, caplog):
+    work, files, meta, jsonl = shop
+    caplog.set_level(logging.WARNING)
+    report = rebuild([gallery], work, tiny_model, workers=0, progress=False, metadata=[meta, jsonl])
+    sources = report.index_meta["metadata"]["sources"]
+    assert [s["unknown"] for s in sources] == [1, 0] and sources[0]["duplicates"] == 1
+    assert sources[0]["wrong_types"] == 1 and sources[1]["bad_rows"] == 1 and sources[1]["matched"] == 1
+    assert report.index_meta["metadata"]["fields"] == {
+        "size": "number",
+        "mtime": "date",
+        "width": "number",
+        "height": "number",
+        "sku": "string",
+        "category": "string",
+        "price": "number",
+        "listed": "date",
+        "shelf": "string",
+    }
+    assert "not in the index" in caplog.text and "is not a number" in caplog.text
+    searcher = Searcher(work / "index")
+    first = searcher.search_like([files[0]], k=3)[0].hits[0]
+    assert first.metadata["sku"] == "SKU000b" and "price" not in first.metadata  # the last row won, its price left out
+    assert first.metadata["width"] == 96 and first.metadata["height"] == 72 and first.metadata["size"] > 0
+    shoes = searcher.search_like([files[1]], k=20, where=["category=shoes", "price<100"])[0].hits
+    assert shoes and all(h.metadata["category"] == "shoes" and h.metadata["price"] < 100 for h in shoes)
+    shelf = searcher.search_like([files[1]], k=20, where=["shelf=A"])[0].hits
+    assert {h.path for h in shelf} == {str(p) for p in files if p.is_relative_to(gallery / "a")}
+    in_a = searcher.search_like([files[1]], k=20, where=[f"path:{gallery}/a/**", "listed>=2019-03-01"])[0].hits
+    assert in_a and all(h.path.startswith(f"{gallery}/a/") and h.metadata["listed"] >= "2019-03" for h in in_a)
+
+
+def test_a_metadata_change_alone_publishes_a_version_without_a_model_run(shop, gallery, tiny_model, caplog):
+    work, files, meta, _ = shop
+    rebuild([gallery], work, tiny_model, workers=0, progress=False, metadata=[meta])
+    before = current_version(work / "index")
+    write_csv(meta, ["path", "sku", "category"], [[str(files[0]), "NEW", "sale"]])
+    report = rebuild([gallery], work, tiny_model, workers=0, progress=False)  # the files it was made with
+    after = current_version(work / "index")
+    assert report.extract.extracted == 0 and report.index_meta["made_by"] == "metadata" and after != before
+    assert (after / "index.faiss").stat().st_ino == (before / "index.faiss").stat().st_ino  # linked, not copied
+    assert version_damage(after) == []  # every file checksummed, metadata/ included
+    hit = Searcher(work / "index").search_like([files[0]], k=1)[0].hits[0]
+    assert hit.metadata["sku"] == "NEW" and hit.metadata["category"] == "sale" and "price" not in hit.metadata
+    # The file vanishes: nothing to publish for it; a new image later keeps the fields it gave (one warning).
+    meta.unlink()
+    assert not rebuild([gallery], work, tiny_model, workers=0, progress=False).index_built
+    files[-1].unlink()
+    caplog.set_level(logging.WARNING)
+    report = rebuild([gallery], work, tiny_model, workers=0, progress=False)
+    assert report.index_built and "cannot be read" in caplog.text
+    hit = Searcher(work / "index").search_like([files[0]], k=1)[0].hits[0]
+    assert hit.metadata["sku"] == "NEW"
+
+
+def test_cli_search_and_duplicates_with_where(shop, gallery, tiny_model):
+    work, files, meta, _ = shop
+    rebuild([gallery], work, tiny_model, workers=0, progress=False, metadata=[meta])
+    index = work / "index"
+    out = json.loads(
+        cli("search", "--like", files[1], "--index", index, "-k", "20", "--where", "category=bags", "--json").stdout
+    )
+    assert out[0]["results"] and all(h["metadata"]["category"] == "bags" for h in out[0]["results"])
+    text = cli("search", "--like", files[1], "--index", index, "-k", "2").stdout
+    assert "sku=SKU" in text  # the user's fields follow each hit
+    empty = json.loads(cli("search", "--like", files[1], "--index", index, "--where", "price>10000", "--json").stdout)
+    assert empty[0]["results"] == []  # selects nothing: an empty answer, exit 0
+    bad = cli("search", "--like", files[1], "--index", index, "--where", "colour=red", code=2)
+    assert "no field colour" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    groups = json.loads(
+        cli("duplicates", "--index", index, "--threshold", "-1", "--where", "category=bags", "--json").stdout
+    )
+    members = {Path(i["path"]).name for g in groups for i in g["images"]}
+    bags = {p.name for i, p in enumerate(files) if i % 2 == 1}
+    assert members and members <= bags
