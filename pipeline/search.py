@@ -25,7 +25,6 @@ from .index import (
     CODES_FILE,
     IDS_FILE,
     INDEX_FILE,
-    STORE_EXACT_BELOW,
     VECTOR_IDS_FILE,
     VECTORS_FILE,
     Centroids,
@@ -39,9 +38,11 @@ from .index import (
     current_version,
     damaged,
     exact_search,
+    filtered_nprobe,
     ivf_params,
     ivf_search,
     published_name,
+    ranked_from_store,
     read_meta,
 )
 from .model import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, FeatureModel
@@ -261,7 +262,7 @@ class Searcher:
             return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
         ivf = None if isinstance(self.index, CoarseToFine) else faiss.try_extract_index_ivf(self.index)
         compressed = self.store is not None
-        if compressed and len(selection.ids) <= STORE_EXACT_BELOW or isinstance(self.index, CoarseToFine):
+        if compressed and ranked_from_store(selection) or isinstance(self.index, CoarseToFine):
             if self.store is None:
                 raise PipelineError("this version has no vector store to rank a selection from")
             return exact_search(self.store.get, selection.ids, vectors, k)  # (codes: large selections too)
@@ -272,7 +273,7 @@ class Searcher:
         with self._map_lock:
             if self._lists is None or self._centroids is None:
                 self._lists, self._centroids = ListMap(ivf), Centroids(ivf)
-        probe = int(nprobe or self.nprobe or 1)
+        probe = filtered_nprobe(int(nprobe or self.nprobe or 1), selection, len(selection.lists(self._lists)))
         fetch = max(k, int(self.meta.get("rerank") or 0)) if compressed else k
         scores, ids = ivf_search(ivf, self._centroids, self._lists, vectors, fetch, probe, selection)
         if self.store is not None:

@@ -29,6 +29,7 @@ from .filtered import (
     exact_search,
     filtered_nprobe,
     ivf_search,
+    ranked_from_store,
 )
 from .idtable import IDS_FILE, IdTable
 from .metadata import (
@@ -74,6 +75,7 @@ from .versions import (
 )
 
 __all__ = [
+    "ranked_from_store",
     "metadata_changed",
     "metadata_files",
     "republish_metadata",

@@ -93,6 +93,12 @@ class Centroids:
         return queries @ self.matrix[lists].T
 
 
+def ranked_from_store(selection: Selection) -> bool:
+    """Whether a compressed version ranks this selection exactly from its store (small), rather than through
+    its IVF lists."""
+    return len(selection.ids) <= STORE_EXACT_BELOW
+
+
 def filtered_nprobe(nprobe: int, selection: Selection, holding: int) -> int:
     """Lists to probe for a selection: every list holding a selected vector when it is small (exact),
     else nprobe raised for its share, at most those lists."""
@@ -107,13 +113,14 @@ def ivf_search(
     list_map: ListMap,
     queries: np.ndarray,
     k: int,
-    nprobe: int,
+    probe: int,
     selection: Selection,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k among the selected vectors of an IVF index: the nearest `filtered_nprobe` lists of those holding
-    one, searched with the selection's id selector (faiss search_preassigned)."""
+    """Top-k among the selected vectors of an IVF index: the nearest `probe` lists of those holding one (all of
+    them when fewer; filtered_nprobe says how many), searched with the selection's id selector (faiss
+    search_preassigned)."""
     lists = selection.lists(list_map)
-    probe = filtered_nprobe(nprobe, selection, len(lists))
+    probe = max(1, min(probe, len(lists)))
     scores = centroids.scores(queries, lists)
     if probe < len(lists):
         top = np.argpartition(-scores, probe - 1, axis=1)[:, :probe]
