@@ -90,7 +90,8 @@ class Centroids:
         self.matrix = ivf.quantizer.reconstruct_n(0, ivf.nlist)
 
     def scores(self, queries: np.ndarray, lists: np.ndarray) -> np.ndarray:
-        return queries @ self.matrix[lists].T
+        """Inner products of the queries with the centroids of `lists` (all scored: no copy of the matrix)."""
+        return (queries @ self.matrix.T)[:, lists]
 
 
 def ranked_from_store(selection: Selection) -> bool:
