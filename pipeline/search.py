@@ -159,7 +159,8 @@ class Searcher:
         except (RuntimeError, OSError, KeyError, PipelineError) as exc:
             raise damaged(index_path, exc) from None
         self.id_table = IdTable(self.version_dir / IDS_FILE)  # opened now: the version stays readable if pruned
-        self.metadata = Metadata(self.version_dir, self.id_table)  # (its columns memory-mapped now, likewise)
+        # (its columns memory-mapped now, likewise)
+        self.metadata = Metadata(self.version_dir, self.id_table, expected=bool(self.meta.get("metadata")))
         self.store = (
             self.index.store
             if isinstance(self.index, CoarseToFine)

@@ -84,7 +84,7 @@ def test_upload_answers_like_the_cli_plus_id_and_thumbnail(client, index_dir, ga
     version = r.headers["X-Index-Version"]
     assert [{k: v for k, v in h.items() if k != "thumbnail"} for h in got["results"]] == cli["results"]
     assert all(h["thumbnail"] == f"/api/thumbnail/{h['id']}?version={version}" for h in got["results"])
-    assert set(got["results"][0]) == {"rank", "id", "path", "score", "thumbnail"}
+    assert set(got["results"][0]) == {"rank", "id", "path", "score", "metadata", "thumbnail"}
 
     # Several images in one request; one that cannot be used gets its reason, the others answer.
     r = client.post(

@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import PipelineError
 from ..features import ShardInfo, read_facts
 from ..filters import Condition, FieldType, Filter, check_key, glob_prefix, glob_regex, typed_values
-from ..fsutil import atomic_write_text, exclusive_lock
+from ..fsutil import exclusive_lock
 from .idtable import IDS_FILE, IdTable
 from .userfields import BUILTIN_FIELDS, UserField, file_sha256, read_metadata_files
 from .versions import (
@@ -204,14 +204,14 @@ def write_metadata(
             codes = np.full(len(sorted_ids), -1, np.int32)
             codes[f.rows] = np.searchsorted(np.array(distinct, dtype=object), f.values).astype(np.int32)
             np.save(folder / f"f-{name}.npy", codes)
-            atomic_write_text(folder / f"f-{name}.json", json.dumps(distinct, ensure_ascii=False))
+            (folder / f"f-{name}.json").write_text(json.dumps(distinct, ensure_ascii=False))
         else:
             numbers = np.full(len(sorted_ids), np.nan)
             numbers[f.rows] = f.values
             np.save(folder / f"f-{name}.npy", numbers)
         fields[name] = {"type": f.type, "source": "file", "present": len(f.rows)}
     summary = {"schema": SCHEMA, "count": len(sorted_ids), "fields": fields, "sources": sources}
-    atomic_write_text(folder / FIELDS_FILE, json.dumps(summary, indent=1))
+    (folder / FIELDS_FILE).write_text(json.dumps(summary, indent=1))  # (the version folder is published whole)
     return {"fields": {name: f["type"] for name, f in fields.items()}, "sources": sources}
 
 
@@ -220,31 +220,34 @@ class Metadata:
     later still reads): the ids a filter selects, and the fields of hits. A version made before metadata
     existed knows `path` only."""
 
-    def __init__(self, version_dir: Path, id_table: IdTable) -> None:
+    def __init__(self, version_dir: Path, id_table: IdTable, expected: bool = False) -> None:
+        """`expected`: the version's meta.json records metadata, so a missing folder is damage, not age."""
         self.folder, self.id_table = version_dir / METADATA_DIR, id_table
         self.fields: dict[str, FieldType] = {"path": "string"}
         self.summary: dict[str, Any] = {}
         self._columns: dict[str, np.ndarray] = {}
         self._strings: dict[str, np.ndarray] = {}
         self._ids: np.ndarray | None = None
+        path = self.folder / FIELDS_FILE
+        if not expected and not path.exists():
+            return  # a version made before metadata existed
         try:
-            self.summary = json.loads((self.folder / FIELDS_FILE).read_text())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            raise damaged(self.folder / FIELDS_FILE, exc) from None
-        self.fields.update({name: f["type"] for name, f in self.summary["fields"].items()})
-        try:
-            self._ids = np.load(self.folder / "ids.npy", mmap_mode="r")
+            self.summary = json.loads(path.read_text())
+            self.fields.update({name: f["type"] for name, f in self.summary["fields"].items()})
+            path = self.folder / "ids.npy"
+            self._ids = np.load(path, mmap_mode="r")
             for name, ftype in self.fields.items():
                 if name == "path":
                     continue
-                self._columns[name] = np.load(self.folder / f"f-{name}.npy", mmap_mode="r")
+                path = self.folder / f"f-{name}.npy"
+                self._columns[name] = np.load(path, mmap_mode="r")
+                if len(self._columns[name]) != len(self._ids):
+                    raise ValueError(f"{len(self._columns[name])} rows, not {len(self._ids)}")
                 if ftype == "string":
-                    distinct = json.loads((self.folder / f"f-{name}.json").read_text())
-                    self._strings[name] = np.array(distinct, dtype=object)
-        except (OSError, ValueError) as exc:
-            raise damaged(self.folder, exc) from None
+                    path = self.folder / f"f-{name}.json"
+                    self._strings[name] = np.array(json.loads(path.read_text()), dtype=object)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise damaged(path, exc) from None
 
     @property
     def ids(self) -> np.ndarray:
