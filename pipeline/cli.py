@@ -597,6 +597,14 @@ def search(
         Path | None, typer.Option("--sheet", help="Also write a PNG contact sheet of the results to this file.")
     ] = None,
     where: WhereOpt = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Check each hit (the top 50) with local features and a geometric fit: verified copies of the "
+            "query first, each with its inliers (needs the `verify` extra: OpenCV).",
+        ),
+    ] = False,
     model: IndexModelOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -610,11 +618,11 @@ def search(
     if queries:
         files = [q for q in queries if not q.is_dir()] + find_images([q for q in queries if q.is_dir()])
         results += searcher.search(
-            files, k=k, nprobe=nprobe, min_score=min_score, exclude_self=exclude_self, where=where
+            files, k=k, nprobe=nprobe, min_score=min_score, exclude_self=exclude_self, where=where, verify=verify
         )
     if like:
         results += searcher.search_like(
-            like, k=k, nprobe=nprobe, min_score=min_score, exclude_self=exclude_self, where=where
+            like, k=k, nprobe=nprobe, min_score=min_score, exclude_self=exclude_self, where=where, verify=verify
         )
     if sheet is not None:
         from .sheet import contact_sheet
@@ -640,7 +648,10 @@ def _print_results(results: list[QueryResult]) -> None:
             typer.echo(f"  error: {r.error}")
         for h in r.hits:
             mine = "  ".join(f"{k}={v}" for k, v in h.metadata.items() if k not in BUILTIN_FIELDS)
-            typer.echo(f"  {h.rank:>3}  {h.score:.4f}  {h.path}" + (f"  {mine}" if mine else ""))
+            check = "" if h.verified is None else f"  {'verified' if h.verified else '-'} ({h.inliers} inliers)"
+            if h.unverified:
+                check = f"  unverified: {h.unverified}"
+            typer.echo(f"  {h.rank:>3}  {h.score:.4f}  {h.path}{check}" + (f"  {mine}" if mine else ""))
 
 
 @app.command()

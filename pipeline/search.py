@@ -11,13 +11,15 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from .copies import LocalFeatures, local_features, verify_pair
 from .errors import DeadlineExceeded, ImageError, ModelMismatchError, PipelineError
 from .filters import Filter, parse_where
 from .images import load_image
@@ -48,6 +50,10 @@ from .index import (
 from .model import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, FeatureModel
 
 LOG = logging.getLogger(__name__)
+VERIFY_KEYS = ("verified", "inliers", "unverified")  # a hit's keys only where it was verified
+VERIFY_AT_MOST = 50  # hits of a query verified (the top ones): each costs a file read and a geometric fit
+VERIFY_THREADS = 2  # candidates checked at once
+LOCAL_KEPT = 512  # candidates' local features a Searcher keeps (about 30 KB each)
 SELECTIONS_KEPT = 64  # filters whose selection a Searcher keeps (a page or a script repeats the same filter)
 
 
@@ -58,6 +64,9 @@ class Hit:
     path: str
     score: float
     metadata: dict = field(default_factory=dict)  # the image's fields (built-in and the user's), for people
+    verified: bool | None = None  # with verify: the same picture, by local features and a geometric fit
+    inliers: int | None = None  # with verify: matched points that fit the transform
+    unverified: str | None = None  # with verify: why a hit could not be checked (its file cannot be read)
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,8 @@ class QueryResult:
     error: str | None = None  # set when the query could not be used
 
     def to_dict(self) -> dict:
-        d: dict = {"query": self.query, "results": [vars(h) for h in self.hits]}
+        hits = [{k: v for k, v in vars(h).items() if v is not None or k not in VERIFY_KEYS} for h in self.hits]
+        d: dict = {"query": self.query, "results": hits}
         if self.error is not None:
             d["error"] = self.error
         return d
@@ -144,6 +154,7 @@ class Searcher:
         self._lists: ListMap | None = None
         self._centroids: Centroids | None = None
         self._selections: OrderedDict[str, Selection] = OrderedDict()
+        self._local: OrderedDict[str, LocalFeatures] = OrderedDict()  # candidates' local features (verify)
         self._select_lock = threading.Lock()
 
     def _open(self, mmap: bool) -> None:
@@ -367,9 +378,10 @@ class Searcher:
         exclude_self: bool = False,
         batch_size: int = DEFAULT_BATCH_SIZE,
         where: Filter | Sequence[str] | None = None,
+        verify: bool = False,
     ) -> list[QueryResult]:
         """Top-k for each query image (among the images `where` selects); a query that cannot be decoded gets
-        an error, the rest still answer."""
+        an error, the rest still answer. `verify`: each hit is checked (Searcher.verified)."""
         if k < 1:
             raise PipelineError(f"k must be at least 1 (got {k})")
         self.select(where)  # a bad filter fails before any image is decoded
@@ -390,6 +402,8 @@ class Searcher:
             found = self.search_vectors(feats, k, nprobe, min_score, excl, where=where)
             for (i, _, _), hits in zip(chunk, found, strict=True):
                 results[i] = QueryResult(str(images[i]), hits)
+                if verify:
+                    results[i] = self.verified(results[i], local_features(images[i], mirrored=True))
         return [results[i] for i in range(len(images))]
 
     def search_like(
@@ -401,9 +415,10 @@ class Searcher:
         exclude_self: bool = False,
         deadline: float | None = None,
         where: Filter | Sequence[str] | None = None,
+        verify: bool = False,
     ) -> list[QueryResult]:
         """Top-k for images already in the index, from their stored vectors (no model run); `deadline` and
-        `where` as in search_vectors."""
+        `where` as in search_vectors, `verify` as in search."""
         results: dict[int, QueryResult] = {}
         found: list[tuple[int, np.ndarray, QueryFile]] = []
         for i, p in enumerate(paths):
@@ -419,7 +434,41 @@ class Searcher:
             found_hits = self.search_vectors(vecs, k, nprobe, min_score, excl, deadline, where)
             for (i, _, _), hits in zip(found, found_hits, strict=True):
                 results[i] = QueryResult(str(paths[i]), hits)
+                if verify:
+                    results[i] = self.verified(results[i], local_features(paths[i], mirrored=True))
         return [results[i] for i in range(len(paths))]
+
+    def verified(
+        self, result: QueryResult, query: LocalFeatures, read: Callable[[str], LocalFeatures] | None = None
+    ) -> QueryResult:
+        """The result with each of its top VERIFY_AT_MOST hits checked against the query's local features
+        (copies.verify_pair: matched ORB features that one similarity transform explains, the mirrored query
+        too): verified hits first, then the others, each by score. A hit whose file cannot be read now is
+        unverified with the reason. `read`: a candidate's local features from its path (default: the file,
+        kept for the next queries). PipelineError without OpenCV (the `verify` extra)."""
+        read = read or self._local_features
+        checked = result.hits[:VERIFY_AT_MOST]
+        with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="verify") as pool:  # OpenCV releases the GIL
+            verdicts = list(pool.map(lambda h: verify_pair(query, read(h.path)), checked))
+        hits = [
+            replace(h, verified=v.verified, inliers=v.inliers, unverified=v.reason)
+            for h, v in zip(checked, verdicts, strict=True)
+        ] + result.hits[VERIFY_AT_MOST:]
+        hits.sort(key=lambda h: (not h.verified, -h.score))
+        return replace(result, hits=[replace(h, rank=r) for r, h in enumerate(hits, 1)])
+
+    def _local_features(self, path: str) -> LocalFeatures:
+        with self._select_lock:
+            cached = self._local.get(path)
+            if cached is not None:
+                self._local.move_to_end(path)
+                return cached
+        features = local_features(path)
+        with self._select_lock:
+            self._local[path] = features
+            while len(self._local) > LOCAL_KEPT:
+                self._local.popitem(last=False)
+        return features
 
     def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The stored vectors of indexed images, by id: from the vector store when the version has one

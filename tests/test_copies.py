@@ -18,6 +18,7 @@ from pipeline.copies import (
     verify_candidates,
     verify_pair,
 )
+from pipeline.copies.check import inliers
 
 pytest.importorskip("cv2", reason="the verify extra (opencv-python-headless) is not installed")
 
@@ -64,9 +65,10 @@ def test_a_rotation_by_ten_degrees_verifies(original):
 def test_a_mirror_verifies_through_the_mirrored_query(original):
     mirrored = picture(1).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     assert verify_pair(as_query(mirrored), original).verified
-    never = 10**6  # a threshold no pair meets: both the query and its mirror image are tried
-    plain = verify_pair(local_features(np.asarray(mirrored)), original, never).inliers
-    assert verify_pair(as_query(mirrored), original, never).inliers > 5 * max(plain, INLIER_THRESHOLD)
+    plain = inliers(local_features(np.asarray(mirrored)), original)
+    mirror = as_query(mirrored).mirror
+    assert mirror is not None and inliers(mirror, original) > 5 * max(plain, INLIER_THRESHOLD)
+    assert inliers(local_features(np.asarray(picture(2))), original, needed=10**6) == 0  # no fit tried
 
 
 def test_a_different_picture_of_the_same_style_does_not_verify(original):
@@ -123,3 +125,72 @@ def test_without_opencv_the_package_imports_and_says_how_to_install(monkeypatch,
     assert pipeline.copies.WORK_SIDE  # imported, and usable up to the first OpenCV call
     with pytest.raises(PipelineError, match=r"pip install 'pipeline\[verify\]'"):
         local_features(tmp_path / "any.jpg")
+
+
+@pytest.fixture()
+def copies_index(tmp_path, tiny_model):
+    """Four distinct pictures of one style, indexed; a half crop and a mirror of the first as queries."""
+    from pipeline.rebuild import rebuild
+
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for seed in (1, 2, 3, 4):
+        picture(seed).save(gallery / f"p{seed}.png")
+    im = picture(1)
+    w, h = im.size
+    im.crop((w // 4, h // 4, w // 4 + w // 2, h // 4 + h // 2)).save(tmp_path / "crop.png")
+    im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "mirror.png")
+    rebuild([gallery], tmp_path / "work", tiny_model, workers=0, progress=False)
+    return tmp_path, gallery
+
+
+def test_search_verify_puts_verified_copies_first_and_names_unreadable_hits(copies_index):
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.search import Searcher
+
+    tmp, gallery = copies_index
+    searcher = Searcher(tmp / "work" / "index")
+    for query in ("crop.png", "mirror.png"):
+        hits = searcher.search([tmp / query], k=4, verify=True)[0].hits
+        assert hits[0].path == str(gallery / "p1.png") and hits[0].verified and hits[0].rank == 1, query
+        assert [h.verified for h in hits[1:]] == [False, False, False], query
+    (gallery / "p3.png").unlink()  # indexed, then gone: that hit cannot be checked, the others still are
+    result = runner_json = CliRunner().invoke(
+        app, ["search", str(tmp / "crop.png"), "--index", str(tmp / "work" / "index"), "-k", "4", "--verify", "--json"]
+    )
+    assert result.exit_code == 0, result.stderr
+    hits = json.loads(runner_json.stdout)[0]["results"]
+    assert hits[0]["verified"] and hits[0]["inliers"] >= INLIER_THRESHOLD
+    gone = next(h for h in hits if h["path"].endswith("p3.png"))
+    assert gone["verified"] is False and "file not found" in gone["unverified"]
+    plain = searcher.search([tmp / "crop.png"], k=4)[0].to_dict()["results"]
+    assert all("verified" not in h for h in plain)  # only verified searches carry verdicts
+
+
+def test_verify_over_http(copies_index, tiny_model, monkeypatch):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from pipeline.serve import Service, create_app
+
+    tmp, gallery = copies_index
+    service = Service(tmp / "work" / "index", tiny_model, poll=0)
+    with TestClient(create_app(service), base_url="http://127.0.0.1") as client:
+        upload = [("image", ("mirror.png", (tmp / "mirror.png").read_bytes(), "image/png"))]
+        hits = client.post("/api/search?k=4&verify=true", files=upload).json()[0]["results"]
+        assert hits[0]["path"] == str(gallery / "p1.png") and hits[0]["verified"] is True
+        assert [h["verified"] for h in hits[1:]] == [False, False, False]
+        like = client.get("/api/search", params={"like": hits[0]["id"], "k": 4, "verify": "true"}).json()
+        assert like[0]["results"][0]["verified"] is True  # the image itself
+        from pipeline.serve import service as service_module
+
+        def missing():
+            raise service_module.PipelineError("verifying copies needs OpenCV: pip install 'pipeline[verify]'")
+
+        monkeypatch.setattr(service_module, "opencv", missing)
+        r = client.post("/api/search?verify=true", files=upload)
+        assert r.status_code == 501 and "pipeline[verify]" in r.json()["error"]

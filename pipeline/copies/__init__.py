@@ -8,7 +8,8 @@ verified: matches, a robust fit, the calibrated threshold), `cache` (local featu
 
 from .cache import CACHE_VERSION, features_from_bytes, features_to_bytes
 from .check import INLIER_THRESHOLD, Verdict, verify_candidates, verify_pair
-from .local import MAX_FEATURES, WORK_SIDE, LocalFeatures, local_features
+from .local import MAX_FEATURES, WORK_SIDE, LocalFeatures, local_features, unreadable
+from .opencv import opencv
 
 __all__ = [
     "CACHE_VERSION",
@@ -20,6 +21,8 @@ __all__ = [
     "features_from_bytes",
     "features_to_bytes",
     "local_features",
+    "opencv",
+    "unreadable",
     "verify_candidates",
     "verify_pair",
 ]

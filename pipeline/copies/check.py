@@ -73,10 +73,11 @@ def plausible(matrix: np.ndarray) -> bool:
     return bool(MIN_SCALE <= low and high <= MAX_SCALE and high <= MAX_ANISOTROPY * max(low, 1e-9))
 
 
-def inliers(query: LocalFeatures, candidate: LocalFeatures, geometry: Geometry = "similarity") -> int:
-    """The inliers of the transform fitted to the pair's matches (0 when no plausible transform fits)."""
+def inliers(query: LocalFeatures, candidate: LocalFeatures, geometry: Geometry = "similarity", needed: int = 0) -> int:
+    """The inliers of the transform fitted to the pair's matches (0 when no plausible transform fits, or when
+    there are fewer matches than `needed` inliers: RANSAC's 2,000 tries are spent only where they can verify)."""
     qp, cp = mutual_matches(query, candidate)
-    if len(qp) < MIN_MATCHES:
+    if len(qp) < max(MIN_MATCHES, needed):
         return 0
     cv2 = opencv()
     if geometry == "similarity":
@@ -103,9 +104,9 @@ def verify_pair(
     reason = query.reason or candidate.reason
     if reason:
         return Verdict(False, 0, reason)
-    best = inliers(query, candidate, geometry)
+    best = inliers(query, candidate, geometry, threshold)
     if best < threshold and query.mirror is not None:
-        best = max(best, inliers(query.mirror, candidate, geometry))
+        best = max(best, inliers(query.mirror, candidate, geometry, threshold))
     return Verdict(best >= threshold, best, None)
 
 

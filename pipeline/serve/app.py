@@ -56,6 +56,10 @@ Version = Annotated[
 ]
 Uploads = Annotated[list[UploadFile], File(description="One or more images (repeat the field).")]
 LikeId = Annotated[int, Query(ge=0, description="Id of an indexed image.")]
+Verify = Annotated[
+    bool,
+    Query(description="Check each hit (the top 50) with local features and a geometric fit; verified copies first."),
+]
 Where = Annotated[
     list[str],
     Query(
@@ -339,9 +343,10 @@ def _add_api(app: FastAPI, service: Service) -> None:
         exclude_self: ExcludeSelf = False,
         nprobe: Nprobe = None,
         where: Where = [],  # noqa: B006  # FastAPI copies a list default per request
+        verify: Verify = False,
     ) -> JSONResponse:
         uploads = [(f.filename or f"upload-{i + 1}", await f.read()) for i, f in enumerate(image)]
-        version, results = await service.search_uploads(uploads, k, min_score, exclude_self, nprobe, where)
+        version, results = await service.search_uploads(uploads, k, min_score, exclude_self, nprobe, where, verify)
         return _answer(version, results)
 
     @app.get("/api/search", summary="More like an indexed image (its stored feature, no model run)")
@@ -353,8 +358,9 @@ def _add_api(app: FastAPI, service: Service) -> None:
         exclude_self: ExcludeSelf = False,
         nprobe: Nprobe = None,
         where: Where = [],  # noqa: B006  # FastAPI copies a list default per request
+        verify: Verify = False,
     ) -> JSONResponse:
-        served, result = await service.search_like(like, version, k, min_score, exclude_self, nprobe, where)
+        served, result = await service.search_like(like, version, k, min_score, exclude_self, nprobe, where, verify)
         return _answer(served, [result])
 
     @app.get(

@@ -20,8 +20,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from ..copies import WORK_SIDE, LocalFeatures, local_features, opencv
+from ..copies import unreadable as local_features_unreadable
 from ..errors import BusyError, DeadlineExceeded, ImageError, PipelineError
-from ..images import decode_bytes, decode_cost, input_shapes
+from ..images import decode_bytes, decode_cost, decode_rgb, input_shapes, read_regular_file
 from ..index import published_name
 from ..model import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, FeatureModel
 from ..search import DEFAULT_K, Hit, QueryFile, QueryResult, Searcher, check_deadline
@@ -38,7 +40,7 @@ from .limits import (
     DecodeBudget,
     RequestError,
 )
-from .thumbnails import Thumbnails
+from .thumbnails import THUMB_MAX_BYTES, Thumbnails
 
 LOG = logging.getLogger(__name__)
 
@@ -65,6 +67,15 @@ def _file_stat(path: Path | str) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _check_verify(verify: bool) -> None:
+    """verify=true on a server without OpenCV answers 501, saying what to install."""
+    if verify:
+        try:
+            opencv()
+        except PipelineError as exc:
+            raise RequestError(str(exc), 501) from None
 
 
 class Service:
@@ -308,8 +319,10 @@ class Service:
         exclude_self: bool = False,
         nprobe: int | None = None,
         where: Sequence[str] = (),
+        verify: bool = False,
     ) -> tuple[str, list[QueryResult]]:
-        """(version, results) for uploaded images (name, bytes), in order, among the images `where` selects.
+        """(version, results) for uploaded images (name, bytes), in order, among the images `where` selects;
+        with `verify`, each result's hits checked as copies (Searcher.verified, files read as thumbnails are).
 
         An upload that cannot be decoded gets an `error` and the others still answer; when none can
         be used, RequestError. BusyError when the model's queue is full or no answer came in time.
@@ -322,11 +335,15 @@ class Service:
         searcher = self.searcher
         deadline = time.monotonic() + self.timeout  # every stage checks it: the work stops with the answer
         await self._check_where(searcher, where)
+        _check_verify(verify)
         results = await self._in_time(
             self._search_uploads(searcher, uploads, k, min_score, exclude_self, nprobe, deadline, where)
         )
         if all(r.error for r in results):
             raise RequestError("; ".join(f"{r.query}: {r.error}" for r in results))
+        if verify:
+            data = [d for _, d in uploads]  # (results are in the uploads' order)
+            results = await self._in_time(asyncio.to_thread(self._verify_all, searcher, results, data, deadline))
         self._served(t0)
         return searcher.version_dir.name, results
 
@@ -379,6 +396,7 @@ class Service:
         exclude_self: bool = False,
         nprobe: int | None = None,
         where: Sequence[str] = (),
+        verify: bool = False,
     ) -> tuple[str, QueryResult]:
         """(version, result) for the indexed image `idx` of `version` (default: the current one), from its
         stored vector."""
@@ -387,11 +405,16 @@ class Service:
         path = self._path(searcher, idx)
         deadline = time.monotonic() + self.timeout
         await self._check_where(searcher, where)
+        _check_verify(verify)
         result = await self._in_time(
             asyncio.to_thread(
                 self._searching, searcher.search_like, [path], k, nprobe, min_score, exclude_self, deadline, where
             )
         )
+        if verify:
+            query = await asyncio.to_thread(self._candidate, searcher, path)
+            verified = await self._in_time(asyncio.to_thread(self._verify_one, searcher, result[0], query, deadline))
+            result = [verified]
         self._served(t0)
         return searcher.version_dir.name, result[0]
 
@@ -406,6 +429,39 @@ class Service:
             path = await asyncio.to_thread(self._path, searcher, idx)
             data = await self.thumbnails.render(name, idx, path, searcher.roots)
         return data
+
+    def _verify_all(
+        self, searcher: Searcher, results: list[QueryResult], uploads: list[bytes], deadline: float
+    ) -> list[QueryResult]:
+        """Each upload's hits verified (an upload that failed keeps its error)."""
+        out = []
+        for result, data in zip(results, uploads, strict=True):
+            if result.error:
+                out.append(result)
+                continue
+            try:
+                with self.decode_budget.take(decode_cost(data), max(0.0, deadline - time.monotonic())):
+                    query = local_features(np.asarray(decode_rgb(data, WORK_SIDE)), mirrored=True)
+            except ImageError as exc:
+                query = local_features_unreadable(str(exc))
+            out.append(self._verify_one(searcher, result, query, deadline))
+        return out
+
+    def _verify_one(
+        self, searcher: Searcher, result: QueryResult, query: LocalFeatures, deadline: float
+    ) -> QueryResult:
+        check_deadline(deadline, "verifying the hits")
+        return searcher.verified(result, query, lambda path: self._candidate(searcher, path))
+
+    @staticmethod
+    def _candidate(searcher: Searcher, path: str) -> LocalFeatures:
+        """An indexed file's local features, read as a thumbnail's file is (a regular file inside the collection's
+        folders, at most THUMB_MAX_BYTES)."""
+        try:
+            data = read_regular_file(path, THUMB_MAX_BYTES, searcher.roots)
+            return local_features(np.asarray(decode_rgb(data, WORK_SIDE)))
+        except ImageError as exc:
+            return local_features_unreadable(str(exc))
 
     @staticmethod
     async def _check_where(searcher: Searcher, where: Sequence[str]) -> None:

@@ -37,6 +37,7 @@ function whereParams() {
 
 function withWhere(params) {
   for (const w of whereParams()) params.append("where", w);
+  if ($("verify").checked) params.set("verify", "true");
   return params;
 }
 
@@ -98,6 +99,13 @@ function card(hit, version) {
   const rank = document.createElement("span");
   rank.className = "rank";
   rank.textContent = `#${hit.rank}`;
+  if (hit.verified) {
+    const badge = document.createElement("span");
+    badge.className = "badge";
+    badge.textContent = "verified copy";
+    badge.title = `${hit.inliers} matched points fit one transform`;
+    rank.append(" ", badge);
+  }
   const meta = document.createElement("span");
   meta.className = "meta";
   const nameEl = document.createElement("span");
@@ -191,6 +199,7 @@ function setUp() {
     const item = [...e.clipboardData.items].find((i) => i.kind === "file" && i.type.startsWith("image/"));
     if (item) searchFile(item.getAsFile());
   });
+  $("verify").addEventListener("change", () => { if (lastSearch) lastSearch(); });
   $("filter-form").addEventListener("submit", (e) => {
     e.preventDefault();
     if (lastSearch) lastSearch();
