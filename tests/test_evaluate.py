@@ -127,6 +127,12 @@ def test_eval_cli(tmp_path, gallery, tiny_model):
         assert ((pixels == (30, 90, 200)).all(axis=1)).sum() > 500
     text = CliRunner().invoke(app, args)
     assert text.exit_code == 0 and "recall@1 by transformation" in text.stdout and "crop" in text.stdout
+    # A subset: only the images whose names sort before the third original; the others' queries are not scored.
+    kept = sorted(p.name for p in originals)[:3]
+    subset = CliRunner().invoke(app, args + ["--json", "--where", f"path in ({','.join(str(db / n) for n in kept)})"])
+    assert subset.exit_code == 0, subset.stderr
+    scored = json.loads(subset.stdout)
+    assert scored["queries"] == len({p.name for p in originals[:5]} & set(kept)) and scored["mAP"] == 1.0
     unwritable = CliRunner().invoke(app, args + ["--plot", str(tmp_path / "gt.json" / "pr.png")])  # under a file
     assert unwritable.exit_code == 1 and "cannot write" in unwritable.stderr
     bad = CliRunner().invoke(app, args[:4] + [str(tmp_path / "missing.json")] + args[5:])

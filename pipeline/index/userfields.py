@@ -18,9 +18,9 @@ import json
 import logging
 import math
 import os
+import re
 from bisect import bisect_left
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ BUILTIN_FIELDS: dict[str, FieldType] = {
 }
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 GLOB_CHARS = frozenset("*?[")
+NOT_NUMERIC = re.compile(r"[^0-9eE+\-.\n]")  # a character no plain decimal number holds
 KINDS: tuple[FieldType, ...] = ("string", "date", "number")  # in this order, text wins a tie
 EXAMPLES = 5  # rows named per kind of problem
 
@@ -95,10 +96,22 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _rows(path: Path, report: SourceReport) -> Iterator[tuple[int, str, dict[str, Any], dict[str, str]]]:
-    """(line, path, raw values, forced types) of each row of a metadata file."""
+@dataclass
+class _Table:
+    """One metadata file, column by column: each row's line, its path (or glob), and each field's raw values
+    (None where the row has none)."""
+
+    lines: list[int]
+    keys: list[str]
+    columns: dict[str, list[Any]]
+    forced: dict[str, FieldType]
+
+
+def _read_table(path: Path, report: SourceReport) -> _Table:
+    """A metadata file as columns: rows without a path are counted as bad, never fatal."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         if path.suffix.lower() in JSON_SUFFIXES:
+            lines, keys, objects = [], [], []
             for line, text in enumerate(f, 1):
                 if not text.strip():
                     continue
@@ -110,28 +123,42 @@ def _rows(path: Path, report: SourceReport) -> Iterator[tuple[int, str, dict[str
                     report.bad_rows += 1
                     report.problem(f'line {line}: not a JSON object with a "path"')
                     continue
-                yield line, obj.pop("path"), obj, {}
-            return
+                lines.append(line)
+                keys.append(obj.pop("path"))
+                objects.append(obj)
+            names = sorted({name for obj in objects for name in obj})
+            return _Table(lines, keys, {n: [obj.get(n) for obj in objects] for n in names}, {})
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
-            return
+            return _Table([], [], {}, {})
         names, forced = [], {}
         for column in header:
             name, _, kind = column.strip().partition(":")
             names.append(name)
-            if kind in ("number", "date", "string"):
+            if kind in KINDS:
                 forced[name] = kind
         if "path" not in names:
             raise PipelineError(f"{path}: its header has no `path` column (found: {', '.join(names) or 'nothing'})")
-        at = names.index("path")
-        for line, cells in enumerate(reader, 2):
-            if len(cells) <= at or not cells[at]:
-                if any(cells):
-                    report.bad_rows += 1
-                    report.problem(f"line {line}: no path")
-                continue
-            yield line, cells[at], {n: c for n, c in zip(names, cells, strict=False) if n != "path" and c != ""}, forced
+        body = list(reader)
+    width = len(names)
+    if any(len(row) != width for row in body):  # ragged rows: padded (or cut) to the header
+        body = [(row + [""] * width)[:width] for row in body]
+    columns: list[Sequence[str]] = list(zip(*body, strict=True)) if body else [() for _ in names]
+    at = names.index("path")
+    keep = [i for i, key in enumerate(columns[at]) if key]
+    for i in range(len(body)):
+        if not columns[at][i] and any(body[i]):
+            report.bad_rows += 1
+            report.problem(f"line {i + 2}: no path")
+    if len(keep) < len(body):
+        columns = [[c[i] for i in keep] for c in columns]
+    return _Table(
+        [i + 2 for i in keep],
+        list(columns[at]),
+        {n: [v if v != "" else None for v in c] for n, c in zip(names, columns, strict=True) if n != "path"},
+        forced,
+    )
 
 
 def _kind(value: Any) -> tuple[FieldType | None, float | str | None]:
@@ -153,95 +180,155 @@ def _kind(value: Any) -> tuple[FieldType | None, float | str | None]:
     return None, None  # objects and lists
 
 
+CODES: dict[FieldType | None, int] = {None: 0, "number": 1, "date": 2, "string": 3}  # kinds as small ints
+
+
+def _kinds(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Each raw value's kind (CODES) and typed value (object array); a column of plain numbers (the common
+    case at a million rows) is typed by numpy at once, anything else value by value."""
+    if values and all(isinstance(v, str) for v in values) and not NOT_NUMERIC.search("\n".join(values)):
+        try:  # (the character check keeps out what numpy reads and parse_number does not: nan, inf, 1_000)
+            numbers = np.array(values).astype(np.float64)
+            if np.isfinite(numbers).all():
+                return np.full(len(values), CODES["number"], np.int8), numbers.astype(object)
+        except ValueError:
+            pass
+    pairs = [_kind(v) for v in values]
+    typed_values = np.empty(len(pairs), object)
+    typed_values[:] = [v for _, v in pairs]
+    return np.array([CODES[k] for k, _ in pairs], np.int8), typed_values
+
+
+@dataclass
+class _Chunk:
+    """Values of one field from one file: image positions, raw values, kinds (CODES), typed values, and
+    where each came from (the report's index, its line)."""
+
+    rows: np.ndarray
+    raw: np.ndarray
+    kinds: np.ndarray
+    typed: np.ndarray
+    source: int
+    lines: np.ndarray
+
+
 def read_metadata_files(
     files: Sequence[Path | str], paths: Sequence[str], ids: np.ndarray
 ) -> tuple[dict[str, UserField], list[SourceReport]]:
     """The user's fields of the indexed images (`paths[i]` is image `ids[i]`; ids sorted), and a report per
     file. A file that cannot be read is reported `missing` (the caller keeps what it gave before)."""
-    order = sorted(range(len(paths)), key=paths.__getitem__)
     by_path = {p: i for i, p in enumerate(paths)}
-    sorted_paths = [paths[i] for i in order]
-    values: dict[str, dict[int, tuple[Any, int, int]]] = {}  # field -> row -> (raw value, report, line)
+    order: list[int] | None = None  # sorted positions, made on the first glob
+    chunks: dict[str, list[_Chunk]] = {}
     forced_types: dict[str, FieldType] = {}
-    reports = []
+    reports: list[SourceReport] = []
     for file in files:
         file = Path(file)
         report = SourceReport(str(file))
         reports.append(report)
         try:
             report.sha256 = file_sha256(file)
-            seen: set[str] = set()
-            for line, key, raw, forced in _rows(file, report):
-                report.rows += 1
-                forced_types.update(forced)  # type: ignore[arg-type]  # only the three type names are kept
-                if key in seen:
-                    report.duplicates += 1
-                    report.problem(f"line {line}: {key} again (this row wins)")
-                seen.add(key)
-                targets = _targets(key, file.parent, by_path, sorted_paths, order)
-                if not targets:
-                    report.unknown += 1
-                    report.problem(f"line {line}: {key} is not in the index")
-                    continue
-                report.matched += 1
-                for name, value in raw.items():
-                    if name in BUILTIN_FIELDS:
-                        report.bad_rows += 1
-                        report.problem(f"line {line}: `{name}` is a built-in field; left out")
-                        continue
-                    column = values.setdefault(name, {})
-                    for row in targets:
-                        column[row] = (value, len(reports) - 1, line)
+            table = _read_table(file, report)
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             report.missing = True
             LOG.warning("metadata file %s cannot be read (%s); the fields it gave before are kept", file, exc)
-    fields = {name: _typed_field(name, column, forced_types.get(name), reports) for name, column in values.items()}
+            continue
+        forced_types.update(table.forced)
+        report.rows = len(table.keys)
+        report.duplicates = len(table.keys) - len(set(table.keys))
+        if report.duplicates:
+            seen: set[str] = set()
+            for line, key in zip(table.lines, table.keys, strict=True):
+                if key in seen and len(report.examples) < EXAMPLES * 4:
+                    report.problem(f"line {line}: {key} again (this row wins)")
+                seen.add(key)
+        # Each row's image: an exact path (a dictionary look-up); else a relative path, or a glob's images.
+        single = np.fromiter((by_path.get(k, -1) for k in table.keys), np.int64, len(table.keys))
+        multi: dict[int, list[int]] = {}
+        for i in np.flatnonzero(single < 0).tolist():
+            key = table.keys[i]
+            if GLOB_CHARS & set(key):
+                if order is None:
+                    order = sorted(range(len(paths)), key=paths.__getitem__)
+                found = _glob_targets(key, file.parent, paths, order)
+            else:
+                relative = None if os.path.isabs(key) else by_path.get(os.path.normpath(file.parent / key))
+                found = [] if relative is None else [relative]
+            if len(found) == 1:
+                single[i] = found[0]
+            elif found:
+                multi[i] = found
+            else:
+                report.unknown += 1
+                report.problem(f"line {table.lines[i]}: {key} is not in the index")
+        report.matched = int((single >= 0).sum()) + len(multi)
+        lines = np.array(table.lines, np.int64)
+        for name, column in table.columns.items():
+            if name in BUILTIN_FIELDS:
+                report.bad_rows += 1
+                report.problem(f"`{name}` is a built-in field; that column is left out")
+                continue
+            has = np.fromiter((v is not None for v in column), bool, len(column))
+            present = np.flatnonzero(has & ((single >= 0) | np.isin(np.arange(len(column)), list(multi))))
+            raw = np.empty(len(present), object)
+            raw[:] = [column[i] for i in present.tolist()]
+            kinds, typed_values = _kinds(list(raw))
+            spread = [(j, multi[i]) for j, i in enumerate(present.tolist()) if i in multi]  # glob rows: many images
+            rows = single[present]
+            if spread:
+                take = np.concatenate([[j] * len(found) for j, found in spread]).astype(np.int64)
+                alone = np.array([j for j, i in enumerate(present.tolist()) if i not in multi], np.int64)
+                pick = np.concatenate([alone, take])
+                pick.sort(kind="stable")  # rows stay in file order
+                expanded = {j: iter(found) for j, found in spread}
+                rows = np.array([next(expanded[j]) if j in expanded else single[present[j]] for j in pick.tolist()])
+                raw, kinds, typed_values, present = raw[pick], kinds[pick], typed_values[pick], present[pick]
+            chunks.setdefault(name, []).append(_Chunk(rows, raw, kinds, typed_values, len(reports) - 1, lines[present]))
+    fields = {name: _typed_field(name, c, forced_types.get(name), reports) for name, c in chunks.items()}
     return {name: f for name, f in fields.items() if f is not None}, reports
 
 
-def _targets(key: str, base: Path, by_path: dict[str, int], sorted_paths: list[str], order: list[int]) -> list[int]:
-    """Rows (positions) a row's path or glob names."""
-    if not GLOB_CHARS & set(key):
-        row = by_path.get(key if os.path.isabs(key) else os.path.normpath(base / key))
-        return [] if row is None else [row]
+def _glob_targets(key: str, base: Path, paths: Sequence[str], order: list[int]) -> list[int]:
+    """Positions of the paths a glob row names (relative globs: from the metadata file's folder)."""
     glob = key if os.path.isabs(key) or key.startswith("**") else str(base / key)
     regex, prefix = glob_regex(glob), glob_prefix(glob)
-    start = bisect_left(sorted_paths, prefix)
+    lo = bisect_left(order, prefix, key=paths.__getitem__)
     out = []
-    for i in range(start, len(sorted_paths)):
-        p = sorted_paths[i]
+    for i in order[lo:]:
+        p = paths[i]
         if not p.startswith(prefix):
             break
         if regex.fullmatch(p):
-            out.append(order[i])
+            out.append(i)
     return out
 
 
 def _typed_field(
-    name: str, column: dict[int, tuple[Any, int, int]], forced: FieldType | None, reports: list[SourceReport]
+    name: str, chunks: list[_Chunk], forced: FieldType | None, reports: list[SourceReport]
 ) -> UserField | None:
-    """A field's type (forced, else the kind most of its values have; text wins ties) and its values."""
-    kinds = {row: _kind(raw) for row, (raw, _, _) in column.items()}
-    counts: Counter[FieldType] = Counter(k for k, _ in kinds.values() if k is not None)
-    if not counts:
+    """A field's type (forced, else the kind most of its values have; text wins ties) and its values, the last
+    given for each image."""
+    kinds = np.concatenate([c.kinds for c in chunks])
+    counts = np.bincount(kinds, minlength=4)
+    if not counts[1:].any():
         return None
-    ftype: FieldType = forced if forced is not None else max(KINDS, key=counts.__getitem__)
-    rows, out = [], []
-    for row in sorted(column):
-        kind, value = kinds[row]
-        if kind is None or value is None:
-            continue
-        if ftype == "string":
-            raw = column[row][0]
-            value = (
-                raw if isinstance(raw, str) else ("true" if raw is True else "false" if raw is False else f"{raw:g}")
-            )
-        elif kind != ftype:
-            raw, source, line = column[row]
-            reports[source].wrong_types += 1
-            reports[source].problem(f"line {line}: {name}={raw!r} is not a {ftype}; left out")
-            continue
-        rows.append(row)
-        out.append(value)
-    values = np.array(out, dtype=object if ftype == "string" else np.float64)
-    return UserField(ftype, np.array(rows, np.int64), values)
+    ftype: FieldType = forced if forced is not None else max(KINDS, key=lambda t: int(counts[CODES[t]]))
+    rows = np.concatenate([c.rows for c in chunks])
+    typed_values = np.concatenate([c.typed for c in chunks])
+    if ftype == "string":
+        keep = kinds > 0
+        raw = np.concatenate([c.raw for c in chunks])
+        typed_values = np.array(
+            [r if isinstance(r, str) else "true" if r is True else "false" if r is False else f"{r:g}" for r in raw],
+            dtype=object,
+        )
+    else:
+        keep = kinds == CODES[ftype]
+        for c in chunks:
+            for j in np.flatnonzero((c.kinds > 0) & (c.kinds != CODES[ftype])).tolist():
+                reports[c.source].wrong_types += 1
+                reports[c.source].problem(f"line {c.lines[j]}: {name}={c.raw[j]!r} is not a {ftype}; left out")
+    positions, values = rows[keep], typed_values[keep]
+    last = len(positions) - 1 - np.unique(positions[::-1], return_index=True)[1]  # the last value of each image wins
+    last.sort()
+    return UserField(ftype, positions[last], values[last] if ftype == "string" else values[last].astype(np.float64))
