@@ -3,7 +3,7 @@
 Usage:
     pipeline extract SET/db SET/queries --out F            # the default model's features (for the top 20)
     python scripts/eval/copies_verify.py --set SET --features F [--choose] [--geometry similarity]
-        [--no-query-pairs] [--json docs/benchmarks/results/copies_verify.json]
+        [--no-query-pairs] [--json docs/benchmarks/quality/copies_verify.json]
 
 Reports (a) search-style: each query's top 20 database pictures by exact cosine are verified; precision and
 recall of the "verified" flag for true copies, overall and per transformation (named in the query's file name);
