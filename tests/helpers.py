@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from pipeline import synthetic
 from pipeline.model import VGG16_BLOCKS, ConvLayer, build_feature_graph, save_model
@@ -203,3 +203,21 @@ def wait_for(condition, what: str, limit: float = 60.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"gave up waiting for {what}"
         time.sleep(0.01)
+
+
+def textured_picture(seed: int, size: tuple[int, int] = (480, 360)) -> Image.Image:
+    """A textured synthetic picture: the same palette and style for every seed, different shapes and places."""
+    rng = np.random.default_rng(seed)
+    palette = [(200, 60, 40), (40, 120, 200), (240, 200, 60), (30, 30, 30), (250, 250, 250)]
+    im = Image.new("RGB", size, (90, 140, 110))
+    draw = ImageDraw.Draw(im)
+    w, h = size
+    for _ in range(70):
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        r = int(rng.integers(6, 40))
+        colour = palette[int(rng.integers(0, len(palette)))]
+        if rng.random() < 0.5:
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=colour, outline=(0, 0, 0))
+        else:
+            draw.rectangle((x - r, y - r // 2, x + r, y + r // 2), fill=colour, outline=(0, 0, 0))
+    return im

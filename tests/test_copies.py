@@ -7,8 +7,9 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from helpers import textured_picture as picture
 from pipeline.copies import (
     CACHE_VERSION,
     INLIER_THRESHOLD,
@@ -21,24 +22,6 @@ from pipeline.copies import (
 from pipeline.copies.check import inliers
 
 pytest.importorskip("cv2", reason="the verify extra (opencv-python-headless) is not installed")
-
-
-def picture(seed: int, size: tuple[int, int] = (480, 360)) -> Image.Image:
-    """A textured synthetic picture: the same palette and style for every seed, different shapes and places."""
-    rng = np.random.default_rng(seed)
-    palette = [(200, 60, 40), (40, 120, 200), (240, 200, 60), (30, 30, 30), (250, 250, 250)]
-    im = Image.new("RGB", size, (90, 140, 110))
-    draw = ImageDraw.Draw(im)
-    w, h = size
-    for _ in range(70):
-        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
-        r = int(rng.integers(6, 40))
-        colour = palette[int(rng.integers(0, len(palette)))]
-        if rng.random() < 0.5:
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=colour, outline=(0, 0, 0))
-        else:
-            draw.rectangle((x - r, y - r // 2, x + r, y + r // 2), fill=colour, outline=(0, 0, 0))
-    return im
 
 
 @pytest.fixture(scope="module")

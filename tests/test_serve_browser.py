@@ -197,3 +197,33 @@ def test_filter_box_lists_the_fields_and_results_show_their_metadata(tmp_path, t
             expect(page.locator("#status")).to_contain_text("no field colour")
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_verified_copies_get_a_badge(tmp_path, tiny_model):
+    pytest.importorskip("cv2", reason="the verify extra (opencv-python-headless) is not installed")
+    from playwright.sync_api import expect, sync_playwright
+
+    from helpers import textured_picture
+
+    (tmp_path / "gallery").mkdir()
+    for seed in (1, 2, 3):
+        textured_picture(seed).save(tmp_path / "gallery" / f"p{seed}.png")
+    im = textured_picture(1)
+    w, h = im.size
+    im.crop((w // 4, h // 4, w // 4 + w // 2, h // 4 + h // 2)).save(tmp_path / "crop.png")
+    rebuild([tmp_path / "gallery"], tmp_path / "work", tiny_model, workers=0, progress=False)
+    service = Service(tmp_path / "work" / "index", tiny_model, poll=0)
+    with live_server(create_app(service)) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.check("#verify")
+            page.set_input_files("#file", str(tmp_path / "crop.png"))
+            expect(page.locator("#results .name")).to_have_count(3)
+            expect(page.locator("#results .badge")).to_have_count(1)  # the original, and only it
+            assert page.locator("#results .name").first.inner_text() == "p1.png"
+            assert page.locator("#results .card").first.locator(".badge").inner_text() == "verified copy"
+        finally:
+            browser.close()
