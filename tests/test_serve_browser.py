@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,21 @@ def wait_until(page, expression: str) -> None:
             return
         page.wait_for_timeout(25)
     raise AssertionError(f"gave up waiting for {expression}")
+
+
+@contextmanager
+def served_page(service: Service) -> Iterator:
+    """A headless Chromium page open at a live server of the service's app."""
+    from playwright.sync_api import sync_playwright
+
+    with live_server(create_app(service)) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +176,7 @@ def test_key_form_session_cookie_and_file_names_holding_html(tmp_path, tiny_mode
 
 @pytest.mark.slow
 def test_filter_box_lists_the_fields_and_results_show_their_metadata(tmp_path, tiny_model):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     from helpers import save_pattern
 
@@ -176,33 +193,26 @@ def test_filter_box_lists_the_fields_and_results_show_their_metadata(tmp_path, t
         progress=False,
         metadata=[tmp_path / "products.csv"],
     )
-    service = Service(tmp_path / "work" / "index", tiny_model, poll=0)
-    with live_server(create_app(service)) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(url)
-            expect(page.locator("#fields")).to_contain_text("category (text)")
-            page.fill("#where", "category=bags")
-            page.set_input_files("#file", str(tmp_path / "gallery" / "p0.png"))
-            fields = page.locator("#results .fields")
-            expect(fields).to_have_count(3)
-            assert all("category=bags" in t for t in fields.all_inner_texts())
-            assert "sku=<b>SKU" in fields.first.inner_text()  # shown as text, never as markup
-            page.fill("#where", "category=shoes; sku!=x")
-            page.click("#filter-form button")
-            expect(page.locator("#results .fields").first).to_contain_text("category=shoes")
-            page.fill("#where", "colour=red")
-            page.click("#filter-form button")
-            expect(page.locator("#status")).to_contain_text("no field colour")
-        finally:
-            browser.close()
+    with served_page(Service(tmp_path / "work" / "index", tiny_model, poll=0)) as page:
+        expect(page.locator("#fields")).to_contain_text("category (text)")
+        page.fill("#where", "category=bags")
+        page.set_input_files("#file", str(tmp_path / "gallery" / "p0.png"))
+        fields = page.locator("#results .fields")
+        expect(fields).to_have_count(3)
+        assert all("category=bags" in t for t in fields.all_inner_texts())
+        assert "sku=<b>SKU" in fields.first.inner_text()  # shown as text, never as markup
+        page.fill("#where", "category=shoes; sku!=x")
+        page.click("#filter-form button")
+        expect(page.locator("#results .fields").first).to_contain_text("category=shoes")
+        page.fill("#where", "colour=red")
+        page.click("#filter-form button")
+        expect(page.locator("#status")).to_contain_text("no field colour")
 
 
 @pytest.mark.slow
 def test_verified_copies_get_a_badge(tmp_path, tiny_model):
     pytest.importorskip("cv2", reason="the verify extra (opencv-python-headless) is not installed")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     from helpers import textured_picture
 
@@ -213,17 +223,10 @@ def test_verified_copies_get_a_badge(tmp_path, tiny_model):
     w, h = im.size
     im.crop((w // 4, h // 4, w // 4 + w // 2, h // 4 + h // 2)).save(tmp_path / "crop.png")
     rebuild([tmp_path / "gallery"], tmp_path / "work", tiny_model, workers=0, progress=False)
-    service = Service(tmp_path / "work" / "index", tiny_model, poll=0)
-    with live_server(create_app(service)) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(url)
-            page.check("#verify")
-            page.set_input_files("#file", str(tmp_path / "crop.png"))
-            expect(page.locator("#results .name")).to_have_count(3)
-            expect(page.locator("#results .badge")).to_have_count(1)  # the original, and only it
-            assert page.locator("#results .name").first.inner_text() == "p1.png"
-            assert page.locator("#results .card").first.locator(".badge").inner_text() == "verified copy"
-        finally:
-            browser.close()
+    with served_page(Service(tmp_path / "work" / "index", tiny_model, poll=0)) as page:
+        page.check("#verify")
+        page.set_input_files("#file", str(tmp_path / "crop.png"))
+        expect(page.locator("#results .name")).to_have_count(3)
+        expect(page.locator("#results .badge")).to_have_count(1)  # the original, and only it
+        assert page.locator("#results .name").first.inner_text() == "p1.png"
+        assert page.locator("#results .card").first.locator(".badge").inner_text() == "verified copy"

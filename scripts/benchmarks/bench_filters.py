@@ -249,19 +249,13 @@ def main() -> None:
             f"{args.n:,}-row metadata CSV: an index update with 1% new images against versions made from a change "
             "of the metadata file alone (1% of its rows, then all of them), one after the other in this run."
         )
-        save(
-            args.json,
-            AREA,
-            TITLE,
-            key="metadata-1M",
-            date=date,
-            command=command_line(),
-            host=gflops,
-            dim=DIM,
-            setup=setup,
-            figures=change.pop("figures"),
-            result={"built": built, **change},
-        )
+        run = {
+            "key": "metadata-1M",
+            "setup": setup,
+            "figures": change.pop("figures"),
+            "result": {"built": built, **change},
+        }
+        save(args.json, AREA, TITLE, date=date, command=command_line(), host=gflops, dim=DIM, **run)
         shutil.rmtree(args.workdir, ignore_errors=True)
         return
     flat, pq = Searcher(args.workdir / "ivf_flat"), Searcher(args.workdir / "compressed")
@@ -322,24 +316,14 @@ def main() -> None:
         f"queries: exact below {planner_constants['exact_below']:,} selected (IVF-Flat), store-ranked below "
         f"{planner_constants['store_exact_below']:,} (compressed), ALPHA {planner_constants['alpha']}."
     )
-    save(
-        args.json,
-        AREA,
-        TITLE,
-        key="1M",
-        date=date,
-        command=command_line(),
-        host=gflops,
-        dim=DIM,
-        setup=setup,
-        figures=figures,
-        result={
-            "built": built,
-            "planner": planner_constants,
-            "rows": rows,
-            "metadata_change": {k: v for k, v in change.items() if k != "figures"},
-        },
-    )
+    result = {
+        "built": built,
+        "planner": planner_constants,
+        "rows": rows,
+        "metadata_change": {k: v for k, v in change.items() if k != "figures"},
+    }
+    run = {"key": "1M", "setup": setup, "figures": figures, "result": result}
+    save(args.json, AREA, TITLE, date=date, command=command_line(), host=gflops, dim=DIM, **run)
     shutil.rmtree(args.workdir, ignore_errors=True)
 
 
