@@ -169,11 +169,12 @@ def test_verify_over_http(copies_index, tiny_model, monkeypatch):
         assert [h["verified"] for h in hits[1:]] == [False, False, False]
         like = client.get("/api/search", params={"like": hits[0]["id"], "k": 4, "verify": "true"}).json()
         assert like[0]["results"][0]["verified"] is True  # the image itself
-        from pipeline.serve import service as service_module
+        from pipeline.errors import PipelineError
+        from pipeline.serve import verified
 
         def missing():
-            raise service_module.PipelineError("verifying copies needs OpenCV: pip install 'pipeline[verify]'")
+            raise PipelineError("verifying copies needs OpenCV: pip install 'pipeline[verify]'")
 
-        monkeypatch.setattr(service_module, "opencv", missing)
+        monkeypatch.setattr(verified, "opencv", missing)
         r = client.post("/api/search?verify=true", files=upload)
         assert r.status_code == 501 and "pipeline[verify]" in r.json()["error"]

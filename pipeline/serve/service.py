@@ -20,10 +20,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..copies import WORK_SIDE, LocalFeatures, local_features, opencv
-from ..copies import unreadable as local_features_unreadable
 from ..errors import BusyError, DeadlineExceeded, ImageError, PipelineError
-from ..images import decode_bytes, decode_cost, decode_rgb, input_shapes, read_regular_file
+from ..images import decode_bytes, decode_cost, input_shapes
 from ..index import published_name
 from ..model import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, FeatureModel
 from ..search import DEFAULT_K, Hit, QueryFile, QueryResult, Searcher, check_deadline
@@ -40,7 +38,8 @@ from .limits import (
     DecodeBudget,
     RequestError,
 )
-from .thumbnails import THUMB_MAX_BYTES, Thumbnails
+from .thumbnails import Thumbnails
+from .verified import candidate_features, check_verify, verify_result, verify_uploads
 
 LOG = logging.getLogger(__name__)
 
@@ -67,15 +66,6 @@ def _file_stat(path: Path | str) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _check_verify(verify: bool) -> None:
-    """verify=true on a server without OpenCV answers 501, saying what to install."""
-    if verify:
-        try:
-            opencv()
-        except PipelineError as exc:
-            raise RequestError(str(exc), 501) from None
 
 
 class Service:
@@ -335,7 +325,7 @@ class Service:
         searcher = self.searcher
         deadline = time.monotonic() + self.timeout  # every stage checks it: the work stops with the answer
         await self._check_where(searcher, where)
-        _check_verify(verify)
+        check_verify(verify)
         results = await self._in_time(
             self._search_uploads(searcher, uploads, k, min_score, exclude_self, nprobe, deadline, where)
         )
@@ -343,7 +333,8 @@ class Service:
             raise RequestError("; ".join(f"{r.query}: {r.error}" for r in results))
         if verify:
             data = [d for _, d in uploads]  # (results are in the uploads' order)
-            results = await self._in_time(asyncio.to_thread(self._verify_all, searcher, results, data, deadline))
+            work = asyncio.to_thread(verify_uploads, searcher, results, data, self.decode_budget, deadline)
+            results = await self._in_time(work)
         self._served(t0)
         return searcher.version_dir.name, results
 
@@ -405,15 +396,15 @@ class Service:
         path = self._path(searcher, idx)
         deadline = time.monotonic() + self.timeout
         await self._check_where(searcher, where)
-        _check_verify(verify)
+        check_verify(verify)
         result = await self._in_time(
             asyncio.to_thread(
                 self._searching, searcher.search_like, [path], k, nprobe, min_score, exclude_self, deadline, where
             )
         )
         if verify:
-            query = await asyncio.to_thread(self._candidate, searcher, path)
-            verified = await self._in_time(asyncio.to_thread(self._verify_one, searcher, result[0], query, deadline))
+            query = await asyncio.to_thread(candidate_features, searcher, path, True)
+            verified = await self._in_time(asyncio.to_thread(verify_result, searcher, result[0], query, deadline))
             result = [verified]
         self._served(t0)
         return searcher.version_dir.name, result[0]
@@ -429,39 +420,6 @@ class Service:
             path = await asyncio.to_thread(self._path, searcher, idx)
             data = await self.thumbnails.render(name, idx, path, searcher.roots)
         return data
-
-    def _verify_all(
-        self, searcher: Searcher, results: list[QueryResult], uploads: list[bytes], deadline: float
-    ) -> list[QueryResult]:
-        """Each upload's hits verified (an upload that failed keeps its error)."""
-        out = []
-        for result, data in zip(results, uploads, strict=True):
-            if result.error:
-                out.append(result)
-                continue
-            try:
-                with self.decode_budget.take(decode_cost(data), max(0.0, deadline - time.monotonic())):
-                    query = local_features(np.asarray(decode_rgb(data, WORK_SIDE)), mirrored=True)
-            except ImageError as exc:
-                query = local_features_unreadable(str(exc))
-            out.append(self._verify_one(searcher, result, query, deadline))
-        return out
-
-    def _verify_one(
-        self, searcher: Searcher, result: QueryResult, query: LocalFeatures, deadline: float
-    ) -> QueryResult:
-        check_deadline(deadline, "verifying the hits")
-        return searcher.verified(result, query, lambda path: self._candidate(searcher, path))
-
-    @staticmethod
-    def _candidate(searcher: Searcher, path: str) -> LocalFeatures:
-        """An indexed file's local features, read as a thumbnail's file is (a regular file inside the collection's
-        folders, at most THUMB_MAX_BYTES)."""
-        try:
-            data = read_regular_file(path, THUMB_MAX_BYTES, searcher.roots)
-            return local_features(np.asarray(decode_rgb(data, WORK_SIDE)))
-        except ImageError as exc:
-            return local_features_unreadable(str(exc))
 
     @staticmethod
     async def _check_where(searcher: Searcher, where: Sequence[str]) -> None:
