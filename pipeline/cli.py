@@ -648,9 +648,11 @@ def _print_results(results: list[QueryResult]) -> None:
             typer.echo(f"  error: {r.error}")
         for h in r.hits:
             mine = "  ".join(f"{k}={v}" for k, v in h.metadata.items() if k not in BUILTIN_FIELDS)
-            check = "" if h.verified is None else f"  {'verified' if h.verified else '-'} ({h.inliers} inliers)"
+            check = ""
             if h.unverified:
                 check = f"  unverified: {h.unverified}"
+            elif h.verified is not None:
+                check = f"  {'verified' if h.verified else 'not verified'} ({h.inliers} inliers)"
             typer.echo(f"  {h.rank:>3}  {h.score:.4f}  {h.path}{check}" + (f"  {mine}" if mine else ""))
 
 
