@@ -190,3 +190,37 @@ def test_cli_search_and_duplicates_with_where(shop, gallery, tiny_model):
     members = {Path(i["path"]).name for g in groups for i in g["images"]}
     bags = {p.name for i, p in enumerate(files) if i % 2 == 1}
     assert members and members <= bags
+
+
+def test_a_small_metadata_change_is_read_line_by_line_and_gives_what_a_whole_reading_gives(shop, gallery, tiny_model):
+    from pipeline.index import republish_metadata
+
+    work, files, _, _ = shop
+    meta = write_csv(
+        work.parent / "catalogue.csv",
+        ["path", "sku", "price", "listed"],
+        [[str(p), f"SKU{i}", 10 * i, f"2019-0{1 + i % 9}-01"] for i, p in enumerate(files)],
+    )
+    rebuild([gallery], work, tiny_model, workers=0, progress=False, metadata=[meta])
+    lines = meta.read_text().splitlines()
+    lines[2] = lines[2].replace("SKU1,", "SKU1-new,")  # a value changed
+    lines[3] = f"{files[2]},SKU2,cheap,2019-03-01"  # a wrong type now
+    del lines[4]  # a row gone: that image has no fields from this file any more
+    lines.append(f"{gallery}/nowhere.jpg,SKU99,1,2020-01-01")  # an unknown path
+    meta.write_text("\n".join(lines) + "\n")
+    report = republish_metadata(work / "index", [meta], keep=3)
+    assert report.meta["metadata"]["incremental"] is True
+    source = report.meta["metadata"]["sources"][0]
+    assert source["unknown"] == 1 and source["wrong_types"] == 1 and source["rows"] == len(files)
+    incremental = Searcher(work / "index")
+    whole = republish_metadata(work / "index", [meta.rename(meta.with_name("copy.csv"))], keep=3)  # another file
+    assert whole.meta["metadata"]["incremental"] is False
+    full = Searcher(work / "index")
+    for name in ("sku", "price", "listed"):
+        a, b = incremental.metadata, full.metadata
+        assert a.fields[name] == b.fields[name]
+        assert np.array_equal(np.asarray(a.column(name)), np.asarray(b.column(name)), equal_nan=True) or (
+            a.fields[name] == "string"
+            and [a.strings(name)[c] if c >= 0 else None for c in a.column(name)]
+            == [b.strings(name)[c] if c >= 0 else None for c in b.column(name)]
+        )

@@ -15,10 +15,12 @@ images), never SQL text; path globs are range scans of the id table's path index
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -32,7 +34,16 @@ from ..features import ShardInfo, read_facts
 from ..filters import Condition, FieldType, Filter, check_key, glob_prefix, glob_regex, typed_values
 from ..fsutil import exclusive_lock
 from .idtable import IDS_FILE, IdTable
-from .userfields import BUILTIN_FIELDS, UserField, file_sha256, read_metadata_files
+from .userfields import (
+    BUILTIN_FIELDS,
+    GLOB_CHARS,
+    JSON_SUFFIXES,
+    SourceReport,
+    UserField,
+    file_sha256,
+    kind_of,
+    read_metadata_files,
+)
 from .versions import (
     META_FILE,
     Collection,
@@ -47,6 +58,7 @@ from .versions import (
 LOG = logging.getLogger(__name__)
 
 METADATA_DIR = "metadata"
+SOURCES_DIR = "sources"  # copies of the metadata files a version was made from, by their order
 FIELDS_FILE = "fields.json"
 SCHEMA = 1
 
@@ -87,12 +99,23 @@ def make_metadata(version_dir: Path, source: Collection, files: Sequence[Path], 
 
 
 def _write_with_user_fields(
-    version_dir: Path, ids: np.ndarray, facts: dict[str, np.ndarray], files: Sequence[Path], out_dir: Path
+    version_dir: Path,
+    ids: np.ndarray,
+    facts: dict[str, np.ndarray],
+    files: Sequence[Path],
+    out_dir: Path,
+    previous: tuple[Metadata, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """`previous`: the base version's fields and meta.json, for a version of the same images: its fields are
+    changed by the lines of the metadata file that changed, when that can be done surely (_changed_lines)."""
     t0 = time.monotonic()
-    with IdTable(version_dir / IDS_FILE) as table:
-        paths = table.paths()  # in id order: row i is ids[i]
-    user, reports = read_metadata_files(files, paths, ids)
+    incremental = _changed_lines(previous, files, ids) if previous is not None else None
+    if incremental is not None:
+        user, reports = incremental
+    else:
+        with IdTable(version_dir / IDS_FILE) as table:
+            paths = table.paths()  # in id order: row i is ids[i]
+        user, reports = read_metadata_files(files, paths, ids)
     for report in reports:
         LOG.info("metadata %s", report.summary())
         for example in report.examples:
@@ -100,6 +123,12 @@ def _write_with_user_fields(
     if any(r.missing for r in reports):
         user = _carried_over(user, ids, out_dir)
     record = write_metadata(version_dir, ids, facts, user, [r.record() for r in reports])
+    sources = version_dir / METADATA_DIR / SOURCES_DIR
+    sources.mkdir()
+    for i, report in enumerate(reports):  # kept, so that the next change can be read line by line
+        if not report.missing:
+            shutil.copyfile(report.path, sources / str(i))
+    record["incremental"] = incremental is not None
     LOG.info(
         "metadata: %d fields of %d images written (%.1f s)", len(record["fields"]), len(ids), time.monotonic() - t0
     )
@@ -154,7 +183,7 @@ def republish_metadata(out_dir: Path, files: Sequence[Path], keep: int) -> Index
                     name: np.asarray(previous.column(name)) if name in previous.fields else np.zeros(len(ids))
                     for name in ("size", "mtime", "width", "height")
                 }
-            record = _write_with_user_fields(tmp, ids, facts, files, out_dir)
+                record = _write_with_user_fields(tmp, ids, facts, files, out_dir, (previous, base_meta))
             known = {k: v for k, v in base_meta.get("files", {}).items() if not k.startswith(METADATA_DIR + "/")}
             meta = {
                 **base_meta,
@@ -166,6 +195,95 @@ def republish_metadata(out_dir: Path, files: Sequence[Path], keep: int) -> Index
                 "build_seconds": round(time.monotonic() - t_start, 3),
             }
             return publish_version(out_dir, tmp, meta, keep, known=known)
+
+
+def _changed_lines(
+    previous: tuple[Metadata, dict[str, Any]], files: Sequence[Path], ids: np.ndarray
+) -> tuple[dict[str, UserField], list[SourceReport]] | None:
+    """The fields of a version of the same images as `previous`, changed by the lines of its one CSV metadata
+    file that differ from the copy kept with it; None (read the file whole) wherever that is not sure: other
+    files, a changed header, quoted or duplicate paths, globs or relative paths in the changed lines, a field
+    the previous version does not have. Each field keeps its type."""
+    metadata, meta = previous
+    sources = (meta.get("metadata") or {}).get("sources", [])
+    if len(files) != 1 or len(sources) != 1 or sources[0]["path"] != str(files[0]) or sources[0].get("duplicates"):
+        return None
+    copy = metadata.folder / SOURCES_DIR / "0"
+    if files[0].suffix.lower() in JSON_SUFFIXES or not copy.is_file():
+        return None
+    try:
+        old = copy.read_text(encoding="utf-8-sig").splitlines()
+        new = files[0].read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not old or not new or old[0] != new[0]:
+        return None
+    names = next(csv.reader([new[0]]))
+    if names[0].partition(":")[0] != "path" or any(n.partition(":")[0] in BUILTIN_FIELDS for n in names[1:]):
+        return None
+    known = {n.partition(":")[0]: metadata.fields.get(n.partition(":")[0]) for n in names[1:]}
+    fields: dict[str, FieldType] = {name: t for name, t in known.items() if t is not None}
+    if len(fields) < len(known):
+        return None
+    keys = [line.split(",", 1)[0] for line in new[1:]]
+    if any(k.startswith('"') for k in keys) or len(set(keys)) != len(keys):
+        return None
+    old_lines, new_lines = set(old[1:]), set(new[1:])
+    added = [line for line in new[1:] if line not in old_lines]
+    removed = [line for line in old[1:] if line not in new_lines]
+    rows = list(csv.reader(added + removed))
+    if any('"' in line for line in added + removed) or any(
+        not row or not row[0] or GLOB_CHARS & set(row[0]) or not os.path.isabs(row[0]) for row in rows
+    ):
+        return None
+    columns: dict[str, np.ndarray] = {}
+    for name, ftype in fields.items():
+        column = metadata.column(name)
+        if ftype == "string":
+            values = np.full(len(ids), None, object)
+            present = column >= 0
+            values[present] = metadata.strings(name)[column[present]]
+            columns[name] = values
+        else:
+            columns[name] = np.array(column, np.float64)
+    report = SourceReport(str(files[0]), file_sha256(files[0]), rows=len(new) - 1)
+    counts = {k: int(sources[0].get(k, 0)) for k in ("unknown", "wrong_types", "bad_rows")}
+    re_added = {row[0] for row in rows[: len(added)]}
+    for sign, line_rows in ((-1, rows[len(added) :]), (1, rows[: len(added)])):
+        for row in line_rows:
+            found = metadata.id_table.find(row[0])
+            if found is None:
+                counts["unknown"] += sign
+                continue
+            at = int(np.searchsorted(ids, found[0]))
+            for (name, ftype), raw in zip(fields.items(), row[1:] + [""] * len(fields), strict=False):
+                kind, value = kind_of(raw) if raw != "" else (None, None)
+                ok = kind is not None and (ftype == "string" or kind == ftype)
+                if kind is not None and not ok:
+                    counts["wrong_types"] += sign
+                    if sign > 0:
+                        report.problem(f"{row[0]}: {name}={raw!r} is not a {ftype}; left out")
+                if sign < 0 and row[0] not in re_added:  # a line gone: its image has no value from this file now
+                    columns[name][at] = None if ftype == "string" else np.nan
+                elif sign > 0:
+                    columns[name][at] = (
+                        (raw if ftype == "string" else value) if ok else (None if ftype == "string" else np.nan)
+                    )
+    report.unknown, report.wrong_types, report.bad_rows = counts["unknown"], counts["wrong_types"], counts["bad_rows"]
+    report.matched = report.rows - report.unknown - report.bad_rows
+    user = {}
+    for name, ftype in fields.items():
+        values = columns[name]
+        keep = np.flatnonzero(values != None) if ftype == "string" else np.flatnonzero(~np.isnan(values))  # noqa: E711
+        if len(keep):
+            user[name] = UserField(ftype, keep.astype(np.int64), values[keep])
+    LOG.info(
+        "metadata %s: %d lines changed, %d gone: the previous fields changed line by line",
+        files[0],
+        len(added),
+        len(removed),
+    )
+    return user, [report]
 
 
 def collect_facts(parts: Sequence[tuple[ShardInfo, np.ndarray]]) -> dict[str, np.ndarray]:

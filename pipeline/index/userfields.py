@@ -161,7 +161,7 @@ def _read_table(path: Path, report: SourceReport) -> _Table:
     )
 
 
-def _kind(value: Any) -> tuple[FieldType | None, float | str | None]:
+def kind_of(value: Any) -> tuple[FieldType | None, float | str | None]:
     """A raw value's kind and its typed value (None, None: missing or unusable)."""
     if value is None:
         return None, None
@@ -193,7 +193,7 @@ def _kinds(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
                 return np.full(len(values), CODES["number"], np.int8), numbers.astype(object)
         except ValueError:
             pass
-    pairs = [_kind(v) for v in values]
+    pairs = [kind_of(v) for v in values]
     typed_values = np.empty(len(pairs), object)
     typed_values[:] = [v for _, v in pairs]
     return np.array([CODES[k] for k, _ in pairs], np.int8), typed_values
