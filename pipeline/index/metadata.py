@@ -58,6 +58,7 @@ from .versions import (
 LOG = logging.getLogger(__name__)
 
 METADATA_DIR = "metadata"
+CHANGED_LINES_AT_MOST = 1000  # (or a tenth of the file) changed lines read one by one; more: the file whole
 SOURCES_DIR = "sources"  # copies of the metadata files a version was made from, by their order
 FIELDS_FILE = "fields.json"
 SCHEMA = 1
@@ -231,6 +232,8 @@ def _changed_lines(
     old_lines, new_lines = set(old[1:]), set(new[1:])
     added = [line for line in new[1:] if line not in old_lines]
     removed = [line for line in old[1:] if line not in new_lines]
+    if len(added) + len(removed) > max(CHANGED_LINES_AT_MOST, len(new) // 10):
+        return None  # a large change: one whole reading is faster than a look-up per changed line
     rows = list(csv.reader(added + removed))
     if any('"' in line for line in added + removed) or any(
         not row or not row[0] or GLOB_CHARS & set(row[0]) or not os.path.isabs(row[0]) for row in rows
