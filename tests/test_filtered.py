@@ -224,3 +224,17 @@ def test_a_small_metadata_change_is_read_line_by_line_and_gives_what_a_whole_rea
             and [a.strings(name)[c] if c >= 0 else None for c in a.column(name)]
             == [b.strings(name)[c] if c >= 0 else None for c in b.column(name)]
         )
+
+
+def test_a_glob_anywhere_in_the_file_makes_a_change_read_whole(shop, gallery, tiny_model):
+    from pipeline.index import republish_metadata
+
+    work, files, _, _ = shop
+    rows = [[f"{gallery}/a/**", "folder-a"]] + [[str(p), f"own-{i}"] for i, p in enumerate(files)]
+    meta = write_csv(work.parent / "labels.csv", ["path", "label"], rows)
+    rebuild([gallery], work, tiny_model, workers=0, progress=False, metadata=[meta])
+    meta.write_text(meta.read_text().replace("own-0", "own-0-new"))
+    report = republish_metadata(work / "index", [meta], keep=3)
+    assert report.meta["metadata"]["incremental"] is False  # the glob's order against each row decides
+    hit = Searcher(work / "index").search_like([files[0]], k=1)[0].hits[0]
+    assert hit.metadata["label"] == "own-0-new"

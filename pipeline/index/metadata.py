@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -60,6 +61,7 @@ LOG = logging.getLogger(__name__)
 METADATA_DIR = "metadata"
 CHANGED_LINES_AT_MOST = 1000  # (or a tenth of the file) changed lines read one by one; more: the file whole
 SOURCES_DIR = "sources"  # copies of the metadata files a version was made from, by their order
+UNSURE_KEY = re.compile(r'^"|[*?\[]', re.MULTILINE)  # paths the line-by-line reading leaves to a whole reading
 FIELDS_FILE = "fields.json"
 SCHEMA = 1
 
@@ -227,8 +229,8 @@ def _changed_lines(
     if len(fields) < len(known):
         return None
     keys = [line.split(",", 1)[0] for line in new[1:]]
-    if any(k.startswith('"') for k in keys) or len(set(keys)) != len(keys):
-        return None
+    if UNSURE_KEY.search("\n".join(keys)) or len(set(keys)) != len(keys):
+        return None  # a quoted path, a glob anywhere (its order against the changed lines matters), duplicates
     old_lines, new_lines = set(old[1:]), set(new[1:])
     added = [line for line in new[1:] if line not in old_lines]
     removed = [line for line in old[1:] if line not in new_lines]
