@@ -213,6 +213,16 @@ def test_a_small_metadata_change_is_read_line_by_line_and_gives_what_a_whole_rea
     source = report.meta["metadata"]["sources"][0]
     assert source["unknown"] == 1 and source["wrong_types"] == 1 and source["rows"] == len(files)
     incremental = Searcher(work / "index")
+    with open(meta, "a") as f:  # the same image on a second line: which line wins is decided by a whole reading
+        f.write(f"{files[0]},SKU0-again,5,2019-01-01\n")
+    assert republish_metadata(work / "index", [meta], keep=3).meta["metadata"]["incremental"] is False
+    assert Searcher(work / "index").search_like([files[0]], k=1)[0].hits[0].metadata["sku"] == "SKU0-again"
+    meta.write_text("\n".join(lines) + "\n")
+    assert republish_metadata(work / "index", [meta], keep=3).meta["metadata"]["incremental"] is False  # (dups)
+    lines[2] = lines[2].replace("SKU1-new,", "SKU1-newer,")
+    meta.write_text("\n".join(lines) + "\n")
+    assert republish_metadata(work / "index", [meta], keep=3).meta["metadata"]["incremental"] is True
+    incremental = Searcher(work / "index")
     whole = republish_metadata(work / "index", [meta.rename(meta.with_name("copy.csv"))], keep=3)  # another file
     assert whole.meta["metadata"]["incremental"] is False
     full = Searcher(work / "index")

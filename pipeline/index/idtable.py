@@ -116,6 +116,16 @@ class IdTable:
         """(id, content hash) of an indexed path; None when it is not indexed."""
         return next(iter(self._query("SELECT id, hash FROM images WHERE path = ?", (path,))), None)
 
+    def ids_of(self, paths: Sequence[str]) -> dict[str, int]:
+        """path -> id of the given paths that are indexed (looked up 500 at a time)."""
+        out: dict[str, int] = {}
+        wanted = sorted(set(paths))
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            rows = self._query(f"SELECT path, id FROM images WHERE path IN ({','.join('?' * len(chunk))})", chunk)
+            out.update(rows)
+        return out
+
     def ids_matching(self, prefix: str, pattern: re.Pattern[str]) -> np.ndarray:
         """The ids (sorted) of the paths that start with `prefix` and fully match `pattern` (a path glob's
         regex): a range scan of the path index, then the pattern on what it gives."""

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -61,7 +60,6 @@ LOG = logging.getLogger(__name__)
 METADATA_DIR = "metadata"
 CHANGED_LINES_AT_MOST = 1000  # (or a tenth of the file) changed lines read one by one; more: the file whole
 SOURCES_DIR = "sources"  # copies of the metadata files a version was made from, by their order
-UNSURE_KEY = re.compile(r'^"|[*?\[]', re.MULTILINE)  # paths the line-by-line reading leaves to a whole reading
 FIELDS_FILE = "fields.json"
 SCHEMA = 1
 
@@ -205,11 +203,14 @@ def _changed_lines(
 ) -> tuple[dict[str, UserField], list[SourceReport]] | None:
     """The fields of a version of the same images as `previous`, changed by the lines of its one CSV metadata
     file that differ from the copy kept with it; None (read the file whole) wherever that is not sure: other
-    files, a changed header, quoted or duplicate paths, globs or relative paths in the changed lines, a field
-    the previous version does not have. Each field keeps its type."""
+    files, a changed header, a file that had glob rows or repeated paths, quotes, globs or relative paths in
+    the changed lines, a new line for an image another line already gave values, a field the previous
+    version does not have. Each field keeps its type."""
     metadata, meta = previous
     sources = (meta.get("metadata") or {}).get("sources", [])
-    if len(files) != 1 or len(sources) != 1 or sources[0]["path"] != str(files[0]) or sources[0].get("duplicates"):
+    if len(files) != 1 or len(sources) != 1 or sources[0]["path"] != str(files[0]):
+        return None
+    if sources[0].get("duplicates") or sources[0].get("globs", 1):  # (a glob's order against the rows decides)
         return None
     copy = metadata.folder / SOURCES_DIR / "0"
     if files[0].suffix.lower() in JSON_SUFFIXES or not copy.is_file():
@@ -228,12 +229,12 @@ def _changed_lines(
     fields: dict[str, FieldType] = {name: t for name, t in known.items() if t is not None}
     if len(fields) < len(known):
         return None
-    keys = [line.split(",", 1)[0] for line in new[1:]]
-    if UNSURE_KEY.search("\n".join(keys)) or len(set(keys)) != len(keys):
-        return None  # a quoted path, a glob anywhere (its order against the changed lines matters), duplicates
-    old_lines, new_lines = set(old[1:]), set(new[1:])
-    added = [line for line in new[1:] if line not in old_lines]
-    removed = [line for line in old[1:] if line not in new_lines]
+    if len(new) >= len(old):  # edited in place, rows appended: compared line by line, in one pass
+        pairs = [(a, b) for a, b in zip(old, new, strict=False) if a != b]
+        added, removed = [b for _, b in pairs] + new[len(old) :], [a for a, _ in pairs]
+    else:  # rows deleted: the lines of each that the other lacks
+        old_lines, new_lines = set(old[1:]), set(new[1:])
+        added, removed = sorted(new_lines - old_lines), sorted(old_lines - new_lines)
     if len(added) + len(removed) > max(CHANGED_LINES_AT_MOST, len(new) // 10):
         return None  # a large change: one whole reading is faster than a look-up per changed line
     rows = list(csv.reader(added + removed))
@@ -254,13 +255,18 @@ def _changed_lines(
     report = SourceReport(str(files[0]), file_sha256(files[0]), rows=len(new) - 1)
     counts = {k: int(sources[0].get(k, 0)) for k in ("unknown", "wrong_types", "bad_rows")}
     re_added = {row[0] for row in rows[: len(added)]}
+    gone = {row[0] for row in rows[len(added) :]}
+    found_ids = metadata.id_table.ids_of([row[0] for row in rows])
+    for key in re_added - gone:  # a new line for an image another line already gave values: read it whole
+        if key in found_ids and _has_values(metadata, fields, int(np.searchsorted(ids, found_ids[key]))):
+            return None
     for sign, line_rows in ((-1, rows[len(added) :]), (1, rows[: len(added)])):
         for row in line_rows:
-            found = metadata.id_table.find(row[0])
+            found = found_ids.get(row[0])
             if found is None:
                 counts["unknown"] += sign
                 continue
-            at = int(np.searchsorted(ids, found[0]))
+            at = int(np.searchsorted(ids, found))
             for (name, ftype), raw in zip(fields.items(), row[1:] + [""] * len(fields), strict=False):
                 kind, value = kind_of(raw) if raw != "" else (None, None)
                 ok = kind is not None and (ftype == "string" or kind == ftype)
@@ -289,6 +295,15 @@ def _changed_lines(
         len(removed),
     )
     return user, [report]
+
+
+def _has_values(metadata: Metadata, fields: dict[str, FieldType], at: int) -> bool:
+    """Whether image `at` (a position) has a value of any of the file's fields in `metadata`."""
+    for name, ftype in fields.items():
+        value = metadata.column(name)[at]
+        if (value >= 0) if ftype == "string" else not math.isnan(value):
+            return True
+    return False
 
 
 def collect_facts(parts: Sequence[tuple[ShardInfo, np.ndarray]]) -> dict[str, np.ndarray]:

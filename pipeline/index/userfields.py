@@ -58,6 +58,7 @@ class SourceReport:
     duplicates: int = 0  # rows naming a path an earlier row named (the later one wins)
     wrong_types: int = 0  # values not of their field's type (left out)
     bad_rows: int = 0  # rows without a path, or not an object, or not parseable
+    globs: int = 0  # rows keyed by a glob (a later change of the file is then read whole)
     missing: bool = False  # the file could not be read: the previous version's fields stay
     examples: list[str] = field(default_factory=list)
 
@@ -248,6 +249,7 @@ def read_metadata_files(
         for i in np.flatnonzero(single < 0).tolist():
             key = table.keys[i]
             if GLOB_CHARS & set(key):
+                report.globs += 1
                 if order is None:
                     order = sorted(range(len(paths)), key=paths.__getitem__)
                 found = _glob_targets(key, file.parent, paths, order)
