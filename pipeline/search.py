@@ -7,6 +7,7 @@ or already-indexed paths (`like`: their stored vector is used, no model run).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -27,6 +28,7 @@ from .index import (
     CODES_FILE,
     IDS_FILE,
     INDEX_FILE,
+    MAX_POOL,
     VECTOR_IDS_FILE,
     VECTORS_FILE,
     Centroids,
@@ -274,10 +276,11 @@ class Searcher:
             return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
         ivf = None if isinstance(self.index, CoarseToFine) else faiss.try_extract_index_ivf(self.index)
         compressed = self.store is not None
-        if compressed and ranked_from_store(selection) or isinstance(self.index, CoarseToFine):
-            if self.store is None:
-                raise PipelineError("this version has no vector store to rank a selection from")
-            return exact_search(self.store.get, selection.ids, vectors, k)  # (codes: large selections too)
+        if isinstance(self.index, CoarseToFine):
+            return self._codes_within(vectors, k, nprobe, selection)
+        if compressed and ranked_from_store(selection):
+            assert self.store is not None
+            return exact_search(self.store.get, selection.ids, vectors, k)
         if ivf is None:  # Flat: exact, skipping unselected ids
             params = faiss.SearchParameters()
             params.sel = selection.selector()
@@ -291,6 +294,24 @@ class Searcher:
         if self.store is not None:
             return self.store.rerank(vectors, ids, k)
         return scores, ids
+
+    def _codes_within(
+        self, vectors: np.ndarray, k: int, nprobe: int | None, selection: Selection
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Binary codes: a small selection (or one too rare for a pool to hold k of it) ranked exactly from the
+        store; a larger one from a pool enlarged for its share (at most MAX_POOL), kept to its selected hits."""
+        assert isinstance(self.index, CoarseToFine)
+        fetch = math.ceil(2 * k / max(selection.share, 1e-12))
+        if ranked_from_store(selection) or fetch > MAX_POOL:
+            return exact_search(self.index.store.get, selection.ids, vectors, k)
+        scores, ids = self.index.search(vectors, min(fetch, self.count), nprobe)
+        chosen = np.isin(ids, selection.ids) & (ids >= 0)
+        order = np.argsort(~chosen, axis=1, kind="stable")[:, :k]  # selected hits first, in their score order
+        kept = np.take_along_axis(chosen, order, 1)
+        return (
+            np.where(kept, np.take_along_axis(scores, order, 1), -np.inf).astype(np.float32),
+            np.where(kept, np.take_along_axis(ids, order, 1), -1),
+        )
 
     def select(self, where: Filter | Sequence[str] | None) -> Selection | None:
         """The images a filter selects (None: no filter), kept for the next searches with the same filter.

@@ -248,3 +248,20 @@ def test_a_glob_anywhere_in_the_file_makes_a_change_read_whole(shop, gallery, ti
     assert report.meta["metadata"]["incremental"] is False  # the glob's order against each row decides
     hit = Searcher(work / "index").search_like([files[0]], k=1)[0].hits[0]
     assert hit.metadata["label"] == "own-0-new"
+
+
+def test_binary_codes_rank_small_selections_exactly_and_large_ones_from_an_enlarged_pool(synthetic):
+    tmp, x, r, _, meta = synthetic
+    build_index(tmp / "f", tmp / "i-codes", codes="binary:32", metadata=[meta], recall_queries=200, progress=False)
+    searcher = Searcher(tmp / "i-codes")
+    queries = x[np.random.default_rng(2).choice(len(x), 20, replace=False)]
+    stored = x.astype(np.float16).astype(np.float32)
+    for share in (0.5, 0.1, 0.001):
+        selected = np.flatnonzero(r < share)
+        found = searcher.search_vectors(queries, 10, where=[f"r<{share}"])
+        recalls = []
+        for hits, q in zip(found, queries, strict=True):
+            truth = set(selected[np.argsort(-(stored[selected] @ q))[:10]].tolist())
+            assert {h.id for h in hits} <= set(selected.tolist())
+            recalls.append(len({h.id for h in hits} & truth) / len(truth))
+        assert np.mean(recalls) == 1.0 if len(selected) <= 2000 else np.mean(recalls) >= 0.8, (share, np.mean(recalls))

@@ -17,7 +17,7 @@ One module per job, and this package as the one door others use:
 """
 
 from .build import build_index
-from .codes import CODES_FILE, DEFAULT_BITS, ITQ_FILE, CoarseToFine, parse_codes
+from .codes import CODES_FILE, DEFAULT_BITS, ITQ_FILE, MAX_POOL, CoarseToFine, parse_codes
 from .fill import TRUTH_DEPTH, ExactNeighbours, FillDistributor, Truth, fill_range, sample_runs
 from .filtered import (
     ALPHA,
@@ -75,6 +75,7 @@ from .versions import (
 )
 
 __all__ = [
+    "MAX_POOL",
     "ranked_from_store",
     "metadata_changed",
     "metadata_files",
