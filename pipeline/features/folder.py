@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -233,12 +233,21 @@ def compact(
     return victims
 
 
-def live_parts(
-    features_dir: Path,
-) -> tuple[list[ShardInfo], list[tuple[ShardInfo, np.ndarray]], np.ndarray, str | None]:
+class LiveParts(NamedTuple):
+    """What a features folder holds to index (live_parts)."""
+
+    infos: list[ShardInfo]  # every shard
+    parts: list[tuple[ShardInfo, np.ndarray]]  # each shard with rows to index, and those rows
+    ids: np.ndarray  # the id of each of those rows, in order
+    digest: str | None  # the catalog's live digest; None without a catalog
+    roots: list[str]  # the folders the collection was scanned from (Catalog.roots)
+
+
+def live_parts(features_dir: Path) -> LiveParts:
     """Every shard, the rows to index per shard: the catalog's live rows (deleted, changed and
     moved-away images left out), or every row when the folder has no catalog; the id of each of
-    those rows, in the same order (the catalog's stable ids, else positions); the catalog's live digest.
+    those rows, in the same order (the catalog's stable ids, else positions); the catalog's live digest;
+    and the roots it records, read in the same opening of the catalog.
 
     An extract may be writing meanwhile (build-index does not wait for it): the live rows and the
     digest are read in one transaction and before the shards are listed, so every shard they name
@@ -246,13 +255,15 @@ def live_parts(
     next rebuild builds again).
     """
     live = digest = None
+    roots: list[str] = []
     if Catalog.exists(features_dir):
         with Catalog(features_dir, readonly=True) as catalog:
             live, digest = catalog.live_snapshot()
+            roots = catalog.roots()
     infos = [shard_info(p) for p in list_shards(features_dir)]
     if live is None:
         parts = [(i, np.arange(i.count)) for i in infos if i.count]
-        return infos, parts, np.arange(sum(len(rows) for _, rows in parts)), None
+        return LiveParts(infos, parts, np.arange(sum(len(rows) for _, rows in parts)), None, roots)
     lost = sorted(set(live) - {i.path.name for i in infos})
     if lost:
         raise PipelineError(
@@ -261,15 +272,7 @@ def live_parts(
         )
     used = [i for i in infos if i.path.name in live]
     ids = np.concatenate([live[i.path.name][1] for i in used]) if used else np.zeros(0, np.int64)
-    return infos, [(i, live[i.path.name][0]) for i in used], ids, digest
-
-
-def recorded_roots(features_dir: Path) -> list[str]:
-    """The folders the collection was scanned from (Catalog.roots); [] without a catalog."""
-    if not Catalog.exists(features_dir):
-        return []
-    with Catalog(features_dir, readonly=True) as catalog:
-        return catalog.roots()
+    return LiveParts(infos, [(i, live[i.path.name][0]) for i in used], ids, digest, roots)
 
 
 def live_digest(features_dir: Path) -> str | None:

@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 
 from ..errors import PipelineError, write_error
-from ..features import check_model, live_parts, recorded_roots, shard_model
+from ..features import check_model, live_parts, shard_model
 from ..fsutil import exclusive_lock
 from .binary import build_binary
 from .codes import parse_codes
@@ -189,14 +189,14 @@ def _check_options(features_dir: Path, *, keep: int, target_recall: float, retra
 def _collection(features_dir: Path) -> Collection:
     """What to index: the features folder's live rows (features.live_parts), all made by one model,
     whose whole recipe meta.json records (read from the newest shard)."""
-    all_infos, parts, ids, digest = live_parts(features_dir)
+    all_infos, parts, ids, digest, roots = live_parts(features_dir)
     if not all_infos:
         raise PipelineError(f"no shards in {features_dir}: run `pipeline extract` first")
     check_model(all_infos)
     newest = all_infos[-1]
     info, model_path = shard_model(newest.path)
     model = model_record(info, model_path, newest.model_sha256)
-    return Collection(features_dir, parts, ids, digest, model, all_infos[0].dim, tuple(recorded_roots(features_dir)))
+    return Collection(features_dir, parts, ids, digest, model, all_infos[0].dim, tuple(roots))
 
 
 @dataclass(frozen=True)

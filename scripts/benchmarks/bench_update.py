@@ -111,7 +111,7 @@ def seed_spread(
     from pipeline.features import live_parts
     from pipeline.index import NPROBE_GRID, TRUTH_DEPTH, lower_bound, plan_index, recall_at, sample_runs
 
-    _, parts, _, _ = live_parts(features)
+    parts = live_parts(features).parts
     x = np.concatenate([read_shard(info.path).features[rows] for info, rows in parts])
     n = len(x)
     plan = plan_index(n, DIM)

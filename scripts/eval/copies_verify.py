@@ -59,7 +59,7 @@ def _timed(fn) -> float:
 
 def global_vectors(features_dir: Path) -> dict[str, np.ndarray]:
     """file name -> the default model's vector, from a features folder."""
-    _, parts, _, _ = live_parts(features_dir)
+    parts = live_parts(features_dir).parts
     out = {}
     for info, rows in parts:
         data = read_shard(info.path)
