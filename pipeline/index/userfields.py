@@ -147,9 +147,11 @@ def _read_table(path: Path, report: SourceReport) -> _Table:
         body = [(row + [""] * width)[:width] for row in body]
     columns: list[Sequence[str]] = list(zip(*body, strict=True)) if body else [() for _ in names]
     at = names.index("path")
-    keep = [i for i, key in enumerate(columns[at]) if key]
-    for i in range(len(body)):
-        if not columns[at][i] and any(body[i]):
+    keep = []
+    for i, key in enumerate(columns[at]):
+        if key:
+            keep.append(i)
+        elif any(body[i]):
             report.bad_rows += 1
             report.problem(f"line {i + 2}: no path")
     if len(keep) < len(body):
@@ -265,25 +267,23 @@ def read_metadata_files(
                 report.problem(f"line {table.lines[i]}: {key} is not in the index")
         report.matched = int((single >= 0).sum()) + len(multi)
         lines = np.array(table.lines, np.int64)
+        targeted = single >= 0  # rows naming at least one indexed image
+        targeted[list(multi)] = True
         for name, column in table.columns.items():
             if name in BUILTIN_FIELDS:
                 report.bad_rows += 1
                 report.problem(f"`{name}` is a built-in field; that column is left out")
                 continue
             has = np.fromiter((v is not None for v in column), bool, len(column))
-            present = np.flatnonzero(has & ((single >= 0) | np.isin(np.arange(len(column)), list(multi))))
+            present = np.flatnonzero(has & targeted)
             raw = np.empty(len(present), object)
             raw[:] = [column[i] for i in present.tolist()]
             kinds, typed_values = _kinds(list(raw))
-            spread = [(j, multi[i]) for j, i in enumerate(present.tolist()) if i in multi]  # glob rows: many images
             rows = single[present]
-            if spread:
-                take = np.concatenate([[j] * len(found) for j, found in spread]).astype(np.int64)
-                alone = np.array([j for j, i in enumerate(present.tolist()) if i not in multi], np.int64)
-                pick = np.concatenate([alone, take])
-                pick.sort(kind="stable")  # rows stay in file order
-                expanded = {j: iter(found) for j, found in spread}
-                rows = np.array([next(expanded[j]) if j in expanded else single[present[j]] for j in pick.tolist()])
+            if multi:  # glob rows: the value goes to every image the glob names, rows kept in file order
+                targets = [multi.get(i, [int(single[i])]) for i in present.tolist()]
+                pick = np.repeat(np.arange(len(present)), [len(t) for t in targets])
+                rows = np.array([r for t in targets for r in t], np.int64)
                 raw, kinds, typed_values, present = raw[pick], kinds[pick], typed_values[pick], present[pick]
             chunks.setdefault(name, []).append(_Chunk(rows, raw, kinds, typed_values, len(reports) - 1, lines[present]))
     fields = {name: _typed_field(name, c, forced_types.get(name), reports) for name, c in chunks.items()}
