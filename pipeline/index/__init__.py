@@ -13,9 +13,11 @@ One module per job, and this package as the one door others use:
   codes.py        binary codes and their coarse-to-fine search; binary.py builds such a version
   userfields.py   the user's metadata files (--metadata): CSV or JSON lines, typed, bad rows reported
   metadata.py     metadata/ in a version: typed columns of every image's fields; the ids a filter selects
+  annotate.py     a version's fields made: metadata files read whole or where they changed; republish_metadata
   filtered.py     search within a selection: exact, or an id selector over the lists holding it
 """
 
+from .annotate import metadata_changed, metadata_files, republish_metadata
 from .build import build_index
 from .codes import CODES_FILE, DEFAULT_BITS, ITQ_FILE, MAX_POOL, CoarseToFine, parse_codes
 from .fill import TRUTH_DEPTH, ExactNeighbours, FillDistributor, Truth, fill_range, sample_runs
@@ -32,15 +34,7 @@ from .filtered import (
     ranked_from_store,
 )
 from .idtable import IDS_FILE, IdTable
-from .metadata import (
-    METADATA_DIR,
-    Metadata,
-    collect_facts,
-    metadata_changed,
-    metadata_files,
-    republish_metadata,
-    write_metadata,
-)
+from .metadata import METADATA_DIR, Metadata, collect_facts, write_metadata
 from .plan import (
     DEFAULT_FLAT_BELOW,
     DEFAULT_RERANK,

@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 
 from ..errors import PipelineError, write_error
+from .annotate import make_metadata
 from .codes import (
     CODES_FILE,
     DEFAULT_POOL,
@@ -33,7 +34,6 @@ from .codes import (
 )
 from .fill import TRUTH_DEPTH, Truth, fill_index, rows_at
 from .idtable import IDS_FILE
-from .metadata import make_metadata
 from .plan import MIN_POINTS_PER_LIST
 from .store import StoreWriter, VectorStore
 from .tune import NPROBE_GRID, lower_bound, recall_at

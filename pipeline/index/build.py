@@ -19,11 +19,11 @@ import numpy as np
 from ..errors import PipelineError, write_error
 from ..features import check_model, live_parts, shard_model
 from ..fsutil import exclusive_lock
+from .annotate import make_metadata, metadata_files
 from .binary import build_binary
 from .codes import parse_codes
 from .fill import TRUTH_DEPTH, FillDistributor, Truth, fill_index, rows_at, sample_runs
 from .idtable import IDS_FILE
-from .metadata import make_metadata, metadata_files
 from .plan import DEFAULT_FLAT_BELOW, IndexPlan, index_is_flat, new_index, plan_index
 from .store import Reranked, StoreWriter, VectorStore
 from .tune import DEFAULT_TARGET_RECALL, Searchable, exact_tuning, tune

@@ -20,10 +20,10 @@ import numpy as np
 
 from ..errors import PipelineError, cause, write_error
 from ..fsutil import fsync_path
+from .annotate import make_metadata
 from .fill import TRUTH_DEPTH, ExactNeighbours, Truth, rows_with_ids
 from .idtable import IDS_FILE, AddedRows, IdTable, update_ids
 from .ivf_rewrite import IvfRewrite, rewrite_ivf, streamable
-from .metadata import make_metadata
 from .plan import stored_ids
 from .store import Reranked, VectorStore, update_store
 from .tune import exact_tuning, tune, with_search_time
