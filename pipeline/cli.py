@@ -27,7 +27,7 @@ from typer.core import TyperGroup
 
 from . import index as index_stage
 from .duplicates import DEFAULT_MIN_SIZE, MAX_PROBES, DuplicateGroup, find_groups
-from .errors import BusyError, ConfigError, ModelMismatchError, PipelineError, cause, write_error
+from .errors import BusyError, ConfigError, InputError, ModelMismatchError, PipelineError, cause, write_error
 from .evaluate import evaluate, write_per_query, write_pr_plot
 from .extract import extract as extract_images
 from .extract import summary_lines
@@ -43,6 +43,7 @@ from .index import (
     DEFAULT_TARGET_RECALL,
     IndexReport,
 )
+from .ingest import add_files, open_collection
 from .model import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_DEVICE,
@@ -811,6 +812,82 @@ def rebuild(
         _emit(report.to_dict())
     if failed:
         raise typer.Exit(EXIT_STRICT_FAILURES)
+
+
+WorkdirOpt = Annotated[Path, typer.Option("--workdir", "-w", help="Folder holding features/ and index/.")]
+
+
+@app.command()
+def add(
+    files: Annotated[list[Path], typer.Argument(help="Image files to add.", show_default=False)],
+    workdir: WorkdirOpt,
+    model: ModelOpt = None,
+    fields: Annotated[
+        str | None,
+        typer.Option(
+            "--fields",
+            help='Your metadata for these images, a JSON object such as \'{"sku": "A12", "price": 40}\'.',
+            show_default=False,
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add images to a workdir's collection now: copied into WORKDIR/ingest, embedded, recorded durably; every
+    search (a running service too) finds them at once, and the nightly rebuild folds them into the index.
+
+    Byte-identical images answer the id already in the collection. Exit 1 if any file could not be added.
+    """
+    outcomes = add_files(files, workdir, model, _fields(fields))
+    if as_json:
+        _emit([o.to_dict() for o in outcomes])
+    else:
+        for o in outcomes:
+            if o.added is None:
+                typer.echo(f"{o.source}: not added: {o.error}", err=True)
+            elif o.added.duplicate_of is not None:
+                typer.echo(f"{o.source}: already in the collection as {o.added.id} ({o.added.path})")
+            else:
+                typer.echo(f"{o.source}: added as {o.added.id} ({o.added.path})")
+    if any(o.added is None for o in outcomes):
+        raise typer.Exit(EXIT_ERROR)
+
+
+def _fields(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"--fields is not JSON ({exc})") from None
+
+
+@app.command()
+def remove(
+    paths: Annotated[list[Path], typer.Argument(help="Indexed image paths.", show_default=False)],
+    workdir: WorkdirOpt,
+    as_json: JsonOpt = False,
+) -> None:
+    """Never return these images again, at once and across restarts and rebuilds. A file added through the service
+    or `pipeline add` is deleted; a file of your own folders is never deleted, only hidden (`pipeline unhide`)."""
+    with open_collection(workdir) as collection:
+        removed = [collection.remove(str(p.absolute())) for p in paths]
+    if as_json:
+        _emit([r.to_dict() for r in removed])
+    else:
+        for r in removed:
+            typer.echo(f"{r.path}: {'deleted' if r.deleted else 'hidden'}")
+
+
+@app.command()
+def unhide(
+    paths: Annotated[list[Path], typer.Argument(help="Hidden image paths.", show_default=False)],
+    workdir: WorkdirOpt,
+) -> None:
+    """Return hidden images (of your own folders) to the results. Exit 1 if one was not hidden."""
+    with open_collection(workdir) as collection:
+        missing = [str(p) for p in paths if not collection.unhide(str(p.absolute()))]
+    if missing:
+        raise PipelineError(f"not hidden: {', '.join(missing)}")
 
 
 def _log_to(log_file: Path) -> None:

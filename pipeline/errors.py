@@ -13,6 +13,13 @@ class PipelineError(Exception):
     exit_code = 1
 
 
+class InputError(PipelineError):
+    """An argument or a request field that cannot be used as given (a filter, an addition's metadata): the user
+    fixes the text. Exit 2, as for a usage error; HTTP 422."""
+
+    exit_code = 2
+
+
 class ModelMismatchError(PipelineError):
     """Features or an index were made by a different model than the one in hand."""
 

@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from .errors import PipelineError
+from .errors import InputError
 
 Op = Literal["=", "!=", "in", "not in", "<", "<=", ">", ">=", "glob"]
 FieldType = Literal["number", "date", "string"]
@@ -57,10 +57,8 @@ _IN_RE = re.compile(r"(?:(not)\s+)?in(?=[\s(]|\Z)", re.IGNORECASE)
 _USAGE = "use = != < <= > >= in (a,b) not in (a,b), or path:GLOB"
 
 
-class FilterError(PipelineError):
+class FilterError(InputError):
     """A `--where` expression that cannot be read or does not fit the index's fields: the user fixes the text."""
-
-    exit_code = 2
 
 
 class _GlobError(ValueError):
@@ -493,3 +491,20 @@ def check_key(cond: Condition, fields: Mapping[str, FieldType]) -> FieldType:
     hint = f"did you mean {near[0]}? " if near else ""
     known = ", ".join(sorted(fields)) or "none"
     raise FilterError(f"{_shown(str(cond))}: no field {cond.key}; {hint}this index knows: {known}")
+
+
+def value_matches(cond: Condition, values: tuple[float | str, ...], value: float | str | None) -> bool:
+    """Whether one image's value (None: it has none) meets `cond`, whose `values` are typed (typed_values):
+    the rule Metadata.select applies to a whole column, for one image (a search's live additions)."""
+    if value is None:
+        return False
+    if cond.op == "glob":
+        return bool(glob_regex(str(values[0])).fullmatch(str(value)))
+    if cond.op in ("=", "in"):
+        return value in values
+    if cond.op in ("!=", "not in"):
+        return value not in values
+    bound = values[0]
+    if isinstance(value, str) or isinstance(bound, str):
+        return False  # (check_condition refuses an order on text)
+    return {"<": value < bound, "<=": value <= bound, ">": value > bound, ">=": value >= bound}[cond.op]

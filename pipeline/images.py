@@ -380,3 +380,19 @@ def upright_size(data: bytes) -> tuple[int, int]:
             return (im.height, im.width) if turned else (im.width, im.height)
     except Exception:  # decoding succeeded, so this is only a header quirk: the size stays unknown
         return 0, 0
+
+
+_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif"}
+
+
+def image_suffix(data: bytes) -> str:
+    """The file name suffix of encoded image bytes, from their header (what a stored upload is named by, never
+    the name a client sent); ImageError for bytes of no format the collection takes."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format or ""
+    except Exception as exc:  # Pillow raises many kinds for bytes that are not an image
+        raise ImageError(f"not an image ({type(exc).__name__})") from None
+    if fmt not in _SUFFIXES:
+        raise ImageError(f"{fmt or 'this'} images are not taken (JPEG, PNG, WebP, BMP, GIF or TIFF)")
+    return _SUFFIXES[fmt]

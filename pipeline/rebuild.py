@@ -1,8 +1,9 @@
-"""The nightly job in one call: scrub -> incremental extract -> compact shards -> build index -> publish.
+"""The nightly job in one call: scrub -> fold the additions -> incremental extract -> compact shards -> build
+index -> publish.
 
-Layout of a workdir: features/ (shards, catalog.sqlite, errors.jsonl), index/ (CURRENT,
-versions/). A lock on the workdir makes a second run exit at once (BusyError, exit 75); a run
-killed at any moment leaves the published index untouched and the next run picks up the work.
+Layout of a workdir: features/ (shards, catalog.sqlite, errors.jsonl, live.sqlite: the journal of additions
+and removals), index/ (CURRENT, versions/), ingest/ (the files added through the service or `pipeline add`).
+A lock on the workdir makes a second run exit at once (BusyError, exit 75); a run killed at any moment leaves the published index untouched and the next run picks up the work.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ from typing import TYPE_CHECKING, TypedDict
 
 from .errors import PipelineError
 from .extract import ExtractReport, extract
-from .features import DEFAULT_COMPACT_BELOW, DEFAULT_SHARD_SIZE, compact, live_digest, scrub
+from .features import (
+    DEFAULT_COMPACT_BELOW,
+    DEFAULT_SHARD_SIZE,
+    FoldReport,
+    added_fields_file,
+    compact,
+    fold_live,
+    live_digest,
+    scrub,
+)
 from .fsutil import atomic_write_text, exclusive_lock
 from .index import (
     CURRENT_FILE,
@@ -58,6 +68,7 @@ class ExtractOptions(TypedDict, total=False):
 class RebuildReport:
     extract: ExtractReport
     damaged: list[tuple[str, str]]  # shards found damaged (deleted; their images extracted again), and why
+    folded: FoldReport  # the journal's additions and removals folded into the shards and the catalog
     compacted: list[str]
     index_built: bool
     index_meta: dict
@@ -67,6 +78,7 @@ class RebuildReport:
         return {
             "extract": self.extract.to_dict(),
             "damaged_shards": [{"shard": name, "why": why} for name, why in self.damaged],
+            "folded": self.folded.to_dict(),
             "compacted_shards": self.compacted,
             "index_built": self.index_built,
             "index": self.index_meta,
@@ -98,7 +110,9 @@ def rebuild(
     shard is read through its checksums first and a damaged one is deleted, so that its images are
     extracted again (features.scrub: a shard's bytes read, about 2 KB an image). `metadata`: the user's
     metadata files (build_index's); when only they changed, the next version is the published one with new
-    fields (index.republish_metadata: no model run, no training)."""
+    fields (index.republish_metadata: no model run, no training). The images added and removed since the last run
+    (features.Journal) are folded in first, with the ids they were given and no model run (features.fold_live): the
+    ingest folder is part of the collection without being named in `roots`."""
     if not 0 <= compact_below <= 1:
         raise PipelineError(f"--compact-below must be between 0 and 1 (got {compact_below})")
     workdir = Path(workdir)
@@ -110,6 +124,7 @@ def rebuild(
         damaged = scrub(features) if scrub_shards else []
         if scrub_shards:
             LOG.info("scrub: %d damaged shard(s) deleted (%.1f s)", len(damaged), time.monotonic() - t)
+        folded = fold_live(features, extract_options.get("shard_size", DEFAULT_SHARD_SIZE))  # before the scan
         t = time.monotonic()
         ex = extract(roots, features, model, distributor=distributor, **extract_options)
         LOG.info(
@@ -132,6 +147,9 @@ def rebuild(
         digest = live_digest(features)
         published = _published_meta(index_dir)
         files = metadata_files(index_dir, metadata)
+        added = added_fields_file(features)  # the additions' own metadata, read after the user's files
+        if added is not None:
+            files = (*[f for f in files if f != added.absolute()], added.absolute())
         if published.get("live_digest") == digest and metadata_changed(published, files):
             t = time.monotonic()
             meta = republish_metadata(index_dir, files, keep).meta
@@ -166,7 +184,7 @@ def rebuild(
                 "updated" if meta["made_by"] == "update" else "built",
                 time.monotonic() - t,
             )
-    report = RebuildReport(ex, damaged, compacted, built, meta, time.monotonic() - start)
+    report = RebuildReport(ex, damaged, folded, compacted, built, meta, time.monotonic() - start)
     LOG.info("rebuild finished in %.1f s", report.seconds)
     return report
 

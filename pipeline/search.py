@@ -35,10 +35,12 @@ from .index import (
     CoarseToFine,
     IdTable,
     ListMap,
+    LivePart,
     Metadata,
     Reranked,
     Selection,
     VectorStore,
+    added_fields,
     current_version,
     damaged,
     exact_search,
@@ -89,6 +91,15 @@ def check_deadline(deadline: float | None, stage: str) -> None:
     """DeadlineExceeded when `deadline` (time.monotonic()) has passed, naming the stage that was not begun."""
     if deadline is not None and time.monotonic() > deadline:
         raise DeadlineExceeded(f"the request's time ran out before {stage}; retry shortly")
+
+
+def _merged(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The top k of two result lists per query (scores, ids), by score."""
+    scores, ids = np.hstack([a[0], b[0]]), np.hstack([a[1], b[1]])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
 def _read_index(path: str, mmap: bool) -> faiss.Index:
@@ -158,6 +169,10 @@ class Searcher:
         self._selections: OrderedDict[str, Selection] = OrderedDict()
         self._local: OrderedDict[str, LocalFeatures] = OrderedDict()  # candidates' local features (verify)
         self._select_lock = threading.Lock()
+        features = self.meta.get("features_dir")
+        ivf = None if isinstance(self.index, CoarseToFine) else faiss.try_extract_index_ivf(self.index)
+        # the journal's additions since this version and its removals (none for a version of a bare folder)
+        self.live = LivePart(Path(features), int(self.meta["dim"]), self.id_table, ivf) if features else None
 
     def _open(self, mmap: bool) -> None:
         index_path = self.version_dir / INDEX_FILE
@@ -228,7 +243,10 @@ class Searcher:
     def roots(self) -> list[str] | None:
         """The folders the collection was scanned from, as the version records them; None for versions
         made before they were recorded (or from a features folder without a catalog)."""
-        return self.meta.get("roots") or None
+        roots = self.meta.get("roots")
+        if roots and self.live is not None and self.live.ingest is not None:
+            return sorted({*roots, str(self.live.ingest)})
+        return roots or None
 
     def indexed_paths(self) -> list[str]:
         """Every indexed path, in id order."""
@@ -237,11 +255,26 @@ class Searcher:
     def path_of(self, idx: int) -> str | None:
         """The indexed path of an image id, None when this version has no such id (a client's id, unlike
         one the index returned, may simply be wrong)."""
-        return self.id_table.path_of(idx)
+        path = self.id_table.path_of(idx)
+        if path is None and self.live is not None and idx in self.live.images:
+            return self.live.images[idx].path
+        return path
 
     def rows(self, ids: np.ndarray) -> dict[int, tuple[str, str]]:
-        """id -> (path, content hash) for the given ids (-1 ignored)."""
-        return self.id_table.rows(ids)
+        """id -> (path, content hash) for the given ids (-1 ignored), live additions included."""
+        added = self.live.images if self.live is not None else {}
+        ids = np.asarray(ids)
+        live = np.isin(ids, np.fromiter(added, np.int64, len(added))) if added else np.zeros(ids.shape, bool)
+        out = self.id_table.rows(ids[~live])
+        out.update((int(i), (added[int(i)].path, added[int(i)].content_hash)) for i in ids[live])
+        return out
+
+    def fields_of(self, ids: np.ndarray) -> list[dict]:
+        """Each id's fields (Metadata.of), live additions included."""
+        added = self.live.images if self.live is not None else {}
+        kept = [i for i in ids.tolist() if i not in added]
+        version = dict(zip(kept, self.metadata.of(np.array(kept, np.int64)), strict=True))
+        return [added_fields(added[i]) if i in added else version[i] for i in ids.tolist()]
 
     def ids(self) -> np.ndarray:
         """Every indexed id, sorted (stable catalog ids: sparse, not positions)."""
@@ -325,7 +358,12 @@ class Searcher:
             if cached is not None:
                 self._selections.move_to_end(key)
                 return cached
-        ids = self.metadata.select(flt)
+        only_added = [name for name in flt.keys() if name not in self.metadata.fields]
+        ids: np.ndarray | None
+        if only_added and self.live is not None and set(only_added) <= set(self.live.fields()):
+            ids = np.zeros(0, np.int64)  # fields that only additions carry: no image of the version has them
+        else:
+            ids = self.metadata.select(flt)
         assert ids is not None
         selection = Selection(ids, self.count)
         with self._select_lock:
@@ -355,23 +393,33 @@ class Searcher:
         the same recall as an unfiltered search at any selectivity (index.filtered)."""
         if k < 1:
             raise PipelineError(f"k must be at least 1 (got {k})")
-        selection = self.select(where)
-        available = self.count if selection is None else len(selection.ids)
+        flt = where if isinstance(where, Filter) else parse_where(list(where or []))
+        selection = self.select(flt)
+        live = self.live
+        if live is not None:
+            live.sync()  # what was added or removed up to now is seen by this search
+        among = live.select(flt, self.metadata.fields) if live is not None and flt else None
+        excluded = live.excluded if live is not None else frozenset()
+        available = (self.count if selection is None else len(selection.ids)) + (
+            (len(live) if among is None else len(among)) if live is not None else 0
+        )
         exclude = exclude or [None] * len(vectors)
-        fetch = k + (8 if any(exclude) else 0)
+        fetch = k + (8 if any(exclude) or excluded else 0)
         while True:
             check_deadline(deadline, "the index search")
             scores, ids = self._search(vectors, fetch, nprobe, selection)
+            if live is not None and len(live):
+                found = live.search(np.ascontiguousarray(vectors, np.float32), fetch, nprobe or self.nprobe, among)
+                scores, ids = _merged((scores, ids), found, fetch)
             check_deadline(deadline, "reading the hits' paths")
             rows = self.rows(ids)
-            fields = dict(
-                zip(np.unique(ids[ids >= 0]).tolist(), self.metadata.of(np.unique(ids[ids >= 0])), strict=True)
-            )
+            unique = np.unique(ids[ids >= 0])
+            fields = dict(zip(unique.tolist(), self.fields_of(unique), strict=True))
             out, short = [], False
             for srow, irow, ex in zip(scores, ids, exclude, strict=True):  # exclude: one per query
                 hits: list[Hit] = []
                 for s, i in zip(srow, irow, strict=True):
-                    if i < 0 or (min_score is not None and s < min_score):
+                    if i < 0 or (min_score is not None and s < min_score) or int(i) in excluded:
                         continue
                     path, content_hash = rows[int(i)]
                     if ex is not None and (path == ex.path or content_hash == ex.content_hash):
@@ -445,10 +493,13 @@ class Searcher:
         for i, p in enumerate(paths):
             key = str(Path(p).absolute())
             row = self.id_table.find(key)
-            if row is None:
+            added = self.live.find(key) if self.live is not None and row is None else None
+            if added is not None:
+                found.append((i, added.feature, QueryFile(key, added.content_hash)))
+            elif row is None:
                 results[i] = QueryResult(str(p), error="not in the index (--like takes an indexed image path)")
-                continue
-            found.append((i, self.vectors([row[0]])[0], QueryFile(key, row[1])))
+            else:
+                found.append((i, self.vectors([row[0]])[0], QueryFile(key, row[1])))
         if found:
             vecs = np.stack([v for _, v, _ in found])
             excl = [q for _, _, q in found] if exclude_self else None

@@ -25,7 +25,7 @@ TIERS = [
     ("synthetic",),  # synthetic features in real shards, for tests and benchmarks (the product never imports it)
     ("extract",),  # files -> model -> shards, as per-shard tasks
     ("index",),  # package: plan, tune, fill, build, update, versions, the id table, stores, codes
-    ("search",),
+    ("search", "ingest"),  # ingest: images added and removed between builds (the journal, the ingest folder)
     ("duplicates", "evaluate", "verify"),
     ("sheet",),
     ("distributed",),  # runs extract's and index's per-task functions on Ray, handed in as a distributor

@@ -4,14 +4,18 @@ Three modules, one format each, and this package as the one door others use:
   shards.py   the shard file (HDF5): write, read, list, remove, check the model that made it
   catalog.py  catalog.sqlite: every image, where its feature lives, which rows are live (all its SQL)
   folder.py   the folder as a whole: writing under the lock, compaction, live rows, exact features
+  live.py     live.sqlite: the journal of images added and removed between nightly builds
+  fold.py     the journal folded into shards and the catalog (the nightly job's first step)
 """
 
 from .catalog import CATALOG_FILE, Catalog, Entry, catalog_damage
+from .fold import ADDED_FIELDS_FILE, FoldReport, added_fields_file, fold_live
 from .folder import (
     DEFAULT_COMPACT_BELOW,
     DEFAULT_SHARD_SIZE,
     ERRORS_FILE,
     LiveParts,
+    Lookup,
     RowMeta,
     ShardWriter,
     compact,
@@ -22,6 +26,7 @@ from .folder import (
     write_errors_file,
     writing,
 )
+from .live import JOURNAL_FILE, LIVE_FIRST_ID, Journal, LiveImage
 from .shards import (
     SCHEMA_VERSION,
     ShardData,
@@ -41,6 +46,15 @@ from .shards import (
 )
 
 __all__ = [
+    "ADDED_FIELDS_FILE",
+    "FoldReport",
+    "Lookup",
+    "added_fields_file",
+    "fold_live",
+    "JOURNAL_FILE",
+    "LIVE_FIRST_ID",
+    "Journal",
+    "LiveImage",
     "CATALOG_FILE",
     "DEFAULT_COMPACT_BELOW",
     "DEFAULT_SHARD_SIZE",

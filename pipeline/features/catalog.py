@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain, groupby
 from operator import itemgetter
@@ -216,6 +216,13 @@ class Catalog:
             (content_hash,),
         ).fetchone()
 
+    def live_with_hash(self, content_hash: str) -> tuple[int, str] | None:
+        """(id, path) of a live image with this content, if any (an indexed look-up)."""
+        row = self.db.execute(
+            "SELECT id, path FROM images WHERE hash = ? AND status = 'live' ORDER BY id LIMIT 1", (content_hash,)
+        ).fetchone()
+        return None if row is None else (int(row[0]), row[1])
+
     def live_features_of_size(self, sizes: Iterable[int], limit: int) -> dict[str, tuple[str, int, str]]:
         """content hash -> live_feature(hash) of the live contents whose files have one of these sizes
         (at most `limit` rows: uncompressed images of one shape all have one size): what a Ray task may
@@ -249,6 +256,29 @@ class Catalog:
         except sqlite3.Error as exc:
             raise PipelineError(f"cannot read {self.dir / CATALOG_FILE} ({exc}); rerun `pipeline extract`") from None
         return where
+
+    def live_of(self, paths: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """path -> (id, content hash) of the live images among these paths."""
+        out: dict[str, tuple[int, str]] = {}
+        for start in range(0, len(paths), 500):
+            chunk = list(paths[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.execute(
+                f"SELECT path, id, hash FROM images WHERE status = 'live' AND path IN ({marks})", chunk
+            )
+            out.update((p, (i, h)) for p, i, h in rows)
+        return out
+
+    def live_paths_under(self, folder: str) -> list[str]:
+        """Every live path under `folder`, sorted."""
+        return [
+            p
+            for on in _EITHER_OF_UNDER
+            for (p,) in self.db.execute(
+                f"SELECT path FROM images WHERE status = 'live' AND {on.format(p='path', f=':')} ORDER BY path",
+                _folder_params(folder),
+            )
+        ]
 
     def shard_rows(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT name, rows FROM shards WHERE state = 'active'"))
@@ -323,11 +353,11 @@ class Catalog:
     def record_shard(
         self,
         name: str,
-        rows: Iterable[tuple[str, int, float, str, int]],
+        rows: Iterable[tuple],
         errors: Iterable[tuple[str, int | None, float | None, float | None, str, bool | None]],
     ) -> None:
-        """In one transaction: the shard, its live rows (path, size, mtime, hash, row) and failures
-        (path, size, mtime, ctime, reason, transient).
+        """In one transaction: the shard, its live rows (path, size, mtime, hash, row[, id given in advance: an
+        addition folded in]) and failures (path, size, mtime, ctime, reason, transient).
 
         A failure counts its attempts (failed runs in a row); a transient one is tried again
         `2 ** (attempts - 1)` runs after this one: the next run, then 2, 4, 8... runs later.
@@ -341,8 +371,11 @@ class Catalog:
             self.db.executemany(
                 "INSERT OR REPLACE INTO images (path, size, mtime, hash, shard, row, status, id) "
                 "SELECT :p, :s, :m, :h, :shard, :r, 'live', "
-                "       (SELECT id FROM images WHERE path = :p AND hash = :h AND status = 'live')",
-                [{"p": p, "s": s, "m": m, "h": h, "shard": name, "r": r} for p, s, m, h, r in rows],
+                "       COALESCE(:id, (SELECT id FROM images WHERE path = :p AND hash = :h AND status = 'live'))",
+                [
+                    {"p": row[0], "s": row[1], "m": row[2], "h": row[3], "shard": name, "r": row[4], "id": _given(row)}
+                    for row in rows
+                ],
             )
             fresh = [
                 r
@@ -496,6 +529,11 @@ class Catalog:
                 "WHERE path IN (SELECT path FROM missing)"
             )
         return self.db.execute("SELECT count(*) FROM missing WHERE NOT moved").fetchone()[0]
+
+
+def _given(row: tuple) -> int | None:
+    """The id a row of record_shard brings (its sixth value), if any."""
+    return row[5] if len(row) > 5 else None
 
 
 def _ids_digest(ids: np.ndarray) -> str:

@@ -88,6 +88,7 @@ class RowMeta:
     mtime: float
     width: int = 0
     height: int = 0
+    id: int | None = None  # an id given in advance (an addition folded in); None: the catalog's
 
 
 class ShardRecords(Protocol):
@@ -172,7 +173,7 @@ class ShardWriter:
         self.catalog.record_shard(
             name,
             [
-                (p, m.size, m.mtime, m.content_hash, r)
+                (p, m.size, m.mtime, m.content_hash, r, getattr(m, "id", None))
                 for r, (p, m) in enumerate(zip(self.paths, self.metas, strict=True))
             ],
             self.errors,
@@ -231,6 +232,33 @@ def compact(
         "compacted %d shard(s) with under %.0f%% live rows into %d", len(victims), below * 100, len(writer.written)
     )
     return victims
+
+
+class Lookup:
+    """Read-only look-ups of a features folder's live images, by content and by path, on one catalog connection
+    opened on first use and kept (opening checks every page): what an addition asks before it is stored."""
+
+    def __init__(self, features_dir: Path) -> None:
+        self.dir = features_dir
+        self._catalog: Catalog | None = None
+
+    def _open(self) -> Catalog | None:
+        if self._catalog is None and Catalog.exists(self.dir):
+            self._catalog = Catalog(self.dir, readonly=True)
+        return self._catalog
+
+    def with_hash(self, content_hash: str) -> tuple[int, str] | None:
+        """(id, path) of a live image with these bytes."""
+        catalog = self._open()
+        return None if catalog is None else catalog.live_with_hash(content_hash)
+
+    def holds(self, path: str) -> bool:
+        catalog = self._open()
+        return catalog is not None and bool(catalog.live_of([path]))
+
+    def close(self) -> None:
+        if self._catalog is not None:
+            self._catalog.close()
 
 
 class LiveParts(NamedTuple):

@@ -15,6 +15,7 @@ One module per job, and this package as the one door others use:
   metadata.py     metadata/ in a version: typed columns of every image's fields; the ids a filter selects
   annotate.py     a version's fields made: metadata files read whole or where they changed; republish_metadata
   filtered.py     search within a selection: exact, or an id selector over the lists holding it
+  livepart.py     a version's live part: the journal's additions it lacks, searchable beside it; removals
 """
 
 from .annotate import metadata_changed, metadata_files, republish_metadata
@@ -34,6 +35,7 @@ from .filtered import (
     ranked_from_store,
 )
 from .idtable import IDS_FILE, IdTable
+from .livepart import MAX_LIVE, LivePart, added_fields
 from .metadata import METADATA_DIR, Metadata, collect_facts, write_metadata
 from .plan import (
     DEFAULT_FLAT_BELOW,
@@ -69,6 +71,9 @@ from .versions import (
 )
 
 __all__ = [
+    "MAX_LIVE",
+    "LivePart",
+    "added_fields",
     "MAX_POOL",
     "ranked_from_store",
     "metadata_changed",

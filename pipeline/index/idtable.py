@@ -150,6 +150,17 @@ class IdTable:
             raise damaged(self.path, f"{len(wanted) - len(out)} ids the index returned are not in it")
         return out
 
+    def known(self, ids: Sequence[int]) -> set[int]:
+        """The ids among these that the table has."""
+        wanted = sorted({int(i) for i in ids})
+        out: set[int] = set()
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            out.update(
+                i for (i,) in self._query(f"SELECT id FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            )
+        return out
+
     def ids(self) -> np.ndarray:
         """Every id, sorted (stable catalog ids: sparse, not positions)."""
         try:

@@ -1,0 +1,173 @@
+"""Images in and out between nightly builds: added durably, found at once, removed for good, folded at night."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from helpers import pattern, save_pattern
+from pipeline.cli import app
+from pipeline.errors import InputError
+from pipeline.features import LIVE_FIRST_ID, Journal, fold_live, list_shards
+from pipeline.ingest import Collection, add_files, open_collection
+from pipeline.model import FeatureModel
+from pipeline.rebuild import rebuild
+from pipeline.search import Searcher
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (96, 72)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pattern(seed, size)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def workdir(tmp_path, tiny_model) -> Path:
+    root, work = tmp_path / "photos", tmp_path / "work"
+    for s in range(40):
+        save_pattern(root / f"img{s:04d}.png", s)
+    rebuild([root], work, tiny_model, workers=0, shard_size=16)
+    return work
+
+
+def embed(model: FeatureModel, data: bytes) -> np.ndarray:
+    from pipeline.images import decode_bytes
+
+    return model.embed_each([decode_bytes(data, model.info.resize_to)])[0]
+
+
+def test_an_addition_is_found_by_the_next_search_and_a_copy_answers_its_id(workdir, tiny_model):
+    model = FeatureModel(tiny_model)
+    searcher = Searcher(workdir / "index", tiny_model)
+    before = searcher.count
+    data = png_bytes(1000)
+    with Collection(workdir, model.info.checksum, model.info.dim) as collection:
+        added = collection.add(data, embed(model, data), {"sku": "A12", "price": 40})
+        assert added.id >= LIVE_FIRST_ID and added.duplicate_of is None
+        assert Path(added.path).read_bytes() == data and "/ingest/" in added.path
+        again = collection.add(data, embed(model, data))
+        assert (again.id, again.duplicate_of) == (added.id, added.id)
+        # bytes the index already holds answer that image's id
+        indexed = workdir.parent / "photos" / "img0003.png"
+        old = collection.add(indexed.read_bytes(), embed(model, indexed.read_bytes()))
+        assert old.duplicate_of is not None and old.path == str(indexed)
+    hit = searcher.search_vectors(embed(model, data)[None], k=3)[0][0]
+    assert (hit.id, hit.path, round(hit.score, 4)) == (added.id, added.path, 1.0)
+    assert hit.metadata["sku"] == "A12" and hit.metadata["width"] == 96
+    assert searcher.count == before
+    # filters see additions, their own fields included
+    assert [h.id for h in searcher.search_vectors(embed(model, data)[None], k=3, where=["sku=A12"])[0]] == [added.id]
+    assert searcher.search_vectors(embed(model, data)[None], k=3, where=["price>50"])[0] == []
+    # --like by the added path, and a fresh searcher (a restart) sees it too
+    like = searcher.search_like([added.path], k=1)[0]
+    assert like.hits[0].id == added.id
+    assert Searcher(workdir / "index", tiny_model).path_of(added.id) == added.path
+
+
+def test_removal_hides_a_users_file_and_deletes_an_added_one_across_restarts_and_rebuilds(workdir, tiny_model):
+    model = FeatureModel(tiny_model)
+    searcher = Searcher(workdir / "index", tiny_model)
+    users = str(workdir.parent / "photos" / "img0005.png")
+    query = embed(model, Path(users).read_bytes())[None]
+    assert searcher.search_vectors(query, k=1)[0][0].path == users
+    data = png_bytes(2000)
+    with Collection(workdir, model.info.checksum, model.info.dim) as collection:
+        added = collection.add(data, embed(model, data))
+        gone = collection.remove(added.path)
+        assert gone.deleted and gone.ids == [added.id] and not Path(added.path).exists()
+        hidden = collection.remove(users)
+        assert not hidden.deleted and Path(users).exists()
+        with pytest.raises(InputError):
+            collection.unhide(added.path)
+    for s in (searcher, Searcher(workdir / "index", tiny_model)):
+        found = s.search_vectors(query, k=50)[0]
+        assert users not in {h.path for h in found}
+        assert added.id not in {h.id for h in s.search_vectors(embed(model, data)[None], k=50)[0]}
+    rebuild([workdir.parent / "photos"], workdir, tiny_model, workers=0, shard_size=16, retrain=True)
+    fresh = Searcher(workdir / "index", tiny_model)
+    assert users not in {h.path for h in fresh.search_vectors(query, k=50)[0]}
+    with open_collection(workdir) as collection:
+        assert collection.unhide(users)
+    assert fresh.search_vectors(query, k=1)[0][0].path == users
+
+
+def test_the_nightly_fold_runs_no_model_and_keeps_every_id(workdir, tiny_model, monkeypatch):
+    model = FeatureModel(tiny_model)
+    datas = [png_bytes(3000 + i) for i in range(5)]
+    with Collection(workdir, model.info.checksum, model.info.dim) as collection:
+        added = [collection.add(d, embed(model, d), {"batch": "x"}) for d in datas]
+        collection.remove(added[4].path)
+    queries = np.stack([embed(model, d) for d in datas])
+    shards = len(list_shards(workdir / "features"))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the fold ran the model")
+
+    monkeypatch.setattr(FeatureModel, "embed_each", no_model)
+    report = rebuild([workdir.parent / "photos"], workdir, tiny_model, workers=0, shard_size=16)
+    assert report.index_built and report.extract.extracted == 0
+    assert len(list_shards(workdir / "features")) == shards + 1
+    searcher = Searcher(workdir / "index", tiny_model)
+    assert searcher.live is not None and len(searcher.live) == 0  # all in the version now
+    for a, q in zip(added[:4], queries[:4], strict=True):
+        assert searcher.id_table.path_of(a.id) == a.path
+        hit = searcher.search_vectors(q[None], k=1)[0][0]
+        assert (hit.id, hit.metadata["batch"]) == (a.id, "x")  # its metadata folded in too
+    assert searcher.id_table.path_of(added[4].id) is None
+    assert Journal(workdir / "features").counts() == {"unfolded": 0, "live": 4, "removed": 1, "hidden": 1}
+    again = fold_live(workdir / "features")
+    assert (again.folded, again.deleted) == (0, 0)
+
+
+def test_cli_add_remove_unhide(workdir, tiny_model, tmp_path):
+    runner = CliRunner()
+    new = [save_pattern(tmp_path / "new" / f"n{i}.png", 4000 + i) for i in range(3)]
+    (tmp_path / "new" / "bad.png").write_bytes(b"not an image")
+    result = runner.invoke(
+        app,
+        [
+            "add",
+            *map(str, new),
+            str(tmp_path / "new" / "bad.png"),
+            "--workdir",
+            str(workdir),
+            "--model",
+            str(tiny_model),
+            "--fields",
+            '{"sku": "B1"}',
+            "--json",
+        ],
+    )
+    assert result.exit_code == 1, result.output  # one file could not be added
+    out = json.loads(result.stdout)
+    assert [o.get("error") is None for o in out] == [True, True, True, False]
+    for f in new:
+        f.unlink()  # the originals may go: the collection keeps its copies
+    searcher = Searcher(workdir / "index", tiny_model)
+    model = FeatureModel(tiny_model)
+    hit = searcher.search_vectors(embed(model, png_bytes(4001))[None], k=1)[0][0]
+    assert hit.id == out[1]["id"] and hit.metadata["sku"] == "B1"
+    result = runner.invoke(app, ["remove", out[1]["path"], "--workdir", str(workdir)])
+    assert result.exit_code == 0, result.output
+    assert out[1]["id"] not in {h.id for h in searcher.search_vectors(embed(model, png_bytes(4001))[None], k=10)[0]}
+    bad = runner.invoke(app, ["add", str(new[0]), "--workdir", str(workdir), "--fields", '{"path": 1}'])
+    assert bad.exit_code == 2 and "built in" in bad.output
+    users = str(workdir.parent / "photos" / "img0002.png")
+    assert runner.invoke(app, ["remove", users, "--workdir", str(workdir)]).exit_code == 0
+    assert runner.invoke(app, ["unhide", users, "--workdir", str(workdir)]).exit_code == 0
+    assert runner.invoke(app, ["unhide", users, "--workdir", str(workdir)]).exit_code == 1  # not hidden
+
+
+def test_add_files_reports_each_file(workdir, tiny_model, tmp_path):
+    good = save_pattern(tmp_path / "a.png", 5000)
+    missing = tmp_path / "missing.png"
+    out = add_files([good, missing], workdir, tiny_model)
+    assert out[0].added is not None and out[1].error and "not found" in out[1].error
+    assert os.path.exists(out[0].added.path)
