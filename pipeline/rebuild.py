@@ -3,7 +3,8 @@ index -> publish.
 
 Layout of a workdir: features/ (shards, catalog.sqlite, errors.jsonl, live.sqlite: the journal of additions
 and removals), index/ (CURRENT, versions/), ingest/ (the files added through the service or `pipeline add`).
-A lock on the workdir makes a second run exit at once (BusyError, exit 75); a run killed at any moment leaves the published index untouched and the next run picks up the work.
+A lock on the workdir makes a second run exit at once (BusyError, exit 75); a run killed at any moment
+leaves the published index untouched and the next run picks up the work.
 """
 
 from __future__ import annotations
