@@ -68,6 +68,7 @@ from .serve.limits import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_DECODE_MEMORY,
     DEFAULT_HOST,
+    DEFAULT_MAX_ADDS,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_UPLOAD,
     DEFAULT_MAX_WAIT_MS,
@@ -933,9 +934,26 @@ def verify(
 @app.command()
 def serve(
     index: Annotated[
-        Path,
-        typer.Option("--index", "-i", help="Index folder; its published version is followed as it changes."),
-    ],
+        Path | None,
+        typer.Option(
+            "--index", "-i", help="Index folder; its published version is followed as it changes.", show_default=False
+        ),
+    ] = None,
+    workdir: Annotated[
+        Path | None,
+        typer.Option("--workdir", "-w", help="A `pipeline rebuild` workdir: serve WORKDIR/index.", show_default=False),
+    ] = None,
+    writable: Annotated[
+        bool,
+        typer.Option(
+            "--writable",
+            help="Also take additions (POST /api/images) and removals (DELETE /api/images/ID), always behind the "
+            "API key; needs an index made by `pipeline rebuild`.",
+        ),
+    ] = False,
+    max_adds: Annotated[
+        int, typer.Option(help="Additions in flight at once (--writable); beyond it, 503 with Retry-After.")
+    ] = DEFAULT_MAX_ADDS,
     model: IndexModelOpt = None,
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs --api-key.")] = DEFAULT_HOST,
     port: Annotated[int, typer.Option(help="TCP port.")] = DEFAULT_PORT,
@@ -1019,10 +1037,16 @@ def serve(
         api_key = _read_key(api_key_file)
     if not is_loopback(host) and not api_key:
         raise PipelineError(f"--host {host} exposes the service beyond this machine: give --api-key too")
+    if writable and not api_key:
+        raise PipelineError("--writable changes the collection: give --api-key or --api-key-file too")
+    if (index is None) == (workdir is None):
+        raise PipelineError("give the index to serve: --index FOLDER or --workdir WORKDIR (one of them)")
     try:
         service = Service(
-            index,
+            index or Path(str(workdir)) / "index",
             model,
+            writable=writable,
+            max_adds=max_adds,
             batch_size=batch_size,
             max_wait_ms=max_wait_ms,
             queue_size=queue_size,

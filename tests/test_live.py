@@ -171,3 +171,54 @@ def test_add_files_reports_each_file(workdir, tiny_model, tmp_path):
     out = add_files([good, missing], workdir, tiny_model)
     assert out[0].added is not None and out[1].error and "not found" in out[1].error
     assert os.path.exists(out[0].added.path)
+
+
+KEY = "k" * 32
+
+
+def test_a_writable_service_adds_and_removes_behind_the_key(workdir, tiny_model):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from fastapi.testclient import TestClient
+
+    from pipeline.errors import ConfigError
+    from pipeline.serve import Service, create_app
+
+    with pytest.raises(ConfigError):
+        create_app(Service(workdir / "index", tiny_model, poll=0, writable=True))
+    read_only = Service(workdir / "index", tiny_model, poll=0)
+    with TestClient(create_app(read_only), base_url="http://127.0.0.1") as c:
+        assert c.post("/api/images", files={"image": ("a.png", png_bytes(1))}).status_code == 404  # no such route
+    service = Service(workdir / "index", tiny_model, poll=0, writable=True)
+    with TestClient(create_app(service, api_key=KEY), base_url="http://127.0.0.1") as c:
+        data = png_bytes(6000)
+        refused = c.post("/api/images", files={"image": ("a.png", data)})
+        assert refused.status_code == 401  # loopback included
+        c.headers["X-API-Key"] = KEY
+        r = c.post("/api/images", files={"image": ("a.png", data)}, data={"metadata": '{"sku": "Z9"}'})
+        assert r.status_code == 201, r.text
+        added = r.json()
+        assert added["duplicate_of"] is None and Path(added["path"]).read_bytes() == data
+        hits = c.post("/api/search?k=3", files={"image": ("q.png", data)}).json()[0]["results"]
+        assert (hits[0]["id"], hits[0]["metadata"]["sku"]) == (added["id"], "Z9")
+        assert c.get(hits[0]["thumbnail"]).status_code == 200  # the ingest folder is one of the collection's
+        like = c.get(f"/api/search?like={added['id']}&k=1").json()[0]["results"]
+        assert like[0]["id"] == added["id"]
+        again = c.post("/api/images", files={"image": ("b.png", data)})
+        assert again.status_code == 200 and again.json()["duplicate_of"] == added["id"]
+        assert c.post("/api/images", files={"image": ("x.png", b"GIF89a nope")}).status_code == 400
+        bad = c.post("/api/images", files={"image": ("a.png", png_bytes(6001))}, data={"metadata": '["x"]'})
+        assert bad.status_code == 422
+        assert c.delete(f"/api/images/{added['id']}").status_code == 204
+        assert not Path(added["path"]).exists()
+        hits = c.post("/api/search?k=50", files={"image": ("q.png", data)}).json()[0]["results"]
+        assert added["id"] not in {h["id"] for h in hits}
+        assert c.delete("/api/images/123456789").status_code == 404
+        users = workdir.parent / "photos" / "img0007.png"
+        top = c.post("/api/search?k=1", files={"image": ("q.png", users.read_bytes())}).json()[0]["results"][0]
+        assert top["path"] == str(users)
+        assert c.delete(f"/api/images/{top['id']}").status_code == 204
+        assert users.exists()  # hidden, never deleted
+        hits = c.post("/api/search?k=50", files={"image": ("q.png", users.read_bytes())}).json()[0]["results"]
+        assert str(users) not in {h["path"] for h in hits}
+        stats = c.get("/api/stats").json()["live"]
+        assert stats["writable"] and stats["added"] == 1 and stats["removed"] == 2

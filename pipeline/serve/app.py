@@ -15,7 +15,7 @@ from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -23,8 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import BusyError, PipelineError
-from ..filters import FilterError
+from ..errors import BusyError, ConfigError, InputError, PipelineError
 from ..search import DEFAULT_K, QueryResult
 from ..version import __version__
 from .limits import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_UPLOAD, MAX_WHERE, MAX_WHERE_LENGTH, RequestError
@@ -55,6 +54,11 @@ Version = Annotated[
     str | None, Query(max_length=64, description="Index version an id belongs to (default: the current one).")
 ]
 Uploads = Annotated[list[UploadFile], File(description="One or more images (repeat the field).")]
+Addition = Annotated[UploadFile, File(description="The image to add (JPEG, PNG, WebP, BMP, GIF or TIFF).")]
+AdditionFields = Annotated[
+    str | None,
+    Form(max_length=16_384, description='Your metadata for it, a JSON object such as {"sku": "A12", "price": 40}.'),
+]
 LikeId = Annotated[int, Query(ge=0, description="Id of an indexed image.")]
 Verify = Annotated[
     bool,
@@ -248,6 +252,8 @@ def create_app(
         redoc_url=None,
         lifespan=lifespan,
     )
+    if service.writable and not api_key:
+        raise ConfigError("a writable service (--writable) needs an API key: its write routes always want it")
     app.add_middleware(Gate, limit=max_upload, api_key=api_key, allowed_hosts=allowed_hosts, body_timeout=body_timeout)
     metrics = ServiceMetrics(service)
     app.add_middleware(Measured, metrics=metrics)  # added last: outermost, so refusals count too
@@ -297,8 +303,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def on_request_error(_request: Request, exc: RequestError) -> JSONResponse:
         return _error(exc.status, str(exc))
 
-    @app.exception_handler(FilterError)
-    async def on_filter(_request: Request, exc: FilterError) -> JSONResponse:
+    @app.exception_handler(InputError)
+    async def on_input(_request: Request, exc: InputError) -> JSONResponse:  # a filter, an addition's metadata
         return _error(422, str(exc))
 
     @app.exception_handler(BusyError)
@@ -373,6 +379,9 @@ def _add_api(app: FastAPI, service: Service) -> None:
         data = await service.thumbnail(idx, version)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
+    if service.writable:
+        _add_writes(app, service)
+
     @app.get("/api/fields", summary="The fields the served version's images can be filtered on, and their types")
     async def fields() -> dict[str, Any]:
         searcher = service.searcher
@@ -386,3 +395,34 @@ def _add_api(app: FastAPI, service: Service) -> None:
     @app.get("/api/stats", summary="Index version and size, model, requests, latency")
     async def stats() -> dict[str, Any]:
         return service.stats()
+
+
+def _add_writes(app: FastAPI, service: Service) -> None:
+    """POST and DELETE /api/images: routes of a writable service only (Gate wants the key for every /api route,
+    and create_app a key for a writable service)."""
+
+    @app.post(
+        "/api/images",
+        status_code=201,
+        summary="Add an image to the collection: durable, and found by the next search",
+        responses={200: {"description": "These bytes are in the collection already: their id (duplicate_of)"}},
+    )
+    async def add_image(image: Addition, metadata: AdditionFields = None) -> JSONResponse:
+        fields = None
+        if metadata:
+            try:
+                fields = json.loads(metadata)
+            except ValueError as exc:
+                raise RequestError(f"metadata is not JSON ({exc})", 422) from None
+        added = await service.add_image(await image.read(), fields)
+        return JSONResponse(added.to_dict(), 201 if added.duplicate_of is None else 200)
+
+    @app.delete(
+        "/api/images/{idx}",
+        status_code=204,
+        summary="Remove an image: never returned again (an added file is deleted, one of your folders hidden)",
+        response_class=Response,
+    )
+    async def remove_image(idx: Annotated[int, PathParam(ge=0)], version: Version = None) -> Response:
+        await service.remove_image(idx, version)
+        return Response(status_code=204)

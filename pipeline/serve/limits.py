@@ -23,6 +23,7 @@ DEFAULT_OPEN_VERSIONS = 3  # index versions kept open, so that ids of results al
 DEFAULT_DECODE_MEMORY = 1536 * 1024 * 1024  # bytes all uploads being decoded may take at once (images.decode_cost)
 MAX_WHERE = 16  # filter conditions per request: each costs a pass over a column (about 1 ms per million images)
 MAX_WHERE_LENGTH = 1000  # characters per condition
+DEFAULT_MAX_ADDS = 16  # additions (POST /api/images) in flight at once; beyond, BusyError (503 with Retry-After)
 DEFAULT_MAX_DECODE = DEFAULT_DECODE_MEMORY * 2 // 3  # one upload's decoding (a 16-bit 9000 x 9000 PNG: 0.9 GB)
 
 

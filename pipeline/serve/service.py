@@ -20,14 +20,16 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..errors import BusyError, DeadlineExceeded, ImageError, PipelineError
-from ..images import decode_bytes, decode_cost, input_shapes
+from ..errors import BusyError, ConfigError, DeadlineExceeded, ImageError, PipelineError
+from ..images import decode_bytes, decode_cost, image_suffix, input_shapes
 from ..index import published_name
+from ..ingest import Added, Collection, Removed
 from ..model import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, FeatureModel
 from ..search import DEFAULT_K, Hit, QueryFile, QueryResult, Searcher, check_deadline
 from .batcher import MicroBatcher
 from .limits import (
     DEFAULT_DECODE_MEMORY,
+    DEFAULT_MAX_ADDS,
     DEFAULT_MAX_DECODE,
     DEFAULT_MAX_WAIT_MS,
     DEFAULT_OPEN_VERSIONS,
@@ -95,6 +97,8 @@ class Service:
         warm: bool = True,
         decode_memory: int = DEFAULT_DECODE_MEMORY,
         max_decode: int = DEFAULT_MAX_DECODE,
+        writable: bool = False,
+        max_adds: int = DEFAULT_MAX_ADDS,
     ) -> None:
         self.index_dir, self._model_arg, self._threads = Path(index_dir), model, threads
         self.warm = warm  # read each version's files into the page cache before serving it (Searcher.warm)
@@ -116,6 +120,10 @@ class Service:
         self.batcher: MicroBatcher | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self.writable = writable  # POST and DELETE /api/images: the collection changes through this service
+        self.collection: Collection | None = None  # opened by start() when writable
+        self._adds = threading.BoundedSemaphore(max_adds)  # additions in flight; beyond, 503
+        self.added = self.removed = 0
 
     # ------------------------------------------------------------------ life cycle
 
@@ -130,6 +138,14 @@ class Service:
         for h, w in others:  # the first run of each input shape is slow: one image each
             model.embed(np.zeros((1, h, w, 3), np.uint8))
         model.embed(np.zeros((self.batch_size, *largest, 3), np.uint8))  # and a full batch of the largest
+        if self.writable:
+            features = searcher.meta.get("features_dir")
+            if not features:
+                raise ConfigError(
+                    f"{self.index_dir} was built from a bare features folder; --writable needs an index "
+                    "made by `pipeline rebuild --workdir`"
+                )
+            self.collection = Collection(Path(features).parent, model.info.checksum, model.info.dim)
         self._searchers[searcher.version_dir.name] = self._current = searcher
         self._model_stat = _file_stat(model.path)
         self.batcher = MicroBatcher(model, self.batch_size, self.max_wait, self.queue_size)
@@ -147,6 +163,8 @@ class Service:
         if self.batcher is not None:
             self.batcher.close()
         self.thumbnails.close()
+        if self.collection is not None:
+            self.collection.close()
 
     @property
     def ready(self) -> bool:
@@ -409,6 +427,56 @@ class Service:
         self._served(t0)
         return searcher.version_dir.name, result[0]
 
+    # ------------------------------------------------------------------ the collection changed
+
+    async def add_image(self, data: bytes, fields: dict[str, Any] | None = None) -> Added:
+        """Add uploaded image bytes to the collection (ingest.Collection.add): decoded with the queries' limits,
+        embedded by the warm model in the queries' batches, stored and recorded durably before it returns; the
+        next search finds it. The same bytes again: the image already there (`duplicate_of`), decoded never.
+
+        BusyError when `max_adds` additions are in flight or the model's queue is full. Once the file is being
+        written the addition completes even if the client has gone: retrying it answers `duplicate_of`."""
+        collection = self._writable()
+        if not self._adds.acquire(blocking=False):
+            raise BusyError("too many additions in flight; retry shortly")
+        try:
+            t0 = time.perf_counter()
+            deadline = time.monotonic() + self.timeout
+            existing = await asyncio.to_thread(collection.existing, hashlib.blake2b(data, digest_size=16).hexdigest())
+            if existing is not None:
+                return existing
+            try:
+                image_suffix(data)  # a format the collection takes, before any decoding
+                pixels, _ = await asyncio.to_thread(self.decode, data, deadline)
+            except ImageError as exc:
+                raise RequestError(f"not added: {exc}") from None
+            future = self._batcher().submit(pixels)
+            try:
+                feature = await self._in_time(asyncio.wrap_future(future))
+            finally:
+                future.cancel()
+            check_deadline(deadline, "storing the addition")
+            added = await asyncio.shield(asyncio.to_thread(collection.add, data, feature, fields))
+            self.added += added.duplicate_of is None
+            self._served(t0)
+            return added
+        finally:
+            self._adds.release()
+
+    async def remove_image(self, idx: int, version: str | None = None) -> Removed:
+        """Never return image `idx` (of `version`, default the current one) again: an added file is deleted, a file
+        of the user's folders hidden (ingest.Collection.remove). RequestError 404 for an unknown id."""
+        collection = self._writable()
+        path = self._path(self.searcher_for(version), idx)
+        removed = await asyncio.shield(asyncio.to_thread(collection.remove, path, True))
+        self.removed += 1
+        return removed
+
+    def _writable(self) -> Collection:
+        if self.collection is None:
+            raise RequestError("this service is read-only (start it with --writable to add and remove images)", 405)
+        return self.collection
+
     async def thumbnail(self, idx: int, version: str | None = None) -> bytes:
         """A small JPEG of the indexed image `idx` (read from the path the index records), cached; read as
         serve.thumbnails says: a regular file inside the folders the version was scanned from, in a bounded
@@ -480,6 +548,7 @@ class Service:
             "saturated": saturated,
             "version": self.searcher.version_dir.name,
             "count": self.searcher.count,
+            "writable": self.writable,  # the page offers "Add to collection" and "Remove"
             **self.swaps(),
         }
 
@@ -524,6 +593,13 @@ class Service:
                 "window": len(lat),
             },
             "abandoned": dict(self.abandoned),
+            "live": {
+                "writable": self.writable,
+                "additions_served": 0 if s.live is None else len(s.live),  # searched beside the version
+                "hidden_or_removed": 0 if s.live is None else len(s.live.excluded),
+                "added": self.added,  # by this process
+                "removed": self.removed,
+            },
             "batches": batcher.batches,
             "images_embedded": batcher.images,
             "queue": {"waiting": batcher.waiting(), "size": self.queue_size},
