@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -221,3 +224,34 @@ def textured_picture(seed: int, size: tuple[int, int] = (480, 360)) -> Image.Ima
         else:
             draw.rectangle((x - r, y - r // 2, x + r, y + r // 2), fill=colour, outline=(0, 0, 0))
     return im
+
+
+@contextmanager
+def serve_child(index_dir: Path, model: Path, *options: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`pipeline serve` in a child process on a free port, once it answers health; killed at the end."""
+    import httpx  # (the serve extra's client: only tests of the service call this)
+
+    with socket.socket() as s:  # a free port for the child
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve", "--index", str(index_dir), "--model", str(model)]
+        + ["--port", str(port), "--no-warm", *options],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def up() -> bool:
+            assert child.poll() is None, child.stderr.read() if child.stderr else "the service exited"
+            try:
+                return httpx.get(f"{url}/api/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, "the service to start")
+        yield child, url
+    finally:
+        child.kill()
+        child.wait()

@@ -7,13 +7,9 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +21,16 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from helpers import centre_crop, live_server, save_pattern, tiny_layers, wait_for, write_bad_corpus, write_tiny_model
+from helpers import (
+    centre_crop,
+    live_server,
+    save_pattern,
+    serve_child,
+    tiny_layers,
+    wait_for,
+    write_bad_corpus,
+    write_tiny_model,
+)
 from pipeline.cli import app as cli_app
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
@@ -557,35 +562,6 @@ def test_a_slow_body_is_cut_off_and_a_no_key_flood_holds_nothing(service, galler
         wait_for(lambda: len(os.listdir("/proc/self/fd")) <= fds + 2, "the flood's sockets to be closed")
         r = httpx.post(f"{url}/api/search?k=1", files=upload(("q", query)), headers={"X-API-Key": "s3cret"})
         assert r.status_code == 200  # the service still answers
-
-
-@contextmanager
-def serve_child(index_dir: Path, model: Path, *options: str) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`pipeline serve` in a child process on a free port, once it answers health; killed at the end."""
-    with socket.socket() as s:  # a free port for the child
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    child = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "serve", "--index", str(index_dir), "--model", str(model)]
-        + ["--port", str(port), "--no-warm", *options],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-
-        def up() -> bool:
-            assert child.poll() is None, child.stderr.read() if child.stderr else "the service exited"
-            try:
-                return httpx.get(f"{url}/api/health").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(up, "the service to start")
-        yield child, url
-    finally:
-        child.kill()
-        child.wait()
 
 
 def proc_status(pid: int) -> dict[str, int]:

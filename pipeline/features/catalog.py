@@ -94,9 +94,10 @@ class Catalog:
     """Open (creating if needed) the catalog of a features folder. Use under the folder's lock.
 
     readonly: for readers of an existing catalog (the index), which need not wait for the lock: it
-    is opened read-only, nothing is created or migrated."""
+    is opened read-only, nothing is created or migrated. shared: usable from any thread (one at a time: the
+    caller serialises)."""
 
-    def __init__(self, features_dir: Path, *, readonly: bool = False) -> None:
+    def __init__(self, features_dir: Path, *, readonly: bool = False, shared: bool = False) -> None:
         self.dir = Path(features_dir)
         path = self.dir / CATALOG_FILE
         try:
@@ -104,7 +105,11 @@ class Catalog:
         except OSError as exc:
             raise write_error(self.dir, exc, "`pipeline extract`") from None
         try:
-            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True) if readonly else sqlite3.connect(path)
+            self.db = (
+                sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=not shared)
+                if readonly
+                else sqlite3.connect(path, check_same_thread=not shared)
+            )
             # Damage is found here, once (under 0.5 s per million images), not midway through a run.
             problems = [row for (row,) in self.db.execute("PRAGMA quick_check")]
             if problems != ["ok"]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -241,24 +242,28 @@ class Lookup:
     def __init__(self, features_dir: Path) -> None:
         self.dir = features_dir
         self._catalog: Catalog | None = None
+        self._lock = threading.Lock()  # a service asks from several threads
 
     def _open(self) -> Catalog | None:
         if self._catalog is None and Catalog.exists(self.dir):
-            self._catalog = Catalog(self.dir, readonly=True)
+            self._catalog = Catalog(self.dir, readonly=True, shared=True)
         return self._catalog
 
     def with_hash(self, content_hash: str) -> tuple[int, str] | None:
         """(id, path) of a live image with these bytes."""
-        catalog = self._open()
-        return None if catalog is None else catalog.live_with_hash(content_hash)
+        with self._lock:
+            catalog = self._open()
+            return None if catalog is None else catalog.live_with_hash(content_hash)
 
     def holds(self, path: str) -> bool:
-        catalog = self._open()
-        return catalog is not None and bool(catalog.live_of([path]))
+        with self._lock:
+            catalog = self._open()
+            return catalog is not None and bool(catalog.live_of([path]))
 
     def close(self) -> None:
-        if self._catalog is not None:
-            self._catalog.close()
+        with self._lock:
+            if self._catalog is not None:
+                self._catalog.close()
 
 
 class LiveParts(NamedTuple):
