@@ -1,13 +1,16 @@
 """The search page in a real headless Chromium (Debian's package, driven by Playwright) on the real model.
 
 Upload a sample query, see its original first, click it, see "more like this"; keyboard and phone
-width too. The screenshot it takes is the README's: PIPELINE_SCREENSHOT=docs/serve.png writes it there.
+width too; on a writable service, add the query photo and remove a result. The screenshot it takes is
+the README's: PIPELINE_SCREENSHOT=docs/serve.png writes it there.
 Skipped, loudly, where no Chromium is installed (.ci/run installs it).
 """
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +30,7 @@ if CHROMIUM is None:
 
 from PIL import Image  # noqa: E402
 
-from helpers import live_server  # noqa: E402
+from helpers import live_server, pattern, save_pattern  # noqa: E402
 from pipeline.model import find_tumor_onnx  # noqa: E402
 from pipeline.rebuild import rebuild  # noqa: E402
 from pipeline.serve import Service, create_app  # noqa: E402
@@ -62,11 +65,11 @@ def wait_until(page, expression: str) -> None:
 
 
 @contextmanager
-def served_page(service: Service) -> Iterator:
-    """A headless Chromium page open at a live server of the service's app."""
+def served_page(service: Service, api_key: str | None = None) -> Iterator:
+    """A headless Chromium page open at a live server of the service's app (behind `api_key`, if given)."""
     from playwright.sync_api import sync_playwright
 
-    with live_server(create_app(service)) as url, sync_playwright() as p:
+    with live_server(create_app(service, api_key=api_key)) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
@@ -230,3 +233,124 @@ def test_verified_copies_get_a_badge(tmp_path, tiny_model):
         expect(page.locator("#results .badge")).to_have_count(1)  # the original, and only it
         assert page.locator("#results .name").first.inner_text() == "p1.png"
         assert page.locator("#results .card").first.locator(".badge").inner_text() == "verified copy"
+
+
+KEY = "s3cret"
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (96, 72)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pattern(seed, size)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def workdir(tmp_path, tiny_model) -> Path:
+    """A workdir built from 40 generated pictures (as tests/test_live.py's)."""
+    root, work = tmp_path / "photos", tmp_path / "work"
+    for s in range(40):
+        save_pattern(root / f"img{s:04d}.png", s)
+    rebuild([root], work, tiny_model, workers=0, shard_size=16, progress=False)
+    return work
+
+
+def answer_confirmation(page, verb: str | None) -> None:
+    """Answer the page's confirmation dialog: its action button (labelled `verb`), or Cancel for None."""
+    from playwright.sync_api import expect
+
+    dialog = page.locator("#confirm")
+    expect(dialog).to_be_visible()
+    if verb is None:
+        page.click("#confirm-no")
+    else:
+        expect(page.locator("#confirm-yes")).to_have_text(verb)
+        page.click("#confirm-yes")
+    expect(dialog).to_be_hidden()
+
+
+@pytest.mark.slow
+def test_add_the_query_photo_to_a_writable_collection_then_remove_it(workdir, tiny_model, tmp_path):
+    """Writable and keyed: "Add to collection" on the query photo (bad metadata refused, a second add answers
+    the first's id), the next search finds it first, "Remove" on its card takes it out for good; each asks
+    first, and Cancel does nothing."""
+    import httpx
+    from playwright.sync_api import expect
+
+    photo = tmp_path / "new.png"
+    photo.write_bytes(png_bytes(1000))  # not in the collection
+    service = Service(workdir / "index", tiny_model, poll=0, writable=True)
+    with served_page(service, api_key=KEY) as page:
+        status = page.locator("#status")
+        add = page.get_by_role("button", name="Add to collection")
+        wait_until(page, "document.body.dataset.writable === 'yes'")
+        expect(page.locator("#key-form")).to_be_visible()
+        assert not page.evaluate("document.body.classList.contains('can-write')")  # writable, but no key yet
+        page.fill("#key", KEY)
+        page.click("#key-form button")
+        expect(page.locator("#index-info")).to_contain_text("40 images")
+
+        page.set_input_files("#file", str(photo))
+        expect(page.locator("#results .card")).to_have_count(20)
+        expect(page.get_by_role("button", name=re.compile("^Remove .* from the collection$"))).to_have_count(20)
+        expect(add).to_be_visible()
+
+        page.fill("#add-meta", "{not json")
+        add.click()
+        answer_confirmation(page, "Add")
+        expect(status).to_contain_text("metadata is not JSON")
+        expect(status).to_have_class(re.compile(r"\berror\b"))
+        add.click()
+        answer_confirmation(page, None)
+        assert service.added == 0
+
+        page.fill("#add-meta", '{"sku": "A12"}')
+        add.click()
+        answer_confirmation(page, "Add")
+        expect(status).to_have_text(re.compile(r"^Added as id \d+$"))
+        added = int(status.inner_text().rsplit(" ", 1)[1])
+        add.click()
+        answer_confirmation(page, "Add")
+        expect(status).to_have_text(f"Already in the collection as id {added}")
+        assert service.added == 1
+
+        page.click("#filter-form button")  # search again
+        wait_until(page, f"document.querySelector('#results li')?.dataset.id === '{added}'")
+        card = page.locator(f'#results li[data-id="{added}"]')
+        expect(card.locator(".fields")).to_contain_text("sku=A12")
+        wait_until(page, "[...document.images].every(i => i.complete && i.naturalWidth > 0)")  # its thumbnail too
+        path = service.searcher.path_of(added)
+        assert path is not None
+
+        card.locator(".remove").click()
+        expect(page.locator("#confirm-text")).to_contain_text(path)
+        answer_confirmation(page, None)
+        expect(card).to_have_count(1)
+        card.locator(".remove").click()
+        answer_confirmation(page, "Remove")
+        expect(card).to_have_count(0)
+        expect(page.locator("#results .card")).to_have_count(19)
+        expect(status).to_have_text(f"Removed {Path(path).name} (id {added})")
+        assert not Path(path).exists()  # an added file is deleted
+
+        with httpx.Client(base_url=page.url, headers={"X-API-Key": KEY}) as client:
+            answer = client.post(
+                "/api/search", params={"k": 50}, files={"image": ("new.png", photo.read_bytes(), "image/png")}
+            )
+            assert answer.status_code == 200
+            assert added not in [hit["id"] for hit in answer.json()[0]["results"]]
+
+
+@pytest.mark.slow
+def test_a_read_only_service_offers_neither_add_nor_remove(workdir, tiny_model, tmp_path):
+    from playwright.sync_api import expect
+
+    photo = tmp_path / "new.png"
+    photo.write_bytes(png_bytes(1000))
+    with served_page(Service(workdir / "index", tiny_model, poll=0)) as page:
+        wait_until(page, "document.body.dataset.writable === 'no'")
+        page.set_input_files("#file", str(photo))
+        expect(page.locator("#results .card")).to_have_count(20)
+        expect(page.locator("#query")).to_be_visible()
+        expect(page.get_by_role("button", name="Add to collection")).to_have_count(0)
+        expect(page.get_by_role("button", name=re.compile("^Remove"))).to_have_count(0)
+        assert page.locator("#results .remove:visible").count() == 0

@@ -1,4 +1,5 @@
 // The search page: upload (drop, pick or paste) a photo, show its look-alikes; click one for more like it.
+// On a writable service (--writable), once the key is given: add the photo to the collection, remove a result.
 // Plain JS, no build step, nothing loaded from the network but this server's /api.
 "use strict";
 
@@ -10,11 +11,25 @@ function setStatus(text, isError = false) {
   $("status").classList.toggle("error", isError);
 }
 
+// Writes (add, remove) are offered only where health says the service is writable and the key has been
+// accepted: a writable service always wants a key, so a keyed call that answers means this browser has it.
+let writable = false;    // GET /api/health's "writable"
+let authorised = false;  // the last keyed call answered (not 401)
+let queryFile = null;    // the photo the results are for (null for "more like" an indexed image)
+
+function showWriteControls() {
+  const can = writable && authorised;
+  document.body.classList.toggle("can-write", can);
+  $("add-form").hidden = !(can && queryFile);
+}
+
 async function api(url, options) {
   const response = await fetch(url, options);
   if (response.status === 401) {
     $("key-form").hidden = false;
     $("key").focus();
+    authorised = false;
+    showWriteControls();
   }
   const body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
   if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
@@ -70,8 +85,87 @@ async function showIndex() {
     const s = (await api("/api/stats")).body;
     $("index-info").textContent =
       `index ${s.version} · ${s.count.toLocaleString()} images · model ${s.model.name}`;
+    authorised = true;
   } catch (err) {
     $("index-info").textContent = `index unavailable: ${err.message}`;
+  }
+  showWriteControls();
+}
+
+async function checkWritable() {
+  // Health needs no key; while the service is starting it answers 503 without "writable": ask again shortly.
+  try {
+    const health = await (await fetch("/api/health")).json();
+    if (health.status === "starting") {
+      setTimeout(checkWritable, 1000);
+      return;
+    }
+    writable = health.writable === true;
+  } catch (err) {
+    writable = false;
+  }
+  document.body.dataset.writable = writable ? "yes" : "no";
+  showWriteControls();
+}
+
+// An in-page confirmation (a modal <dialog>, Cancel focused first): resolves true for the action, false otherwise.
+function confirmAction(message, verb) {
+  const dialog = $("confirm");
+  $("confirm-text").textContent = message;
+  $("confirm-yes").textContent = verb;
+  dialog.returnValue = "";
+  dialog.showModal();
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "yes"), { once: true });
+  });
+}
+
+async function addToCollection() {
+  const file = queryFile;
+  if (!file) return;
+  const name = file.name || "the pasted image";
+  const meta = $("add-meta").value.trim();
+  const ok = await confirmAction(
+    `Add ${name} to the collection${meta ? " with this metadata" : ""}? Searches find it from now on.`, "Add");
+  if (!ok) return;
+  const form = new FormData();
+  form.append("image", file, file.name || "pasted image");
+  if (meta) form.append("metadata", meta);
+  $("add").disabled = true;
+  setStatus(`Adding ${name}…`);
+  try {
+    const { body } = await api("/api/images", { method: "POST", body: form });
+    setStatus(body.duplicate_of == null
+      ? `Added as id ${body.id}`
+      : `Already in the collection as id ${body.duplicate_of}`);
+  } catch (err) {
+    setStatus(err.message, true);
+  } finally {
+    $("add").disabled = false;
+  }
+}
+
+async function removeHit(hit, version, li, button) {
+  const name = baseName(hit.path);
+  const ok = await confirmAction(
+    `Remove ${hit.path} (id ${hit.id})? Searches never return it again. ` +
+    "A photo added here is deleted; a file in your own folders is only hidden, never deleted.", "Remove");
+  if (!ok) return;
+  button.disabled = true;
+  try {
+    const query = version ? `?${new URLSearchParams({ version })}` : "";
+    await api(`/api/images/${hit.id}${query}`, { method: "DELETE" });
+    li.remove();
+    if (!$("results").children.length) {
+      const empty = document.createElement("li");
+      empty.className = "empty";
+      empty.textContent = "No results.";
+      $("results").append(empty);
+    }
+    setStatus(`Removed ${name} (id ${hit.id})`);
+  } catch (err) {
+    button.disabled = false;
+    setStatus(err.message, true);
   }
 }
 
@@ -89,7 +183,7 @@ function card(hit, version) {
   button.type = "button";
   button.className = "card";
   const details = metadataText(hit.metadata);
-  button.title = `${hit.path}${details ? "\n" + details : ""}\nclick: more like this`;
+  button.title = `${hit.path}\nid ${hit.id}${details ? "\n" + details : ""}\nclick: more like this`;
   const name = baseName(hit.path);
   button.setAttribute("aria-label", `#${hit.rank} ${name}, score ${hit.score.toFixed(3)}: more like this`);
   const img = document.createElement("img");
@@ -128,7 +222,16 @@ function card(hit, version) {
     button.append(fields);
   }
   button.addEventListener("click", () => moreLike(hit, version));
+  li.dataset.id = hit.id;
   li.append(button);
+  // Beside the card, not in it (no button inside a button); shown by CSS only while writes are allowed.
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.className = "remove";
+  remove.textContent = "Remove";
+  remove.setAttribute("aria-label", `Remove ${name} from the collection`);
+  remove.addEventListener("click", () => removeHit(hit, version, li, remove));
+  li.append(remove);
   return li;
 }
 
@@ -162,6 +265,8 @@ async function run(title, note, src, url, options) {
 function searchFile(file) {
   if (!file) return;
   const src = URL.createObjectURL(file);
+  queryFile = file;
+  showWriteControls();
   lastSearch = () => {
     const form = new FormData();
     form.append("image", file, file.name || "pasted image");
@@ -173,6 +278,8 @@ function searchFile(file) {
 }
 
 function moreLike(hit, version) {
+  queryFile = null;
+  showWriteControls();
   lastSearch = () => {
     const q = withWhere(new URLSearchParams({ like: hit.id, version, k: $("k").value, exclude_self: "true" }));
     run(`More like ${baseName(hit.path)}`, hit.path, hit.thumbnail, `/api/search?${q}`);
@@ -214,12 +321,18 @@ function setUp() {
       return;
     }
     $("key-form").hidden = true;
+    authorised = true;
     setStatus("Key accepted for this browser session; search again.");
     showIndex();
     showFields();
   });
+  $("add-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    addToCollection();
+  });
   showIndex();
   showFields();
+  checkWritable();
   setInterval(showIndex, 15000);  // a nightly rebuild shows up here
 }
 
