@@ -386,3 +386,15 @@ def test_cli_errors_and_help(tmp_path, photos):
     assert "--min-size" in cli("duplicates", "--index", index, "--min-size", 1, code=1).stderr
     assert "--limit" in cli("duplicates", "--index", index, "--limit", 0, code=1).stderr
     assert "index folder not found" in cli("duplicates", "--index", tmp_path / "nope", code=1).stderr
+
+
+def test_a_removed_image_is_in_no_group(photos, tmp_path, tiny_model):
+    from pipeline.ingest import Collection
+    from pipeline.model import read_model_info
+
+    index, _, copies = photos
+    info = read_model_info(tiny_model)
+    with Collection(tmp_path, info.checksum, info.dim) as collection:  # (tmp_path/features holds the shards)
+        collection.remove(str(copies[1]))
+    groups = find_groups(index, TINY_THRESHOLD, progress=False)
+    assert [i.path for i in groups[0].images] == [str(copies[0]), str(copies[2])]

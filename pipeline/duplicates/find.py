@@ -56,7 +56,8 @@ def find_groups(
     are re-scored with the exact features from the shards (default: measured, see _code_error).
 
     `where`: only images a filter selects are grouped, by pairs of selected images only (filters: the
-    `--where` language); the scan still reads the whole index.
+    `--where` language); the scan still reads the whole index. Images removed or hidden since the version was
+    built (ingest) are in no group; images added since are grouped once the nightly job has folded them in.
     """
     _check_arguments(threshold, min_size, limit, nprobe)
     t0 = time.monotonic()
@@ -71,6 +72,9 @@ def find_groups(
     ids = searcher.ids()  # sorted; ids are stable catalog ids, not positions: groups are formed over positions
     selection = searcher.select(where)
     chosen = None if selection is None else np.isin(ids, selection.ids)  # by position
+    if searcher.live is not None and searcher.live.excluded:  # removed or hidden: in no group
+        kept = ~np.isin(ids, np.fromiter(searcher.live.excluded, np.int64))
+        chosen = kept if chosen is None else chosen & kept
     exact, vectors = _features(searcher)
     rescore: tuple[Vectors, float] | None = None
     cut = threshold
