@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ImageError, InputError, PipelineError, write_error
+from .errors import BusyError, ImageError, InputError, PipelineError, write_error
 from .features import Journal, LiveImage, Lookup
 from .filters import KEY_RE
 from .fsutil import atomic_write_bytes, fsync_path
 from .images import decode_bytes, image_suffix, read_file, upright_size
-from .index import BUILTIN_FIELDS, current_version, read_meta
+from .index import BUILTIN_FIELDS, MAX_LIVE, current_version, read_meta
 from .model import FeatureModel
 
 INGEST_DIR = "ingest"  # beside features/ and index/ in a workdir
@@ -139,6 +139,11 @@ class Collection:
             existing = self.existing(content_hash)
             if existing is not None:
                 return existing
+            if self.journal.counts()["unfolded"] >= MAX_LIVE:
+                raise BusyError(
+                    f"{MAX_LIVE} images were added since the last nightly fold, the most searchers hold beside an "
+                    "index: run `pipeline rebuild` to fold them in"
+                )
             _make_dirs(path.parent)
             atomic_write_bytes(path, data)
             st = os.stat(path)

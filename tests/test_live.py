@@ -222,3 +222,23 @@ def test_a_writable_service_adds_and_removes_behind_the_key(workdir, tiny_model)
         assert str(users) not in {h["path"] for h in hits}
         stats = c.get("/api/stats").json()["live"]
         assert stats["writable"] and stats["added"] == 1 and stats["removed"] == 2
+        assert stats["hidden_or_removed"] == 2 and stats["additions_served"] == 0
+        metrics = c.get("/metrics").text
+        assert 'pipeline_collection_changes_total{change="added"} 1.0' in metrics
+        assert 'pipeline_http_requests_total{route="/api/images",status="201"} 1.0' in metrics
+        assert "pipeline_live_excluded 2.0" in metrics
+
+
+def test_additions_past_the_live_limit_wait_for_the_nightly_fold(workdir, tiny_model, monkeypatch):
+    from pipeline import ingest
+    from pipeline.errors import BusyError
+
+    model = FeatureModel(tiny_model)
+    monkeypatch.setattr(ingest, "MAX_LIVE", 2)
+    with Collection(workdir, model.info.checksum, model.info.dim) as collection:
+        for seed in (9100, 9101):
+            collection.add(png_bytes(seed), embed(model, png_bytes(seed)))
+        with pytest.raises(BusyError, match="pipeline rebuild"):
+            collection.add(png_bytes(9102), embed(model, png_bytes(9102)))
+        rebuild([workdir.parent / "photos"], workdir, tiny_model, workers=0)
+        assert collection.add(png_bytes(9102), embed(model, png_bytes(9102))).duplicate_of is None

@@ -30,6 +30,7 @@ ROUTES = (
     "/api/health",
     "/api/stats",
     "/api/session",
+    "/api/images",
     METRICS_PATH,
     "/static",
 )
@@ -128,6 +129,23 @@ class ServiceCollector(Collector):
             "1 when the version served is the published one (0: see /api/health's refused)",
             value=float(swaps["serving_published"]),
         )
+        live = searcher.live
+        yield GaugeMetricFamily(
+            "pipeline_live_additions",
+            "Images added since the version served was built, searched beside it (folded in by the nightly job)",
+            value=0 if live is None else len(live),
+        )
+        yield GaugeMetricFamily(
+            "pipeline_live_excluded",
+            "Images of the version served (or additions) removed or hidden since, never returned",
+            value=0 if live is None else len(live.excluded),
+        )
+        changes = CounterMetricFamily(
+            "pipeline_collection_changes", "Additions and removals made through this service", labels=["change"]
+        )
+        changes.add_metric(["added"], s.added)
+        changes.add_metric(["removed"], s.removed)
+        yield changes
         yield GaugeMetricFamily(
             "pipeline_model_file_changed",
             "1 when the model file was replaced on disk since the service loaded it",
