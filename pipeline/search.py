@@ -172,7 +172,8 @@ class Searcher:
         features = self.meta.get("features_dir")
         ivf = None if isinstance(self.index, CoarseToFine) else faiss.try_extract_index_ivf(self.index)
         # the journal's additions since this version and its removals (none for a version of a bare folder)
-        self.live = LivePart(Path(features), int(self.meta["dim"]), self.id_table, ivf) if features else None
+        checksum = self.meta["model"].get("checksum")
+        self.live = LivePart(Path(features), int(self.meta["dim"]), self.id_table, ivf, checksum) if features else None
 
     def _open(self, mmap: bool) -> None:
         index_path = self.version_dir / INDEX_FILE

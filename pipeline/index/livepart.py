@@ -37,8 +37,11 @@ class LivePart:
     of `features_dir` (when it has one; it may appear later). `ivf`: the version's IVF index, whose quantizer
     places the additions (None: a flat index)."""
 
-    def __init__(self, features_dir: Path, dim: int, id_table: IdTable, ivf: faiss.IndexIVF | None) -> None:
-        self.features_dir, self.dim, self.id_table, self.ivf = features_dir, dim, id_table, ivf
+    def __init__(
+        self, features_dir: Path, dim: int, id_table: IdTable, ivf: faiss.IndexIVF | None, model: str | None
+    ) -> None:
+        """`model`: the checksum of the version's model; additions embedded by another are left out."""
+        self.features_dir, self.dim, self.id_table, self.ivf, self.model = features_dir, dim, id_table, ivf, model
         self.images: dict[int, LiveImage] = {}  # id -> addition read (searchable unless in _gone)
         self._gone: set[int] = set()  # additions removed since they were read
         self.excluded: frozenset[int] = frozenset()  # the version's ids (and additions) removed or hidden
@@ -79,9 +82,17 @@ class LivePart:
             if changes == self._seen:
                 return
             self._seen = changes
-            ingest = self._journal.ingest
-            self.ingest = ingest
-            new = self._journal.live(after=self._last)
+            info = self._journal.info()
+            self.ingest = Path(info["ingest"]) if "ingest" in info else None
+            made_by = info.get("model", self.model)
+            if made_by != self.model:
+                LOG.error(
+                    "the additions in %s were embedded by model %s, not by this version's: they are not searched "
+                    "until a rebuild with their model folds them in",
+                    self.features_dir,
+                    str(made_by)[:12],
+                )
+            new = self._journal.live(after=self._last) if made_by == self.model else []
             if new:
                 self._last = new[-1].id
                 built = self.id_table.known([a.id for a in new])  # folded and indexed already
