@@ -242,3 +242,17 @@ def test_additions_past_the_live_limit_wait_for_the_nightly_fold(workdir, tiny_m
             collection.add(png_bytes(9102), embed(model, png_bytes(9102)))
         rebuild([workdir.parent / "photos"], workdir, tiny_model, workers=0)
         assert collection.add(png_bytes(9102), embed(model, png_bytes(9102))).duplicate_of is None
+
+
+def test_additions_of_another_model_are_neither_searched_nor_folded(workdir, tiny_model):
+    from pipeline.errors import ModelMismatchError
+
+    model = FeatureModel(tiny_model)
+    with Collection(workdir, "0" * 64, model.info.dim) as collection:  # a journal written by another model
+        added = collection.add(png_bytes(9200), embed(model, png_bytes(9200)))
+    searcher = Searcher(workdir / "index", tiny_model)
+    assert added.id not in {h.id for h in searcher.search_vectors(embed(model, png_bytes(9200))[None], k=50)[0]}
+    with pytest.raises(ModelMismatchError):
+        Collection(workdir, model.info.checksum, model.info.dim)
+    with pytest.raises(ModelMismatchError):
+        fold_live(workdir / "features")
