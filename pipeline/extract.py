@@ -34,6 +34,7 @@ from .features import (
     Catalog,
     ShardWriter,
     check_model,
+    ingest_folder,
     list_shards,
     next_shard_number,
     shard_info,
@@ -383,12 +384,14 @@ def extract(
     unreadable: list[tuple[str, str]] = []
     start = time.monotonic()
     report = ExtractReport(features_dir=str(out), unreadable_folders=unreadable)
+    # The ingest folder of the additions (features.Journal) is the fold's: never scanned, nothing there is gone.
+    owned = [journal_ingest] if (journal_ingest := ingest_folder(out)) is not None else []
     with writing(out) as catalog:
         catalog.add_roots(str(Path(r).absolute()) for r in roots)
-        report.found = _scan(catalog, roots, unreadable, scan_chunk)
+        report.found = _scan(catalog, roots, unreadable, scan_chunk, owned)
         check_model([shard_info(p) for p in list_shards(out)], info.checksum)
         catalog.reconcile()
-        missing = _compare(catalog, roots, unreadable, retry_failed, report)
+        missing = _compare(catalog, roots, [*unreadable, *((str(f), "") for f in owned)], retry_failed, report)
         todo = report.found - report.unchanged
         LOG.info(
             "%d images found: %d unchanged, %d to decode (%d failed before), %d recorded ones missing (%.1f s)",
@@ -411,10 +414,16 @@ def extract(
     return report
 
 
-def _scan(catalog: Catalog, roots: Sequence[Path | str], unreadable: list[tuple[str, str]], scan_chunk: int) -> int:
-    """Walk the roots into the catalog's scan, `scan_chunk` files at a time; returns the files found
-    (none is an error). Folders that cannot be listed are added to `unreadable`."""
-    images = iter_images(roots, unreadable)
+def _scan(
+    catalog: Catalog,
+    roots: Sequence[Path | str],
+    unreadable: list[tuple[str, str]],
+    scan_chunk: int,
+    skip: Sequence[Path] = (),
+) -> int:
+    """Walk the roots (not entering `skip`) into the catalog's scan, `scan_chunk` files at a time; returns the
+    files found (none is an error). Folders that cannot be listed are added to `unreadable`."""
+    images = iter_images(roots, unreadable, skip)
     catalog.begin_scan()
     while chunk := list(islice(images, scan_chunk)):
         catalog.add_scanned([(str(p), *_stat(p)) for p in chunk])

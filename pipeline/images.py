@@ -110,7 +110,9 @@ def find_images(roots: Iterable[Path | str], unreadable: list[tuple[str, str]] |
     return sorted(set(iter_images(roots, unreadable)))
 
 
-def iter_images(roots: Iterable[Path | str], unreadable: list[tuple[str, str]] | None = None) -> Iterator[Path]:
+def iter_images(
+    roots: Iterable[Path | str], unreadable: list[tuple[str, str]] | None = None, skip: Sequence[Path] = ()
+) -> Iterator[Path]:
     """Absolute paths of image files under each root (recursive, extensions case-insensitive), yielded
     folder by folder, in sorted order within each folder: memory holds one folder's names, never the
     whole tree. A file under two overlapping roots is yielded twice.
@@ -120,7 +122,7 @@ def iter_images(roots: Iterable[Path | str], unreadable: list[tuple[str, str]] |
     Folders (roots included) that cannot be listed (permissions, I/O errors, a stale mount) are
     appended to `unreadable` as (absolute path, reason): what they hold is unknown, not absent.
     Without `unreadable` they are skipped. A root that does not exist raises PipelineError at once,
-    before anything is yielded.
+    before anything is yielded. Folders in `skip` (absolute) are not entered.
     """
     paths = [Path(r) for r in roots]
     for root in paths:
@@ -129,10 +131,10 @@ def iter_images(roots: Iterable[Path | str], unreadable: list[tuple[str, str]] |
                 raise PipelineError(f"folder not found: {root}")
         except OSError:  # e.g. ESTALE, EIO: the walk reports it as a folder it cannot list
             pass
-    return _walk(paths, unreadable)
+    return _walk(paths, unreadable, {str(f) for f in skip})
 
 
-def _walk(roots: list[Path], unreadable: list[tuple[str, str]] | None) -> Iterator[Path]:
+def _walk(roots: list[Path], unreadable: list[tuple[str, str]] | None, skip: set[str]) -> Iterator[Path]:
     def cannot_list(exc: OSError) -> None:
         if unreadable is not None:
             unreadable.append((str(Path(exc.filename).absolute()), exc.strerror or str(exc)))
@@ -149,8 +151,11 @@ def _walk(roots: list[Path], unreadable: list[tuple[str, str]] | None) -> Iterat
         if not is_dir:  # removed since iter_images() looked
             raise PipelineError(f"folder not found: {root}")
         for dirpath, dirnames, filenames in os.walk(root, onerror=cannot_list):
-            dirnames.sort()
             base = Path(dirpath).absolute()
+            if str(base) in skip:
+                dirnames.clear()
+                continue
+            dirnames.sort()
             yield from (base / f for f in sorted(filenames) if is_image_name(f))
 
 

@@ -256,3 +256,37 @@ def test_additions_of_another_model_are_neither_searched_nor_folded(workdir, tin
         Collection(workdir, model.info.checksum, model.info.dim)
     with pytest.raises(ModelMismatchError):
         fold_live(workdir / "features")
+
+
+def test_a_root_holding_the_workdir_never_loses_or_doubles_an_addition(tmp_path, tiny_model, monkeypatch):
+    """The user's root contains the workdir (and so its ingest folder): extract never scans what the fold owns (an
+    addition made between the fold and the scan stays the journal's), and never takes an addition for deleted."""
+    import sys
+
+    root = tmp_path / "data"
+    for s in range(40):
+        save_pattern(root / "photos" / f"img{s:04d}.png", s)
+    work = root / "pipeline-work"
+    rebuild([root], work, tiny_model, workers=0, shard_size=16)
+    model = FeatureModel(tiny_model)
+    collection = Collection(work, model.info.checksum, model.info.dim)
+    first = collection.add(png_bytes(9300), embed(model, png_bytes(9300)))
+    late: list = []
+    module = sys.modules["pipeline.rebuild"]
+    real = module.extract
+
+    def extract(*args, **kwargs):
+        late.append(collection.add(png_bytes(9301), embed(model, png_bytes(9301))))  # after the fold, before the scan
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "extract", extract)
+    report = rebuild([root], work, tiny_model, workers=0, shard_size=16)
+    assert report.folded.folded == 1 and report.extract.extracted == 0 and report.extract.deleted == 0
+    searcher = Searcher(work / "index", tiny_model)
+    assert searcher.indexed_paths().count(first.path) == 1 and late[0].path not in searcher.indexed_paths()
+    found = searcher.search_vectors(embed(model, png_bytes(9301))[None], k=5)[0]
+    assert [h.id for h in found].count(late[0].id) == 1 and found[0].id == late[0].id
+    monkeypatch.undo()
+    report = rebuild([root], work, tiny_model, workers=0, shard_size=16)
+    assert report.folded.folded == 1 and report.extract.extracted == 0 and report.extract.deleted == 0
+    assert Searcher(work / "index", tiny_model).count == 42

@@ -26,7 +26,7 @@ from .folder import (
     write_errors_file,
     writing,
 )
-from .live import JOURNAL_FILE, LIVE_FIRST_ID, Journal, LiveImage
+from .live import JOURNAL_FILE, LIVE_FIRST_ID, Journal, LiveImage, ingest_folder
 from .shards import (
     SCHEMA_VERSION,
     ShardData,
@@ -54,6 +54,7 @@ __all__ = [
     "JOURNAL_FILE",
     "LIVE_FIRST_ID",
     "Journal",
+    "ingest_folder",
     "LiveImage",
     "CATALOG_FILE",
     "DEFAULT_COMPACT_BELOW",

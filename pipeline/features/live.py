@@ -267,6 +267,14 @@ class Journal:
             os.close(fd)
 
 
+def ingest_folder(features_dir: Path | str) -> Path | None:
+    """The folder the additions of a features folder are stored under (None: nothing was ever added)."""
+    if not Journal.exists(features_dir):
+        return None
+    with Journal(features_dir) as journal:
+        return journal.ingest
+
+
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS added (id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL, hash TEXT NOT NULL, "
     "size INTEGER NOT NULL, mtime REAL NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL, "
