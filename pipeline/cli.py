@@ -43,7 +43,7 @@ from .index import (
     DEFAULT_TARGET_RECALL,
     IndexReport,
 )
-from .ingest import add_files, open_collection
+from .ingest import add_files, open_collection, remove_paths
 from .model import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_DEVICE,
@@ -870,8 +870,7 @@ def remove(
 ) -> None:
     """Never return these images again, at once and across restarts and rebuilds. A file added through the service
     or `pipeline add` is deleted; a file of your own folders is never deleted, only hidden (`pipeline unhide`)."""
-    with open_collection(workdir) as collection:
-        removed = [collection.remove(str(p.absolute())) for p in paths]
+    removed = remove_paths(workdir, paths)
     if as_json:
         _emit([r.to_dict() for r in removed])
     else:

@@ -99,8 +99,10 @@ class Collection:
         self.features, self.ingest = self.workdir / "features", self.workdir / INGEST_DIR
         self.dim = dim
         self.journal = Journal(self.features, create=True)
-        self.journal.bind(checksum, dim, self.ingest)
         self._catalog = Lookup(self.features)
+        if "model" not in self.journal.info():  # a new journal, maybe after a lost one: above every id given out
+            self.journal.reserve(self._catalog.max_id())
+        self.journal.bind(checksum, dim, self.ingest)
 
     def close(self) -> None:
         self.journal.close()
@@ -156,7 +158,7 @@ class Collection:
         """Never return `path` again: recorded first, then an added file is deleted (a kill between: the nightly
         fold deletes it); a file of the user's own folders stays on disk, hidden until `unhide`. InputError for a
         path the collection does not hold (a typo), unless the caller `known` it (a service, from its version)."""
-        if not known and not self._holds(path):
+        if not known and not self.holds(path):
             raise InputError(f"{path} is not in the collection of {self.workdir} (give the path it was indexed under)")
         with self.journal.locked():
             ids = self.journal.remove(path)
@@ -176,7 +178,8 @@ class Collection:
             raise InputError(f"{path} was an added file and was deleted when removed; add it again instead")
         return self.journal.unhide(path)
 
-    def _holds(self, path: str) -> bool:
+    def holds(self, path: str) -> bool:
+        """Whether `path` is a live addition or a live image of the catalog."""
         return bool(self.journal.live_at(path)) or self._catalog.holds(path)
 
     def is_added(self, path: str) -> bool:
@@ -256,9 +259,23 @@ def add_files(
             for (i, data, _), feature in zip(batch, features, strict=True):
                 try:
                     out[i] = AddOutcome(str(files[i]), collection.add(data, feature, checked))
-                except ImageError as exc:
+                except (ImageError, PipelineError) as exc:  # a full disk, the live limit: said per file
                     out[i] = AddOutcome(str(files[i]), error=str(exc))
     return [out[i] for i in range(len(files))]
+
+
+def remove_paths(workdir: Path | str, paths: Sequence[Path | str]) -> list[Removed]:
+    """Remove images by path (Collection.remove), all or none: every path is checked to be in the collection
+    before the first is removed (InputError names the first that is not)."""
+    with open_collection(workdir) as collection:
+        wanted = [str(Path(p).absolute()) for p in paths]
+        for path in wanted:
+            if not collection.holds(path):
+                raise InputError(
+                    f"{path} is not in the collection of {collection.workdir} (give the path it was indexed under); "
+                    "nothing was removed"
+                )
+        return [collection.remove(path, known=True) for path in wanted]
 
 
 def open_collection(workdir: Path | str) -> Collection:

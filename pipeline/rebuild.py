@@ -22,7 +22,6 @@ from .features import (
     DEFAULT_COMPACT_BELOW,
     DEFAULT_SHARD_SIZE,
     FoldReport,
-    added_fields_file,
     compact,
     fold_live,
     live_digest,
@@ -147,10 +146,7 @@ def rebuild(
         compacted = compact(features, compact_below, extract_options.get("shard_size", DEFAULT_SHARD_SIZE))
         digest = live_digest(features)
         published = _published_meta(index_dir)
-        files = metadata_files(index_dir, metadata)
-        added = added_fields_file(features)  # the additions' own metadata, read after the user's files
-        if added is not None:
-            files = (*[f for f in files if f != added.absolute()], added.absolute())
+        files = metadata_files(index_dir, metadata, features)  # (the additions' own fields last)
         if published.get("live_digest") == digest and metadata_changed(published, files):
             t = time.monotonic()
             meta = republish_metadata(index_dir, files, keep).meta

@@ -22,7 +22,7 @@ import numpy as np
 
 from .copies import LocalFeatures, local_features, verify_pair
 from .errors import DeadlineExceeded, ImageError, ModelMismatchError, PipelineError
-from .filters import Filter, parse_where
+from .filters import FieldType, Filter, parse_where
 from .images import load_image
 from .index import (
     CODES_FILE,
@@ -254,12 +254,25 @@ class Searcher:
         return self.id_table.paths()
 
     def path_of(self, idx: int) -> str | None:
-        """The indexed path of an image id, None when this version has no such id (a client's id, unlike
-        one the index returned, may simply be wrong)."""
+        """The indexed path of an image id (an addition's too), None when this version has no such id (a
+        client's id, unlike one the index returned, may simply be wrong) or it was removed or hidden since."""
+        live = self.live
+        if live is None:
+            return self.id_table.path_of(idx)
+        live.sync()  # an addition acknowledged a moment ago, or a removal
+        if idx in live.excluded:
+            return None  # removed or hidden: as if it were not there
         path = self.id_table.path_of(idx)
-        if path is None and self.live is not None and idx in self.live.images:
-            return self.live.images[idx].path
+        if path is None and idx in live.images:
+            return live.images[idx].path
         return path
+
+    @property
+    def fields(self) -> dict[str, FieldType]:
+        """The fields filters can name: the version's and those the additions since carry."""
+        if self.live is None:
+            return dict(self.metadata.fields)
+        return {**self.live.fields(), **self.metadata.fields}
 
     def rows(self, ids: np.ndarray) -> dict[int, tuple[str, str]]:
         """id -> (path, content hash) for the given ids (-1 ignored), live additions included."""
@@ -491,6 +504,8 @@ class Searcher:
         `where` as in search_vectors, `verify` as in search."""
         results: dict[int, QueryResult] = {}
         found: list[tuple[int, np.ndarray, QueryFile]] = []
+        if self.live is not None:
+            self.live.sync()
         for i, p in enumerate(paths):
             key = str(Path(p).absolute())
             row = self.id_table.find(key)

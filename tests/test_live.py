@@ -157,6 +157,10 @@ def test_cli_add_remove_unhide(workdir, tiny_model, tmp_path):
     result = runner.invoke(app, ["remove", out[1]["path"], "--workdir", str(workdir)])
     assert result.exit_code == 0, result.output
     assert out[1]["id"] not in {h.id for h in searcher.search_vectors(embed(model, png_bytes(4001))[None], k=10)[0]}
+    users0 = str(workdir.parent / "photos" / "img0000.png")
+    typo = runner.invoke(app, ["remove", users0, users0 + ".typo", "--workdir", str(workdir)])
+    assert typo.exit_code == 2 and "nothing was removed" in typo.output
+    assert searcher.search_vectors(embed(model, Path(users0).read_bytes())[None], k=1)[0][0].path == users0
     bad = runner.invoke(app, ["add", str(new[0]), "--workdir", str(workdir), "--fields", '{"path": 1}'])
     assert bad.exit_code == 2 and "built in" in bad.output
     users = str(workdir.parent / "photos" / "img0002.png")
@@ -203,6 +207,7 @@ def test_a_writable_service_adds_and_removes_behind_the_key(workdir, tiny_model)
         assert c.get(hits[0]["thumbnail"]).status_code == 200  # the ingest folder is one of the collection's
         like = c.get(f"/api/search?like={added['id']}&k=1").json()[0]["results"]
         assert like[0]["id"] == added["id"]
+        assert c.get(f"/api/thumbnail/{added['id']}").status_code == 200  # known at once, no search needed
         again = c.post("/api/images", files={"image": ("b.png", data)})
         assert again.status_code == 200 and again.json()["duplicate_of"] == added["id"]
         assert c.post("/api/images", files={"image": ("x.png", b"GIF89a nope")}).status_code == 400
@@ -210,6 +215,8 @@ def test_a_writable_service_adds_and_removes_behind_the_key(workdir, tiny_model)
         assert bad.status_code == 422
         assert c.delete(f"/api/images/{added['id']}").status_code == 204
         assert not Path(added["path"]).exists()
+        assert c.get(f"/api/search?like={added['id']}").status_code == 404  # gone by id too
+        assert c.delete(f"/api/images/{added['id']}").status_code == 404
         hits = c.post("/api/search?k=50", files={"image": ("q.png", data)}).json()[0]["results"]
         assert added["id"] not in {h["id"] for h in hits}
         assert c.delete("/api/images/123456789").status_code == 404
@@ -218,6 +225,7 @@ def test_a_writable_service_adds_and_removes_behind_the_key(workdir, tiny_model)
         assert top["path"] == str(users)
         assert c.delete(f"/api/images/{top['id']}").status_code == 204
         assert users.exists()  # hidden, never deleted
+        assert c.get(f"/api/thumbnail/{top['id']}").status_code == 404
         hits = c.post("/api/search?k=50", files={"image": ("q.png", users.read_bytes())}).json()[0]["results"]
         assert str(users) not in {h["path"] for h in hits}
         stats = c.get("/api/stats").json()["live"]
@@ -290,3 +298,24 @@ def test_a_root_holding_the_workdir_never_loses_or_doubles_an_addition(tmp_path,
     report = rebuild([root], work, tiny_model, workers=0, shard_size=16)
     assert report.folded.folded == 1 and report.extract.extracted == 0 and report.extract.deleted == 0
     assert Searcher(work / "index", tiny_model).count == 42
+
+
+def test_ids_stay_unique_and_single_when_the_journal_or_the_catalog_is_lost(workdir, tiny_model):
+    """A journal made anew gives ids above every one given out; a catalog rebuilt from its shards gives folded
+    additions other ids, and searchers then know them by path: never twice."""
+    model = FeatureModel(tiny_model)
+    photos = workdir.parent / "photos"
+    with Collection(workdir, model.info.checksum, model.info.dim) as collection:
+        first = collection.add(png_bytes(9400), embed(model, png_bytes(9400)))
+    rebuild([photos], workdir, tiny_model, workers=0)
+    (workdir / "features" / "live.sqlite").rename(workdir / "journal.lost")
+    with Collection(workdir, model.info.checksum, model.info.dim) as collection:
+        second = collection.add(png_bytes(9401), embed(model, png_bytes(9401)))
+    assert second.id > first.id  # first's id lives on in the catalog: never given again
+    rebuild([photos], workdir, tiny_model, workers=0)
+    (workdir / "features" / "catalog.sqlite").rename(workdir / "catalog.lost")
+    rebuild([photos], workdir, tiny_model, workers=0, retrain=True)  # the catalog rebuilt from the shards
+    searcher = Searcher(workdir / "index", tiny_model)
+    assert second.id not in set(searcher.ids().tolist())  # renumbered...
+    found = searcher.search_vectors(embed(model, png_bytes(9401))[None], k=5)[0]
+    assert [h.path for h in found].count(second.path) == 1  # ...and found once

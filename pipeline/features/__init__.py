@@ -1,6 +1,6 @@
 """The features folder: HDF5 shards, their SQLite catalog, the errors file and the lock.
 
-Three modules, one format each, and this package as the one door others use:
+Its modules, one format or job each, and this package as the one door others use:
   shards.py   the shard file (HDF5): write, read, list, remove, check the model that made it
   catalog.py  catalog.sqlite: every image, where its feature lives, which rows are live (all its SQL)
   folder.py   the folder as a whole: writing under the lock, compaction, live rows, exact features

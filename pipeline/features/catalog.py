@@ -228,6 +228,11 @@ class Catalog:
         ).fetchone()
         return None if row is None else (int(row[0]), row[1])
 
+    def max_id(self) -> int:
+        """The highest id ever given (gone images keep theirs), -1 for none."""
+        row = self.db.execute("SELECT MAX(id) FROM images").fetchone()
+        return -1 if row[0] is None else int(row[0])
+
     def live_features_of_size(self, sizes: Iterable[int], limit: int) -> dict[str, tuple[str, int, str]]:
         """content hash -> live_feature(hash) of the live contents whose files have one of these sizes
         (at most `limit` rows: uncompressed images of one shape all have one size): what a Ray task may

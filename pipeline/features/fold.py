@@ -62,22 +62,33 @@ def fold_live(features_dir: Path | str, shard_size: int = DEFAULT_SHARD_SIZE) ->
         todo = [a for a in todo if a not in vanished]
         if todo:
             report.folded = _write(features_dir, journal, catalog, todo, shard_size)
-        with journal.locked():  # no addition of the same bytes comes between a removal's row and its file
-            live_paths = {a.path for a in journal.live()}
-            places = catalog.live_of([p for _, p, _ in journal.removed()])
-            for idx, path, _ in journal.removed():
-                if places.get(path, (None,))[0] == idx:
-                    catalog.mark_gone([path])
-                    report.gone += 1
-                if path not in live_paths and ingest is not None and _inside(path, ingest) and os.path.exists(path):
-                    os.unlink(path)
-                    report.deleted += 1
-            if ingest is not None:
-                lost = [p for p in catalog.live_paths_under(str(ingest)) if not os.path.isfile(p)]
-                catalog.mark_gone(lost)
-                report.gone += len(lost)
-                report.orphans = _delete_orphans(ingest, live_paths)
-                catalog.add_roots([str(ingest)])
+        removed = journal.removed()
+        places = catalog.live_of([p for _, p, _ in removed])
+        for idx, path, _ in removed:
+            if places.get(path, (None,))[0] == idx:
+                catalog.mark_gone([path])
+                report.gone += 1
+        if ingest is not None:
+            lost = [p for p in catalog.live_paths_under(str(ingest)) if not os.path.isfile(p)]
+            catalog.mark_gone(lost)
+            report.gone += len(lost)
+            catalog.add_roots([str(ingest)])
+            # files a removal left (killed before its unlink) and files no addition names (killed before its row):
+            # found without the journal's lock, each deleted under it after checking again that no row names it
+            left = {p for _, p, _ in removed if _inside(p, ingest)}
+            cutoff = time.time() - ORPHAN_AGE_S
+            named = set(journal.live_paths())
+            for path in sorted(_files(ingest)):
+                if path in named or (path not in left and _mtime(path) >= cutoff):
+                    continue
+                with journal.locked():  # (milliseconds: no addition of the same bytes comes in between)
+                    if not journal.live_at(path) and os.path.exists(path):
+                        os.unlink(path)
+                        fsync_path(Path(path).parent)
+                        if path in left:
+                            report.deleted += 1
+                        else:
+                            report.orphans += 1
         _write_fields(features_dir, journal)
     if report.folded or report.gone:
         LOG.info("folded the journal: %d addition(s) into shards, %d removal(s) recorded", report.folded, report.gone)
@@ -136,18 +147,12 @@ def _inside(path: str, folder: Path) -> bool:
     return path.startswith(str(folder).rstrip(os.sep) + os.sep)
 
 
-def _delete_orphans(ingest: Path, live_paths: set[str]) -> int:
-    """Delete ingest files older than ORPHAN_AGE_S that no live addition names; returns how many."""
-    deleted, cutoff = 0, time.time() - ORPHAN_AGE_S
-    for folder, _dirs, files in os.walk(ingest):
-        for name in files:
-            path = os.path.join(folder, name)
-            try:
-                if path not in live_paths and os.stat(path).st_mtime < cutoff:
-                    os.unlink(path)
-                    deleted += 1
-            except OSError:
-                continue
-        if files:
-            fsync_path(Path(folder))
-    return deleted
+def _files(folder: Path) -> list[str]:
+    return [os.path.join(d, name) for d, _dirs, names in os.walk(folder) for name in names]
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return float("inf")  # gone meanwhile: nothing to delete

@@ -260,6 +260,12 @@ class Lookup:
             catalog = self._open()
             return catalog is not None and bool(catalog.live_of([path]))
 
+    def max_id(self) -> int:
+        """The highest id the catalog ever gave (-1: none, or no catalog)."""
+        with self._lock:
+            catalog = self._open()
+            return -1 if catalog is None else catalog.max_id()
+
     def close(self) -> None:
         with self._lock:
             if self._catalog is not None:

@@ -143,6 +143,12 @@ class Journal:
             want = {"model": model_checksum, "dim": str(dim), "ingest": str(ingest)}
             self.db.executemany("INSERT OR IGNORE INTO info VALUES (?, ?)", want.items())
 
+    def reserve(self, above: int) -> None:
+        """Give new additions ids above `above` too (a journal made anew after a lost one: ids it gave out live on
+        in the catalog)."""
+        with self._transaction():
+            self.db.execute("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = 'added'", (int(above),))
+
     @property
     def ingest(self) -> Path | None:
         """The folder added files are stored under (None before the first addition)."""
@@ -215,6 +221,22 @@ class Journal:
             LiveImage(i, p, h, s, m, w, ht, np.frombuffer(f, "<f2").astype(np.float32), json.loads(fl), at)
             for i, p, h, s, m, w, ht, f, fl, at in self._query(sql, params)
         ]
+
+    def live_paths(self) -> list[str]:
+        """The path of every live addition (no features read)."""
+        return [p for (p,) in self._query("SELECT path FROM added WHERE state = 'live'")]
+
+    def live_ids(self, after: int = 0) -> list[int]:
+        """The ids of the live additions above `after`, in order (no features read)."""
+        return [i for (i,) in self._query("SELECT id FROM added WHERE state = 'live' AND id > ? ORDER BY id", (after,))]
+
+    def rows(self, ids: Sequence[int]) -> list[LiveImage]:
+        """The live additions of these ids, in id order."""
+        out: list[LiveImage] = []
+        for start in range(0, len(ids), 500):
+            chunk = [int(i) for i in ids[start : start + 500]]
+            out += self._rows(f"WHERE state = 'live' AND id IN ({','.join('?' * len(chunk))}) ORDER BY id", chunk)
+        return out
 
     def live_at(self, path: str) -> list[LiveImage]:
         """The live additions recorded under `path` (one, unless the same file was added twice)."""

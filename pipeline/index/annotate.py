@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import PipelineError
+from ..features import added_fields_file
 from ..filters import FieldType
 from ..fsutil import exclusive_lock
 from .idtable import IDS_FILE, IdTable
@@ -39,16 +40,22 @@ LOG = logging.getLogger(__name__)
 CHANGED_LINES_AT_MOST = 1000  # (or a tenth of the file) changed lines read one by one; more: the file whole
 
 
-def metadata_files(out_dir: Path, given: Sequence[Path | str]) -> tuple[Path, ...]:
-    """The --metadata files a build reads: those given, else those the published version was made with (the
-    nightly job keeps reading the files it was first given), as absolute paths."""
+def metadata_files(out_dir: Path, given: Sequence[Path | str], features_dir: Path | None = None) -> tuple[Path, ...]:
+    """The metadata files a build reads, as absolute paths: the --metadata files given, else those the published
+    version was made with (the nightly job keeps reading the files it was first given); then the additions' own
+    fields of `features_dir` (features.added_fields_file), read last."""
     if given:
-        return tuple(Path(f).absolute() for f in given)
-    try:
-        meta = read_meta(current_version(out_dir))
-    except PipelineError:
-        return ()
-    return tuple(Path(s["path"]) for s in (meta.get("metadata") or {}).get("sources", []))
+        files = [Path(f).absolute() for f in given]
+    else:
+        try:
+            meta = read_meta(current_version(out_dir))
+        except PipelineError:
+            meta = {}
+        files = [Path(s["path"]) for s in (meta.get("metadata") or {}).get("sources", [])]
+    added = added_fields_file(features_dir) if features_dir is not None else None
+    if added is not None:
+        files = [f for f in files if f != added.absolute()] + [added.absolute()]
+    return tuple(files)
 
 
 def metadata_changed(meta: dict[str, Any], files: Sequence[Path]) -> bool:

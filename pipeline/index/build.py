@@ -91,7 +91,7 @@ def build_index(
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="build-index") as pool:
         # An update reads the published index (GBs) meanwhile, in a thread: faiss releases the GIL.
         prefetch = pool.submit(read_published, out_dir) if update and codes is None else None
-        source = replace(_collection(features_dir), metadata_files=metadata_files(out_dir, metadata))
+        source = replace(_collection(features_dir), metadata_files=metadata_files(out_dir, metadata, features_dir))
         if codes is not None:
             return _build_codes(source, out_dir, codes, factory, tuning, update, keep, progress, pool)
         plan, index, kind = _planned_index(source, factory, nlist, flat_below, train_per_list, max_memory, rerank)

@@ -28,7 +28,9 @@ from .idtable import IdTable
 from .tune import ivf_params
 
 LOG = logging.getLogger(__name__)
-MAX_LIVE = 100_000  # additions between two folds a searcher holds (4 KB each at 1024-d); more are refused
+MAX_LIVE = 100_000  # additions not yet folded; more are refused (ingest.Collection.add) until the nightly fold
+HOLD_AT_MOST = 2 * MAX_LIVE  # additions a searcher holds beside its version (4 KB each at 1024-d): folded ones
+# wait for the next version too, and a failed build leaves them beside the published one
 BUILT_IN: dict[str, FieldType] = {"mtime": "date", "size": "number", "width": "number", "height": "number"}
 
 
@@ -75,9 +77,11 @@ class LivePart:
                     return
                 try:
                     self._journal = Journal(self.features_dir)
-                except PipelineError as exc:
-                    LOG.warning("cannot read the additions of %s: %s", self.features_dir, exc)
-                    return
+                except PipelineError as exc:  # its removals cannot be applied: answer nothing rather than them
+                    raise PipelineError(
+                        f"cannot read the additions and removals of {self.features_dir} ({exc}); no search runs "
+                        "without them"
+                    ) from None
             changes = self._journal.changes()
             if changes == self._seen:
                 return
@@ -92,14 +96,19 @@ class LivePart:
                     self.features_dir,
                     str(made_by)[:12],
                 )
-            new = self._journal.live(after=self._last) if made_by == self.model else []
-            if new:
-                self._last = new[-1].id
-                built = self.id_table.known([a.id for a in new])  # folded and indexed already
-                new = [a for a in new if a.id not in built]
-            if len(self) + len(new) > MAX_LIVE:
-                LOG.error("over %d additions since the version was built: run `pipeline rebuild`", MAX_LIVE)
-                new = new[: max(0, MAX_LIVE - len(self))]
+            new: list[LiveImage] = []
+            if made_by == self.model:
+                fresh = self._journal.live_ids(after=self._last)  # ids first: most are in the version already
+                if fresh:
+                    self._last = max(fresh)
+                    built = self.id_table.known(fresh)
+                    new = self._journal.rows([i for i in fresh if i not in built])
+                    # a version made from a catalog rebuilt from its shards knows folded additions by path only
+                    indexed = self.id_table.ids_of([a.path for a in new])
+                    new = [a for a in new if a.path not in indexed]
+            if len(self) + len(new) > HOLD_AT_MOST:
+                LOG.error("over %d additions since the version was built: run `pipeline rebuild`", HOLD_AT_MOST)
+                new = new[: max(0, HOLD_AT_MOST - len(self))]
             if new:
                 ids = np.array([a.id for a in new], np.int64)
                 self._index.add_with_ids(np.stack([a.feature for a in new]).astype(np.float32), ids)

@@ -385,7 +385,7 @@ def _add_api(app: FastAPI, service: Service) -> None:
     @app.get("/api/fields", summary="The fields the served version's images can be filtered on, and their types")
     async def fields() -> dict[str, Any]:
         searcher = service.searcher
-        return {"version": searcher.version_dir.name, "fields": searcher.metadata.fields}
+        return {"version": searcher.version_dir.name, "fields": searcher.fields}
 
     @app.get("/api/health", summary="Ready once the index and the model are loaded")
     async def health() -> JSONResponse:

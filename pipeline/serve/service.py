@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import BusyError, ConfigError, DeadlineExceeded, ImageError, PipelineError
 from ..images import decode_bytes, decode_cost, image_suffix, input_shapes
 from ..index import published_name
-from ..ingest import Added, Collection, Removed
+from ..ingest import Added, Collection, Removed, check_fields
 from ..model import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, FeatureModel
 from ..search import DEFAULT_K, Hit, QueryFile, QueryResult, Searcher, check_deadline
 from .batcher import MicroBatcher
@@ -437,6 +437,7 @@ class Service:
         BusyError when `max_adds` additions are in flight or the model's queue is full. Once the file is being
         written the addition completes even if the client has gone: retrying it answers `duplicate_of`."""
         collection = self._writable()
+        fields = check_fields(fields)  # a bad one is refused before any work, a duplicate's included
         if not self._adds.acquire(blocking=False):
             raise BusyError("too many additions in flight; retry shortly")
         try:
