@@ -65,6 +65,7 @@ from .rebuild import rebuild as rebuild_collection
 from .rebuild import write_metrics_file
 from .search import DEFAULT_K, QueryResult, Searcher
 from .serve.limits import (
+    DEFAULT_ADD_RATE,
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_DECODE_MEMORY,
     DEFAULT_HOST,
@@ -953,6 +954,9 @@ def serve(
     max_adds: Annotated[
         int, typer.Option(help="Additions in flight at once (--writable); beyond it, 503 with Retry-After.")
     ] = DEFAULT_MAX_ADDS,
+    add_rate: Annotated[
+        float, typer.Option(help="Additions a second, on average (--writable); beyond it, 503 with Retry-After.")
+    ] = DEFAULT_ADD_RATE,
     model: IndexModelOpt = None,
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs --api-key.")] = DEFAULT_HOST,
     port: Annotated[int, typer.Option(help="TCP port.")] = DEFAULT_PORT,
@@ -1046,6 +1050,7 @@ def serve(
             model,
             writable=writable,
             max_adds=max_adds,
+            add_rate=add_rate,
             batch_size=batch_size,
             max_wait_ms=max_wait_ms,
             queue_size=queue_size,

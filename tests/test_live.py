@@ -319,3 +319,31 @@ def test_ids_stay_unique_and_single_when_the_journal_or_the_catalog_is_lost(work
     assert second.id not in set(searcher.ids().tolist())  # renumbered...
     found = searcher.search_vectors(embed(model, png_bytes(9401))[None], k=5)[0]
     assert [h.path for h in found].count(second.path) == 1  # ...and found once
+
+
+def test_the_rate_of_additions_is_limited_with_bursts():
+    from pipeline.serve.limits import RateLimit
+
+    now = [0.0]
+    limit = RateLimit(2.0, 3, clock=lambda: now[0])
+    assert [limit.take() for _ in range(4)] == [True, True, True, False]  # a burst of 3
+    now[0] += 0.5  # one more a half second later, at 2 a second
+    assert [limit.take(), limit.take()] == [True, False]
+    now[0] += 10  # never more than the burst saved up
+    assert sum(limit.take() for _ in range(5)) == 3
+
+
+def test_a_writable_service_answers_busy_past_its_rate_of_additions(workdir, tiny_model):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from fastapi.testclient import TestClient
+
+    from pipeline.serve import Service, create_app
+
+    service = Service(workdir / "index", tiny_model, poll=0, writable=True, max_adds=1, add_rate=1e-6)
+    with TestClient(create_app(service, api_key=KEY), base_url="http://127.0.0.1") as c:
+        c.headers["X-API-Key"] = KEY
+        assert c.post("/api/images", files={"image": ("a.png", png_bytes(9500))}).status_code == 201
+        busy = c.post("/api/images", files={"image": ("b.png", png_bytes(9501))})
+        assert busy.status_code == 503 and busy.headers["Retry-After"] and "faster" in busy.json()["error"]
+        searched = c.post("/api/search?k=1", files={"image": ("q.png", png_bytes(9501))})
+        assert searched.status_code == 200  # searches go on

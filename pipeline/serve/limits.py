@@ -5,7 +5,8 @@ refused request gets."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from ..errors import BusyError, PipelineError
@@ -24,6 +25,7 @@ DEFAULT_DECODE_MEMORY = 1536 * 1024 * 1024  # bytes all uploads being decoded ma
 MAX_WHERE = 16  # filter conditions per request: each costs a pass over a column (about 1 ms per million images)
 MAX_WHERE_LENGTH = 1000  # characters per condition
 DEFAULT_MAX_ADDS = 16  # additions (POST /api/images) in flight at once; beyond, BusyError (503 with Retry-After)
+DEFAULT_ADD_RATE = 50.0  # additions per second, on average (bursts of DEFAULT_MAX_ADDS); beyond, BusyError
 DEFAULT_MAX_DECODE = DEFAULT_DECODE_MEMORY * 2 // 3  # one upload's decoding (a 16-bit 9000 x 9000 PNG: 0.9 GB)
 
 
@@ -58,3 +60,23 @@ class DecodeBudget:
             with self._room:
                 self.used -= nbytes
                 self._room.notify_all()
+
+
+class RateLimit:
+    """At most `rate` events a second on average, `burst` at once (a token bucket): what keeps a client from
+    filling the disk and the journal at the model's speed. `take()` says whether one more may go now."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self._tokens, self._at = float(burst), clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = self.clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            return True

@@ -28,6 +28,7 @@ from ..model import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, FeatureModel
 from ..search import DEFAULT_K, Hit, QueryFile, QueryResult, Searcher, check_deadline
 from .batcher import MicroBatcher
 from .limits import (
+    DEFAULT_ADD_RATE,
     DEFAULT_DECODE_MEMORY,
     DEFAULT_MAX_ADDS,
     DEFAULT_MAX_DECODE,
@@ -38,6 +39,7 @@ from .limits import (
     DEFAULT_TIMEOUT,
     MAX_WHERE,
     DecodeBudget,
+    RateLimit,
     RequestError,
 )
 from .thumbnails import Thumbnails
@@ -99,6 +101,7 @@ class Service:
         max_decode: int = DEFAULT_MAX_DECODE,
         writable: bool = False,
         max_adds: int = DEFAULT_MAX_ADDS,
+        add_rate: float = DEFAULT_ADD_RATE,
     ) -> None:
         self.index_dir, self._model_arg, self._threads = Path(index_dir), model, threads
         self.warm = warm  # read each version's files into the page cache before serving it (Searcher.warm)
@@ -123,6 +126,7 @@ class Service:
         self.writable = writable  # POST and DELETE /api/images: the collection changes through this service
         self.collection: Collection | None = None  # opened by start() when writable
         self._adds = threading.BoundedSemaphore(max_adds)  # additions in flight; beyond, 503
+        self._add_rate = RateLimit(add_rate, max_adds)  # additions a second; beyond, 503
         self.added = self.removed = 0
 
     # ------------------------------------------------------------------ life cycle
@@ -438,6 +442,8 @@ class Service:
         written the addition completes even if the client has gone: retrying it answers `duplicate_of`."""
         collection = self._writable()
         fields = check_fields(fields)  # a bad one is refused before any work, a duplicate's included
+        if not self._add_rate.take():
+            raise BusyError("additions are coming faster than this service takes them; retry shortly")
         if not self._adds.acquire(blocking=False):
             raise BusyError("too many additions in flight; retry shortly")
         try:
