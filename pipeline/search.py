@@ -50,6 +50,7 @@ from .index import (
     published_name,
     ranked_from_store,
     read_meta,
+    search_preassigned,
 )
 from .model import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, FeatureModel
 
@@ -171,6 +172,7 @@ class Searcher:
         self._select_lock = threading.Lock()
         features = self.meta.get("features_dir")
         ivf = None if isinstance(self.index, CoarseToFine) else faiss.try_extract_index_ivf(self.index)
+        self._ivf = ivf if self.meta.get("nlist") else None  # an IVF version's lists (the live part probes them too)
         # the journal's additions since this version and its removals (none for a version of a bare folder)
         checksum = self.meta["model"].get("checksum")
         self.live = LivePart(Path(features), int(self.meta["dim"]), self.id_table, ivf, checksum) if features else None
@@ -299,15 +301,34 @@ class Searcher:
         return self.id_table.same_content_ids()
 
     def _search(
-        self, vectors: np.ndarray, k: int, nprobe: int | None, selection: Selection | None = None
+        self,
+        vectors: np.ndarray,
+        k: int,
+        nprobe: int | None,
+        selection: Selection | None = None,
+        among: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        k = min(k, self.count)
+        """Top-k of the version (within `selection`) and of its live part (within `among`), merged by score."""
         vectors = np.ascontiguousarray(vectors, np.float32)
+        live = self.live if self.live is not None and len(self.live) else None
+        nprobe = nprobe or self.nprobe
+        if live is not None and selection is None and self.store is None and self._ivf is not None and nprobe:
+            # one pass over the coarse quantizer chooses the lists of the version and of its live part
+            coarse, lists = self._ivf.quantizer.search(vectors, int(nprobe))
+            version = search_preassigned(self._ivf, vectors, min(k, self.count), coarse, lists)
+            return _merged(version, live.search(vectors, k, nprobe, among, (coarse, lists)), k)
+        version = self._search_version(vectors, min(k, self.count), nprobe, selection)
+        if live is None:
+            return version
+        return _merged(version, live.search(vectors, k, nprobe, among), k)
+
+    def _search_version(
+        self, vectors: np.ndarray, k: int, nprobe: int | None, selection: Selection | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         if selection is not None:
             return self._search_within(vectors, k, nprobe, selection)
         if isinstance(self.index, CoarseToFine):  # `nprobe` overrides the tuned setting (pool, nprobe or efSearch)
             return self.index.search(vectors, k, nprobe)
-        nprobe = nprobe or self.nprobe
         params = ivf_params(int(nprobe)) if nprobe and self.meta.get("nlist") else None
         index: faiss.Index | Reranked = (
             Reranked(self.index, self.store, self.meta["rerank"]) if self.store is not None else self.index
@@ -421,10 +442,7 @@ class Searcher:
         fetch = k + (8 if any(exclude) or excluded else 0)
         while True:
             check_deadline(deadline, "the index search")
-            scores, ids = self._search(vectors, fetch, nprobe, selection)
-            if live is not None and len(live):
-                found = live.search(np.ascontiguousarray(vectors, np.float32), fetch, nprobe or self.nprobe, among)
-                scores, ids = _merged((scores, ids), found, fetch)
+            scores, ids = self._search(vectors, fetch, nprobe, selection, among)
             check_deadline(deadline, "reading the hits' paths")
             rows = self.rows(ids)
             unique = np.unique(ids[ids >= 0])

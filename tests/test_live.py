@@ -347,3 +347,28 @@ def test_a_writable_service_answers_busy_past_its_rate_of_additions(workdir, tin
         assert busy.status_code == 503 and busy.headers["Retry-After"] and "faster" in busy.json()["error"]
         searched = c.post("/api/search?k=1", files={"image": ("q.png", png_bytes(9501))})
         assert searched.status_code == 200  # searches go on
+
+
+def test_an_ivf_version_probes_its_additions_in_its_own_lists(tmp_path, tiny_model):
+    """An IVF version: additions go to the lists of the version's own quantizer, probed with the version's
+    nprobe in one coarse pass; every probe finds them as an exact search over version and additions would."""
+    root, work = tmp_path / "photos", tmp_path / "work"
+    for s in range(60):
+        save_pattern(root / f"img{s:04d}.png", s)
+    rebuild([root], work, tiny_model, workers=0, shard_size=16, flat_below=30)
+    searcher = Searcher(work / "index", tiny_model)
+    assert searcher.meta.get("nlist") and searcher.live is not None
+    model = FeatureModel(tiny_model)
+    datas = [png_bytes(9600 + i) for i in range(6)]
+    with Collection(work, model.info.checksum, model.info.dim) as collection:
+        added = [collection.add(d, embed(model, d)) for d in datas]
+    queries = np.stack([embed(model, d) for d in datas])
+    nlist = int(searcher.meta["nlist"])
+    for i, a in enumerate(added):
+        assert searcher.search_vectors(queries[i : i + 1], k=1, nprobe=nlist)[0][0].id == a.id
+        assert searcher.search_vectors(queries[i : i + 1], k=1, nprobe=1)[0][0].id == a.id  # its own list first
+    every = np.concatenate([searcher.vectors(searcher.ids()), queries])
+    ids = np.concatenate([searcher.ids(), [a.id for a in added]])
+    truth = ids[np.argsort(-(queries @ every.T), axis=1)[:, :10]]
+    found = [[h.id for h in hits] for hits in searcher.search_vectors(queries, k=10, nprobe=nlist)]
+    assert [set(f) for f in found] == [set(t) for t in truth.tolist()]

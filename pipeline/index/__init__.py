@@ -33,6 +33,7 @@ from .filtered import (
     filtered_nprobe,
     ivf_search,
     ranked_from_store,
+    search_preassigned,
 )
 from .idtable import IDS_FILE, IdTable
 from .livepart import MAX_LIVE, LivePart, added_fields
@@ -76,6 +77,7 @@ __all__ = [
     "added_fields",
     "MAX_POOL",
     "ranked_from_store",
+    "search_preassigned",
     "metadata_changed",
     "metadata_files",
     "republish_metadata",

@@ -128,11 +128,28 @@ def ivf_search(
         top = np.argpartition(-scores, probe - 1, axis=1)[:, :probe]
     else:
         top = np.broadcast_to(np.arange(len(lists)), (len(queries), len(lists)))
-    assign = np.ascontiguousarray(lists[top], np.int64)
-    coarse = np.ascontiguousarray(np.take_along_axis(scores, top, axis=1), np.float32)
+    assign = lists[top]
+    coarse = np.take_along_axis(scores, top, axis=1)
+    return search_preassigned(ivf, queries, k, coarse, assign, selection.selector())
+
+
+def search_preassigned(
+    ivf: faiss.IndexIVF,
+    queries: np.ndarray,
+    k: int,
+    coarse: np.ndarray,
+    assign: np.ndarray,
+    selector: faiss.IDSelector | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of an IVF index in the lists `assign` names for each query (their coarse scores `coarse`, as the
+    quantizer's search gives them), skipping ids the selector refuses: the probes chosen once, searched in one
+    index or in several sharing a quantizer (a version and its live part)."""
+    assign = np.ascontiguousarray(assign, np.int64)
+    coarse = np.ascontiguousarray(coarse, np.float32)
     params = faiss.SearchParametersIVF()
-    params.nprobe = probe
-    params.sel = selection.selector()
+    params.nprobe = assign.shape[1]
+    if selector is not None:
+        params.sel = selector
     n = len(queries)
     distances, labels = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
     x = np.ascontiguousarray(queries, np.float32)

@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import PipelineError
 from ..features import Journal, LiveImage
 from ..filters import FieldType, Filter, check_key, parse_date, parse_number, typed_values, value_matches, value_type
+from .filtered import search_preassigned
 from .idtable import IdTable
 from .tune import ivf_params
 
@@ -131,18 +132,27 @@ class LivePart:
             self.excluded = frozenset(excluded)
 
     def search(
-        self, vectors: np.ndarray, k: int, nprobe: int | None, among: np.ndarray | None = None
+        self,
+        vectors: np.ndarray,
+        k: int,
+        nprobe: int | None,
+        among: np.ndarray | None = None,
+        probes: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k additions per query (ids -1 where fewer), probing `nprobe` lists of an IVF version's quantizer;
-        `among`: only these addition ids, ranked exactly."""
+        """Top-k additions per query (ids -1 where fewer), probing `nprobe` lists of an IVF version's quantizer,
+        or the lists `probes` names (coarse scores, lists: the version's own search chose them); `among`: only
+        these addition ids, ranked exactly."""
         n = len(vectors)
         with self._lock:
             if among is not None:
                 return self._exact(vectors, k, among)
             if not len(self):
                 return np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
-            params = ivf_params(int(nprobe or 1)) if self.ivf is not None else None
-            scores, ids = self._index.search(vectors, k, params=params)
+            if probes is not None and isinstance(self._index, faiss.IndexIVF):
+                scores, ids = search_preassigned(self._index, vectors, k, *probes)
+            else:
+                params = ivf_params(int(nprobe or 1)) if self.ivf is not None else None
+                scores, ids = self._index.search(vectors, k, params=params)
         return np.where(ids >= 0, scores, -np.inf).astype(np.float32), ids
 
     def _exact(self, vectors: np.ndarray, k: int, among: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
