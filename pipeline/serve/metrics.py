@@ -130,6 +130,8 @@ class ServiceCollector(Collector):
             value=float(swaps["serving_published"]),
         )
         live = searcher.live
+        if live is not None:
+            live.sync()
         yield GaugeMetricFamily(
             "pipeline_live_additions",
             "Images added since the version served was built, searched beside it (folded in by the nightly job)",

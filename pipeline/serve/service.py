@@ -583,6 +583,8 @@ class Service:
     def stats(self) -> dict[str, Any]:
         """What is served and how fast: index version and size, model, requests, latency percentiles."""
         s = self.searcher
+        if s.live is not None:
+            s.live.sync()  # the additions and removals up to now, whoever made them
         batcher = self._batcher()
         lat = np.array(self._latencies) * 1000
         model = batcher.model.info
