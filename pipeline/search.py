@@ -279,10 +279,9 @@ class Searcher:
     def rows(self, ids: np.ndarray) -> dict[int, tuple[str, str]]:
         """id -> (path, content hash) for the given ids (-1 ignored), live additions included."""
         added = self.live.images if self.live is not None else {}
-        ids = np.asarray(ids)
-        live = np.isin(ids, np.fromiter(added, np.int64, len(added))) if added else np.zeros(ids.shape, bool)
-        out = self.id_table.rows(ids[~live])
-        out.update((int(i), (added[int(i)].path, added[int(i)].content_hash)) for i in ids[live])
+        wanted = np.asarray(ids).ravel().tolist()  # (a result's few ids: looked up one by one)
+        out = self.id_table.rows(np.array([i for i in wanted if i not in added], np.int64))
+        out.update((i, (added[i].path, added[i].content_hash)) for i in wanted if i in added)
         return out
 
     def fields_of(self, ids: np.ndarray) -> list[dict]:

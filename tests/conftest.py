@@ -59,3 +59,16 @@ def gallery(tmp_path) -> Path:
         ext = [".jpg", ".PNG", ".jpeg", ".webp"][i % 4]
         save_pattern(sub / f"img{i:02d}{ext}", seed=i)
     return root
+
+
+@pytest.fixture()
+def workdir(tmp_path, tiny_model) -> Path:
+    """A `pipeline rebuild` workdir of 40 generated pictures (tmp_path/photos): a collection to add to and
+    remove from."""
+    from pipeline.rebuild import rebuild
+
+    root, work = tmp_path / "photos", tmp_path / "work"
+    for s in range(40):
+        save_pattern(root / f"img{s:04d}.png", s)
+    rebuild([root], work, tiny_model, workers=0, shard_size=16, progress=False)
+    return work

@@ -53,6 +53,15 @@ def pattern(seed: int, size: tuple[int, int] = (96, 72)) -> np.ndarray:
     return np.asarray(Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC))
 
 
+def png_bytes(seed: int, size: tuple[int, int] = (96, 72)) -> bytes:
+    """pattern(seed) as PNG bytes: an upload, or an addition, distinct per seed."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(pattern(seed, size)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def save_pattern(path: Path, seed: int, size: tuple[int, int] = (96, 72), **save_args) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pattern(seed, size)).save(path, **save_args)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
-from helpers import pattern, save_pattern
+from helpers import png_bytes, save_pattern
 from pipeline.cli import app
 from pipeline.errors import InputError
 from pipeline.features import LIVE_FIRST_ID, Journal, fold_live, list_shards
@@ -20,21 +18,6 @@ from pipeline.ingest import Collection, add_files, open_collection
 from pipeline.model import FeatureModel
 from pipeline.rebuild import rebuild
 from pipeline.search import Searcher
-
-
-def png_bytes(seed: int, size: tuple[int, int] = (96, 72)) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pattern(seed, size)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-@pytest.fixture()
-def workdir(tmp_path, tiny_model) -> Path:
-    root, work = tmp_path / "photos", tmp_path / "work"
-    for s in range(40):
-        save_pattern(root / f"img{s:04d}.png", s)
-    rebuild([root], work, tiny_model, workers=0, shard_size=16)
-    return work
 
 
 def embed(model: FeatureModel, data: bytes) -> np.ndarray:

@@ -7,7 +7,6 @@ removal comes back, and a rerun (or the next rebuild) completes with each image 
 
 from __future__ import annotations
 
-import io
 import json
 import signal
 import subprocess
@@ -18,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from helpers import pattern, save_pattern, serve_child, wait_for
+from helpers import png_bytes, save_pattern, serve_child, wait_for
 from pipeline.features import Journal, fold_live, writing
 from pipeline.images import decode_bytes
 from pipeline.ingest import Collection
@@ -61,12 +59,6 @@ cli.app(sys.argv[4:], prog_name="pipeline")
 """
 
 
-def png_bytes(seed: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pattern(seed)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def run_until(tmp_path: Path, point: str, count: int, args: list[str]) -> None:
     """Run `pipeline ARGS` in a child, stopped right after the count-th `point`, and SIGKILL it there."""
     marker = tmp_path / f"stopped-{point.replace(' ', '-')}-{count}-{time.monotonic_ns()}"
@@ -80,15 +72,6 @@ def run_until(tmp_path: Path, point: str, count: int, args: list[str]) -> None:
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, f"the run ended before {point} #{count}: {err.decode()[-500:]}"
-
-
-@pytest.fixture()
-def workdir(tmp_path, tiny_model) -> Path:
-    root, work = tmp_path / "photos", tmp_path / "work"
-    for s in range(40):
-        save_pattern(root / f"img{s:04d}.png", s)
-    rebuild([root], work, tiny_model, workers=0, shard_size=16)
-    return work
 
 
 def top_ids(work: Path, model: Path, data: bytes, k: int = 50) -> list[int]:

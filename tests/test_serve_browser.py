@@ -8,7 +8,6 @@ Skipped, loudly, where no Chromium is installed (.ci/run installs it).
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import shutil
@@ -30,7 +29,7 @@ if CHROMIUM is None:
 
 from PIL import Image  # noqa: E402
 
-from helpers import live_server, pattern, save_pattern  # noqa: E402
+from helpers import live_server, png_bytes, save_pattern  # noqa: E402
 from pipeline.model import find_tumor_onnx  # noqa: E402
 from pipeline.rebuild import rebuild  # noqa: E402
 from pipeline.serve import Service, create_app  # noqa: E402
@@ -141,8 +140,6 @@ def test_key_form_session_cookie_and_file_names_holding_html(tmp_path, tiny_mode
     read, and file names made of HTML are shown as text, never run (CSP and textContent)."""
     from playwright.sync_api import expect, sync_playwright
 
-    from helpers import save_pattern
-
     evil = '<img src=x onerror="document.title=1">'
     for i, name in enumerate([f"{evil}.png", "<b>bold<b>.png", "plain.png"]):
         save_pattern(tmp_path / "gallery" / name, seed=i)
@@ -180,8 +177,6 @@ def test_key_form_session_cookie_and_file_names_holding_html(tmp_path, tiny_mode
 @pytest.mark.slow
 def test_filter_box_lists_the_fields_and_results_show_their_metadata(tmp_path, tiny_model):
     from playwright.sync_api import expect
-
-    from helpers import save_pattern
 
     rows = ["path,category,sku"]
     for i in range(6):
@@ -236,22 +231,6 @@ def test_verified_copies_get_a_badge(tmp_path, tiny_model):
 
 
 KEY = "s3cret"
-
-
-def png_bytes(seed: int, size: tuple[int, int] = (96, 72)) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pattern(seed, size)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-@pytest.fixture()
-def workdir(tmp_path, tiny_model) -> Path:
-    """A workdir built from 40 generated pictures (as tests/test_live.py's)."""
-    root, work = tmp_path / "photos", tmp_path / "work"
-    for s in range(40):
-        save_pattern(root / f"img{s:04d}.png", s)
-    rebuild([root], work, tiny_model, workers=0, shard_size=16, progress=False)
-    return work
 
 
 def answer_confirmation(page, verb: str | None) -> None:
