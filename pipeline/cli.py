@@ -685,6 +685,14 @@ def duplicates(
         Path | None, typer.Option("--sheet", help="Write one PNG contact sheet per group into this folder.")
     ] = None,
     where: WhereOpt = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Join images only by pairs verified with local features and a geometric fit (each image's nearest "
+            "others above a lower cosine floor are checked; --threshold is not used). Needs the verify extra.",
+        ),
+    ] = False,
     progress: ProgressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -695,7 +703,7 @@ def duplicates(
     pixels, then most bytes) first. Nothing is deleted or moved.
     """
     groups = find_groups(
-        index, threshold, min_size=min_size, limit=limit, nprobe=nprobe, progress=progress, where=where
+        index, threshold, min_size=min_size, limit=limit, nprobe=nprobe, progress=progress, where=where, verify=verify
     )
     if sheet is not None:
         from .sheet import group_sheets

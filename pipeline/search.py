@@ -321,6 +321,12 @@ class Searcher:
             return version
         return _merged(version, live.search(vectors, k, nprobe, among), k)
 
+    def nearest(self, vectors: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The version's own top-k of each vector (scores, ids; -1 where fewer), at the tuned nprobe: no live part,
+        no removals, no paths (the candidates of `duplicates --verify`)."""
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        return self._search_version(vectors, min(k, self.count), nprobe or self.nprobe, None)
+
     def _search_version(
         self, vectors: np.ndarray, k: int, nprobe: int | None, selection: Selection | None
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -398,3 +398,44 @@ def test_a_removed_image_is_in_no_group(photos, tmp_path, tiny_model):
         collection.remove(str(copies[1]))
     groups = find_groups(index, TINY_THRESHOLD, progress=False)
     assert [i.path for i in groups[0].images] == [str(copies[0]), str(copies[2])]
+
+
+def test_verified_groups_hold_a_crop_a_rotation_and_a_mirror_not_a_lookalike(tmp_path, tiny_model, caplog):
+    pytest.importorskip("cv2", reason="the verify extra (opencv-python-headless) is not installed")
+    from helpers import textured_picture
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    original = textured_picture(1)
+    w, h = original.size
+    original.save(root / "a.png")
+    original.crop((w // 4, h // 4, w // 4 + w // 2, h // 4 + h // 2)).save(root / "a_crop.png")
+    original.rotate(10, resample=Image.Resampling.BILINEAR, expand=True).save(root / "a_rot.png")
+    original.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(root / "a_mirror.png")
+    for seed in (2, 3):  # the same colours and style, other pictures
+        textured_picture(seed).save(root / f"other{seed}.png")
+    textured_picture(4).save(root / "gone.png")
+    index = _index_of(root, tmp_path, tiny_model)
+    (root / "gone.png").unlink()  # an indexed file that cannot be read now: its pairs are not checked
+    groups = find_groups(index, progress=False, verify=True)
+    assert [sorted(Path(i.path).name for i in g.images) for g in groups] == [
+        ["a.png", "a_crop.png", "a_mirror.png", "a_rot.png"]
+    ]
+    assert "not checked" in caplog.text
+    out = cli("duplicates", "--index", index, "--verify", "--json")
+    assert [len(g["images"]) for g in json.loads(out.stdout)] == [4]
+
+
+def test_one_verified_pair_never_chains_two_groups():
+    from pipeline.copies import Verdict
+    from pipeline.duplicates import STRONG_INLIERS, VerifyReport, components
+    from pipeline.duplicates.verified import join_verified
+
+    parent = np.arange(6)
+    a, b = np.array([0, 2, 1, 4, 0]), np.array([1, 3, 2, 5, 3])
+    strong, weak = Verdict(True, STRONG_INLIERS, None), Verdict(True, 20, None)
+    report = VerifyReport()
+    join_verified(parent, a[:3], b[:3], [strong, strong, weak], report)  # {0,1} and {2,3}, one weak link
+    assert [g.tolist() for g in components(parent, 2)] == [[0, 1], [2, 3]] and report.held_back == 1
+    join_verified(parent, a, b, [strong, strong, weak, weak, weak], VerifyReport())  # a second link: joined
+    assert [g.tolist() for g in components(parent, 2)] == [[0, 1, 2, 3], [4, 5]]

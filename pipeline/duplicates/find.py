@@ -19,12 +19,14 @@ import numpy as np
 from ..errors import PipelineError
 from ..features import exact_features
 from ..filters import Filter
+from ..index import recorded_model
 from ..progress import Progress
 from ..search import Searcher
 from .describe import DuplicateGroup, describe_groups
 from .groups import components, union
 from .pairs import Probing, pairs_above, probing_for
 from .thresholds import default_threshold
+from .verified import VerifyReport, candidate_pairs, join_verified, possible_for, verify_pairs
 
 LOG = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ def find_groups(
     rerank_margin: float | None = None,
     progress: bool | None = None,
     where: Filter | Sequence[str] | None = None,
+    verify: bool = False,
 ) -> list[DuplicateGroup]:
     """Every group of at least `min_size` near-duplicate images of the published index, largest first
     (at most `limit` groups). Reads only: nothing is deleted or moved.
@@ -58,6 +61,10 @@ def find_groups(
     `where`: only images a filter selects are grouped, by pairs of selected images only (filters: the
     `--where` language); the scan still reads the whole index. Images removed or hidden since the version was
     built (ingest) are in no group; images added since are grouped once the nightly job has folded them in.
+
+    `verify`: groups are joined only by pairs verified with local features (duplicates.verified: each image's
+    nearest others above a lower "possible" floor, checked one by one; `threshold` is not used then); needs the
+    `verify` extra (OpenCV).
     """
     _check_arguments(threshold, min_size, limit, nprobe)
     t0 = time.monotonic()
@@ -86,8 +93,25 @@ def find_groups(
             )
         rescore, cut = (vectors, threshold), threshold - rerank_margin
     parent = np.arange(len(ids), dtype=np.int64)
-    probing = probing_for(cut, nprobe, searcher.nprobe)
-    found = _join_pairs_above(parent, searcher, ids, cut, probing, rescore, progress, chosen)
+    if verify:
+        floor = possible_for(recorded_model(searcher.meta), threshold)
+        a, b = candidate_pairs(searcher, ids, vectors, floor, chosen)
+        paths = searcher.indexed_paths()  # (in id order: position i is ids[i])
+        report = VerifyReport()
+        join_verified(parent, a, b, verify_pairs(paths, a, b, progress), report)
+        found = report.joined
+        LOG.info(
+            "duplicates --verify: %d candidate pairs at cosine >= %.3f, %d verified (%d not checked: unreadable), "
+            "%d held back from chaining two groups",
+            report.candidates,
+            floor,
+            report.verified,
+            report.unreadable,
+            report.held_back,
+        )
+    else:
+        probing = probing_for(cut, nprobe, searcher.nprobe)
+        found = _join_pairs_above(parent, searcher, ids, cut, probing, rescore, progress, chosen)
     for same in searcher.same_content_ids():  # byte-identical files: one group, whatever the threshold
         pos = np.searchsorted(ids, same)
         if chosen is not None:

@@ -29,6 +29,13 @@ def _find(parent: np.ndarray, x: np.ndarray) -> np.ndarray:
         r = up
 
 
+def root_of(parent: np.ndarray, x: int) -> int:
+    """The root of one element (its set's smallest member)."""
+    while parent[x] != x:
+        x = int(parent[x])
+    return x
+
+
 def roots(parent: np.ndarray) -> np.ndarray:
     """The root of every element of the forest (pointer jumping over the whole forest; `parent` itself
     is left as it is)."""
