@@ -7,19 +7,21 @@ verified: matches, a robust fit, the calibrated threshold), `cache` (local featu
 """
 
 from .cache import CACHE_VERSION, features_from_bytes, features_to_bytes
-from .check import INLIER_THRESHOLD, Verdict, verify_candidates, verify_pair
+from .check import INLIER_THRESHOLD, MIN_SPREAD, Verdict, fit, verify_candidates, verify_pair
 from .local import MAX_FEATURES, WORK_SIDE, LocalFeatures, local_features, unreadable
 from .opencv import opencv
 
 __all__ = [
     "CACHE_VERSION",
     "INLIER_THRESHOLD",
+    "MIN_SPREAD",
     "MAX_FEATURES",
     "WORK_SIDE",
     "LocalFeatures",
     "Verdict",
     "features_from_bytes",
     "features_to_bytes",
+    "fit",
     "local_features",
     "opencv",
     "unreadable",

@@ -1,5 +1,6 @@
 """A pair of pictures verified: mutual nearest-neighbour matches that pass the ratio test, one similarity
-transform fitted by RANSAC, and the verdict from its inlier count against a threshold calibrated on copies-dev.
+transform fitted by RANSAC, and the verdict from its inlier count against a threshold calibrated on copies-dev,
+with the inliers spread over the pictures (not a shared banner's strip).
 
 A similarity (rotation, uniform scale, shift) covers the copies people make (crops, rotations, resizes,
 borders); the mirrored query covers mirrors. A transform that squeezes the picture by more than 5x, or
@@ -23,6 +24,10 @@ from .opencv import opencv
 # "distinct pictures" that match geometrically), so the count with the best F0.5 of the "verified" flag on
 # each query's top 20: precision 0.81, recall 0.78 (docs/benchmarks/results/copies_verify.json).
 INLIER_THRESHOLD = 13
+# The least share of each picture the inliers' convex hull must cover (fit's spread): copies of two pictures that
+# carry the same text banner or border match in a thin strip. The best F0.5 of duplicates --verify's pairs on
+# copies-dev over 0-0.2 (scripts/eval/duplicates_verify.py); 95% of its true verified pairs spread wider.
+MIN_SPREAD = 0.05
 RATIO = 0.8  # Lowe's ratio test: the best match must be clearly nearer than the second
 REPROJECTION_PX = 5.0  # RANSAC's inlier distance, in working pixels
 MIN_SCALE, MAX_SCALE, MAX_ANISOTROPY = 0.2, 5.0, 3.0  # a fitted transform outside these is not a copy
@@ -39,6 +44,7 @@ class Verdict:
     verified: bool
     inliers: int
     reason: str | None = None
+    spread: float = 0.0  # the share of each picture the inliers cover (fit)
 
 
 def mutual_matches(query: LocalFeatures, candidate: LocalFeatures) -> tuple[np.ndarray, np.ndarray]:
@@ -76,9 +82,18 @@ def plausible(matrix: np.ndarray) -> bool:
 def inliers(query: LocalFeatures, candidate: LocalFeatures, geometry: Geometry = "similarity", needed: int = 0) -> int:
     """The inliers of the transform fitted to the pair's matches (0 when no plausible transform fits, or when
     there are fewer matches than `needed` inliers: RANSAC's 2,000 tries are spent only where they can verify)."""
+    return fit(query, candidate, geometry, needed)[0]
+
+
+def fit(
+    query: LocalFeatures, candidate: LocalFeatures, geometry: Geometry = "similarity", needed: int = 0
+) -> tuple[int, float]:
+    """(inliers, spread) of the transform fitted to the pair's matches (inliers: see `inliers`); spread: the
+    smaller share of the two pictures' areas that the convex hull of the inliers covers (a shared text banner or
+    border matches in a thin strip; a copy matches across the part of the picture it shows)."""
     qp, cp = mutual_matches(query, candidate)
     if len(qp) < max(MIN_MATCHES, needed):
-        return 0
+        return 0, 0.0
     cv2 = opencv()
     if geometry == "similarity":
         matrix, mask = cv2.estimateAffinePartial2D(
@@ -89,8 +104,19 @@ def inliers(query: LocalFeatures, candidate: LocalFeatures, geometry: Geometry =
     else:
         matrix, mask = cv2.findHomography(qp, cp, cv2.USAC_MAGSAC, REPROJECTION_PX)
     if matrix is None or mask is None or not plausible(matrix):
-        return 0
-    return int(mask.sum())
+        return 0, 0.0
+    kept = mask.ravel().astype(bool)
+    spread = min(_hull_share(qp[kept], query.size), _hull_share(cp[kept], candidate.size))
+    return int(kept.sum()), spread
+
+
+def _hull_share(points: np.ndarray, size: tuple[int, int]) -> float:
+    """The share of a (width, height) picture that the convex hull of `points` covers."""
+    if len(points) < 3:
+        return 0.0
+    cv2 = opencv()
+    area = float(cv2.contourArea(cv2.convexHull(np.ascontiguousarray(points, np.float32))))
+    return area / max(size[0] * size[1], 1)
 
 
 def verify_pair(
@@ -104,10 +130,16 @@ def verify_pair(
     reason = query.reason or candidate.reason
     if reason:
         return Verdict(False, 0, reason)
-    best = inliers(query, candidate, geometry, threshold)
-    if best < threshold and query.mirror is not None:
-        best = max(best, inliers(query.mirror, candidate, geometry, threshold))
-    return Verdict(best >= threshold, best, None)
+
+    def holds(found: tuple[int, float]) -> bool:
+        return found[0] >= threshold and found[1] >= MIN_SPREAD
+
+    best = fit(query, candidate, geometry, threshold)
+    if not holds(best) and query.mirror is not None:
+        mirrored = fit(query.mirror, candidate, geometry, threshold)
+        if holds(mirrored) or mirrored[0] > best[0]:
+            best = mirrored
+    return Verdict(holds(best), best[0], None, best[1])
 
 
 def verify_candidates(

@@ -1,0 +1,92 @@
+"""Measure `pipeline duplicates` with and without `--verify` on a copy set like ../shared/eval/copies-dev.
+
+Usage:
+    pipeline extract SET/db SET/queries --out F            # the default model's features
+    python scripts/eval/duplicates_verify.py --set SET --features F [--json docs/benchmarks/quality/dv.json]
+
+The set's pictures (db/) and their transformed copies (queries/) are indexed (a Flat index of F), then grouped
+twice: at the calibrated cosine threshold, and with --verify. Every pair of images in one group is a found
+pair; a pair is true when both come from one picture (a copy and its original, or two copies of one original;
+two distinct db pictures are never one). Reports pair precision and recall of both, the recall of verified
+pairs per transformation (named in a copy's file name, each pair counted for both of its copies'), the
+candidates checked, and the wall time of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from itertools import combinations
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.duplicates import find_groups  # noqa: E402
+from pipeline.index import build_index  # noqa: E402
+
+
+def transformations(name: str) -> list[str]:
+    m = re.search(r"_([^_]+)\.[a-z]+$", name)
+    return m.group(1).split("+") if m else []
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", type=Path, default=ROOT.parent / "shared" / "eval" / "copies-dev")
+    ap.add_argument("--features", type=Path, required=True)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--label", default="")
+    args = ap.parse_args()
+    gt = json.loads((args.set / "groundtruth.json").read_text())
+    origin = {g["query"]: g["positives"][0] for g in gt}
+    origin.update({p.name: p.name for p in (args.set / "db").iterdir()})
+    truth = {
+        frozenset(p) for p in combinations(sorted(origin), 2) if origin[p[0]] == origin[p[1]]
+    }  # every pair of one picture
+    work = Path(tempfile.mkdtemp(prefix="dv-"))
+    try:
+        build_index(args.features, work / "index", flat_below=10**9, progress=False)
+        out: dict = {"set": str(args.set), "label": args.label, "images": len(origin), "true_pairs": len(truth)}
+        for verify in (False, True):
+            t0 = time.perf_counter()
+            groups = find_groups(work / "index", progress=False, verify=verify)
+            seconds = time.perf_counter() - t0
+            found = {
+                frozenset((Path(x.path).name, Path(y.path).name)) for g in groups for x, y in combinations(g.images, 2)
+            }
+            tp = len(found & truth)
+            key = "verified" if verify else "threshold"
+            out[key] = {
+                "groups": len(groups),
+                "pairs": len(found),
+                "precision": round(tp / len(found), 4) if found else 1.0,
+                "recall": round(tp / len(truth), 4),
+                "seconds": round(seconds, 2),
+            }
+            if verify:
+                per: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+                for pair in truth:
+                    for name in pair:
+                        for t in transformations(name):
+                            per[t][0] += pair in found
+                            per[t][1] += 1
+                out[key]["recall_by_transformation"] = {t: round(a / b, 3) for t, (a, b) in sorted(per.items())}
+            print(key, json.dumps(out[key]))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            runs = json.loads(args.json.read_text()) if args.json.is_file() else []
+            runs = [r for r in runs if r.get("label") != args.label] + [out]
+            args.json.write_text(json.dumps(runs, indent=1) + "\n")
+    finally:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
