@@ -22,7 +22,7 @@ from .opencv import opencv
 # Inliers needed to call a pair the same picture. Calibrated on copies-dev only (scripts/eval/copies_verify.py
 # --choose): no count reaches the issue's precisions there (its recoloured variants of one wallpaper are
 # "distinct pictures" that match geometrically), so the count with the best F0.5 of the "verified" flag on
-# each query's top 20: precision 0.81, recall 0.78 (docs/benchmarks/results/copies_verify.json).
+# each query's top 20 (docs/quality.md, "Verified copies"; with MIN_SPREAD: precision 0.89, recall 0.67).
 INLIER_THRESHOLD = 13
 # The least share of each picture the inliers' convex hull must cover (fit's spread): copies of two pictures that
 # carry the same text banner or border match in a thin strip. The best F0.5 of duplicates --verify's pairs on

@@ -32,12 +32,13 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.copies import (  # noqa: E402
     INLIER_THRESHOLD,
+    MIN_SPREAD,
     features_from_bytes,
     features_to_bytes,
+    fit,
     local_features,
     verify_pair,
 )
-from pipeline.copies.check import inliers  # noqa: E402
 from pipeline.features import live_parts, read_shard  # noqa: E402
 
 TOP = 20
@@ -119,11 +120,13 @@ def main() -> None:
 
     # inliers of every pair: the better of the query and its mirror (verify_pair's verdict at any threshold)
     def pair_inliers(q: str, c: str) -> int:
+        """The inliers of the better fit (query or its mirror) whose inliers spread over MIN_SPREAD of both
+        pictures (verify_pair's verdict at any inlier threshold); 0 when neither spreads so."""
         fq, fc = feats[q], feats[c]
         if fq.reason or fc.reason:
             return 0
-        mirror = fq.mirror
-        return max(inliers(fq, fc, args.geometry), inliers(mirror, fc, args.geometry) if mirror else 0)
+        fits = [fit(fq, fc, args.geometry)] + ([fit(fq.mirror, fc, args.geometry)] if fq.mirror else [])
+        return max((n for n, spread in fits if spread >= MIN_SPREAD), default=0)
 
     vecs = global_vectors(args.features)
     Q = np.stack([vecs[q] for q in queries])
