@@ -26,6 +26,7 @@ from .filters import FieldType, Filter, parse_where
 from .images import load_image
 from .index import (
     CODES_FILE,
+    EXACT_BELOW,
     IDS_FILE,
     INDEX_FILE,
     MAX_POOL,
@@ -33,6 +34,7 @@ from .index import (
     VECTORS_FILE,
     Centroids,
     CoarseToFine,
+    Gathered,
     IdTable,
     ListMap,
     LivePart,
@@ -48,6 +50,7 @@ from .index import (
     ivf_params,
     ivf_search,
     published_name,
+    ranked,
     ranked_from_store,
     read_meta,
     search_preassigned,
@@ -168,6 +171,7 @@ class Searcher:
         self._lists: ListMap | None = None
         self._centroids: Centroids | None = None
         self._selections: OrderedDict[str, Selection] = OrderedDict()
+        self._gathered = Gathered()  # small selections' vectors, for their exact ranking
         self._local: OrderedDict[str, LocalFeatures] = OrderedDict()  # candidates' local features (verify)
         self._select_lock = threading.Lock()
         features = self.meta.get("features_dir")
@@ -353,11 +357,15 @@ class Searcher:
             return self._codes_within(vectors, k, nprobe, selection)
         if compressed and ranked_from_store(selection):
             assert self.store is not None
-            return exact_search(self.store.get, selection.ids, vectors, k)
+            return self._exact(vectors, k, selection, self.store.get)
         if ivf is None:  # Flat: exact, skipping unselected ids
             params = faiss.SearchParameters()
             params.sel = selection.selector()
             return self.index.search(vectors, k, params=params)
+        if not compressed and len(selection.ids) <= EXACT_BELOW:
+            matrix = self._gathered.matrix(selection, self.decoded, int(self.meta["dim"]))
+            if matrix is not None:
+                return ranked(matrix, selection.ids, vectors, k)
         with self._map_lock:
             if self._lists is None or self._centroids is None:
                 self._lists, self._centroids = ListMap(ivf), Centroids(ivf)
@@ -368,6 +376,16 @@ class Searcher:
             return self.store.rerank(vectors, ids, k)
         return scores, ids
 
+    def _exact(
+        self, vectors: np.ndarray, k: int, selection: Selection, vectors_of: Callable[[np.ndarray], np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of a selection by exact inner product: from its vectors gathered once (index.Gathered), or read
+        block by block when they would not fit its budget."""
+        matrix = self._gathered.matrix(selection, vectors_of, int(self.meta["dim"]))
+        if matrix is None:
+            return exact_search(vectors_of, selection.ids, vectors, k)
+        return ranked(matrix, selection.ids, vectors, k)
+
     def _codes_within(
         self, vectors: np.ndarray, k: int, nprobe: int | None, selection: Selection
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -376,7 +394,7 @@ class Searcher:
         assert isinstance(self.index, CoarseToFine)
         fetch = math.ceil(2 * k / max(selection.share, 1e-12))
         if ranked_from_store(selection) or fetch > MAX_POOL:
-            return exact_search(self.index.store.get, selection.ids, vectors, k)
+            return self._exact(vectors, k, selection, self.index.store.get)
         scores, ids = self.index.search(vectors, min(fetch, self.count), nprobe)
         chosen = np.isin(ids, selection.ids) & (ids >= 0)
         order = np.argsort(~chosen, axis=1, kind="stable")[:, :k]  # selected hits first, in their score order

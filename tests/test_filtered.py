@@ -265,3 +265,28 @@ def test_binary_codes_rank_small_selections_exactly_and_large_ones_from_an_enlar
             assert {h.id for h in hits} <= set(selected.tolist())
             recalls.append(len({h.id for h in hits} & truth) / len(truth))
         assert np.mean(recalls) == 1.0 if len(selected) <= 2000 else np.mean(recalls) >= 0.8, (share, np.mean(recalls))
+
+
+def test_gathered_selections_rank_exactly_within_their_byte_budget():
+    from pipeline.index import Gathered, Selection, ranked
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((100, 8)).astype(np.float32)
+    reads: list[int] = []
+
+    def vectors_of(ids: np.ndarray) -> np.ndarray:
+        reads.append(len(ids))
+        return x[ids]
+
+    small, other = Selection(np.arange(0, 100, 2), 100), Selection(np.arange(1, 100, 2), 100)
+    gathered = Gathered(budget=50 * 8 * 4)  # one selection of 50 at a time
+    q = rng.standard_normal((3, 8)).astype(np.float32)
+    m = gathered.matrix(small, vectors_of, 8)
+    assert m is not None and gathered.matrix(small, vectors_of, 8) is m and reads == [50]  # gathered once
+    scores, ids = ranked(m, small.ids, q, 5)
+    truth = small.ids[np.argsort(-(q @ x[small.ids].T), axis=1)[:, :5]]
+    assert (ids == truth).all() and np.all(np.diff(scores, axis=1) <= 0)
+    assert gathered.matrix(other, vectors_of, 8) is not None and gathered.used == 50 * 8 * 4  # the older dropped
+    assert gathered.matrix(Selection(np.arange(60), 100), vectors_of, 8) is None  # over the budget alone
+    scores, ids = ranked(m[:2], small.ids[:2], q, 4)  # fewer than k: padded as faiss pads
+    assert (ids[:, 2:] == -1).all() and np.isinf(scores[:, 2:]).all()

@@ -2,12 +2,13 @@
 the lists that hold selected vectors, chosen by the selection's size; so recall holds at any selectivity.
 
   * IVF-Flat: the probed lists are the nearest of those holding a selected vector, at an nprobe raised for
-    the selection's share f of the collection (nprobe / f**ALPHA); below EXACT_BELOW selected images,
-    every list holding one is probed, which is exact. faiss skips unselected vectors by their id alone
+    the selection's share f of the collection (nprobe / f**ALPHA); below EXACT_BELOW selected images, the
+    selection is ranked exactly from its vectors, gathered once (Gathered; over its budget, every list
+    holding one is probed, which is exact too). faiss skips unselected vectors by their id alone
     (IDSelectorBitmap), before any distance is computed, so a list costs little more than its ids.
   * Compressed codes (IVF-PQ, binary codes): scanning a list costs its codes whatever the selection, so
-    below STORE_EXACT_BELOW the selected vectors are ranked exactly from the re-rank store; above it, the
-    IVF path as for IVF-Flat, its candidates re-ranked from the store as usual.
+    below STORE_EXACT_BELOW the selected vectors are ranked exactly from the re-rank store (gathered once);
+    above it, the IVF path as for IVF-Flat, its candidates re-ranked from the store as usual.
   * Flat: faiss's exact search with the id selector.
 The crossovers and ALPHA are measured by scripts/benchmarks/bench_filters.py (docs/benchmarks.md).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +29,7 @@ EXACT_BELOW = 20_000  # selected images under which IVF-Flat probes every list h
 STORE_EXACT_BELOW = 2_000  # selected images under which compressed versions rank them exactly from the store
 ALPHA = 2.5  # nprobe grows as f ** -ALPHA for a selection of share f (the smallest keeping recall@10 >= 0.96)
 EXACT_BLOCK = 4096  # vectors scored at a time by exact ranking: its memory is bounded whatever the selection
+GATHER_BYTES = 512 << 20  # selected vectors a Searcher keeps gathered (float32), over all its kept selections
 
 
 @dataclass
@@ -167,6 +170,60 @@ def search_preassigned(
         None,
     )
     return distances, labels
+
+
+class Gathered:
+    """The vectors of small selections gathered once into one float32 matrix each, so that ranking a selection
+    exactly reads it in one pass (not list by list, nor row by row from a store); at most GATHER_BYTES over all
+    selections, the least recently used dropped first. Thread-safe."""
+
+    def __init__(self, budget: int = GATHER_BYTES) -> None:
+        self.budget, self.used = budget, 0
+        self._kept: OrderedDict[int, tuple[Selection, np.ndarray]] = OrderedDict()  # by id(selection)
+        self._lock = threading.Lock()
+
+    def matrix(
+        self, selection: Selection, vectors_of: Callable[[np.ndarray], np.ndarray], dim: int
+    ) -> np.ndarray | None:
+        """The selection's vectors (rows in the order of its ids), gathered now or before; None when they alone
+        would take over the budget."""
+        nbytes = len(selection.ids) * dim * 4
+        if nbytes > self.budget:
+            return None
+        key = id(selection)
+        with self._lock:
+            kept = self._kept.get(key)
+            if kept is not None and kept[0] is selection:
+                self._kept.move_to_end(key)
+                return kept[1]
+        matrix = np.ascontiguousarray(vectors_of(selection.ids), np.float32)
+        with self._lock:
+            if key in self._kept:
+                self.used -= self._kept.pop(key)[1].nbytes
+            self._kept[key] = (selection, matrix)
+            self.used += matrix.nbytes
+            while self.used > self.budget:
+                self.used -= self._kept.popitem(last=False)[1][1].nbytes
+        return matrix
+
+
+def ranked(matrix: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by exact inner product of the queries with the rows of `matrix` (the vectors of `ids`, in order),
+    padded as faiss pads (-inf, -1) where fewer."""
+    scores = queries @ matrix.T
+    take = min(k, scores.shape[1])
+    if take < scores.shape[1]:
+        top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+    else:
+        top = np.broadcast_to(np.arange(scores.shape[1]), (len(queries), scores.shape[1]))
+    top_scores = np.take_along_axis(scores, top, 1)
+    order = np.argsort(-top_scores, axis=1, kind="stable")
+    best = np.take_along_axis(top, order, 1)
+    out_s = np.full((len(queries), k), -np.inf, np.float32)
+    out_i = np.full((len(queries), k), -1, np.int64)
+    out_s[:, :take] = np.take_along_axis(top_scores, order, 1)
+    out_i[:, :take] = ids[best]
+    return out_s, out_i
 
 
 def exact_search(
