@@ -26,7 +26,6 @@ from .filters import FieldType, Filter, parse_where
 from .images import load_image
 from .index import (
     CODES_FILE,
-    EXACT_BELOW,
     IDS_FILE,
     INDEX_FILE,
     MAX_POOL,
@@ -51,6 +50,7 @@ from .index import (
     ivf_search,
     published_name,
     ranked,
+    ranked_exactly,
     ranked_from_store,
     read_meta,
     search_preassigned,
@@ -362,7 +362,7 @@ class Searcher:
             params = faiss.SearchParameters()
             params.sel = selection.selector()
             return self.index.search(vectors, k, params=params)
-        if not compressed and len(selection.ids) <= EXACT_BELOW:
+        if not compressed and ranked_exactly(selection):
             matrix = self._gathered.matrix(selection, self.decoded, int(self.meta["dim"]))
             if matrix is not None:
                 return ranked(matrix, selection.ids, vectors, k)

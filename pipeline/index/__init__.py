@@ -35,6 +35,7 @@ from .filtered import (
     filtered_nprobe,
     ivf_search,
     ranked,
+    ranked_exactly,
     ranked_from_store,
     search_preassigned,
 )
@@ -89,6 +90,7 @@ __all__ = [
     "GATHER_BYTES",
     "Gathered",
     "ranked",
+    "ranked_exactly",
     "STORE_EXACT_BELOW",
     "Centroids",
     "ListMap",

@@ -104,6 +104,12 @@ def ranked_from_store(selection: Selection) -> bool:
     return len(selection.ids) <= STORE_EXACT_BELOW
 
 
+def ranked_exactly(selection: Selection) -> bool:
+    """Whether an IVF-Flat version ranks this selection exactly from its gathered vectors (small), rather than
+    through its IVF lists."""
+    return len(selection.ids) <= EXACT_BELOW
+
+
 def filtered_nprobe(nprobe: int, selection: Selection, holding: int) -> int:
     """Lists to probe for a selection: every list holding a selected vector when it is small (exact),
     else nprobe raised for its share, at most those lists."""
