@@ -25,8 +25,8 @@ import faiss
 import numpy as np
 
 # Measured at 1M 1024-d by scripts/benchmarks/bench_filters.py (docs/benchmarks.md, "Filtered search"):
-EXACT_BELOW = 20_000  # selected images under which IVF-Flat probes every list holding one (exact)
-STORE_EXACT_BELOW = 2_000  # selected images under which compressed versions rank them exactly from the store
+EXACT_BELOW = 120_000  # selected images under which IVF-Flat ranks them exactly (gathered), not list by list
+STORE_EXACT_BELOW = 100_000  # selected images under which compressed versions rank them exactly from the store
 ALPHA = 2.5  # nprobe grows as f ** -ALPHA for a selection of share f (the smallest keeping recall@10 >= 0.96)
 EXACT_BLOCK = 4096  # vectors scored at a time by exact ranking: its memory is bounded whatever the selection
 GATHER_BYTES = 512 << 20  # selected vectors a Searcher keeps gathered (float32), over all its kept selections

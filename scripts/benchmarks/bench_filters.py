@@ -140,7 +140,7 @@ def crossovers(flat: Searcher, pq: Searcher, x: np.ndarray, r: np.ndarray, tune_
             break
     planner.ALPHA = next((a for a, w in out["alphas"].items() if w["worst"] >= 0.96), max(out["alphas"]))
     order = np.argsort(r)
-    for size in [s for s in (1_000, 2_000, 5_000, 10_000, 20_000, 50_000) if s < len(r) // 2]:
+    for size in [s for s in (1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 120_000) if s < len(r) // 2]:
         chosen = np.sort(order[:size])
         where = [f"r<{r[order[size]]:.7f}"]
         expected = truth(x, chosen, tune_q)
