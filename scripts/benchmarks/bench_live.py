@@ -54,7 +54,18 @@ from PIL import Image, ImageEnhance
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchlib import DIM, add_json_option, command_line, figure, host, make_shards, now, save, sgemm_gflops  # noqa: E402
+from benchlib import (  # noqa: E402
+    DIM,
+    add_json_option,
+    command_line,
+    figure,
+    host,
+    make_shards,
+    now,
+    save,
+    sgemm_gflops,
+    wait_healthy,
+)
 from pipeline.features import CATALOG_FILE, Catalog, fold_live, list_shards, read_shard  # noqa: E402
 from pipeline.images import decode_bytes  # noqa: E402
 from pipeline.index import build_index  # noqa: E402
@@ -301,15 +312,7 @@ def part_http(args: argparse.Namespace) -> dict:
     )
     poller = None
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert time.monotonic() < deadline and server.poll() is None, f"the server did not start ({work}/log.txt)"
-            try:
-                if httpx.get(f"{url}/api/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        wait_healthy(url, server)
         warm = post_all(url, key, images.take(2 * CLIENTS), None, None)  # the server's first batches, not counted
         assert all(s == 201 for _, s in warm["results"]), f"warm-up additions failed: {warm['results']}"
         poller = Poller(work / "index")

@@ -42,7 +42,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchlib import add_json_option, command_line, figure, host, now, save  # noqa: E402
+from benchlib import add_json_option, command_line, figure, host, now, save, wait_healthy  # noqa: E402
 from pipeline.images import decode_bytes  # noqa: E402
 from pipeline.model import FeatureModel, export_model, read_model_info  # noqa: E402
 
@@ -334,15 +334,7 @@ def main() -> None:
         stderr=log,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert time.monotonic() < deadline and server.poll() is None, "the server did not start (see log.txt)"
-            try:
-                if httpx.get(f"{url}/api/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        wait_healthy(url, server)
 
         # Lone query and bare single image, interleaved: both see the same moments of a shared machine.
         with httpx.Client(base_url=url, timeout=60) as http:

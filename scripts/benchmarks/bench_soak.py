@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench_serve import SAMPLES, bad_requests, free_port, good_queries, search  # noqa: E402
-from benchlib import add_json_option, command_line, figure, host, now, save  # noqa: E402
+from benchlib import add_json_option, command_line, figure, host, now, save, wait_healthy  # noqa: E402
 from pipeline.model import locate_model, read_model_info  # noqa: E402
 
 AREA, TITLE = "soak", "Query service soak"
@@ -126,14 +126,7 @@ def main() -> None:
     )
     res: dict = {"model": read_model_info(model).short(), "minutes": args.minutes}
     try:
-        while True:
-            assert server.poll() is None, "the server did not start (see log.txt)"
-            try:
-                if httpx.get(f"{url}/api/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(url, server)
         queries = good_queries()
         with httpx.Client(base_url=url, timeout=60, headers={"X-API-Key": KEY}) as http:
             first = search(http, *queries[0][:2], k=100).json()[0]["results"]

@@ -149,6 +149,22 @@ def save(
     print(f"written to {path}; `python scripts/benchmarks/render.py` renders docs/benchmarks.md")
 
 
+def wait_healthy(url: str, server: subprocess.Popen, limit: float = 120.0) -> None:
+    """Wait until a `pipeline serve` child answers /api/health with 200 (AssertionError if it exits or takes
+    over `limit` seconds: its log says why)."""
+    import httpx
+
+    deadline = time.monotonic() + limit
+    while True:
+        assert time.monotonic() < deadline and server.poll() is None, "the server did not start (see its log)"
+        try:
+            if httpx.get(f"{url}/api/health").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+
+
 def run_measured(cmd: list[str]) -> tuple[float, float, str]:
     """Wall seconds, peak RSS (MiB) and stdout of a child process."""
     t0 = time.perf_counter()
