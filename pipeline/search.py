@@ -6,6 +6,7 @@ or already-indexed paths (`like`: their stored vector is used, no model run).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -172,14 +173,16 @@ class Searcher:
         self._centroids: Centroids | None = None
         self._selections: OrderedDict[str, Selection] = OrderedDict()
         self._gathered = Gathered()  # small selections' vectors, for their exact ranking
-        self._local: OrderedDict[str, LocalFeatures] = OrderedDict()  # candidates' local features (verify)
+        # candidates' local features (verify), kept for the next queries
+        self._local_features = functools.lru_cache(maxsize=LOCAL_KEPT)(local_features)
         self._select_lock = threading.Lock()
         features = self.meta.get("features_dir")
         ivf = None if isinstance(self.index, CoarseToFine) else faiss.try_extract_index_ivf(self.index)
         self._ivf = ivf if self.meta.get("nlist") else None  # an IVF version's lists (the live part probes them too)
         # the journal's additions since this version and its removals (none for a version of a bare folder)
         checksum = self.meta["model"].get("checksum")
-        self.live = LivePart(Path(features), int(self.meta["dim"]), self.id_table, ivf, checksum) if features else None
+        dim = int(self.meta["dim"])
+        self.live = LivePart(Path(features), dim, self.id_table, self._ivf, checksum) if features else None
 
     def _open(self, mmap: bool) -> None:
         index_path = self.version_dir / INDEX_FILE
@@ -351,7 +354,7 @@ class Searcher:
         k = min(k, len(selection.ids))
         if k == 0:
             return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
-        ivf = None if isinstance(self.index, CoarseToFine) else faiss.try_extract_index_ivf(self.index)
+        ivf = self._ivf
         compressed = self.store is not None
         if isinstance(self.index, CoarseToFine):
             return self._codes_within(vectors, k, nprobe, selection)
@@ -585,19 +588,6 @@ class Searcher:
         ] + result.hits[VERIFY_AT_MOST:]
         hits.sort(key=lambda h: (not h.verified, -h.score))
         return replace(result, hits=[replace(h, rank=r) for r, h in enumerate(hits, 1)])
-
-    def _local_features(self, path: str) -> LocalFeatures:
-        with self._select_lock:
-            cached = self._local.get(path)
-            if cached is not None:
-                self._local.move_to_end(path)
-                return cached
-        features = local_features(path)
-        with self._select_lock:
-            self._local[path] = features
-            while len(self._local) > LOCAL_KEPT:
-                self._local.popitem(last=False)
-        return features
 
     def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The stored vectors of indexed images, by id: from the vector store when the version has one

@@ -14,16 +14,16 @@ image joins a group on one verified pair: a false pair adds one image to a group
 
 from __future__ import annotations
 
+import functools
 import logging
-import threading
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..copies import INLIER_THRESHOLD, LocalFeatures, Verdict, local_features, verify_pair
+from ..copies import INLIER_THRESHOLD, Verdict, local_features, verify_pair
 from ..model import POOLINGS, ModelInfo
 from ..progress import Progress
 from ..search import Searcher
@@ -86,35 +86,15 @@ def candidate_pairs(
     return pairs[:, 0], pairs[:, 1]
 
 
-class _Kept:
-    """Local features by path, computed on first use and kept (LRU of KEPT)."""
-
-    def __init__(self) -> None:
-        self._kept: OrderedDict[str, LocalFeatures] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, path: str) -> LocalFeatures:
-        with self._lock:
-            if path in self._kept:
-                self._kept.move_to_end(path)
-                return self._kept[path]
-        features = local_features(path, mirrored=True)
-        with self._lock:
-            self._kept[path] = features
-            while len(self._kept) > KEPT:
-                self._kept.popitem(last=False)
-        return features
-
-
 def verify_pairs(paths: list[str], a: np.ndarray, b: np.ndarray, progress: bool | None = None) -> list[Verdict]:
     """The verdict of each pair (paths[a[i]], paths[b[i]]), in order; pairs are checked in the order of their
     first image, so that its features are computed once while they are needed."""
-    kept = _Kept()
+    kept = functools.lru_cache(maxsize=KEPT)(functools.partial(local_features, mirrored=True))
     order = np.lexsort((b, a))
     verdicts: list[Verdict | None] = [None] * len(a)
 
     def check(i: int) -> None:
-        verdicts[i] = verify_pair(kept.get(paths[a[i]]), kept.get(paths[b[i]]))
+        verdicts[i] = verify_pair(kept(paths[a[i]]), kept(paths[b[i]]))
 
     with Progress(len(a), "verify", enabled=progress) as bar, ThreadPoolExecutor(THREADS) as pool:
         for _ in pool.map(check, order.tolist()):

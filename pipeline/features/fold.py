@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import ModelMismatchError, PipelineError
 from ..fsutil import atomic_write_text, fsync_path
+from .catalog import Catalog
 from .folder import DEFAULT_SHARD_SIZE, RowMeta, ShardWriter, writing
 from .live import Journal, LiveImage
 from .shards import list_shards, shard_model
@@ -95,7 +96,7 @@ def fold_live(features_dir: Path | str, shard_size: int = DEFAULT_SHARD_SIZE) ->
     return report
 
 
-def _write(features_dir: Path, journal: Journal, catalog: object, todo: list[LiveImage], shard_size: int) -> int:
+def _write(features_dir: Path, journal: Journal, catalog: Catalog, todo: list[LiveImage], shard_size: int) -> int:
     shards = list_shards(features_dir)
     if not shards:
         raise PipelineError(f"{features_dir} has no shards to fold its additions beside: run `pipeline extract` first")
@@ -106,7 +107,7 @@ def _write(features_dir: Path, journal: Journal, catalog: object, todo: list[Liv
             f"the additions in {journal.path} were embedded by model {str(want)[:12]}, the shards of {features_dir} "
             f"by {info.short()}; rebuild with the model that made them"
         )
-    writer = ShardWriter(features_dir, info, model_path, shard_size, catalog)  # type: ignore[arg-type]
+    writer = ShardWriter(features_dir, info, model_path, shard_size, catalog)
     placed: dict[str, list[int]] = {}
     for start in range(0, len(todo), shard_size):
         chunk = todo[start : start + shard_size]
