@@ -55,6 +55,7 @@ class LivePart:
         self._last = 0  # the highest addition id read
         self._lock = threading.Lock()
         self._index = self._empty()
+        self._fields: dict[str, FieldType] = {"path": "string", **BUILT_IN}
         self.sync()
 
     def _empty(self) -> faiss.Index:
@@ -125,6 +126,8 @@ class LivePart:
                 for idx in gone:
                     if self._by_path.get(self.images[idx].path) == idx:
                         del self._by_path[self.images[idx].path]
+            if new or gone:  # (a filter asks for them at every search: typed here, once per change)
+                self._fields = _typed_fields(self._searchable())
             excluded = {idx for idx, _, _ in removed}
             excluded.update(self.id_table.ids_of(hidden).values())
             hidden_set = set(hidden)
@@ -174,16 +177,13 @@ class LivePart:
 
     def fields(self) -> dict[str, FieldType]:
         """The built-in fields and those the additions carry, typed from their values."""
-        out: dict[str, FieldType] = {"path": "string", **BUILT_IN}
-        for a in self._searchable():
-            for key, value in a.fields.items():
-                out.setdefault(key, "number" if isinstance(value, (int, float)) else value_type(str(value)))
-        return out
+        return dict(self._fields)
 
     def select(self, where: Filter, fields: Mapping[str, FieldType]) -> np.ndarray:
         """The addition ids `where` selects (fields: the version's types, which an addition's values take)."""
-        known = {**self.fields(), **fields}
-        conds = [(c, check_key(c, known), typed_values(c, check_key(c, known))) for c in where.conditions]
+        known = {**self._fields, **fields}
+        types = [check_key(c, known) for c in where.conditions]
+        conds = [(c, t, typed_values(c, t)) for c, t in zip(where.conditions, types, strict=True)]
         return np.array(
             sorted(
                 a.id
@@ -198,6 +198,14 @@ def added_fields(a: LiveImage) -> dict[str, Any]:
     """An addition's fields for people, as a version shows its images' (dates in ISO 8601 UTC)."""
     when = datetime.fromtimestamp(a.mtime, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
     return {"mtime": when, "size": a.size, "width": a.width, "height": a.height, **a.fields}
+
+
+def _typed_fields(additions: list[LiveImage]) -> dict[str, FieldType]:
+    out: dict[str, FieldType] = {"path": "string", **BUILT_IN}
+    for a in additions:
+        for key, value in a.fields.items():
+            out.setdefault(key, "number" if isinstance(value, (int, float)) else value_type(str(value)))
+    return out
 
 
 def _value(a: LiveImage, key: str, ftype: FieldType) -> float | str | None:
