@@ -351,6 +351,12 @@ def is_inside(path: str, folders: Sequence[str]) -> bool:
     return False
 
 
+def content_hash(data: bytes) -> str:
+    """The content hash of a file's bytes (blake2b-128, hex): what tells byte-identical files everywhere (the
+    catalog, the id table, the journal of additions, a query's own copies)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def load_image(
     path: Path | str,
     size: InputSize,
@@ -364,7 +370,7 @@ def load_image(
         signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
         data, st = read_file(path)
-        content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
+        digest = content_hash(data)
         pixels = decode_bytes(data, size, max_pixels)
         width, height = upright_size(data)
     except _Timeout:
@@ -373,7 +379,7 @@ def load_image(
         if timeout:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
-    return Decoded(pixels, content_hash, st.st_size, st.st_mtime, width, height)
+    return Decoded(pixels, digest, st.st_size, st.st_mtime, width, height)
 
 
 def upright_size(data: bytes) -> tuple[int, int]:

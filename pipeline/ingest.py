@@ -16,7 +16,6 @@ the image, across restarts and rebuilds.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -32,7 +31,7 @@ from .errors import BusyError, ImageError, InputError, PipelineError, write_erro
 from .features import Journal, LiveImage, Lookup
 from .filters import KEY_RE
 from .fsutil import atomic_write_bytes, fsync_path
-from .images import decode_bytes, image_suffix, read_file, upright_size
+from .images import content_hash, decode_bytes, image_suffix, read_file, upright_size
 from .index import BUILTIN_FIELDS, MAX_LIVE, current_version, read_meta
 from .model import FeatureModel
 
@@ -114,31 +113,36 @@ class Collection:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def existing(self, content_hash: str) -> Added | None:
+    def existing(self, digest: str) -> Added | None:
         """The image of the collection with these bytes (an addition, else one the catalog records live and not
         hidden), if any."""
-        found = self.journal.find(content_hash)
+        found = self.journal.find(digest)
         if found is None:
-            found = self._catalog.with_hash(content_hash)
+            found = self._catalog.with_hash(digest)
             if found is not None and self.journal.is_hidden(found[1]):
                 found = None
         return None if found is None else Added(found[0], found[1], found[0])
 
     def add(
-        self, data: bytes, feature: np.ndarray, fields: Mapping[str, Any] | None = None, at: float | None = None
+        self,
+        data: bytes,
+        feature: np.ndarray,
+        fields: Mapping[str, Any] | None = None,
+        at: float | None = None,
+        digest: str | None = None,
     ) -> Added:
         """Store `data` (already decoded and embedded into `feature` by the caller, with the service's limits)
         and record it; durable when it returns. The same bytes again: the existing image (`duplicate_of`)."""
         checked = check_fields(fields)
-        content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
+        digest = digest or content_hash(data)  # (the caller's, where it has hashed the bytes already)
         if feature.shape != (self.dim,):
             raise PipelineError(f"a feature of shape {feature.shape}, not ({self.dim},)")
         at = time.time() if at is None else at
         day = datetime.fromtimestamp(at, timezone.utc).strftime("%Y/%m/%d")
-        path = self.ingest / day / f"{content_hash}{image_suffix(data)}"
+        path = self.ingest / day / f"{digest}{image_suffix(data)}"
         width, height = upright_size(data)
         with self.journal.locked():  # the same bytes from two writers: one stores them, the other finds them
-            existing = self.existing(content_hash)
+            existing = self.existing(digest)
             if existing is not None:
                 return existing
             if self.journal.counts()["unfolded"] >= MAX_LIVE:
@@ -150,7 +154,7 @@ class Collection:
             atomic_write_bytes(path, data)
             st = os.stat(path)
             idx = self.journal.add(
-                LiveImage(0, str(path), content_hash, st.st_size, st.st_mtime, width, height, feature, checked, at)
+                LiveImage(0, str(path), digest, st.st_size, st.st_mtime, width, height, feature, checked, at)
             )
         return Added(idx, str(path), None)
 

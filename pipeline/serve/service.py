@@ -5,7 +5,6 @@ the service read a path that a client sent."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import threading
@@ -21,7 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..errors import BusyError, ConfigError, DeadlineExceeded, ImageError, PipelineError
-from ..images import decode_bytes, decode_cost, image_suffix, input_shapes
+from ..images import content_hash, decode_bytes, decode_cost, image_suffix, input_shapes
 from ..index import published_name
 from ..ingest import Added, Collection, Removed, check_fields
 from ..model import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, FeatureModel
@@ -321,7 +320,7 @@ class Service:
         except BusyError:  # no room before the deadline, or none left after waiting for it: not decoded
             self._abandoned("decode")
             raise
-        return pixels, hashlib.blake2b(data, digest_size=16).hexdigest()
+        return pixels, content_hash(data)
 
     async def search_uploads(
         self,
@@ -449,7 +448,8 @@ class Service:
         try:
             t0 = time.perf_counter()
             deadline = time.monotonic() + self.timeout
-            existing = await asyncio.to_thread(collection.existing, hashlib.blake2b(data, digest_size=16).hexdigest())
+            digest = content_hash(data)
+            existing = await asyncio.to_thread(collection.existing, digest)
             if existing is not None:
                 return existing
             try:
@@ -463,7 +463,7 @@ class Service:
             finally:
                 future.cancel()
             check_deadline(deadline, "storing the addition")
-            added = await asyncio.shield(asyncio.to_thread(collection.add, data, feature, fields))
+            added = await asyncio.shield(asyncio.to_thread(collection.add, data, feature, fields, None, digest))
             self.added += added.duplicate_of is None
             self._served(t0)
             return added
