@@ -264,3 +264,53 @@ def serve_child(index_dir: Path, model: Path, *options: str) -> Iterator[tuple[s
     finally:
         child.kill()
         child.wait()
+
+
+_STOP_AT = """
+import sys, time
+from pipeline import cli
+
+stop_label, stop_count, marker, seen = sys.argv[1], int(sys.argv[2]), sys.argv[3], []
+
+def counted(owner, name, label):
+    real = getattr(owner, name)
+
+    def step(*args, **kwargs):
+        result = real(*args, **kwargs)
+        seen.append(label)
+        if label == stop_label and seen.count(label) == stop_count:  # stand still right after it until killed
+            open(marker, "w").close()
+            time.sleep(3600)
+        return result
+
+    setattr(owner, name, step)
+
+for owner, name, label in STEPS:
+    counted(owner, name, label)
+cli.app(sys.argv[4:], prog_name="pipeline")
+"""
+
+
+def stopping_program(steps: str) -> str:
+    """A `python -c` program: `pipeline ARGS` (argv 4 on) that stands still, once it has written the file MARKER
+    (argv 3), right after the COUNT-th (argv 2) call of the step LABEL (argv 1), until it is killed. `steps`: code
+    that imports the steps' owners and sets STEPS = [(owner, attribute, label), ...]."""
+    return steps + _STOP_AT
+
+
+def kill_at_step(program: str, label: str, count: int, marker: Path, args: list[str]) -> None:
+    """Run `program` (stopping_program) with `pipeline ARGS`, wait for it to stand still right after the count-th
+    `label` (a state, never a clock), and SIGKILL it there; AssertionError when the run ended before that step."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", program, label, str(count), str(marker), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    while not marker.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before {label} #{count}: {err.decode()[-500:]}"

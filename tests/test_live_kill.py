@@ -8,7 +8,6 @@ removal comes back, and a rerun (or the next rebuild) completes with each image 
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import png_bytes, save_pattern, serve_child, wait_for
+from helpers import kill_at_step, png_bytes, save_pattern, serve_child, stopping_program, wait_for
 from pipeline.features import Journal, fold_live, writing
 from pipeline.images import decode_bytes
 from pipeline.ingest import Collection
@@ -26,52 +25,28 @@ from pipeline.model import FeatureModel
 from pipeline.rebuild import rebuild
 from pipeline.search import Searcher
 
-STOP_AT = """
-import os, sys, time
-from pipeline import cli, ingest
+STOP_AT = stopping_program(
+    """
+from pipeline import ingest
 from pipeline.features import catalog, folder, live
 
-stop_name, stop_count, marker, steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], []
-
-def counted(owner, name, label):
-    real = getattr(owner, name)
-
-    def step(*args, **kwargs):
-        result = real(*args, **kwargs)
-        steps.append(label)
-        if label == stop_name and steps.count(label) == stop_count:  # stand still right after it until killed
-            open(marker, "w").close()
-            time.sleep(3600)
-        return result
-
-    setattr(owner, name, step)
-
-for owner, name, label in [
+STEPS = [
     (ingest, "atomic_write_bytes", "file stored"),  # an addition's bytes durable, no row yet
     (live.Journal, "add", "row committed"),  # the addition acknowledged
     (live.Journal, "remove", "removal committed"),  # before an added file is deleted
     (folder, "write_shard", "fold shard written"),  # the fold comes first in a rebuild: its shard
     (catalog.Catalog, "record_shard", "shard recorded"),  # folded rows in the catalog, the journal not told
     (live.Journal, "mark_folded", "marked folded"),
-]:
-    counted(owner, name, label)
-cli.app(sys.argv[4:], prog_name="pipeline")
+]
 """
+)
 
 
 def run_until(tmp_path: Path, point: str, count: int, args: list[str]) -> None:
     """Run `pipeline ARGS` in a child, stopped right after the count-th `point`, and SIGKILL it there."""
-    marker = tmp_path / f"stopped-{point.replace(' ', '-')}-{count}-{time.monotonic_ns()}"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", STOP_AT, point, str(count), str(marker), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    kill_at_step(
+        STOP_AT, point, count, tmp_path / f"stopped-{point.replace(' ', '-')}-{count}-{time.monotonic_ns()}", args
     )
-    while not marker.exists() and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before {point} #{count}: {err.decode()[-500:]}"
 
 
 def top_ids(work: Path, model: Path, data: bytes, k: int = 50) -> list[int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from helpers import obey_file_modes, save_pattern
+from helpers import kill_at_step, obey_file_modes, save_pattern, stopping_program
 from pipeline.cli import app
 from pipeline.errors import PipelineError
 from pipeline.features import list_shards
@@ -207,34 +206,19 @@ def _rebuild_cmd(root: Path, work: Path, model: Path) -> list[str]:
     ]
 
 
-STOP_AT_STEP = """
-import sys, time
-from pipeline import cli, fsutil
+STOP_AT_STEP = stopping_program(
+    """
+from pipeline import fsutil
 from pipeline.index import build, versions
 from pipeline.features import catalog
 from pipeline.features import folder as features
 
-stop_name, stop_count, marker, steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], []
-
-def counted(owner, name):
-    real = getattr(owner, name)
-
-    def step(*args, **kwargs):
-        result = real(*args, **kwargs)
-        steps.append(name)
-        if name == stop_name and steps.count(name) == stop_count:  # stand still right after it until killed
-            open(marker, "w").close()
-            time.sleep(3600)
-        return result
-
-    setattr(owner, name, step)
-
-for owner, name in [(features, "write_shard"), (catalog.Catalog, "record_shard"),
-                    (catalog.Catalog, "mark_missing_gone"), (catalog.Catalog, "retire"), (fsutil, "publish"),
-                    (build, "fill_index"), (build, "update_base"), (versions, "prune_versions")]:
-    counted(owner, name)
-cli.app(sys.argv[4:], prog_name="pipeline")
+STEPS = [(owner, name, name) for owner, name in [
+    (features, "write_shard"), (catalog.Catalog, "record_shard"), (catalog.Catalog, "mark_missing_gone"),
+    (catalog.Catalog, "retire"), (fsutil, "publish"), (build, "fill_index"), (build, "update_base"),
+    (versions, "prune_versions")]]
 """
+)
 KILL_POINTS = [
     ("write_shard", 1),
     ("record_shard", 1),
@@ -274,17 +258,8 @@ def test_kill_at_any_moment(tmp_path, tiny_model):
             p.rename(p.with_name(f"r{round_}_{p.name}"))
         make_collection(root, range(next_seed, next_seed + 4))
         next_seed += 4
-        marker = tmp_path / f"stopped-{round_}"
         run = cmd + ["--retrain"] if step == "fill_index" else cmd
-        proc = subprocess.Popen(
-            [sys.executable, "-c", STOP_AT_STEP, step, str(count), str(marker), *run[3:]],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        while not marker.exists() and proc.poll() is None:  # at its step (or done: this run had no such step)
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL, f"round {round_}: the run had ended before the kill"
+        kill_at_step(STOP_AT_STEP, step, count, tmp_path / f"stopped-{round_}", run[3:])  # (round_ in its marker)
         searcher = Searcher(work / "index", model=tiny_model)  # (a) the published index still answers
         assert len(searcher.search_vectors(np.ones((1, 64), np.float32) / 8, k=3)[0]) == 3
         subprocess.run(run, check=True, capture_output=True)  # (b) a rerun completes
