@@ -34,6 +34,7 @@ from .index import (
     VECTORS_FILE,
     Centroids,
     CoarseToFine,
+    Codebook,
     Gathered,
     IdTable,
     ListMap,
@@ -43,6 +44,7 @@ from .index import (
     Selection,
     VectorStore,
     added_fields,
+    codes_search,
     current_version,
     damaged,
     exact_search,
@@ -51,9 +53,8 @@ from .index import (
     ivf_search,
     published_name,
     ranked,
-    ranked_exactly,
-    ranked_from_store,
     read_meta,
+    route,
     search_preassigned,
 )
 from .model import DEFAULT_BATCH_SIZE, DEFAULT_THREADS, FeatureModel
@@ -172,7 +173,8 @@ class Searcher:
         self._lists: ListMap | None = None
         self._centroids: Centroids | None = None
         self._selections: OrderedDict[str, Selection] = OrderedDict()
-        self._gathered = Gathered()  # small selections' vectors, for their exact ranking
+        self._gathered = Gathered()  # selections' vectors or codes, made at their first search
+        self._codebook = Codebook(int(self.meta["dim"]))  # trained at the first selection that needs codes
         # candidates' local features (verify), kept for the next queries
         self._local_features = functools.lru_cache(maxsize=LOCAL_KEPT)(local_features)
         self._select_lock = threading.Lock()
@@ -355,25 +357,25 @@ class Searcher:
         if k == 0:
             return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
         ivf = self._ivf
-        compressed = self.store is not None
         if isinstance(self.index, CoarseToFine):
             return self._codes_within(vectors, k, nprobe, selection)
-        if compressed and ranked_from_store(selection):
-            assert self.store is not None
-            return self._exact(vectors, k, selection, self.store.get)
         if ivf is None:  # Flat: exact, skipping unselected ids
             params = faiss.SearchParameters()
             params.sel = selection.selector()
             return self.index.search(vectors, k, params=params)
-        if not compressed and ranked_exactly(selection):
-            matrix = self._gathered.matrix(selection, self.decoded, int(self.meta["dim"]))
-            if matrix is not None:
-                return ranked(matrix, selection.ids, vectors, k)
+        vectors_of = self.store.get if self.store is not None else self.decoded
+        how = route(selection, self.store is not None)
+        if how == "exact":
+            return self._exact(vectors, k, selection, vectors_of)
+        if how == "codes":
+            codes = self._gathered.codes(selection, self._codebook, self.ids(), vectors_of)
+            if codes is not None:
+                return codes_search(codes, selection.ids, vectors, k, vectors_of)
         with self._map_lock:
             if self._lists is None or self._centroids is None:
                 self._lists, self._centroids = ListMap(ivf), Centroids(ivf)
         probe = filtered_nprobe(int(nprobe or self.nprobe or 1), selection, len(selection.lists(self._lists)))
-        fetch = max(k, int(self.meta.get("rerank") or 0)) if compressed else k
+        fetch = max(k, int(self.meta.get("rerank") or 0)) if self.store is not None else k
         scores, ids = ivf_search(ivf, self._centroids, self._lists, vectors, fetch, probe, selection)
         if self.store is not None:
             return self.store.rerank(vectors, ids, k)
@@ -396,7 +398,7 @@ class Searcher:
         store; a larger one from a pool enlarged for its share (at most MAX_POOL), kept to its selected hits."""
         assert isinstance(self.index, CoarseToFine)
         fetch = math.ceil(2 * k / max(selection.share, 1e-12))
-        if ranked_from_store(selection) or fetch > MAX_POOL:
+        if route(selection, compressed=True) == "exact" or fetch > MAX_POOL:
             return self._exact(vectors, k, selection, self.index.store.get)
         scores, ids = self.index.search(vectors, min(fetch, self.count), nprobe)
         chosen = np.isin(ids, selection.ids) & (ids >= 0)

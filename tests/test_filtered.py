@@ -290,3 +290,59 @@ def test_gathered_selections_rank_exactly_within_their_byte_budget():
     assert gathered.matrix(Selection(np.arange(60), 100), vectors_of, 8) is None  # over the budget alone
     scores, ids = ranked(m[:2], small.ids[:2], q, 4)  # fewer than k: padded as faiss pads
     assert (ids[:, 2:] == -1).all() and np.isinf(scores[:, 2:]).all()
+
+
+@pytest.mark.parametrize("factory, extra", [("IVF40,Flat", {"nprobe": 4}), ("IVF40,PQ8", {"rerank": 60, "nprobe": 4})])
+def test_each_route_of_the_planner_keeps_recall_against_brute_force(synthetic, factory, extra, monkeypatch):
+    from pipeline.index import filtered
+
+    tmp, x, r, near, meta = synthetic
+    for name, value in (("EXACT_BELOW", 100), ("STORE_EXACT_BELOW", 100), ("RERANK", 100)):
+        monkeypatch.setattr(filtered, name, value)
+    out = tmp / f"routes-{factory}"
+    build_index(tmp / "f", out, factory=factory, metadata=[meta], progress=False, **extra)
+    searcher = Searcher(out)
+    queries = x[np.random.default_rng(4).choice(len(x), 30, replace=False)]
+    stored = x.astype(np.float16).astype(np.float32)
+    cases = [f"r<{f}" for f in (0.9, 0.6, 0.3, 0.1, 0.01)] + [
+        f"near>={t:.6f}" for t in np.quantile(near, [0.7, 0.9, 0.99])
+    ]
+    routes = set()
+    for where in cases:
+        selection = searcher.select([where])
+        assert selection is not None
+        how = filtered.route(selection, compressed="PQ" in factory)
+        routes.add(how)
+        found = searcher.search_vectors(queries, 10, where=[where])
+        recalls = []
+        for hits, q in zip(found, queries, strict=True):
+            truth = set(selection.ids[np.argsort(-(stored[selection.ids] @ q))[:10]].tolist())
+            assert {h.id for h in hits} <= set(selection.ids.tolist()), where
+            recalls.append(len({h.id for h in hits} & truth) / len(truth))
+        assert np.mean(recalls) == 1.0 if how == "exact" else np.mean(recalls) >= 0.95, (where, how, np.mean(recalls))
+    assert routes == {"exact", "codes", "lists"}
+
+
+def test_a_selections_codes_are_made_once_and_count_against_the_budget():
+    from pipeline.index import Codebook, Gathered, Selection, codes_search
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 16)).astype(np.float32)
+    reads: list[int] = []
+
+    def vectors_of(ids: np.ndarray) -> np.ndarray:
+        reads.append(len(ids))
+        return x[ids]
+
+    codebook = Codebook(16)
+    selection = Selection(np.arange(0, 3000, 3), 3000)
+    gathered = Gathered(budget=1000 * codebook.code_bytes)
+    codes = gathered.codes(selection, codebook, np.arange(3000), vectors_of)
+    assert codes is not None and codes.ntotal == 1000 and gathered.used == 1000 * codebook.code_bytes == 4000
+    assert gathered.codes(selection, codebook, np.arange(3000), vectors_of) is codes  # made once
+    assert reads == [3000, 1000]  # the codebook's sample (once per searcher), then the selection
+    q = rng.standard_normal((4, 16)).astype(np.float32)
+    scores, ids = codes_search(codes, selection.ids, q, 5, vectors_of)
+    truth = selection.ids[np.argsort(-(q @ x[selection.ids].T), axis=1)[:, :5]]
+    assert (ids == truth).all() and np.all(np.diff(scores, axis=1) <= 0)  # (RERANK >= the selection: exact)
+    assert gathered.codes(Selection(np.arange(1001), 3000), codebook, np.arange(3000), vectors_of) is None

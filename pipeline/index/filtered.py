@@ -1,16 +1,18 @@
-"""Search within a selection of ids (a filter's): exact over the selection, or faiss with an id selector over
-the lists that hold selected vectors, chosen by the selection's size; so recall holds at any selectivity.
+"""Search within a selection of ids (a filter's), planned by the selection's size so that recall holds at any
+selectivity and the cost stays near an unfiltered search's:
 
-  * IVF-Flat: the probed lists are the nearest of those holding a selected vector, at an nprobe raised for
-    the selection's share f of the collection (nprobe / f**ALPHA); below EXACT_BELOW selected images, the
-    selection is ranked exactly from its vectors, gathered once (Gathered; over its budget, every list
-    holding one is probed, which is exact too). faiss skips unselected vectors by their id alone
-    (IDSelectorBitmap), before any distance is computed, so a list costs little more than its ids.
-  * Compressed codes (IVF-PQ, binary codes): scanning a list costs its codes whatever the selection, so
-    below STORE_EXACT_BELOW the selected vectors are ranked exactly from the re-rank store (gathered once);
-    above it, the IVF path as for IVF-Flat, its candidates re-ranked from the store as usual.
-  * Flat: faiss's exact search with the id selector.
-The crossovers and ALPHA are measured by scripts/benchmarks/bench_filters.py (docs/benchmarks.md).
+  * "exact" (small selections): every selected vector scored, from the selection's vectors gathered once
+    (Gathered) or, over its budget, read block by block.
+  * "codes" (up to a large share of the collection): the selection's 4-bit product-quantizer codes (faiss
+    fast-scan, one code per two dimensions: 1/32 of float32), made once per selection with one codebook per
+    searcher (Codebook), propose RERANK candidates, which are ranked exactly from the version's vectors (the
+    IVF-Flat lists or the re-rank store). Probing the version's lists instead costs the lists whatever the
+    selection, and needs many more of them as the selection thins.
+  * "lists" (most of the collection): faiss probes the version's own lists with the selection's id selector
+    (IDSelectorBitmap: unselected vectors skipped by id, before any distance), at an nprobe raised for the
+    selection's share f (nprobe / f**ALPHA); compressed versions re-rank the candidates from their store.
+  * Flat versions: faiss's exact search with the id selector.
+The crossovers, RERANK and ALPHA are measured by scripts/benchmarks/bench_filters.py (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -20,16 +22,24 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import faiss
 import numpy as np
 
 # Measured at 1M 1024-d by scripts/benchmarks/bench_filters.py (docs/benchmarks.md, "Filtered search"):
-EXACT_BELOW = 120_000  # selected images under which IVF-Flat ranks them exactly (gathered), not list by list
-STORE_EXACT_BELOW = 100_000  # selected images under which compressed versions rank them exactly from the store
-ALPHA = 2.5  # nprobe grows as f ** -ALPHA for a selection of share f (the smallest keeping recall@10 >= 0.96)
+EXACT_BELOW = 20_000  # selected images up to which an uncompressed version ranks them all exactly
+STORE_EXACT_BELOW = 20_000  # the same for compressed versions (their vectors read from the store)
+PROBE_ABOVE = 0.5  # share of the collection from which the version's own lists are probed (uncompressed)
+STORE_PROBE_ABOVE = 0.5  # the same for compressed versions
+RERANK = 1000  # candidates a selection's codes propose for exact ranking (recall@10 >= 0.99 at 10%)
+ALPHA = 2.5  # probing "lists": nprobe grows as f ** -ALPHA for a selection of share f
 EXACT_BLOCK = 4096  # vectors scored at a time by exact ranking: its memory is bounded whatever the selection
-GATHER_BYTES = 512 << 20  # selected vectors a Searcher keeps gathered (float32), over all its kept selections
+GATHER_BYTES = 512 << 20  # selections' vectors and codes a Searcher keeps, over all its kept selections
+TRAIN_SAMPLE = 30_000  # vectors the codebook is trained on (once per searcher, at the first selection needing it)
+ENCODE_BLOCK = 16_384  # vectors read at a time while a selection is encoded
+
+Route = Literal["exact", "codes", "lists"]
 
 
 @dataclass
@@ -98,23 +108,16 @@ class Centroids:
         return (queries @ self.matrix.T)[:, lists]
 
 
-def ranked_from_store(selection: Selection) -> bool:
-    """Whether a compressed version ranks this selection exactly from its store (small), rather than through
-    its IVF lists."""
-    return len(selection.ids) <= STORE_EXACT_BELOW
-
-
-def ranked_exactly(selection: Selection) -> bool:
-    """Whether an IVF-Flat version ranks this selection exactly from its gathered vectors (small), rather than
-    through its IVF lists."""
-    return len(selection.ids) <= EXACT_BELOW
+def route(selection: Selection, compressed: bool) -> Route:
+    """How a selection is ranked (the module's docstring says why): "exact" when small, "lists" when it is
+    most of the collection, "codes" between."""
+    if len(selection.ids) <= (STORE_EXACT_BELOW if compressed else EXACT_BELOW):
+        return "exact"
+    return "lists" if selection.share >= (STORE_PROBE_ABOVE if compressed else PROBE_ABOVE) else "codes"
 
 
 def filtered_nprobe(nprobe: int, selection: Selection, holding: int) -> int:
-    """Lists to probe for a selection: every list holding a selected vector when it is small (exact),
-    else nprobe raised for its share, at most those lists."""
-    if len(selection.ids) <= EXACT_BELOW:
-        return holding
+    """Lists to probe for a selection: nprobe raised for its share, at most the lists holding one of it."""
     return min(holding, max(nprobe, math.ceil(nprobe * selection.share**-ALPHA)))
 
 
@@ -178,39 +181,124 @@ def search_preassigned(
     return distances, labels
 
 
+class Codebook:
+    """A 4-bit product quantizer for a version's vectors (faiss fast-scan, one code per two dimensions),
+    trained once, at the first selection that needs it, on a fixed sample of them: every large selection of
+    the version is encoded with it. Thread-safe."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.code_bytes = (self.subquantizers + 1) // 2  # per vector
+        self._trained: faiss.IndexPQFastScan | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def subquantizers(self) -> int:
+        return self.dim // 2 if self.dim % 2 == 0 else self.dim
+
+    def empty(self, ids: np.ndarray, vectors_of: Callable[[np.ndarray], np.ndarray]) -> faiss.Index:
+        """A trained, empty index of codes (trained now on a sample of `ids`, the version's, if not yet)."""
+        with self._lock:
+            if self._trained is None:
+                rng = np.random.default_rng(0)
+                sample = np.sort(rng.choice(ids, min(len(ids), TRAIN_SAMPLE), replace=False))
+                index = faiss.IndexPQFastScan(self.dim, self.subquantizers, 4, faiss.METRIC_INNER_PRODUCT)
+                index.train(np.ascontiguousarray(vectors_of(sample), np.float32))
+                self._trained = index
+            return faiss.clone_index(self._trained)
+
+    def encode(
+        self, selection: Selection, version_ids: np.ndarray, vectors_of: Callable[[np.ndarray], np.ndarray]
+    ) -> faiss.Index:
+        """The selection's codes, labelled by position in its ids; its vectors read ENCODE_BLOCK at a time."""
+        codes = self.empty(version_ids, vectors_of)
+        for start in range(0, len(selection.ids), ENCODE_BLOCK):
+            codes.add(np.ascontiguousarray(vectors_of(selection.ids[start : start + ENCODE_BLOCK]), np.float32))
+        return codes
+
+
 class Gathered:
-    """The vectors of small selections gathered once into one float32 matrix each, so that ranking a selection
-    exactly reads it in one pass (not list by list, nor row by row from a store); at most GATHER_BYTES over all
-    selections, the least recently used dropped first. Thread-safe."""
+    """What ranking a selection reads, made once per selection and kept for its next searches: the vectors of a
+    small one in one float32 matrix (one pass, not list by list nor row by row from a store), the codes of a
+    larger one (Codebook); at most GATHER_BYTES over all selections, the least recently used dropped first.
+    Thread-safe."""
 
     def __init__(self, budget: int = GATHER_BYTES) -> None:
         self.budget, self.used = budget, 0
-        self._kept: OrderedDict[int, tuple[Selection, np.ndarray]] = OrderedDict()  # by id(selection)
+        self._kept: OrderedDict[tuple[int, str], tuple[Selection, np.ndarray | faiss.Index, int]] = OrderedDict()
         self._lock = threading.Lock()
+
+    def _kept_or_made(
+        self, selection: Selection, kind: str, nbytes: int, make: Callable[[], np.ndarray | faiss.Index]
+    ) -> np.ndarray | faiss.Index | None:
+        if nbytes > self.budget:
+            return None
+        key = (id(selection), kind)  # (the selection is kept with it: its id is not reused meanwhile)
+        with self._lock:
+            kept = self._kept.get(key)
+            if kept is not None and kept[0] is selection:
+                self._kept.move_to_end(key)
+                return kept[1]
+        made = make()
+        with self._lock:
+            if key in self._kept:
+                self.used -= self._kept.pop(key)[2]
+            self._kept[key] = (selection, made, nbytes)
+            self.used += nbytes
+            while self.used > self.budget:
+                self.used -= self._kept.popitem(last=False)[1][2]
+        return made
 
     def matrix(
         self, selection: Selection, vectors_of: Callable[[np.ndarray], np.ndarray], dim: int
     ) -> np.ndarray | None:
         """The selection's vectors (rows in the order of its ids), gathered now or before; None when they alone
         would take over the budget."""
-        nbytes = len(selection.ids) * dim * 4
-        if nbytes > self.budget:
-            return None
-        key = id(selection)
-        with self._lock:
-            kept = self._kept.get(key)
-            if kept is not None and kept[0] is selection:
-                self._kept.move_to_end(key)
-                return kept[1]
-        matrix = np.ascontiguousarray(vectors_of(selection.ids), np.float32)
-        with self._lock:
-            if key in self._kept:
-                self.used -= self._kept.pop(key)[1].nbytes
-            self._kept[key] = (selection, matrix)
-            self.used += matrix.nbytes
-            while self.used > self.budget:
-                self.used -= self._kept.popitem(last=False)[1][1].nbytes
-        return matrix
+        made = self._kept_or_made(
+            selection,
+            "matrix",
+            len(selection.ids) * dim * 4,
+            lambda: np.ascontiguousarray(vectors_of(selection.ids), np.float32),
+        )
+        assert made is None or isinstance(made, np.ndarray)
+        return made
+
+    def codes(
+        self,
+        selection: Selection,
+        codebook: Codebook,
+        version_ids: np.ndarray,
+        vectors_of: Callable[[np.ndarray], np.ndarray],
+    ) -> faiss.Index | None:
+        """The selection's codes (Codebook.encode), made now or before; None when they alone would take over
+        the budget."""
+        made = self._kept_or_made(
+            selection,
+            "codes",
+            len(selection.ids) * codebook.code_bytes,
+            lambda: codebook.encode(selection, version_ids, vectors_of),
+        )
+        assert not isinstance(made, np.ndarray)
+        return made
+
+
+def codes_search(
+    codes: faiss.Index,
+    ids: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    vectors_of: Callable[[np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k among `ids` (labelled by position in `codes`): the RERANK best by their codes, ranked exactly from
+    their vectors (read by id)."""
+    _, positions = codes.search(np.ascontiguousarray(queries, np.float32), min(RERANK, len(ids)))
+    scores = np.full((len(queries), k), -np.inf, np.float32)
+    labels = np.full((len(queries), k), -1, np.int64)
+    for row, (query, pos) in enumerate(zip(queries, positions, strict=True)):
+        candidates = ids[pos[pos >= 0]]
+        best_scores, best_ids = ranked(vectors_of(candidates), candidates, query[None], k)
+        scores[row], labels[row] = best_scores[0], best_ids[0]
+    return scores, labels
 
 
 def ranked(matrix: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

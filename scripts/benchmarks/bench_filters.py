@@ -10,10 +10,9 @@ Usage: python scripts/benchmarks/bench_filters.py [--n 1000000] [--cache bench-o
 2. Metadata, a CSV keyed by path: `r` uniform in [0, 1) (`r<f` selects a random share f) and `near`, the
    cosine to one indexed image (`near>=t` selects the images most like one picture: a clustered selection,
    as a folder of similar pictures is). Both indexes are built with it (`pipeline build-index --metadata`).
-3. The planner's constants are measured on tuning queries: for IVF-Flat, the selection size below which
-   probing every list that holds a selected image (exact) is faster than probing nprobe * f**-ALPHA of them,
-   and the smallest ALPHA in (0.25, 0.5, 0.75, 1) that keeps recall@10 >= 0.96 above that size; for the
-   compressed plan, the size below which ranking the selection from the store is faster than its IVF lists.
+3. The planner's constants are measured on tuning queries (crossovers(): how many candidates a selection's
+   codes propose, ALPHA, the size below which every selected vector is scored, the share from which the
+   version's lists are probed), for both plans.
 4. Reported on held-out queries (other draws from the same clusters, not indexed), with those constants:
    recall@10 and single-query p50/p99 at every selection, and unfiltered p50 in the same run. A filter's
    selection is made at its first query and kept (Searcher.select); its first-query cost is reported apart.
@@ -121,49 +120,98 @@ def measure(searcher: Searcher, queries: np.ndarray, where: list[str] | None, ex
     return recall, float(np.percentile(rest, 50)), float(np.percentile(rest, 99)), times[0]
 
 
-def crossovers(flat: Searcher, pq: Searcher, x: np.ndarray, r: np.ndarray, tune_q: np.ndarray) -> dict:
-    """The planner's constants, measured on the tuning queries: first ALPHA (probed lists only), then, at that
-    ALPHA, the selection sizes below which exact ranking is as fast (or probing misses)."""
-    out: dict = {"alphas": {}, "sizes": []}
-    planner.EXACT_BELOW = planner.STORE_EXACT_BELOW = 0
+def force(route: str, compressed: bool = False) -> None:
+    """Make the planner take one route for every selection (for measuring the routes against each other)."""
+    exact, probe = {"exact": (10**12, 2.0), "codes": (0, 2.0), "lists": (0, 0.0)}[route]
+    if compressed:
+        planner.STORE_EXACT_BELOW, planner.STORE_PROBE_ABOVE = exact, probe
+    else:
+        planner.EXACT_BELOW, planner.PROBE_ABOVE = exact, probe
+
+
+def crossovers(
+    flat: Searcher, pq: Searcher, x: np.ndarray, r: np.ndarray, near: np.ndarray, tune_q: np.ndarray
+) -> dict:
+    """The planner's constants, measured on the tuning queries, for both plans (IVF-Flat, compressed):
+    1. RERANK: the smallest of 250, 500, 1000, 2000 whose codes keep recall@10 >= 0.99 at 10% (random and
+       clustered) and 30% (random), IVF-Flat.
+    2. ALPHA: the smallest of 1, 1.5, 2, 2.5, 3, 4 for which probing the lists keeps recall@10 >= 0.96 at
+       shares 0.5, 0.7 and 0.9, IVF-Flat.
+    3. The exact crossover: the largest selection size (1,000 to 120,000) at which ranking every selected
+       vector is no slower than the codes.
+    4. The lists crossover: the smallest share (0.2 to 0.9) from which probing the lists is faster than the
+       codes and keeps recall@10 >= 0.95, there and at every larger share.
+    """
+    out: dict = {"rerank": {}, "alphas": {}, "sizes": [], "shares": []}
+
+    def clustered_where(share: float) -> tuple[str, np.ndarray]:
+        t = float(f"{np.quantile(near, 1 - share):.7f}")
+        return f"near>={t:.7f}", np.flatnonzero(near >= t)
+
+    cases = [(f"r<{s}", np.flatnonzero(r < s)) for s in (0.1, 0.3)] + [clustered_where(0.1)]
+    expected = {where: truth(x, chosen, tune_q) for where, chosen in cases}
+    force("codes")
+    for rerank in (250, 500, 1000, 2000):
+        planner.RERANK = rerank
+        per = {w: measure(flat, tune_q, [w], expected[w])[:2] for w, _ in cases}
+        out["rerank"][rerank] = per
+        print(f"rerank {rerank}: {per}", flush=True)
+        if min(v[0] or 0 for v in per.values()) >= 0.99:
+            break
+    planner.RERANK = next((k for k, v in out["rerank"].items() if min(p[0] or 0 for p in v.values()) >= 0.99), 2000)
+    force("lists")
+    high = [(f"r<{s}", np.flatnonzero(r < s)) for s in (0.5, 0.7, 0.9)]
+    expected.update({w: truth(x, chosen, tune_q) for w, chosen in high})
     for alpha in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0):
         planner.ALPHA = alpha
-        per_share = {}
-        for share in (0.3, 0.1, 0.03, 0.01):
-            chosen = np.flatnonzero(r < share)
-            recall, p50, _, _ = measure(flat, tune_q, [f"r<{share}"], truth(x, chosen, tune_q))
-            per_share[share] = (round(recall or 0, 4), round(p50, 2))
-        worst = min(v[0] for v in per_share.values())
-        out["alphas"][alpha] = {"worst": worst, "by_share": per_share}
-        print(f"alpha {alpha}: {per_share}", flush=True)
-        if worst >= 0.96:
+        per = {w: measure(flat, tune_q, [w], expected[w])[:2] for w, _ in high}
+        out["alphas"][alpha] = per
+        print(f"alpha {alpha}: {per}", flush=True)
+        if min(v[0] or 0 for v in per.values()) >= 0.96:
             break
-    planner.ALPHA = next((a for a, w in out["alphas"].items() if w["worst"] >= 0.96), max(out["alphas"]))
+    planner.ALPHA = next((a for a, v in out["alphas"].items() if min(p[0] or 0 for p in v.values()) >= 0.96), 4.0)
     order = np.argsort(r)
     for size in [s for s in (1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 120_000) if s < len(r) // 2]:
         chosen = np.sort(order[:size])
         where = [f"r<{r[order[size]]:.7f}"]
-        expected = truth(x, chosen, tune_q)
+        exp = truth(x, chosen, tune_q)
         row: dict = {"size": size}
-        for mode, below in (("exact", 10**9), ("probed", 0)):
-            planner.EXACT_BELOW = below
-            row[mode] = measure(flat, tune_q, where, expected)[:2]
-        planner.EXACT_BELOW = 0
-        for mode, below in (("store", 10**9), ("lists", 0)):
-            planner.STORE_EXACT_BELOW = below
-            row[f"pq_{mode}"] = measure(pq, tune_q, where, expected)[:2]
+        for searcher, compressed, prefix in ((flat, False, ""), (pq, True, "pq_")):
+            for mode in ("exact", "codes"):
+                force(mode, compressed)
+                row[prefix + mode] = measure(searcher, tune_q, where, exp)[:2]
         out["sizes"].append(row)
-        print(f"crossover {size}: {row}", flush=True)
+        print(f"exact crossover {size}: {row}", flush=True)
+    for share in (0.2, 0.3, 0.5, 0.7, 0.9):
+        where = [f"r<{share}"]
+        exp = expected.get(where[0]) or truth(x, np.flatnonzero(r < share), tune_q)
+        row = {"share": share}
+        for searcher, compressed, prefix in ((flat, False, ""), (pq, True, "pq_")):
+            for mode in ("codes", "lists"):
+                force(mode, compressed)
+                row[prefix + mode] = measure(searcher, tune_q, where, exp)[:2]
+        out["shares"].append(row)
+        print(f"lists crossover {share}: {row}", flush=True)
 
-    def better(row: dict, exact: str, probed: str) -> bool:  # exact: no slower, or probing misses
-        return row[exact][1] <= row[probed][1] or (row[probed][0] or 0) < 0.95
+    def exact_below(prefix: str) -> int:  # exact: no slower than the codes (which may also miss)
+        fine = [row["size"] for row in out["sizes"] if row[prefix + "exact"][1] <= row[prefix + "codes"][1]]
+        return max(fine, default=0)
 
-    out["exact_below"] = max([row["size"] for row in out["sizes"] if better(row, "exact", "probed")], default=0)
-    out["store_exact_below"] = max(
-        [row["size"] for row in out["sizes"] if better(row, "pq_store", "pq_lists")], default=0
-    )
+    def probe_above(prefix: str) -> float:  # lists: faster and recall >= 0.95 from there on
+        good = [
+            row[prefix + "lists"][1] < row[prefix + "codes"][1] and row[prefix + "lists"][0] >= 0.95
+            for row in out["shares"]
+        ]
+        for i, row in enumerate(out["shares"]):
+            if all(good[i:]):
+                return row["share"]
+        return 1.0
+
+    out["exact_below"], out["store_exact_below"] = exact_below(""), exact_below("pq_")
+    out["probe_above"], out["store_probe_above"] = probe_above(""), probe_above("pq_")
     planner.EXACT_BELOW, planner.STORE_EXACT_BELOW = out["exact_below"], out["store_exact_below"]
-    out["alpha"] = planner.ALPHA
+    planner.PROBE_ABOVE, planner.STORE_PROBE_ABOVE = out["probe_above"], out["store_probe_above"]
+    out["alpha"], out["rerank_chosen"] = planner.ALPHA, planner.RERANK
     return out
 
 
@@ -261,7 +309,7 @@ def main() -> None:
     flat, pq = Searcher(args.workdir / "ivf_flat"), Searcher(args.workdir / "compressed")
     for s in (flat, pq):
         s.warm()
-    planner_constants = crossovers(flat, pq, x, r, tune_q)
+    planner_constants = crossovers(flat, pq, x, r, near, tune_q)
     rows, figures = [], []
     for name, searcher in (("ivf_flat", flat), ("compressed", pq)):
         unfiltered = measure(searcher, test_q, None, truth(x, np.arange(len(x)), test_q))
@@ -313,8 +361,11 @@ def main() -> None:
         f"plan ({built['compressed']['factory']}, re-ranked from the store); {args.queries} held-out queries, one "
         "at a time, against exact search over the selected images; selections of 100% to 0.001%, random (r<f) "
         "and clustered (the images most like one picture). Planner constants measured in the same run on other "
-        f"queries: exact below {planner_constants['exact_below']:,} selected (IVF-Flat), store-ranked below "
-        f"{planner_constants['store_exact_below']:,} (compressed), ALPHA {planner_constants['alpha']}."
+        f"queries: every selected vector scored up to {planner_constants['exact_below']:,} selected (IVF-Flat; "
+        f"{planner_constants['store_exact_below']:,} compressed), the version's lists probed from a share of "
+        f"{planner_constants['probe_above']} ({planner_constants['store_probe_above']} compressed) at nprobe / "
+        f"f^{planner_constants['alpha']}, the selection's 4-bit codes between, {planner_constants['rerank_chosen']:,} "
+        "candidates re-ranked exactly."
     )
     result = {
         "built": built,
