@@ -346,3 +346,33 @@ def test_a_selections_codes_are_made_once_and_count_against_the_budget():
     truth = selection.ids[np.argsort(-(q @ x[selection.ids].T), axis=1)[:, :5]]
     assert (ids == truth).all() and np.all(np.diff(scores, axis=1) <= 0)  # (RERANK >= the selection: exact)
     assert gathered.codes(Selection(np.arange(1001), 3000), codebook, np.arange(3000), vectors_of) is None
+
+
+def test_metadata_files_read_the_same_split_at_once_as_row_by_row(tmp_path):
+    from pipeline.index import read_metadata_files
+
+    paths = [f"/photos/{i:03d}.jpg" for i in range(50)]
+    ids = np.arange(50, dtype=np.int64) * 3
+    rows = [[p, f"{i * 1.5:g}", ["red", "blue"][i % 2], "2019-06-0%d" % (1 + i % 9)] for i, p in enumerate(paths)]
+    rows[7][1] = ""  # a missing value
+    rows[9][1] = "cheap"  # a wrong type
+    header = ["path", "price", "colour", "listed"]
+    plain = write_csv(tmp_path / "plain.csv", header, rows)  # no quotes: split at once
+    assert '"' not in plain.read_text()
+    quoted = tmp_path / "quoted.csv"  # the same rows, quoted: read by the csv module
+    quoted.write_text("\n".join(",".join(f'"{v}"' for v in row) for row in [header, *rows]) + "\n")
+    shuffled = write_csv(tmp_path / "shuffled.csv", header, rows[::-1])  # not in the index's order: looked up
+    results = [read_metadata_files([f], paths, ids) for f in (plain, quoted, shuffled)]
+    for fields, reports in results:
+        assert {n: f.type for n, f in fields.items()} == {"price": "number", "colour": "string", "listed": "date"}
+        assert reports[0].rows == 50 and reports[0].matched == 50 and reports[0].wrong_types == 1
+        price = fields["price"]
+        assert 7 not in price.rows and 9 not in price.rows and price.values[price.rows.tolist().index(4)] == 6.0
+    for name in ("price", "colour", "listed"):
+        a, b, c = (r[0][name] for r in results)
+        assert np.array_equal(a.rows, b.rows) and list(a.values) == list(b.values)
+        assert sorted(zip(a.rows.tolist(), a.values.tolist())) == sorted(zip(c.rows.tolist(), c.values.tolist()))
+    ragged = tmp_path / "ragged.csv"  # a short row, a blank line, a row without a path: the csv module's way
+    ragged.write_text("path,price\n/photos/000.jpg,1\n/photos/001.jpg\n\n,5\n/photos/002.jpg,3,extra\n")
+    fields, reports = read_metadata_files([ragged], paths, ids)
+    assert fields["price"].rows.tolist() == [0, 2] and reports[0].bad_rows == 1

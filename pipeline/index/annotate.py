@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from .versions import META_FILE, Collection, IndexReport, current_version, new_v
 LOG = logging.getLogger(__name__)
 
 CHANGED_LINES_AT_MOST = 1000  # (or a tenth of the file) changed lines read one by one; more: the file whole
+SAMPLE_LINES = 1000  # lines of a large file compared first, to give up on a rewrite at once
 
 
 def metadata_files(out_dir: Path, given: Sequence[Path | str], features_dir: Path | None = None) -> tuple[Path, ...]:
@@ -202,13 +204,19 @@ def _changed_lines(
     fields: dict[str, FieldType] = {name: t for name, t in known.items() if t is not None}
     if len(fields) < len(known):
         return None
-    if len(new) >= len(old):  # edited in place, rows appended: compared line by line, in one pass
-        pairs = [(a, b) for a, b in zip(old, new, strict=False) if a != b]
+    limit = max(CHANGED_LINES_AT_MOST, len(new) // 10)
+    if len(new) >= len(old) and len(new) > 100 * SAMPLE_LINES:  # a sample of the lines first: a rewrite shows
+        step = len(new) // SAMPLE_LINES
+        sample = sum(a != b for a, b in zip(old[::step], new[::step], strict=False))
+        if sample > 2 * SAMPLE_LINES * limit / len(new):  # (twice the share the limit allows: surely over it)
+            return None
+    if len(new) >= len(old):  # edited in place, rows appended: compared line by line, in one pass (to the limit)
+        pairs = list(islice(((a, b) for a, b in zip(old, new, strict=False) if a != b), limit + 1))
         added, removed = [b for _, b in pairs] + new[len(old) :], [a for a, _ in pairs]
     else:  # rows deleted: the lines of each that the other lacks
         old_lines, new_lines = set(old[1:]), set(new[1:])
         added, removed = sorted(new_lines - old_lines), sorted(old_lines - new_lines)
-    if len(added) + len(removed) > max(CHANGED_LINES_AT_MOST, len(new) // 10):
+    if len(added) + len(removed) > limit:
         return None  # a large change: one whole reading is faster than a look-up per changed line
     rows = list(csv.reader(added + removed))
     if any('"' in line for line in added + removed) or any(

@@ -105,7 +105,10 @@ class IdTable:
 
     def paths(self) -> list[str]:
         """Every indexed path, in id order."""
-        return [p for (p,) in self._query("SELECT path FROM images ORDER BY id")]
+        # one string joined by SQLite, split once: a million rows fetched one by one take several times longer
+        # (no path holds a NUL)
+        joined = self._query("SELECT group_concat(path, char(0)) FROM (SELECT path FROM images ORDER BY id)")[0][0]
+        return joined.split("\0") if joined is not None else []
 
     def path_of(self, idx: int) -> str | None:
         """The path of an id; None when the table has no such id."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ import re
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +104,7 @@ class _Table:
     """One metadata file, column by column: each row's line, its path (or glob), and each field's raw values
     (None where the row has none)."""
 
-    lines: list[int]
+    lines: Sequence[int]
     keys: list[str]
     columns: dict[str, list[Any]]
     forced: dict[str, FieldType]
@@ -129,39 +131,61 @@ def _read_table(path: Path, report: SourceReport) -> _Table:
                 objects.append(obj)
             names = sorted({name for obj in objects for name in obj})
             return _Table(lines, keys, {n: [obj.get(n) for obj in objects] for n in names}, {})
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            return _Table([], [], {}, {})
-        names, forced = [], {}
-        for column in header:
-            name, _, kind = column.strip().partition(":")
-            names.append(name)
-            if kind in KINDS:
-                forced[name] = kind
-        if "path" not in names:
-            raise PipelineError(f"{path}: its header has no `path` column (found: {', '.join(names) or 'nothing'})")
+        text = f.read()
+    plain = _plain_columns(text)
+    if plain is not None:
+        header, columns, count = plain
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, [])
         body = list(reader)
-    width = len(names)
-    if any(len(row) != width for row in body):  # ragged rows: padded (or cut) to the header
-        body = [(row + [""] * width)[:width] for row in body]
-    columns: list[Sequence[str]] = list(zip(*body, strict=True)) if body else [() for _ in names]
+        if any(len(row) != len(header) for row in body):  # ragged rows: padded (or cut) to the header
+            body = [(row + [""] * len(header))[: len(header)] for row in body]
+        columns = [list(c) for c in zip(*body, strict=True)] if body else [[] for _ in header]
+        count = len(body)
+    if not header:
+        return _Table([], [], {}, {})
+    names, forced = [], {}
+    for column in header:
+        name, _, kind = column.strip().partition(":")
+        names.append(name)
+        if kind in KINDS:
+            forced[name] = kind
+    if "path" not in names:
+        raise PipelineError(f"{path}: its header has no `path` column (found: {', '.join(names) or 'nothing'})")
     at = names.index("path")
-    keep = []
-    for i, key in enumerate(columns[at]):
-        if key:
-            keep.append(i)
-        elif any(body[i]):
-            report.bad_rows += 1
-            report.problem(f"line {i + 2}: no path")
-    if len(keep) < len(body):
+    keep: Sequence[int] = range(count)
+    if "" in columns[at]:
+        keep = [i for i, key in enumerate(columns[at]) if key]
+        for i in sorted(set(range(count)) - set(keep)):
+            if any(c[i] for c in columns):
+                report.bad_rows += 1
+                report.problem(f"line {i + 2}: no path")
         columns = [[c[i] for i in keep] for c in columns]
     return _Table(
-        [i + 2 for i in keep],
-        list(columns[at]),
-        {n: [v if v != "" else None for v in c] for n, c in zip(names, columns, strict=True) if n != "path"},
+        range(2, count + 2) if isinstance(keep, range) else [i + 2 for i in keep],
+        columns[at],
+        {n: c if "" not in c else [v or None for v in c] for n, c in zip(names, columns, strict=True) if n != "path"},
         forced,
     )
+
+
+def _plain_columns(text: str) -> tuple[list[str], list[list[str]], int] | None:
+    """(header, columns, rows) of a CSV text that needs no CSV parser: no quotes, no blank lines, every line
+    as many fields as the header (an export of a million rows is that): split at once, not row by row. None
+    for any other text (the csv module reads it)."""
+    if "\r" in text and text.count("\r") == text.count("\r\n"):
+        text = text.replace("\r\n", "\n")  # (csv.writer's and spreadsheets' line ends)
+    if '"' in text or "\r" in text:
+        return None
+    lines = text.split("\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    if not lines or set(map(str.count, lines, repeat(","))) != {lines[0].count(",")} or "" in lines:
+        return None
+    width = lines[0].count(",") + 1
+    fields = ",".join(lines[1:]).split(",") if len(lines) > 1 else []
+    return lines[0].split(","), [fields[i::width] for i in range(width)], len(lines) - 1
 
 
 def kind_of(value: Any) -> tuple[FieldType | None, float | str | None]:
@@ -187,13 +211,18 @@ CODES: dict[FieldType | None, int] = {None: 0, "number": 1, "date": 2, "string":
 
 
 def _kinds(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Each raw value's kind (CODES) and typed value (object array); a column of plain numbers (the common
-    case at a million rows) is typed by numpy at once, anything else value by value."""
-    if values and all(isinstance(v, str) for v in values) and not NOT_NUMERIC.search("\n".join(values)):
-        try:  # (the character check keeps out what numpy reads and parse_number does not: nan, inf, 1_000)
-            numbers = np.array(values).astype(np.float64)
+    """Each raw value's kind (CODES) and typed value (float64 where all are numbers, else an object array); a
+    column of plain numbers in text (the common case at a million rows) is typed by numpy at once, anything
+    else value by value."""
+    try:  # (the character check keeps out what numpy reads and parse_number does not: nan, inf, 1_000)
+        plain = bool(values) and not NOT_NUMERIC.search("\n".join(values))
+    except TypeError:  # not all text (JSON values)
+        plain = False
+    if plain:
+        try:
+            numbers = np.array(values, dtype=np.float64)
             if np.isfinite(numbers).all():
-                return np.full(len(values), CODES["number"], np.int8), numbers.astype(object)
+                return np.full(len(values), CODES["number"], np.int8), numbers
         except ValueError:
             pass
     pairs = [kind_of(v) for v in values]
@@ -220,7 +249,8 @@ def read_metadata_files(
 ) -> tuple[dict[str, UserField], list[SourceReport]]:
     """The user's fields of the indexed images (`paths[i]` is image `ids[i]`; ids sorted), and a report per
     file. A file that cannot be read is reported `missing` (the caller keeps what it gave before)."""
-    by_path = {p: i for i, p in enumerate(paths)}
+    paths = list(paths)
+    by_path: dict[str, int] = {}  # made at the first file not in the index's own order
     order: list[int] | None = None  # sorted positions, made on the first glob
     chunks: dict[str, list[_Chunk]] = {}
     forced_types: dict[str, FieldType] = {}
@@ -238,7 +268,8 @@ def read_metadata_files(
             continue
         forced_types.update(table.forced)
         report.rows = len(table.keys)
-        report.duplicates = len(table.keys) - len(set(table.keys))
+        in_order = table.keys == paths  # a file in the index's own order (an export of it): no look-up at all
+        report.duplicates = 0 if in_order else len(table.keys) - len(set(table.keys))
         if report.duplicates:
             seen: set[str] = set()
             for line, key in zip(table.lines, table.keys, strict=True):
@@ -246,7 +277,11 @@ def read_metadata_files(
                     report.problem(f"line {line}: {key} again (this row wins)")
                 seen.add(key)
         # Each row's image: an exact path (a dictionary look-up); else a relative path, or a glob's images.
-        single = np.fromiter((by_path.get(k, -1) for k in table.keys), np.int64, len(table.keys))
+        if in_order:
+            single = np.arange(len(paths), dtype=np.int64)
+        else:
+            by_path = by_path or {p: i for i, p in enumerate(paths)}
+            single = np.fromiter((by_path.get(k, -1) for k in table.keys), np.int64, len(table.keys))
         multi: dict[int, list[int]] = {}
         for i in np.flatnonzero(single < 0).tolist():
             key = table.keys[i]
@@ -266,7 +301,11 @@ def read_metadata_files(
                 report.unknown += 1
                 report.problem(f"line {table.lines[i]}: {key} is not in the index")
         report.matched = int((single >= 0).sum()) + len(multi)
-        lines = np.array(table.lines, np.int64)
+        lines = (
+            np.arange(table.lines.start, table.lines.stop, dtype=np.int64)
+            if isinstance(table.lines, range)
+            else np.array(table.lines, np.int64)
+        )
         targeted = single >= 0  # rows naming at least one indexed image
         targeted[list(multi)] = True
         for name, column in table.columns.items():
@@ -274,10 +313,12 @@ def read_metadata_files(
                 report.bad_rows += 1
                 report.problem(f"`{name}` is a built-in field; that column is left out")
                 continue
-            has = np.fromiter((v is not None for v in column), bool, len(column))
-            present = np.flatnonzero(has & targeted)
+            if None in column:
+                present = np.flatnonzero(np.fromiter((v is not None for v in column), bool, len(column)) & targeted)
+            else:
+                present = np.flatnonzero(targeted)
             raw = np.empty(len(present), object)
-            raw[:] = [column[i] for i in present.tolist()]
+            raw[:] = column if len(present) == len(column) else [column[i] for i in present.tolist()]
             kinds, typed_values = _kinds(list(raw))
             rows = single[present]
             if multi:  # glob rows: the value goes to every image the glob names, rows kept in file order
