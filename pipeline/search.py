@@ -368,7 +368,7 @@ class Searcher:
         if how == "exact":
             return self._exact(vectors, k, selection, vectors_of)
         if how == "codes":
-            codes = self._gathered.codes(selection, self._codebook, self.ids(), vectors_of)
+            codes = self._gathered.codes(selection, self._codebook, self.ids, vectors_of)
             if codes is not None:
                 return codes_search(codes, selection.ids, vectors, k, vectors_of)
         with self._map_lock:

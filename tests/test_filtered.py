@@ -337,15 +337,15 @@ def test_a_selections_codes_are_made_once_and_count_against_the_budget():
     codebook = Codebook(16)
     selection = Selection(np.arange(0, 3000, 3), 3000)
     gathered = Gathered(budget=1000 * codebook.code_bytes)
-    codes = gathered.codes(selection, codebook, np.arange(3000), vectors_of)
+    codes = gathered.codes(selection, codebook, lambda: np.arange(3000), vectors_of)
     assert codes is not None and codes.ntotal == 1000 and gathered.used == 1000 * codebook.code_bytes == 4000
-    assert gathered.codes(selection, codebook, np.arange(3000), vectors_of) is codes  # made once
+    assert gathered.codes(selection, codebook, lambda: np.arange(3000), vectors_of) is codes  # made once
     assert reads == [3000, 1000]  # the codebook's sample (once per searcher), then the selection
     q = rng.standard_normal((4, 16)).astype(np.float32)
     scores, ids = codes_search(codes, selection.ids, q, 5, vectors_of)
     truth = selection.ids[np.argsort(-(q @ x[selection.ids].T), axis=1)[:, :5]]
     assert (ids == truth).all() and np.all(np.diff(scores, axis=1) <= 0)  # (RERANK >= the selection: exact)
-    assert gathered.codes(Selection(np.arange(1001), 3000), codebook, np.arange(3000), vectors_of) is None
+    assert gathered.codes(Selection(np.arange(1001), 3000), codebook, lambda: np.arange(3000), vectors_of) is None
 
 
 def test_metadata_files_read_the_same_split_at_once_as_row_by_row(tmp_path):
@@ -353,7 +353,7 @@ def test_metadata_files_read_the_same_split_at_once_as_row_by_row(tmp_path):
 
     paths = [f"/photos/{i:03d}.jpg" for i in range(50)]
     ids = np.arange(50, dtype=np.int64) * 3
-    rows = [[p, f"{i * 1.5:g}", ["red", "blue"][i % 2], "2019-06-0%d" % (1 + i % 9)] for i, p in enumerate(paths)]
+    rows = [[p, f"{i * 1.5:g}", ["red", "blue"][i % 2], f"2019-06-0{1 + i % 9}"] for i, p in enumerate(paths)]
     rows[7][1] = ""  # a missing value
     rows[9][1] = "cheap"  # a wrong type
     header = ["path", "price", "colour", "listed"]
@@ -371,7 +371,8 @@ def test_metadata_files_read_the_same_split_at_once_as_row_by_row(tmp_path):
     for name in ("price", "colour", "listed"):
         a, b, c = (r[0][name] for r in results)
         assert np.array_equal(a.rows, b.rows) and list(a.values) == list(b.values)
-        assert sorted(zip(a.rows.tolist(), a.values.tolist())) == sorted(zip(c.rows.tolist(), c.values.tolist()))
+        pairs = [sorted(zip(f.rows.tolist(), f.values.tolist(), strict=True)) for f in (a, c)]
+        assert pairs[0] == pairs[1]
     ragged = tmp_path / "ragged.csv"  # a short row, a blank line, a row without a path: the csv module's way
     ragged.write_text("path,price\n/photos/000.jpg,1\n/photos/001.jpg\n\n,5\n/photos/002.jpg,3,extra\n")
     fields, reports = read_metadata_files([ragged], paths, ids)

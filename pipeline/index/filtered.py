@@ -196,19 +196,23 @@ class Codebook:
     def subquantizers(self) -> int:
         return self.dim // 2 if self.dim % 2 == 0 else self.dim
 
-    def empty(self, ids: np.ndarray, vectors_of: Callable[[np.ndarray], np.ndarray]) -> faiss.Index:
-        """A trained, empty index of codes (trained now on a sample of `ids`, the version's, if not yet)."""
+    def empty(self, ids: Callable[[], np.ndarray], vectors_of: Callable[[np.ndarray], np.ndarray]) -> faiss.Index:
+        """A trained, empty index of codes (trained now, if not yet, on a sample of the version's `ids()`)."""
         with self._lock:
             if self._trained is None:
                 rng = np.random.default_rng(0)
-                sample = np.sort(rng.choice(ids, min(len(ids), TRAIN_SAMPLE), replace=False))
+                every = ids()
+                sample = np.sort(rng.choice(every, min(len(every), TRAIN_SAMPLE), replace=False))
                 index = faiss.IndexPQFastScan(self.dim, self.subquantizers, 4, faiss.METRIC_INNER_PRODUCT)
                 index.train(np.ascontiguousarray(vectors_of(sample), np.float32))
                 self._trained = index
             return faiss.clone_index(self._trained)
 
     def encode(
-        self, selection: Selection, version_ids: np.ndarray, vectors_of: Callable[[np.ndarray], np.ndarray]
+        self,
+        selection: Selection,
+        version_ids: Callable[[], np.ndarray],
+        vectors_of: Callable[[np.ndarray], np.ndarray],
     ) -> faiss.Index:
         """The selection's codes, labelled by position in its ids; its vectors read ENCODE_BLOCK at a time."""
         codes = self.empty(version_ids, vectors_of)
@@ -267,7 +271,7 @@ class Gathered:
         self,
         selection: Selection,
         codebook: Codebook,
-        version_ids: np.ndarray,
+        version_ids: Callable[[], np.ndarray],
         vectors_of: Callable[[np.ndarray], np.ndarray],
     ) -> faiss.Index | None:
         """The selection's codes (Codebook.encode), made now or before; None when they alone would take over
