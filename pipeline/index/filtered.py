@@ -4,7 +4,7 @@ selectivity and the cost stays near an unfiltered search's:
   * "exact" (small selections): every selected vector scored, from the selection's vectors gathered once
     (Gathered) or, over its budget, read block by block.
   * "codes" (up to a large share of the collection): the selection's 4-bit product-quantizer codes (faiss
-    fast-scan, one code per two dimensions: 1/32 of float32), made once per selection with one codebook per
+    fast-scan, one code per two dimensions: 1/16 of float32), made once per selection with one codebook per
     searcher (Codebook), propose RERANK candidates, which are ranked exactly from the version's vectors (the
     IVF-Flat lists or the re-rank store). Probing the version's lists instead costs the lists whatever the
     selection, and needs many more of them as the selection thins.
@@ -28,12 +28,12 @@ import faiss
 import numpy as np
 
 # Measured at 1M 1024-d by scripts/benchmarks/bench_filters.py (docs/benchmarks.md, "Filtered search"):
-EXACT_BELOW = 20_000  # selected images up to which an uncompressed version ranks them all exactly
+EXACT_BELOW = 10_000  # selected images up to which an uncompressed version ranks them all exactly
 STORE_EXACT_BELOW = 20_000  # the same for compressed versions (their vectors read from the store)
 PROBE_ABOVE = 0.5  # share of the collection from which the version's own lists are probed (uncompressed)
 STORE_PROBE_ABOVE = 0.5  # the same for compressed versions
-RERANK = 1000  # candidates a selection's codes propose for exact ranking (recall@10 >= 0.99 at 10%)
-ALPHA = 2.5  # probing "lists": nprobe grows as f ** -ALPHA for a selection of share f
+RERANK = 500  # candidates a selection's codes propose for exact ranking (recall@10 >= 0.99 at 10% and 30%)
+ALPHA = 1.0  # probing "lists": nprobe grows as f ** -ALPHA for a selection of share f (recall@10 >= 0.96)
 EXACT_BLOCK = 4096  # vectors scored at a time by exact ranking: its memory is bounded whatever the selection
 GATHER_BYTES = 512 << 20  # selections' vectors and codes a Searcher keeps, over all its kept selections
 TRAIN_SAMPLE = 30_000  # vectors the codebook is trained on (once per searcher, at the first selection needing it)
