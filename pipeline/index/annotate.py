@@ -39,7 +39,7 @@ from .versions import META_FILE, Collection, IndexReport, current_version, new_v
 LOG = logging.getLogger(__name__)
 
 CHANGED_LINES_AT_MOST = 1000  # (or a tenth of the file) changed lines read one by one; more: the file whole
-SAMPLE_LINES = 1000  # lines of a large file compared first, to give up on a rewrite at once
+SAMPLE_LINES = 1000  # first lines of a large file compared first, to give up on a rewrite at once
 
 
 def metadata_files(out_dir: Path, given: Sequence[Path | str], features_dir: Path | None = None) -> tuple[Path, ...]:
@@ -191,6 +191,8 @@ def _changed_lines(
     if files[0].suffix.lower() in JSON_SUFFIXES or not copy.is_file():
         return None
     try:
+        if _rewritten(copy, files[0]):
+            return None
         old = copy.read_text(encoding="utf-8-sig").splitlines()
         new = files[0].read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError):
@@ -205,11 +207,6 @@ def _changed_lines(
     if len(fields) < len(known):
         return None
     limit = max(CHANGED_LINES_AT_MOST, len(new) // 10)
-    if len(new) >= len(old) and len(new) > 100 * SAMPLE_LINES:  # a sample of the lines first: a rewrite shows
-        step = len(new) // SAMPLE_LINES
-        sample = sum(a != b for a, b in zip(old[::step], new[::step], strict=False))
-        if sample > 2 * SAMPLE_LINES * limit / len(new):  # (twice the share the limit allows: surely over it)
-            return None
     if len(new) >= len(old):  # edited in place, rows appended: compared line by line, in one pass (to the limit)
         pairs = list(islice(((a, b) for a, b in zip(old, new, strict=False) if a != b), limit + 1))
         added, removed = [b for _, b in pairs] + new[len(old) :], [a for a, _ in pairs]
@@ -266,6 +263,17 @@ def _changed_lines(
         len(removed),
     )
     return user, [report]
+
+
+def _rewritten(old: Path, new: Path) -> bool:
+    """Whether a large file (over 100 SAMPLE_LINES lines) differs from its copy in over a fifth of its first
+    SAMPLE_LINES lines: a rewrite, read whole at once without decoding both files to compare them line by
+    line first (a change that only looks so at its head is read whole too: slower, never wrong)."""
+    with open(new, "rb") as f:
+        if sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b"")) < 100 * SAMPLE_LINES:
+            return False
+    with open(old, "rb") as a, open(new, "rb") as b:
+        return sum(x != y for x, y in islice(zip(a, b, strict=False), SAMPLE_LINES)) > SAMPLE_LINES // 5
 
 
 def _has_values(metadata: Metadata, fields: dict[str, FieldType], at: int) -> bool:

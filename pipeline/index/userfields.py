@@ -372,6 +372,9 @@ def _typed_field(
                 reports[c.source].wrong_types += 1
                 reports[c.source].problem(f"line {c.lines[j]}: {name}={c.raw[j]!r} is not a {ftype}; left out")
     positions, values = rows[keep], typed_values[keep]
-    last = len(positions) - 1 - np.unique(positions[::-1], return_index=True)[1]  # the last value of each image wins
-    last.sort()
+    if (np.diff(positions) > 0).all():  # one value per image, in order (a file in the index's order)
+        last = np.arange(len(positions))
+    else:  # the last value of each image wins
+        last = len(positions) - 1 - np.unique(positions[::-1], return_index=True)[1]
+        last.sort()
     return UserField(ftype, positions[last], values[last] if ftype == "string" else values[last].astype(np.float64))

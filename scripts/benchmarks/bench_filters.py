@@ -235,7 +235,7 @@ def metadata_change(
     for label, values in (("1% of the rows changed", some), ("every row changed", rng.random(len(r)))):
         write_metadata(meta, paths, values, near)
         t = time.perf_counter()
-        republish_metadata(index_dir, [meta], keep=3)
+        republish_metadata(index_dir, [meta], keep=10)  # (no version pruned: the update before pruned none)
         seconds = time.perf_counter() - t
         out[label] = round(seconds, 2)
         ratio = seconds / update_s
