@@ -60,6 +60,19 @@ def test_a_different_picture_of_the_same_style_does_not_verify(original):
     assert all(v.inliers < INLIER_THRESHOLD for v in verdicts)
 
 
+def test_a_dark_variant_does_not_verify_but_grey_and_brightened_copies_do(original):
+    from PIL import ImageEnhance, ImageOps
+
+    im = picture(1)
+    darkened = as_query(ImageEnhance.Brightness(im).enhance(0.2))  # the "dark" variant of one wallpaper
+    verdict = verify_pair(darkened, original)
+    assert not verdict.verified and verdict.inliers >= INLIER_THRESHOLD and verdict.lightness_shift > 60
+    grey = ImageOps.grayscale(im).convert("RGB")
+    brightened = ImageEnhance.Contrast(ImageEnhance.Brightness(im).enhance(1.3)).enhance(0.8)
+    for copy in (grey, brightened):
+        assert verify_pair(as_query(copy), original).verified
+
+
 def test_an_unreadable_file_is_unverified_with_its_reason(tmp_path, original):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"this is not a JPEG")
@@ -81,9 +94,10 @@ def test_a_file_and_its_pixels_give_the_same_features(tmp_path, original):
 
 def test_the_cache_record_round_trips_compactly(original):
     data = features_to_bytes(original)
-    assert data[0] == CACHE_VERSION and len(data) == 7 + 36 * len(original)
+    assert data[0] == CACHE_VERSION and len(data) == 7 + 37 * len(original)
     back = features_from_bytes(data)
     assert np.array_equal(back.descriptors, original.descriptors) and back.size == original.size
+    assert np.array_equal(back.lightness, original.lightness)
     assert np.abs(back.points - original.points).max() <= 0.25
     crop = as_query(picture(1).crop((100, 80, 340, 260)))
     assert verify_pair(crop, back).verified

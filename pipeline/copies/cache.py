@@ -2,7 +2,8 @@
 records instead of decoding 20 files.
 
 Layout (little-endian): version byte, width and height (uint16 each), count n (uint16), then n keypoints as
-float16 (x, y) and n ORB descriptors of 32 bytes: 7 + 36 n bytes, at most 36,007 with MAX_FEATURES 1,000.
+float16 (x, y), n ORB descriptors of 32 bytes and n lightness bytes: 7 + 37 n bytes, at most 37,007 with
+MAX_FEATURES 1,000.
 float16 keeps a working-pixel coordinate (at most 480) within 0.25 px, well inside RANSAC's 5 px.
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 from ..errors import PipelineError
 from .local import LocalFeatures
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 HEADER = struct.Struct("<BHHH")
 DESCRIPTOR_BYTES = 32
 
@@ -29,6 +30,7 @@ def features_to_bytes(features: LocalFeatures) -> bytes:
             HEADER.pack(CACHE_VERSION, width, height, n),
             np.asarray(features.points, "<f2").tobytes(),
             np.asarray(features.descriptors, np.uint8).tobytes(),
+            np.asarray(features.lightness, np.uint8).tobytes(),
         )
     )
 
@@ -40,9 +42,10 @@ def features_from_bytes(data: bytes) -> LocalFeatures:
     version, width, height, n = HEADER.unpack_from(data)
     if version != CACHE_VERSION:
         raise PipelineError(f"local features record of version {version}; this pipeline reads {CACHE_VERSION}")
-    expected = HEADER.size + n * (4 + DESCRIPTOR_BYTES)
+    expected = HEADER.size + n * (4 + DESCRIPTOR_BYTES + 1)
     if len(data) != expected:
         raise PipelineError(f"local features record of {len(data)} bytes; {expected} expected for {n} keypoints")
     points = np.frombuffer(data, "<f2", 2 * n, HEADER.size).astype(np.float32).reshape(n, 2)
     descriptors = np.frombuffer(data, np.uint8, n * DESCRIPTOR_BYTES, HEADER.size + 4 * n).reshape(n, 32)
-    return LocalFeatures(points, descriptors, (width, height))
+    lightness = np.frombuffer(data, np.uint8, n, HEADER.size + (4 + DESCRIPTOR_BYTES) * n)
+    return LocalFeatures(points, descriptors, (width, height), lightness)

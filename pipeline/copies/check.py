@@ -1,6 +1,7 @@
 """A pair of pictures verified: mutual nearest-neighbour matches that pass the ratio test, one similarity
 transform fitted by RANSAC, and the verdict from its inlier count against a threshold calibrated on copies-dev,
-with the inliers spread over the pictures (not a shared banner's strip).
+with the inliers spread over the pictures (not a shared banner's strip) and their lightness the same up to what
+copies do to it (not a darker or lighter variant of one wallpaper).
 
 A similarity (rotation, uniform scale, shift) covers the copies people make (crops, rotations, resizes,
 borders); the mirrored query covers mirrors. A transform that squeezes the picture by more than 5x, or
@@ -28,6 +29,11 @@ INLIER_THRESHOLD = 13
 # carry the same text banner or border match in a thin strip. The best F0.5 of duplicates --verify's pairs on
 # copies-dev over 0-0.2 (scripts/eval/duplicates_verify.py); 95% of its true verified pairs spread wider.
 MIN_SPREAD = 0.05
+# The largest median |lightness difference| of the inlier pairs (CIELAB's L, 0-255) that a copy makes: brightness
+# and contrast changes shift it; the dark and light variants of one wallpaper, which copies-dev counts as distinct
+# pictures, further. The best F0.5 of duplicates --verify's pairs on copies-dev only (scripts/eval/
+# duplicates_verify.py --choose-colour; a hue limit, tried with it, changed no group there and is left out).
+MAX_LIGHTNESS_SHIFT = 60.0
 RATIO = 0.8  # Lowe's ratio test: the best match must be clearly nearer than the second
 REPROJECTION_PX = 5.0  # RANSAC's inlier distance, in working pixels
 MIN_SCALE, MAX_SCALE, MAX_ANISOTROPY = 0.2, 5.0, 3.0  # a fitted transform outside these is not a copy
@@ -38,19 +44,35 @@ Geometry = Literal["similarity", "affine", "homography"]
 
 @dataclass(frozen=True)
 class Verdict:
-    """Whether a candidate is the query's picture (`inliers` >= the threshold), and why not where either
-    picture could not be read (`reason`)."""
+    """Whether a candidate is the query's picture (`inliers` >= the threshold, spread, lightness kept), and why
+    not where either picture could not be read (`reason`)."""
 
     verified: bool
     inliers: int
     reason: str | None = None
-    spread: float = 0.0  # the share of each picture the inliers cover (fit)
+    spread: float = 0.0  # the share of each picture the inliers cover (Fit)
+    lightness_shift: float = 0.0  # (Fit)
 
 
-def mutual_matches(query: LocalFeatures, candidate: LocalFeatures) -> tuple[np.ndarray, np.ndarray]:
-    """Matched points (query [m, 2], candidate [m, 2]): each the other's nearest by Hamming distance, and
-    nearer than RATIO times the query descriptor's second nearest."""
-    empty = np.zeros((0, 2), np.float32)
+@dataclass(frozen=True)
+class Fit:
+    """One transform fitted to a pair's matches: its inliers; the smaller share of the two pictures' areas that
+    the inliers' convex hull covers (a shared text banner or border matches in a thin strip; a copy across the
+    part of the picture it shows); the median lightness difference of the inlier pairs."""
+
+    inliers: int = 0
+    spread: float = 0.0
+    lightness_shift: float = 0.0
+
+    def holds(self, threshold: int = INLIER_THRESHOLD) -> bool:
+        """The verdict: the same picture."""
+        return self.inliers >= threshold and self.spread >= MIN_SPREAD and self.lightness_shift <= MAX_LIGHTNESS_SHIFT
+
+
+def matches(query: LocalFeatures, candidate: LocalFeatures) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of matched keypoints (query [m], candidate [m]): each the other's nearest by Hamming distance,
+    and nearer than RATIO times the query descriptor's second nearest."""
+    empty = np.zeros(0, np.int64)
     if len(query) < 2 or len(candidate) < 2:
         return empty, empty
     cv2 = opencv()
@@ -68,8 +90,8 @@ def mutual_matches(query: LocalFeatures, candidate: LocalFeatures) -> tuple[np.n
     ]
     if not pairs:
         return empty, empty
-    q, c = np.array(pairs).T
-    return query.points[q], candidate.points[c]
+    q, c = np.array(pairs, np.int64).T
+    return q, c
 
 
 def plausible(matrix: np.ndarray) -> bool:
@@ -82,18 +104,15 @@ def plausible(matrix: np.ndarray) -> bool:
 def inliers(query: LocalFeatures, candidate: LocalFeatures, geometry: Geometry = "similarity", needed: int = 0) -> int:
     """The inliers of the transform fitted to the pair's matches (0 when no plausible transform fits, or when
     there are fewer matches than `needed` inliers: RANSAC's 2,000 tries are spent only where they can verify)."""
-    return fit(query, candidate, geometry, needed)[0]
+    return fit(query, candidate, geometry, needed).inliers
 
 
-def fit(
-    query: LocalFeatures, candidate: LocalFeatures, geometry: Geometry = "similarity", needed: int = 0
-) -> tuple[int, float]:
-    """(inliers, spread) of the transform fitted to the pair's matches (inliers: see `inliers`); spread: the
-    smaller share of the two pictures' areas that the convex hull of the inliers covers (a shared text banner or
-    border matches in a thin strip; a copy matches across the part of the picture it shows)."""
-    qp, cp = mutual_matches(query, candidate)
-    if len(qp) < max(MIN_MATCHES, needed):
-        return 0, 0.0
+def fit(query: LocalFeatures, candidate: LocalFeatures, geometry: Geometry = "similarity", needed: int = 0) -> Fit:
+    """The transform fitted to the pair's matches (Fit; no inliers: see `inliers`)."""
+    qi, ci = matches(query, candidate)
+    if len(qi) < max(MIN_MATCHES, needed):
+        return Fit()
+    qp, cp = query.points[qi], candidate.points[ci]
     cv2 = opencv()
     if geometry == "similarity":
         matrix, mask = cv2.estimateAffinePartial2D(
@@ -104,10 +123,11 @@ def fit(
     else:
         matrix, mask = cv2.findHomography(qp, cp, cv2.USAC_MAGSAC, REPROJECTION_PX)
     if matrix is None or mask is None or not plausible(matrix):
-        return 0, 0.0
+        return Fit()
     kept = mask.ravel().astype(bool)
     spread = min(_hull_share(qp[kept], query.size), _hull_share(cp[kept], candidate.size))
-    return int(kept.sum()), spread
+    shift = np.abs(query.lightness[qi[kept]].astype(np.int16) - candidate.lightness[ci[kept]])
+    return Fit(int(kept.sum()), spread, float(np.median(shift)))
 
 
 def _hull_share(points: np.ndarray, size: tuple[int, int]) -> float:
@@ -131,15 +151,12 @@ def verify_pair(
     if reason:
         return Verdict(False, 0, reason)
 
-    def holds(found: tuple[int, float]) -> bool:
-        return found[0] >= threshold and found[1] >= MIN_SPREAD
-
     best = fit(query, candidate, geometry, threshold)
-    if not holds(best) and query.mirror is not None:
+    if not best.holds(threshold) and query.mirror is not None:
         mirrored = fit(query.mirror, candidate, geometry, threshold)
-        if holds(mirrored) or mirrored[0] > best[0]:
+        if mirrored.holds(threshold) or mirrored.inliers > best.inliers:
             best = mirrored
-    return Verdict(holds(best), best[0], None, best[1])
+    return Verdict(best.holds(threshold), best.inliers, None, best.spread, best.lightness_shift)
 
 
 def verify_candidates(

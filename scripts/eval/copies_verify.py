@@ -32,7 +32,6 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.copies import (  # noqa: E402
     INLIER_THRESHOLD,
-    MIN_SPREAD,
     features_from_bytes,
     features_to_bytes,
     fit,
@@ -120,13 +119,14 @@ def main() -> None:
 
     # inliers of every pair: the better of the query and its mirror (verify_pair's verdict at any threshold)
     def pair_inliers(q: str, c: str) -> int:
-        """The inliers of the better fit (query or its mirror) whose inliers spread over MIN_SPREAD of both
-        pictures (verify_pair's verdict at any inlier threshold); 0 when neither spreads so."""
+        """The inliers of the better fit (query or its mirror) that holds at any inlier count (spread over
+        MIN_SPREAD of both pictures, colours kept: verify_pair's verdict at any inlier threshold); 0 when neither
+        does."""
         fq, fc = feats[q], feats[c]
         if fq.reason or fc.reason:
             return 0
         fits = [fit(fq, fc, args.geometry)] + ([fit(fq.mirror, fc, args.geometry)] if fq.mirror else [])
-        return max((n for n, spread in fits if spread >= MIN_SPREAD), default=0)
+        return max((f.inliers for f in fits if f.holds(0)), default=0)
 
     vecs = global_vectors(args.features)
     Q = np.stack([vecs[q] for q in queries])

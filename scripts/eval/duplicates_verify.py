@@ -10,6 +10,9 @@ pair; a pair is true when both come from one picture (a copy and its original, o
 two distinct db pictures are never one). Reports pair precision and recall of both, the recall of verified
 pairs per transformation (named in a copy's file name, each pair counted for both of its copies'), the
 candidates checked, and the wall time of each.
+
+--choose-colour (dev sets only): the copies' lightness limit (copies.check MAX_LIGHTNESS_SHIFT) with the best F0.5
+of --verify's pairs over a grid, each image's local features and each pair's fit computed once for the grid.
 """
 
 from __future__ import annotations
@@ -37,12 +40,42 @@ def transformations(name: str) -> list[str]:
     return m.group(1).split("+") if m else []
 
 
+def found_pairs(index: Path, verify: bool) -> set[frozenset[str]]:
+    """Every pair of file names in one group of `pipeline duplicates` (with --verify or not)."""
+    groups = find_groups(index, progress=False, verify=verify)
+    return {frozenset((Path(x.path).name, Path(y.path).name)) for g in groups for x, y in combinations(g.images, 2)}
+
+
+def choose_colour(index: Path, truth: set[frozenset[str]]) -> None:
+    """The lightness limit with the best F0.5 of --verify's pairs (precision weighed over recall), printed."""
+    import functools
+
+    from pipeline.copies import check
+    from pipeline.duplicates import verified
+
+    # each image's features and each pair's fit once for the grid (the limits only change the verdict)
+    verified.local_features = functools.lru_cache(maxsize=None)(verified.local_features)
+    check.fit = functools.lru_cache(maxsize=None)(check.fit)  # type: ignore[assignment]
+    scores = []
+    for lightness in (50.0, 60.0, 70.0, 80.0, 90.0, 100.0, 120.0, 1e9):
+        check.MAX_LIGHTNESS_SHIFT = lightness
+        found = found_pairs(index, verify=True)
+        tp = len(found & truth)
+        p, r = (tp / len(found) if found else 1.0), tp / len(truth)
+        f = 1.25 * p * r / (0.25 * p + r) if p + r else 0.0
+        scores.append((round(f, 4), lightness, round(p, 4), round(r, 4)))
+        print(f"lightness <= {lightness:g}: precision {p:.4f} recall {r:.4f} F0.5 {f:.4f}")
+    f, lightness, p, r = max(scores)
+    print(f"best F0.5 {f}: MAX_LIGHTNESS_SHIFT {lightness:g} (P {p}, R {r})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", type=Path, default=ROOT.parent / "shared" / "eval" / "copies-dev")
     ap.add_argument("--features", type=Path, required=True)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--label", default="")
+    ap.add_argument("--choose-colour", action="store_true", help="calibrate the colour limits (dev sets only)")
     args = ap.parse_args()
     gt = json.loads((args.set / "groundtruth.json").read_text())
     origin = {g["query"]: g["positives"][0] for g in gt}
@@ -53,6 +86,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="dv-"))
     try:
         build_index(args.features, work / "index", flat_below=10**9, progress=False)
+        if args.choose_colour:
+            choose_colour(work / "index", truth)
+            return
         out: dict = {"set": str(args.set), "label": args.label, "images": len(origin), "true_pairs": len(truth)}
         for verify in (False, True):
             t0 = time.perf_counter()
