@@ -267,16 +267,23 @@ def test_binary_codes_rank_small_selections_exactly_and_large_ones_from_an_enlar
         assert np.mean(recalls) == 1.0 if len(selected) <= 2000 else np.mean(recalls) >= 0.8, (share, np.mean(recalls))
 
 
-def test_gathered_selections_rank_exactly_within_their_byte_budget():
-    from pipeline.index import Gathered, Selection, ranked
-
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((100, 8)).astype(np.float32)
+def counting_reader(x: np.ndarray):
+    """A reader of rows of x by id, and the list of how many rows each call read."""
     reads: list[int] = []
 
     def vectors_of(ids: np.ndarray) -> np.ndarray:
         reads.append(len(ids))
         return x[ids]
+
+    return vectors_of, reads
+
+
+def test_gathered_selections_rank_exactly_within_their_byte_budget():
+    from pipeline.index import Gathered, Selection, ranked
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((100, 8)).astype(np.float32)
+    vectors_of, reads = counting_reader(x)
 
     small, other = Selection(np.arange(0, 100, 2), 100), Selection(np.arange(1, 100, 2), 100)
     gathered = Gathered(budget=50 * 8 * 4)  # one selection of 50 at a time
@@ -328,11 +335,7 @@ def test_a_selections_codes_are_made_once_and_count_against_the_budget():
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3000, 16)).astype(np.float32)
-    reads: list[int] = []
-
-    def vectors_of(ids: np.ndarray) -> np.ndarray:
-        reads.append(len(ids))
-        return x[ids]
+    vectors_of, reads = counting_reader(x)
 
     codebook = Codebook(16)
     selection = Selection(np.arange(0, 3000, 3), 3000)

@@ -129,6 +129,19 @@ def force(route: str, compressed: bool = False) -> None:
         planner.EXACT_BELOW, planner.PROBE_ABOVE = exact, probe
 
 
+def smallest(searcher: Searcher, queries: np.ndarray, values, name: str, cases, expected, floor: float, log: dict):
+    """The first of `values` (set as planner.<name> in turn) whose recall@10 is >= `floor` in every case (else
+    the last); each value's (recall, p50) per case recorded in `log`."""
+    for value in values:
+        setattr(planner, name, value)
+        per = {w: measure(searcher, queries, [w], expected[w])[:2] for w, _ in cases}
+        log[value] = per
+        print(f"{name} {value}: {per}", flush=True)
+        if min(v[0] or 0 for v in per.values()) >= floor:
+            return value
+    return values[-1]
+
+
 def crossovers(
     flat: Searcher, pq: Searcher, x: np.ndarray, r: np.ndarray, near: np.ndarray, tune_q: np.ndarray
 ) -> dict:
@@ -151,25 +164,11 @@ def crossovers(
     cases = [(f"r<{s}", np.flatnonzero(r < s)) for s in (0.1, 0.3)] + [clustered_where(0.1)]
     expected = {where: truth(x, chosen, tune_q) for where, chosen in cases}
     force("codes")
-    for rerank in (250, 500, 1000, 2000):
-        planner.RERANK = rerank
-        per = {w: measure(flat, tune_q, [w], expected[w])[:2] for w, _ in cases}
-        out["rerank"][rerank] = per
-        print(f"rerank {rerank}: {per}", flush=True)
-        if min(v[0] or 0 for v in per.values()) >= 0.99:
-            break
-    planner.RERANK = next((k for k, v in out["rerank"].items() if min(p[0] or 0 for p in v.values()) >= 0.99), 2000)
+    planner.RERANK = smallest(flat, tune_q, (250, 500, 1000, 2000), "RERANK", cases, expected, 0.99, out["rerank"])
     force("lists")
     high = [(f"r<{s}", np.flatnonzero(r < s)) for s in (0.5, 0.7, 0.9)]
     expected.update({w: truth(x, chosen, tune_q) for w, chosen in high})
-    for alpha in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0):
-        planner.ALPHA = alpha
-        per = {w: measure(flat, tune_q, [w], expected[w])[:2] for w, _ in high}
-        out["alphas"][alpha] = per
-        print(f"alpha {alpha}: {per}", flush=True)
-        if min(v[0] or 0 for v in per.values()) >= 0.96:
-            break
-    planner.ALPHA = next((a for a, v in out["alphas"].items() if min(p[0] or 0 for p in v.values()) >= 0.96), 4.0)
+    planner.ALPHA = smallest(flat, tune_q, (1.0, 1.5, 2.0, 2.5, 3.0, 4.0), "ALPHA", high, expected, 0.96, out["alphas"])
     order = np.argsort(r)
     for size in [s for s in (1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 120_000) if s < len(r) // 2]:
         chosen = np.sort(order[:size])
