@@ -693,6 +693,13 @@ def duplicates(
             "others above a lower cosine floor are checked; --threshold is not used). Needs the verify extra.",
         ),
     ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="With --verify: processes verifying pairs; 0 verifies in this process (default: one per core).",
+            show_default=False,
+        ),
+    ] = None,
     progress: ProgressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -703,7 +710,15 @@ def duplicates(
     pixels, then most bytes) first. Nothing is deleted or moved.
     """
     groups = find_groups(
-        index, threshold, min_size=min_size, limit=limit, nprobe=nprobe, progress=progress, where=where, verify=verify
+        index,
+        threshold,
+        min_size=min_size,
+        limit=limit,
+        nprobe=nprobe,
+        progress=progress,
+        where=where,
+        verify=verify,
+        workers=workers,
     )
     if sheet is not None:
         from .sheet import group_sheets

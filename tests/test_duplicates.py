@@ -417,13 +417,38 @@ def test_verified_groups_hold_a_crop_a_rotation_and_a_mirror_not_a_lookalike(tmp
     textured_picture(4).save(root / "gone.png")
     index = _index_of(root, tmp_path, tiny_model)
     (root / "gone.png").unlink()  # an indexed file that cannot be read now: its pairs are not checked
-    groups = find_groups(index, progress=False, verify=True)
+    groups = find_groups(index, progress=False, verify=True, workers=0)
     assert [sorted(Path(i.path).name for i in g.images) for g in groups] == [
         ["a.png", "a_crop.png", "a_mirror.png", "a_rot.png"]
     ]
     assert "not checked" in caplog.text
-    out = cli("duplicates", "--index", index, "--verify", "--json")
+    out = cli("duplicates", "--index", index, "--verify", "--json", "--workers", "0")
     assert [len(g["images"]) for g in json.loads(out.stdout)] == [4]
+
+
+def test_pairs_verified_in_worker_processes_get_the_verdicts_of_one_process(tmp_path, monkeypatch):
+    pytest.importorskip("cv2", reason="the verify extra (opencv-python-headless) is not installed")
+    from helpers import textured_picture
+    from pipeline.duplicates import verified
+
+    original = textured_picture(1)
+    paths = []
+    for name, im in [
+        ("a.png", original),
+        ("crop.png", original.crop((80, 60, 400, 300))),
+        ("mirror.png", original.transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
+        ("other.png", textured_picture(2)),
+    ]:
+        im.save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    paths.append(str(tmp_path / "missing.png"))
+    a, b = np.array([0, 0, 0, 0, 1, 3]), np.array([1, 2, 3, 4, 2, 4])
+    monkeypatch.setattr(verified, "CHUNK", 2)  # three chunks over two processes
+    here = verified.verify_pairs(paths, a, b, progress=False, workers=0)
+    there = verified.verify_pairs(paths, a, b, progress=False, workers=2)
+    assert there == here
+    assert [v.verified for v in here] == [True, True, False, False, True, False]
+    assert here[3].reason and "file not found" in here[3].reason
 
 
 def test_one_verified_pair_never_chains_two_groups():

@@ -48,6 +48,7 @@ def find_groups(
     progress: bool | None = None,
     where: Filter | Sequence[str] | None = None,
     verify: bool = False,
+    workers: int | None = None,
 ) -> list[DuplicateGroup]:
     """Every group of at least `min_size` near-duplicate images of the published index, largest first
     (at most `limit` groups). Reads only: nothing is deleted or moved.
@@ -64,9 +65,9 @@ def find_groups(
 
     `verify`: groups are joined only by pairs verified with local features (duplicates.verified: each image's
     nearest others above a lower "possible" floor, checked one by one; `threshold` is not used then); needs the
-    `verify` extra (OpenCV).
+    `verify` extra (OpenCV). `workers`: processes verifying pairs (default: one per core; 0: this process).
     """
-    _check_arguments(threshold, min_size, limit, nprobe)
+    _check_arguments(threshold, min_size, limit, nprobe, workers)
     t0 = time.monotonic()
     searcher = Searcher(index_dir)
     if threshold is None:
@@ -98,7 +99,7 @@ def find_groups(
         a, b = candidate_pairs(searcher, ids, vectors, floor, chosen)
         paths = searcher.indexed_paths()  # (in id order: position i is ids[i])
         report = VerifyReport()
-        join_verified(parent, a, b, verify_pairs(paths, a, b, progress), report)
+        join_verified(parent, a, b, verify_pairs(paths, a, b, progress, workers), report)
         found = report.joined
         LOG.info(
             "duplicates --verify: %d candidate pairs at cosine >= %.3f, %d verified (%d not checked: unreadable), "
@@ -132,7 +133,9 @@ def find_groups(
     return describe_groups(searcher, groups[:limit], vectors)
 
 
-def _check_arguments(threshold: float | None, min_size: int, limit: int | None, nprobe: int | None) -> None:
+def _check_arguments(
+    threshold: float | None, min_size: int, limit: int | None, nprobe: int | None, workers: int | None
+) -> None:
     """Refuse, in the CLI's words, arguments that cannot mean anything (before any file is read)."""
     if threshold is not None and not -1.0 <= threshold <= 1.0:
         raise PipelineError(f"--threshold is a cosine, in [-1, 1] (got {threshold})")
@@ -142,6 +145,8 @@ def _check_arguments(threshold: float | None, min_size: int, limit: int | None, 
         raise PipelineError(f"--limit must be at least 1 (got {limit})")
     if nprobe is not None and nprobe < 1:
         raise PipelineError(f"--nprobe must be at least 1 (got {nprobe})")
+    if workers is not None and workers < 0:
+        raise PipelineError(f"--workers must be 0 or more (got {workers})")
 
 
 def _features(searcher: Searcher) -> tuple[bool, Vectors]:

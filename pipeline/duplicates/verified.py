@@ -3,9 +3,11 @@
 Candidates: each image's NEIGHBOURS nearest others in the index at cosine >= a "possible" floor (possible_for:
 on copies-dev the floor that keeps 0.95 of the true pairs; a global threshold there would make every pair of a
 large collection a candidate, a per-image top-k does not). Each candidate pair is verified with local features
-and one geometric fit (copies.verify_pair; the mirror image tried too), the images' features computed from
-their files once and kept (an LRU of KEPT images). Only verified pairs join images; byte-identical files are
-joined without a check (find_groups).
+and one geometric fit (copies.verify_pair; the mirror image tried too), in worker processes (one per core by
+default: the matching loop holds the GIL, so threads would not scale), each computing the features of its pairs'
+images from their files once and keeping them (an LRU of KEPT images across the workers). Pairs go out in
+chunks in the order of their first image, so a chunk reads each image about once. Only verified pairs join
+images; byte-identical files are joined without a check (find_groups).
 
 One false link must not chain two groups: a verified pair whose images are each already in a group of two or
 more joins those groups only with a second verified pair between them, or inliers >= STRONG_INLIERS. A lone
@@ -16,14 +18,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import multiprocessing as mp
+import os
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..copies import INLIER_THRESHOLD, Verdict, local_features, verify_pair
+from ..copies import INLIER_THRESHOLD, LocalFeatures, Verdict, local_features, opencv, verify_pair
 from ..model import POOLINGS, ModelInfo
 from ..progress import Progress
 from ..search import Searcher
@@ -38,8 +42,8 @@ NEIGHBOURS = 10  # candidates per image: its nearest others (copies-dev: 4 copie
 POSSIBLE = {(POOLINGS["rmac45"], True): 0.266}
 POSSIBLE_MARGIN = 0.484
 STRONG_INLIERS = 3 * INLIER_THRESHOLD  # a pair this sure joins two groups on its own
-KEPT = 4096  # images' local features kept at once (about 30 KB each)
-THREADS = 2  # pairs verified at once (OpenCV releases the GIL)
+KEPT = 4096  # images' local features kept at once over all workers (about 30 KB each)
+CHUNK = 512  # pairs a worker verifies per task
 BATCH = 4096  # images whose neighbours are searched at once
 
 
@@ -86,20 +90,54 @@ def candidate_pairs(
     return pairs[:, 0], pairs[:, 1]
 
 
-def verify_pairs(paths: list[str], a: np.ndarray, b: np.ndarray, progress: bool | None = None) -> list[Verdict]:
-    """The verdict of each pair (paths[a[i]], paths[b[i]]), in order; pairs are checked in the order of their
-    first image, so that its features are computed once while they are needed."""
-    kept = functools.lru_cache(maxsize=KEPT)(functools.partial(local_features, mirrored=True))
+def default_verify_workers() -> int:
+    """One verifying process per core: verification is all CPU, and nothing else runs meanwhile."""
+    return os.cpu_count() or 1
+
+
+def verify_pairs(
+    paths: list[str], a: np.ndarray, b: np.ndarray, progress: bool | None = None, workers: int | None = None
+) -> list[Verdict]:
+    """The verdict of each pair (paths[a[i]], paths[b[i]]), in order, checked in the order of their first image
+    so that its features are computed once while they are needed. `workers`: processes (default: one per core,
+    default_verify_workers); 0 checks them in this process."""
+    workers = default_verify_workers() if workers is None else workers
     order = np.lexsort((b, a))
     verdicts: list[Verdict | None] = [None] * len(a)
-
-    def check(i: int) -> None:
-        verdicts[i] = verify_pair(kept(paths[a[i]]), kept(paths[b[i]]))
-
-    with Progress(len(a), "verify", enabled=progress) as bar, ThreadPoolExecutor(THREADS) as pool:
-        for _ in pool.map(check, order.tolist()):
-            bar.update(1)
+    chunks = [order[i : i + CHUNK] for i in range(0, len(order), CHUNK)]
+    with Progress(len(a), "verify", enabled=progress) as bar:
+        if workers == 0 or len(chunks) <= 1:
+            kept = functools.lru_cache(maxsize=KEPT)(functools.partial(local_features, mirrored=True))
+            for i in order.tolist():
+                verdicts[i] = verify_pair(kept(paths[a[i]]), kept(paths[b[i]]))
+                bar.update(1)
+        else:
+            opencv()  # the missing extra said once, here, not by every worker
+            # spawn: never fork a process that may hold ONNX Runtime or OpenMP threads
+            with ProcessPoolExecutor(
+                workers, mp.get_context("spawn"), initializer=_start_worker, initargs=(max(64, KEPT // workers),)
+            ) as pool:
+                tasks = [[(paths[a[i]], paths[b[i]]) for i in chunk.tolist()] for chunk in chunks]
+                for chunk, found in zip(chunks, pool.map(verify_chunk, tasks), strict=True):
+                    for i, verdict in zip(chunk.tolist(), found, strict=True):
+                        verdicts[i] = verdict
+                    bar.update(len(chunk))
     return [v for v in verdicts if v is not None]
+
+
+_worker_features: Callable[[str], LocalFeatures] = functools.partial(local_features, mirrored=True)
+
+
+def _start_worker(kept: int) -> None:
+    """A verifying process: one OpenCV thread (the processes are the parallelism), `kept` images' features."""
+    global _worker_features
+    opencv().setNumThreads(1)
+    _worker_features = functools.lru_cache(maxsize=kept)(functools.partial(local_features, mirrored=True))
+
+
+def verify_chunk(pairs: list[tuple[str, str]]) -> list[Verdict]:
+    """The verdicts of (path, path) pairs, in a verifying process (its features kept for its next chunks)."""
+    return [verify_pair(_worker_features(p), _worker_features(q)) for p, q in pairs]
 
 
 def join_verified(
