@@ -268,20 +268,20 @@ def read_metadata_files(
             continue
         forced_types.update(table.forced)
         report.rows = len(table.keys)
-        in_order = table.keys == paths  # a file in the index's own order (an export of it): no look-up at all
-        report.duplicates = 0 if in_order else len(table.keys) - len(set(table.keys))
+        # Each row's image: an exact path (a dictionary look-up); else a relative path, or a glob's images.
+        if table.keys == paths:  # a file in the index's own order (an export of it): no look-up at all
+            single = np.arange(len(paths), dtype=np.int64)
+            report.duplicates = 0
+        else:
+            by_path = by_path or dict(zip(paths, range(len(paths)), strict=True))
+            single = np.array(list(map(by_path.get, table.keys, repeat(-1))), np.int64)
+            report.duplicates = len(table.keys) - len(set(table.keys))
         if report.duplicates:
             seen: set[str] = set()
             for line, key in zip(table.lines, table.keys, strict=True):
                 if key in seen and len(report.examples) < EXAMPLES * 4:
                     report.problem(f"line {line}: {key} again (this row wins)")
                 seen.add(key)
-        # Each row's image: an exact path (a dictionary look-up); else a relative path, or a glob's images.
-        if in_order:
-            single = np.arange(len(paths), dtype=np.int64)
-        else:
-            by_path = by_path or {p: i for i, p in enumerate(paths)}
-            single = np.fromiter((by_path.get(k, -1) for k in table.keys), np.int64, len(table.keys))
         multi: dict[int, list[int]] = {}
         for i in np.flatnonzero(single < 0).tolist():
             key = table.keys[i]
