@@ -40,9 +40,10 @@ def transformations(name: str) -> list[str]:
     return m.group(1).split("+") if m else []
 
 
-def found_pairs(index: Path, verify: bool) -> set[frozenset[str]]:
-    """Every pair of file names in one group of `pipeline duplicates` (with --verify or not)."""
-    groups = find_groups(index, progress=False, verify=verify)
+def found_pairs(index: Path, verify: bool, workers: int | None = None) -> set[frozenset[str]]:
+    """Every pair of file names in one group of `pipeline duplicates` (with --verify or not; `workers`: its
+    verifying processes, 0 for this one)."""
+    groups = find_groups(index, progress=False, verify=verify, workers=workers)
     return {frozenset((Path(x.path).name, Path(y.path).name)) for g in groups for x, y in combinations(g.images, 2)}
 
 
@@ -59,7 +60,7 @@ def choose_colour(index: Path, truth: set[frozenset[str]]) -> None:
     scores = []
     for lightness in (50.0, 60.0, 70.0, 80.0, 90.0, 100.0, 120.0, 1e9):
         check.MAX_LIGHTNESS_SHIFT = lightness
-        found = found_pairs(index, verify=True)
+        found = found_pairs(index, verify=True, workers=0)  # (the limit set here, in this process)
         tp = len(found & truth)
         p, r = (tp / len(found) if found else 1.0), tp / len(truth)
         f = 1.25 * p * r / (0.25 * p + r) if p + r else 0.0
