@@ -44,6 +44,7 @@ from .index import (
     Selection,
     VectorStore,
     added_fields,
+    codes_possible,
     codes_search,
     current_version,
     damaged,
@@ -174,7 +175,8 @@ class Searcher:
         self._centroids: Centroids | None = None
         self._selections: OrderedDict[str, Selection] = OrderedDict()
         self._gathered = Gathered()  # selections' vectors or codes, made at their first search
-        self._codebook = Codebook(int(self.meta["dim"]))  # trained at the first selection that needs codes
+        # large selections' codebook: trained by warm(), else at the first selection that needs codes
+        self.codebook = Codebook(int(self.meta["dim"]))
         # candidates' local features (verify), kept for the next queries
         self._local_features = functools.lru_cache(maxsize=LOCAL_KEPT)(local_features)
         self._select_lock = threading.Lock()
@@ -214,7 +216,9 @@ class Searcher:
         once, in large sequential reads, so that the first queries do not wait on the disk page by page:
         at 10M the re-rank store is 9.8 GB, and a first batch of queries re-ranking from it cold ran at
         14 queries/s (docs/benchmarks.md). Returns the bytes read. Cheap when the files are cached. Setting
-        `stop` ends the reading early (a service shutting down does not wait for 10 GB)."""
+        `stop` ends the reading early (a service shutting down does not wait for 10 GB). Then the codebook
+        of large filtered selections is trained, where a filter may need it (seconds at 1M images), so that the
+        first such filter does not wait for it."""
         done, buf = 0, bytearray(WARM_CHUNK)
         for name in (CODES_FILE if self.meta.get("codes") else INDEX_FILE, VECTORS_FILE, VECTOR_IDS_FILE):
             try:
@@ -226,6 +230,9 @@ class Searcher:
                 continue
             except OSError as exc:
                 raise damaged(self.version_dir / name, exc) from None
+        compressed = self.store is not None
+        if self._ivf is not None and codes_possible(self.count, compressed) and (stop is None or not stop.is_set()):
+            self.codebook.train(self.ids, self.store.get if self.store is not None else self.decoded)
         return done
 
     @property
@@ -368,7 +375,7 @@ class Searcher:
         if how == "exact":
             return self._exact(vectors, k, selection, vectors_of)
         if how == "codes":
-            codes = self._gathered.codes(selection, self._codebook, self.ids, vectors_of)
+            codes = self._gathered.codes(selection, self.codebook, self.ids, vectors_of)
             if codes is not None:
                 return codes_search(codes, selection.ids, vectors, k, vectors_of)
         with self._map_lock:

@@ -328,6 +328,14 @@ def test_each_route_of_the_planner_keeps_recall_against_brute_force(synthetic, f
             recalls.append(len({h.id for h in hits} & truth) / len(truth))
         assert np.mean(recalls) == 1.0 if how == "exact" else np.mean(recalls) >= 0.95, (where, how, np.mean(recalls))
     assert routes == {"exact", "codes", "lists"}
+    fresh = Searcher(out)  # a service warms the versions it loads: the codebook is ready for the first filter
+    fresh.warm()
+    assert fresh.codebook.trained
+    for name in ("EXACT_BELOW", "STORE_EXACT_BELOW"):  # a version every selection of which is ranked exactly
+        monkeypatch.setattr(filtered, name, len(x))
+    small = Searcher(out)
+    small.warm()
+    assert not small.codebook.trained
 
 
 def test_a_selections_codes_are_made_once_and_count_against_the_budget():

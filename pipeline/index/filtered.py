@@ -116,6 +116,12 @@ def route(selection: Selection, compressed: bool) -> Route:
     return "lists" if selection.share >= (STORE_PROBE_ABOVE if compressed else PROBE_ABOVE) else "codes"
 
 
+def codes_possible(count: int, compressed: bool) -> bool:
+    """Whether a version of `count` images may rank a selection by its codes (a larger one than is ranked
+    exactly)."""
+    return count > (STORE_EXACT_BELOW if compressed else EXACT_BELOW)
+
+
 def filtered_nprobe(nprobe: int, selection: Selection, holding: int) -> int:
     """Lists to probe for a selection: nprobe raised for its share, at most the lists holding one of it."""
     return min(holding, max(nprobe, math.ceil(nprobe * selection.share**-ALPHA)))
@@ -196,8 +202,12 @@ class Codebook:
     def subquantizers(self) -> int:
         return self.dim // 2 if self.dim % 2 == 0 else self.dim
 
-    def empty(self, ids: Callable[[], np.ndarray], vectors_of: Callable[[np.ndarray], np.ndarray]) -> faiss.Index:
-        """A trained, empty index of codes (trained now, if not yet, on a sample of the version's `ids()`)."""
+    @property
+    def trained(self) -> bool:
+        return self._trained is not None
+
+    def train(self, ids: Callable[[], np.ndarray], vectors_of: Callable[[np.ndarray], np.ndarray]) -> faiss.Index:
+        """The trained, empty index of codes: trained now, if not yet, on a sample of the version's `ids()`."""
         with self._lock:
             if self._trained is None:
                 rng = np.random.default_rng(0)
@@ -206,7 +216,11 @@ class Codebook:
                 index = faiss.IndexPQFastScan(self.dim, self.subquantizers, 4, faiss.METRIC_INNER_PRODUCT)
                 index.train(np.ascontiguousarray(vectors_of(sample), np.float32))
                 self._trained = index
-            return faiss.clone_index(self._trained)
+            return self._trained
+
+    def empty(self, ids: Callable[[], np.ndarray], vectors_of: Callable[[np.ndarray], np.ndarray]) -> faiss.Index:
+        """A trained, empty index of codes, for one selection (Codebook.train)."""
+        return faiss.clone_index(self.train(ids, vectors_of))
 
     def encode(
         self,
