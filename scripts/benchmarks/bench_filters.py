@@ -142,6 +142,16 @@ def smallest(searcher: Searcher, queries: np.ndarray, values, name: str, cases, 
     return values[-1]
 
 
+def both_routes(flat: Searcher, pq: Searcher, queries: np.ndarray, where: list[str], exp, routes) -> dict:
+    """(recall, p50) of each of two routes forced in turn, for both plans (compressed keys start "pq_")."""
+    row = {}
+    for searcher, compressed, prefix in ((flat, False, ""), (pq, True, "pq_")):
+        for mode in routes:
+            force(mode, compressed)
+            row[prefix + mode] = measure(searcher, queries, where, exp)[:2]
+    return row
+
+
 def crossovers(
     flat: Searcher, pq: Searcher, x: np.ndarray, r: np.ndarray, near: np.ndarray, tune_q: np.ndarray
 ) -> dict:
@@ -174,21 +184,13 @@ def crossovers(
         chosen = np.sort(order[:size])
         where = [f"r<{r[order[size]]:.7f}"]
         exp = truth(x, chosen, tune_q)
-        row: dict = {"size": size}
-        for searcher, compressed, prefix in ((flat, False, ""), (pq, True, "pq_")):
-            for mode in ("exact", "codes"):
-                force(mode, compressed)
-                row[prefix + mode] = measure(searcher, tune_q, where, exp)[:2]
+        row: dict = {"size": size, **both_routes(flat, pq, tune_q, where, exp, ("exact", "codes"))}
         out["sizes"].append(row)
         print(f"exact crossover {size}: {row}", flush=True)
     for share in (0.2, 0.3, 0.5, 0.7, 0.9):
         where = [f"r<{share}"]
         exp = expected.get(where[0]) or truth(x, np.flatnonzero(r < share), tune_q)
-        row = {"share": share}
-        for searcher, compressed, prefix in ((flat, False, ""), (pq, True, "pq_")):
-            for mode in ("codes", "lists"):
-                force(mode, compressed)
-                row[prefix + mode] = measure(searcher, tune_q, where, exp)[:2]
+        row = {"share": share, **both_routes(flat, pq, tune_q, where, exp, ("codes", "lists"))}
         out["shares"].append(row)
         print(f"lists crossover {share}: {row}", flush=True)
 
