@@ -696,7 +696,8 @@ def duplicates(
     workers: Annotated[
         int | None,
         typer.Option(
-            help="With --verify: processes verifying pairs; 0 verifies in this process (default: one per core).",
+            help="With --verify: processes verifying pairs; 0 verifies in this process "
+            "(default: one per core, at most 16).",
             show_default=False,
         ),
     ] = None,

@@ -65,7 +65,7 @@ def find_groups(
 
     `verify`: groups are joined only by pairs verified with local features (duplicates.verified: each image's
     nearest others above a lower "possible" floor, checked one by one; `threshold` is not used then); needs the
-    `verify` extra (OpenCV). `workers`: processes verifying pairs (default: one per core; 0: this process).
+    `verify` extra (OpenCV). `workers`: processes verifying pairs (default: one per core, at most 16; 0: this process).
     """
     _check_arguments(threshold, min_size, limit, nprobe, workers)
     t0 = time.monotonic()

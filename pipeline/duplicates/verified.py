@@ -4,9 +4,9 @@ Candidates: each image's NEIGHBOURS nearest others in the index at cosine >= a "
 on copies-dev the floor that keeps 0.95 of the true pairs; a global threshold there would make every pair of a
 large collection a candidate, a per-image top-k does not). Each candidate pair is verified with local features
 and one geometric fit (copies.verify_pair; the mirror image tried too), in worker processes (one per core by
-default: the matching loop holds the GIL, so threads would not scale), each computing the features of its pairs'
-images from their files once and keeping them (an LRU of KEPT images across the workers). Pairs go out in
-chunks in the order of their first image, so a chunk reads each image about once. Only verified pairs join
+default, at most 16: the matching loop holds the GIL, so threads would not scale), each computing the features
+of its pairs' images from their files once and keeping them (an LRU of KEPT images across the workers). Pairs
+go out in chunks in the order of their first image, so a chunk reads each image about once. Only verified pairs join
 images; byte-identical files are joined without a check (find_groups).
 
 One false link must not chain two groups: a verified pair whose images are each already in a group of two or
@@ -90,9 +90,13 @@ def candidate_pairs(
     return pairs[:, 0], pairs[:, 1]
 
 
+MAX_WORKERS = 16  # verifying processes by default at most (about 80 MiB each before the features they keep)
+
+
 def default_verify_workers() -> int:
-    """One verifying process per core: verification is all CPU, and nothing else runs meanwhile."""
-    return os.cpu_count() or 1
+    """One verifying process per core (verification is all CPU, and nothing else runs meanwhile), at most
+    MAX_WORKERS."""
+    return min(MAX_WORKERS, os.cpu_count() or 1)
 
 
 def verify_pairs(
@@ -100,7 +104,7 @@ def verify_pairs(
 ) -> list[Verdict]:
     """The verdict of each pair (paths[a[i]], paths[b[i]]), in order, checked in the order of their first image
     so that its features are computed once while they are needed. `workers`: processes (default: one per core,
-    default_verify_workers); 0 checks them in this process."""
+    at most 16: default_verify_workers); 0 checks them in this process."""
     workers = default_verify_workers() if workers is None else workers
     order = np.lexsort((b, a))
     verdicts: list[Verdict | None] = [None] * len(a)
