@@ -230,9 +230,9 @@ class Searcher:
                 continue
             except OSError as exc:
                 raise damaged(self.version_dir / name, exc) from None
-        compressed = self.store is not None
-        if self._ivf is not None and codes_possible(self.count, compressed) and (stop is None or not stop.is_set()):
-            self.codebook.train(self.ids, self.store.get if self.store is not None else self.decoded)
+        stopped = stop is not None and stop.is_set()
+        if self._ivf is not None and codes_possible(self.count, self.store is not None) and not stopped:
+            self.codebook.train(self.ids, self.vectors)
         return done
 
     @property
@@ -370,14 +370,13 @@ class Searcher:
             params = faiss.SearchParameters()
             params.sel = selection.selector()
             return self.index.search(vectors, k, params=params)
-        vectors_of = self.store.get if self.store is not None else self.decoded
         how = route(selection, self.store is not None)
         if how == "exact":
-            return self._exact(vectors, k, selection, vectors_of)
+            return self._exact(vectors, k, selection, self.vectors)
         if how == "codes":
-            codes = self._gathered.codes(selection, self.codebook, self.ids, vectors_of)
+            codes = self._gathered.codes(selection, self.codebook, self.ids, self.vectors)
             if codes is not None:
-                return codes_search(codes, selection.ids, vectors, k, vectors_of)
+                return codes_search(codes, selection.ids, vectors, k, self.vectors)
         with self._map_lock:
             if self._lists is None or self._centroids is None:
                 self._lists, self._centroids = ListMap(ivf), Centroids(ivf)

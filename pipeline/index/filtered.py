@@ -218,10 +218,6 @@ class Codebook:
                 self._trained = index
             return self._trained
 
-    def empty(self, ids: Callable[[], np.ndarray], vectors_of: Callable[[np.ndarray], np.ndarray]) -> faiss.Index:
-        """A trained, empty index of codes, for one selection (Codebook.train)."""
-        return faiss.clone_index(self.train(ids, vectors_of))
-
     def encode(
         self,
         selection: Selection,
@@ -229,7 +225,7 @@ class Codebook:
         vectors_of: Callable[[np.ndarray], np.ndarray],
     ) -> faiss.Index:
         """The selection's codes, labelled by position in its ids; its vectors read ENCODE_BLOCK at a time."""
-        codes = self.empty(version_ids, vectors_of)
+        codes = faiss.clone_index(self.train(version_ids, vectors_of))
         for start in range(0, len(selection.ids), ENCODE_BLOCK):
             codes.add(np.ascontiguousarray(vectors_of(selection.ids[start : start + ENCODE_BLOCK]), np.float32))
         return codes
