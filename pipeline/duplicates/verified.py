@@ -21,8 +21,9 @@ import logging
 import multiprocessing as mp
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,39 +110,49 @@ def verify_pairs(
     order = np.lexsort((b, a))
     verdicts: list[Verdict | None] = [None] * len(a)
     chunks = [order[i : i + CHUNK] for i in range(0, len(order), CHUNK)]
-    with Progress(len(a), "verify", enabled=progress) as bar:
+    tasks = [[(paths[a[i]], paths[b[i]]) for i in chunk.tolist()] for chunk in chunks]
+    with Progress(len(a), "verify", enabled=progress) as bar, ExitStack() as stack:
         if workers == 0 or len(chunks) <= 1:
-            kept = functools.lru_cache(maxsize=KEPT)(functools.partial(local_features, mirrored=True))
-            for i in order.tolist():
-                verdicts[i] = verify_pair(kept(paths[a[i]]), kept(paths[b[i]]))
-                bar.update(1)
+            kept = _kept_features(KEPT)
+            found: Iterable[list[Verdict]] = (_verdicts(task, kept) for task in tasks)
         else:
             opencv()  # the missing extra said once, here, not by every worker
             # spawn: never fork a process that may hold ONNX Runtime or OpenMP threads
-            with ProcessPoolExecutor(
-                workers, mp.get_context("spawn"), initializer=_start_worker, initargs=(max(64, KEPT // workers),)
-            ) as pool:
-                tasks = [[(paths[a[i]], paths[b[i]]) for i in chunk.tolist()] for chunk in chunks]
-                for chunk, found in zip(chunks, pool.map(verify_chunk, tasks), strict=True):
-                    for i, verdict in zip(chunk.tolist(), found, strict=True):
-                        verdicts[i] = verdict
-                    bar.update(len(chunk))
+            pool = stack.enter_context(
+                ProcessPoolExecutor(
+                    workers, mp.get_context("spawn"), initializer=_start_worker, initargs=(max(64, KEPT // workers),)
+                )
+            )
+            found = pool.map(verify_chunk, tasks)
+        for chunk, chunk_verdicts in zip(chunks, found, strict=True):
+            for i, verdict in zip(chunk.tolist(), chunk_verdicts, strict=True):
+                verdicts[i] = verdict
+            bar.update(len(chunk))
     return [v for v in verdicts if v is not None]
 
 
-_worker_features: Callable[[str], LocalFeatures] = functools.partial(local_features, mirrored=True)
+def _kept_features(size: int) -> Callable[[str], LocalFeatures]:
+    """An image's local features (its mirror's too) from its file, the last `size` images' kept."""
+    return functools.lru_cache(maxsize=size)(functools.partial(local_features, mirrored=True))
+
+
+def _verdicts(pairs: list[tuple[str, str]], features: Callable[[str], LocalFeatures]) -> list[Verdict]:
+    return [verify_pair(features(p), features(q)) for p, q in pairs]
+
+
+_worker_features = _kept_features(KEPT)  # a verifying process's (_start_worker sizes it)
 
 
 def _start_worker(kept: int) -> None:
     """A verifying process: one OpenCV thread (the processes are the parallelism), `kept` images' features."""
     global _worker_features
     opencv().setNumThreads(1)
-    _worker_features = functools.lru_cache(maxsize=kept)(functools.partial(local_features, mirrored=True))
+    _worker_features = _kept_features(kept)
 
 
 def verify_chunk(pairs: list[tuple[str, str]]) -> list[Verdict]:
     """The verdicts of (path, path) pairs, in a verifying process (its features kept for its next chunks)."""
-    return [verify_pair(_worker_features(p), _worker_features(q)) for p, q in pairs]
+    return _verdicts(pairs, _worker_features)
 
 
 def join_verified(
@@ -165,8 +176,9 @@ def join_verified(
         if ra == rb:
             continue
         if size[ra] >= 2 and size[rb] >= 2 and inliers[i] < STRONG_INLIERS:
-            links[(min(ra, rb), max(ra, rb))] += 1
-            if links[(min(ra, rb), max(ra, rb))] < 2:
+            link = (min(ra, rb), max(ra, rb))
+            links[link] += 1
+            if links[link] < 2:
                 report.held_back += 1
                 continue
         union(parent, np.array([ra]), np.array([rb]))
