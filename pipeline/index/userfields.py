@@ -104,7 +104,7 @@ class _Table:
     """One metadata file, column by column: each row's line, its path (or glob), and each field's raw values
     (None where the row has none)."""
 
-    lines: Sequence[int]
+    lines: np.ndarray  # int64
     keys: list[str]
     columns: dict[str, list[Any]]
     forced: dict[str, FieldType]
@@ -130,7 +130,7 @@ def _read_table(path: Path, report: SourceReport) -> _Table:
                 keys.append(obj.pop("path"))
                 objects.append(obj)
             names = sorted({name for obj in objects for name in obj})
-            return _Table(lines, keys, {n: [obj.get(n) for obj in objects] for n in names}, {})
+            return _Table(np.array(lines, np.int64), keys, {n: [obj.get(n) for obj in objects] for n in names}, {})
         text = f.read()
     plain = _plain_columns(text)
     if plain is not None:
@@ -144,7 +144,7 @@ def _read_table(path: Path, report: SourceReport) -> _Table:
         columns = [list(c) for c in zip(*body, strict=True)] if body else [[] for _ in header]
         count = len(body)
     if not header:
-        return _Table([], [], {}, {})
+        return _Table(np.zeros(0, np.int64), [], {}, {})
     names, forced = [], {}
     for column in header:
         name, _, kind = column.strip().partition(":")
@@ -154,16 +154,17 @@ def _read_table(path: Path, report: SourceReport) -> _Table:
     if "path" not in names:
         raise PipelineError(f"{path}: its header has no `path` column (found: {', '.join(names) or 'nothing'})")
     at = names.index("path")
-    keep: Sequence[int] = range(count)
+    keep = np.arange(count)
     if "" in columns[at]:
-        keep = [i for i, key in enumerate(columns[at]) if key]
-        for i in sorted(set(range(count)) - set(keep)):
+        has_path = np.fromiter(map(bool, columns[at]), bool, count)
+        for i in np.flatnonzero(~has_path).tolist():
             if any(c[i] for c in columns):
                 report.bad_rows += 1
                 report.problem(f"line {i + 2}: no path")
-        columns = [[c[i] for i in keep] for c in columns]
+        keep = np.flatnonzero(has_path)
+        columns = [[c[i] for i in keep.tolist()] for c in columns]
     return _Table(
-        range(2, count + 2) if isinstance(keep, range) else [i + 2 for i in keep],
+        keep + 2,
         columns[at],
         {n: c if "" not in c else [v or None for v in c] for n, c in zip(names, columns, strict=True) if n != "path"},
         forced,
@@ -301,11 +302,7 @@ def read_metadata_files(
                 report.unknown += 1
                 report.problem(f"line {table.lines[i]}: {key} is not in the index")
         report.matched = int((single >= 0).sum()) + len(multi)
-        lines = (
-            np.arange(table.lines.start, table.lines.stop, dtype=np.int64)
-            if isinstance(table.lines, range)
-            else np.array(table.lines, np.int64)
-        )
+        lines = table.lines
         targeted = single >= 0  # rows naming at least one indexed image
         targeted[list(multi)] = True
         for name, column in table.columns.items():
