@@ -96,7 +96,7 @@ def find_groups(
     parent = np.arange(len(ids), dtype=np.int64)
     if verify:
         floor = possible_for(recorded_model(searcher.meta), threshold)
-        a, b = candidate_pairs(searcher, ids, vectors, floor, chosen)
+        a, b = candidate_pairs(searcher, ids, vectors, floor, chosen, progress=progress)
         paths = searcher.indexed_paths()  # (in id order: position i is ids[i])
         report = VerifyReport()
         join_verified(parent, a, b, verify_pairs(paths, a, b, progress, workers), report)

@@ -71,21 +71,24 @@ def candidate_pairs(
     floor: float,
     chosen: np.ndarray | None,
     neighbours: int = NEIGHBOURS,
+    progress: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Positions (a < b) into `ids` of each chosen image's `neighbours` nearest chosen others at cosine >= `floor`
     (the version's own search at its tuned nprobe), each pair once."""
     found_a, found_b = [], []
-    for start in range(0, len(ids), BATCH):
-        batch = ids[start : start + BATCH]
-        scores, hits = searcher.nearest(vectors(batch), neighbours + 1)
-        pos = np.searchsorted(ids, np.where(hits >= 0, hits, ids[0]))
-        own = np.arange(start, start + len(batch))[:, None]
-        keep = (hits >= 0) & (scores >= floor) & (pos != own)
-        if chosen is not None:
-            keep &= chosen[own] & chosen[np.minimum(pos, len(ids) - 1)]
-        rows, cols = np.nonzero(keep)
-        found_a.append(own[rows, 0])
-        found_b.append(pos[rows, cols])
+    with Progress(len(ids), "candidates", enabled=progress) as bar:
+        for start in range(0, len(ids), BATCH):
+            batch = ids[start : start + BATCH]
+            scores, hits = searcher.nearest(vectors(batch), neighbours + 1)
+            pos = np.searchsorted(ids, np.where(hits >= 0, hits, ids[0]))
+            own = np.arange(start, start + len(batch))[:, None]
+            keep = (hits >= 0) & (scores >= floor) & (pos != own)
+            if chosen is not None:
+                keep &= chosen[own] & chosen[np.minimum(pos, len(ids) - 1)]
+            rows, cols = np.nonzero(keep)
+            found_a.append(own[rows, 0])
+            found_b.append(pos[rows, cols])
+            bar.update(len(batch))
     a, b = np.concatenate(found_a), np.concatenate(found_b)
     pairs = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)], 1), axis=0)
     return pairs[:, 0], pairs[:, 1]
@@ -111,7 +114,7 @@ def verify_pairs(
     verdicts: list[Verdict | None] = [None] * len(a)
     chunks = [order[i : i + CHUNK] for i in range(0, len(order), CHUNK)]
     tasks = [[(paths[a[i]], paths[b[i]]) for i in chunk.tolist()] for chunk in chunks]
-    with Progress(len(a), "verify", enabled=progress) as bar, ExitStack() as stack:
+    with Progress(len(a), "verify", enabled=progress, unit="pairs") as bar, ExitStack() as stack:
         if workers == 0 or len(chunks) <= 1:
             kept = _kept_features(KEPT)
             found: Iterable[list[Verdict]] = (_verdicts(task, kept) for task in tasks)

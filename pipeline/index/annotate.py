@@ -11,6 +11,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
@@ -98,9 +99,9 @@ def _write_with_user_fields(
     if incremental is not None:
         user, reports = incremental
     else:
-        with IdTable(version_dir / IDS_FILE) as table:
-            paths = table.paths()  # in id order: row i is ids[i]
-        user, reports = read_metadata_files(files, paths, ids)
+        # the paths (in id order: row i is ids[i]) are fetched while the files are read (SQLite lets go of the GIL)
+        with IdTable(version_dir / IDS_FILE) as table, ThreadPoolExecutor(1) as pool:
+            user, reports = read_metadata_files(files, pool.submit(table.paths).result, ids)
     for report in reports:
         LOG.info("metadata %s", report.summary())
         for example in report.examples:

@@ -21,7 +21,7 @@ import math
 import os
 import re
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -246,11 +246,13 @@ class _Chunk:
 
 
 def read_metadata_files(
-    files: Sequence[Path | str], paths: Sequence[str], ids: np.ndarray
+    files: Sequence[Path | str], indexed: Sequence[str] | Callable[[], Sequence[str]], ids: np.ndarray
 ) -> tuple[dict[str, UserField], list[SourceReport]]:
-    """The user's fields of the indexed images (`paths[i]` is image `ids[i]`; ids sorted), and a report per
-    file. A file that cannot be read is reported `missing` (the caller keeps what it gave before)."""
-    paths = list(paths)
+    """The user's fields of the indexed images (the i-th of the `indexed` paths is image `ids[i]`; ids sorted),
+    and a report per file. A file that cannot be read is reported `missing` (the caller keeps what it gave
+    before). `indexed`: the paths, or a call that gives them, made once the first file is read (so that an id
+    table's query runs meanwhile: at a million images it takes about as long as reading the file)."""
+    paths: list[str] | None = None
     by_path: dict[str, int] = {}  # made at the first file not in the index's own order
     order: list[int] | None = None  # sorted positions, made on the first glob
     chunks: dict[str, list[_Chunk]] = {}
@@ -269,6 +271,8 @@ def read_metadata_files(
             continue
         forced_types.update(table.forced)
         report.rows = len(table.keys)
+        if paths is None:
+            paths = list(indexed() if callable(indexed) else indexed)
         # Each row's image: an exact path (a dictionary look-up); else a relative path, or a glob's images.
         if table.keys == paths:  # a file in the index's own order (an export of it): no look-up at all
             single = np.arange(len(paths), dtype=np.int64)

@@ -19,6 +19,13 @@ Usage: python scripts/benchmarks/bench_duplicates.py [--n 1000000] [--groups 200
    vectors as queries, extrapolated to all N: the one-query-per-image way of finding the pairs.
 Targets: every planted group recovered; <= 10 minutes; peak RSS <= 2x the index. Writes its figures into
 docs/benchmarks/results/duplicates.json (--json; run "planted").
+
+--verify (run "planted-verify", its own work folder): the planted groups' images are real files, each group a
+picture of --pictures (long side 640) and its copies made with two of the held-out sets' transformations
+(scripts/eval/make_heldout.py) at a random JPEG quality; the other images' paths name no file. Runs plain
+`pipeline duplicates` and `pipeline duplicates --verify` on the same index, one after the other: the ratio of
+their wall times (target <= 2), the candidate pairs --verify checked (those of images without a file end at
+once as unreadable), and the planted copies joined to their original's group, per transformation.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -41,7 +50,11 @@ from pipeline.duplicates import DEFAULT_THRESHOLD, MAX_PROBES, PROBE_GAP, Probin
 from pipeline.features import list_shards, read_shard  # noqa: E402
 from pipeline.synthetic import clustered, model_info, positive_centres, write_shards  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "scripts" / "eval"))
+from make_heldout import TRANSFORMS  # noqa: E402
+
 AREA, TITLE = "duplicates", "Duplicates"
+SHARED = ROOT.parent / "shared" / "eval"
 
 
 def copy_of(v: np.ndarray, cosine: float, rng: np.random.Generator) -> np.ndarray:
@@ -67,8 +80,11 @@ def probes_needed(ivf, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
-def make_planted(features: Path, n: int, n_groups: int, shard_size: int, seed: int) -> list[list[int]]:
-    """Write the shards (once) and return the planted groups as lists of ids (= row order)."""
+def make_planted(
+    features: Path, n: int, n_groups: int, shard_size: int, seed: int, files: Path | None = None, pictures=()
+) -> list[list[int]]:
+    """Write the shards (once) and return the planted groups as lists of ids (= row order). `files`: the
+    images' paths are there, and the planted groups' files are written (write_files)."""
     rng = np.random.default_rng(seed)
     centres = positive_centres(CENTRES, DIM, rng)  # as benchlib.make_shards draws them
     sizes = rng.integers(2, 9, n_groups)
@@ -84,10 +100,40 @@ def make_planted(features: Path, n: int, n_groups: int, shard_size: int, seed: i
             vecs[i] = copy_of(original, rng.uniform(0.82, 0.97), rng)
         if g % 10 == 0:  # a byte-identical file: same content, same feature
             vecs[ids[-1]], hashes[ids[-1]] = original, hashes[ids[0]]
-    write_shards(
-        features, vecs, model_info(DIM), shard_size, path_format="/synthetic/{:08d}.jpg", hashes=hashes, first_shard=0
-    )
+    path_format = "/synthetic/{:08d}.jpg" if files is None else str(files / "{:08d}.jpg")
+    if files is not None:
+        write_files(files, groups, pictures, seed)
+    write_shards(features, vecs, model_info(DIM), shard_size, path_format=path_format, hashes=hashes, first_shard=0)
     return groups
+
+
+def write_files(files: Path, groups: list[list[int]], pictures: list[Path], seed: int) -> None:
+    """Group g: picture g of the shuffled --pictures (cycled: groups that share one are far apart in the index,
+    never compared) as its original, and its copies, each two transformations in sequence saved at a random
+    JPEG quality (no two copies the same bytes); a byte-identical group's last image is the original's bytes.
+    files/planted.json: each copy's transformations."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    sources = sorted(p for folder in pictures for p in folder.glob("*.jpg"))
+    if not sources:
+        sys.exit(f"no pictures (*.jpg) in {', '.join(map(str, pictures))}")
+    rng.shuffle(sources)
+    files.mkdir(parents=True, exist_ok=True)
+    made: dict[int, str] = {}
+    for g, ids in enumerate(groups):
+        im = Image.open(sources[g % len(sources)]).convert("RGB")
+        im.thumbnail((640, 640), Image.Resampling.LANCZOS)
+        original = files / f"{ids[0]:08d}.jpg"
+        im.save(original, quality=90)
+        for i in ids[1:]:
+            if g % 10 == 0 and i == ids[-1]:
+                (files / f"{i:08d}.jpg").write_bytes(original.read_bytes())
+                continue
+            a, b = rng.sample(sorted(TRANSFORMS), 2)
+            TRANSFORMS[b](TRANSFORMS[a](im, rng), rng).save(files / f"{i:08d}.jpg", quality=rng.randint(70, 95))
+            made[i] = f"{a}+{b}"
+    (files / "planted.json").write_text(json.dumps(made))
 
 
 def main() -> None:
@@ -99,19 +145,30 @@ def main() -> None:
     ap.add_argument("--nprobe", type=int, help="lists each vector probes (default: the product's, by score gap)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench-output" / "dupes-bench")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--verify", action="store_true", help="planted groups of real files; plain and --verify timed")
+    ap.add_argument(
+        "--pictures",
+        type=Path,
+        nargs="+",
+        default=[SHARED / "holidays-dev" / "images", SHARED / "copies-dev" / "db"],
+        help="folders of real pictures (*.jpg) for --verify's planted groups",
+    )
     add_json_option(ap, AREA)
     args = ap.parse_args()
+    if args.verify and args.workdir == ap.get_default("workdir"):
+        args.workdir = ROOT / "bench-output" / "dupes-verify-bench"
     features, index_dir = args.workdir / f"features-{args.n}", args.workdir / f"index-{args.n}"
+    files = args.workdir / "files" if args.verify else None
     date, machine = now(), host()
     t0 = time.perf_counter()
     # Shards are written in a child process: a child's peak RSS counts the memory of the process it
     # was started from, so the measuring process stays small.
     maker = multiprocessing.get_context("spawn").Process(
-        target=make_planted, args=(features, args.n, args.groups, args.shard_size, args.seed)
+        target=make_planted, args=(features, args.n, args.groups, args.shard_size, args.seed, files, args.pictures)
     )
     maker.start()
     maker.join()
-    planted = make_planted(features, args.n, args.groups, args.shard_size, args.seed)  # the shards exist: ids only
+    planted = make_planted(features, args.n, args.groups, args.shard_size, args.seed, files)  # ids only
     print(
         f"shards ready in {time.perf_counter() - t0:.1f} s; host sgemm {machine['sgemm_gflops']:.0f} GFLOP/s",
         flush=True,
@@ -164,6 +221,10 @@ def main() -> None:
     planted_in = [group_of[ids[0]] for ids in planted if ids[0] in group_of]
     merged = len(planted_in) - len(set(planted_in))
     extra = len({g["group"] for g in found} - set(planted_in))
+    if args.verify:
+        assert files is not None
+        verified_run(args, index_dir, planted, files, wall, date, machine, recovered)
+        return
     import faiss
 
     index = faiss.read_index(str(version / "index.faiss"), faiss.IO_FLAG_MMAP_IFC)
@@ -239,6 +300,108 @@ def main() -> None:
         dim=DIM,
         setup=setup(res),
         figures=figures(res),
+        result=res,
+    )
+
+
+def verified_run(
+    args: argparse.Namespace,
+    index_dir: Path,
+    planted: list[list[int]],
+    files: Path,
+    plain_wall: float,
+    date: str,
+    machine: dict,
+    plain_recovered: int,
+) -> None:
+    """`pipeline duplicates --verify` on the index plain `duplicates` just ran on: its wall time against that
+    run's, what it checked (from its log) and which planted copies it joined to their original."""
+    log = args.workdir / "verify.log"
+    cmd = [sys.executable, "-m", "pipeline", "duplicates", "--index", str(index_dir), "--verify", "--json"]
+    wall, rss, out = run_measured(cmd + ["--no-progress"], stderr=log)
+    summary = r"(\d+) candidate pairs at cosine >= ([\d.]+), (\d+) verified \((\d+) not checked"
+    said = re.search(summary, log.read_text())
+    if said is None:
+        sys.exit(f"no verification summary in {log}")
+    candidates, floor, verified, unreadable = int(said[1]), float(said[2]), int(said[3]), int(said[4])
+    found = json.loads(out)
+    group_of = {int(Path(img["path"]).stem): g["group"] for g in found for img in g["images"]}
+    made = json.loads((files / "planted.json").read_text())
+    by_transform: dict[str, list[bool]] = {}
+    transformed = []
+    for ids in planted:
+        for i in ids[1:]:
+            joined = ids[0] in group_of and group_of.get(i) == group_of[ids[0]]
+            for name in made.get(str(i), "identical").split("+"):
+                by_transform.setdefault(name, []).append(joined)
+            if str(i) in made:
+                transformed.append(joined)
+    planted_in = [group_of[ids[0]] for ids in planted if ids[0] in group_of]
+    res = {
+        "n": args.n,
+        "groups": len(planted),
+        "pictures": sorted(map(str, args.pictures)),
+        "plain_wall_s": round(plain_wall, 1),
+        "plain_recovered": plain_recovered,
+        "verify_wall_s": round(wall, 1),
+        "verify_peak_rss_mib": round(rss),
+        "ratio": round(wall / plain_wall, 3),
+        "floor": floor,
+        "candidate_pairs": candidates,
+        "verified_pairs": verified,
+        "unreadable_pairs": unreadable,
+        "checked_pairs": candidates - unreadable,
+        "copies": len(transformed),
+        "copies_joined": int(sum(transformed)),
+        "joined_by_transformation": {k: [int(sum(v)), len(v)] for k, v in sorted(by_transform.items())},
+        "planted_groups_merged_together": len(planted_in) - len(set(planted_in)),
+    }
+    figures_ = [
+        figure(
+            "wall time, `duplicates --verify` / plain `duplicates`, whole processes, same index",
+            res["ratio"],
+            "×",
+            f"{res['verify_wall_s']} vs {res['plain_wall_s']} s",
+            target="≤ 2",
+            met=res["ratio"] <= 2,
+        ),
+        figure(
+            "candidate pairs (each image's 10 nearest at cosine ≥ the floor)",
+            candidates,
+            "",
+            f"floor {floor}; {res['checked_pairs']} checked from files, {unreadable} ended at once (no file: the "
+            "synthetic images)",
+        ),
+        figure(
+            "planted copies joined to their original's group",
+            round(res["copies_joined"] / max(1, res["copies"]), 3),
+            "",
+            f"{res['copies_joined']} of {res['copies']} (byte-identical copies apart); "
+            f"{res['planted_groups_merged_together']} planted groups merged together",
+        ),
+    ] + [
+        figure(f"… copies made with {name}", round(ok / total, 3), "", f"{ok} of {total}")
+        for name, (ok, total) in res["joined_by_transformation"].items()
+        if name != "identical"
+    ]
+    save(
+        args.json,
+        AREA,
+        TITLE,
+        key="planted-verify",
+        date=date,
+        command=command_line(),
+        host=machine,
+        dim=DIM,
+        setup=(
+            f"`pipeline duplicates` then `pipeline duplicates --verify` (fresh processes, 2 verifying workers) on "
+            f"{res['n']:,} synthetic {DIM}-d unit vectors (the benchmarks' set) with {res['groups']:,} planted groups "
+            "of 2–8 as in the planted run, whose files are real: each group a picture "
+            f"(from {', '.join(p.parent.name if p.name in ('images', 'db') else p.name for p in args.pictures)}) "
+            "and copies made with two of the held-out sets' transformations each (scripts/eval/make_heldout.py); "
+            "the synthetic images' paths name no file."
+        ),
+        figures=figures_,
         result=res,
     )
 

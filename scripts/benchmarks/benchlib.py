@@ -22,6 +22,7 @@ Results are written, never appended to the page: `python scripts/benchmarks/rend
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -165,13 +166,14 @@ def wait_healthy(url: str, server: subprocess.Popen, limit: float = 120.0) -> No
         time.sleep(0.1)
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (MiB) and stdout of a child process."""
+def run_measured(cmd: list[str], stderr: Path | None = None) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (MiB) and stdout of a child process (its stderr written to `stderr` if given)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    with open(stderr, "w") if stderr else contextlib.nullcontext() as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"failed: {' '.join(cmd)}")
