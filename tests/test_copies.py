@@ -19,7 +19,7 @@ from pipeline.copies import (
     verify_candidates,
     verify_pair,
 )
-from pipeline.copies.check import inliers
+from pipeline.copies.check import hamming_knn, inliers
 
 pytest.importorskip("cv2", reason="the verify extra (opencv-python-headless) is not installed")
 
@@ -71,6 +71,16 @@ def test_a_dark_variant_does_not_verify_but_grey_and_brightened_copies_do(origin
     brightened = ImageEnhance.Contrast(ImageEnhance.Brightness(im).enhance(1.3)).enhance(0.8)
     for copy in (grey, brightened):
         assert verify_pair(as_query(copy), original).verified
+
+
+def test_hamming_neighbours_are_those_of_brute_force():
+    rng = np.random.default_rng(3)
+    base, queries = (rng.integers(0, 256, (n, 32), dtype=np.uint8) for n in (300, 200))
+    bits = np.unpackbits(queries, axis=1)[:, None, :] != np.unpackbits(base, axis=1)[None, :, :]
+    exact = bits.sum(2)  # [query, base] differing bits
+    distances, indices = hamming_knn(base, queries, 2)
+    assert (distances == np.sort(exact, axis=1)[:, :2]).all()
+    assert (exact[np.arange(len(queries))[:, None], indices] == distances).all()
 
 
 def test_an_unreadable_file_is_unverified_with_its_reason(tmp_path, original):

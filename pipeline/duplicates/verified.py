@@ -26,6 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 
 from ..copies import INLIER_THRESHOLD, LocalFeatures, Verdict, local_features, opencv, verify_pair
@@ -147,9 +148,11 @@ _worker_features = _kept_features(KEPT)  # a verifying process's (_start_worker 
 
 
 def _start_worker(kept: int) -> None:
-    """A verifying process: one OpenCV thread (the processes are the parallelism), `kept` images' features."""
+    """A verifying process: one OpenCV thread and one faiss thread (the processes are the parallelism: threads
+    of their own would spin against the other processes'), `kept` images' features."""
     global _worker_features
     opencv().setNumThreads(1)
+    faiss.omp_set_num_threads(1)
     _worker_features = _kept_features(kept)
 
 
