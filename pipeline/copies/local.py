@@ -19,7 +19,12 @@ from ..errors import ImageError
 from ..images import DEFAULT_MAX_PIXELS, decode_rgb, read_file
 from .opencv import opencv
 
-WORK_SIDE = 480  # px, the long side features are computed at (smaller pictures are not enlarged)
+WORK_SIDE = 480  # px, the long side features are computed at
+# px: a picture with a shorter long side is enlarged to it first. A thumbnail-sized copy (160 px) otherwise
+# gives ORB too few corners at the scales its original shows them: on copies-dev the best F0.5 of duplicates
+# --verify's pairs over {none, 240, 320, 400} (recall 0.643 -> 0.675, precision 0.888 -> 0.893; the search
+# flag's precision kept), chosen there only (scripts/eval/duplicates_verify.py).
+MIN_SIDE = 400
 MAX_FEATURES = 1000  # keypoints kept per picture (ORB's strongest)
 FAST_THRESHOLD = 5  # ORB's corner threshold: OpenCV's 20 finds too few corners on smooth artwork
 LIGHTNESS_BLUR = 9  # px, the box a keypoint's lightness is averaged over (working pixels)
@@ -53,11 +58,12 @@ def unreadable(reason: str) -> LocalFeatures:
 
 
 def working_rgb(picture: Image.Image | np.ndarray) -> np.ndarray:
-    """uint8 RGB [h, w, 3], long side at most WORK_SIDE (bilinear, as the product resizes)."""
+    """uint8 RGB [h, w, 3], long side at most WORK_SIDE and at least MIN_SIDE (bilinear, as the product
+    resizes)."""
     im = picture if isinstance(picture, Image.Image) else Image.fromarray(np.ascontiguousarray(picture))
     im = im.convert("RGB")
-    scale = WORK_SIDE / max(im.size)
-    if scale < 1:
+    scale = WORK_SIDE / max(im.size) if max(im.size) > WORK_SIDE else max(1.0, MIN_SIDE / max(im.size))
+    if scale != 1:
         im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.BILINEAR)
     return np.asarray(im, dtype=np.uint8)
 
