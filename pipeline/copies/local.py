@@ -81,11 +81,18 @@ def detect(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def features_of_rgb(rgb: np.ndarray, mirrored: bool = False) -> LocalFeatures:
     """The features of a working-size RGB picture, and of its mirror image if `mirrored`."""
     cv2 = opencv()
-    points, descriptors = detect(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     lightness = cv2.blur(cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)[:, :, 0], (LIGHTNESS_BLUR, LIGHTNESS_BLUR))
-    at = np.clip(np.round(points).astype(np.int64), 0, [rgb.shape[1] - 1, rgb.shape[0] - 1])
-    mirror = features_of_rgb(np.ascontiguousarray(rgb[:, ::-1])) if mirrored else None
-    return LocalFeatures(points, descriptors, (rgb.shape[1], rgb.shape[0]), lightness[at[:, 1], at[:, 0]], mirror)
+    # the mirror's grey and lightness are these flipped (per pixel, and a centred box blur): not converted again
+    mirror = _features(np.ascontiguousarray(grey[:, ::-1]), lightness[:, ::-1]) if mirrored else None
+    return _features(grey, lightness, mirror)
+
+
+def _features(grey: np.ndarray, lightness: np.ndarray, mirror: LocalFeatures | None = None) -> LocalFeatures:
+    """ORB features of a working-size grey picture, each keypoint with the lightness around it."""
+    points, descriptors = detect(grey)
+    at = np.clip(np.round(points).astype(np.int64), 0, [grey.shape[1] - 1, grey.shape[0] - 1])
+    return LocalFeatures(points, descriptors, (grey.shape[1], grey.shape[0]), lightness[at[:, 1], at[:, 0]], mirror)
 
 
 def local_features(source: Source, mirrored: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> LocalFeatures:

@@ -111,7 +111,7 @@ class Centroids:
 def route(selection: Selection, compressed: bool) -> Route:
     """How a selection is ranked (the module's docstring says why): "exact" when small, "lists" when it is
     most of the collection, "codes" between."""
-    if len(selection.ids) <= (STORE_EXACT_BELOW if compressed else EXACT_BELOW):
+    if len(selection.ids) <= _exact_at_most(compressed):
         return "exact"
     return "lists" if selection.share >= (STORE_PROBE_ABOVE if compressed else PROBE_ABOVE) else "codes"
 
@@ -119,7 +119,12 @@ def route(selection: Selection, compressed: bool) -> Route:
 def codes_possible(count: int, compressed: bool) -> bool:
     """Whether a version of `count` images may rank a selection by its codes (a larger one than is ranked
     exactly)."""
-    return count > (STORE_EXACT_BELOW if compressed else EXACT_BELOW)
+    return count > _exact_at_most(compressed)
+
+
+def _exact_at_most(compressed: bool) -> int:
+    """The largest selection ranked exactly (read at call time: the benchmark sets the constants)."""
+    return STORE_EXACT_BELOW if compressed else EXACT_BELOW
 
 
 def filtered_nprobe(nprobe: int, selection: Selection, holding: int) -> int:

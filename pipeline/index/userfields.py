@@ -318,9 +318,10 @@ def read_metadata_files(
                 present = np.flatnonzero(np.fromiter((v is not None for v in column), bool, len(column)) & targeted)
             else:
                 present = np.flatnonzero(targeted)
+            values = column if len(present) == len(column) else [column[i] for i in present.tolist()]
             raw = np.empty(len(present), object)
-            raw[:] = column if len(present) == len(column) else [column[i] for i in present.tolist()]
-            kinds, typed_values = _kinds(list(raw))
+            raw[:] = values
+            kinds, typed_values = _kinds(values)
             rows = single[present]
             if multi:  # glob rows: the value goes to every image the glob names, rows kept in file order
                 targets = [multi.get(i, [int(single[i])]) for i in present.tolist()]
