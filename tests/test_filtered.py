@@ -388,3 +388,51 @@ def test_metadata_files_read_the_same_split_at_once_as_row_by_row(tmp_path):
     ragged.write_text("path,price\n/photos/000.jpg,1\n/photos/001.jpg\n\n,5\n/photos/002.jpg,3,extra\n")
     fields, reports = read_metadata_files([ragged], paths, ids)
     assert fields["price"].rows.tolist() == [0, 2] and reports[0].bad_rows == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "values", "unknown"),
+    [
+        ("path,n\r\n/p/0.jpg,1\r\n/p/1.jpg,2\r\n", {0: 1.0, 1: 2.0}, 0),  # csv.writer's line ends
+        ("\ufeffpath,n\n/p/0.jpg,1\n/p/1.jpg,2", {0: 1.0, 1: 2.0}, 0),  # a byte order mark, no last line end
+        ("path,n\r\n/p/0.jpg,1\r\n/p/1.jpg,2", {0: 1.0, 1: 2.0}, 0),
+        ("path,n\r\n/p/0.jpg,1\rx\r\n/p/1.jpg,2\r\n", {0: 1.0, 1: 2.0}, 1),  # a bare carriage return ends a row
+        ("path,n\r\n/p/0.jpg,1\rx\n/p/1.jpg,2\r\n", {0: 1.0, 1: 2.0}, 1),
+        ("path,n\n/p/0.jpg,1\n/p/1.jpg,2,3\n", {0: 1.0, 1: 2.0}, 0),  # a row too long: cut to the header
+        ("path\n/p/0.jpg\n\n/p/1.jpg\n", {}, 0),  # one column and a blank line
+    ],
+)
+def test_every_csv_layout_reads_as_the_csv_module_reads_it(tmp_path, text, values, unknown):
+    from pipeline.index import read_metadata_files
+
+    meta = tmp_path / "m.csv"
+    meta.write_bytes(text.encode())
+    fields, (report,) = read_metadata_files([meta], ["/p/0.jpg", "/p/1.jpg"], np.array([4, 9]))
+    assert report.unknown == unknown and report.matched == 2
+    got = dict(zip(fields["n"].rows.tolist(), fields["n"].values.tolist(), strict=True)) if "n" in fields else {}
+    assert got == values
+
+
+def test_a_files_rows_name_the_images_they_named_before_while_its_path_column_is_unchanged(tmp_path):
+    from pipeline.index import KnownRows, read_metadata_files
+
+    paths = [f"/photos/{i:03d}.jpg" for i in range(40)]
+    ids = np.arange(40, dtype=np.int64) * 2
+    rows = [[p, i] for i, p in enumerate(paths)][::-1] + [["/photos/none.jpg", 1], [paths[3], 99]]
+    meta = write_csv(tmp_path / "m.csv", ["path", "n"], rows)  # not in the index's order, an unknown, a repeat
+    _, (first,) = read_metadata_files([meta], paths, ids)
+    assert first.positions is not None and first.unknown == 1 and first.duplicates == 1
+    known = {str(meta): KnownRows(first.keys_sha256, first.positions, first.duplicates, first.unknown, first.globs)}
+
+    def no_paths() -> list[str]:
+        raise AssertionError("the id table's paths were read")
+
+    write_csv(meta, ["path", "n"], [[p, n + 1000] for p, n in rows])  # every value changed, the paths kept
+    taken, (again,) = read_metadata_files([meta], no_paths, ids, known)
+    fresh, (scratch,) = read_metadata_files([meta], paths, ids)
+    assert again.record() == scratch.record() and again.examples == scratch.examples
+    assert np.array_equal(taken["n"].rows, fresh["n"].rows) and np.array_equal(taken["n"].values, fresh["n"].values)
+    assert taken["n"].values[taken["n"].rows.tolist().index(3)] == 1099  # (the later row wins)
+    write_csv(meta, ["path", "n"], [[paths[0], 1], *rows])  # a row more: looked up again
+    with pytest.raises(AssertionError, match="paths were read"):
+        read_metadata_files([meta], no_paths, ids, known)

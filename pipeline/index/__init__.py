@@ -62,7 +62,7 @@ from .plan import (
 from .store import VECTOR_IDS_FILE, VECTORS_FILE, Reranked, VectorStore, has_store, update_store, write_store
 from .tune import DEFAULT_TARGET_RECALL, NPROBE_GRID, ivf_params, lower_bound, recall_at, tune_nprobe
 from .update import DEFAULT_RETRAIN_ABOVE, HOLD_SLACK
-from .userfields import BUILTIN_FIELDS, SourceReport, UserField, read_metadata_files
+from .userfields import BUILTIN_FIELDS, KnownRows, SourceReport, UserField, read_metadata_files
 from .versions import (
     CURRENT_FILE,
     DEFAULT_KEEP,
@@ -115,6 +115,7 @@ __all__ = [
     "collect_facts",
     "write_metadata",
     "BUILTIN_FIELDS",
+    "KnownRows",
     "SourceReport",
     "UserField",
     "read_metadata_files",

@@ -6,6 +6,7 @@ version made from a metadata change alone (republish_metadata). index.metadata w
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import math
 import os
@@ -22,16 +23,16 @@ import numpy as np
 from ..errors import PipelineError
 from ..features import added_fields_file
 from ..filters import FieldType
-from ..fsutil import exclusive_lock
+from ..fsutil import exclusive_lock, sha256_file
 from .idtable import IDS_FILE, IdTable
-from .metadata import METADATA_DIR, Metadata, collect_facts, write_metadata
+from .metadata import Metadata, collect_facts, write_metadata
 from .userfields import (
     BUILTIN_FIELDS,
     GLOB_CHARS,
     JSON_SUFFIXES,
+    KnownRows,
     SourceReport,
     UserField,
-    file_sha256,
     kind_of,
     read_metadata_files,
 )
@@ -68,7 +69,7 @@ def metadata_changed(meta: dict[str, Any], files: Sequence[Path]) -> bool:
         return True
     for f in files:
         try:
-            if file_sha256(f) != recorded[str(f)]:
+            if sha256_file(f) != recorded[str(f)]:
                 return True
         except OSError:
             continue  # a file that vanished changes nothing: the version's fields stay
@@ -93,28 +94,45 @@ def _write_with_user_fields(
     previous: tuple[Metadata, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """`previous`: the base version's fields and meta.json, for a version of the same images: its fields are
-    changed by the lines of the metadata file that changed, when that can be done surely (_changed_lines)."""
+    changed by the lines of the metadata file that changed, when that can be done surely (_changed_lines), its
+    rows' images taken where a file's path column did not change, its unchanged columns linked."""
     t0 = time.monotonic()
     incremental = _changed_lines(previous, files, ids) if previous is not None else None
     if incremental is not None:
         user, reports = incremental
     else:
+        known = _known_rows(*previous) if previous is not None else {}
         # the paths (in id order: row i is ids[i]) are fetched while the files are read (SQLite lets go of the GIL)
         with IdTable(version_dir / IDS_FILE) as table, ThreadPoolExecutor(1) as pool:
-            user, reports = read_metadata_files(files, pool.submit(table.paths).result, ids)
+            paths = table.paths if all(str(f) in known for f in files) else pool.submit(table.paths).result
+            user, reports = read_metadata_files(files, paths, ids, known)
     for report in reports:
         LOG.info("metadata %s", report.summary())
         for example in report.examples:
             LOG.warning("metadata %s: %s", report.path, example)
     if any(r.missing for r in reports):
         user = _carried_over(user, ids, out_dir)
-    copies = [None if r.missing else Path(r.path) for r in reports]
-    record = write_metadata(version_dir, ids, facts, user, [r.record() for r in reports], copies)
+    copies = [None if r.missing else r.content for r in reports]
+    positions = [r.positions for r in reports]
+    same_images = previous[0].folder.parent if previous is not None else None
+    sources = [r.record() for r in reports]
+    record = write_metadata(version_dir, ids, facts, user, sources, copies, positions, same_images)
     record["incremental"] = incremental is not None
     LOG.info(
         "metadata: %d fields of %d images written (%.1f s)", len(record["fields"]), len(ids), time.monotonic() - t0
     )
     return record
+
+
+def _known_rows(metadata: Metadata, meta: dict[str, Any]) -> dict[str, KnownRows]:
+    """How the rows of each metadata file of a version mapped to its images, where the version kept it."""
+    out = {}
+    for i, source in enumerate((meta.get("metadata") or {}).get("sources", [])):
+        positions = metadata.source_positions(i) if source.get("keys_sha256") else None
+        if positions is not None:
+            counts = (int(source.get(k, 0)) for k in ("duplicates", "unknown", "globs"))
+            out[source["path"]] = KnownRows(source["keys_sha256"], positions, *counts)
+    return out
 
 
 def _carried_over(user: dict[str, UserField], ids: np.ndarray, out_dir: Path) -> dict[str, UserField]:
@@ -161,7 +179,8 @@ def republish_metadata(out_dir: Path, files: Sequence[Path], keep: int) -> Index
                     for name in ("size", "mtime", "width", "height")
                 }
                 record = _write_with_user_fields(tmp, ids, facts, files, out_dir, (previous, base_meta))
-            known = {k: v for k, v in base_meta.get("files", {}).items() if not k.startswith(METADATA_DIR + "/")}
+            linked = {k for k in base_meta.get("files", {}) if (tmp / k).is_file() and (tmp / k).samefile(base / k)}
+            known = {k: base_meta["files"][k] for k in linked}  # (its index, the metadata columns that did not change)
             meta = {
                 **base_meta,
                 "version": version,
@@ -195,7 +214,8 @@ def _changed_lines(
         if _rewritten(copy, files[0]):
             return None
         old = copy.read_text(encoding="utf-8-sig").splitlines()
-        new = files[0].read_text(encoding="utf-8-sig").splitlines()
+        data = files[0].read_bytes()  # (read once: the version keeps a copy of exactly what was read)
+        new = data.decode("utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError):
         return None
     if not old or not new or old[0] != new[0]:
@@ -222,7 +242,7 @@ def _changed_lines(
     ):
         return None
     columns = {name: metadata.values(name) for name in fields}
-    report = SourceReport(str(files[0]), file_sha256(files[0]), rows=len(new) - 1)
+    report = SourceReport(str(files[0]), hashlib.sha256(data).hexdigest(), rows=len(new) - 1, content=data)
     counts = {k: int(sources[0].get(k, 0)) for k in ("unknown", "wrong_types", "bad_rows")}
     re_added = {row[0] for row in rows[: len(added)]}
     gone = {row[0] for row in rows[len(added) :]}
@@ -251,6 +271,9 @@ def _changed_lines(
                         (raw if ftype == "string" else value) if ok else (None if ftype == "string" else np.nan)
                     )
     report.unknown, report.wrong_types, report.bad_rows = counts["unknown"], counts["wrong_types"], counts["bad_rows"]
+    if len(new) == len(old) and all(a[0] == b[0] for a, b in zip(rows[: len(added)], rows[len(added) :], strict=True)):
+        report.keys_sha256 = sources[0].get("keys_sha256", "")  # lines changed in place, each naming its image
+        report.positions = metadata.source_positions(0) if report.keys_sha256 else None
     report.matched = report.rows - report.unknown - report.bad_rows
     user = {}
     for name, ftype in fields.items():

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
+import os
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +43,7 @@ LOG = logging.getLogger(__name__)
 METADATA_DIR = "metadata"
 SOURCES_DIR = "sources"  # copies of the metadata files a version was made from, by their order
 FIELDS_FILE = "fields.json"
+POSITIONS_SUFFIX = ".positions.npy"  # beside a source's copy: the position of each of its rows' image, -1: none
 SCHEMA = 1
 
 
@@ -63,20 +64,32 @@ def write_metadata(
     facts: dict[str, np.ndarray],
     user: dict[str, UserField],
     sources: list[dict[str, Any]],
-    copies: Sequence[Path | None] = (),
+    copies: Sequence[bytes | None] = (),
+    positions: Sequence[np.ndarray | None] = (),
+    same_images: Path | None = None,
 ) -> dict[str, Any]:
     """Write metadata/ into a version being made: `ids` sorted, `facts` in their order, `user` fields by
-    position in them, and a copy of each of the metadata `copies` read (so that the next change of one can be
-    read line by line). Returns what meta.json records of it."""
+    position in them, a copy of the bytes of each metadata file read (`copies`, so that the next change of one
+    can be read line by line) and the image each of its rows named (`positions`, so that the next version of
+    the same images reads the values only). `same_images`: a version of these same images, whose ids and
+    built-in columns are linked rather than written again. Returns what meta.json records of it."""
     folder = version_dir / METADATA_DIR
     folder.mkdir()
+    linked = same_images / METADATA_DIR if same_images is not None else None
+
+    def save(name: str, array: np.ndarray) -> None:
+        if linked is not None and (linked / name).is_file():
+            os.link(linked / name, folder / name)
+        else:
+            np.save(folder / name, array)
+
     sorted_ids = np.ascontiguousarray(ids, np.int64)
-    np.save(folder / "ids.npy", sorted_ids)
+    save("ids.npy", sorted_ids)
     fields: dict[str, dict[str, Any]] = {}
     for name, column in facts.items():
         values = np.array(column, np.float64)
         values[values <= 0] = np.nan  # 0: not known (widths in shards written before they were recorded)
-        np.save(folder / f"f-{name}.npy", values)
+        save(f"f-{name}.npy", values)
         fields[name] = {"type": BUILTIN_FIELDS[name], "source": "builtin", "present": int(np.isfinite(values).sum())}
     for name, f in user.items():
         if f.type == "string":
@@ -95,7 +108,10 @@ def write_metadata(
     (folder / SOURCES_DIR).mkdir()
     for i, copy in enumerate(copies):  # (None: a file that could not be read)
         if copy is not None:
-            shutil.copyfile(copy, folder / SOURCES_DIR / str(i))
+            (folder / SOURCES_DIR / str(i)).write_bytes(copy)
+    for i, rows in enumerate(positions):
+        if rows is not None:
+            np.save(folder / SOURCES_DIR / f"{i}{POSITIONS_SUFFIX}", np.asarray(rows, np.int32))
     return {"fields": {name: f["type"] for name, f in fields.items()}, "sources": sources}
 
 
@@ -158,6 +174,14 @@ class Metadata:
     def source_copy(self, i: int) -> Path:
         """The copy of the i-th metadata file this version was made from (it may not exist)."""
         return self.folder / SOURCES_DIR / str(i)
+
+    def source_positions(self, i: int) -> np.ndarray | None:
+        """The image position each row of the i-th metadata file named (-1: none); None where not kept (a
+        file with a glob naming several images, a version made before they were kept)."""
+        try:
+            return np.load(self.folder / SOURCES_DIR / f"{i}{POSITIONS_SUFFIX}").astype(np.int64)
+        except (OSError, ValueError):
+            return None
 
     def column(self, name: str) -> np.ndarray:
         """A field's column (memory-mapped): float64 for numbers and dates, int32 codes for text."""

@@ -19,9 +19,8 @@ import json
 import logging
 import math
 import os
-import re
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -43,7 +42,9 @@ BUILTIN_FIELDS: dict[str, FieldType] = {
 }
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 GLOB_CHARS = frozenset("*?[")
-NOT_NUMERIC = re.compile(r"[^0-9eE+\-.\n]")  # a character no plain decimal number holds
+NUMERIC_CHARS = b"0123456789eE+-.\n"  # all a plain decimal number holds (with the line ends joining them)
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b',\r\n"')))  # all bytes but commas, line ends, quotes
+_LINE_ENDS_TO_COMMAS = bytes.maketrans(b"\r\n", b",,")
 KINDS: tuple[FieldType, ...] = ("string", "date", "number")  # in this order, text wins a tie
 EXAMPLES = 5  # rows named per kind of problem
 
@@ -62,7 +63,10 @@ class SourceReport:
     bad_rows: int = 0  # rows without a path, or not an object, or not parseable
     globs: int = 0  # rows keyed by a glob (a later change of the file is then read whole)
     missing: bool = False  # the file could not be read: the previous version's fields stay
+    keys_sha256: str = ""  # of the file's path column: unchanged, the rows name the images they named before
     examples: list[str] = field(default_factory=list)
+    positions: np.ndarray | None = field(default=None, repr=False)  # each row's image, -1: none (no glob of many)
+    content: bytes | None = field(default=None, repr=False)  # the bytes read (a version keeps them, to compare)
 
     def problem(self, text: str) -> None:
         if len(self.examples) < EXAMPLES * 4:
@@ -79,7 +83,20 @@ class SourceReport:
 
     def record(self) -> dict[str, Any]:
         """What meta.json keeps of it (the sha256 tells the nightly job whether the file changed)."""
-        return {k: v for k, v in vars(self).items() if k != "examples"}
+        return {k: v for k, v in vars(self).items() if k not in ("examples", "positions", "content")}
+
+
+@dataclass(frozen=True)
+class KnownRows:
+    """Which image each row of a metadata file named in a version (SourceReport.positions), and what it found:
+    a version of the same images whose file has the same path column (keys_sha256) takes them as they are,
+    without reading the id table's paths or looking one up (a nightly rewrite of the values only)."""
+
+    keys_sha256: str
+    positions: np.ndarray
+    duplicates: int
+    unknown: int
+    globs: int
 
 
 @dataclass(frozen=True)
@@ -91,14 +108,6 @@ class UserField:
     values: np.ndarray  # float64 (number, date: POSIX seconds) or object (text)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass
 class _Table:
     """One metadata file, column by column: each row's line, its path (or glob), and each field's raw values
@@ -108,35 +117,35 @@ class _Table:
     keys: list[str]
     columns: dict[str, list[Any]]
     forced: dict[str, FieldType]
+    sparse: set[str]  # the columns with a row of no value
 
 
-def _read_table(path: Path, report: SourceReport) -> _Table:
-    """A metadata file as columns: rows without a path are counted as bad, never fatal."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        if path.suffix.lower() in JSON_SUFFIXES:
-            lines, keys, objects = [], [], []
-            for line, text in enumerate(f, 1):
-                if not text.strip():
-                    continue
-                try:
-                    obj = json.loads(text)
-                except ValueError:
-                    obj = None
-                if not isinstance(obj, dict) or not isinstance(obj.get("path"), str) or not obj["path"]:
-                    report.bad_rows += 1
-                    report.problem(f'line {line}: not a JSON object with a "path"')
-                    continue
-                lines.append(line)
-                keys.append(obj.pop("path"))
-                objects.append(obj)
-            names = sorted({name for obj in objects for name in obj})
-            return _Table(np.array(lines, np.int64), keys, {n: [obj.get(n) for obj in objects] for n in names}, {})
-        text = f.read()
-    plain = _plain_columns(text)
+def _read_table(path: Path, data: bytes, report: SourceReport) -> _Table:
+    """A metadata file's bytes as columns: rows without a path are counted as bad, never fatal."""
+    if path.suffix.lower() in JSON_SUFFIXES:
+        lines, keys, objects = [], [], []
+        for line, text in enumerate(data.decode("utf-8-sig").split("\n"), 1):
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except ValueError:
+                obj = None
+            if not isinstance(obj, dict) or not isinstance(obj.get("path"), str) or not obj["path"]:
+                report.bad_rows += 1
+                report.problem(f'line {line}: not a JSON object with a "path"')
+                continue
+            lines.append(line)
+            keys.append(obj.pop("path"))
+            objects.append(obj)
+        names = sorted({name for obj in objects for name in obj})
+        by_name = {n: [obj.get(n) for obj in objects] for n in names}
+        return _Table(np.array(lines, np.int64), keys, by_name, {}, {n for n, c in by_name.items() if None in c})
+    plain = _plain_columns(data)
     if plain is not None:
         header, columns, count = plain
     else:
-        reader = csv.reader(io.StringIO(text, newline=""))
+        reader = csv.reader(io.StringIO(data.decode("utf-8-sig"), newline=""))
         header = next(reader, [])
         body = list(reader)
         if any(len(row) != len(header) for row in body):  # ragged rows: padded (or cut) to the header
@@ -144,7 +153,7 @@ def _read_table(path: Path, report: SourceReport) -> _Table:
         columns = [list(c) for c in zip(*body, strict=True)] if body else [[] for _ in header]
         count = len(body)
     if not header:
-        return _Table(np.zeros(0, np.int64), [], {}, {})
+        return _Table(np.zeros(0, np.int64), [], {}, {}, set())
     names, forced = [], {}
     for column in header:
         name, _, kind = column.strip().partition(":")
@@ -163,30 +172,39 @@ def _read_table(path: Path, report: SourceReport) -> _Table:
                 report.problem(f"line {i + 2}: no path")
         keep = np.flatnonzero(has_path)
         columns = [[c[i] for i in keep.tolist()] for c in columns]
-    return _Table(
-        keep + 2,
-        columns[at],
-        {n: c if "" not in c else [v or None for v in c] for n, c in zip(names, columns, strict=True) if n != "path"},
-        forced,
-    )
+    named = [(n, c) for n, c in zip(names, columns, strict=True) if n != "path"]
+    sparse = {n for n, c in named if "" in c}
+    values = {n: c if n not in sparse else [v or None for v in c] for n, c in named}
+    return _Table(keep + 2, columns[at], values, forced, sparse)
 
 
-def _plain_columns(text: str) -> tuple[list[str], list[list[str]], int] | None:
-    """(header, columns, rows) of a CSV text that needs no CSV parser: no quotes, no blank lines, every line
-    as many fields as the header (an export of a million rows is that): split at once, not row by row. None
-    for any other text (the csv module reads it)."""
-    if "\r" in text and text.count("\r") == text.count("\r\n"):
-        text = text.replace("\r\n", "\n")  # (csv.writer's and spreadsheets' line ends)
-    if '"' in text or "\r" in text:
+def _plain_columns(data: bytes) -> tuple[list[str], list[list[str]], int] | None:
+    """(header, columns, rows) of a CSV file's bytes that need no CSV parser: no quotes, no blank lines, every
+    line as many fields as the header (an export of a million rows is that), one kind of line end: checked on
+    the file's commas and line ends alone (each is one byte in UTF-8), then split at once, not row by row.
+    None for any other file (the csv module reads it)."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if data.startswith((b"\n", b"\r")):
         return None
-    lines = text.split("\n")
-    if lines and not lines[-1]:
-        lines.pop()
-    if not lines or set(map(str.count, lines, repeat(","))) != {lines[0].count(",")} or "" in lines:
-        return None
-    width = lines[0].count(",") + 1
-    fields = ",".join(lines[1:]).split(",") if len(lines) > 1 else []
-    return lines[0].split(","), [fields[i::width] for i in range(width)], len(lines) - 1
+    if not data.endswith(b"\n"):
+        first = data.find(b"\n")
+        data += b"\r\n" if first > 0 and data[first - 1] == ord("\r") else b"\n"  # (the header's line end)
+    head_end = data.index(b"\n") + 1
+    shape = data[:head_end].translate(None, _NOT_STRUCTURE)  # the header's commas and its line end (and quotes)
+    marks = data.translate(None, _NOT_STRUCTURE)
+    lines = len(marks) // len(shape)
+    if b'"' in shape or marks != shape * lines:
+        return None  # a quote, a row of another width, another line end
+    if len(shape) <= 2 and (b"\n\n" in data or b"\n\r\n" in data):
+        return None  # a blank line (in a file of one column: wider ones have the header's commas on each line)
+    width = shape.count(b",") + 1
+    stride = width + shape.count(b"\r")  # (a carriage return ends one field more on each line)
+    fields = data[head_end:-1].translate(_LINE_ENDS_TO_COMMAS).decode("utf-8").split(",") if lines > 1 else []
+    if stride > width and any(fields[width::stride]):
+        return None  # a carriage return inside a line
+    header = data[:head_end].rstrip(b"\r\n").decode("utf-8").split(",")
+    return header, [fields[i::stride] for i in range(width)], lines - 1
 
 
 def kind_of(value: Any) -> tuple[FieldType | None, float | str | None]:
@@ -216,7 +234,8 @@ def _kinds(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     column of plain numbers in text (the common case at a million rows) is typed by numpy at once, anything
     else value by value."""
     try:  # (the character check keeps out what numpy reads and parse_number does not: nan, inf, 1_000)
-        plain = bool(values) and not NOT_NUMERIC.search("\n".join(values))
+        joined = "\n".join(values)
+        plain = bool(values) and joined.isascii() and not joined.encode().translate(None, NUMERIC_CHARS)
     except TypeError:  # not all text (JSON values)
         plain = False
     if plain:
@@ -238,7 +257,7 @@ class _Chunk:
     where each came from (the report's index, its line)."""
 
     rows: np.ndarray
-    raw: np.ndarray
+    raw: Sequence[Any]
     kinds: np.ndarray
     typed: np.ndarray
     source: int
@@ -246,12 +265,17 @@ class _Chunk:
 
 
 def read_metadata_files(
-    files: Sequence[Path | str], indexed: Sequence[str] | Callable[[], Sequence[str]], ids: np.ndarray
+    files: Sequence[Path | str],
+    indexed: Sequence[str] | Callable[[], Sequence[str]],
+    ids: np.ndarray,
+    known: Mapping[str, KnownRows] | None = None,
 ) -> tuple[dict[str, UserField], list[SourceReport]]:
     """The user's fields of the indexed images (the i-th of the `indexed` paths is image `ids[i]`; ids sorted),
     and a report per file. A file that cannot be read is reported `missing` (the caller keeps what it gave
-    before). `indexed`: the paths, or a call that gives them, made once the first file is read (so that an id
-    table's query runs meanwhile: at a million images it takes about as long as reading the file)."""
+    before). `indexed`: the paths, or a call that gives them, made when a file's rows are first looked up (so
+    that an id table's query runs meanwhile: at a million images it takes about as long as reading the file).
+    `known`: by file path, how its rows mapped in a version of these same images (taken where the path column
+    is unchanged)."""
     paths: list[str] | None = None
     by_path: dict[str, int] = {}  # made at the first file not in the index's own order
     order: list[int] | None = None  # sorted positions, made on the first glob
@@ -263,48 +287,25 @@ def read_metadata_files(
         report = SourceReport(str(file))
         reports.append(report)
         try:
-            report.sha256 = file_sha256(file)
-            table = _read_table(file, report)
+            data = file.read_bytes()
+            report.sha256, report.content = hashlib.sha256(data).hexdigest(), data
+            table = _read_table(file, data, report)
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             report.missing = True
             LOG.warning("metadata file %s cannot be read (%s); the fields it gave before are kept", file, exc)
             continue
         forced_types.update(table.forced)
         report.rows = len(table.keys)
-        if paths is None:
-            paths = list(indexed() if callable(indexed) else indexed)
-        # Each row's image: an exact path (a dictionary look-up); else a relative path, or a glob's images.
-        if table.keys == paths:  # a file in the index's own order (an export of it): no look-up at all
-            single = np.arange(len(paths), dtype=np.int64)
-            report.duplicates = 0
+        report.keys_sha256 = hashlib.sha256("\0".join(table.keys).encode(errors="surrogatepass")).hexdigest()
+        before = (known or {}).get(str(file))
+        if before is not None and before.keys_sha256 == report.keys_sha256 and len(before.positions) == report.rows:
+            _rows_as_before(table, report, before)
+            single, multi = before.positions, dict[int, list[int]]()
         else:
-            by_path = by_path or dict(zip(paths, range(len(paths)), strict=True))
-            single = np.array(list(map(by_path.get, table.keys, repeat(-1))), np.int64)
-            report.duplicates = len(table.keys) - len(set(table.keys))
-        if report.duplicates:
-            seen: set[str] = set()
-            for line, key in zip(table.lines, table.keys, strict=True):
-                if key in seen and len(report.examples) < EXAMPLES * 4:
-                    report.problem(f"line {line}: {key} again (this row wins)")
-                seen.add(key)
-        multi: dict[int, list[int]] = {}
-        for i in np.flatnonzero(single < 0).tolist():
-            key = table.keys[i]
-            if GLOB_CHARS & set(key):
-                report.globs += 1
-                if order is None:
-                    order = sorted(range(len(paths)), key=paths.__getitem__)
-                found = _glob_targets(key, file.parent, paths, order)
-            else:
-                relative = None if os.path.isabs(key) else by_path.get(os.path.normpath(file.parent / key))
-                found = [] if relative is None else [relative]
-            if len(found) == 1:
-                single[i] = found[0]
-            elif found:
-                multi[i] = found
-            else:
-                report.unknown += 1
-                report.problem(f"line {table.lines[i]}: {key} is not in the index")
+            if paths is None:
+                paths = list(indexed() if callable(indexed) else indexed)
+            by_path, order, single, multi = _rows_found(file, table, report, paths, by_path, order)
+            report.positions = None if multi else single
         report.matched = int((single >= 0).sum()) + len(multi)
         lines = table.lines
         targeted = single >= 0  # rows naming at least one indexed image
@@ -314,23 +315,120 @@ def read_metadata_files(
                 report.bad_rows += 1
                 report.problem(f"`{name}` is a built-in field; that column is left out")
                 continue
-            if None in column:
+            if name in table.sparse:
                 present = np.flatnonzero(np.fromiter((v is not None for v in column), bool, len(column)) & targeted)
             else:
                 present = np.flatnonzero(targeted)
-            values = column if len(present) == len(column) else [column[i] for i in present.tolist()]
-            raw = np.empty(len(present), object)
-            raw[:] = values
-            kinds, typed_values = _kinds(values)
+            raw = column if len(present) == len(column) else [column[i] for i in present.tolist()]
+            kinds, typed_values = _kinds(raw)
             rows = single[present]
             if multi:  # glob rows: the value goes to every image the glob names, rows kept in file order
                 targets = [multi.get(i, [int(single[i])]) for i in present.tolist()]
                 pick = np.repeat(np.arange(len(present)), [len(t) for t in targets])
                 rows = np.array([r for t in targets for r in t], np.int64)
-                raw, kinds, typed_values, present = raw[pick], kinds[pick], typed_values[pick], present[pick]
+                raw = [raw[i] for i in pick.tolist()]
+                kinds, typed_values, present = kinds[pick], typed_values[pick], present[pick]
             chunks.setdefault(name, []).append(_Chunk(rows, raw, kinds, typed_values, len(reports) - 1, lines[present]))
     fields = {name: _typed_field(name, c, forced_types.get(name), reports) for name, c in chunks.items()}
     return {name: f for name, f in fields.items() if f is not None}, reports
+
+
+def _rows_found(
+    file: Path,
+    table: _Table,
+    report: SourceReport,
+    paths: Sequence[str],
+    by_path: dict[str, int],
+    order: list[int] | None,
+) -> tuple[dict[str, int], list[int] | None, np.ndarray, dict[int, list[int]]]:
+    """Each row's image: an exact path (a dictionary look-up); else a relative path, or a glob's images.
+    Returns the look-ups made (by_path: made at the first file not in the index's own order; order: sorted
+    positions, made at the first glob), each row's image (-1: none or several) and the rows of several."""
+    if table.keys == paths:  # a file in the index's own order (an export of it): no look-up at all
+        single = np.arange(len(paths), dtype=np.int64)
+        report.duplicates = 0
+    elif (joined := _hash_join(table.keys, paths)) is not None:
+        single, report.duplicates = joined
+    else:  # (two strings of one hash: by dictionary)
+        by_path = by_path or dict(zip(paths, range(len(paths)), strict=True))
+        single = np.array(list(map(by_path.get, table.keys, repeat(-1))), np.int64)
+        report.duplicates = len(table.keys) - len(set(table.keys))
+    _name_repeats(table, report)
+    multi: dict[int, list[int]] = {}
+    for i in np.flatnonzero(single < 0).tolist():
+        key = table.keys[i]
+        if GLOB_CHARS & set(key):
+            report.globs += 1
+            if order is None:
+                order = sorted(range(len(paths)), key=paths.__getitem__)
+            found = _glob_targets(key, file.parent, paths, order)
+        elif os.path.isabs(key):
+            found = []
+        else:
+            by_path = by_path or dict(zip(paths, range(len(paths)), strict=True))
+            relative = by_path.get(os.path.normpath(file.parent / key))
+            found = [] if relative is None else [relative]
+        if len(found) == 1:
+            single[i] = found[0]
+        elif found:
+            multi[i] = found
+        else:
+            report.unknown += 1
+            report.problem(f"line {table.lines[i]}: {key} is not in the index")
+    return by_path, order, single, multi
+
+
+def _hash_join(keys: list[str], paths: Sequence[str]) -> tuple[np.ndarray, int] | None:
+    """Each key's position in `paths` (-1: none) and how many keys repeat an earlier one, joined on the
+    strings' hashes by numpy (both sorted, then merged: a million random look-ups in a dictionary take three
+    times longer), the matches then checked string for string; None where two different strings share a
+    hash or a key holds a NUL (the caller looks up by dictionary)."""
+    if not paths or not keys:
+        return None
+    path_hashes = np.fromiter(map(hash, paths), np.int64, len(paths))
+    path_order = np.argsort(path_hashes)
+    ordered = path_hashes[path_order]
+    key_hashes = np.fromiter(map(hash, keys), np.int64, len(keys))
+    key_order = np.argsort(key_hashes)
+    ordered_keys = key_hashes[key_order]
+    if (ordered[1:] == ordered[:-1]).any():
+        return None  # (the paths are distinct: two of one hash)
+    at = np.minimum(np.searchsorted(ordered, ordered_keys), len(ordered) - 1)
+    positions = np.full(len(keys), -1, np.int64)
+    found = ordered[at] == ordered_keys
+    positions[key_order[found]] = path_order[at[found]]
+    rows = np.flatnonzero(positions >= 0).tolist()
+    # every match at once: the matched keys joined against their paths joined (no path holds a NUL)
+    matched = "\0".join(map(keys.__getitem__, rows))
+    if matched.count("\0") != max(len(rows) - 1, 0):
+        return None
+    if matched != "\0".join(map(paths.__getitem__, positions[rows].tolist())):
+        return None
+    again = ordered_keys[1:] == ordered_keys[:-1]
+    first: dict[int, str] = {}  # a repeated hash is the same path again, unless two keys share it
+    for i in key_order[1:][again].tolist() + key_order[:-1][again].tolist():
+        if first.setdefault(int(key_hashes[i]), keys[i]) != keys[i]:
+            return None
+    return positions, int(again.sum())
+
+
+def _rows_as_before(table: _Table, report: SourceReport, before: KnownRows) -> None:
+    """The report of a file whose rows name the images they named before (KnownRows)."""
+    report.positions, report.duplicates = before.positions, before.duplicates
+    report.unknown, report.globs = before.unknown, before.globs
+    _name_repeats(table, report)
+    for i in np.flatnonzero(before.positions < 0)[: EXAMPLES * 4].tolist():
+        report.problem(f"line {table.lines[i]}: {table.keys[i]} is not in the index")
+
+
+def _name_repeats(table: _Table, report: SourceReport) -> None:
+    """The rows that name a path an earlier row named, in the report (when it counts any)."""
+    if report.duplicates:
+        seen: set[str] = set()
+        for line, key in zip(table.lines, table.keys, strict=True):
+            if key in seen and len(report.examples) < EXAMPLES * 4:
+                report.problem(f"line {line}: {key} again (this row wins)")
+            seen.add(key)
 
 
 def _glob_targets(key: str, base: Path, paths: Sequence[str], order: list[int]) -> list[int]:
@@ -362,21 +460,22 @@ def _typed_field(
     typed_values = np.concatenate([c.typed for c in chunks])
     if ftype == "string":
         keep = kinds > 0
-        raw = np.concatenate([c.raw for c in chunks])
-        typed_values = np.array(
-            [r if isinstance(r, str) else "true" if r is True else "false" if r is False else f"{r:g}" for r in raw],
-            dtype=object,
-        )
+        typed_values = np.empty(len(kinds), object)
+        typed_values[:] = [
+            r if isinstance(r, str) else "true" if r is True else "false" if r is False else f"{r:g}"
+            for c in chunks
+            for r in c.raw
+        ]
     else:
         keep = kinds == CODES[ftype]
         for c in chunks:
             for j in np.flatnonzero((c.kinds > 0) & (c.kinds != CODES[ftype])).tolist():
                 reports[c.source].wrong_types += 1
                 reports[c.source].problem(f"line {c.lines[j]}: {name}={c.raw[j]!r} is not a {ftype}; left out")
-    positions, values = rows[keep], typed_values[keep]
-    if (np.diff(positions) > 0).all():  # one value per image, in order (a file in the index's order)
-        last = np.arange(len(positions))
-    else:  # the last value of each image wins
-        last = len(positions) - 1 - np.unique(positions[::-1], return_index=True)[1]
-        last.sort()
-    return UserField(ftype, positions[last], values[last] if ftype == "string" else values[last].astype(np.float64))
+    positions, values = (rows, typed_values) if keep.all() else (rows[keep], typed_values[keep])
+    if not (np.diff(positions) > 0).all():  # the last value of each image wins (unless one each, in order)
+        winner = np.full(int(positions.max()) + 1, -1, np.int64)
+        winner[positions] = np.arange(len(positions))  # (of repeated indices numpy assigns the last)
+        last = winner[winner >= 0]
+        positions, values = positions[last], values[last]
+    return UserField(ftype, positions, values if ftype == "string" else values.astype(np.float64, copy=False))
