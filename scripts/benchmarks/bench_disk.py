@@ -88,7 +88,12 @@ def schema_1_bytes(features: Path, out: Path) -> int:
 
 
 def per_image(n: int, folder: Path) -> dict[str, float]:
-    return {f.name: round(f.stat().st_size / n, 1) for f in sorted(folder.iterdir()) if f.is_file()}
+    """Bytes per image of each file of a version folder, and of each of its folders (metadata/) as a whole."""
+    out = {}
+    for f in sorted(folder.iterdir()):
+        files = [f] if f.is_file() else [g for g in f.rglob("*") if g.is_file()]
+        out[f.name + ("" if f.is_file() else "/")] = round(sum(g.stat().st_size for g in files) / n, 1)
+    return out
 
 
 def main() -> None:
