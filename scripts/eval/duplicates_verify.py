@@ -11,6 +11,9 @@ two distinct db pictures are never one). Reports pair precision and recall of bo
 pairs per transformation (named in a copy's file name, each pair counted for both of its copies'), the
 candidates checked, and the wall time of each.
 
+--same A:B (repeatable): count db pictures A and B, and their copies, as one picture (variants the set labels
+distinct, such as one wallpaper in two colours): a diagnostic of what the labels cost, never a recipe choice.
+
 --choose-colour (dev sets only): the copies' lightness limit (copies.check MAX_LIGHTNESS_SHIFT) with the best F0.5
 of --verify's pairs over a grid, each image's local features and each pair's fit computed once for the grid.
 """
@@ -77,10 +80,13 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--label", default="")
     ap.add_argument("--choose-colour", action="store_true", help="calibrate the colour limits (dev sets only)")
+    ap.add_argument("--same", action="append", default=[], metavar="A:B", help="count pictures A and B as one")
     args = ap.parse_args()
     gt = json.loads((args.set / "groundtruth.json").read_text())
     origin = {g["query"]: g["positives"][0] for g in gt}
     origin.update({p.name: p.name for p in (args.set / "db").iterdir()})
+    one = dict(pair.split(":") for pair in args.same)
+    origin = {name: one.get(picture, picture) for name, picture in origin.items()}
     truth = {
         frozenset(p) for p in combinations(sorted(origin), 2) if origin[p[0]] == origin[p[1]]
     }  # every pair of one picture
@@ -91,6 +97,8 @@ def main() -> None:
             choose_colour(work / "index", truth)
             return
         out: dict = {"set": str(args.set), "label": args.label, "images": len(origin), "true_pairs": len(truth)}
+        if args.same:
+            out["same"] = args.same
         for verify in (False, True):
             t0 = time.perf_counter()
             groups = find_groups(work / "index", progress=False, verify=verify)

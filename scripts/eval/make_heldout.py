@@ -6,10 +6,13 @@ Pictures: distinct ones from Debian's mate-backgrounds and plasma-workspace-wall
 by scripts/eval/fetch_photos.py's cache; copies-dev uses other packages), long side 640, JPEG q90, in
 db/. Near-duplicates are left out as in copies-dev: the packages ship one wallpaper at several
 sizes, crops and colours, so a picture whose 32x32 grey thumbnail (whole, or its centre 60%)
-differs from an earlier picture's by less than 6/255 on average is skipped. Queries: 4 per picture, each two
-random transformations in sequence, named like copies-dev (`pic0007_crop70+jpeg15.jpg`); a picture's four queries
-use four different pairs of transformations (so no two share a name, nor are the same copy made in the other
-order). Writes groundtruth.json. Seeded; never committed.
+differs from an earlier picture's by less than 6/255 on average is skipped, and so is one of a wallpaper
+already taken (wallpaper_of: its folder in plasma's wallpapers/NAME/, its name without colour words in
+mate's): the thumbnails miss a portrait layout or a dark variant of one wallpaper, which verify point for
+point (sets up to v7 hold some, rebuilt as they were with --keep-variants; docs/quality.md). Queries: 4
+per picture, each two random transformations in sequence, named like copies-dev (`pic0007_crop70+jpeg15.jpg`); a
+picture's four queries use four different pairs of transformations (so no two share a name, nor are the same
+copy made in the other order). Writes groundtruth.json. Seeded; never committed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import io
 import json
 import random
+import re
 import sys
 from itertools import combinations
 from pathlib import Path
@@ -81,6 +85,19 @@ def thumbnails(im: Image.Image) -> np.ndarray:
     return np.stack([np.asarray(t.resize((32, 32), Image.Resampling.BOX), np.float32) for t in (grey, crop(grey, 0.6))])
 
 
+COLOUR_WORDS = re.compile(r"(?i)\b(mate|ubuntu|dark|light|cold|warm|radioactive|no-logo|logo)\b|[-_ ]+")
+
+
+def wallpaper_of(path: Path) -> str:
+    """The wallpaper a package's file is a version of: plasma's wallpapers/NAME/contents/images*/WxH, the
+    NAME; else its folder and its name without colour and theme words (mate's Ubuntu-Mate-Dark-no-logo and
+    Ubuntu-Mate-Cold-no-logo are one design, and Stripes and MATE-Stripes-Dark another)."""
+    parts = path.parts
+    if "wallpapers" in parts and "contents" in parts:
+        return "plasma:" + parts[parts.index("contents") - 1]
+    return f"name:{path.parent.name}/{COLOUR_WORDS.sub('', path.stem).lower()}"
+
+
 def is_near_duplicate(thumbs: np.ndarray, kept: list[np.ndarray], max_diff: float = 6.0) -> bool:
     """Whether a thumbnail of the picture (whole or centre) is within `max_diff` grey levels on average
     of a thumbnail of a kept picture (whole or centre)."""
@@ -103,6 +120,11 @@ def main() -> None:
         action="store_true",
         help="only the --extra pictures: a set that shares no picture with the sets built from the wallpapers",
     )
+    ap.add_argument(
+        "--keep-variants",
+        action="store_true",
+        help="skip no picture for its wallpaper alone: how the sets up to v7 were made (to rebuild them as they were)",
+    )
     args = ap.parse_args()
     rng = random.Random(args.seed)
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -112,15 +134,16 @@ def main() -> None:
         sources += sorted(args.extra.glob("*.jpg"))
     (args.out / "db").mkdir(parents=True, exist_ok=True)
     (args.out / "queries").mkdir(parents=True, exist_ok=True)
-    gt, kept, skipped = [], [], 0
+    gt, kept, skipped, taken = [], [], 0, set()
     for src in sources:
         if len(kept) == args.pictures:
             break
         im = Image.open(src).convert("RGB")
         thumbs = thumbnails(im)
-        if is_near_duplicate(thumbs, kept):
+        if (not args.keep_variants and wallpaper_of(src) in taken) or is_near_duplicate(thumbs, kept):
             skipped += 1
             continue
+        taken.add(wallpaper_of(src))
         kept.append(thumbs)
         im.thumbnail((640, 640), Image.Resampling.LANCZOS)
         name = f"pic{len(kept) - 1:04d}"
