@@ -19,7 +19,7 @@ from pipeline.copies import (
     verify_candidates,
     verify_pair,
 )
-from pipeline.copies.check import hamming_knn, inliers
+from pipeline.copies.check import MIN_COVERAGE, MIN_SPREAD, hamming_knn, inliers
 
 pytest.importorskip("cv2", reason="the verify extra (opencv-python-headless) is not installed")
 
@@ -71,6 +71,28 @@ def test_a_dark_variant_does_not_verify_but_grey_and_brightened_copies_do(origin
     brightened = ImageEnhance.Contrast(ImageEnhance.Brightness(im).enhance(1.3)).enhance(0.8)
     for copy in (grey, brightened):
         assert verify_pair(as_query(copy), original).verified
+
+
+def test_two_pictures_under_one_text_banner_do_not_verify_but_a_banner_copy_does(original):
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=14)
+
+    def banner(im: Image.Image) -> Image.Image:  # a white band over the bottom quarter, two lines of text
+        im = im.copy()
+        w, h = im.size
+        draw = ImageDraw.Draw(im)
+        draw.rectangle((0, int(h * 0.75), w, h), fill=(255, 255, 255))
+        for row in range(2):
+            at = (6, int(h * 0.75) + 4 + row * int(h * 0.125))
+            draw.text(at, "SAMPLE TEXT 2026 " * 3, fill=(220, 0, 0), font=font)
+        return im
+
+    query = as_query(banner(picture(1)))
+    other = verify_pair(query, local_features(np.asarray(banner(picture(2)))))
+    assert not other.verified and other.inliers >= INLIER_THRESHOLD and other.spread >= MIN_SPREAD
+    assert other.coverage < MIN_COVERAGE  # (matched in the banner's cells alone)
+    assert verify_pair(query, original).verified
 
 
 def test_hamming_neighbours_are_those_of_brute_force():

@@ -116,6 +116,11 @@ def main() -> None:
         help="more source pictures (JPEGs), taken after the wallpapers, e.g. fetch_photos.py --gcompris's photographs",
     )
     ap.add_argument(
+        "--one-per-scene",
+        action="store_true",
+        help="of the --extra photographs, the first of each INRIA Holidays scene (holidays-dev's dev copy set)",
+    )
+    ap.add_argument(
         "--no-wallpapers",
         action="store_true",
         help="only the --extra pictures: a set that shares no picture with the sets built from the wallpapers",
@@ -131,7 +136,10 @@ def main() -> None:
     sources = [] if args.no_wallpapers else debian_pictures(args.cache)
     rng.shuffle(sources)
     if args.extra:  # after the wallpapers: the first pictures of a set stay those of a set without them
-        sources += sorted(args.extra.glob("*.jpg"))
+        extra = sorted(args.extra.glob("*.jpg"))
+        if args.one_per_scene:  # holidays numbering: a scene's photographs share all but their last two digits
+            extra = list({int(p.stem) // 100: p for p in reversed(extra)}.values())[::-1]
+        sources += extra
     (args.out / "db").mkdir(parents=True, exist_ok=True)
     (args.out / "queries").mkdir(parents=True, exist_ok=True)
     gt, kept, skipped, taken = [], [], 0, set()
