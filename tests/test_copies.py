@@ -19,7 +19,7 @@ from pipeline.copies import (
     verify_candidates,
     verify_pair,
 )
-from pipeline.copies.check import MIN_COVERAGE, MIN_SPREAD, hamming_knn, inliers
+from pipeline.copies.check import MIN_CENTRE, MIN_COVERAGE, MIN_SPREAD, hamming_knn, inliers
 
 pytest.importorskip("cv2", reason="the verify extra (opencv-python-headless) is not installed")
 
@@ -92,6 +92,20 @@ def test_two_pictures_under_one_text_banner_do_not_verify_but_a_banner_copy_does
     other = verify_pair(query, local_features(np.asarray(banner(picture(2)))))
     assert not other.verified and other.inliers >= INLIER_THRESHOLD and other.spread >= MIN_SPREAD
     assert other.coverage < MIN_COVERAGE  # (matched in the banner's cells alone)
+    assert verify_pair(query, original).verified
+
+
+def test_two_pictures_in_one_frame_do_not_verify_but_a_framed_copy_does(original):
+    def framed(im: Image.Image) -> Image.Image:  # one textured frame around every picture, 12% of each side
+        w, h = im.size
+        out = picture(99, (w, h))
+        out.paste(im.resize((round(w * 0.76), round(h * 0.76))), (round(w * 0.12), round(h * 0.12)))
+        return out
+
+    query = as_query(framed(picture(1)))
+    other = verify_pair(query, local_features(np.asarray(framed(picture(2)))))
+    assert not other.verified and other.inliers >= INLIER_THRESHOLD and other.coverage >= MIN_COVERAGE
+    assert other.centre < MIN_CENTRE  # (matched in the frame's outer cells alone)
     assert verify_pair(query, original).verified
 
 

@@ -98,6 +98,26 @@ def wallpaper_of(path: Path) -> str:
     return f"name:{path.parent.name}/{COLOUR_WORDS.sub('', path.stem).lower()}"
 
 
+FRAME_SHARE = 0.12  # of each side, the frame's band (--frame)
+
+
+def framed(im: Image.Image, seed: int = 99) -> Image.Image:
+    """The picture shrunk inside one textured frame, the same for every picture (seeded): an ornate frame a
+    package puts around each of its portraits."""
+    rng = np.random.default_rng(seed)
+    canvas = Image.new("RGB", (1000, 1000), (150, 120, 40))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(3000):
+        x, y, r = int(rng.integers(0, 1000)), int(rng.integers(0, 1000)), int(rng.integers(3, 14))
+        colour = tuple(int(c) for c in rng.integers(40, 255, 3))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=colour, outline=(30, 20, 0))
+    w, h = im.size
+    out = canvas.resize((w, h), Image.Resampling.BILINEAR)
+    inner = im.resize((round(w * (1 - 2 * FRAME_SHARE)), round(h * (1 - 2 * FRAME_SHARE))), Image.Resampling.LANCZOS)
+    out.paste(inner, (round(w * FRAME_SHARE), round(h * FRAME_SHARE)))
+    return out
+
+
 def is_near_duplicate(thumbs: np.ndarray, kept: list[np.ndarray], max_diff: float = 6.0) -> bool:
     """Whether a thumbnail of the picture (whole or centre) is within `max_diff` grey levels on average
     of a thumbnail of a kept picture (whole or centre)."""
@@ -114,6 +134,12 @@ def main() -> None:
         "--extra",
         type=Path,
         help="more source pictures (JPEGs), taken after the wallpapers, e.g. fetch_photos.py --gcompris's photographs",
+    )
+    ap.add_argument("--skip", type=int, default=0, help="leave out the first SKIP --extra photographs")
+    ap.add_argument(
+        "--frame",
+        action="store_true",
+        help="put every picture in one shared textured frame before its copies are made (an overlay they share)",
     )
     ap.add_argument(
         "--one-per-scene",
@@ -139,7 +165,7 @@ def main() -> None:
         extra = sorted(args.extra.glob("*.jpg"))
         if args.one_per_scene:  # holidays numbering: a scene's photographs share all but their last two digits
             extra = list({int(p.stem) // 100: p for p in reversed(extra)}.values())[::-1]
-        sources += extra
+        sources += extra[args.skip :]
     (args.out / "db").mkdir(parents=True, exist_ok=True)
     (args.out / "queries").mkdir(parents=True, exist_ok=True)
     gt, kept, skipped, taken = [], [], 0, set()
@@ -147,6 +173,8 @@ def main() -> None:
         if len(kept) == args.pictures:
             break
         im = Image.open(src).convert("RGB")
+        if args.frame:
+            im = framed(im)
         thumbs = thumbnails(im)
         if (not args.keep_variants and wallpaper_of(src) in taken) or is_near_duplicate(thumbs, kept):
             skipped += 1
