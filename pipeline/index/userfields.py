@@ -380,9 +380,9 @@ def _rows_found(
 
 def _hash_join(keys: list[str], paths: Sequence[str]) -> tuple[np.ndarray, int] | None:
     """Each key's position in `paths` (-1: none) and how many keys repeat an earlier one, joined on the
-    strings' hashes by numpy (both sorted, then merged: a million random look-ups in a dictionary take three
-    times longer), the matches then checked string for string; None where two different strings share a
-    hash or a key holds a NUL (the caller looks up by dictionary)."""
+    strings' hashes by numpy (both sorted, then merged: building a dictionary of a million paths and looking
+    a million up took twice as long), the matches then checked string for string; None where two different
+    strings share a hash or a key holds a NUL (the caller looks up by dictionary)."""
     if not paths or not keys:
         return None
     path_hashes = np.fromiter(map(hash, paths), np.int64, len(paths))
