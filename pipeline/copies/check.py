@@ -50,6 +50,7 @@ MIN_COVERAGE = 0.5
 # two unchanged).
 MIN_CENTRE = 0.5
 COVER_GRID, COVER_KEYPOINTS = 4, 8
+_INNER_CELLS = np.pad(np.ones((COVER_GRID - 2, COVER_GRID - 2), bool), 1).ravel()  # (row-major, as _coverage's cells)
 RATIO = 0.8  # Lowe's ratio test: the best match must be clearly nearer than the second
 REPROJECTION_PX = 5.0  # RANSAC's inlier distance, in working pixels
 MIN_SCALE, MAX_SCALE, MAX_ANISOTROPY = 0.2, 5.0, 3.0  # a fitted transform outside these is not a copy
@@ -176,13 +177,11 @@ def _coverage(
 
     textured = np.bincount(cell(query.points[inside]), minlength=cells) >= COVER_KEYPOINTS
     covered = np.bincount(cell(inlier_points), minlength=cells) > 0
-    inner = np.zeros((COVER_GRID, COVER_GRID), bool)
-    inner[1:-1, 1:-1] = True
 
     def share(cells_: np.ndarray) -> float:
         return float((cells_ & covered).sum() / cells_.sum()) if cells_.any() else 1.0
 
-    return share(textured), share(textured & inner.ravel())
+    return share(textured), share(textured & _INNER_CELLS)
 
 
 def _hull_share(points: np.ndarray, size: tuple[int, int]) -> float:
@@ -211,8 +210,9 @@ def verify_pair(
         mirrored = fit(query.mirror, candidate, geometry, threshold)
         if mirrored.holds(threshold) or mirrored.inliers > best.inliers:
             best = mirrored
-    verdict = (best.holds(threshold), best.inliers, None, best.spread, best.lightness_shift)
-    return Verdict(*verdict, best.coverage, best.centre)
+    return Verdict(
+        best.holds(threshold), best.inliers, None, best.spread, best.lightness_shift, best.coverage, best.centre
+    )
 
 
 def verify_candidates(
