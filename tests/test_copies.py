@@ -66,7 +66,7 @@ def test_a_dark_variant_does_not_verify_but_grey_and_brightened_copies_do(origin
     im = picture(1)
     darkened = as_query(ImageEnhance.Brightness(im).enhance(0.2))  # the "dark" variant of one wallpaper
     verdict = verify_pair(darkened, original)
-    assert not verdict.verified and verdict.inliers >= INLIER_THRESHOLD and verdict.lightness_shift > 60
+    assert not verdict.verified and verdict.inliers >= INLIER_THRESHOLD and verdict.fit.lightness_shift > 60
     grey = ImageOps.grayscale(im).convert("RGB")
     brightened = ImageEnhance.Contrast(ImageEnhance.Brightness(im).enhance(1.3)).enhance(0.8)
     for copy in (grey, brightened):
@@ -90,8 +90,8 @@ def test_two_pictures_under_one_text_banner_do_not_verify_but_a_banner_copy_does
 
     query = as_query(banner(picture(1)))
     other = verify_pair(query, local_features(np.asarray(banner(picture(2)))))
-    assert not other.verified and other.inliers >= INLIER_THRESHOLD and other.spread >= MIN_SPREAD
-    assert other.coverage < MIN_COVERAGE  # (matched in the banner's cells alone)
+    assert not other.verified and other.inliers >= INLIER_THRESHOLD and other.fit.spread >= MIN_SPREAD
+    assert other.fit.coverage < MIN_COVERAGE  # (matched in the banner's cells alone)
     assert verify_pair(query, original).verified
 
 
@@ -104,8 +104,8 @@ def test_two_pictures_in_one_frame_do_not_verify_but_a_framed_copy_does(original
 
     query = as_query(framed(picture(1)))
     other = verify_pair(query, local_features(np.asarray(framed(picture(2)))))
-    assert not other.verified and other.inliers >= INLIER_THRESHOLD and other.coverage >= MIN_COVERAGE
-    assert other.centre < MIN_CENTRE  # (matched in the frame's outer cells alone)
+    assert not other.verified and other.inliers >= INLIER_THRESHOLD and other.fit.coverage >= MIN_COVERAGE
+    assert other.fit.centre < MIN_CENTRE  # (matched in the frame's outer cells alone)
     assert verify_pair(query, original).verified
 
 

@@ -452,13 +452,13 @@ def test_pairs_verified_in_worker_processes_get_the_verdicts_of_one_process(tmp_
 
 
 def test_one_verified_pair_never_chains_two_groups():
-    from pipeline.copies import Verdict
+    from pipeline.copies import Fit, Verdict
     from pipeline.duplicates import STRONG_INLIERS, VerifyReport, components
     from pipeline.duplicates.verified import join_verified
 
     parent = np.arange(6)
     a, b = np.array([0, 2, 1, 4, 0]), np.array([1, 3, 2, 5, 3])
-    strong, weak = Verdict(True, STRONG_INLIERS, None), Verdict(True, 20, None)
+    strong, weak = Verdict(True, Fit(STRONG_INLIERS)), Verdict(True, Fit(20))
     report = VerifyReport()
     join_verified(parent, a[:3], b[:3], [strong, strong, weak], report)  # {0,1} and {2,3}, one weak link
     assert [g.tolist() for g in components(parent, 2)] == [[0, 1], [2, 3]] and report.held_back == 1

@@ -60,20 +60,6 @@ Geometry = Literal["similarity", "affine", "homography"]
 
 
 @dataclass(frozen=True)
-class Verdict:
-    """Whether a candidate is the query's picture (`inliers` >= the threshold, spread, lightness kept), and why
-    not where either picture could not be read (`reason`)."""
-
-    verified: bool
-    inliers: int
-    reason: str | None = None
-    spread: float = 0.0  # the share of each picture the inliers cover (Fit)
-    lightness_shift: float = 0.0  # (Fit)
-    coverage: float = 0.0  # (Fit)
-    centre: float = 0.0  # (Fit)
-
-
-@dataclass(frozen=True)
 class Fit:
     """One transform fitted to a pair's matches: its inliers; the smaller share of the two pictures' areas that
     the inliers' convex hull covers (a shared text banner or border matches in a thin strip; a copy across the
@@ -95,6 +81,20 @@ class Fit:
             and self.coverage >= MIN_COVERAGE
             and self.centre >= MIN_CENTRE
         )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a candidate is the query's picture (its fit `holds`), the fit it was judged on (why not, where it
+    does not hold), and why there is no fit where either picture could not be read (`reason`)."""
+
+    verified: bool
+    fit: Fit = Fit()
+    reason: str | None = None
+
+    @property
+    def inliers(self) -> int:
+        return self.fit.inliers
 
 
 def matches(query: LocalFeatures, candidate: LocalFeatures) -> tuple[np.ndarray, np.ndarray]:
@@ -203,16 +203,14 @@ def verify_pair(
     hold one (`local_features(..., mirrored=True)`); the verdict of the better fit."""
     reason = query.reason or candidate.reason
     if reason:
-        return Verdict(False, 0, reason)
+        return Verdict(False, reason=reason)
 
     best = fit(query, candidate, geometry, threshold)
     if not best.holds(threshold) and query.mirror is not None:
         mirrored = fit(query.mirror, candidate, geometry, threshold)
         if mirrored.holds(threshold) or mirrored.inliers > best.inliers:
             best = mirrored
-    return Verdict(
-        best.holds(threshold), best.inliers, None, best.spread, best.lightness_shift, best.coverage, best.centre
-    )
+    return Verdict(best.holds(threshold), best)
 
 
 def verify_candidates(
