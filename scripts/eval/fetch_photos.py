@@ -20,7 +20,9 @@ drawings and jigsaw pieces are skipped.
 --fresh DIR writes instead photographs from Debian packages that no other set uses, picked by eye, for a
 held-out set: make_heldout.py --no-wallpapers --extra DIR. --list chooses the list: scripts/eval/fresh_photos.json
 (the default: ten packages, held-out set v4), scripts/eval/fresh_photos_v5.json (fourteen other packages, held-out
-set v5) or scripts/eval/fresh_photos_v6.json (24 other packages, held-out set v6). A list pins each package's
+set v5), scripts/eval/fresh_photos_v6.json (24 other packages, held-out set v6) or scripts/eval/fresh_photos_v9.json
+(24 more: TeX and ConTeXt documentation, KDE, jQuery plugins' demos, JPEG XL test data; held-out set v9, the largest
+download, 1.8 GB of packages). A list pins each package's
 version (Debian 12), so the same pictures come back; each is written as `<package>-<file stem>.jpg`, RGB, long
 side at most 1280 px, JPEG quality 92.
 """
