@@ -104,10 +104,14 @@ def matches(query: LocalFeatures, candidate: LocalFeatures) -> tuple[np.ndarray,
     if len(query) < 2 or len(candidate) < 2:
         return empty, empty
     distances, nearest = hamming_knn(candidate.descriptors, query.descriptors, 2)
-    back = hamming_knn(query.descriptors, candidate.descriptors, 1)[1][:, 0]
-    best = nearest[:, 0]
-    mine = np.arange(len(query))
-    keep = (distances[:, 0] < RATIO * distances[:, 1]) & (back[best] == mine)
+    mine = np.flatnonzero(distances[:, 0] < RATIO * distances[:, 1])
+    if not len(mine):
+        return empty, empty
+    best = nearest[mine, 0]
+    # mutual: asked only of the candidate descriptors that a ratio-tested match names (a tenth of them between
+    # unrelated pictures), the search back that took half of a pair's time when asked of all
+    back = hamming_knn(query.descriptors, candidate.descriptors[best], 1)[1][:, 0]
+    keep = back == mine
     return mine[keep], best[keep]
 
 
