@@ -13,9 +13,11 @@ from helpers import textured_picture as picture
 from pipeline.copies import (
     CACHE_VERSION,
     INLIER_THRESHOLD,
+    LocalFeatures,
     features_from_bytes,
     features_to_bytes,
     local_features,
+    matches,
     verify_candidates,
     verify_pair,
 )
@@ -117,6 +119,28 @@ def test_hamming_neighbours_are_those_of_brute_force():
     distances, indices = hamming_knn(base, queries, 2)
     assert (distances == np.sort(exact, axis=1)[:, :2]).all()
     assert (exact[np.arange(len(queries))[:, None], indices] == distances).all()
+
+
+def test_matches_are_the_mutual_nearest_that_pass_the_ratio_test():
+    rng = np.random.default_rng(4)
+
+    def features(descriptors: np.ndarray) -> LocalFeatures:
+        n = len(descriptors)
+        return LocalFeatures(np.zeros((n, 2), np.float32), descriptors, (100, 100), np.zeros(n, np.uint8))
+
+    def flipped(row: np.ndarray, bits: int) -> np.ndarray:  # `row` with `bits` of its bits flipped
+        unpacked = np.unpackbits(row)
+        unpacked[rng.choice(256, bits, replace=False)] ^= 1
+        return np.packbits(unpacked)
+
+    candidate = rng.integers(0, 256, (300, 32), dtype=np.uint8)  # random: ~128 bits from each other
+    query = rng.integers(0, 256, (200, 32), dtype=np.uint8)
+    planted = {3: 10, 50: 77, 120: 200}  # query row -> candidate row, 4 bits apart
+    for q, c in planted.items():
+        query[q] = flipped(candidate[c], 4)
+    query[60] = flipped(candidate[77], 9)  # also nearest to candidate 77, passes the ratio test, not mutual
+    mine, theirs = matches(features(query), features(candidate))
+    assert dict(zip(mine.tolist(), theirs.tolist(), strict=True)) == planted
 
 
 def test_an_unreadable_file_is_unverified_with_its_reason(tmp_path, original):
