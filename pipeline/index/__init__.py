@@ -11,7 +11,8 @@ One module per job, and this package as the one door others use:
   ivf_rewrite.py  an IVF index's next version written straight from the published file
   store.py        the float16 re-rank vector store
   codes.py        binary codes and their coarse-to-fine search; binary.py builds such a version
-  userfields.py   the user's metadata files (--metadata): CSV or JSON lines, typed, bad rows reported
+  metatable.py    a user's metadata file (--metadata) as a table: CSV or JSON lines, rows without a path reported
+  userfields.py   the user's metadata files read into typed fields of the indexed images, bad rows reported
   metadata.py     metadata/ in a version: typed columns of every image's fields; the ids a filter selects
   annotate.py     a version's fields made: metadata files read whole or where they changed; republish_metadata
   filtered.py     search within a selection: exact, or an id selector over the lists holding it

@@ -26,10 +26,10 @@ from ..filters import FieldType
 from ..fsutil import exclusive_lock, sha256_file
 from .idtable import IDS_FILE, IdTable
 from .metadata import Metadata, collect_facts, write_metadata
+from .metatable import JSON_SUFFIXES
 from .userfields import (
     BUILTIN_FIELDS,
     GLOB_CHARS,
-    JSON_SUFFIXES,
     KnownRows,
     SourceReport,
     UserField,

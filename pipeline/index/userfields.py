@@ -1,12 +1,11 @@
-"""The user's own metadata files (`--metadata`): CSV or JSON lines keyed by path or by a path glob, read
-into typed fields of the indexed images, every bad row reported and none fatal.
+"""The user's own metadata files (`--metadata`) read into typed fields of the indexed images, every bad row
+reported and none fatal.
 
-CSV: a header row with a `path` column; other columns are fields, typed from their values (`key:number`,
-`key:date` or `key:string` in the header forces a type). JSON lines (`.jsonl`, `.ndjson`, `.json`): one
-object per line with a "path"; JSON numbers are numbers, strings are text or dates. A relative path is
-relative to the metadata file's folder; a path with `*`, `?` or `[` is a glob (filters.glob_regex) and
-applies to every indexed path it matches. Rows apply in order, files in the order given: the last value
-of a field wins. A field's type is the kind most of its values have (text wins ties); a value of another
+Each file is read as a table by metatable (CSV or JSON lines keyed by path or by a path glob). A relative path
+is relative to the metadata file's folder; a path with `*`, `?` or `[` is a glob (filters.glob_regex) and
+applies to every indexed path it matches. Rows apply in order, files in the order given: the last value of a
+field wins. A field's type is the kind most of its values have (text wins ties; `key:number`, `key:date` or
+`key:string` in a CSV header forces it); JSON numbers are numbers, strings are text or dates; a value of another
 kind in a number or date field is a wrong type, reported with its row and left out.
 """
 
@@ -14,8 +13,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
-import json
 import logging
 import math
 import os
@@ -28,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PipelineError
 from ..filters import FieldType, glob_prefix, glob_regex, parse_date, parse_number
+from .metatable import Table, read_table
 
 LOG = logging.getLogger(__name__)
 
@@ -40,11 +37,8 @@ BUILTIN_FIELDS: dict[str, FieldType] = {
     "width": "number",
     "height": "number",
 }
-JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 GLOB_CHARS = frozenset("*?[")
 NUMERIC_CHARS = b"0123456789eE+-.\n"  # all a plain decimal number holds (with the line ends joining them)
-_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b',\r\n"')))  # all bytes but commas, line ends, quotes
-_LINE_ENDS_TO_COMMAS = bytes.maketrans(b"\r\n", b",,")
 KINDS: tuple[FieldType, ...] = ("string", "date", "number")  # in this order, text wins a tie
 EXAMPLES = 5  # rows named per kind of problem
 
@@ -71,6 +65,11 @@ class SourceReport:
     def problem(self, text: str) -> None:
         if len(self.examples) < EXAMPLES * 4:
             self.examples.append(text)
+
+    def bad_row(self, text: str) -> None:
+        """A row left out: counted, and named among the first few."""
+        self.bad_rows += 1
+        self.problem(text)
 
     def summary(self) -> str:
         if self.missing:
@@ -106,105 +105,6 @@ class UserField:
     type: FieldType
     rows: np.ndarray  # int64 positions
     values: np.ndarray  # float64 (number, date: POSIX seconds) or object (text)
-
-
-@dataclass
-class _Table:
-    """One metadata file, column by column: each row's line, its path (or glob), and each field's raw values
-    (None where the row has none)."""
-
-    lines: np.ndarray  # int64
-    keys: list[str]
-    columns: dict[str, list[Any]]
-    forced: dict[str, FieldType]
-    sparse: set[str]  # the columns with a row of no value
-
-
-def _read_table(path: Path, data: bytes, report: SourceReport) -> _Table:
-    """A metadata file's bytes as columns: rows without a path are counted as bad, never fatal."""
-    if path.suffix.lower() in JSON_SUFFIXES:
-        lines, keys, objects = [], [], []
-        for line, text in enumerate(data.decode("utf-8-sig").split("\n"), 1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except ValueError:
-                obj = None
-            if not isinstance(obj, dict) or not isinstance(obj.get("path"), str) or not obj["path"]:
-                report.bad_rows += 1
-                report.problem(f'line {line}: not a JSON object with a "path"')
-                continue
-            lines.append(line)
-            keys.append(obj.pop("path"))
-            objects.append(obj)
-        names = sorted({name for obj in objects for name in obj})
-        by_name = {n: [obj.get(n) for obj in objects] for n in names}
-        return _Table(np.array(lines, np.int64), keys, by_name, {}, {n for n, c in by_name.items() if None in c})
-    plain = _plain_columns(data)
-    if plain is not None:
-        header, columns, count = plain
-    else:
-        reader = csv.reader(io.StringIO(data.decode("utf-8-sig"), newline=""))
-        header = next(reader, [])
-        body = list(reader)
-        if any(len(row) != len(header) for row in body):  # ragged rows: padded (or cut) to the header
-            body = [(row + [""] * len(header))[: len(header)] for row in body]
-        columns = [list(c) for c in zip(*body, strict=True)] if body else [[] for _ in header]
-        count = len(body)
-    if not header:
-        return _Table(np.zeros(0, np.int64), [], {}, {}, set())
-    names, forced = [], {}
-    for column in header:
-        name, _, kind = column.strip().partition(":")
-        names.append(name)
-        if kind in KINDS:
-            forced[name] = kind
-    if "path" not in names:
-        raise PipelineError(f"{path}: its header has no `path` column (found: {', '.join(names) or 'nothing'})")
-    at = names.index("path")
-    keep = np.arange(count)
-    if "" in columns[at]:
-        has_path = np.fromiter(map(bool, columns[at]), bool, count)
-        for i in np.flatnonzero(~has_path).tolist():
-            if any(c[i] for c in columns):
-                report.bad_rows += 1
-                report.problem(f"line {i + 2}: no path")
-        keep = np.flatnonzero(has_path)
-        columns = [[c[i] for i in keep.tolist()] for c in columns]
-    named = [(n, c) for n, c in zip(names, columns, strict=True) if n != "path"]
-    sparse = {n for n, c in named if "" in c}
-    values = {n: c if n not in sparse else [v or None for v in c] for n, c in named}
-    return _Table(keep + 2, columns[at], values, forced, sparse)
-
-
-def _plain_columns(data: bytes) -> tuple[list[str], list[list[str]], int] | None:
-    """(header, columns, rows) of a CSV file's bytes that need no CSV parser: no quotes, no blank lines, every
-    line as many fields as the header (an export of a million rows is that), one kind of line end: checked on
-    the file's commas and line ends alone (each is one byte in UTF-8), then split at once, not row by row.
-    None for any other file (the csv module reads it)."""
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    if data.startswith((b"\n", b"\r")):
-        return None
-    if not data.endswith(b"\n"):
-        first = data.find(b"\n")
-        data += b"\r\n" if first > 0 and data[first - 1] == ord("\r") else b"\n"  # (the header's line end)
-    head_end = data.index(b"\n") + 1
-    shape = data[:head_end].translate(None, _NOT_STRUCTURE)  # the header's commas and its line end (and quotes)
-    marks = data.translate(None, _NOT_STRUCTURE)
-    lines = len(marks) // len(shape)
-    if b'"' in shape or marks != shape * lines:
-        return None  # a quote, a row of another width, another line end
-    if len(shape) <= 2 and (b"\n\n" in data or b"\n\r\n" in data):
-        return None  # a blank line (in a file of one column: wider ones have the header's commas on each line)
-    width = shape.count(b",") + 1
-    stride = width + shape.count(b"\r")  # (a carriage return ends one field more on each line)
-    fields = data[head_end:-1].translate(_LINE_ENDS_TO_COMMAS).decode("utf-8").split(",") if lines > 1 else []
-    if stride > width and any(fields[width::stride]):
-        return None  # a carriage return inside a line
-    header = data[:head_end].rstrip(b"\r\n").decode("utf-8").split(",")
-    return header, [fields[i::stride] for i in range(width)], lines - 1
 
 
 def kind_of(value: Any) -> tuple[FieldType | None, float | str | None]:
@@ -289,7 +189,7 @@ def read_metadata_files(
         try:
             data = file.read_bytes()
             report.sha256, report.content = hashlib.sha256(data).hexdigest(), data
-            table = _read_table(file, data, report)
+            table = read_table(file, data, report.bad_row)
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             report.missing = True
             LOG.warning("metadata file %s cannot be read (%s); the fields it gave before are kept", file, exc)
@@ -312,8 +212,7 @@ def read_metadata_files(
         targeted[list(multi)] = True
         for name, column in table.columns.items():
             if name in BUILTIN_FIELDS:
-                report.bad_rows += 1
-                report.problem(f"`{name}` is a built-in field; that column is left out")
+                report.bad_row(f"`{name}` is a built-in field; that column is left out")
                 continue
             if name in table.sparse:
                 present = np.flatnonzero(np.fromiter((v is not None for v in column), bool, len(column)) & targeted)
@@ -335,7 +234,7 @@ def read_metadata_files(
 
 def _rows_found(
     file: Path,
-    table: _Table,
+    table: Table,
     report: SourceReport,
     paths: Sequence[str],
     by_path: dict[str, int],
@@ -412,7 +311,7 @@ def _hash_join(keys: list[str], paths: Sequence[str]) -> tuple[np.ndarray, int] 
     return positions, int(again.sum())
 
 
-def _rows_as_before(table: _Table, report: SourceReport, before: KnownRows) -> None:
+def _rows_as_before(table: Table, report: SourceReport, before: KnownRows) -> None:
     """The report of a file whose rows name the images they named before (KnownRows)."""
     report.positions, report.duplicates = before.positions, before.duplicates
     report.unknown, report.globs = before.unknown, before.globs
@@ -421,7 +320,7 @@ def _rows_as_before(table: _Table, report: SourceReport, before: KnownRows) -> N
         report.problem(f"line {table.lines[i]}: {table.keys[i]} is not in the index")
 
 
-def _name_repeats(table: _Table, report: SourceReport) -> None:
+def _name_repeats(table: Table, report: SourceReport) -> None:
     """The rows that name a path an earlier row named, in the report (when it counts any)."""
     if report.duplicates:
         seen: set[str] = set()
