@@ -176,10 +176,11 @@ def main() -> None:
         if args.frame:
             im = framed(im)
         thumbs = thumbnails(im)
-        if (not args.keep_variants and wallpaper_of(src) in taken) or is_near_duplicate(thumbs, kept):
+        wallpaper = wallpaper_of(src)
+        if (not args.keep_variants and wallpaper in taken) or is_near_duplicate(thumbs, kept):
             skipped += 1
             continue
-        taken.add(wallpaper_of(src))
+        taken.add(wallpaper)
         kept.append(thumbs)
         im.thumbnail((640, 640), Image.Resampling.LANCZOS)
         name = f"pic{len(kept) - 1:04d}"
