@@ -15,8 +15,8 @@ TESTS = Path(__file__).parent
 # The data flow, upstream first: a module imports only from tiers before its own (a package's own
 # modules import each other freely, without cycles).
 TIERS = [
-    ("errors", "progress", "version"),
-    ("filters", "fsutil"),  # filters: the --where language, stdlib and errors only
+    ("errors", "progress", "version", "globs"),
+    ("filters", "fsutil"),  # filters: the --where language, stdlib, errors and globs only
     ("images",),  # finding and decoding image files
     ("decode_pool", "copies"),  # decoding in worker processes; local features and the geometric check of copies
     ("model",),  # package: info, weights, graph, whitening, runtime

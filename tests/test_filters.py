@@ -17,7 +17,6 @@ from pipeline.filters import (
     FilterError,
     check_condition,
     check_key,
-    glob_prefix,
     glob_regex,
     parse_condition,
     parse_date,
@@ -27,6 +26,7 @@ from pipeline.filters import (
     typed_values,
     value_type,
 )
+from pipeline.globs import glob_prefix
 
 # Deterministic and quick: the same examples every run, a modest number of them.
 quick = settings(derandomize=True, max_examples=150)

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from ..features import ShardInfo, read_facts
-from ..filters import Condition, FieldType, Filter, check_key, glob_prefix, glob_regex, typed_values
+from ..filters import Condition, FieldType, Filter, check_key, glob_regex, typed_values
+from ..globs import glob_prefix
 from .idtable import IdTable
 from .userfields import (
     BUILTIN_FIELDS,

@@ -2,7 +2,7 @@
 reported and none fatal.
 
 Each file is read as a table by metatable (CSV or JSON lines keyed by path or by a path glob). A relative path
-is relative to the metadata file's folder; a path with `*`, `?` or `[` is a glob (filters.glob_regex) and
+is relative to the metadata file's folder; a path with `*`, `?` or `[` is a glob (pipeline.globs) and
 applies to every indexed path it matches. Rows apply in order, files in the order given: the last value of a
 field wins. A field's type is the kind most of its values have (text wins ties; `key:number`, `key:date` or
 `key:string` in a CSV header forces it); JSON numbers are numbers, strings are text or dates; a value of another
@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ..filters import FieldType, glob_prefix, glob_regex, parse_date, parse_number
+from ..filters import FieldType, glob_regex, parse_date, parse_number
+from ..globs import glob_prefix
 from .metatable import Table, read_table
 
 LOG = logging.getLogger(__name__)
